@@ -1,0 +1,1 @@
+"""Dump side: freezing, scanning, page pipes and the page server."""

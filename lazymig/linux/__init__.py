@@ -1,0 +1,1 @@
+"""Linux bindings: the only place lazymig talks to the kernel through ctypes."""

@@ -1,0 +1,1 @@
+"""Restore side: userfaultfd and the asyncio lazy-pages daemon."""
