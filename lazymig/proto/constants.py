@@ -1,0 +1,61 @@
+"""Numbers shared by the wire protocol, the images and the memory scanner.
+
+Sources: CRIU criu/include/pagemap.h (PE_*), criu/include/image.h (VMA_*),
+mmap(2) (MAP_*). Values are CRIU's, so images and the wire stay compatible.
+"""
+
+from __future__ import annotations
+
+import enum
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+class PE(enum.IntFlag):
+    """Pagemap entry flags (also the flags in a page-server cmd's high 16 bits)."""
+
+    PARENT = 1
+    LAZY = 2
+    PRESENT = 4
+
+
+class VmaStatus(enum.IntFlag):
+    """CRIU's VMA_AREA_* status bits of vma_entry.status (criu/include/image.h)."""
+
+    REGULAR = 1 << 0
+    STACK = 1 << 1
+    VSYSCALL = 1 << 2
+    VDSO = 1 << 3
+    HEAP = 1 << 5
+    FILE_PRIVATE = 1 << 6
+    FILE_SHARED = 1 << 7
+    ANON_SHARED = 1 << 8
+    ANON_PRIVATE = 1 << 9
+    SYSVIPC = 1 << 10
+    SOCKET = 1 << 11
+    VVAR = 1 << 12
+    AIORING = 1 << 13
+    MEMFD = 1 << 14
+    UNSUPP = 1 << 31
+
+
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x100
+MAP_LOCKED = 0x2000
+MAP_NORESERVE = 0x4000
+MAP_HUGETLB = 0x40000
+
+
+def vma_can_be_lazy(flags: int, status: int) -> bool:
+    """CRIU's ``vma_entry_can_be_lazy``: private anonymous, not locked or hugetlb,
+    and not the vdso, vvar or vsyscall page."""
+    return (
+        flags & MAP_ANONYMOUS != 0
+        and flags & MAP_PRIVATE != 0
+        and flags & (MAP_LOCKED | MAP_HUGETLB) == 0
+        and status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL) == 0
+    )
