@@ -1,0 +1,563 @@
+"""A sans-IO codec for one page-server connection, for either end.
+
+Bring your own I/O (h11's model): feed received bytes to
+:meth:`PageServerConnection.receive_data` (``b""`` means EOF), pull typed
+events out of :meth:`~PageServerConnection.next_event` until it says
+:data:`NEED_DATA`, and turn the events you want to send into bytes with
+:meth:`~PageServerConnection.send`. The codec never touches a socket.
+
+Roles:
+
+* :attr:`Role.SERVER` is the dump side (``criu dump --lazy-pages``,
+  ``criu page-server``): it receives requests (GET, OPEN2, ADD_F with data,
+  PARENT, CLOSE ...) and sends replies.
+* :attr:`Role.CLIENT` is the lazy-pages daemon or a dump pushing images: it
+  sends requests and receives the replies, which come strictly in request
+  order (requests may be pipelined). A GET reply may carry fewer pages than
+  asked: CRIU clamps it at the end of a page-pipe segment.
+
+Page data is not an event of its own message type: after an :class:`AddPages`
+with PE.PRESENT or a :class:`GetReply` the bytes arrive as :class:`PageData`
+chunks, the last one marked ``last``. An I/O layer that wants the payload in a
+buffer of its own (to UFFDIO_COPY from it) may read it itself and report it
+with :meth:`~PageServerConnection.payload_received_directly`.
+
+Whatever breaks the protocol raises :class:`~lazymig.errors.RemoteProtocolError`
+(what the peer sent) or :class:`~lazymig.errors.LocalProtocolError` (what we
+were asked to send), naming the offending field; the connection then stays in
+:attr:`State.ERROR`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from lazymig.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from lazymig.proto.constants import PAGE_SIZE, PE
+from lazymig.proto.wire import (
+    VALID_FLAGS,
+    Cmd,
+    DstType,
+    Header,
+    WireVersion,
+    decode_dst_id,
+    encode_dst_id,
+    pack_header,
+    unpack_header,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PAGES",
+    "NEED_DATA",
+    "AddPages",
+    "CloseReply",
+    "CloseRequest",
+    "ConnectionClosed",
+    "Event",
+    "GetReply",
+    "GetRequest",
+    "OpenReply",
+    "OpenRequest",
+    "PageData",
+    "PageServerConnection",
+    "ParentReply",
+    "ParentRequest",
+    "Role",
+    "State",
+]
+
+DEFAULT_MAX_PAGES: Final = (4 << 20) // PAGE_SIZE
+"""Most pages one message may carry or ask for: 4 MiB, CRIU's MAX_XFER_LEN."""
+
+MAX_PID: Final = (1 << 31) - 1
+_ADDRESS_LIMIT: Final = 1 << 64
+_INT32 = struct.Struct("=i")
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+"""Returned by :meth:`PageServerConnection.next_event` when more bytes are needed."""
+
+
+class Role(enum.Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    """Exchanging messages."""
+    CLOSING = "closing"
+    """CLOSE was sent or received: only its reply and then EOF may follow."""
+    CLOSED = "closed"
+    """EOF seen."""
+    ERROR = "error"
+    """A protocol error happened; the connection is unusable."""
+
+
+# Events: frozen and slotted; don't subclass them.
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    """PS_IOV_GET: send ``nr_pages`` pages at dump-time address ``vaddr`` of ``pid``."""
+
+    pid: int
+    vaddr: int
+    nr_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetReply:
+    """The header of a GET reply; ``nr_pages * PAGE_SIZE`` bytes of PageData follow."""
+
+    pid: int
+    vaddr: int
+    nr_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """PS_IOV_OPEN2 (``wants_reply``) or the legacy PS_IOV_OPEN of an image target."""
+
+    dst_type: DstType
+    id: int
+    wants_reply: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReply:
+    """The one-byte reply to OPEN2."""
+
+    has_parent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRequest:
+    """PS_IOV_PARENT: does the image target have a parent image?"""
+
+    dst_type: DstType
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParentReply:
+    """The 4-byte reply to PARENT."""
+
+    has_parent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AddPages:
+    """A pagemap entry pushed to a page server (ADD_F; legacy ADD and HOLE map here).
+
+    Page data (:class:`PageData`) follows iff ``flags`` has PE.PRESENT.
+    """
+
+    dst_type: DstType
+    id: int
+    vaddr: int
+    nr_pages: int
+    flags: PE
+
+
+@dataclass(frozen=True, slots=True)
+class PageData:
+    """A chunk of page bytes; ``last`` marks the end of the current message."""
+
+    data: bytes
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    """PS_IOV_CLOSE (or FORCE_CLOSE): end of session, a 4-byte status is owed."""
+
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReply:
+    """The 4-byte status that answers CLOSE (0 means success)."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """EOF at a message boundary; ``unanswered`` counts requests left without reply."""
+
+    unanswered: int = 0
+
+
+Event: TypeAlias = (GetRequest | GetReply | OpenRequest | OpenReply | ParentRequest
+                    | ParentReply | AddPages | PageData | CloseRequest | CloseReply
+                    | ConnectionClosed)
+
+_REQUESTS = (GetRequest, OpenRequest, ParentRequest, AddPages, CloseRequest)
+_REPLIES = (GetReply, OpenReply, ParentReply, CloseReply)
+
+
+class PageServerConnection:
+    """The protocol state of one page-server connection (see the module docstring).
+
+    Args:
+        role: which end we are.
+        version: the header layout spoken on this connection.
+        max_pages: the most pages a message may carry or ask for.
+
+    Example::
+
+        client = PageServerConnection(Role.CLIENT, WireVersion.V1)
+        sock.sendall(client.send(GetRequest(pid=1234, vaddr=0x7F0000001000, nr_pages=1)))
+        client.receive_data(sock.recv(65536))
+        event = client.next_event()   # GetReply(...), then PageData(...)
+    """
+
+    __slots__ = ("_buf", "_eof", "_in_payload", "_max_pages", "_out_payload",
+                 "_pos", "_unanswered", "role", "state", "version")
+
+    def __init__(self, role: Role, version: WireVersion = WireVersion.V2, *,
+                 max_pages: int = DEFAULT_MAX_PAGES) -> None:
+        if max_pages < 1 or max_pages > version.max_nr_pages:
+            raise ValueError(f"max_pages must be between 1 and {version.max_nr_pages}")
+        self.role = role
+        self.version = version
+        self.state = State.OPEN
+        self._max_pages = max_pages
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._in_payload = 0  # bytes of page data still to come in the current message
+        self._out_payload = 0  # bytes of page data we still owe after a header we sent
+        # Requests we sent (client) or received (server) whose reply is still owed.
+        self._unanswered: deque[GetRequest | OpenRequest | ParentRequest | CloseRequest] = deque()
+
+    # -- properties an I/O layer uses to size its reads and writes
+
+    @property
+    def payload_remaining(self) -> int:
+        """Bytes of page data still to arrive for the message being received."""
+        return self._in_payload
+
+    @property
+    def payload_owed(self) -> int:
+        """Bytes of page data we must still send after the last header we sent."""
+        return self._out_payload
+
+    @property
+    def unanswered(self) -> int:
+        """Requests awaiting a reply (sent by a client, received by a server)."""
+        return len(self._unanswered)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    # -- receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; an empty ``data`` means the peer closed (EOF)."""
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the ERROR state")
+        if self._eof:
+            raise LocalProtocolError("data received after EOF")
+        if not data:
+            self._eof = True
+            return
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def payload_received_directly(self, nbytes: int) -> None:
+        """Account for ``nbytes`` of page data the caller read into its own buffer.
+
+        Only allowed while nothing is buffered and page data is expected.
+        """
+        if self.buffered or nbytes > self._in_payload or nbytes < 0:
+            raise LocalProtocolError(
+                f"cannot take {nbytes} payload bytes directly (expected {self._in_payload}, "
+                f"{self.buffered} buffered)")
+        self._in_payload -= nbytes
+
+    def next_event(self) -> Event | _NeedData:
+        """Return the next complete event, or :data:`NEED_DATA`."""
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the ERROR state")
+        try:
+            return self._next_event()
+        except BaseException:
+            self.state = State.ERROR
+            raise
+
+    def _next_event(self) -> Event | _NeedData:
+        if self._in_payload:
+            return self._take_payload()
+        if self.state is State.CLOSED:
+            return NEED_DATA
+        if self.buffered == 0:
+            if self._eof:
+                self.state = State.CLOSED
+                return ConnectionClosed(len(self._unanswered))
+            return NEED_DATA
+        if self.role is Role.SERVER:
+            return self._next_request()
+        return self._next_reply()
+
+    def _take(self, size: int) -> bytes | None:
+        """The next ``size`` buffered bytes, or None (raising on EOF mid-message)."""
+        if self.buffered < size:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"connection closed in the middle of a message "
+                    f"({self.buffered} of {size} bytes received)")
+            return None
+        chunk = bytes(self._buf[self._pos:self._pos + size])
+        self._pos += size
+        return chunk
+
+    def _take_payload(self) -> PageData | _NeedData:
+        available = min(self.buffered, self._in_payload)
+        if available == 0:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"connection closed with {self._in_payload} bytes of page data missing",
+                    field="nr_pages")
+            return NEED_DATA
+        data = bytes(self._buf[self._pos:self._pos + available])
+        self._pos += available
+        self._in_payload -= available
+        return PageData(data, last=self._in_payload == 0)
+
+    def _next_request(self) -> Event | _NeedData:
+        if self.state is State.CLOSING:
+            raise RemoteProtocolError("data received after CLOSE", field="cmd")
+        raw = self._take(self.version.header_size)
+        if raw is None:
+            return NEED_DATA
+        return self._decode_request(unpack_header(self.version, raw))
+
+    def _decode_request(self, h: Header) -> Event:
+        try:
+            code = Cmd(h.code)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown command {h.code:#x}", field="cmd") from None
+        if code is Cmd.GET:
+            _check_flags(h.flags, allowed=0, remote=True)
+            _check_pages(h.nr_pages, h.vaddr, self._max_pages, remote=True)
+            if not 0 < h.dst_id <= MAX_PID:
+                raise RemoteProtocolError(f"GET for invalid pid {h.dst_id}", field="dst_id")
+            get = GetRequest(h.dst_id, h.vaddr, h.nr_pages)
+            self._unanswered.append(get)
+            return get
+        if code in (Cmd.CLOSE, Cmd.FORCE_CLOSE):
+            close = CloseRequest(force=code is Cmd.FORCE_CLOSE)
+            self._unanswered.append(close)
+            self.state = State.CLOSING
+            return close
+        dst_type, id_ = _decode_target(h.dst_id)
+        if code in (Cmd.OPEN, Cmd.OPEN2):
+            opened = OpenRequest(dst_type, id_, wants_reply=code is Cmd.OPEN2)
+            if opened.wants_reply:
+                self._unanswered.append(opened)
+            return opened
+        if code is Cmd.PARENT:
+            parent = ParentRequest(dst_type, id_)
+            self._unanswered.append(parent)
+            return parent
+        if code is Cmd.ADD:
+            _check_flags(h.flags, allowed=0, remote=True)
+            flags = PE.PRESENT
+        elif code is Cmd.HOLE:
+            _check_flags(h.flags, allowed=0, remote=True)
+            flags = PE.PARENT
+        else:
+            flags = _check_flags(h.flags, allowed=int(VALID_FLAGS), remote=True)
+        bound = self._max_pages if flags & PE.PRESENT else None
+        _check_pages(h.nr_pages, h.vaddr, bound, remote=True)
+        if flags & PE.PRESENT:
+            self._in_payload = h.nr_pages * PAGE_SIZE
+        return AddPages(dst_type, id_, h.vaddr, h.nr_pages, flags)
+
+    def _next_reply(self) -> Event | _NeedData:
+        if not self._unanswered:
+            raise RemoteProtocolError("data received while no request is outstanding")
+        request = self._unanswered[0]
+        if isinstance(request, GetRequest):
+            raw = self._take(self.version.header_size)
+            if raw is None:
+                return NEED_DATA
+            h = unpack_header(self.version, raw)
+            self._unanswered.popleft()
+            if h.dst_id != request.pid:
+                raise RemoteProtocolError(
+                    f"reply for pid {h.dst_id} while pid {request.pid} was asked (out of order)",
+                    field="dst_id")
+            if h.vaddr != request.vaddr:
+                raise RemoteProtocolError(
+                    f"reply for {h.vaddr:#x} while {request.vaddr:#x} was asked", field="vaddr")
+            if not 0 < h.nr_pages <= request.nr_pages:
+                raise RemoteProtocolError(
+                    f"reply carries {h.nr_pages} pages for a request of {request.nr_pages}",
+                    field="nr_pages")
+            self._in_payload = h.nr_pages * PAGE_SIZE
+            return GetReply(h.dst_id, h.vaddr, h.nr_pages)
+        if isinstance(request, OpenRequest):
+            raw = self._take(1)
+            if raw is None:
+                return NEED_DATA
+            self._unanswered.popleft()
+            if raw[0] > 1:
+                raise RemoteProtocolError(f"OPEN2 reply {raw[0]} is not 0 or 1",
+                                          field="has_parent")
+            return OpenReply(bool(raw[0]))
+        raw = self._take(4)
+        if raw is None:
+            return NEED_DATA
+        self._unanswered.popleft()
+        (value,) = _INT32.unpack(raw)
+        if isinstance(request, ParentRequest):
+            return ParentReply(value != 0)
+        return CloseReply(value)
+
+    # -- sending
+
+    def send(self, event: Event) -> bytes:
+        """Return the bytes that carry ``event``; raise LocalProtocolError if not allowed."""
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the ERROR state")
+        try:
+            return self._send(event)
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def payload_sent_directly(self, nbytes: int) -> None:
+        """Account for ``nbytes`` of page data the caller sent itself (e.g. by splice)."""
+        if nbytes > self._out_payload or nbytes < 0:
+            raise LocalProtocolError(f"{nbytes} payload bytes sent, {self._out_payload} owed")
+        self._out_payload -= nbytes
+
+    def _send(self, event: Event) -> bytes:
+        if isinstance(event, PageData):
+            self.payload_sent_directly(len(event.data))
+            if event.last and self._out_payload:
+                raise LocalProtocolError(f"last PageData leaves {self._out_payload} bytes owed")
+            return event.data
+        if self._out_payload:
+            raise LocalProtocolError(
+                f"{type(event).__name__} sent while {self._out_payload} bytes of page data "
+                "are still owed")
+        # A server still answers the requests that came before CLOSE.
+        if self.state is not State.OPEN and not (
+                self.role is Role.SERVER and self.state is State.CLOSING):
+            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state}")
+        wanted = _REQUESTS if self.role is Role.CLIENT else _REPLIES
+        if not isinstance(event, wanted):
+            raise LocalProtocolError(f"a {self.role.value} does not send {type(event).__name__}")
+        if self.role is Role.CLIENT:
+            return self._send_request(event)
+        return self._send_reply(event)
+
+    def _header(self, code: Cmd, flags: int, nr_pages: int, vaddr: int, dst_id: int) -> bytes:
+        try:
+            return pack_header(self.version, code, flags, nr_pages, vaddr, dst_id)
+        except struct.error as exc:
+            raise LocalProtocolError(
+                f"field out of range for {self.version.value}: {exc}") from None
+
+    def _send_request(self, event: Event) -> bytes:
+        if isinstance(event, GetRequest):
+            _check_pages(event.nr_pages, event.vaddr, self._max_pages, remote=False)
+            if not 0 < event.pid <= MAX_PID:
+                raise LocalProtocolError(f"invalid pid {event.pid}", field="dst_id")
+            self._unanswered.append(event)
+            return self._header(Cmd.GET, 0, event.nr_pages, event.vaddr, event.pid)
+        if isinstance(event, CloseRequest):
+            self._unanswered.append(event)
+            self.state = State.CLOSING
+            return self._header(Cmd.FORCE_CLOSE if event.force else Cmd.CLOSE, 0, 0, 0, 0)
+        if isinstance(event, OpenRequest):
+            if event.wants_reply:
+                self._unanswered.append(event)
+            code = Cmd.OPEN2 if event.wants_reply else Cmd.OPEN
+            return self._header(code, 0, 0, 0, encode_dst_id(event.dst_type, event.id))
+        if isinstance(event, ParentRequest):
+            self._unanswered.append(event)
+            return self._header(Cmd.PARENT, 0, 0, 0, encode_dst_id(event.dst_type, event.id))
+        assert isinstance(event, AddPages)
+        flags = _check_flags(int(event.flags), allowed=int(VALID_FLAGS), remote=False)
+        bound = self._max_pages if flags & PE.PRESENT else None
+        _check_pages(event.nr_pages, event.vaddr, bound, remote=False)
+        data = self._header(Cmd.ADD_F, flags, event.nr_pages, event.vaddr,
+                            encode_dst_id(event.dst_type, event.id))
+        if flags & PE.PRESENT:
+            self._out_payload = event.nr_pages * PAGE_SIZE
+        return data
+
+    def _send_reply(self, event: Event) -> bytes:
+        if not self._unanswered:
+            raise LocalProtocolError(f"{type(event).__name__} sent with no request to answer")
+        request = self._unanswered[0]
+        if isinstance(event, GetReply):
+            if not isinstance(request, GetRequest):
+                raise LocalProtocolError(f"GetReply does not answer {request}")
+            if (event.pid, event.vaddr) != (request.pid, request.vaddr) or not (
+                    0 < event.nr_pages <= request.nr_pages):
+                raise LocalProtocolError(f"{event} does not answer {request}", field="nr_pages")
+            self._unanswered.popleft()
+            self._out_payload = event.nr_pages * PAGE_SIZE
+            return self._header(Cmd.ADD_F, PE.PRESENT, event.nr_pages, event.vaddr, event.pid)
+        expected = {OpenReply: OpenRequest, ParentReply: ParentRequest, CloseReply: CloseRequest}
+        if not isinstance(request, expected[type(event)]):
+            raise LocalProtocolError(f"{type(event).__name__} does not answer {request}")
+        self._unanswered.popleft()
+        if isinstance(event, OpenReply):
+            return b"\x01" if event.has_parent else b"\x00"
+        if isinstance(event, ParentReply):
+            return _INT32.pack(1 if event.has_parent else 0)
+        assert isinstance(event, CloseReply)
+        return _INT32.pack(event.status)
+
+
+def _error(remote: bool, message: str, field: str) -> ProtocolError:
+    return (RemoteProtocolError if remote else LocalProtocolError)(message, field=field)
+
+
+def _check_flags(flags: int, *, allowed: int, remote: bool) -> PE:
+    if flags & ~allowed:
+        raise _error(remote, f"invalid flags {flags:#x}", "flags")
+    if flags & PE.PARENT and flags & PE.PRESENT:
+        raise _error(remote, "PE_PARENT and PE_PRESENT together", "flags")
+    return PE(flags)
+
+
+def _check_pages(nr_pages: int, vaddr: int, bound: int | None, *, remote: bool) -> None:
+    if nr_pages < 1:
+        raise _error(remote, "nr_pages is 0", "nr_pages")
+    if bound is not None and nr_pages > bound:
+        raise _error(remote, f"nr_pages {nr_pages} is above the limit of {bound}", "nr_pages")
+    if vaddr % PAGE_SIZE:
+        raise _error(remote, f"vaddr {vaddr:#x} is not page-aligned", "vaddr")
+    if vaddr + nr_pages * PAGE_SIZE > _ADDRESS_LIMIT:
+        raise _error(remote, f"{nr_pages} pages at {vaddr:#x} overflow the address space",
+                     "nr_pages")
+
+
+def _decode_target(dst_id: int) -> tuple[DstType, int]:
+    try:
+        return decode_dst_id(dst_id)
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc), field="dst_id") from None
