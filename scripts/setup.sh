@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install everything lazymig and its tests need on a fresh Debian machine (run as root):
+# Debian's criu package (for crit, which checks our images), gcc and iproute2 (test
+# workloads and network namespaces), and a virtualenv in .venv with lazymig installed
+# in editable mode with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v crit >/dev/null || need+=(criu)
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
