@@ -1,6 +1,117 @@
-"""CRIU-compatible images: the schema (``*.proto``, CRIU's names and numbers) and
-the generated ``*_pb2`` modules (``python -m lazymig.proto.images.regen``)."""
+"""CRIU-compatible images: the schema, the file framing and a typed façade.
+
+* The ``*.proto`` files here keep CRIU's message names, field names and
+  numbers (package ``lazymig.criu``); ``*_pb2`` modules are generated from them
+  (``python -m lazymig.proto.images.regen``) and committed.
+* :class:`ImageReader`/:class:`ImageWriter` handle the v1.1 framing (magics, then
+  u32-length-prefixed entries); :class:`PagesWriter` streams raw pages images.
+* :class:`ImagesDir` reads and writes the images lazy migration needs
+  (inventory, pstree, core, mm, pagemap, pages) and answers the two lazy-pages
+  questions: which ranges are lazy (:meth:`ImagesDir.lazy_ranges`) and where a
+  present page sits in the pages image (:meth:`ImagesDir.find_pages`).
+
+This layer does file I/O only inside the reader and writer classes; it knows
+nothing of sockets or asyncio.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from lazymig.proto.images import (
+    core_pb2,
+    core_x86_pb2,
+    creds_pb2,
+    fs_pb2,
+    inventory_pb2,
+    mm_pb2,
+    pagemap_pb2,
+    pstree_pb2,
+    rlimit_pb2,
+    rseq_pb2,
+    sa_pb2,
+    siginfo_pb2,
+    timer_pb2,
+    vma_pb2,
+)
+from lazymig.proto.images._dir import ImagesDir, Pagemap, PagemapReader, PagemapWriter
+from lazymig.proto.images._framing import (
+    DEFAULT_MAX_ENTRY_SIZE,
+    ImageReader,
+    ImageWriter,
+    PagesWriter,
+)
+from lazymig.proto.images._magic import (
+    CRTOOLS_IMAGES_V1_1,
+    IMG_COMMON_MAGIC,
+    IMG_SERVICE_MAGIC,
+    RAW_IMAGE_MAGIC,
+    ImageKind,
+)
+from lazymig.proto.images._pagemap import PageIndex, PagemapEntry, PageRange, lazy_ranges
+
+# CamelCase names for the generated message classes (CRIU's C names).
+InventoryEntry = inventory_pb2.inventory_entry
+PstreeEntry = pstree_pb2.pstree_entry
+CoreEntry = core_pb2.core_entry
+TaskCoreEntry = core_pb2.task_core_entry
+TaskKobjIdsEntry = core_pb2.task_kobj_ids_entry
+ThreadCoreEntry = core_pb2.thread_core_entry
+ThreadInfoX86 = core_x86_pb2.thread_info_x86
+UserX86RegsEntry = core_x86_pb2.user_x86_regs_entry
+UserX86FpregsEntry = core_x86_pb2.user_x86_fpregs_entry
+UserX86XsaveEntry = core_x86_pb2.user_x86_xsave_entry
+MmEntry = mm_pb2.mm_entry
+VmaEntry = vma_pb2.vma_entry
+PagemapHead = pagemap_pb2.pagemap_head
+SaEntry = sa_pb2.sa_entry
+FsEntry = fs_pb2.fs_entry
+CredsEntry = creds_pb2.creds_entry
+
+__all__ = [
+    "CRTOOLS_IMAGES_V1_1",
+    "DEFAULT_MAX_ENTRY_SIZE",
+    "IMG_COMMON_MAGIC",
+    "IMG_SERVICE_MAGIC",
+    "RAW_IMAGE_MAGIC",
+    "CoreEntry",
+    "CredsEntry",
+    "FsEntry",
+    "ImageKind",
+    "ImageReader",
+    "ImageWriter",
+    "ImagesDir",
+    "InventoryEntry",
+    "MmEntry",
+    "PageIndex",
+    "PageRange",
+    "Pagemap",
+    "PagemapEntry",
+    "PagemapHead",
+    "PagemapReader",
+    "PagemapWriter",
+    "PagesWriter",
+    "PstreeEntry",
+    "SaEntry",
+    "TaskCoreEntry",
+    "TaskKobjIdsEntry",
+    "ThreadCoreEntry",
+    "ThreadInfoX86",
+    "UserX86FpregsEntry",
+    "UserX86RegsEntry",
+    "UserX86XsaveEntry",
+    "VmaEntry",
+    "core_pb2",
+    "core_x86_pb2",
+    "creds_pb2",
+    "fs_pb2",
+    "inventory_pb2",
+    "lazy_ranges",
+    "mm_pb2",
+    "pagemap_pb2",
+    "pstree_pb2",
+    "rlimit_pb2",
+    "rseq_pb2",
+    "sa_pb2",
+    "siginfo_pb2",
+    "timer_pb2",
+    "vma_pb2",
+]
