@@ -15,37 +15,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lazymig._version import __version__
+from lazymig.cli import page_server
 from lazymig.errors import LazyMigError
-from lazymig.proto.wire import WireVersion
 
 __all__ = ["main"]
+
 
 log = logging.getLogger("lazymig")
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def add_wire_option(parser: argparse.ArgumentParser) -> None:
-    """``--wire v1|v2``: the page-server header layout."""
-    parser.add_argument(
-        "--wire", type=WireVersion, choices=list(WireVersion), default=WireVersion.V2,
-        metavar="{v1,v2}",
-        help="page-server header layout: v1 = CRIU <= 4.1 (24 bytes), "
-             "v2 = CRIU >= 4.2 (32 bytes, default)")
-
-
-def add_server_address_options(parser: argparse.ArgumentParser, *, default_address: str) -> None:
-    """CRIU's ``--address`` and ``--port``."""
-    parser.add_argument("--address", default=default_address,
-                        help=f"page server address (default {default_address})")
-    parser.add_argument("--port", type=int, default=27,
-                        help="page server TCP port (CRIU's default is 27)")
-
-
-def add_images_dir_option(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """CRIU's ``-D/--images-dir``."""
-    parser.add_argument("-D", "--images-dir", required=required, metavar="DIR",
-                        help="directory of the images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,15 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True,
-                        help="run on uvloop (default when installed)")
+                        help="run on uvloop (the default) or on asyncio's own loop")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _COMMANDS:
         register(commands)
     return parser
 
 
-# Each subcommand module exposes register(subparsers), which sets func=<Command>.
-_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+_COMMANDS = [page_server.register]
+"""Each subcommand module has register(subparsers), which sets func=<command>."""
 
 
 def setup_logging(verbosity: int) -> None:

@@ -1,0 +1,290 @@
+"""The asyncio page server: answers PS_IOV_GET by splicing lazy pages into the socket.
+
+It speaks CRIU's page-server protocol (:mod:`lazymig.proto.pageserver`) in the
+chosen wire layout, so ``criu lazy-pages --page-server`` can pull from it as
+well as lazymig's daemon. Sockets are used raw (no Transport): page bytes go
+from the store's pipe or file to the socket with ``splice``, never through
+Python objects.
+
+Per connection: requests are handled in order; a malformed request or a GET
+outside the dumped lazy ranges ends *that* connection with a logged reason.
+The server keeps accepting connections (a daemon that reconnects, a second
+restore of the same dump) until the transfer is complete: every lazy page has
+been served at least once *and* a client closed the session cleanly (CLOSE,
+then EOF). Only then may the frozen source be released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from lazymig._aio import retry_until_ready
+from lazymig.dump.store import LazyPageStore, PageSegment
+from lazymig.errors import ConfigurationError, LazyMigError, RemoteProtocolError
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.pageserver import (
+    DEFAULT_MAX_PAGES,
+    NEED_DATA,
+    CloseReply,
+    CloseRequest,
+    ConnectionClosed,
+    GetReply,
+    GetRequest,
+    PageServerConnection,
+    Role,
+)
+from lazymig.proto.wire import WireVersion
+
+__all__ = ["PageServer", "PageServerStats"]
+
+log = logging.getLogger(__name__)
+
+_RECV_SIZE = 64 * 1024
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+@dataclass(slots=True)
+class PageServerStats:
+    """Counters an orchestrator can read while the server runs."""
+
+    lazy_pages: int = 0
+    """Lazy pages in the store."""
+    pages_unserved: int = 0
+    """Lazy pages not served yet."""
+    pages_sent: int = 0
+    """Pages sent, repeats included."""
+    requests: int = 0
+    connections: int = 0
+    refused_connections: int = 0
+    """Connections ended by a protocol error."""
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.pages_sent * PAGE_SIZE
+
+    def throughput(self) -> float:
+        """Average bytes/s since the server started."""
+        return self.bytes_sent / max(time.monotonic() - self.started, 1e-9)
+
+
+class _Unserved:
+    """Which lazy pages have never been served, per pid: one bitmap per range."""
+
+    def __init__(self, store: LazyPageStore) -> None:
+        self._ranges: dict[int, list[tuple[int, int, bytearray]]] = {}
+        self.remaining = 0
+        for pid in store.pids():
+            ranges = [(vaddr, nr, bytearray(b"\1") * nr) for vaddr, nr in store.lazy_ranges(pid)]
+            self._ranges[pid] = ranges
+            self.remaining += sum(nr for _, nr, _ in ranges)
+
+    def mark(self, pid: int, vaddr: int, nr_pages: int) -> None:
+        end = vaddr + nr_pages * PAGE_SIZE
+        for start, nr, bits in self._ranges.get(pid, ()):
+            lo = max(start, vaddr)
+            hi = min(start + nr * PAGE_SIZE, end)
+            if lo < hi:
+                first, last = (lo - start) // PAGE_SIZE, (hi - start) // PAGE_SIZE
+                self.remaining -= bits.count(1, first, last)
+                bits[first:last] = bytes(last - first)
+
+
+class PageServer:
+    """Serve a store's lazy pages over TCP until the transfer is complete.
+
+    Args:
+        store: the lazy pages (page pipes of a live dump, or a dump on disk).
+        address: where to listen (CRIU's ``--address``; all addresses by default).
+        port: TCP port (CRIU's ``--port``; 0 picks a free one, see :attr:`port`).
+        wire: the header layout to speak.
+        max_pages: the largest GET accepted.
+
+    Example::
+
+        async with PageServer(store, port=9876) as server:
+            await server.ready          # listening
+            complete = await server.serve()
+    """
+
+    def __init__(self, store: LazyPageStore, *, address: str = "0.0.0.0", port: int = 27,
+                 wire: WireVersion = WireVersion.V2, max_pages: int = DEFAULT_MAX_PAGES) -> None:
+        self.store = store
+        self.address = address
+        self.port = port
+        self.wire = wire
+        self.max_pages = max_pages
+        self._listener: socket.socket | None = None
+        self._unserved = _Unserved(store)
+        self.stats = PageServerStats(lazy_pages=self._unserved.remaining,
+                                     pages_unserved=self._unserved.remaining)
+        self._complete: asyncio.Event | None = None
+
+    # -- lifecycle
+
+    def listen(self) -> None:
+        """Bind and listen (CRIU's setup_tcp_server: SO_REUSEADDR, the given address)."""
+        if self._listener is not None:
+            return
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.address, self.port))
+            sock.listen(16)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ConfigurationError(
+                f"cannot listen on {self.address}:{self.port}: {exc.strerror}") from exc
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        if not _is_loopback(self.address):
+            log.warning("page server listens on %s:%d without TLS: anyone who can reach it "
+                        "can read the dumped memory", self.address, self.port)
+        log.info("page server listening on %s:%d (%s), %d lazy pages",
+                 self.address, self.port, self.wire.value, self.stats.lazy_pages)
+
+    @property
+    def complete(self) -> bool:
+        """Every lazy page was served and a client closed the session cleanly."""
+        return self._complete is not None and self._complete.is_set()
+
+    async def serve(self) -> bool:
+        """Accept connections until the transfer is complete; return True then.
+
+        Cancelling it stops the server; the store stays intact (nothing is lost).
+        """
+        self.listen()
+        assert self._listener is not None
+        self._complete = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            accepting = tg.create_task(self._accept_loop(loop, tg))
+            await self._complete.wait()
+            accepting.cancel()
+        log.info("lazy pages transfer complete: %d pages served (%d sent), %.1f MB/s",
+                 self.stats.lazy_pages, self.stats.pages_sent, self.stats.throughput() / 1e6)
+        return True
+
+    async def _accept_loop(self, loop: asyncio.AbstractEventLoop, tg: asyncio.TaskGroup) -> None:
+        assert self._listener is not None
+        while True:
+            conn, peer = await loop.sock_accept(self._listener)
+            self.stats.connections += 1
+            tg.create_task(self._serve_connection(conn, peer))
+
+    def close(self) -> None:
+        """Stop listening (idempotent). The store is the caller's to close."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def __aenter__(self) -> PageServer:
+        self.listen()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one connection
+
+    async def _serve_connection(self, sock: socket.socket, peer: object) -> None:
+        with sock:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            log.info("page client %s connected", peer)
+            try:
+                clean = await self._handle(sock)
+            except (LazyMigError, OSError) as exc:
+                self.stats.refused_connections += 1
+                log.error("page client %s: connection closed: %s", peer, exc)
+                return
+            if clean and self._unserved.remaining == 0:
+                assert self._complete is not None
+                self._complete.set()
+            elif clean:
+                log.warning("page client %s closed the session with %d lazy pages never "
+                            "served; keeping the source and waiting for another client",
+                            peer, self._unserved.remaining)
+            else:
+                log.warning("page client %s disconnected without CLOSE", peer)
+
+    async def _handle(self, sock: socket.socket) -> bool:
+        """Serve requests until EOF; True when the session ended with CLOSE + EOF."""
+        loop = asyncio.get_running_loop()
+        codec = PageServerConnection(Role.SERVER, self.wire, max_pages=self.max_pages)
+        buf = bytearray(_RECV_SIZE)
+        closed_cleanly = False
+        while True:
+            event = codec.next_event()
+            if event is NEED_DATA:
+                n = await loop.sock_recv_into(sock, buf)
+                codec.receive_data(memoryview(buf)[:n])
+            elif isinstance(event, GetRequest):
+                await self._answer_get(loop, sock, codec, event)
+            elif isinstance(event, CloseRequest):
+                await loop.sock_sendall(sock, codec.send(CloseReply(0)))
+                closed_cleanly = True
+            elif isinstance(event, ConnectionClosed):
+                return closed_cleanly
+            else:
+                raise RemoteProtocolError(
+                    f"{type(event).__name__} is not served in lazy mode", field="cmd")
+
+    async def _answer_get(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                          codec: PageServerConnection, get: GetRequest) -> None:
+        self.stats.requests += 1
+        nr_pages = self.store.available(get.pid, get.vaddr, get.nr_pages)
+        if nr_pages == 0:
+            raise RemoteProtocolError(
+                f"GET of {get.nr_pages} pages at {get.vaddr:#x} for pid {get.pid}: "
+                "not a lazy page of this dump", field="vaddr")
+        segment = self.store.segment(get.pid, get.vaddr, nr_pages)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            await loop.sock_sendall(sock, codec.send(GetReply(get.pid, get.vaddr, nr_pages)))
+            await _splice_all(segment, sock.fileno())
+            codec.payload_sent_directly(segment.length)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        finally:
+            segment.close()
+        self._unserved.mark(get.pid, get.vaddr, nr_pages)
+        self.stats.pages_sent += nr_pages
+        self.stats.pages_unserved = self._unserved.remaining
+
+
+async def _splice_all(segment: PageSegment, sock_fd: int) -> None:
+    """Move the segment's bytes into the non-blocking socket, waiting when it is full.
+
+    A pipe segment goes by splice; a file segment by sendfile (splice needs a
+    pipe on one side). Either way the bytes never enter Python.
+    """
+    remaining = segment.length
+    offset = segment.offset
+    while remaining:
+        if offset is None:
+            move = functools.partial(os.splice, segment.fd, sock_fd, remaining,
+                                     flags=_SPLICE_FLAGS)
+        else:
+            move = functools.partial(os.sendfile, sock_fd, segment.fd, offset, remaining)
+        moved = await retry_until_ready(sock_fd, move, writable=True)
+        if moved == 0:
+            raise LazyMigError("page store ran dry while sending (segment shorter than said)")
+        remaining -= moved
+        if offset is not None:
+            offset += moved
+
+
+def _is_loopback(address: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(address).is_loopback
+    return address == "localhost"

@@ -1,0 +1,148 @@
+"""Where a page server finds the lazy pages it serves.
+
+Two stores implement :class:`LazyPageStore`: the page pipes of a live dump
+(``lazymig dump --lazy-pages``) and the pages files of a dump on disk
+(``lazymig page-server --lazy-pages``). The server does not care which.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from lazymig.errors import ImageError
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.images import ImagesDir, PageIndex
+
+__all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment"]
+
+
+@dataclass(slots=True)
+class PageSegment:
+    """Bytes ready to be spliced into a socket.
+
+    ``fd`` is a pipe holding exactly ``length`` bytes (``offset`` None), or a
+    file whose bytes start at ``offset``. ``owned`` fds are closed by
+    :meth:`close`; a store's own file fds are not.
+    """
+
+    fd: int
+    offset: int | None
+    length: int
+    owned: bool
+
+    def close(self) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+class LazyPageStore(Protocol):
+    """The lazy pages of a dump, by image pid and dump-time address."""
+
+    def pids(self) -> Iterable[int]:
+        """The image pids that have lazy pages."""
+        ...
+
+    def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
+        """Every lazy range of ``pid`` as (vaddr, nr_pages), sorted."""
+        ...
+
+    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+        """How many of ``nr_pages`` from ``vaddr`` one reply can carry.
+
+        The count is clamped at the end of the segment that holds ``vaddr``
+        (so it may be smaller than asked); 0 means ``vaddr`` is not a lazy page
+        of ``pid`` (or ``pid`` is unknown).
+        """
+        ...
+
+    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
+        """The bytes of ``nr_pages`` (as clamped by :meth:`available`) at ``vaddr``.
+
+        Serving a page never consumes it: it can be served again.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release every fd the store holds (idempotent)."""
+        ...
+
+
+class _Ranges:
+    """Sorted lazy ranges of one pid, looked up by address in O(log n)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = sorted(ranges)
+        self.starts = [vaddr for vaddr, _ in self.ranges]
+
+    def pages_from(self, vaddr: int) -> int:
+        """Pages from ``vaddr`` to the end of the range holding it (0 if none does)."""
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        if i < 0 or vaddr % PAGE_SIZE:
+            return 0
+        start, nr_pages = self.ranges[i]
+        return max(0, nr_pages - (vaddr - start) // PAGE_SIZE)
+
+
+class ImagesPageStore:
+    """The lazy pages of a dump on disk (``lazymig page-server --lazy-pages -D DIR``).
+
+    Serves what CRIU's ``page-server --lazy-pages`` serves: the PE_LAZY pages
+    of every task in pstree.img whose data is in the pages image (CRIU writes
+    lazy-capable pages as PE_LAZY|PE_PRESENT in an ordinary dump). Pages go to
+    the socket straight from the pages file.
+    """
+
+    def __init__(self, images: ImagesDir) -> None:
+        self._ranges: dict[int, _Ranges] = {}
+        self._index: dict[int, tuple[int, PageIndex]] = {}
+        self._fds: list[int] = []
+        try:
+            for entry in images.pstree():
+                self._add(images, entry.pid)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, images: ImagesDir, pid: int) -> None:
+        ranges = images.lazy_ranges(pid)
+        if not ranges:
+            return
+        path, index = images.page_index(pid)
+        missing = [r for r in ranges if index.offset(r.vaddr, r.nr_pages) is None]
+        if missing:
+            raise ImageError(
+                f"{len(missing)} lazy ranges of pid {pid} (first at {missing[0].vaddr:#x}) "
+                "have no data in the images: this dump kept them in the dumper's page pipes "
+                "(dump --lazy-pages), so only that dumper can serve them", path=path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fds.append(fd)
+        self._index[pid] = (fd, index)
+        self._ranges[pid] = _Ranges([(r.vaddr, r.nr_pages) for r in ranges])
+
+    def pids(self) -> Iterable[int]:
+        return self._ranges.keys()
+
+    def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
+        return self._ranges[pid].ranges
+
+    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+        ranges = self._ranges.get(pid)
+        return 0 if ranges is None else min(nr_pages, ranges.pages_from(vaddr))
+
+    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
+        fd, index = self._index[pid]
+        offset = index.offset(vaddr, nr_pages)
+        assert offset is not None, "available() vouched for these pages"
+        return PageSegment(fd, offset, nr_pages * PAGE_SIZE, owned=False)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        self._index.clear()
+        self._ranges.clear()

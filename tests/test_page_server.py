@@ -1,0 +1,160 @@
+"""The asyncio page server over real TCP, checked by a minimal independent client.
+
+The client below is written from the protocol description (criu-lazy-pages-facts
+section 1), not with lazymig's codec, so that both cannot share a mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from lazydump import page_pattern, write_lazy_dump
+
+from lazymig.dump.server import PageServer
+from lazymig.dump.store import ImagesPageStore
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.wire import WireVersion
+
+GET, ADD_F, CLOSE, PE_PRESENT = 7, 6, 0x1023, 4
+LAYOUTS = {WireVersion.V1: struct.Struct("=IIQQ"), WireVersion.V2: struct.Struct("=I4xQQQ")}
+PID, OTHER = 4242, 77
+DUMP = {PID: [(0x7F0000000000, 8), (0x7F0000100000, 3)], OTHER: [(0x500000, 2)]}
+
+
+class MiniClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 wire: WireVersion) -> None:
+        self.reader, self.writer, self.layout = reader, writer, LAYOUTS[wire]
+
+    @classmethod
+    async def connect(cls, port: int, wire: WireVersion) -> MiniClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer, wire)
+
+    def send(self, cmd: int, nr_pages: int, vaddr: int, dst_id: int) -> None:
+        self.writer.write(self.layout.pack(cmd, nr_pages, vaddr, dst_id))
+
+    async def get(self, pid: int, vaddr: int, nr_pages: int) -> tuple[int, bytes]:
+        self.send(GET, nr_pages, vaddr, pid)
+        cmd, got, reply_vaddr, dst_id = self.layout.unpack(
+            await self.reader.readexactly(self.layout.size))
+        assert (cmd, reply_vaddr, dst_id) == ((PE_PRESENT << 16) | ADD_F, vaddr, pid)
+        return got, await self.reader.readexactly(got * PAGE_SIZE)
+
+    async def close(self) -> int:
+        self.send(CLOSE, 0, 0, 0)
+        (status,) = struct.unpack("=i", await self.reader.readexactly(4))
+        self.writer.close()
+        await self.writer.wait_closed()
+        return int(status)
+
+    async def closed_by_server(self) -> bool:
+        return await self.reader.read(1) == b""
+
+
+def expected(pid: int, vaddr: int, nr_pages: int) -> bytes:
+    return b"".join(page_pattern(pid, vaddr + i * PAGE_SIZE) for i in range(nr_pages))
+
+
+@pytest.fixture(params=list(WireVersion))
+def wire(request: pytest.FixtureRequest) -> WireVersion:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path, wire: WireVersion) -> AsyncIterator[PageServer]:
+    store = ImagesPageStore(write_lazy_dump(tmp_path, DUMP))
+    async with PageServer(store, address="127.0.0.1", port=0, wire=wire) as srv:
+        yield srv
+    store.close()
+
+
+async def all_pages(client: MiniClient) -> None:
+    for pid, ranges in DUMP.items():
+        for vaddr, nr in ranges:
+            assert await client.get(pid, vaddr, nr) == (nr, expected(pid, vaddr, nr))
+
+
+@pytest.mark.asyncio
+async def test_serves_every_lazy_page_then_completes(server: PageServer,
+                                                     wire: WireVersion) -> None:
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(server.serve())
+        client = await MiniClient.connect(server.port, wire)
+        # A page asked twice is served twice (a forked child, a retry).
+        vaddr = DUMP[PID][0][0] + PAGE_SIZE
+        assert await client.get(PID, vaddr, 1) == (1, expected(PID, vaddr, 1))
+        assert await client.get(PID, vaddr, 1) == (1, expected(PID, vaddr, 1))
+        # A reply is clamped at the end of the segment holding vaddr.
+        assert await client.get(PID, vaddr, 100) == (7, expected(PID, vaddr, 7))
+        await all_pages(client)
+        assert not server.complete
+        assert await client.close() == 0
+    assert serving.result() is True
+    assert server.complete
+    assert server.stats.pages_unserved == 0
+    assert server.stats.pages_sent == 1 + 1 + 7 + 13
+
+
+@pytest.mark.asyncio
+async def test_close_before_everything_was_served_keeps_serving(
+        server: PageServer, wire: WireVersion, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(server.serve())
+        first = await MiniClient.connect(server.port, wire)
+        await first.get(PID, DUMP[PID][0][0], 1)
+        assert await first.close() == 0
+        await asyncio.sleep(0.05)
+        assert not serving.done()  # the source must not be released yet
+        second = await MiniClient.connect(server.port, wire)
+        await all_pages(second)
+        assert await second.close() == 0
+    assert server.complete
+    assert "never served" in caplog.text
+
+
+def raw(wire: WireVersion, cmd: int, nr_pages: int, vaddr: int, dst_id: int) -> bytes:
+    return LAYOUTS[wire].pack(cmd, nr_pages, vaddr, dst_id)
+
+
+HOSTILE = {
+    "garbage": lambda w: b"\xff" * 64,
+    "huge nr_pages": lambda w: raw(w, GET, 2**20, DUMP[PID][0][0], PID),
+    "unaligned": lambda w: raw(w, GET, 1, DUMP[PID][0][0] + 5, PID),
+    "unmapped": lambda w: raw(w, GET, 1, 0x1000, PID),
+    "unknown pid": lambda w: raw(w, GET, 1, DUMP[PID][0][0], 999),
+    "other pid's page": lambda w: raw(w, GET, 1, DUMP[OTHER][0][0], PID),
+    "half a header": lambda w: raw(w, GET, 1, DUMP[PID][0][0], PID)[:10],
+    "image command": lambda w: raw(w, ADD_F, 1, 0x1000, (PID << 8) | 1),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("attack", list(HOSTILE))
+async def test_hostile_requests_end_only_their_connection(
+        server: PageServer, wire: WireVersion, attack: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(server.serve())
+        bystander = await MiniClient.connect(server.port, wire)
+        await bystander.get(PID, DUMP[PID][0][0], 1)
+        hostile = await MiniClient.connect(server.port, wire)
+        hostile.writer.write(HOSTILE[attack](wire))
+        if attack == "half a header":
+            hostile.writer.write_eof()
+        assert await hostile.closed_by_server()
+        hostile.writer.close()
+        # The server and the other client are unaffected.
+        await all_pages(bystander)
+        assert await bystander.close() == 0
+    assert serving.result() is True
+    assert "connection closed" in caplog.text
+    assert server.stats.refused_connections == 1

@@ -1,0 +1,92 @@
+"""Page sources: the daemon's page-server client against lazymig's server, and local images."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+from lazydump import page_pattern, write_lazy_dump
+
+from lazymig.dump.server import PageServer
+from lazymig.dump.store import ImagesPageStore
+from lazymig.errors import BrokenResourceError
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.wire import WireVersion
+from lazymig.uffd.source import LocalPageSource, RemotePageSource
+
+PID = 321
+DUMP = {PID: [(0x10000000, 64), (0x20000000, 5)]}
+
+
+def expected(vaddr: int, nr_pages: int) -> bytes:
+    return b"".join(page_pattern(PID, vaddr + i * PAGE_SIZE) for i in range(nr_pages))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wire", list(WireVersion))
+@pytest.mark.parametrize("channels", [1, 2])
+async def test_pipelined_gets_against_the_page_server(tmp_path: Path, wire: WireVersion,
+                                                      channels: int) -> None:
+    store = ImagesPageStore(write_lazy_dump(tmp_path, DUMP))
+    async with asyncio.timeout(10), PageServer(store, address="127.0.0.1", port=0,
+                                               wire=wire) as server:
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port, wire=wire,
+                                                channels=channels)
+        base = DUMP[PID][0][0]
+        # Many requests in flight at once; replies come back in order, clamped.
+        requests = [(base + i * 4 * PAGE_SIZE, 4) for i in range(16)]
+        chunks = await asyncio.gather(
+            *(source.get(PID, vaddr, n, urgent=i % 3 == 0)
+              for i, (vaddr, n) in enumerate(requests)),
+            source.get(PID, DUMP[PID][1][0], 100))
+        for (vaddr, n), chunk in zip(requests, chunks, strict=False):
+            assert (chunk.vaddr, chunk.nr_pages, bytes(chunk.data)) == (vaddr, n,
+                                                                        expected(vaddr, n))
+        assert chunks[-1].nr_pages == 5
+        assert bytes(chunks[-1].data) == expected(DUMP[PID][1][0], 5)
+        await source.aclose()
+        assert await serving is True
+    store.close()
+
+
+@pytest.mark.asyncio
+async def test_server_going_away_fails_every_waiting_request() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        connecting = asyncio.create_task(RemotePageSource.connect("127.0.0.1", port))
+        conn, _ = await loop.sock_accept(listener)
+        source = await connecting
+        pending = [asyncio.create_task(source.get(PID, 0x1000 * (i + 1), 1)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        conn.close()  # the page server dies with three requests unanswered (RST)
+        for task in pending:
+            with pytest.raises(BrokenResourceError, match="page server"):
+                await task
+        with pytest.raises(BrokenResourceError):
+            await source.get(PID, 0x1000, 1)
+        source.abort()
+    listener.close()
+
+
+@pytest.mark.asyncio
+async def test_connect_refused_says_what_to_do() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(BrokenResourceError, match="is `lazymig dump --lazy-pages`"):
+        await RemotePageSource.connect("127.0.0.1", port, connect_timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_local_source_reads_the_images(tmp_path: Path) -> None:
+    source = LocalPageSource(write_lazy_dump(tmp_path, DUMP))
+    chunk = await source.get(PID, DUMP[PID][0][0] + 60 * PAGE_SIZE, 10)
+    assert chunk.nr_pages == 4
+    assert bytes(chunk.data) == expected(DUMP[PID][0][0] + 60 * PAGE_SIZE, 4)
+    await source.aclose()
