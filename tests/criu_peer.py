@@ -1,0 +1,479 @@
+"""Real CRIU 4.1.1 as a test peer: the chroot it lives in, workloads, and criu runs.
+
+Debian 12's own criu cannot run on recent kernels, so ``scripts/criu-peer.sh``
+(a copy of the shared peers/criu/setup.sh) debootstraps a Debian 13 root at
+``$CRIU_ROOT`` (default /opt/criu-root) with criu 4.1.1 in it. What CRIU needs
+from the processes it dumps and restores (see that script's README):
+
+* they run inside the chroot, as the init of their own pid namespace
+  (``unshare --pid --fork``, no ``--mount-proc``: a mount namespace whose root
+  is not the task's root cannot be dumped, "The root task has another root
+  than mntns"), and lead their own session ("A session leader of X is outside
+  of its pid namespace");
+* they hold no fd opened outside the chroot ("Can't lookup mount=... for fd"):
+  every fd of the workload is opened by a shell inside the chroot;
+* they sleep to absolute deadlines (a dump interrupts sleeps).
+
+Directories live below ``$CRIU_ROOT/tmp`` so that the same files are reachable
+from the host (lazymig runs there) and from inside the chroot (criu).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazymig.proto.constants import PAGE_SIZE
+
+ROOT = Path(os.environ.get("CRIU_ROOT", "/opt/criu-root"))
+CRIU = ROOT / "usr/sbin/criu"
+REPO = Path(__file__).resolve().parent.parent
+SETUP_SCRIPT = REPO / "scripts" / "criu-peer.sh"
+WORKLOAD_SOURCE = Path(__file__).resolve().parent / "workloads" / "criu_pattern.c"
+PIPE_MAX_WANTED = 4 * 1024 * 1024
+"""CRIU's lazy page server (in ``criu lazy-pages``, too) needs pipes of ~3.2 MiB."""
+
+PATTERN_MAGIC = 0x6C617A796D696700
+"""As in criu_pattern.c: page i of the process with tag t holds (MAGIC | t, i) repeated."""
+
+
+def page_pattern(tag: int, index: int) -> bytes:
+    """The 4 KiB that page ``index`` of criu_pattern's area holds in the process tagged ``tag``."""
+    return struct.pack("<QQ", PATTERN_MAGIC | tag, index) * (PAGE_SIZE // 16)
+
+
+# -- the chroot --------------------------------------------------------------------------
+
+
+def _has_cap_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+def _mount_points() -> set[str]:
+    """Mount points of this mount namespace (os.path.ismount misses a bind of a dir on itself)."""
+    points = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # field 5 is the mount point, with space, tab, newline and backslash octal-escaped
+        points.add(line.split()[4].encode().decode("unicode_escape"))
+    return points
+
+
+def criu_root_problem() -> str | None:
+    """Why the chroot cannot run CRIU as is (None when it can)."""
+    if not CRIU.exists():
+        return f"{CRIU} is missing"
+    mounted = _mount_points()
+    for mnt in (ROOT, ROOT / "proc", ROOT / "dev", ROOT / "run"):
+        if str(mnt) not in mounted:
+            return f"{mnt} is not mounted"
+    pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    if pipe_max < PIPE_MAX_WANTED and not _has_cap_sys_resource():
+        return f"fs.pipe-max-size is {pipe_max}"
+    return None
+
+
+def ensure_criu_root(timeout: float = 900) -> None:
+    """Run ``scripts/criu-peer.sh`` (idempotent) unless the chroot is ready already.
+
+    Raises:
+        RuntimeError: the script failed; its output is in the message.
+    """
+    if criu_root_problem() is None:
+        return
+    proc = subprocess.run(["bash", str(SETUP_SCRIPT)], env={**os.environ, "CRIU_ROOT": str(ROOT)},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    problem = criu_root_problem()
+    if proc.returncode or problem:
+        raise RuntimeError(f"{SETUP_SCRIPT} failed (rc {proc.returncode}, {problem}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def build_workload(dest: Path) -> Path:
+    """Compile criu_pattern.c statically with the host's gcc into ``dest``."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise RuntimeError("no C compiler on the host (gcc)")
+    subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(dest), str(WORKLOAD_SOURCE)],
+                   check=True, capture_output=True, timeout=120)
+    return dest
+
+
+@dataclass
+class ChrootDir:
+    """A directory below ``$CRIU_ROOT/tmp``, seen from the host and from inside the chroot."""
+
+    host: Path
+
+    @property
+    def inner(self) -> str:
+        return "/" + str(self.host.relative_to(ROOT))
+
+    def inside(self, name: str) -> str:
+        return f"{self.inner}/{name}"
+
+    @classmethod
+    @contextlib.contextmanager
+    def temporary(cls, prefix: str) -> Iterator[ChrootDir]:
+        """A fresh directory, removed afterwards unless $LAZYMIG_KEEP_CRIU_DIRS is set."""
+        host = Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT / "tmp"))
+        try:
+            yield cls(host)
+        finally:
+            if not os.environ.get("LAZYMIG_KEEP_CRIU_DIRS"):
+                shutil.rmtree(host, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port that nothing on 127.0.0.1 listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- criu ----------------------------------------------------------------------------------
+
+
+class CriuError(RuntimeError):
+    """A criu command failed; the message ends with the errors of its log."""
+
+
+def log_errors(log: Path, limit: int = 30) -> str:
+    """The Error/Warn lines of a criu log (what to show when a step fails)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"(no {log.name})"
+    bad = [ln for ln in lines if "Error" in ln or "Warn" in ln] or lines[-limit:]
+    return "\n".join(bad[-limit:])
+
+
+def chroot_argv(*argv: str) -> list[str]:
+    return ["chroot", str(ROOT), *argv]
+
+
+def criu(d: ChrootDir, *args: str, log: str, timeout: float = 60) -> float:
+    """Run ``criu ARGS -o LOG -v4`` in the chroot with the images dir ``d``; return its time.
+
+    criu's stdout/stderr go to the log (criu writes there with -o).
+
+    Raises:
+        CriuError: non-zero exit, with the errors of the log.
+    """
+    started = time.monotonic()
+    proc = subprocess.run(chroot_argv("criu", *args, "-o", log, "-v4"), cwd="/",
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode:
+        raise CriuError(f"criu {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-2000:]}"
+                        f"\n{log_errors(d.host / log)}")
+    return time.monotonic() - started
+
+
+def wait_ready(fd: int, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the one zero byte a --status-fd writes (then close ``fd``)."""
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"{what} not ready after {timeout} s")
+        if os.read(fd, 1) != b"\0":
+            raise RuntimeError(f"{what} closed its status fd without being ready "
+                               f"(exit status {proc.poll()})")
+    finally:
+        os.close(fd)
+
+
+def start_with_status_fd(argv: Sequence[str], *, what: str, timeout: float = 20,
+                         stderr: int | None = None, log: str | None = None,
+                         ) -> subprocess.Popen[bytes]:
+    """Start ``argv + ['--status-fd', N]`` and wait until it writes its ready byte.
+
+    ``log`` names an extra ``-o`` argument pair to append (for criu).
+    """
+    r, w = os.pipe()
+    extra = ["--status-fd", str(w)] + (["-o", log, "-v4"] if log else [])
+    try:
+        proc = subprocess.Popen([*argv, *extra], pass_fds=(w,), cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr if stderr is not None else subprocess.DEVNULL)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    try:
+        wait_ready(r, timeout, what, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """Kill ``proc`` if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+
+
+def kill_pid(pid: int, timeout: float = 5) -> None:
+    """SIGKILL a process that is not our child (a restored tree) and wait until it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state == "Z" and _parent(pid) != os.getpid():
+            return  # its new parent (init or a subreaper) reaps it
+        time.sleep(0.02)
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+# -- the workload -----------------------------------------------------------------------------
+
+_START = re.compile(r"start tag (\d+) pid (\d+) addr (0x[0-9a-f]+) pages (\d+)$")
+_TICK = re.compile(r"tick (\d+) tag (\d+) sum (0x[0-9a-f]+) bad (\d+)$")
+
+
+@dataclass(frozen=True)
+class Tick:
+    tick: int
+    tag: int
+    checksum: int
+    bad_pages: int
+
+
+@dataclass(frozen=True)
+class Started:
+    tag: int
+    pid: int
+    """The pid inside the workload's pid namespace (the pid in the images)."""
+    addr: int
+    pages: int
+
+
+@dataclass
+class Output:
+    """What criu_pattern wrote so far."""
+
+    started: dict[int, Started] = field(default_factory=dict)
+    ticks: list[Tick] = field(default_factory=list)
+
+    def last(self, tag: int) -> Tick | None:
+        return next((t for t in reversed(self.ticks) if t.tag == tag), None)
+
+    def after(self, tag: int, tick: int) -> list[Tick]:
+        return [t for t in self.ticks if t.tag == tag and t.tick > tick]
+
+
+class Workload:
+    """criu_pattern running inside the chroot as the init of its own pid namespace.
+
+    Args:
+        d: the directory (it gets the binary and ``out.log``).
+        binary: the static criu_pattern on the host.
+        mib: size of the pattern area of each process.
+        children: processes forked from the first (tags 1..children).
+    """
+
+    def __init__(self, d: ChrootDir, binary: Path, *, mib: int, children: int = 0) -> None:
+        self.dir = d
+        self.processes = 1 + children
+        self.log = d.host / "out.log"
+        shutil.copy2(binary, d.host / "criu_pattern")
+        script = (f"exec {d.inside('criu_pattern')} {mib} {children} "
+                  f">>{d.inside('out.log')} 2>&1 </dev/null")
+        # unshare --fork makes the pid-1 child; setsid makes it lead its own session (it is
+        # not a group leader, so setsid does not fork); sh opens every fd inside the chroot.
+        self._unshare = subprocess.Popen(
+            chroot_argv("unshare", "--pid", "--fork", "setsid", "/bin/sh", "-c", script),
+            cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        self.pid = 0
+        """Host pid of the workload's first process (pid 1 in its namespace)."""
+
+    def output(self) -> Output:
+        out = Output()
+        try:
+            text = self.log.read_text()
+        except FileNotFoundError:
+            return out
+        for line in text.splitlines():
+            if m := _START.match(line):
+                s = Started(int(m[1]), int(m[2]), int(m[3], 16), int(m[4]))
+                out.started[s.tag] = s
+            elif m := _TICK.match(line):
+                out.ticks.append(Tick(int(m[1]), int(m[2]), int(m[3], 16), int(m[4])))
+        return out
+
+    def wait_ticks(self, after: dict[int, int], count: int, timeout: float) -> Output:
+        """Wait until every process printed ``count`` ticks numbered above ``after[tag]``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            if all(len(out.after(tag, after.get(tag, -1))) >= count
+                   for tag in range(self.processes)):
+                return out
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workload printed {len(out.ticks)} ticks in all "
+                                   f"(wanted {count} per process after {after}):\n"
+                                   f"{self.log.read_text()[-2000:] if self.log.exists() else ''}")
+            time.sleep(0.05)
+
+    def start(self, timeout: float = 10) -> Output:
+        """Wait until every process ran a first tick; find the host pid of the first one."""
+        out = self.wait_ticks({}, 1, timeout)
+        children = Path(f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children")
+        self.pid = int(children.read_text().split()[0])
+        return out
+
+    def wait_gone(self, timeout: float = 10) -> int:
+        """Wait until the dumped source is gone (``unshare`` reports its init's end)."""
+        return self._unshare.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill whatever is left of the source (its session) and reap ``unshare``."""
+        if self._unshare.poll() is None:
+            pid = self.pid
+            if not pid:
+                with contextlib.suppress(FileNotFoundError, IndexError, ValueError):
+                    children = f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children"
+                    pid = int(Path(children).read_text().split()[0])
+            if pid:
+                kill_pid(pid)  # the namespace's init: the kernel kills the rest of it
+        stop(self._unshare)
+
+
+# -- a wire tap between criu lazy-pages and a page server ------------------------------------
+
+_V1 = struct.Struct("=IIQQ")
+"""CRIU <= 4.1.1's page_server_iov: cmd u32, nr_pages u32, vaddr u64, dst_id u64."""
+PS_IOV_GET, PS_IOV_CLOSE = 7, 0x1023
+
+
+@dataclass
+class WireLog:
+    """What went over one page-server session (v1 headers), as the tap parsed it."""
+
+    requests: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(cmd, nr_pages, vaddr, dst_id) of each client request, in order."""
+    replies: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(cmd, nr_pages, vaddr, dst_id) of each GET reply header."""
+    close_status: bytes | None = None
+    """The 4 bytes the server answered CLOSE with."""
+    bytes_to_client: int = 0
+    trailing_client_bytes: int = 0
+    """Bytes the client sent after CLOSE (CRIU expects none: EOF)."""
+    error: str | None = None
+
+
+class WireTap:
+    """A one-connection TCP proxy on 127.0.0.1 that parses the v1 page-server stream.
+
+    Client to server: a stream of 24-byte headers (GET, CLOSE). Server to client,
+    in request order: per GET a header then nr_pages x 4096 bytes; per CLOSE a
+    4-byte int32 status. Bytes are forwarded unchanged.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.log = WireLog()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._pending: queue.Queue[tuple[int, int, int, int]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="wire-tap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._listener.settimeout(60)
+            client, _ = self._listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60)
+            with client, server:
+                up = threading.Thread(target=self._client_to_server, args=(client, server),
+                                      daemon=True)
+                up.start()
+                self._server_to_client(server, client)
+                up.join(60)
+        except Exception as exc:
+            self.log.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._listener.close()
+
+    def _client_to_server(self, client: socket.socket, server: socket.socket) -> None:
+        buf = b""
+        closed = False
+        while data := client.recv(65536):
+            if closed:
+                self.log.trailing_client_bytes += len(data)
+            else:
+                buf += data
+                while len(buf) >= _V1.size and not closed:
+                    header = _V1.unpack_from(buf)
+                    buf = buf[_V1.size:]
+                    self.log.requests.append(header)
+                    self._pending.put(header)
+                    closed = header[0] & 0xFFFF == PS_IOV_CLOSE
+                self.log.trailing_client_bytes += len(buf) if closed else 0
+            server.sendall(data)
+        server.shutdown(socket.SHUT_WR)
+
+    def _server_to_client(self, server: socket.socket, client: socket.socket) -> None:
+        buf = b""
+        need = 0  # payload bytes of the last reply still to skip
+        request: tuple[int, int, int, int] | None = None  # the one being answered
+        while data := server.recv(1 << 20):
+            client.sendall(data)
+            self.log.bytes_to_client += len(data)
+            buf += data
+            while True:
+                skip = min(need, len(buf))
+                buf, need = buf[skip:], need - skip
+                if need or not buf:
+                    break
+                if request is None:  # replies come in request order
+                    request = self._pending.get(timeout=10)
+                if request[0] & 0xFFFF == PS_IOV_CLOSE:
+                    if len(buf) < 4:
+                        break
+                    self.log.close_status, buf = buf[:4], buf[4:]
+                elif len(buf) < _V1.size:
+                    break
+                else:
+                    reply = _V1.unpack_from(buf)
+                    buf = buf[_V1.size:]
+                    self.log.replies.append(reply)
+                    need = reply[1] * PAGE_SIZE
+                request = None
+        client.shutdown(socket.SHUT_WR)
+
+    def join(self, timeout: float = 10) -> WireLog:
+        self._thread.join(timeout)
+        return self.log
