@@ -1,0 +1,302 @@
+"""lazymig against real CRIU 4.1.1 (in the chroot that scripts/criu-peer.sh sets up).
+
+* lazymig's page server stands in for ``criu page-server --lazy-pages``: real
+  ``criu lazy-pages`` pulls a real dump's pages from it while ``criu restore
+  --lazy-pages`` runs the process, which must go on with its memory intact.
+* lazymig reads the images ``criu dump`` writes as crit decodes them.
+
+Timings are measured and reported (``record_property``, and printed), never asserted.
+The first run installs the chroot (about a minute, network needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from criu_peer import (
+    PS_IOV_CLOSE,
+    PS_IOV_GET,
+    ChrootDir,
+    CriuError,
+    Output,
+    WireLog,
+    WireTap,
+    Workload,
+    build_workload,
+    chroot_argv,
+    criu,
+    ensure_criu_root,
+    free_port,
+    kill_pid,
+    log_errors,
+    page_pattern,
+    start_with_status_fd,
+    stop,
+)
+from google.protobuf import unknown_fields as protobuf_unknown
+from google.protobuf.message import Message
+from test_images_crit import plain
+
+from lazymig.proto.constants import PAGE_SIZE, PE
+from lazymig.proto.images import ImagesDir
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="real CRIU needs root (chroot, ptrace, userfaultfd, namespaces)"),
+]
+
+CRIT = shutil.which("crit")
+ADD_F_PRESENT = PE.PRESENT << 16 | 6
+
+
+@pytest.fixture(scope="session")
+def criu_root() -> None:
+    """The CRIU 4.1.1 chroot, installed and mounted (runs scripts/criu-peer.sh if needed)."""
+    ensure_criu_root()
+
+
+@pytest.fixture(scope="session")
+def workload_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_workload(tmp_path_factory.mktemp("criu-workload") / "criu_pattern")
+
+
+@pytest.fixture
+def chroot_dir(criu_root: None) -> Iterator[ChrootDir]:
+    with ChrootDir.temporary("lazymig-criu-") as d:
+        yield d
+
+
+@pytest.fixture
+def measure(record_property: Any) -> Iterator[dict[str, Any]]:
+    """Numbers a test measured: recorded as properties and printed at the end."""
+    numbers: dict[str, Any] = {}
+    yield numbers
+    for key, value in numbers.items():
+        record_property(key, value)
+    print("measured:", json.dumps(numbers))
+
+
+def dump_workload(d: ChrootDir, binary: Path, *, mib: int, children: int,
+                  measure: dict[str, Any]) -> tuple[Workload, Output]:
+    """Run criu_pattern, let it tick, ``criu dump`` it (which kills it); return its output."""
+    workload = Workload(d, binary, mib=mib, children=children)
+    try:
+        workload.start()
+        before = workload.wait_ticks({}, 2, timeout=10)
+        measure["dump_s"] = round(criu(d, "dump", "-t", str(workload.pid), "-D", d.inner,
+                                       log="dump.log"), 3)
+        measure["source_exit"] = workload.wait_gone()  # criu dump kills it: it must be gone
+    finally:
+        workload.kill()
+    out = workload.output()
+    assert out.ticks[-len(before.ticks):] == before.ticks
+    return workload, out
+
+
+# -- lazymig's page server in place of CRIU's -------------------------------------------------
+
+
+def check_wire(wire: WireLog, images: ImagesDir, lazy_pages: int,
+               measure: dict[str, Any]) -> None:
+    """The session as CRIU 4.1.1 ran it: GETs for lazy pages only, each answered with
+    ADD_F|PE_PRESENT and its pages, every lazy page at least once, then CLOSE -> int32 0
+    and EOF."""
+    assert wire.error is None, wire.error
+    *gets, close = wire.requests
+    assert close == (PS_IOV_CLOSE, 0, 0, 0)
+    assert {cmd for cmd, *_ in gets} == {PS_IOV_GET}
+    assert wire.close_status == struct.pack("=i", 0)
+    assert wire.trailing_client_bytes == 0
+    assert len(wire.replies) == len(gets)
+    lazy = {(e.pid, r.vaddr + i * PAGE_SIZE) for e in images.pstree()
+            for r in images.lazy_ranges(e.pid) for i in range(r.nr_pages)}
+    served: set[tuple[int, int]] = set()
+    for (_, asked, vaddr, pid), reply in zip(gets, wire.replies, strict=True):
+        assert reply[0] == ADD_F_PRESENT and reply[2:] == (vaddr, pid)
+        assert 0 < reply[1] <= asked
+        pages = {(pid, vaddr + i * PAGE_SIZE) for i in range(reply[1])}
+        assert pages <= lazy, "a reply carried pages that are not lazy"
+        served |= pages
+    assert served == lazy
+    pages_sent = sum(r[1] for r in wire.replies)
+    assert wire.bytes_to_client == len(wire.replies) * 24 + pages_sent * PAGE_SIZE + 4
+    measure["wire"] = {
+        "gets": len(gets), "pages_sent": pages_sent, "repeated_pages": pages_sent - lazy_pages,
+        "max_pages_per_get": max(n for _, n, _, _ in gets),
+        "one_page_gets": sum(1 for _, n, _, _ in gets if n == 1),
+        "short_replies": sum(1 for g, r in zip(gets, wire.replies, strict=True) if r[1] < g[1]),
+    }
+
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "no-uvloop"])
+def test_criu_restores_lazily_from_lazymig_page_server(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    d = chroot_dir
+    mib, children = 48, 1
+    workload, dumped = dump_workload(d, workload_binary, mib=mib, children=children,
+                                     measure=measure)
+    images = ImagesDir(d.host)
+    lazy_pages = sum(r.nr_pages for e in images.pstree() for r in images.lazy_ranges(e.pid))
+    assert lazy_pages >= (1 + children) * mib * 256
+    measure["lazy_pages"] = lazy_pages
+
+    port = free_port()
+    server_log = d.host / "lazymig-page-server.log"
+    restored_pid = 0
+    with server_log.open("wb") as server_err:
+        server = start_with_status_fd(
+            [sys.executable, "-m", "lazymig", "-v", f"--{loop}", "page-server", "--lazy-pages",
+             "-D", str(d.host), "--address", "127.0.0.1", "--port", str(port), "--wire", "v1"],
+            what="lazymig page-server", stderr=server_err.fileno())
+    daemon: subprocess.Popen[bytes] | None = None
+    tap = WireTap(port)  # criu lazy-pages -> tap -> lazymig, parsing the v1 stream
+    try:
+        # criu lazy-pages must listen on lazy-pages.socket in the work dir (= -D) before
+        # restore connects to it.
+        daemon = start_with_status_fd(
+            chroot_argv("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1",
+                        "--port", str(tap.port), "-D", d.inner),
+            what="criu lazy-pages", log="lazy-pages.log")
+        started = time.monotonic()
+        measure["restore_s"] = round(criu(
+            d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+            "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
+        restored_pid = int((d.host / "restored.pid").read_text())
+
+        rc = server.wait(60)
+        measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
+        assert rc == 0, f"lazymig page-server exited {rc}:\n{server_log.read_text()[-3000:]}"
+        assert daemon.wait(30) == 0, log_errors(d.host / "lazy-pages.log")
+
+        server_text = server_log.read_text()
+        assert "transfer complete" in server_text, server_text[-3000:]
+        check_wire(tap.join(), images, lazy_pages, measure)
+
+        # The restored processes go on ticking (numbers continue after the dump) with
+        # the checksums and the pattern they had before.
+        last = {tag: tick.tick for tag in range(1 + children)
+                if (tick := dumped.last(tag)) is not None}
+        after = workload.wait_ticks(last, 3, timeout=20)
+        for tag in range(1 + children):
+            before = dumped.last(tag)
+            assert before is not None
+            new = after.after(tag, before.tick)
+            assert new[0].tick == before.tick + 1, "the restored process restarted its count"
+            assert {(t.checksum, t.bad_pages) for t in new} == {(before.checksum, 0)}, new
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
+                             f"\n--- lazymig page-server:\n{server_log.read_text()[-3000:]}"
+                             ) from exc
+    finally:
+        if restored_pid:
+            kill_pid(restored_pid)
+        if daemon is not None:
+            stop(daemon)
+        stop(server)
+
+
+# -- lazymig reads what criu dump writes ---------------------------------------------------
+
+NEWER_THAN_CRIT = {"dump_criu_run_id", "allow_uprobes"}
+"""inventory fields of CRIU >= 3.18 that Debian's crit 3.17 does not know (it drops them)."""
+
+
+def crit_decode(path: Path) -> list[dict[str, Any]]:
+    """The entries ``crit decode`` (non-pretty: plain ints) reads from an image."""
+    assert CRIT is not None
+    out = subprocess.run([CRIT, "decode", "-i", str(path)], check=True, capture_output=True,
+                         timeout=60).stdout
+    entries: list[dict[str, Any]] = json.loads(out)["entries"]
+    return entries
+
+
+def unknown_fields(msg: Message, path: str = "") -> list[str]:
+    """Fields of a parsed message that lazymig's schema does not name, as ``path#number``."""
+    unknown = protobuf_unknown.UnknownFieldSet(msg)
+    out = [f"{path}#{unknown[i].field_number}" for i in range(len(unknown))]
+    for fd, value in msg.ListFields():
+        if fd.type == fd.TYPE_MESSAGE:
+            for sub in value if fd.is_repeated else [value]:
+                out += unknown_fields(sub, f"{path}.{fd.name}")
+    return sorted(set(out))
+
+
+@pytest.mark.crit
+@pytest.mark.skipif(CRIT is None, reason="crit is not installed (Debian package criu)")
+def test_lazymig_reads_criu_dump_images(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any]) -> None:
+    d = chroot_dir
+    mib, children = 8, 1
+    _, out = dump_workload(d, workload_binary, mib=mib, children=children, measure=measure)
+    images = ImagesDir(d.host)
+
+    # inventory: crit 3.17 decodes the same values (it does not know the newest fields).
+    inv = plain(images.inventory())
+    (crit_inv,) = crit_decode(d.host / "inventory.img")
+    assert {k: v for k, v in inv.items() if k in crit_inv} == crit_inv
+    assert set(inv) - set(crit_inv) <= NEWER_THAN_CRIT
+    measure["unknown_fields"] = {"inventory": unknown_fields(images.inventory())}
+
+    # pstree: the workload's two processes, with the pids it printed (its namespace's).
+    pstree = images.pstree()
+    assert [plain(e) for e in pstree] == crit_decode(d.host / "pstree.img")
+    assert sorted(e.pid for e in pstree) == sorted(s.pid for s in out.started.values())
+    assert pstree[0].pid == 1 and pstree[0].ppid == 0
+
+    pages_in_area = mib * 1024 * 1024 // PAGE_SIZE
+    for entry in pstree:
+        pid = entry.pid
+        tag = next(s.tag for s in out.started.values() if s.pid == pid)
+        area = out.started[tag]
+        assert area.pages == pages_in_area
+
+        # mm, core (one per thread), pagemap: the same as crit decodes them.
+        mm = images.mm(pid)
+        assert [plain(mm)] == crit_decode(d.host / f"mm-{pid}.img")
+        assert any(v.start <= area.addr and area.addr + area.pages * PAGE_SIZE <= v.end
+                   for v in mm.vmas), "the pattern area is one VMA of mm.img"
+        for tid in entry.threads:
+            core = images.core(tid)
+            assert [plain(core)] == crit_decode(d.host / f"core-{tid}.img")
+            measure["unknown_fields"][f"core-{tid}"] = unknown_fields(core)
+        assert unknown_fields(mm) == [] and unknown_fields(entry) == []
+
+        pagemap = images.pagemap(pid)
+        head, *crit_entries = crit_decode(d.host / f"pagemap-{pid}.img")
+        assert head == {"pages_id": pagemap.pages_id}
+        assert [(e.vaddr, e.nr_pages, int(e.flags)) for e in pagemap.entries] == [
+            (e["vaddr"], e["nr_pages"], e.get("flags", PE.PRESENT)) for e in crit_entries]
+
+        # An ordinary dump keeps lazy-capable pages as LAZY|PRESENT: the whole pattern
+        # area is lazy, and its data is in pages-N.img where page_index says.
+        ranges = images.lazy_ranges(pid)
+        assert ranges
+        lazy = {r.vaddr + i * PAGE_SIZE for r in ranges for i in range(r.nr_pages)}
+        area_pages = [area.addr + i * PAGE_SIZE for i in range(area.pages)]
+        assert lazy.issuperset(area_pages)
+        pages_path, index = images.page_index(pid)
+        assert pages_path == d.host / f"pages-{pagemap.pages_id}.img"
+        assert pages_path.stat().st_size == index.size
+        with pages_path.open("rb") as pages:
+            for i, vaddr in enumerate(area_pages):
+                offset = index.offset(vaddr)
+                assert offset is not None
+                pages.seek(offset)
+                assert pages.read(PAGE_SIZE) == page_pattern(tag, i), f"page {i} of pid {pid}"
+        # the whole area is one run of the pages image
+        assert index.offset(area.addr, area.pages) is not None
+        measure[f"pid{pid}"] = {"pagemap_entries": len(pagemap.entries),
+                                "lazy_ranges": len(ranges), "lazy_pages": len(lazy),
+                                "pages_with_data": index.nr_pages}
