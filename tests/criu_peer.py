@@ -75,6 +75,30 @@ def _mount_points() -> set[str]:
     return points
 
 
+_PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+
+def pipe_max_size() -> int:
+    return int(_PIPE_MAX_SIZE.read_text())
+
+
+@contextlib.contextmanager
+def criu_root_ready() -> Iterator[None]:
+    """The chroot ready for CRIU while the block runs.
+
+    The script raises the global fs.pipe-max-size (CRIU's lazy page server needs
+    it; lazymig must not). If it was low before, it is put back afterwards, so
+    that tests running later see the machine's default.
+    """
+    before = pipe_max_size()
+    ensure_criu_root()
+    try:
+        yield
+    finally:
+        if before < PIPE_MAX_WANTED and pipe_max_size() != before:
+            _PIPE_MAX_SIZE.write_text(f"{before}\n")
+
+
 def criu_root_problem() -> str | None:
     """Why the chroot cannot run CRIU as is (None when it can)."""
     if not CRIU.exists():
@@ -83,7 +107,7 @@ def criu_root_problem() -> str | None:
     for mnt in (ROOT, ROOT / "proc", ROOT / "dev", ROOT / "run"):
         if str(mnt) not in mounted:
             return f"{mnt} is not mounted"
-    pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    pipe_max = pipe_max_size()
     if pipe_max < PIPE_MAX_WANTED and not _has_cap_sys_resource():
         return f"fs.pipe-max-size is {pipe_max}"
     return None

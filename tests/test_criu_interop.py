@@ -35,7 +35,7 @@ from criu_peer import (
     build_workload,
     chroot_argv,
     criu,
-    ensure_criu_root,
+    criu_root_ready,
     free_port,
     kill_pid,
     log_errors,
@@ -60,13 +60,14 @@ CRIT = shutil.which("crit")
 ADD_F_PRESENT = PE.PRESENT << 16 | 6
 
 
-@pytest.fixture(scope="session")
-def criu_root() -> None:
+@pytest.fixture(scope="module")
+def criu_root() -> Iterator[None]:
     """The CRIU 4.1.1 chroot, installed and mounted (runs scripts/criu-peer.sh if needed)."""
-    ensure_criu_root()
+    with criu_root_ready():
+        yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def workload_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_workload(tmp_path_factory.mktemp("criu-workload") / "criu_pattern")
 
