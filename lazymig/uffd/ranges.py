@@ -1,0 +1,466 @@
+"""Per-process lazy-page bookkeeping: what is still lazy, what is in flight.
+
+This is CRIU's ``lazy_pages_info`` (criu/uffd.c: ``iovs`` still lazy, ``reqs``
+in flight) as a pure object: no I/O, no kernel, no asyncio. The daemon feeds it
+faults and uffd events and asks it what to fetch and where to copy.
+
+Every page of a lazy range is in one of these states::
+
+                take_fault / take_background          complete
+    PENDING ───────────────────────────────► IN_FLIGHT ─────────► COPIED
+       ▲                                          │                  │
+       └────────────────── requeue ───────────────┴──────────────────┘
+    remove / unmap (DONTNEED, munmap): any state ──► forgotten (never filled)
+
+Two addresses are tracked for every page: ``vaddr``, its address at dump time
+(what the page server knows it by, used in GET requests and their replies) and
+``dst``, its address in the restored process now (where UFFDIO_COPY must go).
+They differ once the process has mremap()ed the page (a REMAP event).
+
+Representation: each state is a sorted list of disjoint page intervals, each
+with a linear link to the other address space and a *segment* id; bisect
+finds an interval in O(log n) of the number of intervals, never per page, so
+a 1 GiB range is one interval. Intervals merge only when they are adjacent,
+linked contiguously, and of the same segment. A segment is one lazy range given
+to the constructor (ranges are cut at VMA boundaries, and a UFFDIO_COPY must not
+cross a VMA), or one piece moved by a remap; requests never cross segments.
+
+COPIED is remembered (as intervals too) so that a copy that failed can be put
+back with :meth:`LazyRanges.requeue` by its ``vaddr`` alone, and so that a
+REMOVE or UNMAP that arrives before that requeue still forgets those pages:
+pages dropped by the process are never filled with stale data.
+"""
+
+from __future__ import annotations
+
+import enum
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from lazymig.errors import ConfigurationError
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
+
+__all__ = ["CopyRange", "LazyRanges", "PageState", "Request"]
+
+_MASK: Final = PAGE_SIZE - 1
+
+# An interval: (start page, end page, linked start page, segment id).
+_Iv = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Pages to fetch: ``nr_pages`` from ``vaddr`` (dump-time address, for the
+    GET) that belong at ``dst`` (current address, for the UFFDIO_COPY)."""
+
+    vaddr: int
+    dst: int
+    nr_pages: int
+
+    @property
+    def length(self) -> int:
+        """``nr_pages`` in bytes."""
+        return self.nr_pages << PAGE_SHIFT
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRange:
+    """Part of arrived data to UFFDIO_COPY: ``nr_pages`` pages that were fetched
+    from ``vaddr`` go to ``dst``; they start ``offset`` bytes into the data
+    passed to :meth:`LazyRanges.complete`."""
+
+    vaddr: int
+    dst: int
+    nr_pages: int
+    offset: int
+
+    @property
+    def length(self) -> int:
+        """``nr_pages`` in bytes."""
+        return self.nr_pages << PAGE_SHIFT
+
+
+class PageState(enum.Enum):
+    """Where a page stands (see the module docstring)."""
+
+    NOT_LAZY = "not lazy"  # never was, or dropped by REMOVE/UNMAP: answer with ZEROPAGE
+    PENDING = "pending"
+    IN_FLIGHT = "in flight"
+    COPIED = "copied"
+
+
+class _Spans:
+    """Sorted disjoint page intervals ``[start, end)``, each linked linearly to
+    another address space (``link`` is where ``start`` maps) and tagged with a
+    segment. Adjacent intervals that continue each other are kept merged."""
+
+    __slots__ = ("items", "pages", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.items: list[_Iv] = []
+        self.pages = 0
+
+    def find(self, page: int) -> int:
+        """Index of the interval holding ``page``, or -1."""
+        i = bisect_right(self.starts, page) - 1
+        if i >= 0 and page < self.items[i][1]:
+            return i
+        return -1
+
+    def cut(self, lo: int, hi: int) -> list[_Iv]:
+        """Remove ``[lo, hi)`` and return what was there, clipped, in order."""
+        items = self.items
+        i = bisect_right(self.starts, lo) - 1
+        if i < 0 or items[i][1] <= lo:
+            i += 1
+        j = i
+        removed: list[_Iv] = []
+        keep: list[_Iv] = []
+        n = len(items)
+        while j < n and items[j][0] < hi:
+            start, end, link, seg = items[j]
+            if start < lo:
+                keep.append((start, lo, link, seg))
+            a, b = max(start, lo), min(end, hi)
+            removed.append((a, b, link + a - start, seg))
+            self.pages -= b - a
+            if end > hi:
+                keep.append((hi, end, link + hi - start, seg))
+            j += 1
+        if removed:
+            items[i:j] = keep
+            self.starts[i:j] = [iv[0] for iv in keep]
+        return removed
+
+    def add(self, start: int, end: int, link: int, seg: int) -> None:
+        """Insert ``[start, end)``, which must not overlap anything, merging it
+        with neighbours that continue it."""
+        items, starts = self.items, self.starts
+        i = bisect_right(starts, start)
+        if (i > 0 and items[i - 1][1] > start) or (i < len(items) and items[i][0] < end):
+            raise AssertionError(f"lazymig bug: interval [{start}, {end}) overlaps")
+        self.pages += end - start
+        if i > 0:
+            ls, le, ll, lg = items[i - 1]
+            if le == start and lg == seg and ll + (le - ls) == link:
+                start, link = ls, ll
+                i -= 1
+                del items[i], starts[i]
+        if i < len(items):
+            rs, re, rl, rg = items[i]
+            if rs == end and rg == seg and link + (end - start) == rl:
+                end = re
+                del items[i], starts[i]
+        items.insert(i, (start, end, link, seg))
+        starts.insert(i, start)
+
+    def check(self) -> None:
+        """Assert the representation invariants (for tests)."""
+        assert self.starts == [iv[0] for iv in self.items]
+        assert self.pages == sum(e - s for s, e, _, _ in self.items)
+        for (s1, e1, l1, g1), (s2, _, l2, g2) in zip(self.items, self.items[1:], strict=False):
+            assert s1 < e1 <= s2
+            assert not (e1 == s2 and g1 == g2 and l1 + (e1 - s1) == l2), "unmerged"
+        if self.items:
+            assert self.items[-1][0] < self.items[-1][1]
+
+
+class _Linked:
+    """Intervals indexed both by current address (``by_dst``, linked to vaddr)
+    and by dump-time address (``by_src``, linked to dst)."""
+
+    __slots__ = ("by_dst", "by_src")
+
+    def __init__(self) -> None:
+        self.by_dst = _Spans()
+        self.by_src = _Spans()
+
+    def add(self, dst: int, end: int, src: int, seg: int) -> None:
+        self.by_dst.add(dst, end, src, seg)
+        self.by_src.add(src, src + end - dst, dst, seg)
+
+    def cut_dst(self, lo: int, hi: int) -> list[_Iv]:
+        """Remove current pages ``[lo, hi)``; returns ``(dst, end, src, seg)``."""
+        pieces = self.by_dst.cut(lo, hi)
+        for dst, end, src, _ in pieces:
+            self.by_src.cut(src, src + end - dst)
+        return pieces
+
+    def cut_src(self, lo: int, hi: int) -> list[_Iv]:
+        """Remove dump-time pages ``[lo, hi)``; returns ``(src, end, dst, seg)``."""
+        pieces = self.by_src.cut(lo, hi)
+        for src, end, dst, _ in pieces:
+            self.by_dst.cut(dst, dst + end - src)
+        return pieces
+
+    @property
+    def pages(self) -> int:
+        return self.by_dst.pages
+
+    def check(self) -> None:
+        self.by_dst.check()
+        self.by_src.check()
+        mirrored = sorted((s, s + e - d, d, g) for d, e, s, g in self.by_dst.items)
+        assert _coalesce(mirrored) == _coalesce(self.by_src.items)
+
+
+def _coalesce(ivs: Iterable[_Iv]) -> list[_Iv]:
+    out: list[_Iv] = []
+    for s, e, link, g in ivs:
+        if out and out[-1][1] == s and out[-1][3] == g and out[-1][2] + s - out[-1][0] == link:
+            ps, _, pl, _ = out[-1]
+            out[-1] = (ps, e, pl, g)
+        else:
+            out.append((s, e, link, g))
+    return out
+
+
+def _page(addr: int, what: str) -> int:
+    if addr < 0 or addr & _MASK:
+        raise ConfigurationError(f"{what}: address {addr:#x} is not page-aligned")
+    return addr >> PAGE_SHIFT
+
+
+def _span(start: int, end: int) -> tuple[int, int]:
+    """Pages touching byte range ``[start, end)`` (rounded outwards)."""
+    return start >> PAGE_SHIFT, (end + _MASK) >> PAGE_SHIFT
+
+
+class LazyRanges:
+    """The lazy pages of one process and where each stands.
+
+    Args:
+        ranges: ``(vaddr, nr_pages)`` lazy ranges, page-aligned, disjoint, each
+            inside one VMA (adjacent ranges are never merged: they may be two VMAs).
+        prefetch: pages a fault asks for: the aligned block of ``prefetch``
+            pages around the faulting page, clipped to its pending interval.
+
+    Addresses are bytes; everything is O(log n) in the number of intervals.
+    """
+
+    __slots__ = ("_copied", "_in_flight", "_next_seg", "_pending", "pages_copied",
+                 "pages_dropped", "pages_total", "prefetch")
+
+    def __init__(self, ranges: Iterable[tuple[int, int]], *, prefetch: int = 1) -> None:
+        if prefetch < 1:
+            raise ConfigurationError(f"prefetch must be at least 1 page, not {prefetch}")
+        self.prefetch = prefetch
+        self._pending = _Spans()
+        self._in_flight = _Linked()
+        self._copied = _Linked()
+        seg = -1
+        for seg, (vaddr, nr_pages) in enumerate(sorted(ranges)):
+            start = _page(vaddr, "lazy range")
+            if nr_pages <= 0:
+                raise ConfigurationError(f"lazy range at {vaddr:#x} has {nr_pages} pages")
+            if self._pending.items and self._pending.items[-1][1] > start:
+                raise ConfigurationError(f"lazy range at {vaddr:#x} overlaps the previous one")
+            self._pending.add(start, start + nr_pages, start, seg)
+        self._next_seg = seg + 1
+        self.pages_total = self._pending.pages
+        """Pages that were lazy at the start (not corrected by REMOVE/UNMAP, as CRIU)."""
+        self.pages_copied = 0
+        """Pages handed out by :meth:`complete` for copying, less those requeued."""
+        self.pages_dropped = 0
+        """Pending or in-flight pages forgotten because of REMOVE, UNMAP or a remap."""
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def pages_pending(self) -> int:
+        """Pages still lazy and not requested."""
+        return self._pending.pages
+
+    @property
+    def pages_in_flight(self) -> int:
+        """Pages requested and not completed."""
+        return self._in_flight.pages
+
+    @property
+    def done(self) -> bool:
+        """Nothing pending and nothing in flight: this process needs nothing more."""
+        return self._pending.pages == 0 and self._in_flight.pages == 0
+
+    def state(self, addr: int) -> PageState:
+        """The state of the page holding ``addr`` (current address)."""
+        page = addr >> PAGE_SHIFT
+        if self._pending.find(page) >= 0:
+            return PageState.PENDING
+        if self._in_flight.by_dst.find(page) >= 0:
+            return PageState.IN_FLIGHT
+        if self._copied.by_dst.find(page) >= 0:
+            return PageState.COPIED
+        return PageState.NOT_LAZY
+
+    def is_lazy(self, addr: int) -> bool:
+        """True if the page holding ``addr`` is pending or in flight: its content
+        will come from the source. False means a fault there gets UFFDIO_ZEROPAGE."""
+        page = addr >> PAGE_SHIFT
+        return self._pending.find(page) >= 0 or self._in_flight.by_dst.find(page) >= 0
+
+    def in_flight(self, addr: int) -> bool:
+        """True if the page holding ``addr`` (current address) is in flight."""
+        return self._in_flight.by_dst.find(addr >> PAGE_SHIFT) >= 0
+
+    def pending_ranges(self) -> list[Request]:
+        """The pending intervals by current address (a snapshot, for logs and tests)."""
+        return [Request(link << PAGE_SHIFT, start << PAGE_SHIFT, end - start)
+                for start, end, link, _ in self._pending.items]
+
+    def in_flight_ranges(self) -> list[Request]:
+        """The in-flight intervals by current address (a snapshot)."""
+        return [Request(link << PAGE_SHIFT, start << PAGE_SHIFT, end - start)
+                for start, end, link, _ in self._in_flight.by_dst.items]
+
+    # ------------------------------------------------------------------ requests
+
+    def _take(self, index: int, lo: int, hi: int) -> Request:
+        start, _, link, seg = self._pending.items[index]
+        src = link + lo - start
+        self._pending.cut(lo, hi)
+        self._in_flight.add(lo, hi, src, seg)
+        return Request(src << PAGE_SHIFT, lo << PAGE_SHIFT, hi - lo)
+
+    def take_fault(self, addr: int) -> Request | None:
+        """A fault at ``addr`` (current address): mark its page, and up to
+        ``prefetch`` pages around it in the same pending interval, in flight.
+
+        Returns:
+            What to fetch, or None when the page is already in flight or not lazy
+            (tell the two apart with :meth:`is_lazy`).
+        """
+        page = addr >> PAGE_SHIFT
+        i = self._pending.find(page)
+        if i < 0:
+            return None
+        start, end, _, _ = self._pending.items[i]
+        block = page - page % self.prefetch
+        return self._take(i, max(start, block), min(end, block + self.prefetch))
+
+    def take_background(self, max_pages: int) -> Request | None:
+        """The next background chunk: up to ``max_pages`` from the start of the
+        first pending interval (never across a range or VMA boundary), marked in
+        flight. None when nothing is pending."""
+        if max_pages < 1:
+            raise ConfigurationError(f"max_pages must be positive, not {max_pages}")
+        if not self._pending.items:
+            return None
+        start, end, _, _ = self._pending.items[0]
+        return self._take(0, start, min(end, start + max_pages))
+
+    def complete(self, vaddr: int, nr_pages: int) -> list[CopyRange]:
+        """Data for ``nr_pages`` from dump-time address ``vaddr`` arrived.
+
+        Returns the parts still in flight (REMOVE, UNMAP or a remap may have
+        dropped some meanwhile) with their current addresses, in ``vaddr``
+        order; they become COPIED. UFFDIO_COPY each one; if a copy fails
+        (recoverably, or short), :meth:`requeue` what was not copied, before
+        handling the next fault, so that it is fetched again.
+        """
+        lo = _page(vaddr, "complete")
+        pieces = self._in_flight.cut_src(lo, lo + max(nr_pages, 0))
+        out = []
+        for src, end, dst, seg in pieces:
+            n = end - src
+            self._copied.add(dst, dst + n, src, seg)
+            self.pages_copied += n
+            out.append(CopyRange(src << PAGE_SHIFT, dst << PAGE_SHIFT, n,
+                                 (src - lo) << PAGE_SHIFT))
+        return out
+
+    def requeue(self, vaddr: int, nr_pages: int) -> int:
+        """Put dump-time pages ``[vaddr, +nr_pages)`` back to pending, if they are
+        in flight (the GET failed) or copied (the UFFDIO_COPY failed). Pages in
+        another state are left alone: after a REMOVE or UNMAP they stay forgotten.
+
+        Returns:
+            The number of pages requeued.
+        """
+        lo = _page(vaddr, "requeue")
+        hi = lo + max(nr_pages, 0)
+        count = 0
+        for linked, copied in ((self._in_flight, False), (self._copied, True)):
+            for src, end, dst, seg in linked.cut_src(lo, hi):
+                n = end - src
+                self._pending.add(dst, dst + n, src, seg)
+                count += n
+                if copied:
+                    self.pages_copied -= n
+        return count
+
+    # ------------------------------------------------------------------ memory map changes
+
+    def _drop(self, lo: int, hi: int) -> None:
+        dropped = sum(e - s for s, e, _, _ in self._pending.cut(lo, hi))
+        dropped += sum(e - s for s, e, _, _ in self._in_flight.cut_dst(lo, hi))
+        self._copied.cut_dst(lo, hi)
+        self.pages_dropped += dropped
+
+    def remove(self, start: int, end: int) -> None:
+        """A REMOVE event (madvise DONTNEED/REMOVE of ``[start, end)``): forget
+        those pages in every state. They read as zeros from now on; data still
+        in flight for them will be clamped out by :meth:`complete`."""
+        self._drop(*_span(start, end))
+
+    def unmap(self, start: int, end: int) -> None:
+        """An UNMAP event (munmap of ``[start, end)``): forget those pages."""
+        self._drop(*_span(start, end))
+
+    def remap(self, from_: int, to: int, length: int) -> None:
+        """A REMAP event: ``length`` bytes moved from ``from_`` to ``to``.
+
+        Pages there keep their dump-time ``vaddr`` and state and get new current
+        addresses; whatever was tracked at the destination was unmapped. The
+        moved pages form new segments (a new VMA): nothing merges across.
+        """
+        lo, hi = _span(from_, from_ + length)
+        delta = (to >> PAGE_SHIFT) - lo
+        if delta == 0:
+            return
+        moved_pending = self._pending.cut(lo, hi)
+        moved_in_flight = self._in_flight.cut_dst(lo, hi)
+        moved_copied = self._copied.cut_dst(lo, hi)
+        self._drop(lo + delta, hi + delta)
+        segs: dict[int, int] = {}
+
+        def new_seg(old: int) -> int:
+            seg = segs.get(old)
+            if seg is None:
+                seg = segs[old] = self._next_seg
+                self._next_seg += 1
+            return seg
+
+        for dst, end, src, seg in moved_pending:
+            self._pending.add(dst + delta, end + delta, src, new_seg(seg))
+        for dst, end, src, seg in moved_in_flight:
+            self._in_flight.add(dst + delta, end + delta, src, new_seg(seg))
+        for dst, end, src, seg in moved_copied:
+            self._copied.add(dst + delta, end + delta, src, new_seg(seg))
+
+    def fork_copy(self) -> LazyRanges:
+        """Bookkeeping for a FORK event's child: its pending pages are ours,
+        pending or in flight (data in flight is for our copy, the child needs
+        its own). Requests for it still use dump-time addresses."""
+        child = LazyRanges((), prefetch=self.prefetch)
+        for start, end, link, seg in self._pending.items:
+            child._pending.add(start, end, link, seg)
+        for start, end, link, seg in self._in_flight.by_dst.items:
+            child._pending.add(start, end, link, seg)
+        child._next_seg = self._next_seg
+        child.pages_total = child._pending.pages
+        return child
+
+    def check(self) -> None:
+        """Assert internal invariants (for tests; O(n))."""
+        self._pending.check()
+        self._in_flight.check()
+        self._copied.check()
+        assert self.pages_copied >= 0
+
+    def __repr__(self) -> str:
+        return (f"<LazyRanges total={self.pages_total} pending={self.pages_pending} "
+                f"in_flight={self.pages_in_flight} copied={self.pages_copied} "
+                f"dropped={self.pages_dropped}>")
