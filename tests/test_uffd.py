@@ -78,6 +78,22 @@ def test_dev_userfaultfd_fallback() -> None:
         os.close(fd)
 
 
+def test_userfaultfd_falls_back_to_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An architecture without a known syscall number is ENOSYS: the device is used.
+    monkeypatch.setattr(sys_uffd, "_syscall_nr", lambda: None)
+    used: list[int] = []
+    real = sys_uffd.open_dev_userfaultfd
+
+    def spy(flags: int) -> int:
+        used.append(flags)
+        return real(flags)
+
+    monkeypatch.setattr(sys_uffd, "open_dev_userfaultfd", spy)
+    with Uffd.open() as uffd:
+        assert uffd.features == DEFAULT_FEATURES
+    assert used == [os.O_CLOEXEC | os.O_NONBLOCK]
+
+
 def test_from_fd_adopts_and_makes_non_blocking() -> None:
     blocking = Uffd.open(non_blocking=False)
     adopted = Uffd.from_fd(os.dup(blocking.fd), pid=1234)

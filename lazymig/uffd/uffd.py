@@ -9,6 +9,9 @@ Kernel rules worth repeating (Documentation/admin-guide/mm/userfaultfd.rst):
 
 * Every ioctl on the fd fails with EAGAIN while a non-cooperative event (FORK,
   REMAP, REMOVE, UNMAP) is queued and unread: read the events, then retry.
+  EAGAIN can outlive the read briefly: the "mm is changing" count drops only
+  when the thread that raised the event resumes (``mmap_changing`` in
+  fs/userfaultfd.c), so requeue rather than spin.
 * A thread that faults on a registered range sleeps until someone resolves the
   fault. Never touch registered memory from the process that serves the fd.
 * When the last reference to the fd is closed, missing pages read as zeros.
