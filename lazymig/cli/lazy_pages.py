@@ -1,0 +1,79 @@
+"""``lazymig lazy-pages``: the restore-side daemon, in place of ``criu lazy-pages``.
+
+    lazymig lazy-pages --page-server --address SRC --port 9876 -D /tmp/1 [--wire v1]
+    lazymig lazy-pages -D /tmp/1          # local mode: lazy pages from pages-N.img
+
+It listens on ``DIR/lazy-pages.socket`` (CRIU's name; the work dir is the
+images dir unless ``-W`` says otherwise), takes the uffds restorers hand over
+and fills them until every process is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from lazymig.cli._common import (
+    add_images_dir_option,
+    add_server_address_options,
+    add_wire_option,
+    run_async,
+    signal_ready,
+)
+from lazymig.proto.images import ImagesDir
+from lazymig.uffd.daemon import SOCKET_NAME, LazyPagesDaemon
+from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
+
+log = logging.getLogger(__name__)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "lazy-pages", help="fill restored processes' memory on demand (restore side)",
+        description="Receive userfaultfds from restorers over a UNIX socket and fill them "
+                    "from a page server (--page-server) or from the images (local mode).")
+    add_images_dir_option(parser)
+    parser.add_argument("-W", "--work-dir", metavar="DIR",
+                        help="where lazy-pages.socket lives (default: the images dir)")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the UNIX socket path (default: WORK_DIR/lazy-pages.socket)")
+    parser.add_argument("--page-server", action="store_true",
+                        help="get pages from a page server at --address/--port")
+    add_server_address_options(parser, default_address="127.0.0.1")
+    add_wire_option(parser)
+    parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
+                        help="2 = faults on a connection of their own (lazymig's page server "
+                             "only; CRIU's accepts one connection)")
+    parser.add_argument("--no-background", dest="background", action="store_false",
+                        help="fetch only what faults ask for")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="keep serving new restores after every process is complete")
+    parser.add_argument("--status-fd", type=int, metavar="FD",
+                        help="write a zero byte to FD once the socket listens")
+    parser.set_defaults(func=lazy_pages)
+
+
+def lazy_pages(args: argparse.Namespace) -> int:
+    images_dir = Path(args.images_dir)
+    socket_path = Path(args.socket) if args.socket else \
+        Path(args.work_dir or images_dir) / SOCKET_NAME
+
+    async def serve() -> bool:
+        source: PageSource
+        if args.page_server:
+            source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
+                                                    channels=args.channels)
+        else:
+            source = LocalPageSource(ImagesDir(images_dir))
+        daemon = LazyPagesDaemon.from_images(
+            source, images_dir, socket_path=socket_path, serve_forever=args.keep_running,
+            background=args.background)
+        async with asyncio.TaskGroup() as tg:
+            running = tg.create_task(daemon.run())
+            await daemon.ready.wait()
+            signal_ready(args.status_fd)
+        return running.result().ok
+
+    return 0 if run_async(args, serve()) else 1

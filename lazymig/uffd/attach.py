@@ -1,0 +1,74 @@
+"""Cooperative attach: a process hands some of its own memory to a lazy-pages daemon.
+
+For programs that manage their own memory (a VM-style snapshot restore, a test
+workload): map the regions at the dump-time addresses, call :func:`attach`,
+then touch the memory. Each region is registered on a new userfaultfd that
+goes to the daemon with exactly the handshake of ``criu restore --lazy-pages``
+(pid, the fd as SCM_RIGHTS, the restore-finished marker); the daemon then
+fills the pages of image pid ``pid`` on demand and in the background.
+
+The calling process must not touch the regions from a thread of the daemon's
+own process: the daemon would deadlock on the GIL. Run the daemon in another
+process.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Iterable
+
+from lazymig.errors import BrokenResourceError, ConfigurationError
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.handover import FD_CARRIER, encode_restore_finished, encode_task
+from lazymig.proto.uffd import Feature
+from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd, kernel_features
+
+__all__ = ["ATTACH_FEATURES", "attach"]
+
+ATTACH_FEATURES = DEFAULT_FEATURES | Feature.THREAD_ID
+"""CRIU's features plus THREAD_ID, so the daemon learns which threads fault
+(it kills them rather than let them run on pages that cannot arrive)."""
+
+
+def attach(socket_path: str | os.PathLike[str], pid: int,
+           regions: Iterable[tuple[int, int]], *, finish: bool = True,
+           timeout: float = 10.0) -> None:
+    """Register ``regions`` of the calling process for lazy filling by a daemon.
+
+    Args:
+        socket_path: the daemon's UNIX socket (``lazy-pages.socket`` in its work dir).
+        pid: the image pid whose pages fill the regions (a dump's pid, or any id
+            the daemon's page source knows).
+        regions: ``(address, length)`` pairs, page-aligned, already mapped as
+            private anonymous memory at the dump-time addresses.
+        finish: also send the restore-finished marker, which starts the
+            daemon's background fetch.
+        timeout: seconds to wait for the daemon.
+
+    Raises:
+        ConfigurationError: a region is not page-aligned.
+        BrokenResourceError: the daemon is not there or went away.
+        UffdError: the kernel refused the userfaultfd or a registration.
+    """
+    features = DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID)
+    with Uffd.open(features, non_blocking=True) as uffd:
+        for address, length in regions:
+            if address % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+                raise ConfigurationError(f"region {address:#x}+{length:#x} is not page-aligned")
+            uffd.register(address, length)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(os.fspath(socket_path))
+                sock.sendall(encode_task(pid))
+                sock.sendmsg([FD_CARRIER], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array("i", [uffd.fd]).tobytes())])
+                if finish:
+                    sock.sendall(encode_restore_finished())
+            except OSError as exc:
+                raise BrokenResourceError(
+                    f"cannot hand the userfaultfd to the lazy-pages daemon at {socket_path}: "
+                    f"{exc} (is `lazymig lazy-pages` running with that socket?)") from exc
+        # Closing our copy leaves the daemon's the only one, as CRIU's restorer does.

@@ -1,0 +1,544 @@
+"""The lazy-pages daemon: every uffd it holds, multiplexed on one event loop.
+
+Restorers (``criu restore --lazy-pages``, lazymig's restorer, or
+:func:`lazymig.uffd.attach.attach`) connect to a UNIX socket and hand over,
+per process, a pid and its userfaultfd. The daemon then:
+
+* serves faults: a fault in a lazy range becomes an urgent GET, the reply is
+  UFFDIO_COPYed and the faulting thread wakes; a fault outside every lazy
+  range gets the zero page;
+* once that restorer said "restore finished", pulls every page still lazy in
+  the background, in chunks that grow from 64 KiB to 4 MiB (reset on each
+  fault, as CRIU does) with a bounded number in flight, so a fault never
+  waits behind more than a few chunks (or none, with a second channel);
+* follows the processes: FORK (the child gets the parent's pending ranges and
+  asks under the parent's image pid), REMAP, REMOVE, UNMAP and exit;
+* when every process is complete, ends the page-server session (CLOSE) and
+  returns a :class:`DaemonReport`.
+
+If the page source fails before a process is complete, that process must not
+run on pages that never arrived (they would read as zeros): the daemon keeps
+its uffd open, so untouched holes keep trapping, and kills every thread it
+sees faulting (their ids come with the fault when the uffd has THREAD_ID, as
+lazymig's own restorer and attach ask). Processes it cannot kill stay frozen
+on their next missing page; the log says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazymig.errors import LazyMigError, RemoteProtocolError
+from lazymig.linux.uffd import UffdError
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.handover import RestoreFinished, ZombieTask
+from lazymig.proto.images import ImagesDir
+from lazymig.proto.uffd import Fork, Pagefault, Remap, Remove, Unmap
+from lazymig.uffd.handover import ReceivedTask, receive_record
+from lazymig.uffd.ranges import LazyRanges
+from lazymig.uffd.source import PageChunk, PageSource
+from lazymig.uffd.uffd import Uffd
+
+__all__ = ["SOCKET_NAME", "DaemonReport", "LazyPagesDaemon", "ProcessReport"]
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "lazy-pages.socket"
+"""CRIU's name for the daemon's socket, in the work dir."""
+
+MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
+MAX_CHUNK_PAGES = (4 << 20) // PAGE_SIZE
+
+
+@dataclass(slots=True)
+class ProcessReport:
+    """How one process fared; live while the daemon runs, final in the report."""
+
+    pid: int
+    """The image pid its pages are requested under."""
+    pages_total: int
+    pages_copied: int = 0
+    faults: int = 0
+    zero_pages: int = 0
+    state: str = "running"
+    """running, complete, exited (gone before completion), failed or killed."""
+    reason: str | None = None
+    fault_latencies: list[float] = field(default_factory=list, repr=False)
+
+    def latency_percentile(self, q: float) -> float | None:
+        """The q-quantile (0..1) of this process's fault round trips, in seconds."""
+        if not self.fault_latencies:
+            return None
+        ordered = sorted(self.fault_latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass(slots=True)
+class DaemonReport:
+    """The outcome of a daemon run."""
+
+    processes: list[ProcessReport]
+    started: float
+    finished: float | None = None
+    source_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every process got all its pages (or exited on its own)."""
+        return self.source_error is None and all(
+            p.state in ("complete", "exited") for p in self.processes)
+
+    @property
+    def bytes_copied(self) -> int:
+        return PAGE_SIZE * sum(p.pages_copied for p in self.processes)
+
+    def throughput(self) -> float:
+        """Bytes/s copied into processes, over the run so far."""
+        end = self.finished if self.finished is not None else time.monotonic()
+        return self.bytes_copied / max(end - self.started, 1e-9)
+
+    def fault_latencies(self) -> list[float]:
+        return sorted(x for p in self.processes for x in p.fault_latencies)
+
+
+class _Process:
+    """One restored process the daemon fills: its uffd, its ranges, its counters."""
+
+    def __init__(self, pid: int, uffd: Uffd, ranges: LazyRanges, report: ProcessReport) -> None:
+        self.pid = pid
+        self.uffd = uffd
+        self.ranges = ranges
+        self.report = report
+        self.background = False  # its restorer said "restore finished"
+        self.chunk_pages = MIN_CHUNK_PAGES
+        self.fault_started: dict[int, float] = {}  # page address -> when its fault came
+        self.threads: dict[int, bytes] = {}  # host tid seen faulting -> its start time
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.report.state == "running"
+
+
+class LazyPagesDaemon:
+    """Fill restored processes' memory from a page source (see the module docstring).
+
+    Args:
+        source: where pages come from (a connected :class:`RemotePageSource`
+            or a :class:`LocalPageSource`).
+        lazy_ranges: image pid -> its lazy ranges ``[(vaddr, nr_pages), ...]``;
+            usually ``ImagesDir(dir).lazy_ranges`` (see :meth:`from_images`).
+        socket_path: the UNIX socket restorers connect to.
+        serve_forever: keep accepting restorers after every process is done.
+        background: pull the remaining pages in the background (else only faults).
+        background_in_flight: background requests outstanding at once.
+        expect_tasks: finish only once this many tasks (zombies included) were
+            handed over; CRIU's daemon expects every task of pstree.img. None:
+            finish as soon as the processes handed over so far are complete.
+
+    Example::
+
+        source = await RemotePageSource.connect("10.0.0.1", 9876)
+        daemon = LazyPagesDaemon.from_images(source, "/tmp/1")
+        report = await daemon.run()
+    """
+
+    def __init__(self, source: PageSource, lazy_ranges: Callable[[int], Iterable[tuple[int, int]]],
+                 *, socket_path: str | os.PathLike[str] = SOCKET_NAME,
+                 serve_forever: bool = False, background: bool = True,
+                 background_in_flight: int = 2, expect_tasks: int | None = None) -> None:
+        self.source = source
+        self._lazy_ranges = lazy_ranges
+        self.socket_path = Path(socket_path)
+        self.serve_forever = serve_forever
+        self.background = background
+        self.background_in_flight = background_in_flight
+        self.expect_tasks = expect_tasks
+        self._tasks_received = 0
+        self.ready = asyncio.Event()
+        """Set once the socket listens (restorers may connect)."""
+        self.report = DaemonReport([], time.monotonic())
+        self._processes: list[_Process] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._wakeup = asyncio.Event()  # background work may be available
+        self._bg_in_flight = 0
+        self._restores_finished = 0
+        self._failed = False
+        self._done = asyncio.Event()
+
+    @classmethod
+    def from_images(cls, source: PageSource, images_dir: str | os.PathLike[str],
+                    **options: object) -> LazyPagesDaemon:
+        """A daemon whose lazy ranges come from ``DIR/pagemap-PID.img`` cut at ``mm-PID.img``.
+
+        The socket defaults to ``DIR/lazy-pages.socket``, as CRIU's with
+        ``--work-dir`` = ``-D``, and it expects every task of ``pstree.img``.
+        """
+        images = ImagesDir(images_dir)
+        options.setdefault("socket_path", Path(images_dir) / SOCKET_NAME)
+        options.setdefault("expect_tasks", len(images.pstree()))
+        return cls(source, lambda pid: [(r.vaddr, r.nr_pages) for r in images.lazy_ranges(pid)],
+                   **options)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> DaemonReport:
+        """Serve until every handed-over process is complete (or forever, if asked).
+
+        Returns the report; ``report.ok`` tells whether every page arrived.
+        """
+        listener = self._listen()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                helpers = [tg.create_task(self._accept(listener)),
+                           tg.create_task(self._watch_exits())]
+                if self.background:
+                    helpers.append(tg.create_task(self._background()))
+                await self._done.wait()
+                for helper in helpers:
+                    helper.cancel()
+                for proc in self._processes:
+                    if proc.task is not None:
+                        proc.task.cancel()
+        finally:
+            self._tg = None
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        await self._end_session()
+        self.report.finished = time.monotonic()
+        self._log_summary()
+        return self.report
+
+    def _listen(self) -> socket.socket:
+        path = self.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # a stale socket of an earlier daemon
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # only the owner may hand us processes
+        try:
+            sock.bind(os.fspath(path))
+        except OSError as exc:
+            sock.close()
+            raise LazyMigError(f"cannot listen on {path}: {exc.strerror}") from exc
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        sock.setblocking(False)
+        log.info("lazy-pages daemon listening on %s", path)
+        self.ready.set()
+        return sock
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._tg is not None
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._tg.create_task(self._restorer(conn))
+
+    async def _restorer(self, conn: socket.socket) -> None:
+        """Take the processes one restorer hands over, until it says it is finished."""
+        mine: list[_Process] = []
+        with conn:
+            conn.setblocking(False)
+            try:
+                while True:
+                    record = await receive_record(conn)
+                    if record is None:
+                        raise RemoteProtocolError(
+                            "restorer closed the connection before restore finished")
+                    if isinstance(record, RestoreFinished):
+                        break
+                    self._tasks_received += 1
+                    if isinstance(record, ZombieTask):
+                        log.info("pid %d is a zombie: nothing to fill", record.pid)
+                        continue
+                    mine.append(self._adopt(record))
+            except (LazyMigError, OSError) as exc:
+                log.error("restorer connection dropped: %s", exc)
+                return
+        self._restores_finished += 1
+        for proc in mine:
+            proc.background = True
+        self._wakeup.set()
+        self._check_done()
+
+    def _adopt(self, record: ReceivedTask) -> _Process:
+        uffd = Uffd.from_fd(record.fd, pid=record.pid)
+        try:
+            ranges = LazyRanges(self._lazy_ranges(record.pid))
+        except BaseException:
+            uffd.close()
+            raise
+        return self._start(record.pid, uffd, ranges)
+
+    def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges) -> _Process:
+        report = ProcessReport(pid, pages_total=ranges.pages_pending)
+        self.report.processes.append(report)
+        proc = _Process(pid, uffd, ranges, report)
+        self._processes.append(proc)
+        assert self._tg is not None
+        proc.task = self._tg.create_task(self._serve_faults(proc))
+        log.info("pid %d handed over: %d lazy pages", pid, report.pages_total)
+        if ranges.done:
+            self._finish(proc, "complete")
+        return proc
+
+    # ------------------------------------------------------------------ faults
+
+    async def _serve_faults(self, proc: _Process) -> None:
+        while proc.report.state in ("running", "failed"):
+            try:
+                events = await proc.uffd.events()
+            except LazyMigError:  # closed under us (finished, or the daemon ends)
+                return
+            for event in events:
+                if isinstance(event, Pagefault):
+                    self._on_fault(proc, event)
+                elif isinstance(event, Fork):
+                    self._on_fork(proc, event)
+                elif isinstance(event, Remap):
+                    proc.ranges.remap(event.from_, event.to, event.length)
+                elif isinstance(event, Remove):
+                    proc.ranges.remove(event.start, event.end)
+                elif isinstance(event, Unmap):
+                    proc.ranges.unmap(event.start, event.end)
+            self._wakeup.set()
+            if proc.active and proc.ranges.done:
+                self._finish(proc, "complete")
+
+    def _on_fault(self, proc: _Process, fault: Pagefault) -> None:
+        address = fault.address & ~(PAGE_SIZE - 1)
+        if fault.ptid and fault.ptid not in proc.threads:
+            started = _thread_start_time(fault.ptid)
+            if started is not None:
+                proc.threads[fault.ptid] = started
+        if proc.report.state == "failed":
+            self._kill(proc, f"faulted on {address:#x} after the page source failed")
+            return
+        proc.report.faults += 1
+        proc.chunk_pages = MIN_CHUNK_PAGES
+        request = proc.ranges.take_fault(address)
+        if request is not None:
+            proc.fault_started[address] = time.monotonic()
+            self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
+        elif not proc.ranges.in_flight(address):
+            # Not lazy (never was, or dropped by REMOVE/UNMAP): the zero page.
+            try:
+                proc.uffd.zeropage(address, PAGE_SIZE)
+                proc.report.zero_pages += 1
+            except UffdError as exc:
+                self._uffd_error(proc, exc, address, 1)
+
+    def _on_fork(self, parent: _Process, event: Fork) -> None:
+        child_uffd = Uffd.from_fd(event.ufd, pid=parent.pid)
+        child = self._start(parent.pid, child_uffd, parent.ranges.fork_copy())
+        child.background = parent.background
+        log.info("pid %d forked: the child asks for its pages under pid %d", parent.pid,
+                 parent.pid)
+
+    # ------------------------------------------------------------------ fetching
+
+    def _fetch(self, proc: _Process, vaddr: int, nr_pages: int, *, urgent: bool) -> None:
+        assert self._tg is not None
+        self._tg.create_task(self._fetch_and_copy(proc, vaddr, nr_pages, urgent))
+
+    async def _fetch_and_copy(self, proc: _Process, vaddr: int, nr_pages: int,
+                              urgent: bool) -> None:
+        try:
+            chunk = await self.source.get(proc.pid, vaddr, nr_pages, urgent=urgent)
+        except (LazyMigError, OSError) as exc:
+            self._source_failed(exc)
+            return
+        finally:
+            if not urgent:
+                self._bg_in_flight -= 1
+                self._wakeup.set()
+        if chunk.nr_pages < nr_pages:  # a short reply: the rest is still owed
+            proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE, nr_pages - chunk.nr_pages)
+        self._copy(proc, chunk)
+        if proc.active and proc.ranges.done:
+            self._finish(proc, "complete")
+
+    def _copy(self, proc: _Process, chunk: PageChunk) -> None:
+        data = memoryview(chunk.data)
+        for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
+            if not proc.active:
+                return
+            start = (copy.vaddr - chunk.vaddr)
+            length = copy.nr_pages * PAGE_SIZE
+            try:
+                done = proc.uffd.copy(copy.dst, data[start:start + length])
+            except UffdError as exc:
+                self._uffd_error(proc, exc, copy.vaddr, copy.nr_pages)
+                continue
+            proc.report.pages_copied += done // PAGE_SIZE
+            if done < length:  # the kernel stopped early (an event is queued): later
+                rest = copy.vaddr + done
+                proc.ranges.requeue(rest, (length - done) // PAGE_SIZE)
+            self._fault_served(proc, copy.dst, length)
+
+    def _fault_served(self, proc: _Process, dst: int, length: int) -> None:
+        if not proc.fault_started:
+            return
+        now = time.monotonic()
+        for address in [a for a in proc.fault_started if dst <= a < dst + length]:
+            proc.report.fault_latencies.append(now - proc.fault_started.pop(address))
+
+    def _uffd_error(self, proc: _Process, exc: UffdError, vaddr: int, nr_pages: int) -> None:
+        if exc.process_gone:
+            self._finish(proc, "exited", f"the process went away ({exc})")
+        elif exc.recoverable:
+            # EEXIST: already there; ENOENT/EAGAIN: the layout is changing. The
+            # pages go back to pending and the background fetch tries again.
+            if exc.errno != 17:
+                proc.ranges.requeue(vaddr, nr_pages)
+            self._wakeup.set()
+        else:
+            log.error("pid %d: %s", proc.pid, exc)
+            self._fail(proc, str(exc))
+
+    # ------------------------------------------------------------------ background
+
+    async def _background(self) -> None:
+        """Pull what is still lazy, round robin over processes, bounded in flight."""
+        turn = 0
+        while True:
+            self._wakeup.clear()
+            started = False
+            candidates = [p for p in self._processes if p.active and p.background]
+            for i in range(len(candidates)):
+                if self._bg_in_flight >= self.background_in_flight or self._failed:
+                    break
+                proc = candidates[(turn + i) % len(candidates)]
+                request = proc.ranges.take_background(proc.chunk_pages)
+                if request is None:
+                    continue
+                proc.chunk_pages = min(MAX_CHUNK_PAGES, proc.chunk_pages + MIN_CHUNK_PAGES)
+                self._bg_in_flight += 1
+                self._fetch(proc, request.vaddr, request.nr_pages, urgent=False)
+                started = True
+            turn += 1
+            if not started:
+                await self._wakeup.wait()
+
+    async def _watch_exits(self, period: float = 0.25) -> None:
+        """Retire processes whose every known thread is gone.
+
+        A uffd says nothing when its process exits; copies then fail with ESRCH,
+        but a process with nothing being copied (no background, or held after a
+        failure) would wait forever. The thread ids come with faults (THREAD_ID).
+        """
+        while True:
+            await asyncio.sleep(period)
+            for proc in self._processes:
+                if proc.report.state in ("running", "failed") and proc.threads and not any(
+                        _thread_start_time(tid) == started
+                        for tid, started in proc.threads.items()):
+                    self._finish(proc, "exited", "every thread that faulted has exited",
+                                 force=True)
+
+    # ------------------------------------------------------------------ ends
+
+    def _finish(self, proc: _Process, state: str, reason: str | None = None, *,
+                force: bool = False) -> None:
+        if not proc.active and not (force and proc.report.state == "failed"):
+            return
+        proc.report.state = state
+        proc.report.reason = reason
+        log.info("pid %d: %s, UFFD transferred pages: (%d/%d)%s", proc.pid, state,
+                 proc.report.pages_copied, proc.report.pages_total,
+                 f" ({reason})" if reason else "")
+        proc.uffd.close()  # nothing is lazy any more: faults become ordinary
+        self._check_done()
+
+    def _fail(self, proc: _Process, reason: str) -> None:
+        if not proc.active:
+            return
+        proc.report.state = "failed"
+        proc.report.reason = reason
+        if proc.threads:
+            self._kill(proc, reason)
+        else:
+            log.error("pid %d: %s; %d pages never arrived: the process is held (it stops at "
+                      "its next missing page) until it is killed", proc.pid, reason,
+                      proc.ranges.pages_pending + proc.ranges.pages_in_flight)
+        self._check_done()
+
+    def _kill(self, proc: _Process, reason: str) -> None:
+        for tid, started in proc.threads.items():
+            if _thread_start_time(tid) == started:  # not a reused tid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(tid, signal.SIGKILL)
+        proc.report.state = "killed"
+        proc.report.reason = reason
+        log.error("pid %d killed (threads %s): %s; it must not run on pages that never "
+                  "arrived", proc.pid, sorted(proc.threads), reason)
+        proc.uffd.close()
+        self._check_done()
+
+    def _source_failed(self, exc: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            self.report.source_error = str(exc)
+            log.error("page source failed: %s", exc)
+        for proc in self._processes:
+            self._fail(proc, f"page source failed: {exc}")
+
+    def _check_done(self) -> None:
+        if self.serve_forever or self._restores_finished == 0:
+            return
+        if self.expect_tasks is not None and self._tasks_received < self.expect_tasks:
+            return
+        # Failed processes without known threads keep the daemon (and their uffd) alive.
+        if all(p.report.state in ("complete", "exited", "killed") for p in self._processes):
+            self._done.set()
+
+    async def _end_session(self) -> None:
+        try:
+            if self._failed:
+                self.source.abort()
+            else:
+                await self.source.aclose()
+        except (LazyMigError, OSError) as exc:
+            log.warning("closing the page-server session: %s", exc)
+            self.source.abort()
+        for proc in self._processes:
+            proc.uffd.close()
+
+    def _log_summary(self) -> None:
+        r = self.report
+        latencies = r.fault_latencies()
+        p50 = latencies[len(latencies) // 2] * 1e6 if latencies else 0.0
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e6 \
+            if latencies else 0.0
+        log.info("lazy pages %s: %d processes, %.1f MiB copied, %.1f MB/s, %d faults "
+                 "(p50 %.0f us, p99 %.0f us)", "complete" if r.ok else "FAILED",
+                 len(r.processes), r.bytes_copied / 2**20, r.throughput() / 1e6,
+                 len(latencies), p50, p99)
+
+
+def _thread_start_time(tid: int) -> bytes | None:
+    """The start time of live thread ``tid`` (None if gone or a zombie, whose memory is
+    already released); comparing it tells a thread from a later one with its tid."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            fields = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    after_name = fields[fields.rfind(b")") + 2:].split()
+    if after_name[0] in (b"Z", b"X"):
+        return None
+    return after_name[19]  # field 22, starttime

@@ -1,0 +1,211 @@
+"""The lazy-pages daemon end to end: real uffds in child processes, a real page server
+over TCP, the CRIU handshake over a real UNIX socket.
+
+Each child (tests/lazy_child.py) maps memory at the dump's addresses, attaches it
+to the daemon and checks every byte it reads against the dump's pattern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from lazydump import write_lazy_dump
+
+from lazymig.dump.server import PageServer
+from lazymig.dump.store import ImagesPageStore
+from lazymig.proto.images import ImagesDir
+from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
+from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
+
+CHILD = Path(__file__).with_name("lazy_child.py")
+BASE = 0x6F0000000000
+PAGES = 256  # 1 MiB per process
+
+
+def layout(count: int, pages: int = PAGES) -> dict[int, list[tuple[int, int]]]:
+    """``count`` image pids, each with one lazy VMA at its own address."""
+    return {1000 + i: [(BASE + i * 2**30, pages)] for i in range(count)}
+
+
+@dataclass
+class Setup:
+    images_dir: Path
+    dump: dict[int, list[tuple[int, int]]]
+    server: PageServer | None
+    socket_path: Path
+
+
+@pytest_asyncio.fixture
+async def page_server(tmp_path: Path) -> AsyncIterator[tuple[Path, PageServer]]:
+    """A dump on disk of 32 processes, served by lazymig's page server on loopback."""
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    store = ImagesPageStore(write_lazy_dump(images_dir, layout(32)))
+    async with PageServer(store, address="127.0.0.1", port=0) as server:
+        yield images_dir, server
+    store.close()
+
+
+async def spawn(socket_path: Path, pid: int, vaddr: int, nr_pages: int, scenario: str
+                ) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(CHILD), str(socket_path), str(pid), hex(vaddr), str(nr_pages),
+        scenario, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+
+
+async def finish(child: asyncio.subprocess.Process) -> tuple[int, str]:
+    out, _ = await child.communicate()
+    assert child.returncode is not None
+    return child.returncode, out.decode()
+
+
+async def run_daemon(images_dir: Path, source: PageSource, expect_tasks: int = 1,
+                     **options: object) -> tuple[LazyPagesDaemon, asyncio.Task[DaemonReport]]:
+    daemon = LazyPagesDaemon.from_images(source, images_dir, expect_tasks=expect_tasks,
+                                         socket_path=images_dir / "lazy.sock", **options)
+    task = asyncio.create_task(daemon.run())
+    await daemon.ready.wait()
+    return daemon, task
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("scenario", ["touch", "zero", "fork", "remove", "unmap", "remap"])
+async def test_one_process(page_server: tuple[Path, PageServer], scenario: str) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        # Without background fetch every page arrives through a fault, so the memory
+        # map changes below happen while pages are still lazy.
+        daemon, running = await run_daemon(images_dir, source, background=scenario == "touch")
+        (pid, [(vaddr, nr)]), *_ = layout(1).items()
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, scenario)
+        code, out = await finish(child)
+        assert code == 0, out
+        report = await running
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    assert report.ok, report
+    assert "MISMATCH" not in out
+    processes = {p.state for p in report.processes}
+    assert processes <= {"complete", "exited"}
+    if scenario == "fork":
+        assert len(report.processes) == 2  # the child's uffd came with the FORK event
+    if scenario == "zero":
+        assert report.processes[0].zero_pages == 16
+
+
+@pytest.mark.asyncio
+async def test_many_processes_at_once(page_server: tuple[Path, PageServer]) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(60):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port, channels=2)
+        daemon, running = await run_daemon(images_dir, source, expect_tasks=32)
+        children = [await spawn(daemon.socket_path, pid, vaddr, nr, "touch")
+                    for pid, [(vaddr, nr)] in layout(32).items()]
+        results = await asyncio.gather(*(finish(c) for c in children))
+        report = await running
+        # every lazy page was served once, and the daemon closed the session cleanly
+        assert await serving is True
+    assert all(code == 0 for code, _ in results), results
+    assert report.ok
+    assert len(report.processes) == 32
+    assert sum(p.pages_copied for p in report.processes) == 32 * PAGES
+
+
+@pytest.mark.asyncio
+async def test_background_fetch_fills_everything_without_faults(
+        page_server: tuple[Path, PageServer]) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source)
+        (pid, [(vaddr, nr)]), *_ = layout(1).items()
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, "wait")
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"attached\n"
+        report = await running  # complete before the child touched anything
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        code, out = await finish(child)
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    assert code == 0, out
+    assert report.ok
+    assert report.processes[0].faults == 0
+    assert report.processes[0].pages_copied == PAGES
+
+
+@pytest.mark.asyncio
+async def test_local_images_source(tmp_path: Path) -> None:
+    write_lazy_dump(tmp_path, layout(2))
+    async with asyncio.timeout(30):
+        daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
+                                           expect_tasks=2)
+        children = [await spawn(daemon.socket_path, pid, vaddr, nr, "touch")
+                    for pid, [(vaddr, nr)] in layout(2).items()]
+        results = [await finish(c) for c in children]
+        report = await running
+    assert all(code == 0 for code, _ in results), results
+    assert report.ok
+
+
+@pytest.mark.asyncio
+async def test_process_exit_mid_transfer_retires_only_that_process(
+        page_server: tuple[Path, PageServer]) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source, expect_tasks=2,
+                                           background=False)
+        (pid1, [(v1, n1)]), (pid2, [(v2, n2)]) = list(layout(2).items())
+        quitter = await spawn(daemon.socket_path, pid1, v1, n1, "exit-early")
+        worker = await spawn(daemon.socket_path, pid2, v2, n2, "touch")
+        assert (await finish(quitter))[0] == 0
+        code, out = await finish(worker)
+        assert code == 0, out
+        # Without background fetch the quitter's pages stay lazy: the daemon must notice
+        # its exit by itself (its faulting thread is gone) and finish.
+        report = await running
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    states = {p.pid: p.state for p in report.processes}
+    assert states == {pid1: "exited", pid2: "complete"}
+
+
+@pytest.mark.asyncio
+async def test_server_death_kills_instead_of_zero_filling(
+        page_server: tuple[Path, PageServer]) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source, background=False)
+        (pid, [(vaddr, nr)]), *_ = layout(1).items()
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, "slow")
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"attached\n"
+        await child.stdout.readline()  # some pages have arrived
+        serving.cancel()  # the page server dies mid-transfer, its connections with it
+        server.close()
+        code, out = await finish(child)
+        report = await running
+    assert code == -signal.SIGKILL, out
+    assert "MISMATCH" not in out
+    assert not report.ok
+    assert report.processes[0].state == "killed"
+    assert report.processes[0].pages_copied < PAGES
