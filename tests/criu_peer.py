@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -378,6 +379,10 @@ class Workload:
         self.pid = int(children.read_text().split()[0])
         return out
 
+    def alive(self) -> bool:
+        """The source still exists (``unshare`` has not seen its init end)."""
+        return self._unshare.poll() is None
+
     def wait_gone(self, timeout: float = 10) -> int:
         """Wait until the dumped source is gone (``unshare`` reports its init's end)."""
         return self._unshare.wait(timeout)
@@ -501,3 +506,48 @@ class WireTap:
     def join(self, timeout: float = 10) -> WireLog:
         self._thread.join(timeout)
         return self.log
+
+
+# -- lazymig lazy-pages in place of criu lazy-pages --------------------------------------------
+
+_PROCESS_DONE = re.compile(r"pid (\d+): (\w+), UFFD transferred pages: \((\d+)/(\d+)\)")
+_SUMMARY = re.compile(r"lazy pages (complete|FAILED): (\d+) processes, ([\d.]+) MiB copied, "
+                      r"([\d.]+) MB/s, (\d+) faults \(p50 (\d+) us, p99 (\d+) us\)")
+
+
+@dataclass(frozen=True)
+class ProcessDone:
+    """One ``pid N: STATE, UFFD transferred pages: (copied/total)`` line of the daemon."""
+
+    pid: int
+    state: str
+    copied: int
+    total: int
+
+
+@dataclass
+class DaemonLogReport:
+    """What ``lazymig -v lazy-pages`` logged about its run (INFO level)."""
+
+    processes: list[ProcessDone] = field(default_factory=list)
+    complete: bool | None = None
+    """The final summary: complete (True), FAILED (False), or not written (None)."""
+    summary: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> DaemonLogReport:
+        report = cls()
+        for line in text.splitlines():
+            if m := _PROCESS_DONE.search(line):
+                report.processes.append(ProcessDone(int(m[1]), m[2], int(m[3]), int(m[4])))
+            elif m := _SUMMARY.search(line):
+                report.complete = m[1] == "complete"
+                report.summary = {"processes": int(m[2]), "mib_copied": float(m[3]),
+                                  "mb_per_s": float(m[4]), "faults": int(m[5]),
+                                  "fault_p50_us": int(m[6]), "fault_p99_us": int(m[7])}
+        return report
+
+
+def lazymig_argv(*args: str, loop: str, verbose: bool = True) -> list[str]:
+    """``python -m lazymig [-v] --uvloop|--no-uvloop ARGS`` with this interpreter (the venv's)."""
+    return [sys.executable, "-m", "lazymig", *(["-v"] if verbose else []), f"--{loop}", *args]

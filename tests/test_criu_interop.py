@@ -3,6 +3,10 @@
 * lazymig's page server stands in for ``criu page-server --lazy-pages``: real
   ``criu lazy-pages`` pulls a real dump's pages from it while ``criu restore
   --lazy-pages`` runs the process, which must go on with its memory intact.
+* lazymig's lazy-pages daemon stands in for ``criu lazy-pages``: it fills the
+  tree ``criu restore --lazy-pages`` restores, from ``criu dump --lazy-pages``
+  (which serves the frozen source, then kills it after CLOSE) or, in local mode,
+  from the pages-N.img of an ordinary ``criu dump``.
 * lazymig reads the images ``criu dump`` writes as crit decodes them.
 
 Timings are measured and reported (``record_property``, and printed), never asserted.
@@ -28,6 +32,7 @@ from criu_peer import (
     PS_IOV_GET,
     ChrootDir,
     CriuError,
+    DaemonLogReport,
     Output,
     WireLog,
     WireTap,
@@ -38,6 +43,7 @@ from criu_peer import (
     criu_root_ready,
     free_port,
     kill_pid,
+    lazymig_argv,
     log_errors,
     page_pattern,
     start_with_status_fd,
@@ -58,6 +64,8 @@ pytestmark = [
 
 CRIT = shutil.which("crit")
 ADD_F_PRESENT = PE.PRESENT << 16 | 6
+LOOPS = ["uvloop", "no-uvloop"]
+"""lazymig's --uvloop / --no-uvloop: every test that runs lazymig runs on both loops."""
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +113,29 @@ def dump_workload(d: ChrootDir, binary: Path, *, mib: int, children: int,
     return workload, out
 
 
+def check_restored_ticks(workload: Workload, dumped: Output) -> None:
+    """The restored processes go on ticking (numbers continue after the dump) with the
+    checksums they had before and no page that differs from the pattern."""
+    last = {tag: tick.tick for tag in range(workload.processes)
+            if (tick := dumped.last(tag)) is not None}
+    after = workload.wait_ticks(last, 3, timeout=20)
+    for tag in range(workload.processes):
+        before = dumped.last(tag)
+        assert before is not None
+        new = after.after(tag, before.tick)
+        assert new[0].tick == before.tick + 1, "the restored process restarted its count"
+        assert {(t.checksum, t.bad_pages) for t in new} == {(before.checksum, 0)}, new
+
+
 # -- lazymig's page server in place of CRIU's -------------------------------------------------
 
 
 def check_wire(wire: WireLog, images: ImagesDir, lazy_pages: int,
                measure: dict[str, Any]) -> None:
-    """The session as CRIU 4.1.1 ran it: GETs for lazy pages only, each answered with
-    ADD_F|PE_PRESENT and its pages, every lazy page at least once, then CLOSE -> int32 0
-    and EOF."""
+    """The v1 session as CRIU 4.1.1 runs it, on either end: GETs for lazy pages only
+    (asking for a non-lazy page makes CRIU's server block), each answered with
+    ADD_F|PE_PRESENT and at most the pages asked, every lazy page at least once, then
+    CLOSE -> int32 0 and EOF."""
     assert wire.error is None, wire.error
     *gets, close = wire.requests
     assert close == (PS_IOV_CLOSE, 0, 0, 0)
@@ -124,6 +147,8 @@ def check_wire(wire: WireLog, images: ImagesDir, lazy_pages: int,
             for r in images.lazy_ranges(e.pid) for i in range(r.nr_pages)}
     served: set[tuple[int, int]] = set()
     for (_, asked, vaddr, pid), reply in zip(gets, wire.replies, strict=True):
+        assert {(pid, vaddr + i * PAGE_SIZE) for i in range(asked)} <= lazy, \
+            "a GET asked for pages that are not lazy (CRIU's server would block on them)"
         assert reply[0] == ADD_F_PRESENT and reply[2:] == (vaddr, pid)
         assert 0 < reply[1] <= asked
         pages = {(pid, vaddr + i * PAGE_SIZE) for i in range(reply[1])}
@@ -141,7 +166,7 @@ def check_wire(wire: WireLog, images: ImagesDir, lazy_pages: int,
 
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "no-uvloop"])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_criu_restores_lazily_from_lazymig_page_server(
         chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
     d = chroot_dir
@@ -185,17 +210,7 @@ def test_criu_restores_lazily_from_lazymig_page_server(
         assert "transfer complete" in server_text, server_text[-3000:]
         check_wire(tap.join(), images, lazy_pages, measure)
 
-        # The restored processes go on ticking (numbers continue after the dump) with
-        # the checksums and the pattern they had before.
-        last = {tag: tick.tick for tag in range(1 + children)
-                if (tick := dumped.last(tag)) is not None}
-        after = workload.wait_ticks(last, 3, timeout=20)
-        for tag in range(1 + children):
-            before = dumped.last(tag)
-            assert before is not None
-            new = after.after(tag, before.tick)
-            assert new[0].tick == before.tick + 1, "the restored process restarted its count"
-            assert {(t.checksum, t.bad_pages) for t in new} == {(before.checksum, 0)}, new
+        check_restored_ticks(workload, dumped)
     except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
         raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
                              f"\n--- lazymig page-server:\n{server_log.read_text()[-3000:]}"
@@ -206,6 +221,141 @@ def test_criu_restores_lazily_from_lazymig_page_server(
         if daemon is not None:
             stop(daemon)
         stop(server)
+
+
+# -- lazymig's lazy-pages daemon in place of CRIU's ---------------------------------------------
+
+
+def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: list[str], *,
+                                loop: str, measure: dict[str, Any],
+                                procs: list[subprocess.Popen[bytes]]) -> int:
+    """Start ``lazymig lazy-pages DAEMON_ARGS -D <host path>`` on the host, run ``criu restore
+    --lazy-pages -d`` in the chroot against it and wait until the daemon exits 0, having
+    reported every process of pstree.img complete. Returns the restored tree's host pid.
+
+    The images dir is below the chroot: lazymig listens on its host path
+    (.../criu-root/tmp/X/lazy-pages.socket), the same file that criu restore, whose work
+    dir is -D, reaches as /tmp/X/lazy-pages.socket. Started processes go to ``procs``.
+    """
+    daemon_log = d.host / "lazymig-lazy-pages.log"
+    with daemon_log.open("wb") as err:
+        daemon = start_with_status_fd(
+            lazymig_argv("lazy-pages", *daemon_args, "-D", str(d.host), loop=loop),
+            what="lazymig lazy-pages", stderr=err.fileno())
+    procs.append(daemon)
+    assert (d.host / "lazy-pages.socket").is_socket()
+    started = time.monotonic()
+    measure["restore_s"] = round(criu(
+        d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+        "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
+    restored_pid = int((d.host / "restored.pid").read_text())
+    rc = daemon.wait(60)
+    measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
+    text = daemon_log.read_text()
+    assert rc == 0, f"lazymig lazy-pages exited {rc}:\n{text[-3000:]}"
+
+    # Its report: every process of pstree.img (one uffd each) got all its lazy pages.
+    report = DaemonLogReport.parse(text)
+    assert report.complete is True, text[-3000:]
+    lazy = {e.pid: sum(r.nr_pages for r in images.lazy_ranges(e.pid)) for e in images.pstree()}
+    assert sorted((p.pid, p.state, p.copied, p.total) for p in report.processes) == sorted(
+        (pid, "complete", n, n) for pid, n in lazy.items()), text[-3000:]
+    assert report.summary["processes"] == len(lazy)
+    measure["lazymig"] = report.summary
+    assert not (d.host / "lazy-pages.socket").exists(), "the daemon left its socket behind"
+    return restored_pid
+
+
+def lazy_pages_in(images: ImagesDir) -> int:
+    return sum(r.nr_pages for e in images.pstree() for r in images.lazy_ranges(e.pid))
+
+
+def failure_context(d: ChrootDir) -> str:
+    daemon_log = d.host / "lazymig-lazy-pages.log"
+    return (f"--- restore.log:\n{log_errors(d.host / 'restore.log')}\n"
+            f"--- dump.log:\n{log_errors(d.host / 'dump.log')}\n--- lazymig lazy-pages:\n"
+            f"{daemon_log.read_text()[-3000:] if daemon_log.exists() else '(none)'}")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_lazymig_daemon_restores_from_criu_lazy_dump(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    """``criu dump --lazy-pages`` serves a frozen source; lazymig lazy-pages fills the
+    ``criu restore --lazy-pages`` tree from it, over a wire tap, then CLOSEs: criu dump
+    exits 0 and kills the source, the restored copy runs on with its memory intact."""
+    d = chroot_dir
+    mib, children = 48, 1
+    workload = Workload(d, workload_binary, mib=mib, children=children)
+    procs: list[subprocess.Popen[bytes]] = []
+    restored_pid = 0
+    try:
+        workload.start()
+        workload.wait_ticks({}, 2, timeout=10)
+        port = free_port()
+        started = time.monotonic()
+        dump = start_with_status_fd(
+            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
+                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
+            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        procs.append(dump)
+        measure["dump_until_listening_s"] = round(time.monotonic() - started, 3)
+        # The source stays alive but frozen while criu dump serves its pages: it
+        # prints no tick for longer than its 100 ms period.
+        dumped = workload.output()
+        time.sleep(0.3)
+        assert workload.alive() and workload.output().ticks == dumped.ticks
+        images = ImagesDir(d.host)
+        lazy_pages = lazy_pages_in(images)
+        assert lazy_pages >= (1 + children) * mib * 256
+        measure["lazy_pages"] = lazy_pages
+
+        tap = WireTap(port)  # lazymig -> tap -> criu dump, parsing the v1 stream
+        restored_pid = restore_with_lazymig_daemon(
+            d, images, ["--page-server", "--address", "127.0.0.1", "--port", str(tap.port),
+                        "--wire", "v1"], loop=loop, measure=measure, procs=procs)
+        started = time.monotonic()
+        assert dump.wait(30) == 0, log_errors(d.host / "dump.log")
+        measure["dump_exit_after_daemon_s"] = round(time.monotonic() - started, 3)
+        measure["source_exit"] = workload.wait_gone()  # killed by criu dump after CLOSE
+        check_wire(tap.join(), images, lazy_pages, measure)
+        check_restored_ticks(workload, dumped)
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        if restored_pid:
+            kill_pid(restored_pid)
+        workload.kill()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_lazymig_daemon_local_mode_restores_criu_dump(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    """Local lazy mode: an ordinary ``criu dump`` keeps lazy-capable pages as LAZY|PRESENT
+    in pages-N.img; ``lazymig lazy-pages -D`` (no --page-server) fills the ``criu restore
+    --lazy-pages`` tree from those files."""
+    d = chroot_dir
+    mib, children = 48, 1
+    workload, dumped = dump_workload(d, workload_binary, mib=mib, children=children,
+                                     measure=measure)
+    images = ImagesDir(d.host)
+    lazy_pages = lazy_pages_in(images)
+    assert lazy_pages >= (1 + children) * mib * 256
+    measure["lazy_pages"] = lazy_pages
+    procs: list[subprocess.Popen[bytes]] = []
+    restored_pid = 0
+    try:
+        restored_pid = restore_with_lazymig_daemon(d, images, [], loop=loop, measure=measure,
+                                                   procs=procs)
+        check_restored_ticks(workload, dumped)
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
+    finally:
+        for proc in procs:
+            stop(proc)
+        if restored_pid:
+            kill_pid(restored_pid)
 
 
 # -- lazymig reads what criu dump writes ---------------------------------------------------
