@@ -1,0 +1,514 @@
+"""Page pipes: a frozen process's pages held in kernel pipes, like CRIU's page_pipe.
+
+Each :class:`PipeBuffer` is one pipe plus the iovecs (address ranges) whose
+pages it holds, in order, and a lazy flag. Lazy pages are served to the
+lazy-pages daemon on request, any number of times, without ever leaving the
+pipe (tee into a scratch pipe, drop the prefix into /dev/null, splice the rest
+out: CRIU ``page_pipe_read`` and ``page_server_get_pages``). Non-lazy pages are
+drained once into pages-N.img (or anything else with an fd) by splice.
+
+**How pages get in without passing through Python objects.** ``splice()``
+from /proc/PID/mem is not supported (EINVAL on Linux 6.18), and vmsplice only
+takes our own memory, so each chunk is copied once: ``process_vm_readv`` from
+the frozen target into a fresh anonymous mapping of ours, then ``vmsplice``
+into the pipe, then ``munmap``. vmsplice without SPLICE_F_GIFT does not copy:
+the pipe takes references to our pages. Writing to that memory afterwards would
+change what the pipe holds, so a buffer is never reused: after munmap the pages
+belong to the pipe alone and nothing can write them. (SPLICE_F_GIFT would make
+the same promise to the kernel and buy nothing: the pages are only ever tee'd
+and spliced to sockets/files, never stolen into the page cache.) Pages
+``process_vm_readv`` cannot read (a present page in a PROT_NONE mapping) are
+read through /proc/PID/mem instead, which forces access like a debugger.
+
+**File descriptors.** A 1 MiB pipe (fs.pipe-max-size here) holds 256 pages; a
+4 GiB process needs 4096 pipes. Each pipe's write end is closed as soon as the
+pipe is full, so one fd per pipe remains. Before filling, :meth:`PagePipes.collect`
+computes the fds it needs, raises RLIMIT_NOFILE's soft limit up to the hard one
+if needed, and fails with the count if even that is too low.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import itertools
+import os
+import resource
+import select
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from lazymig.dump.scan import PageRun
+from lazymig.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    ConfigurationError,
+    LazyMigError,
+    LazyMigOSError,
+)
+from lazymig.linux.ptrace import TargetGoneError, process_alive
+from lazymig.linux.vm import (
+    SPLICE_F_NONBLOCK,
+    AnonMapping,
+    get_pipe_size,
+    pipe_max_size,
+    process_vm_readv,
+    read_memory_into,
+    set_pipe_size,
+    tee,
+    vmsplice,
+)
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
+
+__all__ = ["PagePipes", "PagesNotFoundError", "PipeBuffer"]
+
+#: fds kept free for everything else the process does while pipes are open.
+FD_HEADROOM: Final = 64
+
+
+class PagesNotFoundError(LazyMigError, LookupError):
+    """No lazy buffer holds the requested address (CRIU ends the session here)."""
+
+
+class PipeBuffer:
+    """One pipe and the pages it holds, in order (CRIU's ``page_pipe_buf``).
+
+    ``iovs`` are the address ranges whose pages fill the pipe, in pipe order;
+    ``lazy`` says whether they are served on demand (PPB_LAZY) or drained once.
+    """
+
+    __slots__ = ("_iovs", "_rfd", "_wfd", "capacity", "lazy", "nr_pages")
+
+    def __init__(self, lazy: bool, rfd: int, wfd: int, capacity: int) -> None:
+        self.lazy = lazy
+        self.capacity = capacity
+        self.nr_pages = 0
+        self._rfd = rfd
+        self._wfd = wfd
+        self._iovs: list[tuple[int, int, int]] = []  # (vaddr, nr_pages, first page in pipe)
+
+    @property
+    def read_fd(self) -> int:
+        """The pipe's read end (-1 once drained or closed)."""
+        return self._rfd
+
+    @property
+    def sealed(self) -> bool:
+        """True once the write end is closed (the pipe is full or collection ended)."""
+        return self._wfd < 0
+
+    @property
+    def iovs(self) -> tuple[PageRun, ...]:
+        """The address ranges held, in pipe order."""
+        return tuple(PageRun(v, n, self.lazy) for v, n, _ in self._iovs)
+
+    @property
+    def free_pages(self) -> int:
+        """Room left, in pages."""
+        return self.capacity - self.nr_pages
+
+    def _add_iov(self, vaddr: int, nr_pages: int) -> None:
+        if self._iovs:
+            last_v, last_n, last_off = self._iovs[-1]
+            if last_v + (last_n << PAGE_SHIFT) == vaddr:
+                self._iovs[-1] = (last_v, last_n + nr_pages, last_off)
+                self.nr_pages += nr_pages
+                return
+        self._iovs.append((vaddr, nr_pages, self.nr_pages))
+        self.nr_pages += nr_pages
+
+    def _seal(self) -> None:
+        if self._wfd >= 0:
+            fd, self._wfd = self._wfd, -1
+            os.close(fd)
+
+    def _close(self) -> None:
+        self._seal()
+        if self._rfd >= 0:
+            fd, self._rfd = self._rfd, -1
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        kind = "lazy" if self.lazy else "non-lazy"
+        return f"<PipeBuffer {kind} {self.nr_pages}/{self.capacity} pages, {len(self._iovs)} iovs>"
+
+
+class PagePipes:
+    """The page pipes of one dumped process.
+
+    Build it with :meth:`collect` while the target is frozen. Serve lazy pages
+    with :meth:`find` + :meth:`stage` + :meth:`splice_staged` (non-blocking
+    friendly) or :meth:`write_pages` (blocking). Drain non-lazy pages with
+    :meth:`drain_nonlazy`. :meth:`close` frees every fd; it is idempotent.
+
+    Not thread-safe: one user at a time (the page server's task).
+    """
+
+    def __init__(self, *, pipe_size: int | None = None) -> None:
+        size = pipe_max_size() if pipe_size is None else pipe_size
+        if size < PAGE_SIZE:
+            raise ConfigurationError(f"pipe_size must be at least {PAGE_SIZE}, got {size}")
+        self._want = size & ~(PAGE_SIZE - 1)
+        self._buffers: list[PipeBuffer] = []
+        self._current: dict[bool, PipeBuffer | None] = {True: None, False: None}
+        self._index_starts: list[int] = []
+        self._index: list[tuple[int, int, PipeBuffer, int]] = []
+        self._index_dirty = False
+        self._staged = 0
+        self._closed = False
+        self._scratch_r = self._scratch_w = self._devnull = -1
+        try:
+            self._scratch_r, self._scratch_w = os.pipe2(os.O_CLOEXEC)
+            self._scratch_pages = self._size_pipe(self._scratch_w) >> PAGE_SHIFT
+            self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- building ------------------------------------------------------------------
+
+    @classmethod
+    def collect(cls, pid: int, runs: Iterable[PageRun], *,
+                pipe_size: int | None = None) -> PagePipes:
+        """Copy every page of ``runs`` from process ``pid`` into new page pipes.
+
+        The process must not change its memory meanwhile (freeze it first).
+        Blocking: run it off the event loop. On any error every pipe is closed.
+        """
+        runs = list(runs)
+        self = cls(pipe_size=pipe_size)
+        try:
+            self.reserve_fds(runs)
+            for run in runs:
+                self.add_run(pid, run)
+            self.seal()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def fds_needed(self, runs: Sequence[PageRun]) -> int:
+        """How many more fds collecting ``runs`` will hold at its peak."""
+        cap = self._capacity_pages()
+        lazy = sum(r.nr_pages for r in runs if r.lazy)
+        nonlazy = sum(r.nr_pages for r in runs if not r.lazy)
+        pipes = -(-lazy // cap) + -(-nonlazy // cap)
+        return pipes + 2  # each class's current pipe keeps its write end open
+
+    def reserve_fds(self, runs: Sequence[PageRun]) -> None:
+        """Make sure RLIMIT_NOFILE allows the pipes for ``runs``; raise the soft
+        limit towards the hard one if needed, or fail naming the count."""
+        needed = self.fds_needed(runs)
+        in_use = sum(1 for _ in os.scandir("/proc/self/fd"))
+        want = in_use + needed + FD_HEADROOM
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or want <= soft:
+            return
+        if hard != resource.RLIM_INFINITY and want > hard:
+            pages = sum(r.nr_pages for r in runs)
+            raise LazyMigOSError(
+                errno.EMFILE,
+                f"page pipes for {pages} pages ({self._capacity_pages()} pages per pipe) need "
+                f"{needed} file descriptors on top of the {in_use} open (plus {FD_HEADROOM} "
+                f"spare), but the RLIMIT_NOFILE hard limit is {hard}; raise it (ulimit -Hn) "
+                "or fs.pipe-max-size")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    def add_run(self, pid: int, run: PageRun) -> None:
+        """Copy one run's pages from ``pid`` into the current pipe of its kind."""
+        self._check_open()
+        vaddr, left = run.vaddr, run.nr_pages
+        while left > 0:
+            buf = self._current[run.lazy]
+            if buf is None or buf.free_pages == 0:
+                buf = self._new_buffer(run.lazy)
+            k = min(left, buf.free_pages)
+            self._fill(pid, buf, vaddr, k)
+            buf._add_iov(vaddr, k)
+            if buf.lazy:
+                self._index_dirty = True
+            if buf.free_pages == 0:
+                buf._seal()
+                self._current[run.lazy] = None
+            vaddr += k << PAGE_SHIFT
+            left -= k
+
+    def seal(self) -> None:
+        """Close the write end of every pipe: collection is over."""
+        for buf in self._buffers:
+            buf._seal()
+        self._current = {True: None, False: None}
+
+    def _capacity_pages(self) -> int:
+        return max(1, min(self._want >> PAGE_SHIFT, self._scratch_pages))
+
+    def _size_pipe(self, fd: int) -> int:
+        try:
+            return set_pipe_size(fd, self._want)
+        except LazyMigOSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EBUSY, errno.EINVAL):
+                raise
+            return get_pipe_size(fd)
+
+    def _new_buffer(self, lazy: bool) -> PipeBuffer:
+        try:
+            rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            raise LazyMigOSError(exc.errno or errno.EMFILE,
+                                 f"creating page pipe #{len(self._buffers) + 1}") from exc
+        try:
+            capacity = min(self._size_pipe(wfd) >> PAGE_SHIFT, self._capacity_pages())
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        buf = PipeBuffer(lazy, rfd, wfd, capacity)
+        self._buffers.append(buf)
+        self._current[lazy] = buf
+        return buf
+
+    def _fill(self, pid: int, buf: PipeBuffer, vaddr: int, nr_pages: int) -> None:
+        """Copy pages into a fresh mapping, vmsplice them into ``buf``, unmap.
+
+        The mapping is never reused: the pipe references its pages (see the
+        module docstring), so after munmap only the pipe holds them.
+        """
+        length = nr_pages << PAGE_SHIFT
+        with AnonMapping(length, populate=True) as staging:
+            try:
+                got = process_vm_readv(pid, staging.address, vaddr, length)
+            except LazyMigOSError as exc:
+                if exc.errno == errno.ESRCH or not process_alive(pid):
+                    raise TargetGoneError(pid, f"reading pages at {vaddr:#x}") from exc
+                if exc.errno != errno.EFAULT:
+                    raise
+                got = 0
+            if got < length:
+                got &= ~(PAGE_SIZE - 1)
+                with staging.view() as view:
+                    read_memory_into(pid, vaddr + got, view[got:])
+            done = 0
+            while done < length:
+                done += vmsplice(buf._wfd, staging.address + done, length - done)
+
+    # -- serving lazy pages ---------------------------------------------------------
+
+    def find(self, vaddr: int) -> tuple[PipeBuffer, int, int] | None:
+        """Locate a lazy page: ``(buffer, page offset in its pipe, pages until the end
+        of the iovec holding it)``, or ``None`` if no lazy buffer holds ``vaddr``.
+
+        Like CRIU's ``page_pipe_read(..., PPB_LAZY)``, non-lazy buffers are not
+        searched. ``vaddr`` must be page-aligned.
+        """
+        if vaddr & (PAGE_SIZE - 1):
+            raise ConfigurationError(f"address {vaddr:#x} is not page-aligned")
+        if self._index_dirty:
+            self._build_index()
+        i = bisect.bisect_right(self._index_starts, vaddr) - 1
+        if i < 0:
+            return None
+        start, nr, buf, first = self._index[i]
+        skip = (vaddr - start) >> PAGE_SHIFT
+        if skip >= nr or buf.read_fd < 0:
+            return None
+        return buf, first + skip, nr - skip
+
+    def _build_index(self) -> None:
+        entries = sorted(
+            ((v, n, buf, off) for buf in self._buffers if buf.lazy for v, n, off in buf._iovs),
+            key=lambda e: e[0])
+        for a, b in itertools.pairwise(entries):
+            if a[0] + (a[1] << PAGE_SHIFT) > b[0]:
+                raise ConfigurationError(f"lazy page runs overlap at {b[0]:#x}")
+        self._index = entries
+        self._index_starts = [e[0] for e in entries]
+        self._index_dirty = False
+
+    def stage(self, vaddr: int, nr_pages: int) -> int:
+        """Put up to ``nr_pages`` lazy pages from ``vaddr`` at the head of the scratch
+        pipe, leaving the page pipe intact; returns how many pages were staged.
+
+        The count is clamped to the end of the iovec holding ``vaddr``, as the
+        page server clamps a GET (the reply says how many it sends). Anything still
+        staged from an earlier call is discarded first. Then move the bytes out with
+        :meth:`splice_staged` until :attr:`staged_bytes` is 0.
+        """
+        self._check_open()
+        if nr_pages <= 0:
+            raise ConfigurationError(f"nr_pages must be positive, got {nr_pages}")
+        hit = self.find(vaddr)
+        if hit is None:
+            raise PagesNotFoundError(f"no lazy pages at {vaddr:#x}")
+        buf, first, avail = hit
+        n = min(nr_pages, avail)
+        self.discard_staged()
+        need = (first + n) << PAGE_SHIFT
+        got = tee(buf.read_fd, self._scratch_w, need, SPLICE_F_NONBLOCK)
+        if got != need:
+            self._staged = got
+            self.discard_staged()
+            raise BrokenResourceError(f"tee gave {got} of {need} bytes for {vaddr:#x}")
+        self._staged = need
+        skip = first << PAGE_SHIFT
+        while skip:
+            moved = os.splice(self._scratch_r, self._devnull, skip)
+            skip -= moved
+            self._staged -= moved
+        return n
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes staged by :meth:`stage` and not yet spliced out."""
+        return self._staged
+
+    @property
+    def staged_fd(self) -> int:
+        """Read end of the scratch pipe holding the staged pages."""
+        return self._scratch_r
+
+    def splice_staged(self, dst_fd: int, *, flags: int = 0) -> int:
+        """One ``splice`` of staged bytes into ``dst_fd``; returns bytes moved.
+
+        With a non-blocking ``dst_fd`` it raises ``BlockingIOError`` when the
+        destination is full: wait for it to be writable and call again.
+        """
+        self._check_open()
+        if not self._staged:
+            return 0
+        moved = os.splice(self._scratch_r, dst_fd, self._staged, flags=flags)
+        if moved == 0:
+            raise BrokenResourceError(f"splice to fd {dst_fd} moved nothing")
+        self._staged -= moved
+        return moved
+
+    def discard_staged(self) -> None:
+        """Drop whatever is still staged (e.g. after a failed send)."""
+        while self._staged:
+            self._staged -= os.splice(self._scratch_r, self._devnull, self._staged)
+
+    def write_pages(self, vaddr: int, nr_pages: int, dst_fd: int) -> int:
+        """Write up to ``nr_pages`` lazy pages from ``vaddr`` into ``dst_fd`` without
+        consuming them; returns the page count (clamped like :meth:`stage`).
+
+        Blocks until done, polling ``dst_fd`` if it is non-blocking and full.
+        """
+        n = self.stage(vaddr, nr_pages)
+        try:
+            while self._staged:
+                try:
+                    self.splice_staged(dst_fd)
+                except BlockingIOError:
+                    _wait_writable(dst_fd)
+        except BaseException:
+            self.discard_staged()
+            raise
+        return n
+
+    # -- non-lazy pages ----------------------------------------------------------------
+
+    def drain_nonlazy(self, dst_fd: int) -> list[PageRun]:
+        """Splice every non-lazy buffer, in order, into ``dst_fd`` (e.g. pages-1.img)
+        and close it; returns the runs written, in the order of their bytes.
+
+        The pages are consumed: a second call writes nothing more.
+        """
+        self._check_open()
+        out: list[PageRun] = []
+        for buf in self._buffers:
+            if buf.lazy or buf.read_fd < 0:
+                continue
+            buf._seal()
+            if self._current[False] is buf:
+                self._current[False] = None
+            _splice_all(buf.read_fd, dst_fd, buf.nr_pages << PAGE_SHIFT)
+            for run in buf.iovs:
+                if out and out[-1].end == run.vaddr:
+                    out[-1] = PageRun(out[-1].vaddr, out[-1].nr_pages + run.nr_pages, False)
+                else:
+                    out.append(run)
+            buf._close()
+        return out
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def buffers(self) -> tuple[PipeBuffer, ...]:
+        """Every pipe buffer, in creation order."""
+        return tuple(self._buffers)
+
+    def lazy_runs(self) -> list[PageRun]:
+        """The lazy address ranges, sorted by address (for pagemap entries and pushing)."""
+        if self._index_dirty:
+            self._build_index()
+        return [PageRun(v, n, True) for v, n, _, _ in self._index]
+
+    def nonlazy_runs(self) -> list[PageRun]:
+        """The non-lazy ranges still held, in pipe order."""
+        return [run for buf in self._buffers if not buf.lazy and buf.read_fd >= 0
+                for run in buf.iovs]
+
+    @property
+    def nr_fds(self) -> int:
+        """File descriptors currently held (pipes, scratch pipe, /dev/null)."""
+        fds = [self._scratch_r, self._scratch_w, self._devnull]
+        fds += [fd for b in self._buffers for fd in (b._rfd, b._wfd)]
+        return sum(1 for fd in fds if fd >= 0)
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close every pipe and the scratch fds (idempotent)."""
+        self._closed = True
+        self._staged = 0
+        for buf in self._buffers:
+            buf._close()
+        for name in ("_scratch_r", "_scratch_w", "_devnull"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("these page pipes are closed")
+
+    def __enter__(self) -> PagePipes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+    def __repr__(self) -> str:
+        lazy = sum(b.nr_pages for b in self._buffers if b.lazy)
+        other = sum(b.nr_pages for b in self._buffers if not b.lazy)
+        return (f"<PagePipes {len(self._buffers)} pipes, {lazy} lazy + {other} non-lazy pages"
+                f"{' closed' if self._closed else ''}>")
+
+
+def _wait_writable(fd: int) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()
+
+
+def _splice_all(src: int, dst: int, length: int) -> None:
+    while length:
+        try:
+            moved = os.splice(src, dst, length)
+        except BlockingIOError:
+            _wait_writable(dst)
+            continue
+        if moved == 0:
+            raise BrokenResourceError(f"splice into fd {dst} stopped with {length} bytes left")
+        length -= moved

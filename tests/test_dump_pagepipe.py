@@ -1,0 +1,230 @@
+"""Page pipes with real pipes and real memory (this process's own, read through
+process_vm_readv exactly as a frozen target's would be)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from workloads import expected_page
+
+from lazymig.dump.pagepipe import PagePipes, PagesNotFoundError
+from lazymig.dump.scan import PageRun
+from lazymig.errors import ClosedResourceError, ConfigurationError
+from lazymig.linux.vm import F_SETPIPE_SZ, AnonMapping
+from lazymig.proto.constants import PAGE_SIZE
+
+SEED = 0x1234_5678_9ABC_DEF0
+SMALL_PIPE = 16 * PAGE_SIZE  # force many pipes and split iovecs
+
+
+@pytest.fixture
+def memory() -> Iterator[AnonMapping]:
+    """64 pages filled with the workload pattern."""
+    with AnonMapping(64 * PAGE_SIZE) as m:
+        with m.view() as v:
+            for i in range(64):
+                v[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = expected_page(m.address + i * PAGE_SIZE,
+                                                                     SEED)
+        yield m
+
+
+def open_fds() -> int:
+    return sum(1 for _ in os.scandir("/proc/self/fd"))
+
+
+def big_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
+    return r, w
+
+
+def read_exact(fd: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        assert chunk
+        out += chunk
+    return out
+
+
+def layout(base: int) -> list[PageRun]:
+    p = PAGE_SIZE
+    return [PageRun(base, 20, True), PageRun(base + 20 * p, 3, False),
+            PageRun(base + 23 * p, 30, True), PageRun(base + 60 * p, 4, False)]
+
+
+def test_find_stage_and_serve_twice(memory: AnonMapping) -> None:
+    base = memory.address
+    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp:
+        assert all(b.sealed for b in pp.buffers)  # every write end closed
+        lazy = [b for b in pp.buffers if b.lazy]
+        assert [b.nr_pages for b in lazy] == [16, 16, 16, 2]
+        # The second lazy pipe holds pages 16..19, then 23..34: two iovecs.
+        assert [(r.vaddr - base) // PAGE_SIZE for r in lazy[1].iovs] == [16, 23]
+
+        buf, off, left = pp.find(base + 17 * PAGE_SIZE) or pytest.fail("not found")
+        assert (buf, off, left) == (lazy[1], 1, 3)
+        assert pp.find(base + 20 * PAGE_SIZE) is None  # non-lazy pages are not served
+        assert pp.find(base + 53 * PAGE_SIZE) is None  # never dumped
+        assert pp.find(base - PAGE_SIZE) is None
+        with pytest.raises(ConfigurationError):
+            pp.find(base + 1)
+
+        r, w = big_pipe()
+        try:
+            for page in (0, 15, 16, 19, 23, 40, 52):
+                vaddr = base + page * PAGE_SIZE
+                for _ in range(2):  # the same page can be served again and again
+                    assert pp.write_pages(vaddr, 1, w) == 1
+                    assert read_exact(r, PAGE_SIZE) == expected_page(vaddr, SEED)
+            # A request is clamped to the end of the iovec holding its first page.
+            assert pp.write_pages(base + 18 * PAGE_SIZE, 100, w) == 2
+            assert read_exact(r, 2 * PAGE_SIZE) == (expected_page(base + 18 * PAGE_SIZE, SEED)
+                                                    + expected_page(base + 19 * PAGE_SIZE, SEED))
+            # stage + splice_staged: the non-blocking building blocks.
+            n = pp.stage(base + 24 * PAGE_SIZE, 5)
+            assert n == 5 and pp.staged_bytes == 5 * PAGE_SIZE
+            while pp.staged_bytes:
+                pp.splice_staged(w)
+            got = read_exact(r, 5 * PAGE_SIZE)
+            assert got == b"".join(expected_page(base + (24 + i) * PAGE_SIZE, SEED)
+                                   for i in range(5))
+            # Abandoned staging is discarded by the next request.
+            pp.stage(base + 30 * PAGE_SIZE, 2)
+            assert pp.write_pages(base + 31 * PAGE_SIZE, 1, w) == 1
+            assert read_exact(r, PAGE_SIZE) == expected_page(base + 31 * PAGE_SIZE, SEED)
+            with pytest.raises(PagesNotFoundError):
+                pp.write_pages(base + 21 * PAGE_SIZE, 1, w)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert [r.vaddr for r in pp.lazy_runs()] == sorted(r.vaddr for r in pp.lazy_runs())
+        assert sum(r.nr_pages for r in pp.lazy_runs()) == 50
+
+
+def test_drain_nonlazy_to_file(memory: AnonMapping) -> None:
+    base = memory.address
+    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp, \
+            tempfile.TemporaryFile() as f:
+        written = pp.drain_nonlazy(f.fileno())
+        assert written == [PageRun(base + 20 * PAGE_SIZE, 3, False),
+                           PageRun(base + 60 * PAGE_SIZE, 4, False)]
+        f.seek(0)
+        data = f.read()
+        with memory.view() as v:
+            assert data == bytes(v[20 * PAGE_SIZE:23 * PAGE_SIZE]) + bytes(v[60 * PAGE_SIZE:])
+        assert pp.drain_nonlazy(f.fileno()) == []  # consumed
+        assert pp.nonlazy_runs() == []
+        # Lazy pages are untouched by draining.
+        assert pp.find(base) is not None
+
+
+def test_pages_are_a_snapshot(memory: AnonMapping) -> None:
+    """After collection, changing the source does not change what is served."""
+    base = memory.address
+    with PagePipes.collect(os.getpid(), [PageRun(base, 4, True)]) as pp:
+        with memory.view() as v:
+            v[0:PAGE_SIZE] = b"\xff" * PAGE_SIZE
+        r, w = big_pipe()
+        try:
+            pp.write_pages(base, 1, w)
+            assert read_exact(r, PAGE_SIZE) == expected_page(base, SEED)
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_unreadable_pages_fall_back_to_proc_mem(memory: AnonMapping) -> None:
+    """process_vm_readv cannot read PROT_NONE pages; /proc/PID/mem can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    base = memory.address
+    assert libc.mprotect(base + 4 * PAGE_SIZE, 2 * PAGE_SIZE, 0) == 0
+    try:
+        with PagePipes.collect(os.getpid(), [PageRun(base, 8, True)]) as pp:
+            r, w = big_pipe()
+            try:
+                assert pp.write_pages(base, 8, w) == 8
+                got = read_exact(r, 8 * PAGE_SIZE)
+            finally:
+                os.close(r)
+                os.close(w)
+    finally:
+        libc.mprotect(base + 4 * PAGE_SIZE, 2 * PAGE_SIZE, 3)
+    assert got == b"".join(expected_page(base + i * PAGE_SIZE, SEED) for i in range(8))
+
+
+def test_close_is_idempotent_and_frees_every_fd(memory: AnonMapping) -> None:
+    before = open_fds()
+    pp = PagePipes.collect(os.getpid(), layout(memory.address), pipe_size=SMALL_PIPE)
+    assert pp.nr_fds == len(pp.buffers) + 3  # read ends + scratch pipe + /dev/null
+    assert open_fds() == before + pp.nr_fds
+    pp.close()
+    pp.close()
+    assert pp.closed and pp.nr_fds == 0 and open_fds() == before
+    with pytest.raises(ClosedResourceError):
+        pp.stage(memory.address, 1)
+
+
+def test_one_fd_per_full_pipe() -> None:
+    pages = 4096  # 16 MiB in pipes of 16 pages: 256 pipes
+    with AnonMapping(pages * PAGE_SIZE, populate=True) as m:
+        before = open_fds()
+        with PagePipes.collect(os.getpid(), [PageRun(m.address, pages, True)],
+                               pipe_size=SMALL_PIPE) as pp:
+            assert len(pp.buffers) == 256
+            assert open_fds() - before == 256 + 3
+
+
+def test_bad_arguments(memory: AnonMapping) -> None:
+    with pytest.raises(ConfigurationError):
+        PagePipes(pipe_size=100)
+    with PagePipes.collect(os.getpid(), [PageRun(memory.address, 2, True)]) as pp, \
+            pytest.raises(ConfigurationError):
+        pp.stage(memory.address, 0)
+
+
+RLIMIT_SCRIPT = textwrap.dedent("""
+    import os, resource, sys
+    from lazymig.dump.pagepipe import PagePipes
+    from lazymig.dump.scan import PageRun
+    from lazymig.errors import LazyMigOSError
+    from lazymig.linux.vm import AnonMapping
+    soft, hard = int(sys.argv[1]), int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with AnonMapping(1000 * 4096, populate=True) as m:
+        try:
+            pp = PagePipes.collect(os.getpid(), [PageRun(m.address, 1000, True)],
+                                   pipe_size=4096)
+        except LazyMigOSError as exc:
+            print("ERROR", exc.errno, exc)
+        else:
+            print("OK", len(pp.buffers), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            pp.close()
+""")
+
+
+def run_with_rlimit(soft: int, hard: int) -> str:
+    res = subprocess.run([sys.executable, "-c", RLIMIT_SCRIPT, str(soft), str(hard)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return res.stdout.strip()
+
+
+def test_fd_limit_too_low_is_a_clear_error() -> None:
+    out = run_with_rlimit(200, 200)
+    assert out.startswith(f"ERROR {errno.EMFILE} ")
+    assert "need 1002 file descriptors" in out and "hard limit is 200" in out
+
+
+def test_soft_fd_limit_is_raised_when_the_hard_one_allows() -> None:
+    out = run_with_rlimit(200, 4000).split()
+    assert out[:2] == ["OK", "1000"] and 1000 < int(out[2]) <= 4000
