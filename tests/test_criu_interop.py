@@ -6,7 +6,8 @@
 * lazymig's lazy-pages daemon stands in for ``criu lazy-pages``: it fills the
   tree ``criu restore --lazy-pages`` restores, from ``criu dump --lazy-pages``
   (which serves the frozen source, then kills it after CLOSE) or, in local mode,
-  from the pages-N.img of an ordinary ``criu dump``.
+  from the pages-N.img of an ordinary ``criu dump``. When the restore fails,
+  criu dump must resume the source rather than kill it.
 * lazymig reads the images ``criu dump`` writes as crit decodes them.
 
 Timings are measured and reported (``record_property``, and printed), never asserted.
@@ -356,6 +357,74 @@ def test_lazymig_daemon_local_mode_restores_criu_dump(
             stop(proc)
         if restored_pid:
             kill_pid(restored_pid)
+
+
+FAIL_POST_RESTORE = """#!/bin/sh
+# criu --action-script: fail the restore after every uffd went to the daemon
+# (post-restore runs before criu restore sends "restore finished").
+[ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] && exit 1
+exit 0
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_failed_restore_leaves_the_source_to_criu_dump(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    """criu restore fails after handing both uffds to lazymig: lazymig must not end the
+    session as a finished transfer (criu lazy-pages does, and criu dump then kills the
+    source: README pitfall 8). Whether the daemon gives up on its own or is stopped
+    (SIGTERM), criu dump must fail the transfer and resume the source, which goes on
+    with its memory intact."""
+    d = chroot_dir
+    script = d.host / "fail-post-restore.sh"
+    script.write_text(FAIL_POST_RESTORE)
+    script.chmod(0o755)
+    workload = Workload(d, workload_binary, mib=8, children=1)
+    procs: list[subprocess.Popen[bytes]] = []
+    daemon_log = d.host / "lazymig-lazy-pages.log"
+    try:
+        workload.start()
+        workload.wait_ticks({}, 2, timeout=10)
+        port = free_port()
+        dump = start_with_status_fd(
+            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
+                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
+            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        procs.append(dump)
+        dumped = workload.output()
+        # No wire tap here: a proxy would turn lazymig's reset into a FIN.
+        with daemon_log.open("wb") as err:
+            daemon = start_with_status_fd(
+                lazymig_argv("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                             str(port), "--wire", "v1", "-D", str(d.host), loop=loop),
+                what="lazymig lazy-pages", stderr=err.fileno())
+        procs.append(daemon)
+        with pytest.raises(CriuError, match="restore"):
+            criu(d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+                 "--action-script", d.inside(script.name), log="restore.log")
+        assert "post-restore script" in (d.host / "restore.log").read_text()
+        handed_over = DaemonLogReport.parse(daemon_log.read_text())
+        assert handed_over.complete is None, "the daemon called a failed restore complete"
+
+        try:  # the daemon may give up by itself; else the operator stops it
+            rc = daemon.wait(2)
+            measure["daemon_ended"] = f"by itself, rc {rc}"
+        except subprocess.TimeoutExpired:
+            daemon.terminate()
+            rc = daemon.wait(10)
+            measure["daemon_ended"] = f"SIGTERM, rc {rc}"
+        assert rc != 0, daemon_log.read_text()[-3000:]
+
+        assert dump.wait(30) != 0, "criu dump took the session for a finished transfer"
+        assert "Lazy pages transfer FAILED" in (d.host / "dump.log").read_text()
+        assert workload.alive(), "criu dump killed the source"
+        check_restored_ticks(workload, dumped)  # the source itself, resumed
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        workload.kill()
 
 
 # -- lazymig reads what criu dump writes ---------------------------------------------------

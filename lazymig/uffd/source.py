@@ -11,6 +11,13 @@ buffer handed back to the caller (one copy, by the kernel). With
 so they never queue behind background megabytes (QEMU's postcopy-preempt
 channel). CRIU's own page server accepts a single connection, so one channel
 is the default; on it, the daemon bounds background requests in flight.
+
+Only :meth:`RemotePageSource.aclose` ends a session with a FIN. Every other end
+(:meth:`~RemotePageSource.abort`, the process dying or being killed) resets the
+connection: ``criu dump --lazy-pages`` (4.1.1) takes a plain EOF for a finished
+transfer and kills its frozen source, while a reset makes it fail and resume
+the source, which is what must happen when the restored copy did not get its
+pages.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,6 +53,10 @@ from lazymig.proto.wire import WireVersion
 __all__ = ["LocalPageSource", "PageChunk", "PageSource", "RemotePageSource"]
 
 log = logging.getLogger(__name__)
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""struct linger {on, 0 s}: close() sends a reset (RST) instead of a FIN."""
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +208,9 @@ class RemotePageSource:
                         " (is `lazymig dump --lazy-pages` or `criu dump --lazy-pages` "
                         "listening there?)") from exc
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Until an orderly CLOSE, any close of this socket (abort, a crash, a kill)
+                # must not read as a finished transfer: reset it (see the module doc).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 channel = _Channel(sock, wire, max_pages, "urgent" if i else "main")
                 channel.start()
                 opened.append(channel)
@@ -223,6 +238,8 @@ class RemotePageSource:
                 assert isinstance(reply, CloseReply)
                 if reply.status != 0:
                     log.warning("page server answered CLOSE with status %d", reply.status)
+                # CLOSE was answered: now end with the EOF that CRIU waits for.
+                channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
                 channel.sock.shutdown(socket.SHUT_WR)
         finally:
             for channel in self._channels:
@@ -233,6 +250,7 @@ class RemotePageSource:
                 channel.sock.close()
 
     def abort(self) -> None:
+        """Reset every connection (a page server must not take this for a finished transfer)."""
         for channel in self._channels:
             channel.abort()
 
