@@ -57,6 +57,10 @@ VmFlags: rd wr sh mr mw me ms
 VmFlags: rd wr mr mw me ht
 7f0000300000-7f0000301000 rw-s 00000000 fe:00 77                         /var/data file
 VmFlags: rd wr sh mr mw me
+7f0000400000-7f0000407000 r--s 00000000 fe:00 78             /usr/lib/gconv/gconv-modules.cache
+VmFlags: rd sh mr me
+7f0000500000-7f0000501000 r--s 00000000 00:01 79                         /memfd:sealed (deleted)
+VmFlags: rd sh mr me
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
 VmFlags: rd wr mr mw me gd ac
 7ffc00100000-7ffc00104000 r--p 00000000 00:00 0                          [vvar]
@@ -74,7 +78,7 @@ def by_path(vmas: list[Vma]) -> dict[str, Vma]:
 
 def test_parse_smaps_statuses_and_flags() -> None:
     vmas = parse_smaps(SMAPS)
-    assert len(vmas) == 13
+    assert len(vmas) == 15
     text, data = vmas[0], vmas[1]
     assert (text.start, text.end, text.prot, text.pgoff) == (0x400000, 0x401000, 5, 0)
     assert text.flags == MAP_PRIVATE
@@ -106,7 +110,7 @@ def test_parse_smaps_statuses_and_flags() -> None:
     assert stack.flags & MAP_GROWSDOWN and stack.status & VmaStatus.STACK
     assert stack.start == 0x7FFC00000000 - PAGE_SIZE  # guard page included, as CRIU does
 
-    vvar, vdso, vsys = vmas[10], vmas[11], vmas[12]
+    vvar, vdso, vsys = vmas[12], vmas[13], vmas[14]
     assert vvar.status == VmaStatus.REGULAR | VmaStatus.VVAR | VmaStatus.ANON_PRIVATE
     assert not vvar.status & VmaStatus.UNSUPP  # io/pf are expected on the vvar
     assert vdso.status == VmaStatus.REGULAR | VmaStatus.VDSO | VmaStatus.ANON_PRIVATE
@@ -116,11 +120,14 @@ def test_parse_smaps_statuses_and_flags() -> None:
 
 def test_unsupported_mappings_name_each_cause() -> None:
     reasons = unsupported_mappings(parse_smaps(SMAPS))
-    assert len(reasons) == 4
+    assert len(reasons) == 5
     assert "shared mapping at 0x7f0000030000" in reasons[0]
     assert "SysV" in reasons[1]
     assert "hugetlb" in reasons[2]
-    assert "/var/data file" in reasons[3]
+    assert "/var/data file" in reasons[3]  # writable shared file: refused
+    assert "/memfd:sealed" in reasons[4]  # shared memory, even read-only
+    # A read-only shared file mapping (glibc's gconv cache) is not refused.
+    assert not any("gconv" in r for r in reasons)
     io = parse_smaps("7f0000000000-7f0000001000 rw-p 00000000 00:05 10 /dev/mem\n"
                      "VmFlags: rd wr io pf\n")
     assert "VM_IO" in unsupported_mappings(io)[0]

@@ -300,9 +300,12 @@ def parse_smaps(text: str) -> list[Vma]:
 def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
     """Why these VMAs cannot be migrated (empty list: they can). Pure.
 
-    Refused: shared mappings of any kind (files, shared anonymous memory, SysV
-    shm, memfd), hugetlb, VM_IO/VM_PFNMAP device memory and AIO rings. The vdso
-    and vvar are private and fine.
+    Refused: shared memory (shared anonymous, SysV shm, memfd, and any shared
+    file mapping that can be written), hugetlb, VM_IO/VM_PFNMAP device memory
+    and AIO rings. Allowed: a *read-only* shared file mapping (file opened
+    O_RDONLY, no PROT_WRITE; glibc maps its gconv and locale caches this way):
+    it holds no data but the file's, so the restorer maps the file again, as it
+    does for private file mappings. The vdso and vvar are private and fine.
     """
     reasons = []
     for v in vmas:
@@ -311,13 +314,19 @@ def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
             reasons.append(f"SysV shared memory at {where}")
         elif v.status & VmaStatus.AIORING:
             reasons.append(f"AIO ring at {where}")
-        elif v.flags & MAP_SHARED and not v.status & (VmaStatus.VDSO | VmaStatus.VVAR):
+        elif v.flags & MAP_SHARED and not _read_only_shared_file(v):
             reasons.append(f"shared mapping at {where}")
         elif v.flags & MAP_HUGETLB:
             reasons.append(f"hugetlb mapping at {where}")
         elif v.status & VmaStatus.UNSUPP:
             reasons.append(f"VM_IO/VM_PFNMAP mapping at {where}")
     return reasons
+
+
+def _read_only_shared_file(v: Vma) -> bool:
+    return (v.status & VmaStatus.FILE_SHARED != 0 and v.fdflags != _O_RDWR
+            and not v.prot & _PROT_WRITE and "mw" not in v.vm_flags
+            and not v.path.startswith("/memfd:"))
 
 
 def should_dump_vma(vma: Vma) -> bool:

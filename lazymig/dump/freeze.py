@@ -1,0 +1,543 @@
+"""Freezing a target process with ptrace and reading the state a restore needs.
+
+:meth:`FrozenProcess.freeze` checks the target first, without touching it
+(it exists, nobody traces it, it has one thread, no shared/SysV/hugetlb/device
+mappings); then seizes and interrupts every thread (PTRACE_SEIZE +
+PTRACE_INTERRUPT), checks again now that it cannot change, and reads:
+
+* per thread: general registers (fs_base/gs_base included), the raw
+  NT_X86_XSTATE area, the blocked-signal mask, the rseq configuration;
+* per process: auxv, the exe link, the mm fields of /proc/PID/stat, the
+  current brk and every signal's disposition. The last two have no /proc or
+  ptrace interface: CRIU asks a parasite; we inject ``brk(0)`` and
+  ``rt_sigaction(sig, NULL, &old)`` syscalls (:meth:`Tracee.inject_syscall`).
+
+Every ptrace request runs on one dedicated thread (:class:`TracerThread`);
+the async methods await it and never block the event loop.
+
+**Failure leaves the target as it was.** Any error inside :meth:`freeze`
+detaches what was seized before it propagates. ``async with`` on a
+:class:`FrozenProcess` resumes the target if the block raises or ends without
+:meth:`release`. Injected syscalls restore registers and signal mask; the
+scratch area they use (below the stack's red zone) is written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import pathlib
+import signal
+import struct
+import warnings
+from collections.abc import Callable
+from typing import Final, ParamSpec, TypeVar
+
+from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
+from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
+from lazymig.linux.ptrace import (
+    PTRACE_O_SUSPEND_SECCOMP,
+    AlreadyTracedError,
+    RseqConfiguration,
+    TargetGoneError,
+    Tracee,
+    TracerThread,
+    UserRegs,
+    process_alive,
+)
+from lazymig.linux.vm import read_memory, write_memory
+from lazymig.proto.constants import PAGE_SIZE
+
+__all__ = [
+    "AlreadyTracedError",
+    "FrozenProcess",
+    "MmState",
+    "ProcessState",
+    "SigAction",
+    "TargetGoneError",
+    "ThreadState",
+    "UnsupportedTargetError",
+    "inspect_target",
+    "inspect_target_frozen",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SYS_MMAP: Final = 9
+SYS_MUNMAP: Final = 11
+SYS_BRK: Final = 12
+SYS_RT_SIGACTION: Final = 13
+
+_SIGMAX: Final = 64
+_KSIGACTION: Final = struct.Struct("<QQQQ")  # handler, flags, restorer, mask
+_RED_ZONE: Final = 128
+
+
+class UnsupportedTargetError(LazyMigError):
+    """The target has something lazymig cannot migrate; ``reasons`` lists what.
+
+    Raised before the target is touched (or, if it changed in between, right
+    after seizing it, and then it is released again).
+    """
+
+    def __init__(self, pid: int, reasons: list[str]) -> None:
+        super().__init__(f"cannot migrate process {pid}: " + "; ".join(reasons))
+        self.pid = pid
+        self.reasons = reasons
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SigAction:
+    """One signal's disposition (``struct kernel_sigaction`` on x86_64).
+
+    ``handler`` is 0 for SIG_DFL and 1 for SIG_IGN; ``mask`` is the 64-bit
+    sa_mask (bit ``n - 1`` is signal ``n``).
+    """
+
+    signo: int
+    handler: int
+    flags: int
+    restorer: int
+    mask: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThreadState:
+    """What a restore needs of one thread.
+
+    ``regs`` are exactly what the kernel reports; for a thread stopped inside a
+    syscall use ``regs.with_syscall_restart()`` for the image.
+    ``xstate`` is the raw NT_X86_XSTATE area (XSAVE layout).
+    """
+
+    tid: int
+    regs: UserRegs
+    xstate: bytes
+    sigmask: int
+    rseq: RseqConfiguration | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MmState:
+    """The mm fields CRIU's ``mm_entry`` has, from /proc/PID/stat, auxv and exe.
+
+    ``brk`` is the current program break (from an injected ``brk(0)``), which
+    /proc/PID/stat does not show. ``auxv`` is the flat array of (type, value)
+    words, terminator included, like ``mm_entry.mm_saved_auxv``.
+    """
+
+    start_code: int
+    end_code: int
+    start_data: int
+    end_data: int
+    start_stack: int
+    start_brk: int
+    brk: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+    auxv: tuple[int, ...]
+    exe: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProcessState:
+    """Everything read from the frozen process except its memory."""
+
+    pid: int
+    comm: str
+    threads: tuple[ThreadState, ...]
+    mm: MmState
+    sigactions: tuple[SigAction, ...]
+    #: The target was job-control stopped (SIGSTOP & co) when seized; it stays so.
+    was_stopped: bool
+
+
+# -- checks that do not touch the target ------------------------------------------
+
+
+def _read_status(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise TargetGoneError(pid, f"process {pid} does not exist") from exc
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _read_vmas(pid: int) -> list[Vma]:
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            return parse_smaps(f.read())
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise TargetGoneError(pid, f"process {pid} does not exist") from exc
+
+
+def inspect_target(pid: int) -> list[Vma]:
+    """Refuse what cannot be frozen or migrated, reading only /proc.
+
+    Raises :class:`TargetGoneError` (no such process, or a zombie),
+    :class:`AlreadyTracedError`, :class:`UnsupportedTargetError` (more than
+    one thread, shared/SysV/hugetlb/device mappings, a kernel thread) or
+    :class:`~lazymig.errors.ConfigurationError` (our own process). Returns the
+    VMAs read.
+    """
+    if pid <= 0:
+        raise ConfigurationError(f"invalid pid {pid}")
+    status = _read_status(pid)
+    if int(status.get("Tgid", pid)) == os.getpid():
+        raise ConfigurationError(f"pid {pid} is this process; it cannot freeze itself")
+    if int(status.get("Tgid", pid)) != pid:
+        raise ConfigurationError(f"{pid} is a thread of process {status['Tgid']}; "
+                                 "give the process id")
+    state = status.get("State", "?")[:1]
+    if state in ("Z", "X"):
+        raise TargetGoneError(pid, f"process {pid} is a zombie")
+    tracer = int(status.get("TracerPid", "0") or 0)
+    if tracer:
+        raise AlreadyTracedError(pid, tracer)
+    reasons = []
+    threads = int(status.get("Threads", "1"))
+    if threads != 1:
+        reasons.append(f"it has {threads} threads; only single-threaded processes are supported")
+    vmas = _read_vmas(pid)
+    if not vmas:
+        reasons.append("it has no memory map (a kernel thread?)")
+    reasons += unsupported_mappings(vmas)
+    if reasons:
+        raise UnsupportedTargetError(pid, reasons)
+    return vmas
+
+
+# -- the frozen process --------------------------------------------------------------
+
+
+class FrozenProcess:
+    """A target held in ptrace-stops, with its state read.
+
+    Get one with ``await FrozenProcess.freeze(pid)``. End it with
+    :meth:`resume` (detach: the target runs on as if nothing happened) or
+    :meth:`release` (``kill=True`` after a successful migration). Use it as an
+    async context manager so that an exception resumes the target.
+    """
+
+    def __init__(self, pid: int, tracer: TracerThread, tracees: list[Tracee],
+                 state: ProcessState) -> None:
+        self.pid = pid
+        self.state = state
+        self._tracer = tracer
+        self._tracees = tracees
+        self._released = False
+
+    # -- freezing --------------------------------------------------------------------
+
+    @classmethod
+    async def freeze(cls, pid: int, *, stop_timeout: float = 10.0) -> FrozenProcess:
+        """Check, seize and stop every thread of ``pid`` and read its state.
+
+        Raises :class:`TargetGoneError`, :class:`AlreadyTracedError`,
+        :class:`UnsupportedTargetError`, or :class:`~lazymig.errors.LazyMigOSError`;
+        in every case the target is left running as before. ``stop_timeout``
+        bounds the wait for each thread's stop (a thread in uninterruptible sleep
+        never stops).
+        """
+        tracer = TracerThread(name=f"lazymig-ptrace-{pid}")
+        try:
+            tracees, state = await tracer.run(_freeze_sync, pid, stop_timeout)
+        except BaseException:
+            tracer.close()
+            raise
+        return cls(pid, tracer, tracees, state)
+
+    # -- working on the frozen target ----------------------------------------------------
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on the tracer thread (where the tracees may be driven)."""
+        self._check_frozen()
+        return await self._tracer.run(fn, *args, **kwargs)
+
+    @property
+    def main_thread(self) -> Tracee:
+        """The leader's :class:`Tracee` (use it only inside :meth:`run`)."""
+        return self._tracees[0]
+
+    async def inject_syscall(self, nr: int, *args: int) -> int:
+        """Run syscall ``nr(*args)`` in the main thread; returns rax (``-errno`` on error)."""
+        self._check_frozen()
+        return await self._tracer.run(self._tracees[0].inject_syscall, nr, *args)
+
+    async def scan(self, *, use_zero_pfn: bool = True) -> MemoryScan:
+        """Read VMAs and pagemap and plan the page runs (stack-pointer pages non-lazy)."""
+        self._check_frozen()
+        sps = [t.regs.rsp for t in self.state.threads]
+        result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn)
+        return result
+
+    async def collect_pages(self, scan: MemoryScan, *,
+                            pipe_size: int | None = None) -> PagePipes:
+        """Copy the pages of ``scan.runs`` into page pipes (off the event loop)."""
+        self._check_frozen()
+        return await self._tracer.run(_collect_checked, self.pid, scan, pipe_size)
+
+    # -- ending ------------------------------------------------------------------------
+
+    @property
+    def released(self) -> bool:
+        """True after :meth:`resume` or :meth:`release`."""
+        return self._released
+
+    async def resume(self) -> None:
+        """Detach every thread: the target continues exactly where it was (idempotent)."""
+        await self.release(kill=False)
+
+    async def release(self, *, kill: bool) -> None:
+        """End the freeze: ``kill=False`` detaches and lets the target run on,
+        ``kill=True`` kills it (SIGKILL) and waits for it to die. Idempotent.
+
+        A target that died meanwhile is not an error here.
+        """
+        if self._released:
+            return
+        self._released = True
+        try:
+            await self._tracer.run(_release_sync, self.pid, self._tracees, kill)
+        finally:
+            self._tracer.close()
+
+    def _check_frozen(self) -> None:
+        if self._released:
+            raise ClosedResourceError(f"process {self.pid} was already released")
+
+    async def __aenter__(self) -> FrozenProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release(kill=False)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_released", True):
+            warnings.warn(f"FrozenProcess({self.pid}) was never released; its tracer thread "
+                          "ends now and the kernel resumes it", ResourceWarning, stacklevel=2)
+            self._tracer.close(wait=False)
+
+    def __repr__(self) -> str:
+        return f"<FrozenProcess pid={self.pid}{' released' if self._released else ''}>"
+
+
+# -- the synchronous halves (run on the tracer thread) ----------------------------------
+
+
+def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState]:
+    inspect_target(pid)
+    status = _read_status(pid)
+    options = PTRACE_O_SUSPEND_SECCOMP if status.get("Seccomp", "0") not in ("0", "") else 0
+    tracees: list[Tracee] = []
+    try:
+        _seize_all(pid, tracees, options, timeout)
+        # Re-check now that nothing can change under us.
+        vmas = inspect_target_frozen(pid, len(tracees))
+        state = _read_state(pid, tracees, vmas)
+    except BaseException:
+        for t in reversed(tracees):
+            t.abandon()
+        raise
+    return tracees, state
+
+
+def inspect_target_frozen(pid: int, nr_threads: int) -> list[Vma]:
+    """The checks of :func:`inspect_target` again, for a seized target."""
+    reasons = []
+    if nr_threads != 1:
+        reasons.append(f"it has {nr_threads} threads; only single-threaded processes are "
+                       "supported")
+    vmas = _read_vmas(pid)
+    reasons += unsupported_mappings(vmas)
+    if reasons:
+        raise UnsupportedTargetError(pid, reasons)
+    return vmas
+
+
+def _list_threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(entry.name) for entry in os.scandir(f"/proc/{pid}/task"))
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, f"process {pid} exited") from exc
+
+
+def _seize_all(pid: int, tracees: list[Tracee], options: int, timeout: float) -> None:
+    """Seize every thread, again and again until no new one appears (CRIU seize_threads)."""
+    done: set[int] = set()
+    while True:
+        fresh = [tid for tid in _list_threads(pid) if tid not in done]
+        fresh.sort(key=lambda tid: tid != pid)  # the leader first
+        if not fresh:
+            return
+        for tid in fresh:
+            done.add(tid)
+            try:
+                tracees.append(Tracee.seize(tid, pid=pid, options=options, timeout=timeout))
+            except TargetGoneError:
+                if tid == pid or not process_alive(pid):
+                    raise
+                # A non-leader thread exited between listing and seizing: fine.
+
+
+def _read_state(pid: int, tracees: list[Tracee], vmas: list[Vma]) -> ProcessState:
+    threads = tuple(
+        ThreadState(tid=t.tid, regs=t.get_regs(), xstate=t.get_xstate(), sigmask=t.get_sigmask(),
+                    rseq=t.get_rseq_configuration())
+        for t in tracees
+    )
+    main = tracees[0]
+    stat = _read_stat_fields(pid)
+    brk = main.inject_syscall(SYS_BRK, 0)
+    if brk < 0:
+        raise LazyMigOSError(-brk, "injected brk(0)", pid=pid)
+    mm = MmState(
+        start_code=stat[26], end_code=stat[27], start_stack=stat[28], start_data=stat[45],
+        end_data=stat[46], start_brk=stat[47], brk=brk, arg_start=stat[48], arg_end=stat[49],
+        env_start=stat[50], env_end=stat[51], auxv=_read_auxv(pid), exe=_read_exe(pid),
+    )
+    sigactions = _read_sigactions(main, threads[0].regs.rsp, vmas)
+    return ProcessState(pid=pid, comm=_read_comm(pid), threads=threads, mm=mm,
+                        sigactions=sigactions, was_stopped=any(t.group_stopped for t in tracees))
+
+
+def _read_stat_fields(pid: int) -> dict[int, int]:
+    """/proc/PID/stat numeric fields by their proc(5) number (1-based), from 4 on."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, "read /proc/PID/stat") from exc
+    rest = raw[raw.rfind(b")") + 2:].split()
+    # rest[0] is field 3 (state); numeric fields start at field 4.
+    return {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
+
+
+def _read_auxv(pid: int) -> tuple[int, ...]:
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, "read /proc/PID/auxv") from exc
+    words = [w for (w,) in struct.iter_unpack("<Q", raw[: len(raw) & ~7])]
+    out: list[int] = []
+    for i in range(0, len(words) - 1, 2):
+        out += words[i: i + 2]
+        if words[i] == 0:  # AT_NULL
+            break
+    return tuple(out)
+
+
+def _read_exe(pid: int) -> str:
+    try:
+        return str(pathlib.Path(f"/proc/{pid}/exe").readlink())
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, "read /proc/PID/exe") from exc
+
+
+def _read_comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().rstrip("\n")
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, "read /proc/PID/comm") from exc
+
+
+def _signals() -> list[int]:
+    return [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def _read_sigactions(main: Tracee, sp: int, vmas: list[Vma]) -> tuple[SigAction, ...]:
+    """rt_sigaction(sig, NULL, scratch + i * 32, 8) for every signal, in the target.
+
+    The scratch area lies below the red zone of the current stack (dead memory
+    by the ABI); its old contents are put back. If the stack VMA has no room
+    there, a page is mmap-ed in the target for the purpose and unmapped again.
+    """
+    pid = main.pid
+    sigs = _signals()
+    size = len(sigs) * _KSIGACTION.size
+    scratch = (sp - _RED_ZONE - size) & ~63
+    stack = next((v for v in vmas if v.contains(sp - 1)), None)
+    mapped = 0
+    if stack is None or scratch < stack.start or not stack.prot & 0x2:
+        mapped = main.inject_syscall(SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
+        if mapped < 0:
+            raise LazyMigOSError(-mapped, "injected mmap for a scratch page", pid=pid)
+        scratch = mapped
+        saved = b""
+    else:
+        saved = read_memory(pid, scratch, size)
+    try:
+        for i, sig in enumerate(sigs):
+            res = main.inject_syscall(SYS_RT_SIGACTION, sig, 0, scratch + i * _KSIGACTION.size, 8)
+            if res < 0:
+                raise LazyMigOSError(-res, f"injected rt_sigaction({sig})", pid=pid)
+        raw = read_memory(pid, scratch, size)
+    finally:
+        if mapped:
+            main.inject_syscall(SYS_MUNMAP, mapped, PAGE_SIZE)
+        elif saved and process_alive(pid):
+            write_memory(pid, scratch, saved)
+    return tuple(
+        SigAction(sig, *_KSIGACTION.unpack_from(raw, i * _KSIGACTION.size))
+        for i, sig in enumerate(sigs)
+    )
+
+
+def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool) -> MemoryScan:
+    if not process_alive(pid):
+        raise TargetGoneError(pid, f"process {pid} exited")
+    result = scan_process(pid, stack_pointers=sps, use_zero_pfn=use_zero_pfn)
+    if not process_alive(pid) or not result.vmas:
+        raise TargetGoneError(pid, f"process {pid} exited while being scanned")
+    return result
+
+
+def _collect_checked(pid: int, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+    if not process_alive(pid):
+        raise TargetGoneError(pid, f"process {pid} exited")
+    pipes = PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+    if not process_alive(pid):
+        pipes.close()
+        raise TargetGoneError(pid, f"process {pid} exited while its pages were copied")
+    return pipes
+
+
+def _release_sync(pid: int, tracees: list[Tracee], kill: bool) -> None:
+    if kill:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        for t in tracees:
+            try:
+                while True:  # until the exit is reported
+                    t.wait(timeout=10.0)
+                    t.cont()
+            except TargetGoneError:
+                pass
+            except LazyMigOSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+        return
+    errors: list[LazyMigError] = []
+    for t in tracees:
+        try:
+            t.detach()
+        except TargetGoneError:
+            pass
+        except LazyMigError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,367 @@
+"""Freezing real processes with real ptrace: state, scan, page pipes, and the
+promise that a failed or abandoned dump leaves the target running unchanged."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from workloads import (
+    Workload,
+    build_c_workload,
+    expected_page,
+    python_workload_argv,
+)
+
+from lazymig.dump.freeze import (
+    AlreadyTracedError,
+    FrozenProcess,
+    TargetGoneError,
+    UnsupportedTargetError,
+)
+from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.errors import ClosedResourceError, LazyMigOSError
+from lazymig.linux.ptrace import Tracee, TracerThread
+from lazymig.linux.vm import F_SETPIPE_SZ, read_memory
+from lazymig.proto.constants import PAGE_SIZE, VmaStatus
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of arbitrary processes needs root"),
+]
+
+MiB = 1 << 20
+SA_RESTART = 0x10000000
+SYS_GETPID = 39
+
+
+@pytest.fixture(scope="module")
+def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_c_workload(tmp_path_factory.mktemp("workload"))
+
+
+@pytest.fixture
+def workload(c_workload: Path) -> Iterator[Workload]:
+    with Workload([str(c_workload), "--mib", "8", "--locked-kib", "64",
+                   "--interval-ms", "50"]) as w:
+        yield w
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines())
+    return f"{fields['State'].strip()} tracer={fields['TracerPid'].strip()}"
+
+
+def real_python() -> str:
+    return os.path.realpath(sys.executable)
+
+
+def pid_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def reaped_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    return dead.pid
+
+
+def wait_until_dead(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while proc_state(pid)[0] not in "ZX" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def spawn_tracer(pid: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", TRACER, str(pid)], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def assert_runs_unchanged(w: Workload, reference_sum: int) -> None:
+    """The workload runs again, untraced, with its memory intact."""
+    w.drain()
+    check = w.next_check(timeout=5)
+    assert (check.sum, check.bad) == (reference_sum, 0)
+    assert proc_state(w.pid).endswith("tracer=0")
+
+
+class PipeReader:
+    """A 1 MiB pipe to serve pages into and read them back from."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        fcntl.fcntl(self.w, F_SETPIPE_SZ, MiB)
+
+    def serve(self, pipes: PagePipes, vaddr: int, nr_pages: int) -> tuple[int, bytes]:
+        n = pipes.write_pages(vaddr, nr_pages, self.w)
+        want, out = n * PAGE_SIZE, bytearray()
+        while len(out) < want:
+            out += os.read(self.r, want - len(out))
+        return n, bytes(out)
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def serve_all_lazy(pipes: PagePipes, scan: MemoryScan, pid: int, *, seed: int,
+                   region: tuple[int, int]) -> int:
+    """Serve every lazy page (twice for the first chunk of each run); pattern pages
+    must match the formula, others the frozen target's memory. Returns pages seen."""
+    reader = PipeReader()
+    seen = 0
+    try:
+        for run in (r for r in scan.runs if r.lazy):
+            vaddr, first = run.vaddr, True
+            while vaddr < run.end:
+                n, data = reader.serve(pipes, vaddr, (run.end - vaddr) // PAGE_SIZE)
+                assert n >= 1
+                if first:  # served again: the same bytes, the pipe was not consumed
+                    assert reader.serve(pipes, vaddr, n) == (n, data)
+                    first = False
+                if region[0] <= vaddr < region[1]:
+                    assert data == b"".join(expected_page(vaddr + i * PAGE_SIZE, seed)
+                                            for i in range(n))
+                else:
+                    assert data == read_memory(pid, vaddr, n * PAGE_SIZE)
+                vaddr += n * PAGE_SIZE
+                seen += n
+    finally:
+        reader.close()
+    return seen
+
+
+@pytest.mark.asyncio
+async def test_freeze_scan_pipes_and_resume(workload: Workload, c_workload: Path) -> None:
+    ready = workload.ready
+    before = workload.next_check()
+    fp = await FrozenProcess.freeze(workload.pid)
+    async with fp:
+        assert proc_state(workload.pid).startswith("t (tracing stop)")
+        assert workload.quiet_for(0.2)
+        state = fp.state
+        assert state.pid == workload.pid and state.comm == "pattern" and not state.was_stopped
+        assert state.mm.exe == str(c_workload)
+        (thread,) = state.threads
+        assert thread.tid == workload.pid
+        assert thread.regs.fs_base != 0  # TLS
+        assert thread.sigmask == 1 << (signal.SIGUSR2 - 1)
+        assert len(thread.xstate) >= 576
+        assert thread.rseq is None or thread.rseq.rseq_abi_size in (0, 20, 32)
+        # Stopped in clock_nanosleep: the image gets the restarting registers.
+        assert thread.regs.orig_rax == 230
+        restart = thread.regs.with_syscall_restart()
+        assert restart.rip == thread.regs.rip - 2 and restart.rax == 230
+        # Signal dispositions, read by injected rt_sigaction calls.
+        acts = {a.signo: a for a in state.sigactions}
+        assert len(acts) == 62 and signal.SIGKILL not in acts
+        usr1 = acts[signal.SIGUSR1]
+        assert usr1.handler > 1 and usr1.flags & SA_RESTART and usr1.restorer
+        assert usr1.mask == 1 << (signal.SIGUSR2 - 1)
+        assert acts[signal.SIGUSR2].handler == 0
+        assert acts[signal.SIGPIPE].handler == 0
+        # mm: brk from an injected brk(0) is the [heap] end; auxv has AT_PAGESZ.
+        auxv = dict(zip(state.mm.auxv[::2], state.mm.auxv[1::2], strict=True))
+        assert auxv[6] == PAGE_SIZE and state.mm.auxv[-2:] == (0, 0)
+        assert state.mm.start_code < state.mm.end_code <= state.mm.start_data
+        assert state.mm.arg_start < state.mm.arg_end <= state.mm.env_start < state.mm.env_end
+        assert await fp.inject_syscall(SYS_GETPID) == workload.pid
+
+        scan = await fp.scan()
+        heap = next(v for v in scan.vmas if v.status & VmaStatus.HEAP)
+        assert state.mm.brk == heap.end and heap.start == state.mm.start_brk
+        region = (ready.addr, ready.addr + ready.size)
+        lazy_in_region = [r for r in scan.runs if region[0] <= r.vaddr < region[1]]
+        assert all(r.lazy for r in lazy_in_region)
+        assert sum(r.nr_pages for r in lazy_in_region) == ready.size // PAGE_SIZE
+        locked = [r for r in scan.runs if ready.locked <= r.vaddr < ready.locked + 64 * 1024]
+        assert locked == [PageRun(ready.locked, 16, False)]
+        sp_page = thread.regs.rsp & ~(PAGE_SIZE - 1)
+        assert any(not r.lazy and r.vaddr <= sp_page < r.end for r in scan.runs)
+
+        with await fp.collect_pages(scan, pipe_size=MiB) as pipes:
+            seen = serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+            assert seen == scan.lazy_pages
+            with tempfile.TemporaryFile() as f:
+                written = pipes.drain_nonlazy(f.fileno())
+                f.seek(0)
+                data = f.read()
+            assert sum(r.nr_pages for r in written) == scan.nonlazy_pages
+            off = 0
+            for run in written:
+                chunk = data[off: off + run.nr_pages * PAGE_SIZE]
+                assert chunk == read_memory(workload.pid, run.vaddr, run.nr_pages * PAGE_SIZE)
+                if run.vaddr == ready.locked:
+                    assert chunk == b"".join(expected_page(ready.locked + i * PAGE_SIZE,
+                                                           ready.seed) for i in range(16))
+                off += len(chunk)
+        await fp.resume()
+        assert fp.released
+    assert_runs_unchanged(workload, before.sum)
+    with pytest.raises(ClosedResourceError):
+        await fp.scan()
+
+
+@pytest.mark.asyncio
+async def test_python_workload(tmp_path: Path) -> None:
+    with Workload(python_workload_argv("--mib", "2", "--interval-ms", "50")) as w:
+        before = w.next_check()
+        async with await FrozenProcess.freeze(w.pid) as fp:
+            assert fp.state.mm.exe == real_python()
+            scan = await fp.scan()
+            with await fp.collect_pages(scan, pipe_size=MiB) as pipes:
+                region = (w.ready.addr, w.ready.addr + w.ready.size)
+                serve_all_lazy(pipes, scan, w.pid, seed=w.ready.seed, region=region)
+        assert_runs_unchanged(w, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_release_kill(workload: Workload) -> None:
+    fp = await FrozenProcess.freeze(workload.pid)
+    await fp.release(kill=True)
+    await fp.release(kill=True)  # idempotent
+    assert workload.proc.wait(timeout=5) is not None
+    assert not pid_exists(workload.pid)
+
+
+@pytest.mark.asyncio
+async def test_exception_inside_resumes_the_target(workload: Workload) -> None:
+    before = workload.next_check()
+    fds = sum(1 for _ in os.scandir("/proc/self/fd"))
+    with pytest.raises(LazyMigOSError):
+        async with await FrozenProcess.freeze(workload.pid) as fp:
+            scan = await fp.scan()
+            # A run over unmapped memory: collecting fails half-way through.
+            bogus = MemoryScan(scan.pid, scan.vmas, (*scan.runs, PageRun(0x1000, 1, True)))
+            await fp.collect_pages(bogus, pipe_size=MiB)
+    assert sum(1 for _ in os.scandir("/proc/self/fd")) == fds  # every pipe closed
+    assert_runs_unchanged(workload, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_target_exits_during_dump(workload: Workload) -> None:
+    fp = await FrozenProcess.freeze(workload.pid)
+    os.kill(workload.pid, signal.SIGKILL)
+    wait_until_dead(workload.pid)
+    with pytest.raises(TargetGoneError) as info:
+        await fp.scan()
+    assert info.value.errno == errno.ESRCH and info.value.pid == workload.pid
+    with pytest.raises(TargetGoneError):
+        await fp.inject_syscall(SYS_GETPID)
+    await fp.resume()  # nothing left to detach: not an error
+
+
+@pytest.mark.asyncio
+async def test_missing_pid() -> None:
+    dead = reaped_pid()
+    with pytest.raises(TargetGoneError) as info:
+        await FrozenProcess.freeze(dead)
+    assert info.value.errno == errno.ESRCH and str(dead) in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_refuses_multithreaded(c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "1", "--threads", "3",
+                   "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        with pytest.raises(UnsupportedTargetError, match="3 threads"):
+            await FrozenProcess.freeze(w.pid)
+        assert_runs_unchanged(w, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_refuses_shared_memory(c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "1", "--shared-kib", "64",
+                   "--interval-ms", "50"]) as w:
+        with pytest.raises(UnsupportedTargetError, match="shared mapping") as info:
+            await FrozenProcess.freeze(w.pid)
+        assert info.value.pid == w.pid and len(info.value.reasons) == 1
+        assert proc_state(w.pid).endswith("tracer=0")
+
+
+TRACER = textwrap.dedent("""
+    import ctypes, sys, time
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
+        print("seize failed", ctypes.get_errno(), flush=True)
+        sys.exit(1)
+    print("traced", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.asyncio
+async def test_refuses_an_already_traced_target(workload: Workload) -> None:
+    before = workload.next_check()
+    tracer = spawn_tracer(workload.pid)
+    try:
+        assert tracer.stdout is not None and tracer.stdout.readline() == "traced\n"
+        with pytest.raises(AlreadyTracedError) as info:
+            await FrozenProcess.freeze(workload.pid)
+        assert info.value.tracer == tracer.pid and str(tracer.pid) in str(info.value)
+        # Still running (the other tracer only seized it) and still intact.
+        workload.drain()
+        assert workload.next_check().sum == before.sum
+    finally:
+        tracer.kill()
+        tracer.wait()
+        assert tracer.stdout is not None
+        tracer.stdout.close()
+    assert_runs_unchanged(workload, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_refuses_itself() -> None:
+    with pytest.raises(ValueError, match="itself"):
+        await FrozenProcess.freeze(os.getpid())
+
+
+@pytest.mark.asyncio
+async def test_256_mib_with_one_fd_per_mib(c_workload: Path) -> None:
+    """A 256 MiB dump in 1 MiB pipes: about one fd per MiB, far from RLIMIT_NOFILE."""
+    with Workload([str(c_workload), "--mib", "256", "--interval-ms", "5000"]) as w:
+        async with await FrozenProcess.freeze(w.pid) as fp:
+            scan = await fp.scan()
+            assert scan.lazy_pages >= 256 * MiB // PAGE_SIZE
+            fds = sum(1 for _ in os.scandir("/proc/self/fd"))
+            with await fp.collect_pages(scan, pipe_size=MiB) as pipes:
+                held = sum(1 for _ in os.scandir("/proc/self/fd")) - fds
+                total_mib = (scan.lazy_pages + scan.nonlazy_pages) * PAGE_SIZE / MiB
+                assert held == pipes.nr_fds <= total_mib + 8
+                # Spot-check pages across the region.
+                reader = PipeReader()
+                try:
+                    for i in range(0, w.ready.size // PAGE_SIZE, 4099):
+                        vaddr = w.ready.addr + i * PAGE_SIZE
+                        assert reader.serve(pipes, vaddr, 1) == (1, expected_page(
+                            vaddr, w.ready.seed))
+                finally:
+                    reader.close()
+            await fp.release(kill=True)
+
+
+def test_tracee_refuses_calls_from_another_thread(workload: Workload) -> None:
+    tracer = TracerThread()
+    try:
+        tracee = tracer.call(Tracee.seize, workload.pid)
+        with pytest.raises(RuntimeError, match="other than its tracer"):
+            tracee.get_regs()
+        assert tracer.call(tracee.inject_syscall, SYS_GETPID) == workload.pid
+        tracer.call(tracee.detach)
+    finally:
+        tracer.close()
+    assert proc_state(workload.pid).endswith("tracer=0")
