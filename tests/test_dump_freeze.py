@@ -79,9 +79,9 @@ def reaped_pid() -> int:
     return dead.pid
 
 
-def wait_until_dead(pid: int) -> None:
+def wait_for_state(pid: int, states: str) -> None:
     deadline = time.monotonic() + 5
-    while proc_state(pid)[0] not in "ZX" and time.monotonic() < deadline:
+    while proc_state(pid)[0] not in states and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -255,13 +255,37 @@ async def test_exception_inside_resumes_the_target(workload: Workload) -> None:
 async def test_target_exits_during_dump(workload: Workload) -> None:
     fp = await FrozenProcess.freeze(workload.pid)
     os.kill(workload.pid, signal.SIGKILL)
-    wait_until_dead(workload.pid)
+    wait_for_state(workload.pid, "ZX")
     with pytest.raises(TargetGoneError) as info:
         await fp.scan()
     assert info.value.errno == errno.ESRCH and info.value.pid == workload.pid
     with pytest.raises(TargetGoneError):
         await fp.inject_syscall(SYS_GETPID)
     await fp.resume()  # nothing left to detach: not an error
+
+
+@pytest.mark.asyncio
+async def test_signals_sent_while_frozen_are_not_lost(workload: Workload) -> None:
+    before = workload.next_check()
+    assert before.usr1 == 0
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        os.kill(workload.pid, signal.SIGUSR1)  # pending while frozen and while injecting
+        assert await fp.inject_syscall(SYS_GETPID) == workload.pid
+    workload.drain()
+    after = workload.next_check()
+    assert (after.sum, after.bad, after.usr1) == (before.sum, 0, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_target_stays_stopped(workload: Workload) -> None:
+    before = workload.next_check()
+    os.kill(workload.pid, signal.SIGSTOP)
+    wait_for_state(workload.pid, "T")
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        assert fp.state.was_stopped and len(fp.state.sigactions) == 62
+    assert workload.quiet_for(0.2) and proc_state(workload.pid).startswith("T (stopped)")
+    os.kill(workload.pid, signal.SIGCONT)
+    assert_runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio

@@ -78,6 +78,7 @@ class Check:
     n: int
     sum: int
     bad: int
+    usr1: int = 0  # SIGUSR1s handled so far (pattern.c only)
 
 
 def _fields(line: str) -> dict[str, int]:
@@ -132,7 +133,7 @@ class Workload:
             line = self._get(timeout)
             if line.startswith("CHECK"):
                 f = _fields(line)
-                return Check(f["n"], f["sum"], f["bad"])
+                return Check(f["n"], f["sum"], f["bad"], f.get("usr1", 0))
 
     def drain(self) -> None:
         """Forget the lines printed so far."""

@@ -6,7 +6,7 @@
  * it checks the whole region against that formula and prints a line:
  *
  *   READY pid=<pid> addr=0x<addr> size=<bytes> seed=0x<seed> locked=0x<addr> locked_size=<bytes>
- *   CHECK n=<iteration> sum=0x<sum of all words, mod 2^64> bad=<words that differ>
+ *   CHECK n=<iteration> sum=0x<sum of all words, mod 2^64> bad=<words that differ> usr1=<SIGUSR1s handled>
  *
  * Options (all optional):
  *   --mib N           anonymous pattern region, MiB (default 4)
@@ -152,7 +152,8 @@ int main(int argc, char **argv)
 		check(region, size, seed, &sum, &bad);
 		if (locked)
 			check(locked, lsize, seed, &sum, &bad);
-		printf("CHECK n=%" PRIu64 " sum=0x%016" PRIx64 " bad=%" PRIu64 "\n", n, sum, bad);
+		printf("CHECK n=%" PRIu64 " sum=0x%016" PRIx64 " bad=%" PRIu64 " usr1=%d\n",
+		       n, sum, bad, (int)usr1_count);
 		fflush(stdout);
 	}
 }
