@@ -141,6 +141,148 @@ def build_workload(dest: Path) -> Path:
     return dest
 
 
+FORKER_SOURCE = r"""
+/*
+ * criu_forker MIB TRIGGER: criu_pattern with one process (tag 0) that, at every
+ * tick at which the file TRIGGER exists, first forks a child that checks the
+ * whole area and prints
+ *     child tick K pid P sum 0xS bad B
+ * (same hash and pattern as criu_pattern), then ticks itself and reaps the
+ * child. Create TRIGGER while the source is frozen by criu dump: only the
+ * restored copy forks, while its pages are still lazy (UFFD_EVENT_FORK).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define PATTERN_MAGIC 0x6c617a796d696700ULL
+#define INTERVAL_NS 100000000L
+
+static void say(const char *line)
+{
+    size_t len = strlen(line);
+    while (len) {
+        ssize_t n = write(1, line, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            _exit(3);
+        }
+        line += n;
+        len -= (size_t)n;
+    }
+}
+
+static uint64_t scan(const uint64_t *mem, size_t pages, size_t *bad)
+{
+    uint64_t sum = 0xcbf29ce484222325ULL;
+    *bad = 0;
+    for (size_t i = 0; i < pages; i++) {
+        const uint64_t *p = mem + i * (PAGE / 8);
+        int ok = 1;
+        for (size_t w = 0; w < PAGE / 8; w++) {
+            sum = (sum ^ p[w]) * 0x100000001b3ULL;
+            if (p[w] != ((w & 1) ? i : PATTERN_MAGIC))
+                ok = 0;
+        }
+        *bad += !ok;
+    }
+    return sum;
+}
+
+int main(int argc, char **argv)
+{
+    char line[160];
+    struct timespec next;
+    size_t bad;
+
+    if (argc != 3)
+        return 2;
+    size_t pages = strtoul(argv[1], NULL, 10) * (1024 * 1024 / PAGE);
+    uint64_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (pages == 0 || mem == MAP_FAILED)
+        return 1;
+    for (size_t i = 0; i < pages; i++)
+        for (size_t w = 0; w < PAGE / 8; w += 2) {
+            mem[i * (PAGE / 8) + w] = PATTERN_MAGIC;
+            mem[i * (PAGE / 8) + w + 1] = i;
+        }
+    snprintf(line, sizeof(line), "start tag 0 pid %d addr %#lx pages %zu\n",
+         (int)getpid(), (unsigned long)mem, pages);
+    say(line);
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    for (unsigned long tick = 0;; tick++) {
+        pid_t child = access(argv[2], F_OK) == 0 ? fork() : -1;
+        if (child == 0) {
+            uint64_t sum = scan(mem, pages, &bad);
+            snprintf(line, sizeof(line), "child tick %lu pid %d sum %#018llx bad %zu\n",
+                 tick, (int)getpid(), (unsigned long long)sum, bad);
+            say(line);
+            _exit(0);
+        }
+        uint64_t sum = scan(mem, pages, &bad);
+        snprintf(line, sizeof(line), "tick %lu tag 0 sum %#018llx bad %zu\n",
+             tick, (unsigned long long)sum, bad);
+        say(line);
+        if (child > 0)
+            while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+                ;
+        next.tv_nsec += INTERVAL_NS;
+        if (next.tv_nsec >= 1000000000L) {
+            next.tv_nsec -= 1000000000L;
+            next.tv_sec++;
+        }
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR)
+            ;
+    }
+}
+"""
+
+
+_CHILD_TICK = re.compile(r"child tick (\d+) pid (\d+) sum (0x[0-9a-f]+) bad (\d+)$")
+
+
+@dataclass(frozen=True)
+class ChildTick:
+    """A ``child tick`` line of criu_forker: what a child forked at that tick saw."""
+
+    tick: int
+    pid: int
+    checksum: int
+    bad_pages: int
+
+
+def child_ticks(log: Path) -> list[ChildTick]:
+    """The ``child tick`` lines criu_forker wrote to ``log`` so far."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return []
+    return [ChildTick(int(m[1]), int(m[2]), int(m[3], 16), int(m[4]))
+            for line in text.splitlines() if (m := _CHILD_TICK.match(line))]
+
+
+def build_forker(dest: Path) -> Path:
+    """Compile :data:`FORKER_SOURCE` statically into ``dest`` (named criu_forker)."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise RuntimeError("no C compiler on the host (gcc)")
+    source = dest.with_suffix(".c")
+    source.write_text(FORKER_SOURCE)
+    subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(dest), str(source)],
+                   check=True, capture_output=True, timeout=120)
+    return dest
+
+
 @dataclass
 class ChrootDir:
     """A directory below ``$CRIU_ROOT/tmp``, seen from the host and from inside the chroot."""
@@ -323,18 +465,20 @@ class Workload:
 
     Args:
         d: the directory (it gets the binary and ``out.log``).
-        binary: the static criu_pattern on the host.
+        binary: the static criu_pattern (or criu_forker) on the host.
         mib: size of the pattern area of each process.
         children: processes forked from the first (tags 1..children).
+        args: the program's arguments after MIB, if not ``children`` (criu_forker).
     """
 
-    def __init__(self, d: ChrootDir, binary: Path, *, mib: int, children: int = 0) -> None:
+    def __init__(self, d: ChrootDir, binary: Path, *, mib: int, children: int = 0,
+                 args: Sequence[str] = ()) -> None:
         self.dir = d
         self.processes = 1 + children
         self.log = d.host / "out.log"
-        shutil.copy2(binary, d.host / "criu_pattern")
-        script = (f"exec {d.inside('criu_pattern')} {mib} {children} "
-                  f">>{d.inside('out.log')} 2>&1 </dev/null")
+        shutil.copy2(binary, d.host / binary.name)
+        argv = " ".join([d.inside(binary.name), str(mib), *(args or [str(children)])])
+        script = f"exec {argv} >>{d.inside('out.log')} 2>&1 </dev/null"
         # unshare --fork makes the pid-1 child; setsid makes it lead its own session (it is
         # not a group leader, so setsid does not fork); sh opens every fd inside the chroot.
         self._unshare = subprocess.Popen(

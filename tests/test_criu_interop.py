@@ -7,7 +7,8 @@
   tree ``criu restore --lazy-pages`` restores, from ``criu dump --lazy-pages``
   (which serves the frozen source, then kills it after CLOSE) or, in local mode,
   from the pages-N.img of an ordinary ``criu dump``. When the restore fails,
-  criu dump must resume the source rather than kill it.
+  criu dump must resume the source rather than kill it. A restored process that
+  forks while its pages are lazy has its children followed (UFFD_EVENT_FORK).
 * lazymig reads the images ``criu dump`` writes as crit decodes them.
 
 Timings are measured and reported (``record_property``, and printed), never asserted.
@@ -38,7 +39,9 @@ from criu_peer import (
     WireLog,
     WireTap,
     Workload,
+    build_forker,
     build_workload,
+    child_ticks,
     chroot_argv,
     criu,
     criu_root_ready,
@@ -81,6 +84,11 @@ def workload_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -
     return build_workload(tmp_path_factory.mktemp("criu-workload") / "criu_pattern")
 
 
+@pytest.fixture(scope="module")
+def forker_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_forker(tmp_path_factory.mktemp("criu-forker") / "criu_forker")
+
+
 @pytest.fixture
 def chroot_dir(criu_root: None) -> Iterator[ChrootDir]:
     with ChrootDir.temporary("lazymig-criu-") as d:
@@ -110,7 +118,8 @@ def dump_workload(d: ChrootDir, binary: Path, *, mib: int, children: int,
     finally:
         workload.kill()
     out = workload.output()
-    assert out.ticks[-len(before.ticks):] == before.ticks
+    # It may tick again before the dump freezes it (a busy machine), never after.
+    assert out.ticks[:len(before.ticks)] == before.ticks
     return workload, out
 
 
@@ -229,10 +238,14 @@ def test_criu_restores_lazily_from_lazymig_page_server(
 
 def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: list[str], *,
                                 loop: str, measure: dict[str, Any],
-                                procs: list[subprocess.Popen[bytes]]) -> int:
+                                procs: list[subprocess.Popen[bytes]], forks: bool = False) -> int:
     """Start ``lazymig lazy-pages DAEMON_ARGS -D <host path>`` on the host, run ``criu restore
     --lazy-pages -d`` in the chroot against it and wait until the daemon exits 0, having
     reported every process of pstree.img complete. Returns the restored tree's host pid.
+
+    ``forks``: the restored processes fork while pages are lazy; the daemon must also
+    have followed at least one child (UFFD_EVENT_FORK), which asks under its parent's
+    image pid and ends complete or exited.
 
     The images dir is below the chroot: lazymig listens on its host path
     (.../criu-root/tmp/X/lazy-pages.socket), the same file that criu restore, whose work
@@ -259,9 +272,21 @@ def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: li
     report = DaemonLogReport.parse(text)
     assert report.complete is True, text[-3000:]
     lazy = {e.pid: sum(r.nr_pages for r in images.lazy_ranges(e.pid)) for e in images.pstree()}
-    assert sorted((p.pid, p.state, p.copied, p.total) for p in report.processes) == sorted(
-        (pid, "complete", n, n) for pid, n in lazy.items()), text[-3000:]
-    assert report.summary["processes"] == len(lazy)
+    done = sorted((p.pid, p.state, p.copied, p.total) for p in report.processes)
+    restored = sorted((pid, "complete", n, n) for pid, n in lazy.items())
+    children = list(done)
+    for entry in restored:
+        assert entry in children, f"{entry} not in {done}:\n{text[-3000:]}"
+        children.remove(entry)
+    if forks:
+        assert children, f"no forked child was followed:\n{text[-3000:]}"
+        assert all(pid in lazy and state in ("complete", "exited") and copied <= total
+                   for pid, state, copied, total in children), children
+        measure["forked_children"] = {state: sum(1 for c in children if c[1] == state)
+                                      for state in ("complete", "exited")}
+    else:
+        assert not children, f"unexpected processes {children}"
+    assert report.summary["processes"] == len(done)
     measure["lazymig"] = report.summary
     assert not (d.host / "lazy-pages.socket").exists(), "the daemon left its socket behind"
     return restored_pid
@@ -357,6 +382,67 @@ def test_lazymig_daemon_local_mode_restores_criu_dump(
             stop(proc)
         if restored_pid:
             kill_pid(restored_pid)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_lazymig_daemon_follows_forks_of_a_lazily_restored_process(
+        chroot_dir: ChrootDir, forker_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    """The restored process forks at every tick while its pages are still lazy: lazymig
+    takes each child's uffd from CRIU's uffd (UFFD_EVENT_FORK), serves the child's
+    faults under the parent's image pid from criu dump (which serves a page again),
+    and retires children that exit. Every child sees the dump-time pattern."""
+    d = chroot_dir
+    mib = 48
+    trigger = d.host / "fork-now"
+    workload = Workload(d, forker_binary, mib=mib, args=[d.inside(trigger.name)])
+    procs: list[subprocess.Popen[bytes]] = []
+    restored_pid = 0
+    try:
+        workload.start()
+        workload.wait_ticks({}, 2, timeout=10)
+        port = free_port()
+        dump = start_with_status_fd(
+            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
+                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
+            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        procs.append(dump)
+        dumped = workload.output()
+        trigger.touch()  # the source is frozen: only the restored copy will fork
+        images = ImagesDir(d.host)
+        lazy_pages = lazy_pages_in(images)
+        assert [e.pid for e in images.pstree()] == [1]
+        measure["lazy_pages"] = lazy_pages
+
+        tap = WireTap(port)
+        restored_pid = restore_with_lazymig_daemon(
+            d, images, ["--page-server", "--address", "127.0.0.1", "--port", str(tap.port),
+                        "--wire", "v1"], loop=loop, measure=measure, procs=procs, forks=True)
+        assert dump.wait(30) == 0, log_errors(d.host / "dump.log")
+        measure["source_exit"] = workload.wait_gone()
+        assert "forked: the child asks for its pages under pid 1" in \
+            (d.host / "lazymig-lazy-pages.log").read_text()
+        wire = tap.join()
+        check_wire(wire, images, lazy_pages, measure)
+        assert {pid for _, _, _, pid in wire.requests[:-1]} == {1}
+
+        check_restored_ticks(workload, dumped)
+        before = dumped.last(0)
+        assert before is not None
+        deadline = time.monotonic() + 20
+        while len(children := child_ticks(workload.log)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(children) >= 3, children
+        assert len({c.pid for c in children}) == len(children)
+        assert {(c.checksum, c.bad_pages) for c in children} == {(before.checksum, 0)}, children
+        assert min(c.tick for c in children) == before.tick + 1, "the first fork came late"
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        if restored_pid:
+            kill_pid(restored_pid)
+        workload.kill()
 
 
 FAIL_POST_RESTORE = """#!/bin/sh
