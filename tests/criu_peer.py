@@ -143,28 +143,34 @@ def build_workload(dest: Path) -> Path:
 
 FORKER_SOURCE = r"""
 /*
- * criu_forker MIB TRIGGER: criu_pattern with one process (tag 0) that, at every
- * tick at which the file TRIGGER exists, first forks a child that checks the
- * whole area and prints
+ * criu_forker MIB: criu_pattern with one process (tag 0) that forks checking
+ * children once it got SIGUSR1: at once, from the signal handler (so that the
+ * fork comes within moments of the signal, scanning or asleep), and then at
+ * the start of every tick. A child checks the whole area, prints
  *     child tick K pid P sum 0xS bad B
- * (same hash and pattern as criu_pattern), then ticks itself and reaps the
- * child. Create TRIGGER while the source is frozen by criu dump: only the
- * restored copy forks, while its pages are still lazy (UFFD_EVENT_FORK).
+ * (same hash and pattern as criu_pattern) and exits; SIGCHLD is ignored, so
+ * children are reaped by the kernel. Send SIGUSR1 to the restored copy only:
+ * it then forks while its pages are still lazy (UFFD_EVENT_FORK).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
 #define PATTERN_MAGIC 0x6c617a796d696700ULL
 #define INTERVAL_NS 100000000L
+
+static uint64_t *mem;
+static size_t pages;
+static volatile sig_atomic_t forking;
+static volatile unsigned long tick;
 
 static void say(const char *line)
 {
@@ -181,7 +187,7 @@ static void say(const char *line)
     }
 }
 
-static uint64_t scan(const uint64_t *mem, size_t pages, size_t *bad)
+static uint64_t scan(size_t *bad)
 {
     uint64_t sum = 0xcbf29ce484222325ULL;
     *bad = 0;
@@ -198,17 +204,42 @@ static uint64_t scan(const uint64_t *mem, size_t pages, size_t *bad)
     return sum;
 }
 
+static void spawn(void)
+{
+    char line[160];
+    size_t bad;
+
+    if (fork() != 0)
+        return;
+    uint64_t sum = scan(&bad);
+    snprintf(line, sizeof(line), "child tick %lu pid %d sum %#018llx bad %zu\n",
+             (unsigned long)tick, (int)getpid(), (unsigned long long)sum, bad);
+    say(line);
+    _exit(0);
+}
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    int saved = errno;
+    if (!forking) {
+        forking = 1;
+        spawn();
+    }
+    errno = saved;
+}
+
 int main(int argc, char **argv)
 {
     char line[160];
     struct timespec next;
     size_t bad;
 
-    if (argc != 3)
+    if (argc != 2)
         return 2;
-    size_t pages = strtoul(argv[1], NULL, 10) * (1024 * 1024 / PAGE);
-    uint64_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pages = strtoul(argv[1], NULL, 10) * (1024 * 1024 / PAGE);
+    mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (pages == 0 || mem == MAP_FAILED)
         return 1;
     for (size_t i = 0; i < pages; i++)
@@ -216,26 +247,19 @@ int main(int argc, char **argv)
             mem[i * (PAGE / 8) + w] = PATTERN_MAGIC;
             mem[i * (PAGE / 8) + w + 1] = i;
         }
+    signal(SIGCHLD, SIG_IGN);
+    signal(SIGUSR1, on_usr1);
     snprintf(line, sizeof(line), "start tag 0 pid %d addr %#lx pages %zu\n",
-         (int)getpid(), (unsigned long)mem, pages);
+             (int)getpid(), (unsigned long)mem, pages);
     say(line);
     clock_gettime(CLOCK_MONOTONIC, &next);
-    for (unsigned long tick = 0;; tick++) {
-        pid_t child = access(argv[2], F_OK) == 0 ? fork() : -1;
-        if (child == 0) {
-            uint64_t sum = scan(mem, pages, &bad);
-            snprintf(line, sizeof(line), "child tick %lu pid %d sum %#018llx bad %zu\n",
-                 tick, (int)getpid(), (unsigned long long)sum, bad);
-            say(line);
-            _exit(0);
-        }
-        uint64_t sum = scan(mem, pages, &bad);
+    for (;; tick++) {
+        if (forking)
+            spawn();
+        uint64_t sum = scan(&bad);
         snprintf(line, sizeof(line), "tick %lu tag 0 sum %#018llx bad %zu\n",
-             tick, (unsigned long long)sum, bad);
+                 (unsigned long)tick, (unsigned long long)sum, bad);
         say(line);
-        if (child > 0)
-            while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
-                ;
         next.tv_nsec += INTERVAL_NS;
         if (next.tv_nsec >= 1000000000L) {
             next.tv_nsec -= 1000000000L;
@@ -272,7 +296,7 @@ def child_ticks(log: Path) -> list[ChildTick]:
 
 
 def build_forker(dest: Path) -> Path:
-    """Compile :data:`FORKER_SOURCE` statically into ``dest`` (named criu_forker)."""
+    """Compile :data:`FORKER_SOURCE` statically into ``dest``."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise RuntimeError("no C compiler on the host (gcc)")
@@ -468,16 +492,17 @@ class Workload:
         binary: the static criu_pattern (or criu_forker) on the host.
         mib: size of the pattern area of each process.
         children: processes forked from the first (tags 1..children).
-        args: the program's arguments after MIB, if not ``children`` (criu_forker).
+        args: the program's arguments after MIB, instead of ``children``.
     """
 
     def __init__(self, d: ChrootDir, binary: Path, *, mib: int, children: int = 0,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] | None = None) -> None:
         self.dir = d
         self.processes = 1 + children
         self.log = d.host / "out.log"
         shutil.copy2(binary, d.host / binary.name)
-        argv = " ".join([d.inside(binary.name), str(mib), *(args or [str(children)])])
+        rest = [str(children)] if args is None else list(args)
+        argv = " ".join([d.inside(binary.name), str(mib), *rest])
         script = f"exec {argv} >>{d.inside('out.log')} 2>&1 </dev/null"
         # unshare --fork makes the pid-1 child; setsid makes it lead its own session (it is
         # not a group leader, so setsid does not fork); sh opens every fd inside the chroot.

@@ -17,14 +17,16 @@ The first run installs the chroot (about a minute, network needed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,14 +240,17 @@ def test_criu_restores_lazily_from_lazymig_page_server(
 
 def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: list[str], *,
                                 loop: str, measure: dict[str, Any],
-                                procs: list[subprocess.Popen[bytes]], forks: bool = False) -> int:
+                                procs: list[subprocess.Popen[bytes]], forks: bool = False,
+                                after_restore: Callable[[int], None] | None = None) -> None:
     """Start ``lazymig lazy-pages DAEMON_ARGS -D <host path>`` on the host, run ``criu restore
     --lazy-pages -d`` in the chroot against it and wait until the daemon exits 0, having
-    reported every process of pstree.img complete. Returns the restored tree's host pid.
+    reported every process of pstree.img complete. The restored tree's host pid is in
+    ``restored.pid`` (see :func:`kill_restored`).
 
-    ``forks``: the restored processes fork while pages are lazy; the daemon must also
-    have followed at least one child (UFFD_EVENT_FORK), which asks under its parent's
-    image pid and ends complete or exited.
+    ``after_restore`` runs with the restored tree's host pid as soon as criu restore
+    returns. ``forks``: the restored processes fork while pages are lazy; the daemon must
+    also have followed at least one child (UFFD_EVENT_FORK), which asks under its
+    parent's image pid and ends complete or exited.
 
     The images dir is below the chroot: lazymig listens on its host path
     (.../criu-root/tmp/X/lazy-pages.socket), the same file that criu restore, whose work
@@ -262,7 +267,8 @@ def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: li
     measure["restore_s"] = round(criu(
         d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
         "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
-    restored_pid = int((d.host / "restored.pid").read_text())
+    if after_restore is not None:
+        after_restore(int((d.host / "restored.pid").read_text()))
     rc = daemon.wait(60)
     measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
     text = daemon_log.read_text()
@@ -289,7 +295,13 @@ def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: li
     assert report.summary["processes"] == len(done)
     measure["lazymig"] = report.summary
     assert not (d.host / "lazy-pages.socket").exists(), "the daemon left its socket behind"
-    return restored_pid
+
+
+def kill_restored(d: ChrootDir) -> None:
+    """Kill the tree criu restore wrote to ``restored.pid`` (its root is the init of its
+    pid namespace: the kernel kills the rest), whatever check failed after the restore."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        kill_pid(int((d.host / "restored.pid").read_text()))
 
 
 def lazy_pages_in(images: ImagesDir) -> int:
@@ -313,7 +325,6 @@ def test_lazymig_daemon_restores_from_criu_lazy_dump(
     mib, children = 48, 1
     workload = Workload(d, workload_binary, mib=mib, children=children)
     procs: list[subprocess.Popen[bytes]] = []
-    restored_pid = 0
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
@@ -336,7 +347,7 @@ def test_lazymig_daemon_restores_from_criu_lazy_dump(
         measure["lazy_pages"] = lazy_pages
 
         tap = WireTap(port)  # lazymig -> tap -> criu dump, parsing the v1 stream
-        restored_pid = restore_with_lazymig_daemon(
+        restore_with_lazymig_daemon(
             d, images, ["--page-server", "--address", "127.0.0.1", "--port", str(tap.port),
                         "--wire", "v1"], loop=loop, measure=measure, procs=procs)
         started = time.monotonic()
@@ -350,8 +361,7 @@ def test_lazymig_daemon_restores_from_criu_lazy_dump(
     finally:
         for proc in reversed(procs):
             stop(proc)
-        if restored_pid:
-            kill_pid(restored_pid)
+        kill_restored(d)
         workload.kill()
 
 
@@ -370,33 +380,29 @@ def test_lazymig_daemon_local_mode_restores_criu_dump(
     assert lazy_pages >= (1 + children) * mib * 256
     measure["lazy_pages"] = lazy_pages
     procs: list[subprocess.Popen[bytes]] = []
-    restored_pid = 0
     try:
-        restored_pid = restore_with_lazymig_daemon(d, images, [], loop=loop, measure=measure,
-                                                   procs=procs)
+        restore_with_lazymig_daemon(d, images, [], loop=loop, measure=measure, procs=procs)
         check_restored_ticks(workload, dumped)
     except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
         raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
     finally:
         for proc in procs:
             stop(proc)
-        if restored_pid:
-            kill_pid(restored_pid)
+        kill_restored(d)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_lazymig_daemon_follows_forks_of_a_lazily_restored_process(
         chroot_dir: ChrootDir, forker_binary: Path, measure: dict[str, Any], loop: str) -> None:
-    """The restored process forks at every tick while its pages are still lazy: lazymig
-    takes each child's uffd from CRIU's uffd (UFFD_EVENT_FORK), serves the child's
-    faults under the parent's image pid from criu dump (which serves a page again),
-    and retires children that exit. Every child sees the dump-time pattern."""
+    """The restored process forks at once (SIGUSR1 right after criu restore returns), while
+    its pages are still lazy, and then at every tick: lazymig takes each child's uffd from
+    CRIU's uffd (UFFD_EVENT_FORK), serves the child's faults under the parent's image pid
+    from criu dump (which serves a page again) and retires children that exit. Every
+    child sees the dump-time pattern."""
     d = chroot_dir
     mib = 48
-    trigger = d.host / "fork-now"
-    workload = Workload(d, forker_binary, mib=mib, args=[d.inside(trigger.name)])
+    workload = Workload(d, forker_binary, mib=mib, args=[])
     procs: list[subprocess.Popen[bytes]] = []
-    restored_pid = 0
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
@@ -407,16 +413,16 @@ def test_lazymig_daemon_follows_forks_of_a_lazily_restored_process(
             what="criu dump --lazy-pages", log="dump.log", timeout=30)
         procs.append(dump)
         dumped = workload.output()
-        trigger.touch()  # the source is frozen: only the restored copy will fork
         images = ImagesDir(d.host)
         lazy_pages = lazy_pages_in(images)
         assert [e.pid for e in images.pstree()] == [1]
         measure["lazy_pages"] = lazy_pages
 
         tap = WireTap(port)
-        restored_pid = restore_with_lazymig_daemon(
+        restore_with_lazymig_daemon(
             d, images, ["--page-server", "--address", "127.0.0.1", "--port", str(tap.port),
-                        "--wire", "v1"], loop=loop, measure=measure, procs=procs, forks=True)
+                        "--wire", "v1"], loop=loop, measure=measure, procs=procs, forks=True,
+            after_restore=lambda pid: os.kill(pid, signal.SIGUSR1))
         assert dump.wait(30) == 0, log_errors(d.host / "dump.log")
         measure["source_exit"] = workload.wait_gone()
         assert "forked: the child asks for its pages under pid 1" in \
@@ -434,14 +440,13 @@ def test_lazymig_daemon_follows_forks_of_a_lazily_restored_process(
         assert len(children) >= 3, children
         assert len({c.pid for c in children}) == len(children)
         assert {(c.checksum, c.bad_pages) for c in children} == {(before.checksum, 0)}, children
-        assert min(c.tick for c in children) == before.tick + 1, "the first fork came late"
+        assert min(c.tick for c in children) <= before.tick + 1, "the first fork came late"
     except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
         raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
     finally:
         for proc in reversed(procs):
             stop(proc)
-        if restored_pid:
-            kill_pid(restored_pid)
+        kill_restored(d)
         workload.kill()
 
 
