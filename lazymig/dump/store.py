@@ -13,11 +13,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from lazymig.errors import ImageError
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.dump.pagepipe import PagePipes
+from lazymig.errors import BrokenResourceError, ImageError
+from lazymig.linux.vm import pipe_max_size, set_pipe_size, tee
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
 
-__all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment"]
+__all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment", "PipePageStore"]
 
 
 @dataclass(slots=True)
@@ -146,3 +148,61 @@ class ImagesPageStore:
         self._fds.clear()
         self._index.clear()
         self._ranges.clear()
+
+
+class PipePageStore:
+    """The lazy pages of a live dump, held in its page pipes (``lazymig dump --lazy-pages``).
+
+    Each GET gets a pipe of its own: the page pipe is tee'd into it up to the
+    end of the requested pages and the prefix dropped, so the page pipe keeps
+    every page (it can be served again) and concurrent connections never share
+    a scratch pipe.
+    """
+
+    def __init__(self, pid: int, pipes: PagePipes) -> None:
+        self._pid = pid
+        self._pipes = pipes
+        self._ranges = _Ranges([(r.vaddr, r.nr_pages) for r in pipes.lazy_runs()])
+        self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._pipe_size = pipe_max_size()
+
+    def pids(self) -> Iterable[int]:
+        return (self._pid,)
+
+    def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
+        return self._ranges.ranges if pid == self._pid else []
+
+    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+        if pid != self._pid or vaddr % PAGE_SIZE:
+            return 0
+        hit = self._pipes.find(vaddr)
+        return 0 if hit is None else min(nr_pages, hit[2])
+
+    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
+        hit = self._pipes.find(vaddr)
+        assert hit is not None and pid == self._pid, "available() vouched for these pages"
+        buf, first, _ = hit
+        need = (first + nr_pages) << PAGE_SHIFT
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            if need > 65536:
+                set_pipe_size(write_fd, min(self._pipe_size, max(need, 65536)))
+            got = tee(buf.read_fd, write_fd, need)
+            if got != need:
+                raise BrokenResourceError(f"tee gave {got} of {need} bytes at {vaddr:#x}")
+            skip = first << PAGE_SHIFT
+            while skip:
+                skip -= os.splice(read_fd, self._devnull, skip)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return PageSegment(read_fd, None, nr_pages * PAGE_SIZE, owned=True)
+
+    def close(self) -> None:
+        """Close the page pipes and the store's own fds (idempotent)."""
+        self._pipes.close()
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1

@@ -73,6 +73,8 @@ class ProcessReport:
     state: str = "running"
     """running, complete, exited (gone before completion), failed or killed."""
     reason: str | None = None
+    handed_over: float = field(default_factory=time.monotonic)
+    """When the daemon got its uffd (time.monotonic)."""
     fault_latencies: list[float] = field(default_factory=list, repr=False)
 
     def latency_percentile(self, q: float) -> float | None:
@@ -103,9 +105,12 @@ class DaemonReport:
         return PAGE_SIZE * sum(p.pages_copied for p in self.processes)
 
     def throughput(self) -> float:
-        """Bytes/s copied into processes, over the run so far."""
+        """Bytes/s copied into processes, from the first handover until now or the end."""
+        if not self.processes:
+            return 0.0
+        start = min(p.handed_over for p in self.processes)
         end = self.finished if self.finished is not None else time.monotonic()
-        return self.bytes_copied / max(end - self.started, 1e-9)
+        return self.bytes_copied / max(end - start, 1e-9)
 
     def fault_latencies(self) -> list[float]:
         return sorted(x for p in self.processes for x in p.fault_latencies)

@@ -1,0 +1,183 @@
+"""Benchmark of the lazy-pages daemon on loopback, beside the machine's own limits.
+
+    .venv/bin/python benchmarks/daemon.py [--sizes 256,1024] [--touches 2000]
+
+For each region size it writes a lazy dump, serves it with lazymig's page
+server (its own process) and runs the daemon (its own process, so its peak RSS
+is its own). A child process attaches the region and:
+
+* touches random pages with the background fetch off, then on, timing every
+  touch from the faulting side (the fault round trip a program sees);
+* waits while the background fetch pulls everything (throughput).
+
+Printed beside, measured in the same run: bare UFFDIO_COPY from memory, a bare
+uffd fault round trip (handler copying from memory), loopback TCP throughput
+and a loopback request/reply round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import mmap
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import machine
+from lazydump import write_lazy_dump
+
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.uffd.uffd import Uffd
+
+BASE = 0x6F0000000000
+PID = 4000
+
+HERE = Path(__file__).resolve().parent
+
+
+async def run_case(images: Path, nr_pages: int, *, background: bool, touches: int,
+                   channels: int, wait: bool) -> dict[str, object]:
+    py = sys.executable
+    server = await asyncio.create_subprocess_exec(
+        py, "-m", "lazymig", "page-server", "--lazy-pages", "-D", str(images),
+        "--address", "127.0.0.1", "--port", "0", "--status-fd", "1",
+        stdout=asyncio.subprocess.PIPE)
+    # The port is chosen by the kernel: read it from /proc of the server.
+    assert server.stdout is not None
+    await server.stdout.readexactly(1)
+    port = _listening_port(server.pid)
+    daemon = await asyncio.create_subprocess_exec(
+        py, str(HERE / "_daemon_runner.py"), str(images), str(port),
+        "1" if background else "0", str(channels), stdout=asyncio.subprocess.PIPE)
+    sock = images / "lazy-pages.socket"
+    async with asyncio.timeout(30):
+        while not sock.exists():  # noqa: ASYNC110 (another process creates it)
+            await asyncio.sleep(0.01)
+    toucher = await asyncio.create_subprocess_exec(
+        py, str(HERE / "_toucher.py"), str(sock), str(PID), hex(BASE), str(nr_pages),
+        str(touches), "wait" if wait else "touch", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    assert daemon.stdout is not None and toucher.stdout is not None and toucher.stdin
+    if wait:  # the daemon finishes while the toucher still waits, then it touches
+        daemon_out = json.loads(await daemon.stdout.readline())
+        toucher.stdin.write(b"\n")
+        await toucher.stdin.drain()
+        touch_out = json.loads(await toucher.stdout.readline())
+    else:
+        touch_out = json.loads(await toucher.stdout.readline())
+        daemon_out = json.loads(await daemon.stdout.readline())
+    await toucher.wait()
+    await daemon.wait()
+    try:  # complete only if every page was served (the toucher may have exited first)
+        await asyncio.wait_for(server.wait(), 1.0)
+    except TimeoutError:
+        server.terminate()
+        await server.wait()
+    if not daemon_out["ok"]:
+        raise SystemExit("the daemon did not complete")
+    return {**daemon_out, **touch_out}
+
+
+def _listening_port(pid: int) -> int:
+    links = [str(fd.readlink()) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    inodes = {link[8:-1] for link in links if link.startswith("socket:")}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and fields[3] == "0A":
+            return int(fields[1].split(":")[1], 16)
+    raise RuntimeError("page server port not found")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
+def bare_fault_rtt_us(touches: int = 2000) -> float:
+    """Median fault round trip with a minimal handler copying from memory."""
+    nr = 4096
+    a, b = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        try:
+            region = mmap.mmap(-1, nr * PAGE_SIZE)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+            uffd = Uffd.open()
+            uffd.register(base, nr * PAGE_SIZE)
+            socket.send_fds(a, [base.to_bytes(8, "little")], [uffd.fd])
+            lat = []
+            for p in random.Random(1).sample(range(nr), touches):
+                t = time.perf_counter()
+                region[p * PAGE_SIZE]
+                lat.append(time.perf_counter() - t)
+            a.sendall(json.dumps(sorted(lat)[len(lat) // 2]).encode())
+        finally:
+            os._exit(0)
+    _, fds, _, _ = socket.recv_fds(b, 8, 1)
+    uffd = Uffd.from_fd(fds[0], non_blocking=False)
+    page = bytes(PAGE_SIZE)
+    served = 0
+    while served < touches:  # one fault at a time: the child touches pages in turn
+        for event in uffd.read_events():
+            uffd.copy(event.address & ~(PAGE_SIZE - 1), page)  # type: ignore[union-attr]
+            served += 1
+    median = json.loads(b.recv(100))
+    os.waitpid(child, 0)
+    uffd.close()
+    return float(median) * 1e6
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="256,1024", help="region sizes in MiB")
+    parser.add_argument("--touches", type=int, default=2000)
+    parser.add_argument("--channels", type=int, default=1, choices=[1, 2])
+    args = parser.parse_args()
+
+    print(f"machine: {machine.describe()}")
+    limits = {
+        "bare UFFDIO_COPY": f"{machine.uffd_copy_gbps():.2f} GB/s",
+        "bare uffd fault round trip (p50)": f"{bare_fault_rtt_us():.1f} us",
+        "loopback TCP": f"{machine.loopback_tcp_gbps():.2f} GB/s",
+        "loopback 4 KiB request/reply (p50)": f"{machine.loopback_rtt_us():.1f} us",
+    }
+    for name, value in limits.items():
+        print(f"  limit  {name:40} {value}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        nr = size * 2**20 // PAGE_SIZE
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+            images = Path(tmp)
+            write_lazy_dump(images, {PID: [(BASE, nr)]})
+            print(f"\n{size} MiB region ({nr} pages), {args.channels} channel(s):")
+            for background in (False, True) if args.touches else ():
+                r = await run_case(images, nr, background=background, touches=args.touches,
+                                   channels=args.channels, wait=False)
+                lat = r["latencies"]
+                assert isinstance(lat, list)
+                inside = r["daemon_latencies"]
+                assert isinstance(inside, list)
+                print(f"  fault round trip, background {'on ' if background else 'off'}: "
+                      f"p50 {pct(lat, 0.5):7.1f} us  p99 {pct(lat, 0.99):8.1f} us  "
+                      f"(mean {statistics.mean(lat) * 1e6:.1f} us, {len(lat)} touches; "
+                      f"inside the daemon p50 {pct(inside, 0.5):.1f} us)")
+            r = await run_case(images, nr, background=True, touches=0, channels=args.channels,
+                               wait=True)
+            elapsed = float(r["finished"]) - float(r["first_handover"])  # type: ignore[arg-type]
+            print(f"  background: {size} MiB in {elapsed:.3f} s = "
+                  f"{r['bytes'] / elapsed / 1e9:.2f} GB/s")  # type: ignore[operator]
+            print(f"  daemon peak RSS: {int(r['rss_kib']) / 1024:.1f} MiB")  # type: ignore[call-overload]
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,143 @@
+"""The machine's own limits, measured in the same run as a benchmark.
+
+Every lazymig benchmark prints its numbers beside these, so a reader can tell
+how close to the hardware (and kernel) a number is on this shared, noisy VM.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import socket
+import threading
+import time
+
+from lazymig.linux.vm import AnonMapping, pipe_max_size, tee
+from lazymig.uffd.uffd import Uffd
+
+MIB = 1 << 20
+
+
+def describe() -> str:
+    """One line: kernel, CPUs, memory."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (f"Linux {platform.release()}, {os.cpu_count()} CPUs, {mem / 2**30:.0f} GiB, "
+            f"Python {platform.python_version()}")
+
+
+def memcpy_gbps(total: int = 1 << 30) -> float:
+    """GB/s of a plain memory copy of 4 MiB blocks."""
+    src = bytearray(os.urandom(4 * MIB))
+    dst = bytearray(4 * MIB)
+    view = memoryview(dst)
+    start = time.perf_counter()
+    for _ in range(total // len(src)):
+        view[:] = src
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def _drain(sock: socket.socket, total: int) -> None:
+    buf = bytearray(1 * MIB)
+    got = 0
+    while got < total:
+        n = sock.recv_into(buf)
+        if n == 0:
+            break
+        got += n
+
+
+def loopback_tcp_gbps(total: int = 1 << 30) -> float:
+    """GB/s of a bare TCP stream over loopback (sendall of 1 MiB blocks, recv_into)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    block = os.urandom(MIB)
+    reader = threading.Thread(target=_drain, args=(peer, total))
+    reader.start()
+    start = time.perf_counter()
+    for _ in range(total // MIB):
+        client.sendall(block)
+    reader.join()
+    elapsed = time.perf_counter() - start
+    for sock in (client, peer, server):
+        sock.close()
+    return total / elapsed / 1e9
+
+
+def loopback_rtt_us(rounds: int = 5000) -> float:
+    """Median microseconds of a 32-byte request / 4 KiB reply round trip over loopback,
+    answered by another process (what one GET of one page costs at best)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer, _ = server.accept()
+    child = os.fork()
+    if child == 0:  # the echo side: nothing but recv and send
+        try:
+            peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            page = bytes(4096)
+            for _ in range(rounds):
+                if len(peer.recv(32, socket.MSG_WAITALL)) < 32:
+                    break
+                peer.sendall(page)
+        finally:
+            os._exit(0)
+    peer.close()
+    samples = []
+    buf = bytearray(4096)
+    for _ in range(rounds):
+        start = time.perf_counter()
+        client.sendall(bytes(32))
+        client.recv_into(buf, 4096, socket.MSG_WAITALL)
+        samples.append(time.perf_counter() - start)
+    os.waitpid(child, 0)
+    client.close()
+    server.close()
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6
+
+
+def splice_to_socket_gbps(total: int = 1 << 30) -> float:
+    """GB/s of the page server's own path with nothing else: tee a full pipe into a
+    scratch pipe and splice that into a loopback socket, a reader discarding."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    size = min(MIB, pipe_max_size())
+    src_r, src_w = os.pipe()
+    scratch_r, scratch_w = os.pipe()
+    for fd in (src_w, scratch_w):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    os.write(src_w, os.urandom(size))
+    reader = threading.Thread(target=_drain, args=(peer, total))
+    reader.start()
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        teed = tee(src_r, scratch_w, size)
+        while teed:
+            moved = os.splice(scratch_r, client.fileno(), teed)
+            teed -= moved
+            sent += moved
+    reader.join()
+    elapsed = time.perf_counter() - start
+    for fd in (src_r, src_w, scratch_r, scratch_w):
+        os.close(fd)
+    for sock in (client, peer, server):
+        sock.close()
+    return total / elapsed / 1e9
+
+
+def uffd_copy_gbps(total: int = 256 * MIB, chunk: int = 4 * MIB) -> float:
+    """GB/s of bare UFFDIO_COPY into missing pages of a registered region of this process."""
+    with AnonMapping(total) as region, AnonMapping(chunk, populate=True) as src:
+        src.view()[:] = os.urandom(chunk)
+        with Uffd.open() as uffd:
+            uffd.register(region.address, total)
+            start = time.perf_counter()
+            for offset in range(0, total, chunk):
+                uffd.copy(region.address + offset, src.address, chunk)
+            elapsed = time.perf_counter() - start
+            uffd.unregister(region.address, total)
+    return total / elapsed / 1e9
