@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -357,23 +358,33 @@ class LazyPagesDaemon:
     # ------------------------------------------------------------------ fetching
 
     def _fetch(self, proc: _Process, vaddr: int, nr_pages: int, *, urgent: bool) -> None:
-        assert self._tg is not None
-        self._tg.create_task(self._fetch_and_copy(proc, vaddr, nr_pages, urgent))
+        # The request goes out now; the reply is handled by a callback, not a task:
+        # on the fault path every loop round trip is latency.
+        future = self.source.request(proc.pid, vaddr, nr_pages, urgent=urgent)
+        future.add_done_callback(functools.partial(self._fetched, proc, vaddr, nr_pages,
+                                                   urgent))
 
-    async def _fetch_and_copy(self, proc: _Process, vaddr: int, nr_pages: int,
-                              urgent: bool) -> None:
-        try:
-            chunk = await self.source.get(proc.pid, vaddr, nr_pages, urgent=urgent)
-        except (LazyMigError, OSError) as exc:
-            self._source_failed(exc)
+    def _fetched(self, proc: _Process, vaddr: int, nr_pages: int, urgent: bool,
+                 future: asyncio.Future[PageChunk]) -> None:
+        if not urgent:
+            self._bg_in_flight -= 1
+            self._wakeup.set()
+        if future.cancelled():
             return
-        finally:
-            if not urgent:
-                self._bg_in_flight -= 1
-                self._wakeup.set()
-        if chunk.nr_pages < nr_pages:  # a short reply: the rest is still owed
-            proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE, nr_pages - chunk.nr_pages)
-        self._copy(proc, chunk)
+        error = future.exception()
+        if error is not None:
+            self._source_failed(error)
+            return
+        chunk = future.result()
+        try:
+            if chunk.nr_pages < nr_pages:  # a short reply: the rest is still owed
+                proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE,
+                                    nr_pages - chunk.nr_pages)
+            self._copy(proc, chunk)
+        except Exception as exc:  # a bug here must not leave the process running on holes
+            log.exception("pid %d: copying %#x failed", proc.pid, vaddr)
+            self._fail(proc, f"internal error: {exc!r}")
+            return
         if proc.active and proc.ranges.done:
             self._finish(proc, "complete")
 

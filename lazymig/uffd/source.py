@@ -23,14 +23,13 @@ pages.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import BrokenResourceError, ClosedResourceError, LazyMigError
@@ -71,9 +70,16 @@ class PageChunk:
 class PageSource(Protocol):
     """Lazy pages by image pid and dump-time address."""
 
+    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
+                ) -> asyncio.Future[PageChunk]:
+        """Ask for up to ``nr_pages`` pages at ``vaddr``; the future gets them (maybe
+        fewer, never zero) or the error that broke the source. Never blocks: the
+        daemon's fault path chains a callback on the future instead of a task."""
+        ...
+
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
-        """Fetch up to ``nr_pages`` pages at ``vaddr`` (maybe fewer, never zero)."""
+        """``await request(...)``."""
         ...
 
     async def aclose(self) -> None:
@@ -85,91 +91,140 @@ class PageSource(Protocol):
         ...
 
 
-class _Channel:
-    """One TCP connection to a page server, with pipelined GETs."""
+class _Channel(asyncio.BufferedProtocol):
+    """One TCP connection to a page server, with pipelined GETs.
 
-    def __init__(self, sock: socket.socket, wire: WireVersion, max_pages: int, name: str) -> None:
-        self.sock = sock
+    A ``BufferedProtocol``: the loop calls us back with data, no task or future
+    per read. While a reply's page data arrives, :meth:`get_buffer` hands the
+    loop the caller's page buffer itself, so the kernel writes pages straight
+    where the daemon will UFFDIO_COPY them from.
+    """
+
+    def __init__(self, wire: WireVersion, max_pages: int, name: str) -> None:
         self.name = name
         self.codec = PageServerConnection(Role.CLIENT, wire, max_pages=max_pages)
-        self.waiters: deque[asyncio.Future[PageChunk | CloseReply]] = deque()
-        self.reader: asyncio.Task[None] | None = None
+        self.waiters: deque[asyncio.Future[PageChunk] | asyncio.Future[CloseReply]] = deque()
+        self.transport: asyncio.WriteTransport | None = None
         self.broken: BaseException | None = None
+        self._scratch = bytearray(64 * 1024)
+        self._reply: GetReply | None = None  # the GET reply whose pages are arriving
+        self._data = bytearray()
+        self._filled = 0
+        self._direct = False  # the last get_buffer() handed out the page buffer
+        self.lost = asyncio.get_running_loop().create_future()
 
-    def start(self) -> None:
-        self.reader = asyncio.get_running_loop().create_task(self._read_replies())
+    # -- asyncio.BufferedProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A TCP transport writes (uvloop's does not subclass asyncio's ABCs: no isinstance).
+        self.transport = cast(asyncio.WriteTransport, transport)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Until an orderly CLOSE, any close of this socket (abort, a crash, a kill)
+        # must not read as a finished transfer: reset it (see the module doc).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._reply is not None and self.codec.buffered == 0:
+            self._direct = True
+            return memoryview(self._data)[self._filled:]
+        self._direct = False
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._direct:
+                self.codec.payload_received_directly(nbytes)
+                self._filled += nbytes
+                self._deliver_if_complete()
+            else:
+                self.codec.receive_data(memoryview(self._scratch)[:nbytes])
+                self._process()
+        except LazyMigError as exc:
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def eof_received(self) -> bool:
+        try:
+            self.codec.receive_data(b"")
+            self._process()
+        except LazyMigError as exc:
+            self._fail(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(BrokenResourceError(
+            f"page server connection ({self.name}) lost" + (f": {exc}" if exc else "")))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    # -- replies
+
+    def _process(self) -> None:
+        codec = self.codec
+        while True:
+            if self._reply is not None:
+                event = codec.next_event()
+                if event is NEED_DATA:
+                    return
+                assert isinstance(event, PageData)
+                self._data[self._filled:self._filled + len(event.data)] = event.data
+                self._filled += len(event.data)
+                self._deliver_if_complete()
+                continue
+            event = codec.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, GetReply):
+                self._reply = event
+                self._data = bytearray(event.nr_pages * PAGE_SIZE)
+                self._filled = 0
+            elif isinstance(event, CloseReply):
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(event)  # type: ignore[arg-type]
+            elif isinstance(event, ConnectionClosed):
+                raise BrokenResourceError(
+                    f"page server closed the connection ({self.name}) with "
+                    f"{event.unanswered} requests unanswered" if event.unanswered
+                    else f"page server closed the connection ({self.name})")
+
+    def _deliver_if_complete(self) -> None:
+        reply = self._reply
+        if reply is None or self._filled < len(self._data):
+            return
+        self._reply = None
+        waiter = self.waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(PageChunk(reply.vaddr, reply.nr_pages, self._data))  # type: ignore[arg-type]
 
     def _fail(self, exc: BaseException) -> None:
-        self.broken = exc
+        if self.broken is None:
+            self.broken = exc
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(exc)
+                waiter.set_exception(self.broken)
+                waiter.exception()  # retrieved: the owner learns it from its own waiter
 
-    async def request(self, event: GetRequest | CloseRequest) -> PageChunk | CloseReply:
-        if self.broken is not None:
-            raise BrokenResourceError(f"page server connection ({self.name}) is broken") \
-                from self.broken
+    # -- requests
+
+    def send(self, event: GetRequest | CloseRequest) -> asyncio.Future[PageChunk | CloseReply]:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[PageChunk | CloseReply] = loop.create_future()
-        self.waiters.append(waiter)
-        try:
-            await loop.sock_sendall(self.sock, self.codec.send(event))
-        except OSError as exc:
-            error = BrokenResourceError(f"page server connection ({self.name}) lost: {exc}")
-            self._fail(error)
-            raise error from exc
-        return await waiter
-
-    async def _read_replies(self) -> None:
-        loop = asyncio.get_running_loop()
-        codec = self.codec
-        scratch = bytearray(64 * 1024)
-        try:
-            while True:
-                event = codec.next_event()
-                if event is NEED_DATA:
-                    n = await loop.sock_recv_into(self.sock, scratch)
-                    codec.receive_data(memoryview(scratch)[:n])
-                elif isinstance(event, GetReply):
-                    data = bytearray(event.nr_pages * PAGE_SIZE)
-                    await self._receive_payload(loop, data)
-                    self.waiters.popleft().set_result(
-                        PageChunk(event.vaddr, event.nr_pages, data))
-                elif isinstance(event, CloseReply):
-                    self.waiters.popleft().set_result(event)
-                elif isinstance(event, ConnectionClosed):
-                    raise BrokenResourceError(
-                        f"page server closed the connection ({self.name}) with "
-                        f"{event.unanswered} requests unanswered" if event.unanswered
-                        else f"page server closed the connection ({self.name})")
-        except (LazyMigError, OSError) as exc:
-            if not isinstance(exc, LazyMigError):
-                exc = BrokenResourceError(f"page server connection ({self.name}) lost: {exc}")
-            self._fail(exc)
-
-    async def _receive_payload(self, loop: asyncio.AbstractEventLoop, data: bytearray) -> None:
-        view = memoryview(data)
-        filled = 0
-        codec = self.codec
-        while codec.buffered and codec.payload_remaining:  # bytes that came with the header
-            chunk = codec.next_event()
-            assert isinstance(chunk, PageData)
-            view[filled:filled + len(chunk.data)] = chunk.data
-            filled += len(chunk.data)
-        while filled < len(data):
-            n = await loop.sock_recv_into(self.sock, view[filled:])
-            if n == 0:
-                codec.receive_data(b"")
-                codec.next_event()  # raises: EOF in the middle of page data
-            codec.payload_received_directly(n)
-            filled += n
+        if self.broken is not None or self.transport is None or self.transport.is_closing():
+            waiter.set_exception(BrokenResourceError(
+                f"page server connection ({self.name}) is broken"))
+            return waiter
+        self.transport.write(self.codec.send(event))
+        self.waiters.append(waiter)  # type: ignore[arg-type]
+        return waiter
 
     def abort(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
         self._fail(ClosedResourceError("page source closed"))
-        self.sock.close()
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class RemotePageSource:
@@ -194,25 +249,17 @@ class RemotePageSource:
         opened: list[_Channel] = []
         try:
             for i in range(channels):
-                infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)
-                family, type_, proto, _, addr = infos[0]
-                sock = socket.socket(family, type_, proto)
-                sock.setblocking(False)
+                name = "urgent" if i else "main"
                 try:
                     async with asyncio.timeout(connect_timeout):
-                        await loop.sock_connect(sock, addr)
+                        _, channel = await loop.create_connection(
+                            lambda name=name: _Channel(wire, max_pages, name),  # type: ignore[misc]
+                            address, port)
                 except (OSError, TimeoutError) as exc:
-                    sock.close()
                     raise BrokenResourceError(
-                        f"cannot connect to the page server at {address}:{port}: {exc or 'timeout'}"
-                        " (is `lazymig dump --lazy-pages` or `criu dump --lazy-pages` "
-                        "listening there?)") from exc
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # Until an orderly CLOSE, any close of this socket (abort, a crash, a kill)
-                # must not read as a finished transfer: reset it (see the module doc).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                channel = _Channel(sock, wire, max_pages, "urgent" if i else "main")
-                channel.start()
+                        f"cannot connect to the page server at {address}:{port}: "
+                        f"{exc or 'timeout'} (is `lazymig dump --lazy-pages` or "
+                        "`criu dump --lazy-pages` listening there?)") from exc
                 opened.append(channel)
         except BaseException:
             for channel in opened:
@@ -222,32 +269,34 @@ class RemotePageSource:
                  wire.value, channels, "s" if channels > 1 else "")
         return cls(opened)
 
-    async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
-                  ) -> PageChunk:
+    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
+                ) -> asyncio.Future[PageChunk]:
         channel = self._channels[-1] if urgent else self._channels[0]
         self.requests += 1
-        reply = await channel.request(GetRequest(pid, vaddr, nr_pages))
-        assert isinstance(reply, PageChunk)
-        return reply
+        return channel.send(GetRequest(pid, vaddr, nr_pages))  # type: ignore[return-value]
+
+    async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
+                  ) -> PageChunk:
+        return await self.request(pid, vaddr, nr_pages, urgent=urgent)
 
     async def aclose(self) -> None:
         """Send CLOSE on every channel, wait for the statuses, then close the sockets."""
         try:
             for channel in self._channels:
-                reply = await channel.request(CloseRequest())
+                reply = await channel.send(CloseRequest())
                 assert isinstance(reply, CloseReply)
                 if reply.status != 0:
                     log.warning("page server answered CLOSE with status %d", reply.status)
                 # CLOSE was answered: now end with the EOF that CRIU waits for.
-                channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-                channel.sock.shutdown(socket.SHUT_WR)
+                assert channel.transport is not None
+                sock = channel.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+                channel.transport.write_eof()
         finally:
             for channel in self._channels:
-                if channel.reader is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        channel.reader.cancel()
-                        await channel.reader
-                channel.sock.close()
+                if channel.transport is not None:
+                    channel.transport.close()
+                await channel.lost
 
     def abort(self) -> None:
         """Reset every connection (a page server must not take this for a finished transfer)."""
@@ -265,6 +314,10 @@ class LocalPageSource:
 
     def __init__(self, images: ImagesDir) -> None:
         self._store = ImagesPageStore(images)
+
+    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
+                ) -> asyncio.Future[PageChunk]:
+        return asyncio.ensure_future(self.get(pid, vaddr, nr_pages, urgent=urgent))
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
