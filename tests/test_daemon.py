@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
 from lazymig.proto.images import ImagesDir
 from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
+from lazymig.uffd.handover import send_task
 from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
+from lazymig.uffd.uffd import Uffd
 
 CHILD = Path(__file__).with_name("lazy_child.py")
 BASE = 0x6F0000000000
@@ -209,3 +212,29 @@ async def test_server_death_kills_instead_of_zero_filling(
     assert not report.ok
     assert report.processes[0].state == "killed"
     assert report.processes[0].pages_copied < PAGES
+
+
+@pytest.mark.asyncio
+async def test_a_failed_restore_ends_the_daemon_and_keeps_the_source(
+        page_server: tuple[Path, PageServer]) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source)
+        (pid, _), *_ = layout(1).items()
+        # A restorer hands over one process, then dies before "restore finished".
+        with Uffd.open() as uffd, socket.socket(socket.AF_UNIX) as restorer:
+            restorer.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(restorer, str(daemon.socket_path))
+            await send_task(restorer, pid, uffd.fd)
+        report = await running
+        await asyncio.sleep(0.1)  # the page server sees the reset
+        assert not serving.done()  # not a finished transfer: the source is kept
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    assert not report.ok
+    assert report.restore_error is not None
+    assert [p.state for p in report.processes] == ["abandoned"]
+    assert not server.complete

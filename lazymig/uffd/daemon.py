@@ -72,7 +72,8 @@ class ProcessReport:
     faults: int = 0
     zero_pages: int = 0
     state: str = "running"
-    """running, complete, exited (gone before completion), failed or killed."""
+    """running; complete; exited (gone before completion); failed (held: pages will never
+    come), killed (its threads, for that reason) or abandoned (its restore failed)."""
     reason: str | None = None
     handed_over: float = field(default_factory=time.monotonic)
     """When the daemon got its uffd (time.monotonic)."""
@@ -94,11 +95,12 @@ class DaemonReport:
     started: float
     finished: float | None = None
     source_error: str | None = None
+    restore_error: str | None = None
 
     @property
     def ok(self) -> bool:
         """Every process got all its pages (or exited on its own)."""
-        return self.source_error is None and all(
+        return self.source_error is None and self.restore_error is None and all(
             p.state in ("complete", "exited") for p in self.processes)
 
     @property
@@ -273,7 +275,17 @@ class LazyPagesDaemon:
                         continue
                     mine.append(self._adopt(record))
             except (LazyMigError, OSError) as exc:
-                log.error("restorer connection dropped: %s", exc)
+                # The restore failed (CRIU's restorer kills what it restored): its
+                # processes will never complete. Give up on them so that the daemon
+                # ends, reports the failure and resets the page-server connection,
+                # which tells the dump side to keep its source.
+                log.error("restorer connection dropped before restore finished: %s", exc)
+                self.report.restore_error = str(exc)
+                for proc in mine:
+                    self._fail(proc, f"its restore failed: {exc}", hold=False)
+                self._failed = True
+                self._restores_finished += 1
+                self._check_done()
                 return
         self._restores_finished += 1
         for proc in mine:
@@ -480,17 +492,22 @@ class LazyPagesDaemon:
         proc.uffd.close()  # nothing is lazy any more: faults become ordinary
         self._check_done()
 
-    def _fail(self, proc: _Process, reason: str) -> None:
+    def _fail(self, proc: _Process, reason: str, *, hold: bool = True) -> None:
+        """Pages of ``proc`` will never arrive: kill it if its threads are known, else
+        hold it (``hold``: keep its uffd open so it stops at its next missing page)."""
         if not proc.active:
             return
         proc.report.state = "failed"
         proc.report.reason = reason
         if proc.threads:
             self._kill(proc, reason)
-        else:
+        elif hold:
             log.error("pid %d: %s; %d pages never arrived: the process is held (it stops at "
                       "its next missing page) until it is killed", proc.pid, reason,
                       proc.ranges.pages_pending + proc.ranges.pages_in_flight)
+        else:
+            proc.report.state = "abandoned"
+            log.error("pid %d: %s", proc.pid, reason)
         self._check_done()
 
     def _kill(self, proc: _Process, reason: str) -> None:
@@ -519,7 +536,8 @@ class LazyPagesDaemon:
         if self.expect_tasks is not None and self._tasks_received < self.expect_tasks:
             return
         # Failed processes without known threads keep the daemon (and their uffd) alive.
-        if all(p.report.state in ("complete", "exited", "killed") for p in self._processes):
+        if all(p.report.state in ("complete", "exited", "killed", "abandoned")
+               for p in self._processes):
             self._done.set()
 
     async def _end_session(self) -> None:
