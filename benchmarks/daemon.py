@@ -156,7 +156,8 @@ async def main() -> None:
         print(f"  limit  {name:40} {value}")
     for size in (int(s) for s in args.sizes.split(",")):
         nr = size * 2**20 // PAGE_SIZE
-        with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        machine.warm_memory(3 * size * 2**20)  # the dump in tmpfs, the region, slack
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:  # page cache, not disk
             images = Path(tmp)
             write_lazy_dump(images, {PID: [(BASE, nr)]})
             print(f"\n{size} MiB region ({nr} pages), {args.channels} channel(s):")

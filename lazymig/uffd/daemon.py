@@ -393,6 +393,7 @@ class LazyPagesDaemon:
                 proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE,
                                     nr_pages - chunk.nr_pages)
             self._copy(proc, chunk)
+            chunk.release()
         except Exception as exc:  # a bug here must not leave the process running on holes
             log.exception("pid %d: copying %#x failed", proc.pid, vaddr)
             self._fail(proc, f"internal error: {exc!r}")
@@ -401,7 +402,7 @@ class LazyPagesDaemon:
             self._finish(proc, "complete")
 
     def _copy(self, proc: _Process, chunk: PageChunk) -> None:
-        data = memoryview(chunk.data)
+        data = chunk.data
         for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
             if not proc.active:
                 return

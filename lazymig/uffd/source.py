@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from lazymig.dump.store import ImagesPageStore
@@ -60,11 +60,25 @@ _LINGER_OFF = struct.pack("ii", 0, 0)
 
 @dataclass(frozen=True, slots=True)
 class PageChunk:
-    """Pages as received: ``nr_pages`` pages at dump-time address ``vaddr``."""
+    """Pages as received: ``nr_pages`` pages at dump-time address ``vaddr``.
+
+    ``data`` may live in a buffer the source reuses: call :meth:`release` once
+    the pages are copied (the daemon does), and do not touch ``data`` after.
+    """
 
     vaddr: int
     nr_pages: int
-    data: bytearray
+    data: memoryview
+    _pool: list[bytearray] | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Give the buffer back to the source for a later reply."""
+        if self._pool is not None and len(self._pool) < _POOL_SIZE:
+            self._pool.append(self.data.obj)  # type: ignore[arg-type]
+
+
+_POOL_SIZE = 4
+"""Reply buffers kept per connection (each as big as the largest reply)."""
 
 
 class PageSource(Protocol):
@@ -108,7 +122,11 @@ class _Channel(asyncio.BufferedProtocol):
         self.broken: BaseException | None = None
         self._scratch = bytearray(64 * 1024)
         self._reply: GetReply | None = None  # the GET reply whose pages are arriving
-        self._data = bytearray()
+        self._data = memoryview(bytearray())
+        # Reused reply buffers: a fresh multi-MiB bytearray costs a page fault per 4 KiB
+        # on its first fill, as much as the copy itself.
+        self._pool: list[bytearray] = []
+        self._buffer_size = max_pages * PAGE_SIZE
         self._filled = 0
         self._direct = False  # the last get_buffer() handed out the page buffer
         self.lost = asyncio.get_running_loop().create_future()
@@ -127,7 +145,7 @@ class _Channel(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._reply is not None and self.codec.buffered == 0:
             self._direct = True
-            return memoryview(self._data)[self._filled:]
+            return self._data[self._filled:]
         self._direct = False
         return memoryview(self._scratch)
 
@@ -178,7 +196,8 @@ class _Channel(asyncio.BufferedProtocol):
                 return
             if isinstance(event, GetReply):
                 self._reply = event
-                self._data = bytearray(event.nr_pages * PAGE_SIZE)
+                buffer = self._pool.pop() if self._pool else bytearray(self._buffer_size)
+                self._data = memoryview(buffer)[:event.nr_pages * PAGE_SIZE]
                 self._filled = 0
             elif isinstance(event, CloseReply):
                 waiter = self.waiters.popleft()
@@ -197,7 +216,8 @@ class _Channel(asyncio.BufferedProtocol):
         self._reply = None
         waiter = self.waiters.popleft()
         if not waiter.done():
-            waiter.set_result(PageChunk(reply.vaddr, reply.nr_pages, self._data))  # type: ignore[arg-type]
+            chunk = PageChunk(reply.vaddr, reply.nr_pages, self._data, self._pool)
+            waiter.set_result(chunk)  # type: ignore[arg-type]
 
     def _fail(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -331,7 +351,7 @@ class LocalPageSource:
         got = await loop.run_in_executor(None, os.preadv, segment.fd, [data], segment.offset)
         if got != len(data):
             raise LazyMigError(f"pages image ends early (pid {pid}, {vaddr:#x})")
-        return PageChunk(vaddr, available, data)
+        return PageChunk(vaddr, available, memoryview(data))
 
     async def aclose(self) -> None:
         self.abort()
