@@ -86,9 +86,10 @@ async def test_one_process(page_server: tuple[Path, PageServer], scenario: str) 
     async with asyncio.timeout(30):
         serving = asyncio.create_task(server.serve())
         source = await RemotePageSource.connect("127.0.0.1", server.port)
-        # Without background fetch every page arrives through a fault, so the memory
-        # map changes below happen while pages are still lazy.
-        daemon, running = await run_daemon(images_dir, source, background=scenario == "touch")
+        # Without background fetch or prefetch every page arrives through its own
+        # fault, so the memory map changes below happen while pages are still lazy.
+        daemon, running = await run_daemon(images_dir, source, fault_prefetch=1,
+                                           background=scenario == "touch")
         (pid, [(vaddr, nr)]), *_ = layout(1).items()
         child = await spawn(daemon.socket_path, pid, vaddr, nr, scenario)
         code, out = await finish(child)

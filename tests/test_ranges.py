@@ -396,3 +396,21 @@ class RangesMachine(RuleBasedStateMachine):
 RangesMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,
                                            deadline=None)
 test_ranges_against_per_page_model = RangesMachine.TestCase
+
+
+def test_background_starts_near_the_last_fault_and_wraps_around() -> None:
+    base = 0x10000000
+    ranges = LazyRanges([(base, 64), (base + 0x100000, 16)])
+    # Past a fault at page 40: the chunk starts there, and stops at the range's end.
+    request = ranges.take_background(100, near=base + 40 * 4096)
+    assert request is not None
+    assert (request.vaddr, request.nr_pages) == (base + 40 * 4096, 24)
+    # Between two ranges: the next range.
+    request = ranges.take_background(4, near=base + 0x80000)
+    assert request is not None
+    assert request.vaddr == base + 0x100000
+    # Past everything: back to the first pending page.
+    request = ranges.take_background(8, near=base + 0x200000)
+    assert request is not None
+    assert request.vaddr == base
+    ranges.check()

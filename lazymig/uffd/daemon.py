@@ -131,6 +131,7 @@ class _Process:
         self.report = report
         self.background = False  # its restorer said "restore finished"
         self.chunk_pages = MIN_CHUNK_PAGES
+        self.cursor: int | None = None  # where the background goes next (after a fault)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, bytes] = {}  # host tid seen faulting -> its start time
         self.task: asyncio.Task[None] | None = None
@@ -152,6 +153,8 @@ class LazyPagesDaemon:
         serve_forever: keep accepting restorers after every process is done.
         background: pull the remaining pages in the background (else only faults).
         background_in_flight: background requests outstanding at once.
+        fault_prefetch: pages a fault asks for (the aligned block around it): one
+            round trip then covers a sequential reader's next faults.
         expect_tasks: finish only once this many tasks (zombies included) were
             handed over; CRIU's daemon expects every task of pstree.img. None:
             finish as soon as the processes handed over so far are complete.
@@ -166,7 +169,8 @@ class LazyPagesDaemon:
     def __init__(self, source: PageSource, lazy_ranges: Callable[[int], Iterable[tuple[int, int]]],
                  *, socket_path: str | os.PathLike[str] = SOCKET_NAME,
                  serve_forever: bool = False, background: bool = True,
-                 background_in_flight: int = 2, expect_tasks: int | None = None) -> None:
+                 background_in_flight: int = 2, fault_prefetch: int = 16,
+                 expect_tasks: int | None = None) -> None:
         self.source = source
         self._lazy_ranges = lazy_ranges
         self.socket_path = Path(socket_path)
@@ -174,6 +178,7 @@ class LazyPagesDaemon:
         self.background = background
         self.background_in_flight = background_in_flight
         self.expect_tasks = expect_tasks
+        self.fault_prefetch = fault_prefetch
         self._tasks_received = 0
         self.ready = asyncio.Event()
         """Set once the socket listens (restorers may connect)."""
@@ -299,7 +304,7 @@ class LazyPagesDaemon:
     def _adopt(self, record: ReceivedTask) -> _Process:
         uffd = Uffd.from_fd(record.fd, pid=record.pid)
         try:
-            ranges = LazyRanges(self._lazy_ranges(record.pid))
+            ranges = LazyRanges(self._lazy_ranges(record.pid), prefetch=self.fault_prefetch)
         except BaseException:
             uffd.close()
             raise
@@ -353,9 +358,13 @@ class LazyPagesDaemon:
         proc.chunk_pages = MIN_CHUNK_PAGES
         request = proc.ranges.take_fault(address)
         if request is not None:
+            proc.cursor = request.dst + request.nr_pages * PAGE_SIZE
             proc.fault_started[address] = time.monotonic()
             self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
-        elif not proc.ranges.in_flight(address):
+        elif proc.ranges.in_flight(address):
+            # Already coming (a background chunk or an earlier fault): the copy wakes it.
+            proc.fault_started.setdefault(address, time.monotonic())
+        else:
             # Not lazy (never was, or dropped by REMOVE/UNMAP): the zero page.
             try:
                 proc.uffd.zeropage(address, PAGE_SIZE)
@@ -461,9 +470,10 @@ class LazyPagesDaemon:
                         or self._urgent_in_flight):
                     break
                 proc = candidates[(turn + i) % len(candidates)]
-                request = proc.ranges.take_background(proc.chunk_pages)
+                request = proc.ranges.take_background(proc.chunk_pages, near=proc.cursor)
                 if request is None:
                     continue
+                proc.cursor = request.dst + request.nr_pages * PAGE_SIZE
                 proc.chunk_pages = min(MAX_CHUNK_PAGES, proc.chunk_pages + MIN_CHUNK_PAGES)
                 self._bg_in_flight += 1
                 self._fetch(proc, request.vaddr, request.nr_pages, urgent=False)

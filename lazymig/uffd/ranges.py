@@ -340,16 +340,30 @@ class LazyRanges:
         block = page - page % self.prefetch
         return self._take(i, max(start, block), min(end, block + self.prefetch))
 
-    def take_background(self, max_pages: int) -> Request | None:
-        """The next background chunk: up to ``max_pages`` from the start of the
-        first pending interval (never across a range or VMA boundary), marked in
-        flight. None when nothing is pending."""
+    def take_background(self, max_pages: int, near: int | None = None) -> Request | None:
+        """The next background chunk: up to ``max_pages`` pending pages, never across
+        a range or VMA boundary, marked in flight. None when nothing is pending.
+
+        It starts at the first pending page at or after ``near`` (a current
+        address, e.g. just past the last fault: spatial locality, as QEMU's
+        postcopy moves its scan to the requested page), wrapping around to the
+        first pending interval; without ``near``, at the first pending interval.
+        """
         if max_pages < 1:
             raise ConfigurationError(f"max_pages must be positive, not {max_pages}")
-        if not self._pending.items:
+        items = self._pending.items
+        if not items:
             return None
-        start, end, _, _ = self._pending.items[0]
-        return self._take(0, start, min(end, start + max_pages))
+        index, lo = 0, items[0][0]
+        if near is not None:
+            page = near >> PAGE_SHIFT
+            i = bisect_right(self._pending.starts, page) - 1
+            if i >= 0 and page < items[i][1]:
+                index, lo = i, page
+            elif i + 1 < len(items):
+                index, lo = i + 1, items[i + 1][0]
+        _, end, _, _ = items[index]
+        return self._take(index, lo, min(end, lo + max_pages))
 
     def complete(self, vaddr: int, nr_pages: int) -> list[CopyRange]:
         """Data for ``nr_pages`` from dump-time address ``vaddr`` arrived.
