@@ -30,6 +30,7 @@ import os
 import pathlib
 import signal
 import struct
+import time
 import warnings
 from collections.abc import Callable
 from typing import Final, ParamSpec, TypeVar
@@ -224,9 +225,10 @@ class FrozenProcess:
     """A target held in ptrace-stops, with its state read.
 
     Get one with ``await FrozenProcess.freeze(pid)``. End it with
-    :meth:`resume` (detach: the target runs on as if nothing happened) or
-    :meth:`release` (``kill=True`` after a successful migration). Use it as an
-    async context manager so that an exception resumes the target.
+    :meth:`resume` (detach: the target runs on as if nothing happened),
+    :meth:`release` (``kill=True`` after a successful migration) or
+    :meth:`leave_stopped` (an aborted migration). Use it as an async context
+    manager so that an exception resumes the target.
     """
 
     def __init__(self, pid: int, tracer: TracerThread, tracees: list[Tracee],
@@ -309,6 +311,24 @@ class FrozenProcess:
         self._released = True
         try:
             await self._tracer.run(_release_sync, self.pid, self._tracees, kill)
+        finally:
+            self._tracer.close()
+
+    async def leave_stopped(self) -> None:
+        """End the freeze but keep the target job-control stopped, memory intact.
+
+        For an aborted migration: SIGSTOP is queued while the target is still in
+        its ptrace-stop, then every thread is detached; the pending SIGSTOP is
+        taken before any user instruction runs, so the target goes from the
+        ptrace-stop straight into a group stop (state ``T``) and stays there,
+        whatever becomes of this process, until someone sends SIGCONT.
+        Idempotent (a no-op after :meth:`release`).
+        """
+        if self._released:
+            return
+        self._released = True
+        try:
+            await self._tracer.run(_leave_stopped_sync, self.pid, self._tracees)
         finally:
             self._tracer.close()
 
@@ -512,6 +532,29 @@ def _collect_checked(pid: int, scan: MemoryScan, pipe_size: int | None) -> PageP
         pipes.close()
         raise TargetGoneError(pid, f"process {pid} exited while its pages were copied")
     return pipes
+
+
+def _leave_stopped_sync(pid: int, tracees: list[Tracee], timeout: float = 2.0) -> None:
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    _release_sync(pid, tracees, kill=False)
+    # Detached, the target takes the SIGSTOP as soon as it is scheduled; wait
+    # for the group stop so that callers can rely on it.
+    deadline = time.monotonic() + timeout
+    while _stat_state(pid) not in ("T", "Z", "X", "") and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _stat_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("" if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+    return raw[raw.rfind(b")") + 2:][:1].decode()
 
 
 def _release_sync(pid: int, tracees: list[Tracee], kill: bool) -> None:

@@ -37,7 +37,7 @@ import resource
 import select
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from lazymig.dump.scan import PageRun
 from lazymig.errors import (
@@ -61,7 +61,7 @@ from lazymig.linux.vm import (
 )
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 
-__all__ = ["PagePipes", "PagesNotFoundError", "PipeBuffer"]
+__all__ = ["FdSink", "PagePipes", "PagesNotFoundError", "PipeBuffer"]
 
 #: fds kept free for everything else the process does while pipes are open.
 FD_HEADROOM: Final = 64
@@ -69,6 +69,14 @@ FD_HEADROOM: Final = 64
 
 class PagesNotFoundError(LazyMigError, LookupError):
     """No lazy buffer holds the requested address (CRIU ends the session here)."""
+
+
+class FdSink(Protocol):
+    """Something that takes bytes from a file descriptor (a pipe) itself."""
+
+    def write_from_fd(self, fd: int, nbytes: int) -> int:
+        """Move ``nbytes`` from ``fd``; return the bytes moved (fewer only at EOF)."""
+        ...
 
 
 class PipeBuffer:
@@ -407,10 +415,12 @@ class PagePipes:
 
     # -- non-lazy pages ----------------------------------------------------------------
 
-    def drain_nonlazy(self, dst_fd: int) -> list[PageRun]:
+    def drain_nonlazy(self, dst_fd: int | FdSink) -> list[PageRun]:
         """Splice every non-lazy buffer, in order, into ``dst_fd`` (e.g. pages-1.img)
         and close it; returns the runs written, in the order of their bytes.
 
+        ``dst_fd`` is a file descriptor, or a sink that moves bytes from a pipe
+        itself, such as :class:`~lazymig.proto.images.PagesWriter`.
         The pages are consumed: a second call writes nothing more.
         """
         self._check_open()
@@ -421,7 +431,11 @@ class PagePipes:
             buf._seal()
             if self._current[False] is buf:
                 self._current[False] = None
-            _splice_all(buf.read_fd, dst_fd, buf.nr_pages << PAGE_SHIFT)
+            length = buf.nr_pages << PAGE_SHIFT
+            if isinstance(dst_fd, int):
+                _splice_all(buf.read_fd, dst_fd, length)
+            elif (moved := dst_fd.write_from_fd(buf.read_fd, length)) != length:
+                raise BrokenResourceError(f"page pipe gave {moved} of {length} bytes")
             for run in buf.iovs:
                 if out and out[-1].end == run.vaddr:
                     out[-1] = PageRun(out[-1].vaddr, out[-1].nr_pages + run.nr_pages, False)
