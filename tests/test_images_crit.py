@@ -250,6 +250,8 @@ def test_schema_matches_crits(tmp_path: Path) -> None:
     assert {"pagemap_entry", "core_entry", "thread_info_x86", "mm_entry"} <= ours.keys()
     checked = 0
     for name, msg in ours.items():
+        if name.startswith("lazymig_"):  # lazymig's own image (lazymig.proto)
+            continue
         assert name in theirs, f"{name} is not a CRIU message"
         their_fields = {f.number: f for f in theirs[name].field}
         for field in msg.field:

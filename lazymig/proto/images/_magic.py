@@ -40,8 +40,8 @@ class ImageKind(enum.Enum):
     """An image kind; the value is CRIU's type magic (``ImageKind(0x56084025)`` is PAGEMAP).
 
     Only the kinds lazymig reads or writes, plus a few that are handy to
-    recognise, are listed. Aliases in magic.h (``SHMEM_PAGEMAP_MAGIC`` is
-    ``PAGEMAP_MAGIC``) map to one member.
+    recognise, are listed; :attr:`LAZYMIG` is lazymig's own. Aliases in magic.h
+    (``SHMEM_PAGEMAP_MAGIC`` is ``PAGEMAP_MAGIC``) map to one member.
     """
 
     INVENTORY = 0x58313116
@@ -61,6 +61,9 @@ class ImageKind(enum.Enum):
     RLIMIT = 0x57113925
     STATS = 0x57093306
     IRMAP_CACHE = 0x57004059
+    LAZYMIG = 0x4C5A4D31
+    """lazymig's own per-task image (``lazymig-<pid>.img``, one ``lazymig_task_entry``);
+    not a CRIU magic, so crit cannot decode it."""
 
     @property
     def magic(self) -> int:
@@ -135,4 +138,5 @@ _TEMPLATES: dict[ImageKind, str] = {
     ImageKind.RLIMIT: "rlimit-{}.img",
     ImageKind.STATS: "stats-{}",
     ImageKind.IRMAP_CACHE: "irmap-cache",
+    ImageKind.LAZYMIG: "lazymig-{}.img",
 }

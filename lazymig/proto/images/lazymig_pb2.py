@@ -24,11 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lazymig/proto/images/lazymig.proto\x12\x0clazymig.criu')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lazymig/proto/images/lazymig.proto\x12\x0clazymig.criu\"{\n\x12lazymig_file_entry\x12\n\n\x02id\x18\x01 \x02(\r\x12\x0c\n\x04path\x18\x02 \x02(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x0b\n\x03\x64\x65v\x18\x04 \x01(\x04\x12\r\n\x05inode\x18\x05 \x01(\x04\x12\x0c\n\x04size\x18\x06 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x07 \x01(\x04\"I\n\x18lazymig_xstate_component\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x02(\r\x12\x0e\n\x06offset\x18\x02 \x02(\r\x12\x0c\n\x04size\x18\x03 \x02(\r\"G\n\x14lazymig_thread_entry\x12\x0b\n\x03tid\x18\x01 \x02(\r\x12\x0e\n\x06xstate\x18\x02 \x02(\x0c\x12\x12\n\nrseq_flags\x18\x03 \x01(\r\"\xbd\x02\n\x12lazymig_task_entry\x12\x0b\n\x03pid\x18\x01 \x02(\r\x12\x0f\n\x07version\x18\x02 \x02(\t\x12\x33\n\x07threads\x18\x03 \x03(\x0b\x32\".lazymig.criu.lazymig_thread_entry\x12/\n\x05\x66iles\x18\x04 \x03(\x0b\x32 .lazymig.criu.lazymig_file_entry\x12\x11\n\txfeatures\x18\x05 \x01(\x04\x12=\n\rxstate_layout\x18\x06 \x03(\x0b\x32&.lazymig.criu.lazymig_xstate_component\x12\x0b\n\x03\x63wd\x18\x07 \x01(\t\x12\x0c\n\x04root\x18\x08 \x01(\t\x12\r\n\x05umask\x18\t \x01(\r\x12\x13\n\x0bjob_stopped\x18\n \x01(\x08\x12\x12\n\nlazy_pages\x18\x0b \x01(\x08')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lazymig.proto.images.lazymig_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LAZYMIG_FILE_ENTRY']._serialized_start=52
+  _globals['_LAZYMIG_FILE_ENTRY']._serialized_end=175
+  _globals['_LAZYMIG_XSTATE_COMPONENT']._serialized_start=177
+  _globals['_LAZYMIG_XSTATE_COMPONENT']._serialized_end=250
+  _globals['_LAZYMIG_THREAD_ENTRY']._serialized_start=252
+  _globals['_LAZYMIG_THREAD_ENTRY']._serialized_end=323
+  _globals['_LAZYMIG_TASK_ENTRY']._serialized_start=326
+  _globals['_LAZYMIG_TASK_ENTRY']._serialized_end=643
 # @@protoc_insertion_point(module_scope)
