@@ -1,0 +1,833 @@
+"""Writing the images of a frozen process, as ``criu dump`` lays them out.
+
+:func:`read_task_info` reads what :class:`~lazymig.dump.freeze.ProcessState`
+does not hold but CRIU's core and pstree images want (ids, credentials,
+rlimits, scheduling, robust futex list; and, by injected syscalls into the
+frozen target, the clear-tid address, the alternate signal stack, the parent
+death signal, itimers...). :func:`write_images` then writes, into a CRIU images
+directory:
+
+* ``inventory.img`` (images v1.1, ``fdinfo_per_id``, the host's LSM);
+* ``pstree.img`` (one entry: the dumped process is the root of its tree);
+* ``core-<tid>.img`` per thread: registers (as CRIU saves them, with the
+  syscall-restart adjustment), the FPU state decoded from the raw xstate,
+  signal mask and dispositions, rlimits, itimers, creds, rseq;
+* ``mm-<pid>.img``: the mm fields, auxv and every VMA;
+* ``pagemap-<pid>.img`` and ``pages-1.img``: with ``lazy_pages`` (``criu dump
+  --lazy-pages``) the lazy-capable pages are PE_LAZY entries without data (they
+  stay in the page pipes for the page server) and the others PE_PRESENT with
+  their data in ``pages-1.img``; without it (a plain dump) every page has its
+  data in ``pages-1.img``, lazy-capable ones flagged PE_LAZY|PE_PRESENT as
+  CRIU does (so ``lazymig page-server --lazy-pages`` can serve them later);
+* ``lazymig-<pid>.img``: lazymig's own image (``lazymig_task_entry``) with what
+  CRIU's schema has no place for: the raw xstate and its layout, rseq flags,
+  the files behind the executable and the file mappings (``exe_file_id`` and
+  the VMAs' ``shmid`` point into it), cwd, root, umask.
+
+Every image but lazymig's own decodes with ``crit`` (CRIU 3.17 and later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import functools
+import itertools
+import mmap
+import os
+import resource
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+from lazymig._version import __version__
+from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState
+from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.scan import MemoryScan, PageRun, Vma
+from lazymig.errors import ImageError, LazyMigOSError
+from lazymig.linux._libc import check, libc
+from lazymig.linux.ptrace import TargetGoneError, Tracee
+from lazymig.linux.vm import read_memory
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE, PE
+from lazymig.proto.images import (
+    CoreEntry,
+    CredsEntry,
+    ImageKind,
+    ImagesDir,
+    InventoryEntry,
+    MmEntry,
+    PagemapEntry,
+    PstreeEntry,
+    SaEntry,
+    TaskCoreEntry,
+    TaskKobjIdsEntry,
+    ThreadCoreEntry,
+    ThreadInfoX86,
+    UserX86FpregsEntry,
+    UserX86RegsEntry,
+    UserX86XsaveEntry,
+    VmaEntry,
+    core_pb2,
+    core_x86_pb2,
+    inventory_pb2,
+    lazymig_pb2,
+    rlimit_pb2,
+    rseq_pb2,
+    timer_pb2,
+)
+
+__all__ = [
+    "PAGES_ID",
+    "TASK_ALIVE",
+    "TASK_STOPPED",
+    "Creds",
+    "DumpImages",
+    "TaskInfo",
+    "ThreadInfo",
+    "decode_fpregs",
+    "pagemap_entries",
+    "read_lazymig_entry",
+    "read_task_info",
+    "write_images",
+    "xstate_layout",
+]
+
+PAGES_ID: Final = 1
+"""The pages image id lazymig's dumps use (``pages-1.img``), like CRIU's first one."""
+
+# CRIU's core tc.task_state values (compel's COMPEL_TASK_*).
+TASK_ALIVE: Final = 1
+"""A running task."""
+TASK_STOPPED: Final = 3
+"""A job-control stopped task (it is restored stopped)."""
+
+_U64: Final = (1 << 64) - 1
+_USER32_CS: Final = 0x23  # the code segment of 32-bit (compat) user mode
+_RLIM_NLIMITS: Final = 16
+
+# x86_64 syscall numbers and prctl options used by the injected calls.
+_SYS_MMAP: Final = 9
+_SYS_MUNMAP: Final = 11
+_SYS_GETITIMER: Final = 36
+_SYS_SIGALTSTACK: Final = 131
+_SYS_PRCTL: Final = 157
+_SYS_GET_ROBUST_LIST: Final = 274
+_PR_GET_PDEATHSIG: Final = 2
+_PR_GET_DUMPABLE: Final = 3
+_PR_GET_SECUREBITS: Final = 27
+_PR_GET_CHILD_SUBREAPER: Final = 37
+_PR_GET_TID_ADDRESS: Final = 40
+_PR_GET_THP_DISABLE: Final = 42
+
+# Layout of the scratch page the injected calls write into.
+_SCRATCH_TID_ADDRESS: Final = 0      # u64
+_SCRATCH_ALTSTACK: Final = 8         # stack_t: void *ss_sp; int ss_flags; size_t ss_size
+_SCRATCH_PDEATHSIG: Final = 32       # int
+_SCRATCH_SUBREAPER: Final = 36       # int
+_SCRATCH_ITIMERS: Final = 40         # 3 x struct itimerval (4 x i64 each)
+_SCRATCH_SIZE: Final = _SCRATCH_ITIMERS + 3 * 32
+
+_SECCOMP_MODES: Final = {0: core_pb2.disabled, 1: core_pb2.strict, 2: core_pb2.filter}
+
+
+# -- what the core and pstree images need besides ProcessState -----------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Creds:
+    """A thread's credentials (/proc/TID/status and PR_GET_SECUREBITS)."""
+
+    uids: tuple[int, int, int, int]
+    """Real, effective, saved and filesystem uid."""
+    gids: tuple[int, int, int, int]
+    cap_inh: int
+    cap_prm: int
+    cap_eff: int
+    cap_bnd: int
+    secbits: int
+    groups: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThreadInfo:
+    """Per-thread state for ``thread_core_entry`` and ``thread_info``.
+
+    ``clear_tid_addr``, ``sigaltstack`` and ``pdeath_sig`` come from syscalls
+    injected into the thread (0 / ``None`` where the kernel would not say).
+    """
+
+    tid: int
+    comm: str
+    clear_tid_addr: int
+    robust_list: tuple[int, int]
+    """``get_robust_list``: (head, len)."""
+    sigaltstack: tuple[int, int, int] | None
+    """(ss_sp, ss_size, ss_flags)."""
+    pdeath_sig: int
+    sched: tuple[int, int, int]
+    """(nice, policy, priority)."""
+    creds: Creds
+    seccomp_mode: int
+    rseq_cs: int
+    """The ``rseq_cs`` word of the thread's registered rseq area (0: none)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """Per-process state for the pstree, core, mm and lazymig images."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    task_flags: int
+    """The PF_* flags of /proc/PID/stat (CRIU's ``tc.flags``)."""
+    personality: int
+    umask: int | None
+    loginuid: int | None
+    oom_score_adj: int | None
+    child_subreaper: bool
+    dumpable: int | None
+    thp_disabled: bool | None
+    itimers: tuple[tuple[int, int, int, int], ...]
+    """ITIMER_REAL, _VIRTUAL, _PROF as (interval s, interval µs, value s, value µs)."""
+    rlimits: tuple[tuple[int, int], ...]
+    """(soft, hard) for the 16 RLIMIT_* in order; RLIM_INFINITY is 2**64 - 1."""
+    cwd: str | None
+    root: str | None
+    threads: tuple[ThreadInfo, ...]
+
+
+async def read_task_info(fp: FrozenProcess) -> TaskInfo:
+    """Read the frozen process's remaining state (on its tracer thread).
+
+    Reads /proc, ``prlimit``, ``sched_*`` and ``get_robust_list`` from here, and
+    injects ``prctl``, ``sigaltstack`` and ``getitimer`` calls into the target
+    with a scratch page mmap-ed there and unmapped again.
+    """
+    return await fp.run(_read_task_info_sync, fp.main_thread, fp.state)
+
+
+def _read_task_info_sync(main: Tracee, state: ProcessState) -> TaskInfo:
+    pid = state.pid
+    stat = _proc_stat(pid)
+    status = _proc_status(pid)
+    injected = _injected_state(main)
+    threads = tuple(
+        _thread_info(pid, t, injected if t.tid == main.tid else _Injected())
+        for t in state.threads)
+    return TaskInfo(
+        pid=pid, ppid=stat[4], pgid=stat[5], sid=stat[6], task_flags=stat[9],
+        personality=_read_int(f"/proc/{pid}/personality", 16) or 0,
+        umask=int(status["Umask"], 8) if "Umask" in status else None,
+        loginuid=_read_int(f"/proc/{pid}/loginuid"),
+        oom_score_adj=_read_int(f"/proc/{pid}/oom_score_adj"),
+        child_subreaper=bool(injected.subreaper), dumpable=injected.dumpable,
+        thp_disabled=None if injected.thp_disabled is None else bool(injected.thp_disabled),
+        itimers=injected.itimers, rlimits=tuple(_rlimit(pid, r) for r in range(_RLIM_NLIMITS)),
+        cwd=_readlink(f"/proc/{pid}/cwd"), root=_readlink(f"/proc/{pid}/root"),
+        threads=threads,
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Injected:
+    """What the injected syscalls told (None / 0 where the kernel refused)."""
+
+    dumpable: int | None = None
+    thp_disabled: int | None = None
+    secbits: int = 0
+    tid_address: int = 0
+    altstack: tuple[int, int, int] | None = None
+    pdeath_sig: int = 0
+    subreaper: int = 0
+    itimers: tuple[tuple[int, int, int, int], ...] = ((0, 0, 0, 0),) * 3
+
+
+def _injected_state(main: Tracee) -> _Injected:
+    """Run the prctl/sigaltstack/getitimer queries inside the target's main thread."""
+    pid = main.pid
+    out = _Injected()
+
+    def prctl(option: int, arg: int = 0) -> int:
+        return main.inject_syscall(_SYS_PRCTL, option, arg, 0, 0, 0)
+
+    if (res := prctl(_PR_GET_DUMPABLE)) >= 0:
+        out.dumpable = res
+    if (res := prctl(_PR_GET_THP_DISABLE)) >= 0:
+        out.thp_disabled = res
+    if (res := prctl(_PR_GET_SECUREBITS)) >= 0:
+        out.secbits = res
+    scratch = main.inject_syscall(_SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
+    if scratch < 0:
+        raise LazyMigOSError(-scratch, "injected mmap for a scratch page", pid=pid)
+    try:
+        tid_ok = prctl(_PR_GET_TID_ADDRESS, scratch + _SCRATCH_TID_ADDRESS) == 0
+        altstack_ok = main.inject_syscall(_SYS_SIGALTSTACK, 0, scratch + _SCRATCH_ALTSTACK) == 0
+        pdeath_ok = prctl(_PR_GET_PDEATHSIG, scratch + _SCRATCH_PDEATHSIG) == 0
+        subreaper_ok = prctl(_PR_GET_CHILD_SUBREAPER, scratch + _SCRATCH_SUBREAPER) == 0
+        timers_ok = all(main.inject_syscall(_SYS_GETITIMER, which,
+                                            scratch + _SCRATCH_ITIMERS + 32 * which) == 0
+                        for which in range(3))
+        raw = read_memory(pid, scratch, _SCRATCH_SIZE)
+    finally:
+        main.inject_syscall(_SYS_MUNMAP, scratch, PAGE_SIZE)
+    if tid_ok:
+        (out.tid_address,) = struct.unpack_from("<Q", raw, _SCRATCH_TID_ADDRESS)
+    if altstack_ok:
+        sp, flags, size = struct.unpack_from("<Qi4xQ", raw, _SCRATCH_ALTSTACK)
+        out.altstack = (sp, size, flags)
+    if pdeath_ok:
+        (out.pdeath_sig,) = struct.unpack_from("<i", raw, _SCRATCH_PDEATHSIG)
+    if subreaper_ok:
+        (out.subreaper,) = struct.unpack_from("<i", raw, _SCRATCH_SUBREAPER)
+    if timers_ok:
+        timers = [struct.unpack_from("<4q", raw, _SCRATCH_ITIMERS + 32 * w) for w in range(3)]
+        out.itimers = tuple((a, b, c, d) for a, b, c, d in timers)
+    return out
+
+
+def _thread_info(pid: int, thread: ThreadState, injected: _Injected) -> ThreadInfo:
+    tid = thread.tid
+    status = _proc_status(pid, tid)
+    rseq_cs = 0
+    if thread.rseq is not None and thread.rseq.rseq_abi_pointer:
+        with contextlib.suppress(LazyMigOSError):
+            (rseq_cs,) = struct.unpack("<Q", read_memory(pid, thread.rseq.rseq_abi_pointer + 8,
+                                                         8))
+    try:
+        policy = os.sched_getscheduler(tid)
+        prio = os.sched_getparam(tid).sched_priority
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+    except ProcessLookupError as exc:
+        raise TargetGoneError(pid, f"thread {tid} is gone") from exc
+    return ThreadInfo(
+        tid=tid, comm=_read_text(f"/proc/{pid}/task/{tid}/comm") or "",
+        clear_tid_addr=injected.tid_address, robust_list=_robust_list(pid, tid),
+        sigaltstack=injected.altstack, pdeath_sig=injected.pdeath_sig,
+        sched=(nice, policy, prio), creds=_creds(status, injected.secbits),
+        seccomp_mode=int(status.get("Seccomp", "0") or 0), rseq_cs=rseq_cs,
+    )
+
+
+def _creds(status: dict[str, str], secbits: int) -> Creds:
+    uids = tuple(int(x) for x in status["Uid"].split())
+    gids = tuple(int(x) for x in status["Gid"].split())
+    return Creds(
+        uids=(uids[0], uids[1], uids[2], uids[3]), gids=(gids[0], gids[1], gids[2], gids[3]),
+        cap_inh=int(status["CapInh"], 16), cap_prm=int(status["CapPrm"], 16),
+        cap_eff=int(status["CapEff"], 16), cap_bnd=int(status["CapBnd"], 16),
+        secbits=secbits, groups=tuple(int(g) for g in status.get("Groups", "").split()),
+    )
+
+
+def _robust_list(pid: int, tid: int) -> tuple[int, int]:
+    head, length = ctypes.c_uint64(), ctypes.c_size_t()
+    fn = libc.syscall
+    fn.restype = ctypes.c_long
+    try:
+        check(fn(ctypes.c_long(_SYS_GET_ROBUST_LIST), ctypes.c_long(tid), ctypes.byref(head),
+                 ctypes.byref(length)), "get_robust_list", pid=pid)
+    except LazyMigOSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetGoneError(pid, f"thread {tid} is gone") from exc
+        return (0, 0)
+    return (head.value, length.value)
+
+
+def _rlimit(pid: int, which: int) -> tuple[int, int]:
+    try:
+        soft, hard = resource.prlimit(pid, which)
+    except ProcessLookupError as exc:
+        raise TargetGoneError(pid, "prlimit") from exc
+    return (soft & _U64, hard & _U64)
+
+
+def _proc_stat(pid: int) -> dict[int, int]:
+    """Numeric fields of /proc/PID/stat by their proc(5) number (from 4 on)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, "read /proc/PID/stat") from exc
+    rest = raw[raw.rfind(b")") + 2:].split()
+    return {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
+
+
+def _proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, f"read {path}") from exc
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def _read_int(path: str, base: int = 10) -> int | None:
+    text = _read_text(path)
+    try:
+        return None if text is None else int(text, base)
+    except ValueError:
+        return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return str(Path(path).readlink())
+    except OSError:
+        return None
+
+
+# -- the FPU state: raw xstate to CRIU's user_x86_fpregs_entry -------------------------
+
+# The legacy FXSAVE region (struct i387_fxsave_struct) and the XSAVE header.
+_FXSAVE_HEAD: Final = struct.Struct("<HHHHQQII")  # cwd swd twd fop rip rdp mxcsr mxcsr_mask
+# In the ptrace regset the kernel puts XCR0 in the first software-reserved
+# word (asm/user.h USER_XSTATE_XCR0_WORD), where a signal frame has its
+# fx_sw_bytes instead.
+_XCR0_OFFSET: Final = 464
+_XSAVE_HDR_OFFSET: Final = 512
+
+# CPUID(eax=leaf, ecx=subleaf) for x86_64 SysV: (edi, esi, rdx=out[4]).
+_CPUID_CODE: Final = bytes((
+    0x53,                          # push rbx
+    0x89, 0xF8,                    # mov eax, edi
+    0x89, 0xF1,                    # mov ecx, esi
+    0x49, 0x89, 0xD0,              # mov r8, rdx
+    0x0F, 0xA2,                    # cpuid
+    0x41, 0x89, 0x00,              # mov [r8], eax
+    0x41, 0x89, 0x58, 0x04,        # mov [r8+4], ebx
+    0x41, 0x89, 0x48, 0x08,        # mov [r8+8], ecx
+    0x41, 0x89, 0x50, 0x0C,        # mov [r8+12], edx
+    0x5B,                          # pop rbx
+    0xC3,                          # ret
+))
+_XSTATE_MAX_FEATURE: Final = 19
+
+# CRIU's user_x86_xsave_entry fields: (state component, field, element format).
+_XSAVE_FIELDS: Final = (
+    (2, "ymmh_space", "I"),
+    (3, "bndreg_state", "Q"),
+    (4, "bndcsr_state", "Q"),
+    (5, "opmask_reg", "Q"),
+    (6, "zmm_upper", "Q"),
+    (7, "hi16_zmm", "Q"),
+    (9, "pkru", "I"),
+)
+
+
+def _cpuid_by_code(queries: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Execute CPUID for each (leaf, subleaf) from a small code page of our own."""
+    page = mmap.mmap(-1, PAGE_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    try:
+        page.write(_CPUID_CODE)
+        code = (ctypes.c_char * PAGE_SIZE).from_buffer(page)
+        try:
+            fn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)(
+                ctypes.addressof(code))
+            out = (ctypes.c_uint32 * 4)()
+            results = []
+            for leaf, sub in queries:
+                fn(leaf, sub, ctypes.addressof(out))
+                results.append((out[0], out[1], out[2], out[3]))
+            del fn
+        finally:
+            del code
+    finally:
+        page.close()
+    return results
+
+
+def _cpuid_by_device(queries: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """CPUID through the cpuid driver (/dev/cpu/0/cpuid, root only)."""
+    fd = os.open("/dev/cpu/0/cpuid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = []
+        for leaf, sub in queries:
+            a, b, c, d = struct.unpack("<4I", os.pread(fd, 16, leaf | (sub << 32)))
+            out.append((a, b, c, d))
+        return out
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def xstate_layout() -> dict[int, tuple[int, int]]:
+    """``{state component: (offset, size)}`` of this CPU's standard-format XSAVE area.
+
+    From CPUID leaf 0xD (the layout of the NT_X86_XSTATE regset), for the
+    components 2 and up that the CPU has. Empty if CPUID could not be run
+    (no executable memory and no /dev/cpu/0/cpuid).
+    """
+    queries = [(0xD, i) for i in range(2, _XSTATE_MAX_FEATURE)]
+    try:
+        results = _cpuid_by_code(queries)
+    except OSError:
+        try:
+            results = _cpuid_by_device(queries)
+        except OSError:
+            return {}
+    return {i: (ebx, eax) for (_, i), (eax, ebx, _, _) in zip(queries, results, strict=True)
+            if eax}
+
+
+def _xfeatures(xstate: bytes) -> int | None:
+    """XCR0 as the kernel reports it in an NT_X86_XSTATE regset (None: not an XSAVE area)."""
+    if len(xstate) < _XSAVE_HDR_OFFSET + 64:
+        return None
+    (xcr0,) = struct.unpack_from("<Q", xstate, _XCR0_OFFSET)
+    return int(xcr0) or None
+
+
+def decode_fpregs(xstate: bytes,
+                  layout: dict[int, tuple[int, int]] | None = None) -> UserX86FpregsEntry:
+    """CRIU's ``user_x86_fpregs_entry`` from a raw NT_X86_XSTATE area.
+
+    The FXSAVE fields always; the XSAVE part (``xstate_bv`` and the AVX,
+    MPX, AVX-512 and PKRU components CRIU's schema names) when the area has
+    an XSAVE header, for the components the CPU enables (XCR0) and whose
+    offset ``layout`` (default: :func:`xstate_layout`) knows.
+    """
+    legacy = xstate[:512].ljust(512, b"\0")
+    cwd, swd, twd, fop, rip, rdp, mxcsr, mxcsr_mask = _FXSAVE_HEAD.unpack_from(legacy)
+    fp = UserX86FpregsEntry(
+        cwd=cwd, swd=swd, twd=twd, fop=fop, rip=rip, rdp=rdp, mxcsr=mxcsr,
+        mxcsr_mask=mxcsr_mask, st_space=struct.unpack_from("<32I", legacy, 32),
+        xmm_space=struct.unpack_from("<64I", legacy, 160))
+    xfeatures = _xfeatures(xstate)
+    if xfeatures is None:
+        return fp
+    layout = xstate_layout() if layout is None else layout
+    xsave = UserX86XsaveEntry(xstate_bv=struct.unpack_from("<Q", xstate, _XSAVE_HDR_OFFSET)[0])
+    for feature, name, fmt in _XSAVE_FIELDS:
+        where = layout.get(feature)
+        if where is None or not xfeatures >> feature & 1:
+            continue
+        offset, size = where
+        if offset + size <= len(xstate):
+            count = size // struct.calcsize(fmt)
+            getattr(xsave, name).extend(struct.unpack_from(f"<{count}{fmt}", xstate, offset))
+    fp.xsave.CopyFrom(xsave)
+    return fp
+
+
+# -- building the entries ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _File:
+    id: int
+    path: str
+    deleted: bool
+    stat: os.stat_result | None
+
+
+def _split_deleted(path: str) -> tuple[str, bool]:
+    suffix = " (deleted)"
+    return (path[: -len(suffix)], True) if path.endswith(suffix) else (path, False)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return Path(path).stat()
+    except OSError:
+        return None
+
+
+def _file_table(pid: int, exe: str, vmas: Sequence[Vma]) -> tuple[list[_File], int, dict[int, int]]:
+    """The files behind the executable and the file mappings, one id per file.
+
+    Returns (files, exe id, {VMA start: file id}). Files are told apart by
+    (st_dev, st_ino) of the mapped object (/proc/PID/map_files, which also
+    reaches deleted files), falling back to the maps line's path.
+    """
+    files: list[_File] = []
+    ids: dict[object, int] = {}
+
+    def add(path: str, st: os.stat_result | None, fallback: object) -> int:
+        key: object = (st.st_dev, st.st_ino) if st is not None else fallback
+        if key not in ids:
+            name, deleted = _split_deleted(path)
+            ids[key] = len(files) + 1
+            files.append(_File(len(files) + 1, name, deleted, st))
+        return ids[key]
+
+    exe_id = add(exe, _stat(f"/proc/{pid}/exe"), ("exe", exe))
+    by_vma = {}
+    for v in vmas:
+        if v.is_file:
+            st = _stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+            by_vma[v.start] = add(v.path, st, (v.dev, v.inode, v.path))
+    return files, exe_id, by_vma
+
+
+def _lsmtype() -> int:
+    """The host's LSM as CRIU's kerndat sees it."""
+    if Path("/sys/kernel/security/apparmor").exists():
+        return inventory_pb2.APPARMOR
+    if Path("/sys/fs/selinux/enforce").exists():
+        return inventory_pb2.SELINUX
+    return inventory_pb2.NO_LSM
+
+
+def _uptime_us() -> int:
+    text = _read_text("/proc/uptime") or "0"
+    return int(float(text.split()[0]) * 1_000_000)
+
+
+def _ids() -> TaskKobjIdsEntry:
+    # One process: every kernel object is its own; CRIU numbers them from 1.
+    return TaskKobjIdsEntry(vm_id=1, files_id=1, fs_id=1, sighand_id=1)
+
+
+def _inventory() -> InventoryEntry:
+    return InventoryEntry(img_version=2, fdinfo_per_id=True, ns_per_id=True, root_ids=_ids(),
+                          lsmtype=_lsmtype(), dump_uptime=_uptime_us())
+
+
+def _pstree(state: ProcessState, info: TaskInfo) -> PstreeEntry:
+    # The dumped process is the root of the dumped tree: CRIU writes ppid 0 for it.
+    return PstreeEntry(pid=state.pid, ppid=0, pgid=info.pgid, sid=info.sid,
+                       threads=[t.tid for t in state.threads])
+
+
+def _gpregs(thread: ThreadState) -> UserX86RegsEntry:
+    r = thread.regs.with_syscall_restart()
+    return UserX86RegsEntry(
+        r15=r.r15, r14=r.r14, r13=r.r13, r12=r.r12, bp=r.rbp, bx=r.rbx, r11=r.r11, r10=r.r10,
+        r9=r.r9, r8=r.r8, ax=r.rax, cx=r.rcx, dx=r.rdx, si=r.rsi, di=r.rdi, orig_ax=r.orig_rax,
+        ip=r.rip, cs=r.cs, flags=r.eflags, sp=r.rsp, ss=r.ss, fs_base=r.fs_base,
+        gs_base=r.gs_base, ds=r.ds, es=r.es, fs=r.fs, gs=r.gs,
+        mode=core_x86_pb2.COMPAT if r.cs == _USER32_CS else core_x86_pb2.NATIVE)
+
+
+def _core(state: ProcessState, info: TaskInfo, thread: ThreadState,
+          tinfo: ThreadInfo) -> CoreEntry:
+    c = tinfo.creds
+    creds = CredsEntry(
+        uid=c.uids[0], euid=c.uids[1], suid=c.uids[2], fsuid=c.uids[3],
+        gid=c.gids[0], egid=c.gids[1], sgid=c.gids[2], fsgid=c.gids[3],
+        cap_inh=_cap_words(c.cap_inh), cap_prm=_cap_words(c.cap_prm),
+        cap_eff=_cap_words(c.cap_eff), cap_bnd=_cap_words(c.cap_bnd), secbits=c.secbits,
+        groups=list(c.groups))
+    thread_core = ThreadCoreEntry(
+        futex_rla=tinfo.robust_list[0], futex_rla_len=tinfo.robust_list[1],
+        sched_nice=tinfo.sched[0], sched_policy=tinfo.sched[1], sched_prio=tinfo.sched[2],
+        blk_sigset=thread.sigmask, pdeath_sig=tinfo.pdeath_sig, creds=creds,
+        seccomp_mode=_SECCOMP_MODES.get(tinfo.seccomp_mode, core_pb2.disabled),
+        comm=tinfo.comm)
+    if tinfo.sigaltstack is not None:
+        sp, size, flags = tinfo.sigaltstack
+        thread_core.sas.ss_sp, thread_core.sas.ss_size, thread_core.sas.ss_flags = sp, size, flags
+    if thread.rseq is not None and thread.rseq.rseq_abi_pointer:
+        thread_core.rseq_entry.CopyFrom(rseq_pb2.rseq_entry(
+            rseq_abi_pointer=thread.rseq.rseq_abi_pointer,
+            rseq_abi_size=thread.rseq.rseq_abi_size, signature=thread.rseq.signature,
+            rseq_cs_pointer=tinfo.rseq_cs))
+    core = CoreEntry(
+        mtype=CoreEntry.X86_64,
+        thread_info=ThreadInfoX86(clear_tid_addr=tinfo.clear_tid_addr, gpregs=_gpregs(thread),
+                                  fpregs=decode_fpregs(thread.xstate)),
+        thread_core=thread_core)
+    if thread.tid == state.pid:  # the task-wide part lives in the leader's core
+        real, virt, prof = (timer_pb2.itimer_entry(isec=a, iusec=b, vsec=c_, vusec=d)
+                            for a, b, c_, d in info.itimers)
+        tc = TaskCoreEntry(
+            task_state=TASK_STOPPED if state.was_stopped else TASK_ALIVE, exit_code=0,
+            personality=info.personality, flags=info.task_flags, blk_sigset=thread.sigmask,
+            comm=state.comm, timers=timer_pb2.task_timers_entry(real=real, virt=virt, prof=prof),
+            rlimits=core_pb2.task_rlimits_entry(rlimits=[
+                rlimit_pb2.rlimit_entry(cur=cur, max=mx) for cur, mx in info.rlimits]),
+            sigactions=[SaEntry(sigaction=a.handler, flags=a.flags, restorer=a.restorer,
+                                mask=a.mask) for a in state.sigactions],
+            child_subreaper=info.child_subreaper)
+        if info.loginuid is not None:
+            tc.loginuid = info.loginuid & 0xFFFF_FFFF
+        if info.oom_score_adj is not None:
+            tc.oom_score_adj = info.oom_score_adj
+        core.tc.CopyFrom(tc)
+        core.ids.CopyFrom(_ids())
+    return core
+
+
+def _cap_words(caps: int) -> list[int]:
+    return [caps & 0xFFFF_FFFF, caps >> 32 & 0xFFFF_FFFF]
+
+
+def _mm(state: ProcessState, info: TaskInfo, vmas: Sequence[Vma], exe_id: int,
+        file_ids: dict[int, int]) -> MmEntry:
+    m = state.mm
+    mm = MmEntry(
+        mm_start_code=m.start_code, mm_end_code=m.end_code, mm_start_data=m.start_data,
+        mm_end_data=m.end_data, mm_start_stack=m.start_stack, mm_start_brk=m.start_brk,
+        mm_brk=m.brk, mm_arg_start=m.arg_start, mm_arg_end=m.arg_end,
+        mm_env_start=m.env_start, mm_env_end=m.env_end, exe_file_id=exe_id,
+        mm_saved_auxv=list(m.auxv))
+    if info.dumpable is not None:
+        mm.dumpable = info.dumpable
+    if info.thp_disabled is not None:
+        mm.thp_disabled = info.thp_disabled
+    for v in vmas:
+        entry = VmaEntry(start=v.start, end=v.end, pgoff=v.pgoff, shmid=file_ids.get(v.start, 0),
+                         prot=v.prot, flags=v.flags, status=v.status & 0xFFFF_FFFF, fd=-1,
+                         madv=v.madv)
+        if v.is_file:
+            entry.fdflags = v.fdflags
+        mm.vmas.append(entry)
+    return mm
+
+
+def _lazymig_entry(state: ProcessState, info: TaskInfo, files: Iterable[_File],
+                   lazy_pages: bool) -> lazymig_pb2.lazymig_task_entry:
+    entry = lazymig_pb2.lazymig_task_entry(pid=state.pid, version=__version__,
+                                           job_stopped=state.was_stopped, lazy_pages=lazy_pages)
+    for t in state.threads:
+        thread = entry.threads.add(tid=t.tid, xstate=t.xstate)
+        if t.rseq is not None:
+            thread.rseq_flags = t.rseq.flags
+    for f in files:
+        fe = entry.files.add(id=f.id, path=f.path)
+        if f.deleted:
+            fe.deleted = True
+        if f.stat is not None:
+            fe.dev, fe.inode = f.stat.st_dev, f.stat.st_ino
+            fe.size, fe.mtime_ns = f.stat.st_size, f.stat.st_mtime_ns
+    xfeatures = _xfeatures(state.threads[0].xstate) if state.threads else None
+    if xfeatures is not None:
+        entry.xfeatures = xfeatures
+    for feature, (offset, size) in sorted(xstate_layout().items()):
+        entry.xstate_layout.add(feature=feature, offset=offset, size=size)
+    if info.cwd is not None:
+        entry.cwd = info.cwd
+    if info.root is not None:
+        entry.root = info.root
+    if info.umask is not None:
+        entry.umask = info.umask
+    return entry
+
+
+def read_lazymig_entry(images: ImagesDir, pid: int) -> lazymig_pb2.lazymig_task_entry:
+    """Read ``lazymig-<pid>.img``."""
+    return images.read_entry(ImageKind.LAZYMIG, lazymig_pb2.lazymig_task_entry, pid)
+
+
+# -- pagemap -------------------------------------------------------------------------
+
+
+def pagemap_entries(present: Sequence[PageRun], lazy: Sequence[PageRun]) -> list[PagemapEntry]:
+    """The pagemap of ``criu dump --lazy-pages``: PE_PRESENT entries for ``present``
+    (whose data is in the pages image in this order) and PE_LAZY ones for ``lazy``.
+
+    Raises:
+        ImageError: ``present`` is not in address order (its bytes would not
+            match the pagemap order CRIU reads them in), or runs overlap.
+    """
+    for a, b in itertools.pairwise(present):
+        if b.vaddr < a.end:
+            raise ImageError(f"non-lazy pages at {b.vaddr:#x} were written after those at "
+                             f"{a.vaddr:#x}: the pages image would not be in address order")
+    entries = sorted([PagemapEntry(r.vaddr, r.nr_pages, PE.PRESENT) for r in present]
+                     + [PagemapEntry(r.vaddr, r.nr_pages, PE.LAZY) for r in lazy],
+                     key=lambda e: e.vaddr)
+    for prev, cur in itertools.pairwise(entries):
+        if cur.vaddr < prev.end:
+            raise ImageError(f"pagemap entries overlap at {cur.vaddr:#x}")
+    return entries
+
+
+def _plain_entries(runs: Sequence[PageRun], written: Sequence[PageRun]) -> list[PagemapEntry]:
+    """The pagemap of a plain dump: every run has data; lazy-capable ones are
+    PE_LAZY|PE_PRESENT. ``written`` (what reached the pages image, in byte
+    order) must be ``runs`` in address order."""
+    if _pages_of(written) != _pages_of(sorted(runs, key=lambda r: r.vaddr)):
+        raise ImageError("the pages image does not hold the dumped pages in address order")
+    return [PagemapEntry(r.vaddr, r.nr_pages, PE.LAZY | PE.PRESENT if r.lazy else PE.PRESENT)
+            for r in sorted(runs, key=lambda r: r.vaddr)]
+
+
+def _pages_of(runs: Iterable[PageRun]) -> list[tuple[int, int]]:
+    """Runs as merged (vaddr, nr_pages) spans, to compare orders."""
+    out: list[tuple[int, int]] = []
+    for r in runs:
+        if out and out[-1][0] + (out[-1][1] << PAGE_SHIFT) == r.vaddr:
+            out[-1] = (out[-1][0], out[-1][1] + r.nr_pages)
+        else:
+            out.append((r.vaddr, r.nr_pages))
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class DumpImages:
+    """The images one dump wrote; :meth:`remove` deletes them (a failed dump)."""
+
+    images: ImagesDir
+    paths: list[Path] = dataclasses.field(default_factory=list)
+    nonlazy_pages: int = 0
+    """Pages whose data is in ``pages-1.img``."""
+    lazy_pages: int = 0
+    """Pages left to the page server (PE_LAZY without data)."""
+
+    def remove(self) -> None:
+        """Delete every image written (idempotent)."""
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.paths.clear()
+
+
+def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: MemoryScan,
+                 pipes: PagePipes, *, lazy_pages: bool) -> DumpImages:
+    """Write every image of the frozen process; drains the non-lazy page pipes.
+
+    With ``lazy_pages`` the lazy pipes are left untouched (the page server's);
+    without it, ``pipes`` must hold every page of ``scan`` as non-lazy (collect
+    them so) and all go into ``pages-1.img``. Blocking: run it off the event
+    loop. On failure the images written so far are removed and the error
+    propagates. ``inventory.img`` is written last: its presence marks a
+    complete dump.
+    """
+    out = DumpImages(images)
+    try:
+        with images.open_pages_writer(PAGES_ID) as pages:
+            written = pipes.drain_nonlazy(pages)
+        out.paths.append(pages.path)
+        if lazy_pages:
+            lazy = pipes.lazy_runs()
+            entries = pagemap_entries(written, lazy)
+            out.lazy_pages = sum(r.nr_pages for r in lazy)
+        else:
+            entries = _plain_entries(scan.runs, written)
+        out.nonlazy_pages = sum(r.nr_pages for r in written)
+        out.paths.append(images.write_pagemap(state.pid, PAGES_ID, entries))
+        files, exe_id, file_ids = _file_table(state.pid, state.mm.exe, scan.vmas)
+        for thread, tinfo in zip(state.threads, info.threads, strict=True):
+            out.paths.append(images.write_core(thread.tid, _core(state, info, thread, tinfo)))
+        out.paths.append(images.write_mm(state.pid, _mm(state, info, scan.vmas, exe_id,
+                                                       file_ids)))
+        out.paths.append(images.write_pstree([_pstree(state, info)]))
+        out.paths.append(images.write_entries(
+            ImageKind.LAZYMIG, [_lazymig_entry(state, info, files, lazy_pages)], state.pid))
+        out.paths.append(images.write_inventory(_inventory()))
+    except BaseException:
+        out.remove()
+        raise
+    return out
