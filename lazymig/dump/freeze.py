@@ -39,6 +39,7 @@ from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.ptrace import (
+    PTRACE_EVENT_STOP,
     PTRACE_O_SUSPEND_SECCOMP,
     AlreadyTracedError,
     RseqConfiguration,
@@ -62,6 +63,7 @@ __all__ = [
     "UnsupportedTargetError",
     "inspect_target",
     "inspect_target_frozen",
+    "park",
 ]
 
 P = ParamSpec("P")
@@ -427,8 +429,32 @@ def _read_state(pid: int, tracees: list[Tracee], vmas: list[Vma]) -> ProcessStat
         env_start=stat[50], env_end=stat[51], auxv=_read_auxv(pid), exe=_read_exe(pid),
     )
     sigactions = _read_sigactions(main, threads[0].regs.rsp, vmas)
+    park(main)
     return ProcessState(pid=pid, comm=_read_comm(pid), threads=threads, mm=mm,
                         sigactions=sigactions, was_stopped=any(t.group_stopped for t in tracees))
+
+
+def park(tracee: Tracee) -> None:
+    """Move a tracee from the SIGTRAP stop an injected syscall leaves it in to a
+    PTRACE_EVENT_STOP (PTRACE_INTERRUPT, then PTRACE_CONT without the signal).
+
+    Call it after injecting syscalls. In a signal-delivery-stop, a tracer that
+    dies without detaching (lazymig killed, a cancelled freeze whose tracer
+    thread ends) lets the kernel deliver the pending SIGTRAP, which kills the
+    target; from an interrupt stop it just runs on. Signals that surface on the
+    way are deferred like those met during injection (re-sent on detach).
+    Run it on the tracer thread.
+    """
+    tracee.interrupt()
+    tracee.cont(0)
+    while True:
+        status = tracee.wait()
+        event, sig = status >> 16, os.WSTOPSIG(status)
+        if event == PTRACE_EVENT_STOP:
+            return
+        if event == 0:
+            tracee.deferred_signals.append(sig)
+        tracee.cont(0)
 
 
 def _read_stat_fields(pid: int) -> dict[int, int]:

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Final
 
 from lazymig._version import __version__
-from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState
+from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState, park
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
-from lazymig.errors import ImageError, LazyMigOSError
+from lazymig.errors import ImageError, LazyMigError, LazyMigOSError
 from lazymig.linux._libc import check, libc
 from lazymig.linux.ptrace import TargetGoneError, Tracee
 from lazymig.linux.vm import read_memory
@@ -215,7 +215,13 @@ def _read_task_info_sync(main: Tracee, state: ProcessState) -> TaskInfo:
     pid = state.pid
     stat = _proc_stat(pid)
     status = _proc_status(pid)
-    injected = _injected_state(main)
+    try:
+        injected = _injected_state(main)
+    except BaseException:
+        with contextlib.suppress(LazyMigError):
+            park(main)
+        raise
+    park(main)  # out of the SIGTRAP stop: our death must not kill the target
     threads = tuple(
         _thread_info(pid, t, injected if t.tid == main.tid else _Injected())
         for t in state.threads)
