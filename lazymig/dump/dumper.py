@@ -1,0 +1,421 @@
+"""The dump side in one call: freeze, write the images, serve the lazy pages, end.
+
+:class:`LazyDump` is ``criu dump --lazy-pages``::
+
+    async with LazyDump(pid, "/srv/dump", address="0.0.0.0", port=9876) as dump:
+        print("restore may start; page server on port", await dump.ready)
+        result = await dump.serve()     # returns once every lazy page went out
+    # the source was killed (or resumed, with leave_running=True)
+
+:func:`dump` is a plain ``criu dump``: every page into ``pages-1.img``.
+
+What happens to the source process:
+
+* **before the page server listens** (refused target, images dir not
+  writable, port taken, a failed image write, cancellation): it is resumed
+  as if nothing happened and the images written so far are removed;
+* **after a complete transfer**: it is killed (CRIU's default) or, with
+  ``leave_running``, resumed;
+* **after an aborted transfer** (an exception or cancellation while serving,
+  or leaving the ``async with`` block without a complete :meth:`LazyDump.serve`):
+  part of its memory may already run elsewhere, so it must neither run on
+  nor be lost. It is detached into a job-control stop (SIGSTOP, then
+  PTRACE_DETACH) with its memory intact, and a warning says so: ``kill -CONT``
+  resumes it, or it can be dumped again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from lazymig.dump.freeze import FrozenProcess
+from lazymig.dump.images import DumpImages, read_task_info, write_images
+from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.dump.server import PageServer, PageServerStats
+from lazymig.dump.store import PipePageStore
+from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
+from lazymig.linux.ptrace import process_alive
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.images import ImagesDir
+from lazymig.proto.wire import WireVersion
+
+__all__ = ["DumpResult", "LazyDump", "SourceFate", "dump"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+StrPath = str | os.PathLike[str]
+
+
+class SourceFate(enum.Enum):
+    """What became of the dumped process."""
+
+    KILLED = "killed"
+    RUNNING = "running"
+    """Resumed (``leave_running``)."""
+    STOPPED = "stopped"
+    """Left in a job-control stop after an aborted transfer."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DumpResult:
+    """The outcome of a dump."""
+
+    pid: int
+    images_dir: Path
+    nonlazy_pages: int
+    """Pages written to ``pages-1.img``."""
+    lazy_pages: int
+    """Pages served by the page server (0 for a plain dump)."""
+    pages_sent: int
+    """Pages the page server sent, repeats included."""
+    frozen_seconds: float
+    """From the freeze until the images were written (and the server listened)."""
+    transfer_seconds: float
+    """From the server's start until the transfer was complete."""
+    source: SourceFate
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Average page-server throughput (pages sent over the transfer time)."""
+        return self.pages_sent * PAGE_SIZE / max(self.transfer_seconds, 1e-9)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    LISTENING = "listening"
+    SERVING = "serving"
+    DONE = "done"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+class LazyDump:
+    """Dump process ``pid`` into ``images_dir`` and serve its lazy pages over TCP.
+
+    Args:
+        pid: the process to migrate (single-threaded, see
+            :meth:`~lazymig.dump.freeze.FrozenProcess.freeze`).
+        images_dir: an existing directory for the images.
+        address: where the page server listens (CRIU's ``--address``).
+        port: its TCP port (CRIU's ``--port``; 0 picks a free one, see :attr:`port`).
+        wire: the page-server header layout (V1 for CRIU up to 4.1).
+        leave_running: resume the source after a complete transfer instead
+            of killing it.
+        pipe_size: page pipe size in bytes (default: fs.pipe-max-size).
+        fsync: fsync the images.
+        progress_interval: seconds between progress log lines (INFO) while
+            serving; None for none.
+
+    Use it as an async context manager (:meth:`start` on entry; an exit
+    without a complete :meth:`serve` aborts), or call :meth:`run`.
+    """
+
+    def __init__(self, pid: int, images_dir: StrPath, *, address: str = "0.0.0.0",
+                 port: int = 27, wire: WireVersion = WireVersion.V2,
+                 leave_running: bool = False, pipe_size: int | None = None,
+                 fsync: bool = False, progress_interval: float | None = 5.0) -> None:
+        self.pid = pid
+        self.images = ImagesDir(images_dir, fsync=fsync)
+        self.address = address
+        self.port = port
+        """The page server's port (the real one once listening, when 0 was asked)."""
+        self.wire = wire
+        self.leave_running = leave_running
+        self.pipe_size = pipe_size
+        self.progress_interval = progress_interval
+        self._state = _State.NEW
+        self._ready: asyncio.Future[int] | None = None
+        self._start_error: BaseException | None = None
+        self._fp: FrozenProcess | None = None
+        self._written: DumpImages | None = None
+        self._store: PipePageStore | None = None
+        self._server: PageServer | None = None
+        self._frozen_at = 0.0
+        self._frozen_seconds = 0.0
+
+    # -- public state
+
+    @property
+    def ready(self) -> asyncio.Future[int]:
+        """Resolves to the page server's port once the images are written and the
+        server listens (restore may start then); raises what :meth:`start` raised."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            self._settle_ready()
+        return self._ready
+
+    def _settle_ready(self) -> None:
+        """Resolve :attr:`ready` if it exists and :meth:`start` has ended."""
+        fut = self._ready
+        if fut is None or fut.done():
+            return
+        if self._start_error is not None:
+            if isinstance(self._start_error, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(self._start_error)
+                fut.exception()  # retrieved: nobody has to await it
+        elif self._server is not None:
+            fut.set_result(self.port)
+
+    @property
+    def stats(self) -> PageServerStats | None:
+        """The page server's counters (pages served, bytes/s), once it listens."""
+        return None if self._server is None else self._server.stats
+
+    @property
+    def written(self) -> DumpImages | None:
+        """The images written (with page counts), once :meth:`start` is done."""
+        return self._written
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Freeze the process, write its images and start listening.
+
+        On any failure (or cancellation) the process is resumed unchanged, the
+        images written are removed and the error propagates.
+        """
+        if self._state is not _State.NEW:
+            raise ClosedResourceError(f"this dump of pid {self.pid} was started already")
+        self._state = _State.STARTING
+        try:
+            _check_images_dir(self.images)
+            _check_port(self.address, self.port)
+            started = time.monotonic()
+            fp, written, pipes = await _freeze_and_write(self.pid, self.images, lazy=True,
+                                                         pipe_size=self.pipe_size)
+            store: PipePageStore | None = None
+            try:
+                store = PipePageStore(self.pid, pipes)
+                server = PageServer(store, address=self.address, port=self.port, wire=self.wire)
+                server.listen()
+            except BaseException:
+                if store is not None:
+                    store.close()
+                pipes.close()
+                written.remove()
+                await fp.resume()
+                raise
+        except BaseException as exc:
+            self._state = _State.FAILED
+            self._start_error = exc
+            self._settle_ready()
+            raise
+        self._fp, self._written, self._store, self._server = fp, written, store, server
+        self._frozen_at = started
+        self._frozen_seconds = time.monotonic() - started
+        self.port = server.port
+        self._state = _State.LISTENING
+        self._settle_ready()
+        log.info("pid %d frozen and dumped into %s in %.3f s: %d pages in pages-%d.img, %d lazy "
+                 "pages served on %s:%d", self.pid, self.images.path, self._frozen_seconds,
+                 written.nonlazy_pages, 1, written.lazy_pages, self.address, server.port)
+
+    async def serve(self) -> DumpResult:
+        """Serve lazy pages until the transfer is complete, then end the source.
+
+        Complete means every lazy page was sent at least once and a client ended
+        its session with CLOSE. Then the source is killed, or resumed with
+        ``leave_running``. If serving fails or is cancelled the source is left
+        stopped (see the module docstring) and the error propagates.
+        """
+        if self._state is not _State.LISTENING:
+            raise ClosedResourceError(f"dump of pid {self.pid} is {self._state.value}, not "
+                                      "listening: start() it first, and serve() once")
+        assert self._server is not None and self._fp is not None and self._written is not None
+        self._state = _State.SERVING
+        server = self._server
+        progress = None
+        if self.progress_interval:
+            progress = asyncio.create_task(self._log_progress(self.progress_interval))
+        try:
+            await server.serve()
+        except BaseException as exc:
+            await self._abort(f"serving failed: {exc!r}" if not isinstance(
+                exc, asyncio.CancelledError) else "cancelled")
+            raise
+        finally:
+            if progress is not None:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await progress
+        transfer = time.monotonic() - server.stats.started
+        self._close_server()
+        self._state = _State.DONE
+        await self._fp.release(kill=not self.leave_running)
+        fate = SourceFate.RUNNING if self.leave_running else SourceFate.KILLED
+        result = DumpResult(
+            pid=self.pid, images_dir=self.images.path, nonlazy_pages=self._written.nonlazy_pages,
+            lazy_pages=self._written.lazy_pages, pages_sent=server.stats.pages_sent,
+            frozen_seconds=self._frozen_seconds, transfer_seconds=transfer, source=fate)
+        log.info("pid %d migrated: %d lazy pages served (%d sent) in %.3f s, %.1f MB/s; "
+                 "frozen %.3f s before serving; source %s", self.pid, result.lazy_pages,
+                 result.pages_sent, transfer, result.bytes_per_second / 1e6,
+                 result.frozen_seconds, fate.value)
+        return result
+
+    async def run(self) -> DumpResult:
+        """:meth:`start` and :meth:`serve` (await :attr:`ready` meanwhile for the port)."""
+        async with self:
+            return await self.serve()
+
+    async def aclose(self) -> None:
+        """Abort an unfinished dump: the source is left stopped (see the module docstring).
+
+        A no-op once the transfer is complete (or if it never started)."""
+        if self._state in (_State.LISTENING, _State.SERVING):
+            await self._abort("the dump was closed before the transfer was complete")
+
+    async def __aenter__(self) -> LazyDump:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- internals
+
+    async def _abort(self, why: str) -> None:
+        if self._state in (_State.DONE, _State.ABORTED):
+            return
+        self._state = _State.ABORTED
+        self._close_server()
+        assert self._fp is not None
+        try:
+            await self._fp.leave_stopped()
+        finally:
+            if process_alive(self.pid):
+                log.warning("transfer of pid %d aborted (%s): pid %d left stopped with its "
+                            "memory intact: `kill -CONT %d` to resume it, or dump again",
+                            self.pid, why, self.pid, self.pid)
+            else:
+                log.error("transfer of pid %d aborted (%s), and the process is gone",
+                          self.pid, why)
+
+    def _close_server(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._store is not None:
+            self._store.close()
+
+    async def _log_progress(self, interval: float) -> None:
+        assert self._server is not None
+        stats = self._server.stats
+        while True:
+            await asyncio.sleep(interval)
+            log.info("pid %d: %d of %d lazy pages served (%d sent), %.1f MB/s, %d requests on "
+                     "%d connections", self.pid, stats.lazy_pages - stats.pages_unserved,
+                     stats.lazy_pages, stats.pages_sent, stats.throughput() / 1e6,
+                     stats.requests, stats.connections)
+
+    def __repr__(self) -> str:
+        return f"<LazyDump pid={self.pid} {self._state.value} port={self.port}>"
+
+
+async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
+               pipe_size: int | None = None, fsync: bool = False) -> DumpResult:
+    """A plain dump (``criu dump``): every page of ``pid`` into ``pages-1.img``.
+
+    Then the process is killed, or resumed with ``leave_running``. On failure
+    it is resumed unchanged and the images written are removed.
+    """
+    images = ImagesDir(images_dir, fsync=fsync)
+    _check_images_dir(images)
+    started = time.monotonic()
+    fp, written, pipes = await _freeze_and_write(pid, images, lazy=False, pipe_size=pipe_size)
+    pipes.close()
+    frozen = time.monotonic() - started
+    await fp.release(kill=not leave_running)
+    fate = SourceFate.RUNNING if leave_running else SourceFate.KILLED
+    log.info("pid %d dumped into %s in %.3f s: %d pages; source %s", pid, images.path, frozen,
+             written.nonlazy_pages, fate.value)
+    return DumpResult(pid=pid, images_dir=images.path, nonlazy_pages=written.nonlazy_pages,
+                      lazy_pages=0, pages_sent=0, frozen_seconds=frozen, transfer_seconds=0.0,
+                      source=fate)
+
+
+# -- shared steps -----------------------------------------------------------------------
+
+
+async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
+                            pipe_size: int | None) -> tuple[FrozenProcess, DumpImages, PagePipes]:
+    """Freeze, read, scan, collect the pages and write the images.
+
+    Returns the frozen process, the images written and the page pipes (the
+    lazy pages, for ``lazy``). On failure or cancellation: pipes closed,
+    images removed, process resumed.
+    """
+    fp = await FrozenProcess.freeze(pid)
+    pipes: PagePipes | None = None
+    try:
+        info = await read_task_info(fp)
+        scan = await fp.scan()
+        collect = scan if lazy else MemoryScan(
+            scan.pid, scan.vmas, tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
+        pipes = await fp.collect_pages(collect, pipe_size=pipe_size)
+        state, frozen_pipes = fp.state, pipes
+        written = await _run_blocking(
+            lambda: write_images(images, state, info, scan, frozen_pipes, lazy_pages=lazy),
+            cleanup=DumpImages.remove, what=f"writing images into {images.path}")
+    except BaseException:
+        if pipes is not None:
+            pipes.close()
+        await fp.resume()
+        raise
+    return fp, written, pipes
+
+
+async def _run_blocking(fn: Callable[[], T], *, cleanup: Callable[[T], None], what: str) -> T:
+    """Run ``fn`` in a worker thread. If cancelled, wait for it to end anyway
+    (it uses fds the caller will close), ``cleanup`` its result, re-raise.
+    OSErrors become :class:`~lazymig.errors.LazyMigOSError` naming ``what``."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fut)
+        if not fut.cancelled() and fut.exception() is None:
+            cleanup(fut.result())
+        raise
+    except LazyMigError:
+        raise
+    except OSError as exc:
+        raise LazyMigOSError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+
+
+def _check_images_dir(images: ImagesDir) -> None:
+    if not images.path.is_dir():
+        raise ConfigurationError(f"images directory {images.path} does not exist")
+    if not os.access(images.path, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"images directory {images.path} is not writable")
+
+
+def _check_port(address: str, port: int) -> None:
+    """Fail before freezing anything if the page server could not listen."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {address}:{port}: {exc.strerror}") from exc
