@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lazymig._version import __version__
-from lazymig.cli import lazy_pages, page_server
+from lazymig.cli import demo, dump, lazy_pages, page_server
 from lazymig.errors import LazyMigError
 
 __all__ = ["main"]
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [lazy_pages.register, page_server.register]
+_COMMANDS = [demo.register, dump.register, lazy_pages.register, page_server.register]
 """Each subcommand module has register(subparsers), which sets func=<command>."""
 
 

@@ -1,0 +1,92 @@
+"""``lazymig dump -t PID -D DIR [--lazy-pages --port P]``: CRIU's ``dump`` for one process.
+
+    lazymig dump -t 1234 -D /srv/dump --lazy-pages --port 9876 [--address A] [--wire v1]
+    lazymig dump -t 1234 -D /srv/dump [--leave-running]      # plain: every page on disk
+
+With ``--lazy-pages`` the lazy pages stay in the frozen source and a page
+server hands them out until a client has them all and says CLOSE; then the
+source is killed (or resumed, ``--leave-running``) and the command exits 0.
+``--status-fd`` gets a zero byte once the images are written and the server
+listens. SIGINT/SIGTERM abort the transfer: the source is left stopped with
+its memory intact, and the exit status is 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from lazymig.cli._common import (
+    add_images_dir_option,
+    add_server_address_options,
+    add_wire_option,
+    run_async,
+    signal_ready,
+)
+from lazymig.dump.dumper import LazyDump, dump
+
+log = logging.getLogger(__name__)
+
+_ABORT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "dump", help="freeze a process and dump it (lazily with --lazy-pages)",
+        description="Dump a process into an images directory, like `criu dump`. With "
+                    "--lazy-pages its lazy pages are served from the frozen source over TCP "
+                    "until a lazy-pages daemon has them all.")
+    parser.add_argument("-t", "--tree", type=int, required=True, metavar="PID",
+                        help="the process to dump (single-threaded)")
+    add_images_dir_option(parser)
+    parser.add_argument("--lazy-pages", action="store_true",
+                        help="leave lazy-capable pages in the source and serve them")
+    add_server_address_options(parser, default_address="0.0.0.0")
+    add_wire_option(parser)
+    parser.add_argument("--status-fd", type=int, metavar="FD",
+                        help="write a zero byte to FD once the images are written (and, with "
+                             "--lazy-pages, the page server listens)")
+    parser.add_argument("-R", "--leave-running", action="store_true",
+                        help="resume the process after the dump instead of killing it")
+    parser.set_defaults(func=dump_command)
+
+
+def dump_command(args: argparse.Namespace) -> int:
+    return run_async(args, _dump(args))
+
+
+async def _dump(args: argparse.Namespace) -> int:
+    """The command on the event loop; an abort signal cancels it."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signo: int) -> None:
+        if not received:
+            log.warning("got %s: aborting the dump", signal.Signals(signo).name)
+            task.cancel()
+        received.append(signo)
+
+    for signo in _ABORT_SIGNALS:
+        loop.add_signal_handler(signo, on_signal, signo)
+    try:
+        if args.lazy_pages:
+            async with LazyDump(args.tree, args.images_dir, address=args.address,
+                                port=args.port, wire=args.wire,
+                                leave_running=args.leave_running) as lazy:
+                signal_ready(args.status_fd)
+                await lazy.serve()
+        else:
+            await dump(args.tree, args.images_dir, leave_running=args.leave_running)
+            signal_ready(args.status_fd)
+    except asyncio.CancelledError:
+        if received:
+            return 128 + received[0]
+        raise
+    finally:
+        for signo in _ABORT_SIGNALS:
+            loop.remove_signal_handler(signo)
+    return 0

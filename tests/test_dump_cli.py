@@ -1,0 +1,345 @@
+"""``lazymig dump`` end to end: a real workload, the CLI in a subprocess (real ptrace),
+and an independent page-server client over real TCP.
+
+The client is test_page_server's ``MiniClient``, written from the protocol
+description rather than with lazymig's codec. It fetches every lazy page the
+pagemap lists (one GET per entry, following clamped replies) and compares each
+with the pattern the workload wrote, or with the frozen source's own memory.
+Each async test runs on both loops, and the CLI runs on the same kind of loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from test_page_server import MiniClient
+from workloads import Workload, build_c_workload, expected_page, python_workload_argv
+
+from lazymig.dump.images import read_lazymig_entry
+from lazymig.linux.vm import read_memory
+from lazymig.proto.constants import PAGE_SIZE, PE
+from lazymig.proto.images import ImagesDir, PagemapEntry
+from lazymig.proto.wire import WireVersion
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of arbitrary processes needs root"),
+]
+
+CRIT = shutil.which("crit")
+SA_RESTART = 0x10000000
+
+
+@pytest.fixture(scope="module")
+def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_c_workload(tmp_path_factory.mktemp("workload"))
+
+
+@pytest.fixture
+def workload(c_workload: Path) -> Iterator[Workload]:
+    with Workload([str(c_workload), "--mib", "4", "--locked-kib", "64",
+                   "--interval-ms", "50"]) as w:
+        yield w
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_state(pid: int) -> tuple[str, int]:
+    """(State letter, TracerPid) of /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines())
+    return fields["State"].strip()[0], int(fields["TracerPid"])
+
+
+def frozen_by(pid: int, tracer_pid: int) -> bool:
+    """``pid`` is in a ptrace-stop, traced by a thread of process ``tracer_pid``."""
+    state, tracer = proc_state(pid)
+    return state == "t" and Path(f"/proc/{tracer_pid}/task/{tracer}").exists()
+
+
+class DumpCli:
+    """``lazymig dump`` in a subprocess, with --status-fd on a pipe of ours."""
+
+    def __init__(self, pid: int, images: Path, *extra: str, uvloop: bool = True) -> None:
+        self.status_r, status_w = os.pipe()
+        argv = [sys.executable, "-m", "lazymig", "-v", "--uvloop" if uvloop else "--no-uvloop",
+                "dump", "-t", str(pid), "-D", str(images), "--status-fd", str(status_w),
+                *extra]
+        self.proc = subprocess.Popen(argv, pass_fds=(status_w,), stderr=subprocess.PIPE,
+                                     text=True)
+        os.close(status_w)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until the zero byte on the status fd (failing with the CLI's stderr if it exits)."""
+        try:
+            readable, _, _ = select.select([self.status_r], [], [], timeout)
+            if not readable or os.read(self.status_r, 1) != b"\0":
+                self.proc.kill()
+                raise AssertionError(f"lazymig dump never got ready: {self.stderr()}")
+        finally:
+            os.close(self.status_r)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.stderr()
+
+
+def on_uvloop() -> bool:
+    return isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+def split_pagemap(images: ImagesDir, pid: int) -> tuple[list[PagemapEntry], list[PagemapEntry]]:
+    """(PE_PRESENT entries, PE_LAZY entries); nothing else in a --lazy-pages dump."""
+    pagemap = images.pagemap(pid)
+    assert pagemap.pages_id == 1
+    assert all(e.flags in (PE.PRESENT, PE.LAZY) for e in pagemap.entries)
+    return ([e for e in pagemap.entries if e.flags == PE.PRESENT],
+            [e for e in pagemap.entries if e.flags == PE.LAZY])
+
+
+def expected_bytes(w: Workload, vaddr: int, nr_pages: int) -> bytes:
+    """The pattern where the workload wrote one, else the frozen source's memory."""
+    out = []
+    for i in range(nr_pages):
+        page = vaddr + i * PAGE_SIZE
+        regions = [(w.ready.addr, w.ready.size), (w.ready.locked, w.ready.locked_size)]
+        if any(start <= page < start + size for start, size in regions):
+            out.append(expected_page(page, w.ready.seed))
+        else:
+            out.append(read_memory(w.pid, page, PAGE_SIZE))
+    return b"".join(out)
+
+
+def check_pages_image(images: ImagesDir, w: Workload, present: list[PagemapEntry]) -> None:
+    """pages-1.img holds the PE_PRESENT pages, in pagemap order, as the source has them."""
+    data = images.pages_path(1).read_bytes()
+    offset = 0
+    for e in present:
+        size = e.nr_pages * PAGE_SIZE
+        assert data[offset: offset + size] == expected_bytes(w, e.vaddr, e.nr_pages)
+        offset += size
+    assert offset == len(data)
+
+
+async def fetch_lazy(client: MiniClient, w: Workload, lazy: list[PagemapEntry]) -> int:
+    """One GET per lazy entry, then more from where a clamped reply stopped; returns GETs."""
+    gets = 0
+    for e in lazy:
+        vaddr = e.vaddr
+        while vaddr < e.end:
+            got, data = await client.get(w.pid, vaddr, (e.end - vaddr) // PAGE_SIZE)
+            gets += 1
+            assert 1 <= got <= (e.end - vaddr) // PAGE_SIZE
+            assert data == expected_bytes(w, vaddr, got)
+            vaddr += got * PAGE_SIZE
+    return gets
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_lazy_dump_serves_every_page_then_kills_the_source(
+        kind: str, tmp_path: Path, c_workload: Path) -> None:
+    argv = ([str(c_workload), "--mib", "4", "--locked-kib", "64", "--interval-ms", "50"]
+            if kind == "c" else python_workload_argv("--mib", "2", "--interval-ms", "50"))
+    wire = WireVersion.V2 if kind == "c" else WireVersion.V1
+    port = free_port()
+    with Workload(argv) as w:
+        w.next_check()
+        cli = DumpCli(w.pid, tmp_path, "--lazy-pages", "--address", "127.0.0.1",
+                      "--port", str(port), "--wire", wire.value, uvloop=on_uvloop())
+        try:
+            await asyncio.to_thread(cli.wait_ready)
+            assert frozen_by(w.pid, cli.proc.pid)
+            images = ImagesDir(tmp_path)
+            present, lazy = split_pagemap(images, w.pid)
+            region = range(w.ready.addr, w.ready.addr + w.ready.size, PAGE_SIZE)
+            assert all(any(e.vaddr <= a < e.end for e in lazy) for a in region)
+            assert present  # at least the page holding the stack pointer
+            check_pages_image(images, w, present)
+            assert read_lazymig_entry(images, w.pid).lazy_pages
+
+            client = await MiniClient.connect(port, wire)
+            gets = await fetch_lazy(client, w, lazy)
+            assert gets >= len(lazy)
+            assert await client.close() == 0
+            assert await asyncio.to_thread(cli.wait) == 0
+        finally:
+            cli.kill()
+        assert w.proc.wait(timeout=5) == -signal.SIGKILL  # CRIU's default end
+
+
+@pytest.mark.asyncio
+async def test_leave_running_and_a_hostile_connection(tmp_path: Path,
+                                                      workload: Workload) -> None:
+    before = workload.next_check()
+    port = free_port()
+    cli = DumpCli(workload.pid, tmp_path, "--lazy-pages", "--address", "127.0.0.1",
+                  "--port", str(port), "--leave-running", uvloop=on_uvloop())
+    try:
+        await asyncio.to_thread(cli.wait_ready)
+        # Garbage ends only its own connection.
+        hostile = await MiniClient.connect(port, WireVersion.V2)
+        hostile.writer.write(b"\xff" * 64)
+        assert await hostile.closed_by_server()
+        hostile.writer.close()
+
+        client = await MiniClient.connect(port, WireVersion.V2)
+        await fetch_lazy(client, workload, split_pagemap(ImagesDir(tmp_path), workload.pid)[1])
+        assert await client.close() == 0
+        assert await asyncio.to_thread(cli.wait) == 0
+        err = cli.stderr()
+    finally:
+        cli.kill()
+    assert "connection closed" in err and "migrated" in err
+    workload.drain()
+    after = workload.next_check()
+    assert (after.sum, after.bad) == (before.sum, 0)
+    assert proc_state(workload.pid)[1] == 0
+
+
+@pytest.mark.asyncio
+async def test_sigterm_after_a_disconnect_leaves_the_source_stopped(
+        tmp_path: Path, workload: Workload) -> None:
+    before = workload.next_check()
+    port = free_port()
+    cli = DumpCli(workload.pid, tmp_path, "--lazy-pages", "--address", "127.0.0.1",
+                  "--port", str(port), uvloop=on_uvloop())
+    try:
+        await asyncio.to_thread(cli.wait_ready)
+        lazy = split_pagemap(ImagesDir(tmp_path), workload.pid)[1]
+        client = await MiniClient.connect(port, WireVersion.V2)
+        await client.get(workload.pid, lazy[0].vaddr, 1)
+        client.writer.close()  # gone without CLOSE: the server keeps waiting
+        await client.writer.wait_closed()
+        await asyncio.sleep(0.1)
+        assert cli.proc.poll() is None
+        cli.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(cli.wait) == 128 + signal.SIGTERM
+        err = cli.stderr()
+    finally:
+        cli.kill()
+    assert f"pid {workload.pid} left stopped with its memory intact" in err
+    assert f"kill -CONT {workload.pid}" in err
+    assert proc_state(workload.pid) == ("T", 0)  # job-control stopped, nobody traces it
+    workload.drain()  # lines printed before the freeze
+    assert workload.quiet_for(0.2)
+    region = read_memory(workload.pid, workload.ready.addr, 16 * PAGE_SIZE)
+    assert region == expected_bytes(workload, workload.ready.addr, 16)
+    os.kill(workload.pid, signal.SIGCONT)
+    workload.drain()
+    after = workload.next_check()
+    assert (after.sum, after.bad) == (before.sum, 0)
+
+
+def crit_decode(path: Path) -> dict[str, Any]:
+    assert CRIT is not None
+    out = subprocess.run([CRIT, "decode", "-i", str(path)], check=True, capture_output=True,
+                         timeout=30).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@pytest.mark.skipif(CRIT is None, reason="crit is not installed (Debian package criu)")
+def test_plain_dump_decodes_with_crit(tmp_path: Path, workload: Workload,
+                                      c_workload: Path) -> None:
+    cli = DumpCli(workload.pid, tmp_path, uvloop=True)
+    try:
+        cli.wait_ready()
+        assert cli.wait() == 0
+    finally:
+        cli.kill()
+    assert workload.proc.wait(timeout=5) == -signal.SIGKILL
+    pid = workload.pid
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["inventory.img", "pstree.img", f"core-{pid}.img", f"mm-{pid}.img",
+                            f"pagemap-{pid}.img", "pages-1.img", f"lazymig-{pid}.img"])
+    decoded = {name: crit_decode(tmp_path / name) for name in names
+               if name not in ("pages-1.img", f"lazymig-{pid}.img")}
+    assert {d["magic"] for d in decoded.values()} == {"INVENTORY", "PSTREE", "CORE", "MM",
+                                                      "PAGEMAP"}
+    assert CRIT is not None
+    failed = subprocess.run([CRIT, "decode", "-i", str(tmp_path / f"lazymig-{pid}.img")],
+                            check=False, capture_output=True, text=True, timeout=30)
+    assert failed.returncode != 0 and "Unknown magic" in failed.stdout + failed.stderr
+
+    (pstree,) = decoded["pstree.img"]["entries"]
+    assert pstree["pid"] == pid and pstree["threads"] == [pid]
+    (core,) = decoded[f"core-{pid}.img"]["entries"]
+    assert core["mtype"] == "X86_64" and core["tc"]["comm"] == "pattern"
+    assert core["tc"]["blk_sigset"] == core["thread_core"]["blk_sigset"] == 1 << 11  # SIGUSR2
+    # CRIU's order: signals 1..64 without SIGKILL and SIGSTOP.
+    signals = [s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP)]
+    usr1 = core["tc"]["sigactions"][signals.index(signal.SIGUSR1)]
+    assert usr1["flags"] & SA_RESTART and usr1["mask"] == 1 << 11
+    assert core["thread_info"]["gpregs"]["fs_base"] != "0x0"
+    assert core["thread_info"]["fpregs"]["mxcsr"] & 0x1F80 == 0x1F80
+
+    # Every page has its data in pages-1.img; the pattern region is the workload's.
+    images = ImagesDir(tmp_path)
+    pagemap = images.pagemap(pid)
+    assert all(PE.PRESENT in e.flags for e in pagemap.entries)
+    data = images.pages_path(1).read_bytes()
+    assert len(data) == sum(e.nr_pages for e in pagemap.entries) * PAGE_SIZE
+    _, index = images.page_index(pid)
+    for addr in (workload.ready.addr, workload.ready.addr + workload.ready.size - PAGE_SIZE,
+                 workload.ready.locked):
+        offset = index.offset(addr)
+        assert offset is not None
+        assert data[offset: offset + PAGE_SIZE] == expected_page(addr, workload.ready.seed)
+    region = next(e for e in pagemap.entries if e.vaddr <= workload.ready.addr < e.end)
+    assert region.flags == PE.LAZY | PE.PRESENT  # lazy-capable, as CRIU marks it
+
+    mm = images.mm(pid)
+    files = {f.id: f for f in read_lazymig_entry(images, pid).files}
+    assert files[mm.exe_file_id].path == str(c_workload)
+    assert any(v.start <= workload.ready.addr < v.end and v.shmid == 0 for v in mm.vmas)
+    assert any(files[v.shmid].path.endswith(".so.6") for v in mm.vmas if v.shmid)
+
+
+def test_a_killed_dumper_does_not_take_the_source_with_it(tmp_path: Path,
+                                                          workload: Workload) -> None:
+    """SIGKILL cannot be caught: the kernel detaches the source, which must run on
+    (not die of the SIGTRAP an injected syscall left it stopped on)."""
+    before = workload.next_check()
+    cli = DumpCli(workload.pid, tmp_path, "--lazy-pages", "--address", "127.0.0.1",
+                  "--port", str(free_port()))
+    try:
+        cli.wait_ready()
+        assert frozen_by(workload.pid, cli.proc.pid)
+        cli.proc.kill()
+        assert cli.wait() == -signal.SIGKILL
+    finally:
+        cli.kill()
+    workload.drain()
+    after = workload.next_check()
+    assert (after.sum, after.bad) == (before.sum, 0)
+    assert proc_state(workload.pid) in (("S", 0), ("R", 0))
