@@ -111,7 +111,7 @@ async def run_demo(size_mib: int = 64, *, wire: WireVersion = WireVersion.V2,
             source.wait()
     assert dump.written is not None
     return DemoResult(size_mib, source_crc, destination_crc,
-                      frozen_seconds=_frozen_seconds(dump), read_seconds=float(seconds),
+                      frozen_seconds=dump.frozen_seconds, read_seconds=float(seconds),
                       daemon=report)
 
 
@@ -150,10 +150,6 @@ def _quiet(*names: str) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def _frozen_seconds(dump: LazyDump) -> float:
-    return dump._frozen_seconds
 
 
 def format_result(result: DemoResult) -> str:

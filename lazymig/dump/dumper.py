@@ -178,6 +178,11 @@ class LazyDump:
         return None if self._server is None else self._server.stats
 
     @property
+    def frozen_seconds(self) -> float:
+        """From the freeze until the images were written and the server listened."""
+        return self._frozen_seconds
+
+    @property
     def written(self) -> DumpImages | None:
         """The images written (with page counts), once :meth:`start` is done."""
         return self._written
