@@ -10,7 +10,6 @@ import fcntl
 import os
 import platform
 import socket
-import threading
 import time
 
 from lazymig.linux.vm import AnonMapping, pipe_max_size, tee
@@ -45,14 +44,21 @@ def memcpy_gbps(total: int = 1 << 30) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
-def _drain(sock: socket.socket, total: int) -> None:
-    buf = bytearray(1 * MIB)
-    got = 0
-    while got < total:
-        n = sock.recv_into(buf)
-        if n == 0:
-            break
-        got += n
+def _drain(sock: socket.socket, total: int) -> int:
+    """Fork a process that reads and discards ``total`` bytes from ``sock``; its pid."""
+    child = os.fork()
+    if child == 0:
+        try:
+            buf = bytearray(1 * MIB)
+            got = 0
+            while got < total:
+                n = sock.recv_into(buf)
+                if n == 0:
+                    break
+                got += n
+        finally:
+            os._exit(0)
+    return child
 
 
 def loopback_tcp_gbps(total: int = 1 << 30) -> float:
@@ -61,12 +67,11 @@ def loopback_tcp_gbps(total: int = 1 << 30) -> float:
     client = socket.create_connection(server.getsockname())
     peer, _ = server.accept()
     block = os.urandom(MIB)
-    reader = threading.Thread(target=_drain, args=(peer, total))
-    reader.start()
+    reader = _drain(peer, total)
     start = time.perf_counter()
     for _ in range(total // MIB):
         client.sendall(block)
-    reader.join()
+    os.waitpid(reader, 0)
     elapsed = time.perf_counter() - start
     for sock in (client, peer, server):
         sock.close()
@@ -118,8 +123,7 @@ def splice_to_socket_gbps(total: int = 1 << 30) -> float:
     for fd in (src_w, scratch_w):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     os.write(src_w, os.urandom(size))
-    reader = threading.Thread(target=_drain, args=(peer, total))
-    reader.start()
+    reader = _drain(peer, total)
     start = time.perf_counter()
     sent = 0
     while sent < total:
@@ -128,7 +132,7 @@ def splice_to_socket_gbps(total: int = 1 << 30) -> float:
             moved = os.splice(scratch_r, client.fileno(), teed)
             teed -= moved
             sent += moved
-    reader.join()
+    os.waitpid(reader, 0)
     elapsed = time.perf_counter() - start
     for fd in (src_r, src_w, scratch_r, scratch_w):
         os.close(fd)

@@ -38,6 +38,7 @@ from typing import Final, ParamSpec, TypeVar
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
+from lazymig.linux.procfs import read_stat
 from lazymig.linux.ptrace import (
     PTRACE_EVENT_STOP,
     PTRACE_O_SUSPEND_SECCOMP,
@@ -419,7 +420,7 @@ def _read_state(pid: int, tracees: list[Tracee], vmas: list[Vma]) -> ProcessStat
         for t in tracees
     )
     main = tracees[0]
-    stat = _read_stat_fields(pid)
+    stat = read_stat_fields(pid)
     brk = main.inject_syscall(SYS_BRK, 0)
     if brk < 0:
         raise LazyMigOSError(-brk, "injected brk(0)", pid=pid)
@@ -457,16 +458,12 @@ def park(tracee: Tracee) -> None:
         tracee.cont(0)
 
 
-def _read_stat_fields(pid: int) -> dict[int, int]:
+def read_stat_fields(pid: int) -> dict[int, int]:
     """/proc/PID/stat numeric fields by their proc(5) number (1-based), from 4 on."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        return read_stat(pid)[1]
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, "read /proc/PID/stat") from exc
-    rest = raw[raw.rfind(b")") + 2:].split()
-    # rest[0] is field 3 (state); numeric fields start at field 4.
-    return {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
 
 
 def _read_auxv(pid: int) -> tuple[int, ...]:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Final
 
 from lazymig._version import __version__
-from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState, park
+from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState, park, read_stat_fields
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
 from lazymig.errors import ImageError, LazyMigError, LazyMigOSError
@@ -213,7 +213,7 @@ async def read_task_info(fp: FrozenProcess) -> TaskInfo:
 
 def _read_task_info_sync(main: Tracee, state: ProcessState) -> TaskInfo:
     pid = state.pid
-    stat = _proc_stat(pid)
+    stat = read_stat_fields(pid)
     status = _proc_status(pid)
     try:
         injected = _injected_state(main)
@@ -350,17 +350,6 @@ def _rlimit(pid: int, which: int) -> tuple[int, int]:
     except ProcessLookupError as exc:
         raise TargetGoneError(pid, "prlimit") from exc
     return (soft & _U64, hard & _U64)
-
-
-def _proc_stat(pid: int) -> dict[int, int]:
-    """Numeric fields of /proc/PID/stat by their proc(5) number (from 4 on)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, "read /proc/PID/stat") from exc
-    rest = raw[raw.rfind(b")") + 2:].split()
-    return {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
 
 
 def _proc_status(pid: int, tid: int | None = None) -> dict[str, str]:

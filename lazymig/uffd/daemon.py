@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymig.errors import LazyMigError, RemoteProtocolError
+from lazymig.linux.procfs import read_stat
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.handover import RestoreFinished, ZombieTask
@@ -133,7 +134,7 @@ class _Process:
         self.chunk_pages = MIN_CHUNK_PAGES
         self.cursor: int | None = None  # where the background goes next (after a fault)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
-        self.threads: dict[int, bytes] = {}  # host tid seen faulting -> its start time
+        self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -584,15 +585,11 @@ class LazyPagesDaemon:
                  len(latencies), p50, p99)
 
 
-def _thread_start_time(tid: int) -> bytes | None:
+def _thread_start_time(tid: int) -> int | None:
     """The start time of live thread ``tid`` (None if gone or a zombie, whose memory is
     already released); comparing it tells a thread from a later one with its tid."""
     try:
-        with open(f"/proc/{tid}/stat", "rb") as f:
-            fields = f.read()
+        state, fields = read_stat(tid)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    after_name = fields[fields.rfind(b")") + 2:].split()
-    if after_name[0] in (b"Z", b"X"):
-        return None
-    return after_name[19]  # field 22, starttime
+    return None if state in ("Z", "X") else fields[22]
