@@ -292,7 +292,6 @@ class LazyPagesDaemon:
                 self.report.restore_error = str(exc)
                 for proc in mine:
                     self._fail(proc, f"its restore failed: {exc}", hold=False)
-                self._failed = True
                 self._restores_finished += 1
                 self._check_done()
                 return
@@ -562,11 +561,13 @@ class LazyPagesDaemon:
             self._done.set()
 
     async def _end_session(self) -> None:
+        # An orderly CLOSE only when every page arrived: anything else resets the
+        # connection, which tells the dump side to keep its source (see source.py).
         try:
-            if self._failed:
-                self.source.abort()
-            else:
+            if self.report.ok:
                 await self.source.aclose()
+            else:
+                self.source.abort()
         except (LazyMigError, OSError) as exc:
             log.warning("closing the page-server session: %s", exc)
             self.source.abort()
