@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _COMMANDS:
         register(commands)
+    for sub in commands.choices.values():  # `lazymig dump -v ...` works too, as with criu
+        sub.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help="more log output (-v info, -vv debug)")
     return parser
 
 
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except LazyMigError as exc:
+    except (LazyMigError, OSError) as exc:  # OSError: e.g. an image that is not there
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
