@@ -21,6 +21,9 @@ from the host (lazymig runs there) and from inside the chroot (criu).
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import json
 import os
 import queue
 import re
@@ -37,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lazymig.proto.constants import PAGE_SIZE
 
@@ -55,6 +59,11 @@ PATTERN_MAGIC = 0x6C617A796D696700
 def page_pattern(tag: int, index: int) -> bytes:
     """The 4 KiB that page ``index`` of criu_pattern's area holds in the process tagged ``tag``."""
     return struct.pack("<QQ", PATTERN_MAGIC | tag, index) * (PAGE_SIZE // 16)
+
+
+def page_digest(data: bytes | bytearray | memoryview) -> str:
+    """A short digest of a page's bytes (what the checks compare, rather than 4 KiB)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # -- the chroot --------------------------------------------------------------------------
@@ -417,7 +426,7 @@ def start_with_status_fd(argv: Sequence[str], *, what: str, timeout: float = 20,
     return proc
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+def stop(proc: subprocess.Popen[Any], timeout: float = 5) -> None:
     """Kill ``proc`` if it still runs, and reap it."""
     if proc.poll() is None:
         proc.kill()
@@ -438,6 +447,14 @@ def kill_pid(pid: int, timeout: float = 5) -> None:
         if state == "Z" and _parent(pid) != os.getpid():
             return  # its new parent (init or a subreaper) reaps it
         time.sleep(0.02)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("t": stopped by a tracer); "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def _parent(pid: int) -> int:
@@ -589,6 +606,9 @@ class WireLog:
     bytes_to_client: int = 0
     trailing_client_bytes: int = 0
     """Bytes the client sent after CLOSE (CRIU expects none: EOF)."""
+    pages: list[tuple[int, int, str]] = field(default_factory=list)
+    """(dst_id, vaddr, :func:`page_digest`) of every page the replies carried, in order
+    (only with ``WireTap(capture_pages=True)``)."""
     error: str | None = None
 
 
@@ -597,12 +617,17 @@ class WireTap:
 
     Client to server: a stream of 24-byte headers (GET, CLOSE). Server to client,
     in request order: per GET a header then nr_pages x 4096 bytes; per CLOSE a
-    4-byte int32 status. Bytes are forwarded unchanged.
+    4-byte int32 status. Bytes are forwarded unchanged. With ``capture_pages`` the
+    tap also digests every page of the replies (:attr:`WireLog.pages`).
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, capture_pages: bool = False) -> None:
         self.upstream_port = upstream_port
         self.log = WireLog()
+        self._capture = capture_pages
+        self._page = bytearray()  # the part of the page being received
+        self._reply: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._reply_pages = 0  # pages of self._reply received whole
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._pending: queue.Queue[tuple[int, int, int, int]] = queue.Queue()
@@ -653,6 +678,8 @@ class WireTap:
             buf += data
             while True:
                 skip = min(need, len(buf))
+                if self._capture and skip:
+                    self._take_payload(buf[:skip])
                 buf, need = buf[skip:], need - skip
                 if need or not buf:
                     break
@@ -669,8 +696,22 @@ class WireTap:
                     buf = buf[_V1.size:]
                     self.log.replies.append(reply)
                     need = reply[1] * PAGE_SIZE
+                    self._reply, self._reply_pages = reply, 0
                 request = None
         client.shutdown(socket.SHUT_WR)
+
+    def _take_payload(self, data: bytes) -> None:
+        """Page data of the current reply: digest each page once it is whole."""
+        while data:
+            take = PAGE_SIZE - len(self._page)
+            self._page += data[:take]
+            data = data[take:]
+            if len(self._page) == PAGE_SIZE:
+                _, _, vaddr, dst_id = self._reply
+                self.log.pages.append((dst_id, vaddr + self._reply_pages * PAGE_SIZE,
+                                       page_digest(self._page)))
+                self._reply_pages += 1
+                self._page.clear()
 
     def join(self, timeout: float = 10) -> WireLog:
         self._thread.join(timeout)
@@ -720,3 +761,185 @@ class DaemonLogReport:
 def lazymig_argv(*args: str, loop: str, verbose: bool = True) -> list[str]:
     """``python -m lazymig [-v] --uvloop|--no-uvloop ARGS`` with this interpreter (the venv's)."""
     return [sys.executable, "-m", "lazymig", *(["-v"] if verbose else []), f"--{loop}", *args]
+
+
+# -- a stand-in for criu restore in front of criu lazy-pages -------------------------------------
+
+_LAZY_PAGES_RESTORE_FINISHED = 0x52535446
+"""criu/uffd.c: the u32 criu restore sends after the last task ("ReSTore Finished")."""
+_MAP_FIXED_NOREPLACE = 0x100000
+_EEXIST_EXIT = 17
+"""The stand-in's exit status when one of its regions is taken in its own address space."""
+
+
+def source_pages(pid: int, regions: Sequence[tuple[int, int]]) -> dict[int, str]:
+    """:func:`page_digest` of every page of ``regions`` (address, length) of live process
+    ``pid``, read from its /proc/PID/mem (root; the process may be ptrace-stopped)."""
+    digests: dict[int, str] = {}
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for address, length in regions:
+            mem.seek(address)
+            data = mem.read(length)
+            if len(data) != length:
+                raise RuntimeError(f"short read of {address:#x}+{length:#x} of pid {pid}")
+            for offset in range(0, length, PAGE_SIZE):
+                digests[address + offset] = page_digest(data[offset:offset + PAGE_SIZE])
+    return digests
+
+
+def merge_regions(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(vaddr, nr_pages) page runs, sorted, as (address, length) with adjacent runs merged."""
+    merged: list[tuple[int, int]] = []
+    for vaddr, nr_pages in sorted(ranges):
+        if merged and merged[-1][0] + merged[-1][1] == vaddr:
+            merged[-1] = (merged[-1][0], merged[-1][1] + nr_pages * PAGE_SIZE)
+        else:
+            merged.append((vaddr, nr_pages * PAGE_SIZE))
+    return merged
+
+
+@dataclass(frozen=True)
+class Touched:
+    """Pages the stand-in touched before "restore finished": the faults criu lazy-pages served."""
+
+    digests: dict[int, str]
+    """Page address -> :func:`page_digest` of what the fault brought in."""
+    latencies_us: list[float]
+    """Each touch, from the faulting side (the fault's whole round trip)."""
+
+
+class StandInRestorer:
+    """A process that does for ``criu lazy-pages`` what ``criu restore --lazy-pages`` does.
+
+    criu lazy-pages waits on lazy-pages.socket until a restorer hands it, for each
+    task of pstree.img, the image pid (int32) and the task's userfaultfd (one byte
+    carrying SCM_RIGHTS); only then does it connect to its page server, and it
+    starts the background fetch once the restorer sends "restore finished"
+    (criu/uffd.c: send_uffd, lazy_pages_finish_restore). criu restore cannot
+    restore a lazymig dump (lazymig writes its own task image, unknown to CRIU),
+    so this process stands in for the one restored task: it maps private
+    anonymous memory at the dump-time addresses of the task's lazy pages, registers
+    it on a uffd with the restorer's features, and speaks that handover itself
+    (not through lazymig's). Before "restore finished" it touches the ``touch``
+    pages one by one: each is a fault criu lazy-pages must serve with a one-page
+    request. :meth:`pages` reads every page afterwards.
+
+    Another process, so that a taken address is a fresh try (its layout is
+    random): one of the dump's regions may collide with its own mappings.
+    """
+
+    def __init__(self, socket_path: Path, pid: int, regions: Sequence[tuple[int, int]],
+                 touch: Sequence[int], *, tries: int = 3, timeout: float = 30) -> None:
+        self.timeout = timeout
+        request = json.dumps({"socket": str(socket_path), "pid": pid,
+                              "regions": [list(r) for r in regions], "touch": list(touch)})
+        for attempt in range(tries):
+            self._proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "stand-in-restorer"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(request + "\n")
+            self._proc.stdin.flush()
+            try:
+                self.touched = self._touched(self._read())
+                return
+            except _RegionTaken:
+                stop(self._proc)
+                if attempt == tries - 1:
+                    raise
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:
+            if self._proc.wait(5) == _EEXIST_EXIT:
+                raise _RegionTaken
+            raise RuntimeError(f"the stand-in restorer said nothing in {self.timeout} s "
+                               f"(exit status {self._proc.poll()})")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"stand-in restorer: {answer['error']}")
+        return answer
+
+    @staticmethod
+    def _touched(answer: dict[str, Any]) -> Touched:
+        return Touched({int(k): v for k, v in answer["touched"].items()},
+                       [float(x) for x in answer["latencies_us"]])
+
+    def pages(self) -> dict[int, str]:
+        """Read every page of the regions (call it once criu lazy-pages is gone: a
+        page it never filled then reads as zeros instead of faulting forever)."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write("read\n")
+        self._proc.stdin.flush()
+        return {int(k): v for k, v in self._read()["pages"].items()}
+
+    def close(self) -> None:
+        stop(self._proc)
+
+
+class _RegionTaken(Exception):
+    pass
+
+
+def _stand_in_restorer() -> int:
+    """The stand-in's process (``python criu_peer.py stand-in-restorer``): one JSON
+    request on stdin, JSON answers on stdout (see :class:`StandInRestorer`)."""
+    import array  # noqa: PLC0415 (only this process needs these)
+    import ctypes  # noqa: PLC0415
+    import mmap  # noqa: PLC0415
+
+    from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd  # noqa: PLC0415
+
+    def say(answer: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+    request = json.loads(sys.stdin.readline())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    regions = [(int(a), int(n)) for a, n in request["regions"]]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE
+    for address, length in regions:
+        got = libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        if got != address:
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                return _EEXIST_EXIT
+            say({"error": f"mmap {address:#x}+{length:#x}: {os.strerror(err)}"})
+            return 1
+    # criu restore's uffd: the non-cooperative features CRIU asks for (setup_uffd)
+    uffd = Uffd.open(DEFAULT_FEATURES, non_blocking=True)
+    for address, length in regions:
+        uffd.register(address, length)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(request["socket"])
+    sock.sendall(struct.pack("=i", request["pid"]))
+    sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                            array.array("i", [uffd.fd]).tobytes())])
+    uffd.close()  # criu lazy-pages holds the only reference now
+    digests: dict[int, str] = {}
+    latencies: list[float] = []
+    for address in request["touch"]:
+        started = time.perf_counter()
+        data = ctypes.string_at(address, PAGE_SIZE)  # faults until criu lazy-pages copies
+        latencies.append((time.perf_counter() - started) * 1e6)
+        digests[address] = page_digest(data)
+    sock.sendall(struct.pack("=I", _LAZY_PAGES_RESTORE_FINISHED))
+    sock.close()
+    say({"touched": digests, "latencies_us": latencies})
+    if sys.stdin.readline().strip() != "read":
+        return 0
+    say({"pages": {address + offset: page_digest(ctypes.string_at(address + offset, PAGE_SIZE))
+                   for address, length in regions for offset in range(0, length, PAGE_SIZE)}})
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["stand-in-restorer"]:
+        sys.exit(f"usage: {sys.argv[0]} stand-in-restorer")
+    sys.exit(_stand_in_restorer())

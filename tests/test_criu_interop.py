@@ -3,6 +3,10 @@
 * lazymig's page server stands in for ``criu page-server --lazy-pages``: real
   ``criu lazy-pages`` pulls a real dump's pages from it while ``criu restore
   --lazy-pages`` runs the process, which must go on with its memory intact.
+* lazymig dump's page server answers real ``criu lazy-pages`` for a live,
+  frozen process: CRIU's lazy-pages client pulls every lazy page from it, faults
+  first, and each page equals the source's memory. (criu restore cannot restore
+  lazymig's images: a stand-in hands criu lazy-pages the task's uffd instead.)
 * lazymig's lazy-pages daemon stands in for ``criu lazy-pages``: it fills the
   tree ``criu restore --lazy-pages`` restores, from ``criu dump --lazy-pages``
   (which serves the frozen source, then kills it after CLOSE) or, in local mode,
@@ -38,6 +42,7 @@ from criu_peer import (
     CriuError,
     DaemonLogReport,
     Output,
+    StandInRestorer,
     WireLog,
     WireTap,
     Workload,
@@ -51,7 +56,11 @@ from criu_peer import (
     kill_pid,
     lazymig_argv,
     log_errors,
+    merge_regions,
+    page_digest,
     page_pattern,
+    process_state,
+    source_pages,
     start_with_status_fd,
     stop,
 )
@@ -233,6 +242,95 @@ def test_criu_restores_lazily_from_lazymig_page_server(
         if daemon is not None:
             stop(daemon)
         stop(server)
+
+
+# -- lazymig dump's page server, pulled by criu lazy-pages ----------------------------------------
+
+TOUCHED_PAGES = (3, 1000, 2047, 4000)
+"""Pages of criu_pattern's area that the restored task touches before restore finishes."""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_criu_lazy_pages_pulls_from_lazymig_dump(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    """``lazymig dump --lazy-pages --wire v1`` freezes a live criu_pattern and serves its
+    lazy pages; real ``criu lazy-pages --page-server`` pulls them all over a wire tap:
+    first the task's faults, one page each in the order touched, then the background
+    fetch, then CLOSE, after which lazymig dump kills the source. Every page on the wire,
+    and every page CRIU copied into the task, equals the source's memory at the freeze
+    (in the pattern area: criu_pattern's pattern).
+
+    criu restore cannot restore lazymig's images, so a :class:`StandInRestorer` hands
+    criu lazy-pages the task's uffd as criu restore does. What this covers is CRIU's
+    lazy-pages client against lazymig's dump and page server, not a restore."""
+    d = chroot_dir
+    mib = 16
+    workload = Workload(d, workload_binary, mib=mib)
+    procs: list[subprocess.Popen[bytes]] = []
+    restorer: StandInRestorer | None = None
+    dump_log = d.host / "lazymig-dump.log"
+    try:
+        area = workload.start().started[0]
+        workload.wait_ticks({}, 2, timeout=10)
+        port = free_port()
+        with dump_log.open("wb") as err:
+            dump = start_with_status_fd(
+                lazymig_argv("dump", "-t", str(workload.pid), "--lazy-pages", "--address",
+                             "127.0.0.1", "--port", str(port), "--wire", "v1", "-D",
+                             str(d.host), loop=loop),
+                what="lazymig dump --lazy-pages", stderr=err.fileno(), timeout=30)
+        procs.append(dump)
+        assert process_state(workload.pid) == "t", "the source is not held frozen"
+        images = ImagesDir(d.host)
+        (entry,) = images.pstree()
+        ranges = images.lazy_ranges(entry.pid)
+        lazy_pages = sum(r.nr_pages for r in ranges)
+        regions = merge_regions([(r.vaddr, r.nr_pages) for r in ranges])
+        expected = source_pages(workload.pid, regions)  # the frozen source's memory
+        assert len(expected) == lazy_pages >= area.pages
+        assert all(expected[area.addr + i * PAGE_SIZE] == page_digest(page_pattern(0, i))
+                   for i in range(area.pages))
+        measure["lazy_pages"] = lazy_pages
+
+        tap = WireTap(port, capture_pages=True)  # criu lazy-pages -> tap -> lazymig dump
+        lazy = start_with_status_fd(
+            chroot_argv("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1",
+                        "--port", str(tap.port), "-D", d.inner),
+            what="criu lazy-pages", log="lazy-pages.log")
+        procs.append(lazy)
+        touch = [area.addr + i * PAGE_SIZE for i in TOUCHED_PAGES]
+        started = time.monotonic()
+        restorer = StandInRestorer(d.host / "lazy-pages.socket", entry.pid, regions, touch)
+        assert lazy.wait(30) == 0, log_errors(d.host / "lazy-pages.log")
+        measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
+        assert f"UFFD transferred pages: ({lazy_pages}/{lazy_pages})" in \
+            (d.host / "lazy-pages.log").read_text()
+        assert dump.wait(30) == 0, dump_log.read_text()[-3000:]
+        assert "source killed" in dump_log.read_text()
+        measure["source_exit"] = workload.wait_gone()
+
+        wire = tap.join()
+        check_wire(wire, images, lazy_pages, measure)
+        assert [(n, vaddr) for _, n, vaddr, _ in wire.requests[:len(touch)]] == \
+            [(1, address) for address in touch], "the faults did not come first, one page each"
+        assert len(wire.pages) == sum(n for _, n, _, _ in wire.replies)
+        wrong = [(pid, hex(vaddr)) for pid, vaddr, digest in wire.pages
+                 if pid != entry.pid or digest != expected.get(vaddr)]
+        assert not wrong, f"{len(wrong)} pages on the wire differ from the source: {wrong[:5]}"
+        assert restorer.touched.digests == {address: expected[address] for address in touch}
+        copied = restorer.pages()
+        differ = [hex(vaddr) for vaddr, digest in expected.items() if copied.get(vaddr) != digest]
+        assert not differ, f"{len(differ)} pages CRIU copied differ from the source: {differ[:5]}"
+        measure["fault_round_trip_us"] = [round(us) for us in restorer.touched.latencies_us]
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
+                             f"\n--- lazymig dump:\n{dump_log.read_text()[-3000:]}") from exc
+    finally:
+        if restorer is not None:
+            restorer.close()
+        for proc in reversed(procs):
+            stop(proc)
+        workload.kill()
 
 
 # -- lazymig's lazy-pages daemon in place of CRIU's ---------------------------------------------
