@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from lazymig.cli._common import add_wire_option, run_async
-from lazymig.demo import format_result, run_demo
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,6 +21,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def demo(args: argparse.Namespace) -> int:
+    from lazymig.demo import format_result, run_demo
     result = run_async(args, run_demo(args.size, wire=args.wire))
     print(format_result(result))
     return 0 if result.ok else 1

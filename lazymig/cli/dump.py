@@ -25,7 +25,6 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
 )
-from lazymig.dump.dumper import LazyDump, dump
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ def dump_command(args: argparse.Namespace) -> int:
 
 
 async def _dump(args: argparse.Namespace) -> int:
+    from lazymig.dump.dumper import LazyDump, dump
     """The command on the event loop; an abort signal cancels it."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()

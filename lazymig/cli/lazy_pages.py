@@ -22,9 +22,6 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
 )
-from lazymig.proto.images import ImagesDir
-from lazymig.uffd.daemon import SOCKET_NAME, LazyPagesDaemon
-from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +53,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def lazy_pages(args: argparse.Namespace) -> int:
+    from lazymig.proto.images import ImagesDir
+    from lazymig.uffd.daemon import SOCKET_NAME, LazyPagesDaemon
+    from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
+
     images_dir = Path(args.images_dir)
     socket_path = Path(args.socket) if args.socket else \
         Path(args.work_dir or images_dir) / SOCKET_NAME

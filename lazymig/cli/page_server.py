@@ -16,10 +16,7 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
 )
-from lazymig.dump.server import PageServer
-from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import ConfigurationError
-from lazymig.proto.images import ImagesDir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +37,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def page_server(args: argparse.Namespace) -> int:
+    from lazymig.dump.server import PageServer
+    from lazymig.dump.store import ImagesPageStore
+    from lazymig.proto.images import ImagesDir
     if not args.lazy_pages:
         raise ConfigurationError("lazymig's page server only serves lazy pages: add --lazy-pages")
     store = ImagesPageStore(ImagesDir(args.images_dir))
