@@ -369,16 +369,17 @@ def chroot_argv(*argv: str) -> list[str]:
     return ["chroot", str(ROOT), *argv]
 
 
-def criu(d: ChrootDir, *args: str, log: str, timeout: float = 60) -> float:
+def criu(d: ChrootDir, *args: str, log: str, timeout: float = 60, verbosity: int = 4) -> float:
     """Run ``criu ARGS -o LOG -v4`` in the chroot with the images dir ``d``; return its time.
 
-    criu's stdout/stderr go to the log (criu writes there with -o).
+    criu's stdout/stderr go to the log (criu writes there with -o). ``verbosity``
+    is criu's -vN (4: debug, every fault and copy; 2: errors and warnings).
 
     Raises:
         CriuError: non-zero exit, with the errors of the log.
     """
     started = time.monotonic()
-    proc = subprocess.run(chroot_argv("criu", *args, "-o", log, "-v4"), cwd="/",
+    proc = subprocess.run(chroot_argv("criu", *args, "-o", log, f"-v{verbosity}"), cwd="/",
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout, check=False)
     if proc.returncode:
@@ -402,13 +403,13 @@ def wait_ready(fd: int, timeout: float, what: str, proc: subprocess.Popen[bytes]
 
 def start_with_status_fd(argv: Sequence[str], *, what: str, timeout: float = 20,
                          stderr: int | None = None, log: str | None = None,
-                         ) -> subprocess.Popen[bytes]:
+                         verbosity: int = 4) -> subprocess.Popen[bytes]:
     """Start ``argv + ['--status-fd', N]`` and wait until it writes its ready byte.
 
-    ``log`` names an extra ``-o`` argument pair to append (for criu).
+    ``log`` names an extra ``-o LOG -vN`` to append (for criu; N = ``verbosity``).
     """
     r, w = os.pipe()
-    extra = ["--status-fd", str(w)] + (["-o", log, "-v4"] if log else [])
+    extra = ["--status-fd", str(w)] + (["-o", log, f"-v{verbosity}"] if log else [])
     try:
         proc = subprocess.Popen([*argv, *extra], pass_fds=(w,), cwd="/",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
