@@ -370,7 +370,7 @@ def chroot_argv(*argv: str) -> list[str]:
 
 
 def criu(d: ChrootDir, *args: str, log: str, timeout: float = 60, verbosity: int = 4) -> float:
-    """Run ``criu ARGS -o LOG -v4`` in the chroot with the images dir ``d``; return its time.
+    """Run ``criu ARGS -o LOG -vN`` in the chroot with the images dir ``d``; return its time.
 
     criu's stdout/stderr go to the log (criu writes there with -o). ``verbosity``
     is criu's -vN (4: debug, every fault and copy; 2: errors and warnings).
