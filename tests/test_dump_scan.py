@@ -212,6 +212,11 @@ def test_scan_this_process() -> None:
     n = 16
     with AnonMapping(n * PAGE_SIZE) as region:
         addr = region.address
+        # No transparent huge pages: a merged neighbour VMA could make the first write
+        # fault map 2 MiB, or the reads map the huge zero page (another PFN).
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.madvise(addr, n * PAGE_SIZE, 15) == 0  # MADV_NOHUGEPAGE
         for i in range(0, 8):
             ctypes.c_char.from_address(addr + i * PAGE_SIZE).value = b"\x01"
         for i in range(8, 12):
