@@ -250,13 +250,20 @@ class PageServer:
                 "not a lazy page of this dump", field="vaddr")
         segment = self.store.segment(get.pid, get.vaddr, nr_pages)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-            await loop.sock_sendall(sock, codec.send(GetReply(get.pid, get.vaddr, nr_pages)))
+            header = codec.send(GetReply(get.pid, get.vaddr, nr_pages))
+            # MSG_MORE holds the header back until the pages follow: one segment on the
+            # wire, without toggling TCP_CORK around every reply.
+            try:
+                sent = sock.send(header, socket.MSG_MORE)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(header):
+                await loop.sock_sendall(sock, header[sent:])
             await _splice_all(segment, sock.fileno())
             codec.payload_sent_directly(segment.length)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            segment.close(drained=True)
         finally:
-            segment.close()
+            segment.close()  # after an error: whatever is left in it goes
         self._unserved.mark(get.pid, get.vaddr, nr_pages)
         self.stats.pages_sent += nr_pages
         self.stats.pages_unserved = self._unserved.remaining

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,17 +27,24 @@ class PageSegment:
     """Bytes ready to be spliced into a socket.
 
     ``fd`` is a pipe holding exactly ``length`` bytes (``offset`` None), or a
-    file whose bytes start at ``offset``. ``owned`` fds are closed by
-    :meth:`close`; a store's own file fds are not.
+    file whose bytes start at ``offset``. Call :meth:`close` when done, saying
+    whether every byte was moved: ``release`` (if the store gave one) then may
+    reuse the pipe; otherwise ``owned`` fds are closed and a store's own file
+    fds are left alone.
     """
 
     fd: int
     offset: int | None
     length: int
     owned: bool
+    release: Callable[[bool], None] | None = None
 
-    def close(self) -> None:
-        if self.owned and self.fd >= 0:
+    def close(self, drained: bool = False) -> None:
+        if self.fd < 0:
+            return
+        if self.release is not None:
+            self.release(drained)
+        elif self.owned:
             os.close(self.fd)
         self.fd = -1
 
@@ -153,11 +160,14 @@ class ImagesPageStore:
 class PipePageStore:
     """The lazy pages of a live dump, held in its page pipes (``lazymig dump --lazy-pages``).
 
-    Each GET gets a pipe of its own: the page pipe is tee'd into it up to the
-    end of the requested pages and the prefix dropped, so the page pipe keeps
-    every page (it can be served again) and concurrent connections never share
-    a scratch pipe.
+    Each GET gets a scratch pipe of its own: the page pipe is tee'd into it up
+    to the end of the requested pages and the prefix dropped, so the page pipe
+    keeps every page (it can be served again) and concurrent connections never
+    share a scratch pipe. Drained scratch pipes are kept for the next GETs
+    (no pipe2 + F_SETPIPE_SZ + close per request).
     """
+
+    _POOL = 8
 
     def __init__(self, pid: int, pipes: PagePipes) -> None:
         self._pid = pid
@@ -165,6 +175,7 @@ class PipePageStore:
         self._ranges = _Ranges([(r.vaddr, r.nr_pages) for r in pipes.lazy_runs()])
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._pipe_size = pipe_max_size()
+        self._spare: list[tuple[int, int]] = []  # empty scratch pipes (read fd, write fd)
 
     def pids(self) -> Iterable[int]:
         return (self._pid,)
@@ -183,10 +194,8 @@ class PipePageStore:
         assert hit is not None and pid == self._pid, "available() vouched for these pages"
         buf, first, _ = hit
         need = (first + nr_pages) << PAGE_SHIFT
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        read_fd, write_fd = self._spare.pop() if self._spare else self._new_pipe()
         try:
-            if need > 65536:
-                set_pipe_size(write_fd, min(self._pipe_size, max(need, 65536)))
             got = tee(buf.read_fd, write_fd, need)
             if got != need:
                 raise BrokenResourceError(f"tee gave {got} of {need} bytes at {vaddr:#x}")
@@ -195,14 +204,35 @@ class PipePageStore:
                 skip -= os.splice(read_fd, self._devnull, skip)
         except BaseException:
             os.close(read_fd)
-            raise
-        finally:
             os.close(write_fd)
-        return PageSegment(read_fd, None, nr_pages * PAGE_SIZE, owned=True)
+            raise
+
+        def release(drained: bool) -> None:
+            if drained and self._devnull >= 0 and len(self._spare) < self._POOL:
+                self._spare.append((read_fd, write_fd))
+            else:  # bytes may be left in it: never reuse
+                os.close(read_fd)
+                os.close(write_fd)
+
+        return PageSegment(read_fd, None, nr_pages * PAGE_SIZE, owned=True, release=release)
+
+    def _new_pipe(self) -> tuple[int, int]:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            set_pipe_size(write_fd, self._pipe_size)  # a segment never exceeds one page pipe
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        return read_fd, write_fd
 
     def close(self) -> None:
         """Close the page pipes and the store's own fds (idempotent)."""
         self._pipes.close()
+        for read_fd, write_fd in self._spare:
+            os.close(read_fd)
+            os.close(write_fd)
+        self._spare.clear()
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
