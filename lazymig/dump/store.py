@@ -11,13 +11,15 @@ import bisect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from lazymig.dump.pagepipe import PagePipes
 from lazymig.errors import BrokenResourceError, ImageError
 from lazymig.linux.vm import pipe_max_size, set_pipe_size, tee
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
+
+if TYPE_CHECKING:  # the restore side imports this module: no ptrace machinery for it
+    from lazymig.dump.pagepipe import PagePipes
 
 __all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment", "PipePageStore"]
 
