@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -239,3 +241,51 @@ async def test_a_failed_restore_ends_the_daemon_and_keeps_the_source(
     assert report.restore_error is not None
     assert [p.state for p in report.processes] == ["abandoned"]
     assert not server.complete
+
+
+@pytest.mark.asyncio
+async def test_restorers_of_other_users_are_refused(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    write_lazy_dump(tmp_path, layout(1))
+    async with asyncio.timeout(10):
+        # Only uid 4242 may hand over processes: this test (root) may not.
+        daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
+                                           allowed_uids=[4242])
+        assert stat.S_IMODE(daemon.socket_path.stat().st_mode) == 0o600
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX) as restorer:
+            restorer.setblocking(False)
+            await loop.sock_connect(restorer, str(daemon.socket_path))
+            assert await loop.sock_recv(restorer, 1) == b""  # closed on us
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert f"refused a restorer connection from pid {os.getpid()}, uid 0" in caplog.text
+    assert daemon.report.processes == []
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_daemon_kills_what_it_leaves_unfinished(
+        page_server: tuple[Path, PageServer]) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source, background=False)
+        (pid, [(vaddr, nr)]), *_ = layout(1).items()
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, "slow")
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"attached\n"
+        await child.stdout.readline()  # some pages have arrived
+        running.cancel()  # the daemon is stopped mid-transfer
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        code, out = await finish(child)
+        await asyncio.sleep(0.1)
+        assert not serving.done()  # a reset, not a finished transfer: the source is kept
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    assert code == -signal.SIGKILL, out
+    assert "MISMATCH" not in out
+    assert daemon.report.processes[0].state == "killed"

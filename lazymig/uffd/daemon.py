@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "lazy-pages.socket"
 """CRIU's name for the daemon's socket, in the work dir."""
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
 MAX_CHUNK_PAGES = (1 << 20) // PAGE_SIZE  # see the module docstring
 
@@ -154,6 +156,8 @@ class LazyPagesDaemon:
         serve_forever: keep accepting restorers after every process is done.
         background: pull the remaining pages in the background (else only faults).
         background_in_flight: background requests outstanding at once.
+        allowed_uids: the users whose processes may hand over uffds (SO_PEERCRED);
+            by default root and the daemon's own user.
         fault_prefetch: pages a fault asks for (the aligned block around it): one
             round trip then covers a sequential reader's next faults.
         expect_tasks: finish only once this many tasks (zombies included) were
@@ -171,7 +175,8 @@ class LazyPagesDaemon:
                  *, socket_path: str | os.PathLike[str] = SOCKET_NAME,
                  serve_forever: bool = False, background: bool = True,
                  background_in_flight: int = 2, fault_prefetch: int = 16,
-                 expect_tasks: int | None = None) -> None:
+                 expect_tasks: int | None = None,
+                 allowed_uids: Iterable[int] | None = None) -> None:
         self.source = source
         self._lazy_ranges = lazy_ranges
         self.socket_path = Path(socket_path)
@@ -180,6 +185,8 @@ class LazyPagesDaemon:
         self.background_in_flight = background_in_flight
         self.expect_tasks = expect_tasks
         self.fault_prefetch = fault_prefetch
+        self.allowed_uids = frozenset(allowed_uids if allowed_uids is not None
+                                      else (0, os.geteuid()))
         self._tasks_received = 0
         self.ready = asyncio.Event()
         """Set once the socket listens (restorers may connect)."""
@@ -233,6 +240,8 @@ class LazyPagesDaemon:
             listener.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            if not self._done.is_set():  # cancelled, or a bug: the daemon goes away now
+                self._stop_abruptly()
         await self._end_session()
         self.report.finished = time.monotonic()
         self._log_summary()
@@ -263,6 +272,13 @@ class LazyPagesDaemon:
         assert self._tg is not None
         while True:
             conn, _ = await loop.sock_accept(listener)
+            pid, uid, _gid = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            if uid not in self.allowed_uids:
+                log.warning("refused a restorer connection from pid %d, uid %d (allowed "
+                            "uids: %s)", pid, uid, sorted(self.allowed_uids))
+                conn.close()
+                continue
             self._tg.create_task(self._restorer(conn))
 
     async def _restorer(self, conn: socket.socket) -> None:
@@ -559,6 +575,24 @@ class LazyPagesDaemon:
         if all(p.report.state in ("complete", "exited", "killed", "abandoned")
                for p in self._processes):
             self._done.set()
+
+    def _stop_abruptly(self) -> None:
+        """The daemon is going away with work undone: once it closes a uffd, missing
+        pages would read as zeros, so kill what can be killed, say what cannot, and
+        reset the page-server session (the dump side keeps its source)."""
+        for proc in self._processes:
+            if proc.report.state in ("running", "failed"):
+                if proc.threads:
+                    self._kill(proc, "the lazy-pages daemon was stopped")
+                else:
+                    proc.report.state = "abandoned"
+                    log.error("pid %d: the lazy-pages daemon was stopped with %d pages "
+                              "missing; its faulting threads could not be identified, so it "
+                              "is not killed: kill it", proc.pid,
+                              proc.ranges.pages_pending + proc.ranges.pages_in_flight)
+        self.source.abort()
+        for proc in self._processes:
+            proc.uffd.close()
 
     async def _end_session(self) -> None:
         # An orderly CLOSE only when every page arrived: anything else resets the
