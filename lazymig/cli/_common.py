@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import Coroutine
+import signal
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import uvloop
@@ -52,3 +55,32 @@ def signal_ready(status_fd: int | None) -> None:
             os.write(status_fd, b"\0")
         finally:
             os.close(status_fd)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def cancelled_by_signals(what: str) -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM/SIGHUP into a cancellation of the current task, so that
+    its clean-up runs (a dying process would drop fds that others depend on).
+    Yields the list of signals received: exit with 128 + the first one."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signo: int) -> None:
+        if not received:
+            logging.getLogger("lazymig").warning("got %s: stopping %s",
+                                                 signal.Signals(signo).name, what)
+            task.cancel()
+        received.append(signo)
+
+    for signo in STOP_SIGNALS:
+        loop.add_signal_handler(signo, on_signal, signo)
+    try:
+        yield received
+    finally:
+        for signo in STOP_SIGNALS:
+            loop.remove_signal_handler(signo)

@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
 from lazymig.cli._common import (
     add_images_dir_option,
     add_server_address_options,
     add_wire_option,
+    cancelled_by_signals,
     run_async,
     signal_ready,
 )
 
 log = logging.getLogger(__name__)
 
-_ABORT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,36 +56,22 @@ def dump_command(args: argparse.Namespace) -> int:
 
 
 async def _dump(args: argparse.Namespace) -> int:
+    """The command on the event loop; a stop signal cancels it (the source is kept)."""
     from lazymig.dump.dumper import LazyDump, dump
-    """The command on the event loop; an abort signal cancels it."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    received: list[int] = []
 
-    def on_signal(signo: int) -> None:
-        if not received:
-            log.warning("got %s: aborting the dump", signal.Signals(signo).name)
-            task.cancel()
-        received.append(signo)
-
-    for signo in _ABORT_SIGNALS:
-        loop.add_signal_handler(signo, on_signal, signo)
-    try:
-        if args.lazy_pages:
-            async with LazyDump(args.tree, args.images_dir, address=args.address,
-                                port=args.port, wire=args.wire,
-                                leave_running=args.leave_running) as lazy:
+    with cancelled_by_signals("the dump") as received:
+        try:
+            if args.lazy_pages:
+                async with LazyDump(args.tree, args.images_dir, address=args.address,
+                                    port=args.port, wire=args.wire,
+                                    leave_running=args.leave_running) as lazy:
+                    signal_ready(args.status_fd)
+                    await lazy.serve()
+            else:
+                await dump(args.tree, args.images_dir, leave_running=args.leave_running)
                 signal_ready(args.status_fd)
-                await lazy.serve()
-        else:
-            await dump(args.tree, args.images_dir, leave_running=args.leave_running)
-            signal_ready(args.status_fd)
-    except asyncio.CancelledError:
-        if received:
-            return 128 + received[0]
-        raise
-    finally:
-        for signo in _ABORT_SIGNALS:
-            loop.remove_signal_handler(signo)
+        except asyncio.CancelledError:
+            if received:
+                return 128 + received[0]
+            raise
     return 0

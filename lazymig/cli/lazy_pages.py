@@ -19,6 +19,7 @@ from lazymig.cli._common import (
     add_images_dir_option,
     add_server_address_options,
     add_wire_option,
+    cancelled_by_signals,
     run_async,
     signal_ready,
 )
@@ -61,7 +62,7 @@ def lazy_pages(args: argparse.Namespace) -> int:
     socket_path = Path(args.socket) if args.socket else \
         Path(args.work_dir or images_dir) / SOCKET_NAME
 
-    async def serve() -> bool:
+    async def serve() -> int:
         source: PageSource
         if args.page_server:
             source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
@@ -71,10 +72,16 @@ def lazy_pages(args: argparse.Namespace) -> int:
         daemon = LazyPagesDaemon.from_images(
             source, images_dir, socket_path=socket_path, serve_forever=args.keep_running,
             background=args.background)
-        async with asyncio.TaskGroup() as tg:
-            running = tg.create_task(daemon.run())
-            await daemon.ready.wait()
-            signal_ready(args.status_fd)
-        return running.result().ok
+        with cancelled_by_signals("the lazy-pages daemon") as received:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    running = tg.create_task(daemon.run())
+                    await daemon.ready.wait()
+                    signal_ready(args.status_fd)
+            except asyncio.CancelledError:
+                if received:  # the daemon killed what it could not finish
+                    return 128 + received[0]
+                raise
+        return 0 if running.result().ok else 1
 
-    return 0 if run_async(args, serve()) else 1
+    return run_async(args, serve())
