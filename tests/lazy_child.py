@@ -12,7 +12,6 @@ memory, so it must never be the daemon's process.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
 import random
 import sys
@@ -22,17 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from lazydump import page_pattern
 
+from lazymig.demo.region import map_region
 from lazymig.uffd.attach import attach
 
 PAGE = 4096
-MAP_FIXED_NOREPLACE = 0x100000
 MADV_DONTNEED = 4
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 
 libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
 libc.mremap.restype = ctypes.c_void_p
 libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
                         ctypes.c_void_p]
@@ -57,10 +53,7 @@ def main() -> None:
     sock, pid, base, nr, scenario = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3], 0),
                                      int(sys.argv[4]), sys.argv[5])
     extra = 16 if scenario == "zero" else 0  # pages beyond the dump's lazy range
-    got = libc.mmap(base, (nr + extra) * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
-                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-    if got != base:
-        sys.exit(f"mmap at {base:#x} failed: errno {ctypes.get_errno()}")
+    map_region(base, nr + extra)
     attach(sock, pid, [(base, (nr + extra) * PAGE)], finish=scenario != "no-finish")
     print("attached", flush=True)
     order = list(range(nr))
