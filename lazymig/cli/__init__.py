@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lazymig._version import __version__
-from lazymig.cli import demo, dump, lazy_pages, page_server
+from lazymig.cli import demo, dump, lazy_pages, page_server, restore
 from lazymig.errors import LazyMigError
 
 __all__ = ["main"]
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [demo.register, dump.register, lazy_pages.register, page_server.register]
+_COMMANDS = [demo.register, dump.register, lazy_pages.register, page_server.register,
+             restore.register]
 """Each subcommand module has register(subparsers), which sets func=<command>."""
 
 

@@ -59,6 +59,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 PTRACE_GETREGSET: Final = 0x4204
+PTRACE_SETREGSET: Final = 0x4205
 PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_GETSIGMASK: Final = 0x420A
@@ -485,6 +486,15 @@ class Tracee:
                       "PTRACE_GETREGSET(NT_PRFPREG)")
         return buf.raw[: iov.iov_len]
 
+    def set_xstate(self, xstate: bytes) -> None:
+        """PTRACE_SETREGSET NT_X86_XSTATE: load a raw XSAVE area as :meth:`get_xstate`
+        returned it (the kernel checks its header against this CPU's features)."""
+        self._check_thread()
+        buf = ctypes.create_string_buffer(bytes(xstate), len(xstate))
+        iov = _IoVec(ctypes.addressof(buf), len(xstate))
+        note = NT_X86_XSTATE if len(xstate) > 512 else NT_PRFPREG
+        self._raw(PTRACE_SETREGSET, note, ctypes.addressof(iov), "PTRACE_SETREGSET(xstate)")
+
     def get_sigmask(self) -> int:
         """PTRACE_GETSIGMASK: the blocked-signal mask (bit ``n - 1`` is signal ``n``)."""
         mask = ctypes.c_uint64()
@@ -576,6 +586,11 @@ class Tracee:
             if self.stopped:
                 self.set_regs(saved)
                 self.set_sigmask(saved_mask)
+
+    def set_syscall_ip(self, ip: int | None) -> None:
+        """Use the ``syscall`` instruction at ``ip`` for :meth:`inject_syscall`
+        (``None``: search the mappings again on the next injection)."""
+        self._syscall_ip = ip
 
     def _find_syscall_ip(self) -> int:
         """Address of a ``0f 05`` byte pair in an executable mapping (vDSO first)."""

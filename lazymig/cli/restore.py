@@ -1,0 +1,54 @@
+"""``lazymig restore``: restore a process dumped by ``lazymig dump`` (``criu restore``).
+
+    lazymig restore -D /tmp/1 [--lazy-pages] [-d]
+
+With ``--lazy-pages`` the pages the dump left on its page server are handed to
+the lazy-pages daemon listening on ``DIR/lazy-pages.socket`` (``-W`` or
+``--socket`` to look elsewhere); start ``lazymig lazy-pages`` first.
+
+The restored process gets a new pid; its fds 0, 1 and 2 are the restorer's own
+(other fds are not restored yet). With ``-d`` the restorer prints the new pid
+on stdout and exits once the process runs; otherwise it waits for the process
+and exits with its status (128 + the signal number if it was killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lazymig.cli._common import add_images_dir_option, run_async
+
+_SOCKET_NAME = "lazy-pages.socket"  # lazymig.uffd.daemon.SOCKET_NAME (not imported: start-up)
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "restore", help="restore a process dumped by `lazymig dump` (destination side)",
+        description="Rebuild a dumped single-threaded process in a new process and let it run; "
+                    "with --lazy-pages its lazy memory comes through a lazy-pages daemon.")
+    add_images_dir_option(parser)
+    parser.add_argument("--lazy-pages", action="store_true",
+                        help="hand the lazy pages to the lazy-pages daemon")
+    parser.add_argument("-W", "--work-dir", metavar="DIR",
+                        help="where lazy-pages.socket lives (default: the images dir)")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the daemon's UNIX socket (default: WORK_DIR/lazy-pages.socket)")
+    parser.add_argument("-d", "--restore-detached", dest="detach", action="store_true",
+                        help="print the restored pid and exit once it runs")
+    parser.set_defaults(func=restore)
+
+
+def restore(args: argparse.Namespace) -> int:
+    from lazymig.restore import Restorer  # the machinery only when the command runs
+
+    images_dir = Path(args.images_dir)
+    socket_path = Path(args.socket) if args.socket else \
+        Path(args.work_dir or images_dir) / _SOCKET_NAME
+    restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path)
+    result = run_async(args, restorer.run())
+    if args.detach:
+        print(result.pid, flush=True)
+        return 0
+    status = restorer.wait()
+    return 128 - status if status < 0 else status

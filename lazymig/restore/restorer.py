@@ -1,0 +1,518 @@
+"""Restoring a process dumped by ``lazymig dump`` (``criu restore``, one process).
+
+How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
+
+1. A helper process is started (``sleep``, with the restorer's own fds 0, 1
+   and 2, or those given) and seized once it sleeps. That helper becomes the
+   restored process: it gets a new pid.
+2. Its rseq area is unregistered; a two-page scratch mapping holding a
+   ``syscall`` instruction is made at an address free in both its map and the
+   dumped one, and every later injected syscall runs there.
+3. Every mapping of the helper but the scratch one, its vDSO/vvar and
+   vsyscall is unmapped; the vDSO and vvar pages are moved (mremap) to where
+   the dumped process had them.
+4. Each dumped VMA is mapped at its address with its protection: private
+   anonymous ones anonymous, private file ones from the file recorded in
+   ``lazymig-<pid>.img`` at their offset. The mm fields (brk, stack, args,
+   env, auxv, exe) are set at once with ``PR_SET_MM_MAP``.
+5. Pages with data in ``pages-1.img`` are written through ``/proc/PID/mem``.
+   With ``lazy_pages``, PE_LAZY pages are not: a userfaultfd is created
+   inside the process, the lazy ranges are registered on it, the restorer
+   takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
+   (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``).
+6. Signal dispositions, the alternate stack, clear-tid address, robust futex
+   list, comm, cwd, umask and rlimits are set; the scratch mapping goes; rseq
+   is registered again (after the handover: the area may be a lazy page);
+   then the signal mask, xstate and registers, and the process is detached.
+
+If anything fails the half-built process is killed; the images are never
+written to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
+from lazymig.linux._libc import libc
+from lazymig.linux.ptrace import Tracee, TracerThread, UserRegs
+from lazymig.linux.vm import write_memory
+from lazymig.proto.constants import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_GROWSDOWN,
+    MAP_LOCKED,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    PAGE_SIZE,
+    VmaStatus,
+)
+from lazymig.proto.images import ImagesDir
+from lazymig.proto.uffd import UFFD_API, Feature
+from lazymig.restore.task import DumpedTask, UnsupportedDumpError, load_task
+from lazymig.uffd.handover import send_restore_finished, send_task
+from lazymig.uffd.uffd import DEFAULT_FEATURES, kernel_features
+
+__all__ = ["RestoreError", "RestoreResult", "Restorer", "restore"]
+
+log = logging.getLogger(__name__)
+
+_U64: Final = (1 << 64) - 1
+
+# x86_64 syscall numbers.
+_SYS_CLOSE: Final = 3
+_SYS_MMAP: Final = 9
+_SYS_MUNMAP: Final = 11
+_SYS_RT_SIGACTION: Final = 13
+_SYS_IOCTL: Final = 16
+_SYS_MREMAP: Final = 25
+_SYS_UMASK: Final = 95
+_SYS_SIGALTSTACK: Final = 131
+_SYS_PRCTL: Final = 157
+_SYS_SET_TID_ADDRESS: Final = 218
+_SYS_OPENAT: Final = 257
+_SYS_SET_ROBUST_LIST: Final = 273
+_SYS_CHDIR: Final = 80
+_SYS_USERFAULTFD: Final = 323
+_SYS_RSEQ: Final = 334
+_SYS_PIDFD_GETFD: Final = 438
+
+_AT_FDCWD: Final = -100
+_O_RDONLY: Final = 0
+_O_CLOEXEC: Final = 0o2000000
+_O_NONBLOCK: Final = 0o4000
+_MAP_FIXED_NOREPLACE: Final = 0x100000
+_MREMAP_MAYMOVE: Final = 1
+_MREMAP_FIXED: Final = 2
+_PROT_RWX: Final = 7
+_PR_SET_NAME: Final = 15
+_PR_SET_MM: Final = 35
+_PR_SET_MM_MAP: Final = 14
+_RSEQ_FLAG_UNREGISTER: Final = 1
+_UFFDIO_API: Final = 0xC018AA3F
+_UFFDIO_REGISTER: Final = 0xC020AA00
+_UFFDIO_REGISTER_MODE_MISSING: Final = 1
+_SIGMAX: Final = 64
+
+_SCRATCH_SIZE: Final = 2 * PAGE_SIZE
+_DATA: Final = 64  # offset of the data area in the scratch mapping (code at 0)
+_MAP_FLAGS_KEPT: Final = MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_NORESERVE | MAP_LOCKED
+_SPECIAL: Final = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+_WRITE_CHUNK: Final = 4 << 20
+_PRCTL_MM_MAP: Final = struct.Struct("<11QQII")  # struct prctl_mm_map
+
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+class RestoreError(LazyMigError):
+    """A restore failed after the process was created; it has been killed."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestoreResult:
+    """A restored process."""
+
+    pid: int
+    """The restored process's pid (new)."""
+    image_pid: int
+    """Its pid at dump time."""
+    nonlazy_pages: int
+    lazy_pages: int
+    seconds: float
+    """From starting the helper to detaching the restored process."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Map:
+    start: int
+    end: int
+    name: str
+
+
+def _read_maps(pid: int) -> list[_Map]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append(_Map(start, end, fields[5].strip() if len(fields) > 5 else ""))
+    return out
+
+
+def _free_gap(busy: Sequence[tuple[int, int]], size: int, *, floor: int = 1 << 32) -> int:
+    """The lowest address >= ``floor`` where ``size`` bytes overlap nothing in ``busy``."""
+    at = floor
+    for start, end in sorted(busy):
+        if end <= at:
+            continue
+        if start >= at + size:
+            break
+        at = (end + 0xFFFFF) & ~0xFFFFF
+    return at
+
+
+class _Target:
+    """The helper being turned into the restored process (tracer thread only)."""
+
+    def __init__(self, tracee: Tracee) -> None:
+        self.tracee = tracee
+        self.pid = tracee.pid
+        self.scratch = 0
+
+    def call(self, nr: int, *args: int, what: str) -> int:
+        res = self.tracee.inject_syscall(nr, *args)
+        if res < 0:
+            raise LazyMigOSError(-res, f"restoring: injected {what}", pid=self.pid)
+        return res
+
+    def data(self, payload: bytes, offset: int = 0) -> int:
+        """Write ``payload`` into the scratch data area; returns its address."""
+        if _DATA + offset + len(payload) > _SCRATCH_SIZE:
+            raise LazyMigOSError(errno.E2BIG, "restoring: scratch area too small", pid=self.pid)
+        address = self.scratch + _DATA + offset
+        write_memory(self.pid, address, payload)
+        return address
+
+    def open(self, path: str) -> int:
+        address = self.data(os.fsencode(path) + b"\0")
+        return self.call(_SYS_OPENAT, _AT_FDCWD, address, _O_RDONLY | _O_CLOEXEC, 0,
+                         what=f"open({path})")
+
+
+class Restorer:
+    """Restore the process dumped in ``images_dir`` (see the module docstring).
+
+    Args:
+        images_dir: the dump.
+        lazy_pages: leave PE_LAZY pages to the lazy-pages daemon at ``socket_path``.
+        socket_path: the daemon's UNIX socket (default ``<images_dir>/lazy-pages.socket``).
+        stdio: fds 0, 1, 2 of the restored process (default: the restorer's own).
+    """
+
+    def __init__(self, images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
+                 socket_path: str | os.PathLike[str] | None = None,
+                 stdio: tuple[int, int, int] | None = None) -> None:
+        self.images = ImagesDir(images_dir)
+        self.lazy_pages = lazy_pages
+        self.socket_path = Path(socket_path) if socket_path is not None else \
+            self.images.path / "lazy-pages.socket"
+        self.stdio = stdio
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def run(self) -> RestoreResult:
+        """Restore; returns once the process runs (detached from the restorer's ptrace).
+
+        Raises:
+            UnsupportedDumpError: refused before any process was created.
+            RestoreError, LazyMigOSError, BrokenResourceError: the restore failed;
+                the half-built process was killed.
+        """
+        task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages)
+        sock: socket.socket | None = None
+        if self.lazy_pages and task.lazy:
+            sock = await self._connect()
+        tracer = TracerThread("lazymig-restore")
+        started = time.monotonic()
+        tracee: Tracee | None = None
+        try:
+            tracee = await tracer.run(self._spawn_and_seize)
+            target = _Target(tracee)
+            nonlazy = await tracer.run(self._build, target, task)
+            uffd = -1
+            if task.lazy:
+                uffd = await tracer.run(self._userfaultfd, target, task)
+            try:
+                if sock is not None:
+                    await send_task(sock, task.pid, uffd)
+                    await send_restore_finished(sock)
+            finally:
+                if uffd >= 0:
+                    os.close(uffd)
+            await tracer.run(self._finish, target, task)
+        except BaseException as exc:
+            if tracee is not None:
+                await tracer.run(tracee.abandon)
+            self.kill()
+            if isinstance(exc, Exception) and not isinstance(exc, LazyMigError):
+                raise RestoreError(f"restore of process {task.pid} failed: {exc}") from exc
+            raise
+        finally:
+            tracer.close()
+            if sock is not None:
+                sock.close()
+        assert self.process is not None
+        lazy = sum(r.nr_pages for r in task.lazy)
+        result = RestoreResult(pid=self.process.pid, image_pid=task.pid, nonlazy_pages=nonlazy,
+                               lazy_pages=lazy, seconds=time.monotonic() - started)
+        log.info("process %d restored as %d in %.3f s (%d pages written, %d lazy)", task.pid,
+                 result.pid, result.seconds, nonlazy, lazy)
+        return result
+
+    def wait(self) -> int:
+        """Wait for the restored process to end; its status as ``Popen.returncode``
+        (negative: killed by that signal)."""
+        if self.process is None:
+            raise RestoreError("nothing was restored")
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """Kill and reap the restored (or half-restored) process, if any."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+
+    async def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, os.fspath(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise BrokenResourceError(
+                f"cannot reach the lazy-pages daemon at {self.socket_path}: {exc.strerror} "
+                "(start `lazymig lazy-pages` first)") from exc
+        return sock
+
+    # -- tracer thread -----------------------------------------------------------------
+
+    def _spawn_and_seize(self) -> Tracee:
+        sleep = shutil.which("sleep")
+        if sleep is None:
+            raise RestoreError("no `sleep` executable on PATH to start the restored process from")
+        stdin, stdout, stderr = self.stdio if self.stdio is not None else (0, 1, 2)
+        self.process = subprocess.Popen([sleep, "1000000"], stdin=stdin, stdout=stdout,
+                                        stderr=stderr, close_fds=True)
+        pid = self.process.pid
+        deadline = time.monotonic() + 5.0
+        while True:  # seize it once it sleeps: its loader is done with the address space
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/syscall") as f:
+                if f.read().split()[0] in ("35", "230"):
+                    break
+            if time.monotonic() > deadline:
+                raise RestoreError(f"the helper process {pid} never went to sleep")
+            time.sleep(0.001)
+        return Tracee.seize(pid)
+
+    def _build(self, target: _Target, task: DumpedTask) -> int:
+        """Steps 2-5 but the uffd; returns the number of pages written."""
+        tracee, pid = target.tracee, target.pid
+        conf = tracee.get_rseq_configuration()
+        if conf is not None and conf.rseq_abi_pointer:
+            target.call(_SYS_RSEQ, conf.rseq_abi_pointer, conf.rseq_abi_size,
+                        _RSEQ_FLAG_UNREGISTER, conf.signature, what="rseq(unregister)")
+        maps = _read_maps(pid)
+        dumped = [(v.start, v.end) for v in task.mm.vmas]
+        busy = [(m.start, m.end) for m in maps] + dumped
+        scratch = _free_gap(busy, _SCRATCH_SIZE)
+        got = target.call(_SYS_MMAP, scratch, _SCRATCH_SIZE, _PROT_RWX,
+                          MAP_PRIVATE | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
+                          what="mmap(scratch)")
+        if got != scratch:
+            raise RestoreError(f"scratch mapping landed at {got:#x}, not {scratch:#x}")
+        write_memory(pid, scratch, b"\x0f\x05\xcc")
+        tracee.set_syscall_ip(scratch)
+        target.scratch = scratch
+
+        for m in maps:
+            if m.name not in _SPECIAL:
+                target.call(_SYS_MUNMAP, m.start, m.end - m.start, what=f"munmap({m.start:#x})")
+        self._move_vdso(target, task, maps, [*busy, (scratch, scratch + _SCRATCH_SIZE)])
+
+        for v in task.mm.vmas:
+            if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL):
+                continue
+            flags = (v.flags & _MAP_FLAGS_KEPT) | MAP_FIXED
+            what = f"mmap({v.start:#x}-{v.end:#x})"
+            if v.status & VmaStatus.FILE_PRIVATE:
+                fd = target.open(task.file_path(v.shmid))
+                try:
+                    got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
+                                      flags & ~MAP_ANONYMOUS, fd, v.pgoff, what=what)
+                finally:
+                    target.call(_SYS_CLOSE, fd, what="close")
+            else:
+                got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
+                                  flags | MAP_ANONYMOUS, -1, 0, what=what)
+            if got != v.start:
+                raise RestoreError(f"{what} landed at {got:#x}")
+        self._set_mm(target, task)
+        return self._write_pages(pid, task)
+
+    def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],
+                   busy: list[tuple[int, int]]) -> None:
+        """mremap the helper's vvar+vdso block to the dumped block's address."""
+        mine = [m for m in maps if m.name in ("[vdso]", "[vvar]", "[vvar_vclock]")]
+        theirs = [v for v in task.mm.vmas if v.status & (VmaStatus.VDSO | VmaStatus.VVAR)]
+        if not theirs:
+            for m in mine:  # the dumped process had none: neither will the restored one
+                target.call(_SYS_MUNMAP, m.start, m.end - m.start, what="munmap(vdso)")
+            return
+        shape_mine = [(m.start - mine[0].start, m.end - m.start) for m in mine]
+        shape_theirs = [(v.start - theirs[0].start, v.end - v.start) for v in theirs]
+        if shape_mine != shape_theirs:
+            raise UnsupportedDumpError(
+                f"the dumped vDSO/vvar layout {shape_theirs} differs from this kernel's "
+                f"{shape_mine}: vDSO proxying is not implemented")
+        src, dst = mine[0].start, theirs[0].start
+        size = mine[-1].end - src
+        if src == dst:
+            return
+        steps = [dst]
+        if src < dst + size and dst < src + size:  # overlapping: go through a free place
+            steps.insert(0, _free_gap([*busy, (src, src + size)], size))
+        for to in steps:
+            for off, length in shape_mine:
+                target.call(_SYS_MREMAP, src + off, length, length,
+                            _MREMAP_MAYMOVE | _MREMAP_FIXED, to + off, what="mremap(vdso)")
+            src = to
+
+    def _set_mm(self, target: _Target, task: DumpedTask) -> None:
+        mm = task.mm
+        exe_fd = target.open(task.file_path(mm.exe_file_id))
+        try:
+            auxv = struct.pack(f"<{len(mm.mm_saved_auxv)}Q", *mm.mm_saved_auxv)
+            auxv_at = target.data(auxv, 256)
+            mm_map = _PRCTL_MM_MAP.pack(
+                mm.mm_start_code, mm.mm_end_code, mm.mm_start_data, mm.mm_end_data,
+                mm.mm_start_brk, mm.mm_brk, mm.mm_start_stack, mm.mm_arg_start, mm.mm_arg_end,
+                mm.mm_env_start, mm.mm_env_end, auxv_at, len(auxv), exe_fd)
+            at = target.data(mm_map)
+            target.call(_SYS_PRCTL, _PR_SET_MM, _PR_SET_MM_MAP, at, len(mm_map), 0,
+                        what="prctl(PR_SET_MM_MAP)")
+        finally:
+            target.call(_SYS_CLOSE, exe_fd, what="close")
+
+    def _write_pages(self, pid: int, task: DumpedTask) -> int:
+        skip = [(v.start, v.end) for v in task.mm.vmas
+                if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL)]
+        written = 0
+        with open(self.images.pages_path(task.pages_id), "rb", buffering=0) as pages:
+            for e in task.entries:
+                if not e.has_data:
+                    continue
+                length = e.nr_pages * PAGE_SIZE
+                if (self.lazy_pages and e.is_lazy) or \
+                        any(s <= e.vaddr < end for s, end in skip):
+                    pages.seek(length, os.SEEK_CUR)
+                    continue
+                for off in range(0, length, _WRITE_CHUNK):
+                    data = pages.read(min(_WRITE_CHUNK, length - off))
+                    if len(data) != min(_WRITE_CHUNK, length - off):
+                        raise RestoreError(f"{pages.name} ends before the pages of "
+                                           f"{e.vaddr + off:#x}")
+                    write_memory(pid, e.vaddr + off, data)
+                written += e.nr_pages
+        return written
+
+    def _userfaultfd(self, target: _Target, task: DumpedTask) -> int:
+        """Create and register the uffd in the target; returns the restorer's copy."""
+        fd = target.call(_SYS_USERFAULTFD, _O_CLOEXEC | _O_NONBLOCK, what="userfaultfd")
+        try:
+            features = int(DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID))
+            at = target.data(struct.pack("<QQQ", UFFD_API, features, 0))
+            target.call(_SYS_IOCTL, fd, _UFFDIO_API, at, what="ioctl(UFFDIO_API)")
+            for r in _merged(task.lazy):
+                at = target.data(struct.pack("<QQQQ", r[0], r[1] - r[0],
+                                             _UFFDIO_REGISTER_MODE_MISSING, 0))
+                target.call(_SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
+                            what=f"ioctl(UFFDIO_REGISTER {r[0]:#x}-{r[1]:#x})")
+            pidfd = os.pidfd_open(target.pid)
+            try:
+                mine = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+                if mine < 0:
+                    err = ctypes.get_errno()
+                    raise LazyMigOSError(err, "pidfd_getfd(uffd)", pid=target.pid)
+            finally:
+                os.close(pidfd)
+        finally:
+            target.call(_SYS_CLOSE, fd, what="close(uffd)")
+        return int(mine)
+
+    def _finish(self, target: _Target, task: DumpedTask) -> None:
+        """Step 6: everything but memory, then detach."""
+        tracee, pid = target.tracee, target.pid
+        core, tc = task.core, task.core.tc
+        thread = core.thread_core
+        sigs = [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]
+        for sig, sa in zip(sigs, tc.sigactions, strict=False):
+            at = target.data(struct.pack("<QQQQ", sa.sigaction, sa.flags, sa.restorer, sa.mask))
+            target.call(_SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
+        if thread.HasField("sas") and thread.sas.ss_size:
+            at = target.data(struct.pack("<QiiQ", thread.sas.ss_sp, thread.sas.ss_flags, 0,
+                                         thread.sas.ss_size))
+            target.call(_SYS_SIGALTSTACK, at, 0, what="sigaltstack")
+        tracee.inject_syscall(_SYS_SET_TID_ADDRESS, core.thread_info.clear_tid_addr)
+        if thread.futex_rla:
+            target.call(_SYS_SET_ROBUST_LIST, thread.futex_rla, thread.futex_rla_len,
+                        what="set_robust_list")
+        comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
+        target.call(_SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
+        if task.extra.HasField("cwd"):
+            target.call(_SYS_CHDIR, target.data(os.fsencode(task.extra.cwd) + b"\0"),
+                        what=f"chdir({task.extra.cwd})")
+        if task.extra.HasField("umask"):
+            tracee.inject_syscall(_SYS_UMASK, task.extra.umask)
+        for which, rl in enumerate(tc.rlimits.rlimits):
+            with contextlib.suppress(OSError, ValueError):
+                resource.prlimit(pid, which, (_rlim(rl.cur), _rlim(rl.max)))
+        # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
+        tracee.set_syscall_ip(None)
+        target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
+        if thread.HasField("rseq_entry") and thread.rseq_entry.rseq_abi_pointer:
+            r = thread.rseq_entry
+            target.call(_SYS_RSEQ, r.rseq_abi_pointer, r.rseq_abi_size, 0, r.signature,
+                        what="rseq")
+        tracee.set_sigmask(thread.blk_sigset)
+        xstate = task.extra.threads[0].xstate if task.extra.threads else b""
+        if xstate:
+            tracee.set_xstate(xstate)
+        g = core.thread_info.gpregs
+        tracee.set_regs(UserRegs(
+            r15=g.r15, r14=g.r14, r13=g.r13, r12=g.r12, rbp=g.bp, rbx=g.bx, r11=g.r11,
+            r10=g.r10, r9=g.r9, r8=g.r8, rax=g.ax, rcx=g.cx, rdx=g.dx, rsi=g.si, rdi=g.di,
+            orig_rax=_U64, rip=g.ip, cs=g.cs, eflags=g.flags, rsp=g.sp, ss=g.ss,
+            fs_base=g.fs_base, gs_base=g.gs_base, ds=g.ds, es=g.es, fs=g.fs, gs=g.gs))
+        tracee.detach(signal.SIGSTOP if task.extra.job_stopped else 0)
+
+
+def _rlim(value: int) -> int:
+    return resource.RLIM_INFINITY if value >= _U64 else value
+
+
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(vaddr, nr_pages) ranges as merged [start, end) spans."""
+    out: list[tuple[int, int]] = []
+    for vaddr, nr in sorted(ranges):
+        end = vaddr + nr * PAGE_SIZE
+        if out and out[-1][1] == vaddr:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((vaddr, end))
+    return out
+
+
+async def restore(images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
+                  socket_path: str | os.PathLike[str] | None = None,
+                  stdio: tuple[int, int, int] | None = None) -> RestoreResult:
+    """Restore the process dumped in ``images_dir``; see :class:`Restorer`."""
+    return await Restorer(images_dir, lazy_pages=lazy_pages, socket_path=socket_path,
+                          stdio=stdio).run()

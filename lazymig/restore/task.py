@@ -1,0 +1,154 @@
+"""What a restore needs of a dump, read from the images and checked first.
+
+:func:`load_task` reads the images of a process dumped by ``lazymig dump``
+(pstree, core, mm, pagemap, ``lazymig-<pid>.img``) and refuses, before any
+process is created, what the restorer cannot rebuild faithfully: more than one
+process or thread, shared or special mappings, 32-bit tasks, another CPU's
+xstate layout, mapped files that changed since the dump, lazy pages without a
+lazy-pages daemon, and dumps written by CRIU (no ``lazymig-<pid>.img``).
+Pure reading and checking: nothing here touches a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Final
+
+from lazymig.dump.images import read_lazymig_entry, xstate_layout
+from lazymig.errors import ImageError, LazyMigError
+from lazymig.proto.constants import MAP_SHARED, VmaStatus
+from lazymig.proto.images import (
+    CoreEntry,
+    ImageKind,
+    ImagesDir,
+    MmEntry,
+    PagemapEntry,
+    PageRange,
+    core_x86_pb2,
+    lazymig_pb2,
+)
+
+__all__ = ["DumpedTask", "UnsupportedDumpError", "load_task"]
+
+_UNSUPPORTED_STATUS: Final = (
+    (VmaStatus.FILE_SHARED, "a shared file mapping"),
+    (VmaStatus.ANON_SHARED, "a shared anonymous mapping"),
+    (VmaStatus.SYSVIPC, "a System V shared memory segment"),
+    (VmaStatus.SOCKET, "a socket mapping"),
+    (VmaStatus.AIORING, "an AIO ring"),
+    (VmaStatus.MEMFD, "a memfd mapping"),
+    (VmaStatus.UNSUPP, "a VM_IO/VM_PFNMAP mapping"),
+)
+
+
+class UnsupportedDumpError(LazyMigError):
+    """The dump holds something the restorer cannot rebuild faithfully; the
+    message names it. Raised before any process is created."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DumpedTask:
+    """One dumped single-threaded process, as the restorer uses it."""
+
+    pid: int
+    """The pid at dump time (the daemon's key for its pages)."""
+    core: CoreEntry
+    mm: MmEntry
+    extra: lazymig_pb2.lazymig_task_entry
+    pages_id: int
+    entries: tuple[PagemapEntry, ...]
+    lazy: tuple[PageRange, ...]
+    """PE_LAZY ranges cut at VMA boundaries (what a lazy restore registers)."""
+
+    def file_path(self, file_id: int) -> str:
+        """The path of lazymig file ``file_id``."""
+        for f in self.extra.files:
+            if f.id == file_id:
+                return f.path
+        raise ImageError(f"lazymig-{self.pid}.img has no file with id {file_id}")
+
+
+def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
+    """Read and check the dump in ``images``.
+
+    Args:
+        images: the images directory.
+        lazy_pages: the restore hands the lazy pages to a lazy-pages daemon
+            (``restore --lazy-pages``); without it every page must have data.
+
+    Raises:
+        UnsupportedDumpError: what cannot be restored, named.
+        ImageError: missing or malformed images.
+    """
+    try:
+        tree = images.pstree()
+    except FileNotFoundError as exc:
+        raise ImageError(f"no pstree.img in {images.path}: not a dump directory") from exc
+    if len(tree) != 1:
+        raise UnsupportedDumpError(f"the dump holds {len(tree)} processes; lazymig restores "
+                                   "one process (no process trees yet)")
+    pid = tree[0].pid
+    if len(tree[0].threads) != 1:
+        raise UnsupportedDumpError(f"process {pid} had {len(tree[0].threads)} threads; lazymig "
+                                   "restores single-threaded processes only")
+    if not images.image_path(ImageKind.LAZYMIG, pid).exists():
+        raise UnsupportedDumpError(f"no lazymig-{pid}.img in {images.path}: the dump was not "
+                                   "written by `lazymig dump` (CRIU dumps need `criu restore`)")
+    extra = read_lazymig_entry(images, pid)
+    core = images.core(pid)
+    mm = images.mm(pid)
+    if core.thread_info.gpregs.mode != core_x86_pb2.NATIVE:
+        raise UnsupportedDumpError(f"process {pid} is a 32-bit (compat) task")
+    if core.tc.task_state not in (1, 3):
+        raise UnsupportedDumpError(f"process {pid} was dumped in task state "
+                                   f"{core.tc.task_state} (dead or zombie)")
+    _check_xstate(pid, extra)
+    for v in mm.vmas:
+        where = f"{v.start:#x}-{v.end:#x}"
+        for bit, what in _UNSUPPORTED_STATUS:
+            if v.status & bit:
+                raise UnsupportedDumpError(f"process {pid} has {what} at {where}")
+        if v.flags & MAP_SHARED:
+            raise UnsupportedDumpError(f"process {pid} has a shared mapping at {where}")
+        if v.status & VmaStatus.FILE_PRIVATE:
+            _check_file(pid, extra, v.shmid, where)
+    pagemap = images.pagemap(pid)
+    entries = tuple(pagemap.entries)
+    if not lazy_pages:
+        missing = next((e for e in entries if not e.has_data), None)
+        if missing is not None:
+            raise UnsupportedDumpError(
+                f"pages at {missing.vaddr:#x} were left on the source's page server (a "
+                "`dump --lazy-pages` dump): restore it with --lazy-pages and a lazy-pages daemon")
+    lazy = tuple(images.lazy_ranges(pid)) if lazy_pages else ()
+    return DumpedTask(pid=pid, core=core, mm=mm, extra=extra, pages_id=pagemap.pages_id,
+                      entries=entries, lazy=lazy)
+
+
+def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
+    dumped = {c.feature: (c.offset, c.size) for c in extra.xstate_layout}
+    here = xstate_layout()
+    for feature, layout in dumped.items():
+        if here.get(feature) != layout:
+            raise UnsupportedDumpError(
+                f"process {pid} was dumped on a CPU whose xstate component {feature} is at "
+                f"{layout}, here it is at {here.get(feature)}: FPU state cannot be restored")
+
+
+def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
+                where: str) -> None:
+    entry = next((f for f in extra.files if f.id == file_id), None)
+    if entry is None:
+        raise ImageError(f"the file mapping at {where} of process {pid} names file id "
+                         f"{file_id}, which lazymig-{pid}.img does not hold")
+    if entry.deleted:
+        raise UnsupportedDumpError(f"process {pid} maps the deleted file {entry.path} at {where}")
+    try:
+        st = Path(entry.path).stat()
+    except OSError as exc:
+        raise UnsupportedDumpError(f"process {pid} maps {entry.path} at {where}, which cannot "
+                                   f"be opened here: {exc.strerror}") from exc
+    if entry.HasField("size") and (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+        raise UnsupportedDumpError(f"{entry.path} (mapped at {where} by process {pid}) changed "
+                                   "since the dump (size or mtime differ)")

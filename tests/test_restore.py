@@ -1,0 +1,267 @@
+"""``lazymig restore``: real processes dumped, then rebuilt in a new process.
+
+* A plain ``dump()`` of pattern.c restored through the API: the new process
+  (new pid, source gone) keeps printing the source's checksum with bad=0, its
+  VMAs sit at the dumped addresses, exe/comm/signal mask/handler are back.
+* The seed workflow with the three CLIs: ``lazymig dump --lazy-pages`` →
+  ``lazymig lazy-pages --page-server`` → ``lazymig restore --lazy-pages -d``:
+  the restored process prints the same checksums while its memory arrives
+  through the daemon, the daemon and the dumper exit 0, the source is killed.
+* Refusal: a two-threaded dump is refused with a message naming the cause,
+  before any process is created.
+
+The restored process's fds 0, 1, 2 are the restorer's (the API takes
+``stdio``): the tests read its CHECK lines from a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+from workloads import Check, Workload, build_c_workload
+
+from lazymig.dump import dump
+from lazymig.linux.ptrace import process_alive
+from lazymig.proto.constants import VmaStatus
+from lazymig.proto.images import ImagesDir
+from lazymig.restore import Restorer, UnsupportedDumpError
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root"),
+]
+
+SIGUSR1_BIT = 1 << (signal.SIGUSR1 - 1)
+SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)
+
+
+@pytest.fixture(scope="module")
+def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_c_workload(tmp_path_factory.mktemp("workload"))
+
+
+class Lines:
+    """Lines read from a pipe by a thread (the restored process's stdout)."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = os.fdopen(fd, "r")
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._file:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def next(self, timeout: float = 5.0) -> str:
+        line = self._q.get(timeout=timeout)
+        if line is None:
+            raise EOFError("the restored process closed its stdout")
+        return line
+
+    def next_check(self, timeout: float = 5.0) -> Check:
+        while True:
+            line = self.next(timeout)
+            if line.startswith("CHECK"):
+                f = {k: int(v, 0) for k, v in (t.split("=", 1) for t in line.split()[1:])}
+                return Check(f["n"], f["sum"], f["bad"], f["usr1"])
+
+    def close(self) -> None:
+        self._thread.join(timeout=5)
+        self._file.close()
+
+
+def status_line(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key + ":"))
+
+
+def on_uvloop() -> bool:
+    return isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+@pytest.mark.asyncio
+async def test_plain_dump_restored_through_the_api(tmp_path: Path, c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "16", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        await dump(w.pid, tmp_path)
+        w.proc.wait(timeout=5)  # killed (the dump's tracer may have reaped it: no status)
+        assert not process_alive(w.pid)
+        read_fd, write_fd = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        restorer = Restorer(tmp_path, stdio=(devnull, write_fd, write_fd))
+        try:
+            result = await restorer.run()
+        finally:
+            os.close(write_fd)
+            os.close(devnull)
+        lines = Lines(read_fd)
+        try:
+            assert result.pid != w.pid and result.image_pid == w.pid
+            assert result.lazy_pages == 0 and result.nonlazy_pages >= 16 * 256
+            for _ in range(3):
+                check = await asyncio.to_thread(lines.next_check)
+                assert (check.sum, check.bad) == (before.sum, 0)
+                assert check.n > before.n
+
+            pid = result.pid
+            mm = ImagesDir(tmp_path).mm(w.pid)
+            maps = await asyncio.to_thread(Path(f"/proc/{pid}/maps").read_text)
+            starts = {int(line.split("-", 1)[0], 16) for line in maps.splitlines()}
+            for v in mm.vmas:
+                if not v.status & (VmaStatus.VVAR | VmaStatus.STACK):
+                    assert v.start in starts, f"VMA {v.start:#x} not restored"
+            exe = await asyncio.to_thread(Path(f"/proc/{pid}/exe").readlink)
+            assert exe == await asyncio.to_thread(c_workload.resolve)
+            assert status_line(pid, "Name") == "pattern"
+            assert int(status_line(pid, "SigBlk"), 16) == SIGUSR2_BIT
+            assert int(status_line(pid, "SigCgt"), 16) & SIGUSR1_BIT
+            os.kill(pid, signal.SIGUSR1)  # the restored handler counts it
+            for _ in range(20):
+                check = await asyncio.to_thread(lines.next_check)
+                if check.usr1:
+                    break
+            assert (check.usr1, check.bad, check.sum) == (1, 0, before.sum)
+        finally:
+            restorer.kill()
+            lines.close()
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen[str], what: str, timeout: float = 10.0) -> None:
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        if not readable or os.read(fd, 1) != b"\0":
+            proc.kill()
+            raise AssertionError(f"{what} never got ready: {proc.communicate()[1]}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def cli(*args: str, status: bool = True, uvloop: bool = True,
+        stdout: int | None = None) -> Iterator[tuple[subprocess.Popen[str], int | None]]:
+    """``lazymig ARGS`` in a subprocess; yields it and the read end of its --status-fd."""
+    r = w = None
+    extra: list[str] = []
+    if status:
+        r, w = os.pipe()
+        extra = ["--status-fd", str(w)]
+    argv = [sys.executable, "-m", "lazymig", "-v", "--uvloop" if uvloop else "--no-uvloop",
+            *args, *extra]
+    proc = subprocess.Popen(argv, pass_fds=(w,) if w is not None else (), text=True,
+                            stderr=subprocess.PIPE, stdout=stdout)
+    if w is not None:
+        os.close(w)
+    try:
+        yield proc, r
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _restore_and_check(images: Path, before: Check, loop: bool,
+                             daemon: subprocess.Popen[str], dumper: subprocess.Popen[str]) -> int:
+    """``lazymig restore --lazy-pages -d``, then the restored process's CHECK lines;
+    returns its pid (killed again at the end)."""
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "lazymig", "--uvloop" if loop else "--no-uvloop",
+            "restore", "--lazy-pages", "-D", str(images), "-d"]
+    # Not stderr=PIPE: the restored process inherits the restorer's fds 0-2, so a
+    # pipe would stay open as long as it runs.
+    with (images / "restore.log").open("w+") as log:
+        try:
+            restore = await asyncio.to_thread(subprocess.run, argv, stdout=write_fd,
+                                              stderr=log, timeout=30)
+        finally:
+            os.close(write_fd)
+        log.seek(0)
+        errors = log.read()
+    lines = Lines(read_fd)
+    restored_pid = 0
+    try:
+        assert restore.returncode == 0, errors
+        restored_pid = int(await asyncio.to_thread(lines.next))
+        for _ in range(3):
+            check = await asyncio.to_thread(lines.next_check)
+            assert (check.sum, check.bad) == (before.sum, 0)
+        assert await asyncio.to_thread(daemon.wait, 20) == 0  # every page is in
+        assert await asyncio.to_thread(dumper.wait, 10) == 0
+        check = await asyncio.to_thread(lines.next_check)
+        assert (check.sum, check.bad) == (before.sum, 0)
+    finally:
+        if restored_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(restored_pid, signal.SIGKILL)
+        lines.close()
+    return restored_pid
+
+
+@pytest.mark.asyncio
+async def test_lazy_migration_with_the_three_clis(tmp_path: Path, c_workload: Path) -> None:
+    port = str(free_port())
+    loop = on_uvloop()
+    with Workload([str(c_workload), "--mib", "32", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
+                 "--port", port, "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
+            assert dr is not None
+            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+                     "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
+                assert lr is not None
+                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                restored_pid = await _restore_and_check(tmp_path, before, loop, daemon, dumper)
+        assert restored_pid != w.pid
+        assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
+
+
+@pytest.mark.asyncio
+async def test_what_cannot_be_restored_is_refused_before_anything_runs(
+        tmp_path: Path, c_workload: Path) -> None:
+    exe = tmp_path / "pattern"
+    await asyncio.to_thread(shutil.copy, c_workload, exe)
+    images = tmp_path / "images"
+    images.mkdir()
+    with Workload([str(exe), "--mib", "1"]) as w:
+        await dump(w.pid, images)
+    await asyncio.to_thread(_append, exe, b"\0")  # the mapped executable changed since
+    restorer = Restorer(images)
+    with pytest.raises(UnsupportedDumpError, match=r"pattern .*changed since the dump"):
+        await restorer.run()
+    assert restorer.process is None  # nothing was started
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "lazymig", "restore", "-D", str(images)],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "changed since the dump" in proc.stderr
+
+    (images / f"lazymig-{w.pid}.img").unlink()  # as if `criu dump` had written it
+    with pytest.raises(UnsupportedDumpError, match=r"not written by `lazymig dump`"):
+        await Restorer(images).run()
