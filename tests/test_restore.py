@@ -3,8 +3,10 @@
 * A plain ``dump()`` of pattern.c restored through the API: the new process
   (new pid, source gone) keeps printing the source's checksum with bad=0, its
   VMAs sit at the dumped addresses, exe/comm/signal mask/handler are back.
-* The seed workflow with the three CLIs: ``lazymig dump --lazy-pages`` →
-  ``lazymig lazy-pages --page-server`` → ``lazymig restore --lazy-pages -d``:
+* The seed workflow with the three CLIs, for pattern.c and for pattern.py
+  (CPython: dynamic libraries, a read-only shared gconv cache mapping):
+  ``lazymig dump --lazy-pages`` → ``lazymig lazy-pages --page-server`` →
+  ``lazymig restore --lazy-pages -d``:
   the restored process prints the same checksums while its memory arrives
   through the daemon, the daemon and the dumper exit 0, the source is killed.
 * Refusal: a two-threaded dump is refused with a message naming the cause,
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from workloads import Check, Workload, build_c_workload
+from workloads import Check, Workload, build_c_workload, python_workload_argv
 
 from lazymig.dump import dump
 from lazymig.linux.ptrace import process_alive
@@ -79,7 +81,7 @@ class Lines:
             line = self.next(timeout)
             if line.startswith("CHECK"):
                 f = {k: int(v, 0) for k, v in (t.split("=", 1) for t in line.split()[1:])}
-                return Check(f["n"], f["sum"], f["bad"], f["usr1"])
+                return Check(f["n"], f["sum"], f["bad"], f.get("usr1", 0))
 
     def close(self) -> None:
         self._thread.join(timeout=5)
@@ -219,10 +221,14 @@ async def _restore_and_check(images: Path, before: Check, loop: bool,
 
 
 @pytest.mark.asyncio
-async def test_lazy_migration_with_the_three_clis(tmp_path: Path, c_workload: Path) -> None:
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_lazy_migration_with_the_three_clis(kind: str, tmp_path: Path,
+                                                  c_workload: Path) -> None:
     port = str(free_port())
     loop = on_uvloop()
-    with Workload([str(c_workload), "--mib", "32", "--interval-ms", "50"]) as w:
+    argv = ([str(c_workload), "--mib", "32", "--interval-ms", "50"] if kind == "c"
+            else python_workload_argv("--mib", "8", "--interval-ms", "50"))
+    with Workload(argv) as w:
         before = w.next_check()
         with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", port, "-D", str(tmp_path), uvloop=loop) as (dumper, dr):

@@ -12,8 +12,8 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    vsyscall is unmapped; the vDSO and vvar pages are moved (mremap) to where
    the dumped process had them.
 4. Each dumped VMA is mapped at its address with its protection: private
-   anonymous ones anonymous, private file ones from the file recorded in
-   ``lazymig-<pid>.img`` at their offset. The mm fields (brk, stack, args,
+   anonymous ones anonymous, private file ones (and read-only shared ones)
+   from the file recorded in ``lazymig-<pid>.img`` at their offset. The mm fields (brk, stack, args,
    env, auxv, exe) are set at once with ``PR_SET_MM_MAP``.
 5. Pages with data in ``pages-1.img`` are written through ``/proc/PID/mem``.
    With ``lazy_pages``, PE_LAZY pages are not: a userfaultfd is created
@@ -60,6 +60,7 @@ from lazymig.proto.constants import (
     MAP_LOCKED,
     MAP_NORESERVE,
     MAP_PRIVATE,
+    MAP_SHARED,
     PAGE_SIZE,
     VmaStatus,
 )
@@ -342,7 +343,9 @@ class Restorer:
                 continue
             flags = (v.flags & _MAP_FLAGS_KEPT) | MAP_FIXED
             what = f"mmap({v.start:#x}-{v.end:#x})"
-            if v.status & VmaStatus.FILE_PRIVATE:
+            if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
+                if v.status & VmaStatus.FILE_SHARED:  # read-only (load_task checked)
+                    flags = (flags & ~MAP_PRIVATE) | MAP_SHARED
                 fd = target.open(task.file_path(v.shmid))
                 try:
                     got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,

@@ -3,7 +3,8 @@
 :func:`load_task` reads the images of a process dumped by ``lazymig dump``
 (pstree, core, mm, pagemap, ``lazymig-<pid>.img``) and refuses, before any
 process is created, what the restorer cannot rebuild faithfully: more than one
-process or thread, shared or special mappings, 32-bit tasks, another CPU's
+process or thread, shared mappings other than read-only shared file
+ones (glibc maps its gconv cache so), special mappings, 32-bit tasks, another CPU's
 xstate layout, mapped files that changed since the dump, lazy pages without a
 lazy-pages daemon, and dumps written by CRIU (no ``lazymig-<pid>.img``).
 Pure reading and checking: nothing here touches a process.
@@ -31,8 +32,8 @@ from lazymig.proto.images import (
 
 __all__ = ["DumpedTask", "UnsupportedDumpError", "load_task"]
 
+_PROT_WRITE: Final = 0x2
 _UNSUPPORTED_STATUS: Final = (
-    (VmaStatus.FILE_SHARED, "a shared file mapping"),
     (VmaStatus.ANON_SHARED, "a shared anonymous mapping"),
     (VmaStatus.SYSVIPC, "a System V shared memory segment"),
     (VmaStatus.SOCKET, "a socket mapping"),
@@ -109,9 +110,12 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
         for bit, what in _UNSUPPORTED_STATUS:
             if v.status & bit:
                 raise UnsupportedDumpError(f"process {pid} has {what} at {where}")
-        if v.flags & MAP_SHARED:
+        if v.status & VmaStatus.FILE_SHARED and (v.prot & _PROT_WRITE or v.fdflags):
+            raise UnsupportedDumpError(f"process {pid} has a writable shared file mapping "
+                                       f"at {where}")
+        if v.flags & MAP_SHARED and not v.status & VmaStatus.FILE_SHARED:
             raise UnsupportedDumpError(f"process {pid} has a shared mapping at {where}")
-        if v.status & VmaStatus.FILE_PRIVATE:
+        if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
             _check_file(pid, extra, v.shmid, where)
     pagemap = images.pagemap(pid)
     entries = tuple(pagemap.entries)
