@@ -40,7 +40,7 @@ from lazymig.dump import dump
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import ImagesDir
-from lazymig.restore import Restorer, UnsupportedDumpError
+from lazymig.restore import RestoreError, Restorer, UnsupportedDumpError
 
 pytestmark = [
     pytest.mark.root,
@@ -271,3 +271,93 @@ async def test_what_cannot_be_restored_is_refused_before_anything_runs(
     (images / f"lazymig-{w.pid}.img").unlink()  # as if `criu dump` had written it
     with pytest.raises(UnsupportedDumpError, match=r"not written by `lazymig dump`"):
         await Restorer(images).run()
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (the restorer forks on its tracer thread)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def _tree_digest(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _start_restore(images: Path, stdout: int) -> subprocess.Popen[bytes]:
+    with (images / "restore.log").open("w") as log:
+        return subprocess.Popen([sys.executable, "-m", "lazymig", "restore", "-D", str(images)],
+                                stdout=stdout, stderr=log)
+
+
+@pytest.mark.asyncio
+async def test_restore_without_d_waits_for_the_process(tmp_path: Path, c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "1", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        await dump(w.pid, tmp_path)
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.to_thread(_start_restore, tmp_path, write_fd)
+    os.close(write_fd)
+    lines = Lines(read_fd)
+    try:
+        check = await asyncio.to_thread(lines.next_check)
+        assert (check.sum, check.bad) == (before.sum, 0)
+        assert proc.poll() is None  # still waiting for its child, the restored process
+        (restored,) = await asyncio.to_thread(_children, proc.pid)
+        os.kill(restored, signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lines.close()
+
+
+@pytest.mark.asyncio
+async def test_a_restore_failing_half_way_kills_the_half_built_process(
+        tmp_path: Path, c_workload: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Workload([str(c_workload), "--mib", "1"]) as w:
+        await dump(w.pid, tmp_path)
+    images_before = await asyncio.to_thread(_tree_digest, tmp_path)
+
+    def broken(self: Restorer, *args: object) -> None:
+        raise RuntimeError("injected failure after the address space was built")
+
+    monkeypatch.setattr(Restorer, "_finish", broken)
+    restorer = Restorer(tmp_path, stdio=(0, 2, 2))
+    with pytest.raises(RestoreError, match="injected failure"):
+        await restorer.run()
+    assert restorer.process is not None
+    assert restorer.process.returncode == -signal.SIGKILL  # killed and reaped
+    assert not process_alive(restorer.process.pid)
+    assert await asyncio.to_thread(_tree_digest, tmp_path) == images_before
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_process_is_restored_stopped(tmp_path: Path, c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "1", "--interval-ms", "50"]) as w:
+        w.next_check()
+        os.kill(w.pid, signal.SIGSTOP)
+        assert w.quiet_for(0.2)
+        await dump(w.pid, tmp_path)
+    read_fd, write_fd = os.pipe()
+    restorer = Restorer(tmp_path, stdio=(0, write_fd, 2))
+    try:
+        result = await restorer.run()
+    finally:
+        os.close(write_fd)
+    lines = Lines(read_fd)
+    try:
+        for _ in range(50):
+            if status_line(result.pid, "State").startswith("T"):
+                break
+            await asyncio.sleep(0.02)
+        assert status_line(result.pid, "State").startswith("T")
+        os.kill(result.pid, signal.SIGCONT)
+        check = await asyncio.to_thread(lines.next_check)
+        assert check.bad == 0
+    finally:
+        restorer.kill()
+        lines.close()

@@ -231,7 +231,6 @@ class Restorer:
             sock = await self._connect()
         tracer = TracerThread("lazymig-restore")
         started = time.monotonic()
-        tracee: Tracee | None = None
         try:
             tracee = await tracer.run(self._spawn_and_seize)
             target = _Target(tracee)
@@ -248,8 +247,8 @@ class Restorer:
                     os.close(uffd)
             await tracer.run(self._finish, target, task)
         except BaseException as exc:
-            if tracee is not None:
-                await tracer.run(tracee.abandon)
+            # SIGKILL while still traced: detached first, the half-built process
+            # would run on (and die of SIGSEGV, or worse, run on holes).
             self.kill()
             if isinstance(exc, Exception) and not isinstance(exc, LazyMigError):
                 raise RestoreError(f"restore of process {task.pid} failed: {exc}") from exc
