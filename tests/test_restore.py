@@ -49,6 +49,7 @@ pytestmark = [
 
 SIGUSR1_BIT = 1 << (signal.SIGUSR1 - 1)
 SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)
+NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +359,44 @@ async def test_a_stopped_process_is_restored_stopped(tmp_path: Path, c_workload:
         os.kill(result.pid, signal.SIGCONT)
         check = await asyncio.to_thread(lines.next_check)
         assert check.bad == 0
+    finally:
+        restorer.kill()
+        lines.close()
+
+
+def _run_as_nobody_in_the_images(images: Path, pid: int) -> None:
+    """Rewrite the dump's credentials to nobody's: this host cannot dump a process of
+    another uid (prlimit needs CAP_SYS_RESOURCE, which the test runner lacks)."""
+    dir_ = ImagesDir(images)
+    core = dir_.core(pid)
+    c = core.thread_core.creds
+    c.uid = c.euid = c.suid = c.fsuid = c.gid = c.egid = c.sgid = c.fsgid = NOBODY
+    del c.groups[:]
+    c.cap_inh[:] = c.cap_prm[:] = c.cap_eff[:] = [0, 0]
+    dir_.write_core(pid, core)
+
+
+@pytest.mark.asyncio
+async def test_the_restored_process_gets_the_dumped_credentials(
+        tmp_path: Path, c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "1", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        await dump(w.pid, tmp_path)
+    await asyncio.to_thread(_run_as_nobody_in_the_images, tmp_path, w.pid)
+    read_fd, write_fd = os.pipe()
+    restorer = Restorer(tmp_path, stdio=(0, write_fd, 2))
+    try:
+        result = await restorer.run()
+    finally:
+        os.close(write_fd)
+    lines = Lines(read_fd)
+    try:
+        check = await asyncio.to_thread(lines.next_check)
+        assert (check.sum, check.bad) == (before.sum, 0)
+        assert status_line(result.pid, "Uid").split() == [str(NOBODY)] * 4
+        assert status_line(result.pid, "Gid").split() == [str(NOBODY)] * 4
+        assert status_line(result.pid, "Groups") == ""
+        assert int(status_line(result.pid, "CapEff"), 16) == 0
     finally:
         restorer.kill()
         lines.close()

@@ -21,9 +21,10 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
    (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``).
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
-   list, comm, cwd, umask and rlimits are set; the scratch mapping goes; rseq
-   is registered again (after the handover: the area may be a lazy page);
-   then the signal mask, xstate and registers, and the process is detached.
+   list, comm, cwd, umask, rlimits and credentials (groups, gids, uids) are
+   set; the scratch mapping goes; rseq is registered again (after the
+   handover: the area may be a lazy page); then the signal mask, xstate and
+   registers, and the process is detached.
 
 If anything fails the half-built process is killed; the images are never
 written to.
@@ -84,6 +85,11 @@ _SYS_RT_SIGACTION: Final = 13
 _SYS_IOCTL: Final = 16
 _SYS_MREMAP: Final = 25
 _SYS_UMASK: Final = 95
+_SYS_SETRESUID: Final = 117
+_SYS_SETRESGID: Final = 119
+_SYS_SETGROUPS: Final = 116
+_SYS_SETFSUID: Final = 122
+_SYS_SETFSGID: Final = 123
 _SYS_SIGALTSTACK: Final = 131
 _SYS_PRCTL: Final = 157
 _SYS_SET_TID_ADDRESS: Final = 218
@@ -102,6 +108,7 @@ _MAP_FIXED_NOREPLACE: Final = 0x100000
 _MREMAP_MAYMOVE: Final = 1
 _MREMAP_FIXED: Final = 2
 _PROT_RWX: Final = 7
+_PR_SET_DUMPABLE: Final = 4
 _PR_SET_NAME: Final = 15
 _PR_SET_MM: Final = 35
 _PR_SET_MM_MAP: Final = 14
@@ -474,8 +481,15 @@ class Restorer:
         if task.extra.HasField("umask"):
             tracee.inject_syscall(_SYS_UMASK, task.extra.umask)
         for which, rl in enumerate(tc.rlimits.rlimits):
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 resource.prlimit(pid, which, (_rlim(rl.cur), _rlim(rl.max)))
+            except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
+                log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
+                            (rl.cur, rl.max), exc)
+        if thread.HasField("creds"):
+            _set_creds(target, task)
+        if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
+            target.call(_SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
         tracee.set_syscall_ip(None)
         target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
@@ -494,6 +508,18 @@ class Restorer:
             orig_rax=_U64, rip=g.ip, cs=g.cs, eflags=g.flags, rsp=g.sp, ss=g.ss,
             fs_base=g.fs_base, gs_base=g.gs_base, ds=g.ds, es=g.es, fs=g.fs, gs=g.gs))
         tracee.detach(signal.SIGSTOP if task.extra.job_stopped else 0)
+
+
+def _set_creds(target: _Target, task: DumpedTask) -> None:
+    """Groups, gids, then uids (last: dropping root drops the right to change them)."""
+    c = task.core.thread_core.creds
+    groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
+    target.call(_SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0,
+                what="setgroups")
+    target.call(_SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
+    target.tracee.inject_syscall(_SYS_SETFSGID, c.fsgid)  # returns the old fsgid
+    target.call(_SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
+    target.tracee.inject_syscall(_SYS_SETFSUID, c.fsuid)
 
 
 def _rlim(value: int) -> int:

@@ -3,10 +3,11 @@
 :func:`load_task` reads the images of a process dumped by ``lazymig dump``
 (pstree, core, mm, pagemap, ``lazymig-<pid>.img``) and refuses, before any
 process is created, what the restorer cannot rebuild faithfully: more than one
-process or thread, shared mappings other than read-only shared file
-ones (glibc maps its gconv cache so), special mappings, 32-bit tasks, another CPU's
-xstate layout, mapped files that changed since the dump, lazy pages without a
-lazy-pages daemon, and dumps written by CRIU (no ``lazymig-<pid>.img``).
+process or thread, shared mappings other than read-only shared file ones
+(glibc maps its gconv cache so), special mappings, 32-bit tasks, another CPU's
+xstate layout, a non-root process holding capabilities, mapped files that
+changed since the dump, lazy pages without a lazy-pages daemon, and dumps
+written by CRIU (no ``lazymig-<pid>.img``).
 Pure reading and checking: nothing here touches a process.
 """
 
@@ -104,6 +105,10 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
     if core.tc.task_state not in (1, 3):
         raise UnsupportedDumpError(f"process {pid} was dumped in task state "
                                    f"{core.tc.task_state} (dead or zombie)")
+    creds = core.thread_core.creds
+    if core.thread_core.HasField("creds") and creds.uid and any(creds.cap_prm):
+        raise UnsupportedDumpError(f"process {pid} runs as uid {creds.uid} with capabilities: "
+                                   "restoring them is not implemented")
     _check_xstate(pid, extra)
     for v in mm.vmas:
         where = f"{v.start:#x}-{v.end:#x}"
