@@ -50,6 +50,7 @@ pytestmark = [
 SIGUSR1_BIT = 1 << (signal.SIGUSR1 - 1)
 SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)
 NOBODY = 65534
+MADV_DONTDUMP = 16
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +401,36 @@ async def test_the_restored_process_gets_the_dumped_credentials(
     finally:
         restorer.kill()
         lines.close()
+
+
+def _tweak_images(images: Path, pid: int, region: int) -> None:
+    """Give the dump state pattern.c does not set itself: nice 5, THP disabled,
+    MADV_DONTDUMP on the pattern region."""
+    dir_ = ImagesDir(images)
+    core = dir_.core(pid)
+    core.thread_core.sched_nice = 5
+    dir_.write_core(pid, core)
+    mm = dir_.mm(pid)
+    mm.thp_disabled = True
+    (vma,) = [v for v in mm.vmas if v.start == region]
+    vma.madv |= 1 << MADV_DONTDUMP
+    dir_.write_mm(pid, mm)
+
+
+@pytest.mark.asyncio
+async def test_nice_thp_and_madvise_come_back(tmp_path: Path, c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "1", "--interval-ms", "50"]) as w:
+        await dump(w.pid, tmp_path)
+    await asyncio.to_thread(_tweak_images, tmp_path, w.pid, w.ready.addr)
+    restorer = Restorer(tmp_path, stdio=(0, 2, 2))
+    result = await restorer.run()
+    try:
+        stat = await asyncio.to_thread(Path(f"/proc/{result.pid}/stat").read_text)
+        assert int(stat.rsplit(")", 1)[1].split()[16]) == 5  # field 19: nice
+        assert status_line(result.pid, "THP_enabled") == "0"
+        smaps = await asyncio.to_thread(Path(f"/proc/{result.pid}/smaps").read_text)
+        block = smaps[smaps.index(f"{w.ready.addr:x}-"):]
+        flags = next(line for line in block.splitlines() if line.startswith("VmFlags:"))
+        assert " dd" in flags
+    finally:
+        restorer.kill()

@@ -21,10 +21,12 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
    (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``).
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
-   list, comm, cwd, umask, rlimits and credentials (groups, gids, uids) are
-   set; the scratch mapping goes; rseq is registered again (after the
-   handover: the area may be a lazy page); then the signal mask, xstate and
-   registers, and the process is detached.
+   list, comm, cwd, umask, rlimits, personality, scheduling policy and nice,
+   THP-disable, itimers, credentials (groups, gids, uids), dumpable and
+   parent-death signal are set (madvise advice was given with the VMAs);
+   the scratch mapping goes; rseq is registered again (after the handover:
+   the area may be a lazy page); then the signal mask, xstate and registers,
+   and the process is detached.
 
 If anything fails the half-built process is killed; the images are never
 written to.
@@ -83,6 +85,8 @@ _SYS_MMAP: Final = 9
 _SYS_MUNMAP: Final = 11
 _SYS_RT_SIGACTION: Final = 13
 _SYS_IOCTL: Final = 16
+_SYS_MADVISE: Final = 28
+_SYS_SETITIMER: Final = 38
 _SYS_MREMAP: Final = 25
 _SYS_UMASK: Final = 95
 _SYS_SETRESUID: Final = 117
@@ -91,6 +95,9 @@ _SYS_SETGROUPS: Final = 116
 _SYS_SETFSUID: Final = 122
 _SYS_SETFSGID: Final = 123
 _SYS_SIGALTSTACK: Final = 131
+_SYS_PERSONALITY: Final = 135
+_SYS_SETPRIORITY: Final = 141
+_SYS_SCHED_SETSCHEDULER: Final = 144
 _SYS_PRCTL: Final = 157
 _SYS_SET_TID_ADDRESS: Final = 218
 _SYS_OPENAT: Final = 257
@@ -108,7 +115,10 @@ _MAP_FIXED_NOREPLACE: Final = 0x100000
 _MREMAP_MAYMOVE: Final = 1
 _MREMAP_FIXED: Final = 2
 _PROT_RWX: Final = 7
+_PR_SET_PDEATHSIG: Final = 1
 _PR_SET_DUMPABLE: Final = 4
+_PR_SET_THP_DISABLE: Final = 41
+_PRIO_PROCESS: Final = 0
 _PR_SET_NAME: Final = 15
 _PR_SET_MM: Final = 35
 _PR_SET_MM_MAP: Final = 14
@@ -363,6 +373,7 @@ class Restorer:
                                   flags | MAP_ANONYMOUS, -1, 0, what=what)
             if got != v.start:
                 raise RestoreError(f"{what} landed at {got:#x}")
+            _madvise(target, v.start, v.end, v.madv)
         self._set_mm(target, task)
         return self._write_pages(pid, task)
 
@@ -486,10 +497,14 @@ class Restorer:
             except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
                 log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
                             (rl.cur, rl.max), exc)
+        _set_sched_and_timers(target, task)
         if thread.HasField("creds"):
             _set_creds(target, task)
-        if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
+        # After the creds: changing them resets both.
+        if task.mm.HasField("dumpable"):
             target.call(_SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
+        if thread.pdeath_sig:
+            target.call(_SYS_PRCTL, _PR_SET_PDEATHSIG, thread.pdeath_sig, what="PR_SET_PDEATHSIG")
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
         tracee.set_syscall_ip(None)
         target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
@@ -508,6 +523,36 @@ class Restorer:
             orig_rax=_U64, rip=g.ip, cs=g.cs, eflags=g.flags, rsp=g.sp, ss=g.ss,
             fs_base=g.fs_base, gs_base=g.gs_base, ds=g.ds, es=g.es, fs=g.fs, gs=g.gs))
         tracee.detach(signal.SIGSTOP if task.extra.job_stopped else 0)
+
+
+def _madvise(target: _Target, start: int, end: int, madv: int) -> None:
+    """madvise each advice whose bit is set in ``vma_entry.madv`` (a failure is logged:
+    the advice is a hint, and KSM or THP may be off here)."""
+    for advice in range(64):
+        if madv >> advice & 1:
+            res = target.tracee.inject_syscall(_SYS_MADVISE, start, end - start, advice)
+            if res < 0:
+                log.warning("pid %d: madvise(%#x-%#x, %d) failed: %s", target.pid, start, end,
+                            advice, os.strerror(-res))
+
+
+def _set_sched_and_timers(target: _Target, task: DumpedTask) -> None:
+    """Personality, scheduling policy and nice, THP-disable, itimers."""
+    tc, thread = task.core.tc, task.core.thread_core
+    target.call(_SYS_PERSONALITY, tc.personality, what="personality")
+    if thread.HasField("sched_policy"):
+        at = target.data(struct.pack("<i", thread.sched_prio))
+        target.call(_SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at,
+                    what="sched_setscheduler")
+    if thread.HasField("sched_nice"):
+        target.call(_SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice, what="setpriority")
+    if task.mm.thp_disabled:
+        target.call(_SYS_PRCTL, _PR_SET_THP_DISABLE, 1, 0, 0, 0, what="PR_SET_THP_DISABLE")
+    if tc.HasField("timers"):
+        for which, t in enumerate((tc.timers.real, tc.timers.virt, tc.timers.prof)):
+            if t.isec or t.iusec or t.vsec or t.vusec:
+                at = target.data(struct.pack("<4q", t.isec, t.iusec, t.vsec, t.vusec))
+                target.call(_SYS_SETITIMER, which, at, 0, what=f"setitimer({which})")
 
 
 def _set_creds(target: _Target, task: DumpedTask) -> None:
