@@ -137,7 +137,6 @@ class _Process:
         self.cursor: int | None = None  # where the background goes next (after a fault)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
-        self.task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -232,9 +231,6 @@ class LazyPagesDaemon:
                 await self._done.wait()
                 for helper in helpers:
                     helper.cancel()
-                for proc in self._processes:
-                    if proc.task is not None:
-                        proc.task.cancel()
         finally:
             self._tg = None
             listener.close()
@@ -331,8 +327,7 @@ class LazyPagesDaemon:
         self.report.processes.append(report)
         proc = _Process(pid, uffd, ranges, report)
         self._processes.append(proc)
-        assert self._tg is not None
-        proc.task = self._tg.create_task(self._serve_faults(proc))
+        asyncio.get_running_loop().add_reader(uffd.fd, self._on_uffd_readable, proc)
         log.info("pid %d handed over: %d lazy pages", pid, report.pages_total)
         if ranges.done:
             self._finish(proc, "complete")
@@ -340,12 +335,13 @@ class LazyPagesDaemon:
 
     # ------------------------------------------------------------------ faults
 
-    async def _serve_faults(self, proc: _Process) -> None:
-        while proc.report.state in ("running", "failed"):
-            try:
-                events = await proc.uffd.events()
-            except LazyMigError:  # closed under us (finished, or the daemon ends)
-                return
+    def _on_uffd_readable(self, proc: _Process) -> None:
+        """The loop's reader callback for one uffd: handle every queued event at once.
+
+        A reader that stays registered, rather than a task awaiting each read:
+        on the fault path every loop round trip and epoll_ctl is latency."""
+        try:
+            events = proc.uffd.read_events()
             for event in events:
                 if isinstance(event, Pagefault):
                     self._on_fault(proc, event)
@@ -357,9 +353,19 @@ class LazyPagesDaemon:
                     proc.ranges.remove(event.start, event.end)
                 elif isinstance(event, Unmap):
                     proc.ranges.unmap(event.start, event.end)
-            self._wakeup.set()
-            if proc.active and proc.ranges.done:
-                self._finish(proc, "complete")
+        except Exception as exc:  # a bug here must not leave the process running on holes
+            log.exception("pid %d: handling its userfaultfd failed", proc.pid)
+            self._fail(proc, f"internal error: {exc!r}")
+            return
+        self._wakeup.set()
+        if proc.active and proc.ranges.done:
+            self._finish(proc, "complete")
+
+    def _close_uffd(self, proc: _Process) -> None:
+        if not proc.uffd.closed:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                asyncio.get_running_loop().remove_reader(proc.uffd.fd)
+            proc.uffd.close()
 
     def _on_fault(self, proc: _Process, fault: Pagefault) -> None:
         address = fault.address & ~(PAGE_SIZE - 1)
@@ -525,7 +531,7 @@ class LazyPagesDaemon:
         log.info("pid %d: %s, UFFD transferred pages: (%d/%d)%s", proc.pid, state,
                  proc.report.pages_copied, proc.report.pages_total,
                  f" ({reason})" if reason else "")
-        proc.uffd.close()  # nothing is lazy any more: faults become ordinary
+        self._close_uffd(proc)  # nothing is lazy any more: faults become ordinary
         self._check_done()
 
     def _fail(self, proc: _Process, reason: str, *, hold: bool = True) -> None:
@@ -555,7 +561,7 @@ class LazyPagesDaemon:
         proc.report.reason = reason
         log.error("pid %d killed (threads %s): %s; it must not run on pages that never "
                   "arrived", proc.pid, sorted(proc.threads), reason)
-        proc.uffd.close()
+        self._close_uffd(proc)
         self._check_done()
 
     def _source_failed(self, exc: BaseException) -> None:
@@ -592,7 +598,7 @@ class LazyPagesDaemon:
                               proc.ranges.pages_pending + proc.ranges.pages_in_flight)
         self.source.abort()
         for proc in self._processes:
-            proc.uffd.close()
+            self._close_uffd(proc)
 
     async def _end_session(self) -> None:
         # An orderly CLOSE only when every page arrived: anything else resets the
@@ -606,7 +612,7 @@ class LazyPagesDaemon:
             log.warning("closing the page-server session: %s", exc)
             self.source.abort()
         for proc in self._processes:
-            proc.uffd.close()
+            self._close_uffd(proc)
 
     def _log_summary(self) -> None:
         r = self.report
