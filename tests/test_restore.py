@@ -434,3 +434,41 @@ async def test_nice_thp_and_madvise_come_back(tmp_path: Path, c_workload: Path) 
         assert " dd" in flags
     finally:
         restorer.kill()
+
+
+@pytest.mark.asyncio
+async def test_a_page_server_lost_mid_transfer_kills_the_restored_process(
+        tmp_path: Path, c_workload: Path) -> None:
+    """The daemon fetches on faults only; the page server dies before the restored
+    process's first check touches its region: it must die, never print bad > 0."""
+    port = str(free_port())
+    loop = on_uvloop()
+    with Workload([str(c_workload), "--mib", "8", "--interval-ms", "2000"]) as w, \
+            cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
+                "--port", port, "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
+        assert dr is not None
+        await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+        with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+                 "--no-background", "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
+            assert lr is not None
+            await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+            read_fd, write_fd = os.pipe()
+            restorer = Restorer(tmp_path, lazy_pages=True, stdio=(0, write_fd, 2))
+            try:
+                result = await restorer.run()
+            finally:
+                os.close(write_fd)
+            dumper.kill()  # the source host is lost, the restored process still sleeps
+            lines = Lines(read_fd)
+            try:
+                printed = []
+                with contextlib.suppress(EOFError):
+                    while True:
+                        printed.append(await asyncio.to_thread(lines.next_check, 10.0))
+                assert all(c.bad == 0 and c.sum for c in printed), printed
+                assert await asyncio.to_thread(restorer.wait) == -signal.SIGKILL
+                assert await asyncio.to_thread(daemon.wait, 10) != 0
+            finally:
+                restorer.kill()
+                lines.close()
+        assert not process_alive(result.pid)
