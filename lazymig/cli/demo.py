@@ -9,13 +9,13 @@ from lazymig.cli._common import add_wire_option, run_async
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
-        "demo", help="migrate a live process's memory lazily over 127.0.0.1 (needs root)",
-        description="Start a process with a data region of known content, dump it with "
-                    "lazymig's page server, and let a new process receive the region "
-                    "lazily through lazymig's daemon; check the checksums and print the "
-                    "numbers.")
+        "demo", help="migrate a live process lazily over 127.0.0.1 (needs root)",
+        description="Start a process whose data region has a known checksum, dump it "
+                    "with --lazy-pages, restore it through lazymig's lazy-pages daemon, "
+                    "check that the restored process prints the same checksum, and print "
+                    "the numbers.")
     parser.add_argument("--size", type=int, default=64, metavar="MIB",
-                        help="size of the migrated region (default 64 MiB)")
+                        help="size of the process's data region (default 64 MiB)")
     add_wire_option(parser)
     parser.set_defaults(func=demo)
 

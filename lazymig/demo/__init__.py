@@ -1,44 +1,42 @@
-"""``lazymig demo``: a lazy migration on loopback, from a live process to a new one.
+"""``lazymig demo``: a live process migrated lazily on loopback, the seed workflow.
 
-1. A source process fills a data region with a known pattern and prints its
-   CRC-32 (:mod:`lazymig.demo.workload`).
-2. :class:`~lazymig.dump.LazyDump` freezes it, writes its images and serves its
-   lazy pages from page pipes over TCP (127.0.0.1).
-3. A :class:`~lazymig.uffd.LazyPagesDaemon` connects to that page server, and a
-   destination process (:mod:`lazymig.demo.destination`) maps the same region,
-   hands it to the daemon with CRIU's handshake and reads it: the pages come
-   on demand and in the background, and the CRC-32 must match.
-
-The destination takes over the data region only (re-creating a whole process
-is ``lazymig restore``'s job), so the rest of the source's lazy memory is
-never asked for: the demo ends the page server itself and then the source.
+1. A process fills a data region with a known pattern and prints its CRC-32
+   every half second (:mod:`lazymig.demo.workload`).
+2. :class:`~lazymig.dump.LazyDump` freezes it, writes its images and serves
+   its lazy pages from page pipes over TCP on 127.0.0.1 (``lazymig dump
+   --lazy-pages``).
+3. A :class:`~lazymig.uffd.LazyPagesDaemon` connects to that page server
+   (``lazymig lazy-pages --page-server``) and
+   :func:`~lazymig.restore.restore` rebuilds the process from the images
+   (``lazymig restore --lazy-pages``): it runs at once under a new pid while
+   its memory arrives on demand and in the background.
+4. The restored process must print the source's CRC; once every page is in,
+   the page server's transfer is complete and the source is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import os
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from lazymig.demo.region import PAGE
-from lazymig.dump.dumper import LazyDump
-from lazymig.proto.images import ImagesDir
+from lazymig.dump.dumper import DumpResult, LazyDump
 from lazymig.proto.wire import WireVersion
-from lazymig.uffd.daemon import SOCKET_NAME, DaemonReport, LazyPagesDaemon
+from lazymig.restore import RestoreResult, restore
+from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
 from lazymig.uffd.source import RemotePageSource
 
-__all__ = ["DEMO_ADDRESS", "DemoResult", "run_demo"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DEMO_ADDRESS", "DemoResult", "format_result", "run_demo"]
 
 DEMO_ADDRESS = 0x6E0000000000
-"""Where both processes map the region (far from where Linux puts mappings)."""
+"""Where the region lives (far from where Linux puts mappings)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,109 +45,77 @@ class DemoResult:
 
     size_mib: int
     source_crc: str
-    destination_crc: str
-    frozen_seconds: float
-    """From the freeze until the page server listened."""
-    read_seconds: float
-    """The destination reading its whole region (faults and background)."""
+    restored_crc: str
+    dump: DumpResult
+    restored: RestoreResult
+    downtime: float
+    """From the freeze until the restored process runs."""
     daemon: DaemonReport
 
     @property
     def ok(self) -> bool:
-        return self.source_crc == self.destination_crc and self.daemon.ok
+        return self.source_crc == self.restored_crc and self.daemon.ok
 
 
-def _clip(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    clipped = []
-    for vaddr, nr in ranges:
-        lo, hi = max(vaddr, start), min(vaddr + nr * PAGE, end)
-        if lo < hi:
-            clipped.append((lo, (hi - lo) // PAGE))
-    return clipped
-
-
-async def _line(proc: asyncio.subprocess.Process, prefix: str) -> list[str]:
-    assert proc.stdout is not None
-    line = (await proc.stdout.readline()).decode().split()
-    if not line or line[0] != prefix:
-        raise RuntimeError(f"demo process {proc.pid} did not say {prefix} (exit {proc.returncode})")
-    return line[1:]
+async def _read_line(stream: object, prefix: str) -> str:
+    """The next line starting with ``prefix`` from a text pipe, read off the loop."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(60):
+        while True:
+            line: str = await loop.run_in_executor(None, stream.readline)  # type: ignore[attr-defined]
+            if not line:
+                raise RuntimeError(f"the demo process closed its output before {prefix}")
+            if line.startswith(prefix):
+                return line.split()[1]
 
 
 async def run_demo(size_mib: int = 64, *, wire: WireVersion = WireVersion.V2,
                    workdir: str | None = None) -> DemoResult:
     """Run the demo once and return its measurements (see the module docstring)."""
     pages = size_mib * (1 << 20) // PAGE
-    region = (DEMO_ADDRESS, DEMO_ADDRESS + pages * PAGE)
-    py = sys.executable
     with tempfile.TemporaryDirectory(prefix="lazymig-demo-", dir=workdir) as tmp:
         # Not an asyncio subprocess: the loop's child watcher would reap the ptrace
         # stops the freezer waits for.
         source = subprocess.Popen(  # noqa: ASYNC220 (fork+exec, does not wait)
-            [py, "-m", "lazymig.demo.workload", hex(DEMO_ADDRESS), str(pages)],
+            [sys.executable, "-m", "lazymig.demo.workload", hex(DEMO_ADDRESS), str(pages)],
             stdout=subprocess.PIPE, text=True)
+        out_r, out_w = os.pipe()
+        restored_out = os.fdopen(out_r, "r")
+        restored: RestoreResult | None = None
         try:
-            assert source.stdout is not None
-            ready = await asyncio.get_running_loop().run_in_executor(
-                None, source.stdout.readline)
-            if not ready.startswith("READY "):
-                raise RuntimeError(f"the demo's source process failed (exit {source.poll()})")
-            source_crc = ready.split()[1]
-            dump = LazyDump(source.pid, tmp, address="127.0.0.1", port=0, wire=wire,
-                            progress_interval=None)
-            await dump.start()
-            # The demo migrates the region only: the page server's and the dump's notices
-            # that the rest of the source was never asked for are expected: muted.
-            with _quiet("lazymig.dump.server", "lazymig.dump.dumper"):
-                try:
-                    report, destination_crc, seconds = await _migrate(
-                        dump, source.pid, Path(tmp), region, pages, wire)
-                finally:
-                    await dump.aclose()
+            source_crc = await _read_line(source.stdout, "READY")
+            frozen_at = time.monotonic()
+            async with LazyDump(source.pid, tmp, address="127.0.0.1", port=0, wire=wire,
+                                progress_interval=None) as dump:
+                pages_source = await RemotePageSource.connect("127.0.0.1", dump.port,
+                                                              wire=wire)
+                daemon = LazyPagesDaemon.from_images(pages_source, tmp)
+                async with asyncio.TaskGroup() as tg:
+                    serving = tg.create_task(dump.serve())
+                    running = tg.create_task(daemon.run())
+                    await daemon.ready.wait()
+                    devnull = os.open(os.devnull, os.O_RDONLY)
+                    try:
+                        restored = await restore(tmp, lazy_pages=True,
+                                                 stdio=(devnull, out_w, 2))
+                    finally:
+                        os.close(devnull)
+                    downtime = time.monotonic() - frozen_at
+                    restored_crc = await _read_line(restored_out, "CHECK")
+            dumped, report = serving.result(), running.result()
         finally:
+            os.close(out_w)
+            restored_out.close()
+            if restored is not None:
+                _kill(restored.pid)
             source.kill()
             source.wait()
-    assert dump.written is not None
-    return DemoResult(size_mib, source_crc, destination_crc,
-                      frozen_seconds=dump.frozen_seconds, read_seconds=float(seconds),
-                      daemon=report)
+    return DemoResult(size_mib, source_crc, restored_crc, dumped, restored, downtime, report)
 
 
-async def _migrate(dump: LazyDump, pid: int, images_dir: Path, region: tuple[int, int],
-                   pages: int, wire: WireVersion) -> tuple[DaemonReport, str, str]:
-    """Daemon + destination against the dump's page server; stop serving at the end."""
-    images = ImagesDir(images_dir)
-    pages_source = await RemotePageSource.connect("127.0.0.1", dump.port, wire=wire)
-    daemon = LazyPagesDaemon(
-        pages_source,
-        lambda image_pid: _clip(
-            [(r.vaddr, r.nr_pages) for r in images.lazy_ranges(image_pid)], *region),
-        socket_path=images_dir / SOCKET_NAME, expect_tasks=1)
-    async with asyncio.TaskGroup() as tg:
-        serving = tg.create_task(dump.serve())
-        running = tg.create_task(daemon.run())
-        await daemon.ready.wait()
-        destination = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lazymig.demo.destination", str(daemon.socket_path),
-            str(pid), hex(region[0]), str(pages), stdout=asyncio.subprocess.PIPE)
-        destination_crc, seconds = await _line(destination, "CHECKSUM")
-        await destination.wait()
-        report = await running
-        serving.cancel()  # the rest of the source's memory is not migrated
-    return report, destination_crc, seconds
-
-
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def format_result(result: DemoResult) -> str:
@@ -159,16 +125,19 @@ def format_result(result: DemoResult) -> str:
     p50 = lat[len(lat) // 2] * 1e6 if lat else 0.0
     p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e6 if lat else 0.0
     lines = [
-        f"lazymig demo: {result.size_mib} MiB migrated lazily over 127.0.0.1",
-        f"  source checksum        {result.source_crc}",
-        f"  destination checksum   {result.destination_crc}  "
+        f"lazymig demo: pid {result.dump.pid} migrated lazily over 127.0.0.1 "
+        f"(a {result.size_mib} MiB data region among its memory) to pid "
+        f"{result.restored.pid}",
+        f"  source checksum     {result.source_crc}",
+        f"  restored checksum   {result.restored_crc}  "
         f"({'match' if result.ok else 'MISMATCH'})",
-        f"  source frozen until the page server listened: {result.frozen_seconds:.3f} s",
-        f"  destination read its whole region in {result.read_seconds:.3f} s",
+        f"  downtime {result.downtime:.3f} s (frozen until the page server listened "
+        f"{result.dump.frozen_seconds:.3f} s, restore {result.restored.seconds:.3f} s)",
+        f"  {result.restored.nonlazy_pages} pages restored from the images, "
+        f"{result.restored.lazy_pages} lazy pages served over TCP "
+        f"({result.dump.pages_sent} sent); source {result.dump.source.value}",
     ]
     if proc is not None:
-        lines.append(f"  pages copied {proc.pages_copied} / {proc.pages_total}, "
-                     f"{proc.faults} on demand (fault round trip p50 {p50:.0f} us, "
-                     f"p99 {p99:.0f} us), the rest in the background")
-    lines.append(f"  daemon throughput {result.daemon.throughput() / 1e9:.2f} GB/s")
+        lines.append(f"  faults {proc.faults} (round trip p50 {p50:.0f} us, p99 {p99:.0f} us), "
+                     f"the rest in the background at {result.daemon.throughput() / 1e9:.2f} GB/s")
     return "\n".join(lines)
