@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = [demo.register, dump.register, lazy_pages.register, page_server.register,
              restore.register]
-"""Each subcommand module has register(subparsers), which sets func=<command>."""
+"""Each subcommand module has register(subparsers), which sets func=<command>.
+
+A subcommand imports its machinery only when it runs: `lazymig lazy-pages` must
+start fast, since criu restore waits for it (it is part of the downtime)."""
 
 
 def setup_logging(verbosity: int) -> None:
