@@ -37,6 +37,7 @@ import uvloop
 from workloads import Check, Workload, build_c_workload, python_workload_argv
 
 from lazymig.dump import dump
+from lazymig.errors import BrokenResourceError
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import ImagesDir
@@ -68,8 +69,9 @@ class Lines:
         self._thread.start()
 
     def _read(self) -> None:
-        for line in self._file:
-            self._q.put(line.rstrip("\n"))
+        with contextlib.suppress(ValueError, OSError):  # closed under us by close()
+            for line in self._file:
+                self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
     def next(self, timeout: float = 5.0) -> str:
@@ -276,11 +278,15 @@ async def test_what_cannot_be_restored_is_refused_before_anything_runs(
 
 
 def _children(pid: int) -> list[int]:
-    """Children of every thread of ``pid`` (the restorer forks on its tracer thread)."""
+    """Processes whose parent is ``pid`` (from /proc/*/stat: the per-thread
+    ``children`` files miss a child while its forking thread exits)."""
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            out += [int(x) for x in (task / "children").read_text().split()]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
     return out
 
 
@@ -472,3 +478,37 @@ async def test_a_page_server_lost_mid_transfer_kills_the_restored_process(
                 restorer.kill()
                 lines.close()
         assert not process_alive(result.pid)
+
+
+@pytest.mark.asyncio
+async def test_a_plain_dump_restored_lazily_from_a_local_daemon(tmp_path: Path,
+                                                                c_workload: Path) -> None:
+    """criu's local lazy mode: the daemon serves the PE_LAZY|PE_PRESENT pages of a
+    plain dump from pages-1.img. Without a daemon the restore fails before it starts."""
+    with Workload([str(c_workload), "--mib", "4", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        await dump(w.pid, tmp_path)
+    orphan = Restorer(tmp_path, lazy_pages=True)
+    with pytest.raises(BrokenResourceError, match="lazy-pages daemon"):
+        await orphan.run()
+    assert orphan.process is None
+    with cli("lazy-pages", "-D", str(tmp_path), uvloop=on_uvloop()) as (daemon, lr):
+        assert lr is not None
+        await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+        read_fd, write_fd = os.pipe()
+        restorer = Restorer(tmp_path, lazy_pages=True, stdio=(0, write_fd, 2))
+        try:
+            result = await restorer.run()
+        finally:
+            os.close(write_fd)
+        lines = Lines(read_fd)
+        try:
+            assert result.lazy_pages >= 4 * 256
+            check = await asyncio.to_thread(lines.next_check)
+            assert (check.sum, check.bad) == (before.sum, 0)
+            assert await asyncio.to_thread(daemon.wait, 10) == 0
+            check = await asyncio.to_thread(lines.next_check)
+            assert (check.sum, check.bad) == (before.sum, 0)
+        finally:
+            restorer.kill()
+            lines.close()

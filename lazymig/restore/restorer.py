@@ -22,8 +22,9 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``).
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
    list, comm, cwd, umask, rlimits, personality, scheduling policy and nice,
-   THP-disable, itimers, credentials (groups, gids, uids), dumpable and
-   parent-death signal are set (madvise advice was given with the VMAs);
+   THP-disable, itimers, credentials (groups, gids, uids) and dumpable are
+   set (madvise advice was given with the VMAs; a parent-death signal is
+   not restored: the parent is not);
    the scratch mapping goes; rseq is registered again (after the handover:
    the area may be a lazy page); then the signal mask, xstate and registers,
    and the process is detached.
@@ -115,7 +116,6 @@ _MAP_FIXED_NOREPLACE: Final = 0x100000
 _MREMAP_MAYMOVE: Final = 1
 _MREMAP_FIXED: Final = 2
 _PROT_RWX: Final = 7
-_PR_SET_PDEATHSIG: Final = 1
 _PR_SET_DUMPABLE: Final = 4
 _PR_SET_THP_DISABLE: Final = 41
 _PRIO_PROCESS: Final = 0
@@ -500,11 +500,13 @@ class Restorer:
         _set_sched_and_timers(target, task)
         if thread.HasField("creds"):
             _set_creds(target, task)
-        # After the creds: changing them resets both.
-        if task.mm.HasField("dumpable"):
+        if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
             target.call(_SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
         if thread.pdeath_sig:
-            target.call(_SYS_PRCTL, _PR_SET_PDEATHSIG, thread.pdeath_sig, what="PR_SET_PDEATHSIG")
+            # It would fire when the restorer's tracer thread (the helper's parent
+            # thread) ends, i.e. at once: the original parent is not ours.
+            log.warning("pid %d: parent-death signal %d not restored (its parent is not "
+                        "restored)", pid, thread.pdeath_sig)
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
         tracee.set_syscall_ip(None)
         target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
