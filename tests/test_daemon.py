@@ -59,6 +59,13 @@ async def page_server(tmp_path: Path) -> AsyncIterator[tuple[Path, PageServer]]:
     store.close()
 
 
+async def stop(task: asyncio.Task[object]) -> None:
+    """Cancel a background task (the page server) and wait until it is gone."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def spawn(socket_path: Path, pid: int, vaddr: int, nr_pages: int, scenario: str
                 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
@@ -97,9 +104,7 @@ async def test_one_process(page_server: tuple[Path, PageServer], scenario: str) 
         code, out = await finish(child)
         assert code == 0, out
         report = await running
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
+        await stop(serving)
     assert report.ok, report
     assert "MISMATCH" not in out
     processes = {p.state for p in report.processes}
@@ -145,9 +150,7 @@ async def test_background_fetch_fills_everything_without_faults(
         assert child.stdin is not None
         child.stdin.write(b"go\n")
         code, out = await finish(child)
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
+        await stop(serving)
     assert code == 0, out
     assert report.ok
     assert report.processes[0].faults == 0
@@ -186,9 +189,7 @@ async def test_process_exit_mid_transfer_retires_only_that_process(
         # Without background fetch the quitter's pages stay lazy: the daemon must notice
         # its exit by itself (its faulting thread is gone) and finish.
         report = await running
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
+        await stop(serving)
     states = {p.pid: p.state for p in report.processes}
     assert states == {pid1: "exited", pid2: "complete"}
 
@@ -234,9 +235,7 @@ async def test_a_failed_restore_ends_the_daemon_and_keeps_the_source(
         report = await running
         await asyncio.sleep(0.1)  # the page server sees the reset
         assert not serving.done()  # not a finished transfer: the source is kept
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
+        await stop(serving)
     assert not report.ok
     assert report.restore_error is not None
     assert [p.state for p in report.processes] == ["abandoned"]
@@ -257,9 +256,7 @@ async def test_restorers_of_other_users_are_refused(tmp_path: Path,
             restorer.setblocking(False)
             await loop.sock_connect(restorer, str(daemon.socket_path))
             assert await loop.sock_recv(restorer, 1) == b""  # closed on us
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        await stop(running)
     assert f"refused a restorer connection from pid {os.getpid()}, uid 0" in caplog.text
     assert daemon.report.processes == []
 
@@ -277,15 +274,11 @@ async def test_a_cancelled_daemon_kills_what_it_leaves_unfinished(
         assert child.stdout is not None
         assert await child.stdout.readline() == b"attached\n"
         await child.stdout.readline()  # some pages have arrived
-        running.cancel()  # the daemon is stopped mid-transfer
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        await stop(running)  # the daemon is stopped mid-transfer
         code, out = await finish(child)
         await asyncio.sleep(0.1)
         assert not serving.done()  # a reset, not a finished transfer: the source is kept
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
+        await stop(serving)
     assert code == -signal.SIGKILL, out
     assert "MISMATCH" not in out
     assert daemon.report.processes[0].state == "killed"
