@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import Lines, _wait_ready, c_workload, on_uvloop
-from workloads import Check, Workload, python_workload_argv
+from test_restore import _wait_ready, c_workload, on_uvloop, restore_and_check
+from workloads import Workload, python_workload_argv
 
 __all__ = ["c_workload"]  # the fixture, shared with test_restore
 
@@ -113,61 +113,8 @@ def cli_in(ns: str, *args: str, loop: bool) -> Iterator[tuple[subprocess.Popen[s
         proc.communicate(timeout=10)
 
 
-def _check(line: str) -> Check:
-    f = {k: int(v, 0) for k, v in (t.split("=", 1) for t in line.split()[1:])}
-    return Check(f["n"], f["sum"], f["bad"], f.get("usr1", 0))
-
-
-def _inode(path: str) -> int:
-    return Path(path).stat().st_ino
-
-
-async def _restore_in(ns: str, images: Path, before: Check, loop: bool,
-                      daemon: subprocess.Popen[str], dumper: subprocess.Popen[str]) -> int:
-    """``lazymig restore --lazy-pages -d`` in ``ns``, then the restored process's
-    CHECK lines; returns its pid (killed again at the end)."""
-    read_fd, write_fd = os.pipe()
-    argv = [IP, "netns", "exec", ns, sys.executable, "-m", "lazymig",
-            "--uvloop" if loop else "--no-uvloop", "restore", "--lazy-pages", "-D",
-            str(images), "-d"]
-    # Not stderr=PIPE: the restored process inherits the restorer's fds 0-2.
-    with (images.parent / "restore.log").open("w+") as log:
-        try:
-            restore = await asyncio.to_thread(subprocess.run, argv, stdout=write_fd,
-                                              stderr=log, timeout=30)
-        finally:
-            os.close(write_fd)
-        log.seek(0)
-        errors = log.read()
-    lines = Lines(read_fd)
-    restored_pid = 0
-    try:
-        assert restore.returncode == 0, errors
-        # The restorer prints the pid, but the restored process already runs and
-        # shares its stdout: a CHECK line may come first.
-        early: list[Check] = []
-        while not restored_pid:
-            line = await asyncio.to_thread(lines.next)
-            if line.startswith("CHECK"):
-                early.append(_check(line))
-            else:
-                restored_pid = int(line)
-        assert all((c.sum, c.bad) == (before.sum, 0) for c in early), early
-        # Restored in the destination namespace (`ip netns add` bind-mounts it).
-        assert _inode(f"/proc/{restored_pid}/ns/net") == _inode(f"/run/netns/{ns}")
-        for _ in range(3):
-            check = await asyncio.to_thread(lines.next_check)
-            assert (check.sum, check.bad) == (before.sum, 0)
-        assert await asyncio.to_thread(daemon.wait, 20) == 0  # every page is in
-        assert await asyncio.to_thread(dumper.wait, 10) == 0
-        check = await asyncio.to_thread(lines.next_check)
-        assert (check.sum, check.bad) == (before.sum, 0)
-    finally:
-        if restored_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(restored_pid, signal.SIGKILL)
-        lines.close()
-    return restored_pid
+def _same_inode(a: str, b: str) -> None:
+    assert Path(a).stat().st_ino == Path(b).stat().st_ino, (a, b)
 
 
 @pytest.mark.asyncio
@@ -194,8 +141,12 @@ async def test_lazy_migration_between_two_network_namespaces(
                         hosts.src_addr, "--port", port, "-D", str(images),
                         loop=loop) as (daemon, lr):
                 await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-                restored_pid = await _restore_in(hosts.dst, images, before, loop, daemon,
-                                                 dumper)
+                restored_pid = await restore_and_check(
+                    images, before, loop, daemon, dumper,
+                    wrapper=[IP, "netns", "exec", hosts.dst], log_dir=images.parent,
+                    # Restored in the destination namespace (`ip netns add` bind-mounts it).
+                    check_pid=lambda pid: _same_inode(f"/proc/{pid}/ns/net",
+                                                      f"/run/netns/{hosts.dst}"))
         assert restored_pid != w.pid
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone
     # The workload's memory crossed the veth pair, from the source namespace.

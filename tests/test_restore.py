@@ -29,12 +29,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import uvloop
-from workloads import Check, Workload, build_c_workload, python_workload_argv
+from workloads import Check, Workload, build_c_workload, parse_check, python_workload_argv
 
 from lazymig.dump import dump
 from lazymig.errors import BrokenResourceError
@@ -84,8 +84,7 @@ class Lines:
         while True:
             line = self.next(timeout)
             if line.startswith("CHECK"):
-                f = {k: int(v, 0) for k, v in (t.split("=", 1) for t in line.split()[1:])}
-                return Check(f["n"], f["sum"], f["bad"], f.get("usr1", 0))
+                return parse_check(line)
 
     def close(self) -> None:
         self._thread.join(timeout=5)
@@ -187,16 +186,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _restore_and_check(images: Path, before: Check, loop: bool,
-                             daemon: subprocess.Popen[str], dumper: subprocess.Popen[str]) -> int:
-    """``lazymig restore --lazy-pages -d``, then the restored process's CHECK lines;
-    returns its pid (killed again at the end)."""
+async def restore_and_check(images: Path, before: Check, loop: bool,
+                            daemon: subprocess.Popen[str], dumper: subprocess.Popen[str], *,
+                            wrapper: Sequence[str] = (), log_dir: Path | None = None,
+                            check_pid: Callable[[int], None] | None = None) -> int:
+    """``lazymig restore --lazy-pages -d`` (run under ``wrapper``, e.g. ``ip netns exec
+    NS``), then the restored process's CHECK lines; returns its pid (killed again at
+    the end). ``check_pid`` may inspect the restored process before it is checked."""
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "lazymig", "--uvloop" if loop else "--no-uvloop",
+    argv = [*wrapper, sys.executable, "-m", "lazymig", "--uvloop" if loop else "--no-uvloop",
             "restore", "--lazy-pages", "-D", str(images), "-d"]
     # Not stderr=PIPE: the restored process inherits the restorer's fds 0-2, so a
     # pipe would stay open as long as it runs.
-    with (images / "restore.log").open("w+") as log:
+    with ((log_dir or images) / "restore.log").open("w+") as log:
         try:
             restore = await asyncio.to_thread(subprocess.run, argv, stdout=write_fd,
                                               stderr=log, timeout=30)
@@ -208,7 +210,18 @@ async def _restore_and_check(images: Path, before: Check, loop: bool,
     restored_pid = 0
     try:
         assert restore.returncode == 0, errors
-        restored_pid = int(await asyncio.to_thread(lines.next))
+        # The restorer prints the pid, but the restored process already runs and
+        # shares its stdout: a CHECK line may come first.
+        early: list[Check] = []
+        while not restored_pid:
+            line = await asyncio.to_thread(lines.next)
+            if line.startswith("CHECK"):
+                early.append(parse_check(line))
+            else:
+                restored_pid = int(line)
+        assert all((c.sum, c.bad) == (before.sum, 0) for c in early), early
+        if check_pid is not None:
+            check_pid(restored_pid)
         for _ in range(3):
             check = await asyncio.to_thread(lines.next_check)
             assert (check.sum, check.bad) == (before.sum, 0)
@@ -242,7 +255,7 @@ async def test_lazy_migration_with_the_three_clis(kind: str, tmp_path: Path,
                      "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
                 assert lr is not None
                 await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-                restored_pid = await _restore_and_check(tmp_path, before, loop, daemon, dumper)
+                restored_pid = await restore_and_check(tmp_path, before, loop, daemon, dumper)
         assert restored_pid != w.pid
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone
 

@@ -28,6 +28,7 @@ __all__ = [
     "Workload",
     "build_c_workload",
     "expected_page",
+    "parse_check",
     "python_workload_argv",
 ]
 
@@ -85,6 +86,12 @@ def _fields(line: str) -> dict[str, int]:
     return {k: int(v, 0) for k, v in (tok.split("=", 1) for tok in line.split()[1:])}
 
 
+def parse_check(line: str) -> Check:
+    """A ``CHECK n=.. sum=.. bad=.. [usr1=..]`` line, parsed."""
+    f = _fields(line)
+    return Check(f["n"], f["sum"], f["bad"], f.get("usr1", 0))
+
+
 class Workload:
     """A running workload; its stdout lines are read by a thread into a queue.
 
@@ -132,8 +139,7 @@ class Workload:
         while True:
             line = self._get(timeout)
             if line.startswith("CHECK"):
-                f = _fields(line)
-                return Check(f["n"], f["sum"], f["bad"], f.get("usr1", 0))
+                return parse_check(line)
 
     def drain(self) -> None:
         """Forget the lines printed so far."""
