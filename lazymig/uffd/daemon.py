@@ -1,18 +1,21 @@
 """The lazy-pages daemon: every uffd it holds, multiplexed on one event loop.
 
 Restorers (``criu restore --lazy-pages``, lazymig's restorer, or
-:func:`lazymig.uffd.attach.attach`) connect to a UNIX socket and hand over,
-per process, a pid and its userfaultfd. The daemon then:
+:func:`lazymig.uffd.attach.attach`) connect to a UNIX socket (mode 0600,
+peers checked by SO_PEERCRED) and hand over, per process, a pid and its
+userfaultfd. The daemon then:
 
-* serves faults: a fault in a lazy range becomes an urgent GET, the reply is
-  UFFDIO_COPYed and the faulting thread wakes; a fault outside every lazy
-  range gets the zero page;
+* serves faults: each uffd has a reader on the loop; a fault in a lazy range
+  becomes an urgent GET for its 64 KiB block (a sequential reader's next
+  faults are covered), the reply is UFFDIO_COPYed and the faulting thread
+  wakes; a fault outside every lazy range gets the zero page;
 * once that restorer said "restore finished", pulls every page still lazy in
   the background, in chunks that grow from 64 KiB to 1 MiB (reset on each
   fault, as CRIU does), at most two in flight, and none started while a fault
   waits: a fault never queues behind more than two chunks of at most a
-  millisecond each. (CRIU grows to 4 MiB; measured here, 1 MiB chunks gave
-  the same background throughput and a third of the fault p99.);
+  millisecond each, and it starts past the last fault (spatial locality).
+  (CRIU grows to 4 MiB; measured here, 1 MiB chunks gave the same background
+  throughput and a third of the fault p99.);
 * follows the processes: FORK (the child gets the parent's pending ranges and
   asks under the parent's image pid), REMAP, REMOVE, UNMAP and exit;
 * when every process is complete, ends the page-server session (CLOSE) and
@@ -23,7 +26,9 @@ run on pages that never arrived (they would read as zeros): the daemon keeps
 its uffd open, so untouched holes keep trapping, and kills every thread it
 sees faulting (their ids come with the fault when the uffd has THREAD_ID, as
 lazymig's own restorer and attach ask). Processes it cannot kill stay frozen
-on their next missing page; the log says which.
+on their next missing page; the log says which. A restore that fails, or the
+daemon being stopped, ends the session with a reset so that the dump side
+keeps its source.
 """
 
 from __future__ import annotations
