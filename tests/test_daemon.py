@@ -194,19 +194,28 @@ async def test_process_exit_mid_transfer_retires_only_that_process(
     assert states == {pid1: "exited", pid2: "complete"}
 
 
+async def slow_child_mid_transfer(images_dir: Path, server: PageServer) -> tuple[
+        asyncio.Task[bool], LazyPagesDaemon, asyncio.Task[DaemonReport],
+        asyncio.subprocess.Process]:
+    """A page server, a daemon fetching on faults only, and a child touching one page
+    every 5 ms, returned once some of its pages have arrived."""
+    serving = asyncio.create_task(server.serve())
+    source = await RemotePageSource.connect("127.0.0.1", server.port)
+    daemon, running = await run_daemon(images_dir, source, background=False)
+    (pid, [(vaddr, nr)]), *_ = layout(1).items()
+    child = await spawn(daemon.socket_path, pid, vaddr, nr, "slow")
+    assert child.stdout is not None
+    assert await child.stdout.readline() == b"attached\n"
+    await child.stdout.readline()  # some pages have arrived
+    return serving, daemon, running, child
+
+
 @pytest.mark.asyncio
 async def test_server_death_kills_instead_of_zero_filling(
         page_server: tuple[Path, PageServer]) -> None:
     images_dir, server = page_server
     async with asyncio.timeout(30):
-        serving = asyncio.create_task(server.serve())
-        source = await RemotePageSource.connect("127.0.0.1", server.port)
-        daemon, running = await run_daemon(images_dir, source, background=False)
-        (pid, [(vaddr, nr)]), *_ = layout(1).items()
-        child = await spawn(daemon.socket_path, pid, vaddr, nr, "slow")
-        assert child.stdout is not None
-        assert await child.stdout.readline() == b"attached\n"
-        await child.stdout.readline()  # some pages have arrived
+        serving, _, running, child = await slow_child_mid_transfer(images_dir, server)
         serving.cancel()  # the page server dies mid-transfer, its connections with it
         server.close()
         code, out = await finish(child)
@@ -266,14 +275,7 @@ async def test_a_cancelled_daemon_kills_what_it_leaves_unfinished(
         page_server: tuple[Path, PageServer]) -> None:
     images_dir, server = page_server
     async with asyncio.timeout(30):
-        serving = asyncio.create_task(server.serve())
-        source = await RemotePageSource.connect("127.0.0.1", server.port)
-        daemon, running = await run_daemon(images_dir, source, background=False)
-        (pid, [(vaddr, nr)]), *_ = layout(1).items()
-        child = await spawn(daemon.socket_path, pid, vaddr, nr, "slow")
-        assert child.stdout is not None
-        assert await child.stdout.readline() == b"attached\n"
-        await child.stdout.readline()  # some pages have arrived
+        serving, daemon, running, child = await slow_child_mid_transfer(images_dir, server)
         await stop(running)  # the daemon is stopped mid-transfer
         code, out = await finish(child)
         await asyncio.sleep(0.1)
