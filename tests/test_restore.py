@@ -41,7 +41,7 @@ from lazymig.errors import BrokenResourceError
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import ImagesDir
-from lazymig.restore import RestoreError, Restorer, UnsupportedDumpError
+from lazymig.restore import RestoreError, Restorer, RestoreResult, UnsupportedDumpError
 
 pytestmark = [
     pytest.mark.root,
@@ -184,6 +184,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def restore_with_output(images: Path, *, lazy_pages: bool = False
+                              ) -> tuple[Restorer, RestoreResult, Lines]:
+    """Restore with the restored process's stdout on a pipe read by ``Lines``; the
+    caller kills the restorer and closes the lines."""
+    read_fd, write_fd = os.pipe()
+    restorer = Restorer(images, lazy_pages=lazy_pages, stdio=(0, write_fd, 2))
+    try:
+        result = await restorer.run()
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return restorer, result, Lines(read_fd)
 
 
 async def restore_and_check(images: Path, before: Check, loop: bool,
@@ -363,13 +379,7 @@ async def test_a_stopped_process_is_restored_stopped(tmp_path: Path, c_workload:
         os.kill(w.pid, signal.SIGSTOP)
         assert w.quiet_for(0.2)
         await dump(w.pid, tmp_path)
-    read_fd, write_fd = os.pipe()
-    restorer = Restorer(tmp_path, stdio=(0, write_fd, 2))
-    try:
-        result = await restorer.run()
-    finally:
-        os.close(write_fd)
-    lines = Lines(read_fd)
+    restorer, result, lines = await restore_with_output(tmp_path)
     try:
         for _ in range(50):
             if status_line(result.pid, "State").startswith("T"):
@@ -403,13 +413,7 @@ async def test_the_restored_process_gets_the_dumped_credentials(
         before = w.next_check()
         await dump(w.pid, tmp_path)
     await asyncio.to_thread(_run_as_nobody_in_the_images, tmp_path, w.pid)
-    read_fd, write_fd = os.pipe()
-    restorer = Restorer(tmp_path, stdio=(0, write_fd, 2))
-    try:
-        result = await restorer.run()
-    finally:
-        os.close(write_fd)
-    lines = Lines(read_fd)
+    restorer, result, lines = await restore_with_output(tmp_path)
     try:
         check = await asyncio.to_thread(lines.next_check)
         assert (check.sum, check.bad) == (before.sum, 0)
@@ -471,14 +475,8 @@ async def test_a_page_server_lost_mid_transfer_kills_the_restored_process(
                  "--no-background", "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
             assert lr is not None
             await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-            read_fd, write_fd = os.pipe()
-            restorer = Restorer(tmp_path, lazy_pages=True, stdio=(0, write_fd, 2))
-            try:
-                result = await restorer.run()
-            finally:
-                os.close(write_fd)
+            restorer, result, lines = await restore_with_output(tmp_path, lazy_pages=True)
             dumper.kill()  # the source host is lost, the restored process still sleeps
-            lines = Lines(read_fd)
             try:
                 printed = []
                 with contextlib.suppress(EOFError):
@@ -508,13 +506,7 @@ async def test_a_plain_dump_restored_lazily_from_a_local_daemon(tmp_path: Path,
     with cli("lazy-pages", "-D", str(tmp_path), uvloop=on_uvloop()) as (daemon, lr):
         assert lr is not None
         await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-        read_fd, write_fd = os.pipe()
-        restorer = Restorer(tmp_path, lazy_pages=True, stdio=(0, write_fd, 2))
-        try:
-            result = await restorer.run()
-        finally:
-            os.close(write_fd)
-        lines = Lines(read_fd)
+        restorer, result, lines = await restore_with_output(tmp_path, lazy_pages=True)
         try:
             assert result.lazy_pages >= 4 * 256
             check = await asyncio.to_thread(lines.next_check)
