@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 from lazymig.cli._common import (
     add_images_dir_option,
@@ -25,9 +24,6 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
 )
-
-log = logging.getLogger(__name__)
-
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

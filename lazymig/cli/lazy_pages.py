@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from pathlib import Path
 
 from lazymig.cli._common import (
@@ -23,8 +22,6 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
 )
-
-log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

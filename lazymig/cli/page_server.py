@@ -7,7 +7,6 @@ It stands in for ``criu page-server --lazy-pages``: the images may come from
 from __future__ import annotations
 
 import argparse
-import logging
 
 from lazymig.cli._common import (
     add_images_dir_option,
@@ -17,8 +16,6 @@ from lazymig.cli._common import (
     signal_ready,
 )
 from lazymig.errors import ConfigurationError
-
-log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
