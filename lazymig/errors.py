@@ -14,6 +14,7 @@ The branches follow the style anchors:
   callers can tell "retry" from "the process is gone" without parsing text.
 * :class:`ImageError` names the image file and the byte offset of the damage.
 * :class:`ConfigurationError` is caller misuse and is also a ``ValueError``.
+* :class:`AuthenticationError`: a TLS peer's certificate was refused, or ours.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import errno as _errno
 import os
 
 __all__ = [
+    "AuthenticationError",
     "BrokenResourceError",
     "BusyResourceError",
     "ClosedResourceError",
@@ -87,6 +89,11 @@ class ClosedResourceError(LazyMigError):
 
 class BrokenResourceError(LazyMigError):
     """The peer or the environment broke the resource (connection lost, process gone)."""
+
+
+class AuthenticationError(LazyMigError):
+    """A TLS peer was refused (or refused us): no certificate, an untrusted or revoked
+    one, or one issued for another name. The message says which."""
 
 
 class BusyResourceError(LazyMigError):

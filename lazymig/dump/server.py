@@ -12,6 +12,13 @@ The server keeps accepting connections (a daemon that reconnects, a second
 restore of the same dump) until the transfer is complete: every lazy page has
 been served at least once *and* a client closed the session cleanly (CLOSE,
 then EOF). Only then may the frozen source be released.
+
+With TLS (:mod:`lazymig.tls`) every connection starts with a handshake in
+which both ends show certificates; a client refused there is logged with the
+reason and the server goes on serving others. Page bytes then have to pass
+through user space to be encrypted: they are read from the segment the store
+gives (a scratch pipe or a file offset, never the page pipes themselves) into
+one reused buffer per connection.
 """
 
 from __future__ import annotations
@@ -25,10 +32,16 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lazymig._aio import retry_until_ready
 from lazymig.dump.store import LazyPageStore, PageSegment
-from lazymig.errors import ConfigurationError, LazyMigError, RemoteProtocolError
+from lazymig.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    LazyMigError,
+    RemoteProtocolError,
+)
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.pageserver import (
     DEFAULT_MAX_PAGES,
@@ -42,6 +55,7 @@ from lazymig.proto.pageserver import (
     Role,
 )
 from lazymig.proto.wire import WireVersion
+from lazymig.tls import ServerTls, TlsOption, TlsSocket
 
 __all__ = ["PageServer", "PageServerStats"]
 
@@ -49,6 +63,8 @@ log = logging.getLogger(__name__)
 
 _RECV_SIZE = 64 * 1024
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_TLS_CHUNK = 256 * 1024
+"""Page bytes read and encrypted per TLS send (16 records of 16 KiB)."""
 
 
 @dataclass(slots=True)
@@ -64,7 +80,7 @@ class PageServerStats:
     requests: int = 0
     connections: int = 0
     refused_connections: int = 0
-    """Connections ended by a protocol error."""
+    """Connections ended by a protocol error or refused at the TLS handshake."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -107,6 +123,10 @@ class PageServer:
         port: TCP port (CRIU's ``--port``; 0 picks a free one, see :attr:`port`).
         wire: the header layout to speak.
         max_pages: the largest GET accepted.
+        tls: serve over TLS with mutual certificate checks (CRIU's ``--tls``):
+            a :class:`~lazymig.tls.TlsConfig`, a server-side ``ssl.SSLContext``
+            (used as is) or a :class:`~lazymig.tls.ServerTls`. Certificates
+            are loaded here, so a bad path fails before anything is served.
 
     Example::
 
@@ -116,12 +136,14 @@ class PageServer:
     """
 
     def __init__(self, store: LazyPageStore, *, address: str = "0.0.0.0", port: int = 27,
-                 wire: WireVersion = WireVersion.V2, max_pages: int = DEFAULT_MAX_PAGES) -> None:
+                 wire: WireVersion = WireVersion.V2, max_pages: int = DEFAULT_MAX_PAGES,
+                 tls: TlsOption | ServerTls | None = None) -> None:
         self.store = store
         self.address = address
         self.port = port
         self.wire = wire
         self.max_pages = max_pages
+        self.tls = None if tls is None else ServerTls.build(tls, address)
         self._listener: socket.socket | None = None
         self._unserved = _Unserved(store)
         self.stats = PageServerStats(lazy_pages=self._unserved.remaining,
@@ -147,11 +169,11 @@ class PageServer:
                 f"cannot listen on {self.address}:{self.port}: {exc.strerror}") from exc
         self._listener = sock
         self.port = sock.getsockname()[1]
-        if not _is_loopback(self.address):
+        if self.tls is None and not _is_loopback(self.address):
             log.warning("page server listens on %s:%d without TLS: anyone who can reach it "
                         "can read the dumped memory", self.address, self.port)
-        log.info("page server listening on %s:%d (%s), %d lazy pages",
-                 self.address, self.port, self.wire.value, self.stats.lazy_pages)
+        log.info("page server listening on %s:%d (%s%s), %d lazy pages", self.address,
+                 self.port, self.wire.value, ", TLS" if self.tls else "", self.stats.lazy_pages)
 
     @property
     def complete(self) -> bool:
@@ -202,12 +224,23 @@ class PageServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             log.info("page client %s connected", peer)
+            tls: TlsSocket | None = None
+            clean = False
             try:
-                clean = await self._handle(sock)
+                if self.tls is not None:
+                    tls = await TlsSocket.accept(sock, self.tls)  # takes the socket over
+                clean = await self._handle(_PlainLink(sock) if tls is None else _TlsLink(tls))
+            except AuthenticationError as exc:
+                self.stats.refused_connections += 1
+                log.error("page client %s refused: %s", peer, exc)
+                return
             except (LazyMigError, OSError) as exc:
                 self.stats.refused_connections += 1
                 log.error("page client %s: connection closed: %s", peer, exc)
                 return
+            finally:
+                if tls is not None:
+                    tls.close(clean=clean)
             if clean and self._unserved.remaining == 0:
                 assert self._complete is not None
                 self._complete.set()
@@ -218,21 +251,20 @@ class PageServer:
             else:
                 log.warning("page client %s disconnected without CLOSE", peer)
 
-    async def _handle(self, sock: socket.socket) -> bool:
+    async def _handle(self, link: _Link) -> bool:
         """Serve requests until EOF; True when the session ended with CLOSE + EOF."""
-        loop = asyncio.get_running_loop()
         codec = PageServerConnection(Role.SERVER, self.wire, max_pages=self.max_pages)
         buf = bytearray(_RECV_SIZE)
         closed_cleanly = False
         while True:
             event = codec.next_event()
             if event is NEED_DATA:
-                n = await loop.sock_recv_into(sock, buf)
+                n = await link.recv_into(buf)
                 codec.receive_data(memoryview(buf)[:n])
             elif isinstance(event, GetRequest):
-                await self._answer_get(loop, sock, codec, event)
+                await self._answer_get(link, codec, event)
             elif isinstance(event, CloseRequest):
-                await loop.sock_sendall(sock, codec.send(CloseReply(0)))
+                await link.sendall(codec.send(CloseReply(0)))
                 closed_cleanly = True
             elif isinstance(event, ConnectionClosed):
                 return closed_cleanly
@@ -240,8 +272,8 @@ class PageServer:
                 raise RemoteProtocolError(
                     f"{type(event).__name__} is not served in lazy mode", field="cmd")
 
-    async def _answer_get(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                          codec: PageServerConnection, get: GetRequest) -> None:
+    async def _answer_get(self, link: _Link, codec: PageServerConnection,
+                          get: GetRequest) -> None:
         self.stats.requests += 1
         nr_pages = self.store.available(get.pid, get.vaddr, get.nr_pages)
         if nr_pages == 0:
@@ -250,16 +282,7 @@ class PageServer:
                 "not a lazy page of this dump", field="vaddr")
         segment = self.store.segment(get.pid, get.vaddr, nr_pages)
         try:
-            header = codec.send(GetReply(get.pid, get.vaddr, nr_pages))
-            # MSG_MORE holds the header back until the pages follow: one segment on the
-            # wire, without toggling TCP_CORK around every reply.
-            try:
-                sent = sock.send(header, socket.MSG_MORE)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(header):
-                await loop.sock_sendall(sock, header[sent:])
-            await _splice_all(segment, sock.fileno())
+            await link.send_reply(codec.send(GetReply(get.pid, get.vaddr, nr_pages)), segment)
             codec.payload_sent_directly(segment.length)
             segment.close(drained=True)
         finally:
@@ -267,6 +290,80 @@ class PageServer:
         self._unserved.mark(get.pid, get.vaddr, nr_pages)
         self.stats.pages_sent += nr_pages
         self.stats.pages_unserved = self._unserved.remaining
+
+
+class _Link(Protocol):
+    """One client connection's byte stream, plain or TLS."""
+
+    async def recv_into(self, buf: bytearray) -> int:
+        """Bytes from the client into ``buf``; 0 at its end."""
+        ...
+
+    async def sendall(self, data: bytes) -> None:
+        ...
+
+    async def send_reply(self, header: bytes, segment: PageSegment) -> None:
+        """A GET reply: ``header``, then every byte of ``segment``."""
+        ...
+
+
+class _PlainLink:
+    """A raw socket: pages go by splice or sendfile and never enter Python."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+
+    async def recv_into(self, buf: bytearray) -> int:
+        return await self._loop.sock_recv_into(self._sock, buf)
+
+    async def sendall(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self._sock, data)
+
+    async def send_reply(self, header: bytes, segment: PageSegment) -> None:
+        # MSG_MORE holds the header back until the pages follow: one segment on the
+        # wire, without toggling TCP_CORK around every reply.
+        try:
+            sent = self._sock.send(header, socket.MSG_MORE)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(header):
+            await self._loop.sock_sendall(self._sock, header[sent:])
+        await _splice_all(segment, self._sock.fileno())
+
+
+class _TlsLink:
+    """A TLS session: pages are read from the segment into one reused buffer and
+    encrypted from there, the reply header in the same first record."""
+
+    def __init__(self, tls: TlsSocket) -> None:
+        self._tls = tls
+        self._buf = bytearray(_TLS_CHUNK)
+
+    async def recv_into(self, buf: bytearray) -> int:
+        return await self._tls.recv_into(buf)
+
+    async def sendall(self, data: bytes) -> None:
+        await self._tls.sendall(data)
+
+    async def send_reply(self, header: bytes, segment: PageSegment) -> None:
+        view = memoryview(self._buf)
+        start = len(header)
+        view[:start] = header
+        remaining, offset = segment.length, segment.offset
+        while remaining:
+            chunk = view[start:start + min(remaining, len(view) - start)]
+            # The pipe holds exactly the segment's bytes, the file is in the page
+            # cache: neither read waits.
+            got = (os.readv(segment.fd, [chunk]) if offset is None
+                   else os.preadv(segment.fd, [chunk], offset))
+            if got == 0:
+                raise LazyMigError("page store ran dry while sending (segment shorter than said)")
+            await self._tls.sendall(view[:start + got])
+            remaining -= got
+            if offset is not None:
+                offset += got
+            start = 0
 
 
 async def _splice_all(segment: PageSegment, sock_fd: int) -> None:

@@ -26,13 +26,19 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from lazymig.dump.store import ImagesPageStore
-from lazymig.errors import BrokenResourceError, ClosedResourceError, LazyMigError
+from lazymig.errors import (
+    AuthenticationError,
+    BrokenResourceError,
+    ClosedResourceError,
+    LazyMigError,
+)
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.pageserver import (
@@ -48,6 +54,7 @@ from lazymig.proto.pageserver import (
     Role,
 )
 from lazymig.proto.wire import WireVersion
+from lazymig.tls import TlsOption, client_tls
 
 __all__ = ["LocalPageSource", "PageChunk", "PageSource", "RemotePageSource"]
 
@@ -261,10 +268,17 @@ class RemotePageSource:
     @classmethod
     async def connect(cls, address: str, port: int, *, wire: WireVersion = WireVersion.V2,
                       channels: int = 1, max_pages: int = DEFAULT_MAX_PAGES,
-                      connect_timeout: float = 10.0) -> RemotePageSource:
-        """Connect to the page server; ``channels=2`` adds a connection for urgent requests."""
+                      connect_timeout: float = 10.0, tls: TlsOption | None = None
+                      ) -> RemotePageSource:
+        """Connect to the page server; ``channels=2`` adds a connection for urgent requests.
+
+        ``tls`` (a :class:`~lazymig.tls.TlsConfig` or a client ``ssl.SSLContext``)
+        runs every channel over TLS, as CRIU's ``--tls``: the server's certificate
+        must name ``address`` unless the config says ``verify_cn=False``.
+        """
         if channels not in (1, 2):
             raise ValueError("channels must be 1 or 2")
+        context, server_name = client_tls(tls, address) if tls is not None else (None, None)
         loop = asyncio.get_running_loop()
         opened: list[_Channel] = []
         try:
@@ -273,8 +287,17 @@ class RemotePageSource:
                 try:
                     async with asyncio.timeout(connect_timeout):
                         _, channel = await loop.create_connection(
-                            lambda name=name: _Channel(wire, max_pages, name),  # type: ignore[misc]
-                            address, port)
+                            lambda name=name: _Channel(wire, max_pages, name),
+                            address, port, ssl=context, server_hostname=server_name)
+                except ssl.SSLCertVerificationError as exc:
+                    raise AuthenticationError(
+                        f"the page server at {address}:{port} was refused: "
+                        f"{exc.verify_message}") from exc
+                except ssl.SSLError as exc:
+                    raise AuthenticationError(
+                        f"TLS handshake with the page server at {address}:{port} failed: "
+                        f"{exc.reason or exc} (does it use --tls, and trust our "
+                        "certificate's CA?)") from exc
                 except (OSError, TimeoutError) as exc:
                     raise BrokenResourceError(
                         f"cannot connect to the page server at {address}:{port}: "
@@ -285,8 +308,8 @@ class RemotePageSource:
             for channel in opened:
                 channel.abort()
             raise
-        log.info("connected to page server %s:%d (%s, %d channel%s)", address, port,
-                 wire.value, channels, "s" if channels > 1 else "")
+        log.info("connected to page server %s:%d (%s, %d channel%s%s)", address, port,
+                 wire.value, channels, "s" if channels > 1 else "", ", TLS" if tls else "")
         return cls(opened)
 
     def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
@@ -311,7 +334,9 @@ class RemotePageSource:
                 assert channel.transport is not None
                 sock = channel.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-                channel.transport.write_eof()
+                if channel.transport.can_write_eof():
+                    channel.transport.write_eof()
+                # else TLS, which has no half-close: close() below ends with close_notify
         finally:
             for channel in self._channels:
                 if channel.transport is not None:
