@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from lazymig.proto.wire import WireVersion
+from lazymig.tls import DEFAULT_CACERT, DEFAULT_CACRL, DEFAULT_CERT, DEFAULT_KEY, TlsConfig
 
 _T = TypeVar("_T")
 
@@ -33,6 +34,34 @@ def add_server_address_options(parser: argparse.ArgumentParser, *, default_addre
                         help=f"page server address (default {default_address})")
     parser.add_argument("--port", type=int, default=27,
                         help="page server TCP port (CRIU's default is 27)")
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """CRIU's ``--tls`` and ``--tls-*`` options (mutual certificate checks)."""
+    group = parser.add_argument_group("TLS (as CRIU's)")
+    group.add_argument("--tls", action="store_true",
+                       help="use TLS to secure the page-server connection; both ends present "
+                            "and check certificates")
+    group.add_argument("--tls-cacert", metavar="FILE",
+                       help="trust certificates signed only by this CA (default: the system's "
+                            f"CAs and {DEFAULT_CACERT} if present)")
+    group.add_argument("--tls-cacrl", metavar="FILE",
+                       help=f"certificate revocation list (default: {DEFAULT_CACRL} if present)")
+    group.add_argument("--tls-cert", metavar="FILE", default=DEFAULT_CERT,
+                       help=f"our certificate (default {DEFAULT_CERT})")
+    group.add_argument("--tls-key", metavar="FILE", default=DEFAULT_KEY,
+                       help=f"its private key (default {DEFAULT_KEY})")
+    group.add_argument("--tls-no-cn-verify", action="store_true",
+                       help="do not check that the peer's certificate names the address given "
+                            "(--address); the chain is still checked")
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS options given, or None without ``--tls`` (CRIU then ignores ``--tls-*``)."""
+    if not args.tls:
+        return None
+    return TlsConfig(cacert=args.tls_cacert, cacrl=args.tls_cacrl, cert=args.tls_cert,
+                     key=args.tls_key, verify_cn=not args.tls_no_cn_verify)
 
 
 def add_images_dir_option(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

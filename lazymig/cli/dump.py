@@ -19,10 +19,12 @@ import asyncio
 from lazymig.cli._common import (
     add_images_dir_option,
     add_server_address_options,
+    add_tls_options,
     add_wire_option,
     cancelled_by_signals,
     run_async,
     signal_ready,
+    tls_config,
 )
 
 
@@ -39,6 +41,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         help="leave lazy-capable pages in the source and serve them")
     add_server_address_options(parser, default_address="0.0.0.0")
     add_wire_option(parser)
+    add_tls_options(parser)
     parser.add_argument("--status-fd", type=int, metavar="FD",
                         help="write a zero byte to FD once the images are written (and, with "
                              "--lazy-pages, the page server listens)")
@@ -59,7 +62,7 @@ async def _dump(args: argparse.Namespace) -> int:
         try:
             if args.lazy_pages:
                 async with LazyDump(args.tree, args.images_dir, address=args.address,
-                                    port=args.port, wire=args.wire,
+                                    port=args.port, wire=args.wire, tls=tls_config(args),
                                     leave_running=args.leave_running) as lazy:
                     signal_ready(args.status_fd)
                     await lazy.serve()

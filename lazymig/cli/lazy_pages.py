@@ -17,10 +17,12 @@ from pathlib import Path
 from lazymig.cli._common import (
     add_images_dir_option,
     add_server_address_options,
+    add_tls_options,
     add_wire_option,
     cancelled_by_signals,
     run_async,
     signal_ready,
+    tls_config,
 )
 
 
@@ -38,6 +40,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         help="get pages from a page server at --address/--port")
     add_server_address_options(parser, default_address="127.0.0.1")
     add_wire_option(parser)
+    add_tls_options(parser)
     parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
                         help="2 = faults on a connection of their own (lazymig's page server "
                              "only; CRIU's accepts one connection)")
@@ -63,7 +66,7 @@ def lazy_pages(args: argparse.Namespace) -> int:
         source: PageSource
         if args.page_server:
             source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
-                                                    channels=args.channels)
+                                                    channels=args.channels, tls=tls_config(args))
         else:
             source = LocalPageSource(ImagesDir(images_dir))
         daemon = LazyPagesDaemon.from_images(

@@ -11,9 +11,11 @@ import argparse
 from lazymig.cli._common import (
     add_images_dir_option,
     add_server_address_options,
+    add_tls_options,
     add_wire_option,
     run_async,
     signal_ready,
+    tls_config,
 )
 from lazymig.errors import ConfigurationError
 
@@ -28,6 +30,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_images_dir_option(parser)
     add_server_address_options(parser, default_address="0.0.0.0")
     add_wire_option(parser)
+    add_tls_options(parser)
     parser.add_argument("--status-fd", type=int, metavar="FD",
                         help="write a zero byte to FD once listening")
     parser.set_defaults(func=page_server)
@@ -39,11 +42,12 @@ def page_server(args: argparse.Namespace) -> int:
     from lazymig.proto.images import ImagesDir
     if not args.lazy_pages:
         raise ConfigurationError("lazymig's page server only serves lazy pages: add --lazy-pages")
+    tls = tls_config(args)
     store = ImagesPageStore(ImagesDir(args.images_dir))
 
     async def serve() -> bool:
         async with PageServer(store, address=args.address, port=args.port,
-                              wire=args.wire) as server:
+                              wire=args.wire, tls=tls) as server:
             signal_ready(args.status_fd)
             return await server.serve()
 

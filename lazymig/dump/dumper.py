@@ -50,6 +50,7 @@ from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
+from lazymig.tls import ServerTls, TlsOption
 
 __all__ = ["DumpResult", "LazyDump", "SourceFate", "dump"]
 
@@ -113,6 +114,9 @@ class LazyDump:
         address: where the page server listens (CRIU's ``--address``).
         port: its TCP port (CRIU's ``--port``; 0 picks a free one, see :attr:`port`).
         wire: the page-server header layout (V1 for CRIU up to 4.1).
+        tls: serve over TLS (CRIU's ``--tls``): a :class:`~lazymig.tls.TlsConfig`
+            or a server ``ssl.SSLContext``; certificates are loaded here,
+            before the process is frozen.
         leave_running: resume the source after a complete transfer instead
             of killing it.
         pipe_size: page pipe size in bytes (default: fs.pipe-max-size).
@@ -126,6 +130,7 @@ class LazyDump:
 
     def __init__(self, pid: int, images_dir: StrPath, *, address: str = "0.0.0.0",
                  port: int = 27, wire: WireVersion = WireVersion.V2,
+                 tls: TlsOption | None = None,
                  leave_running: bool = False, pipe_size: int | None = None,
                  fsync: bool = False, progress_interval: float | None = 5.0) -> None:
         self.pid = pid
@@ -134,6 +139,7 @@ class LazyDump:
         self.port = port
         """The page server's port (the real one once listening, when 0 was asked)."""
         self.wire = wire
+        self.tls = None if tls is None else ServerTls.build(tls, address)
         self.leave_running = leave_running
         self.pipe_size = pipe_size
         self.progress_interval = progress_interval
@@ -207,7 +213,8 @@ class LazyDump:
             store: PipePageStore | None = None
             try:
                 store = PipePageStore(self.pid, pipes)
-                server = PageServer(store, address=self.address, port=self.port, wire=self.wire)
+                server = PageServer(store, address=self.address, port=self.port, wire=self.wire,
+                                    tls=self.tls)
                 server.listen()
             except BaseException:
                 if store is not None:
