@@ -334,7 +334,7 @@ class _PlainLink:
 
 class _TlsLink:
     """A TLS session: pages are read from the segment into one reused buffer and
-    encrypted from there, the reply header in the same first record."""
+    encrypted from there."""
 
     def __init__(self, tls: TlsSocket) -> None:
         self._tls = tls
@@ -347,23 +347,24 @@ class _TlsLink:
         await self._tls.sendall(data)
 
     async def send_reply(self, header: bytes, segment: PageSegment) -> None:
+        # The header goes in a TLS record of its own: CRIU's client reads it with one
+        # gnutls_record_recv and then waits for the socket to be readable for the pages,
+        # which would never come if they sat decrypted in GnuTLS's buffer already.
+        await self._tls.sendall(header)
         view = memoryview(self._buf)
-        start = len(header)
-        view[:start] = header
         remaining, offset = segment.length, segment.offset
         while remaining:
-            chunk = view[start:start + min(remaining, len(view) - start)]
-            # The pipe holds exactly the segment's bytes, the file is in the page
-            # cache: neither read waits.
+            # The pipe holds exactly the segment's bytes, the file is in the page cache:
+            # neither read waits.
+            chunk = view[:min(remaining, len(view))]
             got = (os.readv(segment.fd, [chunk]) if offset is None
                    else os.preadv(segment.fd, [chunk], offset))
             if got == 0:
                 raise LazyMigError("page store ran dry while sending (segment shorter than said)")
-            await self._tls.sendall(view[:start + got])
+            await self._tls.sendall(view[:got])
             remaining -= got
             if offset is not None:
                 offset += got
-            start = 0
 
 
 async def _splice_all(segment: PageSegment, sock_fd: int) -> None:
