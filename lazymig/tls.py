@@ -54,7 +54,7 @@ __all__ = [
     "TlsConfig",
     "TlsOption",
     "TlsSocket",
-    "client_tls",
+    "client_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,9 @@ def _wildcard(address: str) -> bool:
     return address == ""
 
 
-def client_tls(tls: TlsOption, address: str) -> tuple[ssl.SSLContext, str]:
-    """The client's context and the name the server's certificate must carry."""
-    if isinstance(tls, TlsConfig):
-        return tls.context(server=False), address
-    return tls, address
+def client_context(tls: TlsOption) -> ssl.SSLContext:
+    """The daemon's context (it checks the server's name against the address it dials)."""
+    return tls.context(server=False) if isinstance(tls, TlsConfig) else tls
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ from lazymig.proto.pageserver import (
     Role,
 )
 from lazymig.proto.wire import WireVersion
-from lazymig.tls import TlsOption, client_tls
+from lazymig.tls import TlsOption, client_context
 
 __all__ = ["LocalPageSource", "PageChunk", "PageSource", "RemotePageSource"]
 
@@ -278,7 +278,7 @@ class RemotePageSource:
         """
         if channels not in (1, 2):
             raise ValueError("channels must be 1 or 2")
-        context, server_name = client_tls(tls, address) if tls is not None else (None, None)
+        context = None if tls is None else client_context(tls)
         loop = asyncio.get_running_loop()
         opened: list[_Channel] = []
         try:
@@ -288,7 +288,8 @@ class RemotePageSource:
                     async with asyncio.timeout(connect_timeout):
                         _, channel = await loop.create_connection(
                             lambda name=name: _Channel(wire, max_pages, name),
-                            address, port, ssl=context, server_hostname=server_name)
+                            address, port, ssl=context,
+                            server_hostname=None if context is None else address)
                 except ssl.SSLCertVerificationError as exc:
                     raise AuthenticationError(
                         f"the page server at {address}:{port} was refused: "
