@@ -30,7 +30,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,34 +187,33 @@ def check_wire(wire: WireLog, images: ImagesDir, lazy_pages: int,
 
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_criu_restores_lazily_from_lazymig_page_server(
-        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
-    d = chroot_dir
-    mib, children = 48, 1
-    workload, dumped = dump_workload(d, workload_binary, mib=mib, children=children,
-                                     measure=measure)
-    images = ImagesDir(d.host)
-    lazy_pages = sum(r.nr_pages for e in images.pstree() for r in images.lazy_ranges(e.pid))
-    assert lazy_pages >= (1 + children) * mib * 256
-    measure["lazy_pages"] = lazy_pages
-
+@contextlib.contextmanager
+def restored_from_lazymig_page_server(
+        d: ChrootDir, loop: str, measure: dict[str, Any], *, server_args: Sequence[str] = (),
+        criu_args: Sequence[str] = (), tap: bool = True) -> Iterator[tuple[str, WireLog | None]]:
+    """Serve the criu dump in ``d`` with ``lazymig page-server --wire v1 SERVER_ARGS``; run
+    ``criu lazy-pages --page-server CRIU_ARGS`` (through a :class:`WireTap` unless ``tap``
+    is False) and ``criu restore --lazy-pages -d``; wait until the server reports a complete
+    transfer and both exit 0. Yields the server's log and the tap's; the restored tree is
+    killed on leaving, and a failure inside the block comes with the logs."""
     port = free_port()
     server_log = d.host / "lazymig-page-server.log"
     restored_pid = 0
     with server_log.open("wb") as server_err:
         server = start_with_status_fd(
             [sys.executable, "-m", "lazymig", "-v", f"--{loop}", "page-server", "--lazy-pages",
-             "-D", str(d.host), "--address", "127.0.0.1", "--port", str(port), "--wire", "v1"],
+             "-D", str(d.host), "--address", "127.0.0.1", "--port", str(port), "--wire", "v1",
+             *server_args],
             what="lazymig page-server", stderr=server_err.fileno())
     daemon: subprocess.Popen[bytes] | None = None
-    tap = WireTap(port)  # criu lazy-pages -> tap -> lazymig, parsing the v1 stream
+    wire_tap = WireTap(port) if tap else None  # criu lazy-pages -> tap -> lazymig (v1)
     try:
         # criu lazy-pages must listen on lazy-pages.socket in the work dir (= -D) before
         # restore connects to it.
         daemon = start_with_status_fd(
             chroot_argv("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1",
-                        "--port", str(tap.port), "-D", d.inner),
+                        "--port", str(wire_tap.port if wire_tap else port), "-D", d.inner,
+                        *criu_args),
             what="criu lazy-pages", log="lazy-pages.log")
         started = time.monotonic()
         measure["restore_s"] = round(criu(
@@ -226,12 +225,9 @@ def test_criu_restores_lazily_from_lazymig_page_server(
         measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
         assert rc == 0, f"lazymig page-server exited {rc}:\n{server_log.read_text()[-3000:]}"
         assert daemon.wait(30) == 0, log_errors(d.host / "lazy-pages.log")
-
         server_text = server_log.read_text()
         assert "transfer complete" in server_text, server_text[-3000:]
-        check_wire(tap.join(), images, lazy_pages, measure)
-
-        check_restored_ticks(workload, dumped)
+        yield server_text, wire_tap.join() if wire_tap else None
     except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
         raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
                              f"\n--- lazymig page-server:\n{server_log.read_text()[-3000:]}"
@@ -242,6 +238,23 @@ def test_criu_restores_lazily_from_lazymig_page_server(
         if daemon is not None:
             stop(daemon)
         stop(server)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_criu_restores_lazily_from_lazymig_page_server(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    d = chroot_dir
+    mib, children = 48, 1
+    workload, dumped = dump_workload(d, workload_binary, mib=mib, children=children,
+                                     measure=measure)
+    images = ImagesDir(d.host)
+    lazy_pages = sum(r.nr_pages for e in images.pstree() for r in images.lazy_ranges(e.pid))
+    assert lazy_pages >= (1 + children) * mib * 256
+    measure["lazy_pages"] = lazy_pages
+    with restored_from_lazymig_page_server(d, loop, measure) as (_, wire):
+        assert wire is not None
+        check_wire(wire, images, lazy_pages, measure)
+        check_restored_ticks(workload, dumped)
 
 
 # -- lazymig dump's page server, pulled by criu lazy-pages ----------------------------------------

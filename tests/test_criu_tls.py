@@ -16,8 +16,6 @@ the stream is encrypted (test_criu_interop checks the protocol in the clear).
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,7 @@ from criu_peer import (
     CriuError,
     Workload,
     chroot_argv,
-    criu,
     free_port,
-    kill_pid,
     log_errors,
     start_with_status_fd,
     stop,
@@ -46,6 +42,7 @@ from test_criu_interop import (
     lazy_pages_in,
     measure,
     restore_with_lazymig_daemon,
+    restored_from_lazymig_page_server,
     workload_binary,
 )
 from tls_pki import OPENSSL, Identity, Pki, make_pki
@@ -105,43 +102,12 @@ def test_criu_lazy_pages_over_tls_from_lazymig_page_server(
     d = chroot_dir
     pki = pki_in(d)
     workload, dumped = dump_workload(d, workload_binary, mib=16, children=0, measure=measure)
-    port = free_port()
-    server_log = d.host / "lazymig-page-server.log"
-    restored_pid = 0
-    with server_log.open("wb") as server_err:
-        server = start_with_status_fd(
-            [sys.executable, "-m", "lazymig", "-v", f"--{loop}", "page-server", "--lazy-pages",
-             "-D", str(d.host), "--address", "127.0.0.1", "--port", str(port), "--wire", "v1",
-             *lazymig_tls_args(pki, pki.server)],
-            what="lazymig page-server --tls", stderr=server_err.fileno())
-    daemon: subprocess.Popen[bytes] | None = None
-    try:
-        daemon = start_with_status_fd(
-            chroot_argv("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1",
-                        "--port", str(port), "-D", d.inner, *criu_tls_args(d, pki, pki.client)),
-            what="criu lazy-pages --tls", log="lazy-pages.log")
-        started = time.monotonic()
-        criu(d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
-             "--pidfile", d.inside("restored.pid"), log="restore.log")
-        restored_pid = int((d.host / "restored.pid").read_text())
-        rc = server.wait(60)
-        measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
-        text = server_log.read_text()
-        assert rc == 0, f"lazymig page-server exited {rc}:\n{text[-3000:]}"
-        assert daemon.wait(30) == 0, log_errors(d.host / "lazy-pages.log")
-        assert "(v1, TLS)" in text and "transfer complete" in text, text[-3000:]
+    with restored_from_lazymig_page_server(
+            d, loop, measure, server_args=lazymig_tls_args(pki, pki.server),
+            criu_args=criu_tls_args(d, pki, pki.client), tap=False) as (server_log, _):
+        assert "(v1, TLS)" in server_log
         assert "tls: TLS handshake completed" in (d.host / "lazy-pages.log").read_text()
         check_restored_ticks(workload, dumped)
-    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
-        raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
-                             f"\n--- lazymig page-server:\n{server_log.read_text()[-3000:]}"
-                             ) from exc
-    finally:
-        if restored_pid:
-            kill_pid(restored_pid)
-        if daemon is not None:
-            stop(daemon)
-        stop(server)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
