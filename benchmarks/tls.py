@@ -1,12 +1,20 @@
-"""The page server's throughput over TLS, beside plain TCP and the machine's limits.
+"""The page server's and the daemon's client's throughput over TLS, beside plain TCP
+and the machine's limits.
 
     .venv/bin/python benchmarks/tls.py [MiB ...]      (default: 256 1024)
 
-In one run, for each size: ``LazyDump`` of a C workload serving a bare client
-in another process (benchmarks/_page_reader.py) over plain TCP (splice, the
-pages never enter Python) and over TLS (certificates from a CA made for the
-run; pages read from the scratch pipe into a buffer and encrypted by Python's
-ssl on the event loop; the client decrypts with Python's ssl too). Beside it:
+In one run, for each size:
+
+* server: ``LazyDump`` of a C workload serving a bare client in another process
+  (benchmarks/_page_reader.py) over plain TCP (splice, the pages never enter
+  Python) and over TLS (certificates from a CA made for the run; pages read
+  from the scratch pipe into a buffer and encrypted by Python's ssl on the
+  event loop; the client decrypts with Python's ssl too);
+* client: the daemon's ``RemotePageSource`` (asyncio's loop and uvloop) pulling
+  a dump on disk from ``lazymig page-server`` in another process, 4 MiB GETs,
+  two in flight, plain and over TLS.
+
+Beside it:
 a loopback TCP stream, and a bare TLS stream between two Python ssl sockets
 with the cipher the session negotiates (the ceiling for user-space TLS here).
 kTLS is not measured: this kernel has no tls module (CONFIG_TLS is off) and
@@ -17,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,10 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine
+import uvloop
+from lazydump import write_lazy_dump
 from tls_pki import Pki, make_pki
 from workloads import Workload, build_c_workload
 
 from lazymig.dump import LazyDump
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.uffd.source import RemotePageSource
 
 HERE = Path(__file__).resolve().parent
 CHUNK = 256 * 1024
@@ -93,7 +108,69 @@ async def serve_once(binary: Path, mib: int, pki: Pki | None) -> tuple[float, fl
         workload.stop()
 
 
-async def main() -> None:
+def start_page_server(images: Path, port: int, pki: Pki | None) -> subprocess.Popen[bytes]:
+    """``lazymig page-server`` on ``images`` (TLS with the server's certificate if ``pki``)."""
+    tls = (["--tls", "--tls-cacert", str(pki.ca), "--tls-cert", str(pki.server.cert),
+            "--tls-key", str(pki.server.key)] if pki else [])
+    r, w = os.pipe()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lazymig", "page-server", "--lazy-pages", "-D", str(images),
+         "--address", "127.0.0.1", "--port", str(port), *tls, "--status-fd", str(w)],
+        pass_fds=(w,))
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        assert ready and os.read(r, 1) == b"\0", "lazymig page-server did not start"
+    finally:
+        os.close(r)
+    return server
+
+
+async def pull(port: int, pid: int, vaddr: int, nr_pages: int, pki: Pki | None) -> float:
+    """GB/s of RemotePageSource fetching every page (4 MiB GETs, two in flight)."""
+    source = await RemotePageSource.connect(
+        "127.0.0.1", port, tls=pki.config(pki.client) if pki else None)
+    started = time.perf_counter()
+    asks = [(vaddr + i * PAGE_SIZE, min(1024, nr_pages - i)) for i in range(0, nr_pages, 1024)]
+    pending = [source.request(pid, *ask) for ask in asks[:2]]
+    got = 0
+    for ask in [*asks[2:], None, None]:
+        chunk = await pending.pop(0)
+        got += chunk.nr_pages
+        chunk.release()
+        if ask is not None:
+            pending.append(source.request(pid, *ask))
+    elapsed = time.perf_counter() - started
+    await source.aclose()
+    assert got == nr_pages  # one VMA, one segment: no reply is short
+    return got * PAGE_SIZE / elapsed / 1e9
+
+
+def client_line(scratch: Path, mib: int, pki: Pki) -> str:
+    pid, vaddr, nr_pages = 1000, 0x7F0000000000, mib * 256
+    images = scratch / f"dump-{mib}"
+    images.mkdir()
+    write_lazy_dump(images, {pid: [(vaddr, nr_pages)]})
+    numbers = []
+    for loop, run in (("asyncio", asyncio.run), ("uvloop", uvloop.run)):
+        for tls in (None, pki):
+            port = free_port()
+            server = start_page_server(images, port, tls)
+            try:
+                gbps = run(pull(port, pid, vaddr, nr_pages, tls))
+            finally:
+                server.wait(30)
+            numbers.append(f"{loop} {'TLS' if tls else 'plain'} {gbps:.2f}")
+    return f"  {mib:5d} MiB pulled by RemotePageSource (GB/s): " + ", ".join(numbers)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [256, 1024]
     print(f"machine: {machine.describe()}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -105,12 +182,15 @@ async def main() -> None:
         binary = build_c_workload(scratch)
         for mib in sizes:
             machine.warm_memory(2 * mib << 20)
-            plain, _ = await serve_once(binary, mib, None)
+            plain, _ = asyncio.run(serve_once(binary, mib, None))
             machine.warm_memory(2 * mib << 20)
-            over_tls, _ = await serve_once(binary, mib, pki)
+            over_tls, _ = asyncio.run(serve_once(binary, mib, pki))
             print(f"  {mib:5d} MiB served: plain {plain:.2f} GB/s, TLS {over_tls:.2f} GB/s "
                   f"({over_tls / tls:.0%} of the ssl stream)")
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as dumps:
+            for mib in sizes:
+                print(client_line(Path(dumps), mib, pki))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
