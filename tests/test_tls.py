@@ -15,6 +15,7 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,9 @@ from lazydump import page_pattern, write_lazy_dump
 from test_daemon import finish, layout, run_daemon, spawn, stop
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_and_check
 from tls_pki import OPENSSL, Pki, make_pki
-from workloads import Workload
+from workloads import Workload, expected_page
 
+from lazymig.dump import LazyDump, SourceFate
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import AuthenticationError, BrokenResourceError, ConfigurationError
@@ -56,17 +58,21 @@ def serve(images: Path, tls: TlsConfig | ssl.SSLContext | None) -> PageServer:
     return PageServer(ImagesPageStore(ImagesDir(images)), address="127.0.0.1", port=0, tls=tls)
 
 
-async def fetch_everything(source: RemotePageSource) -> None:
-    """Every lazy page of :data:`DUMP`, checked, then CLOSE."""
-    for pid, [(vaddr, nr)] in DUMP.items():
-        got = 0
-        while got < nr:
-            chunk = await source.get(pid, vaddr + got * PAGE_SIZE, nr - got)
-            for i in range(chunk.nr_pages):
-                page = vaddr + (got + i) * PAGE_SIZE
-                assert chunk.data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == page_pattern(pid, page)
-            got += chunk.nr_pages
-            chunk.release()
+async def fetch_everything(source: RemotePageSource,
+                           ranges: dict[int, list[tuple[int, int]]] = DUMP,
+                           expected: Callable[[int, int], bytes] | None = page_pattern) -> None:
+    """Every page of ``ranges`` ({pid: [(vaddr, nr_pages)]}), checked against
+    ``expected(pid, vaddr)`` if given, then CLOSE."""
+    for pid, runs in ranges.items():
+        for vaddr, nr in runs:
+            got = 0
+            while got < nr:
+                chunk = await source.get(pid, vaddr + got * PAGE_SIZE, nr - got)
+                for i in range(chunk.nr_pages if expected else 0):
+                    page = vaddr + (got + i) * PAGE_SIZE
+                    assert chunk.data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == expected(pid, page)
+                got += chunk.nr_pages
+                chunk.release()
     await source.aclose()
 
 
@@ -132,6 +138,36 @@ async def test_lazy_migration_with_the_three_clis_over_tls(pki: Pki, tmp_path: P
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone
     assert "(v2, TLS)" in dump_log and "transfer complete" in dump_log, dump_log
     assert "without TLS" not in dump_log
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_page_pipes_are_served_over_tls_without_being_consumed(
+        pki: Pki, tmp_path: Path, c_workload: Path) -> None:
+    """LazyDump over TLS: the same pages asked three times come back the same each
+    time (read from a scratch pipe, never from the page pipe itself), then every
+    lazy page goes out and the transfer completes."""
+    with Workload([str(c_workload), "--mib", "8", "--interval-ms", "3600000"]) as w:
+        async with asyncio.timeout(60), LazyDump(
+                w.pid, tmp_path, address="127.0.0.1", port=0, tls=pki.config(pki.server),
+                progress_interval=None) as dump:
+            serving = asyncio.create_task(dump.serve())
+            source = await RemotePageSource.connect("127.0.0.1", dump.port,
+                                                    tls=pki.config(pki.client))
+            first = w.ready.addr + PAGE_SIZE
+            pages = b"".join(expected_page(first + i * PAGE_SIZE, w.ready.seed)
+                             for i in range(16))
+            for _ in range(3):
+                chunk = await source.get(w.pid, first, 16)
+                assert (chunk.nr_pages, bytes(chunk.data)) == (16, pages)
+                chunk.release()
+            images = ImagesDir(tmp_path)
+            await fetch_everything(source, {w.pid: [(r.vaddr, r.nr_pages)
+                                                    for r in images.lazy_ranges(w.pid)]},
+                                   expected=None)
+            result = await serving
+    assert result.source is SourceFate.KILLED
+    assert result.pages_sent == result.lazy_pages + 3 * 16
 
 
 # -- refusals ----------------------------------------------------------------------------------
