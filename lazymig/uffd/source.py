@@ -278,7 +278,8 @@ class RemotePageSource:
         """
         if channels not in (1, 2):
             raise ValueError("channels must be 1 or 2")
-        context = None if tls is None else client_context(tls)
+        # Loading the system's CAs reads hundreds of files: not on the loop.
+        context = None if tls is None else await asyncio.to_thread(client_context, tls)
         loop = asyncio.get_running_loop()
         opened: list[_Channel] = []
         try:
