@@ -79,6 +79,9 @@ class ProcessReport:
     """The image pid its pages are requested under."""
     pages_total: int
     pages_copied: int = 0
+    pages_on_demand: int = 0
+    """Of ``pages_copied``, those that came with a fault's request (the rest came in the
+    background)."""
     faults: int = 0
     zero_pages: int = 0
     state: str = "running"
@@ -435,7 +438,7 @@ class LazyPagesDaemon:
             if chunk.nr_pages < nr_pages:  # a short reply: the rest is still owed
                 proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE,
                                     nr_pages - chunk.nr_pages)
-            self._copy(proc, chunk)
+            self._copy(proc, chunk, urgent=urgent)
             chunk.release()
         except Exception as exc:  # a bug here must not leave the process running on holes
             log.exception("pid %d: copying %#x failed", proc.pid, vaddr)
@@ -444,7 +447,7 @@ class LazyPagesDaemon:
         if proc.active and proc.ranges.done:
             self._finish(proc, "complete")
 
-    def _copy(self, proc: _Process, chunk: PageChunk) -> None:
+    def _copy(self, proc: _Process, chunk: PageChunk, *, urgent: bool) -> None:
         data = chunk.data
         for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
             if not proc.active:
@@ -457,6 +460,8 @@ class LazyPagesDaemon:
                 self._uffd_error(proc, exc, copy.vaddr, copy.nr_pages)
                 continue
             proc.report.pages_copied += done // PAGE_SIZE
+            if urgent:
+                proc.report.pages_on_demand += done // PAGE_SIZE
             if done < length:  # the kernel stopped early (an event is queued): later
                 rest = copy.vaddr + done
                 proc.ranges.requeue(rest, (length - done) // PAGE_SIZE)
