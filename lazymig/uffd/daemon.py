@@ -108,6 +108,8 @@ class DaemonReport:
     started: float
     finished: float | None = None
     source_error: str | None = None
+    source_exception: BaseException | None = field(default=None, repr=False, compare=False)
+    """The exception behind ``source_error`` (to chain as the cause of an API error)."""
     restore_error: str | None = None
 
     @property
@@ -578,6 +580,7 @@ class LazyPagesDaemon:
         if not self._failed:
             self._failed = True
             self.report.source_error = str(exc)
+            self.report.source_exception = exc
             log.error("page source failed: %s", exc)
         for proc in self._processes:
             self._fail(proc, f"page source failed: {exc}")
