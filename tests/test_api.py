@@ -236,7 +236,46 @@ async def test_cancellation_kills_the_restored_process_and_keeps_the_source(
 
 
 @pytest.mark.asyncio
-async def test_a_handle_is_entered_once(tmp_path: Path) -> None:
+async def test_a_source_lost_mid_transfer_raises_transfer_error(c_workload: Path,
+                                                                 tmp_path: Path) -> None:
+    """The page server goes away before the restored process touches its memory (faults
+    only): the daemon kills it, and TransferError says so with the page source's error
+    as its cause."""
+    listening: asyncio.Future[lazymig.Address] = asyncio.get_running_loop().create_future()
+
+    async def serve_until_cancelled(pid: int) -> None:
+        async with lazymig.serve(pid, tmp_path) as source:
+            listening.set_result(source.address)
+            await asyncio.Event().wait()
+
+    with Workload([str(c_workload), "--mib", "4", "--interval-ms", "1000"]) as w:
+        w.next_check()
+        async with asyncio.timeout(60):
+            serving = asyncio.create_task(serve_until_cancelled(w.pid))
+            address = await listening
+            with pytest.raises(lazymig.TransferError) as caught:
+                async with lazymig.lazy_pages(tmp_path, page_server=address,
+                                              background=False) as daemon, \
+                        daemon.restore(stdio=(0, 2, 2)) as process:
+                    serving.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await serving
+                    assert await process.wait() == -signal.SIGKILL
+        assert isinstance(caught.value.__cause__, lazymig.BrokenResourceError)
+        assert [p.state for p in caught.value.report.processes] == ["killed"]
+        assert process_state(w.pid) == "T"
+
+
+def test_run_uses_uvloop_when_installed_unless_told_not_to() -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert lazymig.run(loop_module()).startswith("uvloop")
+    assert lazymig.run(loop_module(), use_uvloop=False).startswith("asyncio")
+
+
+@pytest.mark.asyncio
+async def test_a_handle_says_when_it_is_not_entered(tmp_path: Path) -> None:
     server = lazymig.serve(os.getpid(), tmp_path)
     with pytest.raises(lazymig.ClosedResourceError):
         server.address  # noqa: B018
@@ -268,3 +307,6 @@ async def test_a_snapshot_served_from_disk_fills_an_attached_region(tmp_path: Pa
     served = await server.done
     assert report.ok and report.processes[0].pages_copied == pages
     assert served.pages_served == served.pages_total == pages
+    with pytest.raises(lazymig.BusyResourceError):
+        async with server:
+            pass

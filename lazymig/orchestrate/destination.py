@@ -190,7 +190,7 @@ class LazyPages(Handle[DaemonReport]):
     async def _run(daemon: LazyPagesDaemon) -> DaemonReport:
         report = await daemon.run()
         if not report.ok:
-            raise TransferError(report)
+            raise TransferError(report) from report.source_exception
         return report
 
     def __repr__(self) -> str:
