@@ -85,6 +85,7 @@ def test_every_exported_name_resolves() -> None:
     for name in lazymig.__all__:
         assert getattr(lazymig, name) is not None, name
     assert lazymig.migrate is lazymig.orchestrate.migrate
+    assert set(lazymig.orchestrate.__all__) <= set(lazymig.__all__)
     assert set(dir(lazymig)) >= set(lazymig.__all__)
     with pytest.raises(AttributeError):
         lazymig.no_such_name  # noqa: B018

@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from lazymig.errors import BusyResourceError
+from lazymig.errors import BusyResourceError, ClosedResourceError
 
-__all__ = ["Handle", "Outcome"]
+__all__ = ["Handle", "Outcome", "entered"]
 
 T = TypeVar("T")
 
@@ -164,3 +164,13 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
             return inner
         group = inner
     return group
+
+
+V = TypeVar("V")
+
+
+def entered(value: V | None, what: str) -> V:
+    """``value``, which exists once the handle is entered; else say so."""
+    if value is None:
+        raise ClosedResourceError(f"{what} does not exist yet: enter the handle first")
+    return value

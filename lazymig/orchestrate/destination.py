@@ -20,14 +20,15 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from lazymig._aio import wait_fd
-from lazymig.errors import BrokenResourceError, ClosedResourceError
-from lazymig.orchestrate._handle import Handle
+from lazymig.errors import BrokenResourceError
+from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.progress import TransferProgress, poll
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
@@ -72,9 +73,7 @@ class RestoredProcess:
     @property
     def result(self) -> RestoreResult:
         """What the restore did (pids, pages, seconds)."""
-        if self._result is None:
-            raise ClosedResourceError("nothing restored yet: enter the handle")
-        return self._result
+        return entered(self._result, "the restored process")
 
     @property
     def pid(self) -> int:
@@ -92,9 +91,9 @@ class RestoredProcess:
     async def wait(self) -> int:
         """Wait until the process ends; its status as ``Popen.returncode`` (negative:
         killed by that signal)."""
+        entered(self._result, "the restored process")
         process = self._restorer.process
-        if self._result is None or process is None:
-            raise ClosedResourceError("nothing restored yet: enter the handle")
+        assert process is not None, "made by the restore"
         while (status := process.poll()) is None:
             # Still our unreaped child, so its pid cannot have been reused.
             pidfd = os.pidfd_open(process.pid)
@@ -105,9 +104,11 @@ class RestoredProcess:
         return status
 
     async def kill(self) -> int:
-        """SIGKILL the process and wait for it; its status."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        """SIGKILL the process (unless it has ended) and wait for it; its status."""
+        process = self._restorer.process
+        if process is not None and process.poll() is None:  # not reaped: still its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
         return await self.wait()
 
     def __repr__(self) -> str:
@@ -154,17 +155,17 @@ class LazyPages(Handle[DaemonReport]):
     @property
     def report(self) -> DaemonReport:
         """The daemon's live report (final once ``done``)."""
-        if self._daemon is None:
-            raise ClosedResourceError("the daemon has not started: enter the handle")
-        return self._daemon.report
+        return entered(self._daemon, "the daemon").report
 
     def progress(self, interval: float = 0.25) -> AsyncIterator[TransferProgress]:
         """Snapshots every ``interval`` seconds until the daemon ends, then a last one."""
         return poll(self._sample, self.done.future(), interval)
 
     def _sample(self) -> TransferProgress:
-        return TransferProgress.of(self.report) if self._daemon is not None else \
-            TransferProgress(0, 0, 0, 0, 0.0, None, None, 0.0)
+        if self._daemon is not None:
+            return TransferProgress.of(self._daemon.report)
+        now = time.monotonic()
+        return TransferProgress.of(DaemonReport([], started=now, finished=now))
 
     def restore(self, images_dir: StrPath | None = None, *,
                 stdio: Stdio | None = None) -> RestoredProcess:
@@ -263,9 +264,7 @@ class Destination(Handle[DaemonReport]):
     @property
     def process(self) -> RestoredProcess:
         """The restored process (running once the handle is entered)."""
-        if self._process is None:
-            raise ClosedResourceError("nothing restored yet: enter the handle")
-        return self._process
+        return entered(self._process, "the restored process")
 
     def progress(self, interval: float = 0.25) -> AsyncIterator[TransferProgress]:
         """The daemon's progress (see :meth:`LazyPages.progress`)."""

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazymig.dump.dumper import DumpResult
-from lazymig.errors import ClosedResourceError
-from lazymig.orchestrate._handle import Handle
+from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio, receive
 from lazymig.orchestrate.progress import TransferProgress
 from lazymig.orchestrate.source import Address, Source, serve
@@ -81,15 +80,11 @@ class Migration(Handle[MigrationResult]):
 
     @property
     def source(self) -> Source:
-        if self._source is None:
-            raise ClosedResourceError("the migration has not started: enter it")
-        return self._source
+        return entered(self._source, "the source")
 
     @property
     def destination(self) -> Destination:
-        if self._destination is None:
-            raise ClosedResourceError("the migration has not restored anything yet")
-        return self._destination
+        return entered(self._destination, "the destination")
 
     @property
     def process(self) -> RestoredProcess:

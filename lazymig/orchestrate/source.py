@@ -27,8 +27,7 @@ from typing import NamedTuple, TypeVar
 from lazymig.dump.dumper import DumpResult, LazyDump
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import ImagesPageStore, LazyPageStore
-from lazymig.errors import ClosedResourceError
-from lazymig.orchestrate._handle import Handle, Outcome
+from lazymig.orchestrate._handle import Handle, Outcome, entered
 from lazymig.orchestrate.progress import ServeProgress, poll
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
@@ -62,9 +61,7 @@ class PageServing(Handle[R]):
     @property
     def address(self) -> Address:
         """The listening address (the real port when 0 was asked)."""
-        if self._address is None:
-            raise ClosedResourceError("the page server does not listen yet: enter the handle")
-        return self._address
+        return entered(self._address, "the page server's address")
 
     def progress(self, interval: float = 0.25) -> AsyncIterator[ServeProgress]:
         """Snapshots every ``interval`` seconds until the transfer ends, then a last one."""
