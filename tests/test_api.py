@@ -112,6 +112,34 @@ async def test_migrate_in_one_call(c_workload: Path) -> None:
             kill(result.restored.pid)
 
 
+@pytest.mark.asyncio
+async def test_migrate_with_a_copy_step(c_workload: Path, tmp_path: Path) -> None:
+    """``copy_images`` runs once the images are written; the destination reads the copy."""
+    copied: list[Path] = []
+    (tmp_path / "src").mkdir()
+
+    async def copy(images: Path) -> Path:
+        target = tmp_path / "copy"
+        await asyncio.to_thread(shutil.copytree, images, target)
+        copied.append(images)
+        return target
+
+    with Workload([str(c_workload), "--mib", "4", "--interval-ms", "50"]) as w, \
+            output_pipe() as out:
+        before = w.next_check()
+        async with asyncio.timeout(60):
+            result = await lazymig.migrate(w.pid, images_dir=tmp_path / "src",
+                                           copy_images=copy, stdio=out.stdio)
+        out.handed_over()
+        try:
+            assert same_memory(await asyncio.to_thread(out.lines.next_check), before)
+        finally:
+            kill(result.restored.pid)
+    assert copied == [tmp_path / "src"]
+    assert (tmp_path / "copy" / "pstree.img").exists()
+    assert result.dump.images_dir == tmp_path / "src"
+
+
 async def _migrate_watching(workload: Workload) -> tuple[list[lazymig.TransferProgress],
                                                           lazymig.MigrationResult, bool]:
     """Migrate with a progress feed; returns the snapshots, the result and whether the
