@@ -319,19 +319,10 @@ async def test_a_snapshot_served_from_disk_fills_an_attached_region(tmp_path: Pa
     address, pages = 0x6D0000000000, 64
     memory = b"".join(bytes([i]) * 4096 for i in range(pages))
     await lazymig.write_snapshot(tmp_path, [(address, memory)], pid=7)
-    child = (
-        "import sys, zlib, ctypes, lazymig\n"
-        "from lazymig.demo.region import map_region\n"
-        f"map_region({address}, {pages})\n"
-        f"lazymig.attach(sys.argv[1], 7, [({address}, {len(memory)})])\n"
-        f"print(zlib.crc32(ctypes.string_at({address}, {len(memory)})), flush=True)\n")
     async with asyncio.timeout(60), lazymig.serve_images(tmp_path) as server, \
             lazymig.lazy_pages(tmp_path, page_server=server.address) as daemon:
-        done = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-c", child, str(daemon.socket_path)],
-            capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout) == zlib.crc32(memory)
+        crc = await attach_and_read(daemon.socket_path, 7, address, len(memory))
+    assert crc == zlib.crc32(memory)
     report = await daemon.done
     served = await server.done
     assert report.ok and report.processes[0].pages_copied == pages
@@ -339,3 +330,31 @@ async def test_a_snapshot_served_from_disk_fills_an_attached_region(tmp_path: Pa
     with pytest.raises(lazymig.BusyResourceError):
         async with server:
             pass
+
+
+@pytest.mark.asyncio
+async def test_a_daemon_in_local_mode_fills_from_the_images(tmp_path: Path) -> None:
+    """No page server: lazy_pages(page_server=None) reads the lazy pages from the images."""
+    address, size = 0x6D0000000000, 1 << 20
+    memory = os.urandom(size)
+    await lazymig.write_snapshot(tmp_path, [(address, memory)])
+    async with asyncio.timeout(60), lazymig.lazy_pages(tmp_path) as daemon:
+        crc = await attach_and_read(daemon.socket_path, 1, address, size)
+    assert crc == zlib.crc32(memory)
+    assert (await daemon.done).ok
+
+
+async def attach_and_read(socket_path: Path, pid: int, address: int, size: int) -> int:
+    """In a fresh process: map ``size`` bytes at ``address``, attach them to the daemon
+    under image pid ``pid``, read them all; their CRC-32."""
+    child = (
+        "import sys, zlib, ctypes, lazymig\n"
+        "from lazymig.demo.region import map_region\n"
+        f"map_region({address}, {size // 4096})\n"
+        f"lazymig.attach(sys.argv[1], {pid}, [({address}, {size})])\n"
+        f"print(zlib.crc32(ctypes.string_at({address}, {size})), flush=True)\n")
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", child, str(socket_path)],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
