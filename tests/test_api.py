@@ -182,26 +182,32 @@ async def test_several_migrations_in_one_loop_with_progress(c_workload: Path) ->
 @pytest.mark.asyncio
 async def test_the_two_halves_with_a_copy_of_the_images(c_workload: Path,
                                                         tmp_path: Path) -> None:
-    """The source half and the destination half, each given only what crosses hosts:
-    a copy of the images dir and the page server's address."""
+    """The source half and the destination half in two tasks, each given only what
+    crosses hosts: a copy of the images dir and the page server's address (which the
+    destination awaits through ``ready`` before the source is even entered)."""
     src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
     src_dir.mkdir()
     with Workload([str(c_workload), "--mib", "8", "--interval-ms", "50"]) as w, \
             output_pipe() as out:
         before = w.next_check()
-        async with asyncio.timeout(60):
-            source = lazymig.serve(w.pid, src_dir, port=0)
+        source = lazymig.serve(w.pid, src_dir, port=0)
+
+        async def destination_half() -> tuple[int, Check, lazymig.DaemonReport]:
+            address = await source.ready
+            assert address == source.address and address.port > 0
+            await asyncio.to_thread(shutil.copytree, src_dir, dst_dir)
+            async with lazymig.receive(dst_dir, page_server=address,
+                                       stdio=out.stdio) as destination:
+                out.handed_over()
+                check = await asyncio.to_thread(out.lines.next_check)
+            return destination.process.pid, check, await destination.done
+
+        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+            receiving = tg.create_task(destination_half())
             async with source:
-                address = await source.ready
-                assert address == source.address and address.port > 0
-                await asyncio.to_thread(shutil.copytree, src_dir, dst_dir)
-                async with lazymig.receive(dst_dir, page_server=address,
-                                           stdio=out.stdio) as destination:
-                    out.handed_over()
-                    restored = destination.process.pid
-                    check = await asyncio.to_thread(out.lines.next_check)
-                report = await destination.done
-            dumped = await source.done
+                pass  # leaving waits until every lazy page was served
+        dumped = await source.done
+        restored, check, report = receiving.result()
         kill(restored)
     assert same_memory(check, before)
     assert report.ok and report.processes[0].pages_copied == dumped.lazy_pages
