@@ -317,6 +317,10 @@ async def test_a_handle_says_when_it_is_not_entered(tmp_path: Path) -> None:
     daemon = lazymig.lazy_pages(tmp_path)
     with pytest.raises(lazymig.ClosedResourceError):
         daemon.report  # noqa: B018
+    with pytest.raises(lazymig.ConfigurationError):
+        lazymig.lazy_pages(tmp_path, channels=3)
+    with pytest.raises(lazymig.ConfigurationError):
+        daemon.progress(interval=0)
 
 
 @pytest.mark.asyncio

@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from lazymig._aio import wait_fd
-from lazymig.errors import BrokenResourceError
+from lazymig.errors import BrokenResourceError, ConfigurationError
 from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.progress import TransferProgress, poll
 from lazymig.proto.images import ImagesDir
@@ -234,7 +234,7 @@ def lazy_pages(images_dir: StrPath, *, page_server: tuple[str, int] | None = Non
                 ...
     """
     if channels not in (1, 2):
-        raise ValueError("channels must be 1 or 2")
+        raise ConfigurationError(f"channels must be 1 or 2, not {channels}")
 
     async def connect() -> PageSource:
         if page_server is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lazymig.dump.server import PageServerStats
+from lazymig.errors import ConfigurationError
 from lazymig.uffd.daemon import DaemonReport
 
 __all__ = ["ServeProgress", "TransferProgress", "percentile", "poll"]
@@ -102,12 +103,17 @@ def percentile(ordered: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def poll(sample: Callable[[], P], finished: asyncio.Future[Any],
-               interval: float) -> AsyncIterator[P]:
+def poll(sample: Callable[[], P], finished: asyncio.Future[Any],
+         interval: float) -> AsyncIterator[P]:
     """Yield ``sample()`` at once, then every ``interval`` seconds and once more when
     ``finished`` is done; then stop (the outcome itself is ``finished``'s)."""
     if interval <= 0:
-        raise ValueError("the progress interval must be positive")
+        raise ConfigurationError(f"the progress interval must be positive, not {interval}")
+    return _poll(sample, finished, interval)
+
+
+async def _poll(sample: Callable[[], P], finished: asyncio.Future[Any],
+                interval: float) -> AsyncIterator[P]:
     while True:
         ended = finished.done()
         yield sample()
