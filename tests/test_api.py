@@ -309,6 +309,13 @@ def test_run_uses_uvloop_when_installed_unless_told_not_to() -> None:
     assert lazymig.run(loop_module(), use_uvloop=False).startswith("asyncio")
 
 
+def test_run_runs_a_handle_to_its_end(c_workload: Path) -> None:
+    with Workload([str(c_workload), "--mib", "4", "--interval-ms", "50"]) as w:
+        result = lazymig.run(lazymig.migrate(w.pid, stdio=(0, 2, 2)))  # as the docs show
+        kill(result.restored.pid)
+    assert result.transfer.ok and result.dump.source is lazymig.SourceFate.KILLED
+
+
 @pytest.mark.asyncio
 async def test_a_handle_says_when_it_is_not_entered(tmp_path: Path) -> None:
     server = lazymig.serve(os.getpid(), tmp_path)
