@@ -289,6 +289,12 @@ def receive(images_dir: StrPath, *, page_server: tuple[str, int],
     leaving normally waits until all its memory has arrived (``done``), an
     exception or cancellation kills it (see :func:`lazy_pages`). The restored
     process outlives a normal exit: it is the migrated workload.
+
+    Example::
+
+        async with lazymig.receive("/tmp/1", page_server=("10.0.0.1", 9876)) as dst:
+            print("running again as pid", dst.process.pid)
+        print((await dst.done).bytes_copied, "bytes arrived lazily")
     """
     return Destination(lazy_pages(images_dir, page_server=page_server, wire=wire,
                                   channels=channels, socket_path=socket_path), stdio)

@@ -4,9 +4,8 @@
 image pid whose pages are all lazy (PE_LAZY|PE_PRESENT, as ``criu dump``
 writes lazy-capable memory). :func:`~lazymig.orchestrate.source.serve_images`
 then serves it, and a fresh process that maps the same regions and calls
-:func:`~lazymig.uffd.attach.attach` gets them filled on demand::
-
-    await lazymig.write_snapshot("/srv/snap", [(0x7f0000000000, memory)], pid=1)
+:func:`~lazymig.uffd.attach.attach` gets them filled on demand (see
+``examples/snapshot_attach.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +33,12 @@ async def write_snapshot(images_dir: str | os.PathLike[str], regions: Iterable[R
     Each region becomes one private anonymous read-write VMA. The files are
     written in a worker thread. Raises ConfigurationError for regions that are
     not page-aligned, empty or overlapping.
+
+    Example::
+
+        await lazymig.write_snapshot("/srv/snap", [(0x7f0000000000, memory)], pid=1)
+        async with lazymig.serve_images("/srv/snap", address="0.0.0.0", port=9876):
+            ...  # a daemon elsewhere fills processes that attach that region
     """
     ordered: list[Region] = sorted(((address, memoryview(data).cast("B"))
                                     for address, data in regions), key=lambda r: r[0])
