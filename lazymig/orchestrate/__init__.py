@@ -24,8 +24,9 @@ Destination host:
   in a fresh process, hands the daemon regions of that process's own memory.
 * :func:`receive` is both: the destination half of a migration.
 
-Both: :func:`migrate`, the one call for a migration (one machine, or two with
-``copy_images`` and a reachable ``address``).
+Both: :func:`migrate`, the one call for a migration on one machine (the two
+halves above, with the images dir copy as a step the caller may supply).
+Across two hosts, run :func:`serve` on one and :func:`receive` on the other.
 
 Example, the whole seed workflow on one machine::
 

@@ -12,12 +12,11 @@ or, to watch it::
             print(f"{p.fraction:.0%} at {p.bytes_per_second / 1e6:.0f} MB/s")
     result = await migration.done
 
-Across two hosts the two halves are :func:`~lazymig.orchestrate.source.serve`
-(on the source) and :func:`~lazymig.orchestrate.destination.receive` (on the
-destination, given the source's address), with the images dir copied
-between them by whatever the caller uses; or one program drives both, with
-``copy_images`` doing the copy and ``address`` an address the destination
-can reach.
+Across two hosts, the two halves run one on each: :func:`~lazymig.orchestrate.source.serve`
+on the source and :func:`~lazymig.orchestrate.destination.receive` on the
+destination, given the source's address, with the images dir copied between
+them by whatever the caller uses (``examples/two_hosts.py``). :func:`migrate`
+is those two halves on one machine, with ``copy_images`` as the copy step.
 """
 
 from __future__ import annotations
