@@ -1,34 +1,135 @@
 """lazymig: post-copy ("lazy pages") memory migration as an asyncio library.
 
 Linux only, Python 3.11+. Wire- and image-compatible with CRIU's remote lazy pages.
+
+The orchestrator API (:mod:`lazymig.orchestrate`) is available from here::
+
+    import lazymig
+
+    result = lazymig.run(lazymig.migrate(pid))      # dump, serve, restore, fill
+    print(result.restored.pid, f"{result.downtime:.3f} s down")
+
+``import lazymig`` loads nothing else: every name below is imported on first
+use (the CLI's start-up is part of a migration's downtime).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lazymig._version import __version__
-from lazymig.errors import (
-    BrokenResourceError,
-    BusyResourceError,
-    ClosedResourceError,
-    ConfigurationError,
-    ImageError,
-    LazyMigError,
-    LazyMigOSError,
-    LocalProtocolError,
-    ProtocolError,
-    RemoteProtocolError,
-)
+
+if TYPE_CHECKING:
+    from lazymig.dump.dumper import DumpResult, SourceFate
+    from lazymig.errors import (
+        BrokenResourceError,
+        BusyResourceError,
+        ClosedResourceError,
+        ConfigurationError,
+        ImageError,
+        LazyMigError,
+        LazyMigOSError,
+        LocalProtocolError,
+        ProtocolError,
+        RemoteProtocolError,
+    )
+    from lazymig.orchestrate import (
+        Address,
+        CopyImages,
+        Destination,
+        ImagesServer,
+        LazyPages,
+        Migration,
+        MigrationResult,
+        PageServing,
+        RestoredProcess,
+        ServeProgress,
+        Source,
+        TransferError,
+        TransferProgress,
+        lazy_pages,
+        migrate,
+        receive,
+        restore_process,
+        run,
+        serve,
+        serve_images,
+        write_snapshot,
+    )
+    from lazymig.proto.wire import WireVersion
+    from lazymig.restore.restorer import RestoreResult
+    from lazymig.uffd.attach import attach
+    from lazymig.uffd.daemon import DaemonReport, ProcessReport
+
+_LAZY = {
+    "lazymig.errors": ["BrokenResourceError", "BusyResourceError", "ClosedResourceError",
+                       "ConfigurationError", "ImageError", "LazyMigError", "LazyMigOSError",
+                       "LocalProtocolError", "ProtocolError", "RemoteProtocolError"],
+    "lazymig.orchestrate": ["Address", "CopyImages", "Destination", "ImagesServer", "LazyPages",
+                            "Migration", "MigrationResult", "PageServing", "RestoredProcess",
+                            "ServeProgress", "Source", "TransferError", "TransferProgress",
+                            "lazy_pages", "migrate", "receive", "restore_process", "run",
+                            "serve", "serve_images", "write_snapshot"],
+    "lazymig.dump.dumper": ["DumpResult", "SourceFate"],
+    "lazymig.restore.restorer": ["RestoreResult"],
+    "lazymig.uffd.attach": ["attach"],
+    "lazymig.uffd.daemon": ["DaemonReport", "ProcessReport"],
+    "lazymig.proto.wire": ["WireVersion"],
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
+    "Address",
     "BrokenResourceError",
     "BusyResourceError",
     "ClosedResourceError",
     "ConfigurationError",
+    "CopyImages",
+    "DaemonReport",
+    "Destination",
+    "DumpResult",
     "ImageError",
+    "ImagesServer",
     "LazyMigError",
     "LazyMigOSError",
+    "LazyPages",
     "LocalProtocolError",
+    "Migration",
+    "MigrationResult",
+    "PageServing",
+    "ProcessReport",
     "ProtocolError",
     "RemoteProtocolError",
+    "RestoreResult",
+    "RestoredProcess",
+    "ServeProgress",
+    "Source",
+    "SourceFate",
+    "TransferError",
+    "TransferProgress",
+    "WireVersion",
     "__version__",
+    "attach",
+    "lazy_pages",
+    "migrate",
+    "receive",
+    "restore_process",
+    "run",
+    "serve",
+    "serve_images",
+    "write_snapshot",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once is enough
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -21,4 +22,12 @@ def test_demo_migrates_and_the_checksums_match(loop: str) -> None:
     old_pid, new_pid = int(words[words.index("pid") + 1]), int(words[-1])
     assert old_pid != new_pid
     assert "source killed" in done.stdout  # every lazy page was served
+    served = re.search(r"(\d+) lazy pages served", done.stdout)
+    split = re.search(r"(\d+) pages on demand .* (\d+) in the background", done.stdout)
+    assert served is not None and split is not None
+    assert int(split[1]) + int(split[2]) == int(served[1])
+    assert re.search(r"round trip p50 (\d+ us|-), p99 (\d+ us|-)", done.stdout)
+    assert re.search(r"downtime \d+\.\d+ s", done.stdout)
+    # stderr is not a terminal: the progress bar's final state, and nothing else
+    assert done.stderr.startswith("[" + "#" * 30 + "] 100%"), done.stderr
     assert "WARNING" not in done.stderr and "ERROR" not in done.stderr, done.stderr

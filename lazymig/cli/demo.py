@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
 from lazymig.cli._common import add_wire_option, run_async
+
+if TYPE_CHECKING:
+    from lazymig.orchestrate import TransferProgress
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -12,16 +17,30 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "demo", help="migrate a live process lazily over 127.0.0.1 (needs root)",
         description="Start a process whose data region has a known checksum, dump it "
                     "with --lazy-pages, restore it through lazymig's lazy-pages daemon, "
-                    "check that the restored process prints the same checksum, and print "
-                    "the numbers.")
-    parser.add_argument("--size", type=int, default=64, metavar="MIB",
-                        help="size of the process's data region (default 64 MiB)")
+                    "show the transfer's progress, check that the restored process prints "
+                    "the same checksum, and print the numbers.")
+    parser.add_argument("--size", type=int, default=256, metavar="MIB",
+                        help="size of the process's data region (default 256 MiB)")
     add_wire_option(parser)
     parser.set_defaults(func=demo)
 
 
 def demo(args: argparse.Namespace) -> int:
     from lazymig.demo import format_result, run_demo
-    result = run_async(args, run_demo(args.size, wire=args.wire))
+    from lazymig.demo.bar import progress_line
+
+    live = sys.stderr.isatty()
+    last: list[TransferProgress] = []
+
+    def show(snapshot: TransferProgress) -> None:
+        last[:] = [snapshot]
+        if live:
+            print(f"\r{progress_line(snapshot)}", end="", file=sys.stderr, flush=True)
+
+    result = run_async(args, run_demo(args.size, wire=args.wire, on_progress=show))
+    if live:
+        print(file=sys.stderr)  # keep the bar's last state on its line
+    elif last:  # not a terminal: the bar's final state only
+        print(progress_line(last[0]), file=sys.stderr)
     print(format_result(result))
     return 0 if result.ok else 1

@@ -2,15 +2,14 @@
 
 1. A process fills a data region with a known pattern and prints its CRC-32
    every half second (:mod:`lazymig.demo.workload`).
-2. :class:`~lazymig.dump.LazyDump` freezes it, writes its images and serves
-   its lazy pages from page pipes over TCP on 127.0.0.1 (``lazymig dump
-   --lazy-pages``).
-3. A :class:`~lazymig.uffd.LazyPagesDaemon` connects to that page server
-   (``lazymig lazy-pages --page-server``) and
-   :func:`~lazymig.restore.restore` rebuilds the process from the images
-   (``lazymig restore --lazy-pages``): it runs at once under a new pid while
-   its memory arrives on demand and in the background.
-4. The restored process must print the source's CRC; once every page is in,
+2. :func:`lazymig.migrate` does the rest through the orchestrator API: it
+   freezes the process, writes its images and serves its lazy pages over TCP
+   on 127.0.0.1 (``lazymig dump --lazy-pages``), runs a lazy-pages daemon
+   connected to that page server (``lazymig lazy-pages --page-server``) and
+   restores the process from the images (``lazymig restore --lazy-pages``): it
+   runs at once under a new pid while its memory arrives on demand and in the
+   background, shown as a progress bar.
+3. The restored process must print the source's CRC; once every page is in,
    the page server's transfer is complete and the source is killed.
 """
 
@@ -19,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 from lazymig.demo.region import PAGE
-from lazymig.dump.dumper import DumpResult, LazyDump
+from lazymig.errors import LazyMigError
+from lazymig.orchestrate import MigrationResult, TransferProgress, migrate
 from lazymig.proto.wire import WireVersion
-from lazymig.restore import RestoreResult, restore
-from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
-from lazymig.uffd.source import RemotePageSource
 
 __all__ = ["DEMO_ADDRESS", "DemoResult", "format_result", "run_demo"]
 
@@ -46,32 +43,31 @@ class DemoResult:
     size_mib: int
     source_crc: str
     restored_crc: str
-    dump: DumpResult
-    restored: RestoreResult
-    downtime: float
-    """From the freeze until the restored process runs."""
-    daemon: DaemonReport
+    migration: MigrationResult
 
     @property
     def ok(self) -> bool:
-        return self.source_crc == self.restored_crc and self.daemon.ok
+        return self.source_crc == self.restored_crc and self.migration.transfer.ok
 
 
-async def _read_line(stream: object, prefix: str) -> str:
-    """The next line starting with ``prefix`` from a text pipe, read off the loop."""
-    loop = asyncio.get_running_loop()
+async def _read_word(stream: IO[str], prefix: str) -> str:
+    """The word after ``prefix`` on the next line starting with it, read off the loop."""
     async with asyncio.timeout(60):
         while True:
-            line: str = await loop.run_in_executor(None, stream.readline)  # type: ignore[attr-defined]
+            line = await asyncio.to_thread(stream.readline)
             if not line:
-                raise RuntimeError(f"the demo process closed its output before {prefix}")
+                raise EOFError(f"the demo process closed its output before {prefix}")
             if line.startswith(prefix):
                 return line.split()[1]
 
 
-async def run_demo(size_mib: int = 64, *, wire: WireVersion = WireVersion.V2,
-                   workdir: str | None = None) -> DemoResult:
-    """Run the demo once and return its measurements (see the module docstring)."""
+async def run_demo(size_mib: int = 256, *, wire: WireVersion = WireVersion.V2,
+                   workdir: str | None = None,
+                   on_progress: Callable[[TransferProgress], None] | None = None) -> DemoResult:
+    """Run the demo once and return its measurements (see the module docstring).
+
+    ``on_progress`` gets a snapshot of the transfer every 50 ms and a last one.
+    """
     pages = size_mib * (1 << 20) // PAGE
     with tempfile.TemporaryDirectory(prefix="lazymig-demo-", dir=workdir) as tmp:
         # Not an asyncio subprocess: the loop's child watcher would reap the ptrace
@@ -81,63 +77,57 @@ async def run_demo(size_mib: int = 64, *, wire: WireVersion = WireVersion.V2,
             stdout=subprocess.PIPE, text=True)
         out_r, out_w = os.pipe()
         restored_out = os.fdopen(out_r, "r")
-        restored: RestoreResult | None = None
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        migration = None
         try:
-            source_crc = await _read_line(source.stdout, "READY")
-            frozen_at = time.monotonic()
-            async with LazyDump(source.pid, tmp, address="127.0.0.1", port=0, wire=wire,
-                                progress_interval=None) as dump:
-                pages_source = await RemotePageSource.connect("127.0.0.1", dump.port,
-                                                              wire=wire)
-                daemon = LazyPagesDaemon.from_images(pages_source, tmp)
+            assert source.stdout is not None
+            source_crc = await _read_word(source.stdout, "READY")
+            async with migrate(source.pid, images_dir=tmp, wire=wire,
+                               stdio=(devnull, out_w, 2)) as migration:
+                os.close(out_w)
+                out_w = -1
                 async with asyncio.TaskGroup() as tg:
-                    serving = tg.create_task(dump.serve())
-                    running = tg.create_task(daemon.run())
-                    await daemon.ready.wait()
-                    devnull = os.open(os.devnull, os.O_RDONLY)
-                    try:
-                        restored = await restore(tmp, lazy_pages=True,
-                                                 stdio=(devnull, out_w, 2))
-                    finally:
-                        os.close(devnull)
-                    downtime = time.monotonic() - frozen_at
-                    restored_crc = await _read_line(restored_out, "CHECK")
-            dumped, report = serving.result(), running.result()
+                    check = tg.create_task(_read_word(restored_out, "CHECK"))
+                    async for snapshot in migration.progress(interval=0.05):
+                        if on_progress is not None:
+                            on_progress(snapshot)
+            result = await migration.done
+            restored_crc = check.result()
         finally:
-            os.close(out_w)
+            if out_w >= 0:
+                os.close(out_w)
+            if migration is not None:
+                with contextlib.suppress(LazyMigError):  # it may not have been restored
+                    await migration.process.kill()
             restored_out.close()
-            if restored is not None:
-                _kill(restored.pid)
+            os.close(devnull)
             source.kill()
             source.wait()
-    return DemoResult(size_mib, source_crc, restored_crc, dumped, restored, downtime, report)
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    return DemoResult(size_mib, source_crc, restored_crc, result)
 
 
 def format_result(result: DemoResult) -> str:
     """A short human report of a demo run."""
-    proc = result.daemon.processes[0] if result.daemon.processes else None
-    lat = result.daemon.fault_latencies()
-    p50 = lat[len(lat) // 2] * 1e6 if lat else 0.0
-    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e6 if lat else 0.0
+    m = result.migration
+    progress = m.progress
     lines = [
-        f"lazymig demo: pid {result.dump.pid} migrated lazily over 127.0.0.1 "
-        f"(a {result.size_mib} MiB data region among its memory) to pid "
-        f"{result.restored.pid}",
+        f"lazymig demo: pid {m.dump.pid} migrated lazily over 127.0.0.1 "
+        f"(a {result.size_mib} MiB data region among its memory) to pid {m.restored.pid}",
         f"  source checksum     {result.source_crc}",
         f"  restored checksum   {result.restored_crc}  "
         f"({'match' if result.ok else 'MISMATCH'})",
-        f"  downtime {result.downtime:.3f} s (frozen until the page server listened "
-        f"{result.dump.frozen_seconds:.3f} s, restore {result.restored.seconds:.3f} s)",
-        f"  {result.restored.nonlazy_pages} pages restored from the images, "
-        f"{result.restored.lazy_pages} lazy pages served over TCP "
-        f"({result.dump.pages_sent} sent); source {result.dump.source.value}",
+        f"  downtime {m.downtime:.3f} s (frozen until the page server listened "
+        f"{m.dump.frozen_seconds:.3f} s, restore {m.restored.seconds:.3f} s)",
+        f"  {m.restored.nonlazy_pages} pages restored from the images, "
+        f"{m.restored.lazy_pages} lazy pages served over TCP "
+        f"({m.dump.pages_sent} sent); source {m.dump.source.value}",
+        f"  {progress.pages_on_demand} pages on demand ({progress.faults} faults, round trip "
+        f"p50 {_us(progress.fault_p50)}, p99 {_us(progress.fault_p99)}), "
+        f"{progress.pages_background} in the background; "
+        f"{progress.bytes_per_second / 1e9:.2f} GB/s",
     ]
-    if proc is not None:
-        lines.append(f"  faults {proc.faults} (round trip p50 {p50:.0f} us, p99 {p99:.0f} us), "
-                     f"the rest in the background at {result.daemon.throughput() / 1e9:.2f} GB/s")
     return "\n".join(lines)
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.0f} us"

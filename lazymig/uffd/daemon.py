@@ -79,6 +79,9 @@ class ProcessReport:
     """The image pid its pages are requested under."""
     pages_total: int
     pages_copied: int = 0
+    pages_on_demand: int = 0
+    """Of ``pages_copied``, those that came with a fault's request (the rest came in the
+    background)."""
     faults: int = 0
     zero_pages: int = 0
     state: str = "running"
@@ -105,6 +108,8 @@ class DaemonReport:
     started: float
     finished: float | None = None
     source_error: str | None = None
+    source_exception: BaseException | None = field(default=None, repr=False, compare=False)
+    """The exception behind ``source_error`` (to chain as the cause of an API error)."""
     restore_error: str | None = None
 
     @property
@@ -435,7 +440,7 @@ class LazyPagesDaemon:
             if chunk.nr_pages < nr_pages:  # a short reply: the rest is still owed
                 proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE,
                                     nr_pages - chunk.nr_pages)
-            self._copy(proc, chunk)
+            self._copy(proc, chunk, urgent=urgent)
             chunk.release()
         except Exception as exc:  # a bug here must not leave the process running on holes
             log.exception("pid %d: copying %#x failed", proc.pid, vaddr)
@@ -444,7 +449,7 @@ class LazyPagesDaemon:
         if proc.active and proc.ranges.done:
             self._finish(proc, "complete")
 
-    def _copy(self, proc: _Process, chunk: PageChunk) -> None:
+    def _copy(self, proc: _Process, chunk: PageChunk, *, urgent: bool) -> None:
         data = chunk.data
         for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
             if not proc.active:
@@ -457,6 +462,8 @@ class LazyPagesDaemon:
                 self._uffd_error(proc, exc, copy.vaddr, copy.nr_pages)
                 continue
             proc.report.pages_copied += done // PAGE_SIZE
+            if urgent:
+                proc.report.pages_on_demand += done // PAGE_SIZE
             if done < length:  # the kernel stopped early (an event is queued): later
                 rest = copy.vaddr + done
                 proc.ranges.requeue(rest, (length - done) // PAGE_SIZE)
@@ -573,6 +580,7 @@ class LazyPagesDaemon:
         if not self._failed:
             self._failed = True
             self.report.source_error = str(exc)
+            self.report.source_exception = exc
             log.error("page source failed: %s", exc)
         for proc in self._processes:
             self._fail(proc, f"page source failed: {exc}")

@@ -1,0 +1,166 @@
+"""A whole lazy migration in one handle: :func:`migrate`.
+
+On one machine (loopback) it is one call::
+
+    result = await lazymig.migrate(pid)
+    print(result.restored.pid, result.downtime)
+
+or, to watch it::
+
+    async with lazymig.migrate(pid) as migration:
+        async for p in migration.progress():
+            print(f"{p.fraction:.0%} at {p.bytes_per_second / 1e6:.0f} MB/s")
+    result = await migration.done
+
+Across two hosts, the two halves run one on each: :func:`~lazymig.orchestrate.source.serve`
+on the source and :func:`~lazymig.orchestrate.destination.receive` on the
+destination, given the source's address, with the images dir copied between
+them by whatever the caller uses (``examples/two_hosts.py``). :func:`migrate`
+is those two halves on one machine, with ``copy_images`` as the copy step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazymig.dump.dumper import DumpResult
+from lazymig.orchestrate._handle import Handle, entered
+from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio, receive
+from lazymig.orchestrate.progress import TransferProgress
+from lazymig.orchestrate.source import Address, Source, serve
+from lazymig.proto.wire import WireVersion
+from lazymig.restore.restorer import RestoreResult
+from lazymig.uffd.daemon import DaemonReport
+
+__all__ = ["CopyImages", "Migration", "MigrationResult", "migrate"]
+
+StrPath = str | os.PathLike[str]
+CopyImages = Callable[[Path], Awaitable[StrPath]]
+"""Copies the source's images dir where the destination reads it; returns that path."""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """What a complete migration did."""
+
+    dump: DumpResult
+    """The source side: pages written and served, what became of the source."""
+    restored: RestoreResult
+    """The destination side: the new pid, pages restored from the images."""
+    transfer: DaemonReport
+    """The lazy-pages daemon's report."""
+    progress: TransferProgress
+    """The transfer's last snapshot: on-demand vs background pages, rate, fault latency."""
+    downtime: float
+    """Seconds from the freeze until the restored process ran."""
+
+
+class Migration(Handle[MigrationResult]):
+    """A migration in progress; see :func:`migrate`."""
+
+    def __init__(self, images_dir: StrPath | None, make_source: Callable[[Path], Source],
+                 copy_images: CopyImages | None,
+                 make_destination: Callable[[Path, Address], Destination]) -> None:
+        super().__init__()
+        self._images_dir = None if images_dir is None else Path(images_dir)
+        self._make_source = make_source
+        self._copy_images = copy_images
+        self._make_destination = make_destination
+        self._source: Source | None = None
+        self._destination: Destination | None = None
+        self.downtime: float | None = None
+        """Seconds from the freeze until the restored process ran (once entered)."""
+
+    @property
+    def source(self) -> Source:
+        return entered(self._source, "the source")
+
+    @property
+    def destination(self) -> Destination:
+        return entered(self._destination, "the destination")
+
+    @property
+    def process(self) -> RestoredProcess:
+        """The restored process."""
+        return self.destination.process
+
+    def progress(self, interval: float = 0.25) -> AsyncIterator[TransferProgress]:
+        """The transfer's progress, as the destination's daemon sees it."""
+        return self.destination.progress(interval)
+
+    async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
+        images = self._images_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="lazymig-")))
+        started = time.monotonic()
+        source = await stack.enter_async_context(self._make_source(images))
+        self._source = source
+        copy = images if self._copy_images is None else Path(await self._copy_images(images))
+        destination = await stack.enter_async_context(self._make_destination(copy,
+                                                                             source.address))
+        self._destination = destination
+        self.downtime = time.monotonic() - started
+        tasks = await self._task_group()
+        tasks.create_task(self._produce(self._collect(source, destination, self.downtime)))
+
+    @staticmethod
+    async def _collect(source: Source, destination: Destination,
+                       downtime: float) -> MigrationResult:
+        dumped = await source.done
+        report = await destination.done
+        return MigrationResult(dump=dumped, restored=destination.process.result,
+                               transfer=report, progress=TransferProgress.of(report),
+                               downtime=downtime)
+
+    def __repr__(self) -> str:
+        return f"<lazymig.Migration {self._source!r} -> {self._destination!r}>"
+
+
+def migrate(pid: int, *, images_dir: StrPath | None = None,
+            copy_images: CopyImages | None = None, address: str = "127.0.0.1",
+            port: int = 0, wire: WireVersion = WireVersion.V2, channels: int = 1,
+            leave_running: bool = False, stdio: Stdio | None = None) -> Migration:
+    """Migrate process ``pid`` lazily: dump and serve it, restore it, fill its memory.
+
+    ``await lazymig.migrate(pid)`` runs the whole migration and returns a
+    :class:`MigrationResult`; ``async with lazymig.migrate(pid) as m`` returns
+    once the restored process runs (``m.process``, ``m.downtime``), with
+    ``m.progress()`` and ``m.done`` to follow the transfer (leaving the block
+    normally waits for it).
+
+    The source is killed once every page was served (resumed instead with
+    ``leave_running``). On a failure or a cancellation the restored process
+    is killed and the source is kept, stopped, with its memory intact (see
+    :func:`~lazymig.orchestrate.source.serve`); the error is raised.
+
+    Args:
+        pid: a single-threaded process of this machine.
+        images_dir: where the images go (default: a temporary dir, removed after).
+        copy_images: ``async (source images dir) -> destination images dir``, called
+            once the images are written; default: the destination reads them in place.
+        address: where the page server listens (and the daemon connects).
+        port: its port (0: any free one).
+        wire: the page-server header layout.
+        channels: 2 puts faults on a connection of their own.
+        leave_running: resume the source after a complete transfer.
+        stdio: fds 0, 1, 2 of the restored process (default: this process's).
+
+    Example::
+
+        result = await lazymig.migrate(pid)
+        print(f"pid {pid} is now {result.restored.pid}, down {result.downtime:.3f} s")
+    """
+    def make_source(images: Path) -> Source:
+        return serve(pid, images, address=address, port=port, wire=wire,
+                     leave_running=leave_running)
+
+    def make_destination(images: Path, page_server: Address) -> Destination:
+        return receive(images, page_server=page_server, wire=wire, channels=channels,
+                       stdio=stdio)
+
+    return Migration(images_dir, make_source, copy_images, make_destination)
