@@ -39,7 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from lazymig.dump.freeze import FrozenProcess
+from lazymig.dump.files import collect_files, inspect_files
+from lazymig.dump.freeze import FrozenProcess, inspect_target
 from lazymig.dump.images import DumpImages, read_task_info, write_images
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
@@ -372,17 +373,20 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     lazy pages, for ``lazy``). On failure or cancellation: pipes closed,
     images removed, process resumed.
     """
+    await asyncio.to_thread(_inspect, pid)
     fp = await FrozenProcess.freeze(pid)
     pipes: PagePipes | None = None
     try:
         info = await read_task_info(fp)
+        files = await asyncio.to_thread(collect_files, pid)
         scan = await fp.scan()
         collect = scan if lazy else MemoryScan(
             scan.pid, scan.vmas, tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
         pipes = await fp.collect_pages(collect, pipe_size=pipe_size)
         state, frozen_pipes = fp.state, pipes
         written = await _run_blocking(
-            lambda: write_images(images, state, info, scan, frozen_pipes, lazy_pages=lazy),
+            lambda: write_images(images, state, info, scan, frozen_pipes, lazy_pages=lazy,
+                                 open_files=files),
             cleanup=DumpImages.remove, what=f"writing images into {images.path}")
     except BaseException:
         if pipes is not None:
@@ -390,6 +394,13 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
         await fp.resume()
         raise
     return fp, written, pipes
+
+
+def _inspect(pid: int) -> None:
+    """Refuse an unsupported target (its threads, mappings, open files) from /proc
+    alone, before it is frozen."""
+    inspect_target(pid)
+    inspect_files(pid)
 
 
 async def _run_blocking(fn: Callable[[], T], *, cleanup: Callable[[T], None], what: str) -> T:

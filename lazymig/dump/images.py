@@ -19,6 +19,8 @@ directory:
   their data in ``pages-1.img``; without it (a plain dump) every page has its
   data in ``pages-1.img``, lazy-capable ones flagged PE_LAZY|PE_PRESENT as
   CRIU does (so ``lazymig page-server --lazy-pages`` can serve them later);
+* ``fdinfo-1.img``, ``files.img``, ``pipes-data.img``: the open files
+  (:mod:`lazymig.dump.files`);
 * ``lazymig-<pid>.img``: lazymig's own image (``lazymig_task_entry``) with what
   CRIU's schema has no place for: the raw xstate and its layout, rseq flags,
   the files behind the executable and the file mappings (``exe_file_id`` and
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Final
 
 from lazymig._version import __version__
+from lazymig.dump.files import DumpedFiles, write_files
 from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState, park, read_stat_fields
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
@@ -790,12 +793,14 @@ class DumpImages:
 
 
 def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: MemoryScan,
-                 pipes: PagePipes, *, lazy_pages: bool) -> DumpImages:
+                 pipes: PagePipes, *, lazy_pages: bool,
+                 open_files: DumpedFiles | None = None) -> DumpImages:
     """Write every image of the frozen process; drains the non-lazy page pipes.
 
     With ``lazy_pages`` the lazy pipes are left untouched (the page server's);
     without it, ``pipes`` must hold every page of ``scan`` as non-lazy (collect
-    them so) and all go into ``pages-1.img``. Blocking: run it off the event
+    them so) and all go into ``pages-1.img``. ``open_files`` are the open files
+    (:func:`~lazymig.dump.files.collect_files`; None: none). Blocking: run it off the event
     loop. On failure the images written so far are removed and the error
     propagates. ``inventory.img`` is written last: its presence marks a
     complete dump.
@@ -818,6 +823,7 @@ def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: M
             out.paths.append(images.write_core(thread.tid, _core(state, info, thread, tinfo)))
         out.paths.append(images.write_mm(state.pid, _mm(state, info, scan.vmas, exe_id,
                                                        file_ids)))
+        out.paths += write_files(images, open_files or DumpedFiles())
         out.paths.append(images.write_pstree([_pstree(state, info)]))
         out.paths.append(images.write_entries(
             ImageKind.LAZYMIG, [_lazymig_entry(state, info, files, lazy_pages)], state.pid))

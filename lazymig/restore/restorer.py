@@ -21,10 +21,12 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
    (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``).
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
-   list, comm, cwd, umask, rlimits, personality, scheduling policy and nice,
-   THP-disable, itimers, credentials (groups, gids, uids) and dumpable are
-   set (madvise advice was given with the VMAs; a parent-death signal is
-   not restored: the parent is not);
+   list, comm, cwd, umask, rlimits, the open files (fds 3 and up, see
+   :mod:`lazymig.restore.files`; fds 0-2 are the restorer's), process group
+   and session (see :func:`_set_session`), personality, scheduling policy and
+   nice, THP-disable, itimers, credentials (groups, gids, uids) and dumpable
+   are set (madvise advice was given with the VMAs; a parent-death signal is
+   not restored, see :meth:`Restorer._finish`);
    the scratch mapping goes; rseq is registered again (after the handover:
    the area may be a lazy page); then the signal mask, xstate and registers,
    and the process is detached.
@@ -70,6 +72,7 @@ from lazymig.proto.constants import (
 )
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
+from lazymig.restore.files import restore_files
 from lazymig.restore.task import DumpedTask, UnsupportedDumpError, load_task
 from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.uffd import DEFAULT_FEATURES, kernel_features
@@ -90,6 +93,8 @@ _SYS_MADVISE: Final = 28
 _SYS_SETITIMER: Final = 38
 _SYS_MREMAP: Final = 25
 _SYS_UMASK: Final = 95
+_SYS_SETPGID: Final = 109
+_SYS_SETSID: Final = 112
 _SYS_SETRESUID: Final = 117
 _SYS_SETRESGID: Final = 119
 _SYS_SETGROUPS: Final = 116
@@ -497,16 +502,23 @@ class Restorer:
             except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
                 log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
                             (rl.cur, rl.max), exc)
+        restore_files(target, task.files)
+        _set_session(target, task)
         _set_sched_and_timers(target, task)
         if thread.HasField("creds"):
             _set_creds(target, task)
         if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
             target.call(_SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
         if thread.pdeath_sig:
-            # It would fire when the restorer's tracer thread (the helper's parent
-            # thread) ends, i.e. at once: the original parent is not ours.
-            log.warning("pid %d: parent-death signal %d not restored (its parent is not "
-                        "restored)", pid, thread.pdeath_sig)
+            # Recorded (core's pdeath_sig) but not restored, on purpose. It asks for
+            # a signal when the *original* parent dies; that parent stays on the
+            # source host and nothing here can tell of its death. Set here, the
+            # kernel would tie it to the thread that forked the helper, the
+            # restorer's tracer thread: it would fire as soon as the restore ends
+            # (and `restore -d` exits), killing a process that was migrated fine.
+            log.warning("pid %d: parent-death signal %d not restored: its parent stays on "
+                        "the source host, and here it would fire when the restorer ends",
+                        pid, thread.pdeath_sig)
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
         tracee.set_syscall_ip(None)
         target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
@@ -536,6 +548,25 @@ def _madvise(target: _Target, start: int, end: int, madv: int) -> None:
             if res < 0:
                 log.warning("pid %d: madvise(%#x-%#x, %d) failed: %s", target.pid, start, end,
                             advice, os.strerror(-res))
+
+
+def _set_session(target: _Target, task: DumpedTask) -> None:
+    """Process group and session on the new host, by this rule:
+
+    * a session leader (sid == pid at dump time) leads a new session, and so a
+      new process group, with its new pid as their id (``setsid``); it has no
+      controlling terminal;
+    * a process group leader (pgid == pid) leads a new process group in the
+      restorer's session (``setpgid(0, 0)``);
+    * any other process joins the restorer's group and session (where the
+      helper it is built from already is): the group and session it was in
+      are made of processes that stay on the source host, and their ids name
+      nothing here.
+    """
+    if task.sid == task.pid:
+        target.call(_SYS_SETSID, what="setsid")
+    elif task.pgid == task.pid:
+        target.call(_SYS_SETPGID, 0, 0, what="setpgid(0, 0)")
 
 
 def _set_sched_and_timers(target: _Target, task: DumpedTask) -> None:

@@ -6,32 +6,38 @@ process is created, what the restorer cannot rebuild faithfully: more than one
 process or thread, shared mappings other than read-only shared file ones
 (glibc maps its gconv cache so), special mappings, 32-bit tasks, another CPU's
 xstate layout, a non-root process holding capabilities, mapped files that
-changed since the dump, lazy pages without a lazy-pages daemon, and dumps
-written by CRIU (no ``lazymig-<pid>.img``).
+changed since the dump, open files that are gone, changed or of a kind the
+restorer does not reopen (:func:`check_files`), lazy pages without a
+lazy-pages daemon, and dumps written by CRIU (no ``lazymig-<pid>.img``).
 Pure reading and checking: nothing here touches a process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from pathlib import Path
 from typing import Final
 
+from lazymig.dump.files import SAFE_CHAR_DEVICES, DumpedFiles, read_files
 from lazymig.dump.images import read_lazymig_entry, xstate_layout
 from lazymig.errors import ImageError, LazyMigError
 from lazymig.proto.constants import MAP_SHARED, VmaStatus
 from lazymig.proto.images import (
     CoreEntry,
+    FileEntry,
     ImageKind,
     ImagesDir,
     MmEntry,
     PagemapEntry,
     PageRange,
     core_x86_pb2,
+    fdinfo_pb2,
     lazymig_pb2,
 )
 
-__all__ = ["DumpedTask", "UnsupportedDumpError", "load_task"]
+__all__ = ["DumpedTask", "UnsupportedDumpError", "check_files", "load_task"]
 
 _PROT_WRITE: Final = 0x2
 _UNSUPPORTED_STATUS: Final = (
@@ -55,6 +61,9 @@ class DumpedTask:
 
     pid: int
     """The pid at dump time (the daemon's key for its pages)."""
+    pgid: int
+    sid: int
+    """Process group and session at dump time (pstree)."""
     core: CoreEntry
     mm: MmEntry
     extra: lazymig_pb2.lazymig_task_entry
@@ -62,6 +71,8 @@ class DumpedTask:
     entries: tuple[PagemapEntry, ...]
     lazy: tuple[PageRange, ...]
     """PE_LAZY ranges cut at VMA boundaries (what a lazy restore registers)."""
+    files: DumpedFiles
+    """The open files (fds 3 and up)."""
 
     def file_path(self, file_id: int) -> str:
         """The path of lazymig file ``file_id``."""
@@ -122,6 +133,8 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
             raise UnsupportedDumpError(f"process {pid} has a shared mapping at {where}")
         if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
             _check_file(pid, extra, v.shmid, where)
+    files = read_files(images)
+    check_files(pid, files)
     pagemap = images.pagemap(pid)
     entries = tuple(pagemap.entries)
     if not lazy_pages:
@@ -131,8 +144,9 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
                 f"pages at {missing.vaddr:#x} were left on the source's page server (a "
                 "`dump --lazy-pages` dump): restore it with --lazy-pages and a lazy-pages daemon")
     lazy = tuple(images.lazy_ranges(pid)) if lazy_pages else ()
-    return DumpedTask(pid=pid, core=core, mm=mm, extra=extra, pages_id=pagemap.pages_id,
-                      entries=entries, lazy=lazy)
+    return DumpedTask(pid=pid, pgid=tree[0].pgid, sid=tree[0].sid, core=core, mm=mm,
+                      extra=extra, pages_id=pagemap.pages_id, entries=entries, lazy=lazy,
+                      files=files)
 
 
 def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
@@ -161,3 +175,47 @@ def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
     if entry.HasField("size") and (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
         raise UnsupportedDumpError(f"{entry.path} (mapped at {where} by process {pid}) changed "
                                    "since the dump (size or mtime differ)")
+
+
+def check_files(pid: int, files: DumpedFiles) -> None:
+    """Refuse the open files :func:`~lazymig.restore.files.restore_files` could not
+    reopen as they were.
+
+    Raises:
+        UnsupportedDumpError: a file that is gone, changed or of another kind.
+        ImageError: an fd names a file the images do not hold.
+    """
+    ids = {f.id for f in files.files}
+    for e in files.fds:
+        if e.id not in ids:
+            raise ImageError(f"fd {e.fd} of process {pid} names file id {e.id}, which "
+                             "files.img does not hold")
+    for f in files.files:
+        fds = ", ".join(str(fd) for fd, _ in files.fds_of(f.id))
+        if f.type == fdinfo_pb2.PIPE and f.HasField("pipe"):
+            continue
+        if f.type != fdinfo_pb2.REG or not f.HasField("reg"):
+            raise UnsupportedDumpError(f"fd {fds} of process {pid} is of kind "
+                                       f"{fdinfo_pb2.fd_types.Name(f.type)}, which lazymig "
+                                       "does not restore")
+        _check_reg(pid, fds, f)
+
+
+def _check_reg(pid: int, fds: str, f: FileEntry) -> None:
+    name = f.reg.name
+    try:
+        st = Path(name).stat()
+    except OSError as exc:
+        raise UnsupportedDumpError(f"fd {fds} of process {pid} had {name} open, which cannot "
+                                   f"be opened here: {exc.strerror}") from exc
+    if stat.S_ISCHR(f.reg.mode):
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if not stat.S_ISCHR(st.st_mode) or SAFE_CHAR_DEVICES.get(dev) != name:
+            raise UnsupportedDumpError(f"fd {fds} of process {pid} had the device {name} open; "
+                                       f"here {name} is another file")
+    elif not stat.S_ISREG(st.st_mode):
+        raise UnsupportedDumpError(f"fd {fds} of process {pid} had the regular file {name} "
+                                   "open; here it is not a regular file")
+    elif f.reg.HasField("size") and st.st_size != f.reg.size:
+        raise UnsupportedDumpError(f"{name} (open on fd {fds} of process {pid}) changed since "
+                                   f"the dump: {st.st_size} bytes, {f.reg.size} then")

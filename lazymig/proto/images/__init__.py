@@ -6,7 +6,8 @@
 * :class:`ImageReader`/:class:`ImageWriter` handle the v1.1 framing (magics, then
   u32-length-prefixed entries); :class:`PagesWriter` streams raw pages images.
 * :class:`ImagesDir` reads and writes the images lazy migration needs
-  (inventory, pstree, core, mm, pagemap, pages) and answers the two lazy-pages
+  (inventory, pstree, core, mm, pagemap, pages; open files through the generic
+  entry readers and writers) and answers the two lazy-pages
   questions: which ranges are lazy (:meth:`ImagesDir.lazy_ranges`) and where a
   present page sits in the pages image (:meth:`ImagesDir.find_pages`).
 
@@ -20,11 +21,16 @@ from lazymig.proto.images import (
     core_pb2,
     core_x86_pb2,
     creds_pb2,
+    fdinfo_pb2,
+    fown_pb2,
     fs_pb2,
     inventory_pb2,
     mm_pb2,
     pagemap_pb2,
+    pipe_data_pb2,
+    pipe_pb2,
     pstree_pb2,
+    regfile_pb2,
     rlimit_pb2,
     rseq_pb2,
     sa_pb2,
@@ -65,6 +71,12 @@ PagemapHead = pagemap_pb2.pagemap_head
 SaEntry = sa_pb2.sa_entry
 FsEntry = fs_pb2.fs_entry
 CredsEntry = creds_pb2.creds_entry
+FdinfoEntry = fdinfo_pb2.fdinfo_entry
+FileEntry = fdinfo_pb2.file_entry
+FownEntry = fown_pb2.fown_entry
+RegFileEntry = regfile_pb2.reg_file_entry
+PipeEntry = pipe_pb2.pipe_entry
+PipeDataEntry = pipe_data_pb2.pipe_data_entry
 
 __all__ = [
     "CRTOOLS_IMAGES_V1_1",
@@ -74,6 +86,9 @@ __all__ = [
     "RAW_IMAGE_MAGIC",
     "CoreEntry",
     "CredsEntry",
+    "FdinfoEntry",
+    "FileEntry",
+    "FownEntry",
     "FsEntry",
     "ImageKind",
     "ImageReader",
@@ -89,7 +104,10 @@ __all__ = [
     "PagemapReader",
     "PagemapWriter",
     "PagesWriter",
+    "PipeDataEntry",
+    "PipeEntry",
     "PstreeEntry",
+    "RegFileEntry",
     "SaEntry",
     "TaskCoreEntry",
     "TaskKobjIdsEntry",
@@ -102,12 +120,17 @@ __all__ = [
     "core_pb2",
     "core_x86_pb2",
     "creds_pb2",
+    "fdinfo_pb2",
+    "fown_pb2",
     "fs_pb2",
     "inventory_pb2",
     "lazy_ranges",
     "mm_pb2",
     "pagemap_pb2",
+    "pipe_data_pb2",
+    "pipe_pb2",
     "pstree_pb2",
+    "regfile_pb2",
     "rlimit_pb2",
     "rseq_pb2",
     "sa_pb2",

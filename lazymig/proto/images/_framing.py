@@ -240,6 +240,15 @@ class ImageWriter(_AtomicWriterBase):
             self._flush()
         return start
 
+    def write_extra(self, data: bytes | bytearray | memoryview) -> None:
+        """Append raw bytes after the entry just written (CRIU's "extra" payload,
+        e.g. a pipe's queued data after its ``pipe_data_entry``)."""
+        self._check_open()
+        self._buf += data
+        self._offset += memoryview(data).nbytes
+        if len(self._buf) >= _WRITE_BUFFER:
+            self._flush()
+
     def _flush(self) -> None:
         if self._buf:
             _write_all(self._file.fd, self._buf)
@@ -437,6 +446,16 @@ class ImageReader:
         self._entry_offset = start
         self._offset = start + 4 + size
         return payload
+
+    def read_extra(self, size: int) -> bytes:
+        """Read the ``size`` raw bytes that follow the entry just read (see
+        :meth:`ImageWriter.write_extra`), or raise ImageError if the image ends first."""
+        data = self._stream().read(size)
+        if len(data) < size:
+            raise self._error(f"truncated extra payload: {len(data)} of {size} bytes",
+                              self._offset)
+        self._offset += size
+        return data
 
     def decode(self, payload: bytes, entry_type: type[M], offset: int) -> M:
         """Decode *payload* (found at *offset*) as *entry_type*, or raise ImageError."""

@@ -57,6 +57,7 @@ class ImageKind(enum.Enum):
     SIGACT = 0x55344201
     FDINFO = 0x56213732
     FILES = 0x56303138
+    PIPES_DATA = 0x56453709
     REG_FILES = 0x50363636
     RLIMIT = 0x57113925
     STATS = 0x57093306
@@ -134,6 +135,7 @@ _TEMPLATES: dict[ImageKind, str] = {
     ImageKind.SIGACT: "sigacts-{}.img",
     ImageKind.FDINFO: "fdinfo-{}.img",
     ImageKind.FILES: "files.img",
+    ImageKind.PIPES_DATA: "pipes-data.img",
     ImageKind.REG_FILES: "reg-files.img",
     ImageKind.RLIMIT: "rlimit-{}.img",
     ImageKind.STATS: "stats-{}",

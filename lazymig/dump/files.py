@@ -1,0 +1,343 @@
+"""The open files of a process: checked, read from outside, written as CRIU images.
+
+A process's fds 3 and up are dumped; fds 0, 1 and 2 are not: the restored
+process gets the restorer's own (like ``criu restore --shell-job`` with
+inherited stdio), whatever they were at dump time.
+
+What is dumped, read from /proc/PID/fd, /proc/PID/fdinfo and kcmp(2) (nothing
+is injected into the target):
+
+* regular files, at their offset, with their status flags (access mode,
+  O_APPEND, O_NONBLOCK, ...) and close-on-exec; the file must still have the
+  name it was opened by (not deleted, renamed or replaced) and hold no lock;
+* the harmless memory character devices (/dev/null, /dev/zero, /dev/full,
+  /dev/random, /dev/urandom), recorded as regular files as CRIU does;
+* pipes that no other process holds: both ends (or the one end the process
+  kept: a read end whose writers are all closed still yields its data, then
+  EOF), the data queued in them (read with tee(2) through a reader opened on
+  /proc/PID/fd/N, so the pipe keeps it) and their capacity. A pipe end whose
+  other end is open in another process is refused: after the migration that
+  process would stay on the source host, cut off;
+* fds that share an open file description (dup'd, inherited) share one
+  ``file_entry`` and so share their offset again after a restore (kcmp).
+
+Everything else is refused with the fd and its kind named: sockets,
+eventfds, epoll, signalfd, timerfd, inotify, pidfds and other anonymous-inode
+files, memfds, deleted files, named FIFOs, directories, terminals beyond fds
+0-2, other devices. :func:`inspect_files` does so from /proc alone, before the
+target is frozen; :func:`collect_files` checks again once it is frozen.
+F_SETOWN/F_SETSIG owners are not dumped (``fown`` is written as zeros).
+
+Images (CRIU's layout, decodable by ``crit``): ``fdinfo-<files_id>.img``
+(``fdinfo_entry`` per fd), ``files.img`` (``file_entry`` per open file
+description, with a ``reg_file_entry`` or ``pipe_entry``) and
+``pipes-data.img`` (``pipe_data_entry`` then the queued bytes, per pipe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import re
+import stat
+import termios
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+from lazymig.dump.freeze import UnsupportedTargetError
+from lazymig.errors import LazyMigOSError
+from lazymig.linux.kcmp import same_file
+from lazymig.linux.ptrace import TargetGoneError
+from lazymig.linux.vm import SPLICE_F_NONBLOCK, get_pipe_size, set_pipe_size, tee
+from lazymig.proto.images import (
+    FdinfoEntry,
+    FileEntry,
+    FownEntry,
+    ImageKind,
+    ImagesDir,
+    PipeDataEntry,
+    PipeEntry,
+    RegFileEntry,
+    fdinfo_pb2,
+)
+
+__all__ = [
+    "FD_CLOEXEC",
+    "FILES_ID",
+    "SAFE_CHAR_DEVICES",
+    "DumpedFiles",
+    "collect_files",
+    "inspect_files",
+    "read_files",
+    "write_files",
+]
+
+FILES_ID: Final = 1
+"""The files id of the dumped process (``task_kobj_ids_entry.files_id``): ``fdinfo-1.img``."""
+FD_CLOEXEC: Final = 1
+"""``fdinfo_entry.flags`` bit for a close-on-exec fd (CRIU stores F_GETFD's value)."""
+SAFE_CHAR_DEVICES: Final = {
+    (1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full", (1, 8): "/dev/random",
+    (1, 9): "/dev/urandom",
+}
+"""Character devices (major, minor) that hold no state: reopening them by name is exact."""
+
+_FIRST_FD: Final = 3
+_O_CLOEXEC: Final = 0o2000000
+_TTY_MAJORS: Final = frozenset({4, 5, *range(136, 144)})
+_PIPE_LINK: Final = re.compile(r"pipe:\[(\d+)\]")
+_ANON_KINDS: Final = {
+    "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance",
+    "[signalfd]": "a signalfd", "[timerfd]": "a timerfd", "inotify": "an inotify instance",
+    "[fanotify]": "a fanotify instance", "[pidfd]": "a pidfd",
+    "[userfaultfd]": "a userfaultfd", "[io_uring]": "an io_uring instance",
+}
+
+
+@dataclasses.dataclass(slots=True)
+class DumpedFiles:
+    """A process's open files as CRIU's images hold them."""
+
+    fds: list[FdinfoEntry] = dataclasses.field(default_factory=list)
+    files: list[FileEntry] = dataclasses.field(default_factory=list)
+    pipe_data: list[tuple[PipeDataEntry, bytes]] = dataclasses.field(default_factory=list)
+
+    def file(self, file_id: int) -> FileEntry:
+        """The ``file_entry`` with id ``file_id``."""
+        return next(f for f in self.files if f.id == file_id)
+
+    def fds_of(self, file_id: int) -> list[tuple[int, bool]]:
+        """(fd number, close-on-exec) of every fd on open file description ``file_id``."""
+        return [(e.fd, bool(e.flags & FD_CLOEXEC)) for e in self.fds if e.id == file_id]
+
+
+# -- looking at the fds from outside --------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Fd:
+    fd: int
+    link: str
+    st: os.stat_result
+    flags: int
+    """Status flags from fdinfo (O_CLOEXEC included when the fd has it)."""
+    pos: int
+    locked: bool
+
+
+def _fdinfo(pid: int, fd: int) -> tuple[int, int, bool]:
+    """(flags, pos, holds a lock) from /proc/PID/fdinfo/FD."""
+    flags = pos = 0
+    locked = False
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "flags":
+                flags = int(value.strip(), 8)
+            elif key == "pos":
+                pos = int(value.strip())
+            elif key == "lock":
+                locked = True
+    return flags, pos, locked
+
+
+def _list_fds(pid: int) -> list[_Fd]:
+    try:
+        numbers = sorted(int(e.name) for e in os.scandir(f"/proc/{pid}/fd"))
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, f"process {pid} exited") from exc
+    out = []
+    for fd in numbers:
+        if fd < _FIRST_FD:
+            continue
+        where = Path(f"/proc/{pid}/fd/{fd}")
+        try:
+            link = str(where.readlink())
+            st = where.stat()
+            flags, pos, locked = _fdinfo(pid, fd)
+        except FileNotFoundError:
+            continue  # closed meanwhile (only possible before the freeze)
+        out.append(_Fd(fd, link, st, flags, pos, locked))
+    return out
+
+
+def _refusal(f: _Fd) -> str | None:
+    """Why fd ``f`` cannot be migrated, or None."""
+    mode, link = f.st.st_mode, f.link
+    if stat.S_ISSOCK(mode):
+        return f"fd {f.fd} is a socket ({link})"
+    if link.startswith("anon_inode:"):
+        kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
+        return f"fd {f.fd} is {kind} ({link})"
+    if link.startswith("/memfd:"):
+        return f"fd {f.fd} is a memfd ({link})"
+    if stat.S_ISFIFO(mode):
+        return None if _PIPE_LINK.fullmatch(link) else f"fd {f.fd} is a named FIFO ({link})"
+    if stat.S_ISCHR(mode):
+        dev = (os.major(f.st.st_rdev), os.minor(f.st.st_rdev))
+        if dev in SAFE_CHAR_DEVICES:
+            return None
+        if dev[0] in _TTY_MAJORS:
+            return (f"fd {f.fd} is a terminal ({link}); only fds 0-2 may be terminals (the "
+                    "restored process gets the restorer's)")
+        return f"fd {f.fd} is the character device {link} ({dev[0]}:{dev[1]})"
+    if stat.S_ISDIR(mode):
+        return f"fd {f.fd} is a directory ({link}): directory fds are not supported"
+    if not stat.S_ISREG(mode):
+        return f"fd {f.fd} is an unsupported kind of file ({link}, mode {mode:o})"
+    if link.endswith(" (deleted)") or f.st.st_nlink == 0:
+        return f"fd {f.fd} is a deleted file ({link.removesuffix(' (deleted)')})"
+    try:
+        named = Path(link).stat()
+    except OSError:
+        named = None
+    if named is None or (named.st_dev, named.st_ino) != (f.st.st_dev, f.st.st_ino):
+        return f"fd {f.fd} is a file whose name {link} no longer leads to it (renamed or replaced)"
+    if f.locked:
+        return f"fd {f.fd} ({link}) holds a file lock: file locks are not migrated"
+    return None
+
+
+def _pipe_holders(pid: int, inodes: Iterable[int]) -> dict[int, int]:
+    """{pipe inode: another process that has it open} for the pipes of ``inodes``."""
+    wanted = {f"pipe:[{ino}]": ino for ino in inodes}
+    found: dict[int, int] = {}
+    if not wanted:
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        with contextlib.suppress(OSError):  # gone, or a kernel thread
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                with contextlib.suppress(OSError):
+                    ino = wanted.get(str(Path(fd.path).readlink()))
+                    if ino is not None:
+                        found.setdefault(ino, int(entry.name))
+    return found
+
+
+def _check(pid: int) -> list[_Fd]:
+    """The fds to dump; raises UnsupportedTargetError naming every fd that cannot be."""
+    fds = _list_fds(pid)
+    reasons = [r for f in fds if (r := _refusal(f)) is not None]
+    pipes = {f.st.st_ino: f for f in fds if stat.S_ISFIFO(f.st.st_mode)}
+    for ino, other in sorted(_pipe_holders(pid, pipes).items()):
+        reasons.append(f"fd {pipes[ino].fd} is a pipe (pipe:[{ino}]) also open in process "
+                       f"{other}: the other end would stay behind")
+    if reasons:
+        raise UnsupportedTargetError(pid, reasons)
+    return fds
+
+
+def inspect_files(pid: int) -> None:
+    """Refuse the fds that cannot be migrated, reading only /proc (the target is not
+    touched). Raises :class:`~lazymig.dump.freeze.UnsupportedTargetError`."""
+    _check(pid)
+
+
+# -- the frozen process --------------------------------------------------------------
+
+
+def collect_files(pid: int) -> DumpedFiles:
+    """Read the open files of the frozen process ``pid`` (checking them again).
+
+    Blocking (it reads /proc and the pipes' data): run it off the event loop.
+    Raises :class:`~lazymig.dump.freeze.UnsupportedTargetError` or
+    :class:`~lazymig.errors.LazyMigOSError`.
+    """
+    fds = _check(pid)
+    out = DumpedFiles()
+    owners: list[_Fd] = []  # the first fd of each open file description
+    zero = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
+    for f in fds:
+        owner = next((o for o in owners if o.st.st_ino == f.st.st_ino
+                      and o.st.st_dev == f.st.st_dev and same_file(pid, o.fd, pid, f.fd)), None)
+        if owner is None:
+            owners.append(f)
+            file_id = len(owners)
+            flags = f.flags & ~_O_CLOEXEC
+            if stat.S_ISFIFO(f.st.st_mode):
+                entry = FileEntry(type=fdinfo_pb2.PIPE, id=file_id, pipe=PipeEntry(
+                    id=file_id, pipe_id=f.st.st_ino, flags=flags, fown=zero))
+            else:
+                name = f.link
+                if stat.S_ISCHR(f.st.st_mode):
+                    name = SAFE_CHAR_DEVICES[(os.major(f.st.st_rdev), os.minor(f.st.st_rdev))]
+                entry = FileEntry(type=fdinfo_pb2.REG, id=file_id, reg=RegFileEntry(
+                    id=file_id, flags=flags, pos=f.pos, fown=zero, name=name,
+                    mode=f.st.st_mode))
+                if stat.S_ISREG(f.st.st_mode):
+                    entry.reg.size = f.st.st_size
+            out.files.append(entry)
+        else:
+            file_id = owners.index(owner) + 1
+        out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & _O_CLOEXEC else 0,
+                                   type=out.file(file_id).type, fd=f.fd))
+    pipes = {f.st.st_ino: f.fd for f in fds if stat.S_ISFIFO(f.st.st_mode)}
+    for ino, fd in sorted(pipes.items()):
+        size, data = _pipe_contents(pid, fd)
+        out.pipe_data.append((PipeDataEntry(pipe_id=ino, bytes=len(data), size=size), data))
+    return out
+
+
+def _pipe_contents(pid: int, fd: int) -> tuple[int, bytes]:
+    """(capacity, queued bytes) of the pipe on fd ``fd`` of ``pid``, left in place.
+
+    A reader opened on /proc/PID/fd/FD is a new open file description of the
+    same pipe; tee(2) copies its queued bytes into a scratch pipe without
+    consuming them.
+    """
+    what = f"reading the pipe on fd {fd}"
+    try:
+        reader = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LazyMigOSError(exc.errno or 0, what, pid=pid) from exc
+    try:
+        size = get_pipe_size(reader)
+        queued = int.from_bytes(fcntl.ioctl(reader, termios.FIONREAD, b"\0" * 4), "little")
+        if not queued:
+            return size, b""
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            set_pipe_size(w, size)
+            copied = tee(reader, w, queued, SPLICE_F_NONBLOCK)
+            if copied != queued:
+                raise LazyMigOSError(0, f"{what}: tee copied {copied} of {queued} bytes",
+                                     pid=pid)
+            return size, os.read(r, queued)
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(reader)
+
+
+# -- images -----------------------------------------------------------------------------
+
+
+def write_files(images: ImagesDir, files: DumpedFiles) -> list[Path]:
+    """Write ``fdinfo-1.img``, ``files.img`` and ``pipes-data.img``; returns their paths."""
+    paths = [images.write_entries(ImageKind.FDINFO, files.fds, FILES_ID),
+             images.write_entries(ImageKind.FILES, files.files)]
+    with images.open_writer(ImageKind.PIPES_DATA) as writer:
+        for entry, data in files.pipe_data:
+            writer.write(entry)
+            writer.write_extra(data)
+    paths.append(writer.path)
+    return paths
+
+
+def read_files(images: ImagesDir) -> DumpedFiles:
+    """Read what :func:`write_files` wrote (nothing for a dump without ``fdinfo-1.img``)."""
+    out = DumpedFiles()
+    if not images.image_path(ImageKind.FDINFO, FILES_ID).exists():
+        return out
+    out.fds = images.read_entries(ImageKind.FDINFO, FdinfoEntry, FILES_ID)
+    out.files = images.read_entries(ImageKind.FILES, FileEntry)
+    with images.open_reader(ImageKind.PIPES_DATA) as reader:
+        while (entry := reader.read(PipeDataEntry)) is not None:
+            out.pipe_data.append((entry, reader.read_extra(entry.bytes)))
+    return out

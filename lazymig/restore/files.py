@@ -1,0 +1,129 @@
+"""Reopening a dumped process's files inside the process being restored.
+
+:func:`restore_files` (tracer thread, injected syscalls) rebuilds the files
+:func:`~lazymig.restore.task.load_task` read and checked:
+
+1. per pipe: ``pipe2`` inside the process, both ends moved above every dumped
+   fd number; the restorer opens the write end through /proc/PID/fd, sets the
+   capacity and writes the queued data back;
+2. per open file description: ``openat`` of its path (or of
+   /proc/self/fd/<pipe end> for a pipe end, which opens that end of the same
+   pipe) with the dumped status flags, ``lseek`` to the dumped offset, then
+   ``dup3`` onto each of its fd numbers with its close-on-exec flag; fds that
+   shared a description share it again;
+3. the staging pipe ends are closed: a pipe end the process had not kept (a
+   read end whose writers were closed) is closed again.
+
+fds 0, 1 and 2 are the restorer's (see :mod:`lazymig.dump.files`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from typing import Final, Protocol
+
+from lazymig.dump.files import FD_CLOEXEC, DumpedFiles
+from lazymig.errors import ImageError, LazyMigOSError
+from lazymig.linux.vm import read_memory, set_pipe_size
+from lazymig.proto.images import fdinfo_pb2
+
+__all__ = ["SyscallTarget", "restore_files"]
+
+log = logging.getLogger(__name__)
+
+_SYS_CLOSE: Final = 3
+_SYS_LSEEK: Final = 8
+_SYS_FCNTL: Final = 72
+_SYS_OPENAT: Final = 257
+_SYS_DUP3: Final = 292
+_SYS_PIPE2: Final = 293
+_AT_FDCWD: Final = -100
+_O_CLOEXEC: Final = 0o2000000
+_O_PATH: Final = 0o10000000
+_F_DUPFD_CLOEXEC: Final = 1030
+_F_SETFD: Final = 2
+_SEEK_SET: Final = 0
+
+
+class SyscallTarget(Protocol):
+    """The process being restored, as the restorer drives it (tracer thread)."""
+
+    pid: int
+
+    def call(self, nr: int, *args: int, what: str) -> int:
+        """Inject syscall ``nr``; its result, or LazyMigOSError."""
+        ...
+
+    def data(self, payload: bytes, offset: int = 0) -> int:
+        """Put ``payload`` in the process's scratch area; its address."""
+        ...
+
+
+def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
+    """Rebuild ``files`` in ``target`` (see the module docstring). Run it on the
+    tracer thread, after :func:`check_files`."""
+    if not files.fds:
+        return
+    top = max(e.fd for e in files.fds) + 1
+    ends: dict[int, tuple[int, int]] = {}
+    for entry, data in files.pipe_data:
+        ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
+        top += 2
+    for f in files.files:
+        fds = files.fds_of(f.id)
+        if not fds:
+            continue
+        if f.type == fdinfo_pb2.PIPE:
+            if f.pipe.pipe_id not in ends:
+                raise ImageError(f"pipes-data.img has no entry for pipe {f.pipe.pipe_id}")
+            r, w = ends[f.pipe.pipe_id]
+            end = w if f.pipe.flags & os.O_ACCMODE == os.O_WRONLY else r
+            path, flags = f"/proc/self/fd/{end}", f.pipe.flags
+        else:
+            path, flags = f.reg.name, f.reg.flags
+        at = target.data(os.fsencode(path) + b"\0")
+        tmp = target.call(_SYS_OPENAT, _AT_FDCWD, at, flags | _O_CLOEXEC, 0,
+                          what=f"open({path})")
+        if f.type == fdinfo_pb2.REG and f.reg.pos and not flags & _O_PATH:
+            target.call(_SYS_LSEEK, tmp, f.reg.pos, _SEEK_SET, what=f"lseek({path})")
+        for fd, cloexec in fds:
+            if fd == tmp:
+                target.call(_SYS_FCNTL, fd, _F_SETFD, FD_CLOEXEC if cloexec else 0,
+                            what=f"fcntl(F_SETFD) on fd {fd}")
+            else:
+                target.call(_SYS_DUP3, tmp, fd, _O_CLOEXEC if cloexec else 0,
+                            what=f"dup3 to fd {fd}")
+        if tmp not in (fd for fd, _ in fds):
+            target.call(_SYS_CLOSE, tmp, what="close")
+    for r, w in ends.values():
+        target.call(_SYS_CLOSE, r, what="close")
+        target.call(_SYS_CLOSE, w, what="close")
+    log.info("pid %d: %d fds reopened (%d files, %d pipes)", target.pid, len(files.fds),
+             len(files.files), len(ends))
+
+
+def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:
+    """A pipe in ``target`` holding ``data``, its ends at fds >= ``top``: (read, write)."""
+    at = target.data(b"\0" * 8)
+    target.call(_SYS_PIPE2, at, _O_CLOEXEC, what="pipe2")
+    low = struct.unpack("<2i", read_memory(target.pid, at, 8))
+    ends = []
+    for fd in low:
+        ends.append(target.call(_SYS_FCNTL, fd, _F_DUPFD_CLOEXEC, top, what="fcntl(F_DUPFD)"))
+        target.call(_SYS_CLOSE, fd, what="close")
+    r, w = ends
+    try:
+        mine = os.open(f"/proc/{target.pid}/fd/{w}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LazyMigOSError(exc.errno or 0, "opening a restored pipe", pid=target.pid) from exc
+    try:
+        if size:
+            set_pipe_size(mine, size)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(mine, view):]
+    finally:
+        os.close(mine)
+    return r, w
