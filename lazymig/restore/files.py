@@ -6,11 +6,11 @@
 1. per pipe: ``pipe2`` inside the process, both ends moved above every dumped
    fd number; the restorer opens the write end through /proc/PID/fd, sets the
    capacity and writes the queued data back;
-2. per open file description: ``openat`` of its path (or of
-   /proc/self/fd/<pipe end> for a pipe end, which opens that end of the same
-   pipe) with the dumped status flags, ``lseek`` to the dumped offset, then
-   ``dup3`` onto each of its fd numbers with its close-on-exec flag; fds that
-   shared a description share it again;
+2. per open file description: ``openat`` of its path with the dumped status
+   flags and ``lseek`` to the dumped offset, or for a pipe end the end pipe2
+   made with its status flags set (see :func:`_pipe_end`); then ``dup3`` onto
+   each of its fd numbers with its close-on-exec flag: fds that shared a
+   description share it again;
 3. the staging pipe ends are closed: a pipe end the process had not kept (a
    read end whose writers were closed) is closed again.
 
@@ -44,6 +44,8 @@ _O_CLOEXEC: Final = 0o2000000
 _O_PATH: Final = 0o10000000
 _F_DUPFD_CLOEXEC: Final = 1030
 _F_SETFD: Final = 2
+_F_SETFL: Final = 4
+_SETFL_MASK: Final = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME
 _SEEK_SET: Final = 0
 
 
@@ -68,6 +70,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
         return
     top = max(e.fd for e in files.fds) + 1
     ends: dict[int, tuple[int, int]] = {}
+    used: set[int] = set()  # staging pipe ends handed out as some description
     for entry, data in files.pipe_data:
         ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
         top += 2
@@ -76,18 +79,14 @@ def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
         if not fds:
             continue
         if f.type == fdinfo_pb2.PIPE:
-            if f.pipe.pipe_id not in ends:
-                raise ImageError(f"pipes-data.img has no entry for pipe {f.pipe.pipe_id}")
-            r, w = ends[f.pipe.pipe_id]
-            end = w if f.pipe.flags & os.O_ACCMODE == os.O_WRONLY else r
-            path, flags = f"/proc/self/fd/{end}", f.pipe.flags
+            tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
         else:
-            path, flags = f.reg.name, f.reg.flags
-        at = target.data(os.fsencode(path) + b"\0")
-        tmp = target.call(_SYS_OPENAT, _AT_FDCWD, at, flags | _O_CLOEXEC, 0,
-                          what=f"open({path})")
-        if f.type == fdinfo_pb2.REG and f.reg.pos and not flags & _O_PATH:
-            target.call(_SYS_LSEEK, tmp, f.reg.pos, _SEEK_SET, what=f"lseek({path})")
+            at = target.data(os.fsencode(f.reg.name) + b"\0")
+            tmp = target.call(_SYS_OPENAT, _AT_FDCWD, at, f.reg.flags | _O_CLOEXEC, 0,
+                              what=f"open({f.reg.name})")
+            if f.reg.pos and not f.reg.flags & _O_PATH:
+                target.call(_SYS_LSEEK, tmp, f.reg.pos, _SEEK_SET,
+                            what=f"lseek({f.reg.name})")
         for fd, cloexec in fds:
             if fd == tmp:
                 target.call(_SYS_FCNTL, fd, _F_SETFD, FD_CLOEXEC if cloexec else 0,
@@ -95,13 +94,33 @@ def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
             else:
                 target.call(_SYS_DUP3, tmp, fd, _O_CLOEXEC if cloexec else 0,
                             what=f"dup3 to fd {fd}")
-        if tmp not in (fd for fd, _ in fds):
+        if tmp not in used and tmp not in (fd for fd, _ in fds):
             target.call(_SYS_CLOSE, tmp, what="close")
     for r, w in ends.values():
         target.call(_SYS_CLOSE, r, what="close")
         target.call(_SYS_CLOSE, w, what="close")
     log.info("pid %d: %d fds reopened (%d files, %d pipes)", target.pid, len(files.fds),
              len(files.files), len(ends))
+
+
+def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
+              ends: dict[int, tuple[int, int]], used: set[int]) -> int:
+    """An fd in ``target`` on a new description of one end of pipe ``pipe_id``.
+
+    The first description of each end is the one pipe2 made (its status flags
+    set with F_SETFL); another one (rare: a pipe end reopened through /proc) is
+    opened through /proc/self/fd, which adds O_LARGEFILE.
+    """
+    if pipe_id not in ends:
+        raise ImageError(f"pipes-data.img has no entry for pipe {pipe_id}")
+    end = ends[pipe_id][1 if flags & os.O_ACCMODE == os.O_WRONLY else 0]
+    if end not in used:
+        used.add(end)
+        target.call(_SYS_FCNTL, end, _F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
+        return end
+    at = target.data(os.fsencode(f"/proc/self/fd/{end}") + b"\0")
+    return target.call(_SYS_OPENAT, _AT_FDCWD, at, flags | _O_CLOEXEC, 0,
+                       what=f"open(/proc/self/fd/{end})")
 
 
 def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:

@@ -1,0 +1,312 @@
+"""Open files, process group and session across ``lazymig dump`` and ``lazymig restore``.
+
+* fds.c and fds.py (tests/workloads/fds.py says what they hold: a log open
+  for append, a read-only file mid-way dup'd to fd 42, /dev/null, a pipe to
+  itself with data in it, the read end of a pipe whose writer is closed) are
+  dumped, plainly and lazily (page server + daemon), and restored; the
+  restored process reports, by its own output, the same offsets and flags,
+  data read where the source left off, a shared offset on the dup'd fd, the
+  pipe's queued data and a working pipe, EOF on the orphan read end; the log
+  holds what both wrote.
+* A session leader leads a new session; a group leader a new group.
+* A socket, eventfd, epoll, memfd, deleted file, or a pipe also open in another
+  process is refused before the target is touched, the fd named; a file that
+  changed since the dump is refused at restore, before any process exists.
+* crit decodes fdinfo-1.img, files.img and pipes-data.img.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_images_crit import crit_decode, plain
+from test_restore import Lines, _wait_ready, cli, on_uvloop, restore_with_output, status_line
+from workloads import WORKLOAD_DIR
+
+from lazymig.dump import LazyDump, dump
+from lazymig.dump.files import FILES_ID, read_files
+from lazymig.dump.freeze import UnsupportedTargetError
+from lazymig.linux.ptrace import process_alive
+from lazymig.proto.images import ImageKind, ImagesDir
+from lazymig.restore import Restorer, UnsupportedDumpError
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root"),
+]
+
+DATA = bytes((i * 7 + i // 256) % 256 for i in range(4096))
+O_ACCMODE_BITS = os.O_ACCMODE
+
+
+@pytest.fixture(scope="module")
+def fds_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    assert gcc is not None, "no C compiler on PATH"
+    out = tmp_path_factory.mktemp("fds") / "fds"
+    subprocess.run([gcc, "-O2", "-Wall", "-o", str(out), str(WORKLOAD_DIR / "fds.c")],
+                   check=True, capture_output=True)
+    return out
+
+
+def parse(line: str) -> dict[str, str]:
+    return dict(tok.split("=", 1) for tok in line.split()[1:])
+
+
+class FdsProcess:
+    """fds.c or fds.py running with ``DIR`` prepared; ``ready`` is its READY line."""
+
+    def __init__(self, argv: Sequence[str], *, pass_fds: Sequence[int] = ()) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                                     pass_fds=pass_fds)
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self._lines.get(timeout=10)
+        if not line.startswith("READY"):
+            self.stop()
+            raise AssertionError(f"fds workload said {line!r}")
+        self.ready = parse(line)
+        self.pid = self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put("EOF")
+
+    def stop(self) -> None:
+        if process_alive(self.proc.pid):
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> FdsProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def prepare(tmp_path: Path) -> tuple[Path, Path]:
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "log").write_bytes(b"before\n")
+    (files / "data").write_bytes(DATA)
+    images = tmp_path / "images"
+    images.mkdir()
+    return files, images
+
+
+def argv_for(kind: str, fds_c: Path, files: Path, *opts: str) -> list[str]:
+    if kind == "c":
+        return [str(fds_c), str(files), *opts]
+    return [sys.executable, str(WORKLOAD_DIR / "fds.py"), str(files), *opts]
+
+
+async def restored_report(lines: Lines) -> dict[str, str]:
+    line = await asyncio.to_thread(lines.next, 10.0)
+    assert line.startswith("RESTORED"), line
+    return parse(line)
+
+
+def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> None:
+    """What the restored process said about its fds matches what they were."""
+    same = ["log_pos", "log_flags", "log_cloexec", "ro_pos", "ro_flags", "ro_cloexec",
+            "dup_cloexec", "null_flags", "r_flags", "w_flags", "r_cloexec", "tail_flags"]
+    assert {k: after[k] for k in same} == {k: before[k] for k in same}
+    log_flags, null_flags = int(after["log_flags"]), int(after["null_flags"])
+    assert log_flags & O_ACCMODE_BITS == os.O_WRONLY and log_flags & os.O_APPEND
+    assert int(after["log_pos"]) == len(b"before\nopened\n")
+    assert int(after["ro_flags"]) & O_ACCMODE_BITS == os.O_RDONLY
+    assert (after["ro_pos"], after["ro_cloexec"], after["dup_cloexec"]) == ("100", "1", "0")
+    assert bytes.fromhex(after["ro_read"]) == DATA[100:110]
+    assert after["dup_pos"] == "110"  # fd 42 shares the description (and offset) of ro
+    assert null_flags & O_ACCMODE_BITS == os.O_WRONLY and null_flags & os.O_NONBLOCK
+    assert after["null_write"] == "3"
+    assert int(after["r_flags"]) & os.O_NONBLOCK and not int(after["w_flags"]) & os.O_NONBLOCK
+    assert int(after["w_flags"]) & O_ACCMODE_BITS == os.O_WRONLY
+    assert bytes.fromhex(after["pipe_data"]) == b"in-flight"
+    assert bytes.fromhex(after["pipe_echo"]) == b"echo"
+    assert bytes.fromhex(after["tail_data"]) == b"tail"
+    assert after["tail_eof"] == "1"
+    assert (files / "log").read_bytes() == b"before\nopened\nafter\n"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_open_files_come_back_after_a_plain_dump(kind: str, tmp_path: Path,
+                                                       fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    with FdsProcess(argv_for(kind, fds_c, files)) as w:
+        await dump(w.pid, images)
+    restorer, result, lines = await restore_with_output(images)
+    try:
+        after = await restored_report(lines)
+        assert await asyncio.to_thread(restorer.wait) == 0
+    finally:
+        restorer.kill()
+        lines.close()
+    assert int(after["pid"]) == result.pid != w.pid
+    # Neither group nor session leader: it joins the restorer's (this process's).
+    assert (int(after["pgid"]), int(after["sid"])) == (os.getpgid(0), os.getsid(0))
+    await asyncio.to_thread(check_report, w.ready, after, files)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_open_files_come_back_after_a_lazy_migration(kind: str, tmp_path: Path,
+                                                           fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    loop = on_uvloop()
+    with FdsProcess(argv_for(kind, fds_c, files)) as w:
+        async with LazyDump(w.pid, images, address="127.0.0.1", port=0,
+                            progress_interval=None) as lazy:
+            serving = asyncio.create_task(lazy.serve())
+            with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                     str(lazy.port), "-D", str(images), uvloop=loop) as (daemon, lr):
+                assert lr is not None
+                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                restorer, result, lines = await restore_with_output(images, lazy_pages=True)
+                try:
+                    assert result.lazy_pages > 0
+                    after = await restored_report(lines)
+                    assert await asyncio.to_thread(restorer.wait) == 0
+                    assert await asyncio.to_thread(daemon.wait, 20) == 0
+                finally:
+                    restorer.kill()
+                    lines.close()
+            await serving
+    assert int(after["pid"]) == result.pid != w.pid
+    await asyncio.to_thread(check_report, w.ready, after, files)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["--setsid", "--setpgid"])
+async def test_a_leader_leads_a_new_session_or_group(mode: str, tmp_path: Path,
+                                                     fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    with FdsProcess(argv_for("c", fds_c, files, mode)) as w:
+        await dump(w.pid, images)
+    (tree,) = ImagesDir(images).pstree()
+    assert (tree.pgid, tree.sid) == (int(w.ready["pgid"]), int(w.ready["sid"]))
+    assert tree.pgid == w.pid and (tree.sid == w.pid) == (mode == "--setsid")
+    restorer, result, lines = await restore_with_output(images)
+    try:
+        after = await restored_report(lines)
+    finally:
+        restorer.kill()
+        lines.close()
+    assert int(after["pgid"]) == result.pid
+    assert int(after["sid"]) == (result.pid if mode == "--setsid" else os.getsid(0))
+
+
+def untouched(pid: int) -> bool:
+    """The process runs as before: alive, untraced, not stopped."""
+    return (process_alive(pid) and status_line(pid, "TracerPid") == "0"
+            and not status_line(pid, "State").startswith(("T", "t")))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("extra", "what"), [
+    ("socket", r"is a socket \(socket:\[\d+\]\)"),
+    ("eventfd", r"is an eventfd \(anon_inode:\[eventfd\]\)"),
+    ("epoll", r"is an epoll instance"),
+    ("memfd", r"is a memfd \(/memfd:lazymig-test"),
+    ("deleted", r"is a deleted file \(.*/doomed\)"),
+])
+async def test_unsupported_fds_are_refused_before_the_target_is_touched(
+        extra: str, what: str, tmp_path: Path, fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    with FdsProcess(argv_for("python", fds_c, files, "--extra", extra)) as w:
+        fd = w.ready["extra"]
+        with pytest.raises(UnsupportedTargetError, match=rf"fd {fd} {what}"):
+            await dump(w.pid, images)
+        assert untouched(w.pid)
+        assert list(images.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_pipe_also_open_elsewhere_is_refused(tmp_path: Path, fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    r, w_end = os.pipe()
+    try:
+        with FdsProcess(argv_for("c", fds_c, files), pass_fds=(w_end,)) as w:
+            ino = os.fstat(r).st_ino
+            with pytest.raises(UnsupportedTargetError,
+                               match=rf"fd {w_end} is a pipe \(pipe:\[{ino}\]\) also open in "
+                                     rf"process {os.getpid()}: the other end would stay behind"):
+                await dump(w.pid, images)
+            assert untouched(w.pid)
+            proc = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "lazymig", "dump", "-t", str(w.pid),
+                                 "-D", str(images)], capture_output=True, text=True, timeout=30)
+            assert proc.returncode != 0
+            assert f"fd {w_end} is a pipe (pipe:[{ino}]) also open in process" in proc.stderr
+            assert untouched(w.pid)
+    finally:
+        os.close(r)
+        os.close(w_end)
+
+
+@pytest.mark.asyncio
+async def test_a_file_changed_since_the_dump_is_refused_at_restore(tmp_path: Path,
+                                                                   fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    with FdsProcess(argv_for("c", fds_c, files)) as w:
+        await dump(w.pid, images)
+    with (files / "data").open("ab") as f:
+        f.write(b"more")
+    restorer = Restorer(images)
+    with pytest.raises(UnsupportedDumpError,
+                       match=rf"{files}/data \(open on fd 4, 42 of process {w.pid}\) changed "
+                             r"since the dump: 4100 bytes, 4096 then"):
+        await restorer.run()
+    assert restorer.process is None
+
+
+def crit_view(images: Path) -> dict[str, Any]:
+    d = ImagesDir(images)
+    return {name: crit_decode(d.image_path(kind, ident))
+            for name, kind, ident in [("fdinfo", ImageKind.FDINFO, FILES_ID),
+                                      ("files", ImageKind.FILES, None),
+                                      ("pipes", ImageKind.PIPES_DATA, None)]}
+
+
+@pytest.mark.crit
+@pytest.mark.skipif(shutil.which("crit") is None, reason="crit is not installed (package criu)")
+@pytest.mark.asyncio
+async def test_crit_decodes_the_file_images(tmp_path: Path, fds_c: Path) -> None:
+    files, images = prepare(tmp_path)
+    with FdsProcess(argv_for("c", fds_c, files)) as w:
+        await dump(w.pid, images)
+    ours = await asyncio.to_thread(read_files, ImagesDir(images))
+    decoded = await asyncio.to_thread(crit_view, images)
+    assert decoded["fdinfo"] == {"magic": "FDINFO", "entries": [plain(e) for e in ours.fds]}
+    assert decoded["files"] == {"magic": "FILES", "entries": [plain(f) for f in ours.files]}
+    assert decoded["pipes"]["magic"] == "PIPES_DATA"
+    assert [(e["pipe_id"], e["bytes"], e["extra"]) for e in decoded["pipes"]["entries"]] == [
+        (entry.pipe_id, len(data), plain_bytes(data)) for entry, data in ours.pipe_data]
+    by_fd = {e["fd"]: e for e in decoded["fdinfo"]["entries"]}
+    names = {f["id"]: f.get("reg", {}).get("name") for f in decoded["files"]["entries"]}
+    assert names[by_fd[42]["id"]] == names[by_fd[int(w.ready["ro"])]["id"]] == \
+        f"{files}/data"
+    assert names[by_fd[int(w.ready["null"])]["id"]] == "/dev/null"
+    assert by_fd[int(w.ready["r"])]["type"] == "PIPE"
+    assert sorted(d for _, d in ours.pipe_data) == [b"in-flight", b"tail"]
+
+
+def plain_bytes(data: bytes) -> str:
+    """Bytes as crit shows an image's extra payload."""
+    return base64.encodebytes(data).decode()
