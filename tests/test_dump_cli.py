@@ -281,11 +281,12 @@ def test_plain_dump_decodes_with_crit(tmp_path: Path, workload: Workload,
     pid = workload.pid
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["inventory.img", "pstree.img", f"core-{pid}.img", f"mm-{pid}.img",
-                            f"pagemap-{pid}.img", "pages-1.img", f"lazymig-{pid}.img"])
+                            f"pagemap-{pid}.img", "pages-1.img", f"lazymig-{pid}.img",
+                            "fdinfo-1.img", "files.img", "pipes-data.img"])
     decoded = {name: crit_decode(tmp_path / name) for name in names
                if name not in ("pages-1.img", f"lazymig-{pid}.img")}
     assert {d["magic"] for d in decoded.values()} == {"INVENTORY", "PSTREE", "CORE", "MM",
-                                                      "PAGEMAP"}
+                                                      "PAGEMAP", "FDINFO", "FILES", "PIPES_DATA"}
     assert CRIT is not None
     failed = subprocess.run([CRIT, "decode", "-i", str(tmp_path / f"lazymig-{pid}.img")],
                             check=False, capture_output=True, text=True, timeout=30)

@@ -2,16 +2,18 @@
 
 * fds.c and fds.py (tests/workloads/fds.py says what they hold: a log open
   for append, a read-only file mid-way dup'd to fd 42, /dev/null, a pipe to
-  itself with data in it, the read end of a pipe whose writer is closed) are
+  itself with data in it, the read end of a pipe whose writer is closed, an
+  O_PATH dirfd) are
   dumped, plainly and lazily (page server + daemon), and restored; the
   restored process reports, by its own output, the same offsets and flags,
   data read where the source left off, a shared offset on the dup'd fd, the
-  pipe's queued data and a working pipe, EOF on the orphan read end; the log
-  holds what both wrote.
+  pipe's queued data and a working pipe, EOF on the orphan read end, a
+  working O_PATH dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
-* A socket, eventfd, epoll, memfd, deleted file, or a pipe also open in another
-  process is refused before the target is touched, the fd named; a file that
-  changed since the dump is refused at restore, before any process exists.
+* A socket, eventfd, epoll, memfd, deleted file, a pipe also open in another
+  process or a terminal is refused before the target is touched, the fd named
+  (API and CLI); a file that changed since the dump is refused at restore,
+  before any process exists.
 * crit decodes fdinfo-1.img, files.img and pipes-data.img.
 """
 
@@ -124,7 +126,8 @@ async def restored_report(lines: Lines) -> dict[str, str]:
 def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> None:
     """What the restored process said about its fds matches what they were."""
     same = ["log_pos", "log_flags", "log_cloexec", "ro_pos", "ro_flags", "ro_cloexec",
-            "dup_cloexec", "null_flags", "r_flags", "w_flags", "r_cloexec", "tail_flags"]
+            "dup_cloexec", "null_flags", "r_flags", "w_flags", "r_cloexec", "tail_flags",
+            "dir_flags"]
     assert {k: after[k] for k in same} == {k: before[k] for k in same}
     log_flags, null_flags = int(after["log_flags"]), int(after["null_flags"])
     assert log_flags & O_ACCMODE_BITS == os.O_WRONLY and log_flags & os.O_APPEND
@@ -141,6 +144,8 @@ def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> 
     assert bytes.fromhex(after["pipe_echo"]) == b"echo"
     assert bytes.fromhex(after["tail_data"]) == b"tail"
     assert after["tail_eof"] == "1"
+    assert int(after["dir_flags"]) & os.O_PATH
+    assert bytes.fromhex(after["dir_read"]) == DATA[:4]  # openat(dirfd, "data")
     assert (files / "log").read_bytes() == b"before\nopened\nafter\n"
 
 
@@ -238,26 +243,35 @@ async def test_unsupported_fds_are_refused_before_the_target_is_touched(
 
 
 @pytest.mark.asyncio
-async def test_a_pipe_also_open_elsewhere_is_refused(tmp_path: Path, fds_c: Path) -> None:
+@pytest.mark.parametrize("kind", ["pipe", "terminal"])
+async def test_an_fd_tied_to_this_host_is_refused(kind: str, tmp_path: Path,
+                                                   fds_c: Path) -> None:
+    """A pipe whose other end this process holds; a pty slave (this process holds
+    the master): the workload inherits the fd."""
     files, images = prepare(tmp_path)
-    r, w_end = os.pipe()
+    mine, theirs = os.pipe() if kind == "pipe" else os.openpty()
+    if kind == "pipe":
+        ino = os.fstat(mine).st_ino
+        what = (f"fd {theirs} is a pipe (pipe:[{ino}]) also open in process {os.getpid()}: "
+                "the other end would stay behind")
+    else:
+        what = (f"fd {theirs} is a terminal ({os.ttyname(theirs)}): a terminal does not move "
+                "to another host")
     try:
-        with FdsProcess(argv_for("c", fds_c, files), pass_fds=(w_end,)) as w:
-            ino = os.fstat(r).st_ino
-            with pytest.raises(UnsupportedTargetError,
-                               match=rf"fd {w_end} is a pipe \(pipe:\[{ino}\]\) also open in "
-                                     rf"process {os.getpid()}: the other end would stay behind"):
+        with FdsProcess(argv_for("c", fds_c, files), pass_fds=(theirs,)) as w:
+            with pytest.raises(UnsupportedTargetError) as refused:
                 await dump(w.pid, images)
+            assert what in str(refused.value)
             assert untouched(w.pid)
             proc = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "lazymig", "dump", "-t", str(w.pid),
                                  "-D", str(images)], capture_output=True, text=True, timeout=30)
-            assert proc.returncode != 0
-            assert f"fd {w_end} is a pipe (pipe:[{ino}]) also open in process" in proc.stderr
+            assert proc.returncode != 0 and what in proc.stderr
             assert untouched(w.pid)
+            assert list(images.iterdir()) == []
     finally:
-        os.close(r)
-        os.close(w_end)
+        os.close(mine)
+        os.close(theirs)
 
 
 @pytest.mark.asyncio

@@ -8,8 +8,10 @@ What is dumped, read from /proc/PID/fd, /proc/PID/fdinfo and kcmp(2) (nothing
 is injected into the target):
 
 * regular files, at their offset, with their status flags (access mode,
-  O_APPEND, O_NONBLOCK, ...) and close-on-exec; the file must still have the
-  name it was opened by (not deleted, renamed or replaced) and hold no lock;
+  O_APPEND, O_NONBLOCK, O_PATH, ...) and close-on-exec; the file must still
+  have the name it was opened by (not deleted, renamed or replaced) and hold
+  no lock. Directories too (dirfds for openat, O_PATH or not), unless read
+  part-way: a directory offset is a cookie of the filesystem that holds it;
 * the harmless memory character devices (/dev/null, /dev/zero, /dev/full,
   /dev/random, /dev/urandom), recorded as regular files as CRIU does;
 * pipes that no other process holds: both ends (or the one end the process
@@ -23,9 +25,13 @@ is injected into the target):
 
 Everything else is refused with the fd and its kind named: sockets,
 eventfds, epoll, signalfd, timerfd, inotify, pidfds and other anonymous-inode
-files, memfds, deleted files, named FIFOs, directories, terminals beyond fds
-0-2, other devices. :func:`inspect_files` does so from /proc alone, before the
-target is frozen; :func:`collect_files` checks again once it is frozen.
+files, memfds, deleted files, named FIFOs, other devices, and terminals beyond
+fds 0-2. A terminal is refused because nothing identifies it across a move:
+/dev/pts/3 on the destination (if it exists) is somebody else's terminal, and
+reopening it by name would write into it (CRIU too needs the whole pty pair,
+or ``--inherit-fd``/``--shell-job``, for a terminal). :func:`inspect_files`
+refuses from /proc alone, before the target is frozen; :func:`collect_files`
+checks again once it is frozen.
 F_SETOWN/F_SETSIG owners are not dumped (``fown`` is written as zeros).
 
 Images (CRIU's layout, decodable by ``crit``): ``fdinfo-<files_id>.img``
@@ -181,12 +187,14 @@ def _refusal(f: _Fd) -> str | None:
         if dev in SAFE_CHAR_DEVICES:
             return None
         if dev[0] in _TTY_MAJORS:
-            return (f"fd {f.fd} is a terminal ({link}); only fds 0-2 may be terminals (the "
-                    "restored process gets the restorer's)")
+            return (f"fd {f.fd} is a terminal ({link}): a terminal does not move to another "
+                    "host; only fds 0-2 may be terminals (the restored process gets the "
+                    "restorer's)")
         return f"fd {f.fd} is the character device {link} ({dev[0]}:{dev[1]})"
-    if stat.S_ISDIR(mode):
-        return f"fd {f.fd} is a directory ({link}): directory fds are not supported"
-    if not stat.S_ISREG(mode):
+    if stat.S_ISDIR(mode) and f.pos:
+        return (f"fd {f.fd} is a directory ({link}) read part-way: directory offsets do not "
+                "survive a move")
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         return f"fd {f.fd} is an unsupported kind of file ({link}, mode {mode:o})"
     if link.endswith(" (deleted)") or f.st.st_nlink == 0:
         return f"fd {f.fd} is a deleted file ({link.removesuffix(' (deleted)')})"

@@ -213,9 +213,9 @@ def _check_reg(pid: int, fds: str, f: FileEntry) -> None:
         if not stat.S_ISCHR(st.st_mode) or SAFE_CHAR_DEVICES.get(dev) != name:
             raise UnsupportedDumpError(f"fd {fds} of process {pid} had the device {name} open; "
                                        f"here {name} is another file")
-    elif not stat.S_ISREG(st.st_mode):
-        raise UnsupportedDumpError(f"fd {fds} of process {pid} had the regular file {name} "
-                                   "open; here it is not a regular file")
-    elif f.reg.HasField("size") and st.st_size != f.reg.size:
+    elif stat.S_IFMT(st.st_mode) != stat.S_IFMT(f.reg.mode):
+        raise UnsupportedDumpError(f"fd {fds} of process {pid} had {name} open; here it is "
+                                   "another kind of file")
+    elif stat.S_ISREG(st.st_mode) and f.reg.HasField("size") and st.st_size != f.reg.size:
         raise UnsupportedDumpError(f"{name} (open on fd {fds} of process {pid}) changed since "
                                    f"the dump: {st.st_size} bytes, {f.reg.size} then")

@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static int log_fd, ro, null_fd, pipe_fds[2], tail_fds[2];
+static int log_fd, ro, null_fd, pipe_fds[2], tail_fds[2], dir_fd;
 
 static long pid_now(void) { return syscall(SYS_getpid); }
 
@@ -20,12 +20,12 @@ static void print_state(void)
 {
 	printf("pid=%ld pgid=%d sid=%d log_pos=%ld log_flags=%d log_cloexec=%d ro_pos=%ld "
 	       "ro_flags=%d ro_cloexec=%d dup_cloexec=%d null_flags=%d r_flags=%d w_flags=%d "
-	       "r_cloexec=%d tail_flags=%d",
+	       "r_cloexec=%d tail_flags=%d dir_flags=%d",
 	       pid_now(), getpgid(0), getsid(0), (long)lseek(log_fd, 0, SEEK_CUR),
 	       fcntl(log_fd, F_GETFL), cloexec(log_fd), (long)lseek(ro, 0, SEEK_CUR),
 	       fcntl(ro, F_GETFL), cloexec(ro), cloexec(42), fcntl(null_fd, F_GETFL),
 	       fcntl(pipe_fds[0], F_GETFL), fcntl(pipe_fds[1], F_GETFL), cloexec(pipe_fds[0]),
-	       fcntl(tail_fds[0], F_GETFL));
+	       fcntl(tail_fds[0], F_GETFL), fcntl(dir_fd, F_GETFL));
 }
 
 static void print_hex(const char *key, int fd, size_t len)
@@ -72,12 +72,13 @@ int main(int argc, char **argv)
 	must(pipe(tail_fds) == 0, "pipe");
 	must(write(tail_fds[1], "tail", 4) == 4, "write tail");
 	close(tail_fds[1]);
+	must((dir_fd = open(argv[1], O_PATH | O_DIRECTORY)) >= 0, "open dir");
 
 	long pid = pid_now();
 	printf("READY ");
 	print_state();
-	printf(" log=%d ro=%d null=%d r=%d w=%d tail=%d extra=-1\n", log_fd, ro, null_fd,
-	       pipe_fds[0], pipe_fds[1], tail_fds[0]);
+	printf(" log=%d ro=%d null=%d r=%d w=%d tail=%d dir=%d extra=-1\n", log_fd, ro,
+	       null_fd, pipe_fds[0], pipe_fds[1], tail_fds[0], dir_fd);
 	fflush(stdout);
 	while (pid_now() == pid)
 		nanosleep(&tick, NULL);
@@ -92,7 +93,11 @@ int main(int argc, char **argv)
 	must(write(pipe_fds[1], "echo", 4) == 4, "write pipe");
 	print_hex("pipe_echo", pipe_fds[0], 100);
 	print_hex("tail_data", tail_fds[0], 100);
-	printf(" tail_eof=%d\n", read(tail_fds[0], buf, sizeof(buf)) == 0);
+	printf(" tail_eof=%d", read(tail_fds[0], buf, sizeof(buf)) == 0);
+	int data_fd = openat(dir_fd, "data", O_RDONLY);
+	must(data_fd >= 0, "openat data");
+	print_hex("dir_read", data_fd, 4);
+	printf("\n");
 	fflush(stdout);
 	return 0;
 }

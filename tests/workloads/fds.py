@@ -9,6 +9,7 @@ and ``data`` (made by the test). The process opens:
 * /dev/null write-only, non-blocking;
 * a pipe (non-blocking read end) holding ``in-flight``;
 * the read end of a second pipe holding ``tail`` whose write end is closed;
+* ``DIR`` itself, O_PATH (a dirfd for openat);
 * with ``--extra KIND``, one more fd of a kind lazymig refuses (socket,
   eventfd, epoll, memfd, deleted).
 
@@ -76,6 +77,7 @@ def main() -> None:
     tail, tail_w = os.pipe()
     os.write(tail_w, b"tail")
     os.close(tail_w)
+    dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
     extra = extra_fd(opts[opts.index("--extra") + 1], directory) if "--extra" in opts else -1
     def state() -> dict[str, int]:
         return {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
@@ -83,10 +85,11 @@ def main() -> None:
                 "log_cloexec": cloexec(log), "ro_pos": os.lseek(ro, 0, os.SEEK_CUR),
                 "ro_flags": flags(ro), "ro_cloexec": cloexec(ro), "dup_cloexec": cloexec(42),
                 "null_flags": flags(null), "r_flags": flags(r), "w_flags": flags(w),
-                "r_cloexec": cloexec(r), "tail_flags": flags(tail)}
+                "r_cloexec": cloexec(r), "tail_flags": flags(tail), "dir_flags": flags(dirfd)}
 
     before = state()
-    fds = {"log": log, "ro": ro, "null": null, "r": r, "w": w, "tail": tail, "extra": extra}
+    fds = {"log": log, "ro": ro, "null": null, "r": r, "w": w, "tail": tail, "dir": dirfd,
+           "extra": extra}
     print("READY " + " ".join(f"{k}={v}" for k, v in (before | fds).items()), flush=True)
     while os.getpid() == before["pid"]:
         time.sleep(0.02)
@@ -101,6 +104,8 @@ def main() -> None:
     out["pipe_echo"] = os.read(r, 100).hex()
     out["tail_data"] = os.read(tail, 100).hex()
     out["tail_eof"] = int(os.read(tail, 100) == b"")
+    data = os.open("data", os.O_RDONLY, dir_fd=dirfd)
+    out["dir_read"] = os.read(data, 4).hex()
     print("RESTORED " + " ".join(f"{k}={v}" for k, v in out.items()), flush=True)
 
 
