@@ -10,6 +10,7 @@
   pipe's queued data and a working pipe, EOF on the orphan read end, a
   working O_PATH dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
+* A parent-death signal is recorded in the core image, not restored (logged).
 * A socket, eventfd, epoll, memfd, deleted file, a pipe also open in another
   process or a terminal is refused before the target is touched, the fd named
   (API and CLI); a file that changed since the dump is refused at restore,
@@ -24,6 +25,7 @@ import base64
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +217,26 @@ async def test_a_leader_leads_a_new_session_or_group(mode: str, tmp_path: Path,
         lines.close()
     assert int(after["pgid"]) == result.pid
     assert int(after["sid"]) == (result.pid if mode == "--setsid" else os.getsid(0))
+
+
+@pytest.mark.asyncio
+async def test_a_parent_death_signal_is_recorded_not_restored(
+        tmp_path: Path, fds_c: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Restored, it would fire once the restorer's tracer thread (the helper's
+    parent) ends, and the process would die of SIGTERM instead of exiting 0."""
+    files, images = prepare(tmp_path)
+    with FdsProcess(argv_for("python", fds_c, files, "--pdeathsig")) as w:
+        await dump(w.pid, images)
+    assert ImagesDir(images).core(w.pid).thread_core.pdeath_sig == signal.SIGTERM
+    restorer, result, lines = await restore_with_output(images)
+    try:
+        after = await restored_report(lines)
+        assert await asyncio.to_thread(restorer.wait) == 0
+    finally:
+        restorer.kill()
+        lines.close()
+    assert int(after["pid"]) == result.pid
+    assert f"parent-death signal {int(signal.SIGTERM)} not restored" in caplog.text
 
 
 def untouched(pid: int) -> bool:

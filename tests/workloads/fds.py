@@ -1,6 +1,6 @@
 """A process holding open files, which reports their state once it runs under a new pid.
 
-Usage: ``fds.py DIR [--setsid | --setpgid] [--extra KIND]``. ``DIR`` holds ``log``
+Usage: ``fds.py DIR [--setsid | --setpgid] [--pdeathsig] [--extra KIND]``. ``DIR`` holds ``log``
 and ``data`` (made by the test). The process opens:
 
 * ``log`` write-only for append, and appends ``opened\\n`` to it;
@@ -23,13 +23,17 @@ a ``RESTORED key=value ...`` line, with what reading and writing each fd gave
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import select
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
 
 
 def extra_fd(kind: str, directory: str) -> int:
@@ -65,6 +69,8 @@ def main() -> None:
         os.setsid()
     if "--setpgid" in opts:
         os.setpgid(0, 0)
+    if "--pdeathsig" in opts:  # SIGTERM when the parent (thread) dies
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     log = os.open(Path(directory) / "log", os.O_WRONLY | os.O_APPEND)
     os.write(log, b"opened\n")
     ro = os.open(Path(directory) / "data", os.O_RDONLY | os.O_CLOEXEC)
