@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 from test_images_crit import crit_decode, plain
-from test_restore import Lines, _wait_ready, cli, on_uvloop, restore_with_output, status_line
+from test_restore import _wait_ready, cli, on_uvloop, restore_with_output, status_line
 from workloads import WORKLOAD_DIR
 
 from lazymig.dump import LazyDump, dump
@@ -43,7 +43,7 @@ from lazymig.dump.files import FILES_ID, read_files
 from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.images import ImageKind, ImagesDir
-from lazymig.restore import Restorer, UnsupportedDumpError
+from lazymig.restore import Restorer, RestoreResult, UnsupportedDumpError
 
 pytestmark = [
     pytest.mark.root,
@@ -119,10 +119,19 @@ def argv_for(kind: str, fds_c: Path, files: Path, *opts: str) -> list[str]:
     return [sys.executable, str(WORKLOAD_DIR / "fds.py"), str(files), *opts]
 
 
-async def restored_report(lines: Lines) -> dict[str, str]:
-    line = await asyncio.to_thread(lines.next, 10.0)
-    assert line.startswith("RESTORED"), line
-    return parse(line)
+async def restore_and_report(images: Path, *, lazy_pages: bool = False
+                             ) -> tuple[RestoreResult, dict[str, str]]:
+    """Restore; the restored process's RESTORED line, once it exited 0."""
+    restorer, result, lines = await restore_with_output(images, lazy_pages=lazy_pages)
+    try:
+        line = await asyncio.to_thread(lines.next, 10.0)
+        assert line.startswith("RESTORED"), line
+        assert await asyncio.to_thread(restorer.wait) == 0
+    finally:
+        restorer.kill()
+        lines.close()
+    assert int(parse(line)["pid"]) == result.pid
+    return result, parse(line)
 
 
 def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> None:
@@ -158,14 +167,8 @@ async def test_open_files_come_back_after_a_plain_dump(kind: str, tmp_path: Path
     files, images = prepare(tmp_path)
     with FdsProcess(argv_for(kind, fds_c, files)) as w:
         await dump(w.pid, images)
-    restorer, result, lines = await restore_with_output(images)
-    try:
-        after = await restored_report(lines)
-        assert await asyncio.to_thread(restorer.wait) == 0
-    finally:
-        restorer.kill()
-        lines.close()
-    assert int(after["pid"]) == result.pid != w.pid
+    result, after = await restore_and_report(images)
+    assert result.pid != w.pid
     # Neither group nor session leader: it joins the restorer's (this process's).
     assert (int(after["pgid"]), int(after["sid"])) == (os.getpgid(0), os.getsid(0))
     await asyncio.to_thread(check_report, w.ready, after, files)
@@ -185,17 +188,11 @@ async def test_open_files_come_back_after_a_lazy_migration(kind: str, tmp_path: 
                      str(lazy.port), "-D", str(images), uvloop=loop) as (daemon, lr):
                 assert lr is not None
                 await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-                restorer, result, lines = await restore_with_output(images, lazy_pages=True)
-                try:
-                    assert result.lazy_pages > 0
-                    after = await restored_report(lines)
-                    assert await asyncio.to_thread(restorer.wait) == 0
-                    assert await asyncio.to_thread(daemon.wait, 20) == 0
-                finally:
-                    restorer.kill()
-                    lines.close()
+                result, after = await restore_and_report(images, lazy_pages=True)
+                assert result.lazy_pages > 0
+                assert await asyncio.to_thread(daemon.wait, 20) == 0
             await serving
-    assert int(after["pid"]) == result.pid != w.pid
+    assert result.pid != w.pid
     await asyncio.to_thread(check_report, w.ready, after, files)
 
 
@@ -209,12 +206,7 @@ async def test_a_leader_leads_a_new_session_or_group(mode: str, tmp_path: Path,
     (tree,) = ImagesDir(images).pstree()
     assert (tree.pgid, tree.sid) == (int(w.ready["pgid"]), int(w.ready["sid"]))
     assert tree.pgid == w.pid and (tree.sid == w.pid) == (mode == "--setsid")
-    restorer, result, lines = await restore_with_output(images)
-    try:
-        after = await restored_report(lines)
-    finally:
-        restorer.kill()
-        lines.close()
+    result, after = await restore_and_report(images)
     assert int(after["pgid"]) == result.pid
     assert int(after["sid"]) == (result.pid if mode == "--setsid" else os.getsid(0))
 
@@ -228,14 +220,7 @@ async def test_a_parent_death_signal_is_recorded_not_restored(
     with FdsProcess(argv_for("python", fds_c, files, "--pdeathsig")) as w:
         await dump(w.pid, images)
     assert ImagesDir(images).core(w.pid).thread_core.pdeath_sig == signal.SIGTERM
-    restorer, result, lines = await restore_with_output(images)
-    try:
-        after = await restored_report(lines)
-        assert await asyncio.to_thread(restorer.wait) == 0
-    finally:
-        restorer.kill()
-        lines.close()
-    assert int(after["pid"]) == result.pid
+    await restore_and_report(images)  # it exited 0: no SIGTERM
     assert f"parent-death signal {int(signal.SIGTERM)} not restored" in caplog.text
 
 

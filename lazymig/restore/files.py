@@ -19,6 +19,7 @@ fds 0, 1 and 2 are the restorer's (see :mod:`lazymig.dump.files`).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -33,20 +34,11 @@ __all__ = ["SyscallTarget", "restore_files"]
 
 log = logging.getLogger(__name__)
 
-_SYS_CLOSE: Final = 3
 _SYS_LSEEK: Final = 8
 _SYS_FCNTL: Final = 72
-_SYS_OPENAT: Final = 257
 _SYS_DUP3: Final = 292
 _SYS_PIPE2: Final = 293
-_AT_FDCWD: Final = -100
-_O_CLOEXEC: Final = 0o2000000
-_O_PATH: Final = 0o10000000
-_F_DUPFD_CLOEXEC: Final = 1030
-_F_SETFD: Final = 2
-_F_SETFL: Final = 4
 _SETFL_MASK: Final = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME
-_SEEK_SET: Final = 0
 
 
 class SyscallTarget(Protocol):
@@ -60,6 +52,14 @@ class SyscallTarget(Protocol):
 
     def data(self, payload: bytes, offset: int = 0) -> int:
         """Put ``payload`` in the process's scratch area; its address."""
+        ...
+
+    def open(self, path: str, flags: int) -> int:
+        """openat(AT_FDCWD, path, flags) in the process; its fd."""
+        ...
+
+    def close(self, fd: int) -> None:
+        """close(fd) in the process."""
         ...
 
 
@@ -81,24 +81,22 @@ def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
         if f.type == fdinfo_pb2.PIPE:
             tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
         else:
-            at = target.data(os.fsencode(f.reg.name) + b"\0")
-            tmp = target.call(_SYS_OPENAT, _AT_FDCWD, at, f.reg.flags | _O_CLOEXEC, 0,
-                              what=f"open({f.reg.name})")
-            if f.reg.pos and not f.reg.flags & _O_PATH:
-                target.call(_SYS_LSEEK, tmp, f.reg.pos, _SEEK_SET,
+            tmp = target.open(f.reg.name, f.reg.flags | os.O_CLOEXEC)
+            if f.reg.pos and not f.reg.flags & os.O_PATH:
+                target.call(_SYS_LSEEK, tmp, f.reg.pos, os.SEEK_SET,
                             what=f"lseek({f.reg.name})")
         for fd, cloexec in fds:
             if fd == tmp:
-                target.call(_SYS_FCNTL, fd, _F_SETFD, FD_CLOEXEC if cloexec else 0,
+                target.call(_SYS_FCNTL, fd, fcntl.F_SETFD, FD_CLOEXEC if cloexec else 0,
                             what=f"fcntl(F_SETFD) on fd {fd}")
             else:
-                target.call(_SYS_DUP3, tmp, fd, _O_CLOEXEC if cloexec else 0,
+                target.call(_SYS_DUP3, tmp, fd, os.O_CLOEXEC if cloexec else 0,
                             what=f"dup3 to fd {fd}")
         if tmp not in used and tmp not in (fd for fd, _ in fds):
-            target.call(_SYS_CLOSE, tmp, what="close")
+            target.close(tmp)
     for r, w in ends.values():
-        target.call(_SYS_CLOSE, r, what="close")
-        target.call(_SYS_CLOSE, w, what="close")
+        target.close(r)
+        target.close(w)
     log.info("pid %d: %d fds reopened (%d files, %d pipes)", target.pid, len(files.fds),
              len(files.files), len(ends))
 
@@ -116,22 +114,20 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
     end = ends[pipe_id][1 if flags & os.O_ACCMODE == os.O_WRONLY else 0]
     if end not in used:
         used.add(end)
-        target.call(_SYS_FCNTL, end, _F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
+        target.call(_SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
         return end
-    at = target.data(os.fsencode(f"/proc/self/fd/{end}") + b"\0")
-    return target.call(_SYS_OPENAT, _AT_FDCWD, at, flags | _O_CLOEXEC, 0,
-                       what=f"open(/proc/self/fd/{end})")
+    return target.open(f"/proc/self/fd/{end}", flags | os.O_CLOEXEC)
 
 
 def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:
     """A pipe in ``target`` holding ``data``, its ends at fds >= ``top``: (read, write)."""
     at = target.data(b"\0" * 8)
-    target.call(_SYS_PIPE2, at, _O_CLOEXEC, what="pipe2")
+    target.call(_SYS_PIPE2, at, os.O_CLOEXEC, what="pipe2")
     low = struct.unpack("<2i", read_memory(target.pid, at, 8))
     ends = []
     for fd in low:
-        ends.append(target.call(_SYS_FCNTL, fd, _F_DUPFD_CLOEXEC, top, what="fcntl(F_DUPFD)"))
-        target.call(_SYS_CLOSE, fd, what="close")
+        ends.append(target.call(_SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top, what="fcntl(F_DUPFD)"))
+        target.close(fd)
     r, w = ends
     try:
         mine = os.open(f"/proc/{target.pid}/fd/{w}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -213,10 +213,14 @@ class _Target:
         write_memory(self.pid, address, payload)
         return address
 
-    def open(self, path: str) -> int:
+    def open(self, path: str, flags: int = _O_RDONLY | _O_CLOEXEC) -> int:
+        """openat(AT_FDCWD, path, flags) in the process; its fd."""
         address = self.data(os.fsencode(path) + b"\0")
-        return self.call(_SYS_OPENAT, _AT_FDCWD, address, _O_RDONLY | _O_CLOEXEC, 0,
-                         what=f"open({path})")
+        return self.call(_SYS_OPENAT, _AT_FDCWD, address, flags, 0, what=f"open({path})")
+
+    def close(self, fd: int) -> None:
+        """close(fd) in the process."""
+        self.call(_SYS_CLOSE, fd, what=f"close({fd})")
 
 
 class Restorer:
