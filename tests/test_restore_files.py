@@ -160,39 +160,38 @@ def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> 
     assert (files / "log").read_bytes() == b"before\nopened\nafter\n"
 
 
+async def migrate_lazily(pid: int, images: Path) -> tuple[RestoreResult, dict[str, str]]:
+    """``LazyDump`` (page server), ``lazymig lazy-pages --page-server``, a lazy restore."""
+    async with LazyDump(pid, images, address="127.0.0.1", port=0,
+                        progress_interval=None) as lazy:
+        serving = asyncio.create_task(lazy.serve())
+        with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                 str(lazy.port), "-D", str(images), uvloop=on_uvloop()) as (daemon, lr):
+            assert lr is not None
+            await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+            result, after = await restore_and_report(images, lazy_pages=True)
+            assert result.lazy_pages > 0
+            assert await asyncio.to_thread(daemon.wait, 20) == 0
+        await serving
+    return result, after
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("lazy", [False, True], ids=["plain", "lazy"])
 @pytest.mark.parametrize("kind", ["c", "python"])
-async def test_open_files_come_back_after_a_plain_dump(kind: str, tmp_path: Path,
-                                                       fds_c: Path) -> None:
+async def test_open_files_come_back(kind: str, lazy: bool, tmp_path: Path,
+                                    fds_c: Path) -> None:
     files, images = prepare(tmp_path)
     with FdsProcess(argv_for(kind, fds_c, files)) as w:
-        await dump(w.pid, images)
-    result, after = await restore_and_report(images)
+        if lazy:
+            result, after = await migrate_lazily(w.pid, images)
+        else:
+            await dump(w.pid, images)
+    if not lazy:
+        result, after = await restore_and_report(images)
     assert result.pid != w.pid
     # Neither group nor session leader: it joins the restorer's (this process's).
     assert (int(after["pgid"]), int(after["sid"])) == (os.getpgid(0), os.getsid(0))
-    await asyncio.to_thread(check_report, w.ready, after, files)
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("kind", ["c", "python"])
-async def test_open_files_come_back_after_a_lazy_migration(kind: str, tmp_path: Path,
-                                                           fds_c: Path) -> None:
-    files, images = prepare(tmp_path)
-    loop = on_uvloop()
-    with FdsProcess(argv_for(kind, fds_c, files)) as w:
-        async with LazyDump(w.pid, images, address="127.0.0.1", port=0,
-                            progress_interval=None) as lazy:
-            serving = asyncio.create_task(lazy.serve())
-            with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
-                     str(lazy.port), "-D", str(images), uvloop=loop) as (daemon, lr):
-                assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-                result, after = await restore_and_report(images, lazy_pages=True)
-                assert result.lazy_pages > 0
-                assert await asyncio.to_thread(daemon.wait, 20) == 0
-            await serving
-    assert result.pid != w.pid
     await asyncio.to_thread(check_report, w.ready, after, files)
 
 
