@@ -65,7 +65,7 @@ class SyscallTarget(Protocol):
 
 def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
     """Rebuild ``files`` in ``target`` (see the module docstring). Run it on the
-    tracer thread, after :func:`check_files`."""
+    tracer thread, after :func:`~lazymig.restore.task.check_files`."""
     if not files.fds:
         return
     top = max(e.fd for e in files.fds) + 1
