@@ -13,8 +13,8 @@
 * A parent-death signal is recorded in the core image, not restored (logged).
 * A socket, eventfd, epoll, memfd, deleted file, a pipe also open in another
   process or a terminal is refused before the target is touched, the fd named
-  (API and CLI); a file that changed since the dump is refused at restore,
-  before any process exists.
+  (API and CLI); a file that changed or is gone since the dump is refused at
+  restore, before any process exists.
 * crit decodes fdinfo-1.img, files.img and pipes-data.img.
 """
 
@@ -138,7 +138,7 @@ def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> 
     """What the restored process said about its fds matches what they were."""
     same = ["log_pos", "log_flags", "log_cloexec", "ro_pos", "ro_flags", "ro_cloexec",
             "dup_cloexec", "null_flags", "r_flags", "w_flags", "r_cloexec", "tail_flags",
-            "dir_flags"]
+            "dir_flags", "pipe_size"]
     assert {k: after[k] for k in same} == {k: before[k] for k in same}
     log_flags, null_flags = int(after["log_flags"]), int(after["null_flags"])
     assert log_flags & O_ACCMODE_BITS == os.O_WRONLY and log_flags & os.O_APPEND
@@ -151,6 +151,7 @@ def check_report(before: dict[str, str], after: dict[str, str], files: Path) -> 
     assert after["null_write"] == "3"
     assert int(after["r_flags"]) & os.O_NONBLOCK and not int(after["w_flags"]) & os.O_NONBLOCK
     assert int(after["w_flags"]) & O_ACCMODE_BITS == os.O_WRONLY
+    assert int(after["pipe_size"]) == 1 << 20
     assert bytes.fromhex(after["pipe_data"]) == b"in-flight"
     assert bytes.fromhex(after["pipe_echo"]) == b"echo"
     assert bytes.fromhex(after["tail_data"]) == b"tail"
@@ -281,7 +282,7 @@ async def test_an_fd_tied_to_this_host_is_refused(kind: str, tmp_path: Path,
 
 
 @pytest.mark.asyncio
-async def test_a_file_changed_since_the_dump_is_refused_at_restore(tmp_path: Path,
+async def test_a_file_changed_or_gone_since_the_dump_is_refused_at_restore(tmp_path: Path,
                                                                    fds_c: Path) -> None:
     files, images = prepare(tmp_path)
     with FdsProcess(argv_for("c", fds_c, files)) as w:
@@ -292,6 +293,14 @@ async def test_a_file_changed_since_the_dump_is_refused_at_restore(tmp_path: Pat
     with pytest.raises(UnsupportedDumpError,
                        match=rf"{files}/data \(open on fd 4, 42 of process {w.pid}\) changed "
                              r"since the dump: 4100 bytes, 4096 then"):
+        await restorer.run()
+    assert restorer.process is None
+    (files / "data").write_bytes(DATA)
+    (files / "log").unlink()
+    restorer = Restorer(images)
+    with pytest.raises(UnsupportedDumpError,
+                       match=rf"fd 3 of process {w.pid} had {files}/log open, which cannot be "
+                             r"opened here: No such file or directory"):
         await restorer.run()
     assert restorer.process is None
 

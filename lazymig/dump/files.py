@@ -8,10 +8,11 @@ What is dumped, read from /proc/PID/fd, /proc/PID/fdinfo and kcmp(2) (nothing
 is injected into the target):
 
 * regular files, at their offset, with their status flags (access mode,
-  O_APPEND, O_NONBLOCK, O_PATH, ...) and close-on-exec; the file must still
-  have the name it was opened by (not deleted, renamed or replaced) and hold
-  no lock. Directories too (dirfds for openat, O_PATH or not), unless read
-  part-way: a directory offset is a cookie of the filesystem that holds it;
+  O_APPEND, O_NONBLOCK, O_PATH, ...) and close-on-exec; the name the kernel
+  shows for it (it follows renames) must still lead to it (not deleted, not
+  hidden under a mount) and it must hold no lock. Directories too (dirfds
+  for openat, O_PATH or not), unless read part-way: a directory offset is a
+  cookie of the filesystem that holds it;
 * the harmless memory character devices (/dev/null, /dev/zero, /dev/full,
   /dev/random, /dev/urandom), recorded as regular files as CRIU does;
 * pipes that no other process holds: both ends (or the one end the process
@@ -203,7 +204,8 @@ def _refusal(f: _Fd) -> str | None:
     except OSError:
         named = None
     if named is None or (named.st_dev, named.st_ino) != (f.st.st_dev, f.st.st_ino):
-        return f"fd {f.fd} is a file whose name {link} no longer leads to it (renamed or replaced)"
+        return (f"fd {f.fd} is a file ({link}) its name no longer leads to (a mount or another "
+                "file is there now)")
     if f.locked:
         return f"fd {f.fd} ({link}) holds a file lock: file locks are not migrated"
     return None

@@ -20,12 +20,12 @@ static void print_state(void)
 {
 	printf("pid=%ld pgid=%d sid=%d log_pos=%ld log_flags=%d log_cloexec=%d ro_pos=%ld "
 	       "ro_flags=%d ro_cloexec=%d dup_cloexec=%d null_flags=%d r_flags=%d w_flags=%d "
-	       "r_cloexec=%d tail_flags=%d dir_flags=%d",
+	       "r_cloexec=%d tail_flags=%d dir_flags=%d pipe_size=%d",
 	       pid_now(), getpgid(0), getsid(0), (long)lseek(log_fd, 0, SEEK_CUR),
 	       fcntl(log_fd, F_GETFL), cloexec(log_fd), (long)lseek(ro, 0, SEEK_CUR),
 	       fcntl(ro, F_GETFL), cloexec(ro), cloexec(42), fcntl(null_fd, F_GETFL),
 	       fcntl(pipe_fds[0], F_GETFL), fcntl(pipe_fds[1], F_GETFL), cloexec(pipe_fds[0]),
-	       fcntl(tail_fds[0], F_GETFL), fcntl(dir_fd, F_GETFL));
+	       fcntl(tail_fds[0], F_GETFL), fcntl(dir_fd, F_GETFL), fcntl(pipe_fds[0], F_GETPIPE_SZ));
 }
 
 static void print_hex(const char *key, int fd, size_t len)
@@ -68,6 +68,7 @@ int main(int argc, char **argv)
 	must((null_fd = open("/dev/null", O_WRONLY | O_NONBLOCK)) >= 0, "open /dev/null");
 	must(pipe2(pipe_fds, O_CLOEXEC) == 0, "pipe2");
 	must(fcntl(pipe_fds[0], F_SETFL, O_NONBLOCK) == 0, "F_SETFL");
+	must(fcntl(pipe_fds[1], F_SETPIPE_SZ, 1 << 20) >= 0, "F_SETPIPE_SZ");
 	must(write(pipe_fds[1], "in-flight", 9) == 9, "write pipe");
 	must(pipe(tail_fds) == 0, "pipe");
 	must(write(tail_fds[1], "tail", 4) == 4, "write tail");

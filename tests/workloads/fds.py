@@ -7,7 +7,7 @@ and ``data`` (made by the test). The process opens:
 * ``data`` read-only and close-on-exec, reads 100 bytes, and dups it to fd 42
   (one open file description, so one offset; fd 42 is not close-on-exec);
 * /dev/null write-only, non-blocking;
-* a pipe (non-blocking read end) holding ``in-flight``;
+* a pipe (non-blocking read end, 1 MiB capacity) holding ``in-flight``;
 * the read end of a second pipe holding ``tail`` whose write end is closed;
 * ``DIR`` itself, O_PATH (a dirfd for openat);
 * with ``--extra KIND``, one more fd of a kind lazymig refuses (socket,
@@ -79,6 +79,7 @@ def main() -> None:
     null = os.open("/dev/null", os.O_WRONLY | os.O_NONBLOCK)
     r, w = os.pipe()
     os.set_blocking(r, False)
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
     os.write(w, b"in-flight")
     tail, tail_w = os.pipe()
     os.write(tail_w, b"tail")
@@ -91,7 +92,8 @@ def main() -> None:
                 "log_cloexec": cloexec(log), "ro_pos": os.lseek(ro, 0, os.SEEK_CUR),
                 "ro_flags": flags(ro), "ro_cloexec": cloexec(ro), "dup_cloexec": cloexec(42),
                 "null_flags": flags(null), "r_flags": flags(r), "w_flags": flags(w),
-                "r_cloexec": cloexec(r), "tail_flags": flags(tail), "dir_flags": flags(dirfd)}
+                "r_cloexec": cloexec(r), "tail_flags": flags(tail), "dir_flags": flags(dirfd),
+                "pipe_size": fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)}
 
     before = state()
     fds = {"log": log, "ro": ro, "null": null, "r": r, "w": w, "tail": tail, "dir": dirfd,
