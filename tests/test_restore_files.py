@@ -11,10 +11,10 @@
   working O_PATH dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
-* A socket, eventfd, epoll, memfd, deleted file, a pipe also open in another
-  process or a terminal is refused before the target is touched, the fd named
-  (API and CLI); a file that changed or is gone since the dump is refused at
-  restore, before any process exists.
+* A socket, eventfd, epoll, memfd, deleted file, a file lock, a pipe also open
+  in another process or a terminal is refused before the target is touched,
+  the fd named (API and CLI); a file that changed (but a write-only append log)
+  or is gone since the dump is refused at restore, before any process exists.
 * crit decodes fdinfo-1.img, files.img and pipes-data.img.
 """
 
@@ -237,6 +237,7 @@ def untouched(pid: int) -> bool:
     ("epoll", r"is an epoll instance"),
     ("memfd", r"is a memfd \(/memfd:lazymig-test"),
     ("deleted", r"is a deleted file \(.*/doomed\)"),
+    ("lock", r"\(.*/data\) holds a file lock: file locks are not migrated"),
 ])
 async def test_unsupported_fds_are_refused_before_the_target_is_touched(
         extra: str, what: str, tmp_path: Path, fds_c: Path) -> None:
@@ -289,6 +290,8 @@ async def test_a_file_changed_or_gone_since_the_dump_is_refused_at_restore(tmp_p
         await dump(w.pid, images)
     with (files / "data").open("ab") as f:
         f.write(b"more")
+    with (files / "log").open("ab") as f:  # another writer: write-only append fds don't care
+        f.write(b"other\n")
     restorer = Restorer(images)
     with pytest.raises(UnsupportedDumpError,
                        match=rf"{files}/data \(open on fd 4, 42 of process {w.pid}\) changed "

@@ -182,7 +182,9 @@ def check_files(pid: int, files: DumpedFiles) -> None:
     reopen as they were.
 
     Raises:
-        UnsupportedDumpError: a file that is gone, changed or of another kind.
+        UnsupportedDumpError: a file that is gone, of another kind, or whose size
+            changed (as CRIU; but a file open write-only for append, like a log
+            others write to too, may have grown).
         ImageError: an fd names a file the images do not hold.
     """
     ids = {f.id for f in files.files}
@@ -216,6 +218,9 @@ def _check_reg(pid: int, fds: str, f: FileEntry) -> None:
     elif stat.S_IFMT(st.st_mode) != stat.S_IFMT(f.reg.mode):
         raise UnsupportedDumpError(f"fd {fds} of process {pid} had {name} open; here it is "
                                    "another kind of file")
-    elif stat.S_ISREG(st.st_mode) and f.reg.HasField("size") and st.st_size != f.reg.size:
+    elif stat.S_ISREG(st.st_mode) and f.reg.HasField("size") and st.st_size != f.reg.size \
+            and f.reg.flags & (os.O_ACCMODE | os.O_APPEND) != os.O_WRONLY | os.O_APPEND:
+        # As CRIU, but a file open write-only for append (a log others may write
+        # to as well) may have grown: nothing the process does depends on its size.
         raise UnsupportedDumpError(f"{name} (open on fd {fds} of process {pid}) changed since "
                                    f"the dump: {st.st_size} bytes, {f.reg.size} then")
