@@ -799,9 +799,9 @@ def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: M
 
     With ``lazy_pages`` the lazy pipes are left untouched (the page server's);
     without it, ``pipes`` must hold every page of ``scan`` as non-lazy (collect
-    them so) and all go into ``pages-1.img``. ``open_files`` are the open files
-    (:func:`~lazymig.dump.files.collect_files`; None: none). Blocking: run it off the event
-    loop. On failure the images written so far are removed and the error
+    them so) and all go into ``pages-1.img``. ``open_files`` are the open
+    files (:func:`~lazymig.dump.files.collect_files`; None: none). Blocking:
+    run it off the event loop. On failure the images written so far are removed and the error
     propagates. ``inventory.img`` is written last: its presence marks a
     complete dump.
     """
