@@ -1,20 +1,20 @@
 """Open files, process group and session across ``lazymig dump`` and ``lazymig restore``.
 
 * fds.c and fds.py (tests/workloads/fds.py says what they hold: a log open
-  for append, a read-only file mid-way dup'd to fd 42, /dev/null, a pipe to
-  itself with data in it, the read end of a pipe whose writer is closed, an
-  O_PATH dirfd) are
-  dumped, plainly and lazily (page server + daemon), and restored; the
-  restored process reports, by its own output, the same offsets and flags,
-  data read where the source left off, a shared offset on the dup'd fd, the
-  pipe's queued data and a working pipe, EOF on the orphan read end, a
-  working O_PATH dirfd; the log holds what both wrote.
+  for append, a read-only file mid-way dup'd to fd 42, /dev/null, a 1 MiB
+  pipe to itself with data in it, the read end of a pipe whose writer is
+  closed, an O_PATH dirfd) are dumped, plainly and lazily (page server +
+  daemon), and restored; the restored process reports, by its own output, the
+  same offsets, flags and pipe capacity, data read where the source left off,
+  a shared offset on the dup'd fd, the pipe's queued data and a working pipe,
+  EOF on the orphan read end, a working dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
-* A socket, eventfd, epoll, memfd, deleted file, a file lock, a pipe also open
-  in another process or a terminal is refused before the target is touched,
-  the fd named (API and CLI); a file that changed (but a write-only append log)
-  or is gone since the dump is refused at restore, before any process exists.
+* A socket, eventfd, epoll, memfd, deleted file, named FIFO, file lock, a
+  pipe open in another process too, or a terminal is refused before the
+  target is touched, the fd named (API and CLI); a file that changed (but a
+  write-only append log) or is gone since the dump is refused at restore,
+  before any process exists.
 * crit decodes fdinfo-1.img, files.img and pipes-data.img.
 """
 
@@ -237,6 +237,7 @@ def untouched(pid: int) -> bool:
     ("epoll", r"is an epoll instance"),
     ("memfd", r"is a memfd \(/memfd:lazymig-test"),
     ("deleted", r"is a deleted file \(.*/doomed\)"),
+    ("fifo", r"is a named FIFO \(.*/fifo\)"),
     ("lock", r"\(.*/data\) holds a file lock: file locks are not migrated"),
 ])
 async def test_unsupported_fds_are_refused_before_the_target_is_touched(

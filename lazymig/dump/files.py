@@ -93,9 +93,8 @@ SAFE_CHAR_DEVICES: Final = {
 """Character devices (major, minor) that hold no state: reopening them by name is exact."""
 
 _FIRST_FD: Final = 3
-_O_CLOEXEC: Final = 0o2000000
 _TTY_MAJORS: Final = frozenset({4, 5, *range(136, 144)})
-_PIPE_LINK: Final = re.compile(r"pipe:\[(\d+)\]")
+_PIPE_LINK: Final = re.compile(r"pipe:\[\d+\]")
 _ANON_KINDS: Final = {
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance",
     "[signalfd]": "a signalfd", "[timerfd]": "a timerfd", "inotify": "an inotify instance",
@@ -268,7 +267,7 @@ def collect_files(pid: int) -> DumpedFiles:
         if owner is None:
             owners.append(f)
             file_id = len(owners)
-            flags = f.flags & ~_O_CLOEXEC
+            flags = f.flags & ~os.O_CLOEXEC
             if stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.PIPE, id=file_id, pipe=PipeEntry(
                     id=file_id, pipe_id=f.st.st_ino, flags=flags, fown=zero))
@@ -284,7 +283,7 @@ def collect_files(pid: int) -> DumpedFiles:
             out.files.append(entry)
         else:
             file_id = owners.index(owner) + 1
-        out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & _O_CLOEXEC else 0,
+        out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
     pipes = {f.st.st_ino: f.fd for f in fds if stat.S_ISFIFO(f.st.st_mode)}
     for ino, fd in sorted(pipes.items()):

@@ -11,7 +11,8 @@ and ``data`` (made by the test). The process opens:
 * the read end of a second pipe holding ``tail`` whose write end is closed;
 * ``DIR`` itself, O_PATH (a dirfd for openat);
 * with ``--extra KIND``, one more fd of a kind lazymig refuses (socket,
-  eventfd, epoll, memfd, deleted, lock: a file it holds a flock on).
+  eventfd, epoll, memfd, deleted, fifo: a named FIFO, lock: a file it holds a
+  flock on).
 
 It prints ``READY key=value ...``: its pid, pgid, sid, each fd's offset, status
 flags and close-on-exec flag, and the fd numbers; then polls getpid() every
@@ -46,6 +47,10 @@ def extra_fd(kind: str, directory: str) -> int:
             return os.dup(ep.fileno())
     if kind == "memfd":
         return os.memfd_create("lazymig-test")
+    if kind == "fifo":
+        path = Path(directory) / "fifo"
+        os.mkfifo(path)
+        return os.open(path, os.O_RDWR)  # O_RDWR: no wait for a peer
     if kind == "lock":
         fd = os.open(Path(directory) / "data", os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_SH)
