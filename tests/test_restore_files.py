@@ -119,13 +119,18 @@ def argv_for(kind: str, fds_c: Path, files: Path, *opts: str) -> list[str]:
     return [sys.executable, str(WORKLOAD_DIR / "fds.py"), str(files), *opts]
 
 
-async def restore_and_report(images: Path, *, lazy_pages: bool = False
+async def restore_and_report(images: Path, *, lazy_pages: bool = False,
+                             daemon: subprocess.Popen[str] | None = None
                              ) -> tuple[RestoreResult, dict[str, str]]:
-    """Restore; the restored process's RESTORED line, once it exited 0."""
+    """Restore; the restored process's RESTORED line, once it exited 0 (told to
+    with SIGUSR1 once ``daemon``, if any, has sent every page and exited 0)."""
     restorer, result, lines = await restore_with_output(images, lazy_pages=lazy_pages)
     try:
         line = await asyncio.to_thread(lines.next, 10.0)
         assert line.startswith("RESTORED"), line
+        if daemon is not None:
+            assert await asyncio.to_thread(daemon.wait, 20) == 0
+        os.kill(result.pid, signal.SIGUSR1)
         assert await asyncio.to_thread(restorer.wait) == 0
     finally:
         restorer.kill()
@@ -170,10 +175,10 @@ async def migrate_lazily(pid: int, images: Path) -> tuple[RestoreResult, dict[st
                  str(lazy.port), "-D", str(images), uvloop=on_uvloop()) as (daemon, lr):
             assert lr is not None
             await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-            result, after = await restore_and_report(images, lazy_pages=True)
+            result, after = await restore_and_report(images, lazy_pages=True, daemon=daemon)
             assert result.lazy_pages > 0
-            assert await asyncio.to_thread(daemon.wait, 20) == 0
-        await serving
+        async with asyncio.timeout(20):
+            await serving
     return result, after
 
 

@@ -3,6 +3,7 @@
  * --extra is not supported here). */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,8 +51,14 @@ int main(int argc, char **argv)
 	char path[4096], buf[100];
 	struct timespec tick = {0, 20 * 1000 * 1000};
 
+	sigset_t usr1;
+	int sig;
+
 	if (argc < 2)
 		return 2;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &usr1, NULL);
 	for (int i = 2; i < argc; i++) {
 		if (!strcmp(argv[i], "--setsid"))
 			must(setsid() >= 0, "setsid");
@@ -100,5 +107,6 @@ int main(int argc, char **argv)
 	print_hex("dir_read", data_fd, 4);
 	printf("\n");
 	fflush(stdout);
+	sigwait(&usr1, &sig);
 	return 0;
 }

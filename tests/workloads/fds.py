@@ -18,7 +18,8 @@ It prints ``READY key=value ...``: its pid, pgid, sid, each fd's offset, status
 flags and close-on-exec flag, and the fd numbers; then polls getpid() every
 20 ms. Once the pid changed (it was restored) it prints the same state again in
 a ``RESTORED key=value ...`` line, with what reading and writing each fd gave
-(byte strings in hex; ``after\\n`` is appended to the log), and exits 0.
+(byte strings in hex; ``after\\n`` is appended to the log), then exits 0 on
+SIGUSR1 (blocked from the start: a lazy migration must be complete first).
 ``fds.c`` does the same in C (without ``--extra``).
 """
 
@@ -74,6 +75,7 @@ def cloexec(fd: int) -> int:
 def main() -> None:
     directory = sys.argv[1]
     opts = sys.argv[2:]
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # for the sigwait at the end
     if "--setsid" in opts:
         os.setsid()
     if "--setpgid" in opts:
@@ -124,6 +126,7 @@ def main() -> None:
     data = os.open("data", os.O_RDONLY, dir_fd=dirfd)
     out["dir_read"] = os.read(data, 4).hex()
     print("RESTORED " + " ".join(f"{k}={v}" for k, v in out.items()), flush=True)
+    signal.sigwait({signal.SIGUSR1})
 
 
 if __name__ == "__main__":
