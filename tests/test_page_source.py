@@ -14,7 +14,7 @@ from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import BrokenResourceError
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.wire import WireVersion
-from lazymig.uffd.source import LocalPageSource, RemotePageSource
+from lazymig.uffd.source import NO_RECONNECT, LocalPageSource, RemotePageSource
 
 PID = 321
 DUMP = {PID: [(0x10000000, 64), (0x20000000, 5)]}
@@ -59,7 +59,9 @@ async def test_server_going_away_fails_every_waiting_request() -> None:
     port = listener.getsockname()[1]
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(10):
-        connecting = asyncio.create_task(RemotePageSource.connect("127.0.0.1", port))
+        # Reconnection (tests/test_reconnect.py) is off: the loss itself is checked here.
+        connecting = asyncio.create_task(RemotePageSource.connect("127.0.0.1", port,
+                                                                  reconnect=NO_RECONNECT))
         conn, _ = await loop.sock_accept(listener)
         source = await connecting
         pending = [asyncio.create_task(source.get(PID, 0x1000 * (i + 1), 1)) for i in range(3)]

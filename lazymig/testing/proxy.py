@@ -86,15 +86,17 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 @dataclasses.dataclass(eq=False)
 class _Link:
-    """One proxied connection: the client's stream, the upstream stream, the task pumping them."""
+    """One proxied connection: the client's stream, the upstream stream (once connected),
+    and the task pumping them."""
 
     task: asyncio.Task[None]
     client: asyncio.StreamWriter
-    upstream: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter | None = None
 
     def reset(self) -> None:
         _reset(self.client)
-        _reset(self.upstream)
+        if self.upstream is not None:
+            _reset(self.upstream)
         self.task.cancel()
 
 
@@ -244,36 +246,41 @@ class FaultProxy:
 
     async def _run_link(self, client_reader: asyncio.StreamReader,
                         client: asyncio.StreamWriter) -> None:
-        if self._closed or self._server is None:
+        if self._closed or self._server is None:  # accepted just before refuse() or exit
             _reset(client)
-            return
-        try:
-            upstream_reader, upstream = await asyncio.open_connection(
-                self.upstream_host, self.upstream_port)
-        except OSError as exc:
-            log.info("upstream %s:%d unreachable (%s): resetting the client",
-                     self.upstream_host, self.upstream_port, exc)
-            _reset(client)
-            self.stats.upstream_failures += 1
-            self._notify()
             return
         task = asyncio.current_task()
         assert task is not None
-        link = _Link(task, client, upstream)
-        self._links.add(link)
-        self.stats.connections += 1
-        self.stats.active += 1
-        self._notify()
+        link = _Link(task, client)
+        self._links.add(link)  # a cut() from now on resets it, even while it connects
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._pump(link, Direction.UPSTREAM, client_reader, upstream))
-                group.create_task(self._pump(link, Direction.DOWNSTREAM, upstream_reader, client))
-            client.close()
-            upstream.close()
+            try:
+                upstream_reader, link.upstream = await asyncio.open_connection(
+                    self.upstream_host, self.upstream_port)
+            except OSError as exc:
+                log.info("upstream %s:%d unreachable (%s): resetting the client",
+                         self.upstream_host, self.upstream_port, exc)
+                _reset(client)
+                self.stats.upstream_failures += 1
+                self._notify()
+                return
+            upstream = link.upstream
+            self.stats.connections += 1
+            self.stats.active += 1
+            self._notify()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._pump(link, Direction.UPSTREAM, client_reader,
+                                                 upstream))
+                    group.create_task(self._pump(link, Direction.DOWNSTREAM, upstream_reader,
+                                                 client))
+                client.close()
+                upstream.close()
+            finally:
+                self.stats.active -= 1
+                self._notify()
         finally:
             self._links.discard(link)
-            self.stats.active -= 1
-            self._notify()
 
     async def _pump(self, link: _Link, direction: Direction, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:

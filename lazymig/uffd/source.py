@@ -28,15 +28,17 @@ import os
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import (
     AuthenticationError,
     BrokenResourceError,
     ClosedResourceError,
+    ConfigurationError,
     LazyMigError,
 )
 from lazymig.proto.constants import PAGE_SIZE
@@ -56,7 +58,14 @@ from lazymig.proto.pageserver import (
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import TlsOption, client_context
 
-__all__ = ["LocalPageSource", "PageChunk", "PageSource", "RemotePageSource"]
+__all__ = [
+    "NO_RECONNECT",
+    "LocalPageSource",
+    "PageChunk",
+    "PageSource",
+    "ReconnectPolicy",
+    "RemotePageSource",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +121,68 @@ class PageSource(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How :class:`RemotePageSource` survives a lost connection (QEMU's postcopy recovery).
+
+    When the connection to the page server breaks (reset, EOF, or no reply for
+    ``stall_timeout`` seconds while requests wait), the source connects again,
+    first at once, then after delays doubling from ``first_delay`` up to
+    ``max_delay``; it sends again, in order, every request that was not fully
+    answered, and requests made meanwhile simply wait. It gives up (every
+    waiting request then fails with :class:`BrokenResourceError`) after
+    ``attempts`` connections in a row that brought no reply, or ``timeout``
+    seconds after the loss, whichever comes first.
+    """
+
+    attempts: int = 8
+    """Connections in a row without a reply before giving up; 0 never reconnects."""
+    timeout: float = 30.0
+    """Seconds from the loss of the connection until giving up."""
+    first_delay: float = 0.05
+    max_delay: float = 1.0
+    stall_timeout: float | None = 10.0
+    """Seconds without a received byte, while requests wait, after which the connection
+    counts as lost (a dead link gives no reset); None waits for the kernel to notice."""
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or self.timeout < 0 or self.first_delay < 0 or \
+                self.max_delay < self.first_delay:
+            raise ConfigurationError(f"impossible reconnection policy: {self}")
+        if self.stall_timeout is not None and self.stall_timeout <= 0:
+            raise ConfigurationError("stall_timeout must be positive (or None)")
+
+
+NO_RECONNECT = ReconnectPolicy(attempts=0, stall_timeout=None)
+"""Fail every waiting request as soon as the connection is lost."""
+
+
+@dataclass(slots=True)
+class _Request:
+    """A request and the future of its reply; it outlives the connection it was sent on."""
+
+    event: GetRequest | CloseRequest
+    future: asyncio.Future[Any]
+
+
 class _Channel(asyncio.BufferedProtocol):
     """One TCP connection to a page server, with pipelined GETs.
 
     A ``BufferedProtocol``: the loop calls us back with data, no task or future
     per read. While a reply's page data arrives, :meth:`get_buffer` hands the
     loop the caller's page buffer itself, so the kernel writes pages straight
-    where the daemon will UFFDIO_COPY them from.
+    where the daemon will UFFDIO_COPY them from. Its unanswered requests go
+    back to its :class:`_Lane` when the connection ends.
     """
 
-    def __init__(self, wire: WireVersion, max_pages: int, name: str) -> None:
-        self.name = name
+    def __init__(self, lane: _Lane, wire: WireVersion, max_pages: int) -> None:
+        self.lane = lane
         self.codec = PageServerConnection(Role.CLIENT, wire, max_pages=max_pages)
-        self.waiters: deque[asyncio.Future[PageChunk] | asyncio.Future[CloseReply]] = deque()
+        self.waiters: deque[_Request] = deque()
         self.transport: asyncio.WriteTransport | None = None
-        self.broken: BaseException | None = None
+        self.error: BaseException | None = None  # why we ended it, if we did
+        self.fatal = False  # a protocol violation: reconnecting would not help
+        self.last_progress = time.monotonic()
         self._scratch = bytearray(64 * 1024)
         self._reply: GetReply | None = None  # the GET reply whose pages are arriving
         self._data = memoryview(bytearray())
@@ -137,6 +193,11 @@ class _Channel(asyncio.BufferedProtocol):
         self._filled = 0
         self._direct = False  # the last get_buffer() handed out the page buffer
         self.lost = asyncio.get_running_loop().create_future()
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.transport is not None and \
+            not self.transport.is_closing()
 
     # -- asyncio.BufferedProtocol
 
@@ -157,6 +218,7 @@ class _Channel(asyncio.BufferedProtocol):
         return memoryview(self._scratch)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_progress = time.monotonic()
         try:
             if self._direct:
                 self.codec.payload_received_directly(nbytes)
@@ -165,24 +227,33 @@ class _Channel(asyncio.BufferedProtocol):
             else:
                 self.codec.receive_data(memoryview(self._scratch)[:nbytes])
                 self._process()
+        except BrokenResourceError as exc:  # the server closed the session on us
+            self.end(exc)
         except LazyMigError as exc:
-            self._fail(exc)
-            if self.transport is not None:
-                self.transport.abort()
+            self.end(exc, fatal=True)
 
     def eof_received(self) -> bool:
         try:
             self.codec.receive_data(b"")
             self._process()
-        except LazyMigError as exc:
-            self._fail(exc)
+        except LazyMigError as exc:  # EOF, possibly mid-reply: the connection is lost
+            self.end(exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(BrokenResourceError(
-            f"page server connection ({self.name}) lost" + (f": {exc}" if exc else "")))
+        if self.error is None:
+            self.error = BrokenResourceError(
+                f"page server connection ({self.lane.name}) lost" + (f": {exc}" if exc else ""))
         if not self.lost.done():
             self.lost.set_result(None)
+        self.lane.connection_ended(self)
+
+    def end(self, error: BaseException, *, fatal: bool = False) -> None:
+        """End this connection now (RST); the lane decides about its requests."""
+        if self.error is None:
+            self.error, self.fatal = error, fatal
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- replies
 
@@ -207,148 +278,335 @@ class _Channel(asyncio.BufferedProtocol):
                 self._data = memoryview(buffer)[:event.nr_pages * PAGE_SIZE]
                 self._filled = 0
             elif isinstance(event, CloseReply):
-                waiter = self.waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(event)  # type: ignore[arg-type]
+                self._resolve(event)
             elif isinstance(event, ConnectionClosed):
                 raise BrokenResourceError(
-                    f"page server closed the connection ({self.name}) with "
+                    f"page server closed the connection ({self.lane.name}) with "
                     f"{event.unanswered} requests unanswered" if event.unanswered
-                    else f"page server closed the connection ({self.name})")
+                    else f"page server closed the connection ({self.lane.name})")
 
     def _deliver_if_complete(self) -> None:
         reply = self._reply
         if reply is None or self._filled < len(self._data):
             return
         self._reply = None
-        waiter = self.waiters.popleft()
-        if not waiter.done():
-            chunk = PageChunk(reply.vaddr, reply.nr_pages, self._data, self._pool)
-            waiter.set_result(chunk)  # type: ignore[arg-type]
+        self._resolve(PageChunk(reply.vaddr, reply.nr_pages, self._data, self._pool))
 
-    def _fail(self, exc: BaseException) -> None:
-        if self.broken is None:
-            self.broken = exc
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(self.broken)
-                waiter.exception()  # retrieved: the owner learns it from its own waiter
+    def _resolve(self, result: PageChunk | CloseReply) -> None:
+        request = self.waiters.popleft()
+        if not request.future.done():
+            request.future.set_result(result)
+        self.lane.progress()
 
     # -- requests
 
-    def send(self, event: GetRequest | CloseRequest) -> asyncio.Future[PageChunk | CloseReply]:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[PageChunk | CloseReply] = loop.create_future()
-        if self.broken is not None or self.transport is None or self.transport.is_closing():
-            waiter.set_exception(BrokenResourceError(
-                f"page server connection ({self.name}) is broken"))
-            return waiter
-        self.transport.write(self.codec.send(event))
-        self.waiters.append(waiter)  # type: ignore[arg-type]
-        return waiter
+    def submit(self, request: _Request) -> None:
+        assert self.transport is not None
+        if not self.waiters:
+            self.last_progress = time.monotonic()  # the stall clock starts now
+        self.transport.write(self.codec.send(request.event))
+        self.waiters.append(request)
 
-    def abort(self) -> None:
-        self._fail(ClosedResourceError("page source closed"))
-        if self.transport is not None:
-            self.transport.abort()
+    def stalled(self, stall_timeout: float) -> bool:
+        return bool(self.waiters) and time.monotonic() - self.last_progress > stall_timeout
+
+
+class _Lane:
+    """A logical channel to the page server (main or urgent) that outlives connections.
+
+    It holds the requests not answered yet: on the current connection, or queued
+    while there is none. When a connection is lost it reconnects (per the
+    source's :class:`ReconnectPolicy`) and sends them again, oldest first.
+    """
+
+    def __init__(self, source: RemotePageSource, name: str) -> None:
+        self.source = source
+        self.name = name
+        self.channel: _Channel | None = None
+        self.queued: deque[_Request] = deque()  # waiting for a connection
+        self.failed: BaseException | None = None
+        self.closing = False  # CLOSE answered, or aborted: a lost connection is the end
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._episode_start: float | None = None  # when the connection was lost
+        self._episode_attempts = 0  # connections since then that brought no reply
+
+    def send(self, event: GetRequest | CloseRequest) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.failed is not None:
+            future.set_exception(self.failed)
+            return future
+        request = _Request(event, future)
+        if self.channel is not None and self.channel.usable:
+            self.channel.submit(request)
+        else:
+            self.queued.append(request)  # sent once connected again
+        return future
+
+    def attach(self, channel: _Channel) -> None:
+        """Make ``channel`` the current connection and send it every waiting request."""
+        self.channel = channel
+        waiting = [r for r in self.queued if not r.future.done()]
+        self.queued.clear()
+        for request in waiting:
+            channel.submit(request)
+        if not waiting:
+            self.progress()
+        self._arm_watchdog()
+
+    def progress(self) -> None:
+        """A reply arrived: the connection works, a later loss starts a new episode."""
+        self._episode_start = None
+        self._episode_attempts = 0
+
+    def connection_ended(self, channel: _Channel) -> None:
+        if channel is not self.channel:
+            return
+        self.channel = None
+        # Unanswered requests go first, before those queued since: replies come in order.
+        self.queued.extendleft(reversed(channel.waiters))
+        channel.waiters.clear()
+        assert channel.error is not None
+        policy = self.source.reconnect
+        if self.closing or channel.fatal or policy.attempts == 0:
+            self.fail(channel.error)
+            return
+        loop = asyncio.get_running_loop()
+        if self._episode_start is None:
+            self._episode_start = loop.time()
+        log.warning("page server connection (%s) lost: %s; reconnecting (%d requests "
+                    "will be sent again)", self.name, channel.error, len(self.queued))
+        self._reconnecting = loop.create_task(self._reconnect(channel.error))
+
+    async def _reconnect(self, error: BaseException) -> None:
+        try:
+            await self._reconnect_with_backoff(error)
+        except Exception as exc:  # a bug here must fail the requests, not strand them
+            log.exception("page server connection (%s): reconnecting failed", self.name)
+            self._reconnecting = None
+            self.fail(exc)
+
+    async def _reconnect_with_backoff(self, error: BaseException) -> None:
+        policy = self.source.reconnect
+        loop = asyncio.get_running_loop()
+        assert self._episode_start is not None
+        deadline = self._episode_start + policy.timeout
+        delay = 0.0
+        while True:
+            remaining = deadline - loop.time()
+            if self._episode_attempts >= policy.attempts or remaining <= 0:
+                self._reconnecting = None
+                self.fail(BrokenResourceError(
+                    f"page server connection ({self.name}) lost and not recovered after "
+                    f"{self._episode_attempts} attempts in {policy.timeout - remaining:.1f} s: "
+                    f"{error} (raise --reconnect-attempts/--reconnect-timeout to wait longer)"))
+                return
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(max(delay * 2, policy.first_delay), policy.max_delay)
+            self._episode_attempts += 1
+            try:
+                channel = await self.source._open_connection(
+                    self, within=max(0.001, min(self.source.connect_timeout,
+                                                 deadline - loop.time())))
+            except AuthenticationError as exc:
+                if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                    self._reconnecting = None  # not the server we trust: no use trying again
+                    self.fail(exc)
+                    return
+                log.info("page server connection (%s): attempt %d failed: %s", self.name,
+                         self._episode_attempts, exc)  # a handshake cut short, maybe
+                error = exc
+                continue
+            except BrokenResourceError as exc:
+                log.info("page server connection (%s): attempt %d failed: %s", self.name,
+                         self._episode_attempts, exc)
+                error = exc
+                continue
+            self._reconnecting = None
+            self.source.reconnects += 1
+            log.warning("page server connection (%s) re-established (attempt %d); sending %d "
+                        "unanswered requests again", self.name, self._episode_attempts,
+                        len(self.queued))
+            self.attach(channel)
+            return
+
+    def _arm_watchdog(self) -> None:
+        stall = self.source.reconnect.stall_timeout
+        if stall is None or self.closing or self.failed is not None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(stall / 4, self._check_stall, stall)
+
+    def _check_stall(self, stall: float) -> None:
+        self._watchdog = None
+        channel = self.channel
+        if channel is not None and channel.stalled(stall):
+            channel.end(BrokenResourceError(
+                f"no reply from the page server for {stall:g} s on the {self.name} connection"))
+            return  # connection_ended reconnects; attach() re-arms
+        if channel is not None:
+            self._arm_watchdog()
+
+    def fail(self, error: BaseException) -> None:
+        """No more connections: every waiting request gets ``error``."""
+        if self.failed is None:
+            self.failed = error if isinstance(error, LazyMigError) else BrokenResourceError(
+                f"page server connection ({self.name}) failed: {error}")
+            if not self.closing:
+                log.error("%s", self.failed)
+        self._stop_timers()
+        requests = list(self.queued)
+        self.queued.clear()
+        if self.channel is not None:
+            requests += self.channel.waiters
+            self.channel.waiters.clear()
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(self.failed)
+                request.future.exception()  # retrieved: the owner learns it from its own waiter
+
+    def _stop_timers(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            self._reconnecting = None
+
+    def abort(self, error: BaseException) -> None:
+        self.closing = True
+        self.fail(error)
+        if self.channel is not None:
+            self.channel.end(error)
 
 
 class RemotePageSource:
     """Pages from a page server over TCP (``lazymig lazy-pages --page-server``).
 
     Use :meth:`connect`; close with :meth:`aclose` (orderly CLOSE) or
-    :meth:`abort`.
+    :meth:`abort`. A lost connection is re-established per ``reconnect``
+    (:class:`ReconnectPolicy`); :attr:`reconnects` counts how often it was.
     """
 
-    def __init__(self, channels: list[_Channel]) -> None:
-        self._channels = channels
+    def __init__(self, address: str, port: int, *, wire: WireVersion, channels: int,
+                 max_pages: int, connect_timeout: float, reconnect: ReconnectPolicy,
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        if channels not in (1, 2):
+            raise ConfigurationError("channels must be 1 or 2")
+        self.address = address
+        self.port = port
+        self.wire = wire
+        self.max_pages = max_pages
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.tls_context = tls_context
         self.requests = 0
+        self.reconnects = 0
+        """Connections re-established after a loss."""
+        self._lanes = [_Lane(self, "urgent" if i else "main") for i in range(channels)]
 
     @classmethod
     async def connect(cls, address: str, port: int, *, wire: WireVersion = WireVersion.V2,
                       channels: int = 1, max_pages: int = DEFAULT_MAX_PAGES,
-                      connect_timeout: float = 10.0, tls: TlsOption | None = None
-                      ) -> RemotePageSource:
+                      connect_timeout: float = 10.0, tls: TlsOption | None = None,
+                      reconnect: ReconnectPolicy = ReconnectPolicy()) -> RemotePageSource:
         """Connect to the page server; ``channels=2`` adds a connection for urgent requests.
 
         ``tls`` (a :class:`~lazymig.tls.TlsConfig` or a client ``ssl.SSLContext``)
         runs every channel over TLS, as CRIU's ``--tls``: the server's certificate
         must name ``address`` unless the config says ``verify_cn=False``.
+
+        The first connection is tried once (a page server that is not there is a
+        mistake to report at once); later losses follow ``reconnect``.
         """
-        if channels not in (1, 2):
-            raise ValueError("channels must be 1 or 2")
         # Loading the system's CAs reads hundreds of files: not on the loop.
         context = None if tls is None else await asyncio.to_thread(client_context, tls)
-        loop = asyncio.get_running_loop()
-        opened: list[_Channel] = []
+        source = cls(address, port, wire=wire, channels=channels, max_pages=max_pages,
+                     connect_timeout=connect_timeout, reconnect=reconnect, tls_context=context)
         try:
-            for i in range(channels):
-                name = "urgent" if i else "main"
-                try:
-                    async with asyncio.timeout(connect_timeout):
-                        _, channel = await loop.create_connection(
-                            lambda name=name: _Channel(wire, max_pages, name),
-                            address, port, ssl=context,
-                            server_hostname=None if context is None else address)
-                except ssl.SSLCertVerificationError as exc:
-                    raise AuthenticationError(
-                        f"the page server at {address}:{port} was refused: "
-                        f"{exc.verify_message}") from exc
-                except ssl.SSLError as exc:
-                    raise AuthenticationError(
-                        f"TLS handshake with the page server at {address}:{port} failed: "
-                        f"{exc.reason or exc} (does it use --tls, and trust our "
-                        "certificate's CA?)") from exc
-                except (OSError, TimeoutError) as exc:
-                    raise BrokenResourceError(
-                        f"cannot connect to the page server at {address}:{port}: "
-                        f"{exc or 'timeout'} (is `lazymig dump --lazy-pages` or "
-                        "`criu dump --lazy-pages` listening there?)") from exc
-                opened.append(channel)
+            for lane in source._lanes:
+                lane.attach(await source._open_connection(lane, within=connect_timeout))
         except BaseException:
-            for channel in opened:
-                channel.abort()
+            source.abort()
             raise
         log.info("connected to page server %s:%d (%s, %d channel%s%s)", address, port,
                  wire.value, channels, "s" if channels > 1 else "", ", TLS" if tls else "")
-        return cls(opened)
+        return source
+
+    async def _open_connection(self, lane: _Lane, *, within: float) -> _Channel:
+        """Connection set-up, first or again: TCP connect and, with TLS, its handshake (the
+        page-server protocol has none of its own). Raises BrokenResourceError saying
+        what to check, or AuthenticationError for TLS."""
+        loop = asyncio.get_running_loop()
+        address, port, context = self.address, self.port, self.tls_context
+        try:
+            async with asyncio.timeout(within):
+                _, channel = await loop.create_connection(
+                    lambda: _Channel(lane, self.wire, self.max_pages), address, port,
+                    ssl=context, server_hostname=None if context is None else address)
+        except ssl.SSLCertVerificationError as exc:
+            raise AuthenticationError(
+                f"the page server at {address}:{port} was refused: "
+                f"{exc.verify_message}") from exc
+        except ssl.SSLError as exc:
+            raise AuthenticationError(
+                f"TLS handshake with the page server at {address}:{port} failed: "
+                f"{exc.reason or exc} (does it use --tls, and trust our "
+                "certificate's CA?)") from exc
+        except (OSError, TimeoutError) as exc:
+            raise BrokenResourceError(
+                f"cannot connect to the page server at {self.address}:{self.port}: "
+                f"{exc or 'timeout'} (is `lazymig dump --lazy-pages` or "
+                "`criu dump --lazy-pages` listening there?)") from exc
+        return channel
 
     def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                 ) -> asyncio.Future[PageChunk]:
-        channel = self._channels[-1] if urgent else self._channels[0]
+        lane = self._lanes[-1] if urgent else self._lanes[0]
         self.requests += 1
-        return channel.send(GetRequest(pid, vaddr, nr_pages))  # type: ignore[return-value]
+        return lane.send(GetRequest(pid, vaddr, nr_pages))
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
         return await self.request(pid, vaddr, nr_pages, urgent=urgent)
 
     async def aclose(self) -> None:
-        """Send CLOSE on every channel, wait for the statuses, then close the sockets."""
+        """Send CLOSE on every channel, wait for the statuses, then close the sockets.
+
+        A connection lost meanwhile is re-established and CLOSE sent again: the
+        page server releases its source only after a clean CLOSE.
+        """
         try:
-            for channel in self._channels:
-                reply = await channel.send(CloseRequest())
+            for lane in self._lanes:
+                reply = await lane.send(CloseRequest())
                 assert isinstance(reply, CloseReply)
                 if reply.status != 0:
                     log.warning("page server answered CLOSE with status %d", reply.status)
+                lane.closing = True
+                lane.fail(ClosedResourceError("page source closed"))
                 # CLOSE was answered: now end with the EOF that CRIU waits for.
-                assert channel.transport is not None
+                channel = lane.channel
+                assert channel is not None and channel.transport is not None
                 sock = channel.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
                 if channel.transport.can_write_eof():
                     channel.transport.write_eof()
                 # else TLS, which has no half-close: close() below ends with close_notify
         finally:
-            for channel in self._channels:
-                if channel.transport is not None:
-                    channel.transport.close()
-                await channel.lost
+            for lane in self._lanes:
+                lane.closing = True
+                lane.fail(ClosedResourceError("page source closed"))
+                if lane.channel is not None:
+                    assert lane.channel.transport is not None
+                    lane.channel.transport.close()
+                    await lane.channel.lost
 
     def abort(self) -> None:
         """Reset every connection (a page server must not take this for a finished transfer)."""
-        for channel in self._channels:
-            channel.abort()
+        for lane in self._lanes:
+            lane.abort(ClosedResourceError("page source closed"))
 
 
 class LocalPageSource:
