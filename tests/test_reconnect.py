@@ -23,15 +23,24 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from lazydump import page_pattern, write_lazy_dump
-from test_daemon import finish, layout, run_daemon, spawn
-from test_restore import _wait_ready, c_workload, cli, on_uvloop, restore_with_output
-from workloads import Check, Workload, expected_page
+from test_daemon import finish, layout, run_daemon, spawn, stop
+from test_restore import (
+    _wait_ready,
+    c_workload,
+    cli,
+    free_port,
+    on_uvloop,
+    restore_with_output,
+)
+from workloads import Check, Ready, Workload, expected_page
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
@@ -97,7 +106,7 @@ async def fetch_all(source: RemotePageSource, pages: int = 4) -> None:
 @pytest.mark.parametrize("channels", [1, 2])
 async def test_every_reply_arrives_across_cuts_mid_reply(
         served: tuple[PageServer, FaultProxy, asyncio.Task[bool]], channels: int) -> None:
-    server, proxy, serving = served
+    _server, proxy, serving = served
     async with asyncio.timeout(60):
         source = await RemotePageSource.connect(*proxy.address, channels=channels,
                                                 reconnect=PATIENT)
@@ -133,7 +142,7 @@ async def test_close_is_sent_again_when_its_connection_is_cut(
 @pytest.mark.asyncio
 async def test_refused_for_a_while_then_back(
         served: tuple[PageServer, FaultProxy, asyncio.Task[bool]]) -> None:
-    server, proxy, serving = served
+    _server, proxy, serving = served
     async with asyncio.timeout(30):
         source = await RemotePageSource.connect(*proxy.address, reconnect=PATIENT)
         await proxy.refuse(True)
@@ -153,7 +162,7 @@ async def test_a_stalled_connection_is_replaced(
         served: tuple[PageServer, FaultProxy, asyncio.Task[bool]]) -> None:
     """No reset comes from a dead link: requests that get no byte back for
     stall_timeout seconds mark the connection lost."""
-    server, proxy, serving = served
+    _server, proxy, serving = served
     policy = ReconnectPolicy(attempts=50, timeout=60, first_delay=0.01, stall_timeout=0.3)
     async with asyncio.timeout(30):
         source = await RemotePageSource.connect(*proxy.address, reconnect=policy)
@@ -190,7 +199,7 @@ async def test_a_refusing_server_is_not_retried_forever(
         served: tuple[PageServer, FaultProxy, asyncio.Task[bool]]) -> None:
     """A server that accepts and then drops every connection (here: a GET it will
     never serve) counts as attempts without a reply: the source gives up."""
-    server, proxy, serving = served
+    server, proxy, _serving = served
     policy = ReconnectPolicy(attempts=4, timeout=30, first_delay=0.01, max_delay=0.05)
     async with asyncio.timeout(30):
         source = await RemotePageSource.connect(*proxy.address, reconnect=policy)
@@ -199,3 +208,134 @@ async def test_a_refusing_server_is_not_retried_forever(
         assert proxy.stats.connections == 5  # the first and four attempts
         source.abort()
     assert not server.complete
+
+
+@pytest.mark.asyncio
+async def test_a_stale_connection_does_not_hold_the_completed_server(
+        served: tuple[PageServer, FaultProxy, asyncio.Task[bool]]) -> None:
+    """A client whose link died leaves a connection the server may never hear from
+    again: once another client completed the transfer, serve() returns anyway."""
+    server, _proxy, serving = served
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(30):
+        with socket.socket() as stale:
+            stale.setblocking(False)
+            await loop.sock_connect(stale, ("127.0.0.1", server.port))
+            source = await RemotePageSource.connect("127.0.0.1", server.port)
+            await fetch_all(source, pages=64)
+            await source.aclose()
+            assert await serving is True
+            assert await loop.sock_recv(stale, 1) == b""  # and it was closed
+
+
+# -- the daemon filling attach()ed children, cut again and again -----------------------
+
+@pytest_asyncio.fixture
+async def children_dump(tmp_path: Path) -> AsyncIterator[tuple[Path, PageServer, FaultProxy]]:
+    """test_daemon's dump of one process, served behind a FaultProxy."""
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    store = ImagesPageStore(write_lazy_dump(images_dir, layout(1)))
+    async with PageServer(store, address="127.0.0.1", port=0) as server, \
+            FaultProxy("127.0.0.1", server.port) as proxy:
+        yield images_dir, server, proxy
+    store.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("scenario", "background", "delay"), [
+    ("touch", True, 0.0),    # faults and background chunks cut mid-reply
+    ("slow", False, 0.0),    # one fault at a time: the faulting thread waits out each cut
+    ("fork", False, 0.0),    # the forked child's requests cross the cuts too
+    ("remap", False, 0.0),   # replies for pages that moved meanwhile
+    # Background chunks over the first half are in flight (0.1 s each way) when the
+    # child DONTNEEDs it; their replies, sent again after cuts, must not land there.
+    ("remove", True, 0.1),
+])
+async def test_children_get_every_page_across_repeated_cuts(
+        children_dump: tuple[Path, PageServer, FaultProxy], scenario: str, background: bool,
+        delay: float) -> None:
+    images_dir, server, proxy = children_dump
+    proxy.delay(delay)
+    async with asyncio.timeout(60):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect(*proxy.address, reconnect=PATIENT)
+        daemon, running = await run_daemon(images_dir, source, fault_prefetch=1,
+                                           background=background)
+        cutter = asyncio.create_task(cut_repeatedly(proxy, lambda i: 20_000 + 9_999 * i))
+        try:
+            (pid, [(vaddr, nr)]), *_ = layout(1).items()
+            child = await spawn(daemon.socket_path, pid, vaddr, nr, scenario)
+            code, out = await finish(child)
+            report = await running
+        finally:
+            cutter.cancel()
+        if scenario != "remove":  # all served, and the daemon's CLOSE got through
+            assert await serving is True
+        await stop(serving)
+    # The child compared every page it read with the dump's (and DONTNEEDed ones with 0).
+    assert code == 0, out
+    assert "MISMATCH" not in out
+    assert report.ok, report
+    assert proxy.stats.cuts >= 2
+    assert source.reconnects >= 2
+
+
+# -- lazymig dump -> lazymig lazy-pages -> restore, cut again and again ------------------
+
+def _read_memory(pid: int, address: int, length: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        return os.pread(mem.fileno(), length, address)
+
+
+async def restore_and_compare(images: Path, ready: Ready, before: Check,
+                              daemon: subprocess.Popen[str],
+                              dumper: subprocess.Popen[str]) -> None:
+    """Restore lazily (the restorer API), check the restored process's CHECK lines, wait
+    for the daemon and the dumper to finish, then compare the workload's region page by
+    page: the daemon is gone, so a page that never arrived would read as zeros."""
+    restorer, result, lines = await restore_with_output(images, lazy_pages=True)
+    try:
+        check = await asyncio.to_thread(lines.next_check, 60.0)
+        assert (check.sum, check.bad) == (before.sum, 0)
+        assert await asyncio.to_thread(daemon.wait, 120) == 0  # every page is in
+        assert await asyncio.to_thread(dumper.wait, 30) == 0  # and the source released
+        memory = await asyncio.to_thread(_read_memory, result.pid, ready.addr, ready.size)
+        wrong = [i for i in range(ready.size // PAGE_SIZE)
+                 if memory[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                 != expected_page(ready.addr + i * PAGE_SIZE, ready.seed)]
+        assert not wrong, f"{len(wrong)} pages differ from the source's, first {wrong[:8]}"
+        check = await asyncio.to_thread(lines.next_check, 30.0)
+        assert (check.sum, check.bad) == (before.sum, 0)
+    finally:
+        restorer.kill()
+        lines.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root")
+@pytest.mark.asyncio
+async def test_a_restored_process_gets_every_page_across_repeated_cuts(
+        tmp_path: Path, c_workload: Path) -> None:
+    port = free_port()
+    loop = on_uvloop()
+    with Workload([str(c_workload), "--mib", "16", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
+                 "--port", str(port), "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
+            assert dr is not None
+            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            async with FaultProxy("127.0.0.1", port) as proxy:
+                with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                         str(proxy.port), "--reconnect-attempts", "50", "--reconnect-timeout",
+                         "60", "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
+                    assert lr is not None
+                    await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                    cutter = asyncio.create_task(
+                        cut_repeatedly(proxy, lambda i: 150_000 + 77_777 * i))
+                    try:
+                        await restore_and_compare(tmp_path, w.ready, before, daemon, dumper)
+                    finally:
+                        cutter.cancel()
+                assert proxy.stats.cuts >= 3
+        assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone only now

@@ -44,6 +44,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
                         help="2 = faults on a connection of their own (lazymig's page server "
                              "only; CRIU's accepts one connection)")
+    add_reconnect_options(parser)
     parser.add_argument("--no-background", dest="background", action="store_false",
                         help="fetch only what faults ask for")
     parser.add_argument("--keep-running", action="store_true",
@@ -53,20 +54,50 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(func=lazy_pages)
 
 
+def add_reconnect_options(parser: argparse.ArgumentParser) -> None:
+    """How the page-server client survives a lost connection (ReconnectPolicy)."""
+    group = parser.add_argument_group(
+        "connection loss", "a lost page-server connection is re-established and every "
+        "unanswered request sent again; meanwhile faulting threads wait. Only when that "
+        "fails are the restored processes killed.")
+    group.add_argument("--reconnect-attempts", type=int, default=8, metavar="N",
+                       help="connections in a row that bring no reply before giving up "
+                            "(default 8; 0 = never reconnect)")
+    group.add_argument("--reconnect-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="give up this long after the loss (default 30)")
+    group.add_argument("--stall-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a connection whose requests get no byte back this long is "
+                            "lost (a dead link sends no reset; default 10; 0 = off)")
+
+
 def lazy_pages(args: argparse.Namespace) -> int:
+    from lazymig.errors import ConfigurationError
     from lazymig.proto.images import ImagesDir
     from lazymig.uffd.daemon import SOCKET_NAME, LazyPagesDaemon
-    from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
+    from lazymig.uffd.source import (
+        LocalPageSource,
+        PageSource,
+        ReconnectPolicy,
+        RemotePageSource,
+    )
 
     images_dir = Path(args.images_dir)
     socket_path = Path(args.socket) if args.socket else \
         Path(args.work_dir or images_dir) / SOCKET_NAME
 
+    try:
+        reconnect = ReconnectPolicy(attempts=args.reconnect_attempts,
+                                    timeout=args.reconnect_timeout,
+                                    stall_timeout=args.stall_timeout or None)
+    except ConfigurationError as exc:
+        raise SystemExit(f"lazymig lazy-pages: {exc}") from exc
+
     async def serve() -> int:
         source: PageSource
         if args.page_server:
             source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
-                                                    channels=args.channels, tls=tls_config(args))
+                                                    channels=args.channels, tls=tls_config(args),
+                                                    reconnect=reconnect)
         else:
             source = LocalPageSource(ImagesDir(images_dir))
         daemon = LazyPagesDaemon.from_images(

@@ -149,6 +149,7 @@ class PageServer:
         self.stats = PageServerStats(lazy_pages=self._unserved.remaining,
                                      pages_unserved=self._unserved.remaining)
         self._complete: asyncio.Event | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
 
@@ -193,6 +194,10 @@ class PageServer:
             accepting = tg.create_task(self._accept_loop(loop, tg))
             await self._complete.wait()
             accepting.cancel()
+            # Other connections are stale (a client that reconnected after its link died
+            # leaves one behind that may never see a reset): they must not hold us here.
+            for task in list(self._connections):
+                task.cancel()
         log.info("lazy pages transfer complete: %d pages served (%d sent), %.1f MB/s",
                  self.stats.lazy_pages, self.stats.pages_sent, self.stats.throughput() / 1e6)
         return True
@@ -202,7 +207,9 @@ class PageServer:
         while True:
             conn, peer = await loop.sock_accept(self._listener)
             self.stats.connections += 1
-            tg.create_task(self._serve_connection(conn, peer))
+            task = tg.create_task(self._serve_connection(conn, peer))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
 
     def close(self) -> None:
         """Stop listening (idempotent). The store is the caller's to close."""
