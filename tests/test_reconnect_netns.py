@@ -1,0 +1,84 @@
+"""Connection loss between two test hosts: the veth link between two network namespaces
+goes down and up while a restored process waits for its pages.
+
+The set-up is tests/test_netns.py's (source namespace: ``lazymig dump
+--lazy-pages``; destination namespace: ``lazymig lazy-pages --page-server``
+on a copy of the images). The link is taken down before the restore, so that
+the first requests (the restored process's faults, the background fetch) meet
+a dead link: no reset arrives, the
+daemon's stall watchdog gives the connection up, reconnection attempts fail
+(no route) until the link is back, then every unanswered request is sent
+again. The link goes down and up twice more while the transfer may still run.
+Then the daemon and the dumper exit 0 and the restored region is compared
+page by page with the source's (tests/test_reconnect.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from test_netns import PORT, Hosts, _ip, cli_in, hosts
+from test_reconnect import restore_and_compare
+from test_restore import _wait_ready, c_workload, on_uvloop
+from workloads import Workload
+
+__all__ = ["c_workload", "hosts"]  # the fixtures
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and ptrace need root"),
+]
+
+
+async def set_link(hosts: Hosts, up: bool) -> None:
+    """The source namespace's end of the veth pair, down or up (the pair with it)."""
+    await asyncio.to_thread(_ip, "-n", hosts.src, "link", "set", hosts.src_if,
+                            "up" if up else "down")
+
+
+async def flap(hosts: Hosts, times: int, down_for: float) -> None:
+    """Link up after ``down_for`` seconds, then down and up again ``times`` more times."""
+    await asyncio.sleep(down_for)
+    await set_link(hosts, up=True)
+    for _ in range(times):
+        await asyncio.sleep(0.5)
+        await set_link(hosts, up=False)
+        await asyncio.sleep(down_for)
+        await set_link(hosts, up=True)
+
+
+@pytest.mark.asyncio
+async def test_the_veth_link_down_and_up_during_a_migration(
+        hosts: Hosts, tmp_path: Path, c_workload: Path) -> None:
+    loop = on_uvloop()
+    source_images, images = tmp_path / "source", tmp_path / "destination"
+    source_images.mkdir()
+    with Workload([str(c_workload), "--mib", "16", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        with cli_in(hosts.src, "dump", "-t", str(w.pid), "--lazy-pages", "--address",
+                    hosts.src_addr, "--port", str(PORT), "-D", str(source_images),
+                    loop=loop) as (dumper, dr):
+            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            await asyncio.to_thread(shutil.copytree, source_images, images)
+            with cli_in(hosts.dst, "lazy-pages", "--page-server", "--address",
+                        hosts.src_addr, "--port", str(PORT), "-D", str(images),
+                        "--stall-timeout", "1", "--reconnect-attempts",
+                        "1000", "--reconnect-timeout", "60", loop=loop) as (daemon, lr):
+                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                await set_link(hosts, up=False)
+                flapping = asyncio.create_task(flap(hosts, times=2, down_for=2.0))
+                try:
+                    await restore_and_compare(images, w.ready, before, daemon, dumper)
+                finally:
+                    await flapping
+                assert daemon.stderr is not None
+                log = await asyncio.to_thread(daemon.stderr.read)
+        assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone only now
+    # The first faults met the dead link: the connection was given up and re-established.
+    assert "no reply from the page server for 1 s" in log, log
+    assert "re-established" in log, log
