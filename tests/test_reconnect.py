@@ -301,6 +301,9 @@ async def restore_and_compare(images: Path, ready: Ready, before: Check,
         assert (check.sum, check.bad) == (before.sum, 0)
         assert await asyncio.to_thread(daemon.wait, 120) == 0  # every page is in
         assert await asyncio.to_thread(dumper.wait, 30) == 0  # and the source released
+        # The daemon said so to the guardian, which let go of the uffd and left.
+        assert restorer.guardian is not None
+        assert await asyncio.to_thread(restorer.guardian.wait, 10) == 0
         memory = await asyncio.to_thread(_read_memory, result.pid, ready.addr, ready.size)
         wrong = [i for i in range(ready.size // PAGE_SIZE)
                  if memory[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]

@@ -19,7 +19,9 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    With ``lazy_pages``, PE_LAZY pages are not: a userfaultfd is created
    inside the process, the lazy ranges are registered on it, the restorer
    takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
-   (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``).
+   (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``);
+   a guardian (:mod:`lazymig.guardian`) keeps a duplicate of the uffd and
+   that connection, and kills the process should the daemon die.
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
    list, comm, cwd, umask, rlimits, the open files (fds 3 and up, see
    :mod:`lazymig.restore.files`; fds 0-2 are the restorer's), process group
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import Final
 
 from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
+from lazymig.guardian import spawn_guardian
 from lazymig.linux._libc import libc
 from lazymig.linux.ptrace import Tracee, TracerThread, UserRegs
 from lazymig.linux.vm import write_memory
@@ -242,6 +245,8 @@ class Restorer:
             self.images.path / "lazy-pages.socket"
         self.stdio = stdio
         self.process: subprocess.Popen[bytes] | None = None
+        self.guardian: subprocess.Popen[bytes] | None = None
+        """With lazy pages, the process guarding the restored one (lazymig.guardian)."""
 
     async def run(self) -> RestoreResult:
         """Restore; returns once the process runs (detached from the restorer's ptrace).
@@ -268,6 +273,10 @@ class Restorer:
                 if sock is not None:
                     await send_task(sock, task.pid, uffd)
                     await send_restore_finished(sock)
+                    # Before it runs: should the daemon die, the guardian kills it
+                    # rather than let it run on pages that never came.
+                    assert self.process is not None
+                    self.guardian = spawn_guardian(sock, uffd, self.process.pid)
             finally:
                 if uffd >= 0:
                     os.close(uffd)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymig.errors import LazyMigError, RemoteProtocolError
+from lazymig.guardian import TRANSFER_COMPLETE
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
@@ -69,6 +70,8 @@ SOCKET_NAME = "lazy-pages.socket"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
 MAX_CHUNK_PAGES = (1 << 20) // PAGE_SIZE  # see the module docstring
+_FINAL = ("complete", "exited", "killed", "abandoned")
+"""Process states that never change again ("failed" does: held, then killed or exited)."""
 
 
 @dataclass(slots=True)
@@ -147,6 +150,8 @@ class _Process:
         self.cursor: int | None = None  # where the background goes next (after a fault)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once its state is final (see _check_done)."""
 
     @property
     def active(self) -> bool:
@@ -288,7 +293,8 @@ class LazyPagesDaemon:
             self._tg.create_task(self._restorer(conn))
 
     async def _restorer(self, conn: socket.socket) -> None:
-        """Take the processes one restorer hands over, until it says it is finished."""
+        """Take the processes one restorer hands over, until it says it is finished;
+        then hold the connection until they are settled (see :meth:`_tell_guardian`)."""
         mine: list[_Process] = []
         with conn:
             conn.setblocking(False)
@@ -317,11 +323,26 @@ class LazyPagesDaemon:
                 self._restores_finished += 1
                 self._check_done()
                 return
-        self._restores_finished += 1
-        for proc in mine:
-            proc.background = True
-        self._wakeup.set()
-        self._check_done()
+            self._restores_finished += 1
+            for proc in mine:
+                proc.background = True
+            self._wakeup.set()
+            self._check_done()
+            await self._tell_guardian(conn, mine)
+
+    async def _tell_guardian(self, conn: socket.socket, mine: list[_Process]) -> None:
+        """Once every process of this restorer is settled, write TRANSFER_COMPLETE if
+        each got all its pages (or exited), then close. The restorer's guardian
+        (:mod:`lazymig.guardian`) holds the other end and a duplicate of each uffd:
+        without that word (the daemon died, or gave up) it kills the processes.
+        CRIU's restorer has closed its end already: the word then goes nowhere."""
+        if mine:
+            await asyncio.wait([proc.settled for proc in mine])
+        if all(proc.report.state in ("complete", "exited") for proc in mine):
+            try:
+                conn.send(TRANSFER_COMPLETE)
+            except OSError as exc:
+                log.debug("restorer connection: %s (no guardian there)", exc)
 
     def _adopt(self, record: ReceivedTask) -> _Process:
         uffd = Uffd.from_fd(record.fd, pid=record.pid)
@@ -586,13 +607,15 @@ class LazyPagesDaemon:
             self._fail(proc, f"page source failed: {exc}")
 
     def _check_done(self) -> None:
+        for proc in self._processes:
+            if proc.report.state in _FINAL and not proc.settled.done():
+                proc.settled.set_result(None)
         if self.serve_forever or self._restores_finished == 0:
             return
         if self.expect_tasks is not None and self._tasks_received < self.expect_tasks:
             return
         # Failed processes without known threads keep the daemon (and their uffd) alive.
-        if all(p.report.state in ("complete", "exited", "killed", "abandoned")
-               for p in self._processes):
+        if all(p.report.state in _FINAL for p in self._processes):
             self._done.set()
 
     def _stop_abruptly(self) -> None:

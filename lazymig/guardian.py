@@ -1,0 +1,147 @@
+"""The guardian: a restored process never runs on holes, even if the lazy-pages daemon dies.
+
+When the last reference to a userfaultfd closes, the kernel unregisters its
+ranges and every page that never arrived reads as zeros, silently. The daemon
+holds the only reference once the restorer lets go (CRIU's design), so a
+daemon killed mid-transfer (SIGKILL, OOM, a crash) would leave the restored
+process running on holes.
+
+So the restorer does not let go: it hands a small guardian process (started
+with ``python -m lazymig.guardian``) three fds, and only then lets the restored
+process run:
+
+* a duplicate of the process's uffd: while the guardian lives, the ranges stay
+  registered and a missing page stops the faulting thread (frozen, not zeroed);
+* its end of the restorer's UNIX connection to the daemon: after "restore
+  finished" the daemon keeps that connection open, and once every process
+  handed over on it is complete it writes :data:`TRANSFER_COMPLETE` and closes
+  it. EOF without that word means the daemon is gone (the kernel closed its
+  end) or gave up: the guardian kills the restored process and its
+  descendants (SIGKILL), then lets go of the uffd;
+* a pidfd of the restored process: if it exits first, the guardian just ends.
+
+After :data:`TRANSFER_COMPLETE` the guardian closes its duplicate at once (the
+daemon closed its own), so later faults are ordinary page faults again. The
+dump side is not involved: the daemon's TCP connection closes with a reset when
+it dies, and the page server keeps its source for a retry.
+
+This module imports nothing heavy: the guardian starts in a fresh interpreter
+while the restorer finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Final
+
+__all__ = ["TRANSFER_COMPLETE", "spawn_guardian"]
+
+log = logging.getLogger(__name__)
+
+TRANSFER_COMPLETE: Final = b"LZOK"
+"""Daemon → restorer, after "restore finished": every process handed over on this
+connection got all its pages (or exited); the uffd may be released."""
+
+
+def spawn_guardian(connection: socket.socket, uffd: int, pid: int) -> subprocess.Popen[bytes]:
+    """Start a guardian for restored process ``pid`` (see the module docstring).
+
+    ``connection`` is the restorer's socket to the daemon, after "restore
+    finished"; ``uffd`` a duplicate of the process's uffd. The guardian gets its
+    own copies of both (and a pidfd of ``pid``): the caller closes its own. It
+    runs in a new session, with no stdin or stdout (it must not keep anyone's
+    pipe open), and logs to the caller's stderr.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        fds = (connection.fileno(), uffd, pidfd)
+        return subprocess.Popen(
+            [sys.executable, "-m", "lazymig.guardian", *map(str, fds)],
+            pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)
+    finally:
+        os.close(pidfd)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(pidfd: int, pid: int, reason: str) -> None:
+    # Descendants first, collected while they are still linked to the process.
+    doomed = _descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    for child in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    log.error("lazymig guardian: killed restored process %d%s: %s; it must not run on pages "
+              "that never arrived (the page server keeps the source: restore again)", pid,
+              f" and its descendants {sorted(doomed)}" if doomed else "", reason)
+
+
+def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
+    """Watch the daemon's connection and the restored process until one of them ends."""
+    pid = int(next(line.split()[1] for line in Path(f"/proc/self/fdinfo/{pidfd}")
+                   .read_text().splitlines() if line.startswith("Pid:")))
+    connection = socket.socket(fileno=connection_fd)
+    poller = select.poll()
+    poller.register(connection_fd, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
+    received = b""
+    while True:
+        for fd, _ in poller.poll():
+            if fd == pidfd:
+                return 0  # the restored process exited: nothing left to protect
+            try:
+                data = connection.recv(len(TRANSFER_COMPLETE) - len(received))
+            except OSError as exc:
+                data, why = b"", f"the daemon's connection broke ({exc})"
+            else:
+                why = "the lazy-pages daemon went away before every page arrived"
+            received += data
+            if received == TRANSFER_COMPLETE:
+                os.close(uffd)  # every page is in: faults are ordinary again
+                return 0
+            if not data or not TRANSFER_COMPLETE.startswith(received):
+                if data:
+                    why = f"the daemon sent {received!r} instead of {TRANSFER_COMPLETE!r}"
+                _kill(pidfd, pid, why)
+                os.close(uffd)
+                return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lazymig.guardian CONNECTION_FD UFFD PIDFD`` (see :func:`spawn_guardian`)."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The restorer's terminal and signals are not ours: only the daemon's fate counts.
+    for signo in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signo, signal.SIG_IGN)
+    connection_fd, uffd, pidfd = (int(a) for a in args)
+    return guard(connection_fd, uffd, pidfd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
