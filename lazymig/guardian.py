@@ -12,12 +12,14 @@ process run:
 
 * a duplicate of the process's uffd: while the guardian lives, the ranges stay
   registered and a missing page stops the faulting thread (frozen, not zeroed);
-* its end of the restorer's UNIX connection to the daemon: after "restore
-  finished" the daemon keeps that connection open, and once every process
-  handed over on it is complete it writes :data:`TRANSFER_COMPLETE` and closes
-  it. EOF without that word means the daemon is gone (the kernel closed its
-  end) or gave up: the guardian kills the restored process and its
-  descendants (SIGKILL), then lets go of the uffd;
+* its end of the restorer's UNIX connection to the daemon: on "restore
+  finished" lazymig's daemon writes :data:`GUARDED` and keeps that connection
+  open; once every process handed over on it is complete it writes
+  :data:`TRANSFER_COMPLETE` and closes it. EOF after GUARDED without that word
+  means the daemon is gone (the kernel closed its end) or gave up: the
+  guardian kills the restored process and its descendants (SIGKILL), then
+  lets go of the uffd. EOF before GUARDED is a daemon that does not speak this
+  (CRIU's): the guardian stands aside with a warning;
 * a pidfd of the restored process: if it exits first, the guardian just ends.
 
 After :data:`TRANSFER_COMPLETE` the guardian closes its duplicate at once (the
@@ -42,12 +44,15 @@ import sys
 from pathlib import Path
 from typing import Final
 
-__all__ = ["TRANSFER_COMPLETE", "spawn_guardian"]
+__all__ = ["GUARDED", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
 
 log = logging.getLogger(__name__)
 
+GUARDED: Final = b"LZGD"
+"""Daemon → restorer, as soon as "restore finished" arrives: this daemon will say
+:data:`TRANSFER_COMPLETE` when it is (CRIU's daemon sends nothing)."""
 TRANSFER_COMPLETE: Final = b"LZOK"
-"""Daemon → restorer, after "restore finished": every process handed over on this
+"""Daemon → restorer, after :data:`GUARDED`: every process handed over on this
 connection got all its pages (or exited); the uffd may be released."""
 
 
@@ -102,31 +107,42 @@ def _kill(pidfd: int, pid: int, reason: str) -> None:
 
 
 def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
-    """Watch the daemon's connection and the restored process until one of them ends."""
+    """Watch the daemon's connection and the restored process until one of them ends.
+
+    Returns 0 when the process got every page (or exited), 1 when it was killed.
+    """
     pid = int(next(line.split()[1] for line in Path(f"/proc/self/fdinfo/{pidfd}")
                    .read_text().splitlines() if line.startswith("Pid:")))
     connection = socket.socket(fileno=connection_fd)
     poller = select.poll()
     poller.register(connection_fd, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
+    expected = GUARDED + TRANSFER_COMPLETE
     received = b""
     while True:
         for fd, _ in poller.poll():
             if fd == pidfd:
                 return 0  # the restored process exited: nothing left to protect
             try:
-                data = connection.recv(len(TRANSFER_COMPLETE) - len(received))
+                data = connection.recv(len(expected) - len(received))
             except OSError as exc:
                 data, why = b"", f"the daemon's connection broke ({exc})"
             else:
                 why = "the lazy-pages daemon went away before every page arrived"
             received += data
-            if received == TRANSFER_COMPLETE:
+            if received == expected:
                 os.close(uffd)  # every page is in: faults are ordinary again
                 return 0
-            if not data or not TRANSFER_COMPLETE.startswith(received):
+            if not received and not data:
+                # CRIU's daemon says nothing and closes when it exits, done or not:
+                # nothing can be told apart, so stand aside rather than kill.
+                log.warning("lazymig guardian: the lazy-pages daemon of process %d does not "
+                            "report completion (not lazymig's?): not guarding it", pid)
+                os.close(uffd)
+                return 0
+            if not data or not expected.startswith(received):
                 if data:
-                    why = f"the daemon sent {received!r} instead of {TRANSFER_COMPLETE!r}"
+                    why = f"the daemon sent {received!r} instead of {expected!r}"
                 _kill(pidfd, pid, why)
                 os.close(uffd)
                 return 1

@@ -15,12 +15,20 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_reconnect import restore_and_compare
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_with_output
 from workloads import Check, Workload
+
+from lazymig.guardian import GUARDED, TRANSFER_COMPLETE, spawn_guardian
+from lazymig.linux.ptrace import process_alive
+from lazymig.uffd.uffd import Uffd
 
 __all__ = ["c_workload"]  # the fixture, shared with test_restore
 
@@ -70,3 +78,69 @@ async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_r
                 await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
                 await restore_and_compare(tmp_path, w.ready, before, daemon, dumper)
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # released only now
+
+
+# -- the guardian alone: a real guardian process, a real child, a socketpair for the daemon --
+
+@contextlib.contextmanager
+def guarded_child() -> Iterator[tuple[socket.socket, subprocess.Popen[bytes],
+                                      subprocess.Popen[str], int]]:
+    """A child (a shell whose own child sleeps) under a guardian; yields the daemon's end
+    of the connection, the guardian, the child and the grandchild's pid."""
+    child = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    daemon_end, restorer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with restorer_end, Uffd.open() as uffd:
+            guardian = spawn_guardian(restorer_end, uffd.fd, child.pid)
+        yield daemon_end, guardian, child, grandchild
+    finally:
+        daemon_end.close()
+        for pid in (child.pid, grandchild):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        guardian.wait(timeout=10)
+
+
+def test_the_guardian_lets_go_once_the_transfer_is_complete() -> None:
+    with guarded_child() as (daemon_end, guardian, child, _):
+        daemon_end.sendall(GUARDED)
+        daemon_end.sendall(TRANSFER_COMPLETE)
+        assert guardian.wait(timeout=10) == 0
+        daemon_end.close()  # the daemon's exit changes nothing any more
+        assert child.poll() is None
+
+
+@pytest.mark.parametrize("then", ["close", "garbage"])
+def test_the_guardian_kills_when_the_daemon_goes_away(then: str) -> None:
+    with guarded_child() as (daemon_end, guardian, child, grandchild):
+        daemon_end.sendall(GUARDED)
+        if then == "garbage":
+            daemon_end.sendall(b"OOPS")
+        else:
+            daemon_end.close()  # as the kernel does for a killed daemon
+        assert guardian.wait(timeout=10) == 1
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10  # SIGKILL was sent; dying takes a moment
+        while process_alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not process_alive(grandchild)  # its descendants too
+
+
+def test_the_guardian_stands_aside_for_a_daemon_that_never_said_guarded() -> None:
+    """CRIU's daemon closes the connection when it exits, complete or not, and says
+    nothing: killing then would kill healthy processes."""
+    with guarded_child() as (daemon_end, guardian, child, _):
+        daemon_end.close()
+        assert guardian.wait(timeout=10) == 0
+        assert child.poll() is None
+
+
+def test_the_guardian_ends_with_its_process() -> None:
+    with guarded_child() as (daemon_end, guardian, child, _):
+        daemon_end.sendall(GUARDED)
+        child.kill()
+        assert guardian.wait(timeout=10) == 0

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymig.errors import LazyMigError, RemoteProtocolError
-from lazymig.guardian import TRANSFER_COMPLETE
+from lazymig.guardian import GUARDED, TRANSFER_COMPLETE
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
@@ -334,15 +334,21 @@ class LazyPagesDaemon:
         """Once every process of this restorer is settled, write TRANSFER_COMPLETE if
         each got all its pages (or exited), then close. The restorer's guardian
         (:mod:`lazymig.guardian`) holds the other end and a duplicate of each uffd:
-        without that word (the daemon died, or gave up) it kills the processes.
-        CRIU's restorer has closed its end already: the word then goes nowhere."""
+        told GUARDED at once, then without that word (the daemon died, or gave up)
+        it kills the processes.
+        CRIU's restorer has closed its end already: the words then go nowhere."""
+        self._say(conn, GUARDED)
         if mine:
             await asyncio.wait([proc.settled for proc in mine])
         if all(proc.report.state in ("complete", "exited") for proc in mine):
-            try:
-                conn.send(TRANSFER_COMPLETE)
-            except OSError as exc:
-                log.debug("restorer connection: %s (no guardian there)", exc)
+            self._say(conn, TRANSFER_COMPLETE)
+
+    @staticmethod
+    def _say(conn: socket.socket, word: bytes) -> None:
+        try:
+            conn.send(word)  # a few bytes into an empty socket buffer: never blocks
+        except OSError as exc:
+            log.debug("restorer connection: %s (no guardian there)", exc)
 
     def _adopt(self, record: ReceivedTask) -> _Process:
         uffd = Uffd.from_fd(record.fd, pid=record.pid)
