@@ -146,6 +146,7 @@ async def test_refused_for_a_while_then_back(
     _server, proxy, serving = served
     async with asyncio.timeout(30):
         source = await RemotePageSource.connect(*proxy.address, reconnect=PATIENT)
+        (await source.get(PID, BASE, 1)).release()  # the session works
         await proxy.refuse(True)
         proxy.cut()
         fetching = asyncio.create_task(fetch_all(source))  # requests wait meanwhile
@@ -184,6 +185,7 @@ async def test_reconnection_gives_up_within_its_bounds(
     policy = ReconnectPolicy(attempts=3, timeout=30, first_delay=0.01, max_delay=0.05)
     async with asyncio.timeout(30):
         source = await RemotePageSource.connect(*proxy.address, reconnect=policy)
+        (await source.get(PID, BASE, 1)).release()  # the session works
         await proxy.refuse(True)
         proxy.cut()
         with pytest.raises(BrokenResourceError, match="not recovered after 3 attempts"):
@@ -204,9 +206,25 @@ async def test_a_refusing_server_is_not_retried_forever(
     policy = ReconnectPolicy(attempts=4, timeout=30, first_delay=0.01, max_delay=0.05)
     async with asyncio.timeout(30):
         source = await RemotePageSource.connect(*proxy.address, reconnect=policy)
+        (await source.get(PID, BASE, 1)).release()  # the session works
         with pytest.raises(BrokenResourceError, match="not recovered after 4 attempts"):
             await source.get(PID, 0x1000, 1)  # not a lazy page: the server hangs up
         assert proxy.stats.connections == 5  # the first and four attempts
+        source.abort()
+    assert not server.complete
+
+
+@pytest.mark.asyncio
+async def test_a_server_hanging_up_on_the_first_connection_is_a_refusal(
+        served: tuple[PageServer, FaultProxy, asyncio.Task[bool]]) -> None:
+    """Reconnection resumes a session that worked: a server that drops the very
+    first connection before any reply refused this client (its log says why)."""
+    server, proxy, _ = served
+    async with asyncio.timeout(30):
+        source = await RemotePageSource.connect(*proxy.address, reconnect=PATIENT)
+        with pytest.raises(BrokenResourceError, match="before answering anything"):
+            await source.get(PID, 0x1000, 1)
+        assert proxy.stats.connections == 1
         source.abort()
     assert not server.complete
 

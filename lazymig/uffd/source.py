@@ -182,6 +182,7 @@ class _Channel(asyncio.BufferedProtocol):
         self.transport: asyncio.WriteTransport | None = None
         self.error: BaseException | None = None  # why we ended it, if we did
         self.fatal = False  # a protocol violation: reconnecting would not help
+        self.stalled_out = False  # ended by the lane's stall watchdog, not by the peer
         self.last_progress = time.monotonic()
         self._scratch = bytearray(64 * 1024)
         self._reply: GetReply | None = None  # the GET reply whose pages are arriving
@@ -219,6 +220,7 @@ class _Channel(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_progress = time.monotonic()
+        self.lane.source.answered = True
         try:
             if self._direct:
                 self.codec.payload_received_directly(nbytes)
@@ -241,6 +243,13 @@ class _Channel(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+                exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) and self.error is None:
+            # A TLS alert: the server refused us, and would again.
+            self.error = AuthenticationError(
+                f"the page server ended the TLS session ({self.lane.name}): "
+                f"{exc.reason or exc} (does it trust our certificate's CA?)")
+            self.fatal = True
         if self.error is None:
             self.error = BrokenResourceError(
                 f"page server connection ({self.lane.name}) lost" + (f": {exc}" if exc else ""))
@@ -371,6 +380,15 @@ class _Lane:
         if self.closing or channel.fatal or policy.attempts == 0:
             self.fail(channel.error)
             return
+        if not self.source.answered and not channel.stalled_out:
+            # Reconnection resumes a session that worked: a server that hangs up on
+            # the very first connection without sending a byte refused us (a TLS
+            # name check, a request it will never serve), and would again.
+            self.fail(BrokenResourceError(
+                f"the page server at {self.source.address}:{self.source.port} closed the "
+                f"connection ({self.name}) before answering anything: it will not serve this "
+                f"client (see its log): {channel.error}"))
+            return
         loop = asyncio.get_running_loop()
         if self._episode_start is None:
             self._episode_start = loop.time()
@@ -443,6 +461,7 @@ class _Lane:
         self._watchdog = None
         channel = self.channel
         if channel is not None and channel.stalled(stall):
+            channel.stalled_out = True
             channel.end(BrokenResourceError(
                 f"no reply from the page server for {stall:g} s on the {self.name} connection"))
             return  # connection_ended reconnects; attach() re-arms
@@ -505,6 +524,8 @@ class RemotePageSource:
         self.requests = 0
         self.reconnects = 0
         """Connections re-established after a loss."""
+        self.answered = False
+        """The server ever sent a byte: the session worked once (and may be resumed)."""
         self._lanes = [_Lane(self, "urgent" if i else "main") for i in range(channels)]
 
     @classmethod
@@ -580,15 +601,19 @@ class RemotePageSource:
         """
         try:
             for lane in self._lanes:
-                reply = await lane.send(CloseRequest())
-                assert isinstance(reply, CloseReply)
+                while True:
+                    reply = await lane.send(CloseRequest())
+                    assert isinstance(reply, CloseReply)
+                    channel = lane.channel
+                    if channel is not None and channel.usable:
+                        break
+                    # Lost between the reply and our EOF: the server saw no clean end.
                 if reply.status != 0:
                     log.warning("page server answered CLOSE with status %d", reply.status)
                 lane.closing = True
                 lane.fail(ClosedResourceError("page source closed"))
                 # CLOSE was answered: now end with the EOF that CRIU waits for.
-                channel = lane.channel
-                assert channel is not None and channel.transport is not None
+                assert channel.transport is not None
                 sock = channel.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
                 if channel.transport.can_write_eof():
