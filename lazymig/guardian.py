@@ -12,9 +12,9 @@ process run:
 
 * a duplicate of the process's uffd: while the guardian lives, the ranges stay
   registered and a missing page stops the faulting thread (frozen, not zeroed);
-* its end of the restorer's UNIX connection to the daemon: on "restore
-  finished" lazymig's daemon writes :data:`GUARDED` and keeps that connection
-  open; once every process handed over on it is complete it writes
+* its end of the restorer's UNIX connection to the daemon: lazymig's daemon
+  writes :data:`GUARDED` as it accepts the connection and, after "restore
+  finished", keeps it open; once every process handed over on it is complete it writes
   :data:`TRANSFER_COMPLETE` and closes it. EOF after GUARDED without that word
   means the daemon is gone (the kernel closed its end) or gave up: the
   guardian kills the restored process and its descendants (SIGKILL), then
@@ -49,7 +49,7 @@ __all__ = ["GUARDED", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
 log = logging.getLogger(__name__)
 
 GUARDED: Final = b"LZGD"
-"""Daemon → restorer, as soon as "restore finished" arrives: this daemon will say
+"""Daemon → restorer, on accepting the connection: this daemon will say
 :data:`TRANSFER_COMPLETE` when it is (CRIU's daemon sends nothing)."""
 TRANSFER_COMPLETE: Final = b"LZOK"
 """Daemon → restorer, after :data:`GUARDED`: every process handed over on this
@@ -123,17 +123,18 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
         for fd, _ in poller.poll():
             if fd == pidfd:
                 return 0  # the restored process exited: nothing left to protect
+            broken = False
             try:
                 data = connection.recv(len(expected) - len(received))
-            except OSError as exc:
-                data, why = b"", f"the daemon's connection broke ({exc})"
+            except OSError as exc:  # a reset: a daemon killed before it even accepted us
+                data, why, broken = b"", f"the daemon's connection broke ({exc})", True
             else:
                 why = "the lazy-pages daemon went away before every page arrived"
             received += data
             if received == expected:
                 os.close(uffd)  # every page is in: faults are ordinary again
                 return 0
-            if not received and not data:
+            if not received and not data and not broken:
                 # CRIU's daemon says nothing and closes when it exits, done or not:
                 # nothing can be told apart, so stand aside rather than kill.
                 log.warning("lazymig guardian: the lazy-pages daemon of process %d does not "

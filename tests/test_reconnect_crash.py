@@ -83,10 +83,11 @@ async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_r
 # -- the guardian alone: a real guardian process, a real child, a socketpair for the daemon --
 
 @contextlib.contextmanager
-def guarded_child() -> Iterator[tuple[socket.socket, subprocess.Popen[bytes],
-                                      subprocess.Popen[str], int]]:
+def guarded_child(unread: bytes = b"") -> Iterator[tuple[
+        socket.socket, subprocess.Popen[bytes], subprocess.Popen[str], int]]:
     """A child (a shell whose own child sleeps) under a guardian; yields the daemon's end
-    of the connection, the guardian, the child and the grandchild's pid."""
+    of the connection (holding ``unread`` from the restorer), the guardian, the child
+    and the grandchild's pid."""
     child = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
                              text=True)
     assert child.stdout is not None
@@ -94,6 +95,7 @@ def guarded_child() -> Iterator[tuple[socket.socket, subprocess.Popen[bytes],
     daemon_end, restorer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with restorer_end, Uffd.open() as uffd:
+            restorer_end.sendall(unread)
             guardian = spawn_guardian(restorer_end, uffd.fd, child.pid)
         yield daemon_end, guardian, child, grandchild
     finally:
@@ -114,13 +116,18 @@ def test_the_guardian_lets_go_once_the_transfer_is_complete() -> None:
         assert child.poll() is None
 
 
-@pytest.mark.parametrize("then", ["close", "garbage"])
+@pytest.mark.parametrize("then", ["close", "garbage", "reset"])
 def test_the_guardian_kills_when_the_daemon_goes_away(then: str) -> None:
-    with guarded_child() as (daemon_end, guardian, child, grandchild):
-        daemon_end.sendall(GUARDED)
-        if then == "garbage":
-            daemon_end.sendall(b"OOPS")
+    with guarded_child(unread=b"\0" * 8 if then == "reset" else b"") as (
+            daemon_end, guardian, child, grandchild):
+        if then == "reset":
+            # Killed before it read the handover (or accepted at all): closing with the
+            # restorer's records unread resets the connection.
+            daemon_end.close()
+        elif then == "garbage":
+            daemon_end.sendall(GUARDED + b"OOPS")
         else:
+            daemon_end.sendall(GUARDED)
             daemon_end.close()  # as the kernel does for a killed daemon
         assert guardian.wait(timeout=10) == 1
         assert child.wait(timeout=10) == -signal.SIGKILL

@@ -298,6 +298,9 @@ class LazyPagesDaemon:
         mine: list[_Process] = []
         with conn:
             conn.setblocking(False)
+            # At once: a guardian that reads EOF before this word takes the daemon
+            # for one that never reports completion (CRIU's) and stands aside.
+            self._say(conn, GUARDED)
             try:
                 while True:
                     record = await receive_record(conn)
@@ -334,10 +337,9 @@ class LazyPagesDaemon:
         """Once every process of this restorer is settled, write TRANSFER_COMPLETE if
         each got all its pages (or exited), then close. The restorer's guardian
         (:mod:`lazymig.guardian`) holds the other end and a duplicate of each uffd:
-        told GUARDED at once, then without that word (the daemon died, or gave up)
+        told GUARDED on accept, then without that word (the daemon died, or gave up)
         it kills the processes.
         CRIU's restorer has closed its end already: the words then go nowhere."""
-        self._say(conn, GUARDED)
         if mine:
             await asyncio.wait([proc.settled for proc in mine])
         if all(proc.report.state in ("complete", "exited") for proc in mine):
