@@ -21,8 +21,17 @@ userfaultfd. The daemon then:
 * when every process is complete, ends the page-server session (CLOSE) and
   returns a :class:`DaemonReport`.
 
-If the page source fails before a process is complete, that process must not
-run on pages that never arrived (they would read as zeros): the daemon keeps
+A lost page-server connection is not a failure:
+:class:`~lazymig.uffd.source.RemotePageSource` connects again and sends every
+unanswered request again (its :class:`~lazymig.uffd.source.ReconnectPolicy`),
+while faulting threads wait.
+Each restorer's connection stays open after "restore finished" until its
+processes are settled, for the restorer's guardian (:mod:`lazymig.guardian`):
+the daemon writes GUARDED on accept and TRANSFER_COMPLETE when they got every
+page; if the daemon dies without it, the guardian kills them.
+
+If the page source fails for good before a process is complete, that process
+must not run on pages that never arrived (they would read as zeros): the daemon keeps
 its uffd open, so untouched holes keep trapping, and kills every thread it
 sees faulting (their ids come with the fault when the uffd has THREAD_ID, as
 lazymig's own restorer and attach ask). Processes it cannot kill stay frozen

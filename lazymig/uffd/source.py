@@ -12,6 +12,14 @@ so they never queue behind background megabytes (QEMU's postcopy-preempt
 channel). CRIU's own page server accepts a single connection, so one channel
 is the default; on it, the daemon bounds background requests in flight.
 
+A lost connection is not the end of a session (QEMU's postcopy recovery): the
+source connects again with backoff, sends again, in order, every request that
+was not fully answered, and meanwhile queues new ones; a connection whose
+requests get nothing back for a while (a dead link sends no reset) counts as
+lost. Only when that fails for long enough (:class:`ReconnectPolicy`) do the
+waiting requests fail. A server that refuses us (a TLS alert, or hanging up on
+the very first connection before sending a byte) is not retried.
+
 Only :meth:`RemotePageSource.aclose` ends a session with a FIN. Every other end
 (:meth:`~RemotePageSource.abort`, the process dying or being killed) resets the
 connection: ``criu dump --lazy-pages`` (4.1.1) takes a plain EOF for a finished
