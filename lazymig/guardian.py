@@ -12,6 +12,7 @@ process run:
 
 * a duplicate of the process's uffd: while the guardian lives, the ranges stay
   registered and a missing page stops the faulting thread (frozen, not zeroed);
+  when the process forks, the daemon sends it the child's uffd too (FORKED);
 * its end of the restorer's UNIX connection to the daemon: lazymig's daemon
   writes :data:`GUARDED` as it accepts the connection and, after "restore
   finished", keeps it open; once every process handed over on it is complete it writes
@@ -44,13 +45,18 @@ import sys
 from pathlib import Path
 from typing import Final
 
-__all__ = ["GUARDED", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
+__all__ = ["FORKED", "GUARDED", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
+
+_WORD: Final = 4
 
 log = logging.getLogger(__name__)
 
 GUARDED: Final = b"LZGD"
 """Daemon → restorer, on accepting the connection: this daemon will say
 :data:`TRANSFER_COMPLETE` when it is (CRIU's daemon sends nothing)."""
+FORKED: Final = b"LZFK"
+"""Daemon → restorer, with a uffd as SCM_RIGHTS: a restored process forked; hold the
+child's uffd too (its ranges must keep trapping should the daemon die)."""
 TRANSFER_COMPLETE: Final = b"LZOK"
 """Daemon → restorer, after :data:`GUARDED`: every process handed over on this
 connection got all its pages (or exited); the uffd may be released."""
@@ -117,36 +123,61 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
     poller = select.poll()
     poller.register(connection_fd, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
-    expected = GUARDED + TRANSFER_COMPLETE
-    received = b""
-    while True:
-        for fd, _ in poller.poll():
-            if fd == pidfd:
-                return 0  # the restored process exited: nothing left to protect
-            broken = False
-            try:
-                data = connection.recv(len(expected) - len(received))
-            except OSError as exc:  # a reset: a daemon killed before it even accepted us
-                data, why, broken = b"", f"the daemon's connection broke ({exc})", True
+    held = [uffd]  # and the uffds of children it forked (FORKED)
+    words = _Words()
+    try:
+        while True:
+            for fd, _ in poller.poll():
+                if fd == pidfd:
+                    return 0  # the restored process exited: nothing left to protect
+                verdict = words.feed(connection, held)
+                if verdict == "complete":
+                    return 0  # every page is in: faults are ordinary again
+                if verdict == "foreign":
+                    # CRIU's daemon says nothing and closes when it exits, done or not:
+                    # nothing can be told apart, so stand aside rather than kill.
+                    log.warning("lazymig guardian: the lazy-pages daemon of process %d does "
+                                "not report completion (not lazymig's?): not guarding it", pid)
+                    return 0
+                if verdict is not None:
+                    _kill(pidfd, pid, verdict)
+                    return 1
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+class _Words:
+    """The daemon's side of the connection, word by word: GUARDED, any number of
+    FORKED (each bringing a uffd), then TRANSFER_COMPLETE."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.guarded = False
+
+    def feed(self, connection: socket.socket, held: list[int]) -> str | None:
+        """Read what is there; None (go on), "complete", "foreign" or why to kill."""
+        try:
+            data, fds, _, _ = socket.recv_fds(connection, 64, 8)
+        except OSError as exc:  # a reset: a daemon killed before it even accepted us
+            return f"the daemon's connection broke ({exc})"
+        held.extend(fds)
+        if not data:
+            if not self.guarded and not self.buffer:
+                return "foreign"
+            return "the lazy-pages daemon went away before every page arrived"
+        self.buffer += data
+        while len(self.buffer) >= _WORD:
+            word, self.buffer = self.buffer[:_WORD], self.buffer[_WORD:]
+            if word == GUARDED and not self.guarded:
+                self.guarded = True
+            elif word == FORKED and self.guarded:
+                continue
+            elif word == TRANSFER_COMPLETE and self.guarded:
+                return "complete"
             else:
-                why = "the lazy-pages daemon went away before every page arrived"
-            received += data
-            if received == expected:
-                os.close(uffd)  # every page is in: faults are ordinary again
-                return 0
-            if not received and not data and not broken:
-                # CRIU's daemon says nothing and closes when it exits, done or not:
-                # nothing can be told apart, so stand aside rather than kill.
-                log.warning("lazymig guardian: the lazy-pages daemon of process %d does not "
-                            "report completion (not lazymig's?): not guarding it", pid)
-                os.close(uffd)
-                return 0
-            if not data or not expected.startswith(received):
-                if data:
-                    why = f"the daemon sent {received!r} instead of {expected!r}"
-                _kill(pidfd, pid, why)
-                os.close(uffd)
-                return 1
+                return f"the daemon sent {word!r}, which it never would"
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

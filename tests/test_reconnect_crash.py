@@ -18,17 +18,23 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lazydump import write_lazy_dump
+from test_daemon import run_daemon, stop
 from test_reconnect import restore_and_compare
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_with_output
+from test_uffd_kernel import Child
 from workloads import Check, Workload
 
-from lazymig.guardian import GUARDED, TRANSFER_COMPLETE, spawn_guardian
+from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, spawn_guardian
 from lazymig.linux.ptrace import process_alive
-from lazymig.uffd.uffd import Uffd
+from lazymig.proto.images import ImagesDir
+from lazymig.uffd.handover import send_restore_finished, send_task
+from lazymig.uffd.source import LocalPageSource
+from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
 
 __all__ = ["c_workload"]  # the fixture, shared with test_restore
 
@@ -151,3 +157,61 @@ def test_the_guardian_ends_with_its_process() -> None:
         daemon_end.sendall(GUARDED)
         child.kill()
         assert guardian.wait(timeout=10) == 0
+
+
+def userfaultfds(pid: int) -> int:
+    """How many userfaultfds process ``pid`` holds."""
+    return sum(str(fd.readlink()) == "anon_inode:[userfaultfd]"
+               for fd in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def wait_for(what: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 10
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return what()
+
+
+def test_the_guardian_holds_the_uffds_of_forked_children() -> None:
+    with guarded_child() as (daemon_end, guardian, child, _), Uffd.open() as forked:
+        daemon_end.sendall(GUARDED)
+        socket.send_fds(daemon_end, [FORKED], [forked.fd])
+        assert wait_for(lambda: userfaultfds(guardian.pid) == 2)
+        daemon_end.sendall(TRANSFER_COMPLETE)
+        assert guardian.wait(timeout=10) == 0
+        assert child.poll() is None
+
+
+@pytest.mark.asyncio
+async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(tmp_path: Path) -> None:
+    """A process (tests/uffd_child.py) handed over as a restorer does, with a guardian;
+    it forks, and its child reads lazy pages through the daemon: the FORK event's
+    uffd reaches the guardian. Then the daemon goes away before completion: the
+    guardian kills the process."""
+    async with asyncio.timeout(60):
+        child = await Child.start(16, int(DEFAULT_FEATURES))
+        guardian: subprocess.Popen[bytes] | None = None
+        try:
+            pid = 4321
+            write_lazy_dump(tmp_path, {pid: [(child.addr, child.npages)]})
+            daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
+                                               background=False)
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
+                await send_task(conn, pid, child.uffd.fd)
+                await send_restore_finished(conn)
+                guardian = spawn_guardian(conn, child.uffd.fd, child.pid)
+            child.uffd.close()
+            grandchild = await child.call(op="fork", addr=child.addr, n=4)
+            assert grandchild["from"] == "grandchild" and len(grandchild["sha"]) == 4
+            assert (await child.recv())["from"] == "child"
+            assert await asyncio.to_thread(wait_for, lambda: userfaultfds(guardian.pid) == 2)
+            await stop(running)  # the daemon goes away with pages still lazy
+            assert await asyncio.to_thread(guardian.wait, 10) == 1
+            assert await asyncio.to_thread(child.proc.wait, 10) == -signal.SIGKILL
+        finally:
+            await child.stop()
+            if guardian is not None:
+                guardian.kill()
+                guardian.wait()

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymig.errors import LazyMigError, RemoteProtocolError
-from lazymig.guardian import GUARDED, TRANSFER_COMPLETE
+from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
@@ -160,6 +160,7 @@ class _Process:
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.guardian: socket.socket | None = None  # its restorer's connection
         """Done once its state is final (see _check_done)."""
 
     @property
@@ -323,6 +324,7 @@ class LazyPagesDaemon:
                         log.info("pid %d is a zombie: nothing to fill", record.pid)
                         continue
                     mine.append(self._adopt(record))
+                    mine[-1].guardian = conn
             except (LazyMigError, OSError) as exc:
                 # The restore failed (CRIU's restorer kills what it restored): its
                 # processes will never complete. Give up on them so that the daemon
@@ -340,18 +342,20 @@ class LazyPagesDaemon:
                 proc.background = True
             self._wakeup.set()
             self._check_done()
-            await self._tell_guardian(conn, mine)
+            await self._tell_guardian(conn)
 
-    async def _tell_guardian(self, conn: socket.socket, mine: list[_Process]) -> None:
-        """Once every process of this restorer is settled, write TRANSFER_COMPLETE if
-        each got all its pages (or exited), then close. The restorer's guardian
-        (:mod:`lazymig.guardian`) holds the other end and a duplicate of each uffd:
-        told GUARDED on accept, then without that word (the daemon died, or gave up)
-        it kills the processes.
-        CRIU's restorer has closed its end already: the words then go nowhere."""
-        if mine:
-            await asyncio.wait([proc.settled for proc in mine])
-        if all(proc.report.state in ("complete", "exited") for proc in mine):
+    async def _tell_guardian(self, conn: socket.socket) -> None:
+        """Once every process of this restorer (and every child they forked) is
+        settled, write TRANSFER_COMPLETE if each got all its pages (or exited), then
+        close. The restorer's guardian (:mod:`lazymig.guardian`) holds the other end
+        and a duplicate of each uffd (forked children's come as FORKED): told GUARDED
+        on accept, then without that word (the daemon died, or gave up) it kills the
+        processes. CRIU's restorer has closed its end already: the words go nowhere."""
+        while waiting := [p.settled for p in self._processes
+                          if p.guardian is conn and not p.settled.done()]:
+            await asyncio.wait(waiting)  # forks may add processes meanwhile
+        if all(p.report.state in ("complete", "exited") for p in self._processes
+               if p.guardian is conn):
             self._say(conn, TRANSFER_COMPLETE)
 
     @staticmethod
@@ -446,6 +450,13 @@ class LazyPagesDaemon:
         child_uffd = Uffd.from_fd(event.ufd, pid=parent.pid)
         child = self._start(parent.pid, child_uffd, parent.ranges.fork_copy())
         child.background = parent.background
+        child.guardian = parent.guardian
+        if child.guardian is not None:
+            # The guardian holds the child's uffd too: should we die, its holes trap.
+            try:
+                socket.send_fds(child.guardian, [FORKED], [child_uffd.fd])
+            except OSError as exc:
+                log.debug("restorer connection: %s (no guardian there)", exc)
         log.info("pid %d forked: the child asks for its pages under pid %d", parent.pid,
                  parent.pid)
 
