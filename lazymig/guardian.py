@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-__all__ = ["FORKED", "GUARDED", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
+__all__ = ["FORKED", "GUARDED", "GUARDIAN", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
 
 _WORD: Final = 4
 
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 GUARDED: Final = b"LZGD"
 """Daemon → restorer, on accepting the connection: this daemon will say
 :data:`TRANSFER_COMPLETE` when it is (CRIU's daemon sends nothing)."""
+GUARDIAN: Final = b"LZHI"
+"""Guardian → daemon, in answer to :data:`GUARDED`: a guardian holds this connection
+(so forked children's uffds may come here)."""
 FORKED: Final = b"LZFK"
 """Daemon → restorer, with a uffd as SCM_RIGHTS: a restored process forked; hold the
 child's uffd too (its ranges must keep trapping should the daemon die)."""
@@ -171,6 +174,9 @@ class _Words:
             word, self.buffer = self.buffer[:_WORD], self.buffer[_WORD:]
             if word == GUARDED and not self.guarded:
                 self.guarded = True
+                # Unanswered if the daemon is done already: what follows tells.
+                with contextlib.suppress(OSError):
+                    connection.send(GUARDIAN)
             elif word == FORKED and self.guarded:
                 continue
             elif word == TRANSFER_COMPLETE and self.guarded:

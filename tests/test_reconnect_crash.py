@@ -161,8 +161,18 @@ def test_the_guardian_ends_with_its_process() -> None:
 
 def userfaultfds(pid: int) -> int:
     """How many userfaultfds process ``pid`` holds."""
-    return sum(str(fd.readlink()) == "anon_inode:[userfaultfd]"
-               for fd in Path(f"/proc/{pid}/fd").iterdir())
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile (it starts up)
+            count += str(fd.readlink()) == "anon_inode:[userfaultfd]"
+    return count
+
+
+def in_poll(pid: int) -> bool:
+    """Process ``pid`` sleeps in poll(2) (x86_64 syscall 7)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "7"
+    return False
 
 
 def wait_for(what: Callable[[], bool]) -> bool:
@@ -183,11 +193,14 @@ def test_the_guardian_holds_the_uffds_of_forked_children() -> None:
 
 
 @pytest.mark.asyncio
-async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(tmp_path: Path) -> None:
-    """A process (tests/uffd_child.py) handed over as a restorer does, with a guardian;
-    it forks, and its child reads lazy pages through the daemon: the FORK event's
-    uffd reaches the guardian. Then the daemon goes away before completion: the
-    guardian kills the process."""
+@pytest.mark.parametrize("guarded", [True, False])
+async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(
+        tmp_path: Path, guarded: bool) -> None:
+    """A process (tests/uffd_child.py) handed over as a restorer does; it forks, and its
+    child reads lazy pages through the daemon. With a guardian, the FORK event's uffd
+    reaches it, and when the daemon goes away before completion the guardian kills
+    the process. Without one (CRIU's restorer never reads), no fd is sent into a
+    socket nobody reads: it would keep the child's uffd alive."""
     async with asyncio.timeout(60):
         child = await Child.start(16, int(DEFAULT_FEATURES))
         guardian: subprocess.Popen[bytes] | None = None
@@ -201,15 +214,27 @@ async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(tmp_path: P
                 await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
                 await send_task(conn, pid, child.uffd.fd)
                 await send_restore_finished(conn)
-                guardian = spawn_guardian(conn, child.uffd.fd, child.pid)
-            child.uffd.close()
-            grandchild = await child.call(op="fork", addr=child.addr, n=4)
-            assert grandchild["from"] == "grandchild" and len(grandchild["sha"]) == 4
-            assert (await child.recv())["from"] == "child"
-            assert await asyncio.to_thread(wait_for, lambda: userfaultfds(guardian.pid) == 2)
-            await stop(running)  # the daemon goes away with pages still lazy
-            assert await asyncio.to_thread(guardian.wait, 10) == 1
-            assert await asyncio.to_thread(child.proc.wait, 10) == -signal.SIGKILL
+                if guarded:
+                    guardian = spawn_guardian(conn, child.uffd.fd, child.pid)
+                    conn.close()
+                    # Once it waits in poll(2) it has answered GUARDED: the daemon knows
+                    # it is there before the fork (else a short-lived child may be gone
+                    # before the daemon learns where to send its uffd).
+                    assert await asyncio.to_thread(wait_for, lambda: in_poll(guardian.pid))
+                child.uffd.close()
+                grandchild = await child.call(op="fork", addr=child.addr, n=4)
+                assert grandchild["from"] == "grandchild" and len(grandchild["sha"]) == 4
+                assert (await child.recv())["from"] == "child"
+                if guardian is not None:
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: userfaultfds(guardian.pid) == 2)
+                await stop(running)  # the daemon goes away with pages still lazy
+                if guardian is None:
+                    data, fds, _, _ = socket.recv_fds(conn, 64, 4, socket.MSG_DONTWAIT)
+                    assert (data, fds) == (GUARDED, [])
+            if guardian is not None:
+                assert await asyncio.to_thread(guardian.wait, 10) == 1
+                assert await asyncio.to_thread(child.proc.wait, 10) == -signal.SIGKILL
         finally:
             await child.stop()
             if guardian is not None:

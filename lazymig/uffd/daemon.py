@@ -56,8 +56,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lazymig._aio import retry_until_ready
 from lazymig.errors import LazyMigError, RemoteProtocolError
-from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE
+from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
@@ -161,6 +162,7 @@ class _Process:
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.guardian: socket.socket | None = None  # its restorer's connection
+        self.forked = False  # a FORK event's child (its guardian lacks its uffd)
         """Done once its state is final (see _check_done)."""
 
     @property
@@ -223,6 +225,7 @@ class LazyPagesDaemon:
         self._restores_finished = 0
         self._failed = False
         self._done = asyncio.Event()
+        self._guardians: set[socket.socket] = set()  # restorer connections a guardian holds
 
     @classmethod
     def from_images(cls, source: PageSource, images_dir: str | os.PathLike[str],
@@ -351,12 +354,40 @@ class LazyPagesDaemon:
         and a duplicate of each uffd (forked children's come as FORKED): told GUARDED
         on accept, then without that word (the daemon died, or gave up) it kills the
         processes. CRIU's restorer has closed its end already: the words go nowhere."""
-        while waiting := [p.settled for p in self._processes
-                          if p.guardian is conn and not p.settled.done()]:
-            await asyncio.wait(waiting)  # forks may add processes meanwhile
+        async with asyncio.TaskGroup() as tg:
+            hello = tg.create_task(self._await_guardian(conn))
+            while waiting := [p.settled for p in self._processes
+                              if p.guardian is conn and not p.settled.done()]:
+                await asyncio.wait(waiting)  # forks may add processes meanwhile
+            hello.cancel()
+        self._guardians.discard(conn)
         if all(p.report.state in ("complete", "exited") for p in self._processes
                if p.guardian is conn):
             self._say(conn, TRANSFER_COMPLETE)
+
+    async def _await_guardian(self, conn: socket.socket) -> None:
+        """A guardian answers GUARDED with GUARDIAN (CRIU's restorer never reads): only
+        then do forked children's uffds go there (an fd sent to a socket nobody reads
+        would keep the child's uffd, and its registered ranges, alive)."""
+        try:
+            word = await retry_until_ready(conn.fileno(), functools.partial(
+                conn.recv, len(GUARDIAN)))
+        except OSError:
+            return
+        if word != GUARDIAN:
+            return
+        self._guardians.add(conn)
+        for proc in self._processes:
+            if proc.guardian is conn and proc.forked:
+                self._hand_to_guardian(proc)
+
+    def _hand_to_guardian(self, proc: _Process) -> None:
+        conn = proc.guardian
+        if conn is not None and conn in self._guardians and not proc.uffd.closed:
+            try:
+                socket.send_fds(conn, [FORKED], [proc.uffd.fd])
+            except OSError as exc:
+                log.debug("guardian connection: %s", exc)
 
     @staticmethod
     def _say(conn: socket.socket, word: bytes) -> None:
@@ -450,13 +481,9 @@ class LazyPagesDaemon:
         child_uffd = Uffd.from_fd(event.ufd, pid=parent.pid)
         child = self._start(parent.pid, child_uffd, parent.ranges.fork_copy())
         child.background = parent.background
-        child.guardian = parent.guardian
-        if child.guardian is not None:
-            # The guardian holds the child's uffd too: should we die, its holes trap.
-            try:
-                socket.send_fds(child.guardian, [FORKED], [child_uffd.fd])
-            except OSError as exc:
-                log.debug("restorer connection: %s (no guardian there)", exc)
+        child.guardian, child.forked = parent.guardian, True
+        # The guardian holds the child's uffd too: should we die, its holes trap.
+        self._hand_to_guardian(child)
         log.info("pid %d forked: the child asks for its pages under pid %d", parent.pid,
                  parent.pid)
 
