@@ -12,15 +12,17 @@ process run:
 
 * a duplicate of the process's uffd: while the guardian lives, the ranges stay
   registered and a missing page stops the faulting thread (frozen, not zeroed);
-  when the process forks, the daemon sends it the child's uffd too (FORKED);
 * its end of the restorer's UNIX connection to the daemon: lazymig's daemon
-  writes :data:`GUARDED` as it accepts the connection and, after "restore
-  finished", keeps it open; once every process handed over on it is complete it writes
-  :data:`TRANSFER_COMPLETE` and closes it. EOF after GUARDED without that word
-  means the daemon is gone (the kernel closed its end) or gave up: the
+  writes :data:`GUARDED` as it accepts the connection (the guardian answers
+  :data:`GUARDIAN`) and, after "restore finished", keeps it open; it sends the
+  uffd of every child the process forks (:data:`FORKED`, held too), and once
+  every process handed over on it, and their children, are complete it writes
+  :data:`TRANSFER_COMPLETE` and closes it. EOF after GUARDED without that
+  word means the daemon is gone (the kernel closed its end) or gave up: the
   guardian kills the restored process and its descendants (SIGKILL), then
-  lets go of the uffd. EOF before GUARDED is a daemon that does not speak this
-  (CRIU's): the guardian stands aside with a warning;
+  lets go of the uffds. EOF before GUARDED is a daemon that does not speak
+  this (CRIU's): the guardian stands aside with a warning (a reset then still
+  kills: a daemon killed before it read the handover);
 * a pidfd of the restored process: if it exits first, the guardian just ends.
 
 After :data:`TRANSFER_COMPLETE` the guardian closes its duplicate at once (the
