@@ -308,12 +308,15 @@ def _read_memory(pid: int, address: int, length: int) -> bytes:
 
 
 async def restore_and_compare(images: Path, ready: Ready, before: Check,
-                              daemon: subprocess.Popen[str],
-                              dumper: subprocess.Popen[str]) -> None:
+                              daemon: subprocess.Popen[str], dumper: subprocess.Popen[str],
+                              restored: asyncio.Event | None = None) -> None:
     """Restore lazily (the restorer API), check the restored process's CHECK lines, wait
     for the daemon and the dumper to finish, then compare the workload's region page by
-    page: the daemon is gone, so a page that never arrived would read as zeros."""
+    page: the daemon is gone, so a page that never arrived would read as zeros.
+    ``restored`` is set once the restore is done (the process runs)."""
     restorer, result, lines = await restore_with_output(images, lazy_pages=True)
+    if restored is not None:
+        restored.set()
     try:
         check = await asyncio.to_thread(lines.next_check, 60.0)
         assert (check.sum, check.bad) == (before.sum, 0)

@@ -3,12 +3,13 @@ goes down and up while a restored process waits for its pages.
 
 The set-up is tests/test_netns.py's (source namespace: ``lazymig dump
 --lazy-pages``; destination namespace: ``lazymig lazy-pages --page-server``
-on a copy of the images). The link is taken down before the restore, so that
-the first requests (the restored process's faults, the background fetch) meet
-a dead link: no reset arrives, the
+on a copy of the images). The link is taken down for a second before the
+restore, so that the first requests (the restore's own faults, the restored
+process's, the background fetch) meet a dead link: no reset arrives, the
 daemon's stall watchdog gives the connection up, reconnection attempts fail
 (no route) until the link is back, then every unanswered request is sent
-again. The link goes down and up twice more while the transfer may still run.
+again. Once the process runs the link goes down (two seconds) and up twice
+more, while the transfer may still run.
 Then the daemon and the dumper exit 0 and the restored region is compared
 page by page with the source's (tests/test_reconnect.py).
 """
@@ -41,15 +42,18 @@ async def set_link(hosts: Hosts, up: bool) -> None:
                             "up" if up else "down")
 
 
-async def flap(hosts: Hosts, times: int, down_for: float) -> None:
-    """Link up after ``down_for`` seconds, then down and up again ``times`` more times."""
-    await asyncio.sleep(down_for)
+async def flap(hosts: Hosts, restored: asyncio.Event, times: int) -> None:
+    """Link up after a second (the restore itself touches lazy pages, and its ptrace
+    waits are bounded: a short outage), then, once the process runs, down for two
+    seconds and up again ``times`` more times."""
+    await asyncio.sleep(1.0)
     await set_link(hosts, up=True)
+    await restored.wait()
     for _ in range(times):
-        await asyncio.sleep(0.5)
         await set_link(hosts, up=False)
-        await asyncio.sleep(down_for)
+        await asyncio.sleep(2.0)
         await set_link(hosts, up=True)
+        await asyncio.sleep(0.5)
 
 
 @pytest.mark.asyncio
@@ -67,18 +71,21 @@ async def test_the_veth_link_down_and_up_during_a_migration(
             await asyncio.to_thread(shutil.copytree, source_images, images)
             with cli_in(hosts.dst, "lazy-pages", "--page-server", "--address",
                         hosts.src_addr, "--port", str(PORT), "-D", str(images),
-                        "--stall-timeout", "1", "--reconnect-attempts",
+                        "--stall-timeout", "0.3", "--reconnect-attempts",
                         "1000", "--reconnect-timeout", "60", loop=loop) as (daemon, lr):
                 await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
                 await set_link(hosts, up=False)
-                flapping = asyncio.create_task(flap(hosts, times=2, down_for=2.0))
+                restored = asyncio.Event()
+                flapping = asyncio.create_task(flap(hosts, restored, times=2))
                 try:
-                    await restore_and_compare(images, w.ready, before, daemon, dumper)
+                    await restore_and_compare(images, w.ready, before, daemon, dumper,
+                                              restored)
                 finally:
+                    restored.set()
                     await flapping
                 assert daemon.stderr is not None
                 log = await asyncio.to_thread(daemon.stderr.read)
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone only now
     # The first faults met the dead link: the connection was given up and re-established.
-    assert "no reply from the page server for 1 s" in log, log
+    assert "no reply from the page server for 0.3 s" in log, log
     assert "re-established" in log, log
