@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import pathlib
 import signal
@@ -37,6 +38,7 @@ from typing import Final, ParamSpec, TypeVar
 
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
+from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.ptrace import (
@@ -66,6 +68,8 @@ __all__ = [
     "inspect_target_frozen",
     "park",
 ]
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -288,9 +292,14 @@ class FrozenProcess:
 
     async def collect_pages(self, scan: MemoryScan, *,
                             pipe_size: int | None = None) -> PagePipes:
-        """Copy the pages of ``scan.runs`` into page pipes (off the event loop)."""
+        """Put the pages of ``scan.runs`` into page pipes (off the event loop).
+
+        The target vmsplices them itself through injected syscalls: the pipes
+        hold its pages, not copies, so they are valid only while it stays
+        frozen: close them before :meth:`resume` or :meth:`release`."""
         self._check_frozen()
-        return await self._tracer.run(_collect_checked, self.pid, scan, pipe_size)
+        return await self._tracer.run(_collect_checked, self.pid, self._tracees[0], scan,
+                                      pipe_size)
 
     # -- ending ------------------------------------------------------------------------
 
@@ -547,14 +556,36 @@ def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool) -> MemoryScan:
     return result
 
 
-def _collect_checked(pid: int, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+def _collect_checked(pid: int, main: Tracee, scan: MemoryScan,
+                     pipe_size: int | None) -> PagePipes:
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited")
-    pipes = PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+    pipes = _collect_sync(pid, main, scan, pipe_size)
     if not process_alive(pid):
         pipes.close()
         raise TargetGoneError(pid, f"process {pid} exited while its pages were copied")
     return pipes
+
+
+#: fds the target must have free to vmsplice its pages itself (a socketpair, one pipe).
+_TARGET_FDS_NEEDED: Final = 3
+
+
+def _collect_sync(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+    """Have the target vmsplice its pages into the page pipes (see
+    :mod:`lazymig.dump.target_splice`), or copy them if it has no fd to spare."""
+    free = free_fd_slots(pid)
+    if free < _TARGET_FDS_NEEDED:
+        log.warning("process %d has %d free file descriptors (RLIMIT_NOFILE): copying its "
+                    "pages into the page pipes instead of having it vmsplice them, which "
+                    "freezes it longer", pid, free)
+        return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+    try:
+        with main.syscalls() as session, TargetSplicer(pid, session) as splicer:
+            return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size, splicer=splicer)
+    finally:
+        if main.stopped:
+            park(main)
 
 
 def _leave_stopped_sync(pid: int, tracees: list[Tracee], timeout: float = 2.0) -> None:

@@ -1,5 +1,5 @@
 """Memory and pipe syscalls the dump side needs: process_vm_readv/writev, vmsplice,
-tee, anonymous mmap/munmap, pipe sizing, and /proc/PID/mem access.
+tee, anonymous mmap/munmap, pipe sizing, /proc/PID/mem access, and pidfd_getfd.
 
 Every ctypes call goes through :func:`lazymig.linux._libc.check`, so a failure
 raises :class:`~lazymig.errors.LazyMigOSError` with the errno at once.
@@ -36,6 +36,7 @@ __all__ = [
     "get_pipe_size",
     "mmap_anonymous",
     "munmap",
+    "pidfd_getfd",
     "pipe_max_size",
     "process_vm_readv",
     "process_vm_writev",
@@ -130,6 +131,17 @@ def vmsplice(fd: int, address: int, length: int, flags: int = 0) -> int:
     """
     iov = _IoVec(address, length)
     return check(_vmsplice(fd, ctypes.byref(iov), 1, flags), f"vmsplice(fd {fd}, {length})")
+
+
+_SYS_PIDFD_GETFD = 438
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """pidfd_getfd(2): a close-on-exec copy of fd ``target_fd`` of the process behind
+    ``pidfd`` (needs ptrace-attach rights over it)."""
+    return check(libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                              ctypes.c_int(target_fd), ctypes.c_uint(0)),
+                 f"pidfd_getfd(fd {target_fd})")
 
 
 def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
