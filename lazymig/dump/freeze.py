@@ -239,9 +239,13 @@ class FrozenProcess:
     """
 
     def __init__(self, pid: int, tracer: TracerThread, tracees: list[Tracee],
-                 state: ProcessState) -> None:
+                 state: ProcessState, vmas: list[Vma]) -> None:
         self.pid = pid
         self.state = state
+        # Read once the target was seized: a frozen target cannot change them (what
+        # lazymig maps in it for injected syscalls is unmapped again), so the scan
+        # reuses them instead of walking its page tables for smaps again.
+        self._vmas = vmas
         self._tracer = tracer
         self._tracees = tracees
         self._released = False
@@ -260,11 +264,11 @@ class FrozenProcess:
         """
         tracer = TracerThread(name=f"lazymig-ptrace-{pid}")
         try:
-            tracees, state = await tracer.run(_freeze_sync, pid, stop_timeout)
+            tracees, state, vmas = await tracer.run(_freeze_sync, pid, stop_timeout)
         except BaseException:
             tracer.close()
             raise
-        return cls(pid, tracer, tracees, state)
+        return cls(pid, tracer, tracees, state, vmas)
 
     # -- working on the frozen target ----------------------------------------------------
 
@@ -287,7 +291,7 @@ class FrozenProcess:
         """Read VMAs and pagemap and plan the page runs (stack-pointer pages non-lazy)."""
         self._check_frozen()
         sps = [t.regs.rsp for t in self.state.threads]
-        result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn)
+        result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn, self._vmas)
         return result
 
     async def collect_pages(self, scan: MemoryScan, *,
@@ -367,7 +371,7 @@ class FrozenProcess:
 # -- the synchronous halves (run on the tracer thread) ----------------------------------
 
 
-def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState]:
+def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, list[Vma]]:
     inspect_target(pid)
     status = _read_status(pid)
     options = PTRACE_O_SUSPEND_SECCOMP if status.get("Seccomp", "0") not in ("0", "") else 0
@@ -381,7 +385,7 @@ def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState]:
         for t in reversed(tracees):
             t.abandon()
         raise
-    return tracees, state
+    return tracees, state, vmas
 
 
 def inspect_target_frozen(pid: int, nr_threads: int) -> list[Vma]:
@@ -547,10 +551,10 @@ def _read_sigactions(main: Tracee, sp: int, vmas: list[Vma]) -> tuple[SigAction,
     )
 
 
-def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool) -> MemoryScan:
+def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma]) -> MemoryScan:
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited")
-    result = scan_process(pid, stack_pointers=sps, use_zero_pfn=use_zero_pfn)
+    result = scan_process(pid, stack_pointers=sps, use_zero_pfn=use_zero_pfn, vmas=vmas)
     if not process_alive(pid) or not result.vmas:
         raise TargetGoneError(pid, f"process {pid} exited while being scanned")
     return result
