@@ -16,10 +16,16 @@ from collections.abc import Iterator
 import pytest
 from workloads import expected_page
 
-from lazymig.dump.pagepipe import PagePipes, PagesNotFoundError
+from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
 from lazymig.dump.scan import PageRun
-from lazymig.errors import ClosedResourceError, ConfigurationError
-from lazymig.linux.vm import F_SETPIPE_SZ, AnonMapping
+from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigOSError
+from lazymig.linux.vm import (
+    F_SETPIPE_SZ,
+    AnonMapping,
+    pipe_max_size,
+    pipe_size_unlimited,
+    set_pipe_size,
+)
 from lazymig.proto.constants import PAGE_SIZE
 
 SEED = 0x1234_5678_9ABC_DEF0
@@ -228,3 +234,22 @@ def test_fd_limit_too_low_is_a_clear_error() -> None:
 def test_soft_fd_limit_is_raised_when_the_hard_one_allows() -> None:
     out = run_with_rlimit(200, 4000).split()
     assert out[:2] == ["OK", "1000"] and 1000 < int(out[2]) <= 4000
+
+
+def test_page_pipes_exceed_pipe_max_size_only_when_the_kernel_lets_them() -> None:
+    """pipe_size_unlimited() says what F_SETPIPE_SZ does beyond fs.pipe-max-size, and
+    page pipes (and the scratch pipes that serve them) take LARGE_PIPE only then."""
+    r, w = os.pipe()
+    try:
+        try:
+            set_pipe_size(w, pipe_max_size() * 2)
+            allowed = True
+        except LazyMigOSError as exc:
+            assert exc.errno == errno.EPERM
+            allowed = False
+    finally:
+        os.close(r)
+        os.close(w)
+    assert pipe_size_unlimited() == allowed
+    with PagePipes() as pp:
+        assert pp.pipe_size == (max(LARGE_PIPE, pipe_max_size()) if allowed else pipe_max_size())

@@ -55,6 +55,7 @@ from lazymig.linux.vm import (
     AnonMapping,
     get_pipe_size,
     pipe_max_size,
+    pipe_size_unlimited,
     process_vm_readv,
     read_memory_into,
     set_pipe_size,
@@ -63,12 +64,26 @@ from lazymig.linux.vm import (
 )
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 
-__all__ = ["FdSink", "PagePipes", "PagesNotFoundError", "PipeBuffer"]
+__all__ = ["LARGE_PIPE", "FdSink", "PagePipes", "PagesNotFoundError", "PipeBuffer",
+           "default_pipe_size"]
 
 log = logging.getLogger(__name__)
 
 #: fds kept free for everything else the process does while pipes are open.
 FD_HEADROOM: Final = 64
+
+
+#: Page pipe size when fs.pipe-max-size does not bind us (CAP_SYS_RESOURCE): 4 MiB,
+#: 1024 pages (CRIU's MAX_XFER_LEN), a quarter of the pipes and fds of 1 MiB ones.
+#: Bigger would make GETs dearer: serving a page tees the pipe up to it and drops
+#: the prefix, 20 us for a whole 1 MiB pipe here, so ~80 us at worst for 4 MiB.
+LARGE_PIPE: Final = 4 << 20
+
+
+def default_pipe_size() -> int:
+    """fs.pipe-max-size, or :data:`LARGE_PIPE` if that is larger and we may exceed it."""
+    limit = pipe_max_size()
+    return max(limit, LARGE_PIPE) if pipe_size_unlimited() else limit
 
 
 class PagesNotFoundError(LazyMigError, LookupError):
@@ -158,7 +173,7 @@ class PagePipes:
     """
 
     def __init__(self, *, pipe_size: int | None = None) -> None:
-        size = pipe_max_size() if pipe_size is None else pipe_size
+        size = default_pipe_size() if pipe_size is None else pipe_size
         if size < PAGE_SIZE:
             raise ConfigurationError(f"pipe_size must be at least {PAGE_SIZE}, got {size}")
         self._want = size & ~(PAGE_SIZE - 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from lazymig.errors import BrokenResourceError, ImageError
-from lazymig.linux.vm import pipe_max_size, set_pipe_size, tee
+from lazymig.linux.vm import set_pipe_size, tee
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
 
@@ -176,7 +176,7 @@ class PipePageStore:
         self._pipes = pipes
         self._ranges = _Ranges([(r.vaddr, r.nr_pages) for r in pipes.lazy_runs()])
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        self._pipe_size = pipe_max_size()
+        self._pipe_size = pipes.pipe_size  # a scratch pipe holds up to a whole page pipe
         self._spare: list[tuple[int, int]] = []  # empty scratch pipes (read fd, write fd)
 
     def pids(self) -> Iterable[int]:
@@ -221,7 +221,7 @@ class PipePageStore:
     def _new_pipe(self) -> tuple[int, int]:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
-            set_pipe_size(write_fd, self._pipe_size)  # a segment never exceeds one page pipe
+            set_pipe_size(write_fd, self._pipe_size)
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)

@@ -44,6 +44,7 @@ __all__ = [
     "pagemap_scan",
     "pidfd_getfd",
     "pipe_max_size",
+    "pipe_size_unlimited",
     "process_vm_readv",
     "process_vm_writev",
     "read_memory",
@@ -260,6 +261,19 @@ def pipe_max_size() -> int:
     """``/proc/sys/fs/pipe-max-size``: the largest F_SETPIPE_SZ we may ask for."""
     with open("/proc/sys/fs/pipe-max-size", "rb") as f:
         return int(f.read())
+
+
+_CAP_SYS_RESOURCE = 24
+
+
+def pipe_size_unlimited() -> bool:
+    """True if this process has CAP_SYS_RESOURCE, so that F_SETPIPE_SZ may exceed
+    fs.pipe-max-size (and the per-user pipe page limits do not apply)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    return False
 
 
 def set_pipe_size(fd: int, size: int) -> int:
