@@ -42,25 +42,26 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+sys.path.insert(0, str(HERE.parent / "tests"))
+
 import _sbs_workload  # noqa: E402
 import machine  # noqa: E402
+from criu_peer import free_port  # noqa: E402
+from criu_side_by_side import wait_for  # noqa: E402
 
 MIB = 1 << 20
-T = TypeVar("T")
 
 
 @dataclass
@@ -130,22 +131,6 @@ def wait_status(fd: int, timeout: float, what: str) -> float:
     if not select.select([fd], [], [], timeout)[0] or os.read(fd, 1) != b"\0":
         raise TimeoutError(f"{what} not ready after {timeout} s")
     return time.monotonic()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} after {timeout} s")
-        time.sleep(0.005)
-    return value
 
 
 class FreezeWatcher:
