@@ -42,6 +42,7 @@ import os
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -261,20 +262,34 @@ def fmt_size(mib: int) -> str:
     return f"{mib // 1024} GiB" if mib >= 1024 else f"{mib} MiB"
 
 
+def fmt_s(values: list[float]) -> str:
+    """min / median over the repeats (one value alone as is)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f} s"
+    return f"{min(values):.3f} / {statistics.median(values):.3f} s"
+
+
 def table(runs: list[Run]) -> list[str]:
-    head = ["size", "mode", "downtime", "= dump + daemon + restore", "total", "pass (bad)",
-            "RSS dump", "RSS lazy-pages", "RSS restore"]
+    head = ["size", "mode", "downtime", "= dump + daemon + restore (medians)", "total",
+            "pass (bad)", "RSS dump", "RSS lazy-pages", "RSS restore"]
     rows = [head]
-    for r in runs:
-        if r.error:
-            rows.append([fmt_size(r.mib), r.mode, "FAILED", r.error[:60], "", "", "", "", ""])
+    cases = sorted({(r.mib, r.mode) for r in runs}, key=lambda c: (c[0], c[1] != "lazy"))
+    for mib, mode in cases:
+        case = [r for r in runs if (r.mib, r.mode) == (mib, mode)]
+        good = [r for r in case if not r.error]
+        failed = f" ({len(case) - len(good)} failed)" if len(good) < len(case) else ""
+        if not good:
+            rows.append([fmt_size(mib), mode, "FAILED", "", "", "", "", "", ""])
             continue
         rows.append([
-            fmt_size(r.mib), r.mode, f"{r.downtime:.3f} s",
-            f"{r.dump:.3f} + {r.daemon_start:.3f} + {r.restore:.3f}", f"{r.total:.3f} s",
-            f"{r.pass_s:.3f} s ({r.bad})",
-            *(f"{r.rss_kib[k] / 1024:.0f} MiB" if k in r.rss_kib else "-"
-              for k in ("dump", "lazy-pages", "restore")),
+            fmt_size(mib), mode + failed, fmt_s([r.downtime for r in good]),
+            " + ".join(f"{statistics.median(v):.3f}" for v in (
+                [r.dump for r in good], [r.daemon_start for r in good],
+                [r.restore for r in good])),
+            fmt_s([r.total for r in good]),
+            f"{fmt_s([r.pass_s or 0.0 for r in good])} ({max(r.bad or 0 for r in good)})",
+            *(f"{max(r.rss_kib[k] for r in good) / 1024:.0f} MiB" if k in good[0].rss_kib
+              else "-" for k in ("dump", "lazy-pages", "restore")),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
@@ -284,7 +299,8 @@ def table(runs: list[Run]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,1024,4096", help="workload sizes in MiB")
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each case (the table shows min / median)")
     parser.add_argument("--out", type=Path, help="also write the output to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -317,8 +333,14 @@ def main() -> int:
                     print(f"  {mode} {fmt_size(mib)}: {run.error or f'{run.downtime:.3f} s'}",
                           file=sys.stderr, flush=True)
     say()
+    say(f"{len(runs)} runs ({args.repeat} per case"
+        f"{', min / median' if args.repeat > 1 else ''}), loopback, images on tmpfs:")
+    say()
     for line in table(runs):
         say(line)
+    for run in runs:
+        if run.error:
+            say(f"FAILED {run.mode} {fmt_size(run.mib)}: {run.error}")
     say()
     for line in __doc__.split("Columns:\n\n")[1].split("\n\nNumbers")[0].splitlines():
         say(line)
