@@ -310,7 +310,10 @@ class PagePipes:
             for (buf, _, iovs), res in zip(group, results, strict=False):
                 want = sum(length for _, length in iovs)
                 done[buf] = done.get(buf, 0) + max(res, 0)
-                if res != want:
+                if res < 0 and res != -errno.EFAULT:
+                    raise LazyMigOSError(-res, f"vmsplice in process {pid} at {iovs[0][0]:#x}",
+                                         pid=pid)
+                if res != want:  # EFAULT (unreadable page) then or right away
                     failed.add(buf)
                     why = os.strerror(-res) if res < 0 else f"{res} of {want} bytes queued"
                     log.info("process %d could not vmsplice the page at %#x (%s): copying the "
