@@ -535,8 +535,10 @@ def _read_sigactions(main: Tracee, sp: int, vmas: list[Vma]) -> tuple[SigAction,
     else:
         saved = read_memory(pid, scratch, size)
     try:
-        for i, sig in enumerate(sigs):
-            res = main.inject_syscall(SYS_RT_SIGACTION, sig, 0, scratch + i * _KSIGACTION.size, 8)
+        with main.syscalls() as session:  # 64 syscalls: registers saved once
+            results = [session.syscall(SYS_RT_SIGACTION, sig, 0, scratch + i * _KSIGACTION.size,
+                                       8) for i, sig in enumerate(sigs)]
+        for sig, res in zip(sigs, results, strict=True):
             if res < 0:
                 raise LazyMigOSError(-res, f"injected rt_sigaction({sig})", pid=pid)
         raw = read_memory(pid, scratch, size)
