@@ -18,6 +18,7 @@ from workloads import expected_page
 
 from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
 from lazymig.dump.scan import PageRun
+from lazymig.dump.store import PipePageStore
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigOSError
 from lazymig.linux.vm import (
     F_SETPIPE_SZ,
@@ -253,3 +254,23 @@ def test_page_pipes_exceed_pipe_max_size_only_when_the_kernel_lets_them() -> Non
     assert pipe_size_unlimited() == allowed
     with PagePipes() as pp:
         assert pp.pipe_size == (max(LARGE_PIPE, pipe_max_size()) if allowed else pipe_max_size())
+
+
+def test_the_store_sees_a_region_over_many_pipes_as_one_range(memory: AnonMapping) -> None:
+    """The page server walks the store's lazy ranges on every GET: neighbours in
+    different pipes are joined; a GET is still clamped at the end of its pipe."""
+    base = memory.address
+    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp:
+        store = PipePageStore(os.getpid(), pp)
+        try:
+            assert len([b for b in pp.buffers if b.lazy]) == 4
+            assert store.lazy_ranges(os.getpid()) == [(base, 20), (base + 23 * PAGE_SIZE, 30)]
+            assert store.available(os.getpid(), base + 10 * PAGE_SIZE, 100) == 6
+            segment = store.segment(os.getpid(), base + 10 * PAGE_SIZE, 6)
+            try:
+                assert read_exact(segment.fd, 6 * PAGE_SIZE) == b"".join(
+                    expected_page(base + (10 + i) * PAGE_SIZE, SEED) for i in range(6))
+            finally:
+                segment.close(drained=True)
+        finally:
+            store.close()
