@@ -5,13 +5,15 @@ happen before the clock runs, so downtime measures lazymig, not Python's start.
 
 It imports what the commands need, writes ``ready`` to stderr, reads the argv,
 runs ``lazymig.cli.main(argv)`` (exactly what the ``lazymig`` command runs),
-then writes ``done <CLOCK_MONOTONIC> <exit status> <peak RSS KiB>`` to stderr.
+then writes ``done <CLOCK_MONOTONIC> <exit status> <peak RSS KiB> <CPU seconds>`` to
+stderr (CPU: user + system of this process).
 Peak RSS is VmHWM of this process (reset by exec, unlike wait4's ru_maxrss).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -34,5 +36,7 @@ if __name__ == "__main__":
     print("ready", file=sys.stderr, flush=True)
     argv = json.loads(sys.stdin.readline())
     status = main(argv)
-    print(f"done {time.monotonic():.6f} {status} {vm_hwm_kib()}", file=sys.stderr, flush=True)
+    cpu = os.times()
+    print(f"done {time.monotonic():.6f} {status} {vm_hwm_kib()} {cpu.user + cpu.system:.3f}",
+          file=sys.stderr, flush=True)
     sys.exit(status)

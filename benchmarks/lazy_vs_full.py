@@ -27,7 +27,8 @@ Columns:
 * pass: the restored busy copy's first full pass over its memory, begun the
   moment ``restore -d`` returned (SIGUSR1): faults and background fetch race it
   (lazy) or memory is local (full); bad = pages that differ from the pattern;
-* RSS: peak resident set (VmHWM) of each lazymig process.
+* RSS, CPU: peak resident set (VmHWM) and CPU time (user + system, median) of
+  each lazymig process.
 
 Numbers are printed, never asserted; every process started is killed at the end.
 """
@@ -78,7 +79,8 @@ class Run:
     total: float = 0.0
     pass_s: float | None = None
     bad: int | None = None
-    rss_kib: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Per lazymig process: peak RSS (KiB), CPU seconds."""
     error: str | None = None
 
 
@@ -114,13 +116,13 @@ class Worker:
         self.proc.stdin.flush()
         return started
 
-    def done(self, timeout: float) -> tuple[float, int]:
-        """When the command returned (CLOCK_MONOTONIC) and its peak RSS (KiB)."""
-        _, at, status, rss = self._line(timeout).split()
+    def done(self, timeout: float) -> tuple[float, tuple[int, float]]:
+        """When the command returned (CLOCK_MONOTONIC); its peak RSS (KiB) and CPU (s)."""
+        _, at, status, rss, cpu = self._line(timeout).split()
         if int(status):
             raise RuntimeError(f"{self.name} exited {status}")
         self.proc.wait(10)
-        return float(at), int(rss)
+        return float(at), (int(rss), float(cpu))
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -224,7 +226,7 @@ def run_once(mode: str, binary: Path, mib: int) -> Run:
                                      "--status-fd", str(dump_w)])
                 dumped = daemon_up = wait_status(dump_r, 300, "lazymig dump")
                 restorer.go(["restore", "-D", str(images), "-d"])
-            running, run.rss_kib["restore"] = restorer.done(300)
+            running, run.usage["restore"] = restorer.done(300)
             restored = restored_pid(log)
             os.kill(restored, signal.SIGUSR1)
             frozen = watcher.result()
@@ -233,7 +235,7 @@ def run_once(mode: str, binary: Path, mib: int) -> Run:
             ends = []
             for name, w in (("dump", dumper), ("lazy-pages", daemon)):
                 if w is not None:
-                    end, run.rss_kib[name] = w.done(600)
+                    end, run.usage[name] = w.done(600)
                     ends.append(end)
             run.total = max([*ends, running]) - started
             passes = wait_for(lambda: _sbs_workload.passes(log), 300, "pass line")
@@ -271,7 +273,7 @@ def fmt_s(values: list[float]) -> str:
 
 def table(runs: list[Run]) -> list[str]:
     head = ["size", "mode", "downtime", "= dump + daemon + restore (medians)", "total",
-            "pass (bad)", "RSS dump", "RSS lazy-pages", "RSS restore"]
+            "pass (bad)", "dump: RSS, CPU", "lazy-pages: RSS, CPU", "restore: RSS, CPU"]
     rows = [head]
     cases = sorted({(r.mib, r.mode) for r in runs}, key=lambda c: (c[0], c[1] != "lazy"))
     for mib, mode in cases:
@@ -288,7 +290,8 @@ def table(runs: list[Run]) -> list[str]:
                 [r.restore for r in good])),
             fmt_s([r.total for r in good]),
             f"{fmt_s([r.pass_s or 0.0 for r in good])} ({max(r.bad or 0 for r in good)})",
-            *(f"{max(r.rss_kib[k] for r in good) / 1024:.0f} MiB" if k in good[0].rss_kib
+            *(f"{max(r.usage[k][0] for r in good) / 1024:.0f} MiB, "
+              f"{statistics.median(r.usage[k][1] for r in good):.2f} s" if k in good[0].usage
               else "-" for k in ("dump", "lazy-pages", "restore")),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
