@@ -1,10 +1,10 @@
 """Time from freeze to page pipes for a workload of 64 MiB, 1 GiB and 4 GiB.
 
 For each size: start tests/workloads/pattern.c, freeze it, scan it, collect its
-pages into 1 MiB page pipes, kill it. Printed beside what the machine does in
-the same run: a plain memcpy, and the pipe path alone (fresh mmap + vmsplice +
-splice to /dev/null of 1 MiB chunks), so the overhead of lazymig's own work is
-visible.
+pages into 1 MiB page pipes (the target vmsplices them itself: no copy), kill it.
+Printed beside what the machine does in the same run: a plain memcpy, and a
+copying pipe path (fresh mmap + vmsplice + splice to /dev/null of 1 MiB chunks,
+what collecting cost per byte when the pages were copied first).
 
     .venv/bin/python benchmarks/dump_cost.py [MiB ...]      (default: 64 1024 4096)
 
@@ -12,9 +12,11 @@ Needs root (ptrace) and about twice the largest size in free memory.
 
 On a VM whose host backs guest memory lazily (Firecracker here), the first run
 that touches a size's worth of never-used guest memory pays the host's faults:
-measured on Linux 6.18 / 2 vCPUs, 4 GiB took 9.8 s the first time and 3.2 s
-(1.3 GB/s; 1 GiB: 1.8 GB/s; memcpy 14 GB/s, the pipe path alone 5 GB/s) when
-repeated. Repeat a size (``4096 4096``) to see the warm number.
+measured on Linux 6.18 / 2 vCPUs when the pages were still copied, 4 GiB took
+9.8 s the first time and 3.2 s when repeated. Repeat a size (``4096 4096``) to
+see the warm number. (Without the copy, on a quiet machine: 1 GiB 0.13 s,
+4 GiB 0.41 s from freeze to filled pipes, about half of it the kernel's page
+table walks for smaps and the pagemap.)
 """
 
 from __future__ import annotations

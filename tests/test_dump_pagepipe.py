@@ -16,10 +16,17 @@ from collections.abc import Iterator
 import pytest
 from workloads import expected_page
 
-from lazymig.dump.pagepipe import PagePipes, PagesNotFoundError
+from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
 from lazymig.dump.scan import PageRun
-from lazymig.errors import ClosedResourceError, ConfigurationError
-from lazymig.linux.vm import F_SETPIPE_SZ, AnonMapping
+from lazymig.dump.store import PipePageStore
+from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigOSError
+from lazymig.linux.vm import (
+    F_SETPIPE_SZ,
+    AnonMapping,
+    pipe_max_size,
+    pipe_size_unlimited,
+    set_pipe_size,
+)
 from lazymig.proto.constants import PAGE_SIZE
 
 SEED = 0x1234_5678_9ABC_DEF0
@@ -228,3 +235,42 @@ def test_fd_limit_too_low_is_a_clear_error() -> None:
 def test_soft_fd_limit_is_raised_when_the_hard_one_allows() -> None:
     out = run_with_rlimit(200, 4000).split()
     assert out[:2] == ["OK", "1000"] and 1000 < int(out[2]) <= 4000
+
+
+def test_page_pipes_exceed_pipe_max_size_only_when_the_kernel_lets_them() -> None:
+    """pipe_size_unlimited() says what F_SETPIPE_SZ does beyond fs.pipe-max-size, and
+    page pipes (and the scratch pipes that serve them) take LARGE_PIPE only then."""
+    r, w = os.pipe()
+    try:
+        try:
+            set_pipe_size(w, pipe_max_size() * 2)
+            allowed = True
+        except LazyMigOSError as exc:
+            assert exc.errno == errno.EPERM
+            allowed = False
+    finally:
+        os.close(r)
+        os.close(w)
+    assert pipe_size_unlimited() == allowed
+    with PagePipes() as pp:
+        assert pp.pipe_size == (max(LARGE_PIPE, pipe_max_size()) if allowed else pipe_max_size())
+
+
+def test_the_store_sees_a_region_over_many_pipes_as_one_range(memory: AnonMapping) -> None:
+    """The page server walks the store's lazy ranges on every GET: neighbours in
+    different pipes are joined; a GET is still clamped at the end of its pipe."""
+    base = memory.address
+    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp:
+        store = PipePageStore(os.getpid(), pp)
+        try:
+            assert len([b for b in pp.buffers if b.lazy]) == 4
+            assert store.lazy_ranges(os.getpid()) == [(base, 20), (base + 23 * PAGE_SIZE, 30)]
+            assert store.available(os.getpid(), base + 10 * PAGE_SIZE, 100) == 6
+            segment = store.segment(os.getpid(), base + 10 * PAGE_SIZE, 6)
+            try:
+                assert read_exact(segment.fd, 6 * PAGE_SIZE) == b"".join(
+                    expected_page(base + (10 + i) * PAGE_SIZE, SEED) for i in range(6))
+            finally:
+                segment.close(drained=True)
+        finally:
+            store.close()

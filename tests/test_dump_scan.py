@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import struct
+import time
+from pathlib import Path
 
 import pytest
+from workloads import Workload, build_c_workload
 
 from lazymig.dump.scan import (
     PM_FILE,
@@ -18,6 +22,7 @@ from lazymig.dump.scan import (
     Vma,
     parse_smaps,
     plan_pages,
+    read_pagemap,
     scan_process,
     should_dump_vma,
     unsupported_mappings,
@@ -229,3 +234,27 @@ def test_scan_this_process() -> None:
         assert runs == [PageRun(addr, 8, True)]
     assert any(v.path == "[vdso]" for v in scan.vmas)
     assert scan.lazy_pages >= 8 and scan.nonlazy_pages >= 1
+
+
+def test_pagemap_scan_and_the_pagemap_entries_agree(tmp_path: Path) -> None:
+    """PAGEMAP_SCAN (ranges from the kernel) plans exactly what reading the pagemap
+    entry by entry plans, on a stopped process with anonymous, file-private, locked,
+    stack and vDSO pages."""
+    with Workload([str(build_c_workload(tmp_path)), "--mib", "8", "--locked-kib", "64"]) as w:
+        os.kill(w.pid, signal.SIGSTOP)
+        try:
+            while Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+                time.sleep(0.01)
+            by_scan = scan_process(w.pid, stack_pointers=[w.ready.addr])
+            fd = os.open(f"/proc/{w.pid}/pagemap", os.O_RDONLY)
+            try:
+                pagemaps = [read_pagemap(fd, v.start, v.end) if should_dump_vma(v) and
+                            not v.status & VmaStatus.VDSO else b"" for v in by_scan.vmas]
+            finally:
+                os.close(fd)
+        finally:
+            os.kill(w.pid, signal.SIGCONT)
+    by_entries = plan_pages(by_scan.vmas, pagemaps, stack_pointers=[w.ready.addr],
+                            zero_pfn=zero_page_pfn())
+    assert list(by_scan.runs) == by_entries
+    assert by_scan.lazy_pages >= 8 * 256 and by_scan.nonlazy_pages >= 16 + 1

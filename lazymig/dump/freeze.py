@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import pathlib
 import signal
@@ -37,6 +38,7 @@ from typing import Final, ParamSpec, TypeVar
 
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
+from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.ptrace import (
@@ -66,6 +68,8 @@ __all__ = [
     "inspect_target_frozen",
     "park",
 ]
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -235,9 +239,13 @@ class FrozenProcess:
     """
 
     def __init__(self, pid: int, tracer: TracerThread, tracees: list[Tracee],
-                 state: ProcessState) -> None:
+                 state: ProcessState, vmas: list[Vma]) -> None:
         self.pid = pid
         self.state = state
+        # Read once the target was seized: a frozen target cannot change them (what
+        # lazymig maps in it for injected syscalls is unmapped again), so the scan
+        # reuses them instead of walking its page tables for smaps again.
+        self._vmas = vmas
         self._tracer = tracer
         self._tracees = tracees
         self._released = False
@@ -256,11 +264,11 @@ class FrozenProcess:
         """
         tracer = TracerThread(name=f"lazymig-ptrace-{pid}")
         try:
-            tracees, state = await tracer.run(_freeze_sync, pid, stop_timeout)
+            tracees, state, vmas = await tracer.run(_freeze_sync, pid, stop_timeout)
         except BaseException:
             tracer.close()
             raise
-        return cls(pid, tracer, tracees, state)
+        return cls(pid, tracer, tracees, state, vmas)
 
     # -- working on the frozen target ----------------------------------------------------
 
@@ -283,14 +291,19 @@ class FrozenProcess:
         """Read VMAs and pagemap and plan the page runs (stack-pointer pages non-lazy)."""
         self._check_frozen()
         sps = [t.regs.rsp for t in self.state.threads]
-        result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn)
+        result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn, self._vmas)
         return result
 
     async def collect_pages(self, scan: MemoryScan, *,
                             pipe_size: int | None = None) -> PagePipes:
-        """Copy the pages of ``scan.runs`` into page pipes (off the event loop)."""
+        """Put the pages of ``scan.runs`` into page pipes (off the event loop).
+
+        The target vmsplices them itself through injected syscalls: the pipes
+        hold its pages, not copies, so they are valid only while it stays
+        frozen: close them before :meth:`resume` or :meth:`release`."""
         self._check_frozen()
-        return await self._tracer.run(_collect_checked, self.pid, scan, pipe_size)
+        return await self._tracer.run(_collect_checked, self.pid, self._tracees[0], scan,
+                                      pipe_size)
 
     # -- ending ------------------------------------------------------------------------
 
@@ -358,7 +371,7 @@ class FrozenProcess:
 # -- the synchronous halves (run on the tracer thread) ----------------------------------
 
 
-def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState]:
+def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, list[Vma]]:
     inspect_target(pid)
     status = _read_status(pid)
     options = PTRACE_O_SUSPEND_SECCOMP if status.get("Seccomp", "0") not in ("0", "") else 0
@@ -372,7 +385,7 @@ def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState]:
         for t in reversed(tracees):
             t.abandon()
         raise
-    return tracees, state
+    return tracees, state, vmas
 
 
 def inspect_target_frozen(pid: int, nr_threads: int) -> list[Vma]:
@@ -522,8 +535,10 @@ def _read_sigactions(main: Tracee, sp: int, vmas: list[Vma]) -> tuple[SigAction,
     else:
         saved = read_memory(pid, scratch, size)
     try:
-        for i, sig in enumerate(sigs):
-            res = main.inject_syscall(SYS_RT_SIGACTION, sig, 0, scratch + i * _KSIGACTION.size, 8)
+        with main.syscalls() as session:  # 64 syscalls: registers saved once
+            results = [session.syscall(SYS_RT_SIGACTION, sig, 0, scratch + i * _KSIGACTION.size,
+                                       8) for i, sig in enumerate(sigs)]
+        for sig, res in zip(sigs, results, strict=True):
             if res < 0:
                 raise LazyMigOSError(-res, f"injected rt_sigaction({sig})", pid=pid)
         raw = read_memory(pid, scratch, size)
@@ -538,23 +553,45 @@ def _read_sigactions(main: Tracee, sp: int, vmas: list[Vma]) -> tuple[SigAction,
     )
 
 
-def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool) -> MemoryScan:
+def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma]) -> MemoryScan:
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited")
-    result = scan_process(pid, stack_pointers=sps, use_zero_pfn=use_zero_pfn)
+    result = scan_process(pid, stack_pointers=sps, use_zero_pfn=use_zero_pfn, vmas=vmas)
     if not process_alive(pid) or not result.vmas:
         raise TargetGoneError(pid, f"process {pid} exited while being scanned")
     return result
 
 
-def _collect_checked(pid: int, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+def _collect_checked(pid: int, main: Tracee, scan: MemoryScan,
+                     pipe_size: int | None) -> PagePipes:
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited")
-    pipes = PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+    pipes = _collect_sync(pid, main, scan, pipe_size)
     if not process_alive(pid):
         pipes.close()
         raise TargetGoneError(pid, f"process {pid} exited while its pages were copied")
     return pipes
+
+
+#: fds the target must have free to vmsplice its pages itself (a socketpair, one pipe).
+_TARGET_FDS_NEEDED: Final = 3
+
+
+def _collect_sync(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+    """Have the target vmsplice its pages into the page pipes (see
+    :mod:`lazymig.dump.target_splice`), or copy them if it has no fd to spare."""
+    free = free_fd_slots(pid)
+    if free < _TARGET_FDS_NEEDED:
+        log.warning("process %d has %d free file descriptors (RLIMIT_NOFILE): copying its "
+                    "pages into the page pipes instead of having it vmsplice them, which "
+                    "freezes it longer", pid, free)
+        return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+    try:
+        with main.syscalls() as session, TargetSplicer(pid, session) as splicer:
+            return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size, splicer=splicer)
+    finally:
+        if main.stopped:
+            park(main)
 
 
 def _leave_stopped_sync(pid: int, tracees: list[Tracee], timeout: float = 2.0) -> None:

@@ -7,22 +7,22 @@ pipe (tee into a scratch pipe, drop the prefix into /dev/null, splice the rest
 out: CRIU ``page_pipe_read`` and ``page_server_get_pages``). Non-lazy pages are
 drained once into pages-N.img (or anything else with an fd) by splice.
 
-**How pages get in without passing through Python objects.** ``splice()``
-from /proc/PID/mem is not supported (EINVAL on Linux 6.18), and vmsplice only
-takes our own memory, so each chunk is copied once: ``process_vm_readv`` from
-the frozen target into a fresh anonymous mapping of ours, then ``vmsplice``
-into the pipe, then ``munmap``. vmsplice without SPLICE_F_GIFT does not copy:
-the pipe takes references to our pages. Writing to that memory afterwards would
-change what the pipe holds, so a buffer is never reused: after munmap the pages
-belong to the pipe alone and nothing can write them. (SPLICE_F_GIFT would make
-the same promise to the kernel and buy nothing: the pages are only ever tee'd
-and spliced to sockets/files, never stolen into the page cache.) Pages
-``process_vm_readv`` cannot read (a present page in a PROT_NONE mapping) are
-read through /proc/PID/mem instead, which forces access like a debugger.
+**How pages get in.** A frozen target vmsplices its own pages into the pipes
+(:mod:`lazymig.dump.target_splice`): nothing is copied, and the pipes are valid
+only while it stays frozen. Otherwise (the dumper's own memory in tests, a
+target without a free fd, pages the target cannot vmsplice such as a present
+page in a PROT_NONE mapping) each chunk is copied once: ``process_vm_readv``
+from the target into a fresh anonymous mapping of ours (``/proc/PID/mem`` for
+what it refuses: that forces access like a debugger), then ``vmsplice`` into
+the pipe, then ``munmap``. ``splice()`` from /proc/PID/mem is not supported
+(EINVAL on Linux 6.18). vmsplice without SPLICE_F_GIFT does not copy: the pipe
+takes references to the pages, so a staging buffer is never reused: after
+munmap its pages belong to the pipe alone.
 
 **File descriptors.** A 1 MiB pipe (fs.pipe-max-size here) holds 256 pages; a
-4 GiB process needs 4096 pipes. Each pipe's write end is closed as soon as the
-pipe is full, so one fd per pipe remains. Before filling, :meth:`PagePipes.collect`
+4 GiB process needs 4096 pipes. Pipes are filled in batches (one SCM_RIGHTS
+message to the target) and each write end is closed once its pipe is filled,
+so one fd per pipe remains. Before filling, :meth:`PagePipes.collect`
 computes the fds it needs, raises RLIMIT_NOFILE's soft limit up to the hard one
 if needed, and fails with the count if even that is too low.
 """
@@ -32,14 +32,16 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
+import logging
 import os
 import resource
 import select
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, Protocol
 
 from lazymig.dump.scan import PageRun
+from lazymig.dump.target_splice import IOVEC_ROOM, SCM_MAX_FD, UIO_MAXIOV, TargetSplicer
 from lazymig.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -53,6 +55,7 @@ from lazymig.linux.vm import (
     AnonMapping,
     get_pipe_size,
     pipe_max_size,
+    pipe_size_unlimited,
     process_vm_readv,
     read_memory_into,
     set_pipe_size,
@@ -61,10 +64,26 @@ from lazymig.linux.vm import (
 )
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 
-__all__ = ["FdSink", "PagePipes", "PagesNotFoundError", "PipeBuffer"]
+__all__ = ["LARGE_PIPE", "FdSink", "PagePipes", "PagesNotFoundError", "PipeBuffer",
+           "default_pipe_size"]
+
+log = logging.getLogger(__name__)
 
 #: fds kept free for everything else the process does while pipes are open.
 FD_HEADROOM: Final = 64
+
+
+#: Page pipe size when fs.pipe-max-size does not bind us (CAP_SYS_RESOURCE): 4 MiB,
+#: 1024 pages (CRIU's MAX_XFER_LEN), a quarter of the pipes and fds of 1 MiB ones.
+#: Bigger would make GETs dearer: serving a page tees the pipe up to it and drops
+#: the prefix, 20 us for a whole 1 MiB pipe here, so ~80 us at worst for 4 MiB.
+LARGE_PIPE: Final = 4 << 20
+
+
+def default_pipe_size() -> int:
+    """fs.pipe-max-size, or :data:`LARGE_PIPE` if that is larger and we may exceed it."""
+    limit = pipe_max_size()
+    return max(limit, LARGE_PIPE) if pipe_size_unlimited() else limit
 
 
 class PagesNotFoundError(LazyMigError, LookupError):
@@ -154,7 +173,7 @@ class PagePipes:
     """
 
     def __init__(self, *, pipe_size: int | None = None) -> None:
-        size = pipe_max_size() if pipe_size is None else pipe_size
+        size = default_pipe_size() if pipe_size is None else pipe_size
         if size < PAGE_SIZE:
             raise ConfigurationError(f"pipe_size must be at least {PAGE_SIZE}, got {size}")
         self._want = size & ~(PAGE_SIZE - 1)
@@ -177,37 +196,50 @@ class PagePipes:
     # -- building ------------------------------------------------------------------
 
     @classmethod
-    def collect(cls, pid: int, runs: Iterable[PageRun], *,
-                pipe_size: int | None = None) -> PagePipes:
-        """Copy every page of ``runs`` from process ``pid`` into new page pipes.
+    def collect(cls, pid: int, runs: Iterable[PageRun], *, pipe_size: int | None = None,
+                splicer: TargetSplicer | None = None) -> PagePipes:
+        """Put every page of ``runs`` of process ``pid`` into new page pipes.
 
-        The process must not change its memory meanwhile (freeze it first).
-        Blocking: run it off the event loop. On any error every pipe is closed.
+        With a ``splicer`` the frozen target vmsplices its own pages into the
+        pipes (no copy; the pipes are valid only while it stays frozen, see
+        :mod:`lazymig.dump.target_splice`); pages it cannot vmsplice (EFAULT: a
+        mapping without PROT_READ) are copied instead. Without one, every page is
+        copied. The process must not change its memory meanwhile (freeze it
+        first). Blocking: run it off the event loop. On any error every pipe is
+        closed (and the splicer's fds in the target are closed by its owner).
         """
         runs = list(runs)
         self = cls(pipe_size=pipe_size)
         try:
-            self.reserve_fds(runs)
+            self.reserve_fds(runs, batch=SCM_MAX_FD + 1 if splicer is not None else 0)
+            batch = SCM_MAX_FD if splicer is not None else 1
+            pending: list[PipeBuffer] = []
             for run in runs:
-                self.add_run(pid, run)
-            self.seal()
+                for full in self._plan_run(run):
+                    pending.append(full)
+                    if len(pending) >= batch:
+                        self._fill(pid, pending, splicer)
+                        pending = []
+            self._fill(pid, [b for b in self._buffers if not b.sealed], splicer)
+            self._current = {True: None, False: None}
         except BaseException:
             self.close()
             raise
         return self
 
-    def fds_needed(self, runs: Sequence[PageRun]) -> int:
-        """How many more fds collecting ``runs`` will hold at its peak."""
+    def fds_needed(self, runs: Sequence[PageRun], *, batch: int = 0) -> int:
+        """How many more fds collecting ``runs`` will hold at its peak, when up to
+        ``batch`` pipes keep their write ends open until they are filled."""
         cap = self._capacity_pages()
         lazy = sum(r.nr_pages for r in runs if r.lazy)
         nonlazy = sum(r.nr_pages for r in runs if not r.lazy)
         pipes = -(-lazy // cap) + -(-nonlazy // cap)
-        return pipes + 2  # each class's current pipe keeps its write end open
+        return pipes + 2 + batch  # each class's current pipe keeps its write end open
 
-    def reserve_fds(self, runs: Sequence[PageRun]) -> None:
+    def reserve_fds(self, runs: Sequence[PageRun], *, batch: int = 0) -> None:
         """Make sure RLIMIT_NOFILE allows the pipes for ``runs``; raise the soft
         limit towards the hard one if needed, or fail naming the count."""
-        needed = self.fds_needed(runs)
+        needed = self.fds_needed(runs, batch=batch)
         in_use = sum(1 for _ in os.scandir("/proc/self/fd"))
         want = in_use + needed + FD_HEADROOM
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -223,8 +255,9 @@ class PagePipes:
                 "or fs.pipe-max-size")
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
-    def add_run(self, pid: int, run: PageRun) -> None:
-        """Copy one run's pages from ``pid`` into the current pipe of its kind."""
+    def _plan_run(self, run: PageRun) -> Iterator[PipeBuffer]:
+        """Assign one run's pages to pipes of its kind (not filled yet); yields each
+        pipe that became full (fill it before resuming, to bound open write ends)."""
         self._check_open()
         vaddr, left = run.vaddr, run.nr_pages
         while left > 0:
@@ -232,24 +265,86 @@ class PagePipes:
             if buf is None or buf.free_pages == 0:
                 buf = self._new_buffer(run.lazy)
             k = min(left, buf.free_pages)
-            self._fill(pid, buf, vaddr, k)
             buf._add_iov(vaddr, k)
             if buf.lazy:
                 self._index_dirty = True
-            if buf.free_pages == 0:
-                buf._seal()
-                self._current[run.lazy] = None
             vaddr += k << PAGE_SHIFT
             left -= k
+            if buf.free_pages == 0:
+                self._current[run.lazy] = None
+                yield buf
 
-    def seal(self) -> None:
-        """Close the write end of every pipe: collection is over."""
-        for buf in self._buffers:
+    def _fill(self, pid: int, bufs: list[PipeBuffer], splicer: TargetSplicer | None) -> None:
+        """Put the pages of ``bufs`` (planned, empty) into their pipes and seal them."""
+        if splicer is None:
+            for buf in bufs:
+                self._copy_rest(pid, buf, 0)
+        else:
+            while bufs:
+                target_fds = splicer.receive([b._wfd for b in bufs])
+                if not target_fds:
+                    raise LazyMigOSError(errno.EMFILE, f"process {pid} has no free fd to take "
+                                         "a page pipe (its RLIMIT_NOFILE)", pid=pid)
+                part, bufs = bufs[:len(target_fds)], bufs[len(target_fds):]
+                try:
+                    self._splice_by_target(pid, part, target_fds, splicer)
+                finally:
+                    splicer.close_fds(target_fds)
+
+    def _splice_by_target(self, pid: int, bufs: list[PipeBuffer], target_fds: list[int],
+                          splicer: TargetSplicer) -> None:
+        """The target vmsplices each buffer's pages into its pipe (fd ``target_fds[i]``);
+        what it cannot is copied. Seals the buffers."""
+        calls: list[tuple[PipeBuffer, int, list[tuple[int, int]]]] = []
+        for buf, fd in zip(bufs, target_fds, strict=True):
+            iovs = [(v, n << PAGE_SHIFT) for v, n, _ in buf._iovs]
+            calls += [(buf, fd, iovs[i:i + UIO_MAXIOV]) for i in range(0, len(iovs), UIO_MAXIOV)]
+        done: dict[PipeBuffer, int] = {}
+        failed: set[PipeBuffer] = set()
+        while calls:
+            group, room = [], IOVEC_ROOM
+            while calls and len(calls[0][2]) <= room:
+                room -= len(calls[0][2])
+                group.append(calls.pop(0))
+            results = splicer.vmsplice([(fd, iovs) for _, fd, iovs in group])
+            for (buf, _, iovs), res in zip(group, results, strict=False):
+                want = sum(length for _, length in iovs)
+                done[buf] = done.get(buf, 0) + max(res, 0)
+                if res < 0 and res != -errno.EFAULT:
+                    raise LazyMigOSError(-res, f"vmsplice in process {pid} at {iovs[0][0]:#x}",
+                                         pid=pid)
+                if res != want:  # EFAULT (unreadable page) then or right away
+                    failed.add(buf)
+                    why = os.strerror(-res) if res < 0 else f"{res} of {want} bytes queued"
+                    log.info("process %d could not vmsplice the page at %#x (%s): copying the "
+                             "rest of that pipe", pid, _address_at(iovs, max(res, 0)), why)
+            calls = [c for c in group[len(results):] + calls if c[0] not in failed]
+        for buf in failed:
+            self._copy_rest(pid, buf, done[buf])
+        for buf in bufs:
             buf._seal()
-        self._current = {True: None, False: None}
+
+    def _copy_rest(self, pid: int, buf: PipeBuffer, skip: int) -> None:
+        """Copy the pages of ``buf`` from byte ``skip`` on into its pipe."""
+        if skip & (PAGE_SIZE - 1):
+            raise BrokenResourceError(f"a page pipe got {skip} bytes, not whole pages")
+        skip >>= PAGE_SHIFT
+        for vaddr, nr, _ in buf._iovs:
+            if skip >= nr:
+                skip -= nr
+                continue
+            self._copy(pid, buf, vaddr + (skip << PAGE_SHIFT), nr - skip)
+            skip = 0
+        buf._seal()
 
     def _capacity_pages(self) -> int:
         return max(1, min(self._want >> PAGE_SHIFT, self._scratch_pages))
+
+    @property
+    def pipe_size(self) -> int:
+        """Bytes a page pipe holds at most (a scratch pipe that serves one must hold as
+        much)."""
+        return self._capacity_pages() << PAGE_SHIFT
 
     def _size_pipe(self, fd: int) -> int:
         try:
@@ -276,7 +371,7 @@ class PagePipes:
         self._current[lazy] = buf
         return buf
 
-    def _fill(self, pid: int, buf: PipeBuffer, vaddr: int, nr_pages: int) -> None:
+    def _copy(self, pid: int, buf: PipeBuffer, vaddr: int, nr_pages: int) -> None:
         """Copy pages into a fresh mapping, vmsplice them into ``buf``, unmap.
 
         The mapping is never reused: the pipe references its pages (see the
@@ -508,6 +603,15 @@ class PagePipes:
         other = sum(b.nr_pages for b in self._buffers if not b.lazy)
         return (f"<PagePipes {len(self._buffers)} pipes, {lazy} lazy + {other} non-lazy pages"
                 f"{' closed' if self._closed else ''}>")
+
+
+def _address_at(iovs: list[tuple[int, int]], offset: int) -> int:
+    """The address ``offset`` bytes into the iovecs (one past the end if beyond)."""
+    for address, length in iovs:
+        if offset < length:
+            return address + offset
+        offset -= length
+    return iovs[-1][0] + iovs[-1][1]
 
 
 def _wait_writable(fd: int) -> None:

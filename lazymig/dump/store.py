@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from lazymig.errors import BrokenResourceError, ImageError
-from lazymig.linux.vm import pipe_max_size, set_pipe_size, tee
+from lazymig.linux.vm import set_pipe_size, tee
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
 
@@ -99,6 +99,19 @@ class _Ranges:
         return max(0, nr_pages - (vaddr - start) // PAGE_SIZE)
 
 
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted (vaddr, nr_pages) ranges with neighbours joined: a region split over
+    many page pipes is one range to whoever walks the list (the page server's
+    bookkeeping of what was never served does, on every GET)."""
+    out: list[tuple[int, int]] = []
+    for vaddr, nr in ranges:
+        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == vaddr:
+            out[-1] = (out[-1][0], out[-1][1] + nr)
+        else:
+            out.append((vaddr, nr))
+    return out
+
+
 class ImagesPageStore:
     """The lazy pages of a dump on disk (``lazymig page-server --lazy-pages -D DIR``).
 
@@ -174,9 +187,9 @@ class PipePageStore:
     def __init__(self, pid: int, pipes: PagePipes) -> None:
         self._pid = pid
         self._pipes = pipes
-        self._ranges = _Ranges([(r.vaddr, r.nr_pages) for r in pipes.lazy_runs()])
+        self._ranges = _Ranges(_merged((r.vaddr, r.nr_pages) for r in pipes.lazy_runs()))
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        self._pipe_size = pipe_max_size()
+        self._pipe_size = pipes.pipe_size  # a scratch pipe holds up to a whole page pipe
         self._spare: list[tuple[int, int]] = []  # empty scratch pipes (read fd, write fd)
 
     def pids(self) -> Iterable[int]:
@@ -221,7 +234,7 @@ class PipePageStore:
     def _new_pipe(self) -> tuple[int, int]:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
-            set_pipe_size(write_fd, self._pipe_size)  # a segment never exceeds one page pipe
+            set_pipe_size(write_fd, self._pipe_size)
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)

@@ -1,5 +1,6 @@
 """Memory and pipe syscalls the dump side needs: process_vm_readv/writev, vmsplice,
-tee, anonymous mmap/munmap, pipe sizing, and /proc/PID/mem access.
+tee, anonymous mmap/munmap, pipe sizing, /proc/PID/mem access, pidfd_getfd, and
+the PAGEMAP_SCAN ioctl.
 
 Every ctypes call goes through :func:`lazymig.linux._libc.check`, so a failure
 raises :class:`~lazymig.errors.LazyMigOSError` with the errno at once.
@@ -28,6 +29,10 @@ from lazymig.linux._libc import check, libc
 __all__ = [
     "F_GETPIPE_SZ",
     "F_SETPIPE_SZ",
+    "PAGE_IS_FILE",
+    "PAGE_IS_PFNZERO",
+    "PAGE_IS_PRESENT",
+    "PAGE_IS_SWAPPED",
     "SPLICE_F_GIFT",
     "SPLICE_F_MORE",
     "SPLICE_F_MOVE",
@@ -36,7 +41,10 @@ __all__ = [
     "get_pipe_size",
     "mmap_anonymous",
     "munmap",
+    "pagemap_scan",
+    "pidfd_getfd",
     "pipe_max_size",
+    "pipe_size_unlimited",
     "process_vm_readv",
     "process_vm_writev",
     "read_memory",
@@ -132,6 +140,69 @@ def vmsplice(fd: int, address: int, length: int, flags: int = 0) -> int:
     return check(_vmsplice(fd, ctypes.byref(iov), 1, flags), f"vmsplice(fd {fd}, {length})")
 
 
+_SYS_PIDFD_GETFD = 438
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """pidfd_getfd(2): a close-on-exec copy of fd ``target_fd`` of the process behind
+    ``pidfd`` (needs ptrace-attach rights over it)."""
+    return check(libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                              ctypes.c_int(target_fd), ctypes.c_uint(0)),
+                 f"pidfd_getfd(fd {target_fd})")
+
+
+# PAGEMAP_SCAN (Linux 6.7+, include/uapi/linux/fs.h): page categories.
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+
+
+class _PmScanArg(ctypes.Structure):
+    _fields_ = tuple((name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask"))
+
+
+class _PageRegion(ctypes.Structure):
+    _fields_ = (("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("categories", ctypes.c_uint64))
+
+
+_PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
+_SCAN_VEC = 1024
+
+_ioctl = libc.ioctl
+_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_ioctl.restype = ctypes.c_int
+
+
+def pagemap_scan(fd: int, start: int, end: int, *, inverted: int = 0, required: int = 0,
+                 anyof: int = 0) -> list[tuple[int, int]]:
+    """PAGEMAP_SCAN on an open /proc/PID/pagemap: the address ranges in [start, end)
+    whose pages have every ``required`` category (each flipped first if it is in
+    ``inverted``) and at least one of ``anyof``. The kernel walks the page tables
+    and returns ranges, not one 8-byte entry per page. ENOTTY before Linux 6.7.
+    """
+    vec = (_PageRegion * _SCAN_VEC)()
+    arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end,
+                     vec=ctypes.addressof(vec), vec_len=_SCAN_VEC, category_inverted=inverted,
+                     category_mask=required, category_anyof_mask=anyof,
+                     return_mask=required | anyof)
+    out: list[tuple[int, int]] = []
+    while True:
+        n = check(_ioctl(fd, _PAGEMAP_SCAN, ctypes.addressof(arg)),
+                  f"PAGEMAP_SCAN({start:#x}-{end:#x})")
+        for region in vec[:n]:
+            if out and out[-1][1] == region.start:
+                out[-1] = (out[-1][0], region.end)
+            else:
+                out.append((region.start, region.end))
+        if arg.walk_end >= end or n == 0:
+            return out
+        arg.start = arg.walk_end
+
+
 def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
     """tee(2): duplicate up to ``length`` bytes from pipe ``fd_in`` into pipe ``fd_out``
     without consuming them; returns the bytes duplicated."""
@@ -190,6 +261,19 @@ def pipe_max_size() -> int:
     """``/proc/sys/fs/pipe-max-size``: the largest F_SETPIPE_SZ we may ask for."""
     with open("/proc/sys/fs/pipe-max-size", "rb") as f:
         return int(f.read())
+
+
+_CAP_SYS_RESOURCE = 24
+
+
+def pipe_size_unlimited() -> bool:
+    """True if this process has CAP_SYS_RESOURCE, so that F_SETPIPE_SZ may exceed
+    fs.pipe-max-size (and the per-user pipe page limits do not apply)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    return False
 
 
 def set_pipe_size(fd: int, size: int) -> int:

@@ -1,0 +1,147 @@
+"""A frozen target vmsplices its own pages into the page pipes (real ptrace, real
+SCM_RIGHTS, real vmsplice): the pipes hold its pages, not copies, and the target
+is left exactly as it was (fds, mappings, registers, signal mask, memory)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_dump_freeze import PipeReader, assert_runs_unchanged, serve_all_lazy
+from workloads import Workload, build_c_workload, expected_page
+
+from lazymig.dump.freeze import FrozenProcess
+from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.dump.target_splice import SCM_MAX_FD
+from lazymig.errors import LazyMigOSError
+from lazymig.linux.vm import read_memory, write_memory
+from lazymig.proto.constants import PAGE_SIZE
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of arbitrary processes needs root"),
+]
+
+SMALL_PIPE = 4 * PAGE_SIZE  # 8 MiB in pipes of 4 pages: 512 pipes, three batches
+SYS_MPROTECT = 10
+PROT_NONE, PROT_RW = 0, 3
+
+
+@pytest.fixture(scope="module")
+def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_c_workload(tmp_path_factory.mktemp("workload"))
+
+
+@pytest.fixture
+def workload(c_workload: Path) -> Iterator[Workload]:
+    with Workload([str(c_workload), "--mib", "8", "--interval-ms", "50"]) as w:
+        yield w
+
+
+def target_view(pid: int) -> tuple[dict[str, str], str]:
+    """The target's fd table (number -> what it is) and its memory map."""
+    fds = {p.name: str(p.readlink()) for p in Path(f"/proc/{pid}/fd").iterdir()}
+    return fds, Path(f"/proc/{pid}/maps").read_text()
+
+
+def open_fds() -> int:
+    return sum(1 for _ in os.scandir("/proc/self/fd"))
+
+
+@pytest.mark.asyncio
+async def test_target_splices_its_own_pages_and_is_left_as_it_was(workload: Workload) -> None:
+    ready, before = workload.ready, workload.next_check()
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        view, regs = target_view(workload.pid), fp.state.threads[0].regs
+        mask = await fp.run(fp.main_thread.get_sigmask)
+        scan = await fp.scan()
+        region = (ready.addr, ready.addr + ready.size)
+        with await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
+            assert target_view(workload.pid) == view  # no fd, no mapping left behind
+            assert await fp.run(fp.main_thread.get_regs) == regs
+            assert await fp.run(fp.main_thread.get_sigmask) == mask
+            assert pipes.nr_fds == len(pipes.buffers) + 3  # read ends, scratch pipe, null
+            assert len(pipes.buffers) > 2 * SCM_MAX_FD  # several SCM_RIGHTS batches
+            seen = serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+            assert seen == scan.lazy_pages
+            # The pipes reference the target's pages: a write into the frozen target
+            # shows in them. That is why they are closed before it may run again.
+            original = read_memory(workload.pid, ready.addr, PAGE_SIZE)
+            write_memory(workload.pid, ready.addr, b"\xab" * PAGE_SIZE)
+            reader = PipeReader()
+            try:
+                assert reader.serve(pipes, ready.addr, 1) == (1, b"\xab" * PAGE_SIZE)
+            finally:
+                reader.close()
+            write_memory(workload.pid, ready.addr, original)
+    assert_runs_unchanged(workload, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_pages_the_target_cannot_vmsplice_are_copied(
+        workload: Workload, caplog: pytest.LogCaptureFixture) -> None:
+    """A present page in a PROT_NONE mapping: vmsplice gets EFAULT, the rest of
+    that pipe is copied (through /proc/PID/mem) and the log says so."""
+    ready, before = workload.ready, workload.next_check()
+    hidden = ready.addr + 5 * PAGE_SIZE
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        assert await fp.inject_syscall(SYS_MPROTECT, hidden, PAGE_SIZE, PROT_NONE) == 0
+        try:
+            scan = await fp.scan()
+            with caplog.at_level(logging.INFO, logger="lazymig.dump.pagepipe"), \
+                    await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
+                region = (ready.addr, ready.addr + ready.size)
+                serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+        finally:
+            assert await fp.inject_syscall(SYS_MPROTECT, hidden, PAGE_SIZE, PROT_RW) == 0
+    assert f"could not vmsplice the page at {hidden:#x} (" in caplog.text
+    assert_runs_unchanged(workload, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_a_target_short_of_fds_takes_smaller_batches_or_none(
+        workload: Workload, caplog: pytest.LogCaptureFixture) -> None:
+    ready, before = workload.ready, workload.next_check()
+    in_use = max(int(e.name) for e in os.scandir(f"/proc/{workload.pid}/fd")) + 1
+    _, hard = resource.prlimit(workload.pid, resource.RLIMIT_NOFILE)
+    region = (ready.addr, ready.addr + ready.size)
+    # Room for the socketpair and 10 pipes: the kernel drops the rest of a batch
+    # (MSG_CTRUNC) and the next batches are that small.
+    resource.prlimit(workload.pid, resource.RLIMIT_NOFILE, (in_use + 12, hard))
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        scan = await fp.scan()
+        with await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
+            serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+    # No free fd at all: the pages are copied, with a warning.
+    resource.prlimit(workload.pid, resource.RLIMIT_NOFILE, (in_use, hard))
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        scan = await fp.scan()
+        with caplog.at_level(logging.WARNING, logger="lazymig.dump.freeze"), \
+                await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
+            serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+    assert "copying its pages into the page pipes" in caplog.text
+    assert_runs_unchanged(workload, before.sum)
+
+
+@pytest.mark.asyncio
+async def test_failure_half_way_leaves_no_trace_in_the_target(workload: Workload) -> None:
+    before, fds = workload.next_check(), open_fds()
+    with pytest.raises(LazyMigOSError):
+        async with await FrozenProcess.freeze(workload.pid) as fp:
+            view = target_view(workload.pid)
+            scan = await fp.scan()
+            # Unmapped memory after two batches' worth: the target vmsplices the
+            # first pipes, then neither it nor the copy can read this run.
+            bogus = MemoryScan(scan.pid, scan.vmas, (*scan.runs, PageRun(0x1000, 1, True)))
+            try:
+                await fp.collect_pages(bogus, pipe_size=SMALL_PIPE)
+            finally:
+                assert target_view(workload.pid) == view
+    assert open_fds() == fds  # every pipe and the socket closed
+    assert_runs_unchanged(workload, before.sum)
+    page = read_memory(workload.pid, workload.ready.addr, PAGE_SIZE)
+    assert page == expected_page(workload.ready.addr, workload.ready.seed)
