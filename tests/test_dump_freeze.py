@@ -3,6 +3,7 @@ promise that a failed or abandoned dump leaves the target running unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -144,11 +145,35 @@ def serve_all_lazy(pipes: PagePipes, scan: MemoryScan, pid: int, *, seed: int,
     return seen
 
 
+def current_syscall(pid: int) -> str:
+    """The syscall ``pid`` is blocked in, as /proc/PID/syscall gives it ("running" if none)."""
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0]
+
+
+async def freeze_in_sleep(pid: int, attempts: int = 20) -> FrozenProcess:
+    """Freeze ``pid`` while it sleeps in clock_nanosleep (230).
+
+    On a loaded machine the workload may be caught printing or computing; such a
+    freeze is undone (the target resumes) and tried again once it sleeps.
+    """
+    for _ in range(attempts):
+        deadline = time.monotonic() + 5
+        while current_syscall(pid) != "230":
+            assert time.monotonic() < deadline, "the workload never slept"
+            await asyncio.sleep(0.001)
+        fp = await FrozenProcess.freeze(pid)
+        if fp.state.threads[0].regs.orig_rax == 230:
+            return fp
+        await fp.resume()
+    raise AssertionError(f"never caught {pid} in clock_nanosleep in {attempts} freezes")
+
+
 @pytest.mark.asyncio
 async def test_freeze_scan_pipes_and_resume(workload: Workload, c_workload: Path) -> None:
     ready = workload.ready
     before = workload.next_check()
-    fp = await FrozenProcess.freeze(workload.pid)
+    fp = await freeze_in_sleep(workload.pid)
     async with fp:
         assert proc_state(workload.pid).startswith("t (tracing stop)")
         assert workload.quiet_for(0.2)
