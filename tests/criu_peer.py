@@ -619,11 +619,14 @@ class WireTap:
     Client to server: a stream of 24-byte headers (GET, CLOSE). Server to client,
     in request order: per GET a header then nr_pages x 4096 bytes; per CLOSE a
     4-byte int32 status. Bytes are forwarded unchanged. With ``capture_pages`` the
-    tap also digests every page of the replies (:attr:`WireLog.pages`).
+    tap also digests every page of the replies (:attr:`WireLog.pages`). ``rate`` (bytes/s)
+    throttles the replies, to keep pages lazy long enough for what a test does meanwhile.
     """
 
-    def __init__(self, upstream_port: int, *, capture_pages: bool = False) -> None:
+    def __init__(self, upstream_port: int, *, capture_pages: bool = False,
+                 rate: float | None = None) -> None:
         self.upstream_port = upstream_port
+        self._rate = rate
         self.log = WireLog()
         self._capture = capture_pages
         self._page = bytearray()  # the part of the page being received
@@ -674,6 +677,8 @@ class WireTap:
         need = 0  # payload bytes of the last reply still to skip
         request: tuple[int, int, int, int] | None = None  # the one being answered
         while data := server.recv(1 << 20):
+            if self._rate:
+                time.sleep(len(data) / self._rate)
             client.sendall(data)
             self.log.bytes_to_client += len(data)
             buf += data

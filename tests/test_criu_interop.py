@@ -529,7 +529,7 @@ def test_lazymig_daemon_follows_forks_of_a_lazily_restored_process(
         assert [e.pid for e in images.pstree()] == [1]
         measure["lazy_pages"] = lazy_pages
 
-        tap = WireTap(port)
+        tap = WireTap(port, rate=16e6)  # ~3 s for 48 MiB: the fork comes while pages are lazy
         restore_with_lazymig_daemon(
             d, images, ["--page-server", "--address", "127.0.0.1", "--port", str(tap.port),
                         "--wire", "v1"], loop=loop, measure=measure, procs=procs, forks=True,
