@@ -29,12 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from workloads import Workload, build_c_workload
-
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.linux.vm import AnonMapping, set_pipe_size, vmsplice
+from lazymig.testing.workload import Workload, build_c_workload
 
 MIB = 1 << 20
 

@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import Lines
-from workloads import Check, Workload, build_c_workload
 
 import lazymig
 from lazymig.linux.ptrace import process_alive
+from lazymig.testing.workload import Check, OutputLines, Workload, build_c_workload
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ class Output:
 
     def __init__(self) -> None:
         read_fd, self.fd = os.pipe()
-        self.lines = Lines(read_fd)
+        self.lines = OutputLines(read_fd)
 
     def handed_over(self) -> None:
         """The restored process has its copy: close ours (once: fd numbers are reused)."""
