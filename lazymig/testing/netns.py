@@ -97,16 +97,32 @@ class HostPair:
         """``"loopback"`` or ``"netns"``."""
         return "loopback" if self.link is None else "netns"
 
+    def set_link(self, up: bool) -> None:
+        """Take the veth pair down (a dead link: no reset reaches either end) or up again.
+
+        Blocking for a few milliseconds (it runs ``ip``): call it with
+        ``asyncio.to_thread`` in async code.
+
+        Raises:
+            ConfigurationError: on loopback, where there is no link of its own.
+        """
+        link, ns = self._link()
+        _run_ip("-n", ns, "link", "set", link, "up" if up else "down")
+
     def bytes_sent(self) -> int:
         """Bytes the source has sent over the link so far (its veth end's tx counter).
 
         Raises:
             ConfigurationError: on loopback, where there is no link of its own.
         """
+        link, ns = self._link()
+        return int(_run_ip("netns", "exec", ns, "cat",
+                           f"/sys/class/net/{link}/statistics/tx_bytes"))
+
+    def _link(self) -> tuple[str, str]:
         if self.link is None or self.source.netns is None:
-            raise ConfigurationError("bytes_sent() counts a veth pair: loopback has none")
-        return int(_run_ip("netns", "exec", self.source.netns, "cat",
-                           f"/sys/class/net/{self.link}/statistics/tx_bytes"))
+            raise ConfigurationError("loopback has no link of its own: use two_namespaces()")
+        return self.link, self.source.netns
 
 
 @contextlib.contextmanager
