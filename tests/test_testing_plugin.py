@@ -1,0 +1,204 @@
+"""lazymig.testing and its pytest plugin, used as a user's test suite would use them.
+
+* The memory helpers on a live workload: equal memory passes, a page written
+  behind the workload's back is named (page, offset, bytes, how many pages), a
+  page that cannot be read is named; a snapshot of any process works the same.
+* The C workload is built once into a cache, and without a compiler the error
+  says what to install.
+* Fault injection: the daemon killed mid-transfer leaves the restored process
+  running on zero pages, and the comparison names the first one.
+* A small user test suite in a fresh directory (no conftest) runs in a
+  subprocess pytest: the plugin comes from its entry point, and its fixtures
+  migrate a workload (memory compared page by page), delay pages through a
+  fault proxy, and cut the connection during an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_restore import free_port
+
+import lazymig
+from lazymig.linux.vm import write_memory
+from lazymig.testing import MemorySnapshot, Pattern, assert_memory_equal, compare_memory
+from lazymig.testing.plugin import StartCommand, StartWorkload
+from lazymig.testing.workload import PAGE, CompilerMissingError, build_c_workload
+
+pytest_plugins = ["pytester"]
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_a_changed_page_is_named(kind: str, lazymig_workload: StartWorkload) -> None:
+    w = lazymig_workload(kind, mib=2, interval_ms=60000)
+    expected = Pattern.of(w.ready)
+    await assert_memory_equal(w.pid, expected)
+    snapshot = await asyncio.to_thread(MemorySnapshot.take, w.pid, w.ready.regions)
+    assert snapshot.content(w.ready.addr, w.ready.size) == expected.content(w.ready.addr,
+                                                                             w.ready.size)
+    page = w.ready.addr + 300 * PAGE
+    write_memory(w.pid, page + 0x18, b"\xff\xfe")
+    write_memory(w.pid, page + 7 * PAGE, b"\x01")
+    for reference in (expected, snapshot):
+        difference = compare_memory(w.pid, reference)
+        assert difference is not None
+        assert (difference.page, difference.offset, difference.pages, difference.compared) == \
+            (page, 0x18, 2, w.ready.size // PAGE)
+        assert difference.actual[:2] == b"\xff\xfe"
+        assert difference.expected == expected.content(page + 0x18, 16)
+        with pytest.raises(AssertionError, match=f"2 of 512 pages; first differing page "
+                                                 f"{page:#x}, at offset 0x18"):
+            await assert_memory_equal(w.pid, reference)
+
+
+def test_an_unreadable_page_is_named(lazymig_workload: StartWorkload) -> None:
+    w = lazymig_workload("python", mib=1, interval_ms=60000)
+    nowhere = 0x10000  # below mmap_min_addr: never mapped
+    difference = compare_memory(w.pid, Pattern([(w.ready.addr, PAGE), (nowhere, 2 * PAGE)],
+                                               w.ready.seed))
+    assert difference is not None
+    assert (difference.page, difference.pages, difference.compared) == (nowhere, 2, 3)
+    assert f"page {nowhere:#x} could not be read" in str(difference)
+    with pytest.raises(AssertionError, match=f"page {nowhere:#x} of pid {w.pid} cannot be read"):
+        MemorySnapshot.take(w.pid, [(nowhere, PAGE)])
+
+
+def test_the_c_workload_is_built_once(tmp_path: Path) -> None:
+    first = build_c_workload(tmp_path)
+    built = first.stat().st_mtime_ns
+    assert build_c_workload(tmp_path) == first
+    assert first.stat().st_mtime_ns == built
+    assert first.name == "pattern" and os.access(first, os.X_OK)
+    assert [p.name for p in first.parent.iterdir()] == ["pattern"]  # no partial file left
+
+
+def test_no_compiler_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no gcc, no cc
+    with pytest.raises(CompilerMissingError, match="install gcc"):
+        build_c_workload(tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_a_killed_daemon_leaves_zero_pages_and_the_comparison_names_the_first(
+        lazymig_workload: StartWorkload, lazymig_command: StartCommand, tmp_path: Path) -> None:
+    """Fault injection for failure handling: with faults only (no background transfer)
+    and an idle restored process, SIGKILL the daemon: the uffd is gone, so every lazy
+    page reads as zeros (the kernel's rule) and the process still runs; the source,
+    whose transfer never ended, stays frozen by its dumper."""
+    w = lazymig_workload("c", mib=4, interval_ms=60000)
+    port = str(free_port())
+    dumper = await lazymig_command("dump", "-t", str(w.pid), "--lazy-pages", "--port", port,
+                                   "-D", tmp_path)
+    daemon = await lazymig_command("lazy-pages", "--page-server", "--port", port, "-D",
+                                   tmp_path, "--no-background")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        async with asyncio.timeout(60), \
+                lazymig.restore_process(tmp_path, stdio=(devnull, devnull, devnull)) as process:
+            daemon.kill()
+            assert await daemon.wait() == -signal.SIGKILL
+            with pytest.raises(AssertionError) as caught:
+                await assert_memory_equal(process.pid, Pattern.of(w.ready))
+            assert await process.kill() == -signal.SIGKILL  # it was still running
+    finally:
+        os.close(devnull)
+    pages = w.ready.size // PAGE
+    assert str(caught.value).endswith(
+        f"in {pages} of {pages} pages; first differing page {w.ready.addr:#x}, at offset 0x0: "
+        f"expected {Pattern.of(w.ready).content(w.ready.addr, 16).hex(' ')}, "
+        f"got {bytes(16).hex(' ')}")
+    assert dumper.process.poll() is None  # still serving: the source is not released
+
+
+USER_SUITE = '''
+"""A user's own tests of their migration code, with only lazymig installed."""
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+import lazymig
+from lazymig.testing import Pattern, assert_memory_equal
+
+
+def test_the_plugin_came_from_its_entry_point(request):
+    plugin = request.config.pluginmanager.get_plugin("lazymig")
+    assert plugin is not None and plugin.__name__ == "lazymig.testing.plugin"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_my_migration_keeps_the_memory(kind, lazymig_workload):
+    workload = lazymig_workload(kind, mib=4)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        result = await asyncio.wait_for(
+            lazymig.migrate(workload.pid, stdio=(devnull, devnull, devnull)), 60)
+    finally:
+        os.close(devnull)
+    try:
+        await assert_memory_equal(result.restored.pid, Pattern.of(workload.ready))
+    finally:
+        os.kill(result.restored.pid, signal.SIGKILL)
+
+
+@pytest.mark.asyncio
+async def test_delayed_pages_all_arrive(lazymig_workload, lazymig_fault_proxy, tmp_path):
+    workload = lazymig_workload("c", mib=4)
+    async with asyncio.timeout(60), lazymig.serve(workload.pid, tmp_path) as source:
+        proxy = await lazymig_fault_proxy(source.address)
+        proxy.delay(0.02)
+        async with lazymig.lazy_pages(tmp_path, page_server=proxy.address) as daemon, \\
+                daemon.restore(stdio=(0, 2, 2)) as process:
+            pass  # leaving the daemon's block waits for every page
+        try:
+            await assert_memory_equal(process.pid, Pattern.of(workload.ready))
+        finally:
+            await process.kill()
+    assert proxy.stats.bytes_downstream >= 4 << 20
+
+
+@pytest.mark.asyncio
+async def test_an_outage_fails_the_transfer_and_keeps_the_source(
+        lazymig_workload, lazymig_fault_proxy, tmp_path):
+    workload = lazymig_workload("c", mib=4)
+    async with asyncio.timeout(60):
+        with pytest.raises(lazymig.TransferError) as caught:
+            async with lazymig.serve(workload.pid, tmp_path) as source:
+                proxy = await lazymig_fault_proxy(source.address)
+                async with lazymig.lazy_pages(tmp_path, page_server=proxy.address,
+                                              background=False) as daemon:
+                    await proxy.wait_until(lambda stats: stats.active == 1)
+                    await proxy.refuse()  # the page server is unreachable from now on
+                    proxy.cut()
+                    async with daemon.restore(stdio=(0, 2, 2)) as process:
+                        await process.wait()  # its first page fault meets the outage
+    assert [p.state for p in caught.value.report.processes] == ["killed"]  # no holes
+    with open(f"/proc/{workload.pid}/stat") as stat:
+        assert stat.read().rsplit(")", 1)[1].split()[0] == "T"  # frozen, memory intact
+'''
+
+
+def test_a_user_suite_loads_the_plugin_from_its_entry_point(pytester: pytest.Pytester) -> None:
+    """No conftest and no ``-p``: the fixtures come from the installed entry point."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_my_orchestrator=textwrap.dedent(USER_SUITE))
+    # A short base: the daemon's UNIX socket lives in tmp_path (108-byte path limit).
+    with tempfile.TemporaryDirectory(prefix="lzm") as base:
+        result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
+                                               f"--basetemp={base}/t", timeout=300)
+    result.assert_outcomes(passed=5)
