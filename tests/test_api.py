@@ -22,6 +22,8 @@ import pytest
 
 import lazymig
 from lazymig.linux.ptrace import process_alive
+from lazymig.testing import Pattern, assert_memory_equal
+from lazymig.testing.plugin import StartWorkload
 from lazymig.testing.workload import Check, OutputLines, Workload, build_c_workload
 
 
@@ -91,15 +93,16 @@ def test_every_exported_name_resolves() -> None:
 
 
 @pytest.mark.asyncio
-async def test_migrate_in_one_call(c_workload: Path) -> None:
-    with Workload([str(c_workload), "--mib", "8", "--interval-ms", "50"]) as w, \
-            output_pipe() as out:
+async def test_migrate_in_one_call(lazymig_workload: StartWorkload) -> None:
+    w = lazymig_workload("c", mib=8)
+    with output_pipe() as out:
         before = w.next_check()
         result = await asyncio.wait_for(lazymig.migrate(w.pid, stdio=out.stdio), 60)
         out.handed_over()
         try:
             assert result.restored.pid != w.pid
             assert same_memory(await asyncio.to_thread(out.lines.next_check), before)
+            await assert_memory_equal(result.restored.pid, Pattern.of(w.ready))
             assert result.dump.source is lazymig.SourceFate.KILLED
             assert not process_alive(w.pid) or process_state(w.pid) == "Z"
             final = result.progress

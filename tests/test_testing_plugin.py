@@ -6,7 +6,8 @@
 * The C workload is built once into a cache, and without a compiler the error
   says what to install.
 * Fault injection: the daemon killed mid-transfer leaves the restored process
-  running on zero pages, and the comparison names the first one.
+  running on zero pages, and the comparison names the first one; the veth
+  pair between two namespaces goes down (connections time out) and up.
 * A small user test suite in a fresh directory (no conftest) runs in a
   subprocess pytest: the plugin comes from its entry point, and its fixtures
   migrate a workload (memory compared page by page), delay pages through a
@@ -18,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -27,7 +30,7 @@ from test_restore import free_port
 
 import lazymig
 from lazymig.linux.vm import write_memory
-from lazymig.testing import MemorySnapshot, Pattern, assert_memory_equal, compare_memory
+from lazymig.testing import HostPair, MemorySnapshot, Pattern, assert_memory_equal, compare_memory
 from lazymig.testing.plugin import StartCommand, StartWorkload
 from lazymig.testing.workload import PAGE, CompilerMissingError, build_c_workload
 
@@ -120,6 +123,45 @@ async def test_a_killed_daemon_leaves_zero_pages_and_the_comparison_names_the_fi
         f"expected {Pattern.of(w.ready).content(w.ready.addr, 16).hex(' ')}, "
         f"got {bytes(16).hex(' ')}")
     assert dumper.process.poll() is None  # still serving: the source is not released
+
+
+PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+except OSError as exc:
+    sys.exit(f"no connection: {exc}")
+"""
+
+
+@pytest.mark.parametrize("lazymig_hosts", ["netns"], indirect=True)
+def test_the_link_between_two_namespaces_goes_down_and_up(lazymig_hosts: HostPair) -> None:
+    """A listener on the source host, a client on the destination host: it connects
+    while the veth pair is up, times out while it is down (no reset: a dead link)."""
+    hosts = lazymig_hosts
+    listener = subprocess.Popen(hosts.source.command(
+        [sys.executable, "-c", "import socket, time; s = socket.create_server(('', 4000)); "
+         "print(flush=True); time.sleep(60)"]), stdout=subprocess.PIPE)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == b"\n"
+
+        def probe() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(hosts.destination.command(
+                [sys.executable, "-c", PROBE, hosts.source.address, "4000"]),
+                capture_output=True, text=True, timeout=30, check=False)
+
+        assert probe().returncode == 0
+        hosts.set_link(up=False)
+        down = probe()
+        assert down.returncode == 1 and "timed out" in down.stderr
+        hosts.set_link(up=True)
+        assert probe().returncode == 0
+        assert hosts.bytes_sent() > 0
+    finally:
+        listener.kill()
+        listener.wait()
+    with pytest.raises(lazymig.ConfigurationError):
+        HostPair.loopback().set_link(up=False)
 
 
 USER_SUITE = '''
