@@ -24,11 +24,10 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 
 import pytest
-from test_restore import on_uvloop, restore_and_check
+from test_restore import free_port, on_uvloop, restore_and_check
 
 import lazymig
 from lazymig.testing import HostPair, Pattern, assert_memory_equal
@@ -44,11 +43,7 @@ PORT = 27  # CRIU's default: free in a fresh namespace
 
 def page_server_port(hosts: HostPair) -> int:
     """CRIU's default port in a fresh namespace; on loopback, one free now."""
-    if hosts.kind == "netns":
-        return PORT
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return PORT if hosts.kind == "netns" else free_port()
 
 
 @pytest.mark.asyncio
