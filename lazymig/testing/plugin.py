@@ -37,9 +37,10 @@ a migrated process's memory is the source's page by page::
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import pytest_asyncio
@@ -66,9 +67,25 @@ __all__ = [
     "lazymig_workload",
 ]
 
-StartWorkload = Callable[..., Workload]
-StartCommand = Callable[..., Awaitable[LazymigCommand]]
+
+
+class StartWorkload(Protocol):
+    """The ``lazymig_workload`` fixture's value."""
+
+    def __call__(self, kind: str = "c", *, mib: int = 4, interval_ms: int = 50,
+                 args: Sequence[str] = ()) -> Workload: ...
+
+
+class StartCommand(Protocol):
+    """The ``lazymig_command`` fixture's value."""
+
+    def __call__(self, *args: str | os.PathLike[str], host: Host | None = None,
+                 ready: bool = True, uvloop: bool = True,
+                 stdout: int | None = None) -> Awaitable[LazymigCommand]: ...
+
+
 StartProxy = Callable[[tuple[str, int]], Awaitable[FaultProxy]]
+"""The ``lazymig_fault_proxy`` fixture's value."""
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +109,7 @@ def lazymig_workload(request: pytest.FixtureRequest) -> Iterator[StartWorkload]:
     started: list[Workload] = []
 
     def start(kind: str = "c", *, mib: int = 4, interval_ms: int = 50,
-              args: tuple[str, ...] | list[str] = ()) -> Workload:
+              args: Sequence[str] = ()) -> Workload:
         options = ["--mib", str(mib), "--interval-ms", str(interval_ms), *args]
         if kind == "c":
             argv = [str(request.getfixturevalue("lazymig_c_workload")), *options]
