@@ -10,8 +10,8 @@
   pair between two namespaces goes down (connections time out) and up.
 * A small user test suite in a fresh directory (no conftest) runs in a
   subprocess pytest: the plugin comes from its entry point, and its fixtures
-  migrate a workload (memory compared page by page), delay pages through a
-  fault proxy, and cut the connection during an outage.
+  migrate a workload (memory compared page by page) and delay pages through a
+  fault proxy.
 """
 
 from __future__ import annotations
@@ -213,25 +213,6 @@ async def test_delayed_pages_all_arrive(lazymig_workload, lazymig_fault_proxy, t
             await process.kill()
     assert proxy.stats.bytes_downstream >= 4 << 20
 
-
-@pytest.mark.asyncio
-async def test_an_outage_fails_the_transfer_and_keeps_the_source(
-        lazymig_workload, lazymig_fault_proxy, tmp_path):
-    workload = lazymig_workload("c", mib=4)
-    async with asyncio.timeout(60):
-        with pytest.raises(lazymig.TransferError) as caught:
-            async with lazymig.serve(workload.pid, tmp_path) as source:
-                proxy = await lazymig_fault_proxy(source.address)
-                async with lazymig.lazy_pages(tmp_path, page_server=proxy.address,
-                                              background=False) as daemon:
-                    await proxy.wait_until(lambda stats: stats.active == 1)
-                    await proxy.refuse()  # the page server is unreachable from now on
-                    proxy.cut()
-                    async with daemon.restore(stdio=(0, 2, 2)) as process:
-                        await process.wait()  # its first page fault meets the outage
-    assert [p.state for p in caught.value.report.processes] == ["killed"]  # no holes
-    with open(f"/proc/{workload.pid}/stat") as stat:
-        assert stat.read().rsplit(")", 1)[1].split()[0] == "T"  # frozen, memory intact
 '''
 
 
@@ -243,4 +224,4 @@ def test_a_user_suite_loads_the_plugin_from_its_entry_point(pytester: pytest.Pyt
     with tempfile.TemporaryDirectory(prefix="lzm") as base:
         result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
                                                f"--basetemp={base}/t", timeout=300)
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=4)

@@ -13,9 +13,9 @@ failure names the first page that differs::
     ...                                            # migrate; the source is gone
     await assert_memory_equal(restored_pid, expected)
 
-Reading a lazy page the daemon has not filled yet makes the kernel ask the
-daemon for it (the read waits for it): compare once the transfer is done, or
-at least while the daemon runs.
+Compare once the transfer is done (the daemon has exited, or its handle's
+``done`` resolved): reading a lazy page that has not arrived yet is a page
+fault the daemon must serve, taken by the reading thread of this process.
 """
 
 from __future__ import annotations
