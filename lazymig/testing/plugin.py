@@ -106,26 +106,20 @@ def lazymig_workload(request: pytest.FixtureRequest) -> Iterator[StartWorkload]:
     are more of the workload's options (``["--locked-kib", "64"]``). Returns
     the :class:`~lazymig.testing.workload.Workload`, READY already read.
     """
-    started: list[Workload] = []
+    with ExitStack() as stack:  # every workload stopped, even if one stop fails
 
-    def start(kind: str = "c", *, mib: int = 4, interval_ms: int = 50,
-              args: Sequence[str] = ()) -> Workload:
-        options = ["--mib", str(mib), "--interval-ms", str(interval_ms), *args]
-        if kind == "c":
-            argv = [str(request.getfixturevalue("lazymig_c_workload")), *options]
-        elif kind == "python":
-            argv = python_workload_argv(*options)
-        else:
-            raise ConfigurationError(f"workload kind must be 'c' or 'python', not {kind!r}")
-        workload = Workload(argv)
-        started.append(workload)
-        return workload
+        def start(kind: str = "c", *, mib: int = 4, interval_ms: int = 50,
+                  args: Sequence[str] = ()) -> Workload:
+            options = ["--mib", str(mib), "--interval-ms", str(interval_ms), *args]
+            if kind == "c":
+                argv = [str(request.getfixturevalue("lazymig_c_workload")), *options]
+            elif kind == "python":
+                argv = python_workload_argv(*options)
+            else:
+                raise ConfigurationError(f"workload kind must be 'c' or 'python', not {kind!r}")
+            return stack.enter_context(Workload(argv))
 
-    try:
         yield start
-    finally:
-        for workload in started:
-            workload.stop()
 
 
 @pytest.fixture(params=["loopback", "netns"])
@@ -147,30 +141,33 @@ def lazymig_hosts(request: pytest.FixtureRequest) -> Iterator[HostPair]:
 
 
 @pytest.fixture
-def lazymig_command(tmp_path: Path) -> Iterator[StartCommand]:
+def lazymig_command(tmp_path: Path, lazymig_workload: StartWorkload) -> Iterator[StartCommand]:
     """Start ``lazymig`` commands and wait until they are ready; killed at the end.
 
     ``await lazymig_command(*args, host=None, ready=True, uvloop=True,
     stdout=None)`` returns the entered
     :class:`~lazymig.testing.cli.LazymigCommand`; its stderr is logged under
-    the test's ``tmp_path``.
+    the test's ``tmp_path``. (It depends on ``lazymig_workload`` so that its
+    commands, a dumper tracing a workload among them, are killed before the
+    workloads are: a traced process is reaped only once its tracer is gone.)
     """
-    started: list[LazymigCommand] = []
+    with ExitStack() as stack:
+        count = 0
 
-    async def start(*args: str | os.PathLike[str], host: Host | None = None,
-                    ready: bool = True, uvloop: bool = True,
-                    stdout: int | None = None) -> LazymigCommand:
-        name = f"lazymig-{len(started)}-{args[0] if args else 'none'}.log"
-        command = LazymigCommand([str(a) for a in args], host=host, log_path=tmp_path / name,
-                                 ready=ready, uvloop=uvloop, stdout=stdout)
-        started.append(command)
-        return await command.__aenter__()
+        async def start(*args: str | os.PathLike[str], host: Host | None = None,
+                        ready: bool = True, uvloop: bool = True,
+                        stdout: int | None = None) -> LazymigCommand:
+            nonlocal count
+            count += 1
+            name = f"lazymig-{count}-{args[0] if args else 'none'}.log"
+            command = LazymigCommand([str(a) for a in args], host=host,
+                                     log_path=tmp_path / name, ready=ready, uvloop=uvloop,
+                                     stdout=stdout)
+            await command.__aenter__()
+            stack.callback(command.close)
+            return command
 
-    try:
         yield start
-    finally:
-        for command in started:
-            command.close()
 
 
 @pytest_asyncio.fixture(loop_scope="function")
