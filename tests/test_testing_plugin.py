@@ -11,12 +11,13 @@
 * A small user test suite in a fresh directory (no conftest) runs in a
   subprocess pytest: the plugin comes from its entry point, and its fixtures
   migrate a workload (memory compared page by page) and delay pages through a
-  fault proxy.
+  fault proxy; a failing test leaves no process and no namespace behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -225,3 +226,41 @@ def test_a_user_suite_loads_the_plugin_from_its_entry_point(pytester: pytest.Pyt
         result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
                                                f"--basetemp={base}/t", timeout=300)
     result.assert_outcomes(passed=4)
+
+
+FAILING_SUITE = '''
+import json
+
+import pytest
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lazymig_hosts", ["netns"], indirect=True)
+async def test_that_fails_midway(lazymig_hosts, lazymig_workload, lazymig_command, tmp_path):
+    workload = lazymig_workload("c", mib=1)
+    (tmp_path / "dump").mkdir()
+    dumper = await lazymig_command("dump", "-t", str(workload.pid), "--lazy-pages",
+                                   "--address", lazymig_hosts.source.address, "--port", "27",
+                                   "-D", tmp_path / "dump", host=lazymig_hosts.source)
+    with open("started.json", "w") as f:
+        json.dump({"pids": [workload.pid, dumper.pid],
+                   "netns": [lazymig_hosts.source.netns, lazymig_hosts.destination.netns]}, f)
+    raise RuntimeError("the user's code failed here")
+'''
+
+
+def test_fixtures_clean_up_after_a_failure(pytester: pytest.Pytester) -> None:
+    """A test fails with a workload frozen by a dumper in a namespace: afterwards both
+    processes are gone and both namespaces deleted."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_failing=textwrap.dedent(FAILING_SUITE))
+    with tempfile.TemporaryDirectory(prefix="lzm") as base:
+        result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
+                                               f"--basetemp={base}/t", timeout=120)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*RuntimeError: the user's code failed here*"])
+    started = json.loads((pytester.path / "started.json").read_text())
+    assert not [pid for pid in started["pids"] if Path(f"/proc/{pid}").exists()]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                check=True).stdout
+    assert not [ns for ns in started["netns"] if ns in namespaces]
