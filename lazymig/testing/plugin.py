@@ -32,6 +32,12 @@ a migrated process's memory is the source's page by page::
         workload = lazymig_workload("c", mib=8)
         result = await my_orchestrator.migrate(workload.pid)   # yours
         await assert_memory_equal(result.restored.pid, Pattern.of(workload.ready))
+
+Faults for the code's failure handling: ``proxy.cut()`` or
+``proxy.cut_after(nbytes)`` (the connection drops, mid-message),
+``proxy.delay(seconds)`` (pages arrive late), ``command.kill()`` (a page
+server or daemon dies), ``lazymig_hosts.set_link(up=False)`` (a dead link
+between two namespaces: no reset reaches either end).
 """
 
 from __future__ import annotations
@@ -66,7 +72,6 @@ __all__ = [
     "lazymig_hosts",
     "lazymig_workload",
 ]
-
 
 
 class StartWorkload(Protocol):
