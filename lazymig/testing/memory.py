@@ -191,7 +191,7 @@ def compare_memory(pid: int, expected: ExpectedMemory) -> MemoryDifference | Non
     for start, length in _chunks(expected.regions):
         readable = _read_into(pid, buffer, start, length)
         want = expected.content(start, length)
-        got = memoryview(buffer)[:length]
+        got = memoryview(buffer).cast("B")[:length]
         compared += length // PAGE
         if readable == length and got == want:
             continue
