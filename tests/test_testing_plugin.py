@@ -33,7 +33,12 @@ import lazymig
 from lazymig.linux.vm import write_memory
 from lazymig.testing import HostPair, MemorySnapshot, Pattern, assert_memory_equal, compare_memory
 from lazymig.testing.plugin import StartCommand, StartWorkload
-from lazymig.testing.workload import PAGE, CompilerMissingError, build_c_workload
+from lazymig.testing.workload import (
+    PAGE,
+    CompilerMissingError,
+    build_c_workload,
+    expected_page,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -65,6 +70,16 @@ async def test_a_changed_page_is_named(kind: str, lazymig_workload: StartWorkloa
         with pytest.raises(AssertionError, match=f"2 of 512 pages; first differing page "
                                                  f"{page:#x}, at offset 0x18"):
             await assert_memory_equal(w.pid, reference)
+
+
+@pytest.mark.parametrize(("address", "pages"), [
+    (0x7F0000000000, 1), (0x7F00000FF000, 2), (0x7F00000FE000, 260), (0x5555_5555_5000, 3)])
+def test_the_pattern_is_the_workloads_across_blocks(address: int, pages: int) -> None:
+    """Pattern builds whole aligned blocks at once: the same bytes as the formula, page
+    by page, wherever a range starts and ends."""
+    seed = 0x0123456789ABCDEF
+    content = Pattern([(address, pages * PAGE)], seed).content(address, pages * PAGE)
+    assert content == b"".join(expected_page(address + i * PAGE, seed) for i in range(pages))
 
 
 def test_an_unreadable_page_is_named(lazymig_workload: StartWorkload) -> None:

@@ -24,10 +24,12 @@ import asyncio
 import ctypes
 import dataclasses
 import errno
+import functools
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from lazymig.errors import LazyMigOSError
+from lazymig.errors import ConfigurationError, LazyMigOSError
 from lazymig.linux.vm import process_vm_readv
 from lazymig.testing.workload import PAGE, Ready, pattern_bytes
 
@@ -41,7 +43,8 @@ __all__ = [
     "read_process_memory",
 ]
 
-_CHUNK = 1 << 20  # bytes compared at a time: bounds what is held twice in memory
+_CHUNK = 1 << 20  # bytes compared at a time (aligned): bounds what is held twice in memory
+_WORD_MASK = (1 << 64) - 1
 _SHOWN = 16  # bytes of each side quoted in a failure message
 
 
@@ -72,7 +75,36 @@ class Pattern:
 
     def content(self, address: int, length: int) -> bytes:
         """The pattern's bytes at ``address``."""
-        return pattern_bytes(address, length, self.seed)
+        out = bytearray()
+        end = address + length
+        while address < end:
+            base = address & ~(_CHUNK - 1)
+            stop = min(end, base + _CHUNK)
+            out += self._block(base)[address - base:stop - base]
+            address = stop
+        return bytes(out)
+
+    def _block(self, base: int) -> bytes:
+        """The aligned ``_CHUNK`` bytes at ``base``.
+
+        Inside an aligned block an address is ``base | offset`` with disjoint
+        bits, so each word is ``(base ^ seed)``'s high bits plus a low part the
+        same in every block: one multiply-add over big integers, not a loop.
+        """
+        high = (base ^ self.seed) & ~(_CHUNK - 1) & _WORD_MASK
+        words = self._low_words + high * self._ones
+        return words.to_bytes(_CHUNK, sys.byteorder)
+
+    @functools.cached_property
+    def _low_words(self) -> int:
+        """Every word of a block whose address bits above the block are zero."""
+        low = pattern_bytes(0, _CHUNK, self.seed & (_CHUNK - 1))
+        return int.from_bytes(low, sys.byteorder)
+
+    @functools.cached_property
+    def _ones(self) -> int:
+        """The integer whose every 8-byte word is 1."""
+        return int.from_bytes((1).to_bytes(8, sys.byteorder) * (_CHUNK // 8), sys.byteorder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,11 +203,14 @@ def _read_into(pid: int, buffer: ctypes.Array[ctypes.c_char], address: int, leng
 
 
 def _chunks(regions: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    for address, length in regions:
-        if address % PAGE or length % PAGE:
-            raise ValueError(f"region {address:#x}+{length} is not page-aligned")
-        for start in range(address, address + length, _CHUNK):
-            yield start, min(_CHUNK, address + length - start)
+    for start, length in regions:
+        if start % PAGE or length % PAGE:
+            raise ConfigurationError(f"region {start:#x}+{length} is not page-aligned")
+        at, end = start, start + length
+        while at < end:
+            stop = min(end, (at & ~(_CHUNK - 1)) + _CHUNK)  # within one aligned chunk
+            yield at, stop - at
+            at = stop
 
 
 def compare_memory(pid: int, expected: ExpectedMemory) -> MemoryDifference | None:
