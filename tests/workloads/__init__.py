@@ -1,4 +1,5 @@
-"""Workloads only lazymig's own tests run (``criu_pattern.c``, for real CRIU).
+"""Workloads only lazymig's own tests run: ``criu_pattern.c`` (for real CRIU), ``fds.c``
+and ``fds.py`` (open files and pipes).
 
 The pattern workloads live in :mod:`lazymig.testing.workload`, where users'
 test suites find them too; their names are re-exported here only for tests
