@@ -1,6 +1,6 @@
 """Time from freeze to page pipes for a workload of 64 MiB, 1 GiB and 4 GiB.
 
-For each size: start tests/workloads/pattern.c, freeze it, scan it, collect its
+For each size: start lazymig/testing/pattern.c, freeze it, scan it, collect its
 pages into 1 MiB page pipes (the target vmsplices them itself: no copy), kill it.
 Printed beside what the machine does in the same run: a plain memcpy, and a
 copying pipe path (fresh mmap + vmsplice + splice to /dev/null of 1 MiB chunks,

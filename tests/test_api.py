@@ -1,6 +1,6 @@
 """The orchestrator API (lazymig.orchestrate, exported by ``lazymig``) end to end.
 
-Real workloads (tests/workloads/pattern.c) are migrated over loopback through
+Real workloads (lazymig/testing/pattern.c) are migrated over loopback through
 the handles; their CHECK lines (checksum, and words that differ from the
 pattern) must be the source's after the migration.
 """
