@@ -245,15 +245,19 @@ async def test_a_cut_in_the_middle_of_a_transfer_is_survived(
 '''
 
 
-def test_a_user_suite_loads_the_plugin_from_its_entry_point(pytester: pytest.Pytester) -> None:
-    """No conftest and no ``-p``: the fixtures come from the installed entry point."""
+def run_user_suite(pytester: pytest.Pytester, source: str) -> pytest.RunResult:
+    """``source`` as a test module in a fresh directory, run by pytest in a subprocess
+    with no conftest and no ``-p``: whatever fixtures it gets come from entry points."""
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
-    pytester.makepyfile(test_my_orchestrator=textwrap.dedent(USER_SUITE))
+    pytester.makepyfile(test_user_suite=textwrap.dedent(source))
     # A short base: the daemon's UNIX socket lives in tmp_path (108-byte path limit).
     with tempfile.TemporaryDirectory(prefix="lzm") as base:
-        result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
-                                               f"--basetemp={base}/t", timeout=300)
-    result.assert_outcomes(passed=5)
+        return pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
+                                             f"--basetemp={base}/t", timeout=300)
+
+
+def test_a_user_suite_loads_the_plugin_from_its_entry_point(pytester: pytest.Pytester) -> None:
+    run_user_suite(pytester, USER_SUITE).assert_outcomes(passed=5)
 
 
 FAILING_SUITE = '''
@@ -280,11 +284,7 @@ async def test_that_fails_midway(lazymig_hosts, lazymig_workload, lazymig_comman
 def test_fixtures_clean_up_after_a_failure(pytester: pytest.Pytester) -> None:
     """A test fails with a workload frozen by a dumper in a namespace: afterwards both
     processes are gone and both namespaces deleted."""
-    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
-    pytester.makepyfile(test_failing=textwrap.dedent(FAILING_SUITE))
-    with tempfile.TemporaryDirectory(prefix="lzm") as base:
-        result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
-                                               f"--basetemp={base}/t", timeout=120)
+    result = run_user_suite(pytester, FAILING_SUITE)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*RuntimeError: the user's code failed here*"])
     started = json.loads((pytester.path / "started.json").read_text())
