@@ -1,6 +1,6 @@
 """Time from freeze to page pipes for a workload of 64 MiB, 1 GiB and 4 GiB.
 
-For each size: start tests/workloads/pattern.c, freeze it, scan it, collect its
+For each size: start lazymig/testing/pattern.c, freeze it, scan it, collect its
 pages into 1 MiB page pipes (the target vmsplices them itself: no copy), kill it.
 Printed beside what the machine does in the same run: a plain memcpy, and a
 copying pipe path (fresh mmap + vmsplice + splice to /dev/null of 1 MiB chunks,
@@ -29,12 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from workloads import Workload, build_c_workload
-
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.linux.vm import AnonMapping, set_pipe_size, vmsplice
+from lazymig.testing.workload import Workload, build_c_workload
 
 MIB = 1 << 20
 

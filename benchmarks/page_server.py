@@ -20,12 +20,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine
-from workloads import Workload, build_c_workload
 
 from lazymig.dump import LazyDump
+from lazymig.testing.workload import Workload, build_c_workload
 
 HERE = Path(__file__).resolve().parent
 

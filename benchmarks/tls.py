@@ -42,10 +42,10 @@ import machine
 import uvloop
 from lazydump import write_lazy_dump
 from tls_pki import Pki, make_pki
-from workloads import Workload, build_c_workload
 
 from lazymig.dump import LazyDump
 from lazymig.proto.constants import PAGE_SIZE
+from lazymig.testing.workload import Workload, build_c_workload
 from lazymig.uffd.source import RemotePageSource
 
 HERE = Path(__file__).resolve().parent

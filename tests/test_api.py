@@ -1,6 +1,6 @@
 """The orchestrator API (lazymig.orchestrate, exported by ``lazymig``) end to end.
 
-Real workloads (tests/workloads/pattern.c) are migrated over loopback through
+Real workloads (lazymig/testing/pattern.c) are migrated over loopback through
 the handles; their CHECK lines (checksum, and words that differ from the
 pattern) must be the source's after the migration.
 """
@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import Lines
-from workloads import Check, Workload, build_c_workload
 
 import lazymig
 from lazymig.linux.ptrace import process_alive
+from lazymig.testing import Pattern, assert_memory_equal
+from lazymig.testing.plugin import StartWorkload
+from lazymig.testing.workload import Check, OutputLines, Workload, build_c_workload
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ class Output:
 
     def __init__(self) -> None:
         read_fd, self.fd = os.pipe()
-        self.lines = Lines(read_fd)
+        self.lines = OutputLines(read_fd)
 
     def handed_over(self) -> None:
         """The restored process has its copy: close ours (once: fd numbers are reused)."""
@@ -92,15 +93,16 @@ def test_every_exported_name_resolves() -> None:
 
 
 @pytest.mark.asyncio
-async def test_migrate_in_one_call(c_workload: Path) -> None:
-    with Workload([str(c_workload), "--mib", "8", "--interval-ms", "50"]) as w, \
-            output_pipe() as out:
+async def test_migrate_in_one_call(lazymig_workload: StartWorkload) -> None:
+    w = lazymig_workload("c", mib=8)
+    with output_pipe() as out:
         before = w.next_check()
         result = await asyncio.wait_for(lazymig.migrate(w.pid, stdio=out.stdio), 60)
         out.handed_over()
         try:
             assert result.restored.pid != w.pid
             assert same_memory(await asyncio.to_thread(out.lines.next_check), before)
+            await assert_memory_equal(result.restored.pid, Pattern.of(w.ready))
             assert result.dump.source is lazymig.SourceFate.KILLED
             assert not process_alive(w.pid) or process_state(w.pid) == "Z"
             final = result.progress

@@ -26,13 +26,13 @@ from typing import Any
 import pytest
 import uvloop
 from test_page_server import MiniClient
-from workloads import Workload, build_c_workload, expected_page, python_workload_argv
 
 from lazymig.dump.images import read_lazymig_entry
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry
 from lazymig.proto.wire import WireVersion
+from lazymig.testing.workload import Workload, build_c_workload, expected_page, python_workload_argv
 
 pytestmark = [
     pytest.mark.root,

@@ -17,12 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from workloads import (
-    Workload,
-    build_c_workload,
-    expected_page,
-    python_workload_argv,
-)
 
 from lazymig.dump.freeze import (
     AlreadyTracedError,
@@ -36,6 +30,12 @@ from lazymig.errors import ClosedResourceError, LazyMigOSError
 from lazymig.linux.ptrace import Tracee, TracerThread
 from lazymig.linux.vm import F_SETPIPE_SZ, read_memory
 from lazymig.proto.constants import PAGE_SIZE, VmaStatus
+from lazymig.testing.workload import (
+    Workload,
+    build_c_workload,
+    expected_page,
+    python_workload_argv,
+)
 
 pytestmark = [
     pytest.mark.root,

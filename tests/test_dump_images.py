@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from test_page_server import MiniClient
-from workloads import Workload, build_c_workload, expected_page
 
 from lazymig.dump import DumpResult, LazyDump, SourceFate, dump
 from lazymig.dump.freeze import FrozenProcess
@@ -39,6 +38,7 @@ from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry
 from lazymig.proto.wire import WireVersion
+from lazymig.testing.workload import Workload, build_c_workload, expected_page
 
 MiB = 1 << 20
 SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)

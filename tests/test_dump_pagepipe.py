@@ -14,7 +14,6 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from workloads import expected_page
 
 from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
 from lazymig.dump.scan import PageRun
@@ -28,6 +27,7 @@ from lazymig.linux.vm import (
     set_pipe_size,
 )
 from lazymig.proto.constants import PAGE_SIZE
+from lazymig.testing.workload import expected_page
 
 SEED = 0x1234_5678_9ABC_DEF0
 SMALL_PIPE = 16 * PAGE_SIZE  # force many pipes and split iovecs

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from workloads import Workload, build_c_workload
 
 from lazymig.dump.scan import (
     PM_FILE,
@@ -39,6 +38,7 @@ from lazymig.proto.constants import (
     PAGE_SIZE,
     VmaStatus,
 )
+from lazymig.testing.workload import Workload, build_c_workload
 
 SMAPS = """\
 00400000-00401000 r-xp 00000000 fe:00 123                                /usr/bin/prog

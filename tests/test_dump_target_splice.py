@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from test_dump_freeze import PipeReader, assert_runs_unchanged, serve_all_lazy
-from workloads import Workload, build_c_workload, expected_page
 
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.dump.scan import MemoryScan, PageRun
@@ -20,6 +19,7 @@ from lazymig.dump.target_splice import SCM_MAX_FD
 from lazymig.errors import LazyMigOSError
 from lazymig.linux.vm import read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
+from lazymig.testing.workload import Workload, build_c_workload, expected_page
 
 pytestmark = [
     pytest.mark.root,

@@ -40,13 +40,14 @@ from test_restore import (
     on_uvloop,
     restore_with_output,
 )
-from workloads import Check, Ready, Workload, expected_page
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import BrokenResourceError
 from lazymig.proto.constants import PAGE_SIZE
+from lazymig.testing.memory import Pattern, assert_memory_equal
 from lazymig.testing.proxy import Direction, FaultProxy
+from lazymig.testing.workload import Check, Ready, Workload
 from lazymig.uffd.source import ReconnectPolicy, RemotePageSource
 
 __all__ = ["c_workload"]  # the fixture, shared with test_restore
@@ -302,11 +303,6 @@ async def test_children_get_every_page_across_repeated_cuts(
 
 # -- lazymig dump -> lazymig lazy-pages -> restore, cut again and again ------------------
 
-def _read_memory(pid: int, address: int, length: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        return os.pread(mem.fileno(), length, address)
-
-
 async def restore_and_compare(images: Path, ready: Ready, before: Check,
                               daemon: subprocess.Popen[str], dumper: subprocess.Popen[str],
                               restored: asyncio.Event | None = None) -> None:
@@ -325,11 +321,7 @@ async def restore_and_compare(images: Path, ready: Ready, before: Check,
         # The daemon said so to the guardian, which let go of the uffd and left.
         assert restorer.guardian is not None
         assert await asyncio.to_thread(restorer.guardian.wait, 10) == 0
-        memory = await asyncio.to_thread(_read_memory, result.pid, ready.addr, ready.size)
-        wrong = [i for i in range(ready.size // PAGE_SIZE)
-                 if memory[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                 != expected_page(ready.addr + i * PAGE_SIZE, ready.seed)]
-        assert not wrong, f"{len(wrong)} pages differ from the source's, first {wrong[:8]}"
+        await assert_memory_equal(result.pid, Pattern.of(ready))
         check = await asyncio.to_thread(lines.next_check, 30.0)
         assert (check.sum, check.bad) == (before.sum, 0)
     finally:

@@ -27,11 +27,11 @@ from test_daemon import run_daemon, stop
 from test_reconnect import restore_and_compare
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_with_output
 from test_uffd_kernel import Child
-from workloads import Check, Workload
 
 from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, spawn_guardian
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.images import ImagesDir
+from lazymig.testing.workload import Check, Workload
 from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.source import LocalPageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd

@@ -1,15 +1,15 @@
 """Connection loss between two test hosts: the veth link between two network namespaces
 goes down and up while a restored process waits for its pages.
 
-The set-up is tests/test_netns.py's (source namespace: ``lazymig dump
---lazy-pages``; destination namespace: ``lazymig lazy-pages --page-server``
-on a copy of the images). The link is taken down for a second before the
-restore, so that the first requests (the restore's own faults, the restored
-process's, the background fetch) meet a dead link: no reset arrives, the
-daemon's stall watchdog gives the connection up, reconnection attempts fail
-(no route) until the link is back, then every unanswered request is sent
-again. Once the process runs the link goes down (two seconds) and up twice
-more, while the transfer may still run.
+The set-up is tests/test_netns.py's, from the lazymig pytest plugin (source
+namespace: ``lazymig dump --lazy-pages``; destination namespace: ``lazymig
+lazy-pages --page-server`` on a copy of the images). The link is taken down
+for a second before the restore, so that the first requests (the restore's
+own faults, the restored process's, the background fetch) meet a dead link:
+no reset arrives, the daemon's stall watchdog gives the connection up,
+reconnection attempts fail (no route) until the link is back, then every
+unanswered request is sent again. Once the process runs the link goes down
+(two seconds) and up twice more, while the transfer may still run.
 Then the daemon and the dumper exit 0 and the restored region is compared
 page by page with the source's (tests/test_reconnect.py).
 """
@@ -23,12 +23,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_netns import PORT, Hosts, _ip, cli_in, hosts
+from test_netns import PORT
 from test_reconnect import restore_and_compare
-from test_restore import _wait_ready, c_workload, on_uvloop
-from workloads import Workload
+from test_restore import on_uvloop
 
-__all__ = ["c_workload", "hosts"]  # the fixtures
+from lazymig.testing import HostPair
+from lazymig.testing.plugin import StartCommand, StartWorkload
 
 pytestmark = [
     pytest.mark.root,
@@ -36,13 +36,12 @@ pytestmark = [
 ]
 
 
-async def set_link(hosts: Hosts, up: bool) -> None:
+async def set_link(hosts: HostPair, up: bool) -> None:
     """The source namespace's end of the veth pair, down or up (the pair with it)."""
-    await asyncio.to_thread(_ip, "-n", hosts.src, "link", "set", hosts.src_if,
-                            "up" if up else "down")
+    await asyncio.to_thread(hosts.set_link, up)
 
 
-async def flap(hosts: Hosts, restored: asyncio.Event, times: int) -> None:
+async def flap(hosts: HostPair, restored: asyncio.Event, times: int) -> None:
     """Link up after a second (the restore itself touches lazy pages, and its ptrace
     waits are bounded: a short outage), then, once the process runs, down for two
     seconds and up again ``times`` more times."""
@@ -57,35 +56,36 @@ async def flap(hosts: Hosts, restored: asyncio.Event, times: int) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("lazymig_hosts", ["netns"], indirect=True)
 async def test_the_veth_link_down_and_up_during_a_migration(
-        hosts: Hosts, tmp_path: Path, c_workload: Path) -> None:
+        lazymig_hosts: HostPair, lazymig_workload: StartWorkload,
+        lazymig_command: StartCommand, tmp_path: Path) -> None:
+    hosts = lazymig_hosts
     loop = on_uvloop()
     source_images, images = tmp_path / "source", tmp_path / "destination"
     source_images.mkdir()
-    with Workload([str(c_workload), "--mib", "16", "--interval-ms", "50"]) as w:
-        before = w.next_check()
-        with cli_in(hosts.src, "dump", "-t", str(w.pid), "--lazy-pages", "--address",
-                    hosts.src_addr, "--port", str(PORT), "-D", str(source_images),
-                    loop=loop) as (dumper, dr):
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
-            await asyncio.to_thread(shutil.copytree, source_images, images)
-            with cli_in(hosts.dst, "lazy-pages", "--page-server", "--address",
-                        hosts.src_addr, "--port", str(PORT), "-D", str(images),
-                        "--stall-timeout", "0.3", "--reconnect-attempts",
-                        "1000", "--reconnect-timeout", "60", loop=loop) as (daemon, lr):
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
-                await set_link(hosts, up=False)
-                restored = asyncio.Event()
-                flapping = asyncio.create_task(flap(hosts, restored, times=2))
-                try:
-                    await restore_and_compare(images, w.ready, before, daemon, dumper,
-                                              restored)
-                finally:
-                    restored.set()
-                    await flapping
-                assert daemon.stderr is not None
-                log = await asyncio.to_thread(daemon.stderr.read)
-        assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone only now
+    w = lazymig_workload("c", mib=16)
+    before = w.next_check()
+    dumper = await lazymig_command("dump", "-t", str(w.pid), "--lazy-pages", "--address",
+                                   hosts.source.address, "--port", str(PORT), "-D",
+                                   source_images, host=hosts.source, uvloop=loop)
+    await asyncio.to_thread(shutil.copytree, source_images, images)
+    daemon = await lazymig_command("lazy-pages", "--page-server", "--address",
+                                   hosts.source.address, "--port", str(PORT), "-D", images,
+                                   "--stall-timeout", "0.3", "--reconnect-attempts", "1000",
+                                   "--reconnect-timeout", "60", host=hosts.destination,
+                                   uvloop=loop)
+    await set_link(hosts, up=False)
+    restored = asyncio.Event()
+    flapping = asyncio.create_task(flap(hosts, restored, times=2))
+    try:
+        await restore_and_compare(images, w.ready, before, daemon.process, dumper.process,
+                                  restored)
+    finally:
+        restored.set()
+        await flapping
+    assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone only now
     # The first faults met the dead link: the connection was given up and re-established.
+    log = daemon.log()
     assert "no reply from the page server for 0.3 s" in log, log
     assert "re-established" in log, log

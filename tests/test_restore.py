@@ -21,20 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import uvloop
-from workloads import Check, Workload, build_c_workload, parse_check, python_workload_argv
 
 from lazymig.dump import dump
 from lazymig.errors import BrokenResourceError
@@ -42,6 +39,14 @@ from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import ImagesDir
 from lazymig.restore import RestoreError, Restorer, RestoreResult, UnsupportedDumpError
+from lazymig.testing.workload import (
+    Check,
+    OutputLines,
+    Workload,
+    build_c_workload,
+    parse_check,
+    python_workload_argv,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -57,38 +62,6 @@ MADV_DONTDUMP = 16
 @pytest.fixture(scope="module")
 def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_c_workload(tmp_path_factory.mktemp("workload"))
-
-
-class Lines:
-    """Lines read from a pipe by a thread (the restored process's stdout)."""
-
-    def __init__(self, fd: int) -> None:
-        self._file = os.fdopen(fd, "r")
-        self._q: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        with contextlib.suppress(ValueError, OSError):  # closed under us by close()
-            for line in self._file:
-                self._q.put(line.rstrip("\n"))
-        self._q.put(None)
-
-    def next(self, timeout: float = 5.0) -> str:
-        line = self._q.get(timeout=timeout)
-        if line is None:
-            raise EOFError("the restored process closed its stdout")
-        return line
-
-    def next_check(self, timeout: float = 5.0) -> Check:
-        while True:
-            line = self.next(timeout)
-            if line.startswith("CHECK"):
-                return parse_check(line)
-
-    def close(self) -> None:
-        self._thread.join(timeout=5)
-        self._file.close()
 
 
 def status_line(pid: int, key: str) -> str:
@@ -115,7 +88,7 @@ async def test_plain_dump_restored_through_the_api(tmp_path: Path, c_workload: P
         finally:
             os.close(write_fd)
             os.close(devnull)
-        lines = Lines(read_fd)
+        lines = OutputLines(read_fd)
         try:
             assert result.pid != w.pid and result.image_pid == w.pid
             assert result.lazy_pages == 0 and result.nonlazy_pages >= 16 * 256
@@ -187,8 +160,8 @@ def free_port() -> int:
 
 
 async def restore_with_output(images: Path, *, lazy_pages: bool = False
-                              ) -> tuple[Restorer, RestoreResult, Lines]:
-    """Restore with the restored process's stdout on a pipe read by ``Lines``; the
+                              ) -> tuple[Restorer, RestoreResult, OutputLines]:
+    """Restore with the restored process's stdout on a pipe read by ``OutputLines``; the
     caller kills the restorer and closes the lines."""
     read_fd, write_fd = os.pipe()
     restorer = Restorer(images, lazy_pages=lazy_pages, stdio=(0, write_fd, 2))
@@ -199,7 +172,7 @@ async def restore_with_output(images: Path, *, lazy_pages: bool = False
         raise
     finally:
         os.close(write_fd)
-    return restorer, result, Lines(read_fd)
+    return restorer, result, OutputLines(read_fd)
 
 
 async def restore_and_check(images: Path, before: Check, loop: bool,
@@ -222,7 +195,7 @@ async def restore_and_check(images: Path, before: Check, loop: bool,
             os.close(write_fd)
         log.seek(0)
         errors = log.read()
-    lines = Lines(read_fd)
+    lines = OutputLines(read_fd)
     restored_pid = 0
     try:
         assert restore.returncode == 0, errors
@@ -337,7 +310,7 @@ async def test_restore_without_d_waits_for_the_process(tmp_path: Path, c_workloa
     read_fd, write_fd = os.pipe()
     proc = await asyncio.to_thread(_start_restore, tmp_path, write_fd)
     os.close(write_fd)
-    lines = Lines(read_fd)
+    lines = OutputLines(read_fd)
     try:
         check = await asyncio.to_thread(lines.next_check)
         assert (check.sum, check.bad) == (before.sum, 0)

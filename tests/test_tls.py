@@ -23,7 +23,6 @@ from lazydump import page_pattern, write_lazy_dump
 from test_daemon import finish, layout, run_daemon, spawn, stop
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_and_check
 from tls_pki import OPENSSL, Pki, make_pki
-from workloads import Workload, expected_page
 
 from lazymig.dump import LazyDump, SourceFate
 from lazymig.dump.server import PageServer
@@ -31,6 +30,7 @@ from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import AuthenticationError, BrokenResourceError, ConfigurationError
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
+from lazymig.testing.workload import Workload, expected_page
 from lazymig.tls import ServerTls, TlsConfig, name_matches
 from lazymig.uffd.source import RemotePageSource
 
