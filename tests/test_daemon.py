@@ -227,6 +227,42 @@ async def test_server_death_kills_instead_of_zero_filling(
     assert report.processes[0].pages_copied < PAGES
 
 
+READER = """
+import ctypes, sys
+from lazymig.linux.vm import process_vm_readv
+buf = ctypes.create_string_buffer(4096)  # process_vm_readv faults (a /proc/PID/mem read: EIO)
+assert process_vm_readv(int(sys.argv[1]), ctypes.addressof(buf), int(sys.argv[2], 16), 4096) == 4096
+print("read", flush=True)
+sys.stdin.read()  # stays alive until the test lets it go
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_reader_of_its_memory_is_not_killed_with_it(
+        page_server: tuple[Path, PageServer]) -> None:
+    """Another process reading a restored process's lazy pages (a debugger, a memory
+    check) faults on them with its own thread id; when the transfer fails, only the
+    restored process is killed."""
+    images_dir, server = page_server
+    (_, [(vaddr, nr)]), *_ = layout(1).items()
+    async with asyncio.timeout(30):
+        serving, _, running, child = await slow_child_mid_transfer(images_dir, server)
+        reader = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", READER, str(child.pid), hex(vaddr + (nr - 1) * 4096),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert reader.stdin is not None and reader.stdout is not None
+        assert await reader.stdout.readline() == b"read\n"  # a fault the daemon served
+        serving.cancel()
+        server.close()
+        code, out = await finish(child)
+        report = await running
+        assert reader.returncode is None  # still alive
+        reader.stdin.close()
+        assert await reader.wait() == 0
+    assert code == -signal.SIGKILL, out
+    assert report.processes[0].state == "killed"
+
+
 @pytest.mark.asyncio
 async def test_a_failed_restore_ends_the_daemon_and_keeps_the_source(
         page_server: tuple[Path, PageServer]) -> None:

@@ -59,7 +59,7 @@ from pathlib import Path
 from lazymig._aio import retry_until_ready
 from lazymig.errors import LazyMigError, RemoteProtocolError
 from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE
-from lazymig.linux.procfs import read_stat
+from lazymig.linux.procfs import read_stat, registered_with_userfaultfd
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.handover import RestoreFinished, ZombieTask
@@ -160,6 +160,7 @@ class _Process:
         self.cursor: int | None = None  # where the background goes next (after a fault)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
+        self.fault_address: dict[int, int] = {}  # host tid -> the first page it faulted on
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.guardian: socket.socket | None = None  # its restorer's connection
         self.forked = False  # a FORK event's child (its guardian lacks its uffd)
@@ -456,6 +457,7 @@ class LazyPagesDaemon:
             started = _thread_start_time(fault.ptid)
             if started is not None:
                 proc.threads[fault.ptid] = started
+                proc.fault_address[fault.ptid] = address
         if proc.report.state == "failed":
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
@@ -642,9 +644,16 @@ class LazyPagesDaemon:
 
     def _kill(self, proc: _Process, reason: str) -> None:
         for tid, started in proc.threads.items():
-            if _thread_start_time(tid) == started:  # not a reused tid
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(tid, signal.SIGKILL)
+            if _thread_start_time(tid) != started:  # gone, or a reused tid
+                continue
+            # A process reading this one's memory (process_vm_readv, a debugger) faults
+            # too, with its own tid: it is not a thread of the restored process.
+            if not registered_with_userfaultfd(tid, proc.fault_address[tid]):
+                log.warning("pid %d: thread %d faulted on its pages from another process "
+                            "(a reader of its memory): not killed", proc.pid, tid)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tid, signal.SIGKILL)
         proc.report.state = "killed"
         proc.report.reason = reason
         log.error("pid %d killed (threads %s): %s; it must not run on pages that never "
