@@ -78,6 +78,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import _sbs_workload  # noqa: E402
 import machine  # noqa: E402
+import report  # noqa: E402
 from criu_peer import (  # noqa: E402
     ROOT,
     ChrootDir,
@@ -525,4 +526,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report.recorded("criu_side_by_side"):
+        status = main()
+    sys.exit(status)

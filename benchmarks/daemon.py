@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine
+import report
 from lazydump import write_lazy_dump
 
 from lazymig.proto.constants import PAGE_SIZE
@@ -181,4 +182,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with report.recorded("daemon"):
+        asyncio.run(main())

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import report
+
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.linux.vm import AnonMapping, set_pipe_size, vmsplice
 from lazymig.testing.workload import Workload, build_c_workload
@@ -103,4 +105,5 @@ async def main(sizes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main([int(a) for a in sys.argv[1:]] or [64, 1024, 4096]))
+    with report.recorded("dump_cost"):
+        asyncio.run(main([int(a) for a in sys.argv[1:]] or [64, 1024, 4096]))

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine
+import report
 
 from lazymig.dump import LazyDump
 from lazymig.testing.workload import Workload, build_c_workload
@@ -76,4 +77,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with report.recorded("page_server"):
+        asyncio.run(main())
