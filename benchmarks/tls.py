@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine
+import report
 import uvloop
 from lazydump import write_lazy_dump
 from tls_pki import Pki, make_pki
@@ -193,4 +194,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report.recorded("tls"):
+        main()
