@@ -32,7 +32,7 @@ from lazymig.cli import build_parser
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [REPO / "README.md", *DOCS]
-PATH_ROOTS = ("lazymig/", "tests/", "benchmarks/", "scripts/", "docs/", ".ci/")
+PATH_ROOTS = ("lazymig/", "tests/", "benchmarks/", "scripts/", "docs/", ".ci/", "examples/")
 
 FOREIGN_OPTIONS = {
     "--mount-proc",  # unshare(1), named in criu-interop.md
