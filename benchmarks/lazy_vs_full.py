@@ -60,6 +60,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import _sbs_workload  # noqa: E402
 import machine  # noqa: E402
+import report  # noqa: E402
 from criu_peer import free_port  # noqa: E402
 from criu_side_by_side import wait_for  # noqa: E402
 
@@ -355,4 +356,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     shutil.which("gcc") or sys.exit("needs gcc for the workload")
-    sys.exit(main())
+    with report.recorded("lazy_vs_full"):
+        status = main()
+    sys.exit(status)

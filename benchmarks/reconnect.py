@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine
+import report
 import uvloop
 from lazydump import write_lazy_dump
 from tls import free_port, start_page_server
@@ -130,4 +131,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report.recorded("reconnect"):
+        main()
