@@ -54,7 +54,8 @@ def main() -> None:
                                      int(sys.argv[4]), sys.argv[5])
     extra = 16 if scenario == "zero" else 0  # pages beyond the dump's lazy range
     map_region(base, nr + extra)
-    attach(sock, pid, [(base, (nr + extra) * PAGE)], finish=scenario != "no-finish")
+    attach(sock, pid, [(base, (nr + extra) * PAGE)], finish=scenario != "no-finish",
+           thread_ids=scenario != "slow-anonymous")
     print("attached", flush=True)
     order = list(range(nr))
     random.Random(nr).shuffle(order)
@@ -67,7 +68,7 @@ def main() -> None:
         if zeros != extra:
             sys.exit(1)
         verify(pid, base, order, "touched")
-    elif scenario == "slow":  # one page every 5 ms, so a test can break things meanwhile
+    elif scenario in ("slow", "slow-anonymous"):  # a page every 5 ms: time to break things
         for i in order:
             verify(pid, base, [i], f"page {i}")
             time.sleep(0.005)

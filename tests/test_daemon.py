@@ -194,7 +194,8 @@ async def test_process_exit_mid_transfer_retires_only_that_process(
     assert states == {pid1: "exited", pid2: "complete"}
 
 
-async def slow_child_mid_transfer(images_dir: Path, server: PageServer) -> tuple[
+async def slow_child_mid_transfer(images_dir: Path, server: PageServer,
+                                  scenario: str = "slow") -> tuple[
         asyncio.Task[bool], LazyPagesDaemon, asyncio.Task[DaemonReport],
         asyncio.subprocess.Process]:
     """A page server, a daemon fetching on faults only, and a child touching one page
@@ -203,7 +204,7 @@ async def slow_child_mid_transfer(images_dir: Path, server: PageServer) -> tuple
     source = await RemotePageSource.connect("127.0.0.1", server.port)
     daemon, running = await run_daemon(images_dir, source, background=False)
     (pid, [(vaddr, nr)]), *_ = layout(1).items()
-    child = await spawn(daemon.socket_path, pid, vaddr, nr, "slow")
+    child = await spawn(daemon.socket_path, pid, vaddr, nr, scenario)
     assert child.stdout is not None
     assert await child.stdout.readline() == b"attached\n"
     await child.stdout.readline()  # some pages have arrived
@@ -235,6 +236,43 @@ assert process_vm_readv(int(sys.argv[1]), ctypes.addressof(buf), int(sys.argv[2]
 print("read", flush=True)
 sys.stdin.read()  # stays alive until the test lets it go
 """
+
+
+@pytest.mark.asyncio
+async def test_server_death_holds_a_process_whose_threads_are_unknown(
+        page_server: tuple[Path, PageServer]) -> None:
+    """CRIU's uffds carry no thread ids: when pages can never arrive, such a process
+    cannot be killed, so its uffd stays open and it stops at its next missing page
+    instead of reading zeros there, whatever faults on its pages afterwards (here a
+    reader of its memory); stopping the daemon then abandons it."""
+    images_dir, server = page_server
+    (_, [(vaddr, nr)]), *_ = layout(1).items()
+    async with asyncio.timeout(30):
+        serving, daemon, running, child = await slow_child_mid_transfer(
+            images_dir, server, "slow-anonymous")
+        serving.cancel()
+        server.close()
+        for _ in range(500):  # until the page source is given up on
+            if daemon.report.processes[0].state == "failed":
+                break
+            await asyncio.sleep(0.05)
+        reader = await asyncio.create_subprocess_exec(  # a fault after the failure
+            sys.executable, "-c", READER, str(child.pid), hex(vaddr + (nr - 1) * 4096))
+        assert child.stdout is not None
+        with pytest.raises(TimeoutError):  # it printed nothing more: held, not zero-filled
+            async with asyncio.timeout(3):
+                while line := await child.stdout.readline():
+                    assert b"MISMATCH" not in line
+        assert child.returncode is None
+        assert not running.done()  # it keeps the daemon (and its uffd) alive
+        await stop(running)
+        for process in (child, reader):
+            process.kill()
+            await process.wait()
+        code, out = await finish(child)
+    assert code == -signal.SIGKILL and "MISMATCH" not in out
+
+
 
 
 @pytest.mark.asyncio

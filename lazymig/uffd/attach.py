@@ -34,7 +34,7 @@ ATTACH_FEATURES = DEFAULT_FEATURES | Feature.THREAD_ID
 
 def attach(socket_path: str | os.PathLike[str], pid: int,
            regions: Iterable[tuple[int, int]], *, finish: bool = True,
-           timeout: float = 10.0) -> None:
+           timeout: float = 10.0, thread_ids: bool = True) -> None:
     """Register ``regions`` of the calling process for lazy filling by a daemon.
 
     Args:
@@ -46,13 +46,16 @@ def attach(socket_path: str | os.PathLike[str], pid: int,
         finish: also send the restore-finished marker, which starts the
             daemon's background fetch.
         timeout: seconds to wait for the daemon.
+        thread_ids: faults carry the faulting thread's id when the kernel can (the
+            daemon kills those threads if pages can never arrive); False hands over
+            a uffd without them, as ``criu restore`` does (the process is then held).
 
     Raises:
         ConfigurationError: a region is not page-aligned.
         BrokenResourceError: the daemon is not there or went away.
         UffdError: the kernel refused the userfaultfd or a registration.
     """
-    features = DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID)
+    features = DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID if thread_ids else 0)
     with Uffd.open(features, non_blocking=True) as uffd:
         for address, length in regions:
             if address % PAGE_SIZE or length % PAGE_SIZE or length <= 0:

@@ -160,7 +160,7 @@ class _Process:
         self.cursor: int | None = None  # where the background goes next (after a fault)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
-        self.fault_address: dict[int, int] = {}  # host tid -> the first page it faulted on
+        self.readers: set[int] = set()  # tids of other processes that read its memory
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.guardian: socket.socket | None = None  # its restorer's connection
         self.forked = False  # a FORK event's child (its guardian lacks its uffd)
@@ -445,6 +445,18 @@ class LazyPagesDaemon:
         if proc.active and proc.ranges.done:
             self._finish(proc, "complete")
 
+    def _learn_thread(self, proc: _Process, tid: int, address: int) -> None:
+        # A process reading this one's memory (process_vm_readv, a debugger) faults on
+        # its pages too, with its own tid: only a thread whose own mapping is the lazy
+        # one belongs to ``proc`` (killed on failure, watched for exit).
+        if not registered_with_userfaultfd(tid, address):
+            proc.readers.add(tid)
+            log.info("pid %d: thread %d of another process reads its memory", proc.pid, tid)
+            return
+        started = _thread_start_time(tid)
+        if started is not None:
+            proc.threads[tid] = started
+
     def _close_uffd(self, proc: _Process) -> None:
         if not proc.uffd.closed:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
@@ -453,11 +465,8 @@ class LazyPagesDaemon:
 
     def _on_fault(self, proc: _Process, fault: Pagefault) -> None:
         address = fault.address & ~(PAGE_SIZE - 1)
-        if fault.ptid and fault.ptid not in proc.threads:
-            started = _thread_start_time(fault.ptid)
-            if started is not None:
-                proc.threads[fault.ptid] = started
-                proc.fault_address[fault.ptid] = address
+        if fault.ptid and fault.ptid not in proc.threads and fault.ptid not in proc.readers:
+            self._learn_thread(proc, fault.ptid, address)
         if proc.report.state == "failed":
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
@@ -631,9 +640,9 @@ class LazyPagesDaemon:
             return
         proc.report.state = "failed"
         proc.report.reason = reason
-        if proc.threads:
-            self._kill(proc, reason)
-        elif hold:
+        if self._kill(proc, reason):
+            return
+        if hold:
             log.error("pid %d: %s; %d pages never arrived: the process is held (it stops at "
                       "its next missing page) until it is killed", proc.pid, reason,
                       proc.ranges.pages_pending + proc.ranges.pages_in_flight)
@@ -642,24 +651,25 @@ class LazyPagesDaemon:
             log.error("pid %d: %s", proc.pid, reason)
         self._check_done()
 
-    def _kill(self, proc: _Process, reason: str) -> None:
+    def _kill(self, proc: _Process, reason: str) -> bool:
+        """SIGKILL the threads of ``proc`` seen faulting; False (and its uffd left open,
+        so it stays held at its next missing page) if none is alive or known, as with
+        CRIU's uffds, which carry no thread ids."""
+        killed = []
         for tid, started in proc.threads.items():
-            if _thread_start_time(tid) != started:  # gone, or a reused tid
-                continue
-            # A process reading this one's memory (process_vm_readv, a debugger) faults
-            # too, with its own tid: it is not a thread of the restored process.
-            if not registered_with_userfaultfd(tid, proc.fault_address[tid]):
-                log.warning("pid %d: thread %d faulted on its pages from another process "
-                            "(a reader of its memory): not killed", proc.pid, tid)
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(tid, signal.SIGKILL)
+            if _thread_start_time(tid) == started:  # not a reused tid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(tid, signal.SIGKILL)
+                    killed.append(tid)
+        if not killed:
+            return False
         proc.report.state = "killed"
         proc.report.reason = reason
         log.error("pid %d killed (threads %s): %s; it must not run on pages that never "
-                  "arrived", proc.pid, sorted(proc.threads), reason)
+                  "arrived", proc.pid, killed, reason)
         self._close_uffd(proc)
         self._check_done()
+        return True
 
     def _source_failed(self, exc: BaseException) -> None:
         if not self._failed:
@@ -687,15 +697,13 @@ class LazyPagesDaemon:
         pages would read as zeros, so kill what can be killed, say what cannot, and
         reset the page-server session (the dump side keeps its source)."""
         for proc in self._processes:
-            if proc.report.state in ("running", "failed"):
-                if proc.threads:
-                    self._kill(proc, "the lazy-pages daemon was stopped")
-                else:
-                    proc.report.state = "abandoned"
-                    log.error("pid %d: the lazy-pages daemon was stopped with %d pages "
-                              "missing; its faulting threads could not be identified, so it "
-                              "is not killed: kill it", proc.pid,
-                              proc.ranges.pages_pending + proc.ranges.pages_in_flight)
+            if proc.report.state in ("running", "failed") and not self._kill(
+                    proc, "the lazy-pages daemon was stopped"):
+                proc.report.state = "abandoned"
+                log.error("pid %d: the lazy-pages daemon was stopped with %d pages "
+                          "missing; its faulting threads could not be identified, so it "
+                          "is not killed: kill it", proc.pid,
+                          proc.ranges.pages_pending + proc.ranges.pages_in_flight)
         self.source.abort()
         for proc in self._processes:
             self._close_uffd(proc)
