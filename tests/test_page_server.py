@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from lazydump import page_pattern, write_lazy_dump
 
-from lazymig.dump.server import PageServer
+from lazymig.dump.server import PageServer, _Unserved
 from lazymig.dump.store import ImagesPageStore
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.wire import WireVersion
@@ -158,3 +158,28 @@ async def test_hostile_requests_end_only_their_connection(
     assert serving.result() is True
     assert "connection closed" in caplog.text
     assert server.stats.refused_connections == 1
+
+
+def test_unserved_bookkeeping_marks_only_the_ranges_a_get_touches() -> None:
+    """The never-served count, over many ranges (found by bisection), gaps and repeats."""
+    class Store:
+        def pids(self) -> list[int]:
+            return [7]
+
+        def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
+            return [(0x10000 + i * 0x10000, 4) for i in range(100)]  # 4 pages, 12 of gap
+
+    unserved = _Unserved(Store())  # type: ignore[arg-type]
+    assert unserved.remaining == 400
+    unserved.mark(7, 0x10000 + 50 * 0x10000 + PAGE_SIZE, 2)
+    assert unserved.remaining == 398
+    unserved.mark(7, 0x10000 + 50 * 0x10000, 4)  # two pages again, two new
+    assert unserved.remaining == 396
+    unserved.mark(7, 0x10000 + 98 * 0x10000, 0x20000 // PAGE_SIZE)  # across the gap: 8
+    assert unserved.remaining == 388
+    unserved.mark(8, 0x10000, 4)  # an unknown pid changes nothing
+    unserved.mark(7, 0x8000, 2)  # before the first range: nothing
+    assert unserved.remaining == 388
+    for i in range(100):
+        unserved.mark(7, 0x10000 + i * 0x10000, 4)
+    assert unserved.remaining == 0

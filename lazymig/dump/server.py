@@ -24,6 +24,7 @@ one reused buffer per connection.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import ipaddress
@@ -93,25 +94,32 @@ class PageServerStats:
 
 
 class _Unserved:
-    """Which lazy pages have never been served, per pid: one bitmap per range."""
+    """Which lazy pages have never been served, per pid: one bitmap per range, the
+    range holding an address found by bisection (a GET touches only its own ranges)."""
 
     def __init__(self, store: LazyPageStore) -> None:
-        self._ranges: dict[int, list[tuple[int, int, bytearray]]] = {}
+        self._ranges: dict[int, tuple[list[int], list[tuple[int, int, bytearray]]]] = {}
         self.remaining = 0
         for pid in store.pids():
             ranges = [(vaddr, nr, bytearray(b"\1") * nr) for vaddr, nr in store.lazy_ranges(pid)]
-            self._ranges[pid] = ranges
+            self._ranges[pid] = ([vaddr for vaddr, _, _ in ranges], ranges)
             self.remaining += sum(nr for _, nr, _ in ranges)
 
     def mark(self, pid: int, vaddr: int, nr_pages: int) -> None:
+        if self.remaining == 0 or pid not in self._ranges:
+            return
+        starts, ranges = self._ranges[pid]
         end = vaddr + nr_pages * PAGE_SIZE
-        for start, nr, bits in self._ranges.get(pid, ()):
+        i = max(bisect.bisect_right(starts, vaddr) - 1, 0)
+        while i < len(ranges) and ranges[i][0] < end:
+            start, nr, bits = ranges[i]
             lo = max(start, vaddr)
             hi = min(start + nr * PAGE_SIZE, end)
             if lo < hi:
                 first, last = (lo - start) // PAGE_SIZE, (hi - start) // PAGE_SIZE
                 self.remaining -= bits.count(1, first, last)
                 bits[first:last] = bytes(last - first)
+            i += 1
 
 
 class PageServer:
@@ -322,7 +330,10 @@ class _PlainLink:
         self._loop = asyncio.get_running_loop()
 
     async def recv_into(self, buf: bytearray) -> int:
-        return await self._loop.sock_recv_into(self._sock, buf)
+        # Try first: the next request is often there already, and uvloop's
+        # sock_recv_into always waits on the loop (an epoll_ctl pair per request).
+        return await retry_until_ready(self._sock.fileno(),
+                                       functools.partial(self._sock.recv_into, buf))
 
     async def sendall(self, data: bytes) -> None:
         await self._loop.sock_sendall(self._sock, data)

@@ -10,10 +10,12 @@ userfaultfd. The daemon then:
   faults are covered), the reply is UFFDIO_COPYed and the faulting thread
   wakes; a fault outside every lazy range gets the zero page;
 * once that restorer said "restore finished", pulls every page still lazy in
-  the background, in chunks that grow from 64 KiB to 1 MiB (reset on each
-  fault, as CRIU does), at most two in flight, and none started while a fault
-  waits: a fault never queues behind more than two chunks of at most a
-  millisecond each, and it starts past the last fault (spatial locality).
+  the background, in chunks that grow from 64 KiB to 1 MiB, at most two in
+  flight, and none started while a fault waits: a fault never queues behind
+  more than two chunks of at most a millisecond each, and it starts past the
+  last fault (spatial locality). A fault that needs a request of its own
+  shrinks the chunks back to 64 KiB (CRIU: every fault); one on a page already
+  coming (a busy reader catching up with the background) leaves them growing.
   (CRIU grows to 4 MiB; measured here, 1 MiB chunks gave the same background
   throughput and a third of the fault p99.);
 * follows the processes: FORK (the child gets the parent's pending ranges and
@@ -471,9 +473,12 @@ class LazyPagesDaemon:
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
         proc.report.faults += 1
-        proc.chunk_pages = MIN_CHUNK_PAGES
         request = proc.ranges.take_fault(address)
         if request is not None:
+            # Only a fault that must wait for a request of its own shrinks the background
+            # chunks (those queued ahead of the next one); one on a page already coming
+            # (a busy reader catching up with the background) leaves them growing.
+            proc.chunk_pages = MIN_CHUNK_PAGES
             proc.cursor = request.dst + request.nr_pages * PAGE_SIZE
             proc.fault_started[address] = time.monotonic()
             self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
