@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,7 +19,7 @@ from lazymig.dump.server import PageServerStats
 from lazymig.errors import ConfigurationError
 from lazymig.uffd.daemon import DaemonReport
 
-__all__ = ["ServeProgress", "TransferProgress", "percentile", "poll"]
+__all__ = ["ServeProgress", "TransferProgress", "poll"]
 
 P = TypeVar("P")
 
@@ -58,13 +58,13 @@ class TransferProgress:
         processes = report.processes
         copied = sum(p.pages_copied for p in processes)
         on_demand = sum(p.pages_on_demand for p in processes)
-        latencies = report.fault_latencies()
+        latency = report.fault_latency()
         end = report.finished if report.finished is not None else time.monotonic()
         return cls(pages_total=sum(p.pages_total for p in processes),
                    pages_on_demand=on_demand, pages_background=copied - on_demand,
                    faults=sum(p.faults for p in processes),
                    bytes_per_second=report.throughput(),
-                   fault_p50=percentile(latencies, 0.5), fault_p99=percentile(latencies, 0.99),
+                   fault_p50=latency.percentile(0.5), fault_p99=latency.percentile(0.99),
                    elapsed=end - report.started)
 
 
@@ -94,13 +94,6 @@ class ServeProgress:
                    pages_sent=stats.pages_sent, connections=stats.connections,
                    bytes_per_second=stats.throughput(),
                    elapsed=time.monotonic() - stats.started)
-
-
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """The q-quantile (0..1) of an ascending sequence, as the daemon's own report computes it."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def poll(sample: Callable[[], P], finished: asyncio.Future[Any],

@@ -68,6 +68,7 @@ from lazymig.proto.handover import RestoreFinished, ZombieTask
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import Fork, Pagefault, Remap, Remove, Unmap
 from lazymig.uffd.handover import ReceivedTask, receive_record
+from lazymig.uffd.latency import LatencyHistogram
 from lazymig.uffd.ranges import LazyRanges
 from lazymig.uffd.source import PageChunk, PageSource
 from lazymig.uffd.uffd import Uffd
@@ -105,14 +106,8 @@ class ProcessReport:
     reason: str | None = None
     handed_over: float = field(default_factory=time.monotonic)
     """When the daemon got its uffd (time.monotonic)."""
-    fault_latencies: list[float] = field(default_factory=list, repr=False)
-
-    def latency_percentile(self, q: float) -> float | None:
-        """The q-quantile (0..1) of this process's fault round trips, in seconds."""
-        if not self.fault_latencies:
-            return None
-        ordered = sorted(self.fault_latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    fault_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
+    """Its faults' round trips (fault read until its pages were copied)."""
 
 
 @dataclass(slots=True)
@@ -145,8 +140,12 @@ class DaemonReport:
         end = self.finished if self.finished is not None else time.monotonic()
         return self.bytes_copied / max(end - start, 1e-9)
 
-    def fault_latencies(self) -> list[float]:
-        return sorted(x for p in self.processes for x in p.fault_latencies)
+    def fault_latency(self) -> LatencyHistogram:
+        """Every process's fault round trips together."""
+        merged = LatencyHistogram()
+        for p in self.processes:
+            merged.merge(p.fault_latency)
+        return merged
 
 
 class _Process:
@@ -566,7 +565,7 @@ class LazyPagesDaemon:
             return
         now = time.monotonic()
         for address in [a for a in proc.fault_started if dst <= a < dst + length]:
-            proc.report.fault_latencies.append(now - proc.fault_started.pop(address))
+            proc.report.fault_latency.add(now - proc.fault_started.pop(address))
 
     def _uffd_error(self, proc: _Process, exc: UffdError, vaddr: int, nr_pages: int) -> None:
         if exc.process_gone:
@@ -729,14 +728,12 @@ class LazyPagesDaemon:
 
     def _log_summary(self) -> None:
         r = self.report
-        latencies = r.fault_latencies()
-        p50 = latencies[len(latencies) // 2] * 1e6 if latencies else 0.0
-        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e6 \
-            if latencies else 0.0
+        latency = r.fault_latency()
+        p50, p99 = ((latency.percentile(q) or 0.0) * 1e6 for q in (0.5, 0.99))
         log.info("lazy pages %s: %d processes, %.1f MiB copied, %.1f MB/s, %d faults "
                  "(p50 %.0f us, p99 %.0f us)", "complete" if r.ok else "FAILED",
                  len(r.processes), r.bytes_copied / 2**20, r.throughput() / 1e6,
-                 len(latencies), p50, p99)
+                 len(latency), p50, p99)
 
 
 def _thread_start_time(tid: int) -> int | None:
