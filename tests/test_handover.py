@@ -31,6 +31,7 @@ from lazymig.uffd.handover import (
     send_task,
     send_zombie,
 )
+from lazymig.uffd.uffd import Uffd
 
 
 def test_marker_bytes_are_criu_s() -> None:
@@ -69,15 +70,19 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
+def same_file(a: int, b: int) -> bool:
+    """Two fds on one open file (each userfaultfd has an anon inode of its own)."""
+    return os.fstat(a).st_ino == os.fstat(b).st_ino
+
+
 @pytest.mark.asyncio
 async def test_fd_crosses_and_stays_usable(pair: tuple[socket.socket, socket.socket]) -> None:
     restorer, daemon = pair
-    r, w = os.pipe()
-    try:
+    with Uffd.open() as one, Uffd.open() as two:
         async with asyncio.timeout(5):
-            await send_task(restorer, 1234, w)
+            await send_task(restorer, 1234, one.fd)
             await send_zombie(restorer, 77)
-            await send_task(restorer, 99, r)
+            await send_task(restorer, 99, two.fd)
             await send_restore_finished(restorer)
             restorer.shutdown(socket.SHUT_WR)
             first = await receive_record(daemon)
@@ -89,15 +94,12 @@ async def test_fd_crosses_and_stays_usable(pair: tuple[socket.socket, socket.soc
             assert second.pid == 99
             assert await receive_record(daemon) == RestoreFinished()
             assert await receive_record(daemon) is None
-        # The received fds are new fds on the same pipe.
-        assert first.fd not in (r, w)
-        os.write(first.fd, b"through the passed fd")
-        assert os.read(second.fd, 100) == b"through the passed fd"
+        # The received fds are new fds on the uffds sent.
+        assert first.fd not in (one.fd, two.fd)
+        assert same_file(first.fd, one.fd)
+        assert same_file(second.fd, two.fd)
         os.close(first.fd)
         os.close(second.fd)
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 @pytest.mark.asyncio
@@ -133,8 +135,7 @@ async def test_eof_before_the_fd(pair: tuple[socket.socket, socket.socket]) -> N
 @pytest.mark.asyncio
 async def test_slow_sender_is_awaited(pair: tuple[socket.socket, socket.socket]) -> None:
     restorer, daemon = pair
-    r, w = os.pipe()
-    try:
+    with Uffd.open() as uffd:
         async def late() -> None:
             word = encode_task(8)
             for piece in (word[:1], word[1:]):
@@ -142,14 +143,12 @@ async def test_slow_sender_is_awaited(pair: tuple[socket.socket, socket.socket])
                 restorer.send(piece)
             await asyncio.sleep(0.05)
             restorer.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                         struct.pack("i", r))])
+                                         struct.pack("i", uffd.fd))])
 
         async with asyncio.timeout(5), asyncio.TaskGroup() as tg:
             tg.create_task(late())
             record = await receive_record(daemon)
         assert isinstance(record, ReceivedTask)
         assert record.pid == 8
+        assert same_file(record.fd, uffd.fd)
         os.close(record.fd)
-    finally:
-        os.close(r)
-        os.close(w)

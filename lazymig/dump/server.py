@@ -7,7 +7,9 @@ from the store's pipe or file to the socket with ``splice``, never through
 Python objects.
 
 Per connection: requests are handled in order; a malformed request or a GET
-outside the dumped lazy ranges ends *that* connection with a logged reason.
+outside the dumped lazy ranges ends *that* connection with a logged reason, and
+so does a client that leaves its replies unread for ``stall_timeout`` seconds.
+Connections beyond ``max_connections`` are closed as soon as they are accepted.
 The server keeps accepting connections (a daemon that reconnects, a second
 restore of the same dump) until the transfer is complete: every lazy page has
 been served at least once *and* a client closed the session cleanly (CLOSE,
@@ -32,13 +34,15 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lazymig._aio import retry_until_ready
+from lazymig._aio import wait_fd
 from lazymig.dump.store import LazyPageStore, PageSegment
 from lazymig.errors import (
     AuthenticationError,
+    BrokenResourceError,
     ConfigurationError,
     LazyMigError,
     RemoteProtocolError,
@@ -63,6 +67,10 @@ __all__ = ["PageServer", "PageServerStats"]
 log = logging.getLogger(__name__)
 
 _RECV_SIZE = 64 * 1024
+DEFAULT_MAX_CONNECTIONS = 16
+"""Connections served at once: a daemon uses one or two, a reconnecting one briefly more."""
+DEFAULT_STALL_TIMEOUT = 60.0
+"""Seconds a client may leave its replies unread before it is dropped (frees its slot)."""
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _TLS_CHUNK = 256 * 1024
 """Page bytes read and encrypted per TLS send (16 records of 16 KiB)."""
@@ -81,7 +89,8 @@ class PageServerStats:
     requests: int = 0
     connections: int = 0
     refused_connections: int = 0
-    """Connections ended by a protocol error or refused at the TLS handshake."""
+    """Connections ended by a protocol error or a stall, refused at the TLS handshake, or
+    refused over the limit."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -131,6 +140,8 @@ class PageServer:
         port: TCP port (CRIU's ``--port``; 0 picks a free one, see :attr:`port`).
         wire: the header layout to speak.
         max_pages: the largest GET accepted.
+        max_connections: connections served at once; more are closed on accept.
+        stall_timeout: seconds a client may leave a reply unread before it is dropped.
         tls: serve over TLS with mutual certificate checks (CRIU's ``--tls``):
             a :class:`~lazymig.tls.TlsConfig`, a server-side ``ssl.SSLContext``
             (used as is) or a :class:`~lazymig.tls.ServerTls`. Certificates
@@ -145,12 +156,16 @@ class PageServer:
 
     def __init__(self, store: LazyPageStore, *, address: str = "0.0.0.0", port: int = 27,
                  wire: WireVersion = WireVersion.V2, max_pages: int = DEFAULT_MAX_PAGES,
-                 tls: TlsOption | ServerTls | None = None) -> None:
+                 tls: TlsOption | ServerTls | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
         self.store = store
         self.address = address
         self.port = port
         self.wire = wire
         self.max_pages = max_pages
+        self.max_connections = max_connections
+        self.stall_timeout = stall_timeout
         self.tls = None if tls is None else ServerTls.build(tls, address)
         self._listener: socket.socket | None = None
         self._unserved = _Unserved(store)
@@ -215,9 +230,20 @@ class PageServer:
         while True:
             conn, peer = await loop.sock_accept(self._listener)
             self.stats.connections += 1
+            if len(self._connections) >= self.max_connections:
+                self.stats.refused_connections += 1
+                log.warning("page client %s refused: %d connections are open, the limit "
+                            "(max_connections)", peer, len(self._connections))
+                conn.close()
+                continue
             task = tg.create_task(self._serve_connection(conn, peer))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (at most ``max_connections``)."""
+        return len(self._connections)
 
     def close(self) -> None:
         """Stop listening (idempotent). The store is the caller's to close."""
@@ -244,7 +270,9 @@ class PageServer:
             try:
                 if self.tls is not None:
                     tls = await TlsSocket.accept(sock, self.tls)  # takes the socket over
-                clean = await self._handle(_PlainLink(sock) if tls is None else _TlsLink(tls))
+                link = (_PlainLink(sock, self.stall_timeout) if tls is None
+                        else _TlsLink(tls, self.stall_timeout))
+                clean = await self._handle(link)
             except AuthenticationError as exc:
                 self.stats.refused_connections += 1
                 log.error("page client %s refused: %s", peer, exc)
@@ -325,9 +353,10 @@ class _Link(Protocol):
 class _PlainLink:
     """A raw socket: pages go by splice or sendfile and never enter Python."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, stall_timeout: float) -> None:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
+        self._stall_timeout = stall_timeout
 
     async def recv_into(self, buf: bytearray) -> int:
         # Try first: the next request is often there already, and uvloop's
@@ -346,17 +375,19 @@ class _PlainLink:
         except BlockingIOError:
             sent = 0
         if sent < len(header):
-            await self._loop.sock_sendall(self._sock, header[sent:])
-        await _splice_all(segment, self._sock.fileno())
+            await _unless_stalled(self._loop.sock_sendall(self._sock, header[sent:]),
+                                  self._stall_timeout)
+        await _splice_all(segment, self._sock.fileno(), self._stall_timeout)
 
 
 class _TlsLink:
     """A TLS session: pages are read from the segment into one reused buffer and
     encrypted from there."""
 
-    def __init__(self, tls: TlsSocket) -> None:
+    def __init__(self, tls: TlsSocket, stall_timeout: float) -> None:
         self._tls = tls
         self._buf = bytearray(_TLS_CHUNK)
+        self._stall_timeout = stall_timeout
 
     async def recv_into(self, buf: bytearray) -> int:
         return await self._tls.recv_into(buf)
@@ -368,7 +399,7 @@ class _TlsLink:
         # The header goes in a TLS record of its own: CRIU's client reads it with one
         # gnutls_record_recv and then waits for the socket to be readable for the pages,
         # which would never come if they sat decrypted in GnuTLS's buffer already.
-        await self._tls.sendall(header)
+        await _unless_stalled(self._tls.sendall(header), self._stall_timeout)
         view = memoryview(self._buf)
         remaining, offset = segment.length, segment.offset
         while remaining:
@@ -379,17 +410,29 @@ class _TlsLink:
                    else os.preadv(segment.fd, [chunk], offset))
             if got == 0:
                 raise LazyMigError("page store ran dry while sending (segment shorter than said)")
-            await self._tls.sendall(view[:got])
+            await _unless_stalled(self._tls.sendall(view[:got]), self._stall_timeout)
             remaining -= got
             if offset is not None:
                 offset += got
 
 
-async def _splice_all(segment: PageSegment, sock_fd: int) -> None:
-    """Move the segment's bytes into the non-blocking socket, waiting when it is full.
+async def _unless_stalled(sending: Awaitable[None], stall_timeout: float) -> None:
+    """Await ``sending``; a client that lets it wait ``stall_timeout`` s is broken."""
+    try:
+        async with asyncio.timeout(stall_timeout):
+            await sending
+    except TimeoutError:
+        raise BrokenResourceError(f"page client left its replies unread for "
+                                  f"{stall_timeout:g} s (stall_timeout)") from None
+
+
+async def _splice_all(segment: PageSegment, sock_fd: int, stall_timeout: float) -> None:
+    """Move the segment's bytes into the non-blocking socket, waiting when it is full
+    (but not longer than ``stall_timeout`` at a time: the client stopped reading).
 
     A pipe segment goes by splice; a file segment by sendfile (splice needs a
-    pipe on one side). Either way the bytes never enter Python.
+    pipe on one side). Either way the bytes never enter Python. The timeout is
+    armed only when the socket is full, so the hot path pays nothing for it.
     """
     remaining = segment.length
     offset = segment.offset
@@ -399,7 +442,11 @@ async def _splice_all(segment: PageSegment, sock_fd: int) -> None:
                                      flags=_SPLICE_FLAGS)
         else:
             move = functools.partial(os.sendfile, sock_fd, segment.fd, offset, remaining)
-        moved = await retry_until_ready(sock_fd, move, writable=True)
+        try:
+            moved = move()
+        except (BlockingIOError, InterruptedError):
+            await _unless_stalled(wait_fd(sock_fd, writable=True), stall_timeout)
+            continue
         if moved == 0:
             raise LazyMigError("page store ran dry while sending (segment shorter than said)")
         remaining -= moved

@@ -145,6 +145,9 @@ class ImagesPageStore:
                 "(dump --lazy-pages), so only that dumper can serve them", path=path)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._fds.append(fd)
+        if os.fstat(fd).st_size < index.size:  # its pagemap claims pages it does not hold
+            raise ImageError(f"{os.fstat(fd).st_size} bytes where the pagemap of pid {pid} "
+                             f"says {index.size}", path=path)
         self._index[pid] = (fd, index)
         self._ranges[pid] = _Ranges([(r.vaddr, r.nr_pages) for r in ranges])
 

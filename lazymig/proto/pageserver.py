@@ -51,6 +51,7 @@ from lazymig.proto.wire import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_PAGES",
     "NEED_DATA",
     "AddPages",
@@ -72,6 +73,13 @@ __all__ = [
 
 DEFAULT_MAX_PAGES: Final = (4 << 20) // PAGE_SIZE
 """Most pages one message may carry or ask for: 4 MiB, CRIU's MAX_XFER_LEN."""
+
+DEFAULT_MAX_IN_FLIGHT: Final = 1024
+"""Most requests awaiting a reply on one connection (pipelined GETs, OPEN2, PARENT).
+
+lazymig's daemon keeps a few background chunks plus one GET per faulting thread in
+flight; a peer that piles up more is refused rather than queued without bound.
+"""
 
 MAX_PID: Final = (1 << 31) - 1
 _ADDRESS_LIMIT: Final = 1 << 64
@@ -215,6 +223,9 @@ class PageServerConnection:
         role: which end we are.
         version: the header layout spoken on this connection.
         max_pages: the most pages a message may carry or ask for.
+        max_in_flight: the most requests that may await a reply at once; a server
+            refuses the request over it (RemoteProtocolError), a client does not
+            send it (LocalProtocolError).
 
     Example::
 
@@ -224,13 +235,17 @@ class PageServerConnection:
         event = client.next_event()   # GetReply(...), then PageData(...)
     """
 
-    __slots__ = ("_buf", "_eof", "_in_payload", "_max_pages", "_out_payload",
+    __slots__ = ("_buf", "_eof", "_in_payload", "_max_in_flight", "_max_pages", "_out_payload",
                  "_pos", "_unanswered", "role", "state", "version")
 
     def __init__(self, role: Role, version: WireVersion = WireVersion.V2, *,
-                 max_pages: int = DEFAULT_MAX_PAGES) -> None:
+                 max_pages: int = DEFAULT_MAX_PAGES,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         if max_pages < 1 or max_pages > version.max_nr_pages:
             raise ValueError(f"max_pages must be between 1 and {version.max_nr_pages}")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._max_in_flight = max_in_flight
         self.role = role
         self.version = version
         self.state = State.OPEN
@@ -360,22 +375,22 @@ class PageServerConnection:
             if not 0 < h.dst_id <= MAX_PID:
                 raise RemoteProtocolError(f"GET for invalid pid {h.dst_id}", field="dst_id")
             get = GetRequest(h.dst_id, h.vaddr, h.nr_pages)
-            self._unanswered.append(get)
+            self._await_reply(get, remote=True)
             return get
         if code in (Cmd.CLOSE, Cmd.FORCE_CLOSE):
             close = CloseRequest(force=code is Cmd.FORCE_CLOSE)
-            self._unanswered.append(close)
+            self._await_reply(close, remote=True)
             self.state = State.CLOSING
             return close
         dst_type, id_ = _decode_target(h.dst_id)
         if code in (Cmd.OPEN, Cmd.OPEN2):
             opened = OpenRequest(dst_type, id_, wants_reply=code is Cmd.OPEN2)
             if opened.wants_reply:
-                self._unanswered.append(opened)
+                self._await_reply(opened, remote=True)
             return opened
         if code is Cmd.PARENT:
             parent = ParentRequest(dst_type, id_)
-            self._unanswered.append(parent)
+            self._await_reply(parent, remote=True)
             return parent
         if code is Cmd.ADD:
             _check_flags(h.flags, allowed=0, remote=True)
@@ -390,6 +405,13 @@ class PageServerConnection:
         if flags & PE.PRESENT:
             self._in_payload = h.nr_pages * PAGE_SIZE
         return AddPages(dst_type, id_, h.vaddr, h.nr_pages, flags)
+
+    def _await_reply(self, request: GetRequest | OpenRequest | ParentRequest | CloseRequest,
+                     *, remote: bool) -> None:
+        if len(self._unanswered) >= self._max_in_flight:
+            raise _error(remote, f"more than {self._max_in_flight} requests awaiting a reply "
+                                 f"on one connection (max_in_flight)", "cmd")
+        self._unanswered.append(request)
 
     def _next_reply(self) -> Event | _NeedData:
         if not self._unanswered:
@@ -483,19 +505,19 @@ class PageServerConnection:
             _check_pages(event.nr_pages, event.vaddr, self._max_pages, remote=False)
             if not 0 < event.pid <= MAX_PID:
                 raise LocalProtocolError(f"invalid pid {event.pid}", field="dst_id")
-            self._unanswered.append(event)
+            self._await_reply(event, remote=False)
             return self._header(Cmd.GET, 0, event.nr_pages, event.vaddr, event.pid)
         if isinstance(event, CloseRequest):
-            self._unanswered.append(event)
+            self._await_reply(event, remote=False)
             self.state = State.CLOSING
             return self._header(Cmd.FORCE_CLOSE if event.force else Cmd.CLOSE, 0, 0, 0, 0)
         if isinstance(event, OpenRequest):
             if event.wants_reply:
-                self._unanswered.append(event)
+                self._await_reply(event, remote=False)
             code = Cmd.OPEN2 if event.wants_reply else Cmd.OPEN
             return self._header(code, 0, 0, 0, encode_dst_id(event.dst_type, event.id))
         if isinstance(event, ParentRequest):
-            self._unanswered.append(event)
+            self._await_reply(event, remote=False)
             return self._header(Cmd.PARENT, 0, 0, 0, encode_dst_id(event.dst_type, event.id))
         assert isinstance(event, AddPages)
         flags = _check_flags(int(event.flags), allowed=int(VALID_FLAGS), remote=False)

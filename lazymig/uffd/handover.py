@@ -32,6 +32,8 @@ from lazymig.proto.handover import (
 __all__ = ["ReceivedTask", "receive_record", "send_restore_finished", "send_task", "send_zombie"]
 
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+_UFFD_LINK = "anon_inode:[userfaultfd]"
+"""What /proc/self/fd/N reads for a userfaultfd."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,13 @@ def _recv_fd(sock: socket.socket) -> int:
         raise RemoteProtocolError(
             f"expected one byte carrying one uffd, got {data!r} with {len(fds)} fds"
             + (" (truncated)" if flags & socket.MSG_CTRUNC else ""), field="uffd")
-    return fds[0]
+    fd = fds[0]
+    kind = os.readlink(f"/proc/self/fd/{fd}")
+    if kind != _UFFD_LINK:  # a peer's pipe or file would be read as uffd events
+        os.close(fd)
+        raise RemoteProtocolError(f"the fd handed over is not a userfaultfd but {kind}",
+                                  field="uffd")
+    return fd
 
 
 async def receive_record(sock: socket.socket) -> ReceivedTask | ZombieTask | RestoreFinished | None:
