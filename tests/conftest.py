@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import uvloop
 
+pytest_plugins = ["reliability"]  # the reliability record (docs/reliability.md)
+
 
 def _strict_loop(factory: Callable[[], asyncio.AbstractEventLoop]) -> asyncio.AbstractEventLoop:
     loop = factory()
