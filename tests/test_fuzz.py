@@ -26,7 +26,7 @@ SECONDS = 3
 
 WHAT = {
     "pageserver_server": "page-server codec, server role (what a client sends), v1 and v2",
-    "pageserver_client": "page-server codec, client role (a server's replies to pipelined requests)",
+    "pageserver_client": "page-server codec, client role (replies to pipelined requests)",
     "wire_header": "page-server header: fast path against the construct declaration",
     "handover": "restore-to-daemon handover words, and the stream over a real socket",
     "uffd_events": "userfaultfd message decoder",

@@ -14,6 +14,7 @@ import functools
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from lazymig._aio import retry_until_ready
 from lazymig.errors import BrokenResourceError, RemoteProtocolError
@@ -74,10 +75,10 @@ def _recv_fd(sock: socket.socket) -> int:
             f"expected one byte carrying one uffd, got {data!r} with {len(fds)} fds"
             + (" (truncated)" if flags & socket.MSG_CTRUNC else ""), field="uffd")
     fd = fds[0]
-    kind = os.readlink(f"/proc/self/fd/{fd}")
-    if kind != _UFFD_LINK:  # a peer's pipe or file would be read as uffd events
+    link = str(Path(f"/proc/self/fd/{fd}").readlink())
+    if link != _UFFD_LINK:  # a peer's pipe or file would be read as uffd events
         os.close(fd)
-        raise RemoteProtocolError(f"the fd handed over is not a userfaultfd but {kind}",
+        raise RemoteProtocolError(f"the fd handed over is not a userfaultfd but {link}",
                                   field="uffd")
     return fd
 
