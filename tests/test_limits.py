@@ -1,0 +1,308 @@
+"""Limits and hostile peers, over real TCP and real UNIX sockets: while one client asks
+for things it must not get, another (lazymig's own RemotePageSource, or an attach()
+child through the daemon) is served, and gets every page intact.
+
+Each test records what it tried in the reliability table (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from lazydump import write_lazy_dump
+from reliability import Recorder
+from test_daemon import finish, layout, page_server, run_daemon, spawn, stop
+from test_dump_pagepipe import SEED, memory
+from test_dump_pagepipe import layout as pipe_layout
+from test_page_server import DUMP, GET, OTHER, PID, MiniClient, expected, raw
+from workloads import expected_page
+
+from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.server import PageServer
+from lazymig.dump.store import ImagesPageStore, PipePageStore
+from lazymig.errors import ImageError, LocalProtocolError, RemoteProtocolError
+from lazymig.linux.vm import AnonMapping
+from lazymig.proto.constants import PAGE_SIZE, PE
+from lazymig.proto.images import ImagesDir, PagemapEntry
+from lazymig.proto.pageserver import GetRequest, PageServerConnection, Role, State
+from lazymig.proto.wire import WireVersion
+from lazymig.uffd.handover import send_task
+from lazymig.uffd.source import RemotePageSource
+
+__all__ = ["memory", "page_server"]  # fixtures borrowed from the daemon and page-pipe tests
+
+WIRE = WireVersion.V2
+TOP = (1 << 64) - PAGE_SIZE
+FIRST, SECOND = DUMP[PID]
+
+
+@pytest_asyncio.fixture
+async def images_server(tmp_path: Path) -> AsyncIterator[PageServer]:
+    """The dump of test_page_server (two pids, three lazy ranges) on a small server."""
+    store = ImagesPageStore(write_lazy_dump(tmp_path, DUMP))
+    async with PageServer(store, address="127.0.0.1", port=0, max_connections=4,
+                          stall_timeout=0.5) as server:
+        yield server
+    store.close()
+
+
+async def fetch_everything(port: int, rounds: int) -> int:
+    """A daemon-side client fetching every lazy page ``rounds`` times, checking each byte."""
+    source = await RemotePageSource.connect("127.0.0.1", port, wire=WIRE)
+    pages = 0
+    try:
+        for _ in range(rounds):
+            for pid, ranges in DUMP.items():
+                for vaddr, nr in ranges:
+                    chunk = await source.get(pid, vaddr, nr)
+                    assert (chunk.vaddr, chunk.nr_pages) == (vaddr, nr)
+                    assert bytes(chunk.data) == expected(pid, vaddr, nr)
+                    chunk.release()
+                    pages += nr
+    finally:
+        await source.aclose()
+    return pages
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (the caller's asyncio.timeout bounds the wait)."""
+    for _ in itertools.count():
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+OUTSIDE = {
+    "the gap between two lazy ranges": (PID, FIRST[0] + FIRST[1] * PAGE_SIZE, 1),
+    "the page before a range": (PID, FIRST[0] - PAGE_SIZE, 1),
+    "the page after a range": (PID, SECOND[0] + SECOND[1] * PAGE_SIZE, 1),
+    "the top of the address space": (PID, TOP, 1),
+    "an address that wraps": (PID, TOP, 2),
+    "a pid above pid_max": (2**40, FIRST[0], 1),
+    "pid 0": (0, FIRST[0], 1),
+    "nr_pages over the limit": (PID, FIRST[0], 2**20 + 1),
+    "nr_pages 0": (PID, FIRST[0], 0),
+    "another pid's range": (PID, DUMP[OTHER][0][0], 1),
+}
+
+
+@pytest.mark.asyncio
+async def test_gets_outside_the_dump_are_refused_while_a_client_is_served(
+        images_server: PageServer, reliability: Recorder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(images_server.serve())
+        good = tg.create_task(fetch_everything(images_server.port, rounds=20))
+        for pid, vaddr, nr in OUTSIDE.values():
+            hostile = await MiniClient.connect(images_server.port, WIRE)
+            hostile.writer.write(raw(WIRE, GET, nr, vaddr, pid))
+            assert await hostile.closed_by_server()  # no reply header, no page byte
+            hostile.writer.close()
+        # A GET that starts in a range and runs past its end gets that range's pages only.
+        clamped = await MiniClient.connect(images_server.port, WIRE)
+        last = SECOND[0] + (SECOND[1] - 1) * PAGE_SIZE
+        assert await clamped.get(PID, last, 100) == (1, expected(PID, last, 1))
+        assert await clamped.close() == 0
+        pages = await good
+    assert serving.result() is True
+    assert images_server.stats.refused_connections == len(OUTSIDE)
+    assert caplog.text.count("connection closed") == len(OUTSIDE)
+    reliability.record(
+        "Limits and hostile peers", "GETs outside the dumped lazy ranges (images store)",
+        tried=f"{len(OUTSIDE)} kinds over TCP ({', '.join(OUTSIDE)}), plus a GET running past "
+              f"a range's end, while another client fetched {pages} pages",
+        held="each refused with a logged reason and only its connection closed; the clamped "
+             "GET got the range's last page only; the other client got every byte intact")
+
+
+@pytest.mark.asyncio
+async def test_live_page_pipes_serve_only_lazy_pages(memory: AnonMapping,
+                                                     reliability: Recorder) -> None:
+    base = memory.address
+    pipes = PagePipes.collect(os.getpid(), pipe_layout(base), pipe_size=16 * PAGE_SIZE)
+    store = PipePageStore(os.getpid(), pipes)
+    refused = {"a non-lazy page": 20, "the middle of the non-lazy run": 22,
+               "a page never dumped": 53, "the non-lazy run at the end": 61}
+    try:
+        async with PageServer(store, address="127.0.0.1", port=0) as server, \
+                asyncio.timeout(30), asyncio.TaskGroup() as tg:
+            serving = tg.create_task(server.serve())
+            good = await MiniClient.connect(server.port, WIRE)
+            for page in refused.values():
+                hostile = await MiniClient.connect(server.port, WIRE)
+                hostile.writer.write(raw(WIRE, GET, 1, base + page * PAGE_SIZE, os.getpid()))
+                assert await hostile.closed_by_server()
+                hostile.writer.close()
+                # Between two refusals, a lazy page still arrives intact.
+                vaddr = base + (page % 20) * PAGE_SIZE
+                assert await good.get(os.getpid(), vaddr, 1) == (1, expected_page(vaddr, SEED))
+            # Lazy pages 18, 19 are followed by non-lazy 20..22: the reply stops at 19.
+            got, data = await good.get(os.getpid(), base + 18 * PAGE_SIZE, 10)
+            assert got == 2
+            assert data == expected_page(base + 18 * PAGE_SIZE, SEED) + expected_page(
+                base + 19 * PAGE_SIZE, SEED)
+            for vaddr, nr in store.lazy_ranges(os.getpid()):
+                pages = b"".join(expected_page(vaddr + i * PAGE_SIZE, SEED) for i in range(nr))
+                assert await good.get(os.getpid(), vaddr, nr) == (nr, pages)
+            assert await good.close() == 0
+        assert serving.result() is True
+    finally:
+        store.close()
+    reliability.record(
+        "Limits and hostile peers", "GETs outside the lazy pages of a live dump (page pipes)",
+        tried=f"{len(refused)} GETs for non-lazy or undumped pages of a live process, and a GET "
+              "running from lazy pages into non-lazy ones",
+        held="refused; the reply stopped at the last lazy page; lazy pages served intact")
+
+
+@pytest.mark.asyncio
+async def test_connections_over_the_limit_are_refused(
+        images_server: PageServer, reliability: Recorder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    limit = images_server.max_connections
+    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(images_server.serve())
+        idle = [await MiniClient.connect(images_server.port, WIRE) for _ in range(limit)]
+        await until(lambda: images_server.stats.open_connections == limit)
+        extra = [await MiniClient.connect(images_server.port, WIRE) for _ in range(3)]
+        for client in extra:
+            assert await client.closed_by_server()
+            client.writer.close()
+        # Slots come back when connections end: a real client then gets everything.
+        for client in idle[:2]:
+            client.writer.close()
+        await until(lambda: images_server.stats.open_connections == limit - 2)
+        pages = await fetch_everything(images_server.port, rounds=2)
+        for client in idle[2:]:
+            client.writer.close()
+    assert serving.result() is True
+    assert caplog.text.count("(max_connections)") == len(extra)
+    reliability.record(
+        "Limits and hostile peers", "connections per page server",
+        tried=f"{limit} idle connections held open (max_connections={limit}), 3 more attempted",
+        held=f"the 3 were closed at once with a logged reason; once 2 idle ones left, a "
+             f"client connected and got its {pages} pages")
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_stops_reading_is_dropped(
+        images_server: PageServer, reliability: Recorder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    flood = 20000
+    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(images_server.serve())
+        hostile = socket.create_connection(("127.0.0.1", images_server.port))
+        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = raw(WIRE, GET, FIRST[1], FIRST[0], PID)
+        hostile.setblocking(False)
+        sent = 0
+        while sent < flood:  # pipeline GETs and never read a reply
+            try:
+                hostile.send(request)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                if "stall_timeout" in caplog.text:
+                    break
+                continue
+            sent += 1
+        await until(lambda: "stall_timeout" in caplog.text)
+        pages = await fetch_everything(images_server.port, rounds=5)
+        hostile.close()
+    assert serving.result() is True
+    assert images_server.stats.refused_connections == 1
+    reliability.record(
+        "Limits and hostile peers", "requests in flight: a client that never reads its replies",
+        tried=f"{sent} GETs of {FIRST[1]} pages pipelined without reading (stall_timeout 0.5 s)",
+        held=f"the server read no further than it could answer, dropped the client with a "
+             f"logged reason after 0.5 s; another client then got its {pages} pages")
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_requests_in_flight_are_bounded_in_the_codec(role: Role,
+                                                     reliability: Recorder) -> None:
+    limit = 4
+    codec = PageServerConnection(role, WIRE, max_in_flight=limit)
+    gets = [GetRequest(PID, FIRST[0], 1)] * (limit + 1)
+    if role is Role.CLIENT:
+        for get in gets[:limit]:
+            codec.send(get)
+        with pytest.raises(LocalProtocolError, match="max_in_flight"):
+            codec.send(gets[-1])
+    else:
+        codec.receive_data(b"".join(raw(WIRE, GET, 1, FIRST[0], PID) for _ in gets))
+        assert [codec.next_event() for _ in range(limit)] == gets[:limit]
+        with pytest.raises(RemoteProtocolError, match="max_in_flight"):
+            codec.next_event()
+    assert codec.state is State.ERROR
+    reliability.record(
+        "Limits and hostile peers", f"requests in flight per connection ({role.value} codec)",
+        tried=f"{limit + 1} requests unanswered with max_in_flight={limit}",
+        held="the one over the limit raised an error naming max_in_flight")
+
+
+def test_a_pagemap_larger_than_its_pages_image_is_refused(tmp_path: Path,
+                                                          reliability: Recorder) -> None:
+    images = write_lazy_dump(tmp_path, {1: [(0x7F0000000000, 4)]})
+    # The pagemap now claims 2**32 lazy pages (16 TiB) over a 16 KiB pages image, and the
+    # mm a VMA that holds them: the server must not size anything by that claim.
+    huge = 2**32
+    mm = images.mm(1)
+    mm.vmas[0].end = mm.vmas[0].start + huge * PAGE_SIZE
+    images.write_mm(1, mm)
+    images.write_pagemap(1, 1, [PagemapEntry(0x7F0000000000, huge, PE.LAZY | PE.PRESENT)])
+    with pytest.raises(ImageError, match=f"16384 bytes where the pagemap of pid 1 says "
+                                         f"{huge * PAGE_SIZE}"):
+        ImagesPageStore(ImagesDir(tmp_path))
+    reliability.record(
+        "Limits and hostile peers", "image sizes: a pagemap claiming more than its pages image",
+        tried="a pagemap and mm claiming 2^32 lazy pages over a 16 KiB pages image "
+              "(entries over 64 MiB are refused by every image reader)",
+        held="refused with an ImageError naming both sizes, before anything was sized by it")
+
+
+@pytest.mark.asyncio
+async def test_a_restorer_handing_over_something_else_is_refused(
+        page_server: tuple[Path, PageServer], reliability: Recorder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source, expect_tasks=1)
+        (pid, [(vaddr, nr)]), (other, _), *_ = layout(2).items()
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX) as hostile:
+                hostile.setblocking(False)
+                await loop.sock_connect(hostile, str(daemon.socket_path))
+                await send_task(hostile, other, read_end)  # a pipe where a uffd belongs
+                assert await loop.sock_recv(hostile, 1) == b""  # the daemon hung up
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, "touch")
+        code, out = await finish(child)
+        report = await running
+        await stop(serving)
+    assert code == 0, out
+    assert "MISMATCH" not in out
+    assert report.restore_error is not None
+    assert "not a userfaultfd but pipe:" in report.restore_error
+    assert [(p.pid, p.state) for p in report.processes] == [(pid, "complete")]
+    reliability.record(
+        "Limits and hostile peers", "a restorer handing over a pipe instead of a userfaultfd",
+        tried="a pipe fd sent with CRIU's handover while an attach() child restored its pages",
+        held="refused (the fd is checked to be a userfaultfd), the failure reported; the "
+             "child got every page intact")
