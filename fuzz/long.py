@@ -61,6 +61,8 @@ def _minimise(target: str, found: Path) -> int:
     subprocess.run([sys.executable, "-m", "fuzz.run", target, "-merge=1", *LIBFUZZER_LIMITS,
                     str(merged), str(corpus), str(found)],
                    cwd=FUZZ.parent, capture_output=True, check=True)
+    if not any(merged.iterdir()):
+        sys.exit(f"{target}: the merge kept nothing; fuzz/corpus/{target} left as it was")
     shutil.rmtree(corpus)
     shutil.copytree(merged, corpus)
     return len(list(corpus.iterdir()))
@@ -69,10 +71,13 @@ def _minimise(target: str, found: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=600)
-    parser.add_argument("targets", nargs="*", choices=[*TARGETS, []], default=list(TARGETS))
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help=", ".join(TARGETS))
     args = parser.parse_args()
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {sorted(unknown)}")
     runs = json.loads(LONG_RUNS.read_text()) if LONG_RUNS.exists() else []
-    for target in args.targets:
+    for target in args.targets or TARGETS:
         with tempfile.TemporaryDirectory() as tmp:
             found = Path(tmp) / "found"
             found.mkdir()

@@ -24,8 +24,9 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
         sys.exit(f"usage: python -m fuzz.run TARGET [libFuzzer options]; targets: "
                  f"{', '.join(TARGETS)}")
-    target = TARGETS[sys.argv[1]]
-    atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
+    name = sys.argv[1]
+    # libFuzzer runs argv[0] through the shell for -merge: make it this very command.
+    atheris.Setup([f"{sys.executable} -m fuzz.run {name}", *sys.argv[2:]], TARGETS[name])
     atheris.Fuzz()
 
 

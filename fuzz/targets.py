@@ -99,9 +99,9 @@ def _pieces(body: bytes, cut: int) -> list[bytes]:
     return [body[i:i + cut] for i in range(0, len(body), cut)]
 
 
-def _check_bounded(conn: PageServerConnection, cut: int) -> None:
+def _check_bounded(conn: PageServerConnection, cut: int, in_flight: int) -> None:
     assert conn.buffered <= cut + BUFFER_SLACK, f"{conn.buffered} bytes left undrained"
-    assert conn.unanswered <= MAX_IN_FLIGHT
+    assert conn.unanswered <= in_flight
 
 
 # ---------------------------------------------------------------- page server, server role
@@ -136,7 +136,7 @@ def pageserver_server(data: bytes) -> None:
         for piece in _pieces(body, cut):
             conn.receive_data(piece)
             _serve(conn)
-            _check_bounded(conn, cut)
+            _check_bounded(conn, cut, MAX_IN_FLIGHT)
         conn.receive_data(b"")
         assert not _serve(conn)
     except RemoteProtocolError:
@@ -166,8 +166,9 @@ def pageserver_client(data: bytes) -> None:
     """Bytes a page server answers, fed to the client role after a pipeline of requests."""
     version, cut, body = _params(data)
     spec, body = int.from_bytes(body[:2], "little"), body[2:]
+    in_flight = MAX_IN_FLIGHT + 1  # the longest pipeline: 8 requests and a CLOSE
     conn = PageServerConnection(Role.CLIENT, version, max_pages=MAX_PAGES,
-                                max_in_flight=MAX_IN_FLIGHT + 1)
+                                max_in_flight=in_flight)
     for request in request_pipeline(spec):
         conn.send(request)
     payload = 0
@@ -184,7 +185,7 @@ def pageserver_client(data: bytes) -> None:
                 elif isinstance(event, ConnectionClosed):
                     break
             if piece:
-                _check_bounded(conn, cut)
+                _check_bounded(conn, cut, in_flight)
     except RemoteProtocolError:
         assert conn.state is State.ERROR
 
