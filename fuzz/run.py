@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-import atheris
+import atheris  # type: ignore[import-untyped]
 
 with atheris.instrument_imports(include=["lazymig", "fuzz"]):
     from fuzz.targets import TARGETS
