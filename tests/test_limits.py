@@ -8,10 +8,12 @@ Each test records what it tried in the reliability table (docs/reliability.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from test_daemon import finish, layout, page_server, run_daemon, spawn, stop
 from test_dump_pagepipe import SEED, memory
 from test_dump_pagepipe import layout as pipe_layout
 from test_page_server import DUMP, GET, OTHER, PID, MiniClient, expected, raw
+from test_tls import pki
+from tls_pki import Pki
 from workloads import expected_page
 
 from lazymig.dump.pagepipe import PagePipes
@@ -34,29 +38,40 @@ from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry
 from lazymig.proto.pageserver import GetRequest, PageServerConnection, Role, State
 from lazymig.proto.wire import WireVersion
+from lazymig.tls import TlsConfig
 from lazymig.uffd.handover import send_task
 from lazymig.uffd.source import RemotePageSource
 
-__all__ = ["memory", "page_server"]  # fixtures borrowed from the daemon and page-pipe tests
+__all__ = ["memory", "page_server", "pki"]  # fixtures borrowed from other tests
 
 WIRE = WireVersion.V2
 TOP = (1 << 64) - PAGE_SIZE
 FIRST, SECOND = DUMP[PID]
 
 
+@contextlib.asynccontextmanager
+async def small_server(directory: Path, tls: TlsConfig | None = None
+                       ) -> AsyncIterator[PageServer]:
+    """The dump of test_page_server (two pids, three lazy ranges) on a server with small
+    limits: 4 connections, 0.5 s to read a reply."""
+    store = ImagesPageStore(write_lazy_dump(directory, DUMP))
+    try:
+        async with PageServer(store, address="127.0.0.1", port=0, max_connections=4,
+                              stall_timeout=0.5, tls=tls) as server:
+            yield server
+    finally:
+        store.close()
+
+
 @pytest_asyncio.fixture
 async def images_server(tmp_path: Path) -> AsyncIterator[PageServer]:
-    """The dump of test_page_server (two pids, three lazy ranges) on a small server."""
-    store = ImagesPageStore(write_lazy_dump(tmp_path, DUMP))
-    async with PageServer(store, address="127.0.0.1", port=0, max_connections=4,
-                          stall_timeout=0.5) as server:
+    async with small_server(tmp_path) as server:
         yield server
-    store.close()
 
 
-async def fetch_everything(port: int, rounds: int) -> int:
+async def fetch_everything(port: int, rounds: int, tls: TlsConfig | None = None) -> int:
     """A daemon-side client fetching every lazy page ``rounds`` times, checking each byte."""
-    source = await RemotePageSource.connect("127.0.0.1", port, wire=WIRE)
+    source = await RemotePageSource.connect("127.0.0.1", port, wire=WIRE, tls=tls)
     pages = 0
     try:
         for _ in range(rounds):
@@ -194,36 +209,38 @@ async def test_connections_over_the_limit_are_refused(
              f"client connected and got its {pages} pages")
 
 
+def client_context(pki: Pki) -> ssl.SSLContext:
+    """A hostile but authenticated client: the test CA's client certificate."""
+    ctx = ssl.create_default_context(cafile=pki.ca)
+    ctx.load_cert_chain(pki.client.cert, pki.client.key)
+    return ctx
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("over", ["tcp", "tls"])
 async def test_a_client_that_stops_reading_is_dropped(
-        images_server: PageServer, reliability: Recorder,
+        tmp_path: Path, pki: Pki, over: str, reliability: Recorder,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     flood = 20000
-    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
-        serving = tg.create_task(images_server.serve())
-        hostile = socket.create_connection(("127.0.0.1", images_server.port))
-        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        request = raw(WIRE, GET, FIRST[1], FIRST[0], PID)
-        hostile.setblocking(False)
-        sent = 0
-        while sent < flood:  # pipeline GETs and never read a reply
-            try:
-                hostile.send(request)
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-                if "stall_timeout" in caplog.text:
-                    break
-                continue
-            sent += 1
+    server_tls, client_tls = (pki.config(pki.server), pki.config(pki.client)) \
+        if over == "tls" else (None, None)
+    async with small_server(tmp_path, server_tls) as server, asyncio.timeout(30), \
+            asyncio.TaskGroup() as tg:
+        serving = tg.create_task(server.serve())
+        _, hostile = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=client_context(pki) if over == "tls" else None)
+        # Pipeline GETs and never read a reply (the stream buffers what the kernel won't take).
+        hostile.write(raw(WIRE, GET, FIRST[1], FIRST[0], PID) * flood)
         await until(lambda: "stall_timeout" in caplog.text)
-        pages = await fetch_everything(images_server.port, rounds=5)
-        hostile.close()
+        pages = await fetch_everything(server.port, rounds=5, tls=client_tls)
+        hostile.transport.abort()
     assert serving.result() is True
-    assert images_server.stats.refused_connections == 1
+    assert server.stats.refused_connections == 1
     reliability.record(
-        "Limits and hostile peers", "requests in flight: a client that never reads its replies",
-        tried=f"{sent} GETs of {FIRST[1]} pages pipelined without reading (stall_timeout 0.5 s)",
+        "Limits and hostile peers",
+        f"requests in flight: a client that never reads its replies ({over.upper()})",
+        tried=f"{flood} GETs of {FIRST[1]} pages pipelined without reading (stall_timeout 0.5 s)",
         held=f"the server read no further than it could answer, dropped the client with a "
              f"logged reason after 0.5 s; another client then got its {pages} pages")
 
