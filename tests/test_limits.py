@@ -188,7 +188,7 @@ async def test_connections_over_the_limit_are_refused(
     async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
         serving = tg.create_task(images_server.serve())
         idle = [await MiniClient.connect(images_server.port, WIRE) for _ in range(limit)]
-        await until(lambda: images_server.stats.open_connections == limit)
+        await until(lambda: images_server.open_connections == limit)
         extra = [await MiniClient.connect(images_server.port, WIRE) for _ in range(3)]
         for client in extra:
             assert await client.closed_by_server()
@@ -196,7 +196,7 @@ async def test_connections_over_the_limit_are_refused(
         # Slots come back when connections end: a real client then gets everything.
         for client in idle[:2]:
             client.writer.close()
-        await until(lambda: images_server.stats.open_connections == limit - 2)
+        await until(lambda: images_server.open_connections == limit - 2)
         pages = await fetch_everything(images_server.port, rounds=2)
         for client in idle[2:]:
             client.writer.close()
