@@ -126,7 +126,7 @@ async def test_gets_outside_the_dump_are_refused_while_a_client_is_served(
         clamped = await MiniClient.connect(images_server.port, WIRE)
         last = SECOND[0] + (SECOND[1] - 1) * PAGE_SIZE
         assert await clamped.get(PID, last, 100) == (1, expected(PID, last, 1))
-        assert await clamped.close() == 0
+        clamped.writer.close()  # no CLOSE: only the good client ends the transfer
         pages = await good
     assert serving.result() is True
     assert images_server.stats.refused_connections == len(OUTSIDE)
@@ -165,9 +165,13 @@ async def test_live_page_pipes_serve_only_lazy_pages(memory: AnonMapping,
             assert got == 2
             assert data == expected_page(base + 18 * PAGE_SIZE, SEED) + expected_page(
                 base + 19 * PAGE_SIZE, SEED)
-            for vaddr, nr in store.lazy_ranges(os.getpid()):
-                pages = b"".join(expected_page(vaddr + i * PAGE_SIZE, SEED) for i in range(nr))
-                assert await good.get(os.getpid(), vaddr, nr) == (nr, pages)
+            for start, nr in store.lazy_ranges(os.getpid()):
+                at, end = start, start + nr * PAGE_SIZE
+                while at < end:  # a reply stops at the end of a page pipe, too
+                    got, data = await good.get(os.getpid(), at, (end - at) // PAGE_SIZE)
+                    assert data == b"".join(expected_page(at + i * PAGE_SIZE, SEED)
+                                            for i in range(got))
+                    at += got * PAGE_SIZE
             assert await good.close() == 0
         assert serving.result() is True
     finally:
@@ -305,7 +309,8 @@ async def test_a_restorer_handing_over_something_else_is_refused(
                 hostile.setblocking(False)
                 await loop.sock_connect(hostile, str(daemon.socket_path))
                 await send_task(hostile, other, read_end)  # a pipe where a uffd belongs
-                assert await loop.sock_recv(hostile, 1) == b""  # the daemon hung up
+                while await loop.sock_recv(hostile, 64):  # what it says, until it hangs up
+                    pass
         finally:
             os.close(read_end)
             os.close(write_end)
