@@ -43,25 +43,27 @@ class Row:
     date: str
 
 
-_ROWS: list[Row] = []
+_ROWS: dict[pytest.Config, list[Row]] = {}
+"""Rows by session: a pytest run inside the suite (pytester) must not write ours."""
 
 
 class Recorder:
     """Records rows for one test (see the module docstring)."""
 
-    def __init__(self, test: str) -> None:
+    def __init__(self, test: str, rows: list[Row]) -> None:
         self.test = test
+        self._rows = rows
 
     def record(self, section: str, subject: str, *, tried: str, held: str) -> None:
         """Add a row: under ``section``, ``subject`` was ``tried`` and ``held``."""
-        _ROWS.append(Row(section, subject, tried, held, self.test,
-                         datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")))
+        self._rows.append(Row(section, subject, tried, held, self.test, datetime.datetime.now(
+            datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")))
 
 
 @pytest.fixture
 def reliability(request: pytest.FixtureRequest) -> Recorder:
     """The recorder of the running test."""
-    return Recorder(request.node.nodeid)
+    return Recorder(request.node.nodeid, _ROWS.setdefault(request.config, []))
 
 
 def _load(path: Path) -> dict[tuple[str, str], Row]:
@@ -81,18 +83,20 @@ def _render(rows: list[Row]) -> str:
         lines += [f"## {section}", "", "| what | tried | held | test | run |",
                   "| --- | --- | --- | --- | --- |"]
         for r in sorted((r for r in rows if r.section == section), key=lambda r: r.subject):
-            cells = [r.subject, r.tried, r.held, f"`{r.test}`", r.date]
+            path, _, name = r.test.partition("::")
+            cells = [r.subject, r.tried, r.held, f"`{path}` {name}", r.date]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not _ROWS or exitstatus != 0:
+    recorded = _ROWS.pop(session.config, [])
+    if not recorded or exitstatus != 0:
         return
     store = DOCS / "reliability.json"
     rows = _load(store)
-    rows.update({(r.section, r.subject): r for r in _ROWS})
+    rows.update({(r.section, r.subject): r for r in recorded})
     DOCS.mkdir(exist_ok=True)
     ordered = sorted(rows.values(), key=lambda r: (r.section, r.subject))
     store.write_text(json.dumps([asdict(r) for r in ordered], indent=1) + "\n")
