@@ -38,7 +38,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lazymig._aio import wait_fd
+from lazymig._aio import retry_until_ready, wait_fd
 from lazymig.dump.store import LazyPageStore, PageSegment
 from lazymig.errors import (
     AuthenticationError,
