@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from lazydump import write_lazy_dump
+from reliability import Recorder
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
@@ -213,7 +214,7 @@ async def slow_child_mid_transfer(images_dir: Path, server: PageServer,
 
 @pytest.mark.asyncio
 async def test_server_death_kills_instead_of_zero_filling(
-        page_server: tuple[Path, PageServer]) -> None:
+        page_server: tuple[Path, PageServer], reliability: Recorder) -> None:
     images_dir, server = page_server
     async with asyncio.timeout(30):
         serving, _, running, child = await slow_child_mid_transfer(images_dir, server)
@@ -226,6 +227,11 @@ async def test_server_death_kills_instead_of_zero_filling(
     assert not report.ok
     assert report.processes[0].state == "killed"
     assert report.processes[0].pages_copied < PAGES
+    reliability.record(
+        "Faults injected", "page server killed mid-transfer",
+        tried=f"the page server stopped after {report.processes[0].pages_copied} of {PAGES} "
+              "pages reached an attach() child",
+        held="the child was killed (its faulting thread known), never read a zero page")
 
 
 READER = """
@@ -240,7 +246,7 @@ sys.stdin.read()  # stays alive until the test lets it go
 
 @pytest.mark.asyncio
 async def test_server_death_holds_a_process_whose_threads_are_unknown(
-        page_server: tuple[Path, PageServer]) -> None:
+        page_server: tuple[Path, PageServer], reliability: Recorder) -> None:
     """CRIU's uffds carry no thread ids: when pages can never arrive, such a process
     cannot be killed, so its uffd stays open and it stops at its next missing page
     instead of reading zeros there, whatever faults on its pages afterwards (here a
@@ -271,8 +277,11 @@ async def test_server_death_holds_a_process_whose_threads_are_unknown(
             await process.wait()
         code, out = await finish(child)
     assert code == -signal.SIGKILL and "MISMATCH" not in out
-
-
+    reliability.record(
+        "Faults injected", "page server killed, process without thread ids (as criu restore)",
+        tried="the page server stopped mid-transfer, then another process faulted on the "
+              "missing pages",
+        held="the process stayed held at its missing page (no zeros) until killed")
 
 
 @pytest.mark.asyncio

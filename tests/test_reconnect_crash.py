@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from lazydump import write_lazy_dump
+from reliability import Recorder
 from test_daemon import run_daemon, stop
 from test_reconnect import restore_and_compare
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_with_output
@@ -46,7 +47,7 @@ pytestmark = [
 
 @pytest.mark.asyncio
 async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_retry(
-        tmp_path: Path, c_workload: Path) -> None:
+        tmp_path: Path, c_workload: Path, reliability: Recorder) -> None:
     port = str(free_port())
     loop = on_uvloop()
     # The workload sleeps 2 s between checks: its region is still lazy when the daemon dies.
@@ -84,6 +85,11 @@ async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_r
                 await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
                 await restore_and_compare(tmp_path, w.ready, before, daemon, dumper)
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # released only now
+    reliability.record(
+        "Faults injected", "lazy-pages daemon killed (SIGKILL) mid-transfer",
+        tried="SIGKILL of `lazymig lazy-pages` while a restored 8 MiB process had lazy pages",
+        held="its guardian killed the restored process before it read a hole; the source "
+             "stayed frozen and intact; a second daemon and restore completed the migration")
 
 
 # -- the guardian alone: a real guardian process, a real child, a socketpair for the daemon --
