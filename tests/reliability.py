@@ -11,7 +11,8 @@ assertions passed, records one line::
 
 At the end of a session that passed, the rows recorded are merged (by section
 and subject) into ``docs/reliability.json`` and the table is rendered to
-``docs/reliability.md``, which the README links to: a partial run refreshes
+``docs/reliability.md`` (and a summary into the README's reliability section,
+between its markers), which the README links to: a partial run refreshes
 its own rows and keeps the others. Nothing is written for a failed session.
 Registered as a plugin by tests/conftest.py.
 """
@@ -90,6 +91,29 @@ def _render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+README = DOCS.parent / "README.md"
+START, END = "<!-- reliability table: generated -->", "<!-- end of reliability table -->"
+
+
+def _summary(rows: list[Row]) -> str:
+    """The README's table: one line per section, what was tried (details in the doc)."""
+    order = {name: i for i, name in enumerate(SECTIONS)}
+    lines = [START, "| | what was tried and held |", "| --- | --- |"]
+    for section in sorted({r.section for r in rows}, key=lambda s: (order.get(s, 99), s)):
+        subjects = sorted(r.subject for r in rows if r.section == section)
+        lines.append(f"| {section} ({len(subjects)}) | "
+                     + "; ".join(s.replace("|", "\\|") for s in subjects) + " |")
+    return "\n".join([*lines, END])
+
+
+def _update_readme(rows: list[Row]) -> None:
+    text = README.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        return  # no place for it (a README without the markers)
+    README.write_text(text[:start] + _summary(rows) + text[end + len(END):])
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     recorded = _ROWS.pop(session.config, [])
     if not recorded or exitstatus != 0:
@@ -101,3 +125,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ordered = sorted(rows.values(), key=lambda r: (r.section, r.subject))
     store.write_text(json.dumps([asdict(r) for r in ordered], indent=1) + "\n")
     (DOCS / "reliability.md").write_text(_render(ordered))
+    _update_readme(ordered)
