@@ -57,9 +57,9 @@ from lazymig.proto.pageserver import (
     Role,
     State,
 )
+from lazymig.proto.spec import DECLARATIONS
 from lazymig.proto.uffd import MSG_SIZE, decode_events
 from lazymig.proto.wire import (
-    DECLARATIONS,
     DstType,
     WireVersion,
     decode_dst_id,

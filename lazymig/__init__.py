@@ -15,9 +15,9 @@ use (the CLI's start-up is part of a migration's downtime).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lazymig._lazy import lazy_exports
 from lazymig._version import __version__
 
 if TYPE_CHECKING:
@@ -77,7 +77,6 @@ _LAZY = {
     "lazymig.uffd.daemon": ["DaemonReport", "ProcessReport"],
     "lazymig.proto.wire": ["WireVersion"],
 }
-_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "Address",
@@ -122,14 +121,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once is enough
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_MODULE_OF})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -39,11 +39,11 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar, cast
 
 from lazymig._aio import wait_fd
 from lazymig.errors import AuthenticationError, ConfigurationError
+from lazymig.proto.constants import DEFAULT_CACERT, DEFAULT_CACRL, DEFAULT_CERT, DEFAULT_KEY
 
 __all__ = [
     "DEFAULT_CACERT",
@@ -64,11 +64,6 @@ StrPath = str | os.PathLike[str]
 Cert = Mapping[str, object]
 """A peer certificate as ``SSLSocket.getpeercert()`` decodes it."""
 _Pairs = tuple[tuple[str, str], ...]
-
-DEFAULT_CACERT = Path("/etc/pki/CA/cacert.pem")
-DEFAULT_CACRL = Path("/etc/pki/CA/cacrl.pem")
-DEFAULT_CERT = Path("/etc/pki/criu/cert.pem")
-DEFAULT_KEY = Path("/etc/pki/criu/private/key.pem")
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client gets to complete the handshake before the server drops it."""

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazymig.errors import RemoteProtocolError
+from lazymig.proto import spec
 from lazymig.proto import uffd as p
 
 U64 = st.integers(0, 2**64 - 1)
@@ -26,22 +27,22 @@ def _ioc(direction: int, nr: int, size: int) -> int:
 @pytest.mark.parametrize(
     ("decl", "size"),
     [
-        (p.uffd_msg, None),
-        (p.uffdio_api, 24),
-        (p.uffdio_range, 16),
-        (p.uffdio_register, 32),
-        (p.uffdio_copy, 40),
-        (p.uffdio_zeropage, 32),
-        (p.uffdio_writeprotect, 24),
-        (p.uffdio_continue, 32),
-        (p.uffdio_poison, 32),
-        (p.uffdio_move, 40),
+        (spec.uffd_msg, None),
+        (spec.uffdio_api, 24),
+        (spec.uffdio_range, 16),
+        (spec.uffdio_register, 32),
+        (spec.uffdio_copy, 40),
+        (spec.uffdio_zeropage, 32),
+        (spec.uffdio_writeprotect, 24),
+        (spec.uffdio_continue, 32),
+        (spec.uffdio_poison, 32),
+        (spec.uffdio_move, 40),
     ],
 )
 def test_struct_sizes(decl: object, size: int | None) -> None:
     if size is None:  # uffd_msg: every union member is padded to 24 bytes
         for code in p.EventCode:
-            built = p.uffd_msg.build(_msg_dict(code))
+            built = spec.uffd_msg.build(_msg_dict(code))
             assert len(built) == p.MSG_SIZE == 32
         return
     assert decl.sizeof() == size  # type: ignore[attr-defined]
@@ -53,16 +54,16 @@ RW = _IOC_READ | _IOC_WRITE
 @pytest.mark.parametrize(
     ("value", "direction", "nr", "decl"),
     [
-        (p.UFFDIO_API, RW, 0x3F, p.uffdio_api),
-        (p.UFFDIO_REGISTER, RW, 0x00, p.uffdio_register),
-        (p.UFFDIO_UNREGISTER, _IOC_READ, 0x01, p.uffdio_range),
-        (p.UFFDIO_WAKE, _IOC_READ, 0x02, p.uffdio_range),
-        (p.UFFDIO_COPY, RW, 0x03, p.uffdio_copy),
-        (p.UFFDIO_ZEROPAGE, RW, 0x04, p.uffdio_zeropage),
-        (p.UFFDIO_MOVE, RW, 0x05, p.uffdio_move),
-        (p.UFFDIO_WRITEPROTECT, RW, 0x06, p.uffdio_writeprotect),
-        (p.UFFDIO_CONTINUE, RW, 0x07, p.uffdio_continue),
-        (p.UFFDIO_POISON, RW, 0x08, p.uffdio_poison),
+        (p.UFFDIO_API, RW, 0x3F, spec.uffdio_api),
+        (p.UFFDIO_REGISTER, RW, 0x00, spec.uffdio_register),
+        (p.UFFDIO_UNREGISTER, _IOC_READ, 0x01, spec.uffdio_range),
+        (p.UFFDIO_WAKE, _IOC_READ, 0x02, spec.uffdio_range),
+        (p.UFFDIO_COPY, RW, 0x03, spec.uffdio_copy),
+        (p.UFFDIO_ZEROPAGE, RW, 0x04, spec.uffdio_zeropage),
+        (p.UFFDIO_MOVE, RW, 0x05, spec.uffdio_move),
+        (p.UFFDIO_WRITEPROTECT, RW, 0x06, spec.uffdio_writeprotect),
+        (p.UFFDIO_CONTINUE, RW, 0x07, spec.uffdio_continue),
+        (p.UFFDIO_POISON, RW, 0x08, spec.uffdio_poison),
     ],
 )
 def test_ioctl_numbers_follow_ioc_formula(value: int, direction: int, nr: int,
@@ -96,38 +97,38 @@ def test_feature_names() -> None:
 
 @given(U64, U64, U64)
 def test_api_mirror(a: int, b: int, c: int) -> None:
-    built = p.uffdio_api.build({"api": a, "features": b, "ioctls": c})
+    built = spec.uffdio_api.build({"api": a, "features": b, "ioctls": c})
     assert built == p.API_STRUCT.pack(a, b, c)
 
 
 @given(U64, U64, U64, U64)
 def test_register_mirror(start: int, length: int, mode: int, ioctls: int) -> None:
-    built = p.uffdio_register.build(
+    built = spec.uffdio_register.build(
         {"range": {"start": start, "len": length}, "mode": mode, "ioctls": ioctls})
     assert built == p.REGISTER_STRUCT.pack(start, length, mode, ioctls)
-    assert p.uffdio_range.build({"start": start, "len": length}) == p.RANGE_STRUCT.pack(
+    assert spec.uffdio_range.build({"start": start, "len": length}) == p.RANGE_STRUCT.pack(
         start, length)
 
 
 @given(U64, U64, U64, U64, S64)
 def test_copy_and_move_mirror(dst: int, src: int, length: int, mode: int, out: int) -> None:
     d = {"dst": dst, "src": src, "len": length, "mode": mode}
-    assert p.uffdio_copy.build({**d, "copy": out}) == p.COPY_STRUCT.pack(dst, src, length,
+    assert spec.uffdio_copy.build({**d, "copy": out}) == p.COPY_STRUCT.pack(dst, src, length,
                                                                           mode, out)
-    assert p.uffdio_move.build({**d, "move": out}) == p.MOVE_STRUCT.pack(dst, src, length,
+    assert spec.uffdio_move.build({**d, "move": out}) == p.MOVE_STRUCT.pack(dst, src, length,
                                                                           mode, out)
-    parsed = p.uffdio_copy.parse(p.COPY_STRUCT.pack(dst, src, length, mode, out))
+    parsed = spec.uffdio_copy.parse(p.COPY_STRUCT.pack(dst, src, length, mode, out))
     assert parsed["copy"] == out  # (Container.copy is a method)
 
 
 @given(U64, U64, U64, S64)
 def test_range_mode_out_mirrors(start: int, length: int, mode: int, out: int) -> None:
     rng = {"start": start, "len": length}
-    assert p.uffdio_zeropage.build({"range": rng, "mode": mode, "zeropage": out}) == \
+    assert spec.uffdio_zeropage.build({"range": rng, "mode": mode, "zeropage": out}) == \
         p.ZEROPAGE_STRUCT.pack(start, length, mode, out)
-    assert p.uffdio_continue.build({"range": rng, "mode": mode, "mapped": out}) == \
+    assert spec.uffdio_continue.build({"range": rng, "mode": mode, "mapped": out}) == \
         p.CONTINUE_STRUCT.pack(start, length, mode, out)
-    assert p.uffdio_writeprotect.build({"range": rng, "mode": mode}) == \
+    assert spec.uffdio_writeprotect.build({"range": rng, "mode": mode}) == \
         p.WRITEPROTECT_STRUCT.pack(start, length, mode)
 
 
@@ -164,7 +165,7 @@ MSGS = st.lists(st.tuples(st.sampled_from(list(p.EventCode)), U64, U64, U64), ma
 
 @given(MSGS)
 def test_decode_agrees_with_construct(msgs: list[tuple[p.EventCode, int, int, int]]) -> None:
-    data = b"".join(p.uffd_msg.build(_msg_dict(*m)) for m in msgs)
+    data = b"".join(spec.uffd_msg.build(_msg_dict(*m)) for m in msgs)
     assert len(data) == 32 * len(msgs)
     events = p.decode_events(data)
     assert events == [_expected(*m) for m in msgs]
@@ -172,7 +173,7 @@ def test_decode_agrees_with_construct(msgs: list[tuple[p.EventCode, int, int, in
     assert p.decode_events(bytearray(data)) == events
     # and construct parses what it built back to the same fields
     for i, m in enumerate(msgs):
-        parsed = p.uffd_msg.parse(data[32 * i: 32 * i + 32])
+        parsed = spec.uffd_msg.parse(data[32 * i: 32 * i + 32])
         assert parsed.event == m[0]
 
 
@@ -196,6 +197,6 @@ def test_decode_rejects_bad_input() -> None:
         p.decode_events(b"\x12" * 33)
     assert info.value.field == "length"
     with pytest.raises(RemoteProtocolError) as info:
-        p.decode_events(p.uffd_msg.build(_msg_dict(0x12)) + b"\x77" + bytes(31))
+        p.decode_events(spec.uffd_msg.build(_msg_dict(0x12)) + b"\x77" + bytes(31))
     assert info.value.field == "event"
     assert "0x77" in str(info.value)

@@ -7,10 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazymig.proto.constants import PE
+from lazymig.proto.spec import DECLARATIONS, HEADER_V1, HEADER_V2
 from lazymig.proto.wire import (
-    DECLARATIONS,
-    HEADER_V1,
-    HEADER_V2,
     Cmd,
     DstType,
     WireVersion,

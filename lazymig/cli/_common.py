@@ -1,20 +1,25 @@
-"""Options and helpers shared by the subcommands."""
+"""Options and helpers shared by the subcommands.
+
+Every subcommand module imports this one to build the parser, so it loads
+nothing heavy (no asyncio, uvloop, ssl or construct): ``lazymig lazy-pages``
+binds its socket before any of them (see :mod:`lazymig._listen`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
 import signal
 from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import uvloop
-
+from lazymig.proto.constants import DEFAULT_CACERT, DEFAULT_CACRL, DEFAULT_CERT, DEFAULT_KEY
 from lazymig.proto.wire import WireVersion
-from lazymig.tls import DEFAULT_CACERT, DEFAULT_CACRL, DEFAULT_CERT, DEFAULT_KEY, TlsConfig
+
+if TYPE_CHECKING:
+    from lazymig.tls import TlsConfig
 
 _T = TypeVar("_T")
 
@@ -60,6 +65,7 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
     """The TLS options given, or None without ``--tls`` (CRIU then ignores ``--tls-*``)."""
     if not args.tls:
         return None
+    from lazymig.tls import TlsConfig
     return TlsConfig(cacert=args.tls_cacert, cacrl=args.tls_cacrl, cert=args.tls_cert,
                      key=args.tls_key, verify_cn=not args.tls_no_cn_verify)
 
@@ -73,7 +79,9 @@ def add_images_dir_option(parser: argparse.ArgumentParser, *, required: bool = T
 def run_async(args: argparse.Namespace, main: Coroutine[Any, Any, _T]) -> _T:
     """Run a command's coroutine on uvloop (unless --no-uvloop) or asyncio's loop."""
     if args.uvloop:
+        import uvloop
         return uvloop.run(main)
+    import asyncio
     return asyncio.run(main)
 
 
@@ -94,6 +102,7 @@ def cancelled_by_signals(what: str) -> Iterator[list[int]]:
     """Turn SIGINT/SIGTERM/SIGHUP into a cancellation of the current task, so that
     its clean-up runs (a dying process would drop fds that others depend on).
     Yields the list of signals received: exit with 128 + the first one."""
+    import asyncio  # loaded already: a loop is running
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None

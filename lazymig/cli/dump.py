@@ -14,7 +14,6 @@ its memory intact, and the exit status is 128 + the signal number.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from lazymig.cli._common import (
     add_images_dir_option,
@@ -56,6 +55,8 @@ def dump_command(args: argparse.Namespace) -> int:
 
 async def _dump(args: argparse.Namespace) -> int:
     """The command on the event loop; a stop signal cancels it (the source is kept)."""
+    import asyncio
+
     from lazymig.dump.dumper import LazyDump, dump
 
     with cancelled_by_signals("the dump") as received:

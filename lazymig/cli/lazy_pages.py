@@ -6,13 +6,25 @@
 It listens on ``DIR/lazy-pages.socket`` (CRIU's name; the work dir is the
 images dir unless ``-W`` says otherwise), takes the uffds restorers hand over
 and fills them until every process is complete.
+
+Start-up is part of a migration's downtime (``criu restore`` waits for the
+daemon), so the command listens first and says so on ``--status-fd`` at once,
+about 40 ms after exec; only then does it import the daemon, read the images
+and connect to the page server (about 0.15 s more). A restorer that connects
+meanwhile waits in the socket's backlog with its uffd; a fault of its process
+waits in the kernel until the daemon reads it. Should the start-up then fail,
+restorers already queued are not dropped (their processes would read missing
+pages as zeros): see :func:`_hold_queued`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import logging
+import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazymig.cli._common import (
     add_images_dir_option,
@@ -24,6 +36,11 @@ from lazymig.cli._common import (
     signal_ready,
     tls_config,
 )
+
+if TYPE_CHECKING:
+    from lazymig.uffd.daemon import LazyPagesDaemon
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,48 +88,103 @@ def add_reconnect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def lazy_pages(args: argparse.Namespace) -> int:
-    from lazymig.errors import ConfigurationError
-    from lazymig.proto.images import ImagesDir
-    from lazymig.uffd.daemon import SOCKET_NAME, LazyPagesDaemon
-    from lazymig.uffd.source import (
-        LocalPageSource,
-        PageSource,
-        ReconnectPolicy,
-        RemotePageSource,
-    )
+    from lazymig._listen import SOCKET_NAME, listen_unix
 
     images_dir = Path(args.images_dir)
     socket_path = Path(args.socket) if args.socket else \
         Path(args.work_dir or images_dir) / SOCKET_NAME
+    listener = listen_unix(socket_path)
+    signal_ready(args.status_fd)
+    return run_async(args, _serve(args, images_dir, socket_path, listener))
 
-    try:
-        reconnect = ReconnectPolicy(attempts=args.reconnect_attempts,
-                                    timeout=args.reconnect_timeout,
-                                    stall_timeout=args.stall_timeout or None)
-    except ConfigurationError as exc:
-        raise SystemExit(f"lazymig lazy-pages: {exc}") from exc
 
-    async def serve() -> int:
-        source: PageSource
-        if args.page_server:
-            source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
-                                                    channels=args.channels, tls=tls_config(args),
-                                                    reconnect=reconnect)
-        else:
-            source = LocalPageSource(ImagesDir(images_dir))
-        daemon = LazyPagesDaemon.from_images(
-            source, images_dir, socket_path=socket_path, serve_forever=args.keep_running,
-            background=args.background)
-        with cancelled_by_signals("the lazy-pages daemon") as received:
+async def _serve(args: argparse.Namespace, images_dir: Path, socket_path: Path,
+                 listener: socket.socket) -> int:
+    import asyncio
+
+    with cancelled_by_signals("the lazy-pages daemon") as received:
+        try:
             try:
-                async with asyncio.TaskGroup() as tg:
-                    running = tg.create_task(daemon.run())
-                    await daemon.ready.wait()
-                    signal_ready(args.status_fd)
-            except asyncio.CancelledError:
-                if received:  # the daemon killed what it could not finish
-                    return 128 + received[0]
+                daemon = await _start(args, images_dir, socket_path, listener)
+            except BaseException as exc:
+                await _hold_queued(listener, socket_path, exc)
                 raise
-        return 0 if running.result().ok else 1
+            report = await daemon.run()
+        except asyncio.CancelledError:
+            if received:  # the daemon killed what it could not finish
+                return 128 + received[0]
+            raise
+    return 0 if report.ok else 1
 
-    return run_async(args, serve())
+
+async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
+                 listener: socket.socket) -> LazyPagesDaemon:
+    """Everything after the socket listens: imports, the page source, the images."""
+    from lazymig.proto.images import ImagesDir
+    from lazymig.uffd.daemon import LazyPagesDaemon
+    from lazymig.uffd.source import LocalPageSource, PageSource, ReconnectPolicy, RemotePageSource
+
+    reconnect = ReconnectPolicy(attempts=args.reconnect_attempts, timeout=args.reconnect_timeout,
+                                stall_timeout=args.stall_timeout or None)
+    source: PageSource
+    if args.page_server:
+        source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
+                                                channels=args.channels, tls=tls_config(args),
+                                                reconnect=reconnect)
+    else:
+        source = LocalPageSource(ImagesDir(images_dir))
+    try:
+        return LazyPagesDaemon.from_images(
+            source, images_dir, socket_path=socket_path, serve_forever=args.keep_running,
+            background=args.background, listener=listener)
+    except BaseException:
+        source.abort()
+        raise
+
+
+async def _hold_queued(listener: socket.socket, socket_path: Path, error: BaseException
+                       ) -> None:
+    """The start-up failed with ``error`` after ``--status-fd`` said ready: refuse new
+    restorers, and hold those that connected meanwhile until a stop signal (not at
+    all if a signal is what stopped the start-up).
+
+    Their uffds wait in the backlog; dropped, the processes would read every
+    missing page as zeros. Held, they stop at their first missing page. Each is
+    told GUARDED first: when this command exits, lazymig's guardian then kills
+    its processes (EOF without TRANSFER_COMPLETE); CRIU's restorer has none, so
+    the log says to kill them.
+    """
+    import asyncio
+
+    held = _take_queued(listener, socket_path)
+    if not held:
+        return
+    until_stopped = not isinstance(error, asyncio.CancelledError)
+    try:
+        log.error("%d restorer(s) handed processes over before the start-up %s: their "
+                  "lazy pages will never come, so they stop at their first missing page. "
+                  "Kill them%s", len(held), f"failed ({error})" if until_stopped else
+                  "was stopped", ", then stop this command (SIGTERM)" if until_stopped else "")
+        if until_stopped:
+            await asyncio.Future()  # until a stop signal cancels us
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def _take_queued(listener: socket.socket, socket_path: Path) -> list[socket.socket]:
+    """Unlink the socket (no restorer finds it any more), accept what is queued, close
+    the listener; each connection accepted is told GUARDED."""
+    from lazymig.guardian import GUARDED
+
+    socket_path.unlink(missing_ok=True)
+    held: list[socket.socket] = []
+    with listener:
+        while True:
+            try:
+                conn = listener.accept()[0]
+            except BlockingIOError:
+                return held
+            held.append(conn)
+            with contextlib.suppress(OSError):  # a restorer gone already
+                conn.send(GUARDED)  # 4 bytes into an empty buffer: never blocks

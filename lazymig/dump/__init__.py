@@ -8,16 +8,13 @@ uses :mod:`lazymig.dump.store`) does not load ptrace and the rest.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lazymig._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lazymig.dump.dumper import DumpResult, LazyDump, SourceFate, dump
 
 __all__ = ["DumpResult", "LazyDump", "SourceFate", "dump"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("lazymig.dump.dumper"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, {"lazymig.dump.dumper": __all__})

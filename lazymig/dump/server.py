@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lazymig._aio import retry_until_ready, wait_fd
+from lazymig._listen import listen_tcp
 from lazymig.dump.store import LazyPageStore, PageSegment
 from lazymig.errors import (
     AuthenticationError,
     BrokenResourceError,
-    ConfigurationError,
     LazyMigError,
     RemoteProtocolError,
 )
@@ -146,6 +146,9 @@ class PageServer:
             a :class:`~lazymig.tls.TlsConfig`, a server-side ``ssl.SSLContext``
             (used as is) or a :class:`~lazymig.tls.ServerTls`. Certificates
             are loaded here, so a bad path fails before anything is served.
+        listener: a socket already listening at ``address``/``port``
+            (:func:`lazymig._listen.listen_tcp`), which the server then owns;
+            clients that connected before :meth:`serve` are served then.
 
     Example::
 
@@ -158,7 +161,8 @@ class PageServer:
                  wire: WireVersion = WireVersion.V2, max_pages: int = DEFAULT_MAX_PAGES,
                  tls: TlsOption | ServerTls | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+                 listener: socket.socket | None = None) -> None:
         self.store = store
         self.address = address
         self.port = port
@@ -168,6 +172,7 @@ class PageServer:
         self.stall_timeout = stall_timeout
         self.tls = None if tls is None else ServerTls.build(tls, address)
         self._listener: socket.socket | None = None
+        self._given = listener
         self._unserved = _Unserved(store)
         self.stats = PageServerStats(lazy_pages=self._unserved.remaining,
                                      pages_unserved=self._unserved.remaining)
@@ -180,17 +185,8 @@ class PageServer:
         """Bind and listen (CRIU's setup_tcp_server: SO_REUSEADDR, the given address)."""
         if self._listener is not None:
             return
-        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.address, self.port))
-            sock.listen(16)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise ConfigurationError(
-                f"cannot listen on {self.address}:{self.port}: {exc.strerror}") from exc
+        sock = self._given if self._given is not None else listen_tcp(self.address, self.port)
+        self._given = None
         self._listener = sock
         self.port = sock.getsockname()[1]
         if self.tls is None and not _is_loopback(self.address):

@@ -1,12 +1,14 @@
 """Numbers shared by the wire protocol, the images and the memory scanner.
 
 Sources: CRIU criu/include/pagemap.h (PE_*), criu/include/image.h (VMA_*),
-mmap(2) (MAP_*). Values are CRIU's, so images and the wire stay compatible.
+mmap(2) (MAP_*), criu/tls.c (the default TLS files). Values are CRIU's, so
+images, the wire and the options stay compatible.
 """
 
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -59,3 +61,11 @@ def vma_can_be_lazy(flags: int, status: int) -> bool:
         and flags & (MAP_LOCKED | MAP_HUGETLB) == 0
         and status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL) == 0
     )
+
+
+# CRIU's default TLS files (criu/tls.c), here so that the command line can show
+# them without importing ssl (lazymig.tls re-exports them).
+DEFAULT_CACERT = Path("/etc/pki/CA/cacert.pem")
+DEFAULT_CACRL = Path("/etc/pki/CA/cacrl.pem")
+DEFAULT_CERT = Path("/etc/pki/criu/cert.pem")
+DEFAULT_KEY = Path("/etc/pki/criu/private/key.pem")

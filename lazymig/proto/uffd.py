@@ -1,9 +1,9 @@
 """The userfaultfd uAPI as data: struct layouts, constants, and message decoding.
 
 Pure: no I/O, no ctypes. The structs are declared once in construct (the
-reference, with the C declaration quoted) and, for the hot path, mirrored by
-``struct.Struct`` objects; ``tests/test_uffd_proto.py`` proves the two agree
-and that every ioctl number matches the ``_IOC`` formula.
+reference, with the C declaration quoted, in :mod:`lazymig.proto.spec`) and
+mirrored here by ``struct.Struct`` objects; ``tests/test_uffd_proto.py`` proves
+the two agree and that every ioctl number matches the ``_IOC`` formula.
 
 Source: include/uapi/linux/userfaultfd.h (Linux 6.18). All fields are in host
 byte order (``=`` in ``struct`` terms, ``...n`` in construct terms).
@@ -15,19 +15,6 @@ import enum
 import struct
 from dataclasses import dataclass
 from typing import Final
-
-from construct import (
-    Bytes,
-    Int8un,
-    Int16un,
-    Int32un,
-    Int64sn,
-    Int64un,
-    Padded,
-    Struct,
-    Switch,
-    this,
-)
 
 from lazymig.errors import RemoteProtocolError
 
@@ -73,16 +60,6 @@ __all__ = [
     "ZeropageMode",
     "decode_events",
     "feature_names",
-    "uffd_msg",
-    "uffdio_api",
-    "uffdio_continue",
-    "uffdio_copy",
-    "uffdio_move",
-    "uffdio_poison",
-    "uffdio_range",
-    "uffdio_register",
-    "uffdio_writeprotect",
-    "uffdio_zeropage",
 ]
 
 # --------------------------------------------------------------------------- constants
@@ -224,76 +201,6 @@ class MoveMode(enum.IntFlag):
     DONTWAKE = 1 << 0
     ALLOW_SRC_HOLES = 1 << 1
 
-
-# --------------------------------------------------------------------------- construct declarations
-
-uffd_msg = Struct(
-    "event" / Int8un,
-    "reserved1" / Int8un,
-    "reserved2" / Int16un,
-    "reserved3" / Int32un,
-    "arg"
-    / Switch(
-        this.event,
-        {
-            EventCode.PAGEFAULT: Padded(
-                24, Struct("flags" / Int64un, "address" / Int64un, "ptid" / Int32un)
-            ),
-            EventCode.FORK: Padded(24, Struct("ufd" / Int32un)),
-            EventCode.REMAP: Struct("from_" / Int64un, "to" / Int64un, "len" / Int64un),
-            EventCode.REMOVE: Padded(24, Struct("start" / Int64un, "end" / Int64un)),
-            EventCode.UNMAP: Padded(24, Struct("start" / Int64un, "end" / Int64un)),
-        },
-        default=Bytes(24),
-    ),
-)
-"""``struct uffd_msg`` (32 bytes, packed)::
-
-    struct uffd_msg {
-        __u8  event;
-        __u8  reserved1;
-        __u16 reserved2;
-        __u32 reserved3;
-        union {
-            struct { __u64 flags; __u64 address; union { __u32 ptid; } feat; } pagefault;
-            struct { __u32 ufd; } fork;
-            struct { __u64 from; __u64 to; __u64 len; } remap;
-            struct { __u64 start; __u64 end; } remove;   /* also unmap */
-            struct { __u64 reserved1, reserved2, reserved3; } reserved;
-        } arg;
-    } __packed;
-"""
-
-uffdio_api = Struct("api" / Int64un, "features" / Int64un, "ioctls" / Int64un)
-"""``struct uffdio_api { __u64 api; __u64 features; __u64 ioctls; /* out */ };``"""
-
-uffdio_range = Struct("start" / Int64un, "len" / Int64un)
-"""``struct uffdio_range { __u64 start; __u64 len; };``"""
-
-uffdio_register = Struct("range" / uffdio_range, "mode" / Int64un, "ioctls" / Int64un)
-"""``struct uffdio_register { struct uffdio_range range; __u64 mode; __u64 ioctls; /* out */ };``"""
-
-uffdio_copy = Struct(
-    "dst" / Int64un, "src" / Int64un, "len" / Int64un, "mode" / Int64un, "copy" / Int64sn
-)
-"""``struct uffdio_copy { __u64 dst, src, len, mode; __s64 copy; /* out */ };``"""
-
-uffdio_zeropage = Struct("range" / uffdio_range, "mode" / Int64un, "zeropage" / Int64sn)
-"""``struct uffdio_zeropage { struct uffdio_range range; __u64 mode; __s64 zeropage; };``"""
-
-uffdio_writeprotect = Struct("range" / uffdio_range, "mode" / Int64un)
-"""``struct uffdio_writeprotect { struct uffdio_range range; __u64 mode; };``"""
-
-uffdio_continue = Struct("range" / uffdio_range, "mode" / Int64un, "mapped" / Int64sn)
-"""``struct uffdio_continue { struct uffdio_range range; __u64 mode; __s64 mapped; };``"""
-
-uffdio_poison = Struct("range" / uffdio_range, "mode" / Int64un, "updated" / Int64sn)
-"""``struct uffdio_poison { struct uffdio_range range; __u64 mode; __s64 updated; };``"""
-
-uffdio_move = Struct(
-    "dst" / Int64un, "src" / Int64un, "len" / Int64un, "mode" / Int64un, "move" / Int64sn
-)
-"""``struct uffdio_move { __u64 dst, src, len, mode; __s64 move; /* out */ };``"""
 
 # --------------------------------------------------------------------------- hot-path mirrors
 

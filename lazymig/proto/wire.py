@@ -1,4 +1,4 @@
-"""The page-server header, declared once in construct, in both of CRIU's layouts.
+"""The page-server header, in both of CRIU's layouts (declared in :mod:`lazymig.proto.spec`).
 
 CRIU sends ``struct page_server_iov`` raw, in host byte order::
 
@@ -16,10 +16,10 @@ CRIU sends ``struct page_server_iov`` raw, in host byte order::
 pid for ``PS_IOV_GET``. Nothing on the wire says which layout is spoken: the
 version is a parameter of every codec (:class:`WireVersion`), never a global.
 
-The construct declarations (:data:`HEADER_V1`, :data:`HEADER_V2`) are the single
-source of truth; :func:`pack_header`/:func:`unpack_header` use a
-``struct.Struct`` with the same layout on the hot path (about 70x faster), and
-the test suite proves the two agree for every command.
+The construct declarations (:data:`lazymig.proto.spec.HEADER_V1` and
+``HEADER_V2``) are the single source of truth; :func:`pack_header`/:func:`unpack_header`
+use a ``struct.Struct`` with the same layout (about 70x faster), and the test
+suite proves the two agree for every command.
 """
 
 from __future__ import annotations
@@ -28,13 +28,9 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from construct import Int32un, Int64un, Padding, Struct
-
 from lazymig.proto.constants import PE
 
 __all__ = [
-    "HEADER_V1",
-    "HEADER_V2",
     "PS_CMD_BITS",
     "PS_TYPE_BITS",
     "Cmd",
@@ -106,25 +102,6 @@ class WireVersion(enum.Enum):
         """The largest nr_pages the layout can carry."""
         return 0xFFFF_FFFF if self is WireVersion.V1 else 0xFFFF_FFFF_FFFF_FFFF
 
-
-HEADER_V1 = Struct(
-    "cmd" / Int32un,
-    "nr_pages" / Int32un,
-    "vaddr" / Int64un,
-    "dst_id" / Int64un,
-)
-"""``struct page_server_iov`` as CRIU up to 4.1.x lays it out (24 bytes)."""
-
-HEADER_V2 = Struct(
-    "cmd" / Int32un,
-    Padding(4),
-    "nr_pages" / Int64un,
-    "vaddr" / Int64un,
-    "dst_id" / Int64un,
-)
-"""``struct page_server_iov`` as CRIU 4.2+ lays it out (32 bytes, padding after cmd)."""
-
-DECLARATIONS = {WireVersion.V1: HEADER_V1, WireVersion.V2: HEADER_V2}
 
 # Hot path: the same layouts as struct formats ("=" is host order, no implicit padding).
 _FAST = {WireVersion.V1: struct.Struct("=IIQQ"), WireVersion.V2: struct.Struct("=I4xQQQ")}

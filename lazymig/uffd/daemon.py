@@ -51,7 +51,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -59,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymig._aio import retry_until_ready
+from lazymig._listen import SOCKET_NAME, listen_unix
 from lazymig.errors import LazyMigError, RemoteProtocolError
 from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE
 from lazymig.linux.procfs import read_stat, registered_with_userfaultfd
@@ -76,9 +76,6 @@ from lazymig.uffd.uffd import Uffd
 __all__ = ["SOCKET_NAME", "DaemonReport", "LazyPagesDaemon", "ProcessReport"]
 
 log = logging.getLogger(__name__)
-
-SOCKET_NAME = "lazy-pages.socket"
-"""CRIU's name for the daemon's socket, in the work dir."""
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
@@ -191,6 +188,9 @@ class LazyPagesDaemon:
         expect_tasks: finish only once this many tasks (zombies included) were
             handed over; CRIU's daemon expects every task of pstree.img. None:
             finish as soon as the processes handed over so far are complete.
+        listener: a socket already listening at ``socket_path``
+            (:func:`lazymig._listen.listen_unix`), which the daemon then owns:
+            restorers that connected before :meth:`run` are accepted then.
 
     Example::
 
@@ -204,7 +204,8 @@ class LazyPagesDaemon:
                  serve_forever: bool = False, background: bool = True,
                  background_in_flight: int = 2, fault_prefetch: int = 16,
                  expect_tasks: int | None = None,
-                 allowed_uids: Iterable[int] | None = None) -> None:
+                 allowed_uids: Iterable[int] | None = None,
+                 listener: socket.socket | None = None) -> None:
         self.source = source
         self._lazy_ranges = lazy_ranges
         self.socket_path = Path(socket_path)
@@ -216,6 +217,7 @@ class LazyPagesDaemon:
         self.allowed_uids = frozenset(allowed_uids if allowed_uids is not None
                                       else (0, os.geteuid()))
         self._tasks_received = 0
+        self._listener = listener
         self.ready = asyncio.Event()
         """Set once the socket listens (restorers may connect)."""
         self.report = DaemonReport([], time.monotonic())
@@ -274,22 +276,9 @@ class LazyPagesDaemon:
         return self.report
 
     def _listen(self) -> socket.socket:
-        path = self.socket_path
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a stale socket of an earlier daemon
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # only the owner may hand us processes
-        try:
-            sock.bind(os.fspath(path))
-        except OSError as exc:
-            sock.close()
-            raise LazyMigError(f"cannot listen on {path}: {exc.strerror}") from exc
-        finally:
-            os.umask(old_umask)
-        sock.listen(16)
-        sock.setblocking(False)
-        log.info("lazy-pages daemon listening on %s", path)
+        sock = self._listener if self._listener is not None else listen_unix(self.socket_path)
+        self._listener = None
+        log.info("lazy-pages daemon listening on %s", self.socket_path)
         self.ready.set()
         return sock
 

@@ -39,9 +39,8 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import (
     AuthenticationError,
     BrokenResourceError,
@@ -64,7 +63,9 @@ from lazymig.proto.pageserver import (
     Role,
 )
 from lazymig.proto.wire import WireVersion
-from lazymig.tls import TlsOption, client_context
+
+if TYPE_CHECKING:
+    from lazymig.tls import TlsOption
 
 __all__ = [
     "NO_RECONNECT",
@@ -551,7 +552,10 @@ class RemotePageSource:
         mistake to report at once); later losses follow ``reconnect``.
         """
         # Loading the system's CAs reads hundreds of files: not on the loop.
-        context = None if tls is None else await asyncio.to_thread(client_context, tls)
+        context = None
+        if tls is not None:
+            from lazymig.tls import client_context  # noqa: PLC0415 (start-up: only with TLS)
+            context = await asyncio.to_thread(client_context, tls)
         source = cls(address, port, wire=wire, channels=channels, max_pages=max_pages,
                      connect_timeout=connect_timeout, reconnect=reconnect, tls_context=context)
         try:
@@ -651,6 +655,7 @@ class LocalPageSource:
     """
 
     def __init__(self, images: ImagesDir) -> None:
+        from lazymig.dump.store import ImagesPageStore  # noqa: PLC0415 (start-up: local mode only)
         self._store = ImagesPageStore(images)
 
     def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False

@@ -1,0 +1,173 @@
+"""Start-up of the commands: they listen (and say ready) before they load the machinery.
+
+``lazymig lazy-pages`` binds its socket and writes its ``--status-fd`` byte
+before it imports the daemon or reads the images; a restorer that connects
+in between waits in the socket's backlog. To make "in between" certain, not
+likely, the daemon's images dir has a FIFO in place of ``pstree.img``: its
+start-up blocks on it until the test writes the image, after the restorer
+(a child that attach()es its memory, as ``criu restore`` hands over a uffd)
+has handed over. The pages come from lazymig's page server, in the test's
+process (which read the images before the FIFO went in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lazydump import write_lazy_dump
+from test_daemon import finish, layout, spawn, stop
+from test_limits import until
+from test_restore import free_port, on_uvloop
+
+from lazymig._listen import SOCKET_NAME
+from lazymig.dump.server import PageServer
+from lazymig.dump.store import ImagesPageStore
+from lazymig.testing.cli import LazymigCommand
+
+DUMP = layout(1, pages=64)
+(PID, [(VADDR, NR_PAGES)]), = DUMP.items()
+
+
+def dump_and_server(tmp_path: Path) -> tuple[Path, PageServer]:
+    """A dump on disk and lazymig's page server for it (listening on loopback)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    server = PageServer(ImagesPageStore(write_lazy_dump(images, DUMP)), address="127.0.0.1",
+                        port=0)
+    server.listen()
+    return images, server
+
+
+def gate(images: Path) -> bytes:
+    """Put a FIFO in place of pstree.img (the daemon's start-up waits on it); returns the
+    image's bytes, to be written into the FIFO."""
+    pstree = images / "pstree.img"
+    data = pstree.read_bytes()
+    pstree.unlink()
+    os.mkfifo(pstree)
+    return data
+
+
+def daemon_command(tmp_path: Path, images: Path, server: PageServer) -> LazymigCommand:
+    return LazymigCommand(["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                           server.port, "-D", images], log_path=tmp_path / "daemon.log",
+                          uvloop=on_uvloop())
+
+
+@pytest.mark.asyncio
+async def test_a_restorer_that_connected_before_the_daemon_loop_started_is_served(
+        tmp_path: Path) -> None:
+    images, server = dump_and_server(tmp_path)
+    pstree = gate(images)
+    serving = asyncio.create_task(server.serve())
+    async with asyncio.timeout(60), daemon_command(tmp_path, images, server) as daemon:
+        child = await spawn(images / SOCKET_NAME, PID, VADDR, NR_PAGES, "touch")
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"attached\n"  # handed over, now faulting
+        assert "listening on" not in daemon.log()  # the daemon's loop has not begun
+        await asyncio.to_thread((images / "pstree.img").write_bytes, pstree)
+        code, out = await finish(child)
+        assert code == 0, out
+        assert f"touched: {NR_PAGES}/{NR_PAGES} pages match" in out
+        assert await daemon.wait() == 0, daemon.log()
+        assert await serving is True  # every page served, then CLOSE
+    server.store.close()
+    log = daemon.log()
+    assert f"pid {PID}: complete, UFFD transferred pages: ({NR_PAGES}/{NR_PAGES})" in log, log
+
+
+@pytest.mark.asyncio
+async def test_a_failed_start_up_holds_the_restorers_already_queued(tmp_path: Path) -> None:
+    """The images turn out unreadable after the daemon said ready: the process handed
+    over meanwhile must not run on zeros. It is held at its first missing page, new
+    restorers are refused, and the command waits for a stop signal."""
+    images, server = dump_and_server(tmp_path)
+    gate(images)
+    serving = asyncio.create_task(server.serve())
+    async with asyncio.timeout(60), daemon_command(tmp_path, images, server) as daemon:
+        child = await spawn(images / SOCKET_NAME, PID, VADDR, NR_PAGES, "touch")
+        try:
+            assert child.stdout is not None
+            assert await child.stdout.readline() == b"attached\n"
+            await asyncio.to_thread((images / "pstree.img").write_bytes, b"not an image")
+            await until(lambda: "before the start-up failed" in daemon.log())
+            assert "1 restorer(s) handed processes over" in daemon.log()
+            assert not (images / SOCKET_NAME).exists()  # nobody else connects
+            assert daemon.process.poll() is None
+            # Held: faulting on its first page, which never comes.
+            wchan = await asyncio.to_thread(Path(f"/proc/{child.pid}/wchan").read_text)
+            assert wchan == "handle_userfault"
+            assert child.returncode is None
+        finally:
+            child.kill()  # as the log says, before the daemon goes
+            await child.wait()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await daemon.wait() == 128 + signal.SIGTERM
+    await stop(serving)
+    server.store.close()
+    assert "pstree.img" in daemon.log(), daemon.log()  # the error itself
+
+
+@pytest.mark.asyncio
+async def test_a_failed_start_up_with_nobody_queued_exits_at_once(tmp_path: Path) -> None:
+    """No page server there: the error and exit status 1, as before the early listen."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_lazy_dump(images, DUMP)
+    async with asyncio.timeout(60), LazymigCommand(
+            ["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(free_port()),
+             "-D", images], log_path=tmp_path / "daemon.log", uvloop=on_uvloop()) as daemon:
+        assert await daemon.wait() == 1
+    assert "cannot connect to the page server" in daemon.log(), daemon.log()
+    assert not (images / SOCKET_NAME).exists()
+
+
+# -- what the commands import ------------------------------------------------------------------
+
+_NEVER_IN_A_DAEMON = ("construct", "pdb", "lazymig.tls", "lazymig.dump", "lazymig.orchestrate",
+                      "lazymig.restore", "lazymig.proto.spec")
+
+_PROBE = """
+import atexit, sys
+import lazymig._listen as listen
+
+real, early = listen.listen_unix, []
+
+def spy(path):
+    early.extend(m for m in ("asyncio", "uvloop", "google.protobuf") if m in sys.modules)
+    return real(path)
+
+listen.listen_unix = spy
+atexit.register(lambda: print("before listening:", early, "\\n" + " ".join(sorted(sys.modules))))
+from lazymig.cli import main
+sys.exit(main())
+"""
+
+
+def test_the_lazy_pages_command_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """`lazymig lazy-pages --page-server` (no --tls) listens before it imports asyncio or
+    protobuf, and never loads construct (the wire specification: the codecs use
+    struct), TLS, the dump side, the restorer or the orchestrator. Its start-up
+    runs to the page-server connection, refused here."""
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_lazy_dump(images, DUMP)
+    run = subprocess.run([sys.executable, str(script), "lazy-pages", "--page-server", "--address",
+                          "127.0.0.1", "--port", str(free_port()), "-D", str(images)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "cannot connect to the page server" in run.stderr, run.stderr
+    early, loaded = run.stdout.split("\n", 1)
+    early = early.strip()
+    assert early == "before listening: []", early
+    modules = set(loaded.split())
+    assert {"lazymig.uffd.daemon", "lazymig.uffd.source", "asyncio", "uvloop"} <= modules
+    leaked = sorted(m for m in modules if m.startswith(_NEVER_IN_A_DAEMON))
+    assert not leaked, leaked
