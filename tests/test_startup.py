@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lazydump import write_lazy_dump
+from lazydump import page_pattern, write_lazy_dump
 from test_daemon import finish, layout, spawn, stop
 from test_limits import until
 from test_restore import free_port, on_uvloop
@@ -28,7 +28,9 @@ from test_restore import free_port, on_uvloop
 from lazymig._listen import SOCKET_NAME
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
+from lazymig.proto.constants import PAGE_SIZE
 from lazymig.testing.cli import LazymigCommand
+from lazymig.uffd.source import RemotePageSource
 
 DUMP = layout(1, pages=64)
 (PID, [(VADDR, NR_PAGES)]), = DUMP.items()
@@ -126,6 +128,62 @@ async def test_a_failed_start_up_with_nobody_queued_exits_at_once(tmp_path: Path
         assert await daemon.wait() == 1
     assert "cannot connect to the page server" in daemon.log(), daemon.log()
     assert not (images / SOCKET_NAME).exists()
+
+
+# -- lazymig page-server ------------------------------------------------------------------------
+
+
+def page_server_command(tmp_path: Path, images: Path, port: int) -> LazymigCommand:
+    return LazymigCommand(["page-server", "--lazy-pages", "--address", "127.0.0.1", "--port",
+                           port, "-D", images], log_path=tmp_path / "page-server.log",
+                          uvloop=on_uvloop())
+
+
+@pytest.mark.asyncio
+async def test_a_daemon_that_connected_before_the_page_server_loaded_its_images_is_served(
+        tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    write_lazy_dump(images, DUMP)
+    pstree = gate(images)
+    port = free_port()
+    async with asyncio.timeout(60), page_server_command(tmp_path, images, port) as server:
+        source = await RemotePageSource.connect("127.0.0.1", port)
+        request = asyncio.ensure_future(source.get(PID, VADDR, NR_PAGES))
+        await asyncio.sleep(0)  # the GET is on its way
+        assert "listening on" not in server.log()  # the server has not even begun
+        await asyncio.to_thread((images / "pstree.img").write_bytes, pstree)
+        chunk = await request
+        assert chunk.nr_pages == NR_PAGES
+        assert bytes(chunk.data[:PAGE_SIZE]) == page_pattern(PID, VADDR)
+        chunk.release()
+        await source.aclose()
+        assert await server.wait() == 0, server.log()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_page_server_start_up_holds_the_daemons_already_connected(
+        tmp_path: Path) -> None:
+    """Unanswered rather than closed: CRIU's lazy-pages daemon exits when its page server
+    goes away, and its processes would read their missing pages as zeros."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_lazy_dump(images, DUMP)
+    gate(images)
+    port = free_port()
+    async with asyncio.timeout(60), page_server_command(tmp_path, images, port) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.to_thread((images / "pstree.img").write_bytes, b"not an image")
+        await until(lambda: "before the start-up failed" in server.log())
+        assert "1 lazy-pages daemon(s) connected" in server.log()
+        assert "pstree.img" in server.log()  # the error itself
+        with pytest.raises(ConnectionRefusedError):  # nobody else connects
+            await asyncio.open_connection("127.0.0.1", port)
+        assert not reader.at_eof()
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == -signal.SIGTERM
+        assert await reader.read() == b""  # closed with the command
+        writer.close()
 
 
 # -- what the commands import ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -122,3 +123,43 @@ def cancelled_by_signals(what: str) -> Iterator[list[int]]:
     finally:
         for signo in STOP_SIGNALS:
             loop.remove_signal_handler(signo)
+
+
+def accept_queued(listener: socket.socket) -> list[socket.socket]:
+    """Accept every connection the kernel queued on non-blocking ``listener``, then close it
+    (later peers are refused)."""
+    queued: list[socket.socket] = []
+    with listener:
+        while True:
+            try:
+                queued.append(listener.accept()[0])
+            except BlockingIOError:
+                return queued
+
+
+async def hold_after_failed_start(held: list[socket.socket], error: BaseException,
+                                  who: str) -> None:
+    """The start-up failed with ``error`` after ``--status-fd`` said ready, and ``held``
+    peers (``who``) connected meanwhile: keep their connections open, unanswered, until
+    a stop signal (not at all if a signal is what stopped the start-up), then close them.
+
+    Their processes then stop at their first missing page instead of reading it as
+    zeros (which is what closing the connections would do to a CRIU restorer's uffd,
+    and to CRIU's lazy-pages daemon, which exits when its page server goes away).
+    """
+    import asyncio  # loaded already: a loop is running
+
+    if not held:
+        return
+    until_stopped = not isinstance(error, asyncio.CancelledError)
+    try:
+        logging.getLogger("lazymig").error(
+            "%d %s before the start-up %s: their lazy pages will never come, so their "
+            "processes stop at their first missing page. Kill them%s", len(held), who,
+            f"failed ({error})" if until_stopped else "was stopped",
+            ", then stop this command (SIGTERM)" if until_stopped else "")
+        if until_stopped:
+            await asyncio.Future()  # until a stop signal cancels us
+    finally:
+        for conn in held:
+            conn.close()

@@ -14,7 +14,7 @@ and connect to the page server (about 0.15 s more). A restorer that connects
 meanwhile waits in the socket's backlog with its uffd; a fault of its process
 waits in the kernel until the daemon reads it. Should the start-up then fail,
 restorers already queued are not dropped (their processes would read missing
-pages as zeros): see :func:`_hold_queued`.
+pages as zeros): see :func:`~lazymig.cli._common.hold_after_failed_start`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazymig.cli._common import (
+    accept_queued,
     add_images_dir_option,
     add_server_address_options,
     add_tls_options,
     add_wire_option,
     cancelled_by_signals,
+    hold_after_failed_start,
     run_async,
     signal_ready,
     tls_config,
@@ -107,7 +109,8 @@ async def _serve(args: argparse.Namespace, images_dir: Path, socket_path: Path,
             try:
                 daemon = await _start(args, images_dir, socket_path, listener)
             except BaseException as exc:
-                await _hold_queued(listener, socket_path, exc)
+                await hold_after_failed_start(_take_restorers(listener, socket_path), exc,
+                                              "restorer(s) handed processes over")
                 raise
             report = await daemon.run()
         except asyncio.CancelledError:
@@ -142,49 +145,16 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
         raise
 
 
-async def _hold_queued(listener: socket.socket, socket_path: Path, error: BaseException
-                       ) -> None:
-    """The start-up failed with ``error`` after ``--status-fd`` said ready: refuse new
-    restorers, and hold those that connected meanwhile until a stop signal (not at
-    all if a signal is what stopped the start-up).
-
-    Their uffds wait in the backlog; dropped, the processes would read every
-    missing page as zeros. Held, they stop at their first missing page. Each is
-    told GUARDED first: when this command exits, lazymig's guardian then kills
-    its processes (EOF without TRANSFER_COMPLETE); CRIU's restorer has none, so
-    the log says to kill them.
-    """
-    import asyncio
-
-    held = _take_queued(listener, socket_path)
-    if not held:
-        return
-    until_stopped = not isinstance(error, asyncio.CancelledError)
-    try:
-        log.error("%d restorer(s) handed processes over before the start-up %s: their "
-                  "lazy pages will never come, so they stop at their first missing page. "
-                  "Kill them%s", len(held), f"failed ({error})" if until_stopped else
-                  "was stopped", ", then stop this command (SIGTERM)" if until_stopped else "")
-        if until_stopped:
-            await asyncio.Future()  # until a stop signal cancels us
-    finally:
-        for conn in held:
-            conn.close()
-
-
-def _take_queued(listener: socket.socket, socket_path: Path) -> list[socket.socket]:
-    """Unlink the socket (no restorer finds it any more), accept what is queued, close
-    the listener; each connection accepted is told GUARDED."""
+def _take_restorers(listener: socket.socket, socket_path: Path) -> list[socket.socket]:
+    """After a failed start-up: unlink the socket (no restorer finds it any more) and
+    take those queued. Each is told GUARDED: when this command exits, lazymig's
+    guardian then kills the processes (EOF without TRANSFER_COMPLETE); CRIU's restorer
+    has none, so the log says to kill them."""
     from lazymig.guardian import GUARDED
 
     socket_path.unlink(missing_ok=True)
-    held: list[socket.socket] = []
-    with listener:
-        while True:
-            try:
-                conn = listener.accept()[0]
-            except BlockingIOError:
-                return held
-            held.append(conn)
-            with contextlib.suppress(OSError):  # a restorer gone already
-                conn.send(GUARDED)  # 4 bytes into an empty buffer: never blocks
+    queued = accept_queued(listener)
+    for conn in queued:
+        with contextlib.suppress(OSError):  # a restorer gone already
+            conn.send(GUARDED)  # 4 bytes into an empty buffer: never blocks
+    return queued
