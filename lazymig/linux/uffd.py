@@ -16,7 +16,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 from collections.abc import Iterator
 from typing import Final
 
@@ -80,7 +79,7 @@ class UffdError(LazyMigOSError):
 
 
 def _syscall_nr() -> int | None:
-    return p.NR_USERFAULTFD.get(platform.machine())
+    return p.NR_USERFAULTFD.get(os.uname().machine)  # as platform.machine(), without platform
 
 
 def userfaultfd(flags: int) -> int:

@@ -71,7 +71,7 @@ UFFD_USER_MODE_ONLY: Final = 1
 """userfaultfd() flag: handle user-mode faults only (allowed to any user)."""
 
 NR_USERFAULTFD: Final = {"x86_64": 323, "aarch64": 282, "i386": 374, "i686": 374, "armv7l": 388}
-"""The userfaultfd syscall number, by ``platform.machine()``."""
+"""The userfaultfd syscall number, by machine (``os.uname().machine``)."""
 
 MSG_SIZE: Final = 32
 """sizeof(struct uffd_msg); read() returns a multiple of it."""
