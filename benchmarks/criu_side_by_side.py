@@ -25,7 +25,13 @@ Columns:
 * downtime: from starting the dump until ``criu restore -d`` returned (the
   restored copy runs), and its parts: the dump (until the page server listens;
   for an ordinary dump, until every page is on disk), starting the servers
-  (the lazy-pages daemon; and lazymig's page server), the restore;
+  (the lazy-pages daemon; and lazymig's page server: until each said ready on
+  ``--status-fd``), the restore;
+* serving: lazymig's commands say ready as soon as their socket listens and load
+  the rest afterwards (a peer that connects meanwhile waits in the backlog), so
+  "start" is short and the restore may wait for the daemon's first replies (CRIU's
+  restore faults on a couple of lazy pages): this column is from exec until the
+  lazymig command's loop serves (its "listening on" log line), the whole start-up;
 * all in: from starting the restore until every lazy page is present in the
   restored process (watched from outside: its RssAnon, then its
   /proc/PID/pagemap over the lazy ranges, every millisecond);
@@ -47,7 +53,12 @@ Columns:
   high-water mark of the forked copy of this process.)
 
 CRIU logs at -v2 (errors and warnings): at -v4 ``criu lazy-pages`` writes
-three lines per fault. The machine's own limits are measured in the same run.
+three lines per fault. The machine's own limits are measured in the same run,
+and so are the floors of a Python process (start-up time and peak RSS of
+``python -c pass``, of importing asyncio, and of asyncio + uvloop + protobuf,
+which a daemon reading CRIU's images on uvloop cannot do without). lazymig runs
+from bytecode compiled first, as an installed package does (the environment may
+say PYTHONDONTWRITEBYTECODE; this script lifts it for lazymig's tree).
 Numbers are printed, never asserted; every process started is killed at the end.
 """
 
@@ -57,6 +68,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import re
 import select
 import shutil
 import signal
@@ -114,6 +126,7 @@ class Run:
     downtime: float = 0.0
     dump: float = 0.0
     servers_start: float = 0.0
+    serving: float | None = None
     restore: float = 0.0
     all_in: float = 0.0
     daemon_exit: float = 0.0
@@ -160,6 +173,20 @@ def timed(argv: list[str], rss_file: str) -> list[str]:
 def peak_rss_kib(rss_file: Path) -> int:
     """What :func:`timed` wrote (after a "Command exited with non-zero status" line)."""
     return int(rss_file.read_text().split()[-1])
+
+
+_SERVING = re.compile(r"^(\S+ \S+) \S+ INFO: (?:lazy-pages daemon|page server) listening on",
+                      re.MULTILINE)
+
+
+def serving_after(log: Path, spawned: float) -> float:
+    """Seconds from ``spawned`` (time.time()) until a lazymig command's log says its loop
+    serves (the first "listening on" line; logging's asctime, to the millisecond)."""
+    match = _SERVING.search(log.read_text(errors="replace"))
+    if match is None:
+        raise RuntimeError(f"{log.name} has no 'listening on' line")
+    stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp() - spawned
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float, what: str) -> int:
@@ -271,6 +298,7 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
                 dumped = time.monotonic()
                 server_log = d.host / "lazymig-page-server.log"
                 logs.append(server_log)
+                lazymig_log, spawned = server_log, time.time()
                 with server_log.open("wb") as err:
                     server = procs.add(start_with_status_fd(
                         timed(lazymig_argv("page-server", "--lazy-pages", "-D", str(d.host),
@@ -293,6 +321,7 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
             daemon_log = d.host / "lazymig-lazy-pages.log"
             if setup == "lazymig daemon":
                 logs.append(daemon_log)
+                lazymig_log, spawned = daemon_log, time.time()
                 with daemon_log.open("wb") as err:
                     daemon = procs.add(start_with_status_fd(
                         timed(lazymig_argv("lazy-pages", "--page-server", "--address",
@@ -329,6 +358,8 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
                 raise RuntimeError(f"the page server exited {rc}")
             run.server_rss_kib = peak_rss_kib(server_rss)
             run.daemon_rss_kib = peak_rss_kib(daemon_rss)
+            if setup != "CRIU":
+                run.serving = serving_after(lazymig_log, spawned)
             if setup == "lazymig daemon":
                 report = DaemonLogReport.parse(daemon_log.read_text())
                 if report.complete is not True:
@@ -370,7 +401,7 @@ def fmt_size(mib: int) -> str:
 
 
 def table(runs: list[Run]) -> list[str]:
-    head = ["set-up", "workload", "downtime", "= dump + start + restore", "all in",
+    head = ["set-up", "workload", "downtime", "= dump + start + restore", "serving", "all in",
             "daemon exit", "background", "pass", "bad", "fault p50 / p99",
             "page server RSS", "daemon RSS"]
     rows = [head, ["---"] * len(head)]
@@ -390,6 +421,8 @@ def table(runs: list[Run]) -> list[str]:
             " + ".join(f"{statistics.median(values):.3f}" for values in (
                 [r.dump for r in good], [r.servers_start for r in good],
                 [r.restore for r in good])),
+            fmt_s(serving) if (serving := [r.serving for r in good if r.serving is not None])
+            else "n/a",
             fmt_s([r.all_in for r in good]),
             fmt_s([r.daemon_exit for r in good]),
             f"{statistics.median(r.background_gbps for r in good):.2f} GB/s",
@@ -404,6 +437,44 @@ def table(runs: list[Run]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
             for row in rows]
+
+
+FLOORS = {
+    "python -c pass": "pass",
+    "import asyncio": "import asyncio",
+    "import asyncio, uvloop, protobuf": "import asyncio, uvloop, google.protobuf.descriptor_pool",
+}
+"""What any Python process, and one that reads CRIU's images on uvloop, costs here."""
+
+
+def interpreter_floor(code: str, runs: int = 5) -> tuple[float, int]:
+    """Median seconds from exec to exit of ``python -c CODE`` (this interpreter and
+    environment, under GNU time as the commands are) and its median peak RSS in KiB."""
+    times, peaks = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_file = Path(tmp) / "rss"
+        for _ in range(runs):
+            began = time.monotonic()
+            subprocess.run(timed([sys.executable, "-c", code], str(rss_file)), check=True)
+            times.append(time.monotonic() - began)
+            peaks.append(peak_rss_kib(rss_file))
+    return statistics.median(times), int(statistics.median(peaks))
+
+
+def floors() -> list[str]:
+    lines = []
+    for label, code in FLOORS.items():
+        seconds, kib = interpreter_floor(code)
+        lines.append(f"  {label:<36}   {seconds:.3f} s, {kib / 1024:.1f} MiB peak RSS")
+    return lines
+
+
+def use_bytecode() -> None:
+    """Run lazymig as an installed package runs: from bytecode (compiled now, into the
+    tree's __pycache__, which git ignores), whatever PYTHONDONTWRITEBYTECODE says."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "lazymig")],
+                   check=True)
 
 
 def limits() -> list[str]:
@@ -428,7 +499,11 @@ def _on_alarm(signo: int, frame: FrameType | None) -> None:
 LEGEND = """\
 downtime: dump start until criu restore -d returned; its parts: the dump (until the page
   server listens; for an ordinary dump, until every page is on disk), starting the
-  lazy-pages daemon (and lazymig's page server), the restore.
+  lazy-pages daemon (and lazymig's page server) until each said ready, the restore.
+serving: exec of the lazymig command until its loop serves. lazymig says ready once its
+  socket listens and loads the rest afterwards (peers wait in the backlog), so the restore
+  may wait for the daemon (criu restore faults on a couple of lazy pages); compare the
+  floors above (a bare interpreter, asyncio, asyncio + uvloop + protobuf).
 all in: restore start until every lazy page was present in the restored process (its
   pagemap, polled every ms). daemon exit: restore start until the lazy-pages daemon exited,
   after its CLOSE exchange (where CRIU's corked sockets can wait 200 ms per end).
@@ -440,7 +515,8 @@ pass: busy, the restored copy's first full pass over its memory, begun as soon a
 fault p50 / p99: inside lazymig's daemon (its summary line; CRIU reports none).
 RSS: peak resident set (GNU time %M) of the page server (criu dump --lazy-pages or lazymig
   page-server) and of the lazy-pages daemon (criu lazy-pages or lazymig lazy-pages).
-CRIU logs at -v2; lazymig at -v (INFO) on uvloop. Images on tmpfs, loopback TCP."""
+CRIU logs at -v2; lazymig at -v (INFO) on uvloop, from bytecode. Images on tmpfs,
+loopback TCP."""
 
 
 def main() -> int:
@@ -475,8 +551,12 @@ def main() -> int:
         f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     say()
     say(f"machine: {machine.describe()}")
+    use_bytecode()
     say("limits, measured in this run:")
     for line in limits():
+        say(line)
+    say("floors of a Python process here (exec to exit, median of 5; GNU time's peak RSS):")
+    for line in floors():
         say(line)
     runs: list[Run] = []
     aborted = None
