@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import socket
 import ssl
@@ -94,7 +95,7 @@ class PageChunk:
     vaddr: int
     nr_pages: int
     data: memoryview
-    _pool: list[bytearray] | None = field(default=None, repr=False, compare=False)
+    _pool: list[mmap.mmap] | None = field(default=None, repr=False, compare=False)
 
     def release(self) -> None:
         """Give the buffer back to the source for a later reply."""
@@ -196,9 +197,10 @@ class _Channel(asyncio.BufferedProtocol):
         self._scratch = bytearray(64 * 1024)
         self._reply: GetReply | None = None  # the GET reply whose pages are arriving
         self._data = memoryview(bytearray())
-        # Reused reply buffers: a fresh multi-MiB bytearray costs a page fault per 4 KiB
-        # on its first fill, as much as the copy itself.
-        self._pool: list[bytearray] = []
+        # Reused reply buffers: a fresh multi-MiB buffer costs a page fault per 4 KiB
+        # on its first fill, as much as the copy itself. Anonymous maps, not bytearrays
+        # (which zero all their bytes at once): only the pages replies used are resident.
+        self._pool: list[mmap.mmap] = []
         self._buffer_size = max_pages * PAGE_SIZE
         self._filled = 0
         self._direct = False  # the last get_buffer() handed out the page buffer
@@ -292,7 +294,7 @@ class _Channel(asyncio.BufferedProtocol):
                 return
             if isinstance(event, GetReply):
                 self._reply = event
-                buffer = self._pool.pop() if self._pool else bytearray(self._buffer_size)
+                buffer = self._pool.pop() if self._pool else mmap.mmap(-1, self._buffer_size)
                 self._data = memoryview(buffer)[:event.nr_pages * PAGE_SIZE]
                 self._filled = 0
             elif isinstance(event, CloseReply):
