@@ -41,7 +41,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_wire_option(parser)
     add_tls_options(parser)
     parser.add_argument("--status-fd", type=int, metavar="FD",
-                        help="write a zero byte to FD once listening")
+                        help="write a zero byte to FD once listening (at once: the images are "
+                             "read afterwards; clients wait in the backlog)")
     parser.set_defaults(func=page_server)
 
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lazymig._listen import SOCKET_NAME
 from lazymig.cli._common import add_images_dir_option, run_async
-
-_SOCKET_NAME = "lazy-pages.socket"  # lazymig.uffd.daemon.SOCKET_NAME (not imported: start-up)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,7 +43,7 @@ def restore(args: argparse.Namespace) -> int:
 
     images_dir = Path(args.images_dir)
     socket_path = Path(args.socket) if args.socket else \
-        Path(args.work_dir or images_dir) / _SOCKET_NAME
+        Path(args.work_dir or images_dir) / SOCKET_NAME
     restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path)
     result = run_async(args, restorer.run())
     if args.detach:

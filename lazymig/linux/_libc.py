@@ -8,13 +8,14 @@ immediately, so no caller ever reads a stale ``errno``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 from lazymig.errors import LazyMigOSError
 
 __all__ = ["check", "libc"]
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
+"""The process's own symbols, libc's among them (it is loaded already); not
+``ctypes.util.find_library("c")``, which runs ldconfig at import and loads 1 MiB."""
 
 
 def check(result: int, what: str, *, pid: int | None = None) -> int:

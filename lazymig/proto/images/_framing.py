@@ -23,7 +23,6 @@ import contextlib
 import errno
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +84,8 @@ class _AtomicFile:
     def __init__(self, path: StrPath, *, fsync: bool) -> None:
         self.path = Path(path)
         self._fsync = fsync
+        import tempfile  # noqa: PLC0415 (only writers need it: 1 MiB a reader need not load)
+
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
                                    suffix=".tmp")
         self.fd = fd
