@@ -229,3 +229,20 @@ def test_the_lazy_pages_command_imports_only_what_it_needs(tmp_path: Path) -> No
     assert {"lazymig.uffd.daemon", "lazymig.uffd.source", "asyncio", "uvloop"} <= modules
     leaked = sorted(m for m in modules if m.startswith(_NEVER_IN_A_DAEMON))
     assert not leaked, leaked
+
+
+@pytest.mark.parametrize(("package", "not_yet"), [
+    ("lazymig.uffd", ["lazymig.uffd.daemon", "lazymig.uffd.source", "lazymig.proto.images"]),
+    ("lazymig.dump", ["lazymig.dump.dumper", "lazymig.linux.ptrace"]),
+])
+def test_package_attributes_are_imported_on_first_use(package: str, not_yet: list[str]) -> None:
+    code = f"""
+import importlib, sys
+package = importlib.import_module({package!r})
+early = [m for m in {not_yet!r} if m in sys.modules]
+names = {{name: getattr(package, name) for name in package.__all__}}
+print(early, sorted(names) == sorted(package.__all__), set(package.__all__) <= set(dir(package)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["[]", "True", "True"], out
