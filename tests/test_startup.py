@@ -130,6 +130,31 @@ async def test_a_failed_start_up_with_nobody_queued_exits_at_once(tmp_path: Path
     assert not (images / SOCKET_NAME).exists()
 
 
+@pytest.mark.asyncio
+async def test_a_daemon_started_before_its_page_server_waits_for_it(tmp_path: Path) -> None:
+    """--wait-for-page-server: an orchestrator may start the daemon (and hand it a
+    process) before the dump side listens."""
+    images = tmp_path / "images"
+    images.mkdir()
+    store = ImagesPageStore(write_lazy_dump(images, DUMP))
+    port = free_port()
+    async with asyncio.timeout(60), LazymigCommand(
+            ["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+             "--wait-for-page-server", "30", "-D", images], log_path=tmp_path / "daemon.log",
+            uvloop=on_uvloop()) as daemon:
+        child = await spawn(images / SOCKET_NAME, PID, VADDR, NR_PAGES, "touch")
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"attached\n"
+        await until(lambda: "trying again" in daemon.log())  # no page server yet
+        async with PageServer(store, address="127.0.0.1", port=port) as server:
+            serving = asyncio.create_task(server.serve())
+            code, out = await finish(child)
+            assert code == 0, out
+            assert await daemon.wait() == 0, daemon.log()
+            assert await serving is True
+    store.close()
+
+
 # -- lazymig page-server ------------------------------------------------------------------------
 
 

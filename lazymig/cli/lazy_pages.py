@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,9 @@ from lazymig.cli._common import (
 
 if TYPE_CHECKING:
     from lazymig.uffd.daemon import LazyPagesDaemon
+    from lazymig.uffd.source import ReconnectPolicy, RemotePageSource
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,6 +61,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_server_address_options(parser, default_address="127.0.0.1")
     add_wire_option(parser)
     add_tls_options(parser)
+    parser.add_argument("--wait-for-page-server", type=float, default=0.0, metavar="SECONDS",
+                        help="try connecting to the page server again (with the reconnection "
+                             "backoff) until it answers, for up to SECONDS: the daemon may then "
+                             "start, and restorers connect, before the dump (default 0: one try)")
     parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
                         help="2 = faults on a connection of their own (lazymig's page server "
                              "only; CRIU's accepts one connection)")
@@ -123,15 +131,13 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
     """Everything after the socket listens: imports, the page source, the images."""
     from lazymig.proto.images import ImagesDir
     from lazymig.uffd.daemon import LazyPagesDaemon
-    from lazymig.uffd.source import LocalPageSource, PageSource, ReconnectPolicy, RemotePageSource
+    from lazymig.uffd.source import LocalPageSource, PageSource, ReconnectPolicy
 
     reconnect = ReconnectPolicy(attempts=args.reconnect_attempts, timeout=args.reconnect_timeout,
                                 stall_timeout=args.stall_timeout or None)
     source: PageSource
     if args.page_server:
-        source = await RemotePageSource.connect(args.address, args.port, wire=args.wire,
-                                                channels=args.channels, tls=tls_config(args),
-                                                reconnect=reconnect)
+        source = await _connect(args, reconnect)
     else:
         source = LocalPageSource(ImagesDir(images_dir))
     try:
@@ -141,6 +147,30 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
     except BaseException:
         source.abort()
         raise
+
+
+async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> RemotePageSource:
+    """The page-server connection; refused or unanswered, tried again with the policy's
+    backoff until ``--wait-for-page-server`` seconds have passed (a TLS refusal is final)."""
+    import asyncio
+
+    from lazymig.errors import BrokenResourceError
+    from lazymig.uffd.source import RemotePageSource
+
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + args.wait_for_page_server
+    delay = reconnect.first_delay
+    while True:
+        try:
+            return await RemotePageSource.connect(
+                args.address, args.port, wire=args.wire, channels=args.channels,
+                tls=tls_config(args), reconnect=reconnect)
+        except BrokenResourceError as exc:
+            if loop.time() + delay > give_up:
+                raise
+            log.info("%s; trying again in %.2f s", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, reconnect.max_delay)
 
 
 def _take_restorers(listener: socket.socket, socket_path: Path) -> list[socket.socket]:
