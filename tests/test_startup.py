@@ -56,6 +56,11 @@ def gate(images: Path) -> bytes:
     return data
 
 
+def waits_on_a_fault(pid: int) -> bool:
+    """Process ``pid`` sleeps in the kernel on a userfaultfd fault."""
+    return Path(f"/proc/{pid}/wchan").read_text() == "handle_userfault"
+
+
 def daemon_command(tmp_path: Path, images: Path, server: PageServer) -> LazymigCommand:
     return LazymigCommand(["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
                            server.port, "-D", images], log_path=tmp_path / "daemon.log",
@@ -103,8 +108,7 @@ async def test_a_failed_start_up_holds_the_restorers_already_queued(tmp_path: Pa
             assert not (images / SOCKET_NAME).exists()  # nobody else connects
             assert daemon.process.poll() is None
             # Held: faulting on its first page, which never comes.
-            wchan = await asyncio.to_thread(Path(f"/proc/{child.pid}/wchan").read_text)
-            assert wchan == "handle_userfault"
+            await until(lambda: waits_on_a_fault(child.pid))
             assert child.returncode is None
         finally:
             child.kill()  # as the log says, before the daemon goes
