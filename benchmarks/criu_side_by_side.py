@@ -12,6 +12,9 @@ installed and mounted first if needed):
   ``criu lazy-pages`` + ``criu restore --lazy-pages``;
 * ``lazymig daemon``: the same, with ``lazymig lazy-pages --page-server --wire v1``
   in place of ``criu lazy-pages``;
+* ``lazymig daemon, pre-started``: the same, the daemon started (and ready) before
+  the dump with ``--wait-for-page-server``, as an orchestrator may: it connects
+  once ``criu dump`` listens, so its start-up is off the downtime;
 * ``lazymig page server``: an ordinary ``criu dump`` (every page on disk, source
   killed) + ``lazymig page-server --lazy-pages --wire v1`` + ``criu lazy-pages`` +
   ``criu restore --lazy-pages``.
@@ -111,7 +114,8 @@ from lazymig.proto.constants import PAGE_SIZE  # noqa: E402
 from lazymig.proto.images import ImagesDir  # noqa: E402
 
 MIB = 1 << 20
-SETUPS = ("CRIU", "lazymig daemon", "lazymig page server")
+PRESTARTED = "lazymig daemon, pre-started"
+SETUPS = ("CRIU", "lazymig daemon", PRESTARTED, "lazymig page server")
 CRIU_VERBOSITY = 2
 LOOP = "uvloop"
 
@@ -187,6 +191,18 @@ def serving_after(log: Path, spawned: float) -> float:
         raise RuntimeError(f"{log.name} has no 'listening on' line")
     stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
     return stamp.timestamp() - spawned
+
+
+def start_lazymig_daemon(d: ChrootDir, port: str, rss_file: Path, log: Path,
+                         *options: str) -> subprocess.Popen[bytes]:
+    """``lazymig lazy-pages`` for the dump in ``d`` (its page server at ``port``), under
+    GNU time, its stderr into ``log``; returns once it said ready."""
+    with log.open("wb") as err:
+        return start_with_status_fd(
+            timed(lazymig_argv("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                               port, "--wire", "v1", *options, "-D", str(d.host), loop=LOOP),
+                  str(rss_file)),
+            what="lazymig lazy-pages", stderr=err.fileno(), timeout=30)
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float, what: str) -> int:
@@ -290,6 +306,11 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
             workload.start(timeout=60)
             port = str(free_port())
             pid = str(workload.pid)
+            daemon_log = d.host / "lazymig-lazy-pages.log"
+            if setup == PRESTARTED:  # ready before the dump; connects once the dump listens
+                logs.append(daemon_log)
+                daemon = procs.add(start_lazymig_daemon(d, port, daemon_rss, daemon_log,
+                                                        "--wait-for-page-server", "60"))
             started = time.monotonic()
             if setup == "lazymig page server":
                 logs.append(d.host / "dump.log")
@@ -318,17 +339,11 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
             ranges = [(r.vaddr, r.nr_pages) for e in images.pstree()
                       for r in images.lazy_ranges(e.pid)]
             run.lazy_bytes = PAGE_SIZE * sum(n for _, n in ranges)
-            daemon_log = d.host / "lazymig-lazy-pages.log"
             if setup == "lazymig daemon":
                 logs.append(daemon_log)
                 lazymig_log, spawned = daemon_log, time.time()
-                with daemon_log.open("wb") as err:
-                    daemon = procs.add(start_with_status_fd(
-                        timed(lazymig_argv("lazy-pages", "--page-server", "--address",
-                                           "127.0.0.1", "--port", port, "--wire", "v1",
-                                           "-D", str(d.host), loop=LOOP), str(daemon_rss)),
-                        what="lazymig lazy-pages", stderr=err.fileno(), timeout=30))
-            else:
+                daemon = procs.add(start_lazymig_daemon(d, port, daemon_rss, daemon_log))
+            elif setup != PRESTARTED:
                 logs.append(d.host / "lazy-pages.log")
                 daemon = procs.add(start_with_status_fd(
                     chroot_argv(*timed(["criu", "lazy-pages", "--page-server", "--address",
@@ -358,9 +373,9 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
                 raise RuntimeError(f"the page server exited {rc}")
             run.server_rss_kib = peak_rss_kib(server_rss)
             run.daemon_rss_kib = peak_rss_kib(daemon_rss)
-            if setup != "CRIU":
+            if setup in ("lazymig daemon", "lazymig page server"):
                 run.serving = serving_after(lazymig_log, spawned)
-            if setup == "lazymig daemon":
+            if setup in ("lazymig daemon", PRESTARTED):
                 report = DaemonLogReport.parse(daemon_log.read_text())
                 if report.complete is not True:
                     raise RuntimeError("lazymig lazy-pages did not report complete")
@@ -503,7 +518,9 @@ downtime: dump start until criu restore -d returned; its parts: the dump (until 
 serving: exec of the lazymig command until its loop serves. lazymig says ready once its
   socket listens and loads the rest afterwards (peers wait in the backlog), so the restore
   may wait for the daemon (criu restore faults on a couple of lazy pages); compare the
-  floors above (a bare interpreter, asyncio, asyncio + uvloop + protobuf).
+  floors above (a bare interpreter, asyncio, asyncio + uvloop + protobuf). Pre-started:
+  the daemon started before the dump (--wait-for-page-server), its start-up off the
+  downtime.
 all in: restore start until every lazy page was present in the restored process (its
   pagemap, polled every ms). daemon exit: restore start until the lazy-pages daemon exited,
   after its CLOSE exchange (where CRIU's corked sockets can wait 200 ms per end).

@@ -62,9 +62,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_wire_option(parser)
     add_tls_options(parser)
     parser.add_argument("--wait-for-page-server", type=float, default=0.0, metavar="SECONDS",
-                        help="try connecting to the page server again (with the reconnection "
-                             "backoff) until it answers, for up to SECONDS: the daemon may then "
-                             "start, and restorers connect, before the dump (default 0: one try)")
+                        help="try connecting to the page server again (every 20 ms) until it "
+                             "answers, for up to SECONDS: the daemon may then start, and "
+                             "restorers connect, before the dump (default 0: one try)")
     parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
                         help="2 = faults on a connection of their own (lazymig's page server "
                              "only; CRIU's accepts one connection)")
@@ -149,9 +149,15 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
         raise
 
 
+_WAIT_RETRY = 0.02
+"""Seconds between tries while waiting for the page server (``--wait-for-page-server``):
+a refused connection costs a round trip, and the restore may be waiting."""
+
+
 async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> RemotePageSource:
-    """The page-server connection; refused or unanswered, tried again with the policy's
-    backoff until ``--wait-for-page-server`` seconds have passed (a TLS refusal is final)."""
+    """The page-server connection; refused or unanswered, tried again every
+    :data:`_WAIT_RETRY` until ``--wait-for-page-server`` seconds have passed (a TLS
+    refusal is final)."""
     import asyncio
 
     from lazymig.errors import BrokenResourceError
@@ -159,18 +165,16 @@ async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> Remo
 
     loop = asyncio.get_running_loop()
     give_up = loop.time() + args.wait_for_page_server
-    delay = reconnect.first_delay
     while True:
         try:
             return await RemotePageSource.connect(
                 args.address, args.port, wire=args.wire, channels=args.channels,
                 tls=tls_config(args), reconnect=reconnect)
         except BrokenResourceError as exc:
-            if loop.time() + delay > give_up:
+            if loop.time() + _WAIT_RETRY > give_up:
                 raise
-            log.info("%s; trying again in %.2f s", exc, delay)
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, reconnect.max_delay)
+            log.debug("%s: trying again", exc)
+        await asyncio.sleep(_WAIT_RETRY)
 
 
 def _take_restorers(listener: socket.socket, socket_path: Path) -> list[socket.socket]:
