@@ -12,7 +12,7 @@ installed and mounted first if needed):
   ``criu lazy-pages`` + ``criu restore --lazy-pages``;
 * ``lazymig daemon``: the same, with ``lazymig lazy-pages --page-server --wire v1``
   in place of ``criu lazy-pages``;
-* ``lazymig daemon, pre-started``: the same, the daemon started (and ready) before
+* ``lazymig daemon pre-started``: the same, the daemon started (and ready) before
   the dump with ``--wait-for-page-server``, as an orchestrator may: it connects
   once ``criu dump`` listens, so its start-up is off the downtime;
 * ``lazymig page server``: an ordinary ``criu dump`` (every page on disk, source
@@ -114,7 +114,7 @@ from lazymig.proto.constants import PAGE_SIZE  # noqa: E402
 from lazymig.proto.images import ImagesDir  # noqa: E402
 
 MIB = 1 << 20
-PRESTARTED = "lazymig daemon, pre-started"
+PRESTARTED = "lazymig daemon pre-started"
 SETUPS = ("CRIU", "lazymig daemon", PRESTARTED, "lazymig page server")
 CRIU_VERBOSITY = 2
 LOOP = "uvloop"
