@@ -12,9 +12,10 @@ installed and mounted first if needed):
   ``criu lazy-pages`` + ``criu restore --lazy-pages``;
 * ``lazymig daemon``: the same, with ``lazymig lazy-pages --page-server --wire v1``
   in place of ``criu lazy-pages``;
-* ``lazymig daemon pre-started``: the same, the daemon started (and ready) before
-  the dump with ``--wait-for-page-server``, as an orchestrator may: it connects
-  once ``criu dump`` listens, so its start-up is off the downtime;
+* ``lazymig daemon pre-started``: the same, the daemon started before the dump
+  with ``--wait-for-page-server``, as an orchestrator may (the dump starts once
+  the daemon logs that it waits for its page server): it connects once
+  ``criu dump`` listens, so its start-up is off the downtime;
 * ``lazymig page server``: an ordinary ``criu dump`` (every page on disk, source
   killed) + ``lazymig page-server --lazy-pages --wire v1`` + ``criu lazy-pages`` +
   ``criu restore --lazy-pages``.
@@ -311,6 +312,8 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
                 logs.append(daemon_log)
                 daemon = procs.add(start_lazymig_daemon(d, port, daemon_rss, daemon_log,
                                                         "--wait-for-page-server", "60"))
+                wait_for(lambda: "waiting up to" in daemon_log.read_text(), 30,
+                         "the pre-started daemon's wait for its page server")
             started = time.monotonic()
             if setup == "lazymig page server":
                 logs.append(d.host / "dump.log")

@@ -143,13 +143,13 @@ async def test_a_daemon_started_before_its_page_server_waits_for_it(tmp_path: Pa
     store = ImagesPageStore(write_lazy_dump(images, DUMP))
     port = free_port()
     async with asyncio.timeout(60), LazymigCommand(
-            ["-v", "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+            ["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
              "--wait-for-page-server", "30", "-D", images], log_path=tmp_path / "daemon.log",
             uvloop=on_uvloop()) as daemon:
         child = await spawn(images / SOCKET_NAME, PID, VADDR, NR_PAGES, "touch")
         assert child.stdout is not None
         assert await child.stdout.readline() == b"attached\n"
-        await until(lambda: "cannot connect to the page server" in daemon.log())  # not yet
+        await until(lambda: "waiting up to 30 s for the page server" in daemon.log())
         async with PageServer(store, address="127.0.0.1", port=port) as server:
             serving = asyncio.create_task(server.serve())
             code, out = await finish(child)

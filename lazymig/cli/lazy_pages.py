@@ -165,6 +165,7 @@ async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> Remo
 
     loop = asyncio.get_running_loop()
     give_up = loop.time() + args.wait_for_page_server
+    told = False
     while True:
         try:
             return await RemotePageSource.connect(
@@ -173,7 +174,10 @@ async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> Remo
         except BrokenResourceError as exc:
             if loop.time() + _WAIT_RETRY > give_up:
                 raise
-            log.debug("%s: trying again", exc)
+            if not told:
+                told = True
+                log.info("waiting up to %g s for the page server at %s:%d (%s)",
+                         args.wait_for_page_server, args.address, args.port, exc.__cause__)
         await asyncio.sleep(_WAIT_RETRY)
 
 
