@@ -12,7 +12,12 @@ is its own). A child process attaches the region and:
 
 Printed beside, measured in the same run: bare UFFDIO_COPY from memory, a bare
 uffd fault round trip (handler copying from memory), loopback TCP throughput
-and a loopback request/reply round trip.
+and a loopback request/reply round trip. Then the floors that explain what is
+left: the request/reply with both processes pinned to one vCPU and to two (an
+idle vCPU of this VM halts, and waking it costs several round trips), the same
+between two uvloop processes, and a fault served by a GET in minimal Python
+(benchmarks/_fault_floor.py: three processes, no bookkeeping), all on one vCPU
+and placed freely by the scheduler, as the daemon's processes are.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine
 import report
+from _fault_floor import fault_floor_us
 from lazydump import write_lazy_dump
 
 from lazymig.proto.constants import PAGE_SIZE
@@ -139,22 +145,27 @@ def bare_fault_rtt_us(touches: int = 2000) -> float:
     return float(median) * 1e6
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="256,1024", help="region sizes in MiB")
-    parser.add_argument("--touches", type=int, default=2000)
-    parser.add_argument("--channels", type=int, default=1, choices=[1, 2])
-    args = parser.parse_args()
-
-    print(f"machine: {machine.describe()}")
+def machine_limits() -> dict[str, str]:
+    """The machine's limits and floors, measured now (outside any event loop)."""
     limits = {
         "bare UFFDIO_COPY": f"{machine.uffd_copy_gbps():.2f} GB/s",
         "bare uffd fault round trip (p50)": f"{bare_fault_rtt_us():.1f} us",
         "loopback TCP": f"{machine.loopback_tcp_gbps():.2f} GB/s",
         "loopback 4 KiB request/reply (p50)": f"{machine.loopback_rtt_us():.1f} us",
     }
-    for name, value in limits.items():
-        print(f"  limit  {name:40} {value}")
+    # Floors: where the wake-ups land, and what Python itself costs (see the docs).
+    one, across = machine.loopback_rtt_us(cpus=(0, 0)), machine.loopback_rtt_us(cpus=(0, 1))
+    limits["loopback 4 KiB request/reply, 1 / 2 vCPUs"] = f"{one:.1f} / {across:.1f} us"
+    limits["uvloop 4 KiB request/reply (p50)"] = f"{machine.uvloop_rtt_us():.1f} us"
+    for block in (PAGE_SIZE, 16 * PAGE_SIZE):
+        pinned = fault_floor_us(block, one_cpu=True)
+        free = fault_floor_us(block)
+        limits[f"minimal uvloop fault + {block >> 10} KiB GET, 1 vCPU / free"] = \
+            f"{pinned:.1f} / {free:.1f} us"
+    return limits
+
+
+async def main(args: argparse.Namespace) -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         nr = size * 2**20 // PAGE_SIZE
         machine.warm_memory(3 * size * 2**20)  # the dump in tmpfs, the region, slack
@@ -182,5 +193,13 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="256,1024", help="region sizes in MiB")
+    parser.add_argument("--touches", type=int, default=2000)
+    parser.add_argument("--channels", type=int, default=1, choices=[1, 2])
+    args = parser.parse_args()
     with report.recorded("daemon"):
-        asyncio.run(main())
+        print(f"machine: {machine.describe()}")
+        for name, value in machine_limits().items():
+            print(f"  limit  {name:50} {value}")
+        asyncio.run(main(args))

@@ -6,11 +6,14 @@ how close to the hardware (and kernel) a number is on this shared, noisy VM.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import platform
 import socket
 import time
+
+import uvloop
 
 from lazymig.linux.vm import AnonMapping, pipe_max_size, tee
 from lazymig.uffd.uffd import Uffd
@@ -78,16 +81,24 @@ def loopback_tcp_gbps(total: int = 1 << 30) -> float:
     return total / elapsed / 1e9
 
 
-def loopback_rtt_us(rounds: int = 5000) -> float:
+def loopback_rtt_us(rounds: int = 5000, cpus: tuple[int, int] | None = None) -> float:
     """Median microseconds of a 32-byte request / 4 KiB reply round trip over loopback,
-    answered by another process (what one GET of one page costs at best)."""
+    answered by another process (what one GET of one page costs at best).
+
+    ``cpus`` pins the asking and the answering process (else the scheduler places
+    them): on this VM a wake-up across vCPUs costs several times a round trip on
+    one, because an idle vCPU halts and must be woken by the host.
+    """
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     peer, _ = server.accept()
+    affinity = os.sched_getaffinity(0)
     child = os.fork()
     if child == 0:  # the echo side: nothing but recv and send
         try:
+            if cpus is not None:
+                os.sched_setaffinity(0, {cpus[1]})
             peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             page = bytes(4096)
             for _ in range(rounds):
@@ -97,13 +108,18 @@ def loopback_rtt_us(rounds: int = 5000) -> float:
         finally:
             os._exit(0)
     peer.close()
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
     samples = []
     buf = bytearray(4096)
-    for _ in range(rounds):
-        start = time.perf_counter()
-        client.sendall(bytes(32))
-        client.recv_into(buf, 4096, socket.MSG_WAITALL)
-        samples.append(time.perf_counter() - start)
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            client.sendall(bytes(32))
+            client.recv_into(buf, 4096, socket.MSG_WAITALL)
+            samples.append(time.perf_counter() - start)
+    finally:
+        os.sched_setaffinity(0, affinity)
     os.waitpid(child, 0)
     client.close()
     server.close()
@@ -153,3 +169,89 @@ def uffd_copy_gbps(total: int = 256 * MIB, chunk: int = 4 * MIB) -> float:
             elapsed = time.perf_counter() - start
             uffd.unregister(region.address, total)
     return total / elapsed / 1e9
+
+
+class _Answer(asyncio.Protocol):
+    """Replies ``reply`` bytes to every 32-byte request (a page server with nothing else)."""
+
+    def __init__(self, reply: int) -> None:
+        self._reply = bytes(reply)
+        self._pending = 0
+        self.transport: asyncio.WriteTransport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self._pending += len(data)
+        assert self.transport is not None
+        while self._pending >= 32:
+            self._pending -= 32
+            self.transport.write(self._reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(None)
+
+
+def uvloop_answerer(reply: int) -> tuple[int, int]:
+    """Fork a process answering on loopback with uvloop (:class:`_Answer`); (pid, port)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    child = os.fork()
+    if child == 0:
+        try:
+            async def serve() -> None:
+                conn, _ = listener.accept()
+                protocol = _Answer(reply)
+                await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, conn)
+                await protocol.lost
+            uvloop.run(serve())
+        finally:
+            os._exit(0)
+    port = listener.getsockname()[1]
+    listener.close()
+    return child, port
+
+
+def uvloop_rtt_us(rounds: int = 5000) -> float:
+    """Median microseconds of a 32-byte request / 4 KiB reply between two processes that
+    both run uvloop (Protocols, no task per request): Python's own floor for one GET."""
+    child, port = uvloop_answerer(4096)
+
+    async def ask() -> list[float]:
+        loop = asyncio.get_running_loop()
+        samples: list[float] = []
+        done: asyncio.Future[None] = loop.create_future()
+
+        class Ask(asyncio.Protocol):
+            got = 0
+            start = 0.0
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport: asyncio.WriteTransport = transport  # type: ignore[assignment]
+                transport.get_extra_info("socket").setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.start = time.perf_counter()
+                self.transport.write(bytes(32))
+
+            def data_received(self, data: bytes) -> None:
+                self.got += len(data)
+                if self.got < 4096:
+                    return
+                self.got = 0
+                samples.append(time.perf_counter() - self.start)
+                if len(samples) == rounds:
+                    self.transport.close()
+                    done.set_result(None)
+                    return
+                self.start = time.perf_counter()
+                self.transport.write(bytes(32))
+
+        await loop.create_connection(Ask, "127.0.0.1", port)
+        await done
+        return samples
+
+    samples = sorted(uvloop.run(ask()))
+    os.waitpid(child, 0)
+    return samples[len(samples) // 2] * 1e6
