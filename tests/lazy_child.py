@@ -61,6 +61,8 @@ def main() -> None:
     random.Random(nr).shuffle(order)
     if scenario in ("touch", "no-finish"):
         verify(pid, base, order, "touched")
+    elif scenario == "sequential":
+        verify(pid, base, list(range(nr)), "in order")
     elif scenario == "zero":
         zeros = sum(ctypes.string_at(base + (nr + i) * PAGE, PAGE) == bytes(PAGE)
                     for i in range(extra))

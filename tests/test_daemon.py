@@ -117,6 +117,36 @@ async def test_one_process(page_server: tuple[Path, PageServer], scenario: str) 
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("scenario", ["sequential", "touch"])
+async def test_faults_prefetch_only_for_a_sequential_reader(
+        page_server: tuple[Path, PageServer], scenario: str) -> None:
+    """Readahead: a fault close behind the previous one fetches its 16-page block, an
+    isolated fault its own page only."""
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source, fault_prefetch=16,
+                                           background=False)
+        (pid, [(vaddr, nr)]), *_ = layout(1).items()
+        code, out = await finish(await spawn(daemon.socket_path, pid, vaddr, nr, scenario))
+        assert code == 0, out
+        report = await running
+        await stop(serving)
+    assert report.ok, report
+    [proc] = report.processes
+    assert proc.pages_on_demand == proc.pages_copied == nr  # every page came with a fault
+    if scenario == "sequential":
+        # Page 0 alone (nothing before it), page 1 with the rest of block 0, then one
+        # fault per block, each right behind the previous one.
+        assert (proc.faults, proc.prefetched_faults) == (nr // 16 + 1, nr // 16)
+    else:  # random order: many faults far from the previous one got a page each
+        isolated = proc.faults - proc.prefetched_faults
+        assert isolated > 0
+        assert proc.pages_on_demand <= isolated + 16 * proc.prefetched_faults
+
+
+@pytest.mark.asyncio
 async def test_many_processes_at_once(page_server: tuple[Path, PageServer]) -> None:
     images_dir, server = page_server
     async with asyncio.timeout(60):

@@ -50,6 +50,14 @@ def test_prefetch_takes_an_aligned_block_within_the_pending_interval() -> None:
     assert r.done is False and r.pages_pending == 0
 
 
+def test_a_fault_may_ask_for_its_page_alone_or_another_block_size() -> None:
+    r = LazyRanges([(0, 16)], prefetch=4)
+    assert r.take_fault(5 * P, prefetch=1) == Request(5 * P, 5 * P, 1)
+    assert r.take_fault(6 * P) == Request(6 * P, 6 * P, 2)  # block 4..7, 5 in flight
+    assert r.take_fault(9 * P, prefetch=8) == Request(8 * P, 8 * P, 8)
+    assert r.pages_pending == 5  # pages 0..4
+
+
 def test_requests_never_cross_range_boundaries() -> None:
     # two adjacent ranges (two VMAs): never one request across them
     r = LazyRanges([(0, 4), (4 * P, 4)], prefetch=8)

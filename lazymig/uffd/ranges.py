@@ -324,9 +324,10 @@ class LazyRanges:
         self._in_flight.add(lo, hi, src, seg)
         return Request(src << PAGE_SHIFT, lo << PAGE_SHIFT, hi - lo)
 
-    def take_fault(self, addr: int) -> Request | None:
+    def take_fault(self, addr: int, prefetch: int | None = None) -> Request | None:
         """A fault at ``addr`` (current address): mark its page, and up to
-        ``prefetch`` pages around it in the same pending interval, in flight.
+        ``prefetch`` pages around it (default :attr:`prefetch`; 1: the page alone)
+        in the same pending interval, in flight.
 
         Returns:
             What to fetch, or None when the page is already in flight or not lazy
@@ -337,8 +338,9 @@ class LazyRanges:
         if i < 0:
             return None
         start, end, _, _ = self._pending.items[i]
-        block = page - page % self.prefetch
-        return self._take(i, max(start, block), min(end, block + self.prefetch))
+        size = self.prefetch if prefetch is None else prefetch
+        block = page - page % size
+        return self._take(i, max(start, block), min(end, block + size))
 
     def take_background(self, max_pages: int, near: int | None = None) -> Request | None:
         """The next background chunk: up to ``max_pages`` pending pages, never across
