@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import mmap
@@ -97,7 +98,10 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
 
 
 def _listening_port(pid: int) -> int:
-    links = [str(fd.readlink()) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    links = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile (its status fd)
+            links.append(str(fd.readlink()))
     inodes = {link[8:-1] for link in links if link.startswith("socket:")}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
