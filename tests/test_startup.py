@@ -275,3 +275,34 @@ print(early, sorted(names) == sorted(package.__all__), set(package.__all__) <= s
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["[]", "True", "True"], out
+
+
+@pytest.mark.asyncio
+async def test_a_status_fd_on_stdout_is_not_closed_under_the_loop(tmp_path: Path) -> None:
+    """``--status-fd 1``: fd 1 is pointed at /dev/null, not closed, so no connection
+    takes fd 1 (libuv aborted when it closed such a socket: exit status -SIGABRT)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_lazy_dump(images, DUMP)
+    port = free_port()
+    log = tmp_path / "page-server.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lazymig", "-v", *([] if on_uvloop() else ["--no-uvloop"]),
+            "page-server", "--lazy-pages", "--address", "127.0.0.1", "--port", str(port),
+            "--status-fd", "1", "-D", str(images), stdout=subprocess.PIPE, stderr=stderr)
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            assert await process.stdout.read(1) == b"\0"
+            source = await RemotePageSource.connect("127.0.0.1", port)
+            chunk = await source.get(PID, VADDR, NR_PAGES)
+            assert bytes(chunk.data[:PAGE_SIZE]) == page_pattern(PID, VADDR)
+            chunk.release()
+            await source.aclose()
+            assert await process.wait() == 0, log.read_text()
+            assert await process.stdout.read() == b""  # nothing after the status byte
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -87,12 +87,22 @@ def run_async(args: argparse.Namespace, main: Coroutine[Any, Any, _T]) -> _T:
 
 
 def signal_ready(status_fd: int | None) -> None:
-    """CRIU's --status-fd: write one zero byte when ready, then close the fd."""
-    if status_fd is not None:
-        try:
-            os.write(status_fd, b"\0")
-        finally:
+    """CRIU's --status-fd: write one zero byte when ready, then close the fd.
+
+    A standard stream (fd 0-2) is pointed at /dev/null instead of closed: a socket
+    opened later would otherwise take its number, and libuv aborts on closing it.
+    """
+    if status_fd is None:
+        return
+    try:
+        os.write(status_fd, b"\0")
+    finally:
+        if status_fd > 2:
             os.close(status_fd)
+        else:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, status_fd)
+            os.close(null)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
