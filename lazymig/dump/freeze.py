@@ -34,9 +34,9 @@ import struct
 import time
 import warnings
 from collections.abc import Callable
-from typing import Final, ParamSpec, TypeVar
+from typing import Final, ParamSpec, Protocol, TypeVar
 
-from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.pagepipe import PagePipes, PipeBuffer
 from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
@@ -294,16 +294,25 @@ class FrozenProcess:
         result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn, self._vmas)
         return result
 
-    async def collect_pages(self, scan: MemoryScan, *,
-                            pipe_size: int | None = None) -> PagePipes:
+    async def collect_pages(self, scan: MemoryScan, *, pipe_size: int | None = None,
+                            defer_lazy: bool = False) -> PagePipes:
         """Put the pages of ``scan.runs`` into page pipes (off the event loop).
 
         The target vmsplices them itself through injected syscalls: the pipes
         hold its pages, not copies, so they are valid only while it stays
-        frozen: close them before :meth:`resume` or :meth:`release`."""
+        frozen: close them before :meth:`resume` or :meth:`release`.
+        With ``defer_lazy`` the lazy pages are only planned (see
+        :meth:`~lazymig.dump.pagepipe.PagePipes.plan`): fill them with
+        :meth:`fill_pages`."""
         self._check_frozen()
         return await self._tracer.run(_collect_checked, self.pid, self._tracees[0], scan,
-                                      pipe_size)
+                                      pipe_size, defer_lazy)
+
+    async def fill_pages(self, pipes: PagePipes, schedule: FillSchedule) -> None:
+        """Fill the planned buffers of ``pipes`` that ``schedule`` hands out, batch
+        after batch, until it hands out none (see :mod:`lazymig.dump.late_fill`)."""
+        self._check_frozen()
+        await self._tracer.run(_fill_checked, self.pid, self._tracees[0], pipes, schedule)
 
     # -- ending ------------------------------------------------------------------------
 
@@ -562,33 +571,79 @@ def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma])
     return result
 
 
-def _collect_checked(pid: int, main: Tracee, scan: MemoryScan,
-                     pipe_size: int | None) -> PagePipes:
+class FillSchedule(Protocol):
+    """Which planned buffers to fill next (:class:`~lazymig.dump.late_fill.LateFill`)."""
+
+    def next_batch(self) -> list[PipeBuffer]:
+        """The next buffers to fill; empty to stop."""
+        ...
+
+    def filled(self, bufs: list[PipeBuffer]) -> None:
+        """``bufs`` are filled now."""
+        ...
+
+
+def _collect_checked(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | None,
+                     defer_lazy: bool) -> PagePipes:
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited")
-    pipes = _collect_sync(pid, main, scan, pipe_size)
-    if not process_alive(pid):
+    pipes = PagePipes.plan(scan.runs, pipe_size=pipe_size)
+    try:
+        now = pipes.unfilled(lazy=False if defer_lazy else None)
+        if now:
+            _fill_sync(pid, main, pipes, _Once(now))
+        if not process_alive(pid):
+            raise TargetGoneError(pid, f"process {pid} exited while its pages were collected")
+    except BaseException:
         pipes.close()
-        raise TargetGoneError(pid, f"process {pid} exited while its pages were copied")
+        raise
     return pipes
+
+
+class _Once:
+    """A schedule that hands out ``bufs`` in one go."""
+
+    def __init__(self, bufs: list[PipeBuffer]) -> None:
+        self._bufs = bufs
+
+    def next_batch(self) -> list[PipeBuffer]:
+        bufs, self._bufs = self._bufs, []
+        return bufs
+
+    def filled(self, bufs: list[PipeBuffer]) -> None:
+        pass
+
+
+def _fill_checked(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule) -> None:
+    if not process_alive(pid):
+        raise TargetGoneError(pid, f"process {pid} exited")
+    _fill_sync(pid, main, pipes, schedule)
+    if not process_alive(pid):
+        raise TargetGoneError(pid, f"process {pid} exited while its pages were collected")
 
 
 #: fds the target must have free to vmsplice its pages itself (a socketpair, one pipe).
 _TARGET_FDS_NEEDED: Final = 3
 
 
-def _collect_sync(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+def _fill_sync(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule) -> None:
     """Have the target vmsplice its pages into the page pipes (see
-    :mod:`lazymig.dump.target_splice`), or copy them if it has no fd to spare."""
+    :mod:`lazymig.dump.target_splice`), or copy them if it has no fd to spare,
+    batch after batch as ``schedule`` hands them out."""
     free = free_fd_slots(pid)
     if free < _TARGET_FDS_NEEDED:
         log.warning("process %d has %d free file descriptors (RLIMIT_NOFILE): copying its "
                     "pages into the page pipes instead of having it vmsplice them, which "
                     "freezes it longer", pid, free)
-        return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+        while bufs := schedule.next_batch():
+            pipes.fill(pid, bufs, None)
+            schedule.filled(bufs)
+        return
     try:
         with main.syscalls() as session, TargetSplicer(pid, session) as splicer:
-            return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size, splicer=splicer)
+            while bufs := schedule.next_batch():
+                pipes.fill(pid, bufs, splicer)
+                schedule.filled(bufs)
     finally:
         if main.stopped:
             park(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,6 +19,7 @@ from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
 
 if TYPE_CHECKING:  # the restore side imports this module: no ptrace machinery for it
+    from lazymig.dump.late_fill import LateFill
     from lazymig.dump.pagepipe import PagePipes
 
 __all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment", "PipePageStore"]
@@ -71,8 +72,16 @@ class LazyPageStore(Protocol):
         """
         ...
 
+    def pending(self, pid: int, vaddr: int) -> Awaitable[None] | None:
+        """None if the lazy pages at ``vaddr`` can be read now (the usual case);
+        else an awaitable that ends once they can, and asks for them first (the
+        page pipes of a live dump are filled after the server starts listening).
+        It raises if they never will be."""
+        ...
+
     def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
-        """The bytes of ``nr_pages`` (as clamped by :meth:`available`) at ``vaddr``.
+        """The bytes of ``nr_pages`` (as clamped by :meth:`available`) at ``vaddr``,
+        once :meth:`pending` is done with them.
 
         Serving a page never consumes it: it can be served again.
         """
@@ -161,6 +170,9 @@ class ImagesPageStore:
         ranges = self._ranges.get(pid)
         return 0 if ranges is None else min(nr_pages, ranges.pages_from(vaddr))
 
+    def pending(self, pid: int, vaddr: int) -> Awaitable[None] | None:
+        return None
+
     def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
         fd, index = self._index[pid]
         offset = index.offset(vaddr, nr_pages)
@@ -183,13 +195,17 @@ class PipePageStore:
     keeps every page (it can be served again) and concurrent connections never
     share a scratch pipe. Drained scratch pipes are kept for the next GETs
     (no pipe2 + F_SETPIPE_SZ + close per request).
+
+    With ``late_fill`` the lazy pipes are being filled while the server runs:
+    :meth:`pending` waits for (and hurries) the pipe a GET needs.
     """
 
     _POOL = 8
 
-    def __init__(self, pid: int, pipes: PagePipes) -> None:
+    def __init__(self, pid: int, pipes: PagePipes, late_fill: LateFill | None = None) -> None:
         self._pid = pid
         self._pipes = pipes
+        self._late_fill = late_fill
         self._ranges = _Ranges(_merged((r.vaddr, r.nr_pages) for r in pipes.lazy_runs()))
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._pipe_size = pipes.pipe_size  # a scratch pipe holds up to a whole page pipe
@@ -206,6 +222,12 @@ class PipePageStore:
             return 0
         hit = self._pipes.find(vaddr)
         return 0 if hit is None else min(nr_pages, hit[2])
+
+    def pending(self, pid: int, vaddr: int) -> Awaitable[None] | None:
+        if self._late_fill is None or pid != self._pid or vaddr % PAGE_SIZE:
+            return None
+        hit = self._pipes.find(vaddr)
+        return None if hit is None else self._late_fill.wait(hit[0])
 
     def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
         hit = self._pipes.find(vaddr)
