@@ -317,8 +317,9 @@ class LazyDump:
     async def _fill(self, late_fill: LateFill, fp: FrozenProcess) -> None:
         started = time.monotonic()
         await late_fill.run(fp)
-        log.info("pid %d: lazy pages put into the page pipes in %.3f s, while serving",
-                 self.pid, time.monotonic() - started)
+        log.info("pid %d: lazy pages put into the page pipes in %.3f s while serving (%d "
+                 "pipes filled ahead for waiting GETs)", self.pid, time.monotonic() - started,
+                 late_fill.hurried)
 
     async def _serve_while_filling(self, server: PageServer) -> None:
         """``server.serve()``, cut short if filling the page pipes fails."""

@@ -58,6 +58,9 @@ class LateFill:
         self._urgent: list[int] = []
         self._stop = threading.Event()
         self._ready: set[int] = set()  # id() of filled buffers (loop thread only)
+        self._fill_order: list[int] = []
+        self.hurried = 0
+        """Buffers filled ahead of their turn because a GET waited for them."""
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -66,6 +69,17 @@ class LateFill:
     def complete(self) -> bool:
         """Every lazy buffer is filled (as far as the event loop knows)."""
         return len(self._ready) == len(self._order)
+
+    @property
+    def waiting(self) -> int:
+        """Buffers that GETs wait for now."""
+        return len(self._waiters)
+
+    @property
+    def fill_order(self) -> tuple[int, ...]:
+        """The buffers filled so far, as indices in plan (address) order, in the
+        order they were filled."""
+        return tuple(self._fill_order)
 
     # -- the event loop's side
 
@@ -112,6 +126,7 @@ class LateFill:
 
     def _mark(self, keys: list[int]) -> None:
         self._ready.update(keys)
+        self._fill_order += (self._position[key] for key in keys)
         for key in keys:
             fut = self._waiters.pop(key, None)
             if fut is not None and not fut.done():
@@ -130,6 +145,7 @@ class LateFill:
                 if not self._taken[i]:
                     self._taken[i] = True
                     self._cursor = i + 1
+                    self.hurried += 1
                     out.append(self._order[i])
             n = len(self._order)
             for _ in range(n):
