@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_dump_images import proc_state, runs_unchanged
+from test_dump_images import c_workload, proc_state, runs_unchanged
 from test_page_server import MiniClient
 
 from lazymig.dump import LazyDump
@@ -29,17 +29,14 @@ from lazymig.errors import LazyMigOSError
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.wire import WireVersion
-from lazymig.testing.workload import Workload, build_c_workload, expected_page
+from lazymig.testing.workload import Workload, expected_page
 
 MiB = 1 << 20
 
+__all__ = ["c_workload"]  # the fixture, shared with test_dump_images
+
 pytestmark = [pytest.mark.root, pytest.mark.skipif(
     os.geteuid() != 0, reason="ptrace of arbitrary processes needs root")]
-
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
 
 
 @pytest.fixture
