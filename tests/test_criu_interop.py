@@ -293,6 +293,11 @@ def test_criu_lazy_pages_pulls_from_lazymig_dump(
                              str(d.host), loop=loop),
                 what="lazymig dump --lazy-pages", stderr=err.fileno(), timeout=30)
         procs.append(dump)
+        # Frozen ("t") once the dump has filled its page pipes: meanwhile the source
+        # runs the dump's injected vmsplice calls now and then (lazymig.dump.late_fill).
+        deadline = time.monotonic() + 10
+        while process_state(workload.pid) != "t" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert process_state(workload.pid) == "t", "the source is not held frozen"
         images = ImagesDir(d.host)
         (entry,) = images.pstree()

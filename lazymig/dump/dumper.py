@@ -20,7 +20,11 @@ What happens to the source process:
   need not wait for gigabytes of pipes. A GET for pages not in a pipe yet
   waits for them, and they are filled next. Should filling fail, the
   transfer is aborted (below) and the daemon, cut off, stops the restored
-  process;
+  process. Filling runs injected vmsplice calls in the source, 32 MiB a
+  batch, as collecting did before listening: between batches the source
+  holds its own registers in an interrupt stop, and a dumper killed with
+  SIGKILL then leaves it running on; killed during a batch (~2 ms each), it
+  leaves the source to a SIGTRAP (the kernel detaches it mid-call);
 * **after a complete transfer**: it is killed (CRIU's default) or, with
   ``leave_running``, resumed;
 * **after an aborted transfer** (an exception or cancellation while serving,

@@ -24,6 +24,7 @@ scratch area they use (below the stack's red zone) is written back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -33,7 +34,7 @@ import signal
 import struct
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, ParamSpec, Protocol, TypeVar
 
 from lazymig.dump.pagepipe import PagePipes, PipeBuffer
@@ -680,11 +681,29 @@ def _fill_sync(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule)
             pipes.fill(pid, bufs, None)
             schedule.filled(bufs)
         return
+    # One injection session per batch, each followed by park(): between batches the
+    # target holds its own registers in an interrupt stop, so a dumper killed then
+    # leaves it to run on; killed during a batch, it leaves it to a SIGTRAP.
+    with _parked(main), main.syscalls() as session:
+        splicer = TargetSplicer(pid, session)
     try:
-        with main.syscalls() as session, TargetSplicer(pid, session) as splicer:
-            while bufs := schedule.next_batch():
+        while bufs := schedule.next_batch():
+            with _parked(main), main.syscalls() as session:
+                splicer.use(session)
                 pipes.fill(pid, bufs, splicer)
-                schedule.filled(bufs)
+            schedule.filled(bufs)
+    finally:
+        if main.stopped:
+            with _parked(main), main.syscalls() as session:
+                splicer.use(session)
+                splicer.close()
+
+
+@contextlib.contextmanager
+def _parked(main: Tracee) -> Iterator[None]:
+    """park() the tracee after the block (if it is still in a ptrace-stop)."""
+    try:
+        yield
     finally:
         if main.stopped:
             park(main)
