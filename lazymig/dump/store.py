@@ -248,9 +248,9 @@ class PipePageStore:
         return sum(n for _, _, n in self._pieces(pid, vaddr, nr_pages))
 
     def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
-        if self._late_fill is None:
-            return None
         late = self._late_fill
+        if late is None or late.complete:  # on every GET: O(1) once every pipe is filled
+            return None
         waits = [w for buf, _, _ in self._pieces(pid, vaddr, nr_pages)
                  if (w := late.wait(buf)) is not None]
         return asyncio.gather(*waits) if waits else None
