@@ -300,11 +300,32 @@ def table(runs: list[Run]) -> list[str]:
             for row in rows]
 
 
+def growth(runs: list[Run]) -> list[str]:
+    """The issue's target, from the medians: lazy downtime of the largest size over
+    that of the smallest (< 2), and of 1 GiB (< 0.2 s)."""
+    lazy: dict[int, list[float]] = {}
+    for run in runs:
+        if run.mode == "lazy" and not run.error:
+            lazy.setdefault(run.mib, []).append(run.downtime)
+    if len(lazy) < 2:
+        return []
+    median = {mib: statistics.median(values) for mib, values in lazy.items()}
+    small, large = min(median), max(median)
+    lines = [
+        f"lazy downtime {fmt_size(small)} -> {fmt_size(large)}: {median[small]:.3f} -> "
+        f"{median[large]:.3f} s (medians), x{median[large] / median[small]:.2f} "
+        "(target: less than x2)"]
+    if 1024 in median:
+        lines.append(f"lazy downtime 1 GiB: {median[1024]:.3f} s (target: under 0.2 s)")
+    return [*lines, ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,1024,4096", help="workload sizes in MiB")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each case (the table shows min / median)")
+    parser.add_argument("--modes", default="lazy,full", help="lazy, full or both")
     parser.add_argument("--out", type=Path, help="also write the output to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -330,7 +351,7 @@ def main() -> int:
         binary = _sbs_workload.build(Path(tmp) / "sbs_workload")
         for mib in (int(s) for s in args.sizes.split(",")):
             for _ in range(args.repeat):
-                for mode in ("lazy", "full"):
+                for mode in args.modes.split(","):
                     machine.warm_memory(min(3 * mib * MIB, 12 << 30))
                     run = run_once(mode, binary, mib)
                     runs.append(run)
@@ -346,6 +367,8 @@ def main() -> int:
         if run.error:
             say(f"FAILED {run.mode} {fmt_size(run.mib)}: {run.error}")
     say()
+    for line in growth(runs):
+        say(line)
     for line in __doc__.split("Columns:\n\n")[1].split("\n\nNumbers")[0].splitlines():
         say(line)
     if args.out:

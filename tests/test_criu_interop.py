@@ -293,6 +293,14 @@ def test_criu_lazy_pages_pulls_from_lazymig_dump(
                              str(d.host), loop=loop),
                 what="lazymig dump --lazy-pages", stderr=err.fileno(), timeout=30)
         procs.append(dump)
+        # The dump fills its page pipes after it listens (lazymig.dump.late_fill): until
+        # then the source runs its injected vmsplice calls now and then, and on each
+        # return to user space the kernel may rewrite the source's rseq area (cpu_id,
+        # in its first heap page here). Its memory is compared once that is over.
+        deadline = time.monotonic() + 10
+        while "lazy pages put into the page pipes" not in dump_log.read_text():
+            assert time.monotonic() < deadline, dump_log.read_text()[-3000:]
+            time.sleep(0.01)
         assert process_state(workload.pid) == "t", "the source is not held frozen"
         images = ImagesDir(d.host)
         (entry,) = images.pstree()

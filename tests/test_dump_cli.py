@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,16 @@ class DumpCli:
                 raise AssertionError(f"lazymig dump never got ready: {self.stderr()}")
         finally:
             os.close(self.status_r)
+
+    def wait_filled(self, timeout: float = 10.0) -> None:
+        """Until the CLI logs that the lazy pages are in its page pipes: until then
+        the source, frozen, runs the dump's injected vmsplice calls now and then
+        (see lazymig.dump.late_fill)."""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while "lazy pages put into the page pipes" not in self.proc.stderr.readline():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("lazymig dump never filled its page pipes")
 
     def wait(self, timeout: float = 10.0) -> int:
         return self.proc.wait(timeout=timeout)
@@ -178,6 +189,7 @@ async def test_lazy_dump_serves_every_page_then_kills_the_source(
                       "--port", str(port), "--wire", wire.value, uvloop=on_uvloop())
         try:
             await asyncio.to_thread(cli.wait_ready)
+            await asyncio.to_thread(cli.wait_filled)
             assert frozen_by(w.pid, cli.proc.pid)
             images = ImagesDir(tmp_path)
             present, lazy = split_pagemap(images, w.pid)
@@ -335,6 +347,7 @@ def test_a_killed_dumper_does_not_take_the_source_with_it(tmp_path: Path,
                   "--port", str(free_port()))
     try:
         cli.wait_ready()
+        cli.wait_filled()  # not while the source runs an injected call: see late_fill
         assert frozen_by(workload.pid, cli.proc.pid)
         cli.proc.kill()
         assert cli.wait() == -signal.SIGKILL

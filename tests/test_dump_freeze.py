@@ -23,13 +23,16 @@ from lazymig.dump.freeze import (
     FrozenProcess,
     TargetGoneError,
     UnsupportedTargetError,
+    _Layout,
+    _read_status,
+    inspect_target_frozen,
 )
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.errors import ClosedResourceError, LazyMigOSError
 from lazymig.linux.ptrace import Tracee, TracerThread
 from lazymig.linux.vm import F_SETPIPE_SZ, read_memory
-from lazymig.proto.constants import PAGE_SIZE, VmaStatus
+from lazymig.proto.constants import MAP_LOCKED, PAGE_SIZE, VmaStatus
 from lazymig.testing.workload import (
     Workload,
     build_c_workload,
@@ -414,3 +417,46 @@ def test_tracee_refuses_calls_from_another_thread(workload: Workload) -> None:
     finally:
         tracer.close()
     assert proc_state(workload.pid).endswith("tracer=0")
+
+
+_LAYOUT_CHILD = textwrap.dedent("""
+    import ctypes, mmap, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    region = mmap.mmap(-1, 1 << 20, flags=private)
+    region[0] = 1
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "lock":
+            assert libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(1 << 20)) == 0
+        else:
+            more = mmap.mmap(-1, 1 << 20, flags=private)
+        print("done", flush=True)
+""")
+
+
+def test_the_vmas_read_before_the_seize_are_reused_only_if_nothing_changed() -> None:
+    """A frozen target's VMAs come from the smaps read made before it was seized
+    unless its maps lines or its locked size changed since (then smaps is read again)."""
+    child = subprocess.Popen([sys.executable, "-c", _LAYOUT_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        pid = child.pid
+        layout = _Layout.read(pid, _read_status(pid))
+        assert layout.unchanged(pid, _read_status(pid))
+        assert inspect_target_frozen(pid, 1, layout) is layout.vmas
+        for change in ("lock", "map"):  # VmLck changes; then a VMA appears
+            child.stdin.write(change + "\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+            assert not layout.unchanged(pid, _read_status(pid))
+            fresh = inspect_target_frozen(pid, 1, layout)
+            assert fresh is not layout.vmas and fresh == _Layout.read(pid, _read_status(pid)).vmas
+            layout = _Layout.read(pid, _read_status(pid))
+        assert any(v.flags & MAP_LOCKED for v in layout.vmas)
+    finally:
+        child.kill()
+        child.wait()

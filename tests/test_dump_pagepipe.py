@@ -258,19 +258,25 @@ def test_page_pipes_exceed_pipe_max_size_only_when_the_kernel_lets_them() -> Non
 
 def test_the_store_sees_a_region_over_many_pipes_as_one_range(memory: AnonMapping) -> None:
     """The page server walks the store's lazy ranges on every GET: neighbours in
-    different pipes are joined; a GET is still clamped at the end of its pipe."""
+    different pipes are joined. A GET runs on into the next pipe (a run's pages
+    go on there) up to the end of the run or a scratch pipe's worth (16 pages)."""
     base = memory.address
     with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp:
         store = PipePageStore(os.getpid(), pp)
         try:
             assert len([b for b in pp.buffers if b.lazy]) == 4
             assert store.lazy_ranges(os.getpid()) == [(base, 20), (base + 23 * PAGE_SIZE, 30)]
-            assert store.available(os.getpid(), base + 10 * PAGE_SIZE, 100) == 6
-            segment = store.segment(os.getpid(), base + 10 * PAGE_SIZE, 6)
-            try:
-                assert read_exact(segment.fd, 6 * PAGE_SIZE) == b"".join(
-                    expected_page(base + (10 + i) * PAGE_SIZE, SEED) for i in range(6))
-            finally:
-                segment.close(drained=True)
+            # page: (pages served of 100 asked): 10..15 + 16..19 (end of the run);
+            # 25..34 (after a prefix in the second pipe) + 35..40 (16 in all).
+            for page, served in ((10, 10), (25, 16), (50, 3)):
+                vaddr = base + page * PAGE_SIZE
+                assert store.available(os.getpid(), vaddr, 100) == served
+                assert store.pending(os.getpid(), vaddr, served) is None  # all filled
+                segment = store.segment(os.getpid(), vaddr, served)
+                try:
+                    assert read_exact(segment.fd, served * PAGE_SIZE) == b"".join(
+                        expected_page(vaddr + i * PAGE_SIZE, SEED) for i in range(served))
+                finally:
+                    segment.close(drained=True)
         finally:
             store.close()

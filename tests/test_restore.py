@@ -206,7 +206,7 @@ async def restore_and_check(images: Path, before: Check, loop: bool,
             line = await asyncio.to_thread(lines.next)
             if line.startswith("CHECK"):
                 early.append(parse_check(line))
-            elif line:  # one CI run under load read an empty line here (cause not found)
+            elif line:  # the newline of a line split by a dump (see testing/pattern.py)
                 restored_pid = int(line)
         assert all((c.sum, c.bad) == (before.sum, 0) for c in early), early
         if check_pid is not None:

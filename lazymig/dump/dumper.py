@@ -14,6 +14,17 @@ What happens to the source process:
 * **before the page server listens** (refused target, images dir not
   writable, port taken, a failed image write, cancellation): it is resumed
   as if nothing happened and the images written so far are removed;
+* **while it serves**, its lazy pages are put into the page pipes (it stays
+  frozen anyway until the transfer is complete; see
+  :mod:`lazymig.dump.late_fill`): the images only list them, so a restore
+  need not wait for gigabytes of pipes. A GET for pages not in a pipe yet
+  waits for them, and they are filled next. Should filling fail, the
+  transfer is aborted (below) and the daemon, cut off, stops the restored
+  process. Filling runs injected vmsplice calls in the source, 32 MiB a
+  batch, as collecting did before listening: between batches the source
+  holds its own registers in an interrupt stop, and a dumper killed with
+  SIGKILL then leaves it running on; killed during a batch (~2 ms each), it
+  leaves the source to a SIGTRAP (the kernel detaches it mid-call);
 * **after a complete transfer**: it is killed (CRIU's default) or, with
   ``leave_running``, resumed;
 * **after an aborted transfer** (an exception or cancellation while serving,
@@ -42,6 +53,7 @@ from typing import TypeVar
 from lazymig.dump.files import collect_files, inspect_files
 from lazymig.dump.freeze import FrozenProcess, inspect_target
 from lazymig.dump.images import DumpImages, read_task_info, write_images
+from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
@@ -151,6 +163,7 @@ class LazyDump:
         self._written: DumpImages | None = None
         self._store: PipePageStore | None = None
         self._server: PageServer | None = None
+        self._filling: asyncio.Task[None] | None = None
         self._frozen_at = 0.0
         self._frozen_seconds = 0.0
 
@@ -212,8 +225,9 @@ class LazyDump:
             fp, written, pipes = await _freeze_and_write(self.pid, self.images, lazy=True,
                                                          pipe_size=self.pipe_size)
             store: PipePageStore | None = None
+            late_fill = LateFill(pipes)
             try:
-                store = PipePageStore(self.pid, pipes)
+                store = PipePageStore(self.pid, pipes, late_fill)
                 server = PageServer(store, address=self.address, port=self.port, wire=self.wire,
                                     tls=self.tls)
                 server.listen()
@@ -234,6 +248,7 @@ class LazyDump:
         self._frozen_seconds = time.monotonic() - started
         self.port = server.port
         self._state = _State.LISTENING
+        self._filling = asyncio.create_task(self._fill(late_fill, fp))
         self._settle_ready()
         log.info("pid %d frozen and dumped into %s in %.3f s: %d pages in pages-%d.img, %d lazy "
                  "pages served on %s:%d", self.pid, self.images.path, self._frozen_seconds,
@@ -257,7 +272,7 @@ class LazyDump:
         if self.progress_interval:
             progress = asyncio.create_task(self._log_progress(self.progress_interval))
         try:
-            await server.serve()
+            await self._serve_while_filling(server)
         except BaseException as exc:
             await self._abort(f"serving failed: {exc!r}" if not isinstance(
                 exc, asyncio.CancelledError) else "cancelled")
@@ -303,10 +318,47 @@ class LazyDump:
 
     # -- internals
 
+    async def _fill(self, late_fill: LateFill, fp: FrozenProcess) -> None:
+        started = time.monotonic()
+        await late_fill.run(fp)
+        log.info("pid %d: lazy pages put into the page pipes in %.3f s while serving (%d "
+                 "pipes filled ahead for waiting GETs)", self.pid, time.monotonic() - started,
+                 late_fill.hurried)
+
+    async def _serve_while_filling(self, server: PageServer) -> None:
+        """``server.serve()``, cut short if filling the page pipes fails."""
+        assert self._filling is not None
+        filling = self._filling
+        serving = asyncio.ensure_future(server.serve())
+        try:
+            await asyncio.wait({serving, filling}, return_when=asyncio.FIRST_EXCEPTION)
+            if filling.done() and not filling.cancelled() and (exc := filling.exception()):
+                raise exc
+            await serving
+            await filling  # done: every page was served, so every pipe was filled
+        finally:
+            if not serving.done():
+                serving.cancel()
+                await asyncio.wait({serving})
+
+    async def _stop_filling(self) -> None:
+        """End the late fill (after its batch in progress) before the pipes are closed."""
+        filling = self._filling
+        if filling is None:
+            return
+        if not filling.done():
+            filling.cancel()
+            await asyncio.wait({filling})
+        if not filling.cancelled() and filling.exception() is not None:
+            log.error("pid %d: filling the page pipes failed: %s", self.pid, filling.exception())
+
     async def _abort(self, why: str) -> None:
         if self._state in (_State.DONE, _State.ABORTED):
             return
         self._state = _State.ABORTED
+        if self._server is not None:
+            self._server.close()
+        await self._stop_filling()
         self._close_server()
         assert self._fp is not None
         try:
@@ -370,8 +422,8 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     """Freeze, read, scan, collect the pages and write the images.
 
     Returns the frozen process, the images written and the page pipes (the
-    lazy pages, for ``lazy``). On failure or cancellation: pipes closed,
-    images removed, process resumed.
+    lazy pages, for ``lazy``: planned, not filled yet). On failure or
+    cancellation: pipes closed, images removed, process resumed.
     """
     await asyncio.to_thread(_inspect, pid)
     fp = await FrozenProcess.freeze(pid)
@@ -382,7 +434,7 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
         scan = await fp.scan()
         collect = scan if lazy else MemoryScan(
             scan.pid, scan.vmas, tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
-        pipes = await fp.collect_pages(collect, pipe_size=pipe_size)
+        pipes = await fp.collect_pages(collect, pipe_size=pipe_size, defer_lazy=lazy)
         state, frozen_pipes = fp.state, pipes
         written = await _run_blocking(
             lambda: write_images(images, state, info, scan, frozen_pipes, lazy_pages=lazy,

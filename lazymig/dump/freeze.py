@@ -24,6 +24,7 @@ scratch area they use (below the stack's red zone) is written back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -33,11 +34,18 @@ import signal
 import struct
 import time
 import warnings
-from collections.abc import Callable
-from typing import Final, ParamSpec, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Final, ParamSpec, Protocol, TypeVar
 
-from lazymig.dump.pagepipe import PagePipes
-from lazymig.dump.scan import MemoryScan, Vma, parse_smaps, scan_process, unsupported_mappings
+from lazymig.dump.pagepipe import PagePipes, PipeBuffer
+from lazymig.dump.scan import (
+    MemoryScan,
+    Vma,
+    maps_lines,
+    parse_smaps,
+    scan_process,
+    unsupported_mappings,
+)
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import read_stat
@@ -181,12 +189,37 @@ def _read_status(pid: int) -> dict[str, str]:
     return out
 
 
-def _read_vmas(pid: int) -> list[Vma]:
+def _read_proc(pid: int, name: str) -> str:
     try:
-        with open(f"/proc/{pid}/smaps") as f:
-            return parse_smaps(f.read())
+        with open(f"/proc/{pid}/{name}") as f:
+            return f.read()
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise TargetGoneError(pid, f"process {pid} does not exist") from exc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Layout:
+    """A process's VMAs (from smaps) and what tells whether they changed since:
+    the maps lines and the locked size."""
+
+    vmas: list[Vma]
+    maps: list[str]
+    locked: str
+
+    @classmethod
+    def read(cls, pid: int, status: dict[str, str]) -> _Layout:
+        text = _read_proc(pid, "smaps")
+        return cls(parse_smaps(text), maps_lines(text), status.get("VmLck", ""))
+
+    def unchanged(self, pid: int, status: dict[str, str]) -> bool:
+        """True if /proc/PID/maps and VmLck are what they were. Neither walks the
+        page tables, as smaps does (~50 ms for 4 GiB here), so a frozen target's
+        VMAs are taken from this read made before it was seized when they match.
+        What this cannot see is madvise advice given to whole VMAs in the
+        milliseconds between the two reads (MADV_DONTDUMP, MADV_HUGEPAGE...): it
+        would be restored as it was just before."""
+        return (status.get("VmLck", "") == self.locked
+                and maps_lines(_read_proc(pid, "maps")) == self.maps)
 
 
 def inspect_target(pid: int) -> list[Vma]:
@@ -198,6 +231,10 @@ def inspect_target(pid: int) -> list[Vma]:
     :class:`~lazymig.errors.ConfigurationError` (our own process). Returns the
     VMAs read.
     """
+    return _inspect(pid).vmas
+
+
+def _inspect(pid: int) -> _Layout:
     if pid <= 0:
         raise ConfigurationError(f"invalid pid {pid}")
     status = _read_status(pid)
@@ -216,13 +253,13 @@ def inspect_target(pid: int) -> list[Vma]:
     threads = int(status.get("Threads", "1"))
     if threads != 1:
         reasons.append(f"it has {threads} threads; only single-threaded processes are supported")
-    vmas = _read_vmas(pid)
-    if not vmas:
+    layout = _Layout.read(pid, status)
+    if not layout.vmas:
         reasons.append("it has no memory map (a kernel thread?)")
-    reasons += unsupported_mappings(vmas)
+    reasons += unsupported_mappings(layout.vmas)
     if reasons:
         raise UnsupportedTargetError(pid, reasons)
-    return vmas
+    return layout
 
 
 # -- the frozen process --------------------------------------------------------------
@@ -294,16 +331,25 @@ class FrozenProcess:
         result = await self._tracer.run(_scan_checked, self.pid, sps, use_zero_pfn, self._vmas)
         return result
 
-    async def collect_pages(self, scan: MemoryScan, *,
-                            pipe_size: int | None = None) -> PagePipes:
+    async def collect_pages(self, scan: MemoryScan, *, pipe_size: int | None = None,
+                            defer_lazy: bool = False) -> PagePipes:
         """Put the pages of ``scan.runs`` into page pipes (off the event loop).
 
         The target vmsplices them itself through injected syscalls: the pipes
         hold its pages, not copies, so they are valid only while it stays
-        frozen: close them before :meth:`resume` or :meth:`release`."""
+        frozen: close them before :meth:`resume` or :meth:`release`.
+        With ``defer_lazy`` the lazy pages are only planned (see
+        :meth:`~lazymig.dump.pagepipe.PagePipes.plan`): fill them with
+        :meth:`fill_pages`."""
         self._check_frozen()
         return await self._tracer.run(_collect_checked, self.pid, self._tracees[0], scan,
-                                      pipe_size)
+                                      pipe_size, defer_lazy)
+
+    async def fill_pages(self, pipes: PagePipes, schedule: FillSchedule) -> None:
+        """Fill the planned buffers of ``pipes`` that ``schedule`` hands out, batch
+        after batch, until it hands out none (see :mod:`lazymig.dump.late_fill`)."""
+        self._check_frozen()
+        await self._tracer.run(_fill_checked, self.pid, self._tracees[0], pipes, schedule)
 
     # -- ending ------------------------------------------------------------------------
 
@@ -372,14 +418,14 @@ class FrozenProcess:
 
 
 def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, list[Vma]]:
-    inspect_target(pid)
+    before = _inspect(pid)
     status = _read_status(pid)
     options = PTRACE_O_SUSPEND_SECCOMP if status.get("Seccomp", "0") not in ("0", "") else 0
     tracees: list[Tracee] = []
     try:
         _seize_all(pid, tracees, options, timeout)
         # Re-check now that nothing can change under us.
-        vmas = inspect_target_frozen(pid, len(tracees))
+        vmas = inspect_target_frozen(pid, len(tracees), before)
         state = _read_state(pid, tracees, vmas)
     except BaseException:
         for t in reversed(tracees):
@@ -388,13 +434,18 @@ def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, 
     return tracees, state, vmas
 
 
-def inspect_target_frozen(pid: int, nr_threads: int) -> list[Vma]:
-    """The checks of :func:`inspect_target` again, for a seized target."""
+def inspect_target_frozen(pid: int, nr_threads: int, before: _Layout | None = None) -> list[Vma]:
+    """The checks of :func:`inspect_target` again, for a seized target (on the VMAs
+    read ``before`` it was seized if they did not change since)."""
     reasons = []
     if nr_threads != 1:
         reasons.append(f"it has {nr_threads} threads; only single-threaded processes are "
                        "supported")
-    vmas = _read_vmas(pid)
+    status = _read_status(pid)
+    if before is not None and before.unchanged(pid, status):
+        vmas = before.vmas
+    else:
+        vmas = _Layout.read(pid, status).vmas
     reasons += unsupported_mappings(vmas)
     if reasons:
         raise UnsupportedTargetError(pid, reasons)
@@ -562,33 +613,97 @@ def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma])
     return result
 
 
-def _collect_checked(pid: int, main: Tracee, scan: MemoryScan,
-                     pipe_size: int | None) -> PagePipes:
+class FillSchedule(Protocol):
+    """Which planned buffers to fill next (:class:`~lazymig.dump.late_fill.LateFill`)."""
+
+    def next_batch(self) -> list[PipeBuffer]:
+        """The next buffers to fill; empty to stop."""
+        ...
+
+    def filled(self, bufs: list[PipeBuffer]) -> None:
+        """``bufs`` are filled now."""
+        ...
+
+
+def _collect_checked(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | None,
+                     defer_lazy: bool) -> PagePipes:
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited")
-    pipes = _collect_sync(pid, main, scan, pipe_size)
-    if not process_alive(pid):
+    pipes = PagePipes.plan(scan.runs, pipe_size=pipe_size)
+    try:
+        now = pipes.unfilled(lazy=False if defer_lazy else None)
+        if now:
+            _fill_sync(pid, main, pipes, _Once(now))
+        if not process_alive(pid):
+            raise TargetGoneError(pid, f"process {pid} exited while its pages were collected")
+    except BaseException:
         pipes.close()
-        raise TargetGoneError(pid, f"process {pid} exited while its pages were copied")
+        raise
     return pipes
+
+
+class _Once:
+    """A schedule that hands out ``bufs`` in one go."""
+
+    def __init__(self, bufs: list[PipeBuffer]) -> None:
+        self._bufs = bufs
+
+    def next_batch(self) -> list[PipeBuffer]:
+        bufs, self._bufs = self._bufs, []
+        return bufs
+
+    def filled(self, bufs: list[PipeBuffer]) -> None:
+        pass
+
+
+def _fill_checked(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule) -> None:
+    if not process_alive(pid):
+        raise TargetGoneError(pid, f"process {pid} exited")
+    _fill_sync(pid, main, pipes, schedule)
+    if not process_alive(pid):
+        raise TargetGoneError(pid, f"process {pid} exited while its pages were collected")
 
 
 #: fds the target must have free to vmsplice its pages itself (a socketpair, one pipe).
 _TARGET_FDS_NEEDED: Final = 3
 
 
-def _collect_sync(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | None) -> PagePipes:
+def _fill_sync(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule) -> None:
     """Have the target vmsplice its pages into the page pipes (see
-    :mod:`lazymig.dump.target_splice`), or copy them if it has no fd to spare."""
+    :mod:`lazymig.dump.target_splice`), or copy them if it has no fd to spare,
+    batch after batch as ``schedule`` hands them out."""
     free = free_fd_slots(pid)
     if free < _TARGET_FDS_NEEDED:
         log.warning("process %d has %d free file descriptors (RLIMIT_NOFILE): copying its "
                     "pages into the page pipes instead of having it vmsplice them, which "
                     "freezes it longer", pid, free)
-        return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size)
+        while bufs := schedule.next_batch():
+            pipes.fill(pid, bufs, None)
+            schedule.filled(bufs)
+        return
+    # One injection session per batch, each followed by park(): between batches the
+    # target holds its own registers in an interrupt stop, so a dumper killed then
+    # leaves it to run on; killed during a batch, it leaves it to a SIGTRAP.
+    with _parked(main), main.syscalls() as session:
+        splicer = TargetSplicer(pid, session)
     try:
-        with main.syscalls() as session, TargetSplicer(pid, session) as splicer:
-            return PagePipes.collect(pid, scan.runs, pipe_size=pipe_size, splicer=splicer)
+        while bufs := schedule.next_batch():
+            with _parked(main), main.syscalls() as session:
+                splicer.use(session)
+                pipes.fill(pid, bufs, splicer)
+            schedule.filled(bufs)
+    finally:
+        if main.stopped:
+            with _parked(main), main.syscalls() as session:
+                splicer.use(session)
+                splicer.close()
+
+
+@contextlib.contextmanager
+def _parked(main: Tracee) -> Iterator[None]:
+    """park() the tracee after the block (if it is still in a ptrace-stop)."""
+    try:
+        yield
     finally:
         if main.stopped:
             park(main)

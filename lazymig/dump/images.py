@@ -759,6 +759,16 @@ def _plain_entries(runs: Sequence[PageRun], written: Sequence[PageRun]) -> list[
             for r in sorted(runs, key=lambda r: r.vaddr)]
 
 
+def _lazy_entries(runs: Sequence[PageRun], held: Sequence[PageRun]) -> list[PageRun]:
+    """The lazy runs of the scan, one pagemap entry each (not one per page pipe:
+    a 4 GiB region is then one entry, not 4096 that every reader parses), after
+    checking that the page pipes hold (or will hold) exactly those pages."""
+    lazy = sorted((r for r in runs if r.lazy), key=lambda r: r.vaddr)
+    if _pages_of(lazy) != _pages_of(held):
+        raise ImageError("the page pipes do not hold the lazy pages of the scan")
+    return lazy
+
+
 def _pages_of(runs: Iterable[PageRun]) -> list[tuple[int, int]]:
     """Runs as merged (vaddr, nr_pages) spans, to compare orders."""
     out: list[tuple[int, int]] = []
@@ -811,7 +821,7 @@ def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: M
             written = pipes.drain_nonlazy(pages)
         out.paths.append(pages.path)
         if lazy_pages:
-            lazy = pipes.lazy_runs()
+            lazy = _lazy_entries(scan.runs, pipes.lazy_runs())
             entries = pagemap_entries(written, lazy)
             out.lazy_pages = sum(r.nr_pages for r in lazy)
         else:

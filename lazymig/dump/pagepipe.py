@@ -37,7 +37,7 @@ import os
 import resource
 import select
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, Protocol
 
 from lazymig.dump.scan import PageRun
@@ -103,27 +103,34 @@ class PipeBuffer:
 
     ``iovs`` are the address ranges whose pages fill the pipe, in pipe order;
     ``lazy`` says whether they are served on demand (PPB_LAZY) or drained once.
+    A buffer is planned first (its iovs assigned, no pipe yet), then filled
+    (pipe created, pages put in, write end closed), then closed.
     """
 
-    __slots__ = ("_iovs", "_rfd", "_wfd", "capacity", "lazy", "nr_pages")
+    __slots__ = ("_closed", "_iovs", "_rfd", "_wfd", "capacity", "lazy", "nr_pages")
 
-    def __init__(self, lazy: bool, rfd: int, wfd: int, capacity: int) -> None:
+    def __init__(self, lazy: bool, capacity: int) -> None:
         self.lazy = lazy
         self.capacity = capacity
         self.nr_pages = 0
-        self._rfd = rfd
-        self._wfd = wfd
+        self._rfd = self._wfd = -1
+        self._closed = False
         self._iovs: list[tuple[int, int, int]] = []  # (vaddr, nr_pages, first page in pipe)
 
     @property
     def read_fd(self) -> int:
-        """The pipe's read end (-1 once drained or closed)."""
+        """The pipe's read end (-1 before it is filled, once drained, or closed)."""
         return self._rfd
 
     @property
     def sealed(self) -> bool:
-        """True once the write end is closed (the pipe is full or collection ended)."""
-        return self._wfd < 0
+        """True once the pipe is filled and its write end closed."""
+        return self._rfd >= 0 and self._wfd < 0
+
+    @property
+    def closed(self) -> bool:
+        """True once drained (non-lazy) or closed with the page pipes."""
+        return self._closed
 
     @property
     def iovs(self) -> tuple[PageRun, ...]:
@@ -151,6 +158,7 @@ class PipeBuffer:
             os.close(fd)
 
     def _close(self) -> None:
+        self._closed = True
         self._seal()
         if self._rfd >= 0:
             fd, self._rfd = self._rfd, -1
@@ -208,24 +216,58 @@ class PagePipes:
         first). Blocking: run it off the event loop. On any error every pipe is
         closed (and the splicer's fds in the target are closed by its owner).
         """
+        self = cls.plan(runs, pipe_size=pipe_size,
+                        write_ends=SCM_MAX_FD + 1 if splicer is not None else 0)
+        try:
+            self.fill(pid, self.unfilled(), splicer)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @classmethod
+    def plan(cls, runs: Iterable[PageRun], *, pipe_size: int | None = None,
+             write_ends: int = SCM_MAX_FD + 1) -> PagePipes:
+        """Assign every page of ``runs`` to a page pipe, without creating the pipes.
+
+        The lazy index (:meth:`find`, :meth:`lazy_runs`) is complete at once;
+        :meth:`fill` then creates and fills the pipes, all at once or a few at a
+        time. RLIMIT_NOFILE is checked (and raised) here, for every pipe plus
+        ``write_ends`` open while filling, so that running out of fds fails now
+        rather than in the middle of a late fill.
+        """
         runs = list(runs)
         self = cls(pipe_size=pipe_size)
         try:
-            self.reserve_fds(runs, batch=SCM_MAX_FD + 1 if splicer is not None else 0)
-            batch = SCM_MAX_FD if splicer is not None else 1
-            pending: list[PipeBuffer] = []
+            self.reserve_fds(runs, batch=write_ends)
             for run in runs:
-                for full in self._plan_run(run):
-                    pending.append(full)
-                    if len(pending) >= batch:
-                        self._fill(pid, pending, splicer)
-                        pending = []
-            self._fill(pid, [b for b in self._buffers if not b.sealed], splicer)
+                self._plan_run(run)
             self._current = {True: None, False: None}
         except BaseException:
             self.close()
             raise
         return self
+
+    def unfilled(self, *, lazy: bool | None = None) -> list[PipeBuffer]:
+        """The buffers not filled yet (of one kind, if ``lazy`` is given), in plan order."""
+        return [b for b in self._buffers if b.read_fd < 0 and not b.closed
+                and (lazy is None or b.lazy is lazy)]
+
+    def fill(self, pid: int, bufs: Sequence[PipeBuffer], splicer: TargetSplicer | None) -> None:
+        """Create the pipes of ``bufs`` (planned, not filled) and put their pages in.
+
+        With a ``splicer`` the target vmsplices its own pages (see :meth:`collect`),
+        up to ``SCM_MAX_FD`` pipes per batch; otherwise they are copied. Each pipe
+        is sealed (write end closed) once filled. Blocking. On error the pipes of
+        ``bufs`` may be left half-filled: close the page pipes.
+        """
+        self._check_open()
+        batch = SCM_MAX_FD if splicer is not None else 1
+        for i in range(0, len(bufs), batch):
+            part = list(bufs[i:i + batch])
+            for buf in part:
+                self._open_pipe(buf)
+            self._fill(pid, part, splicer)
 
     def fds_needed(self, runs: Sequence[PageRun], *, batch: int = 0) -> int:
         """How many more fds collecting ``runs`` will hold at its peak, when up to
@@ -255,9 +297,8 @@ class PagePipes:
                 "or fs.pipe-max-size")
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
-    def _plan_run(self, run: PageRun) -> Iterator[PipeBuffer]:
-        """Assign one run's pages to pipes of its kind (not filled yet); yields each
-        pipe that became full (fill it before resuming, to bound open write ends)."""
+    def _plan_run(self, run: PageRun) -> None:
+        """Assign one run's pages to buffers of its kind (planned: no pipe yet)."""
         self._check_open()
         vaddr, left = run.vaddr, run.nr_pages
         while left > 0:
@@ -272,10 +313,9 @@ class PagePipes:
             left -= k
             if buf.free_pages == 0:
                 self._current[run.lazy] = None
-                yield buf
 
     def _fill(self, pid: int, bufs: list[PipeBuffer], splicer: TargetSplicer | None) -> None:
-        """Put the pages of ``bufs`` (planned, empty) into their pipes and seal them."""
+        """Put the pages of ``bufs`` (pipes created, empty) into their pipes and seal them."""
         if splicer is None:
             for buf in bufs:
                 self._copy_rest(pid, buf, 0)
@@ -355,21 +395,28 @@ class PagePipes:
             return get_pipe_size(fd)
 
     def _new_buffer(self, lazy: bool) -> PipeBuffer:
+        buf = PipeBuffer(lazy, self._capacity_pages())
+        self._buffers.append(buf)
+        self._current[lazy] = buf
+        return buf
+
+    def _open_pipe(self, buf: PipeBuffer) -> None:
+        """Create the pipe of a planned buffer, sized for its pages."""
         try:
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
         except OSError as exc:
-            raise LazyMigOSError(exc.errno or errno.EMFILE,
-                                 f"creating page pipe #{len(self._buffers) + 1}") from exc
+            raise LazyMigOSError(exc.errno or errno.EMFILE, "creating a page pipe") from exc
         try:
-            capacity = min(self._size_pipe(wfd) >> PAGE_SHIFT, self._capacity_pages())
+            size = self._size_pipe(wfd)
+            if size >> PAGE_SHIFT < buf.nr_pages:  # the scratch pipe got more: a user limit
+                raise LazyMigOSError(
+                    errno.EPERM, f"a page pipe could be sized to {size} bytes only, not the "
+                    f"{buf.nr_pages << PAGE_SHIFT} it must hold (fs.pipe-user-pages-soft?)")
         except BaseException:
             os.close(rfd)
             os.close(wfd)
             raise
-        buf = PipeBuffer(lazy, rfd, wfd, capacity)
-        self._buffers.append(buf)
-        self._current[lazy] = buf
-        return buf
+        buf._rfd, buf._wfd = rfd, wfd
 
     def _copy(self, pid: int, buf: PipeBuffer, vaddr: int, nr_pages: int) -> None:
         """Copy pages into a fresh mapping, vmsplice them into ``buf``, unmap.
@@ -413,7 +460,7 @@ class PagePipes:
             return None
         start, nr, buf, first = self._index[i]
         skip = (vaddr - start) >> PAGE_SHIFT
-        if skip >= nr or buf.read_fd < 0:
+        if skip >= nr or buf.closed:
             return None
         return buf, first + skip, nr - skip
 
@@ -444,6 +491,8 @@ class PagePipes:
         if hit is None:
             raise PagesNotFoundError(f"no lazy pages at {vaddr:#x}")
         buf, first, avail = hit
+        if buf.read_fd < 0:
+            raise PagesNotFoundError(f"the lazy pages at {vaddr:#x} are not filled in yet")
         n = min(nr_pages, avail)
         self.discard_staged()
         need = (first + n) << PAGE_SHIFT
@@ -521,8 +570,10 @@ class PagePipes:
         self._check_open()
         out: list[PageRun] = []
         for buf in self._buffers:
-            if buf.lazy or buf.read_fd < 0:
+            if buf.lazy or buf.closed:
                 continue
+            if buf.read_fd < 0:
+                raise ClosedResourceError("non-lazy page pipes must be filled before draining")
             buf._seal()
             if self._current[False] is buf:
                 self._current[False] = None
@@ -554,7 +605,7 @@ class PagePipes:
 
     def nonlazy_runs(self) -> list[PageRun]:
         """The non-lazy ranges still held, in pipe order."""
-        return [run for buf in self._buffers if not buf.lazy and buf.read_fd >= 0
+        return [run for buf in self._buffers if not buf.lazy and not buf.closed
                 for run in buf.iovs]
 
     @property

@@ -66,6 +66,7 @@ __all__ = [
     "MemoryScan",
     "PageRun",
     "Vma",
+    "maps_lines",
     "parse_smaps",
     "plan_page_ranges",
     "plan_pages",
@@ -304,6 +305,11 @@ def parse_smaps(text: str) -> list[Vma]:
             vm_flags = frozenset(line[8:].split())
     flush()
     return vmas
+
+
+def maps_lines(text: str) -> list[str]:
+    """The VMA lines of /proc/PID/smaps or /proc/PID/maps text (the same in both). Pure."""
+    return [line for line in text.splitlines() if _RANGE_RE.match(line)]
 
 
 def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:

@@ -319,6 +319,8 @@ class PageServer:
             raise RemoteProtocolError(
                 f"GET of {get.nr_pages} pages at {get.vaddr:#x} for pid {get.pid}: "
                 "not a lazy page of this dump", field="vaddr")
+        if (filling := self.store.pending(get.pid, get.vaddr, nr_pages)) is not None:
+            await filling  # a live dump's page pipe that is not filled yet
         segment = self.store.segment(get.pid, get.vaddr, nr_pages)
         try:
             await link.send_reply(codec.send(GetReply(get.pid, get.vaddr, nr_pages)), segment)

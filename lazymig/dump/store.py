@@ -7,9 +7,10 @@ Two stores implement :class:`LazyPageStore`: the page pipes of a live dump
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,7 +20,8 @@ from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
 
 if TYPE_CHECKING:  # the restore side imports this module: no ptrace machinery for it
-    from lazymig.dump.pagepipe import PagePipes
+    from lazymig.dump.late_fill import LateFill
+    from lazymig.dump.pagepipe import PagePipes, PipeBuffer
 
 __all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment", "PipePageStore"]
 
@@ -71,8 +73,17 @@ class LazyPageStore(Protocol):
         """
         ...
 
+    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
+        """None if the ``nr_pages`` lazy pages at ``vaddr`` (as clamped by
+        :meth:`available`) can be read now (the usual case); else an awaitable
+        that ends once they can, and asks for them first (the page pipes of a
+        live dump are filled after the server starts listening). It raises if
+        they never will be."""
+        ...
+
     def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
-        """The bytes of ``nr_pages`` (as clamped by :meth:`available`) at ``vaddr``.
+        """The bytes of ``nr_pages`` (as clamped by :meth:`available`) at ``vaddr``,
+        once :meth:`pending` is done with them.
 
         Serving a page never consumes it: it can be served again.
         """
@@ -161,6 +172,9 @@ class ImagesPageStore:
         ranges = self._ranges.get(pid)
         return 0 if ranges is None else min(nr_pages, ranges.pages_from(vaddr))
 
+    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
+        return None
+
     def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
         fd, index = self._index[pid]
         offset = index.offset(vaddr, nr_pages)
@@ -181,15 +195,23 @@ class PipePageStore:
     Each GET gets a scratch pipe of its own: the page pipe is tee'd into it up
     to the end of the requested pages and the prefix dropped, so the page pipe
     keeps every page (it can be served again) and concurrent connections never
-    share a scratch pipe. Drained scratch pipes are kept for the next GETs
-    (no pipe2 + F_SETPIPE_SZ + close per request).
+    share a scratch pipe. A GET that runs on past the end of a page pipe gets
+    the head of the next one too (up to a scratch pipe's worth): the pagemap
+    lists whole runs, not pipes, so the daemon's requests do not stop at pipe
+    boundaries, and a reply cut short there would cost it a second GET.
+    Drained scratch pipes are kept for the next GETs (no pipe2 +
+    F_SETPIPE_SZ + close per request).
+
+    With ``late_fill`` the lazy pipes are being filled while the server runs:
+    :meth:`pending` waits for (and hurries) the pipe a GET needs.
     """
 
     _POOL = 8
 
-    def __init__(self, pid: int, pipes: PagePipes) -> None:
+    def __init__(self, pid: int, pipes: PagePipes, late_fill: LateFill | None = None) -> None:
         self._pid = pid
         self._pipes = pipes
+        self._late_fill = late_fill
         self._ranges = _Ranges(_merged((r.vaddr, r.nr_pages) for r in pipes.lazy_runs()))
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._pipe_size = pipes.pipe_size  # a scratch pipe holds up to a whole page pipe
@@ -201,25 +223,51 @@ class PipePageStore:
     def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
         return self._ranges.ranges if pid == self._pid else []
 
-    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+    def _pieces(self, pid: int, vaddr: int, nr_pages: int) -> list[tuple[PipeBuffer, int, int]]:
+        """(page pipe, first page in it, pages) holding up to ``nr_pages`` lazy pages
+        from ``vaddr`` in a row: on into the next pipe while it starts with the next
+        page, up to what one scratch pipe holds."""
         if pid != self._pid or vaddr % PAGE_SIZE:
-            return 0
-        hit = self._pipes.find(vaddr)
-        return 0 if hit is None else min(nr_pages, hit[2])
+            return []
+        out: list[tuple[PipeBuffer, int, int]] = []
+        left = min(nr_pages, self._pipe_size >> PAGE_SHIFT)
+        while left > 0 and (hit := self._pipes.find(vaddr)) is not None:
+            buf, first, avail = hit
+            n = min(left, avail)
+            if out and out[-1][0] is buf and out[-1][1] + out[-1][2] == first:
+                out[-1] = (buf, out[-1][1], out[-1][2] + n)
+            elif out and first:  # only a pipe's head can follow in the scratch pipe
+                break
+            else:
+                out.append((buf, first, n))
+            left -= n
+            vaddr += n << PAGE_SHIFT
+        return out
+
+    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+        return sum(n for _, _, n in self._pieces(pid, vaddr, nr_pages))
+
+    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
+        late = self._late_fill
+        if late is None or late.complete:  # on every GET: O(1) once every pipe is filled
+            return None
+        waits = [w for buf, _, _ in self._pieces(pid, vaddr, nr_pages)
+                 if (w := late.wait(buf)) is not None]
+        return asyncio.gather(*waits) if waits else None
 
     def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
-        hit = self._pipes.find(vaddr)
-        assert hit is not None and pid == self._pid, "available() vouched for these pages"
-        buf, first, _ = hit
-        need = (first + nr_pages) << PAGE_SHIFT
+        pieces = self._pieces(pid, vaddr, nr_pages)
+        assert sum(n for _, _, n in pieces) == nr_pages, "available() vouched for these pages"
         read_fd, write_fd = self._spare.pop() if self._spare else self._new_pipe()
         try:
-            got = tee(buf.read_fd, write_fd, need)
-            if got != need:
-                raise BrokenResourceError(f"tee gave {got} of {need} bytes at {vaddr:#x}")
-            skip = first << PAGE_SHIFT
-            while skip:
-                skip -= os.splice(read_fd, self._devnull, skip)
+            for buf, first, n in pieces:
+                need = (first + n) << PAGE_SHIFT
+                got = tee(buf.read_fd, write_fd, need)
+                if got != need:
+                    raise BrokenResourceError(f"tee gave {got} of {need} bytes at {vaddr:#x}")
+                skip = first << PAGE_SHIFT  # only the first piece has one
+                while skip:
+                    skip -= os.splice(read_fd, self._devnull, skip)
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)

@@ -148,6 +148,11 @@ class TargetSplicer:
             self.close()
             raise
 
+    def use(self, session: InjectionSession) -> None:
+        """Run through ``session`` from now on (one per batch of work: the target
+        gets its own registers back between them)."""
+        self._session = session
+
     def _run(self, what: str, nr: int, *args: int) -> int:
         res = self._session.syscall(nr, *args)
         if res < 0:

@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if total != expected_sum:
             bad = sum(1 for off in range(0, size, PAGE)
                       if region[off:off + PAGE] != page_bytes(addr + off, args.seed))
-        print(f"CHECK n={n} sum={total:#018x} bad={bad}", flush=True)
+        # One write(2) per line: print() under PYTHONUNBUFFERED writes the text and
+        # the newline apart, and a dump between the two left a lone newline for
+        # the restored copy to write (an empty line on the restorer's stdout).
+        sys.stdout.write(f"CHECK n={n} sum={total:#018x} bad={bad}\n")
+        sys.stdout.flush()
         n += 1
 
 
