@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,11 +20,14 @@ async def main() -> None:
                                           int(sys.argv[4]))
     source = await RemotePageSource.connect("127.0.0.1", port, channels=channels)
     daemon = LazyPagesDaemon.from_images(source, images, background=background)
+    before = os.times()
     report = await daemon.run()
+    after = os.times()
     print(json.dumps({
         "ok": report.ok, "bytes": report.bytes_copied, "finished": report.finished,
         "first_handover": min(p.handed_over for p in report.processes),
         "rss_kib": peak_rss_kib(), "daemon_p50": report.fault_latency().percentile(0.5),
+        "cpu_s": after.user + after.system - before.user - before.system,
     }), flush=True)
 
 

@@ -52,6 +52,7 @@ BASE = 0x6F0000000000
 PID = 4000
 
 HERE = Path(__file__).resolve().parent
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 async def run_case(images: Path, nr_pages: int, *, background: bool, touches: int,
@@ -77,6 +78,7 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
         str(touches), "wait" if wait else "touch", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE)
     assert daemon.stdout is not None and toucher.stdout is not None and toucher.stdin
+    busy_before = machine_busy()
     if wait:  # the daemon finishes while the toucher still waits, then it touches
         daemon_out = json.loads(await daemon.stdout.readline())
         toucher.stdin.write(b"\n")
@@ -85,6 +87,7 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
     else:
         touch_out = json.loads(await toucher.stdout.readline())
         daemon_out = json.loads(await daemon.stdout.readline())
+    busy = [after - before for after, before in zip(machine_busy(), busy_before, strict=True)]
     await toucher.wait()
     await daemon.wait()
     try:  # complete only if every page was served (the toucher may have exited first)
@@ -94,7 +97,15 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
         await server.wait()
     if not daemon_out["ok"]:
         raise SystemExit("the daemon did not complete")
-    return {**daemon_out, **touch_out}
+    busy_vcpus = busy[0] / max(sum(busy), 1e-9) * (os.cpu_count() or 1)
+    return {**daemon_out, **touch_out, "busy_vcpus": busy_vcpus}
+
+
+def machine_busy() -> tuple[float, float]:
+    """Busy and idle seconds, summed over every vCPU, since boot (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / TICK, idle / TICK
 
 
 def _listening_port(pid: int) -> int:
@@ -192,7 +203,9 @@ async def main(args: argparse.Namespace) -> None:
                                wait=True)
             elapsed = float(r["finished"]) - float(r["first_handover"])  # type: ignore[arg-type]
             print(f"  background: {size} MiB in {elapsed:.3f} s = "
-                  f"{r['bytes'] / elapsed / 1e9:.2f} GB/s")  # type: ignore[operator]
+                  f"{r['bytes'] / elapsed / 1e9:.2f} GB/s; daemon CPU "  # type: ignore[operator]
+                  f"{r['cpu_s']:.2f} s, vCPUs busy meanwhile {r['busy_vcpus']:.1f} of "
+                  f"{os.cpu_count()} (all processes)")
             print(f"  daemon peak RSS: {int(r['rss_kib']) / 1024:.1f} MiB")  # type: ignore[call-overload]
 
 
