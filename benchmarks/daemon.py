@@ -45,6 +45,7 @@ import report
 from _fault_floor import fault_floor_us
 from lazydump import write_lazy_dump
 
+from lazymig.linux.procfs import read_stat
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.uffd.uffd import Uffd
 
@@ -79,6 +80,8 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
         stdout=asyncio.subprocess.PIPE)
     assert daemon.stdout is not None and toucher.stdout is not None and toucher.stdin
     busy_before = machine_busy()
+    server_cpu = [cpu_seconds(server.pid)]
+    watch = asyncio.create_task(_follow_cpu(server.pid, server_cpu))
     if wait:  # the daemon finishes while the toucher still waits, then it touches
         daemon_out = json.loads(await daemon.stdout.readline())
         toucher.stdin.write(b"\n")
@@ -88,6 +91,7 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
         touch_out = json.loads(await toucher.stdout.readline())
         daemon_out = json.loads(await daemon.stdout.readline())
     busy = [after - before for after, before in zip(machine_busy(), busy_before, strict=True)]
+    watch.cancel()
     await toucher.wait()
     await daemon.wait()
     try:  # complete only if every page was served (the toucher may have exited first)
@@ -98,7 +102,23 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
     if not daemon_out["ok"]:
         raise SystemExit("the daemon did not complete")
     busy_vcpus = busy[0] / max(sum(busy), 1e-9) * (os.cpu_count() or 1)
-    return {**daemon_out, **touch_out, "busy_vcpus": busy_vcpus}
+    return {**daemon_out, **touch_out, "busy_vcpus": busy_vcpus,
+            "server_cpu_s": server_cpu[-1] - server_cpu[0]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = read_stat(pid)[1]
+    return (fields[14] + fields[15]) / TICK
+
+
+async def _follow_cpu(pid: int, samples: list[float], period: float = 0.02) -> None:
+    """Keep the CPU seconds of ``pid`` in ``samples[-1]`` until it exits (its last
+    ``period`` is lost: it may be reaped before the case ends)."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        while True:
+            await asyncio.sleep(period)
+            samples.append(cpu_seconds(pid))
 
 
 def machine_busy() -> tuple[float, float]:
@@ -204,8 +224,8 @@ async def main(args: argparse.Namespace) -> None:
             elapsed = float(r["finished"]) - float(r["first_handover"])  # type: ignore[arg-type]
             print(f"  background: {size} MiB in {elapsed:.3f} s = "
                   f"{r['bytes'] / elapsed / 1e9:.2f} GB/s; daemon CPU "  # type: ignore[operator]
-                  f"{r['cpu_s']:.2f} s, vCPUs busy meanwhile {r['busy_vcpus']:.1f} of "
-                  f"{os.cpu_count()} (all processes)")
+                  f"{r['cpu_s']:.2f} s, page server CPU {r['server_cpu_s']:.2f} s, vCPUs busy "
+                  f"meanwhile {r['busy_vcpus']:.1f} of {os.cpu_count()} (all processes)")
             print(f"  daemon peak RSS: {int(r['rss_kib']) / 1024:.1f} MiB")  # type: ignore[call-overload]
 
 
