@@ -8,7 +8,9 @@ is its own). A child process attaches the region and:
 
 * touches random pages with the background fetch off, then on, timing every
   touch from the faulting side (the fault round trip a program sees);
-* waits while the background fetch pulls everything (throughput).
+* waits while the background fetch pulls everything (throughput, with the CPU
+  seconds the daemon and the page server spent meanwhile and how busy the
+  vCPUs were: the background is bound by CPU time on this 2-vCPU VM).
 
 Printed beside, measured in the same run: bare UFFDIO_COPY from memory, a bare
 uffd fault round trip (handler copying from memory), loopback TCP throughput
