@@ -683,12 +683,15 @@ def _fill_sync(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule)
         return
     # One injection session per batch, each followed by park(): between batches the
     # target holds its own registers in an interrupt stop, so a dumper killed then
-    # leaves it to run on; killed during a batch, it leaves it to a SIGTRAP.
+    # leaves it to run on. During a batch it runs the splicer's code page, whose
+    # tail rt_sigreturns to its own state once the dumper is gone (the setup and
+    # the teardown, single-stepped, are not covered: a dumper killed in one of
+    # their steps leaves the target a SIGTRAP).
     with _parked(main), main.syscalls() as session:
         splicer = TargetSplicer(pid, session)
     try:
         while bufs := schedule.next_batch():
-            with _parked(main), main.syscalls() as session:
+            with _parked(main), main.syscalls(at=splicer.syscall_ip) as session:
                 splicer.use(session)
                 pipes.fill(pid, bufs, splicer)
             schedule.filled(bufs)

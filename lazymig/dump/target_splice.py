@@ -34,21 +34,25 @@ Killing the target does not free the pages: the pipes keep them alive.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
+import select
+import signal
 import socket
 import struct
 from collections.abc import Sequence
 from typing import Final
 
 from lazymig.errors import BrokenResourceError, LazyMigOSError
-from lazymig.linux.ptrace import InjectionSession, process_alive
+from lazymig.linux.ptrace import InjectionSession, UserRegs, process_alive
 from lazymig.linux.vm import pidfd_getfd, process_vm_writev, read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
 
-__all__ = ["IOVEC_ROOM", "SCM_MAX_FD", "UIO_MAXIOV", "TargetSplicer", "free_fd_slots"]
+__all__ = ["IOVEC_ROOM", "SCM_MAX_FD", "UIO_MAXIOV", "TargetSplicer", "free_fd_slots",
+           "sigreturn_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ SYS_MMAP: Final = 9
 SYS_MUNMAP: Final = 11
 SYS_RECVMSG: Final = 47
 SYS_SOCKETPAIR: Final = 53
+SYS_SIGALTSTACK: Final = 131
 SYS_VMSPLICE: Final = 278
 SYS_CLOSE_RANGE: Final = 436
 
@@ -70,22 +75,49 @@ _PROT_RX: Final = 0x5
 _MAP_SHARED_ANON: Final = 0x01 | 0x20
 _MAP_PRIVATE_ANON: Final = 0x02 | 0x20
 
-# The vmsplice loop the target runs (rdi = table, rsi = entries); each 32-byte
-# entry is (fd, iovec array, iovec count, bytes expected), and the result
-# overwrites the last field. It stops after the first call that did not queue
-# every byte expected, returns the entries done in rax and traps (int3).
-# vmsplice's flags are SPLICE_F_NONBLOCK (2): a full pipe fails, never blocks.
-#   mov r12, rdi; mov r14, rsi; xor r13d, r13d
-#   loop: cmp r13, r14; jae out
-#         mov eax, 278 (vmsplice); mov rdi, [r12]; mov rsi, [r12+8]; mov rdx, [r12+16]
-#         mov r10d, 2; syscall; inc r13
-#         cmp rax, [r12+24]; mov [r12+24], rax; jne out
-#         add r12, 32; jmp loop
-#   out:  mov rax, r13; int3
-_VMSPLICE_LOOP: Final = bytes.fromhex(
-    "4989fc4989f64531ed4d39f57330b816010000498b3c24498b742408498b"
-    "54241041ba020000000f0549ffc5493b442418498944241875064983c420"
-    "ebcb4c89e8cc")
+# The code page (assembled from the listing below; its last 8 bytes, at
+# _AT_AREA_PTR, hold the scratch area's address, read rip-relative). Two entries,
+# one ending: every run ends in the tail, which tells us over the socket that it
+# is done and waits there for our PTRACE_INTERRUPT. If the dumper dies (SIGKILL,
+# OOM) the wait reads end-of-file and the tail rt_sigreturns to the target's own
+# registers, signal mask, altstack and FPU state (the frame at _AT_FRAME): the
+# target runs on instead of meeting a trap without a tracer.
+#
+# loop (rdi = table, rsi = entries; each 32-byte entry is fd, iovec array, iovec
+# count, bytes expected; the result overwrites the last field):
+#   mov r12, rdi; mov r14, rsi; xor r13d, r13d; mov rbx, [rip+area]
+#   next: cmp r13, r14; jae done
+#     recvfrom(life, buf, 1, MSG_PEEK|MSG_DONTWAIT, 0, 0); test rax, rax; jz done  # dumper gone
+#     vmsplice([r12], [r12+8], [r12+16], SPLICE_F_NONBLOCK); inc r13
+#     cmp rax, -EPIPE; jne 1f; mov qword [rbx+RAISED], 1    # it queued a SIGPIPE
+#   1: cmp rax, [r12+24]; mov [r12+24], rax; jne done; add r12, 32; jmp next
+#   done: mov [rbx+RESULT], r13; jmp tail
+# stub (rax = syscall number, rdi, rsi, rdx, r10, r8, r9 = arguments):
+#   syscall; mov rbx, [rip+area]; mov [rbx+RESULT], rax
+# tail:
+#   mov rbx, [rip+area]
+#   if [rbx+RAISED] and [rbx+DRAIN_OK]: rt_sigtimedwait({SIGPIPE}, NULL, {0, 0}, 8)
+#   sendto(life, buf, 1, MSG_NOSIGNAL|MSG_DONTWAIT, 0, 0)    # "done"
+#   wait: recvfrom(life, buf, 1, 0, 0, 0); test rax, rax; jg wait   # we stop it here
+#   lea rsp, [rbx+FRAME+8]; rt_sigreturn; ud2
+# (life = the target's end of the socketpair; buf, RAISED, DRAIN_OK, RESULT, FRAME:
+# the _AT_* offsets in the scratch area.)
+_CODE: Final = bytes.fromhex(
+    "4989fc4989f64531ed488b1d200100004d39f5736bb82d0000008bbbb004"
+    "0000488db3e8040000ba0100000041ba420000004531c04531c90f054885"
+    "c07441b816010000498b3c24498b742408498b54241041ba020000000f05"
+    "49ffc54883f8e0750b48c783c004000001000000493b4424184989442418"
+    "75064983c420eb904c89abb8040000eb100f05488b1d9e000000488983b8"
+    "040000488b1d900000004883bbc00400000074274883bbc804000000741d"
+    "b880000000488dbbd004000031f6488d93d804000041ba080000000f05b8"
+    "2c0000008bbbb0040000488db3e8040000ba0100000041ba404000004531"
+    "c04531c90f05b82d0000008bbbb0040000488db3e8040000ba0100000045"
+    "31d24531c04531c90f054885c07fd9488da308050000b80f0000000f050f"
+    "0b0f1f00")
+_AT_STUB: Final = 0x89
+_AT_WAIT: Final = 0xF6  # the tail's wait loop: where our PTRACE_INTERRUPT finds it
+_AT_WAIT_END: Final = 0x118
+_AT_AREA_PTR: Final = 0x130
 _ENTRY: Final = struct.Struct("<qQQq")
 _SOCK_SEQPACKET_CLOEXEC: Final = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
 _MSG_CMSG_CLOEXEC: Final = 0x40000000
@@ -103,11 +135,42 @@ _AT_BYTE: Final = 80
 _AT_PAIR: Final = 96
 _AT_CMSG: Final = 128
 _CMSG_SPACE: Final = _CMSGHDR.size + 4 * SCM_MAX_FD + 4  # aligned to 8
+# What the code page reads and writes (offsets fixed in _CODE):
+_AT_LIFE: Final = 1200  # the target's end of the socketpair (int)
+_AT_RESULT: Final = 1208  # the stub's rax, or the loop's entries done
+_AT_RAISED: Final = 1216  # nonzero: a vmsplice failed with EPIPE (queued a SIGPIPE)
+_AT_DRAIN_OK: Final = 1224  # nonzero: no SIGPIPE was pending before, so drain one
+_AT_SIGSET: Final = 1232  # {SIGPIPE}, for rt_sigtimedwait
+_AT_TIMESPEC: Final = 1240  # {0, 0}: rt_sigtimedwait does not wait
+_AT_FRAME: Final = 1280  # struct rt_sigframe (64-byte aligned)
 _AT_IOVECS: Final = PAGE_SIZE
 #: iovecs the area holds at once (64 KiB of them), hence also vmsplice calls.
 IOVEC_ROOM: Final = 4096
 _AT_TABLE: Final = _AT_IOVECS + IOVEC_ROOM * _IOVEC.size
-_AREA_LEN: Final = _AT_TABLE + IOVEC_ROOM * _ENTRY.size
+_AT_XSTATE: Final = _AT_TABLE + IOVEC_ROOM * _ENTRY.size  # 64-byte aligned (XRSTOR)
+_XSTATE_ROOM: Final = 64 * 1024 + PAGE_SIZE
+_AREA_LEN: Final = _AT_XSTATE + _XSTATE_ROOM
+
+# struct rt_sigframe (x86_64, arch/x86/include/asm/sigframe.h): pretcode, then
+# struct ucontext: uc_flags, uc_link, uc_stack (stack_t, 24 bytes), uc_mcontext
+# (struct sigcontext: r8-r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, eflags,
+# cs, gs, fs, ss (16-bit), err, trapno, oldmask, cr2, fpstate, reserved1[8]),
+# uc_sigmask; then a siginfo (128 bytes). rt_sigreturn reads it at rsp - 8.
+_SIGFRAME_HEAD: Final = struct.Struct("<QQQ24s")
+_SIGCONTEXT: Final = struct.Struct("<18Q4H4QQ64x")
+_SIGFRAME_LEN: Final = _SIGFRAME_HEAD.size + _SIGCONTEXT.size + 8 + 128
+_SIGCONTEXT_REGS: Final = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi",
+                           "rbp", "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags")
+_UC_FLAGS: Final = 0x1 | 0x2 | 0x4  # UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+# struct _fpx_sw_bytes in the FXSAVE area's sw_reserved: without it rt_sigreturn
+# restores only x87/SSE and resets AVX and beyond (check_xstate_in_sigframe).
+_FPX_SW_BYTES: Final = struct.Struct("<IIQI")
+_AT_FPX_SW: Final = 464
+_FP_XSTATE_MAGIC1: Final = 0x46505853
+_FP_XSTATE_MAGIC2: Final = 0x46505845
+_FXSAVE_LEN: Final = 512
+_SIGPIPE_BIT: Final = 1 << (signal.SIGPIPE - 1)
+_STACK_T_LEN: Final = 24
 
 
 def free_fd_slots(pid: int) -> int:
@@ -121,6 +184,40 @@ def free_fd_slots(pid: int) -> int:
         return 0
     limit = 1 << 30 if soft == "unlimited" else int(soft)
     return limit - sum(1 for fd in in_use if fd < limit)
+
+
+def sigreturn_frame(regs: UserRegs, sigmask: int, altstack: bytes, xstate: bytes,
+                    xstate_at: int) -> tuple[bytes, bytes]:
+    """The ``rt_sigframe`` that makes ``rt_sigreturn`` restore ``regs``, ``sigmask``,
+    the sigaltstack ``altstack`` (a raw stack_t) and the FPU/xstate ``xstate`` (as
+    PTRACE_GETREGSET gave it), which must be written at ``xstate_at`` (64-byte
+    aligned); returns the frame and the xstate area to write there.
+
+    ``regs`` are the thread's as at an interrupt stop: an interrupted syscall is
+    set up to restart as the kernel would have (rt_sigreturn disables the
+    kernel's own restart logic).
+    """
+    if xstate_at % 64:
+        raise ValueError(f"an xstate area must be 64-byte aligned, not at {xstate_at:#x}")
+    regs = regs.with_syscall_restart()
+    head = _SIGFRAME_HEAD.pack(0, _UC_FLAGS, 0, altstack)
+    context = _SIGCONTEXT.pack(*(getattr(regs, name) for name in _SIGCONTEXT_REGS),
+                               regs.cs, regs.gs, regs.fs, regs.ss, 0, 0, 0, 0, xstate_at)
+    frame = head + context + struct.pack("<Q", sigmask) + bytes(128)
+    area = bytearray(xstate)
+    if len(area) > _FXSAVE_LEN:  # an XSAVE area: say so, as the kernel's own frames do
+        xstate_bv = struct.unpack_from("<Q", area, _FXSAVE_LEN)[0]
+        _FPX_SW_BYTES.pack_into(area, _AT_FPX_SW, _FP_XSTATE_MAGIC1, len(xstate) + 4,
+                                xstate_bv | 0x3, len(xstate))
+        area += struct.pack("<I", _FP_XSTATE_MAGIC2)
+    return frame, bytes(area)
+
+
+def _sigpipe_pending(pid: int, tid: int) -> bool:
+    """SIGPIPE is pending for thread ``tid`` or its process (/proc status)."""
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return any(int(fields[key], 16) & _SIGPIPE_BIT for key in ("SigPnd", "ShdPnd"))
 
 
 class TargetSplicer:
@@ -138,6 +235,8 @@ class TargetSplicer:
         self._code = 0
         self._target_sock = -1
         self._sock: socket.socket | None = None
+        self._altstack = bytes(_STACK_T_LEN)
+        self._poller = select.poll()
         self._held: list[int] = []  # our fds the target also holds now
         #: fds one :meth:`receive` sends: SCM_MAX_FD, or what the target's fd table
         #: took the last time it was too full for more.
@@ -148,16 +247,68 @@ class TargetSplicer:
             self.close()
             raise
 
+    @property
+    def syscall_ip(self) -> int:
+        """The code page's ``syscall`` instruction: start each batch's session
+        there (``Tracee.syscalls(at=...)``), so that a dumper killed before the
+        batch's first run leaves the target to the tail's rt_sigreturn."""
+        return self._code + _AT_STUB
+
     def use(self, session: InjectionSession) -> None:
         """Run through ``session`` from now on (one per batch of work: the target
-        gets its own registers back between them)."""
+        gets its own registers back between them); writes the rt_sigreturn frame
+        that hands the target back its own state if the dumper dies meanwhile."""
         self._session = session
+        self._write_frame()
+
+    def _write_frame(self) -> None:
+        session = self._session
+        tracee = session.tracee
+        frame, xstate = sigreturn_frame(session.regs, session.sigmask, self._altstack,
+                                        tracee.get_xstate(), self._area + _AT_XSTATE)
+        if len(xstate) > _XSTATE_ROOM:
+            raise BrokenResourceError(f"an xstate area of {len(xstate)} bytes does not fit "
+                                      f"the scratch area ({_XSTATE_ROOM})")
+        # A SIGPIPE the target had pending itself is left alone (signals do not queue).
+        drain = not _sigpipe_pending(self.pid, tracee.tid)
+        flags = struct.pack("<QQQQ", 0, int(drain), _SIGPIPE_BIT, 0) + bytes(8)
+        self._write(self._area + _AT_RAISED, bytearray(flags))
+        self._write(self._area + _AT_FRAME, bytearray(frame))
+        self._write(self._area + _AT_XSTATE, bytearray(xstate))
 
     def _run(self, what: str, nr: int, *args: int) -> int:
+        """Inject syscall ``nr`` by single-stepping (setting up and tearing down)."""
         res = self._session.syscall(nr, *args)
         if res < 0:
             raise LazyMigOSError(-res, f"injected {what}", pid=self.pid)
         return res
+
+    def _call(self, what: str, nr: int, *args: int) -> int:
+        """Run syscall ``nr`` through the code page's stub (during a batch)."""
+        names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+        self._run_code(self._code + _AT_STUB, {"rax": nr, **dict(zip(names, args, strict=False))})
+        res: int = struct.unpack("<q", read_memory(self.pid, self._area + _AT_RESULT, 8))[0]
+        if res < 0:
+            raise LazyMigOSError(-res, f"{what} run by the target", pid=self.pid)
+        return res
+
+    def _run_code(self, entry: int, regs: dict[str, int]) -> None:
+        assert self._sock is not None
+        with contextlib.suppress(BlockingIOError):  # a stale "done" of a failed run
+            while self._sock.recv(16, socket.MSG_DONTWAIT):
+                pass
+        self._session.run_code(entry, regs, self._told,
+                               (self._code + _AT_WAIT, self._code + _AT_WAIT_END))
+
+    def _told(self, wait: float) -> bool:
+        """The code page's tail said "done" (within ``wait`` seconds)."""
+        assert self._sock is not None
+        if not self._poller.poll(max(1, round(wait * 1000))):
+            return False
+        try:
+            return bool(self._sock.recv(16, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
 
     def _open(self) -> None:
         self._area = self._run("mmap of a scratch area", SYS_MMAP, 0, _AREA_LEN, _PROT_RW,
@@ -165,7 +316,8 @@ class TargetSplicer:
         # The code page is never writable in the target: /proc/PID/mem writes it.
         self._code = self._run("mmap of a code page", SYS_MMAP, 0, PAGE_SIZE, _PROT_RX,
                                _MAP_PRIVATE_ANON, -1, 0)
-        write_memory(self.pid, self._code, _VMSPLICE_LOOP)
+        write_memory(self.pid, self._code,
+                     _CODE + bytes(_AT_AREA_PTR - len(_CODE)) + struct.pack("<Q", self._area))
         pair = self._area + _AT_PAIR
         self._run("socketpair", SYS_SOCKETPAIR, socket.AF_UNIX, _SOCK_SEQPACKET_CLOEXEC, 0, pair)
         ours, theirs = struct.unpack("<ii", read_memory(self.pid, pair, 8))
@@ -179,10 +331,17 @@ class TargetSplicer:
         finally:
             self._run("close", SYS_CLOSE, ours)
         self._sock = socket.socket(fileno=fd)
+        self._poller.register(self._sock, select.POLLIN)
         # Constant parts of the recvmsg arguments: one data byte, room for SCM_MAX_FD fds.
         header = bytearray(_AT_IOVECS)
         _IOVEC.pack_into(header, _AT_IOV, self._area + _AT_BYTE, 1)
+        struct.pack_into("<q", header, _AT_LIFE, theirs)
         self._write(self._area, header)
+        # The target's altstack as it is, for the frame (rt_sigreturn sets it again).
+        stack_t = self._area + _AT_FRAME
+        self._run("sigaltstack", SYS_SIGALTSTACK, 0, stack_t)
+        self._altstack = read_memory(self.pid, stack_t, _STACK_T_LEN)
+        self._write_frame()
 
     def _write(self, address: int, data: bytearray) -> None:
         buf = (ctypes.c_char * len(data)).from_buffer(data)
@@ -205,8 +364,8 @@ class TargetSplicer:
         _MSGHDR.pack_into(msghdr, 0, 0, 0, self._area + _AT_IOV, 1, self._area + _AT_CMSG,
                           _CMSG_SPACE, 0)
         self._write(self._area + _AT_MSGHDR, msghdr)
-        self._run("recvmsg", SYS_RECVMSG, self._target_sock, self._area + _AT_MSGHDR,
-                  _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        self._call("recvmsg", SYS_RECVMSG, self._target_sock, self._area + _AT_MSGHDR,
+                   _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
         raw = read_memory(self.pid, self._area, _AT_CMSG + _CMSG_SPACE)
         controllen, flags = _MSGHDR.unpack_from(raw, _AT_MSGHDR)[5:7]
         got: list[int] = []
@@ -247,8 +406,8 @@ class TargetSplicer:
                 _IOVEC.pack_into(data, at * _IOVEC.size, address, length)
                 at += 1
         self._write(self._area + _AT_IOVECS, data)
-        done = self._session.run_code(self._code, self._code + len(_VMSPLICE_LOOP),
-                                      self._area + _AT_TABLE, len(calls))
+        self._run_code(self._code, {"rdi": self._area + _AT_TABLE, "rsi": len(calls)})
+        done = struct.unpack("<q", read_memory(self.pid, self._area + _AT_RESULT, 8))[0]
         if not 0 <= done <= len(calls):
             raise BrokenResourceError(f"the vmsplice loop in process {self.pid} returned {done}")
         table = read_memory(self.pid, self._area + _AT_TABLE, _ENTRY.size * done)
@@ -257,7 +416,7 @@ class TargetSplicer:
     def close_fds(self, fds: Sequence[int]) -> None:
         """Close the target's copies of fds it got from :meth:`receive`."""
         for lo, hi in _contiguous(sorted(fds)):
-            self._run("close_range", SYS_CLOSE_RANGE, lo, hi, 0)
+            self._call("close_range", SYS_CLOSE_RANGE, lo, hi, 0)
         gone = set(fds)
         self._held = [fd for fd in self._held if fd not in gone]
 
@@ -268,6 +427,7 @@ class TargetSplicer:
         """
         sock, self._sock = self._sock, None
         if sock is not None:
+            self._poller.unregister(sock)
             sock.close()
         steps: list[tuple[str, int, tuple[int, ...]]] = []
         if self._held:

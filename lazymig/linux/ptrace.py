@@ -31,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, ParamSpec, TypeVar
 
@@ -87,6 +87,8 @@ _EFLAGS_TF: Final = 1 << 8
 _EFLAGS_DF: Final = 1 << 10
 
 _U64: Final = (1 << 64) - 1
+_SYS_GETPID: Final = 39
+_TOLD_POLL: Final = 1e-3  # s between checks for a ptrace-stop while code runs
 _SYSCALL_INSN: Final = b"\x0f\x05"
 
 # The largest NT_X86_XSTATE area we expect (AMX tiles included it is ~11 KiB);
@@ -556,39 +558,45 @@ class Tracee:
             return session.syscall(nr, *args)
 
     @contextlib.contextmanager
-    def syscalls(self, *, timeout: float = 5.0) -> Iterator[InjectionSession]:
+    def syscalls(self, *, timeout: float = 5.0,
+                 at: int | None = None) -> Iterator[InjectionSession]:
         """Inject several syscalls (or run a code stub), saving and restoring the
         registers and signal mask only once, around the whole block.
 
         Yields an :class:`InjectionSession`; ``timeout`` applies to each call.
-        Half the ptrace requests per syscall of :meth:`inject_syscall`.
+        Half the ptrace requests per syscall of :meth:`inject_syscall`. ``at``: the
+        ``syscall`` instruction to use (default: one found in the target's code).
+
+        The registers are moved off the thread's own before its signal mask is
+        changed and put back after it is restored: a tracer that dies in between
+        leaves the thread in injected code (harmless ``getpid`` at ``at``), never
+        in its own code with every signal blocked.
         """
         self._check_thread()
         if not self.stopped:
             raise ConfigurationError(f"thread {self.tid} is not in a ptrace-stop")
-        ip = self._syscall_ip if self._syscall_ip is not None else self._find_syscall_ip()
+        if at is None:
+            at = self._syscall_ip if self._syscall_ip is not None else self._find_syscall_ip()
         saved = self.get_regs()
         saved_mask = self.get_sigmask()
-        base = dataclasses.replace(saved, orig_rax=_U64, rip=ip,
+        base = dataclasses.replace(saved, orig_rax=_U64, rip=at, rax=_SYS_GETPID,
                                    eflags=saved.eflags & ~(_EFLAGS_TF | _EFLAGS_DF))
         try:
+            self.set_regs(base)
             self.set_sigmask(_U64 & ~(1 << (signal.SIGTRAP - 1)))
-            yield InjectionSession(self, base, timeout)
+            yield InjectionSession(self, base, saved, saved_mask, timeout)
         finally:
             if self.stopped:
-                self.set_regs(saved)
                 self.set_sigmask(saved_mask)
+                self.set_regs(saved)
 
-    def _run_until_trap(self, what: str, step: bool, expect_ip: int, timeout: float) -> int:
-        """Resume (single-step or continue) until the SIGTRAP that ends ``what``;
+    def _run_until_trap(self, what: str, expect_ip: int, timeout: float) -> int:
+        """Single-step until the SIGTRAP that ends ``what``;
         check that ``rip`` is ``expect_ip`` then and return ``rax`` (signed).
         Other signals met on the way are deferred (re-sent on detach)."""
         deadline = time.monotonic() + timeout
         for _ in range(16):
-            if step:
-                self.singlestep()
-            else:
-                self.cont(0)
+            self.singlestep()
             try:
                 status = self.wait(timeout=max(deadline - time.monotonic(), 0.0))
             except LazyMigOSError as exc:
@@ -608,6 +616,59 @@ class Tracee:
             raise BrokenResourceError(f"{what} in thread {self.tid} stopped at {after.rip:#x}, "
                                       f"expected {expect_ip:#x}")
         return _signed(after.rax)
+
+    def _run_until_told(self, what: str, told: Callable[[float], bool],
+                        stops_within: tuple[int, int], timeout: float) -> None:
+        """PTRACE_CONT until ``told(wait)`` (which may block up to ``wait`` seconds)
+        says the code reached its end, then PTRACE_INTERRUPT it there: the thread
+        ends in an interrupt stop, never in a SIGTRAP stop that a dying tracer
+        would turn into a fatal signal. Its ``rip`` must lie in ``stops_within``
+        (inclusive). Signals met on the way are deferred (re-sent on detach)."""
+        deadline = time.monotonic() + timeout
+        self.cont(0)
+        while not told(_TOLD_POLL):
+            status = self._poll_stop()
+            if status is not None:
+                if status >> 16 == 0:
+                    self.deferred_signals.append(os.WSTOPSIG(status))
+                self.cont(0)
+            elif time.monotonic() > deadline:
+                self._stop_here()
+                raise LazyMigOSError(errno.ETIMEDOUT, f"{what} in thread {self.tid} did not "
+                                     f"end within {timeout} s", pid=self.pid)
+        self._stop_here()
+        rip = self.get_regs().rip
+        if not stops_within[0] <= rip <= stops_within[1]:
+            raise BrokenResourceError(f"{what} in thread {self.tid} stopped at {rip:#x}, "
+                                      f"outside {stops_within[0]:#x}-{stops_within[1]:#x}")
+
+    def _poll_stop(self) -> int | None:
+        """A pending ptrace-stop's status (the thread is stopped then), else None."""
+        try:
+            wpid, status = os.waitpid(self.tid, _WALL | os.WNOHANG)
+        except ChildProcessError as exc:
+            self.attached = self.stopped = False
+            raise TargetGoneError(self.pid, f"thread {self.tid} is not traced any more "
+                                  "(it exited)") from exc
+        if not wpid:
+            return None
+        if not os.WIFSTOPPED(status):
+            self.attached = self.stopped = False
+            raise TargetGoneError(self.pid, f"thread {self.tid} ended (status {status:#x})")
+        self.stopped = True
+        return status
+
+    def _stop_here(self) -> None:
+        """PTRACE_INTERRUPT the running thread into an interrupt stop, deferring
+        signals met on the way (not delivering them: it runs injected code)."""
+        self.interrupt()
+        while True:
+            status = self.wait()
+            if status >> 16 == PTRACE_EVENT_STOP:
+                return
+            if status >> 16 == 0:
+                self.deferred_signals.append(os.WSTOPSIG(status))
+            self.cont(0)
 
     def set_syscall_ip(self, ip: int | None) -> None:
         """Use the ``syscall`` instruction at ``ip`` for :meth:`inject_syscall`
@@ -681,12 +742,21 @@ class InjectionSession:
     Only valid inside that ``with`` block, on the tracer thread.
     """
 
-    __slots__ = ("_base", "_timeout", "_tracee")
+    __slots__ = ("_base", "_timeout", "_tracee", "regs", "sigmask")
 
-    def __init__(self, tracee: Tracee, base: UserRegs, timeout: float) -> None:
+    def __init__(self, tracee: Tracee, base: UserRegs, regs: UserRegs, sigmask: int,
+                 timeout: float) -> None:
         self._tracee = tracee
         self._base = base
         self._timeout = timeout
+        #: The thread's own registers and signal mask (put back when the session ends).
+        self.regs = regs
+        self.sigmask = sigmask
+
+    @property
+    def tracee(self) -> Tracee:
+        """The thread this session runs in."""
+        return self._tracee
 
     def syscall(self, nr: int, *args: int) -> int:
         """Run syscall ``nr(*args)``; returns rax, signed (``-errno`` on failure)."""
@@ -697,21 +767,23 @@ class InjectionSession:
         self._tracee.set_regs(dataclasses.replace(
             self._base, rax=nr, rdi=argv[0], rsi=argv[1], rdx=argv[2], r10=argv[3], r8=argv[4],
             r9=argv[5]))
-        return self._tracee._run_until_trap(f"injected syscall {nr}", True,
+        return self._tracee._run_until_trap(f"injected syscall {nr}",
                                             ip + len(_SYSCALL_INSN), self._timeout)
 
-    def run_code(self, entry: int, trap_at: int, *args: int) -> int:
-        """Run the target's code from ``entry`` with ``args`` in rdi, rsi, rdx until
-        the ``int3`` whose trap leaves rip at ``trap_at``; returns rax, signed.
+    def run_code(self, entry: int, regs: Mapping[str, int], told: Callable[[float], bool],
+                 stops_within: tuple[int, int]) -> None:
+        """Run the target's code from ``entry`` with ``regs`` (name to value; the
+        others as at the session's start) until it tells us it is done
+        (``told(wait)``, e.g. a byte on a socket, may block up to ``wait``
+        seconds); it is then stopped with PTRACE_INTERRUPT, its ``rip`` in
+        ``stops_within``. The code leaves its results in memory.
 
         Every signal but SIGTRAP stays blocked meanwhile; the code must not
         touch the stack (rsp is the thread's own, below its red zone unknown).
         """
-        argv = [a & _U64 for a in args] + [0] * (3 - len(args))
-        self._tracee.set_regs(dataclasses.replace(
-            self._base, rax=0, rip=entry, rdi=argv[0], rsi=argv[1], rdx=argv[2]))
-        return self._tracee._run_until_trap(f"code at {entry:#x}", False, trap_at,
-                                            self._timeout)
+        values = {name: value & _U64 for name, value in regs.items()}
+        self._tracee.set_regs(dataclasses.replace(self._base, rip=entry, **values))
+        self._tracee._run_until_told(f"code at {entry:#x}", told, stops_within, self._timeout)
 
 
 def _tracer_pid(pid: int) -> int | None:
