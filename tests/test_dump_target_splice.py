@@ -4,9 +4,11 @@ is left exactly as it was (fds, mappings, registers, signal mask, memory)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +17,9 @@ from test_dump_freeze import PipeReader, assert_runs_unchanged, serve_all_lazy
 
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.dump.scan import MemoryScan, PageRun
-from lazymig.dump.target_splice import SCM_MAX_FD
+from lazymig.dump.target_splice import SCM_MAX_FD, TargetSplicer
 from lazymig.errors import LazyMigOSError
+from lazymig.linux.ptrace import Tracee
 from lazymig.linux.vm import read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.testing.workload import Workload, build_c_workload, expected_page
@@ -145,3 +148,51 @@ async def test_failure_half_way_leaves_no_trace_in_the_target(workload: Workload
     assert_runs_unchanged(workload, before.sum)
     page = read_memory(workload.pid, workload.ready.addr, PAGE_SIZE)
     assert page == expected_page(workload.ready.addr, workload.ready.seed)
+
+
+def _pending(pid: int) -> tuple[bool, bool]:
+    """SIGPIPE pending for the main thread itself, and for the process."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    bit = 1 << (signal.SIGPIPE - 1)
+    return bool(int(fields["SigPnd"], 16) & bit), bool(int(fields["ShdPnd"], 16) & bit)
+
+
+def _splice_into_a_broken_pipe(pid: int, main: Tracee, address: int) -> list[int]:
+    """Have the target vmsplice a page into a pipe whose reader is gone (as the
+    dumper's pipes are once it died); run on the tracer thread."""
+    with main.syscalls() as session:
+        splicer = TargetSplicer(pid, session)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with main.syscalls(at=splicer.syscall_ip) as session:
+            splicer.use(session)
+            [fd] = splicer.receive([w])
+            results = splicer.vmsplice([(fd, [(address, PAGE_SIZE)])])
+            splicer.close_fds([fd])
+    finally:
+        os.close(w)
+        with main.syscalls() as session:
+            splicer.use(session)
+            splicer.close()
+    return results
+
+
+@pytest.mark.asyncio
+async def test_the_sigpipe_of_a_broken_page_pipe_is_drained(workload: Workload) -> None:
+    """A vmsplice into a pipe without reader queues a SIGPIPE for the target (it
+    would kill it): the loop's tail takes it back, unless the target had one
+    pending itself (signals do not queue; a process-wide one is left alone)."""
+    ready, before = workload.ready, workload.next_check()
+    async with await FrozenProcess.freeze(workload.pid) as fp:
+        results = await fp.run(_splice_into_a_broken_pipe, workload.pid, fp.main_thread,
+                               ready.addr)
+        assert results == [-errno.EPIPE]
+        assert _pending(workload.pid) == (False, False)
+        mask = await fp.run(fp.main_thread.get_sigmask)
+        await fp.run(fp.main_thread.set_sigmask, mask | 1 << (signal.SIGPIPE - 1))
+        os.kill(workload.pid, signal.SIGPIPE)  # the process's own, pending (and blocked)
+        await fp.run(_splice_into_a_broken_pipe, workload.pid, fp.main_thread, ready.addr)
+        assert _pending(workload.pid) == (False, True)
+    # It runs on with SIGPIPE blocked and pending, as it was before the splice.
+    assert_runs_unchanged(workload, before.sum)

@@ -96,28 +96,29 @@ _MAP_PRIVATE_ANON: Final = 0x02 | 0x20
 #   syscall; mov rbx, [rip+area]; mov [rbx+RESULT], rax
 # tail:
 #   mov rbx, [rip+area]
-#   if [rbx+RAISED] and [rbx+DRAIN_OK]: rt_sigtimedwait({SIGPIPE}, NULL, {0, 0}, 8)
+#   xor eax, eax; xchg rax, [rbx+RAISED]      # read and clear: one drain per SIGPIPE
+#   if rax and [rbx+DRAIN_OK]: rt_sigtimedwait({SIGPIPE}, NULL, {0, 0}, 8)
 #   sendto(life, buf, 1, MSG_NOSIGNAL|MSG_DONTWAIT, 0, 0)    # "done"
 #   wait: recvfrom(life, buf, 1, 0, 0, 0); test rax, rax; jg wait   # we stop it here
 #   lea rsp, [rbx+FRAME+8]; rt_sigreturn; ud2
 # (life = the target's end of the socketpair; buf, RAISED, DRAIN_OK, RESULT, FRAME:
 # the _AT_* offsets in the scratch area.)
 _CODE: Final = bytes.fromhex(
-    "4989fc4989f64531ed488b1d200100004d39f5736bb82d0000008bbbb004"
+    "4989fc4989f64531ed488b1d280100004d39f5736bb82d0000008bbbb004"
     "0000488db3e8040000ba0100000041ba420000004531c04531c90f054885"
     "c07441b816010000498b3c24498b742408498b54241041ba020000000f05"
     "49ffc54883f8e0750b48c783c004000001000000493b4424184989442418"
-    "75064983c420eb904c89abb8040000eb100f05488b1d9e000000488983b8"
-    "040000488b1d900000004883bbc00400000074274883bbc804000000741d"
-    "b880000000488dbbd004000031f6488d93d804000041ba080000000f05b8"
-    "2c0000008bbbb0040000488db3e8040000ba0100000041ba404000004531"
-    "c04531c90f05b82d0000008bbbb0040000488db3e8040000ba0100000045"
-    "31d24531c04531c90f054885c07fd9488da308050000b80f0000000f050f"
-    "0b0f1f00")
+    "75064983c420eb904c89abb8040000eb100f05488b1da6000000488983b8"
+    "040000488b1d9800000031c0488783c00400004885c074274883bbc80400"
+    "0000741db880000000488dbbd004000031f6488d93d804000041ba080000"
+    "000f05b82c0000008bbbb0040000488db3e8040000ba0100000041ba4040"
+    "00004531c04531c90f05b82d0000008bbbb0040000488db3e8040000ba01"
+    "0000004531d24531c04531c90f054885c07fd9488da308050000b80f0000"
+    "000f050f0b0f1f8000000000")
 _AT_STUB: Final = 0x89
-_AT_WAIT: Final = 0xF6  # the tail's wait loop: where our PTRACE_INTERRUPT finds it
-_AT_WAIT_END: Final = 0x118
-_AT_AREA_PTR: Final = 0x130
+_AT_WAIT: Final = 0xFA  # the tail's wait loop: where our PTRACE_INTERRUPT finds it
+_AT_WAIT_END: Final = 0x11C
+_AT_AREA_PTR: Final = 0x138
 _ENTRY: Final = struct.Struct("<qQQq")
 _SOCK_SEQPACKET_CLOEXEC: Final = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
 _MSG_CMSG_CLOEXEC: Final = 0x40000000
@@ -214,10 +215,11 @@ def sigreturn_frame(regs: UserRegs, sigmask: int, altstack: bytes, xstate: bytes
 
 
 def _sigpipe_pending(pid: int, tid: int) -> bool:
-    """SIGPIPE is pending for thread ``tid`` or its process (/proc status)."""
+    """SIGPIPE is pending for thread ``tid`` itself (/proc status SigPnd): where a
+    failed vmsplice queues one, and where rt_sigtimedwait dequeues first."""
     with open(f"/proc/{pid}/task/{tid}/status") as f:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return any(int(fields[key], 16) & _SIGPIPE_BIT for key in ("SigPnd", "ShdPnd"))
+    return bool(int(fields["SigPnd"], 16) & _SIGPIPE_BIT)
 
 
 class TargetSplicer:
