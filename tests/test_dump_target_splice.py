@@ -4,11 +4,13 @@ is left exactly as it was (fds, mappings, registers, signal mask, memory)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import resource
 import signal
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +19,9 @@ from test_dump_freeze import PipeReader, assert_runs_unchanged, serve_all_lazy
 
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.dump.scan import MemoryScan, PageRun
-from lazymig.dump.target_splice import SCM_MAX_FD, TargetSplicer
+from lazymig.dump.target_splice import SCM_MAX_FD, TargetSplicer, sigreturn_frame
 from lazymig.errors import LazyMigOSError
-from lazymig.linux.ptrace import Tracee
+from lazymig.linux.ptrace import Tracee, UserRegs
 from lazymig.linux.vm import read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.testing.workload import Workload, build_c_workload, expected_page
@@ -196,3 +198,29 @@ async def test_the_sigpipe_of_a_broken_page_pipe_is_drained(workload: Workload) 
         assert _pending(workload.pid) == (False, True)
     # It runs on with SIGPIPE blocked and pending, as it was before the splice.
     assert_runs_unchanged(workload, before.sum)
+
+
+def test_sigreturn_frame_layout() -> None:
+    """The frame as arch/x86 rt_sigreturn reads it: uc_flags, uc_stack, the
+    sigcontext's rsp/rip/fpstate, uc_sigmask; the xstate area marked with both
+    FP_XSTATE magics; an interrupted syscall set up to restart."""
+    names = UserRegs.__dataclass_fields__
+    regs = UserRegs(**{name: i + 1 for i, name in enumerate(names)})
+    interrupted = dataclasses.replace(regs, orig_rax=7, rax=(-512) & ((1 << 64) - 1),
+                                      rip=0x401002)
+    xstate = bytes(512) + (0b111).to_bytes(8, "little") + bytes(0x300 - 520)
+    frame, area = sigreturn_frame(interrupted, 0x800, b"S" * 24, xstate, 0x10000)
+    assert len(frame) == 440
+    uc_flags, = struct.unpack_from("<Q", frame, 8)
+    assert uc_flags == 0x7
+    assert frame[24:48] == b"S" * 24
+    rsp, rip = struct.unpack_from("<QQ", frame, 48 + 15 * 8)
+    assert (rsp, rip) == (regs.rsp, 0x401000)
+    assert struct.unpack_from("<Q", frame, 48 + 13 * 8)[0] == 7  # rax = orig_rax
+    assert struct.unpack_from("<Q", frame, 48 + 184)[0] == 0x10000  # fpstate
+    assert struct.unpack_from("<Q", frame, 304)[0] == 0x800  # uc_sigmask
+    magic1, extended, features, size = struct.unpack_from("<IIQI", area, 464)
+    assert (magic1, extended, features, size) == (0x46505853, 0x304, 0b111, 0x300)
+    assert area[0x300:] == struct.pack("<I", 0x46505845) and len(area) == 0x304
+    with pytest.raises(ValueError, match="aligned"):
+        sigreturn_frame(regs, 0, bytes(24), xstate, 0x10020)
