@@ -9,19 +9,30 @@ without a parasite, with syscalls injected through ptrace
 
 1. ``mmap`` a scratch area in the target (``MAP_SHARED|MAP_ANONYMOUS``: shmem
    never merges with the private VMAs being dumped), and a read+exec page that
-   /proc/PID/mem fills with a 66-byte vmsplice loop; ``socketpair`` there;
+   /proc/PID/mem fills with the code below; ``socketpair`` there;
    ``pidfd_getfd`` brings one end to us, the target keeps the other.
 2. :meth:`receive`: our pipes' write ends go over the socket in SCM_RIGHTS
    batches of up to 253 (``SCM_MAX_FD``) and the target ``recvmsg``-s them
    (``MSG_CMSG_CLOEXEC|MSG_DONTWAIT``) into the scratch area.
 3. :meth:`vmsplice`: iovec arrays and a table of calls are written into the
-   scratch area (``process_vm_writev``) and the target runs the loop (PTRACE_CONT
-   until its ``int3``): one ``vmsplice`` per pipe (``SPLICE_F_NONBLOCK``: a full
-   pipe fails instead of blocking the target). One injected syscall per pipe
-   cost ~35 us of ptrace round trips, 0.14 s for the 4096 pipes of 4 GiB; the
-   loop costs one round trip per batch.
+   scratch area (``process_vm_writev``) and the target runs the code page's
+   loop: one ``vmsplice`` per pipe (``SPLICE_F_NONBLOCK``: a full pipe fails
+   instead of blocking the target). One injected syscall per pipe cost ~35 us
+   of ptrace round trips, 0.14 s for the 4096 pipes of 4 GiB; the loop costs a
+   few round trips per batch.
 4. :meth:`close_fds` drops the target's copies with ``close_range`` over each
    contiguous run of them; :meth:`close` closes the socket and unmaps the area.
+
+**A dumper killed meanwhile.** Steps 2 to 4 (a batch, :meth:`use`) run in the
+code page, never single-stepped: each run ends in a tail that says "done" over
+the socket and waits there, where the dumper stops it with PTRACE_INTERRUPT
+(a stop a dying tracer leaves harmlessly, unlike a SIGTRAP stop). If the dumper
+dies (SIGKILL, OOM) the kernel detaches the target; the loop sees the socket's
+end-of-file before each vmsplice and stops, the tail drops the SIGPIPE a pipe
+without reader raised and ``rt_sigreturn``-s on a frame built for each batch
+(:func:`sigreturn_frame`: the target's own registers, signal mask, altstack and
+FPU/xstate): the target runs on. Steps 1 and :meth:`close` are single-stepped
+and not covered. A target left so keeps the area, the code page and its socket.
 
 **What the pipes hold.** vmsplice without ``SPLICE_F_GIFT`` takes references
 to the target's pages; nothing is copied and the PTEs stay writable. While the
