@@ -372,22 +372,9 @@ class Tracee:
         deadline = time.monotonic() + timeout
         delay = 0.0
         while True:
-            try:
-                wpid, status = os.waitpid(self.tid, _WALL | os.WNOHANG)
-            except ChildProcessError as exc:
-                self.attached = self.stopped = False
-                raise TargetGoneError(self.pid, f"thread {self.tid} is not traced any more "
-                                      "(it exited)") from exc
-            if wpid:
-                if os.WIFSTOPPED(status):
-                    self.stopped = True
-                    return status
-                self.attached = self.stopped = False
-                if os.WIFSIGNALED(status):
-                    how = f"was killed by signal {os.WTERMSIG(status)}"
-                else:
-                    how = f"exited with status {os.WEXITSTATUS(status)}"
-                raise TargetGoneError(self.pid, f"thread {self.tid} {how}")
+            status = self._poll_stop()
+            if status is not None:
+                return status
             if time.monotonic() > deadline:
                 raise LazyMigOSError(errno.ETIMEDOUT, f"thread {self.tid} did not stop within "
                                      f"{timeout} s (uninterruptible sleep?)", pid=self.pid)
@@ -654,7 +641,11 @@ class Tracee:
             return None
         if not os.WIFSTOPPED(status):
             self.attached = self.stopped = False
-            raise TargetGoneError(self.pid, f"thread {self.tid} ended (status {status:#x})")
+            if os.WIFSIGNALED(status):
+                how = f"was killed by signal {os.WTERMSIG(status)}"
+            else:
+                how = f"exited with status {os.WEXITSTATUS(status)}"
+            raise TargetGoneError(self.pid, f"thread {self.tid} {how}")
         self.stopped = True
         return status
 
