@@ -513,13 +513,12 @@ class LazyPagesDaemon:
     # ------------------------------------------------------------------ fetching
 
     def _fetch(self, proc: _Process, vaddr: int, nr_pages: int, *, urgent: bool) -> None:
-        # The request goes out now; the reply is handled by a callback, not a task:
-        # on the fault path every loop round trip is latency.
-        future = self.source.request(proc.pid, vaddr, nr_pages, urgent=urgent)
+        # The request goes out now; the reply is handled by a callback the source calls
+        # as it receives it, not a task: on the fault path every loop round trip is latency.
         if urgent:
             self._urgent_in_flight += 1
-        future.add_done_callback(functools.partial(self._fetched, proc, vaddr, nr_pages,
-                                                   urgent))
+        self.source.request(proc.pid, vaddr, nr_pages, urgent=urgent, on_done=functools.partial(
+            self._fetched, proc, vaddr, nr_pages, urgent))
 
     def _fetched(self, proc: _Process, vaddr: int, nr_pages: int, urgent: bool,
                  future: asyncio.Future[PageChunk]) -> None:
@@ -549,14 +548,12 @@ class LazyPagesDaemon:
             self._finish(proc, "complete")
 
     def _copy(self, proc: _Process, chunk: PageChunk, *, urgent: bool) -> None:
-        data = chunk.data
         for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
             if not proc.active:
                 return
-            start = (copy.vaddr - chunk.vaddr)
             length = copy.nr_pages * PAGE_SIZE
             try:
-                done = proc.uffd.copy(copy.dst, data[start:start + length])
+                done = proc.uffd.copy(copy.dst, chunk.address + copy.offset, length)
             except UffdError as exc:
                 self._uffd_error(proc, exc, copy.vaddr, copy.nr_pages)
                 continue
@@ -569,11 +566,16 @@ class LazyPagesDaemon:
             self._fault_served(proc, copy.dst, length)
 
     def _fault_served(self, proc: _Process, dst: int, length: int) -> None:
-        if not proc.fault_started:
+        started = proc.fault_started
+        if not started:
+            return
+        if length == PAGE_SIZE:  # a random reader's fault: one page, no scan
+            if (began := started.pop(dst, None)) is not None:
+                proc.report.fault_latency.add(time.monotonic() - began)
             return
         now = time.monotonic()
-        for address in [a for a in proc.fault_started if dst <= a < dst + length]:
-            proc.report.fault_latency.add(now - proc.fault_started.pop(address))
+        for address in [a for a in started if dst <= a < dst + length]:
+            proc.report.fault_latency.add(now - started.pop(address))
 
     def _uffd_error(self, proc: _Process, exc: UffdError, vaddr: int, nr_pages: int) -> None:
         if exc.process_gone:

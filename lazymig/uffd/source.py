@@ -39,6 +39,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -49,6 +50,7 @@ from lazymig.errors import (
     ConfigurationError,
     LazyMigError,
 )
+from lazymig.linux.uffd import buffer_address
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.pageserver import (
@@ -95,26 +97,44 @@ class PageChunk:
     vaddr: int
     nr_pages: int
     data: memoryview
-    _pool: list[mmap.mmap] | None = field(default=None, repr=False, compare=False)
+    address: int
+    """Where ``data`` starts in this process's memory (valid while ``data`` lives): the
+    daemon's UFFDIO_COPY takes it as is, without pinning the buffer for each copy."""
+    _pool: list[_Buffer] | None = field(default=None, repr=False, compare=False)
 
     def release(self) -> None:
         """Give the buffer back to the source for a later reply."""
         if self._pool is not None and len(self._pool) < _POOL_SIZE:
-            self._pool.append(self.data.obj)  # type: ignore[arg-type]
+            self._pool.append((self.data.obj, self.address))  # type: ignore[arg-type]
+
+
+_Buffer = tuple[mmap.mmap, int]
+"""A reply buffer and its address (an mmap is never moved: its address holds)."""
+
+
+def _address(buffer: mmap.mmap | bytearray) -> int:
+    with buffer_address(buffer) as (address, _):
+        return address
 
 
 _POOL_SIZE = 4
 """Reply buffers kept per connection (each as big as the largest reply)."""
 
+OnDone = Callable[[asyncio.Future[PageChunk]], None]
+"""A callback given the future of a request once it is done (see :meth:`PageSource.request`)."""
+
 
 class PageSource(Protocol):
     """Lazy pages by image pid and dump-time address."""
 
-    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
-                ) -> asyncio.Future[PageChunk]:
+    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
+                on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
         """Ask for up to ``nr_pages`` pages at ``vaddr``; the future gets them (maybe
-        fewer, never zero) or the error that broke the source. Never blocks: the
-        daemon's fault path chains a callback on the future instead of a task."""
+        fewer, never zero) or the error that broke the source. Never blocks.
+
+        ``on_done`` is called with the future once it is done, as a done callback
+        would be, but a source may call it at once from the loop callback that
+        received the reply, sparing the fault path a loop iteration."""
         ...
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
@@ -173,6 +193,8 @@ class _Request:
 
     event: GetRequest | CloseRequest
     future: asyncio.Future[Any]
+    on_done: OnDone | None = None
+    """Called at once when a reply resolves ``future`` (else as its done callback)."""
 
 
 class _Channel(asyncio.BufferedProtocol):
@@ -197,10 +219,11 @@ class _Channel(asyncio.BufferedProtocol):
         self._scratch = bytearray(64 * 1024)
         self._reply: GetReply | None = None  # the GET reply whose pages are arriving
         self._data = memoryview(bytearray())
+        self._address = 0
         # Reused reply buffers: a fresh multi-MiB buffer costs a page fault per 4 KiB
         # on its first fill, as much as the copy itself. Anonymous maps, not bytearrays
         # (which zero all their bytes at once): only the pages replies used are resident.
-        self._pool: list[mmap.mmap] = []
+        self._pool: list[_Buffer] = []
         self._buffer_size = max_pages * PAGE_SIZE
         self._filled = 0
         self._direct = False  # the last get_buffer() handed out the page buffer
@@ -294,7 +317,11 @@ class _Channel(asyncio.BufferedProtocol):
                 return
             if isinstance(event, GetReply):
                 self._reply = event
-                buffer = self._pool.pop() if self._pool else mmap.mmap(-1, self._buffer_size)
+                if self._pool:
+                    buffer, self._address = self._pool.pop()
+                else:
+                    buffer = mmap.mmap(-1, self._buffer_size)
+                    self._address = _address(buffer)
                 self._data = memoryview(buffer)[:event.nr_pages * PAGE_SIZE]
                 self._filled = 0
             elif isinstance(event, CloseReply):
@@ -310,13 +337,18 @@ class _Channel(asyncio.BufferedProtocol):
         if reply is None or self._filled < len(self._data):
             return
         self._reply = None
-        self._resolve(PageChunk(reply.vaddr, reply.nr_pages, self._data, self._pool))
+        self._resolve(PageChunk(reply.vaddr, reply.nr_pages, self._data, self._address,
+                                self._pool))
 
     def _resolve(self, result: PageChunk | CloseReply) -> None:
         request = self.waiters.popleft()
-        if not request.future.done():
-            request.future.set_result(result)
         self.lane.progress()
+        future = request.future
+        if future.done():
+            return
+        future.set_result(result)
+        if request.on_done is not None:
+            request.on_done(future)
 
     # -- requests
 
@@ -351,12 +383,15 @@ class _Lane:
         self._episode_start: float | None = None  # when the connection was lost
         self._episode_attempts = 0  # connections since then that brought no reply
 
-    def send(self, event: GetRequest | CloseRequest) -> asyncio.Future[Any]:
+    def send(self, event: GetRequest | CloseRequest, on_done: OnDone | None = None
+             ) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.failed is not None:
             future.set_exception(self.failed)
+            if on_done is not None:
+                future.add_done_callback(on_done)
             return future
-        request = _Request(event, future)
+        request = _Request(event, future, on_done)
         if self.channel is not None and self.channel.usable:
             self.channel.submit(request)
         else:
@@ -496,6 +531,8 @@ class _Lane:
             if not request.future.done():
                 request.future.set_exception(self.failed)
                 request.future.exception()  # retrieved: the owner learns it from its own waiter
+                if request.on_done is not None:  # later, not in the middle of this loop
+                    request.future.add_done_callback(request.on_done)
 
     def _stop_timers(self) -> None:
         if self._watchdog is not None:
@@ -597,11 +634,11 @@ class RemotePageSource:
                 "`criu dump --lazy-pages` listening there?)") from exc
         return channel
 
-    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
-                ) -> asyncio.Future[PageChunk]:
+    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
+                on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
         lane = self._lanes[-1] if urgent else self._lanes[0]
         self.requests += 1
-        return lane.send(GetRequest(pid, vaddr, nr_pages))
+        return lane.send(GetRequest(pid, vaddr, nr_pages), on_done)
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
@@ -660,9 +697,12 @@ class LocalPageSource:
         from lazymig.dump.store import ImagesPageStore  # noqa: PLC0415 (start-up: local mode only)
         self._store = ImagesPageStore(images)
 
-    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
-                ) -> asyncio.Future[PageChunk]:
-        return asyncio.ensure_future(self.get(pid, vaddr, nr_pages, urgent=urgent))
+    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
+                on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
+        future = asyncio.ensure_future(self.get(pid, vaddr, nr_pages, urgent=urgent))
+        if on_done is not None:
+            future.add_done_callback(on_done)
+        return future
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
@@ -676,7 +716,7 @@ class LocalPageSource:
         got = await loop.run_in_executor(None, os.preadv, segment.fd, [data], segment.offset)
         if got != len(data):
             raise LazyMigError(f"pages image ends early (pid {pid}, {vaddr:#x})")
-        return PageChunk(vaddr, available, memoryview(data))
+        return PageChunk(vaddr, available, memoryview(data), _address(data))
 
     async def aclose(self) -> None:
         self.abort()
