@@ -58,6 +58,11 @@ HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+_JSON_LINE_LIMIT = 64 << 20
+"""The toucher and the daemon runner report in one JSON line, with a latency per
+touch: asyncio's default 64 KiB readline limit broke runs above ~3000 touches."""
+
+
 async def run_case(images: Path, nr_pages: int, *, background: bool, touches: int,
                    channels: int, wait: bool) -> dict[str, object]:
     py = sys.executable
@@ -71,7 +76,8 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
     port = _listening_port(server.pid)
     daemon = await asyncio.create_subprocess_exec(
         py, str(HERE / "_daemon_runner.py"), str(images), str(port),
-        "1" if background else "0", str(channels), stdout=asyncio.subprocess.PIPE)
+        "1" if background else "0", str(channels), stdout=asyncio.subprocess.PIPE,
+        limit=_JSON_LINE_LIMIT)
     sock = images / "lazy-pages.socket"
     async with asyncio.timeout(30):
         while not sock.exists():  # noqa: ASYNC110 (another process creates it)
@@ -79,7 +85,7 @@ async def run_case(images: Path, nr_pages: int, *, background: bool, touches: in
     toucher = await asyncio.create_subprocess_exec(
         py, str(HERE / "_toucher.py"), str(sock), str(PID), hex(BASE), str(nr_pages),
         str(touches), "wait" if wait else "touch", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, limit=_JSON_LINE_LIMIT)
     assert daemon.stdout is not None and toucher.stdout is not None and toucher.stdin
     busy_before = machine_busy()
     server_cpu = [cpu_seconds(server.pid)]
