@@ -15,6 +15,8 @@ and exits with its status (128 + the signal number if it was killed).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from lazymig._listen import SOCKET_NAME
@@ -47,7 +49,10 @@ def restore(args: argparse.Namespace) -> int:
     restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path)
     result = run_async(args, restorer.run())
     if args.detach:
-        print(result.pid, flush=True)
+        # One write(2): the restored process shares this stdout and already runs, and
+        # print() may write the pid and its newline apart (PYTHONUNBUFFERED).
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), f"{result.pid}\n".encode())
         return 0
     status = restorer.wait()
     return 128 - status if status < 0 else status
