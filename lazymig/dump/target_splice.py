@@ -284,8 +284,10 @@ class TargetSplicer:
                                       f"the scratch area ({_XSTATE_ROOM})")
         # A SIGPIPE the target had pending itself is left alone (signals do not queue).
         drain = not _sigpipe_pending(self.pid, tracee.tid)
-        flags = struct.pack("<QQQQ", 0, int(drain), _SIGPIPE_BIT, 0) + bytes(8)
-        self._write(self._area + _AT_RAISED, bytearray(flags))
+        flags = bytearray(_AT_TIMESPEC + 16 - _AT_RAISED)  # RAISED 0, TIMESPEC {0, 0}
+        struct.pack_into("<Q", flags, _AT_DRAIN_OK - _AT_RAISED, int(drain))
+        struct.pack_into("<Q", flags, _AT_SIGSET - _AT_RAISED, _SIGPIPE_BIT)
+        self._write(self._area + _AT_RAISED, flags)
         self._write(self._area + _AT_FRAME, bytearray(frame))
         self._write(self._area + _AT_XSTATE, bytearray(xstate))
 
