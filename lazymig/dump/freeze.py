@@ -698,8 +698,7 @@ def _fill_sync(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedule)
     finally:
         if main.stopped:
             with _parked(main), main.syscalls() as session:
-                splicer.use(session)
-                splicer.close()
+                splicer.close(session)
 
 
 @contextlib.contextmanager

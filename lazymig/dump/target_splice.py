@@ -435,11 +435,15 @@ class TargetSplicer:
         gone = set(fds)
         self._held = [fd for fd in self._held if fd not in gone]
 
-    def close(self) -> None:
-        """Close everything this put into the target and unmap the area (idempotent).
+    def close(self, session: InjectionSession | None = None) -> None:
+        """Close everything this put into the target and unmap the area (idempotent),
+        through ``session`` if given (a teardown is single-stepped: it needs no
+        rt_sigreturn frame, nor the fds :meth:`use` takes to write one).
 
         Errors are logged, not raised, if the target died meanwhile.
         """
+        if session is not None:
+            self._session = session
         sock, self._sock = self._sock, None
         if sock is not None:
             self._poller.unregister(sock)
