@@ -2,9 +2,12 @@
 
 It speaks CRIU's page-server protocol (:mod:`lazymig.proto.pageserver`) in the
 chosen wire layout, so ``criu lazy-pages --page-server`` can pull from it as
-well as lazymig's daemon. Sockets are used raw (no Transport): page bytes go
-from the store's pipe or file to the socket with ``splice``, never through
-Python objects.
+well as lazymig's daemon. Sockets are used raw (no Transport). The store tees
+the pages of a reply out of its page pipe (or names them in a file); they are
+read from there into one reused buffer per connection and sent with their
+header in one ``sendmsg``, never as Python objects. Splicing them into the
+socket would save that copy but costs more: the reader receives a 4 KiB
+fragment per page (see :class:`_PlainLink`).
 
 Per connection: requests are handled in order; a malformed request or a GET
 outside the dumped lazy ranges ends *that* connection with a logged reason, and
@@ -17,10 +20,8 @@ then EOF). Only then may the frozen source be released.
 
 With TLS (:mod:`lazymig.tls`) every connection starts with a handshake in
 which both ends show certificates; a client refused there is logged with the
-reason and the server goes on serving others. Page bytes then have to pass
-through user space to be encrypted: they are read from the segment the store
-gives (a scratch pipe or a file offset, never the page pipes themselves) into
-one reused buffer per connection.
+reason and the server goes on serving others. The same buffer then feeds the
+encryption.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import mmap
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lazymig._aio import retry_until_ready, wait_fd
+from lazymig._aio import retry_until_ready
 from lazymig._listen import listen_tcp
 from lazymig.dump.store import LazyPageStore, PageSegment
 from lazymig.errors import (
@@ -71,7 +73,8 @@ DEFAULT_MAX_CONNECTIONS = 16
 """Connections served at once: a daemon uses one or two, a reconnecting one briefly more."""
 DEFAULT_STALL_TIMEOUT = 60.0
 """Seconds a client may leave its replies unread before it is dropped (frees its slot)."""
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_REPLY_CHUNK = 1 << 20
+"""Page bytes read and sent per sendmsg."""
 _TLS_CHUNK = 256 * 1024
 """Page bytes read and encrypted per TLS send (16 records of 16 KiB)."""
 
@@ -349,12 +352,17 @@ class _Link(Protocol):
 
 
 class _PlainLink:
-    """A raw socket: pages go by splice or sendfile and never enter Python."""
+    """A raw socket. Pages are read from the segment into one reused buffer and sent
+    with their header in one sendmsg: spliced into a loopback socket, every page
+    would reach the reader as a 4 KiB fragment of its own, which doubles the
+    reader's receive cost (the daemon's, the bottleneck of the transfer) and
+    costs the server more than the copy (benchmarks/page_server.py)."""
 
     def __init__(self, sock: socket.socket, stall_timeout: float) -> None:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._stall_timeout = stall_timeout
+        self._buf = _ReplyBuffer()
 
     async def recv_into(self, buf: bytearray) -> int:
         # Try first: the next request is often there already, and uvloop's
@@ -366,16 +374,23 @@ class _PlainLink:
         await self._loop.sock_sendall(self._sock, data)
 
     async def send_reply(self, header: bytes, segment: PageSegment) -> None:
-        # MSG_MORE holds the header back until the pages follow: one segment on the
-        # wire, without toggling TCP_CORK around every reply.
+        parts: list[bytes | memoryview] = [header]
+        for chunk in self._buf.chunks(segment):
+            parts.append(chunk)
+            await self._sendmsg(parts)
+            parts = []
+        if parts:  # a reply without pages
+            await self._sendmsg(parts)
+
+    async def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         try:
-            sent = self._sock.send(header, socket.MSG_MORE)
+            sent = self._sock.sendmsg(parts)
         except BlockingIOError:
             sent = 0
-        if sent < len(header):
-            await _unless_stalled(self._loop.sock_sendall(self._sock, header[sent:]),
+        rest = b"".join(parts)[sent:] if len(parts) > 1 else memoryview(parts[0])[sent:]
+        if rest:
+            await _unless_stalled(self._loop.sock_sendall(self._sock, rest),
                                   self._stall_timeout)
-        await _splice_all(segment, self._sock.fileno(), self._stall_timeout)
 
 
 class _TlsLink:
@@ -384,7 +399,7 @@ class _TlsLink:
 
     def __init__(self, tls: TlsSocket, stall_timeout: float) -> None:
         self._tls = tls
-        self._buf = bytearray(_TLS_CHUNK)
+        self._buf = _ReplyBuffer(_TLS_CHUNK)
         self._stall_timeout = stall_timeout
 
     async def recv_into(self, buf: bytearray) -> int:
@@ -398,17 +413,29 @@ class _TlsLink:
         # gnutls_record_recv and then waits for the socket to be readable for the pages,
         # which would never come if they sat decrypted in GnuTLS's buffer already.
         await _unless_stalled(self._tls.sendall(header), self._stall_timeout)
-        view = memoryview(self._buf)
+        for chunk in self._buf.chunks(segment):
+            await _unless_stalled(self._tls.sendall(chunk), self._stall_timeout)
+
+
+class _ReplyBuffer:
+    """One connection's buffer for the pages of its replies (an anonymous map: its
+    pages are not touched until a reply needs them)."""
+
+    def __init__(self, size: int = _REPLY_CHUNK) -> None:
+        self._view = memoryview(mmap.mmap(-1, size))
+
+    def chunks(self, segment: PageSegment) -> Iterator[memoryview]:
+        """The segment's bytes, a buffer at a time (each valid until the next)."""
         remaining, offset = segment.length, segment.offset
         while remaining:
             # The pipe holds exactly the segment's bytes, the file is in the page cache:
             # neither read waits.
-            chunk = view[:min(remaining, len(view))]
+            chunk = self._view[:min(remaining, len(self._view))]
             got = (os.readv(segment.fd, [chunk]) if offset is None
                    else os.preadv(segment.fd, [chunk], offset))
             if got == 0:
                 raise LazyMigError("page store ran dry while sending (segment shorter than said)")
-            await _unless_stalled(self._tls.sendall(view[:got]), self._stall_timeout)
+            yield chunk[:got]
             remaining -= got
             if offset is not None:
                 offset += got
@@ -422,34 +449,6 @@ async def _unless_stalled(sending: Awaitable[None], stall_timeout: float) -> Non
     except TimeoutError:
         raise BrokenResourceError(f"page client left its replies unread for "
                                   f"{stall_timeout:g} s (stall_timeout)") from None
-
-
-async def _splice_all(segment: PageSegment, sock_fd: int, stall_timeout: float) -> None:
-    """Move the segment's bytes into the non-blocking socket, waiting when it is full
-    (but not longer than ``stall_timeout`` at a time: the client stopped reading).
-
-    A pipe segment goes by splice; a file segment by sendfile (splice needs a
-    pipe on one side). Either way the bytes never enter Python. The timeout is
-    armed only when the socket is full, so the hot path pays nothing for it.
-    """
-    remaining = segment.length
-    offset = segment.offset
-    while remaining:
-        if offset is None:
-            move = functools.partial(os.splice, segment.fd, sock_fd, remaining,
-                                     flags=_SPLICE_FLAGS)
-        else:
-            move = functools.partial(os.sendfile, sock_fd, segment.fd, offset, remaining)
-        try:
-            moved = move()
-        except (BlockingIOError, InterruptedError):
-            await _unless_stalled(wait_fd(sock_fd, writable=True), stall_timeout)
-            continue
-        if moved == 0:
-            raise LazyMigError("page store ran dry while sending (segment shorter than said)")
-        remaining -= moved
-        if offset is not None:
-            offset += moved
 
 
 def _is_loopback(address: str) -> bool:

@@ -28,7 +28,7 @@ __all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment", "PipePageStore"]
 
 @dataclass(slots=True)
 class PageSegment:
-    """Bytes ready to be spliced into a socket.
+    """The bytes of one reply, ready to be read.
 
     ``fd`` is a pipe holding exactly ``length`` bytes (``offset`` None), or a
     file whose bytes start at ``offset``. Call :meth:`close` when done, saying
