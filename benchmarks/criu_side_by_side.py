@@ -500,7 +500,7 @@ def limits() -> list[str]:
         f"  memcpy (4 MiB blocks)                  {machine.memcpy_gbps():.2f} GB/s",
         f"  bare UFFDIO_COPY                       {machine.uffd_copy_gbps():.2f} GB/s",
         f"  loopback TCP                           {machine.loopback_tcp_gbps():.2f} GB/s",
-        f"  tee + splice into a loopback socket    {machine.splice_to_socket_gbps():.2f} GB/s",
+        f"  tee + read + send to a loopback socket {machine.pipe_to_socket_gbps():.2f} GB/s",
         f"  loopback 4 KiB request/reply (p50)     {machine.loopback_rtt_us():.1f} us",
     ]
 

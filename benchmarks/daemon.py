@@ -19,7 +19,9 @@ left: the request/reply with both processes pinned to one vCPU and to two (an
 idle vCPU of this VM halts, and waking it costs several round trips), the same
 between two uvloop processes, and a fault served by a GET in minimal Python
 (benchmarks/_fault_floor.py: three processes, no bookkeeping), all on one vCPU
-and placed freely by the scheduler, as the daemon's processes are.
+and placed freely by the scheduler, as the daemon's processes are. Last, the
+floor of the background transfer: the same four copies of every byte (file
+read, send, receive, UFFDIO_COPY) in two bare processes.
 """
 
 from __future__ import annotations
@@ -205,6 +207,9 @@ def machine_limits() -> dict[str, str]:
         free = fault_floor_us(block)
         limits[f"minimal uvloop fault + {block >> 10} KiB GET, 1 vCPU / free"] = \
             f"{pinned:.1f} / {free:.1f} us"
+    machine.warm_memory(2 << 30)
+    limits["bare transfer: file read+send -> recv+UFFDIO_COPY"] = \
+        f"{machine.transfer_floor_gbps():.2f} GB/s"
     return limits
 
 

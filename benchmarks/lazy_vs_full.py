@@ -344,7 +344,7 @@ def main() -> int:
     say(f"  memcpy (4 MiB blocks)                  {machine.memcpy_gbps():.2f} GB/s")
     say(f"  bare UFFDIO_COPY                       {machine.uffd_copy_gbps():.2f} GB/s")
     say(f"  loopback TCP                           {machine.loopback_tcp_gbps():.2f} GB/s")
-    say(f"  tee + splice into a loopback socket    {machine.splice_to_socket_gbps():.2f} GB/s")
+    say(f"  tee + read + send to a loopback socket {machine.pipe_to_socket_gbps():.2f} GB/s")
     say(f"  python start + lazymig imports         {python_startup_s():.3f} s (not counted)")
     runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,10 +11,12 @@ import fcntl
 import os
 import platform
 import socket
+import tempfile
 import time
 
 import uvloop
 
+from lazymig.linux.uffd import buffer_address
 from lazymig.linux.vm import AnonMapping, pipe_max_size, tee
 from lazymig.uffd.uffd import Uffd
 
@@ -127,9 +129,10 @@ def loopback_rtt_us(rounds: int = 5000, cpus: tuple[int, int] | None = None) -> 
     return samples[len(samples) // 2] * 1e6
 
 
-def splice_to_socket_gbps(total: int = 1 << 30) -> float:
+def pipe_to_socket_gbps(total: int = 1 << 30) -> float:
     """GB/s of the page server's own path with nothing else: tee a full pipe into a
-    scratch pipe and splice that into a loopback socket, a reader discarding."""
+    scratch pipe, read that into a buffer and send it into a loopback socket, a
+    reader discarding."""
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())
     peer, _ = server.accept()
@@ -139,15 +142,17 @@ def splice_to_socket_gbps(total: int = 1 << 30) -> float:
     for fd in (src_w, scratch_w):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     os.write(src_w, os.urandom(size))
+    buf = memoryview(bytearray(size))
     reader = _drain(peer, total)
     start = time.perf_counter()
     sent = 0
     while sent < total:
         teed = tee(src_r, scratch_w, size)
         while teed:
-            moved = os.splice(scratch_r, client.fileno(), teed)
-            teed -= moved
-            sent += moved
+            got = os.readv(scratch_r, [buf[:teed]])
+            client.sendall(buf[:got])
+            teed -= got
+            sent += got
     os.waitpid(reader, 0)
     elapsed = time.perf_counter() - start
     for fd in (src_r, src_w, scratch_r, scratch_w):
@@ -168,6 +173,48 @@ def uffd_copy_gbps(total: int = 256 * MIB, chunk: int = 4 * MIB) -> float:
                 uffd.copy(region.address + offset, src.address, chunk)
             elapsed = time.perf_counter() - start
             uffd.unregister(region.address, total)
+    return total / elapsed / 1e9
+
+
+def transfer_floor_gbps(total: int = 1 << 30, chunk: int = 4 * MIB) -> float:
+    """GB/s of the background transfer's copies with nothing else: a process reads a
+    tmpfs file into a buffer and sends it over loopback (the page server's work),
+    another receives into a buffer and UFFDIO_COPYs it into missing pages of a
+    registered region (the daemon's). Four copies of every byte on two processes:
+    the floor of that design on this machine, whatever the code around it."""
+    with tempfile.TemporaryFile(dir="/dev/shm") as file:
+        block = os.urandom(chunk)
+        for _ in range(total // chunk):
+            file.write(block)
+        file.flush()
+        server = socket.create_server(("127.0.0.1", 0))
+        receiver = socket.create_connection(server.getsockname())
+        sender, _ = server.accept()
+        child = os.fork()
+        if child == 0:
+            try:
+                out = memoryview(bytearray(chunk))
+                for offset in range(0, total, chunk):
+                    sender.sendall(out[:os.preadv(file.fileno(), [out], offset)])
+            finally:
+                os._exit(0)
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        # No events: nothing forks or unmaps here, and a FORK event would hang a fork.
+        with AnonMapping(total) as region, Uffd.open(0) as uffd, \
+                buffer_address(buf) as (address, _):
+            uffd.register(region.address, total)
+            start = time.perf_counter()
+            for offset in range(0, total, chunk):
+                got = 0
+                while got < chunk:
+                    got += receiver.recv_into(view[got:])
+                uffd.copy(region.address + offset, address, chunk)
+            elapsed = time.perf_counter() - start
+            uffd.unregister(region.address, total)
+        os.waitpid(child, 0)
+        for sock in (receiver, sender, server):
+            sock.close()
     return total / elapsed / 1e9
 
 

@@ -7,7 +7,7 @@ freezes it, writes its images and starts the page server (timed: the source's
 freeze until the server listens); a bare client in another process fetches
 every lazy page over loopback and discards it (serving throughput); then CLOSE
 ends the transfer and the source. Beside it, in the same run: the machine's
-own splice-to-socket path (tee from a full pipe, splice into a loopback socket)
+own path (tee from a full pipe, read into a buffer, send into a loopback socket)
 and a bare loopback TCP stream.
 """
 
@@ -65,8 +65,8 @@ def open_fds() -> int:
 async def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [64, 1024, 4096]
     print(f"machine: {machine.describe()}")
-    splice, tcp = machine.splice_to_socket_gbps(), machine.loopback_tcp_gbps()
-    print(f"  limit  tee + splice to a loopback socket   {splice:.2f} GB/s")
+    path, tcp = machine.pipe_to_socket_gbps(), machine.loopback_tcp_gbps()
+    print(f"  limit  tee + read + send to a loopback socket {path:.2f} GB/s")
     print(f"  limit  loopback TCP stream                 {tcp:.2f} GB/s")
     with tempfile.TemporaryDirectory() as build:
         binary = build_c_workload(build)

@@ -6,10 +6,10 @@ and the machine's limits.
 In one run, for each size:
 
 * server: ``LazyDump`` of a C workload serving a bare client in another process
-  (benchmarks/_page_reader.py) over plain TCP (splice, the pages never enter
-  Python) and over TLS (certificates from a CA made for the run; pages read
-  from the scratch pipe into a buffer and encrypted by Python's ssl on the
-  event loop; the client decrypts with Python's ssl too);
+  (benchmarks/_page_reader.py) over plain TCP (pages read from the scratch
+  pipe into a buffer and sent with their header) and over TLS (certificates
+  from a CA made for the run; the same buffer encrypted by Python's ssl on
+  the event loop; the client decrypts with Python's ssl too);
 * client: the daemon's ``RemotePageSource`` (asyncio's loop and uvloop) pulling
   a dump on disk from ``lazymig page-server`` in another process, 4 MiB GETs,
   two in flight, plain and over TLS.
