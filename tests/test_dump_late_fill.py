@@ -76,7 +76,7 @@ async def test_a_get_before_its_pipe_is_filled_waits_and_is_filled_first(
                     await asyncio.sleep(0.001)
                 else:
                     pytest.fail("the GET never reached the page server")
-                assert not getting.done() and late.fill_order == ()
+                assert not getting.done() and not late.fill_order
                 filling = asyncio.create_task(late.run(fp))
                 got, data = await getting
                 assert (got, data) == (1, expected_page(last, ready.seed))
@@ -197,7 +197,7 @@ def _in_tail(pid: int, before: set[tuple[int, int]]) -> bool:
 
 def _checks(lines: OutputLines, n: int) -> list[tuple[int, int]]:
     """The next ``n`` CHECK lines as (round, bad)."""
-    out = []
+    out: list[tuple[int, int]] = []
     while len(out) < n:
         line = lines.next(timeout=30.0)
         if line.startswith("CHECK"):

@@ -48,4 +48,4 @@ def test_empty_and_memory_bound() -> None:
         histogram.add(1e-5 + (i % 1000) * 1e-6)
     assert len(histogram) == 200_000
     assert len(histogram._counts) <= 464
-    assert histogram.percentile(0.0) is not None and histogram.percentile(0.0) < 1.01e-5
+    assert (fastest := histogram.percentile(0.0)) is not None and fastest < 1.01e-5

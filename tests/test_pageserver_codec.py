@@ -25,6 +25,7 @@ from lazymig.proto.pageserver import (
     ParentRequest,
     Role,
     State,
+    _NeedData,  # the sentinel's type: what narrows the events
 )
 from lazymig.proto.wire import Cmd, DstType, WireVersion, encode_dst_id, pack_header
 
@@ -34,7 +35,7 @@ VERSIONS = list(WireVersion)
 def drain(conn: PageServerConnection) -> list[Event]:
     events: list[Event] = []
     while (event := conn.next_event()) is not NEED_DATA:
-        assert not isinstance(event, type(NEED_DATA))
+        assert not isinstance(event, _NeedData)
         events.append(event)
         if isinstance(event, ConnectionClosed):
             break
@@ -141,11 +142,12 @@ def test_pipelined_gets_with_short_replies(version: WireVersion,
 def test_small_replies_and_close(version: WireVersion) -> None:
     client = PageServerConnection(Role.CLIENT, version)
     server = PageServerConnection(Role.SERVER, version)
-    requests = [OpenRequest(DstType.PID, 42), ParentRequest(DstType.PID, 42), CloseRequest()]
+    requests: list[Event] = [OpenRequest(DstType.PID, 42), ParentRequest(DstType.PID, 42),
+                             CloseRequest()]
     server.receive_data(b"".join(client.send(r) for r in requests))
     assert drain(server) == requests
     assert server.state is State.CLOSING
-    replies = [OpenReply(True), ParentReply(False), CloseReply(0)]
+    replies: list[Event] = [OpenReply(True), ParentReply(False), CloseReply(0)]
     wire = b"".join(server.send(r) for r in replies)
     assert wire == b"\x01" + b"\0" * 4 + b"\0" * 4
     assert feed_in_pieces(client, wire, [1, 2, 7]) == replies
@@ -223,7 +225,7 @@ def drain_until_error(conn: PageServerConnection) -> list[Event]:
         while True:
             event = conn.next_event()
             assert event is not NEED_DATA
-            assert not isinstance(event, type(NEED_DATA))
+            assert not isinstance(event, _NeedData)
             events.append(event)
     return events
 
@@ -239,8 +241,8 @@ def test_client_refuses_mismatched_replies(version: WireVersion, reply: dict[str
                                            field: str) -> None:
     client = PageServerConnection(Role.CLIENT, version)
     client.send(GetRequest(1, 0x1000, 2))
-    fields = {"code": Cmd.ADD_F, "flags": PE.PRESENT, "nr_pages": 2, "vaddr": 0x1000,
-              "dst_id": 1, **reply}
+    fields: dict[str, int] = {"code": Cmd.ADD_F, "flags": PE.PRESENT, "nr_pages": 2,
+                              "vaddr": 0x1000, "dst_id": 1, **reply}
     client.receive_data(raw_header(version, **fields))
     with pytest.raises(RemoteProtocolError) as info:
         client.next_event()
@@ -307,9 +309,9 @@ def test_garbage_ends_in_a_protocol_error_or_need_data(role: Role, version: Wire
                                                       data: st.DataObject) -> None:
     conn = PageServerConnection(role, version)
     if role is Role.CLIENT:
-        conn.send(data.draw(st.sampled_from([GetRequest(1, 0x1000, 4),
-                                             OpenRequest(DstType.PID, 1),
-                                             CloseRequest()])))
+        requests: list[Event] = [GetRequest(1, 0x1000, 4), OpenRequest(DstType.PID, 1),
+                                 CloseRequest()]
+        conn.send(data.draw(st.sampled_from(requests)))
     cuts = data.draw(st.lists(st.integers(0, len(garbage)), max_size=5))
     try:
         feed_in_pieces(conn, garbage, cuts)

@@ -27,6 +27,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -311,7 +312,7 @@ async def test_children_get_every_page_across_repeated_cuts(
 # -- lazymig dump -> lazymig lazy-pages -> restore, cut again and again ------------------
 
 async def restore_and_compare(images: Path, ready: Ready, before: Check,
-                              daemon: subprocess.Popen[str], dumper: subprocess.Popen[str],
+                              daemon: subprocess.Popen[Any], dumper: subprocess.Popen[Any],
                               restored: asyncio.Event | None = None) -> None:
     """Restore lazily (the restorer API), check the restored process's CHECK lines, wait
     for the daemon and the dumper to finish, then compare the workload's region page by

@@ -29,6 +29,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -176,7 +177,7 @@ async def restore_with_output(images: Path, *, lazy_pages: bool = False
 
 
 async def restore_and_check(images: Path, before: Check, loop: bool,
-                            daemon: subprocess.Popen[str], dumper: subprocess.Popen[str], *,
+                            daemon: subprocess.Popen[Any], dumper: subprocess.Popen[Any], *,
                             wrapper: Sequence[str] = (), log_dir: Path | None = None,
                             check_pid: Callable[[int], None] | None = None) -> int:
     """``lazymig restore --lazy-pages -d`` (run under ``wrapper``, e.g. ``ip netns exec

@@ -71,8 +71,9 @@ async def fetch_everything(source: RemotePageSource,
                 # A pagemap entry may be longer than one GET may ask for.
                 ask = min(nr - got, DEFAULT_MAX_PAGES)
                 chunk = await source.get(pid, vaddr + got * PAGE_SIZE, ask)
-                for i in range(chunk.nr_pages if expected else 0):
+                for i in range(chunk.nr_pages if expected is not None else 0):
                     page = vaddr + (got + i) * PAGE_SIZE
+                    assert expected is not None
                     assert chunk.data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == expected(pid, page)
                 got += chunk.nr_pages
                 chunk.release()

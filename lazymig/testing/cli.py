@@ -54,7 +54,7 @@ class LazymigCommand:
         stdout: an fd for its stdout (default: inherited).
     """
 
-    def __init__(self, args: Sequence[str], *, log_path: str | os.PathLike[str],
+    def __init__(self, args: Sequence[object], *, log_path: str | os.PathLike[str],
                  host: Host | None = None, uvloop: bool = True, ready: bool = True,
                  ready_timeout: float = 30.0, stdout: int | None = None) -> None:
         self.args = [str(a) for a in args]
