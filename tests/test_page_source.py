@@ -11,10 +11,11 @@ from lazydump import page_pattern, write_lazy_dump
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
-from lazymig.errors import BrokenResourceError
+from lazymig.errors import BrokenResourceError, ClosedResourceError
 from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.pageserver import GetReply, GetRequest, PageData, PageServerConnection, Role
 from lazymig.proto.wire import WireVersion
-from lazymig.uffd.source import NO_RECONNECT, LocalPageSource, RemotePageSource
+from lazymig.uffd.source import NO_RECONNECT, LocalPageSource, PageChunk, RemotePageSource
 
 PID = 321
 DUMP = {PID: [(0x10000000, 64), (0x20000000, 5)]}
@@ -92,3 +93,51 @@ async def test_local_source_reads_the_images(tmp_path: Path) -> None:
     assert chunk.nr_pages == 4
     assert bytes(chunk.data) == expected(DUMP[PID][0][0] + 60 * PAGE_SIZE, 4)
     await source.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ending", ["abort", "fail"])
+async def test_a_reply_callback_that_ends_the_source_mid_batch(ending: str) -> None:
+    """Three replies arrive in one segment; the first one's on_done ends the session
+    (the daemon's callbacks may: a failed process, a cancelled daemon). The replies
+    behind it in the same receive find no waiter: they are dropped, not an error."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        connecting = asyncio.create_task(RemotePageSource.connect(
+            "127.0.0.1", listener.getsockname()[1], reconnect=NO_RECONNECT))
+        conn, _ = await loop.sock_accept(listener)
+        source = await connecting
+        seen: list[asyncio.Future[PageChunk]] = []
+
+        def end_the_source(future: asyncio.Future[PageChunk]) -> None:
+            seen.append(future)
+            if ending == "abort":
+                source.abort()
+            else:  # the lane gives up on every waiting request, the connection stays
+                source._lanes[0].fail(BrokenResourceError("given up"))
+
+        vaddrs = [0x1000 * (i + 1) for i in range(3)]
+        futures = [source.request(PID, vaddrs[0], 1, on_done=end_the_source)]
+        futures += [source.request(PID, vaddr, 1) for vaddr in vaddrs[1:]]
+        server = PageServerConnection(Role.SERVER, WireVersion.V2)
+        received = b""
+        while len(received) < 3 * 32:
+            received += await loop.sock_recv(conn, 4096)
+        server.receive_data(received)
+        replies = b""
+        for vaddr in vaddrs:
+            assert server.next_event() == GetRequest(PID, vaddr, 1)
+            replies += server.send(GetReply(PID, vaddr, 1)) + server.send(
+                PageData(bytes([vaddr >> 12]) * PAGE_SIZE, last=True))
+        await loop.sock_sendall(conn, replies)  # one segment: the client reads them at once
+        for future in futures[1:]:
+            with pytest.raises((ClosedResourceError, BrokenResourceError)):
+                await future
+        assert seen == [futures[0]]
+        chunk = futures[0].result()
+        assert (chunk.vaddr, bytes(chunk.data)) == (vaddrs[0], b"\x01" * PAGE_SIZE)
+        source.abort()
+        conn.close()
+    listener.close()

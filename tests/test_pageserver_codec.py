@@ -171,6 +171,38 @@ def test_payload_received_directly() -> None:
         client.next_event()
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_payload_moved_into_a_buffer_of_ones_own(version: WireVersion) -> None:
+    client = PageServerConnection(Role.CLIENT, version)
+    server = PageServerConnection(Role.SERVER, version)
+    server.receive_data(client.send(GetRequest(5, 0x1000, 2)) + client.send(
+        GetRequest(5, 0x9000, 1)))
+    drain(server)
+    pages = page(1) + page(2)
+    stream = (server.send(GetReply(5, 0x1000, 2)) + server.send(PageData(pages, last=True))
+              + server.send(GetReply(5, 0x9000, 1)))
+    target = bytearray(2 * PAGE_SIZE)
+    view = memoryview(target)
+    cut = version.header_size + PAGE_SIZE + 64  # a page and a bit of the payload first
+    client.receive_data(stream[:cut])  # TCP cuts anywhere
+    assert client.next_event() == GetReply(5, 0x1000, 2)
+    assert client.receive_payload_into(view[:100]) == 100  # no more than the buffer holds
+    assert client.receive_payload_into(view[100:]) == PAGE_SIZE + 64 - 100
+    assert client.receive_payload_into(view) == 0  # nothing more buffered yet
+    client.receive_data(stream[cut:])  # the rest, and the next reply's header
+    assert client.receive_payload_into(view[PAGE_SIZE + 64:]) == PAGE_SIZE - 64
+    assert bytes(target) == pages and client.payload_remaining == 0
+    # the payload is over: what follows is the next header, not page data
+    assert client.receive_payload_into(view) == 0
+    assert drain(client) == [GetReply(5, 0x9000, 1)]
+    client.receive_data(page(3)[:10])
+    client.receive_data(b"")
+    assert client.receive_payload_into(view) == 10
+    with pytest.raises(RemoteProtocolError, match="bytes of page data missing"):
+        client.receive_payload_into(view)
+    assert client.state is State.ERROR
+
+
 def raw_header(version: WireVersion, code: int, flags: int = 0, nr_pages: int = 1,
                vaddr: int = 0x1000, dst_id: int = 1) -> bytes:
     return pack_header(version, code, flags, nr_pages, vaddr, dst_id)

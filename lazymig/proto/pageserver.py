@@ -20,7 +20,9 @@ Page data is not an event of its own message type: after an :class:`AddPages`
 with PE.PRESENT or a :class:`GetReply` the bytes arrive as :class:`PageData`
 chunks, the last one marked ``last``. An I/O layer that wants the payload in a
 buffer of its own (to UFFDIO_COPY from it) may read it itself and report it
-with :meth:`~PageServerConnection.payload_received_directly`.
+with :meth:`~PageServerConnection.payload_received_directly`, or have the
+buffered part moved there with :meth:`~PageServerConnection.receive_payload_into`
+instead of taking PageData events.
 
 Whatever breaks the protocol raises :class:`~lazymig.errors.RemoteProtocolError`
 (what the peer sent) or :class:`~lazymig.errors.LocalProtocolError` (what we
@@ -235,8 +237,8 @@ class PageServerConnection:
         event = client.next_event()   # GetReply(...), then PageData(...)
     """
 
-    __slots__ = ("_buf", "_eof", "_in_payload", "_max_in_flight", "_max_pages", "_out_payload",
-                 "_pos", "_unanswered", "role", "state", "version")
+    __slots__ = ("_buf", "_eof", "_header_struct", "_in_payload", "_max_in_flight", "_max_pages",
+                 "_out_payload", "_pos", "_unanswered", "role", "state", "version")
 
     def __init__(self, role: Role, version: WireVersion = WireVersion.V2, *,
                  max_pages: int = DEFAULT_MAX_PAGES,
@@ -248,6 +250,7 @@ class PageServerConnection:
         self._max_in_flight = max_in_flight
         self.role = role
         self.version = version
+        self._header_struct = version.header_struct
         self.state = State.OPEN
         self._max_pages = max_pages
         self._buf = bytearray()
@@ -307,6 +310,29 @@ class PageServerConnection:
                 f"{self.buffered} buffered)")
         self._in_payload -= nbytes
 
+    def receive_payload_into(self, buffer: memoryview) -> int:
+        """Move buffered page data of the message being received into ``buffer``.
+
+        The bytes the next :class:`PageData` events would carry, as many as
+        ``buffer`` holds, without building the events: for an I/O layer that
+        keeps the payload in a buffer of its own. Returns how many were moved
+        (0: none buffered, or no payload expected); raises RemoteProtocolError
+        if the peer closed before sending them all.
+        """
+        if self.state is State.ERROR:
+            raise LocalProtocolError("connection is in the ERROR state")
+        pos = self._pos
+        count = min(len(self._buf) - pos, self._in_payload, len(buffer))
+        if count <= 0:
+            if self._in_payload and self._eof:
+                self.state = State.ERROR
+                raise _payload_missing(self._in_payload)
+            return 0
+        buffer[:count] = memoryview(self._buf)[pos:pos + count]
+        self._pos = pos + count
+        self._in_payload -= count
+        return count
+
     def next_event(self) -> Event | _NeedData:
         """Return the next complete event, or :data:`NEED_DATA`."""
         if self.state is State.ERROR:
@@ -331,13 +357,19 @@ class PageServerConnection:
             return self._next_request()
         return self._next_reply()
 
-    def _take(self, size: int) -> bytes | None:
-        """The next ``size`` buffered bytes, or None (raising on EOF mid-message)."""
-        if self.buffered < size:
+    def _has(self, size: int) -> bool:
+        """Whether the next ``size`` bytes are buffered (raising on EOF mid-message)."""
+        if len(self._buf) - self._pos < size:
             if self._eof:
                 raise RemoteProtocolError(
                     f"connection closed in the middle of a message "
                     f"({self.buffered} of {size} bytes received)")
+            return False
+        return True
+
+    def _take(self, size: int) -> bytes | None:
+        """The next ``size`` buffered bytes, or None (raising on EOF mid-message)."""
+        if not self._has(size):
             return None
         chunk = bytes(self._buf[self._pos:self._pos + size])
         self._pos += size
@@ -347,9 +379,7 @@ class PageServerConnection:
         available = min(self.buffered, self._in_payload)
         if available == 0:
             if self._eof:
-                raise RemoteProtocolError(
-                    f"connection closed with {self._in_payload} bytes of page data missing",
-                    field="nr_pages")
+                raise _payload_missing(self._in_payload)
             return NEED_DATA
         data = bytes(self._buf[self._pos:self._pos + available])
         self._pos += available
@@ -418,24 +448,26 @@ class PageServerConnection:
             raise RemoteProtocolError("data received while no request is outstanding")
         request = self._unanswered[0]
         if isinstance(request, GetRequest):
-            raw = self._take(self.version.header_size)
-            if raw is None:
+            # Every reply of a lazy-pages session comes here: decoded in place, no copy.
+            header = self._header_struct
+            if not self._has(header.size):
                 return NEED_DATA
-            h = unpack_header(self.version, raw)
+            _, nr_pages, vaddr, dst_id = header.unpack_from(self._buf, self._pos)
+            self._pos += header.size
             self._unanswered.popleft()
-            if h.dst_id != request.pid:
+            if dst_id != request.pid:
                 raise RemoteProtocolError(
-                    f"reply for pid {h.dst_id} while pid {request.pid} was asked (out of order)",
+                    f"reply for pid {dst_id} while pid {request.pid} was asked (out of order)",
                     field="dst_id")
-            if h.vaddr != request.vaddr:
+            if vaddr != request.vaddr:
                 raise RemoteProtocolError(
-                    f"reply for {h.vaddr:#x} while {request.vaddr:#x} was asked", field="vaddr")
-            if not 0 < h.nr_pages <= request.nr_pages:
+                    f"reply for {vaddr:#x} while {request.vaddr:#x} was asked", field="vaddr")
+            if not 0 < nr_pages <= request.nr_pages:
                 raise RemoteProtocolError(
-                    f"reply carries {h.nr_pages} pages for a request of {request.nr_pages}",
+                    f"reply carries {nr_pages} pages for a request of {request.nr_pages}",
                     field="nr_pages")
-            self._in_payload = h.nr_pages * PAGE_SIZE
-            return GetReply(h.dst_id, h.vaddr, h.nr_pages)
+            self._in_payload = nr_pages * PAGE_SIZE
+            return GetReply(dst_id, vaddr, nr_pages)
         if isinstance(request, OpenRequest):
             raw = self._take(1)
             if raw is None:
@@ -556,6 +588,11 @@ class PageServerConnection:
 
 def _error(remote: bool, message: str, field: str) -> ProtocolError:
     return (RemoteProtocolError if remote else LocalProtocolError)(message, field=field)
+
+
+def _payload_missing(count: int) -> RemoteProtocolError:
+    return RemoteProtocolError(f"connection closed with {count} bytes of page data missing",
+                               field="nr_pages")
 
 
 def _check_flags(flags: int, *, allowed: int, remote: bool) -> PE:

@@ -98,6 +98,12 @@ class WireVersion(enum.Enum):
         return _FAST[self].size
 
     @property
+    def header_struct(self) -> struct.Struct:
+        """The header as a ``struct.Struct`` (cmd, nr_pages, vaddr, dst_id), for decoding in
+        place with ``unpack_from``; the same layout as :func:`unpack_header`."""
+        return _FAST[self]
+
+    @property
     def max_nr_pages(self) -> int:
         """The largest nr_pages the layout can carry."""
         return 0xFFFF_FFFF if self is WireVersion.V1 else 0xFFFF_FFFF_FFFF_FFFF

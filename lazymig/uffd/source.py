@@ -61,7 +61,6 @@ from lazymig.proto.pageserver import (
     ConnectionClosed,
     GetReply,
     GetRequest,
-    PageData,
     PageServerConnection,
     Role,
 )
@@ -216,7 +215,7 @@ class _Channel(asyncio.BufferedProtocol):
         self.fatal = False  # a protocol violation: reconnecting would not help
         self.stalled_out = False  # ended by the lane's stall watchdog, not by the peer
         self.last_progress = time.monotonic()
-        self._scratch = bytearray(64 * 1024)
+        self._scratch = memoryview(bytearray(64 * 1024))
         self._reply: GetReply | None = None  # the GET reply whose pages are arriving
         self._data = memoryview(bytearray())
         self._address = 0
@@ -250,7 +249,7 @@ class _Channel(asyncio.BufferedProtocol):
             self._direct = True
             return self._data[self._filled:]
         self._direct = False
-        return memoryview(self._scratch)
+        return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_progress = time.monotonic()
@@ -261,7 +260,7 @@ class _Channel(asyncio.BufferedProtocol):
                 self._filled += nbytes
                 self._deliver_if_complete()
             else:
-                self.codec.receive_data(memoryview(self._scratch)[:nbytes])
+                self.codec.receive_data(self._scratch[:nbytes])
                 self._process()
         except BrokenResourceError as exc:  # the server closed the session on us
             self.end(exc)
@@ -302,14 +301,15 @@ class _Channel(asyncio.BufferedProtocol):
 
     def _process(self) -> None:
         codec = self.codec
-        while True:
+        # A reply's on_done may end this connection or fail its lane (clearing our
+        # waiters): what is left in the buffer then goes unread (see _resolve).
+        while self.error is None:
             if self._reply is not None:
-                event = codec.next_event()
-                if event is NEED_DATA:
+                # The pages straight into the reply buffer: no PageData events.
+                moved = codec.receive_payload_into(self._data[self._filled:])
+                if not moved:
                     return
-                assert isinstance(event, PageData)
-                self._data[self._filled:self._filled + len(event.data)] = event.data
-                self._filled += len(event.data)
+                self._filled += moved
                 self._deliver_if_complete()
                 continue
             event = codec.next_event()
@@ -341,6 +341,10 @@ class _Channel(asyncio.BufferedProtocol):
                                 self._pool))
 
     def _resolve(self, result: PageChunk | CloseReply) -> None:
+        if not self.waiters:  # its lane failed every request meanwhile: nobody waits
+            if isinstance(result, PageChunk):
+                result.release()
+            return
         request = self.waiters.popleft()
         self.lane.progress()
         future = request.future
