@@ -25,10 +25,13 @@ linked contiguously, and of the same segment. A segment is one lazy range given
 to the constructor (ranges are cut at VMA boundaries, and a UFFDIO_COPY must not
 cross a VMA), or one piece moved by a remap; requests never cross segments.
 
-COPIED is remembered (as intervals too) so that a copy that failed can be put
-back with :meth:`LazyRanges.requeue` by its ``vaddr`` alone, and so that a
-REMOVE or UNMAP that arrives before that requeue still forgets those pages:
-pages dropped by the process are never filled with stale data.
+COPIED is what is left of the lazy pages (the *known* set, moved by remaps and
+cut by drops) once PENDING and IN_FLIGHT are taken out: completing a request
+only removes intervals, it adds none (on a random reader's path the copied
+pages would be one interval per fault). So a copy that failed can be put back
+with :meth:`LazyRanges.requeue` by its ``vaddr`` alone, and a REMOVE or UNMAP
+that arrives before that requeue still forgets those pages: pages dropped by
+the process are never filled with stale data.
 """
 
 from __future__ import annotations
@@ -110,12 +113,25 @@ class _Spans:
             return i
         return -1
 
+    def overlapping(self, lo: int, hi: int) -> list[_Iv]:
+        """What lies in ``[lo, hi)``, clipped, in order (left in place)."""
+        items = self.items
+        i = max(bisect_right(self.starts, lo) - 1, 0)
+        out: list[_Iv] = []
+        while i < len(items) and items[i][0] < hi:
+            start, end, link, seg = items[i]
+            if end > lo:
+                a = max(start, lo)
+                out.append((a, min(end, hi), link + a - start, seg))
+            i += 1
+        return out
+
     def cut(self, lo: int, hi: int) -> list[_Iv]:
         """Remove ``[lo, hi)`` and return what was there, clipped, in order."""
         items = self.items
         i = bisect_right(self.starts, lo) - 1
         if i >= 0 and hi <= items[i][1] and lo < hi:
-            return [self._cut_inside(i, lo, hi)]
+            return [self.cut_inside(i, lo, hi)]
         if i < 0 or items[i][1] <= lo:
             i += 1
         j = i
@@ -137,7 +153,7 @@ class _Spans:
             self.starts[i:j] = [iv[0] for iv in keep]
         return removed
 
-    def _cut_inside(self, i: int, lo: int, hi: int) -> _Iv:
+    def cut_inside(self, i: int, lo: int, hi: int) -> _Iv:
         """:meth:`cut` of ``[lo, hi)`` lying inside interval ``i`` (a fault's or a
         reply's usual case), without building lists: it is on every fault's path."""
         items, starts = self.items, self.starts
@@ -261,7 +277,7 @@ class LazyRanges:
     Addresses are bytes; everything is O(log n) in the number of intervals.
     """
 
-    __slots__ = ("_copied", "_in_flight", "_next_seg", "_pending", "pages_copied",
+    __slots__ = ("_in_flight", "_known", "_next_seg", "_pending", "pages_copied",
                  "pages_dropped", "pages_total", "prefetch")
 
     def __init__(self, ranges: Iterable[tuple[int, int]], *, prefetch: int = 1) -> None:
@@ -270,7 +286,7 @@ class LazyRanges:
         self.prefetch = prefetch
         self._pending = _Spans()
         self._in_flight = _Linked()
-        self._copied = _Linked()
+        self._known = _Linked()  # pending, in flight or copied: every page still lazy once
         seg = -1
         for seg, (vaddr, nr_pages) in enumerate(sorted(ranges)):
             start = _page(vaddr, "lazy range")
@@ -279,6 +295,7 @@ class LazyRanges:
             if self._pending.items and self._pending.items[-1][1] > start:
                 raise ConfigurationError(f"lazy range at {vaddr:#x} overlaps the previous one")
             self._pending.add(start, start + nr_pages, start, seg)
+            self._known.add(start, start + nr_pages, start, seg)
         self._next_seg = seg + 1
         self.pages_total = self._pending.pages
         """Pages that were lazy at the start (not corrected by REMOVE/UNMAP, as CRIU)."""
@@ -311,7 +328,7 @@ class LazyRanges:
             return PageState.PENDING
         if self._in_flight.by_dst.find(page) >= 0:
             return PageState.IN_FLIGHT
-        if self._copied.by_dst.find(page) >= 0:
+        if self._known.by_dst.find(page) >= 0:
             return PageState.COPIED
         return PageState.NOT_LAZY
 
@@ -340,7 +357,7 @@ class LazyRanges:
     def _take(self, index: int, lo: int, hi: int) -> Request:
         start, _, link, seg = self._pending.items[index]
         src = link + lo - start
-        self._pending.cut(lo, hi)
+        self._pending.cut_inside(index, lo, hi)  # [lo, hi) lies inside that interval
         self._in_flight.add(lo, hi, src, seg)
         return Request(src << PAGE_SHIFT, lo << PAGE_SHIFT, hi - lo)
 
@@ -392,16 +409,15 @@ class LazyRanges:
 
         Returns the parts still in flight (REMOVE, UNMAP or a remap may have
         dropped some meanwhile) with their current addresses, in ``vaddr``
-        order; they become COPIED. UFFDIO_COPY each one; if a copy fails
+        order; they become COPIED (by leaving IN_FLIGHT). UFFDIO_COPY each one; if a copy fails
         (recoverably, or short), :meth:`requeue` what was not copied, before
         handling the next fault, so that it is fetched again.
         """
         lo = _page(vaddr, "complete")
         pieces = self._in_flight.cut_src(lo, lo + max(nr_pages, 0))
         out = []
-        for src, end, dst, seg in pieces:
+        for src, end, dst, _ in pieces:
             n = end - src
-            self._copied.add(dst, dst + n, src, seg)
             self.pages_copied += n
             out.append(CopyRange(src << PAGE_SHIFT, dst << PAGE_SHIFT, n,
                                  (src - lo) << PAGE_SHIFT))
@@ -418,21 +434,36 @@ class LazyRanges:
         lo = _page(vaddr, "requeue")
         hi = lo + max(nr_pages, 0)
         count = 0
-        for linked, copied in ((self._in_flight, False), (self._copied, True)):
-            for src, end, dst, seg in linked.cut_src(lo, hi):
-                n = end - src
-                self._pending.add(dst, dst + n, src, seg)
-                count += n
-                if copied:
-                    self.pages_copied -= n
+        for src, end, dst, seg in self._in_flight.cut_src(lo, hi):
+            self._pending.add(dst, dst + end - src, src, seg)
+            count += end - src
+        for src, end, dst, seg in self._known.by_src.overlapping(lo, hi):
+            for a, b in self._copied_runs(dst, dst + end - src):
+                self._pending.add(a, b, src + a - dst, seg)
+                count += b - a
+                self.pages_copied -= b - a
         return count
+
+    def _copied_runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The runs of known pages ``[lo, hi)`` (current addresses) that are neither
+        pending nor in flight: copied."""
+        taken = sorted(self._pending.overlapping(lo, hi)
+                       + self._in_flight.by_dst.overlapping(lo, hi))
+        runs, at = [], lo
+        for start, end, _, _ in taken:
+            if start > at:
+                runs.append((at, start))
+            at = end
+        if at < hi:
+            runs.append((at, hi))
+        return runs
 
     # ------------------------------------------------------------------ memory map changes
 
     def _drop(self, lo: int, hi: int) -> None:
         dropped = sum(e - s for s, e, _, _ in self._pending.cut(lo, hi))
         dropped += sum(e - s for s, e, _, _ in self._in_flight.cut_dst(lo, hi))
-        self._copied.cut_dst(lo, hi)
+        self._known.cut_dst(lo, hi)
         self.pages_dropped += dropped
 
     def remove(self, start: int, end: int) -> None:
@@ -458,7 +489,7 @@ class LazyRanges:
             return
         moved_pending = self._pending.cut(lo, hi)
         moved_in_flight = self._in_flight.cut_dst(lo, hi)
-        moved_copied = self._copied.cut_dst(lo, hi)
+        moved_known = self._known.cut_dst(lo, hi)
         self._drop(lo + delta, hi + delta)
         segs: dict[int, int] = {}
 
@@ -473,18 +504,17 @@ class LazyRanges:
             self._pending.add(dst + delta, end + delta, src, new_seg(seg))
         for dst, end, src, seg in moved_in_flight:
             self._in_flight.add(dst + delta, end + delta, src, new_seg(seg))
-        for dst, end, src, seg in moved_copied:
-            self._copied.add(dst + delta, end + delta, src, new_seg(seg))
+        for dst, end, src, seg in moved_known:
+            self._known.add(dst + delta, end + delta, src, new_seg(seg))
 
     def fork_copy(self) -> LazyRanges:
         """Bookkeeping for a FORK event's child: its pending pages are ours,
         pending or in flight (data in flight is for our copy, the child needs
         its own). Requests for it still use dump-time addresses."""
         child = LazyRanges((), prefetch=self.prefetch)
-        for start, end, link, seg in self._pending.items:
+        for start, end, link, seg in self._pending.items + self._in_flight.by_dst.items:
             child._pending.add(start, end, link, seg)
-        for start, end, link, seg in self._in_flight.by_dst.items:
-            child._pending.add(start, end, link, seg)
+            child._known.add(start, end, link, seg)
         child._next_seg = self._next_seg
         child.pages_total = child._pending.pages
         return child
@@ -493,8 +523,12 @@ class LazyRanges:
         """Assert internal invariants (for tests; O(n))."""
         self._pending.check()
         self._in_flight.check()
-        self._copied.check()
+        self._known.check()
         assert self.pages_copied >= 0
+        for start, end, link, _ in self._pending.items + self._in_flight.by_dst.items:
+            pieces = self._known.by_dst.overlapping(start, end)
+            assert sum(b - a for a, b, _, _ in pieces) == end - start, "a lazy page is unknown"
+            assert all(src == link + a - start for a, _, src, _ in pieces), "linked elsewhere"
 
     def __repr__(self) -> str:
         return (f"<LazyRanges total={self.pages_total} pending={self.pages_pending} "
