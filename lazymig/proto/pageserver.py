@@ -41,6 +41,7 @@ from typing import Final, TypeAlias
 from lazymig.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.wire import (
+    PS_CMD_BITS,
     VALID_FLAGS,
     Cmd,
     DstType,
@@ -48,7 +49,6 @@ from lazymig.proto.wire import (
     WireVersion,
     decode_dst_id,
     encode_dst_id,
-    pack_header,
     unpack_header,
 )
 
@@ -348,7 +348,7 @@ class PageServerConnection:
             return self._take_payload()
         if self.state is State.CLOSED:
             return NEED_DATA
-        if self.buffered == 0:
+        if len(self._buf) == self._pos:  # nothing buffered
             if self._eof:
                 self.state = State.CLOSED
                 return ConnectionClosed(len(self._unanswered))
@@ -526,8 +526,9 @@ class PageServerConnection:
         return self._send_reply(event)
 
     def _header(self, code: Cmd, flags: int, nr_pages: int, vaddr: int, dst_id: int) -> bytes:
-        try:
-            return pack_header(self.version, code, flags, nr_pages, vaddr, dst_id)
+        try:  # pack_header's layout, with the struct at hand: every GET comes here
+            return self._header_struct.pack((flags << PS_CMD_BITS) | code, nr_pages, vaddr,
+                                            dst_id)
         except struct.error as exc:
             raise LocalProtocolError(
                 f"field out of range for {self.version.value}: {exc}") from None

@@ -422,11 +422,14 @@ class LazyPagesDaemon:
         A reader that stays registered, rather than a task awaiting each read:
         on the fault path every loop round trip and epoll_ctl is latency."""
         try:
-            events = proc.uffd.read_events()
-            for event in events:
+            for event in proc.uffd.read_events():
                 if isinstance(event, Pagefault):
+                    # No wake-up of the background for it: its request holds the
+                    # background back until the reply, whose callback wakes it.
                     self._on_fault(proc, event)
-                elif isinstance(event, Fork):
+                    continue
+                self._wakeup.set()  # a forked child to fill; the others, to be safe
+                if isinstance(event, Fork):
                     self._on_fork(proc, event)
                 elif isinstance(event, Remap):
                     proc.ranges.remap(event.from_, event.to, event.length)
@@ -438,7 +441,6 @@ class LazyPagesDaemon:
             log.exception("pid %d: handling its userfaultfd failed", proc.pid)
             self._fail(proc, f"internal error: {exc!r}")
             return
-        self._wakeup.set()
         if proc.active and proc.ranges.done:
             self._finish(proc, "complete")
 

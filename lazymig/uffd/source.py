@@ -226,6 +226,7 @@ class _Channel(asyncio.BufferedProtocol):
         self._buffer_size = max_pages * PAGE_SIZE
         self._filled = 0
         self._direct = False  # the last get_buffer() handed out the page buffer
+        self._eof = False
         self.lost = asyncio.get_running_loop().create_future()
 
     @property
@@ -268,6 +269,7 @@ class _Channel(asyncio.BufferedProtocol):
             self.end(exc, fatal=True)
 
     def eof_received(self) -> bool:
+        self._eof = True
         try:
             self.codec.receive_data(b"")
             self._process()
@@ -312,6 +314,8 @@ class _Channel(asyncio.BufferedProtocol):
                 self._filled += moved
                 self._deliver_if_complete()
                 continue
+            if not codec.buffered and not self._eof:
+                return  # the usual end of a receive: spare the codec's NEED_DATA
             event = codec.next_event()
             if event is NEED_DATA:
                 return
