@@ -374,23 +374,24 @@ class _PlainLink:
         await self._loop.sock_sendall(self._sock, data)
 
     async def send_reply(self, header: bytes, segment: PageSegment) -> None:
-        parts: list[bytes | memoryview] = [header]
+        head = header
         for chunk in self._buf.chunks(segment):
-            parts.append(chunk)
-            await self._sendmsg(parts)
-            parts = []
-        if parts:  # a reply without pages
-            await self._sendmsg(parts)
+            await self._send(head, chunk)
+            head = b""
+        if head:  # a reply without pages
+            await self._send(head, b"")
 
-    async def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
+    async def _send(self, head: bytes, body: bytes | memoryview) -> None:
+        """``head`` then ``body``: one sendmsg, and waits (no copies) for what it left."""
         try:
-            sent = self._sock.sendmsg(parts)
+            sent = self._sock.sendmsg([head, body])
         except BlockingIOError:
             sent = 0
-        rest = b"".join(parts)[sent:] if len(parts) > 1 else memoryview(parts[0])[sent:]
-        if rest:
-            await _unless_stalled(self._loop.sock_sendall(self._sock, rest),
-                                  self._stall_timeout)
+        for part in (head, body):
+            if sent < len(part):
+                await _unless_stalled(self._loop.sock_sendall(self._sock, memoryview(part)[sent:]),
+                                      self._stall_timeout)
+            sent = max(sent - len(part), 0)
 
 
 class _TlsLink:
