@@ -66,8 +66,8 @@ async def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [64, 1024, 4096]
     print(f"machine: {machine.describe()}")
     path, tcp = machine.pipe_to_socket_gbps(), machine.loopback_tcp_gbps()
-    print(f"  limit  tee + read + send to a loopback socket {path:.2f} GB/s")
-    print(f"  limit  loopback TCP stream                 {tcp:.2f} GB/s")
+    print(f"  limit  tee + read + send to a loopback socket  {path:.2f} GB/s")
+    print(f"  limit  loopback TCP stream                     {tcp:.2f} GB/s")
     with tempfile.TemporaryDirectory() as build:
         binary = build_c_workload(build)
         for mib in sizes:
