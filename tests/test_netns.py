@@ -79,6 +79,8 @@ async def test_lazy_migration_between_two_network_namespaces(
     assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone
     # The workload's memory crossed the veth pair, from the source namespace.
     assert hosts.bytes_sent() - sent_before >= mib << 20
+    # A client across a network gets its pages spliced (on loopback they are copied).
+    assert "(pages spliced)" in dumper.log()
 
 
 @pytest.mark.asyncio

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from lazydump import page_pattern, write_lazy_dump
 
-from lazymig.dump.server import PageServer, _Unserved
+from lazymig.dump.server import PageServer, _on_this_host, _Unserved
 from lazymig.dump.store import ImagesPageStore
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.wire import WireVersion
@@ -183,3 +183,19 @@ def test_unserved_bookkeeping_marks_only_the_ranges_a_get_touches() -> None:
     for i in range(100):
         unserved.mark(7, 0x10000 + i * 0x10000, 4)
     assert unserved.remaining == 0
+
+
+@pytest.mark.parametrize(("peer", "here"), [
+    (("127.0.0.1", 4000), True),
+    (("127.10.0.3", 4000), True),
+    (("::1", 4000, 0, 0), True),
+    (("::ffff:127.0.0.1", 4000, 0, 0), True),
+    (("10.231.0.2", 4000), False),
+    (("fe80::1", 4000, 0, 2), False),
+    (("::ffff:10.0.0.1", 4000, 0, 0), False),
+    ("/run/some.sock", False),
+])
+def test_only_a_loopback_client_gets_its_pages_from_a_buffer(peer: object, here: bool) -> None:
+    """Spliced pages reach a reader on this host as a fragment per page (twice its
+    receive cost); a reader across a network gets its NIC's packets either way."""
+    assert _on_this_host(peer) is here

@@ -3,11 +3,10 @@
 It speaks CRIU's page-server protocol (:mod:`lazymig.proto.pageserver`) in the
 chosen wire layout, so ``criu lazy-pages --page-server`` can pull from it as
 well as lazymig's daemon. Sockets are used raw (no Transport). The store tees
-the pages of a reply out of its page pipe (or names them in a file); they are
-read from there into one reused buffer per connection and sent with their
-header in one ``sendmsg``, never as Python objects. Splicing them into the
-socket would save that copy but costs more: the reader receives a 4 KiB
-fragment per page (see :class:`_PlainLink`).
+the pages of a reply out of its page pipe (or names them in a file), and the
+plain link splices them from there into the socket, so they never enter
+Python; to a reader on this host it sends them from a buffer instead (see
+:class:`_PlainLink`).
 
 Per connection: requests are handled in order; a malformed request or a GET
 outside the dumped lazy ranges ends *that* connection with a logged reason, and
@@ -20,8 +19,9 @@ then EOF). Only then may the frozen source be released.
 
 With TLS (:mod:`lazymig.tls`) every connection starts with a handshake in
 which both ends show certificates; a client refused there is logged with the
-reason and the server goes on serving others. The same buffer then feeds the
-encryption.
+reason and the server goes on serving others. Page bytes then have to pass
+through user space to be encrypted: they are read from the store's segment
+into one reused buffer per connection.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lazymig._aio import retry_until_ready
+from lazymig._aio import retry_until_ready, wait_fd
 from lazymig._listen import listen_tcp
 from lazymig.dump.store import LazyPageStore, PageSegment
 from lazymig.errors import (
@@ -73,8 +73,9 @@ DEFAULT_MAX_CONNECTIONS = 16
 """Connections served at once: a daemon uses one or two, a reconnecting one briefly more."""
 DEFAULT_STALL_TIMEOUT = 60.0
 """Seconds a client may leave its replies unread before it is dropped (frees its slot)."""
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _REPLY_CHUNK = 1 << 20
-"""Page bytes read and sent per sendmsg."""
+"""Page bytes read and sent per sendmsg (to a peer on this host)."""
 _TLS_CHUNK = 256 * 1024
 """Page bytes read and encrypted per TLS send (16 records of 16 KiB)."""
 
@@ -263,13 +264,15 @@ class PageServer:
         with sock:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            log.info("page client %s connected", peer)
+            copy = self.tls is not None or _on_this_host(peer)
+            log.info("page client %s connected (pages %s)", peer,
+                     "sent from a buffer" if copy else "spliced")
             tls: TlsSocket | None = None
             clean = False
             try:
                 if self.tls is not None:
                     tls = await TlsSocket.accept(sock, self.tls)  # takes the socket over
-                link = (_PlainLink(sock, self.stall_timeout) if tls is None
+                link = (_PlainLink(sock, self.stall_timeout, copy=copy) if tls is None
                         else _TlsLink(tls, self.stall_timeout))
                 clean = await self._handle(link)
             except AuthenticationError as exc:
@@ -352,17 +355,18 @@ class _Link(Protocol):
 
 
 class _PlainLink:
-    """A raw socket. Pages are read from the segment into one reused buffer and sent
-    with their header in one sendmsg: spliced into a loopback socket, every page
-    would reach the reader as a 4 KiB fragment of its own, which doubles the
-    reader's receive cost (the daemon's, the bottleneck of the transfer) and
-    costs the server more than the copy (benchmarks/page_server.py)."""
+    """A raw socket. Across a network, pages are spliced into it from the store's
+    pipe (or sent from its file): they never enter Python. To a reader on this
+    host (``copy``) they are read into one reused buffer and sent with their
+    header in one sendmsg instead: spliced, every page would reach that reader
+    as a 4 KiB fragment of its own, which doubles its receive cost (a reader
+    across a network receives its NIC's packets, whatever we send)."""
 
-    def __init__(self, sock: socket.socket, stall_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, stall_timeout: float, *, copy: bool) -> None:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._stall_timeout = stall_timeout
-        self._buf = _ReplyBuffer()
+        self._buf = _ReplyBuffer() if copy else None
 
     async def recv_into(self, buf: bytearray) -> int:
         # Try first: the next request is often there already, and uvloop's
@@ -374,6 +378,10 @@ class _PlainLink:
         await self._loop.sock_sendall(self._sock, data)
 
     async def send_reply(self, header: bytes, segment: PageSegment) -> None:
+        if self._buf is None:
+            await self._send(header, b"", more=segment.length > 0)
+            await _splice_all(segment, self._sock.fileno(), self._stall_timeout)
+            return
         head = header
         for chunk in self._buf.chunks(segment):
             await self._send(head, chunk)
@@ -381,10 +389,12 @@ class _PlainLink:
         if head:  # a reply without pages
             await self._send(head, b"")
 
-    async def _send(self, head: bytes, body: bytes | memoryview) -> None:
-        """``head`` then ``body``: one sendmsg, and waits (no copies) for what it left."""
+    async def _send(self, head: bytes, body: bytes | memoryview, *, more: bool = False) -> None:
+        """``head`` then ``body``: one sendmsg, and waits (no copies) for what it left.
+        ``more``: pages follow (MSG_MORE holds the header back for them: one segment
+        on the wire, without toggling TCP_CORK around every reply)."""
         try:
-            sent = self._sock.sendmsg([head, body])
+            sent = self._sock.sendmsg([head, body], [], socket.MSG_MORE if more else 0)
         except BlockingIOError:
             sent = 0
         for part in (head, body):
@@ -450,6 +460,42 @@ async def _unless_stalled(sending: Awaitable[None], stall_timeout: float) -> Non
     except TimeoutError:
         raise BrokenResourceError(f"page client left its replies unread for "
                                   f"{stall_timeout:g} s (stall_timeout)") from None
+
+
+async def _splice_all(segment: PageSegment, sock_fd: int, stall_timeout: float) -> None:
+    """Move the segment's bytes into the non-blocking socket, waiting when it is full
+    (but not longer than ``stall_timeout`` at a time: the client stopped reading).
+
+    A pipe segment goes by splice; a file segment by sendfile (splice needs a
+    pipe on one side). The timeout is armed only when the socket is full, so
+    the hot path pays nothing for it.
+    """
+    remaining = segment.length
+    offset = segment.offset
+    while remaining:
+        try:
+            moved = (os.splice(segment.fd, sock_fd, remaining, flags=_SPLICE_FLAGS)
+                     if offset is None else os.sendfile(sock_fd, segment.fd, offset, remaining))
+        except (BlockingIOError, InterruptedError):
+            await _unless_stalled(wait_fd(sock_fd, writable=True), stall_timeout)
+            continue
+        if moved == 0:
+            raise LazyMigError("page store ran dry while sending (segment shorter than said)")
+        remaining -= moved
+        if offset is not None:
+            offset += moved
+
+
+def _on_this_host(peer: object) -> bool:
+    """``peer`` (an address from accept) is a loopback one: the reader runs here."""
+    if not isinstance(peer, tuple):
+        return False
+    with contextlib.suppress(ValueError, TypeError):
+        address = ipaddress.ip_address(peer[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return address.is_loopback
+    return False
 
 
 def _is_loopback(address: str) -> bool:
