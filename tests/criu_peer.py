@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,8 +338,32 @@ class ChrootDir:
         try:
             yield cls(host)
         finally:
+            for pid in _users_of(host):
+                # A tree a failed test left (criu restore --restore-detached): it would pin
+                # the chroot's mounts, and scripts/criu-peer.sh refuses to run then.
+                warnings.warn(f"killing pid {pid}, left running in {host}", stacklevel=1)
+                kill_pid(pid)
             if not os.environ.get("LAZYMIG_KEEP_CRIU_DIRS"):
                 shutil.rmtree(host, ignore_errors=True)
+
+
+def _users_of(directory: Path) -> list[int]:
+    """Processes inside the chroot whose cwd or an open file is in ``directory``
+    (a workload's output log is its stdout)."""
+    users = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "root").readlink() != ROOT:
+                continue
+            links = [(proc / "cwd").readlink()]
+            links += [fd.readlink() for fd in (proc / "fd").iterdir()]
+        except OSError:  # gone meanwhile
+            continue
+        if any(link.is_relative_to(directory) for link in links):
+            users.append(int(proc.name))
+    return users
 
 
 def free_port() -> int:
