@@ -13,7 +13,8 @@ is its own). A child process attaches the region and:
   vCPUs were: the background is bound by CPU time on this 2-vCPU VM).
 
 Printed beside, measured in the same run: bare UFFDIO_COPY from memory, a bare
-uffd fault round trip (handler copying from memory), loopback TCP throughput
+uffd fault round trip (handler copying from memory, blocked in read() on the
+uffd, and again blocked in epoll_wait as an event loop is), loopback TCP throughput
 and a loopback request/reply round trip. Then the floors that explain what is
 left: the request/reply with both processes pinned to one vCPU and to two (an
 idle vCPU of this VM halts, and waking it costs several round trips), the same
@@ -34,6 +35,7 @@ import json
 import mmap
 import os
 import random
+import select
 import socket
 import statistics
 import sys
@@ -156,8 +158,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
 
 
-def bare_fault_rtt_us(touches: int = 2000) -> float:
-    """Median fault round trip with a minimal handler copying from memory."""
+def bare_fault_rtt_us(touches: int = 2000, *, epoll: bool = False) -> float:
+    """Median fault round trip with a minimal handler copying from memory, blocked in
+    read() on the uffd or, with ``epoll``, in epoll_wait as an event loop waits."""
     nr = 4096
     a, b = socket.socketpair()
     child = os.fork()
@@ -177,15 +180,20 @@ def bare_fault_rtt_us(touches: int = 2000) -> float:
         finally:
             os._exit(0)
     _, fds, _, _ = socket.recv_fds(b, 8, 1)
-    uffd = Uffd.from_fd(fds[0], non_blocking=False)
+    uffd = Uffd.from_fd(fds[0], non_blocking=epoll)
+    poller = select.epoll()
+    poller.register(uffd.fd, select.EPOLLIN)
     page = bytes(PAGE_SIZE)
     served = 0
     while served < touches:  # one fault at a time: the child touches pages in turn
+        if epoll:
+            poller.poll()
         for event in uffd.read_events():
             uffd.copy(event.address & ~(PAGE_SIZE - 1), page)  # type: ignore[union-attr]
             served += 1
     median = json.loads(b.recv(100))
     os.waitpid(child, 0)
+    poller.close()
     uffd.close()
     return float(median) * 1e6
 
@@ -195,6 +203,8 @@ def machine_limits() -> dict[str, str]:
     limits = {
         "bare UFFDIO_COPY": f"{machine.uffd_copy_gbps():.2f} GB/s",
         "bare uffd fault round trip (p50)": f"{bare_fault_rtt_us():.1f} us",
+        "bare uffd fault round trip, epoll handler (p50)":
+            f"{bare_fault_rtt_us(epoll=True):.1f} us",
         "loopback TCP": f"{machine.loopback_tcp_gbps():.2f} GB/s",
         "loopback 4 KiB request/reply (p50)": f"{machine.loopback_rtt_us():.1f} us",
     }
