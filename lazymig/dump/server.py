@@ -488,17 +488,13 @@ async def _splice_all(segment: PageSegment, sock_fd: int, stall_timeout: float) 
 
 def _on_this_host(peer: object) -> bool:
     """``peer`` (an address from accept) is a loopback one: the reader runs here."""
-    if not isinstance(peer, tuple):
-        return False
-    with contextlib.suppress(ValueError, TypeError):
-        address = ipaddress.ip_address(peer[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return address.is_loopback
-    return False
+    return isinstance(peer, tuple) and isinstance(peer[0], str) and _is_loopback(peer[0])
 
 
 def _is_loopback(address: str) -> bool:
     with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback
     return address == "localhost"
