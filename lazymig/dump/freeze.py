@@ -48,7 +48,7 @@ from lazymig.dump.scan import (
 )
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import read_stat
+from lazymig.linux.procfs import read_stat, read_status
 from lazymig.linux.ptrace import (
     PTRACE_EVENT_STOP,
     PTRACE_O_SUSPEND_SECCOMP,
@@ -178,15 +178,9 @@ class ProcessState:
 
 def _read_status(pid: int) -> dict[str, str]:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
+        return read_status(pid)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise TargetGoneError(pid, f"process {pid} does not exist") from exc
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
 
 
 def _read_proc(pid: int, name: str) -> str:

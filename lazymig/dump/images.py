@@ -52,6 +52,7 @@ from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
 from lazymig.errors import ImageError, LazyMigError, LazyMigOSError
 from lazymig.linux._libc import check, libc
+from lazymig.linux.procfs import read_status
 from lazymig.linux.ptrace import TargetGoneError, Tracee
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE, PE
@@ -356,17 +357,11 @@ def _rlimit(pid: int, which: int) -> tuple[int, int]:
 
 
 def _proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
-    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
     try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, f"read {path}") from exc
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
+        return read_status(pid, tid)
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        task = "" if tid is None else f"/task/{tid}"
+        raise TargetGoneError(pid, f"read /proc/{pid}{task}/status") from exc
 
 
 def _read_text(path: str) -> str | None:

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from lazymig.errors import BrokenResourceError, LazyMigOSError
+from lazymig.linux.procfs import read_status
 from lazymig.linux.ptrace import InjectionSession, UserRegs, process_alive
 from lazymig.linux.vm import pidfd_getfd, process_vm_writev, read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
@@ -228,9 +229,7 @@ def sigreturn_frame(regs: UserRegs, sigmask: int, altstack: bytes, xstate: bytes
 def _sigpipe_pending(pid: int, tid: int) -> bool:
     """SIGPIPE is pending for thread ``tid`` itself (/proc status SigPnd): where a
     failed vmsplice queues one, and where rt_sigtimedwait dequeues first."""
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return bool(int(fields["SigPnd"], 16) & _SIGPIPE_BIT)
+    return bool(int(read_status(pid, tid)["SigPnd"], 16) & _SIGPIPE_BIT)
 
 
 class TargetSplicer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["read_stat", "registered_with_userfaultfd"]
+__all__ = ["read_stat", "read_status", "registered_with_userfaultfd"]
 
 
 def read_stat(pid: int) -> tuple[str, dict[int, int]]:
@@ -18,6 +18,23 @@ def read_stat(pid: int) -> tuple[str, dict[int, int]]:
         raw = f.read()
     rest = raw[raw.rfind(b")") + 2:].split()
     return rest[0].decode(), {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
+
+
+def read_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    """The fields of ``/proc/PID/status`` (of thread ``tid``'s own status if given),
+    values stripped.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process (or thread) is gone.
+    """
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    with open(path) as f:
+        text = f.read()
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
 
 
 def registered_with_userfaultfd(pid: int, address: int) -> bool:
