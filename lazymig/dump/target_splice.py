@@ -301,9 +301,15 @@ class TargetSplicer:
         """Run syscall ``nr`` through the code page's stub (during a batch)."""
         names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
         self._run_code(self._code + _AT_STUB, {"rax": nr, **dict(zip(names, args, strict=False))})
-        res: int = struct.unpack("<q", read_memory(self.pid, self._area + _AT_RESULT, 8))[0]
+        res = self._result()
         if res < 0:
             raise LazyMigOSError(-res, f"{what} run by the target", pid=self.pid)
+        return res
+
+    def _result(self) -> int:
+        """What the code page's last run left at RESULT (the stub's rax, or the loop's
+        entries done)."""
+        res: int = struct.unpack("<q", read_memory(self.pid, self._area + _AT_RESULT, 8))[0]
         return res
 
     def _run_code(self, entry: int, regs: dict[str, int]) -> None:
@@ -421,7 +427,7 @@ class TargetSplicer:
                 at += 1
         self._write(self._area + _AT_IOVECS, data)
         self._run_code(self._code, {"rdi": self._area + _AT_TABLE, "rsi": len(calls)})
-        done = struct.unpack("<q", read_memory(self.pid, self._area + _AT_RESULT, 8))[0]
+        done = self._result()
         if not 0 <= done <= len(calls):
             raise BrokenResourceError(f"the vmsplice loop in process {self.pid} returned {done}")
         table = read_memory(self.pid, self._area + _AT_TABLE, _ENTRY.size * done)
