@@ -324,13 +324,29 @@ async def test_missing_pid() -> None:
     assert info.value.errno == errno.ESRCH and str(dead) in str(info.value)
 
 
+def _tids(pid: int) -> list[int]:
+    return sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
+
+
+def _stat_state(pid: int, tid: int) -> str:
+    raw = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+    return raw[raw.rfind(b")") + 2:][:1].decode()
+
+
 @pytest.mark.asyncio
-async def test_refuses_multithreaded(c_workload: Path) -> None:
+async def test_freezes_every_thread(c_workload: Path) -> None:
     with Workload([str(c_workload), "--mib", "1", "--threads", "3",
                    "--interval-ms", "50"]) as w:
         before = w.next_check()
-        with pytest.raises(UnsupportedTargetError, match="3 threads"):
-            await FrozenProcess.freeze(w.pid)
+        tids = _tids(w.pid)
+        async with await FrozenProcess.freeze(w.pid) as fp:
+            threads = fp.state.threads
+            assert threads[0].tid == w.pid and sorted(t.tid for t in threads) == tids
+            for t in threads:  # each is in its ptrace-stop, its own state read
+                assert _stat_state(w.pid, t.tid) == "t"
+                assert t.regs.fs_base and t.clear_tid_addr and t.robust_list[0]
+            assert len({t.regs.fs_base for t in threads}) == 3  # a TLS block each
+            assert len({t.regs.rsp >> 12 for t in threads}) == 3
         assert_runs_unchanged(w, before.sum)
 
 

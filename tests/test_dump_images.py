@@ -28,7 +28,6 @@ from lazymig.dump.images import (
     decode_fpregs,
     pagemap_entries,
     read_lazymig_entry,
-    read_task_info,
     write_images,
     xstate_layout,
 )
@@ -187,10 +186,9 @@ async def test_images_match_the_frozen_process(tmp_path: Path, workload: Workloa
     maps_before = read_maps(pid)
     images = ImagesDir(tmp_path)
     async with await FrozenProcess.freeze(pid) as fp:
-        info = await read_task_info(fp)
         scan = await fp.scan()
         with await fp.collect_pages(scan, pipe_size=MiB) as pipes:
-            written = await asyncio.to_thread(write_images, images, fp.state, info, scan, pipes,
+            written = await asyncio.to_thread(write_images, images, fp.state, scan, pipes,
                                               lazy_pages=True)
             lazy_runs = pipes.lazy_runs()
         state = fp.state

@@ -52,7 +52,7 @@ from typing import TypeVar
 
 from lazymig.dump.files import collect_files, inspect_files
 from lazymig.dump.freeze import FrozenProcess, inspect_target
-from lazymig.dump.images import DumpImages, read_task_info, write_images
+from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
@@ -429,7 +429,6 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     fp = await FrozenProcess.freeze(pid)
     pipes: PagePipes | None = None
     try:
-        info = await read_task_info(fp)
         files = await asyncio.to_thread(collect_files, pid)
         scan = await fp.scan()
         collect = scan if lazy else MemoryScan(
@@ -437,7 +436,7 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
         pipes = await fp.collect_pages(collect, pipe_size=pipe_size, defer_lazy=lazy)
         state, frozen_pipes = fp.state, pipes
         written = await _run_blocking(
-            lambda: write_images(images, state, info, scan, frozen_pipes, lazy_pages=lazy,
+            lambda: write_images(images, state, scan, frozen_pipes, lazy_pages=lazy,
                                  open_files=files),
             cleanup=DumpImages.remove, what=f"writing images into {images.path}")
     except BaseException:

@@ -1,16 +1,12 @@
-"""Freezing a target process with ptrace and reading the state a restore needs.
+"""Freezing a target process with ptrace; resuming, killing or leaving it stopped.
 
 :meth:`FrozenProcess.freeze` checks the target first, without touching it
-(it exists, nobody traces it, it has one thread, no shared/SysV/hugetlb/device
-mappings); then seizes and interrupts every thread (PTRACE_SEIZE +
-PTRACE_INTERRUPT), checks again now that it cannot change, and reads:
-
-* per thread: general registers (fs_base/gs_base included), the raw
-  NT_X86_XSTATE area, the blocked-signal mask, the rseq configuration;
-* per process: auxv, the exe link, the mm fields of /proc/PID/stat, the
-  current brk and every signal's disposition. The last two have no /proc or
-  ptrace interface: CRIU asks a parasite; we inject ``brk(0)`` and
-  ``rt_sigaction(sig, NULL, &old)`` syscalls (:meth:`Tracee.inject_syscall`).
+(it exists, nobody traces it, no shared/SysV/hugetlb/device mappings); then
+seizes and interrupts every thread (PTRACE_SEIZE + PTRACE_INTERRUPT), listing
+the threads again until no new one appears (a thread created while the
+others were being seized is caught, as CRIU's ``seize_threads`` does), checks
+again now that it cannot change, and reads the state of every thread and of
+the process in one pass (:func:`lazymig.dump.state.read_state`).
 
 Every ptrace request runs on one dedicated thread (:class:`TracerThread`);
 the async methods await it and never block the event loop.
@@ -19,7 +15,7 @@ the async methods await it and never block the event loop.
 detaches what was seized before it propagates. ``async with`` on a
 :class:`FrozenProcess` resumes the target if the block raises or ends without
 :meth:`release`. Injected syscalls restore registers and signal mask; the
-scratch area they use (below the stack's red zone) is written back.
+scratch area they use is unmapped again.
 """
 
 from __future__ import annotations
@@ -29,9 +25,7 @@ import dataclasses
 import errno
 import logging
 import os
-import pathlib
 import signal
-import struct
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -46,22 +40,26 @@ from lazymig.dump.scan import (
     scan_process,
     unsupported_mappings,
 )
+from lazymig.dump.state import (
+    MmState,
+    ProcessState,
+    SigAction,
+    ThreadState,
+    read_stat_fields,
+    read_state,
+)
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import read_stat, read_status
+from lazymig.linux.procfs import read_status
 from lazymig.linux.ptrace import (
-    PTRACE_EVENT_STOP,
     PTRACE_O_SUSPEND_SECCOMP,
     AlreadyTracedError,
-    RseqConfiguration,
     TargetGoneError,
     Tracee,
     TracerThread,
-    UserRegs,
+    park,
     process_alive,
 )
-from lazymig.linux.vm import read_memory, write_memory
-from lazymig.proto.constants import PAGE_SIZE
 
 __all__ = [
     "AlreadyTracedError",
@@ -75,21 +73,13 @@ __all__ = [
     "inspect_target",
     "inspect_target_frozen",
     "park",
+    "read_stat_fields",
 ]
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-SYS_MMAP: Final = 9
-SYS_MUNMAP: Final = 11
-SYS_BRK: Final = 12
-SYS_RT_SIGACTION: Final = 13
-
-_SIGMAX: Final = 64
-_KSIGACTION: Final = struct.Struct("<QQQQ")  # handler, flags, restorer, mask
-_RED_ZONE: Final = 128
 
 
 class UnsupportedTargetError(LazyMigError):
@@ -103,74 +93,6 @@ class UnsupportedTargetError(LazyMigError):
         super().__init__(f"cannot migrate process {pid}: " + "; ".join(reasons))
         self.pid = pid
         self.reasons = reasons
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SigAction:
-    """One signal's disposition (``struct kernel_sigaction`` on x86_64).
-
-    ``handler`` is 0 for SIG_DFL and 1 for SIG_IGN; ``mask`` is the 64-bit
-    sa_mask (bit ``n - 1`` is signal ``n``).
-    """
-
-    signo: int
-    handler: int
-    flags: int
-    restorer: int
-    mask: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ThreadState:
-    """What a restore needs of one thread.
-
-    ``regs`` are exactly what the kernel reports; for a thread stopped inside a
-    syscall use ``regs.with_syscall_restart()`` for the image.
-    ``xstate`` is the raw NT_X86_XSTATE area (XSAVE layout).
-    """
-
-    tid: int
-    regs: UserRegs
-    xstate: bytes
-    sigmask: int
-    rseq: RseqConfiguration | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class MmState:
-    """The mm fields CRIU's ``mm_entry`` has, from /proc/PID/stat, auxv and exe.
-
-    ``brk`` is the current program break (from an injected ``brk(0)``), which
-    /proc/PID/stat does not show. ``auxv`` is the flat array of (type, value)
-    words, terminator included, like ``mm_entry.mm_saved_auxv``.
-    """
-
-    start_code: int
-    end_code: int
-    start_data: int
-    end_data: int
-    start_stack: int
-    start_brk: int
-    brk: int
-    arg_start: int
-    arg_end: int
-    env_start: int
-    env_end: int
-    auxv: tuple[int, ...]
-    exe: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProcessState:
-    """Everything read from the frozen process except its memory."""
-
-    pid: int
-    comm: str
-    threads: tuple[ThreadState, ...]
-    mm: MmState
-    sigactions: tuple[SigAction, ...]
-    #: The target was job-control stopped (SIGSTOP & co) when seized; it stays so.
-    was_stopped: bool
 
 
 # -- checks that do not touch the target ------------------------------------------
@@ -220,8 +142,8 @@ def inspect_target(pid: int) -> list[Vma]:
     """Refuse what cannot be frozen or migrated, reading only /proc.
 
     Raises :class:`TargetGoneError` (no such process, or a zombie),
-    :class:`AlreadyTracedError`, :class:`UnsupportedTargetError` (more than
-    one thread, shared/SysV/hugetlb/device mappings, a kernel thread) or
+    :class:`AlreadyTracedError`, :class:`UnsupportedTargetError` (shared/SysV/
+    hugetlb/device mappings, a kernel thread) or
     :class:`~lazymig.errors.ConfigurationError` (our own process). Returns the
     VMAs read.
     """
@@ -244,9 +166,6 @@ def _inspect(pid: int) -> _Layout:
     if tracer:
         raise AlreadyTracedError(pid, tracer)
     reasons = []
-    threads = int(status.get("Threads", "1"))
-    if threads != 1:
-        reasons.append(f"it has {threads} threads; only single-threaded processes are supported")
     layout = _Layout.read(pid, status)
     if not layout.vmas:
         reasons.append("it has no memory map (a kernel thread?)")
@@ -420,7 +339,7 @@ def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, 
         _seize_all(pid, tracees, options, timeout)
         # Re-check now that nothing can change under us.
         vmas = inspect_target_frozen(pid, len(tracees), before)
-        state = _read_state(pid, tracees, vmas)
+        state = read_state(pid, tracees, vmas)
     except BaseException:
         for t in reversed(tracees):
             t.abandon()
@@ -431,10 +350,8 @@ def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, 
 def inspect_target_frozen(pid: int, nr_threads: int, before: _Layout | None = None) -> list[Vma]:
     """The checks of :func:`inspect_target` again, for a seized target (on the VMAs
     read ``before`` it was seized if they did not change since)."""
+    del nr_threads  # every thread is seized: threads are supported
     reasons = []
-    if nr_threads != 1:
-        reasons.append(f"it has {nr_threads} threads; only single-threaded processes are "
-                       "supported")
     status = _read_status(pid)
     if before is not None and before.unchanged(pid, status):
         vmas = before.vmas
@@ -469,133 +386,6 @@ def _seize_all(pid: int, tracees: list[Tracee], options: int, timeout: float) ->
                 if tid == pid or not process_alive(pid):
                     raise
                 # A non-leader thread exited between listing and seizing: fine.
-
-
-def _read_state(pid: int, tracees: list[Tracee], vmas: list[Vma]) -> ProcessState:
-    threads = tuple(
-        ThreadState(tid=t.tid, regs=t.get_regs(), xstate=t.get_xstate(), sigmask=t.get_sigmask(),
-                    rseq=t.get_rseq_configuration())
-        for t in tracees
-    )
-    main = tracees[0]
-    stat = read_stat_fields(pid)
-    brk = main.inject_syscall(SYS_BRK, 0)
-    if brk < 0:
-        raise LazyMigOSError(-brk, "injected brk(0)", pid=pid)
-    mm = MmState(
-        start_code=stat[26], end_code=stat[27], start_stack=stat[28], start_data=stat[45],
-        end_data=stat[46], start_brk=stat[47], brk=brk, arg_start=stat[48], arg_end=stat[49],
-        env_start=stat[50], env_end=stat[51], auxv=_read_auxv(pid), exe=_read_exe(pid),
-    )
-    sigactions = _read_sigactions(main, threads[0].regs.rsp, vmas)
-    park(main)
-    return ProcessState(pid=pid, comm=_read_comm(pid), threads=threads, mm=mm,
-                        sigactions=sigactions, was_stopped=any(t.group_stopped for t in tracees))
-
-
-def park(tracee: Tracee) -> None:
-    """Move a tracee from the SIGTRAP stop an injected syscall leaves it in to a
-    PTRACE_EVENT_STOP (PTRACE_INTERRUPT, then PTRACE_CONT without the signal).
-
-    Call it after injecting syscalls. In a signal-delivery-stop, a tracer that
-    dies without detaching (lazymig killed, a cancelled freeze whose tracer
-    thread ends) lets the kernel deliver the pending SIGTRAP, which kills the
-    target; from an interrupt stop it just runs on. Signals that surface on the
-    way are deferred like those met during injection (re-sent on detach).
-    Run it on the tracer thread.
-    """
-    tracee.interrupt()
-    tracee.cont(0)
-    while True:
-        status = tracee.wait()
-        event, sig = status >> 16, os.WSTOPSIG(status)
-        if event == PTRACE_EVENT_STOP:
-            return
-        if event == 0:
-            tracee.deferred_signals.append(sig)
-        tracee.cont(0)
-
-
-def read_stat_fields(pid: int) -> dict[int, int]:
-    """/proc/PID/stat numeric fields by their proc(5) number (1-based), from 4 on."""
-    try:
-        return read_stat(pid)[1]
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, "read /proc/PID/stat") from exc
-
-
-def _read_auxv(pid: int) -> tuple[int, ...]:
-    try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
-            raw = f.read()
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, "read /proc/PID/auxv") from exc
-    words = [w for (w,) in struct.iter_unpack("<Q", raw[: len(raw) & ~7])]
-    out: list[int] = []
-    for i in range(0, len(words) - 1, 2):
-        out += words[i: i + 2]
-        if words[i] == 0:  # AT_NULL
-            break
-    return tuple(out)
-
-
-def _read_exe(pid: int) -> str:
-    try:
-        return str(pathlib.Path(f"/proc/{pid}/exe").readlink())
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, "read /proc/PID/exe") from exc
-
-
-def _read_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().rstrip("\n")
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, "read /proc/PID/comm") from exc
-
-
-def _signals() -> list[int]:
-    return [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]
-
-
-def _read_sigactions(main: Tracee, sp: int, vmas: list[Vma]) -> tuple[SigAction, ...]:
-    """rt_sigaction(sig, NULL, scratch + i * 32, 8) for every signal, in the target.
-
-    The scratch area lies below the red zone of the current stack (dead memory
-    by the ABI); its old contents are put back. If the stack VMA has no room
-    there, a page is mmap-ed in the target for the purpose and unmapped again.
-    """
-    pid = main.pid
-    sigs = _signals()
-    size = len(sigs) * _KSIGACTION.size
-    scratch = (sp - _RED_ZONE - size) & ~63
-    stack = next((v for v in vmas if v.contains(sp - 1)), None)
-    mapped = 0
-    if stack is None or scratch < stack.start or not stack.prot & 0x2:
-        mapped = main.inject_syscall(SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
-        if mapped < 0:
-            raise LazyMigOSError(-mapped, "injected mmap for a scratch page", pid=pid)
-        scratch = mapped
-        saved = b""
-    else:
-        saved = read_memory(pid, scratch, size)
-    try:
-        with main.syscalls() as session:  # 64 syscalls: registers saved once
-            results = [session.syscall(SYS_RT_SIGACTION, sig, 0, scratch + i * _KSIGACTION.size,
-                                       8) for i, sig in enumerate(sigs)]
-        for sig, res in zip(sigs, results, strict=True):
-            if res < 0:
-                raise LazyMigOSError(-res, f"injected rt_sigaction({sig})", pid=pid)
-        raw = read_memory(pid, scratch, size)
-    finally:
-        if mapped:
-            main.inject_syscall(SYS_MUNMAP, mapped, PAGE_SIZE)
-        elif saved and process_alive(pid):
-            write_memory(pid, scratch, saved)
-    return tuple(
-        SigAction(sig, *_KSIGACTION.unpack_from(raw, i * _KSIGACTION.size))
-        for i, sig in enumerate(sigs)
-    )
 
 
 def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma]) -> MemoryScan:

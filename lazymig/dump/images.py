@@ -1,17 +1,19 @@
 """Writing the images of a frozen process, as ``criu dump`` lays them out.
 
-:func:`read_task_info` reads what :class:`~lazymig.dump.freeze.ProcessState`
-does not hold but CRIU's core and pstree images want (ids, credentials,
-rlimits, scheduling, robust futex list; and, by injected syscalls into the
-frozen target, the clear-tid address, the alternate signal stack, the parent
-death signal, itimers...). :func:`write_images` then writes, into a CRIU images
-directory:
+Writing only: the state comes read already (:class:`~lazymig.dump.state.ProcessState`,
+read in one pass when the process was frozen). :func:`write_images` writes, into
+a CRIU images directory:
 
 * ``inventory.img`` (images v1.1, ``fdinfo_per_id``, the host's LSM);
-* ``pstree.img`` (one entry: the dumped process is the root of its tree);
+* ``pstree.img`` (one entry: the dumped process is the root of its tree, with
+  its threads);
 * ``core-<tid>.img`` per thread: registers (as CRIU saves them, with the
-  syscall-restart adjustment), the FPU state decoded from the raw xstate,
-  signal mask and dispositions, rlimits, itimers, creds, rseq;
+  syscall-restart adjustment), fs_base/gs_base, the FPU state decoded from the
+  raw xstate, blocked signals, the thread's queued signals (``signals_p``),
+  the alternate signal stack, robust list, clear-tid address, rseq, creds,
+  scheduling; the leader's also holds what is the process's (``tc``: signal
+  dispositions, the process-wide queued signals ``signals_s``, rlimits,
+  itimers...);
 * ``mm-<pid>.img``: the mm fields, auxv and every VMA;
 * ``pagemap-<pid>.img`` and ``pages-1.img``: with ``lazy_pages`` (``criu dump
   --lazy-pages``) the lazy-capable pages are PE_LAZY entries without data (they
@@ -34,12 +36,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import functools
 import itertools
 import mmap
 import os
-import resource
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -47,14 +47,10 @@ from typing import Final
 
 from lazymig._version import __version__
 from lazymig.dump.files import DumpedFiles, write_files
-from lazymig.dump.freeze import FrozenProcess, ProcessState, ThreadState, park, read_stat_fields
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
-from lazymig.errors import ImageError, LazyMigError, LazyMigOSError
-from lazymig.linux._libc import check, libc
-from lazymig.linux.procfs import read_status
-from lazymig.linux.ptrace import TargetGoneError, Tracee
-from lazymig.linux.vm import read_memory
+from lazymig.dump.state import ProcessState, ThreadState
+from lazymig.errors import ImageError
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE, PE
 from lazymig.proto.images import (
     CoreEntry,
@@ -80,6 +76,7 @@ from lazymig.proto.images import (
     lazymig_pb2,
     rlimit_pb2,
     rseq_pb2,
+    siginfo_pb2,
     timer_pb2,
 )
 
@@ -87,14 +84,10 @@ __all__ = [
     "PAGES_ID",
     "TASK_ALIVE",
     "TASK_STOPPED",
-    "Creds",
     "DumpImages",
-    "TaskInfo",
-    "ThreadInfo",
     "decode_fpregs",
     "pagemap_entries",
     "read_lazymig_entry",
-    "read_task_info",
     "write_images",
     "xstate_layout",
 ]
@@ -135,256 +128,6 @@ _SCRATCH_ITIMERS: Final = 40         # 3 x struct itimerval (4 x i64 each)
 _SCRATCH_SIZE: Final = _SCRATCH_ITIMERS + 3 * 32
 
 _SECCOMP_MODES: Final = {0: core_pb2.disabled, 1: core_pb2.strict, 2: core_pb2.filter}
-
-
-# -- what the core and pstree images need besides ProcessState -----------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Creds:
-    """A thread's credentials (/proc/TID/status and PR_GET_SECUREBITS)."""
-
-    uids: tuple[int, int, int, int]
-    """Real, effective, saved and filesystem uid."""
-    gids: tuple[int, int, int, int]
-    cap_inh: int
-    cap_prm: int
-    cap_eff: int
-    cap_bnd: int
-    secbits: int
-    groups: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ThreadInfo:
-    """Per-thread state for ``thread_core_entry`` and ``thread_info``.
-
-    ``clear_tid_addr``, ``sigaltstack`` and ``pdeath_sig`` come from syscalls
-    injected into the thread (0 / ``None`` where the kernel would not say).
-    """
-
-    tid: int
-    comm: str
-    clear_tid_addr: int
-    robust_list: tuple[int, int]
-    """``get_robust_list``: (head, len)."""
-    sigaltstack: tuple[int, int, int] | None
-    """(ss_sp, ss_size, ss_flags)."""
-    pdeath_sig: int
-    sched: tuple[int, int, int]
-    """(nice, policy, priority)."""
-    creds: Creds
-    seccomp_mode: int
-    rseq_cs: int
-    """The ``rseq_cs`` word of the thread's registered rseq area (0: none)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TaskInfo:
-    """Per-process state for the pstree, core, mm and lazymig images."""
-
-    pid: int
-    ppid: int
-    pgid: int
-    sid: int
-    task_flags: int
-    """The PF_* flags of /proc/PID/stat (CRIU's ``tc.flags``)."""
-    personality: int
-    umask: int | None
-    loginuid: int | None
-    oom_score_adj: int | None
-    child_subreaper: bool
-    dumpable: int | None
-    thp_disabled: bool | None
-    itimers: tuple[tuple[int, int, int, int], ...]
-    """ITIMER_REAL, _VIRTUAL, _PROF as (interval s, interval µs, value s, value µs)."""
-    rlimits: tuple[tuple[int, int], ...]
-    """(soft, hard) for the 16 RLIMIT_* in order; RLIM_INFINITY is 2**64 - 1."""
-    cwd: str | None
-    root: str | None
-    threads: tuple[ThreadInfo, ...]
-
-
-async def read_task_info(fp: FrozenProcess) -> TaskInfo:
-    """Read the frozen process's remaining state (on its tracer thread).
-
-    Reads /proc, ``prlimit``, ``sched_*`` and ``get_robust_list`` from here, and
-    injects ``prctl``, ``sigaltstack`` and ``getitimer`` calls into the target
-    with a scratch page mmap-ed there and unmapped again.
-    """
-    return await fp.run(_read_task_info_sync, fp.main_thread, fp.state)
-
-
-def _read_task_info_sync(main: Tracee, state: ProcessState) -> TaskInfo:
-    pid = state.pid
-    stat = read_stat_fields(pid)
-    status = _proc_status(pid)
-    try:
-        injected = _injected_state(main)
-    except BaseException:
-        with contextlib.suppress(LazyMigError):
-            park(main)
-        raise
-    park(main)  # out of the SIGTRAP stop: our death must not kill the target
-    threads = tuple(
-        _thread_info(pid, t, injected if t.tid == main.tid else _Injected())
-        for t in state.threads)
-    return TaskInfo(
-        pid=pid, ppid=stat[4], pgid=stat[5], sid=stat[6], task_flags=stat[9],
-        personality=_read_int(f"/proc/{pid}/personality", 16) or 0,
-        umask=int(status["Umask"], 8) if "Umask" in status else None,
-        loginuid=_read_int(f"/proc/{pid}/loginuid"),
-        oom_score_adj=_read_int(f"/proc/{pid}/oom_score_adj"),
-        child_subreaper=bool(injected.subreaper), dumpable=injected.dumpable,
-        thp_disabled=None if injected.thp_disabled is None else bool(injected.thp_disabled),
-        itimers=injected.itimers, rlimits=tuple(_rlimit(pid, r) for r in range(_RLIM_NLIMITS)),
-        cwd=_readlink(f"/proc/{pid}/cwd"), root=_readlink(f"/proc/{pid}/root"),
-        threads=threads,
-    )
-
-
-@dataclasses.dataclass(slots=True)
-class _Injected:
-    """What the injected syscalls told (None / 0 where the kernel refused)."""
-
-    dumpable: int | None = None
-    thp_disabled: int | None = None
-    secbits: int = 0
-    tid_address: int = 0
-    altstack: tuple[int, int, int] | None = None
-    pdeath_sig: int = 0
-    subreaper: int = 0
-    itimers: tuple[tuple[int, int, int, int], ...] = ((0, 0, 0, 0),) * 3
-
-
-def _injected_state(main: Tracee) -> _Injected:
-    """Run the prctl/sigaltstack/getitimer queries inside the target's main thread."""
-    pid = main.pid
-    out = _Injected()
-
-    def prctl(option: int, arg: int = 0) -> int:
-        return main.inject_syscall(_SYS_PRCTL, option, arg, 0, 0, 0)
-
-    if (res := prctl(_PR_GET_DUMPABLE)) >= 0:
-        out.dumpable = res
-    if (res := prctl(_PR_GET_THP_DISABLE)) >= 0:
-        out.thp_disabled = res
-    if (res := prctl(_PR_GET_SECUREBITS)) >= 0:
-        out.secbits = res
-    scratch = main.inject_syscall(_SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
-    if scratch < 0:
-        raise LazyMigOSError(-scratch, "injected mmap for a scratch page", pid=pid)
-    try:
-        tid_ok = prctl(_PR_GET_TID_ADDRESS, scratch + _SCRATCH_TID_ADDRESS) == 0
-        altstack_ok = main.inject_syscall(_SYS_SIGALTSTACK, 0, scratch + _SCRATCH_ALTSTACK) == 0
-        pdeath_ok = prctl(_PR_GET_PDEATHSIG, scratch + _SCRATCH_PDEATHSIG) == 0
-        subreaper_ok = prctl(_PR_GET_CHILD_SUBREAPER, scratch + _SCRATCH_SUBREAPER) == 0
-        timers_ok = all(main.inject_syscall(_SYS_GETITIMER, which,
-                                            scratch + _SCRATCH_ITIMERS + 32 * which) == 0
-                        for which in range(3))
-        raw = read_memory(pid, scratch, _SCRATCH_SIZE)
-    finally:
-        main.inject_syscall(_SYS_MUNMAP, scratch, PAGE_SIZE)
-    if tid_ok:
-        (out.tid_address,) = struct.unpack_from("<Q", raw, _SCRATCH_TID_ADDRESS)
-    if altstack_ok:
-        sp, flags, size = struct.unpack_from("<Qi4xQ", raw, _SCRATCH_ALTSTACK)
-        out.altstack = (sp, size, flags)
-    if pdeath_ok:
-        (out.pdeath_sig,) = struct.unpack_from("<i", raw, _SCRATCH_PDEATHSIG)
-    if subreaper_ok:
-        (out.subreaper,) = struct.unpack_from("<i", raw, _SCRATCH_SUBREAPER)
-    if timers_ok:
-        timers = [struct.unpack_from("<4q", raw, _SCRATCH_ITIMERS + 32 * w) for w in range(3)]
-        out.itimers = tuple((a, b, c, d) for a, b, c, d in timers)
-    return out
-
-
-def _thread_info(pid: int, thread: ThreadState, injected: _Injected) -> ThreadInfo:
-    tid = thread.tid
-    status = _proc_status(pid, tid)
-    rseq_cs = 0
-    if thread.rseq is not None and thread.rseq.rseq_abi_pointer:
-        with contextlib.suppress(LazyMigOSError):
-            (rseq_cs,) = struct.unpack("<Q", read_memory(pid, thread.rseq.rseq_abi_pointer + 8,
-                                                         8))
-    try:
-        policy = os.sched_getscheduler(tid)
-        prio = os.sched_getparam(tid).sched_priority
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-    except ProcessLookupError as exc:
-        raise TargetGoneError(pid, f"thread {tid} is gone") from exc
-    return ThreadInfo(
-        tid=tid, comm=_read_text(f"/proc/{pid}/task/{tid}/comm") or "",
-        clear_tid_addr=injected.tid_address, robust_list=_robust_list(pid, tid),
-        sigaltstack=injected.altstack, pdeath_sig=injected.pdeath_sig,
-        sched=(nice, policy, prio), creds=_creds(status, injected.secbits),
-        seccomp_mode=int(status.get("Seccomp", "0") or 0), rseq_cs=rseq_cs,
-    )
-
-
-def _creds(status: dict[str, str], secbits: int) -> Creds:
-    uids = tuple(int(x) for x in status["Uid"].split())
-    gids = tuple(int(x) for x in status["Gid"].split())
-    return Creds(
-        uids=(uids[0], uids[1], uids[2], uids[3]), gids=(gids[0], gids[1], gids[2], gids[3]),
-        cap_inh=int(status["CapInh"], 16), cap_prm=int(status["CapPrm"], 16),
-        cap_eff=int(status["CapEff"], 16), cap_bnd=int(status["CapBnd"], 16),
-        secbits=secbits, groups=tuple(int(g) for g in status.get("Groups", "").split()),
-    )
-
-
-def _robust_list(pid: int, tid: int) -> tuple[int, int]:
-    head, length = ctypes.c_uint64(), ctypes.c_size_t()
-    fn = libc.syscall
-    fn.restype = ctypes.c_long
-    try:
-        check(fn(ctypes.c_long(_SYS_GET_ROBUST_LIST), ctypes.c_long(tid), ctypes.byref(head),
-                 ctypes.byref(length)), "get_robust_list", pid=pid)
-    except LazyMigOSError as exc:
-        if exc.errno == errno.ESRCH:
-            raise TargetGoneError(pid, f"thread {tid} is gone") from exc
-        return (0, 0)
-    return (head.value, length.value)
-
-
-def _rlimit(pid: int, which: int) -> tuple[int, int]:
-    try:
-        soft, hard = resource.prlimit(pid, which)
-    except ProcessLookupError as exc:
-        raise TargetGoneError(pid, "prlimit") from exc
-    return (soft & _U64, hard & _U64)
-
-
-def _proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
-    try:
-        return read_status(pid, tid)
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        task = "" if tid is None else f"/task/{tid}"
-        raise TargetGoneError(pid, f"read /proc/{pid}{task}/status") from exc
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return None
-
-
-def _read_int(path: str, base: int = 10) -> int | None:
-    text = _read_text(path)
-    try:
-        return None if text is None else int(text, base)
-    except ValueError:
-        return None
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return str(Path(path).readlink())
-    except OSError:
-        return None
 
 
 # -- the FPU state: raw xstate to CRIU's user_x86_fpregs_entry -------------------------
@@ -580,7 +323,10 @@ def _lsmtype() -> int:
 
 
 def _uptime_us() -> int:
-    text = _read_text("/proc/uptime") or "0"
+    try:
+        text = Path("/proc/uptime").read_text()
+    except OSError:
+        text = "0"
     return int(float(text.split()[0]) * 1_000_000)
 
 
@@ -594,9 +340,9 @@ def _inventory() -> InventoryEntry:
                           lsmtype=_lsmtype(), dump_uptime=_uptime_us())
 
 
-def _pstree(state: ProcessState, info: TaskInfo) -> PstreeEntry:
+def _pstree(state: ProcessState) -> PstreeEntry:
     # The dumped process is the root of the dumped tree: CRIU writes ppid 0 for it.
-    return PstreeEntry(pid=state.pid, ppid=0, pgid=info.pgid, sid=info.sid,
+    return PstreeEntry(pid=state.pid, ppid=0, pgid=state.pgid, sid=state.sid,
                        threads=[t.tid for t in state.threads])
 
 
@@ -610,21 +356,29 @@ def _gpregs(thread: ThreadState) -> UserX86RegsEntry:
         mode=core_x86_pb2.COMPAT if r.cs == _USER32_CS else core_x86_pb2.NATIVE)
 
 
-def _core(state: ProcessState, info: TaskInfo, thread: ThreadState,
-          tinfo: ThreadInfo) -> CoreEntry:
-    c = tinfo.creds
-    creds = CredsEntry(
-        uid=c.uids[0], euid=c.uids[1], suid=c.uids[2], fsuid=c.uids[3],
-        gid=c.gids[0], egid=c.gids[1], sgid=c.gids[2], fsgid=c.gids[3],
-        cap_inh=_cap_words(c.cap_inh), cap_prm=_cap_words(c.cap_prm),
-        cap_eff=_cap_words(c.cap_eff), cap_bnd=_cap_words(c.cap_bnd), secbits=c.secbits,
-        groups=list(c.groups))
+def _signal_queue(signals: Sequence[bytes]) -> siginfo_pb2.signal_queue_entry:
+    return siginfo_pb2.signal_queue_entry(
+        signals=[siginfo_pb2.siginfo_entry(siginfo=raw) for raw in signals])
+
+
+def _core(state: ProcessState, thread: ThreadState) -> CoreEntry:
+    info, tinfo = state, thread
     thread_core = ThreadCoreEntry(
         futex_rla=tinfo.robust_list[0], futex_rla_len=tinfo.robust_list[1],
         sched_nice=tinfo.sched[0], sched_policy=tinfo.sched[1], sched_prio=tinfo.sched[2],
-        blk_sigset=thread.sigmask, pdeath_sig=tinfo.pdeath_sig, creds=creds,
+        blk_sigset=thread.sigmask, pdeath_sig=tinfo.pdeath_sig,
         seccomp_mode=_SECCOMP_MODES.get(tinfo.seccomp_mode, core_pb2.disabled),
         comm=tinfo.comm)
+    if tinfo.creds is not None:
+        c = tinfo.creds
+        thread_core.creds.CopyFrom(CredsEntry(
+            uid=c.uids[0], euid=c.uids[1], suid=c.uids[2], fsuid=c.uids[3],
+            gid=c.gids[0], egid=c.gids[1], sgid=c.gids[2], fsgid=c.gids[3],
+            cap_inh=_cap_words(c.cap_inh), cap_prm=_cap_words(c.cap_prm),
+            cap_eff=_cap_words(c.cap_eff), cap_bnd=_cap_words(c.cap_bnd), secbits=c.secbits,
+            groups=list(c.groups)))
+    if tinfo.pending_signals:
+        thread_core.signals_p.CopyFrom(_signal_queue(tinfo.pending_signals))
     if tinfo.sigaltstack is not None:
         sp, size, flags = tinfo.sigaltstack
         thread_core.sas.ss_sp, thread_core.sas.ss_size, thread_core.sas.ss_flags = sp, size, flags
@@ -650,6 +404,8 @@ def _core(state: ProcessState, info: TaskInfo, thread: ThreadState,
             sigactions=[SaEntry(sigaction=a.handler, flags=a.flags, restorer=a.restorer,
                                 mask=a.mask) for a in state.sigactions],
             child_subreaper=info.child_subreaper)
+        if state.shared_signals:
+            tc.signals_s.CopyFrom(_signal_queue(state.shared_signals))
         if info.loginuid is not None:
             tc.loginuid = info.loginuid & 0xFFFF_FFFF
         if info.oom_score_adj is not None:
@@ -663,9 +419,9 @@ def _cap_words(caps: int) -> list[int]:
     return [caps & 0xFFFF_FFFF, caps >> 32 & 0xFFFF_FFFF]
 
 
-def _mm(state: ProcessState, info: TaskInfo, vmas: Sequence[Vma], exe_id: int,
+def _mm(state: ProcessState, vmas: Sequence[Vma], exe_id: int,
         file_ids: dict[int, int]) -> MmEntry:
-    m = state.mm
+    m, info = state.mm, state
     mm = MmEntry(
         mm_start_code=m.start_code, mm_end_code=m.end_code, mm_start_data=m.start_data,
         mm_end_data=m.end_data, mm_start_stack=m.start_stack, mm_start_brk=m.start_brk,
@@ -686,8 +442,9 @@ def _mm(state: ProcessState, info: TaskInfo, vmas: Sequence[Vma], exe_id: int,
     return mm
 
 
-def _lazymig_entry(state: ProcessState, info: TaskInfo, files: Iterable[_File],
+def _lazymig_entry(state: ProcessState, files: Iterable[_File],
                    lazy_pages: bool) -> lazymig_pb2.lazymig_task_entry:
+    info = state
     entry = lazymig_pb2.lazymig_task_entry(pid=state.pid, version=__version__,
                                            job_stopped=state.was_stopped, lazy_pages=lazy_pages)
     for t in state.threads:
@@ -797,7 +554,7 @@ class DumpImages:
         self.paths.clear()
 
 
-def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: MemoryScan,
+def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
                  pipes: PagePipes, *, lazy_pages: bool,
                  open_files: DumpedFiles | None = None) -> DumpImages:
     """Write every image of the frozen process; drains the non-lazy page pipes.
@@ -824,14 +581,13 @@ def write_images(images: ImagesDir, state: ProcessState, info: TaskInfo, scan: M
         out.nonlazy_pages = sum(r.nr_pages for r in written)
         out.paths.append(images.write_pagemap(state.pid, PAGES_ID, entries))
         files, exe_id, file_ids = _file_table(state.pid, state.mm.exe, scan.vmas)
-        for thread, tinfo in zip(state.threads, info.threads, strict=True):
-            out.paths.append(images.write_core(thread.tid, _core(state, info, thread, tinfo)))
-        out.paths.append(images.write_mm(state.pid, _mm(state, info, scan.vmas, exe_id,
-                                                       file_ids)))
+        for thread in state.threads:
+            out.paths.append(images.write_core(thread.tid, _core(state, thread)))
+        out.paths.append(images.write_mm(state.pid, _mm(state, scan.vmas, exe_id, file_ids)))
         out.paths += write_files(images, open_files or DumpedFiles())
-        out.paths.append(images.write_pstree([_pstree(state, info)]))
+        out.paths.append(images.write_pstree([_pstree(state)]))
         out.paths.append(images.write_entries(
-            ImageKind.LAZYMIG, [_lazymig_entry(state, info, files, lazy_pages)], state.pid))
+            ImageKind.LAZYMIG, [_lazymig_entry(state, files, lazy_pages)], state.pid))
         out.paths.append(images.write_inventory(_inventory()))
     except BaseException:
         out.remove()

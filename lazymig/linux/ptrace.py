@@ -45,8 +45,11 @@ from lazymig.linux.vm import read_memory
 __all__ = [
     "NT_PRSTATUS",
     "NT_X86_XSTATE",
+    "PTRACE_EVENT_CLONE",
     "PTRACE_EVENT_STOP",
     "PTRACE_O_SUSPEND_SECCOMP",
+    "PTRACE_O_TRACECLONE",
+    "SIGINFO_SIZE",
     "AlreadyTracedError",
     "InjectionSession",
     "RseqConfiguration",
@@ -54,7 +57,9 @@ __all__ = [
     "Tracee",
     "TracerThread",
     "UserRegs",
+    "park",
     "process_alive",
+    "robust_list",
 ]
 
 P = ParamSpec("P")
@@ -67,6 +72,12 @@ PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_GETSIGMASK: Final = 0x420A
 PTRACE_SETSIGMASK: Final = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION: Final = 0x420F
+PTRACE_SETOPTIONS: Final = 0x4200
+PTRACE_PEEKSIGINFO: Final = 0x4209
+PTRACE_PEEKSIGINFO_SHARED: Final = 1
+
+PTRACE_O_TRACECLONE: Final = 1 << 3
+PTRACE_EVENT_CLONE: Final = 3
 
 PTRACE_O_SUSPEND_SECCOMP: Final = 1 << 21
 PTRACE_EVENT_STOP: Final = 128
@@ -94,6 +105,9 @@ _SYSCALL_INSN: Final = b"\x0f\x05"
 # The largest NT_X86_XSTATE area we expect (AMX tiles included it is ~11 KiB);
 # the kernel truncates to the real size and reports it in iov_len.
 _XSTATE_BUF: Final = 64 * 1024
+SIGINFO_SIZE: Final = 128  # sizeof(siginfo_t)
+_PEEK_BATCH: Final = 32
+_SYS_GET_ROBUST_LIST: Final = 274
 
 _ptrace = libc.ptrace
 _ptrace.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -112,6 +126,10 @@ class _RseqConf(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
     )
+
+
+class _PeekSiginfoArgs(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32))
 
 
 class TargetGoneError(LazyMigOSError):
@@ -511,6 +529,34 @@ class Tracee:
         return RseqConfiguration(conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature,
                                  conf.flags)
 
+    def pending_signals(self, *, shared: bool = False) -> list[bytes]:
+        """PTRACE_PEEKSIGINFO: the thread's queued signals as raw ``siginfo_t``
+        (128 bytes each), oldest first; with ``shared`` the process-wide queue.
+        Nothing is dequeued."""
+        self._check_thread()
+        out: list[bytes] = []
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE * _PEEK_BATCH)
+        while True:
+            args = _PeekSiginfoArgs(len(out), PTRACE_PEEKSIGINFO_SHARED if shared else 0,
+                                    _PEEK_BATCH)
+            got = self._raw(PTRACE_PEEKSIGINFO, ctypes.addressof(args), ctypes.addressof(buf),
+                            "PTRACE_PEEKSIGINFO")
+            out += [buf.raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(got)]
+            if got < _PEEK_BATCH:
+                return out
+
+    def set_options(self, options: int) -> None:
+        """PTRACE_SETOPTIONS (they replace those given to :meth:`seize`)."""
+        self._check_thread()
+        res = _ptrace(PTRACE_SETOPTIONS, self.tid, None, ctypes.c_void_p(options or None))
+        if res == -1:
+            raise self._error(ctypes.get_errno(), "PTRACE_SETOPTIONS")
+
+    @property
+    def syscall_ip(self) -> int | None:
+        """The ``syscall`` instruction injected syscalls use (None: not found yet)."""
+        return self._syscall_ip
+
     def peek(self, address: int) -> int:
         """PTRACE_PEEKDATA: one 8-byte word (unsigned) at an aligned address."""
         self._check_thread()
@@ -775,6 +821,45 @@ class InjectionSession:
         values = {name: value & _U64 for name, value in regs.items()}
         self._tracee.set_regs(dataclasses.replace(self._base, rip=entry, **values))
         self._tracee._run_until_told(f"code at {entry:#x}", told, stops_within, self._timeout)
+
+
+def park(tracee: Tracee) -> None:
+    """Move a tracee from the SIGTRAP stop an injected syscall leaves it in to a
+    PTRACE_EVENT_STOP (PTRACE_INTERRUPT, then PTRACE_CONT without the signal).
+
+    Call it after injecting syscalls. In a signal-delivery-stop, a tracer that
+    dies without detaching (lazymig killed, a cancelled freeze whose tracer
+    thread ends) lets the kernel deliver the pending SIGTRAP, which kills the
+    target; from an interrupt stop it just runs on. Signals that surface on the
+    way are deferred like those met during injection (re-sent on detach).
+    Run it on the tracer thread.
+    """
+    tracee.interrupt()
+    tracee.cont(0)
+    while True:
+        status = tracee.wait()
+        event, sig = status >> 16, os.WSTOPSIG(status)
+        if event == PTRACE_EVENT_STOP:
+            return
+        if event == 0:
+            tracee.deferred_signals.append(sig)
+        tracee.cont(0)
+
+
+def robust_list(pid: int, tid: int) -> tuple[int, int]:
+    """``get_robust_list(tid)``: the thread's robust futex list (head, len);
+    (0, 0) if the kernel will not say (EPERM)."""
+    head, length = ctypes.c_uint64(), ctypes.c_size_t()
+    fn = libc.syscall
+    fn.restype = ctypes.c_long
+    try:
+        check(fn(ctypes.c_long(_SYS_GET_ROBUST_LIST), ctypes.c_long(tid), ctypes.byref(head),
+                 ctypes.byref(length)), "get_robust_list", pid=pid)
+    except LazyMigOSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetGoneError(pid, f"thread {tid} is gone") from exc
+        return (0, 0)
+    return (head.value, length.value)
 
 
 def _tracer_pid(pid: int) -> int | None:
