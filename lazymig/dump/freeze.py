@@ -524,7 +524,8 @@ def _release_sync(pid: int, tracees: list[Tracee], kill: bool) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
-        for t in tracees:
+        # The leader last: its exit is reported only once every other thread is reaped.
+        for t in reversed(tracees):
             try:
                 while True:  # until the exit is reported
                     t.wait(timeout=10.0)

@@ -60,7 +60,7 @@ from typing import Final
 from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux._libc import libc
-from lazymig.linux.ptrace import Tracee, TracerThread, UserRegs
+from lazymig.linux.ptrace import Tracee, TracerThread
 from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
@@ -77,6 +77,7 @@ from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
 from lazymig.restore.task import DumpedTask, UnsupportedDumpError, load_task
+from lazymig.restore.threads import create_threads, finish_thread, set_thread_state
 from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.uffd import DEFAULT_FEATURES, kernel_features
 
@@ -494,14 +495,7 @@ class Restorer:
         for sig, sa in zip(sigs, tc.sigactions, strict=False):
             at = target.data(struct.pack("<QQQQ", sa.sigaction, sa.flags, sa.restorer, sa.mask))
             target.call(_SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
-        if thread.HasField("sas") and thread.sas.ss_size:
-            at = target.data(struct.pack("<QiiQ", thread.sas.ss_sp, thread.sas.ss_flags, 0,
-                                         thread.sas.ss_size))
-            target.call(_SYS_SIGALTSTACK, at, 0, what="sigaltstack")
-        tracee.inject_syscall(_SYS_SET_TID_ADDRESS, core.thread_info.clear_tid_addr)
-        if thread.futex_rla:
-            target.call(_SYS_SET_ROBUST_LIST, thread.futex_rla, thread.futex_rla_len,
-                        what="set_robust_list")
+        set_thread_state(target, tracee, core)
         comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
         target.call(_SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
         if task.extra.HasField("cwd"):
@@ -522,6 +516,8 @@ class Restorer:
             _set_creds(target, task)
         if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
             target.call(_SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
+        # After the creds (a clone inherits them; a raw setresuid sets only the caller's).
+        others = create_threads(target, task.threads)
         if thread.pdeath_sig:
             # Recorded (core's pdeath_sig) but not restored, on purpose. It asks for
             # a signal when the *original* parent dies; that parent stays on the
@@ -533,23 +529,16 @@ class Restorer:
                         "the source host, and here it would fire when the restorer ends",
                         pid, thread.pdeath_sig)
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
-        tracee.set_syscall_ip(None)
+        for t in (tracee, *others):
+            t.set_syscall_ip(None)
         target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
-        if thread.HasField("rseq_entry") and thread.rseq_entry.rseq_abi_pointer:
-            r = thread.rseq_entry
-            target.call(_SYS_RSEQ, r.rseq_abi_pointer, r.rseq_abi_size, 0, r.signature,
-                        what="rseq")
-        tracee.set_sigmask(thread.blk_sigset)
-        xstate = task.extra.threads[0].xstate if task.extra.threads else b""
-        if xstate:
-            tracee.set_xstate(xstate)
-        g = core.thread_info.gpregs
-        tracee.set_regs(UserRegs(
-            r15=g.r15, r14=g.r14, r13=g.r13, r12=g.r12, rbp=g.bp, rbx=g.bx, r11=g.r11,
-            r10=g.r10, r9=g.r9, r8=g.r8, rax=g.ax, rcx=g.cx, rdx=g.dx, rsi=g.si, rdi=g.di,
-            orig_rax=_U64, rip=g.ip, cs=g.cs, eflags=g.flags, rsp=g.sp, ss=g.ss,
-            fs_base=g.fs_base, gs_base=g.gs_base, ds=g.ds, es=g.es, fs=g.fs, gs=g.gs))
+        for t, dumped in zip(others, task.threads, strict=True):
+            finish_thread(t, dumped.core, dumped.xstate)
+        finish_thread(tracee, core, task.xstate, shared_signals=True)
+        # The leader first: a group stop it enters holds the others as they are detached.
         tracee.detach(signal.SIGSTOP if task.extra.job_stopped else 0)
+        for t in others:
+            t.detach()
 
 
 def _madvise(target: _Target, start: int, end: int, madv: int) -> None:

@@ -3,7 +3,7 @@
 :func:`load_task` reads the images of a process dumped by ``lazymig dump``
 (pstree, core, mm, pagemap, ``lazymig-<pid>.img``) and refuses, before any
 process is created, what the restorer cannot rebuild faithfully: more than one
-process or thread, shared mappings other than read-only shared file ones
+process, shared mappings other than read-only shared file ones
 (glibc maps its gconv cache so), special mappings, 32-bit tasks, another CPU's
 xstate layout, a non-root process holding capabilities, mapped files that
 changed since the dump, open files that are gone, changed or of a kind the
@@ -36,6 +36,7 @@ from lazymig.proto.images import (
     fdinfo_pb2,
     lazymig_pb2,
 )
+from lazymig.restore.threads import DumpedThread
 
 __all__ = ["DumpedTask", "UnsupportedDumpError", "check_files", "load_task"]
 
@@ -57,7 +58,7 @@ class UnsupportedDumpError(LazyMigError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DumpedTask:
-    """One dumped single-threaded process, as the restorer uses it."""
+    """One dumped process, as the restorer uses it."""
 
     pid: int
     """The pid at dump time (the daemon's key for its pages)."""
@@ -73,6 +74,13 @@ class DumpedTask:
     """PE_LAZY ranges cut at VMA boundaries (what a lazy restore registers)."""
     files: DumpedFiles
     """The open files (fds 3 and up)."""
+    threads: tuple[DumpedThread, ...] = ()
+    """Its threads but the leader (whose state is ``core``), in pstree order."""
+
+    @property
+    def xstate(self) -> bytes:
+        """The leader's raw xstate."""
+        return next((t.xstate for t in self.extra.threads if t.tid == self.pid), b"")
 
     def file_path(self, file_id: int) -> str:
         """The path of lazymig file ``file_id``."""
@@ -102,16 +110,20 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
         raise UnsupportedDumpError(f"the dump holds {len(tree)} processes; lazymig restores "
                                    "one process (no process trees yet)")
     pid = tree[0].pid
-    if len(tree[0].threads) != 1:
-        raise UnsupportedDumpError(f"process {pid} had {len(tree[0].threads)} threads; lazymig "
-                                   "restores single-threaded processes only")
+    if not tree[0].threads or tree[0].threads[0] != pid:
+        raise ImageError(f"pstree.img lists threads {list(tree[0].threads)} for process {pid}, "
+                         "not its leader first")
     if not images.image_path(ImageKind.LAZYMIG, pid).exists():
         raise UnsupportedDumpError(f"no lazymig-{pid}.img in {images.path}: the dump was not "
                                    "written by `lazymig dump` (CRIU dumps need `criu restore`)")
     extra = read_lazymig_entry(images, pid)
     core = images.core(pid)
     mm = images.mm(pid)
-    if core.thread_info.gpregs.mode != core_x86_pb2.NATIVE:
+    xstates = {t.tid: t.xstate for t in extra.threads}
+    threads = tuple(DumpedThread(tid, images.core(tid), xstates.get(tid, b""))
+                    for tid in tree[0].threads[1:])
+    if any(c.thread_info.gpregs.mode != core_x86_pb2.NATIVE
+           for c in (core, *(t.core for t in threads))):
         raise UnsupportedDumpError(f"process {pid} is a 32-bit (compat) task")
     if core.tc.task_state not in (1, 3):
         raise UnsupportedDumpError(f"process {pid} was dumped in task state "
@@ -146,7 +158,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
     lazy = tuple(images.lazy_ranges(pid)) if lazy_pages else ()
     return DumpedTask(pid=pid, pgid=tree[0].pgid, sid=tree[0].sid, core=core, mm=mm,
                       extra=extra, pages_id=pagemap.pages_id, entries=entries, lazy=lazy,
-                      files=files)
+                      files=files, threads=threads)
 
 
 def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
