@@ -9,8 +9,9 @@
   ``lazymig restore --lazy-pages -d``:
   the restored process prints the same checksums while its memory arrives
   through the daemon, the daemon and the dumper exit 0, the source is killed.
-* Refusal: a two-threaded dump is refused with a message naming the cause,
-  before any process is created.
+* Refusal: a dump whose mapped executable changed, or that CRIU wrote, is
+  refused with a message naming the cause, before any process is created
+  (threads: tests/test_threads.py).
 
 The restored process's fds 0, 1, 2 are the restorer's (the API takes
 ``stdio``): the tests read its CHECK lines from a pipe.

@@ -34,7 +34,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     "--lazy-pages its lazy pages are served from the frozen source over TCP "
                     "until a lazy-pages daemon has them all.")
     parser.add_argument("-t", "--tree", type=int, required=True, metavar="PID",
-                        help="the process to dump (single-threaded)")
+                        help="the process to dump (all its threads)")
     add_images_dir_option(parser)
     parser.add_argument("--lazy-pages", action="store_true",
                         help="leave lazy-capable pages in the source and serve them")

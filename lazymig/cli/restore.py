@@ -26,7 +26,7 @@ from lazymig.cli._common import add_images_dir_option, run_async
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "restore", help="restore a process dumped by `lazymig dump` (destination side)",
-        description="Rebuild a dumped single-threaded process in a new process and let it run; "
+        description="Rebuild a dumped process, its threads too, in a new process and let it run; "
                     "with --lazy-pages its lazy memory comes through a lazy-pages daemon.")
     add_images_dir_option(parser)
     parser.add_argument("--lazy-pages", action="store_true",

@@ -121,7 +121,7 @@ class LazyDump:
     """Dump process ``pid`` into ``images_dir`` and serve its lazy pages over TCP.
 
     Args:
-        pid: the process to migrate (single-threaded, see
+        pid: the process to migrate, all its threads (see
             :meth:`~lazymig.dump.freeze.FrozenProcess.freeze`).
         images_dir: an existing directory for the images.
         address: where the page server listens (CRIU's ``--address``).

@@ -139,7 +139,7 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
     :func:`~lazymig.orchestrate.source.serve`); the error is raised.
 
     Args:
-        pid: a single-threaded process of this machine.
+        pid: a process of this machine (all its threads).
         images_dir: where the images go (default: a temporary dir, removed after).
         copy_images: ``async (source images dir) -> destination images dir``, called
             once the images are written; default: the destination reads them in place.

@@ -147,7 +147,7 @@ def serve(pid: int, images_dir: StrPath, *, address: str = "127.0.0.1", port: in
       stop with its memory intact (``kill -CONT`` resumes it).
 
     Args:
-        pid: a single-threaded process.
+        pid: a process (all its threads).
         images_dir: an existing, writable directory.
         address: where to listen; the default only serves this host. Page
             traffic is not encrypted: give a private address.
