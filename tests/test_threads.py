@@ -17,6 +17,8 @@
     touches it while the others run;
   - ``crit`` decodes the thread images: the pstree entry lists the threads,
     one core image each with its mask, sigaltstack, queued signals and TLS.
+* threads.c with a thread creating short-lived threads: each freeze holds
+  them all; restored, it goes on creating and joining them.
 * CPython with a ``concurrent.futures.ThreadPoolExecutor`` hashing during the
   dump: after ``lazymig.migrate`` its workers go on computing correct chains.
 """
@@ -42,6 +44,7 @@ from test_restore import free_port, on_uvloop
 
 import lazymig
 from lazymig.dump import dump
+from lazymig.dump.freeze import FrozenProcess
 from lazymig.linux.ptrace import process_alive
 from lazymig.restore import Restorer
 from lazymig.testing import HostPair, Pattern, assert_memory_equal
@@ -247,6 +250,56 @@ async def test_threads_migrated_with_the_three_clis_on_demand_only(
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        lines.close()
+
+
+def thread_states(pid: int) -> dict[int, str]:
+    out = {}
+    for tid in tids(pid):
+        with contextlib.suppress(FileNotFoundError):
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+            out[tid] = raw[raw.rfind(b")") + 2:][:1].decode()
+    return out
+
+
+@pytest.mark.asyncio
+async def test_threads_created_while_freezing_are_caught(tmp_path: Path,
+                                                        threads_c: Path) -> None:
+    """A thread that creates and joins 1 ms threads without end: each freeze holds
+    every thread there is (seized until no new one appears), and the process, frozen
+    with some short-lived thread half-way, is restored and goes on creating and
+    joining them (pthread_join waits on the clear-tid word the kernel clears)."""
+    with Workload([str(threads_c), "--threads", "2", "--churn", "--mib", "1",
+                   "--interval-ms", "50"]) as w:
+        before = next_check(w.lines)
+        caught = 0
+        for _ in range(5):
+            async with await FrozenProcess.freeze(w.pid) as fp:
+                states = await asyncio.to_thread(thread_states, w.pid)
+                assert sorted(t.tid for t in fp.state.threads) == sorted(states)
+                assert set(states.values()) == {"t"}, states  # all in a ptrace-stop
+                caught += len(states) == 4  # a short-lived one among them
+        assert caught  # (it lives 1 ms of each ~1.1)
+        after = next_check(w.lines)
+        assert after["churn"] > before["churn"] and after["tbad"] == 0
+        await dump(w.pid, tmp_path)
+        w.proc.wait(timeout=5)
+    read_fd, write_fd = os.pipe()
+    restorer = Restorer(tmp_path, stdio=(0, write_fd, 2))
+    try:
+        result = await restorer.run()
+    finally:
+        os.close(write_fd)
+    lines = OutputLines(read_fd)
+    try:
+        first = await asyncio.to_thread(next_check, lines)
+        check = first
+        while check["churn"] < first["churn"] + 20:
+            check = await asyncio.to_thread(next_check, lines)
+        assert (check["bad"], check["tbad"], check["sum"]) == (0, 0, before["sum"])
+        assert len(await asyncio.to_thread(tids, result.pid)) >= 3  # leader, worker, churner
+    finally:
+        restorer.kill()
         lines.close()
 
 

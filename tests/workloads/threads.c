@@ -1,7 +1,7 @@
 /* A multi-threaded process that checks its own per-thread state, for the
  * threads tests of lazymig (tests/test_threads.py).
  *
- *   threads [--threads T] [--mib M] [--seed S] [--interval-ms I]
+ *   threads [--threads T] [--mib M] [--seed S] [--interval-ms I] [--churn]
  *
  * The leader maps M MiB whose 8-byte word at address a is a ^ seed (as
  * pattern.c: lazymig.testing.memory.Pattern compares it page by page), starts
@@ -22,6 +22,8 @@
  *   CHECK n=.. sum=.. bad=.. tbad=.. gens=.. rt=.. rtbad=.. usr2=.. released=..
  * where sum/bad are the pattern region's checksum and wrong words, gens the
  * smallest generation count of the workers (it grows while they all run).
+ * With --churn one more thread creates and joins short-lived threads (each
+ * lives 1 ms) without end: `churn` counts those joined.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,6 +50,29 @@ static atomic_ulong tbad, rt_ok, rt_wrong, usr2_count;
 static atomic_int released;
 static atomic_ulong gens[MAX_THREADS];
 static int nthreads = 4;
+static atomic_ulong churned;
+
+static void *short_lived(void *arg)
+{
+	struct timespec pause = { 0, 1000 * 1000 };
+	nanosleep(&pause, NULL);
+	return arg;
+}
+
+static void *churner(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		pthread_t t;
+		void *ret;
+		if (pthread_create(&t, NULL, short_lived, &churned) || pthread_join(t, &ret)
+		    || ret != &churned)
+			atomic_fetch_add(&tbad, 1);
+		else
+			atomic_fetch_add(&churned, 1);
+	}
+	return NULL;
+}
 
 static void on_rt(int sig)
 {
@@ -126,11 +151,13 @@ int main(int argc, char **argv)
 	size_t mib = 8;
 	uint64_t seed = 0x5EED5EED5EED5EEDull;
 	long interval_ms = 100;
+	int churn = 0;
 	static const struct option opts[] = {
 		{"threads", required_argument, NULL, 't'},
 		{"mib", required_argument, NULL, 'm'},
 		{"seed", required_argument, NULL, 's'},
 		{"interval-ms", required_argument, NULL, 'i'},
+		{"churn", no_argument, NULL, 'c'},
 		{0, 0, 0, 0},
 	};
 	for (int c; (c = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
@@ -139,6 +166,7 @@ int main(int argc, char **argv)
 		case 'm': mib = strtoull(optarg, NULL, 0); break;
 		case 's': seed = strtoull(optarg, NULL, 0); break;
 		case 'i': interval_ms = atol(optarg); break;
+		case 'c': churn = 1; break;
 		default: return 2;
 		}
 	}
@@ -174,6 +202,10 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
+	if (churn) {
+		pthread_t t;
+		if (pthread_create(&t, NULL, churner, NULL)) { perror("pthread_create"); return 1; }
+	}
 	for (int i = 1; i < nthreads; i++)  /* each has set its mask, stack and TLS */
 		while (!atomic_load(&gens[i]))
 			usleep(1000);
@@ -206,9 +238,10 @@ int main(int argc, char **argv)
 			if (atomic_load(&gens[i]) < least)
 				least = atomic_load(&gens[i]);
 		printf("CHECK n=%" PRIu64 " sum=0x%016" PRIx64 " bad=%" PRIu64 " tbad=%lu gens=%lu"
-		       " rt=%lu rtbad=%lu usr2=%lu released=%d\n", n, sum, bad,
+		       " rt=%lu rtbad=%lu usr2=%lu released=%d churn=%lu\n", n, sum, bad,
 		       atomic_load(&tbad), nthreads > 1 ? least : 0, atomic_load(&rt_ok),
-		       atomic_load(&rt_wrong), atomic_load(&usr2_count), leader_released);
+		       atomic_load(&rt_wrong), atomic_load(&usr2_count), leader_released,
+		       atomic_load(&churned));
 		fflush(stdout);
 	}
 }
