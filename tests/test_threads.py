@@ -5,7 +5,9 @@
   their own memory without end, and checking all of it themselves), with a
   signal queued for each worker and one for the process:
   - a plain ``dump()`` restored through the API: the restored process has as
-    many threads, each with its own mask, sigaltstack and queued signal; its
+    many threads, each with its own mask, sigaltstack and queued signal, and,
+    frozen again, each the state its core image holds (TLS, rseq, robust
+    list, clear-tid, name...); its
     memory equals the pattern page by page; its self-checks stay clean and
     its workers go on; released, each worker takes its own signal (in
     itself, by its TLS) and one of them the process's;
@@ -46,6 +48,7 @@ import lazymig
 from lazymig.dump import dump
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.linux.ptrace import process_alive
+from lazymig.proto.images import ImagesDir
 from lazymig.restore import Restorer
 from lazymig.testing import HostPair, Pattern, assert_memory_equal
 from lazymig.testing.plugin import StartCommand
@@ -139,6 +142,33 @@ async def check_restored(pid: int, lines: OutputLines, before: dict[str, int]) -
     assert (check["bad"], check["tbad"]) == (0, 0), check
 
 
+async def same_thread_state(pid: int, images: ImagesDir) -> None:
+    """Each thread of the restored process (frozen again to read it) has the state
+    of the dumped thread whose TLS it has: what lazymig's freeze reads of it is
+    what the thread's core image holds."""
+    (tree,) = images.pstree()
+    cores = {c.thread_info.gpregs.fs_base: c for c in map(images.core, tree.threads)}
+    async with await FrozenProcess.freeze(pid) as fp:
+        threads = fp.state.threads
+    assert len(threads) == len(cores) == THREADS
+    for t in threads:
+        core = cores.pop(t.regs.fs_base)  # its TLS: one dumped thread's
+        tc = core.thread_core
+        assert t.sigmask == tc.blk_sigset
+        assert t.sigaltstack == (tc.sas.ss_sp, tc.sas.ss_size, tc.sas.ss_flags)
+        assert t.robust_list == (tc.futex_rla, tc.futex_rla_len)
+        assert t.clear_tid_addr == core.thread_info.clear_tid_addr
+        assert t.comm == tc.comm
+        assert t.regs.gs_base == core.thread_info.gpregs.gs_base
+        if tc.HasField("rseq_entry"):
+            assert t.rseq is not None
+            assert (t.rseq.rseq_abi_pointer, t.rseq.rseq_abi_size, t.rseq.signature) == (
+                tc.rseq_entry.rseq_abi_pointer, tc.rseq_entry.rseq_abi_size,
+                tc.rseq_entry.signature)
+        assert [raw[:4] for raw in t.pending_signals] == [
+            s.siginfo[:4] for s in tc.signals_p.signals]
+
+
 @contextlib.contextmanager
 def threads_workload(threads_c: Path, mib: int) -> Iterator[tuple[Workload, dict[str, int]]]:
     with Workload([str(threads_c), "--threads", str(THREADS), "--mib", str(mib),
@@ -164,6 +194,7 @@ async def test_threads_dumped_and_restored(tmp_path: Path, threads_c: Path) -> N
     try:
         await asyncio.to_thread(check_threads_of, result.pid)
         await assert_memory_equal(result.pid, Pattern.of(w.ready))
+        await same_thread_state(result.pid, ImagesDir(tmp_path))
         await check_restored(result.pid, lines, before)
     finally:
         restorer.kill()
