@@ -23,16 +23,14 @@ from test_page_server import MiniClient
 from lazymig.dump import DumpResult, LazyDump, SourceFate, dump
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.dump.images import (
-    _cpuid_by_code,
-    _cpuid_by_device,
     decode_fpregs,
     pagemap_entries,
     read_lazymig_entry,
     write_images,
-    xstate_layout,
 )
 from lazymig.dump.scan import PageRun
 from lazymig.errors import ClosedResourceError, ConfigurationError, ImageError, LazyMigOSError
+from lazymig.linux.cpuid import _cpuid_by_code, _cpuid_by_device, xstate_layout
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Final
 
 from lazymig.dump.files import SAFE_CHAR_DEVICES, DumpedFiles, read_files
-from lazymig.dump.images import read_lazymig_entry, xstate_layout
+from lazymig.dump.images import read_lazymig_entry
 from lazymig.errors import ImageError, LazyMigError
+from lazymig.linux.cpuid import xstate_layout
 from lazymig.proto.constants import MAP_SHARED, VmaStatus
 from lazymig.proto.images import (
     CoreEntry,
