@@ -28,10 +28,11 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    and session (see :func:`_set_session`), personality, scheduling policy and
    nice, THP-disable, itimers, credentials (groups, gids, uids) and dumpable
    are set (madvise advice was given with the VMAs; a parent-death signal is
-   not restored, see :meth:`Restorer._finish`);
-   the scratch mapping goes; rseq is registered again (after the handover:
-   the area may be a lazy page); then the signal mask, xstate and registers,
-   and the process is detached.
+   not restored, see :meth:`Restorer._finish`); the other threads are
+   cloned and given their own state (:mod:`lazymig.restore.threads`);
+   the scratch mapping goes; rseq is registered again in each thread (after
+   the handover: the area may be a lazy page); then each thread's signal
+   mask, queued signals, xstate and registers, and every thread is detached.
 
 If anything fails the half-built process is killed; the images are never
 written to.
@@ -104,14 +105,11 @@ _SYS_SETRESGID: Final = 119
 _SYS_SETGROUPS: Final = 116
 _SYS_SETFSUID: Final = 122
 _SYS_SETFSGID: Final = 123
-_SYS_SIGALTSTACK: Final = 131
 _SYS_PERSONALITY: Final = 135
 _SYS_SETPRIORITY: Final = 141
 _SYS_SCHED_SETSCHEDULER: Final = 144
 _SYS_PRCTL: Final = 157
-_SYS_SET_TID_ADDRESS: Final = 218
 _SYS_OPENAT: Final = 257
-_SYS_SET_ROBUST_LIST: Final = 273
 _SYS_CHDIR: Final = 80
 _SYS_USERFAULTFD: Final = 323
 _SYS_RSEQ: Final = 334
