@@ -21,6 +21,8 @@
     one core image each with its mask, sigaltstack, queued signals and TLS.
 * threads.c with a thread creating short-lived threads: each freeze holds
   them all; restored, it goes on creating and joining them.
+* stopped (SIGSTOP) and as another user: every thread comes back stopped,
+  with that user's credentials.
 * CPython with a ``concurrent.futures.ThreadPoolExecutor`` hashing during the
   dump: after ``lazymig.migrate`` its workers go on computing correct chains.
 """
@@ -63,6 +65,7 @@ WORKLOADS = Path(__file__).parent / "workloads"
 THREADS = 4
 SIGRTMIN = signal.SIGRTMIN
 SYS_TGKILL = 234
+NOBODY = 65534
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -329,6 +332,53 @@ async def test_threads_created_while_freezing_are_caught(tmp_path: Path,
             check = await asyncio.to_thread(next_check, lines)
         assert (check["bad"], check["tbad"], check["sum"]) == (0, 0, before["sum"])
         assert len(await asyncio.to_thread(tids, result.pid)) >= 3  # leader, worker, churner
+    finally:
+        restorer.kill()
+        lines.close()
+
+
+@pytest.mark.asyncio
+async def test_stopped_threads_are_restored_stopped_as_nobody(tmp_path: Path,
+                                                              threads_c: Path) -> None:
+    """A job-control stopped process comes back stopped, every thread of it, and
+    runs on with SIGCONT; the threads have the credentials the dump gives the
+    process (cloned after they were set: a raw setresuid sets only its caller's)."""
+    with threads_workload(threads_c, 1) as (w, before):
+        os.kill(w.pid, signal.SIGSTOP)
+        assert w.quiet_for(0.2)
+        await dump(w.pid, tmp_path)
+    images = ImagesDir(tmp_path)
+    for tid in images.pstree()[0].threads:  # as if dumped from nobody's process
+        core = images.core(tid)
+        c = core.thread_core.creds
+        c.uid = c.euid = c.suid = c.fsuid = c.gid = c.egid = c.sgid = c.fsgid = NOBODY
+        del c.groups[:]
+        c.cap_inh[:] = c.cap_prm[:] = c.cap_eff[:] = [0, 0]
+        images.write_core(tid, core)
+    read_fd, write_fd = os.pipe()
+    restorer = Restorer(tmp_path, stdio=(0, write_fd, 2))
+    try:
+        result = await restorer.run()
+    finally:
+        os.close(write_fd)
+    lines = OutputLines(read_fd)
+    try:
+        for _ in range(100):
+            states = await asyncio.to_thread(thread_states, result.pid)
+            if set(states.values()) == {"T"}:
+                break
+            await asyncio.sleep(0.02)
+        assert len(states) == THREADS and set(states.values()) == {"T"}, states
+        assert await asyncio.to_thread(lines.quiet_for, 0.2)
+        for tid in states:
+            st = await asyncio.to_thread(status, result.pid, tid)
+            assert st["Uid"].split() == st["Gid"].split() == [str(NOBODY)] * 4
+        os.kill(result.pid, signal.SIGCONT)
+        first = await asyncio.to_thread(next_check, lines)
+        check = first
+        while check["gens"] <= first["gens"]:
+            check = await asyncio.to_thread(next_check, lines)
+        assert (check["sum"], check["bad"], check["tbad"]) == (before["sum"], 0, 0)
     finally:
         restorer.kill()
         lines.close()
