@@ -5,7 +5,8 @@
   their own memory without end, and checking all of it themselves), with a
   signal queued for each worker and one for the process:
   - a plain ``dump()`` restored through the API: the restored process has as
-    many threads, each with its own mask, sigaltstack and queued signal, and,
+    many threads, under their dumped tids (the source is gone), each with its
+    own mask, sigaltstack and queued signal, and,
     frozen again, each the state its core image holds (TLS, rseq, robust
     list, clear-tid, name...); its
     memory equals the pattern page by page; its self-checks stay clean and
@@ -119,7 +120,7 @@ def queue_signals(pid: int) -> None:
 def check_threads_of(pid: int) -> None:
     """Every thread is back, each with its own blocked and queued signals."""
     threads = tids(pid)
-    assert len(threads) == THREADS and threads[0] == pid
+    assert len(threads) == THREADS and pid in threads
     assert sorted(worker_index(pid, t) for t in threads) == list(range(THREADS))
     for t in threads:
         st, i = status(pid, t), worker_index(pid, t)
@@ -196,6 +197,10 @@ async def test_threads_dumped_and_restored(tmp_path: Path, threads_c: Path) -> N
     lines = OutputLines(read_fd)
     try:
         await asyncio.to_thread(check_threads_of, result.pid)
+        # The source is gone: its threads' tids are free, and the threads have them back.
+        (tree,) = ImagesDir(tmp_path).pstree()
+        assert await asyncio.to_thread(tids, result.pid) == sorted(
+            [result.pid, *tree.threads[1:]])
         await assert_memory_equal(result.pid, Pattern.of(w.ready))
         await same_thread_state(result.pid, ImagesDir(tmp_path))
         await check_restored(result.pid, lines, before)

@@ -16,8 +16,11 @@ into it (they only act on the calling thread) and by ptrace
 :func:`finish_thread` after it): alternate signal stack, clear-child-tid
 address, robust futex list, name, scheduling, rseq registration, then its
 blocked-signal mask, the signals that were queued for it, xstate and
-registers (fs_base and gs_base, its TLS, among them). New threads get new
-tids; the images' tids only key their state.
+registers (fs_base and gs_base, its TLS, among them). A thread gets its
+dumped tid back where that tid is free (``clone3`` with ``set_tid``: across
+hosts, or once the source is gone), else a new one (a source frozen on this
+host still holds its tids); the leader has the new pid of the helper it is
+built from.
 
 The process has one userfaultfd, created before the threads: it covers the
 memory every thread faults on.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import struct
 from collections.abc import Sequence
 from typing import Final, Protocol
@@ -56,6 +60,7 @@ _SYS_SET_TID_ADDRESS: Final = 218
 _SYS_SET_ROBUST_LIST: Final = 273
 _SYS_RT_TGSIGQUEUEINFO: Final = 297
 _SYS_RSEQ: Final = 334
+_SYS_CLONE3: Final = 435
 
 _PR_SET_NAME: Final = 15
 _PRIO_PROCESS: Final = 0
@@ -69,6 +74,9 @@ _CLONE_SYSVSEM: Final = 0x40000
 CLONE_THREAD_FLAGS: Final = (_CLONE_VM | _CLONE_FS | _CLONE_FILES | _CLONE_SIGHAND
                              | _CLONE_THREAD | _CLONE_SYSVSEM)
 """What glibc's pthread_create passes, less the tid and TLS pointers we set otherwise."""
+#: struct clone_args up to set_tid_size (CLONE_ARGS_SIZE_VER1): flags, pidfd,
+#: child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size.
+_CLONE_ARGS: Final = struct.Struct("<10Q")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,7 +121,7 @@ def create_threads(target: ThreadTarget, threads: Sequence[DumpedThread]) -> lis
     leader.set_options(PTRACE_O_TRACECLONE)
     try:
         for dumped in threads:
-            tid = _call(leader, _SYS_CLONE, CLONE_THREAD_FLAGS, 0, 0, 0, 0, what="clone")
+            tid = _clone(target, dumped.tid)
             tracee = Tracee.adopt(tid, pid=target.pid, stopped=False)
             out.append(tracee)
             tracee.wait_interrupt_stop(timeout=5.0)  # the stop of an auto-attached thread
@@ -124,6 +132,21 @@ def create_threads(target: ThreadTarget, threads: Sequence[DumpedThread]) -> lis
     finally:
         leader.set_options(0)
     return out
+
+
+def _clone(target: ThreadTarget, tid: int) -> int:
+    """A new thread of the process, under ``tid`` if that is free (clone3 with
+    ``set_tid``, Linux 5.5, which needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN),
+    else under a new tid (clone). Returns its tid."""
+    leader = target.tracee
+    wanted = target.data(struct.pack("<i", tid), _CLONE_ARGS.size)
+    args = target.data(_CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, wanted, 1))
+    res = leader.inject_syscall(_SYS_CLONE3, args, _CLONE_ARGS.size)
+    if res >= 0:
+        return res
+    log.debug("pid %d: thread %d gets a new tid (clone3 with set_tid: %s)", target.pid, tid,
+              os.strerror(-res))
+    return _call(leader, _SYS_CLONE, CLONE_THREAD_FLAGS, 0, 0, 0, 0, what="clone")
 
 
 def set_thread_state(target: ThreadTarget, tracee: Tracee, core: CoreEntry) -> None:
