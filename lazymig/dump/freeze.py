@@ -339,7 +339,7 @@ def _freeze_sync(pid: int, timeout: float) -> tuple[list[Tracee], ProcessState, 
         _seize_all(pid, tracees, options, timeout)
         # Re-check now that nothing can change under us.
         vmas = inspect_target_frozen(pid, len(tracees), before)
-        state = read_state(pid, tracees, vmas)
+        state = read_state(pid, tracees)
     except BaseException:
         for t in reversed(tracees):
             t.abandon()

@@ -36,7 +36,6 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from lazymig.dump.scan import Vma
 from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import read_stat, read_status
 from lazymig.linux.ptrace import (
@@ -235,11 +234,10 @@ class _Own:
     pdeath_sig: int = 0
 
 
-def read_state(pid: int, tracees: Sequence[Tracee], vmas: Sequence[Vma]) -> ProcessState:
+def read_state(pid: int, tracees: Sequence[Tracee]) -> ProcessState:
     """Read the state of the frozen process whose seized threads are ``tracees``
     (the leader first). Run it on their tracer thread. Every thread is left
     parked (:func:`~lazymig.linux.ptrace.park`), even on failure."""
-    del vmas  # the scratch page is mmap-ed: no need to find room on a stack
     main = tracees[0]
     stat = read_stat_fields(pid)
     status = _proc_status(pid)
