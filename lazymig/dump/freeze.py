@@ -386,6 +386,20 @@ def _seize_all(pid: int, tracees: list[Tracee], options: int, timeout: float) ->
                 if tid == pid or not process_alive(pid):
                     raise
                 # A non-leader thread exited between listing and seizing: fine.
+            except LazyMigOSError as exc:
+                # The kernel refuses (EPERM) to attach to a thread already exiting.
+                if tid == pid or exc.errno != errno.EPERM or not _thread_exited(pid, tid):
+                    raise
+
+
+def _thread_exited(pid: int, tid: int) -> bool:
+    """True if thread ``tid`` of ``pid`` is gone or exiting (a zombie or dead)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return raw[raw.rfind(b")") + 2:][:1] in (b"Z", b"X", b"x")
 
 
 def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma]) -> MemoryScan:
