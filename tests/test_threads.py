@@ -155,6 +155,7 @@ async def same_thread_state(pid: int, images: ImagesDir) -> None:
     async with await FrozenProcess.freeze(pid) as fp:
         threads = fp.state.threads
     assert len(threads) == len(cores) == THREADS
+    assert sorted(c.thread_core.sched_nice for c in cores.values()) == list(range(THREADS))
     for t in threads:
         core = cores.pop(t.regs.fs_base)  # its TLS: one dumped thread's
         tc = core.thread_core
@@ -163,6 +164,7 @@ async def same_thread_state(pid: int, images: ImagesDir) -> None:
         assert t.robust_list == (tc.futex_rla, tc.futex_rla_len)
         assert t.clear_tid_addr == core.thread_info.clear_tid_addr
         assert t.comm == tc.comm
+        assert t.sched[0] == tc.sched_nice
         assert t.regs.gs_base == core.thread_info.gpregs.gs_base
         if tc.HasField("rseq_entry"):
             assert t.rseq is not None

@@ -8,7 +8,7 @@
  * T - 1 workers and prints a READY line as pattern.c does. Worker i (1..T-1):
  *   - has its own TLS value (__thread tls_val = 0x7000 + i, tls_idx = i);
  *   - blocks SIGUSR1, SIGUSR2 and SIGRTMIN+i (the leader only SIGUSR2);
- *   - has its own alternate signal stack (sigaltstack);
+ *   - has its own alternate signal stack (sigaltstack) and nice value (i);
  *   - rewrites its own 256 KiB region without end: generation g writes
  *     g * 256 + i into every word, then reads them all back;
  * and counts in `tbad` every time one of these is not what it set (TLS value,
@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -110,6 +111,7 @@ static void *worker(void *arg)
 	int i = (int)(intptr_t)arg, mine_released = 0;
 	tls_idx = i;
 	tls_val = 0x7000ul + (unsigned long)i;
+	setpriority(PRIO_PROCESS, (id_t)gettid(), i);  /* a nice value of its own */
 	sigset_t want, cur;
 	mask_of(i, &want, 0);
 	pthread_sigmask(SIG_SETMASK, &want, NULL);
