@@ -30,6 +30,18 @@ daemon closed its own), so later faults are ordinary page faults again. The
 dump side is not involved: the daemon's TCP connection closes with a reset when
 it dies, and the page server keeps its source for a retry.
 
+``criu restore`` leaves no guardian, so the daemon keeps one of its own for
+every process it holds (:class:`DaemonGuardian`, started with ``python -m
+lazymig.guardian --daemon FD``): over a SOCK_SEQPACKET pair the daemon sends it
+a duplicate of each uffd as it adopts the process (:data:`HOLD`), the process's
+pidfd once it identified it (:data:`IDENTIFIED`, see
+:mod:`lazymig.uffd.identify`), and :data:`RELEASE` once it is settled
+(complete, exited, or killed by the daemon itself). If the daemon's end closes
+before :data:`TRANSFER_COMPLETE` (SIGKILL, OOM, a crash), the guardian kills
+every process it still holds that it can name, with its descendants, and keeps
+holding the uffds of those it cannot (they stop at their next missing page)
+until it is killed itself.
+
 This module imports nothing heavy: the guardian starts in a fresh interpreter
 while the restorer finishes.
 """
@@ -42,12 +54,26 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-__all__ = ["FORKED", "GUARDED", "GUARDIAN", "TRANSFER_COMPLETE", "guard", "spawn_guardian"]
+__all__ = [
+    "FORKED",
+    "GUARDED",
+    "GUARDIAN",
+    "HOLD",
+    "IDENTIFIED",
+    "RELEASE",
+    "TRANSFER_COMPLETE",
+    "DaemonGuardian",
+    "guard",
+    "spawn_guardian",
+]
 
 _WORD: Final = 4
 
@@ -65,6 +91,16 @@ child's uffd too (its ranges must keep trapping should the daemon die)."""
 TRANSFER_COMPLETE: Final = b"LZOK"
 """Daemon → restorer, after :data:`GUARDED`: every process handed over on this
 connection got all its pages (or exited); the uffd may be released."""
+
+HOLD: Final = b"LZHD"
+"""Daemon → its own guardian, with a uffd as SCM_RIGHTS: hold it for process KEY
+(image pid PID; a forked child of process PARENT, or 0)."""
+IDENTIFIED: Final = b"LZID"
+"""Daemon → its own guardian, with a pidfd as SCM_RIGHTS: process KEY is that one."""
+RELEASE: Final = b"LZRL"
+"""Daemon → its own guardian: process KEY is settled; let go of its fds."""
+_RECORD = struct.Struct("=4sIII")
+"""A record to the daemon's own guardian: word, key, image pid, parent key."""
 
 
 def spawn_guardian(connection: socket.socket, uffd: int, pid: int) -> subprocess.Popen[bytes]:
@@ -188,13 +224,166 @@ class _Words:
         return None
 
 
+# -- the daemon's own guardian ---------------------------------------------------------------
+
+
+class DaemonGuardian:
+    """The daemon's end of its own guardian (see the module docstring): every process
+    the daemon holds stays held, or is killed, should the daemon die.
+
+    Sends never block the daemon for long: each record is a few bytes (with at most
+    one fd) into a socket buffer the guardian keeps draining.
+    """
+
+    def __init__(self) -> None:
+        self._socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lazymig.guardian", "--daemon", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            self._socket.close()
+            raise
+        finally:
+            theirs.close()
+        self.closed = False
+
+    def _send(self, word: bytes, key: int, pid: int = 0, parent: int = 0,
+              fds: list[int] | None = None) -> None:
+        if self.closed:
+            return
+        try:
+            socket.send_fds(self._socket, [_RECORD.pack(word, key, pid, parent)], fds or [])
+        except OSError as exc:  # it died: nothing holds for us any more
+            log.error("the lazy-pages daemon's guardian (pid %d) is gone: %s",
+                      self.process.pid, exc)
+            self.closed = True
+
+    def hold(self, key: int, pid: int, uffd: int, *, parent: int = 0) -> None:
+        """Hold ``uffd`` (a duplicate is sent) of process ``key``, image pid ``pid``."""
+        self._send(HOLD, key, pid, parent, [uffd])
+
+    def identified(self, key: int, pidfd: int) -> None:
+        """Process ``key`` is the one behind ``pidfd`` (a duplicate is sent)."""
+        self._send(IDENTIFIED, key, fds=[pidfd])
+
+    def release(self, key: int) -> None:
+        """Process ``key`` is settled: the guardian lets go of it."""
+        self._send(RELEASE, key)
+
+    def complete(self) -> None:
+        """Every process is settled: the guardian ends (0)."""
+        self._send(TRANSFER_COMPLETE, 0)
+        self.close()
+
+    def close(self) -> None:
+        """Close the daemon's end: the guardian kills what it holds unless :meth:`complete`
+        came first (as if the daemon died)."""
+        self.closed = True
+        self._socket.close()
+
+
+@dataclass
+class _Ward:
+    """A process the daemon's guardian holds."""
+
+    pid: int  # its image pid (for the log)
+    parent: int  # the key of the process it forked from, or 0
+    uffds: list[int] = field(default_factory=list)
+    pidfd: int | None = None
+
+    def close(self) -> None:
+        for fd in [*self.uffds, *([self.pidfd] if self.pidfd is not None else [])]:
+            os.close(fd)
+        self.uffds.clear()
+        self.pidfd = None
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    return int(next(line.split()[1] for line in Path(f"/proc/self/fdinfo/{pidfd}")
+                    .read_text().splitlines() if line.startswith("Pid:")))
+
+
+def guard_daemon(connection_fd: int) -> int:
+    """The daemon's own guardian (see :class:`DaemonGuardian`): 0 when the daemon said
+    every process was settled, 1 when it went away first (what it held is killed)."""
+    connection = socket.socket(fileno=connection_fd)
+    wards: dict[int, _Ward] = {}
+    poller = select.poll()
+    poller.register(connection_fd, select.POLLIN)
+    by_pidfd: dict[int, int] = {}
+    while True:
+        for fd, _ in poller.poll():
+            if fd in by_pidfd:  # that process exited: nothing left to protect
+                key = by_pidfd.pop(fd)
+                poller.unregister(fd)
+                wards.pop(key).close()
+                continue
+            try:
+                data, fds, _, _ = socket.recv_fds(connection, _RECORD.size, 2)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                return _daemon_gone(wards)
+            word, key, pid, parent = _RECORD.unpack(data)
+            if word == HOLD:
+                wards.setdefault(key, _Ward(pid, parent)).uffds.extend(fds)
+            elif word == IDENTIFIED and key in wards and fds:
+                wards[key].pidfd = fds[0]
+                by_pidfd[fds[0]] = key
+                poller.register(fds[0], select.POLLIN)
+            elif word == RELEASE and key in wards:
+                ward = wards.pop(key)
+                if ward.pidfd is not None:
+                    by_pidfd.pop(ward.pidfd, None)
+                    poller.unregister(ward.pidfd)
+                ward.close()
+            elif word == TRANSFER_COMPLETE:
+                for ward in wards.values():
+                    ward.close()
+                return 0
+            else:
+                for extra in fds:
+                    os.close(extra)
+
+
+def _daemon_gone(wards: dict[int, _Ward]) -> int:
+    """The daemon died before every process was settled: kill those it identified
+    (forked children die as their descendants), hold the others' uffds."""
+    killed: set[int] = set()
+    for key, ward in wards.items():
+        if ward.pidfd is not None:
+            _kill(ward.pidfd, _pidfd_pid(ward.pidfd),
+                  "the lazy-pages daemon went away before every page arrived")
+            killed.add(key)
+    unknown = {key: w for key, w in wards.items()
+               if key not in killed and w.parent not in killed}
+    for key, ward in wards.items():
+        if key not in unknown:
+            ward.close()
+    if not unknown:
+        return 1
+    log.error("lazymig guardian (pid %d): the lazy-pages daemon went away; the processes "
+              "of image pids %s could not be identified: their userfaultfds stay held here, "
+              "so they stop at their next missing page instead of reading zeros. Kill them "
+              "(a process of the restored tree with userfaultfd-registered mappings, "
+              "VmFlags 'um' in /proc/PID/smaps), then this guardian", os.getpid(),
+              sorted(w.pid for w in unknown.values()))
+    while True:
+        time.sleep(3600)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lazymig.guardian CONNECTION_FD UFFD PIDFD`` (see :func:`spawn_guardian`)."""
+    """``python -m lazymig.guardian CONNECTION_FD UFFD PIDFD`` (see :func:`spawn_guardian`),
+    or ``python -m lazymig.guardian --daemon FD`` (see :class:`DaemonGuardian`)."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The restorer's terminal and signals are not ours: only the daemon's fate counts.
     for signo in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signo, signal.SIG_IGN)
+    if args[:1] == ["--daemon"]:
+        return guard_daemon(int(args[1]))
     connection_fd, uffd, pidfd = (int(a) for a in args)
     return guard(connection_fd, uffd, pidfd)
 

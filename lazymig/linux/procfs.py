@@ -1,8 +1,18 @@
-"""Reading /proc/PID files whose layout only this module knows (stat, smaps)."""
+"""Reading /proc/PID files whose layout only this module knows (stat, status, smaps)."""
 
 from __future__ import annotations
 
-__all__ = ["read_stat", "read_status", "registered_with_userfaultfd"]
+from pathlib import Path
+
+__all__ = [
+    "descendants",
+    "ns_pids",
+    "processes",
+    "read_stat",
+    "read_status",
+    "registered_with_userfaultfd",
+    "userfaultfd_vmas",
+]
 
 
 def read_stat(pid: int) -> tuple[str, dict[int, int]]:
@@ -58,3 +68,57 @@ def registered_with_userfaultfd(pid: int, address: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return False
+
+
+def userfaultfd_vmas(pid: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of every mapping of ``pid`` registered with a userfaultfd
+    for missing pages (``um`` in its smaps VmFlags), in address order.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    found: list[tuple[int, int]] = []
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        span = (0, 0)
+        for line in f:
+            key = line.split(None, 1)[0]
+            if not key.endswith(b":"):  # a mapping's header: START-END perms ...
+                start, end = (int(x, 16) for x in key.split(b"-"))
+                span = (start, end)
+            elif key == b"VmFlags:" and b" um" in line:
+                found.append(span)
+    return found
+
+
+def ns_pids(pid: int) -> tuple[int, ...]:
+    """The pids of process ``pid`` in each pid namespace it is in, outermost first
+    (``NSpid`` of its status; the last is the pid it sees itself, as CRIU's images do).
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    return tuple(int(x) for x in read_status(pid).get("NSpid", str(pid)).split())
+
+
+def processes() -> list[int]:
+    """The pids of every process (thread-group leaders) in /proc."""
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, parents before their children (from the
+    parent links of /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for child in processes():
+        try:
+            ppid = read_stat(child)[1][4]
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(child)
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(0), ()):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -35,34 +35,45 @@ the daemon writes GUARDED on accept and TRANSFER_COMPLETE when they got every
 page; if the daemon dies without it, the guardian kills them.
 
 If the page source fails for good before a process is complete, that process
-must not run on pages that never arrived (they would read as zeros): the daemon keeps
-its uffd open, so untouched holes keep trapping, and kills every thread it
-sees faulting (their ids come with the fault when the uffd has THREAD_ID, as
-lazymig's own restorer and attach ask). Processes it cannot kill stay frozen
-on their next missing page; the log says which. A restore that fails, or the
-daemon being stopped, ends the session with a reset so that the dump side
-keeps its source.
+must not run on pages that never arrived (they would read as zeros): the daemon
+kills it. Which process a uffd serves is found once, when its restorer says the
+restore finished, off the event loop (:mod:`lazymig.uffd.identify`: the mappings
+registered with a userfaultfd and the pids in every namespace, for ``criu
+restore``'s uffds too, which carry no thread ids); threads seen faulting (with
+THREAD_ID) are the fallback. A process it cannot name keeps its uffd open, so it
+stops at its next missing page; the log says what to do. Stopping the daemon
+(cancelling :meth:`LazyPagesDaemon.run`) kills every process still missing pages
+first, and does not return while one it cannot name is held. Should the daemon
+die without a word (SIGKILL), its own guardian (:class:`~lazymig.guardian.DaemonGuardian`),
+which holds a duplicate of every uffd, kills them. A restore that fails, or the
+daemon being stopped, ends the session with a reset so that the dump side keeps
+its source.
+
+Each process's state (:class:`ProcessState`) moves only along
+:data:`TRANSITIONS`; :class:`ProcessReport` is a snapshot of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import os
 import signal
 import socket
 import struct
+import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymig._aio import retry_until_ready
 from lazymig._listen import SOCKET_NAME, listen_unix
 from lazymig.errors import LazyMigError, RemoteProtocolError
-from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE
+from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE, DaemonGuardian
 from lazymig.linux.procfs import read_stat, registered_with_userfaultfd
 from lazymig.linux.uffd import UffdError
 from lazymig.proto.constants import PAGE_SIZE
@@ -70,25 +81,60 @@ from lazymig.proto.handover import RestoreFinished, ZombieTask
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import Fork, Pagefault, Remap, Remove, Unmap
 from lazymig.uffd.handover import ReceivedTask, receive_record
+from lazymig.uffd.identify import Identified, identify
 from lazymig.uffd.latency import LatencyHistogram
 from lazymig.uffd.ranges import LazyRanges
-from lazymig.uffd.source import PageChunk, PageSource
+from lazymig.uffd.source import PageChunk, PageSource, RemotePageSource
 from lazymig.uffd.uffd import Uffd
 
-__all__ = ["SOCKET_NAME", "DaemonReport", "LazyPagesDaemon", "ProcessReport"]
+__all__ = ["SOCKET_NAME", "TRANSITIONS", "DaemonReport", "LazyPagesDaemon", "ProcessReport",
+           "ProcessState"]
 
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
 MAX_CHUNK_PAGES = (1 << 20) // PAGE_SIZE  # see the module docstring
-_FINAL = ("complete", "exited", "killed", "abandoned")
-"""Process states that never change again ("failed" does: held, then killed or exited)."""
+HOLD_RETRY = 1.0
+"""Seconds between tries to name a held process the daemon must kill before it stops."""
 
 
-@dataclass(slots=True)
+class ProcessState(enum.StrEnum):
+    """Where a handed-over process stands (the values are what the log says)."""
+
+    RUNNING = "running"
+    """Being filled."""
+    COMPLETE = "complete"
+    """Every lazy page arrived."""
+    EXITED = "exited"
+    """Gone before completion, on its own."""
+    FAILED = "failed"
+    """Held: its pages will never come, and it could not be killed yet (it stops at its
+    next missing page)."""
+    KILLED = "killed"
+    """Killed by the daemon: its pages will never come, or the daemon was stopped."""
+    ABANDONED = "abandoned"
+    """Its restore failed (its restorer kills it)."""
+
+
+TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = {
+    ProcessState.RUNNING: frozenset({ProcessState.COMPLETE, ProcessState.EXITED,
+                                     ProcessState.FAILED, ProcessState.KILLED,
+                                     ProcessState.ABANDONED}),
+    ProcessState.FAILED: frozenset({ProcessState.KILLED, ProcessState.EXITED}),
+    ProcessState.COMPLETE: frozenset(),
+    ProcessState.EXITED: frozenset(),
+    ProcessState.KILLED: frozenset(),
+    ProcessState.ABANDONED: frozenset(),
+}
+"""The states each state may move to (h11's ``_state.py`` way): the final ones none."""
+_FINAL = frozenset(state for state, following in TRANSITIONS.items() if not following)
+_SETTLED_OK = frozenset({ProcessState.COMPLETE, ProcessState.EXITED})
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessReport:
-    """How one process fared; live while the daemon runs, final in the report."""
+    """How one process fared: a snapshot (see :attr:`LazyPagesDaemon.report`)."""
 
     pid: int
     """The image pid its pages are requested under."""
@@ -102,12 +148,12 @@ class ProcessReport:
     """Faults close behind the previous one (a sequential reader), which fetched their
     whole ``fault_prefetch`` block; the others fetched their own page only."""
     zero_pages: int = 0
-    state: str = "running"
-    """running; complete; exited (gone before completion); failed (held: pages will never
-    come), killed (its threads, for that reason) or abandoned (its restore failed)."""
+    state: ProcessState = ProcessState.RUNNING
     reason: str | None = None
     handed_over: float = field(default_factory=time.monotonic)
     """When the daemon got its uffd (time.monotonic)."""
+    host_pid: int | None = None
+    """The process as the daemon's /proc names it, once identified (None: not, or not yet)."""
     fault_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
     """Its faults' round trips (fault read until its pages were copied)."""
 
@@ -128,7 +174,7 @@ class DaemonReport:
     def ok(self) -> bool:
         """Every process got all its pages (or exited on its own)."""
         return self.source_error is None and self.restore_error is None and all(
-            p.state in ("complete", "exited") for p in self.processes)
+            p.state in _SETTLED_OK for p in self.processes)
 
     @property
     def bytes_copied(self) -> int:
@@ -153,11 +199,28 @@ class DaemonReport:
 class _Process:
     """One restored process the daemon fills: its uffd, its ranges, its counters."""
 
-    def __init__(self, pid: int, uffd: Uffd, ranges: LazyRanges, report: ProcessReport) -> None:
+    def __init__(self, key: int, pid: int, uffd: Uffd, ranges: LazyRanges,
+                 image_ranges: list[tuple[int, int]], restorer: int) -> None:
+        self.key = key  # its number for the daemon's guardian
         self.pid = pid
         self.uffd = uffd
         self.ranges = ranges
-        self.report = report
+        self.image_ranges = image_ranges  # its lazy ranges as handed over (to identify it)
+        self.restorer = restorer  # the pid that handed it over (its tree holds it)
+        self.state = ProcessState.RUNNING
+        self.reason: str | None = None
+        self.pages_total = ranges.pages_pending
+        self.pages_copied = 0
+        self.pages_on_demand = 0
+        self.faults = 0
+        self.prefetched_faults = 0
+        self.zero_pages = 0
+        self.handed_over = time.monotonic()
+        self.fault_latency = LatencyHistogram()
+        self.host_pid: int | None = None  # identified (identify.py): its pid and pidfd
+        self.pidfd: int | None = None
+        self.identifying = False
+        self.unidentified: str | None = None  # why it could not be identified
         self.background = False  # its restorer said "restore finished"
         self.chunk_pages = MIN_CHUNK_PAGES
         self.cursor: int | None = None  # where the background goes next (after a fault)
@@ -172,7 +235,33 @@ class _Process:
 
     @property
     def active(self) -> bool:
-        return self.report.state == "running"
+        return self.state is ProcessState.RUNNING
+
+    def to(self, state: ProcessState, reason: str | None) -> None:
+        """Move to ``state`` (only along :data:`TRANSITIONS`)."""
+        if state not in TRANSITIONS[self.state]:
+            raise AssertionError(f"pid {self.pid}: {self.state} -> {state} is not a transition")
+        self.state, self.reason = state, reason
+
+    @property
+    def missing(self) -> int:
+        return self.ranges.pages_pending + self.ranges.pages_in_flight
+
+    def who(self) -> str:
+        """The process as the log names it: its pid as the operator sees it, if known."""
+        if self.host_pid is None:
+            return f"pid {self.pid}"
+        if self.host_pid == self.pid:
+            return f"process {self.pid}"
+        return f"process {self.host_pid} (image pid {self.pid})"
+
+    def snapshot(self) -> ProcessReport:
+        latency = LatencyHistogram()
+        latency.merge(self.fault_latency)
+        return ProcessReport(
+            self.pid, self.pages_total, self.pages_copied, self.pages_on_demand, self.faults,
+            self.prefetched_faults, self.zero_pages, self.state, self.reason,
+            self.handed_over, self.host_pid, latency)
 
 
 class LazyPagesDaemon:
@@ -227,8 +316,9 @@ class LazyPagesDaemon:
         self._listener = listener
         self.ready = asyncio.Event()
         """Set once the socket listens (restorers may connect)."""
-        self.report = DaemonReport([], time.monotonic())
+        self._outcome = DaemonReport([], time.monotonic())  # all but its processes
         self._processes: list[_Process] = []
+        self._guardian: DaemonGuardian | None = None  # started with the first process
         self._tg: asyncio.TaskGroup | None = None
         self._wakeup = asyncio.Event()  # background work may be available
         self._bg_in_flight = 0
@@ -237,6 +327,10 @@ class LazyPagesDaemon:
         self._failed = False
         self._done = asyncio.Event()
         self._guardians: set[socket.socket] = set()  # restorer connections a guardian holds
+        if isinstance(source, RemotePageSource):
+            # Fetching on faults only, nothing else would tell: the processes must not
+            # wait for a page that can no longer come (their next fault would find out).
+            source.on_failure = self._source_failed
 
     @classmethod
     def from_images(cls, source: PageSource, images_dir: str | os.PathLike[str],
@@ -252,33 +346,47 @@ class LazyPagesDaemon:
         return cls(source, lambda pid: [(r.vaddr, r.nr_pages) for r in images.lazy_ranges(pid)],
                    **options)  # type: ignore[arg-type]
 
+    @property
+    def report(self) -> DaemonReport:
+        """A snapshot of the run so far (final once :meth:`run` returned)."""
+        r = self._outcome
+        return DaemonReport([p.snapshot() for p in self._processes], r.started, r.finished,
+                            r.source_error, r.source_exception, r.restore_error)
+
     # ------------------------------------------------------------------ running
 
     async def run(self) -> DaemonReport:
         """Serve until every handed-over process is complete (or forever, if asked).
 
         Returns the report; ``report.ok`` tells whether every page arrived.
+        Cancelled, it first kills every process still missing pages; one it cannot
+        name keeps it holding (see :meth:`_stop`) until it can, or until cancelled again.
         """
         listener = self._listen()
         try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                helpers = [tg.create_task(self._accept(listener)),
-                           tg.create_task(self._watch_exits())]
-                if self.background:
-                    helpers.append(tg.create_task(self._background()))
-                await self._done.wait()
-                for helper in helpers:
-                    helper.cancel()
-        finally:
-            self._tg = None
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
-            if not self._done.is_set():  # cancelled, or a bug: the daemon goes away now
-                self._stop_abruptly()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    helpers = [tg.create_task(self._accept(listener)),
+                               tg.create_task(self._watch_exits())]
+                    if self.background:
+                        helpers.append(tg.create_task(self._background()))
+                    await self._done.wait()
+                    for helper in helpers:
+                        helper.cancel()
+            finally:
+                self._tg = None
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    self.socket_path.unlink()
+        except asyncio.CancelledError:
+            await self._stop("the lazy-pages daemon was stopped")
+            raise
+        except BaseException:  # a bug: the daemon goes away now
+            self._stop_abruptly("the lazy-pages daemon failed")
+            raise
         await self._end_session()
-        self.report.finished = time.monotonic()
+        self._outcome.finished = time.monotonic()
         self._log_summary()
         return self.report
 
@@ -301,9 +409,9 @@ class LazyPagesDaemon:
                             "uids: %s)", pid, uid, sorted(self.allowed_uids))
                 conn.close()
                 continue
-            self._tg.create_task(self._restorer(conn))
+            self._tg.create_task(self._restorer(conn, pid))
 
-    async def _restorer(self, conn: socket.socket) -> None:
+    async def _restorer(self, conn: socket.socket, peer: int) -> None:
         """Take the processes one restorer hands over, until it says it is finished;
         then hold the connection until they are settled (see :meth:`_tell_guardian`)."""
         mine: list[_Process] = []
@@ -324,7 +432,7 @@ class LazyPagesDaemon:
                     if isinstance(record, ZombieTask):
                         log.info("pid %d is a zombie: nothing to fill", record.pid)
                         continue
-                    mine.append(self._adopt(record))
+                    mine.append(self._adopt(record, peer))
                     mine[-1].guardian = conn
             except (LazyMigError, OSError) as exc:
                 # The restore failed (CRIU's restorer kills what it restored): its
@@ -332,7 +440,7 @@ class LazyPagesDaemon:
                 # ends, reports the failure and resets the page-server connection,
                 # which tells the dump side to keep its source.
                 log.error("restorer connection dropped before restore finished: %s", exc)
-                self.report.restore_error = str(exc)
+                self._outcome.restore_error = str(exc)
                 for proc in mine:
                     self._fail(proc, f"its restore failed: {exc}", hold=False)
                 self._restores_finished += 1
@@ -343,6 +451,8 @@ class LazyPagesDaemon:
                 proc.background = True
             self._wakeup.set()
             self._check_done()
+            # Only now are the ranges registered (criu restore hands the uffd over first).
+            await self._identify(mine)
             await self._tell_guardian(conn)
 
     async def _tell_guardian(self, conn: socket.socket) -> None:
@@ -359,8 +469,7 @@ class LazyPagesDaemon:
                 await asyncio.wait(waiting)  # forks may add processes meanwhile
             hello.cancel()
         self._guardians.discard(conn)
-        if all(p.report.state in ("complete", "exited") for p in self._processes
-               if p.guardian is conn):
+        if all(p.state in _SETTLED_OK for p in self._processes if p.guardian is conn):
             self._say(conn, TRANSFER_COMPLETE)
 
     async def _await_guardian(self, conn: socket.socket) -> None:
@@ -394,25 +503,89 @@ class LazyPagesDaemon:
         except OSError as exc:
             log.debug("restorer connection: %s (no guardian there)", exc)
 
-    def _adopt(self, record: ReceivedTask) -> _Process:
+    def _adopt(self, record: ReceivedTask, restorer: int) -> _Process:
         uffd = Uffd.from_fd(record.fd, pid=record.pid)
         try:
-            ranges = LazyRanges(self._lazy_ranges(record.pid), prefetch=self.fault_prefetch)
+            image_ranges = list(self._lazy_ranges(record.pid))
+            ranges = LazyRanges(image_ranges, prefetch=self.fault_prefetch)
         except BaseException:
             uffd.close()
             raise
-        return self._start(record.pid, uffd, ranges)
+        return self._start(record.pid, uffd, ranges, image_ranges, restorer)
 
-    def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges) -> _Process:
-        report = ProcessReport(pid, pages_total=ranges.pages_pending)
-        self.report.processes.append(report)
-        proc = _Process(pid, uffd, ranges, report)
+    def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges,
+               image_ranges: list[tuple[int, int]], restorer: int, *,
+               parent: _Process | None = None) -> _Process:
+        proc = _Process(len(self._processes) + 1, pid, uffd, ranges, image_ranges, restorer)
         self._processes.append(proc)
         asyncio.get_running_loop().add_reader(uffd.fd, self._on_uffd_readable, proc)
-        log.info("pid %d handed over: %d lazy pages", pid, report.pages_total)
+        log.info("pid %d handed over: %d lazy pages", pid, proc.pages_total)
         if ranges.done:
-            self._finish(proc, "complete")
+            self._finish(proc, ProcessState.COMPLETE)
+            return proc
+        if self._guardian is None:
+            self._guardian = DaemonGuardian()
+            log.info("guardian %d holds every uffd too: should this daemon die, it kills the "
+                     "processes still missing pages", self._guardian.process.pid)
+        self._guardian.hold(proc.key, pid, uffd.fd, parent=parent.key if parent else 0)
         return proc
+
+    # ------------------------------------------------------------------ identifying
+
+    async def _identify(self, procs: list[_Process], *, tries: int = 1) -> None:
+        """Name the process each of ``procs`` serves (:mod:`lazymig.uffd.identify`), in
+        a thread: it reads /proc. ``tries``: a forked child appears in /proc only once
+        its parent's fork returned, after the daemon read the FORK event."""
+        todo = [p for p in procs if p.host_pid is None and not p.identifying
+                and p.state not in _FINAL]
+        if not todo:
+            return
+        for proc in todo:
+            proc.identifying = True
+        claimed = {p.host_pid for p in self._processes if p.host_pid is not None}
+
+        def find() -> list[Identified | str]:
+            found: list[Identified | str] = []
+            for proc in todo:
+                for attempt in range(tries):
+                    result = identify(proc.pid, proc.image_ranges, proc.restorer, claimed)
+                    if isinstance(result, Identified) or attempt == tries - 1:
+                        break
+                    time.sleep(0.02)
+                if isinstance(result, Identified):
+                    claimed.add(result.pid)
+                found.append(result)
+            return found
+
+        try:
+            results = await asyncio.to_thread(find)
+        finally:
+            for proc in todo:
+                proc.identifying = False
+        for proc, result in zip(todo, results, strict=True):
+            if isinstance(result, str):
+                proc.unidentified = result
+                log.warning("pid %d: its process could not be identified (%s); should its "
+                            "pages never arrive, it is held rather than killed", proc.pid,
+                            result)
+                continue
+            self._identified(proc, result)
+
+    def _identified(self, proc: _Process, found: Identified) -> None:
+        if proc.state in _FINAL:  # settled meanwhile
+            os.close(found.pidfd)
+            return
+        proc.host_pid, proc.pidfd = found.pid, found.pidfd
+        log.info("pid %d is process %d", proc.pid, found.pid)
+        if self._guardian is not None:
+            self._guardian.identified(proc.key, found.pidfd)
+        # A pidfd turns readable when its process exits: no polling for it.
+        asyncio.get_running_loop().add_reader(found.pidfd, self._on_exit, proc)
+        if proc.state is ProcessState.FAILED:  # held until now: its pages will never come
+            self._kill(proc, proc.reason or "its pages will never arrive")
+
+    def _on_exit(self, proc: _Process) -> None:
+        self._finish(proc, ProcessState.EXITED, "the process exited", force=True)
 
     # ------------------------------------------------------------------ faults
 
@@ -442,7 +615,7 @@ class LazyPagesDaemon:
             self._fail(proc, f"internal error: {exc!r}")
             return
         if proc.active and proc.ranges.done:
-            self._finish(proc, "complete")
+            self._finish(proc, ProcessState.COMPLETE)
 
     def _learn_thread(self, proc: _Process, tid: int, address: int) -> None:
         # A process reading this one's memory (process_vm_readv, a debugger) faults on
@@ -466,10 +639,10 @@ class LazyPagesDaemon:
         address = fault.address & ~(PAGE_SIZE - 1)
         if fault.ptid and fault.ptid not in proc.threads and fault.ptid not in proc.readers:
             self._learn_thread(proc, fault.ptid, address)
-        if proc.report.state == "failed":
+        if proc.state is ProcessState.FAILED:
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
-        proc.report.faults += 1
+        proc.faults += 1
         request = proc.ranges.take_fault(address, self._prefetch(proc, address))
         if request is not None:
             # Only a fault that must wait for a request of its own shrinks the background
@@ -486,7 +659,7 @@ class LazyPagesDaemon:
             # Not lazy (never was, or dropped by REMOVE/UNMAP): the zero page.
             try:
                 proc.uffd.zeropage(address, PAGE_SIZE)
-                proc.report.zero_pages += 1
+                proc.zero_pages += 1
             except UffdError as exc:
                 self._uffd_error(proc, exc, address, 1)
 
@@ -498,19 +671,24 @@ class LazyPagesDaemon:
         to end, most of it the server's splice and our UFFDIO_COPY)."""
         last, proc.last_fault = proc.last_fault, address
         if last is not None and abs(address - last) <= self.fault_prefetch * PAGE_SIZE:
-            proc.report.prefetched_faults += 1
+            proc.prefetched_faults += 1
             return self.fault_prefetch
         return 1
 
     def _on_fork(self, parent: _Process, event: Fork) -> None:
         child_uffd = Uffd.from_fd(event.ufd, pid=parent.pid)
-        child = self._start(parent.pid, child_uffd, parent.ranges.fork_copy())
+        # The child is found among its parent's children (once the fork returned).
+        child = self._start(parent.pid, child_uffd, parent.ranges.fork_copy(),
+                            parent.image_ranges, parent.host_pid or parent.restorer,
+                            parent=parent)
         child.background = parent.background
         child.guardian, child.forked = parent.guardian, True
         # The guardian holds the child's uffd too: should we die, its holes trap.
         self._hand_to_guardian(child)
         log.info("pid %d forked: the child asks for its pages under pid %d", parent.pid,
                  parent.pid)
+        if self._tg is not None and child.state is ProcessState.RUNNING:
+            self._tg.create_task(self._identify([child], tries=50))
 
     # ------------------------------------------------------------------ fetching
 
@@ -547,7 +725,7 @@ class LazyPagesDaemon:
             self._fail(proc, f"internal error: {exc!r}")
             return
         if proc.active and proc.ranges.done:
-            self._finish(proc, "complete")
+            self._finish(proc, ProcessState.COMPLETE)
 
     def _copy(self, proc: _Process, chunk: PageChunk, *, urgent: bool) -> None:
         for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
@@ -559,9 +737,9 @@ class LazyPagesDaemon:
             except UffdError as exc:
                 self._uffd_error(proc, exc, copy.vaddr, copy.nr_pages)
                 continue
-            proc.report.pages_copied += done // PAGE_SIZE
+            proc.pages_copied += done // PAGE_SIZE
             if urgent:
-                proc.report.pages_on_demand += done // PAGE_SIZE
+                proc.pages_on_demand += done // PAGE_SIZE
             if done < length:  # the kernel stopped early (an event is queued): later
                 rest = copy.vaddr + done
                 proc.ranges.requeue(rest, (length - done) // PAGE_SIZE)
@@ -573,15 +751,15 @@ class LazyPagesDaemon:
             return
         if length == PAGE_SIZE:  # a random reader's fault: one page, no scan
             if (began := started.pop(dst, None)) is not None:
-                proc.report.fault_latency.add(time.monotonic() - began)
+                proc.fault_latency.add(time.monotonic() - began)
             return
         now = time.monotonic()
         for address in [a for a in started if dst <= a < dst + length]:
-            proc.report.fault_latency.add(now - started.pop(address))
+            proc.fault_latency.add(now - started.pop(address))
 
     def _uffd_error(self, proc: _Process, exc: UffdError, vaddr: int, nr_pages: int) -> None:
         if exc.process_gone:
-            self._finish(proc, "exited", f"the process went away ({exc})")
+            self._finish(proc, ProcessState.EXITED, f"the process went away ({exc})")
         elif exc.recoverable:
             # EEXIST: already there; ENOENT/EAGAIN: the layout is changing. The
             # pages go back to pending and the background fetch tries again.
@@ -624,105 +802,161 @@ class LazyPagesDaemon:
 
         A uffd says nothing when its process exits; copies then fail with ESRCH,
         but a process with nothing being copied (no background, or held after a
-        failure) would wait forever. The thread ids come with faults (THREAD_ID).
+        failure) would wait forever. An identified process's pidfd tells (see
+        :meth:`_identified`); for the others, the thread ids that came with faults.
         """
         while True:
             await asyncio.sleep(period)
             for proc in self._processes:
-                if proc.report.state in ("running", "failed") and proc.threads and not any(
+                if proc.pidfd is None and proc.state in (
+                        ProcessState.RUNNING, ProcessState.FAILED) and proc.threads and not any(
                         _thread_start_time(tid) == started
                         for tid, started in proc.threads.items()):
-                    self._finish(proc, "exited", "every thread that faulted has exited",
-                                 force=True)
+                    self._finish(proc, ProcessState.EXITED,
+                                 "every thread that faulted has exited", force=True)
 
     # ------------------------------------------------------------------ ends
 
-    def _finish(self, proc: _Process, state: str, reason: str | None = None, *,
+    def _finish(self, proc: _Process, state: ProcessState, reason: str | None = None, *,
                 force: bool = False) -> None:
-        if not proc.active and not (force and proc.report.state == "failed"):
+        if not proc.active and not (force and proc.state is ProcessState.FAILED):
             return
-        proc.report.state = state
-        proc.report.reason = reason
+        proc.to(state, reason)
         log.info("pid %d: %s, UFFD transferred pages: (%d/%d)%s", proc.pid, state,
-                 proc.report.pages_copied, proc.report.pages_total,
-                 f" ({reason})" if reason else "")
-        self._close_uffd(proc)  # nothing is lazy any more: faults become ordinary
+                 proc.pages_copied, proc.pages_total, f" ({reason})" if reason else "")
+        self._settle(proc)  # nothing is lazy any more: faults become ordinary
+
+    def _settle(self, proc: _Process, *, close: bool = True) -> None:
+        """``proc`` reached a final state: let go of its uffd, its pidfd and its guard."""
+        if close:
+            self._close_uffd(proc)
+        if proc.pidfd is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                asyncio.get_running_loop().remove_reader(proc.pidfd)
+            os.close(proc.pidfd)
+            proc.pidfd = None
+        if self._guardian is not None:
+            self._guardian.release(proc.key)
         self._check_done()
 
     def _fail(self, proc: _Process, reason: str, *, hold: bool = True) -> None:
-        """Pages of ``proc`` will never arrive: kill it if its threads are known, else
-        hold it (``hold``: keep its uffd open so it stops at its next missing page)."""
+        """Pages of ``proc`` will never arrive: kill it if it is known, else hold it
+        (``hold``: keep its uffd open so it stops at its next missing page)."""
         if not proc.active:
             return
-        proc.report.state = "failed"
-        proc.report.reason = reason
+        if not hold:
+            # Its restorer kills it; its uffd stays open until the daemon ends meanwhile.
+            proc.to(ProcessState.ABANDONED, reason)
+            log.error("pid %d: %s", proc.pid, reason)
+            self._settle(proc, close=False)
+            return
+        proc.to(ProcessState.FAILED, reason)
         if self._kill(proc, reason):
             return
-        if hold:
-            log.error("pid %d: %s; %d pages never arrived: the process is held (it stops at "
-                      "its next missing page) until it is killed", proc.pid, reason,
-                      proc.ranges.pages_pending + proc.ranges.pages_in_flight)
-        else:
-            proc.report.state = "abandoned"
-            log.error("pid %d: %s", proc.pid, reason)
+        log.error("%s: %s; %d pages never arrived: the process is held (it stops at its next "
+                  "missing page) until it is killed%s", proc.who(), reason, proc.missing,
+                  "" if proc.unidentified is None else
+                  " (it could not be identified: kill it, a process of the tree of restorer "
+                  f"{proc.restorer} whose userfaultfd-registered mappings, 'um' in "
+                  "/proc/PID/smaps, hold its lazy ranges)")
         self._check_done()
 
     def _kill(self, proc: _Process, reason: str) -> bool:
-        """SIGKILL the threads of ``proc`` seen faulting; False (and its uffd left open,
-        so it stays held at its next missing page) if none is alive or known, as with
-        CRIU's uffds, which carry no thread ids."""
-        killed = []
-        for tid, started in proc.threads.items():
-            if _thread_start_time(tid) == started:  # not a reused tid
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(tid, signal.SIGKILL)
-                    killed.append(tid)
-        if not killed:
-            return False
-        proc.report.state = "killed"
-        proc.report.reason = reason
-        log.error("pid %d killed (threads %s): %s; it must not run on pages that never "
-                  "arrived", proc.pid, killed, reason)
-        self._close_uffd(proc)
-        self._check_done()
+        """SIGKILL ``proc``: through its pidfd once identified, else the threads seen
+        faulting (THREAD_ID). False (and its uffd left open, so it stays held at its next
+        missing page) if neither is known."""
+        killed: list[int] = []
+        if proc.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(proc.pidfd, signal.SIGKILL)
+            how = ""
+        else:
+            for tid, started in proc.threads.items():
+                if _thread_start_time(tid) == started:  # not a reused tid
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(tid, signal.SIGKILL)
+                        killed.append(tid)
+            if not killed:
+                return False
+            how = f" (threads {killed})"
+        proc.to(ProcessState.KILLED, reason)
+        log.error("%s killed%s: %s, with %d pages missing; it must not run on pages that "
+                  "never arrived", proc.who(), how, reason, proc.missing)
+        self._settle(proc)
         return True
 
     def _source_failed(self, exc: BaseException) -> None:
         if not self._failed:
             self._failed = True
-            self.report.source_error = str(exc)
-            self.report.source_exception = exc
+            self._outcome.source_error = str(exc)
+            self._outcome.source_exception = exc
             log.error("page source failed: %s", exc)
         for proc in self._processes:
             self._fail(proc, f"page source failed: {exc}")
 
     def _check_done(self) -> None:
         for proc in self._processes:
-            if proc.report.state in _FINAL and not proc.settled.done():
+            if proc.state in _FINAL and not proc.settled.done():
                 proc.settled.set_result(None)
         if self.serve_forever or self._restores_finished == 0:
             return
         if self.expect_tasks is not None and self._tasks_received < self.expect_tasks:
             return
-        # Failed processes without known threads keep the daemon (and their uffd) alive.
-        if all(p.report.state in _FINAL for p in self._processes):
+        # Failed processes not yet killed keep the daemon (and their uffd) alive.
+        if all(p.state in _FINAL for p in self._processes):
             self._done.set()
 
-    def _stop_abruptly(self) -> None:
-        """The daemon is going away with work undone: once it closes a uffd, missing
-        pages would read as zeros, so kill what can be killed, say what cannot, and
-        reset the page-server session (the dump side keeps its source)."""
-        for proc in self._processes:
-            if proc.report.state in ("running", "failed") and not self._kill(
-                    proc, "the lazy-pages daemon was stopped"):
-                proc.report.state = "abandoned"
-                log.error("pid %d: the lazy-pages daemon was stopped with %d pages "
-                          "missing; its faulting threads could not be identified, so it "
-                          "is not killed: kill it", proc.pid,
-                          proc.ranges.pages_pending + proc.ranges.pages_in_flight)
+    def _unsettled(self) -> list[_Process]:
+        return [p for p in self._processes if p.state not in _FINAL]
+
+    async def _stop(self, reason: str) -> None:
+        """The daemon was cancelled with work undone: once it closes a uffd, missing
+        pages would read as zeros. So every process still missing pages is killed
+        first (named now if not yet); one that cannot be named keeps the daemon
+        holding its uffd, trying again every :data:`HOLD_RETRY` s, until it can be
+        killed or the daemon is cancelled again (its guardian then holds it). The
+        page-server session ends with a reset (the dump side keeps its source)."""
+        try:
+            while unsettled := self._unsettled():
+                await self._identify(unsettled)
+                for proc in self._unsettled():
+                    if not proc.background and proc.pidfd is None and not proc.threads:
+                        # Its restorer has not said "restore finished": it is still there,
+                        # and kills what it restored when it finds the daemon gone.
+                        proc.to(ProcessState.ABANDONED, f"{reason} before its restore finished")
+                        log.error("pid %d: %s", proc.pid, proc.reason)
+                        self._settle(proc, close=False)
+                held = [p for p in self._unsettled() if not self._kill(p, reason)]
+                if not held:
+                    break
+                for proc in held:
+                    log.error("%s was not killed: %s, with %d pages missing, and its process "
+                              "cannot be identified; the daemon keeps holding it (it stops at "
+                              "its next missing page) and does not exit until it can kill it. "
+                              "Kill it yourself: a process of the tree of restorer %d whose "
+                              "userfaultfd-registered mappings ('um' in /proc/PID/smaps) hold "
+                              "its lazy ranges", proc.who(), reason, proc.missing,
+                              proc.restorer)
+                await asyncio.sleep(HOLD_RETRY)
+        finally:
+            self._stop_abruptly(reason)
+        await self._end_guardian()
+
+    def _stop_abruptly(self, reason: str) -> None:
+        """Going away now: kill what can be killed (without naming anyone new: that
+        blocks), reset the page-server session and close the uffds. What is left the
+        daemon's guardian keeps holding."""
+        left = [p for p in self._unsettled() if not self._kill(p, reason)]
+        for proc in left:
+            log.error("%s: %s with %d pages missing; it could not be identified: the "
+                      "daemon's guardian keeps holding it; kill it", proc.who(), reason,
+                      proc.missing)
         self.source.abort()
         for proc in self._processes:
             self._close_uffd(proc)
+        if self._guardian is not None and left:
+            self._guardian.close()  # it holds them, as if we had died
+            self._guardian = None
 
     async def _end_session(self) -> None:
         # An orderly CLOSE only when every page arrived: anything else resets the
@@ -737,6 +971,14 @@ class LazyPagesDaemon:
             self.source.abort()
         for proc in self._processes:
             self._close_uffd(proc)
+        await self._end_guardian()
+
+    async def _end_guardian(self) -> None:
+        guardian, self._guardian = self._guardian, None
+        if guardian is not None:
+            guardian.complete()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(guardian.process.wait, 10)
 
     def _log_summary(self) -> None:
         r = self.report

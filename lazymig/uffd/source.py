@@ -529,6 +529,8 @@ class _Lane:
                 f"page server connection ({self.name}) failed: {error}")
             if not self.closing:
                 log.error("%s", self.failed)
+                if self.source.on_failure is not None:  # even with no request waiting
+                    self.source.on_failure(self.failed)
         self._stop_timers()
         requests = list(self.queued)
         self.queued.clear()
@@ -582,6 +584,9 @@ class RemotePageSource:
         """Connections re-established after a loss."""
         self.answered = False
         """The server ever sent a byte: the session worked once (and may be resumed)."""
+        self.on_failure: Callable[[BaseException], None] | None = None
+        """Called once a connection is lost for good (reconnection gave up), even when no
+        request waits that would tell: a daemon fetching only on faults learns it so."""
         self._lanes = [_Lane(self, "urgent" if i else "main") for i in range(channels)]
 
     @classmethod

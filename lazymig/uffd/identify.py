@@ -1,0 +1,124 @@
+"""Which process a handed-over userfaultfd serves, found once and off the event loop.
+
+The handover names a process only by its pid as the images know it: under
+``criu restore`` a pid in the restored tree's own pid namespace, with lazymig's
+restorer or :func:`~lazymig.uffd.attach.attach` the dump's pid (any id the page
+source knows). Faults name their thread only when the uffd has THREAD_ID, which
+``criu restore`` does not ask for. Yet a daemon that must stop, or whose page
+source failed, has to kill exactly that process: once its uffd closes, the pages
+that never arrived read as zeros.
+
+The kernel shows which mappings of a process are registered with a userfaultfd
+(``um`` in smaps' VmFlags) and the process's pid in every pid namespace
+(``NSpid``). The process a uffd serves is the one, among the restorer (the
+peer of the handover socket: attach's caller) and its descendants (the tree
+``criu restore`` forks), whose registered mappings cover every lazy range of its
+image pid; where several do (a parent and its forked child share addresses),
+the one whose innermost pid is the image pid. Only when the restorer's tree
+holds none (a restorer gone, its tree reparented) are all processes searched,
+and then only a unique match counts. The match is checked again after its
+pidfd is opened, so the pidfd names that process even if its pid is reused.
+
+This reads /proc (every process's stat, candidates' smaps): it blocks, so the
+daemon runs it in a thread (:func:`asyncio.to_thread`), once per process, when
+its restorer says the restore finished (CRIU's restorer registers the ranges
+after it handed the uffd over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from lazymig.linux.procfs import descendants, ns_pids, processes, userfaultfd_vmas
+from lazymig.proto.constants import PAGE_SIZE
+
+__all__ = ["Identified", "identify"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    """The process a uffd serves: its pid as the daemon's own /proc shows it and a
+    pidfd of it (owned by the caller)."""
+
+    pid: int
+    pidfd: int
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def _covers(pid: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Every lazy ``(vaddr, nr_pages)`` lies in a userfaultfd-registered mapping of ``pid``."""
+    try:
+        spans = _merged(userfaultfd_vmas(pid))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return bool(spans) and all(
+        any(start <= vaddr and vaddr + nr * PAGE_SIZE <= end for start, end in spans)
+        for vaddr, nr in ranges)
+
+
+def _inner_pid(pid: int) -> int | None:
+    try:
+        return ns_pids(pid)[-1]
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+        return None
+
+
+def _pick(pids: Iterable[int], image_pid: int, ranges: Sequence[tuple[int, int]]
+          ) -> tuple[int | None, list[int]]:
+    """The one of ``pids`` the uffd serves (None if no or several fit), and every
+    process that fits."""
+    fitting = [p for p in pids if _covers(p, ranges)]
+    named = [p for p in fitting if _inner_pid(p) == image_pid]
+    if len(named) == 1:
+        return named[0], fitting
+    if not named and len(fitting) == 1:
+        return fitting[0], fitting
+    return None, fitting
+
+
+def identify(image_pid: int, ranges: Sequence[tuple[int, int]], restorer_pid: int,
+             claimed: Collection[int] = ()) -> Identified | str:
+    """Find the process whose lazy ranges ``ranges`` (``(vaddr, nr_pages)``, those of
+    ``image_pid``) a uffd handed over by ``restorer_pid`` covers; ``claimed`` are
+    processes that other uffds serve. Blocking (it reads /proc).
+
+    Returns:
+        the process, or why it could not be told (no process fits, or several do).
+    """
+    if not ranges:
+        return "it has no lazy range to recognise it by"
+    tree = [restorer_pid, *descendants(restorer_pid)]
+    pid, fitting = _pick((p for p in tree if p not in claimed), image_pid, ranges)
+    if not fitting:
+        # The restorer's tree has no such process (a restorer gone, its tree
+        # reparented): any process named so may, if exactly one fits.
+        everyone = [p for p in processes() if p not in claimed and _inner_pid(p) == image_pid]
+        pid, fitting = _pick(everyone, image_pid, ranges)
+    if pid is None:
+        if not fitting:
+            return (f"no process (of restorer {restorer_pid}'s tree or any other) has "
+                    f"userfaultfd-registered mappings covering its lazy ranges")
+        return (f"processes {sorted(fitting)} all have userfaultfd-registered mappings "
+                f"covering its lazy ranges")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return f"process {pid}, which it was, exited"
+    # Still the process that fitted (not a new one with its pid), now pinned by the pidfd.
+    if not _covers(pid, ranges):
+        with contextlib.suppress(OSError):
+            os.close(pidfd)
+        return f"process {pid}, which it was, exited or changed its mappings"
+    return Identified(pid, pidfd)
