@@ -94,13 +94,19 @@ connection got all its pages (or exited); the uffd may be released."""
 
 HOLD: Final = b"LZHD"
 """Daemon → its own guardian, with a uffd as SCM_RIGHTS: hold it for process KEY
-(image pid PID; a forked child of process PARENT, or 0)."""
+(image pid PID, handed over by RESTORER; a forked child of process PARENT, or 0),
+followed by its lazy ranges (to name it should the daemon die first)."""
 IDENTIFIED: Final = b"LZID"
 """Daemon → its own guardian, with a pidfd as SCM_RIGHTS: process KEY is that one."""
 RELEASE: Final = b"LZRL"
 """Daemon → its own guardian: process KEY is settled; let go of its fds."""
-_RECORD = struct.Struct("=4sIII")
-"""A record to the daemon's own guardian: word, key, image pid, parent key."""
+_RECORD = struct.Struct("=4sIIII")
+"""A record to the daemon's own guardian: word, key, image pid, parent key, restorer."""
+_RANGE = struct.Struct("=QQ")
+_MAX_RANGES = 4096
+"""Lazy ranges a HOLD carries at most (enough to tell a process by)."""
+_RETRY = 0.5
+"""Seconds between the guardian's looks at processes it could not name yet."""
 
 
 def spawn_guardian(connection: socket.socket, uffd: int, pid: int) -> subprocess.Popen[bytes]:
@@ -142,7 +148,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _kill(pidfd: int, pid: int, reason: str) -> None:
     # Descendants first, collected while they are still linked to the process.
-    doomed = _descendants(pid)
+    doomed = _descendants(pid) if pid > 0 else []
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     for child in doomed:
@@ -249,20 +255,24 @@ class DaemonGuardian:
             theirs.close()
         self.closed = False
 
-    def _send(self, word: bytes, key: int, pid: int = 0, parent: int = 0,
-              fds: list[int] | None = None) -> None:
+    def _send(self, word: bytes, key: int, pid: int = 0, parent: int = 0, restorer: int = 0,
+              fds: list[int] | None = None, payload: bytes = b"") -> None:
         if self.closed:
             return
         try:
-            socket.send_fds(self._socket, [_RECORD.pack(word, key, pid, parent)], fds or [])
+            socket.send_fds(self._socket, [_RECORD.pack(word, key, pid, parent, restorer)
+                                           + payload], fds or [])
         except OSError as exc:  # it died: nothing holds for us any more
             log.error("the lazy-pages daemon's guardian (pid %d) is gone: %s",
                       self.process.pid, exc)
             self.closed = True
 
-    def hold(self, key: int, pid: int, uffd: int, *, parent: int = 0) -> None:
-        """Hold ``uffd`` (a duplicate is sent) of process ``key``, image pid ``pid``."""
-        self._send(HOLD, key, pid, parent, [uffd])
+    def hold(self, key: int, pid: int, uffd: int, *, restorer: int,
+             ranges: list[tuple[int, int]], parent: int = 0) -> None:
+        """Hold ``uffd`` (a duplicate is sent) of process ``key``, image pid ``pid``
+        with lazy ``ranges`` ``(vaddr, nr_pages)``, handed over by ``restorer``."""
+        payload = b"".join(_RANGE.pack(*r) for r in ranges[:_MAX_RANGES])
+        self._send(HOLD, key, pid, parent, restorer, [uffd], payload)
 
     def identified(self, key: int, pidfd: int) -> None:
         """Process ``key`` is the one behind ``pidfd`` (a duplicate is sent)."""
@@ -288,8 +298,10 @@ class DaemonGuardian:
 class _Ward:
     """A process the daemon's guardian holds."""
 
-    pid: int  # its image pid (for the log)
+    pid: int  # its image pid
     parent: int  # the key of the process it forked from, or 0
+    restorer: int  # the pid that handed it over
+    ranges: list[tuple[int, int]]
     uffds: list[int] = field(default_factory=list)
     pidfd: int | None = None
 
@@ -321,14 +333,16 @@ def guard_daemon(connection_fd: int) -> int:
                 wards.pop(key).close()
                 continue
             try:
-                data, fds, _, _ = socket.recv_fds(connection, _RECORD.size, 2)
+                data, fds, _, _ = socket.recv_fds(
+                    connection, _RECORD.size + _MAX_RANGES * _RANGE.size, 2)
             except OSError:
                 data, fds = b"", []
             if not data:
                 return _daemon_gone(wards)
-            word, key, pid, parent = _RECORD.unpack(data)
+            word, key, pid, parent, restorer = _RECORD.unpack_from(data)
             if word == HOLD:
-                wards.setdefault(key, _Ward(pid, parent)).uffds.extend(fds)
+                ranges = list(_RANGE.iter_unpack(data[_RECORD.size:]))
+                wards.setdefault(key, _Ward(pid, parent, restorer, ranges)).uffds.extend(fds)
             elif word == IDENTIFIED and key in wards and fds:
                 wards[key].pidfd = fds[0]
                 by_pidfd[fds[0]] = key
@@ -349,29 +363,43 @@ def guard_daemon(connection_fd: int) -> int:
 
 
 def _daemon_gone(wards: dict[int, _Ward]) -> int:
-    """The daemon died before every process was settled: kill those it identified
-    (forked children die as their descendants), hold the others' uffds."""
-    killed: set[int] = set()
-    for key, ward in wards.items():
-        if ward.pidfd is not None:
-            _kill(ward.pidfd, _pidfd_pid(ward.pidfd),
-                  "the lazy-pages daemon went away before every page arrived")
-            killed.add(key)
-    unknown = {key: w for key, w in wards.items()
-               if key not in killed and w.parent not in killed}
-    for key, ward in wards.items():
-        if key not in unknown:
-            ward.close()
-    if not unknown:
-        return 1
-    log.error("lazymig guardian (pid %d): the lazy-pages daemon went away; the processes "
-              "of image pids %s could not be identified: their userfaultfds stay held here, "
-              "so they stop at their next missing page instead of reading zeros. Kill them "
-              "(a process of the restored tree with userfaultfd-registered mappings, "
-              "VmFlags 'um' in /proc/PID/smaps), then this guardian", os.getpid(),
-              sorted(w.pid for w in unknown.values()))
+    """The daemon died before every process was settled: kill those it named (a
+    forked child dies as a descendant of its parent), name the others if possible
+    and kill them, and hold the uffds of those that cannot be named until they exit."""
+    from lazymig.linux.procfs import lowest_mappable  # noqa: PLC0415 (only on this path)
+    from lazymig.linux.uffd import memory_alive  # noqa: PLC0415
+    from lazymig.uffd.identify import Identified, identify  # noqa: PLC0415
+
+    reason = "the lazy-pages daemon went away before every page arrived"
+    probe = lowest_mappable()
+    done: set[int] = set()
+    told = False
     while True:
-        time.sleep(3600)
+        for key, ward in wards.items():
+            if key in done:
+                continue
+            if ward.pidfd is None and ward.parent not in done:
+                found = identify(ward.pid, ward.ranges, ward.restorer, ())
+                if isinstance(found, Identified):
+                    ward.pidfd = found.pidfd
+            if ward.pidfd is not None and (pid := _pidfd_pid(ward.pidfd)) > 0:
+                _kill(ward.pidfd, pid, reason)
+            elif ward.parent not in done and any(memory_alive(fd, probe) for fd in ward.uffds):
+                continue  # still there, unnamed: held
+            done.add(key)
+            ward.close()
+        left = [w for key, w in wards.items() if key not in done]
+        if not left:
+            return 1
+        if not told:
+            told = True
+            log.error("lazymig guardian (pid %d): %s; the processes of image pids %s could "
+                      "not be identified: their userfaultfds stay held here, so they stop at "
+                      "their next missing page instead of reading zeros, until they exit. Kill "
+                      "them: processes of the restored tree with userfaultfd-registered "
+                      "mappings covering their lazy ranges ('um' in /proc/PID/smaps VmFlags)",
+                      os.getpid(), reason, sorted(w.pid for w in left))
+        time.sleep(_RETRY)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 __all__ = [
     "descendants",
+    "lowest_mappable",
     "ns_pids",
     "processes",
     "read_stat",
@@ -122,3 +123,11 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def lowest_mappable() -> int:
+    """The lowest page address mmap allows (``vm.mmap_min_addr``, at least one page in):
+    no process maps it in practice, so a probe there touches nothing."""
+    with open("/proc/sys/vm/mmap_min_addr") as f:
+        lowest = int(f.read())
+    return max(4096, (lowest + 4095) & ~4095)

@@ -22,6 +22,7 @@ from typing import Final
 from lazymig.errors import LazyMigOSError
 from lazymig.linux._libc import check, libc
 from lazymig.proto import uffd as p
+from lazymig.proto.constants import PAGE_SIZE
 
 __all__ = [
     "Buffer",
@@ -29,6 +30,7 @@ __all__ = [
     "api",
     "buffer_address",
     "copy",
+    "memory_alive",
     "open_dev_userfaultfd",
     "register",
     "unregister",
@@ -159,6 +161,21 @@ def unregister(fd: int, start: int, length: int, *, pid: int | None = None) -> N
     """UFFDIO_UNREGISTER ``[start, start+length)``."""
     _ioctl(fd, p.UFFDIO_UNREGISTER, bytearray(p.RANGE_STRUCT.pack(start, length)),
            "UFFDIO_UNREGISTER", pid)
+
+
+def memory_alive(fd: int, probe: int) -> bool:
+    """Whether the process whose memory uffd ``fd`` covers still has it (it did not exit).
+
+    A uffd says nothing when its process exits, but UFFDIO_UNREGISTER answers ENOMEM
+    once that memory has no users. ``probe`` is a page no process maps (the lowest
+    one mmap allows, :func:`lazymig.linux.procfs.lowest_mappable`): its unregister
+    changes nothing, and fails with EINVAL while the process lives.
+    """
+    try:
+        unregister(fd, probe, PAGE_SIZE)
+    except UffdError as exc:
+        return not exc.process_gone
+    return True
 
 
 def wake(fd: int, start: int, length: int, *, pid: int | None = None) -> None:

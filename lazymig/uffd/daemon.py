@@ -74,8 +74,8 @@ from lazymig._aio import retry_until_ready
 from lazymig._listen import SOCKET_NAME, listen_unix
 from lazymig.errors import LazyMigError, RemoteProtocolError
 from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE, DaemonGuardian
-from lazymig.linux.procfs import read_stat, registered_with_userfaultfd
-from lazymig.linux.uffd import UffdError
+from lazymig.linux.procfs import lowest_mappable, read_stat, registered_with_userfaultfd
+from lazymig.linux.uffd import UffdError, memory_alive
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.handover import RestoreFinished, ZombieTask
 from lazymig.proto.images import ImagesDir
@@ -527,7 +527,8 @@ class LazyPagesDaemon:
             self._guardian = DaemonGuardian()
             log.info("guardian %d holds every uffd too: should this daemon die, it kills the "
                      "processes still missing pages", self._guardian.process.pid)
-        self._guardian.hold(proc.key, pid, uffd.fd, parent=parent.key if parent else 0)
+        self._guardian.hold(proc.key, pid, uffd.fd, restorer=restorer, ranges=image_ranges,
+                            parent=parent.key if parent else 0)
         return proc
 
     # ------------------------------------------------------------------ identifying
@@ -803,17 +804,22 @@ class LazyPagesDaemon:
         A uffd says nothing when its process exits; copies then fail with ESRCH,
         but a process with nothing being copied (no background, or held after a
         failure) would wait forever. An identified process's pidfd tells (see
-        :meth:`_identified`); for the others, the thread ids that came with faults.
+        :meth:`_identified`); for the others, the thread ids that came with faults,
+        or the uffd itself (:func:`~lazymig.linux.uffd.memory_alive`).
         """
+        probe = lowest_mappable()
         while True:
             await asyncio.sleep(period)
             for proc in self._processes:
-                if proc.pidfd is None and proc.state in (
-                        ProcessState.RUNNING, ProcessState.FAILED) and proc.threads and not any(
-                        _thread_start_time(tid) == started
-                        for tid, started in proc.threads.items()):
+                if proc.pidfd is not None or proc.state not in (
+                        ProcessState.RUNNING, ProcessState.FAILED):
+                    continue
+                if proc.threads and not any(_thread_start_time(tid) == started
+                                            for tid, started in proc.threads.items()):
                     self._finish(proc, ProcessState.EXITED,
                                  "every thread that faulted has exited", force=True)
+                elif not proc.uffd.closed and not memory_alive(proc.uffd.fd, probe):
+                    self._finish(proc, ProcessState.EXITED, "the process exited", force=True)
 
     # ------------------------------------------------------------------ ends
 
@@ -916,9 +922,14 @@ class LazyPagesDaemon:
         holding its uffd, trying again every :data:`HOLD_RETRY` s, until it can be
         killed or the daemon is cancelled again (its guardian then holds it). The
         page-server session ends with a reset (the dump side keeps its source)."""
+        probe = lowest_mappable()
         try:
             while unsettled := self._unsettled():
-                await self._identify(unsettled)
+                for proc in unsettled:
+                    if not proc.uffd.closed and not memory_alive(proc.uffd.fd, probe):
+                        self._finish(proc, ProcessState.EXITED, "the process exited",
+                                     force=True)
+                await self._identify(self._unsettled())
                 for proc in self._unsettled():
                     if not proc.background and proc.pidfd is None and not proc.threads:
                         # Its restorer has not said "restore finished": it is still there,
