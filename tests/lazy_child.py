@@ -74,6 +74,10 @@ def main() -> None:
         for i in order:
             verify(pid, base, [i], f"page {i}")
             time.sleep(0.005)
+    elif scenario == "some-then-wait":  # a working set, then nothing more
+        verify(pid, base, order[:8], "touched")
+        sys.stdin.readline()
+        verify(pid, base, order, "after waiting")
     elif scenario == "wait":
         sys.stdin.readline()  # let the background fetch do everything first
         verify(pid, base, order, "after background")
