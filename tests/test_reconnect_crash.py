@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from test_reconnect import restore_and_compare
 from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_with_output
 from test_uffd_kernel import Child
 
-from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, spawn_guardian
+from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, DaemonGuardian, spawn_guardian
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.images import ImagesDir
 from lazymig.testing.workload import Check, Workload
@@ -246,3 +246,72 @@ async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(
             if guardian is not None:
                 guardian.kill()
                 guardian.wait()
+
+
+# -- the daemon's own guardian alone: a real guardian, a real child and its real uffd --
+
+@contextlib.asynccontextmanager
+async def daemon_guarded_child() -> AsyncIterator[tuple[DaemonGuardian, Child]]:
+    """A child holding a registered region (tests/uffd_child.py) and a guardian the way
+    the daemon starts one; both gone afterwards."""
+    child = await Child.start(16, int(DEFAULT_FEATURES))
+    guardian = DaemonGuardian()
+    try:
+        yield guardian, child
+    finally:
+        guardian.close()
+        await child.stop()
+        if guardian.process.poll() is None:
+            guardian.process.kill()
+        await asyncio.to_thread(guardian.process.wait, 10)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("named_by", ["daemon", "guardian"])
+async def test_the_daemons_guardian_kills_what_it_holds_when_the_daemon_dies(
+        named_by: str) -> None:
+    """The daemon named the process (its pidfd came), or had not yet: the guardian then
+    names it from the ranges and the restorer that came with the uffd."""
+    async with asyncio.timeout(30), daemon_guarded_child() as (guardian, child):
+        guardian.hold(1, 4321, child.uffd.fd, restorer=os.getpid(),
+                      ranges=[(child.addr, child.npages)])
+        if named_by == "daemon":
+            pidfd = os.pidfd_open(child.pid)
+            guardian.identified(1, pidfd)
+            os.close(pidfd)
+        guardian.close()  # as the kernel does when the daemon dies
+        assert await asyncio.to_thread(guardian.process.wait, 10) == 1
+        assert await asyncio.to_thread(child.proc.wait, 10) == -signal.SIGKILL
+
+
+@pytest.mark.asyncio
+async def test_the_daemons_guardian_lets_go_of_what_is_settled() -> None:
+    async with asyncio.timeout(30), daemon_guarded_child() as (guardian, child):
+        guardian.hold(1, 4321, child.uffd.fd, restorer=os.getpid(),
+                      ranges=[(child.addr, child.npages)])
+        guardian.release(1)  # complete (or killed by the daemon itself)
+        guardian.close()
+        assert await asyncio.to_thread(guardian.process.wait, 10) == 1
+        assert child.proc.poll() is None
+    async with asyncio.timeout(30), daemon_guarded_child() as (guardian, child):
+        guardian.hold(1, 4321, child.uffd.fd, restorer=os.getpid(),
+                      ranges=[(child.addr, child.npages)])
+        guardian.complete()  # every process settled: the daemon ends
+        assert await asyncio.to_thread(guardian.process.wait, 10) == 0
+        assert child.proc.poll() is None
+
+
+@pytest.mark.asyncio
+async def test_the_daemons_guardian_holds_a_process_it_cannot_name_until_it_exits() -> None:
+    """Ranges no process has registered: nothing to kill, so the uffd stays held (the
+    process would stop at a missing page) until the process is gone."""
+    async with asyncio.timeout(30), daemon_guarded_child() as (guardian, child):
+        guardian.hold(1, 4321, child.uffd.fd, restorer=os.getpid(),
+                      ranges=[(child.addr + 2**40, 1)])
+        guardian.close()
+        with pytest.raises(subprocess.TimeoutExpired):
+            await asyncio.to_thread(guardian.process.wait, 2)
+        assert userfaultfds(guardian.process.pid) == 1 and child.proc.poll() is None
+        child.proc.kill()
+        await asyncio.to_thread(child.proc.wait, 10)
+        assert await asyncio.to_thread(guardian.process.wait, 10) == 1
