@@ -28,8 +28,9 @@ from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd, kernel_features
 __all__ = ["ATTACH_FEATURES", "attach"]
 
 ATTACH_FEATURES = DEFAULT_FEATURES | Feature.THREAD_ID
-"""CRIU's features plus THREAD_ID, so the daemon learns which threads fault
-(it kills them rather than let them run on pages that cannot arrive)."""
+"""CRIU's features plus THREAD_ID, so the daemon learns which threads fault (what it
+kills, should it fail to name the process, rather than let them run on pages that
+cannot arrive)."""
 
 
 def attach(socket_path: str | os.PathLike[str], pid: int,
@@ -46,9 +47,10 @@ def attach(socket_path: str | os.PathLike[str], pid: int,
         finish: also send the restore-finished marker, which starts the
             daemon's background fetch.
         timeout: seconds to wait for the daemon.
-        thread_ids: faults carry the faulting thread's id when the kernel can (the
-            daemon kills those threads if pages can never arrive); False hands over
-            a uffd without them, as ``criu restore`` does (the process is then held).
+        thread_ids: faults carry the faulting thread's id when the kernel can; False
+            hands over a uffd without them, as ``criu restore`` does. Either way the
+            daemon names the calling process (the peer of its socket, whose regions
+            are registered) and kills it if its pages can never arrive.
 
     Raises:
         ConfigurationError: a region is not page-aligned.
