@@ -228,6 +228,7 @@ class _Process:
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
         self.readers: set[int] = set()  # tids of other processes that read its memory
+        self.learning: set[int] = set()  # tids being told apart (see _learn_thread)
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.guardian: socket.socket | None = None  # its restorer's connection
         self.forked = False  # a FORK event's child (its guardian lacks its uffd)
@@ -621,14 +622,24 @@ class LazyPagesDaemon:
     def _learn_thread(self, proc: _Process, tid: int, address: int) -> None:
         # A process reading this one's memory (process_vm_readv, a debugger) faults on
         # its pages too, with its own tid: only a thread whose own mapping is the lazy
-        # one belongs to ``proc`` (killed on failure, watched for exit).
-        if not registered_with_userfaultfd(tid, address):
+        # one belongs to ``proc`` (killed on failure, watched for exit). Telling them
+        # apart reads smaps: in a thread, never on the fault path.
+        if self._tg is not None:
+            proc.learning.add(tid)
+            self._tg.create_task(self._classify_thread(proc, tid, address))
+
+    async def _classify_thread(self, proc: _Process, tid: int, address: int) -> None:
+        try:
+            own, started = await asyncio.to_thread(_thread_facts, tid, address)
+        finally:
+            proc.learning.discard(tid)
+        if not own:
             proc.readers.add(tid)
             log.info("pid %d: thread %d of another process reads its memory", proc.pid, tid)
-            return
-        started = _thread_start_time(tid)
-        if started is not None:
+        elif started is not None:
             proc.threads[tid] = started
+            if proc.state is ProcessState.FAILED:  # it faulted after the source failed
+                self._kill(proc, proc.reason or "its pages will never arrive")
 
     def _close_uffd(self, proc: _Process) -> None:
         if not proc.uffd.closed:
@@ -638,8 +649,10 @@ class LazyPagesDaemon:
 
     def _on_fault(self, proc: _Process, fault: Pagefault) -> None:
         address = fault.address & ~(PAGE_SIZE - 1)
-        if fault.ptid and fault.ptid not in proc.threads and fault.ptid not in proc.readers:
-            self._learn_thread(proc, fault.ptid, address)
+        tid = fault.ptid
+        if tid and tid not in proc.threads and tid not in proc.readers \
+                and tid not in proc.learning:
+            self._learn_thread(proc, tid, address)
         if proc.state is ProcessState.FAILED:
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
@@ -972,6 +985,9 @@ class LazyPagesDaemon:
     async def _end_session(self) -> None:
         # An orderly CLOSE only when every page arrived: anything else resets the
         # connection, which tells the dump side to keep its source (see source.py).
+        # Every process is settled: a connection lost now fails no one.
+        if isinstance(self.source, RemotePageSource):
+            self.source.on_failure = None
         try:
             if self.report.ok:
                 await self.source.aclose()
@@ -999,6 +1015,13 @@ class LazyPagesDaemon:
                  "(p50 %.0f us, p99 %.0f us)", "complete" if r.ok else "FAILED",
                  len(r.processes), r.bytes_copied / 2**20, r.throughput() / 1e6,
                  len(latency), p50, p99)
+
+
+def _thread_facts(tid: int, address: int) -> tuple[bool, int | None]:
+    """Whether thread ``tid``'s own mapping at ``address`` is registered with a
+    userfaultfd (it belongs to the process faulting there, not to a reader of its
+    memory), and its start time. Blocking: it reads smaps."""
+    return registered_with_userfaultfd(tid, address), _thread_start_time(tid)
 
 
 def _thread_start_time(tid: int) -> int | None:
