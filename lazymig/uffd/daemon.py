@@ -121,7 +121,8 @@ TRANSITIONS: Mapping[ProcessState, frozenset[ProcessState]] = {
     ProcessState.RUNNING: frozenset({ProcessState.COMPLETE, ProcessState.EXITED,
                                      ProcessState.FAILED, ProcessState.KILLED,
                                      ProcessState.ABANDONED}),
-    ProcessState.FAILED: frozenset({ProcessState.KILLED, ProcessState.EXITED}),
+    ProcessState.FAILED: frozenset({ProcessState.KILLED, ProcessState.EXITED,
+                                    ProcessState.ABANDONED}),
     ProcessState.COMPLETE: frozenset(),
     ProcessState.EXITED: frozenset(),
     ProcessState.KILLED: frozenset(),
@@ -566,10 +567,11 @@ class LazyPagesDaemon:
                 proc.identifying = False
         for proc, result in zip(todo, results, strict=True):
             if isinstance(result, str):
-                proc.unidentified = result
-                log.warning("pid %d: its process could not be identified (%s); should its "
-                            "pages never arrive, it is held rather than killed", proc.pid,
-                            result)
+                first, proc.unidentified = proc.unidentified is None, result
+                if first:
+                    log.warning("pid %d: its process could not be identified (%s); should "
+                                "its pages never arrive, it is held rather than killed",
+                                proc.pid, result)
                 continue
             self._identified(proc, result)
 
@@ -936,13 +938,13 @@ class LazyPagesDaemon:
         killed or the daemon is cancelled again (its guardian then holds it). The
         page-server session ends with a reset (the dump side keeps its source)."""
         probe = lowest_mappable()
+        told: set[int] = set()
         try:
             while unsettled := self._unsettled():
                 for proc in unsettled:
                     if not proc.uffd.closed and not memory_alive(proc.uffd.fd, probe):
                         self._finish(proc, ProcessState.EXITED, "the process exited",
                                      force=True)
-                await self._identify(self._unsettled())
                 for proc in self._unsettled():
                     if not proc.background and proc.pidfd is None and not proc.threads:
                         # Its restorer has not said "restore finished": it is still there,
@@ -950,13 +952,18 @@ class LazyPagesDaemon:
                         proc.to(ProcessState.ABANDONED, f"{reason} before its restore finished")
                         log.error("pid %d: %s", proc.pid, proc.reason)
                         self._settle(proc, close=False)
+                await self._identify(self._unsettled())
                 held = [p for p in self._unsettled() if not self._kill(p, reason)]
                 if not held:
                     break
                 for proc in held:
+                    if proc.key in told:
+                        continue
+                    told.add(proc.key)
                     log.error("%s was not killed: %s, with %d pages missing, and its process "
                               "cannot be identified; the daemon keeps holding it (it stops at "
-                              "its next missing page) and does not exit until it can kill it. "
+                              "its next missing page) and does not exit until it exits or can "
+                              "be killed. "
                               "Kill it yourself: a process of the tree of restorer %d whose "
                               "userfaultfd-registered mappings ('um' in /proc/PID/smaps) hold "
                               "its lazy ranges", proc.who(), reason, proc.missing,
