@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -20,16 +21,17 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from lazydump import write_lazy_dump
+from lazydump import page_pattern, write_lazy_dump
 from reliability import Recorder
+from test_uffd_kernel import Child
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
 from lazymig.proto.images import ImagesDir
 from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
-from lazymig.uffd.handover import send_task
+from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
-from lazymig.uffd.uffd import Uffd
+from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
 
 CHILD = Path(__file__).with_name("lazy_child.py")
 BASE = 0x6F0000000000
@@ -382,3 +384,43 @@ async def test_a_cancelled_daemon_kills_what_it_leaves_unfinished(
     assert code == -signal.SIGKILL, out
     assert "MISMATCH" not in out
     assert daemon.report.processes[0].state == "killed"
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_daemon_holds_a_process_it_cannot_name_until_it_exits(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its image's lazy ranges reach beyond every registered mapping of the process (so
+    no process fits them), and its uffd has no thread ids: stopped, the daemon cannot
+    kill it, so it keeps holding its uffd (a missing page traps: here it is still
+    served, never zeros), says what to do, and ends once the process is gone."""
+    async with asyncio.timeout(60):
+        child = await Child.start(16, int(DEFAULT_FEATURES))
+        try:
+            pid = 4321
+            write_lazy_dump(tmp_path, {pid: [(0x10000000, 1), (child.addr, child.npages)]})
+            daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
+                                               background=False)
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
+                await send_task(conn, pid, child.uffd.fd)
+                await send_restore_finished(conn)
+                child.uffd.close()
+                await child.call(op="read", addr=child.addr, n=1)  # the daemon serves
+                for _ in range(1000):  # named (or not) once the restore finished
+                    if "could not be identified" in caplog.text:
+                        break
+                    await asyncio.sleep(0.01)
+                running.cancel()
+                await asyncio.sleep(1.5)
+                assert not running.done()  # held: it does not end
+                assert "Kill it yourself" in caplog.text
+                page = child.addr + 5 * 4096
+                read = await child.call(op="read", addr=page, n=1)
+                assert read["sha"] == [hashlib.sha256(page_pattern(pid, page)).hexdigest()]
+                await child.stop()
+                with pytest.raises(asyncio.CancelledError):
+                    await running
+        finally:
+            await child.stop()
+    assert [p.state for p in daemon.report.processes] == ["exited"]
