@@ -13,7 +13,13 @@ from lazymig.uffd.attach import attach
 
 if TYPE_CHECKING:
     from lazymig.linux.uffd import UffdError
-    from lazymig.uffd.daemon import SOCKET_NAME, DaemonReport, LazyPagesDaemon, ProcessReport
+    from lazymig.uffd.daemon import (
+        SOCKET_NAME,
+        DaemonReport,
+        LazyPagesDaemon,
+        ProcessReport,
+        ProcessState,
+    )
     from lazymig.uffd.ranges import CopyRange, LazyRanges, PageState, Request
     from lazymig.uffd.source import LocalPageSource, PageChunk, PageSource, RemotePageSource
     from lazymig.uffd.uffd import DEFAULT_FEATURES, FeatureUnavailableError, Uffd, kernel_features
@@ -31,6 +37,7 @@ __all__ = [
     "PageSource",
     "PageState",
     "ProcessReport",
+    "ProcessState",
     "RemotePageSource",
     "Request",
     "Uffd",
@@ -41,7 +48,8 @@ __all__ = [
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "lazymig.linux.uffd": ["UffdError"],
-    "lazymig.uffd.daemon": ["SOCKET_NAME", "DaemonReport", "LazyPagesDaemon", "ProcessReport"],
+    "lazymig.uffd.daemon": ["SOCKET_NAME", "DaemonReport", "LazyPagesDaemon", "ProcessReport",
+                            "ProcessState"],
     "lazymig.uffd.ranges": ["CopyRange", "LazyRanges", "PageState", "Request"],
     "lazymig.uffd.source": ["LocalPageSource", "PageChunk", "PageSource", "RemotePageSource"],
     "lazymig.uffd.uffd": ["DEFAULT_FEATURES", "FeatureUnavailableError", "Uffd",
