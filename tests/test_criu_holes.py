@@ -117,7 +117,7 @@ def test_a_criu_restored_tree_dies_with_the_daemon_when_its_pages_cannot_come(
             assert f"process {root} (image pid 1) killed" in text, text[-3000:]
         else:
             assert status == -signal.SIGKILL
-            assert "lazymig guardian: killed restored process" in text, text[-3000:]
+            wait_logged(daemon_log, "lazymig guardian: killed restored process")
         # What the restored processes printed after the dump: never a page that differs.
         after = workload.output().ticks[len(dumped.ticks):]
         assert all(t.bad_pages == 0 for t in after), after

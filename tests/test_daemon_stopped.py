@@ -110,6 +110,8 @@ async def test_a_process_without_thread_ids_dies_with_the_daemon(
                 daemon.send_signal(how)
                 code, out = await finish(child)
                 status = await daemon.wait()
+                if how == signal.SIGKILL:  # the guardian says so once it has killed
+                    await logged(log, f"lazymig guardian: killed restored process {child.pid}")
         finally:
             await stop(serving)
     store.close()
