@@ -32,7 +32,7 @@ it dies, and the page server keeps its source for a retry.
 
 ``criu restore`` leaves no guardian, so the daemon keeps one of its own for
 every process it holds (:class:`DaemonGuardian`, started with ``python -m
-lazymig.guardian --daemon FD``): over a SOCK_SEQPACKET pair the daemon sends it
+lazymig.guardian --daemon FD NICE``): over a SOCK_SEQPACKET pair the daemon sends it
 a duplicate of each uffd as it adopts the process (:data:`HOLD`), the process's
 pidfd once it identified it (:data:`IDENTIFIED`, see
 :mod:`lazymig.uffd.identify`), and :data:`RELEASE` once it is settled
@@ -52,6 +52,7 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -243,10 +244,15 @@ class DaemonGuardian:
 
     def __init__(self) -> None:
         self._socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "lazymig.guardian", "--daemon", str(theirs.fileno()),
+                str(os.getpriority(os.PRIO_PROCESS, 0))]
+        # It starts as the first pages go out: its interpreter's start-up (~40 ms of CPU)
+        # must not take a vCPU from them. Once up it takes the daemon's priority back.
+        if (nice := shutil.which("nice")) is not None:
+            argv = [nice, "-n", "19", *argv]
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "lazymig.guardian", "--daemon", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, start_new_session=True)
         except BaseException:
             self._socket.close()
@@ -404,13 +410,15 @@ def _daemon_gone(wards: dict[int, _Ward]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lazymig.guardian CONNECTION_FD UFFD PIDFD`` (see :func:`spawn_guardian`),
-    or ``python -m lazymig.guardian --daemon FD`` (see :class:`DaemonGuardian`)."""
+    or ``python -m lazymig.guardian --daemon FD NICE`` (see :class:`DaemonGuardian`)."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The restorer's terminal and signals are not ours: only the daemon's fate counts.
     for signo in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signo, signal.SIG_IGN)
     if args[:1] == ["--daemon"]:
+        with contextlib.suppress(OSError):  # started niced (see DaemonGuardian)
+            os.setpriority(os.PRIO_PROCESS, 0, int(args[2]))
         return guard_daemon(int(args[1]))
     connection_fd, uffd, pidfd = (int(a) for a in args)
     return guard(connection_fd, uffd, pidfd)
