@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "children",
     "descendants",
     "lowest_mappable",
     "ns_pids",
@@ -106,20 +107,29 @@ def processes() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, parents before their children (from the
-    parent links of /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for child in processes():
+def children(pid: int) -> list[int]:
+    """The live children of process ``pid`` (of any of its threads), from the kernel's
+    ``/proc/PID/task/TID/children`` lists; empty if it is gone."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return found
+    for task in tasks:
         try:
-            ppid = read_stat(child)[1][4]
-        except (OSError, ValueError, IndexError):  # gone meanwhile
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # that thread exited
             continue
-        children.setdefault(ppid, []).append(child)
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, parents before their children (a walk of
+    the kernel's children lists: only the tree's own /proc entries are read)."""
     found: list[int] = []
     todo = [pid]
     while todo:
-        for child in children.get(todo.pop(0), ()):
+        for child in children(todo.pop(0)):
             found.append(child)
             todo.append(child)
     return found
