@@ -568,10 +568,11 @@ class LazyPagesDaemon:
         for proc, result in zip(todo, results, strict=True):
             if isinstance(result, str):
                 first, proc.unidentified = proc.unidentified is None, result
-                if first:
-                    log.warning("pid %d: its process could not be identified (%s); should "
-                                "its pages never arrive, it is held rather than killed",
-                                proc.pid, result)
+                if first:  # a forked child that exits at once is common: no warning
+                    log.log(logging.INFO if proc.forked else logging.WARNING,
+                            "pid %d%s: its process could not be identified (%s); should its "
+                            "pages never arrive, it is held rather than killed", proc.pid,
+                            " (a forked child)" if proc.forked else "", result)
                 continue
             self._identified(proc, result)
 
