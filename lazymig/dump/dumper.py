@@ -48,10 +48,10 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from lazymig.dump.files import collect_files, inspect_files
-from lazymig.dump.freeze import FrozenProcess, inspect_target
+from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
 from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
@@ -59,6 +59,7 @@ from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import PipePageStore
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
+from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
@@ -429,6 +430,7 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     fp = await FrozenProcess.freeze(pid)
     pipes: PagePipes | None = None
     try:
+        await asyncio.to_thread(_refused_frozen, pid)
         files = await asyncio.to_thread(collect_files, pid)
         scan = await fp.scan()
         collect = scan if lazy else MemoryScan(
@@ -447,11 +449,42 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     return fp, written, pipes
 
 
+#: What an UnsupportedTargetError from a dump says to do.
+REFUSAL_HINT: Final = (
+    "The process was not touched. `criu dump --lazy-pages -t PID` with `criu restore "
+    "--lazy-pages` and lazymig's daemon (`lazymig lazy-pages --page-server`) migrates what "
+    "CRIU supports (docs/criu-interop.md)")
+
+
 def _inspect(pid: int) -> None:
-    """Refuse an unsupported target (its threads, mappings, open files) from /proc
-    alone, before it is frozen."""
-    inspect_target(pid)
-    inspect_files(pid)
+    """Refuse an unsupported target (its threads, mappings, open files, children)
+    from /proc alone, before it is frozen: one error naming every cause."""
+    reasons: list[str] = []
+    for check in (inspect_target, inspect_files, _inspect_children):
+        try:
+            check(pid)
+        except UnsupportedTargetError as exc:
+            reasons += exc.reasons
+    if reasons:
+        raise UnsupportedTargetError(pid, reasons, REFUSAL_HINT)
+
+
+def _inspect_children(pid: int) -> None:
+    """Refuse a process with children: they would be left behind (no trees yet)."""
+    kids = sorted(children(pid))
+    if kids:
+        raise UnsupportedTargetError(pid, [
+            f"it has child process{'es' if len(kids) > 1 else ''} "
+            f"{', '.join(map(str, kids))}: process trees are not migrated yet, and the "
+            "children would be left behind"])
+
+
+def _refused_frozen(pid: int) -> None:
+    """A child forked between :func:`_inspect` and the freeze is refused too."""
+    try:
+        _inspect_children(pid)
+    except UnsupportedTargetError as exc:
+        raise UnsupportedTargetError(pid, exc.reasons, REFUSAL_HINT) from None
 
 
 async def _run_blocking(fn: Callable[[], T], *, cleanup: Callable[[T], None], what: str) -> T:

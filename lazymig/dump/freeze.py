@@ -89,10 +89,13 @@ class UnsupportedTargetError(LazyMigError):
     after seizing it, and then it is released again).
     """
 
-    def __init__(self, pid: int, reasons: list[str]) -> None:
-        super().__init__(f"cannot migrate process {pid}: " + "; ".join(reasons))
+    def __init__(self, pid: int, reasons: list[str], hint: str = "") -> None:
+        super().__init__(f"cannot migrate process {pid}: " + "; ".join(reasons)
+                         + (f". {hint}" if hint else ""))
         self.pid = pid
         self.reasons = reasons
+        self.hint = hint
+        """What to do instead ("" if nothing to say)."""
 
 
 # -- checks that do not touch the target ------------------------------------------

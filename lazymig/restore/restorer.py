@@ -14,7 +14,9 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
 4. Each dumped VMA is mapped at its address with its protection: private
    anonymous ones anonymous, private file ones (and read-only shared ones)
    from the file recorded in ``lazymig-<pid>.img`` at their offset. The mm fields (brk, stack, args,
-   env, auxv, exe) are set at once with ``PR_SET_MM_MAP``.
+   env, auxv, exe) are set at once with ``PR_SET_MM_MAP`` just before, while
+   nothing is mapped: the kernel refuses (EBUSY) to switch the exe while the
+   old one is mapped, and the old one, the helper's, may be the dumped one.
 5. Pages with data in ``pages-1.img`` are written through ``/proc/PID/mem``.
    With ``lazy_pages``, PE_LAZY pages are not: a userfaultfd is created
    inside the process, the lazy ranges are registered on it, the restorer
@@ -370,6 +372,9 @@ class Restorer:
             if m.name not in _SPECIAL:
                 target.call(_SYS_MUNMAP, m.start, m.end - m.start, what=f"munmap({m.start:#x})")
         self._move_vdso(target, task, maps, [*busy, (scratch, scratch + _SCRATCH_SIZE)])
+        # Before the dumped VMAs: the kernel refuses to switch the exe while the old
+        # one is mapped, and the old one (the helper's) may be the dumped exe too.
+        self._set_mm(target, task)
 
         for v in task.mm.vmas:
             if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL):
@@ -391,7 +396,6 @@ class Restorer:
             if got != v.start:
                 raise RestoreError(f"{what} landed at {got:#x}")
             _madvise(target, v.start, v.end, v.madv)
-        self._set_mm(target, task)
         return self._write_pages(pid, task)
 
     def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],
