@@ -186,7 +186,7 @@ async def restore_and_check(images: Path, before: Check, loop: bool,
     the end). ``check_pid`` may inspect the restored process before it is checked."""
     read_fd, write_fd = os.pipe()
     argv = [*wrapper, sys.executable, "-m", "lazymig", "--uvloop" if loop else "--no-uvloop",
-            "restore", "--lazy-pages", "-D", str(images), "-d"]
+            "restore", "--lazy-pages", "-D", str(images), "-d", "--shell-job"]
     # Not stderr=PIPE: the restored process inherits the restorer's fds 0-2, so a
     # pipe would stay open as long as it runs.
     with ((log_dir or images) / "restore.log").open("w+") as log:
@@ -266,19 +266,19 @@ async def test_what_cannot_be_restored_is_refused_before_anything_runs(
     with Workload([str(exe), "--mib", "1"]) as w:
         await dump(w.pid, images)
     await asyncio.to_thread(_append, exe, b"\0")  # the mapped executable changed since
-    restorer = Restorer(images)
+    restorer = Restorer(images, shell_job=True)
     with pytest.raises(UnsupportedDumpError, match=r"pattern .*changed since the dump"):
         await restorer.run()
     assert restorer.process is None  # nothing was started
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "lazymig", "restore", "-D", str(images)],
-        capture_output=True, text=True, timeout=30)
+        subprocess.run, [sys.executable, "-m", "lazymig", "restore", "-D", str(images),
+                         "--shell-job"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "changed since the dump" in proc.stderr
 
     (images / f"lazymig-{w.pid}.img").unlink()  # as if `criu dump` had written it
     with pytest.raises(UnsupportedDumpError, match=r"not written by `lazymig dump`"):
-        await Restorer(images).run()
+        await Restorer(images, shell_job=True).run()
 
 
 def _children(pid: int) -> list[int]:
@@ -300,8 +300,8 @@ def _tree_digest(path: Path) -> dict[str, bytes]:
 
 def _start_restore(images: Path, stdout: int) -> subprocess.Popen[bytes]:
     with (images / "restore.log").open("w") as log:
-        return subprocess.Popen([sys.executable, "-m", "lazymig", "restore", "-D", str(images)],
-                                stdout=stdout, stderr=log)
+        return subprocess.Popen([sys.executable, "-m", "lazymig", "restore", "-D", str(images),
+                                 "--shell-job"], stdout=stdout, stderr=log)
 
 
 @pytest.mark.asyncio
@@ -474,7 +474,7 @@ async def test_a_plain_dump_restored_lazily_from_a_local_daemon(tmp_path: Path,
     with Workload([str(c_workload), "--mib", "4", "--interval-ms", "50"]) as w:
         before = w.next_check()
         await dump(w.pid, tmp_path)
-    orphan = Restorer(tmp_path, lazy_pages=True)
+    orphan = Restorer(tmp_path, lazy_pages=True, shell_job=True)
     with pytest.raises(BrokenResourceError, match="lazy-pages daemon"):
         await orphan.run()
     assert orphan.process is None

@@ -298,7 +298,7 @@ async def test_a_file_changed_or_gone_since_the_dump_is_refused_at_restore(tmp_p
         f.write(b"more")
     with (files / "log").open("ab") as f:  # another writer: write-only append fds don't care
         f.write(b"other\n")
-    restorer = Restorer(images)
+    restorer = Restorer(images, shell_job=True)
     with pytest.raises(UnsupportedDumpError,
                        match=rf"{files}/data \(open on fd 4, 42 of process {w.pid}\) changed "
                              r"since the dump: 4100 bytes, 4096 then"):
@@ -306,7 +306,7 @@ async def test_a_file_changed_or_gone_since_the_dump_is_refused_at_restore(tmp_p
     assert restorer.process is None
     (files / "data").write_bytes(DATA)
     (files / "log").unlink()
-    restorer = Restorer(images)
+    restorer = Restorer(images, shell_job=True)
     with pytest.raises(UnsupportedDumpError,
                        match=rf"fd 3 of process {w.pid} had {files}/log open, which cannot be "
                              r"opened here: No such file or directory"):

@@ -6,10 +6,15 @@ With ``--lazy-pages`` the pages the dump left on its page server are handed to
 the lazy-pages daemon listening on ``DIR/lazy-pages.socket`` (``-W`` or
 ``--socket`` to look elsewhere); start ``lazymig lazy-pages`` first.
 
-The restored process gets a new pid; its fds 0, 1 and 2 are the restorer's own
-(other fds are not restored yet). With ``-d`` the restorer prints the new pid
-on stdout and exits once the process runs; otherwise it waits for the process
-and exits with its status (128 + the signal number if it was killed).
+The restored process gets a new pid and its fds back, 0, 1 and 2 included (a
+log file at its offset, /dev/null...). Where fds 0-2 were something that
+stayed on the source host (a terminal, a socket, a pipe to another process),
+``--shell-job`` gives it the restorer's own fds 0-2 there, and ``--inherit-fd
+fd[N]:NAME`` this restorer's fd N in place of the dumped file NAME (the
+refusal names it); without them such a restore is refused. With ``-d`` the
+restorer prints the new pid on stdout and exits once the process runs;
+otherwise it waits for the process and exits with its status (128 + the
+signal number if it was killed).
 """
 
 from __future__ import annotations
@@ -35,18 +40,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         help="where lazy-pages.socket lives (default: the images dir)")
     parser.add_argument("--socket", metavar="PATH",
                         help="the daemon's UNIX socket (default: WORK_DIR/lazy-pages.socket)")
+    parser.add_argument("-j", "--shell-job", action="store_true",
+                        help="fds 0-2 that stayed on the source host (a terminal, a socket, a "
+                             "pipe to another process) become the restorer's own")
+    parser.add_argument("--inherit-fd", action="append", default=[], metavar="fd[N]:NAME",
+                        help="this restorer's fd N takes the place of the dumped file NAME "
+                             "(pipe:[INO], socket:[INO] or a path; repeatable)")
     parser.add_argument("-d", "--restore-detached", dest="detach", action="store_true",
                         help="print the restored pid and exit once it runs")
     parser.set_defaults(func=restore)
 
 
 def restore(args: argparse.Namespace) -> int:
-    from lazymig.restore import Restorer  # the machinery only when the command runs
+    from lazymig.restore import InheritFd, Restorer  # the machinery only when it runs
 
     images_dir = Path(args.images_dir)
     socket_path = Path(args.socket) if args.socket else \
         Path(args.work_dir or images_dir) / SOCKET_NAME
-    restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path)
+    inherit = [InheritFd.parse(text) for text in args.inherit_fd]
+    restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path,
+                        inherit_fds=inherit, shell_job=args.shell_job)
     result = run_async(args, restorer.run())
     if args.detach:
         # One write(2): the restored process shares this stdout and already runs, and

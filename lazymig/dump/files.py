@@ -1,8 +1,14 @@
 """The open files of a process: checked, read from outside, written as CRIU images.
 
-A process's fds 3 and up are dumped; fds 0, 1 and 2 are not: the restored
-process gets the restorer's own (like ``criu restore --shell-job`` with
-inherited stdio), whatever they were at dump time.
+Every fd of a process is dumped, fds 0, 1 and 2 as any other (as CRIU does):
+a log file on fd 1 is reopened at its offset, /dev/null is /dev/null again,
+a pipe to itself is a pipe again. What on fds 0-2 stays behind on the source
+host, what would be refused on another fd (a terminal, a socket, a deleted
+file...) or a pipe whose other end another process holds, is recorded as
+*external* (``lazymig_task_entry.external_files``, with the name
+``--inherit-fd`` gives it: ``pipe:[INO]``, ``socket:[INO]``, the path); the
+restorer puts a fd of its caller in its place (``--inherit-fd``,
+``--shell-job``, ``stdio=``) or refuses.
 
 What is dumped, read from /proc/PID/fd, /proc/PID/fdinfo and kcmp(2) (nothing
 is injected into the target):
@@ -27,10 +33,10 @@ is injected into the target):
 Everything else is refused with the fd and its kind named: sockets,
 eventfds, epoll, signalfd, timerfd, inotify, pidfds and other anonymous-inode
 files, memfds, deleted files, named FIFOs, other devices, and terminals beyond
-fds 0-2. A terminal is refused because nothing identifies it across a move:
-/dev/pts/3 on the destination (if it exists) is somebody else's terminal, and
-reopening it by name would write into it (CRIU too needs the whole pty pair,
-or ``--inherit-fd``/``--shell-job``, for a terminal). :func:`inspect_files`
+fds 0-2. A terminal is never reopened by name because nothing identifies it
+across a move: /dev/pts/3 on the destination (if it exists) is somebody
+else's terminal (CRIU too needs the whole pty pair, or
+``--inherit-fd``/``--shell-job``, for a terminal). :func:`inspect_files`
 refuses from /proc alone, before the target is frozen; :func:`collect_files`
 checks again once it is frozen.
 F_SETOWN/F_SETSIG owners are not dumped (``fown`` is written as zeros).
@@ -38,7 +44,9 @@ F_SETOWN/F_SETSIG owners are not dumped (``fown`` is written as zeros).
 Images (CRIU's layout, decodable by ``crit``): ``fdinfo-<files_id>.img``
 (``fdinfo_entry`` per fd), ``files.img`` (``file_entry`` per open file
 description, with a ``reg_file_entry`` or ``pipe_entry``) and
-``pipes-data.img`` (``pipe_data_entry`` then the queued bytes, per pipe).
+``pipes-data.img`` (``pipe_data_entry`` then the queued bytes, per pipe);
+an external file is a ``file_entry`` of type EXT, an external pipe a PIPE
+one (no data: it is its other end's too).
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ __all__ = [
     "FD_CLOEXEC",
     "FILES_ID",
     "SAFE_CHAR_DEVICES",
+    "STDIO_FDS",
     "DumpedFiles",
     "collect_files",
     "inspect_files",
@@ -92,7 +101,8 @@ SAFE_CHAR_DEVICES: Final = {
 }
 """Character devices (major, minor) that hold no state: reopening them by name is exact."""
 
-_FIRST_FD: Final = 3
+STDIO_FDS: Final = 3
+"""fds below this may be external (see the module docstring)."""
 _TTY_MAJORS: Final = frozenset({4, 5, *range(136, 144)})
 _PIPE_LINK: Final = re.compile(r"pipe:\[\d+\]")
 _ANON_KINDS: Final = {
@@ -110,6 +120,8 @@ class DumpedFiles:
     fds: list[FdinfoEntry] = dataclasses.field(default_factory=list)
     files: list[FileEntry] = dataclasses.field(default_factory=list)
     pipe_data: list[tuple[PipeDataEntry, bytes]] = dataclasses.field(default_factory=list)
+    external: dict[int, str] = dataclasses.field(default_factory=dict)
+    """{file id: name} of the descriptions that stay behind (``external_files``)."""
 
     def file(self, file_id: int) -> FileEntry:
         """The ``file_entry`` with id ``file_id``."""
@@ -157,8 +169,6 @@ def _list_fds(pid: int) -> list[_Fd]:
         raise TargetGoneError(pid, f"process {pid} exited") from exc
     out = []
     for fd in numbers:
-        if fd < _FIRST_FD:
-            continue
         where = Path(f"/proc/{pid}/fd/{fd}")
         try:
             link = str(where.readlink())
@@ -170,8 +180,17 @@ def _list_fds(pid: int) -> list[_Fd]:
     return out
 
 
+def _external(f: _Fd) -> str | None:
+    """The name of fd ``f`` if it is on fds 0-2 and could not be dumped on another
+    fd (a terminal, a socket, a deleted file...: it stays behind), else None
+    (pipes are told by their other holders, see :func:`_check`)."""
+    if f.fd >= STDIO_FDS or _refusal(f) is None:
+        return None
+    return f.link
+
+
 def _refusal(f: _Fd) -> str | None:
-    """Why fd ``f`` cannot be migrated, or None."""
+    """Why fd ``f`` cannot be migrated, or None (on fds 0-2: see :func:`_external`)."""
     mode, link = f.st.st_mode, f.link
     if stat.S_ISSOCK(mode):
         return f"fd {f.fd} is a socket ({link})"
@@ -228,17 +247,26 @@ def _pipe_holders(pid: int, inodes: Iterable[int]) -> dict[int, int]:
     return found
 
 
-def _check(pid: int) -> list[_Fd]:
-    """The fds to dump; raises UnsupportedTargetError naming every fd that cannot be."""
+def _check(pid: int) -> tuple[list[_Fd], dict[int, str]]:
+    """The fds to dump and {fd: name} of the external ones among them; raises
+    UnsupportedTargetError naming every fd that cannot be dumped."""
     fds = _list_fds(pid)
-    reasons = [r for f in fds if (r := _refusal(f)) is not None]
-    pipes = {f.st.st_ino: f for f in fds if stat.S_ISFIFO(f.st.st_mode)}
+    external = {f.fd: name for f in fds if (name := _external(f)) is not None}
+    reasons = [r for f in fds if f.fd not in external and (r := _refusal(f)) is not None]
+    pipes: dict[int, list[_Fd]] = {}
+    for f in fds:
+        if stat.S_ISFIFO(f.st.st_mode):
+            pipes.setdefault(f.st.st_ino, []).append(f)
     for ino, other in sorted(_pipe_holders(pid, pipes).items()):
-        reasons.append(f"fd {pipes[ino].fd} is a pipe (pipe:[{ino}]) also open in process "
-                       f"{other}: the other end would stay behind")
+        inner = [f.fd for f in pipes[ino] if f.fd >= STDIO_FDS]
+        if inner:
+            reasons.append(f"fd {inner[0]} is a pipe (pipe:[{ino}]) also open in process "
+                           f"{other}: the other end would stay behind")
+        else:  # only on stdio: the caller gives the restored process another
+            external.update((f.fd, f"pipe:[{ino}]") for f in pipes[ino])
     if reasons:
         raise UnsupportedTargetError(pid, reasons)
-    return fds
+    return fds, external
 
 
 def inspect_files(pid: int) -> None:
@@ -257,7 +285,7 @@ def collect_files(pid: int) -> DumpedFiles:
     Raises :class:`~lazymig.dump.freeze.UnsupportedTargetError` or
     :class:`~lazymig.errors.LazyMigOSError`.
     """
-    fds = _check(pid)
+    fds, external = _check(pid)
     out = DumpedFiles()
     owners: list[_Fd] = []  # the first fd of each open file description
     zero = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
@@ -268,7 +296,11 @@ def collect_files(pid: int) -> DumpedFiles:
             owners.append(f)
             file_id = len(owners)
             flags = f.flags & ~os.O_CLOEXEC
-            if stat.S_ISFIFO(f.st.st_mode):
+            if f.fd in external:
+                out.external[file_id] = external[f.fd]
+            if f.fd in external and not stat.S_ISFIFO(f.st.st_mode):
+                entry = FileEntry(type=fdinfo_pb2.EXT, id=file_id)
+            elif stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.PIPE, id=file_id, pipe=PipeEntry(
                     id=file_id, pipe_id=f.st.st_ino, flags=flags, fown=zero))
             else:
@@ -285,7 +317,8 @@ def collect_files(pid: int) -> DumpedFiles:
             file_id = owners.index(owner) + 1
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
-    pipes = {f.st.st_ino: f.fd for f in fds if stat.S_ISFIFO(f.st.st_mode)}
+    pipes = {f.st.st_ino: f.fd for f in fds
+             if stat.S_ISFIFO(f.st.st_mode) and f.fd not in external}
     for ino, fd in sorted(pipes.items()):
         size, data = _pipe_contents(pid, fd)
         out.pipe_data.append((PipeDataEntry(pipe_id=ino, bytes=len(data), size=size), data))

@@ -512,8 +512,10 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
         out.paths.append(images.write_mm(state.pid, _mm(state, scan.vmas, exe_id, file_ids)))
         out.paths += write_files(images, open_files or DumpedFiles())
         out.paths.append(images.write_pstree([_pstree(state)]))
-        out.paths.append(images.write_entries(
-            ImageKind.LAZYMIG, [_lazymig_entry(state, files, lazy_pages)], state.pid))
+        extra = _lazymig_entry(state, files, lazy_pages)
+        for file_id, name in sorted((open_files or DumpedFiles()).external.items()):
+            extra.external_files.add(file_id=file_id, name=name)
+        out.paths.append(images.write_entries(ImageKind.LAZYMIG, [extra], state.pid))
         out.paths.append(images.write_inventory(_inventory()))
     except BaseException:
         out.remove()

@@ -9,10 +9,11 @@ first and raises :class:`UnsupportedDumpError` for what cannot be restored.
 from __future__ import annotations
 
 from lazymig.restore.restorer import RestoreError, Restorer, RestoreResult, restore
-from lazymig.restore.task import DumpedTask, UnsupportedDumpError, load_task
+from lazymig.restore.task import DumpedTask, InheritFd, UnsupportedDumpError, load_task
 
 __all__ = [
     "DumpedTask",
+    "InheritFd",
     "RestoreError",
     "RestoreResult",
     "Restorer",

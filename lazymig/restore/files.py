@@ -14,18 +14,28 @@
 3. the staging pipe ends are closed: a pipe end the process had not kept (a
    read end whose writers were closed) is closed again.
 
-fds 0, 1 and 2 are the restorer's (see :mod:`lazymig.dump.files`).
+fds 0, 1 and 2 are restored as the others. The caller may hand the restored
+process fds of its own instead (:class:`~lazymig.restore.task.FdInheritance`, planned by
+:func:`~lazymig.restore.task.plan_given_fds`): ``stdio`` replaces fds 0, 1 and 2, ``--inherit-fd
+fd[N]:NAME`` every fd of the dumped file NAME, ``--shell-job`` the external
+ones among fds 0-2 (a terminal, a socket or a pipe that stayed on the source
+host) with the restorer's own. The helper the process is built from holds
+them (Popen's stdio and ``pass_fds``); they are moved above every dumped fd
+first, then ``dup3``'d where they belong, and whatever else of the helper's
+is closed.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import struct
+from collections.abc import Mapping
 from typing import Final, Protocol
 
-from lazymig.dump.files import FD_CLOEXEC, DumpedFiles
+from lazymig.dump.files import FD_CLOEXEC, STDIO_FDS, DumpedFiles
 from lazymig.errors import ImageError, LazyMigOSError
 from lazymig.linux.vm import read_memory, set_pipe_size
 from lazymig.proto.images import fdinfo_pb2
@@ -39,8 +49,6 @@ _SYS_FCNTL: Final = 72
 _SYS_DUP3: Final = 292
 _SYS_PIPE2: Final = 293
 _SETFL_MASK: Final = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME
-
-
 class SyscallTarget(Protocol):
     """The process being restored, as the restorer drives it (tracer thread)."""
 
@@ -63,19 +71,38 @@ class SyscallTarget(Protocol):
         ...
 
 
-def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
-    """Rebuild ``files`` in ``target`` (see the module docstring). Run it on the
-    tracer thread, after :func:`~lazymig.restore.task.check_files`."""
-    if not files.fds:
-        return
-    top = max(e.fd for e in files.fds) + 1
+def restore_files(target: SyscallTarget, files: DumpedFiles,
+                  given: Mapping[int, int] | None = None) -> None:
+    """Rebuild ``files`` in ``target`` (see the module docstring), with the helper's
+    fds in ``given`` (``DumpedTask.given_fds``) in place of the dumped ones. Run it
+    on the tracer thread, after :func:`~lazymig.restore.task.check_files`."""
+    given = dict(given or {})
+    dumped = {e.fd for e in files.fds}
+    top = max([*dumped, *given.values(), STDIO_FDS]) + 1
+    staged: dict[int, int] = {}  # the helper's fd -> where it waits meanwhile
+    for hfd in sorted(set(given.values())):
+        staged[hfd] = target.call(_SYS_FCNTL, hfd, fcntl.F_DUPFD_CLOEXEC, top,
+                                  what=f"fcntl(F_DUPFD) of the given fd {hfd}")
+        top = staged[hfd] + 1
+    for hfd in sorted(set(range(STDIO_FDS)) | set(given.values())):
+        if hfd not in dumped:  # the helper's: the dumped process had nothing there
+            _close_quiet(target, hfd)
+    for fd, hfd in sorted(given.items()):
+        if fd in dumped:
+            cloexec = next(c for n, c in files.fds_of(_file_of(files, fd)) if n == fd)
+        else:
+            cloexec = False  # given by stdio= where the process had no fd
+        target.call(_SYS_DUP3, staged[hfd], fd, os.O_CLOEXEC if cloexec else 0,
+                    what=f"dup3 of the given fd {hfd} to fd {fd}")
+    for at in staged.values():
+        target.close(at)
     ends: dict[int, tuple[int, int]] = {}
     used: set[int] = set()  # staging pipe ends handed out as some description
     for entry, data in files.pipe_data:
         ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
         top += 2
     for f in files.files:
-        fds = files.fds_of(f.id)
+        fds = [(fd, c) for fd, c in files.fds_of(f.id) if fd not in given]
         if not fds:
             continue
         if f.type == fdinfo_pb2.PIPE:
@@ -97,8 +124,21 @@ def restore_files(target: SyscallTarget, files: DumpedFiles) -> None:
     for r, w in ends.values():
         target.close(r)
         target.close(w)
-    log.info("pid %d: %d fds reopened (%d files, %d pipes)", target.pid, len(files.fds),
-             len(files.files), len(ends))
+    log.info("pid %d: %d fds reopened (%d files, %d pipes), %d given by the caller",
+             target.pid, len(files.fds), len(files.files), len(ends), len(given))
+
+
+def _file_of(files: DumpedFiles, fd: int) -> int:
+    return next(e.id for e in files.fds if e.fd == fd)
+
+
+def _close_quiet(target: SyscallTarget, fd: int) -> None:
+    """close(fd) in the process; not open is fine."""
+    try:
+        target.close(fd)
+    except LazyMigOSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
 
 
 def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,

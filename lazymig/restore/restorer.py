@@ -3,7 +3,8 @@
 How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
 
 1. A helper process is started (``sleep``, with the restorer's own fds 0, 1
-   and 2, or those given) and seized once it sleeps. That helper becomes the
+   and 2, or ``stdio``, and the fds of ``inherit_fds``) and seized once it
+   sleeps. That helper becomes the
    restored process: it gets a new pid.
 2. Its rseq area is unregistered; a two-page scratch mapping holding a
    ``syscall`` instruction is made at an address free in both its map and the
@@ -25,8 +26,8 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    a guardian (:mod:`lazymig.guardian`) keeps a duplicate of the uffd and
    that connection, and kills the process should the daemon die.
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
-   list, comm, cwd, umask, rlimits, the open files (fds 3 and up, see
-   :mod:`lazymig.restore.files`; fds 0-2 are the restorer's), process group
+   list, comm, cwd, umask, rlimits, the open files (fds 0-2 too, but those the
+   caller gives: see :mod:`lazymig.restore.files`), process group
    and session (see :func:`_set_session`), personality, scheduling policy and
    nice, THP-disable, itimers, credentials (groups, gids, uids) and dumpable
    are set (madvise advice was given with the VMAs; a parent-death signal is
@@ -79,7 +80,13 @@ from lazymig.proto.constants import (
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
-from lazymig.restore.task import DumpedTask, UnsupportedDumpError, load_task
+from lazymig.restore.task import (
+    DumpedTask,
+    FdInheritance,
+    InheritFd,
+    UnsupportedDumpError,
+    load_task,
+)
 from lazymig.restore.threads import create_threads, finish_thread, set_thread_state
 from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.uffd import DEFAULT_FEATURES, kernel_features
@@ -234,17 +241,29 @@ class Restorer:
         images_dir: the dump.
         lazy_pages: leave PE_LAZY pages to the lazy-pages daemon at ``socket_path``.
         socket_path: the daemon's UNIX socket (default ``<images_dir>/lazy-pages.socket``).
-        stdio: fds 0, 1, 2 of the restored process (default: the restorer's own).
+        stdio: fds of the caller that become fds 0, 1, 2 of the restored
+            process, whatever they were at dump time (default: the dumped ones).
+        inherit_fds: CRIU's ``--inherit-fd fd[N]:NAME``: the caller's fd N
+            takes the place of every fd the dumped process had on NAME
+            (``pipe:[INO]``, ``socket:[INO]``, a path; the refusal of an
+            external fd names it).
+        shell_job: CRIU's ``--shell-job``: the dumped fds 0-2 that stayed behind
+            (a terminal, a socket, a pipe to another process) become the
+            restorer's own (or ``stdio``'s) fds 0-2. Without it, nor ``stdio``
+            or ``inherit_fds`` for them, the restore is refused.
     """
 
     def __init__(self, images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
                  socket_path: str | os.PathLike[str] | None = None,
-                 stdio: tuple[int, int, int] | None = None) -> None:
+                 stdio: tuple[int, int, int] | None = None,
+                 inherit_fds: Sequence[InheritFd] = (), shell_job: bool = False) -> None:
         self.images = ImagesDir(images_dir)
         self.lazy_pages = lazy_pages
         self.socket_path = Path(socket_path) if socket_path is not None else \
             self.images.path / "lazy-pages.socket"
         self.stdio = stdio
+        self.fds = FdInheritance(stdio=stdio is not None, inherit=tuple(inherit_fds),
+                                 shell_job=shell_job)
         self.process: subprocess.Popen[bytes] | None = None
         self.guardian: subprocess.Popen[bytes] | None = None
         """With lazy pages, the process guarding the restored one (lazymig.guardian)."""
@@ -257,7 +276,8 @@ class Restorer:
             RestoreError, LazyMigOSError, BrokenResourceError: the restore failed;
                 the half-built process was killed.
         """
-        task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages)
+        task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
+                                       fds=self.fds)
         sock: socket.socket | None = None
         if self.lazy_pages and task.lazy:
             sock = await self._connect()
@@ -335,8 +355,9 @@ class Restorer:
         if sleep is None:
             raise RestoreError("no `sleep` executable on PATH to start the restored process from")
         stdin, stdout, stderr = self.stdio if self.stdio is not None else (0, 1, 2)
+        passed = sorted({i.fd for i in self.fds.inherit if i.fd > 2})
         self.process = subprocess.Popen([sleep, "1000000"], stdin=stdin, stdout=stdout,
-                                        stderr=stderr, close_fds=True)
+                                        stderr=stderr, close_fds=True, pass_fds=passed)
         pid = self.process.pid
         deadline = time.monotonic() + 5.0
         while True:  # seize it once it sleeps: its loader is done with the address space
@@ -511,7 +532,7 @@ class Restorer:
             except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
                 log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
                             (rl.cur, rl.max), exc)
-        restore_files(target, task.files)
+        restore_files(target, task.files, task.given_fds)
         _set_session(target, task)
         _set_sched_and_timers(target, task)
         if thread.HasField("creds"):
@@ -622,7 +643,9 @@ def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 async def restore(images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
                   socket_path: str | os.PathLike[str] | None = None,
-                  stdio: tuple[int, int, int] | None = None) -> RestoreResult:
+                  stdio: tuple[int, int, int] | None = None,
+                  inherit_fds: Sequence[InheritFd] = (), shell_job: bool = False
+                  ) -> RestoreResult:
     """Restore the process dumped in ``images_dir``; see :class:`Restorer`."""
     return await Restorer(images_dir, lazy_pages=lazy_pages, socket_path=socket_path,
-                          stdio=stdio).run()
+                          stdio=stdio, inherit_fds=inherit_fds, shell_job=shell_job).run()

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from lazymig.dump.files import SAFE_CHAR_DEVICES, DumpedFiles, read_files
+from lazymig.dump.files import SAFE_CHAR_DEVICES, STDIO_FDS, DumpedFiles, read_files
 from lazymig.dump.images import read_lazymig_entry
-from lazymig.errors import ImageError, LazyMigError
+from lazymig.errors import ConfigurationError, ImageError, LazyMigError
 from lazymig.linux.cpuid import xstate_layout
 from lazymig.proto.constants import MAP_SHARED, VmaStatus
 from lazymig.proto.images import (
@@ -39,9 +41,92 @@ from lazymig.proto.images import (
 )
 from lazymig.restore.threads import DumpedThread
 
-__all__ = ["DumpedTask", "UnsupportedDumpError", "check_files", "load_task"]
+__all__ = ["DumpedTask", "FdInheritance", "InheritFd", "UnsupportedDumpError", "check_files",
+           "load_task", "plan_given_fds"]
 
 _PROT_WRITE: Final = 0x2
+_INHERIT_RE: Final = re.compile(r"fd\[(\d+)\]:(.+)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InheritFd:
+    """``--inherit-fd fd[FD]:NAME`` (CRIU's): the caller's fd ``fd`` takes the place
+    of the dumped file ``name`` (``pipe:[INO]``, ``socket:[INO]``, a path)."""
+
+    fd: int
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> InheritFd:
+        """Parse ``fd[N]:NAME``; raises ConfigurationError."""
+        m = _INHERIT_RE.fullmatch(text)
+        if m is None:
+            raise ConfigurationError(f"--inherit-fd {text!r}: expected fd[N]:NAME, e.g. "
+                                     "fd[1]:pipe:[12345] or fd[3]:/var/log/app.log")
+        return cls(int(m[1]), m[2])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FdInheritance:
+    """What the caller hands the restored process in place of dumped fds."""
+
+    stdio: bool = False
+    """fds 0, 1, 2 are the helper's (the API's ``stdio=``), whatever was dumped."""
+    inherit: Sequence[InheritFd] = ()
+    shell_job: bool = False
+    """External fds among 0-2 are the helper's own (the restorer's unless ``stdio``)."""
+
+
+def _names(files: DumpedFiles) -> dict[int, str]:
+    """{file id: the name --inherit-fd matches it by}."""
+    names = {}
+    for f in files.files:
+        if f.id in files.external:
+            names[f.id] = files.external[f.id]
+        elif f.HasField("pipe"):
+            names[f.id] = f"pipe:[{f.pipe.pipe_id}]"
+        elif f.HasField("reg"):
+            names[f.id] = f.reg.name
+    return names
+
+
+def plan_given_fds(pid: int, files: DumpedFiles, how: FdInheritance) -> dict[int, int]:
+    """{fd of the restored process: the helper's fd that takes its place}.
+
+    Raises:
+        UnsupportedDumpError: an external fd nothing takes the place of, named
+            with what to pass.
+        ConfigurationError: an ``--inherit-fd`` name no dumped file has.
+    """
+    names = _names(files)
+    given: dict[int, int] = {}
+    for inh in how.inherit:
+        ids = [i for i, name in names.items() if name == inh.name]
+        if not ids:
+            known = ", ".join(sorted(set(names.values()))) or "none"
+            raise ConfigurationError(f"--inherit-fd fd[{inh.fd}]:{inh.name}: process {pid} had "
+                                     f"no file {inh.name} open (its files: {known})")
+        if inh.fd < STDIO_FDS and how.stdio:
+            raise ConfigurationError(f"--inherit-fd fd[{inh.fd}]: fd {inh.fd} is given by "
+                                     "stdio already")
+        for i in ids:
+            given.update((fd, inh.fd) for fd, _ in files.fds_of(i))
+    if how.stdio:
+        given.update((fd, fd) for fd in range(STDIO_FDS) if fd not in given)
+    for file_id, name in files.external.items():
+        for fd, _ in files.fds_of(file_id):
+            if fd in given:
+                continue
+            if how.shell_job and fd < STDIO_FDS:
+                given[fd] = fd
+                continue
+            raise UnsupportedDumpError(
+                f"fd {fd} of process {pid} was {name}, which stayed on the source host: "
+                f"give the restored process a fd of yours for it (--inherit-fd fd[N]:{name}, "
+                "or stdio= in the API), or its restorer's own fd "
+                f"{fd} (--shell-job, as CRIU)")
+    return given
+
 _UNSUPPORTED_STATUS: Final = (
     (VmaStatus.ANON_SHARED, "a shared anonymous mapping"),
     (VmaStatus.SYSVIPC, "a System V shared memory segment"),
@@ -74,9 +159,11 @@ class DumpedTask:
     lazy: tuple[PageRange, ...]
     """PE_LAZY ranges cut at VMA boundaries (what a lazy restore registers)."""
     files: DumpedFiles
-    """The open files (fds 3 and up)."""
+    """The open files."""
     threads: tuple[DumpedThread, ...] = ()
     """Its threads but the leader (whose state is ``core``), in pstree order."""
+    given_fds: dict[int, int] = dataclasses.field(default_factory=dict)
+    """{fd: the helper's fd that takes its place} (:func:`plan_given_fds`)."""
 
     @property
     def xstate(self) -> bytes:
@@ -91,13 +178,16 @@ class DumpedTask:
         raise ImageError(f"lazymig-{self.pid}.img has no file with id {file_id}")
 
 
-def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
+def load_task(images: ImagesDir, *, lazy_pages: bool,
+              fds: FdInheritance | None = None) -> DumpedTask:
     """Read and check the dump in ``images``.
 
     Args:
         images: the images directory.
         lazy_pages: the restore hands the lazy pages to a lazy-pages daemon
             (``restore --lazy-pages``); without it every page must have data.
+        fds: what the caller hands the restored process in place of dumped
+            fds (default: nothing; external ones are refused then).
 
     Raises:
         UnsupportedDumpError: what cannot be restored, named.
@@ -147,7 +237,9 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
         if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
             _check_file(pid, extra, v.shmid, where)
     files = read_files(images)
-    check_files(pid, files)
+    files.external = {e.file_id: e.name for e in extra.external_files}
+    given = plan_given_fds(pid, files, fds or FdInheritance())
+    check_files(pid, files, given)
     pagemap = images.pagemap(pid)
     entries = tuple(pagemap.entries)
     if not lazy_pages:
@@ -159,7 +251,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool) -> DumpedTask:
     lazy = tuple(images.lazy_ranges(pid)) if lazy_pages else ()
     return DumpedTask(pid=pid, pgid=tree[0].pgid, sid=tree[0].sid, core=core, mm=mm,
                       extra=extra, pages_id=pagemap.pages_id, entries=entries, lazy=lazy,
-                      files=files, threads=threads)
+                      files=files, threads=threads, given_fds=given)
 
 
 def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
@@ -190,9 +282,10 @@ def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
                                    "since the dump (size or mtime differ)")
 
 
-def check_files(pid: int, files: DumpedFiles) -> None:
+def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, int] = ()
+                ) -> None:
     """Refuse the open files :func:`~lazymig.restore.files.restore_files` could not
-    reopen as they were.
+    reopen as they were (but those whose every fd is in ``given``).
 
     Raises:
         UnsupportedDumpError: a file that is gone, of another kind, or whose size
@@ -206,7 +299,10 @@ def check_files(pid: int, files: DumpedFiles) -> None:
             raise ImageError(f"fd {e.fd} of process {pid} names file id {e.id}, which "
                              "files.img does not hold")
     for f in files.files:
-        fds = ", ".join(str(fd) for fd, _ in files.fds_of(f.id))
+        numbers = [fd for fd, _ in files.fds_of(f.id)]
+        if all(fd in given for fd in numbers) or f.id in files.external:
+            continue  # the caller's fds take its place (external ones: planned already)
+        fds = ", ".join(str(fd) for fd in numbers)
         if f.type == fdinfo_pb2.PIPE and f.HasField("pipe"):
             continue
         if f.type != fdinfo_pb2.REG or not f.HasField("reg"):

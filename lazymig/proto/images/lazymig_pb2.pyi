@@ -47,8 +47,16 @@ class lazymig_thread_entry(_message.Message):
     rseq_flags: int
     def __init__(self, tid: _Optional[int] = ..., xstate: _Optional[bytes] = ..., rseq_flags: _Optional[int] = ...) -> None: ...
 
+class lazymig_external_file(_message.Message):
+    __slots__ = ("file_id", "name")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    file_id: int
+    name: str
+    def __init__(self, file_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
 class lazymig_task_entry(_message.Message):
-    __slots__ = ("pid", "version", "threads", "files", "xfeatures", "xstate_layout", "cwd", "root", "umask", "job_stopped", "lazy_pages")
+    __slots__ = ("pid", "version", "threads", "files", "xfeatures", "xstate_layout", "cwd", "root", "umask", "job_stopped", "lazy_pages", "external_files")
     PID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +68,7 @@ class lazymig_task_entry(_message.Message):
     UMASK_FIELD_NUMBER: _ClassVar[int]
     JOB_STOPPED_FIELD_NUMBER: _ClassVar[int]
     LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_FILES_FIELD_NUMBER: _ClassVar[int]
     pid: int
     version: str
     threads: _containers.RepeatedCompositeFieldContainer[lazymig_thread_entry]
@@ -71,4 +80,5 @@ class lazymig_task_entry(_message.Message):
     umask: int
     job_stopped: bool
     lazy_pages: bool
-    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., threads: _Optional[_Iterable[_Union[lazymig_thread_entry, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[lazymig_file_entry, _Mapping]]] = ..., xfeatures: _Optional[int] = ..., xstate_layout: _Optional[_Iterable[_Union[lazymig_xstate_component, _Mapping]]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., umask: _Optional[int] = ..., job_stopped: _Optional[bool] = ..., lazy_pages: _Optional[bool] = ...) -> None: ...
+    external_files: _containers.RepeatedCompositeFieldContainer[lazymig_external_file]
+    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., threads: _Optional[_Iterable[_Union[lazymig_thread_entry, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[lazymig_file_entry, _Mapping]]] = ..., xfeatures: _Optional[int] = ..., xstate_layout: _Optional[_Iterable[_Union[lazymig_xstate_component, _Mapping]]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., umask: _Optional[int] = ..., job_stopped: _Optional[bool] = ..., lazy_pages: _Optional[bool] = ..., external_files: _Optional[_Iterable[_Union[lazymig_external_file, _Mapping]]] = ...) -> None: ...
