@@ -23,6 +23,8 @@ a CRIU images directory:
   CRIU does (so ``lazymig page-server --lazy-pages`` can serve them later);
 * ``fdinfo-1.img``, ``files.img``, ``pipes-data.img``: the open files
   (:mod:`lazymig.dump.files`);
+* ``shmem-pagemap-<shmid>.img`` and ``pages-<n>.img`` (n from 2) per shared
+  anonymous or memfd object (:mod:`lazymig.dump.shmem`);
 * ``lazymig-<pid>.img``: lazymig's own image (``lazymig_task_entry``) with what
   CRIU's schema has no place for: the raw xstate and its layout, rseq flags,
   the files behind the executable and the file mappings (``exe_file_id`` and
@@ -46,6 +48,7 @@ from lazymig._version import __version__
 from lazymig.dump.files import DumpedFiles, write_files
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
+from lazymig.dump.shmem import is_shared_object, write_shmem
 from lazymig.dump.state import ProcessState, ThreadState
 from lazymig.errors import ImageError
 from lazymig.linux.cpuid import xstate_layout
@@ -359,7 +362,8 @@ def _mm(state: ProcessState, vmas: Sequence[Vma], exe_id: int,
     if info.thp_disabled is not None:
         mm.thp_disabled = info.thp_disabled
     for v in vmas:
-        entry = VmaEntry(start=v.start, end=v.end, pgoff=v.pgoff, shmid=file_ids.get(v.start, 0),
+        shmid = v.inode if is_shared_object(v.status) else file_ids.get(v.start, 0)
+        entry = VmaEntry(start=v.start, end=v.end, pgoff=v.pgoff, shmid=shmid,
                          prot=v.prot, flags=v.flags, status=v.status & 0xFFFF_FFFF, fd=-1,
                          madv=v.madv)
         if v.is_file:
@@ -511,6 +515,7 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
             out.paths.append(images.write_core(thread.tid, _core(state, thread)))
         out.paths.append(images.write_mm(state.pid, _mm(state, scan.vmas, exe_id, file_ids)))
         out.paths += write_files(images, open_files or DumpedFiles())
+        out.paths += write_shmem(images, state.pid, scan.vmas, PAGES_ID + 1)
         out.paths.append(images.write_pstree([_pstree(state)]))
         extra = _lazymig_entry(state, files, lazy_pages)
         for file_id, name in sorted((open_files or DumpedFiles()).external.items()):

@@ -5,8 +5,9 @@ The decisions follow CRIU (criu/proc_parse.c ``handle_vma``/``parse_vmflags``,
 criu/mem.c ``should_dump_page``/``generate_iovs``/``is_stack``,
 criu/include/vma.h ``vma_entry_can_be_lazy``):
 
-* only private VMAs are dumped: ``REGULAR`` and (``ANON_PRIVATE`` or
-  ``FILE_PRIVATE``), below the task size; the vsyscall page never, the vvar
+* only private VMAs are dumped here: ``REGULAR`` and (``ANON_PRIVATE`` or
+  ``FILE_PRIVATE``), below the task size (shared anonymous memory and memfds
+  are dumped whole, once per object: :mod:`lazymig.dump.shmem`); the vsyscall page never, the vvar
   area never (the kernel provides it), the vDSO always (every page);
 * a page is dumped when it is present or swapped, except a page of a private
   file mapping that is still the file's page (pagemap bit 61, "file-page or
@@ -261,6 +262,8 @@ def _classify(start: int, end: int, perms: str, pgoff: int, dev: tuple[int, int]
             status |= VmaStatus.FILE_PRIVATE
         else:
             status |= VmaStatus.FILE_SHARED
+        if path.startswith("/memfd:"):  # its contents are dumped, as shmem (CRIU's memfd.c)
+            status |= VmaStatus.MEMFD
     else:
         status |= VmaStatus.ANON_SHARED if flags & MAP_SHARED else VmaStatus.ANON_PRIVATE
         flags |= MAP_ANONYMOUS
@@ -315,12 +318,13 @@ def maps_lines(text: str) -> list[str]:
 def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
     """Why these VMAs cannot be migrated (empty list: they can). Pure.
 
-    Refused: shared memory (shared anonymous, SysV shm, memfd, and any shared
-    file mapping that can be written), hugetlb, VM_IO/VM_PFNMAP device memory
-    and AIO rings. Allowed: a *read-only* shared file mapping (file opened
-    O_RDONLY, no PROT_WRITE; glibc maps its gconv and locale caches this way):
-    it holds no data but the file's, so the restorer maps the file again, as it
-    does for private file mappings. The vdso and vvar are private and fine.
+    Refused: SysV shm, hugetlb, VM_IO/VM_PFNMAP device memory, AIO rings, a
+    private mapping of a memfd and a shared mapping of a deleted file.
+    Allowed as CRIU does: shared anonymous memory (``/dev/zero (deleted)``)
+    and shared memfd mappings, whose contents are dumped (shmem images); a
+    shared file mapping, which holds no data but the file's (the restorer maps
+    the file again with its offset, protection and flags; writes reach the
+    file). The vdso and vvar are private and fine.
     """
     reasons = []
     for v in vmas:
@@ -329,19 +333,16 @@ def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
             reasons.append(f"SysV shared memory at {where}")
         elif v.status & VmaStatus.AIORING:
             reasons.append(f"AIO ring at {where}")
-        elif v.flags & MAP_SHARED and not _read_only_shared_file(v):
-            reasons.append(f"shared mapping at {where}")
         elif v.flags & MAP_HUGETLB:
             reasons.append(f"hugetlb mapping at {where}")
         elif v.status & VmaStatus.UNSUPP:
             reasons.append(f"VM_IO/VM_PFNMAP mapping at {where}")
+        elif v.status & VmaStatus.MEMFD and v.flags & MAP_PRIVATE:
+            reasons.append(f"private mapping of a memfd at {where}")
+        elif v.status & VmaStatus.FILE_SHARED and not v.status & VmaStatus.MEMFD \
+                and v.path.endswith(" (deleted)"):
+            reasons.append(f"shared mapping of a deleted file at {where}")
     return reasons
-
-
-def _read_only_shared_file(v: Vma) -> bool:
-    return (v.status & VmaStatus.FILE_SHARED != 0 and v.fdflags != _O_RDWR
-            and not v.prot & _PROT_WRITE and "mw" not in v.vm_flags
-            and not v.path.startswith("/memfd:"))
 
 
 def should_dump_vma(vma: Vma) -> bool:

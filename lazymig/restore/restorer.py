@@ -13,8 +13,10 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    vsyscall is unmapped; the vDSO and vvar pages are moved (mremap) to where
    the dumped process had them.
 4. Each dumped VMA is mapped at its address with its protection: private
-   anonymous ones anonymous, private file ones (and read-only shared ones)
-   from the file recorded in ``lazymig-<pid>.img`` at their offset. The mm fields (brk, stack, args,
+   anonymous ones anonymous, file ones (private or shared) from the file
+   recorded in ``lazymig-<pid>.img`` at their offset; shared anonymous memory
+   and memfds are rebuilt with their contents, one object per shmid
+   (:mod:`lazymig.restore.shmem`). The mm fields (brk, stack, args,
    env, auxv, exe) are set at once with ``PR_SET_MM_MAP`` just before, while
    nothing is mapped: the kernel refuses (EBUSY) to switch the exe while the
    old one is mapped, and the old one, the helper's, may be the dumped one.
@@ -61,6 +63,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from lazymig.dump.shmem import is_shared_object
 from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux._libc import libc
@@ -80,6 +83,7 @@ from lazymig.proto.constants import (
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
+from lazymig.restore.shmem import memfd_names, restore_shared_objects
 from lazymig.restore.task import (
     DumpedTask,
     FdInheritance,
@@ -398,14 +402,17 @@ class Restorer:
         self._set_mm(target, task)
 
         for v in task.mm.vmas:
-            if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL):
+            if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL) \
+                    or is_shared_object(v.status):  # see restore_shared_objects below
                 continue
             flags = (v.flags & _MAP_FLAGS_KEPT) | MAP_FIXED
             what = f"mmap({v.start:#x}-{v.end:#x})"
             if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
-                if v.status & VmaStatus.FILE_SHARED:  # read-only (load_task checked)
+                mode = _O_RDONLY
+                if v.status & VmaStatus.FILE_SHARED:  # the same file: writes reach it
                     flags = (flags & ~MAP_PRIVATE) | MAP_SHARED
-                fd = target.open(task.file_path(v.shmid))
+                    mode = v.fdflags & os.O_ACCMODE
+                fd = target.open(task.file_path(v.shmid), mode | _O_CLOEXEC)
                 try:
                     got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
                                       flags & ~MAP_ANONYMOUS, fd, v.pgoff, what=what)
@@ -417,7 +424,12 @@ class Restorer:
             if got != v.start:
                 raise RestoreError(f"{what} landed at {got:#x}")
             _madvise(target, v.start, v.end, v.madv)
-        return self._write_pages(pid, task)
+        busy.append((scratch, scratch + _SCRATCH_SIZE))
+        shared = restore_shared_objects(
+            target, self.images, task.mm.vmas, memfd_names(task.extra.files),
+            lambda size: _free_gap(busy, size),
+            lambda start, end, madv: _madvise(target, start, end, madv))
+        return shared + self._write_pages(pid, task)
 
     def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],
                    busy: list[tuple[int, int]]) -> None:

@@ -3,8 +3,8 @@
 :func:`load_task` reads the images of a process dumped by ``lazymig dump``
 (pstree, core, mm, pagemap, ``lazymig-<pid>.img``) and refuses, before any
 process is created, what the restorer cannot rebuild faithfully: more than one
-process, shared mappings other than read-only shared file ones
-(glibc maps its gconv cache so), special mappings, 32-bit tasks, another CPU's
+process, SysV shared memory, AIO rings and device mappings, a shared object
+without its contents, special mappings, 32-bit tasks, another CPU's
 xstate layout, a non-root process holding capabilities, mapped files that
 changed since the dump, open files that are gone, changed or of a kind the
 restorer does not reopen (:func:`check_files`), lazy pages without a
@@ -24,9 +24,10 @@ from typing import Final
 
 from lazymig.dump.files import SAFE_CHAR_DEVICES, STDIO_FDS, DumpedFiles, read_files
 from lazymig.dump.images import read_lazymig_entry
+from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
 from lazymig.errors import ConfigurationError, ImageError, LazyMigError
 from lazymig.linux.cpuid import xstate_layout
-from lazymig.proto.constants import MAP_SHARED, VmaStatus
+from lazymig.proto.constants import MAP_PRIVATE, MAP_SHARED, VmaStatus
 from lazymig.proto.images import (
     CoreEntry,
     FileEntry,
@@ -128,11 +129,9 @@ def plan_given_fds(pid: int, files: DumpedFiles, how: FdInheritance) -> dict[int
     return given
 
 _UNSUPPORTED_STATUS: Final = (
-    (VmaStatus.ANON_SHARED, "a shared anonymous mapping"),
     (VmaStatus.SYSVIPC, "a System V shared memory segment"),
     (VmaStatus.SOCKET, "a socket mapping"),
     (VmaStatus.AIORING, "an AIO ring"),
-    (VmaStatus.MEMFD, "a memfd mapping"),
     (VmaStatus.UNSUPP, "a VM_IO/VM_PFNMAP mapping"),
 )
 
@@ -229,13 +228,20 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
         for bit, what in _UNSUPPORTED_STATUS:
             if v.status & bit:
                 raise UnsupportedDumpError(f"process {pid} has {what} at {where}")
-        if v.status & VmaStatus.FILE_SHARED and (v.prot & _PROT_WRITE or v.fdflags):
-            raise UnsupportedDumpError(f"process {pid} has a writable shared file mapping "
-                                       f"at {where}")
-        if v.flags & MAP_SHARED and not v.status & VmaStatus.FILE_SHARED:
+        if is_shared_object(v.status):
+            if v.flags & MAP_PRIVATE:
+                raise UnsupportedDumpError(f"process {pid} has a private memfd mapping at "
+                                           f"{where}")
+            if not shmem_pagemap_path(images, v.shmid).exists():
+                raise ImageError(f"the shared memory at {where} of process {pid} has no "
+                                 f"shmem-pagemap-{v.shmid}.img in {images.path}")
+        elif v.flags & MAP_SHARED and not v.status & VmaStatus.FILE_SHARED:
             raise UnsupportedDumpError(f"process {pid} has a shared mapping at {where}")
-        if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
-            _check_file(pid, extra, v.shmid, where)
+        elif v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
+            # A file mapped shared and writable may have changed: others write it too.
+            _check_file(pid, extra, v.shmid, where,
+                        changed_ok=bool(v.status & VmaStatus.FILE_SHARED
+                                        and (v.prot & _PROT_WRITE or v.fdflags)))
     files = read_files(images)
     files.external = {e.file_id: e.name for e in extra.external_files}
     given = plan_given_fds(pid, files, fds or FdInheritance())
@@ -265,7 +271,7 @@ def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
 
 
 def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
-                where: str) -> None:
+                where: str, *, changed_ok: bool = False) -> None:
     entry = next((f for f in extra.files if f.id == file_id), None)
     if entry is None:
         raise ImageError(f"the file mapping at {where} of process {pid} names file id "
@@ -277,7 +283,8 @@ def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
     except OSError as exc:
         raise UnsupportedDumpError(f"process {pid} maps {entry.path} at {where}, which cannot "
                                    f"be opened here: {exc.strerror}") from exc
-    if entry.HasField("size") and (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+    if entry.HasField("size") and not changed_ok \
+            and (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
         raise UnsupportedDumpError(f"{entry.path} (mapped at {where} by process {pid}) changed "
                                    "since the dump (size or mtime differ)")
 
