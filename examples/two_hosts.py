@@ -58,7 +58,9 @@ async def source(pid: int, images_dir: str, address: str, port: int) -> None:
 
 async def destination(images_dir: str, page_server: str) -> None:
     host, _, port = page_server.rpartition(":")
-    async with lazymig.receive(images_dir, page_server=(host.strip("[]"), int(port))) as dst:
+    # stdio: the source's fds 0-2 (pipes to its parent) stayed behind; ours take their place
+    async with lazymig.receive(images_dir, page_server=(host.strip("[]"), int(port)),
+                               stdio=(0, 1, 2)) as dst:
         print(f"RESTORED {dst.process.pid}", flush=True)
     report = await dst.done
     progress = lazymig.TransferProgress.of(report)

@@ -351,13 +351,15 @@ async def test_freezes_every_thread(c_workload: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_refuses_shared_memory(c_workload: Path) -> None:
+async def test_shared_memory_is_frozen_not_refused(c_workload: Path) -> None:
+    """Shared anonymous memory is migrated (tests/test_shmem.py): no refusal."""
     with Workload([str(c_workload), "--mib", "1", "--shared-kib", "64",
                    "--interval-ms", "50"]) as w:
-        with pytest.raises(UnsupportedTargetError, match="shared mapping") as info:
-            await FrozenProcess.freeze(w.pid)
-        assert info.value.pid == w.pid and len(info.value.reasons) == 1
+        before = w.next_check()
+        fp = await FrozenProcess.freeze(w.pid)
+        await fp.resume()
         assert proc_state(w.pid).endswith("tracer=0")
+        assert_runs_unchanged(w, before.sum)
 
 
 TRACER = textwrap.dedent("""

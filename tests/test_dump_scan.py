@@ -110,6 +110,8 @@ def test_parse_smaps_statuses_and_flags() -> None:
     shared_file = vmas[8]
     assert shared_file.path == "/var/data file"  # spaces survive
     assert shared_file.status == VmaStatus.REGULAR | VmaStatus.FILE_SHARED
+    memfd = vmas[10]
+    assert memfd.status == VmaStatus.REGULAR | VmaStatus.FILE_SHARED | VmaStatus.MEMFD
 
     stack = by_path(vmas)["[stack]"]
     assert stack.flags & MAP_GROWSDOWN and stack.status & VmaStatus.STACK
@@ -125,14 +127,15 @@ def test_parse_smaps_statuses_and_flags() -> None:
 
 def test_unsupported_mappings_name_each_cause() -> None:
     reasons = unsupported_mappings(parse_smaps(SMAPS))
-    assert len(reasons) == 5
-    assert "shared mapping at 0x7f0000030000" in reasons[0]
-    assert "SysV" in reasons[1]
-    assert "hugetlb" in reasons[2]
-    assert "/var/data file" in reasons[3]  # writable shared file: refused
-    assert "/memfd:sealed" in reasons[4]  # shared memory, even read-only
-    # A read-only shared file mapping (glibc's gconv cache) is not refused.
-    assert not any("gconv" in r for r in reasons)
+    assert len(reasons) == 2
+    assert "SysV" in reasons[0]
+    assert "hugetlb" in reasons[1]
+    # Shared anonymous memory, memfds and shared file mappings are migrated.
+    assert not any(w in r for r in reasons for w in ("/dev/zero", "/var/data", "memfd", "gconv"))
+    more = parse_smaps("7f0000000000-7f0000001000 rw-p 00000000 00:01 80 /memfd:x (deleted)\n"
+                       "7f0000001000-7f0000002000 rw-s 00000000 fe:00 81 /tmp/gone (deleted)\n")
+    assert [r.split(" at ")[0] for r in unsupported_mappings(more)] == [
+        "private mapping of a memfd", "shared mapping of a deleted file"]
     io = parse_smaps("7f0000000000-7f0000001000 rw-p 00000000 00:05 10 /dev/mem\n"
                      "VmFlags: rd wr io pf\n")
     assert "VM_IO" in unsupported_mappings(io)[0]

@@ -9,7 +9,9 @@
 * fds 0-2 that stayed on the source host (here a pipe read by the test) are
   refused at restore, before any process exists, the fd and what to pass
   named; ``--inherit-fd fd[N]:pipe:[INO]`` hands the restored process a fd
-  of the caller's in their place, ``--shell-job`` the restorer's own.
+  of the caller's in their place, ``--shell-job`` the restorer's own;
+  ``lazymig.migrate`` without ``stdio=`` refuses such a process before the
+  freeze, and it runs on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from test_restore import _wait_ready, cli, free_port, on_uvloop
 
 import lazymig
 from lazymig.dump import dump
+from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.restore import InheritFd, Restorer, UnsupportedDumpError
 
 pytestmark = [
@@ -199,3 +202,25 @@ def test_inherit_fd_names_what_it_takes() -> None:
     assert InheritFd.parse("fd[1]:/var/log/app.log") == InheritFd(1, "/var/log/app.log")
     with pytest.raises(lazymig.ConfigurationError, match=r"expected fd\[N\]:NAME"):
         InheritFd.parse("7:pipe:[123]")
+
+
+@pytest.mark.asyncio
+async def test_migrate_refuses_stdio_that_would_stay_behind_before_the_freeze(
+        tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        with writer(tmp_path / "err.log", stdout=write_fd) as proc:
+            ino = os.fstat(write_fd).st_ino
+            os.read(read_fd, 1)
+            with pytest.raises(UnsupportedTargetError,
+                               match=rf"fd 1 is pipe:\[{ino}\], which would stay on this host"
+                                     r".*Pass stdio="):
+                await lazymig.migrate(proc.pid)
+            with open(f"/proc/{proc.pid}/status") as f:  # noqa: ASYNC230 - procfs
+                assert "TracerPid:\t0\n" in f.read()
+            before = os.read(read_fd, 65536)  # it writes on
+            await asyncio.sleep(0.1)
+            assert int(os.read(read_fd, 65536).split()[-2]) > int(before.split()[-2])
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

@@ -86,6 +86,7 @@ __all__ = [
     "STDIO_FDS",
     "DumpedFiles",
     "collect_files",
+    "external_stdio",
     "inspect_files",
     "read_files",
     "write_files",
@@ -267,6 +268,13 @@ def _check(pid: int) -> tuple[list[_Fd], dict[int, str]]:
     if reasons:
         raise UnsupportedTargetError(pid, reasons)
     return fds, external
+
+
+def external_stdio(pid: int) -> dict[int, str]:
+    """{fd: name} of what on fds 0-2 of ``pid`` would stay on the source host
+    (see the module docstring), reading only /proc. Raises UnsupportedTargetError
+    like :func:`inspect_files`."""
+    return {fd: name for fd, name in _check(pid)[1].items() if fd < STDIO_FDS}
 
 
 def inspect_files(pid: int) -> None:

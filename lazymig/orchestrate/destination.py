@@ -124,7 +124,9 @@ def restore_process(images_dir: StrPath, *, lazy_pages: bool = True,
         images_dir: the dump (a copy of the source's images dir).
         lazy_pages: hand its lazy pages to the daemon at ``socket_path``.
         socket_path: the daemon's socket (default ``images_dir/lazy-pages.socket``).
-        stdio: fds 0, 1, 2 of the restored process (default: this process's).
+        stdio: fds of this process that become fds 0, 1, 2 of the restored one
+            (default: the dumped ones; a restore is refused where those stayed
+            on the source host, a pipe to another process or a terminal).
 
     A failed restore kills the half-built process and leaves the images as they
     were. Example::

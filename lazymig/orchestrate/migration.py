@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazymig.dump.dumper import DumpResult
+from lazymig.dump.files import external_stdio
+from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio, receive
 from lazymig.orchestrate.progress import TransferProgress
@@ -121,6 +123,17 @@ class Migration(Handle[MigrationResult]):
         return f"<lazymig.Migration {self._source!r} -> {self._destination!r}>"
 
 
+def _refuse_external_stdio(pid: int) -> None:
+    """Without ``stdio=``, fds 0-2 must come back as they were: refuse one that
+    would stay on the source host (a pipe to another process, a terminal...)."""
+    external = external_stdio(pid)
+    if external:
+        raise UnsupportedTargetError(pid, [
+            f"fd {fd} is {name}, which would stay on this host" for fd, name in external.items()],
+            "Pass stdio=(in, out, err), fds of this process for the restored one; the process "
+            "was not touched")
+
+
 def migrate(pid: int, *, images_dir: StrPath | None = None,
             copy_images: CopyImages | None = None, address: str = "127.0.0.1",
             port: int = 0, wire: WireVersion = WireVersion.V2, channels: int = 1,
@@ -148,7 +161,9 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         wire: the page-server header layout.
         channels: 2 puts faults on a connection of their own.
         leave_running: resume the source after a complete transfer.
-        stdio: fds 0, 1, 2 of the restored process (default: this process's).
+        stdio: fds of this process that become fds 0, 1, 2 of the restored one
+            (default: the dumped ones; a restore is refused where those stayed
+            on the source host, a pipe to another process or a terminal).
 
     Example::
 
@@ -156,6 +171,8 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         print(f"pid {pid} is now {result.restored.pid}, down {result.downtime:.3f} s")
     """
     def make_source(images: Path) -> Source:
+        if stdio is None:  # refused before the freeze, not by the restore after it
+            _refuse_external_stdio(pid)
         return serve(pid, images, address=address, port=port, wire=wire,
                      leave_running=leave_running)
 
