@@ -214,7 +214,7 @@ async def test_migrate_refuses_stdio_that_would_stay_behind_before_the_freeze(
             os.read(read_fd, 1)
             with pytest.raises(UnsupportedTargetError,
                                match=rf"fd 1 is pipe:\[{ino}\], which would stay on this host"
-                                     r".*Pass stdio="):
+                                     r".*not touched. Pass stdio="):
                 await lazymig.migrate(proc.pid)
             with open(f"/proc/{proc.pid}/status") as f:  # noqa: ASYNC230 - procfs
                 assert "TracerPid:\t0\n" in f.read()

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
-from lazymig.dump.files import collect_files, inspect_files
+from lazymig.dump.files import collect_files, external_stdio, inspect_files
 from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
 from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
@@ -66,7 +66,7 @@ from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import ServerTls, TlsOption
 
-__all__ = ["DumpResult", "LazyDump", "SourceFate", "dump"]
+__all__ = ["DumpResult", "LazyDump", "SourceFate", "check_target", "dump"]
 
 log = logging.getLogger(__name__)
 
@@ -456,17 +456,34 @@ REFUSAL_HINT: Final = (
     "CRIU supports (docs/criu-interop.md)")
 
 
-def _inspect(pid: int) -> None:
-    """Refuse an unsupported target (its threads, mappings, open files, children)
-    from /proc alone, before it is frozen: one error naming every cause."""
+#: What to do about fds 0-2 that would stay behind (:func:`check_target`).
+STDIO_HINT: Final = ("Pass stdio=(in, out, err), fds of this process for the restored one "
+                     "(--inherit-fd or --shell-job to `lazymig restore`)")
+
+
+def check_target(pid: int, *, stdio_given: bool = True) -> None:
+    """Refuse an unsupported target (its threads, mappings, open files, children;
+    without ``stdio_given``, fds 0-2 that would stay on the source host too) from
+    /proc alone, before it is touched: one UnsupportedTargetError naming every
+    cause and what to do."""
     reasons: list[str] = []
     for check in (inspect_target, inspect_files, _inspect_children):
         try:
             check(pid)
         except UnsupportedTargetError as exc:
             reasons += exc.reasons
-    if reasons:
-        raise UnsupportedTargetError(pid, reasons, REFUSAL_HINT)
+    stdio: list[str] = []
+    if not stdio_given:
+        stdio = [f"fd {fd} is {name}, which would stay on this host"
+                 for fd, name in external_stdio(pid).items()]
+    if reasons or stdio:
+        hint = REFUSAL_HINT if reasons else "The process was not touched"
+        raise UnsupportedTargetError(pid, reasons + stdio,
+                                     f"{hint}. {STDIO_HINT}" if stdio else hint)
+
+
+def _inspect(pid: int) -> None:
+    check_target(pid)
 
 
 def _inspect_children(pid: int) -> None:

@@ -248,9 +248,10 @@ def _pipe_holders(pid: int, inodes: Iterable[int]) -> dict[int, int]:
     return found
 
 
-def _check(pid: int) -> tuple[list[_Fd], dict[int, str]]:
+def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str]]:
     """The fds to dump and {fd: name} of the external ones among them; raises
-    UnsupportedTargetError naming every fd that cannot be dumped."""
+    UnsupportedTargetError naming every fd that cannot be dumped (unless not
+    ``strict``)."""
     fds = _list_fds(pid)
     external = {f.fd: name for f in fds if (name := _external(f)) is not None}
     reasons = [r for f in fds if f.fd not in external and (r := _refusal(f)) is not None]
@@ -265,16 +266,15 @@ def _check(pid: int) -> tuple[list[_Fd], dict[int, str]]:
                            f"{other}: the other end would stay behind")
         else:  # only on stdio: the caller gives the restored process another
             external.update((f.fd, f"pipe:[{ino}]") for f in pipes[ino])
-    if reasons:
+    if reasons and strict:
         raise UnsupportedTargetError(pid, reasons)
     return fds, external
 
 
 def external_stdio(pid: int) -> dict[int, str]:
     """{fd: name} of what on fds 0-2 of ``pid`` would stay on the source host
-    (see the module docstring), reading only /proc. Raises UnsupportedTargetError
-    like :func:`inspect_files`."""
-    return {fd: name for fd, name in _check(pid)[1].items() if fd < STDIO_FDS}
+    (see the module docstring), reading only /proc."""
+    return {fd: name for fd, name in _check(pid, strict=False)[1].items() if fd < STDIO_FDS}
 
 
 def inspect_files(pid: int) -> None:

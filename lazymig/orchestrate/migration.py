@@ -29,9 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazymig.dump.dumper import DumpResult
-from lazymig.dump.files import external_stdio
-from lazymig.dump.freeze import UnsupportedTargetError
+from lazymig.dump.dumper import DumpResult, check_target
 from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio, receive
 from lazymig.orchestrate.progress import TransferProgress
@@ -123,17 +121,6 @@ class Migration(Handle[MigrationResult]):
         return f"<lazymig.Migration {self._source!r} -> {self._destination!r}>"
 
 
-def _refuse_external_stdio(pid: int) -> None:
-    """Without ``stdio=``, fds 0-2 must come back as they were: refuse one that
-    would stay on the source host (a pipe to another process, a terminal...)."""
-    external = external_stdio(pid)
-    if external:
-        raise UnsupportedTargetError(pid, [
-            f"fd {fd} is {name}, which would stay on this host" for fd, name in external.items()],
-            "Pass stdio=(in, out, err), fds of this process for the restored one; the process "
-            "was not touched")
-
-
 def migrate(pid: int, *, images_dir: StrPath | None = None,
             copy_images: CopyImages | None = None, address: str = "127.0.0.1",
             port: int = 0, wire: WireVersion = WireVersion.V2, channels: int = 1,
@@ -171,8 +158,8 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         print(f"pid {pid} is now {result.restored.pid}, down {result.downtime:.3f} s")
     """
     def make_source(images: Path) -> Source:
-        if stdio is None:  # refused before the freeze, not by the restore after it
-            _refuse_external_stdio(pid)
+        if stdio is None:  # fds 0-2 staying behind: refused before the freeze, not after
+            check_target(pid, stdio_given=False)
         return serve(pid, images, address=address, port=port, wire=wire,
                      leave_running=leave_running)
 
