@@ -13,8 +13,9 @@
   refused with a message naming the cause, before any process is created
   (threads: tests/test_threads.py).
 
-The restored process's fds 0, 1, 2 are the restorer's (the API takes
-``stdio``): the tests read its CHECK lines from a pipe.
+The source's stdout is a pipe to the test, which stays behind: the restored
+process gets a pipe of the test's in its place (the API's ``stdio``, the
+CLI's ``--shell-job``), from which the tests read its CHECK lines.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ process, SysV shared memory, AIO rings and device mappings, a shared object
 without its contents, special mappings, 32-bit tasks, another CPU's
 xstate layout, a non-root process holding capabilities, mapped files that
 changed since the dump, open files that are gone, changed or of a kind the
-restorer does not reopen (:func:`check_files`), lazy pages without a
-lazy-pages daemon, and dumps written by CRIU (no ``lazymig-<pid>.img``).
-Pure reading and checking: nothing here touches a process.
+restorer does not reopen (:func:`check_files`), fds that stayed on the
+source host the caller gives nothing for (:func:`plan_given_fds`), lazy pages
+without a lazy-pages daemon, and dumps written by CRIU (no
+``lazymig-<pid>.img``). Pure reading and checking: nothing here touches a
+process.
 """
 
 from __future__ import annotations
