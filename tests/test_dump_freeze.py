@@ -22,7 +22,6 @@ from lazymig.dump.freeze import (
     AlreadyTracedError,
     FrozenProcess,
     TargetGoneError,
-    UnsupportedTargetError,
     _Layout,
     _read_status,
     inspect_target_frozen,

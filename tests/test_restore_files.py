@@ -10,7 +10,7 @@
   EOF on the orphan read end, a working dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
-* A socket, eventfd, epoll, memfd, deleted file, named FIFO, file lock, a
+* A socket, eventfd, epoll, deleted file, named FIFO, file lock, a
   pipe open in another process too, or a terminal is refused before the
   target is touched, the fd named (API and CLI); a file that changed (but a
   write-only append log) or is gone since the dump is refused at restore,
@@ -240,7 +240,6 @@ def untouched(pid: int) -> bool:
     ("socket", r"is a socket \(socket:\[\d+\]\)"),
     ("eventfd", r"is an eventfd \(anon_inode:\[eventfd\]\)"),
     ("epoll", r"is an epoll instance"),
-    ("memfd", r"is a memfd \(/memfd:lazymig-test"),
     ("deleted", r"is a deleted file \(.*/doomed\)"),
     ("fifo", r"is a named FIFO \(.*/fifo\)"),
     ("lock", r"\(.*/data\) holds a file lock: file locks are not migrated"),

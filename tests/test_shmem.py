@@ -3,19 +3,22 @@
 One process (no threads, no children) holds shared anonymous memory
 (``mmap(-1, n)``, three VMAs of one object, with holes), a
 ``multiprocessing.shared_memory`` segment (a /dev/shm file mapped shared), a
-memfd mapped twice and a regular file mapped shared. It is migrated lazily
+memfd mapped twice and open on a fd, a sealed memfd only on a fd, and a
+regular file mapped shared. It is migrated lazily
 on loopback through ``lazymig.migrate`` and through the three CLIs. Then:
 
 * the restored process checks itself (CHECK ok=1, its counter going on from
   the source's, and what it writes through one memfd view it reads through
-  the other: one object again);
+  the other and through its fd: one object again; the sealed memfd's data,
+  offset and seals);
 * its memory equals the source's page by page (all but the counter pages);
 * its maps show the same objects: the two anonymous VMAs one
   ``/dev/zero (deleted)`` object at offsets 0, 1 and 2 MiB, both memfd views one
   ``/memfd:lazymig-shmem (deleted)``, the /dev/shm file and the file at their
   paths; what it writes into the shared file mapping reaches the file;
-* ``crit`` decodes the shmem pagemap image (CRIU's format), and the mm
-  image's VMAs carry the object's shmid.
+* ``crit`` decodes the shmem pagemap image, ``memfd-inode.img`` and the
+  MEMFD entries of ``files.img`` (CRIU's formats), and the mm image's VMAs
+  carry the object's shmid.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class ShmemProcess:
         assert ready[0] == "READY", ready
         fields = dict(tok.split("=", 1) for tok in ready[1:])
         self.shm_name = fields.pop("shm_name")
+        self.memfd_fd, self.sealed_fd = int(fields.pop("memfd_fd")), int(fields.pop("sealed_fd"))
         self.regions = {k: tuple(int(x, 16) for x in v.split(":")) for k, v in fields.items()}
         self.pid = self.proc.pid
 
@@ -144,6 +148,11 @@ def check_restored(p: ShmemProcess, pid: int, last: int, file: Path) -> None:
     assert one == two and one[2] == "/memfd:lazymig-shmem (deleted)"
     assert maps[p.regions["shm"][0]][2] == f"/dev/shm/{p.shm_name}"
     assert maps[p.regions["file"][0]][2] == str(file)
+    fd_path = Path(f"/proc/{pid}/fd")
+    assert str((fd_path / str(p.memfd_fd)).readlink()) == "/memfd:lazymig-shmem (deleted)"
+    assert (fd_path / str(p.memfd_fd)).stat().st_ino == one[1]  # the mapped object
+    assert str((fd_path / str(p.sealed_fd)).readlink()) == "/memfd:lazymig-sealed (deleted)"
+    assert (fd_path / str(p.sealed_fd)).stat().st_size == 2 * PAGE + 4
     holes = holes_of(pid, anon, 4 * MIB)
     assert holes[:2] == [(2 * PAGE, 3 * PAGE), (5 * PAGE, 6 * PAGE)] and len(holes) == 341
     deadline = time.monotonic() + 10
@@ -159,6 +168,13 @@ def check_images(images: Path, pid: int) -> None:
     assert len({v.shmid for v in shared}) == 1 and shared[0].shmid != 0
     memfds = [v for v in mm.vmas if v.status & VmaStatus.MEMFD]
     assert len(memfds) == 2 and memfds[0].shmid == memfds[1].shmid
+    inodes = crit_decode(images / "memfd-inode.img")["entries"]
+    assert sorted((e["name"], e["size"], e["seals"]) for e in inodes) == [
+        ("lazymig-sealed", 2 * PAGE + 4, 6), ("lazymig-shmem", 2 * MIB, 1)]
+    files = crit_decode(images / "files.img")["entries"]
+    opened = [f["memfd"] for f in files if f["type"] == "MEMFD"]
+    assert sorted(f["pos"] for f in opened) == [0, 5000]
+    assert {f["inode_id"] for f in opened} == {e["inode_id"] for e in inodes}
     decoded = crit_decode(shmem_pagemap_path(ImagesDir(images), shared[0].shmid))
     head, *entries = decoded["entries"]
     assert head["pages_id"] > 1

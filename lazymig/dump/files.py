@@ -30,9 +30,12 @@ is injected into the target):
 * fds that share an open file description (dup'd, inherited) share one
   ``file_entry`` and so share their offset again after a restore (kcmp).
 
+* memfds, as a MEMFD ``file_entry`` at its offset, with its flags (its
+  contents and name: :mod:`lazymig.dump.shmem`).
+
 Everything else is refused with the fd and its kind named: sockets,
 eventfds, epoll, signalfd, timerfd, inotify, pidfds and other anonymous-inode
-files, memfds, deleted files, named FIFOs, other devices, and terminals beyond
+files, deleted files, named FIFOs, other devices, and terminals beyond
 fds 0-2. A terminal is never reopened by name because nothing identifies it
 across a move: /dev/pts/3 on the destination (if it exists) is somebody
 else's terminal (CRIU too needs the whole pty pair, or
@@ -73,6 +76,7 @@ from lazymig.proto.images import (
     FownEntry,
     ImageKind,
     ImagesDir,
+    MemfdFileEntry,
     PipeDataEntry,
     PipeEntry,
     RegFileEntry,
@@ -123,6 +127,8 @@ class DumpedFiles:
     pipe_data: list[tuple[PipeDataEntry, bytes]] = dataclasses.field(default_factory=list)
     external: dict[int, str] = dataclasses.field(default_factory=dict)
     """{file id: name} of the descriptions that stay behind (``external_files``)."""
+    memfds: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    """{inode: fds} of the memfds open on fds (their contents: dump/shmem.py)."""
 
     def file(self, file_id: int) -> FileEntry:
         """The ``file_entry`` with id ``file_id``."""
@@ -199,7 +205,7 @@ def _refusal(f: _Fd) -> str | None:
         kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
         return f"fd {f.fd} is {kind} ({link})"
     if link.startswith("/memfd:"):
-        return f"fd {f.fd} is a memfd ({link})"
+        return None  # its contents are dumped with the shared objects (dump/shmem.py)
     if stat.S_ISFIFO(mode):
         return None if _PIPE_LINK.fullmatch(link) else f"fd {f.fd} is a named FIFO ({link})"
     if stat.S_ISCHR(mode):
@@ -208,8 +214,8 @@ def _refusal(f: _Fd) -> str | None:
             return None
         if dev[0] in _TTY_MAJORS:
             return (f"fd {f.fd} is a terminal ({link}): a terminal does not move to another "
-                    "host; only fds 0-2 may be terminals (the restored process gets the "
-                    "restorer's)")
+                    "host; only fds 0-2 may be terminals (`lazymig restore --shell-job` gives "
+                    "the restored process the restorer's)")
         return f"fd {f.fd} is the character device {link} ({dev[0]}:{dev[1]})"
     if stat.S_ISDIR(mode) and f.pos:
         return (f"fd {f.fd} is a directory ({link}) read part-way: directory offsets do not "
@@ -308,6 +314,9 @@ def collect_files(pid: int) -> DumpedFiles:
                 out.external[file_id] = external[f.fd]
             if f.fd in external and not stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.EXT, id=file_id)
+            elif f.link.startswith("/memfd:"):
+                entry = FileEntry(type=fdinfo_pb2.MEMFD, id=file_id, memfd=MemfdFileEntry(
+                    id=file_id, flags=flags, pos=f.pos, fown=zero, inode_id=f.st.st_ino))
             elif stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.PIPE, id=file_id, pipe=PipeEntry(
                     id=file_id, pipe_id=f.st.st_ino, flags=flags, fown=zero))
@@ -323,6 +332,8 @@ def collect_files(pid: int) -> DumpedFiles:
             out.files.append(entry)
         else:
             file_id = owners.index(owner) + 1
+        if f.link.startswith("/memfd:"):
+            out.memfds.setdefault(f.st.st_ino, []).append(f.fd)
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
     pipes = {f.st.st_ino: f.fd for f in fds

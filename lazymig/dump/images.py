@@ -515,7 +515,8 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
             out.paths.append(images.write_core(thread.tid, _core(state, thread)))
         out.paths.append(images.write_mm(state.pid, _mm(state, scan.vmas, exe_id, file_ids)))
         out.paths += write_files(images, open_files or DumpedFiles())
-        out.paths += write_shmem(images, state.pid, scan.vmas, PAGES_ID + 1)
+        out.paths += write_shmem(images, state.pid, scan.vmas,
+                                 (open_files or DumpedFiles()).memfds, PAGES_ID + 1)
         out.paths.append(images.write_pstree([_pstree(state)]))
         extra = _lazymig_entry(state, files, lazy_pages)
         for file_id, name in sorted((open_files or DumpedFiles()).external.items()):

@@ -1,15 +1,18 @@
 """Shared memory objects of a frozen process, dumped whole, as CRIU's shmem.c does.
 
 Shared anonymous memory (``/dev/zero (deleted)``: ``mmap(-1, n)``,
-``MAP_SHARED | MAP_ANONYMOUS``) and memfds mapped ``MAP_SHARED`` are one
-object each however many VMAs map it (``vma_entry.shmid`` is the object's
-inode number, as in CRIU; ``pgoff`` the VMA's offset in it). Each object's
+``MAP_SHARED | MAP_ANONYMOUS``) and memfds (mapped ``MAP_SHARED``, open on
+fds, or both) are one object each however many VMAs map it
+(``vma_entry.shmid`` is the object's inode number; ``pgoff`` the VMA's offset
+in it). A memfd also gets a ``memfd_inode_entry`` in ``memfd-inode.img``
+(name, size, seals; CRIU's), which a MEMFD ``file_entry`` of an fd names. Each object's
 contents go into ``shmem-pagemap-<shmid>.img`` (a ``pagemap_head`` naming its
 ``pages-<id>.img``, then ``pagemap_entry``s whose ``vaddr`` is the offset in
 the object, as CRIU writes them) and that pages image. Only the parts some
-VMA maps are dumped, and of those only what holds data (``SEEK_DATA`` on the
-object: holes stay holes). The object is read through
-``/proc/PID/map_files``, so nothing is faulted in the target.
+VMA maps (all of a memfd) are dumped, and of those only what holds data
+(``SEEK_DATA`` on the object: holes stay holes). The object is read through
+``/proc/PID/map_files`` or ``/proc/PID/fd``, so nothing is faulted in the
+target.
 
 These pages are never lazy (CRIU does not lazy-restore shmem either): the
 restorer (:mod:`lazymig.restore.shmem`) writes them before the process runs.
@@ -20,15 +23,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 from lazymig.dump.scan import Vma
 from lazymig.errors import LazyMigOSError
 from lazymig.proto.constants import PAGE_SIZE, PE, VmaStatus
-from lazymig.proto.images import ImagesDir, PagemapEntry, PagemapWriter, PagesWriter
+from lazymig.proto.images import (
+    ImageKind,
+    ImagesDir,
+    MemfdInodeEntry,
+    PagemapEntry,
+    PagemapWriter,
+    PagesWriter,
+)
 
 __all__ = ["SHMEM_PAGEMAP", "is_shared_object", "shared_objects", "shmem_pagemap_path",
            "write_shmem"]
@@ -36,6 +47,7 @@ __all__ = ["SHMEM_PAGEMAP", "is_shared_object", "shared_objects", "shmem_pagemap
 SHMEM_PAGEMAP: Final = "shmem-pagemap-{}.img"
 """CRIU's file name of an object's pagemap (its magic is PAGEMAP's)."""
 _CHUNK: Final = 4 << 20
+_F_GET_SEALS: Final = 1034
 
 
 def is_shared_object(status: int) -> bool:
@@ -47,29 +59,50 @@ def is_shared_object(status: int) -> bool:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SharedObject:
-    """One shared object and the VMAs that map it."""
+    """One shared object, the VMAs that map it and the fds it is open on."""
 
     shmid: int
     vmas: tuple[Vma, ...]
+    fds: tuple[int, ...] = ()
+    """For a memfd: the fds of the process it is open on."""
+    memfd: bool = False
 
-    def spans(self) -> list[tuple[int, int]]:
-        """The [start, end) offsets some VMA maps, merged."""
+    def spans(self, size: int | None = None) -> list[tuple[int, int]]:
+        """The [start, end) offsets some VMA maps (and all of a memfd's ``size``), merged."""
         out: list[tuple[int, int]] = []
-        for a, b in sorted((v.pgoff, v.pgoff + v.size) for v in self.vmas):
+        ranges = [(v.pgoff, v.pgoff + v.size) for v in self.vmas]
+        if size is not None:
+            ranges.append((0, size))
+        for a, b in sorted(ranges):
             if out and a <= out[-1][1]:
                 out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
+            elif a < b:
                 out.append((a, b))
         return out
 
+    def source(self, pid: int) -> str:
+        """Where to open the object from outside the process."""
+        if self.fds:
+            return f"/proc/{pid}/fd/{self.fds[0]}"
+        v = self.vmas[0]
+        return f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}"
 
-def shared_objects(vmas: Iterable[Vma]) -> list[SharedObject]:
-    """The shared objects of ``vmas`` by shmid (the inode), in shmid order. Pure."""
+
+def shared_objects(vmas: Iterable[Vma], memfd_fds: Mapping[int, Sequence[int]] | None = None
+                   ) -> list[SharedObject]:
+    """The shared objects of ``vmas`` by shmid (the inode), and the memfds open on
+    fds (``memfd_fds``: {inode: fds}), in shmid order. Pure."""
     by_id: dict[int, list[Vma]] = {}
+    memfds = set(memfd_fds or {})
     for v in vmas:
         if is_shared_object(v.status):
             by_id.setdefault(v.inode, []).append(v)
-    return [SharedObject(shmid, tuple(group)) for shmid, group in sorted(by_id.items())]
+            if v.status & VmaStatus.MEMFD:
+                memfds.add(v.inode)
+    for inode in memfd_fds or {}:
+        by_id.setdefault(inode, [])
+    return [SharedObject(shmid, tuple(group), tuple((memfd_fds or {}).get(shmid, ())),
+                         shmid in memfds) for shmid, group in sorted(by_id.items())]
 
 
 def shmem_pagemap_path(images: ImagesDir, shmid: int) -> Path:
@@ -100,28 +133,38 @@ def _data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _write_object(images: ImagesDir, pid: int, obj: SharedObject, pages_id: int) -> list[Path]:
-    first = obj.vmas[0]
-    where = f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}"
+def _write_object(images: ImagesDir, pid: int, obj: SharedObject, pages_id: int
+                  ) -> tuple[list[Path], MemfdInodeEntry | None]:
+    where = obj.source(pid)
     try:
         fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise LazyMigOSError(exc.errno or errno.EIO, f"opening the shared memory at "
-                             f"{first.start:#x} ({where})", pid=pid) from exc
+        raise LazyMigOSError(exc.errno or errno.EIO, f"opening shared object {obj.shmid} "
+                             f"({where})", pid=pid) from exc
     paths: list[Path] = []
+    inode: MemfdInodeEntry | None = None
     try:
+        size = None
+        if obj.memfd:
+            st = os.fstat(fd)
+            size = st.st_size
+            path = str(Path(where).readlink()) if obj.fds else obj.vmas[0].path
+            name = path.removeprefix("/memfd:").removesuffix(" (deleted)")
+            inode = MemfdInodeEntry(name=name, uid=st.st_uid, gid=st.st_gid, size=size,
+                                    shmid=obj.shmid, seals=_seals(fd), inode_id=obj.shmid)
         with contextlib.ExitStack() as stack:
             pages = stack.enter_context(PagesWriter(images.pages_path(pages_id),
                                                     fsync=images.fsync))
             pagemap = stack.enter_context(PagemapWriter(shmem_pagemap_path(images, obj.shmid),
                                                         pages_id, fsync=images.fsync))
-            for start, end in obj.spans():
+            whole = None if size is None else (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+            for start, end in obj.spans(whole):
                 for a, b in _data_runs(fd, start, end):
                     for off in range(a, b, _CHUNK):
                         n = min(_CHUNK, b - off)
                         data = os.pread(fd, n, off)
-                        if len(data) < n:  # the object ends inside the mapping (SIGBUS there)
-                            data = data[: len(data) & ~(PAGE_SIZE - 1)]
+                        if len(data) < n:  # the object ends here: its last page padded
+                            data += bytes(-len(data) % PAGE_SIZE)
                         if data:
                             pages.write(data)
                             pagemap.write(PagemapEntry(off, len(data) // PAGE_SIZE, PE.PRESENT))
@@ -130,22 +173,37 @@ def _write_object(images: ImagesDir, pid: int, obj: SharedObject, pages_id: int)
             paths += [pages.path, pagemap.path]
     finally:
         os.close(fd)
-    return paths
+    return paths, inode
 
 
-def write_shmem(images: ImagesDir, pid: int, vmas: Sequence[Vma], first_pages_id: int
+def _seals(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, _F_GET_SEALS)
+    except OSError:
+        return 0
+
+
+def write_shmem(images: ImagesDir, pid: int, vmas: Sequence[Vma],
+                memfd_fds: Mapping[int, Sequence[int]] | None, first_pages_id: int
                 ) -> list[Path]:
     """Dump every shared object of the frozen process ``pid`` (see the module
-    docstring); ``pages-<id>.img`` ids are handed out from ``first_pages_id``.
-    Returns the paths written. Blocking."""
+    docstring): its mapped shared memory and the memfds open on its fds
+    (``memfd_fds``: {inode: fds}), and ``memfd-inode.img`` if there are memfds;
+    ``pages-<id>.img`` ids are handed out from ``first_pages_id``. Returns the
+    paths written. Blocking."""
     paths: list[Path] = []
+    inodes: list[MemfdInodeEntry] = []
     try:
-        for n, obj in enumerate(shared_objects(vmas)):
-            paths += _write_object(images, pid, obj, first_pages_id + n)
+        for n, obj in enumerate(shared_objects(vmas, memfd_fds)):
+            written, inode = _write_object(images, pid, obj, first_pages_id + n)
+            paths += written
+            if inode is not None:
+                inodes.append(inode)
+        if inodes:
+            paths.append(images.write_entries(ImageKind.MEMFD_INODE, inodes))
     except BaseException:
         for p in paths:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         raise
     return paths
-

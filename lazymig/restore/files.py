@@ -6,8 +6,9 @@
 1. per pipe: ``pipe2`` inside the process, both ends moved above every dumped
    fd number; the restorer opens the write end through /proc/PID/fd, sets the
    capacity and writes the queued data back;
-2. per open file description: ``openat`` of its path with the dumped status
-   flags and ``lseek`` to the dumped offset, or for a pipe end the end pipe2
+2. per open file description: ``openat`` of its path (of a memfd, the one
+   :mod:`lazymig.restore.shmem` rebuilt, through /proc/self/fd) with the
+   dumped status flags and ``lseek`` to the dumped offset, or for a pipe end the end pipe2
    made with its status flags set (see :func:`_pipe_end`); then ``dup3`` onto
    each of its fd numbers with its close-on-exec flag: fds that shared a
    description share it again;
@@ -72,13 +73,21 @@ class SyscallTarget(Protocol):
 
 
 def restore_files(target: SyscallTarget, files: DumpedFiles,
-                  given: Mapping[int, int] | None = None) -> None:
+                  given: Mapping[int, int] | None = None,
+                  memfds: Mapping[int, int] | None = None) -> None:
     """Rebuild ``files`` in ``target`` (see the module docstring), with the helper's
-    fds in ``given`` (``DumpedTask.given_fds``) in place of the dumped ones. Run it
+    fds in ``given`` (``DumpedTask.given_fds``) in place of the dumped ones, and
+    the memfds rebuilt already (``memfds``: {inode id: fd}; closed here). Run it
     on the tracer thread, after :func:`~lazymig.restore.task.check_files`."""
     given = dict(given or {})
     dumped = {e.fd for e in files.fds}
-    top = max([*dumped, *given.values(), STDIO_FDS]) + 1
+    objects = dict(memfds or {})
+    top = max([*dumped, *given.values(), *objects.values(), STDIO_FDS]) + 1
+    for inode, fd in sorted(objects.items()):  # out of the way of the dumped fd numbers
+        objects[inode] = target.call(_SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top,
+                                     what=f"fcntl(F_DUPFD) of memfd {inode}")
+        top = objects[inode] + 1
+        target.close(fd)
     staged: dict[int, int] = {}  # the helper's fd -> where it waits meanwhile
     for hfd in sorted(set(given.values())):
         staged[hfd] = target.call(_SYS_FCNTL, hfd, fcntl.F_DUPFD_CLOEXEC, top,
@@ -107,6 +116,11 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
             continue
         if f.type == fdinfo_pb2.PIPE:
             tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
+        elif f.type == fdinfo_pb2.MEMFD:  # a new description of the memfd rebuilt already
+            tmp = target.open(f"/proc/self/fd/{objects[f.memfd.inode_id]}",
+                              f.memfd.flags | os.O_CLOEXEC)
+            if f.memfd.pos:
+                target.call(_SYS_LSEEK, tmp, f.memfd.pos, os.SEEK_SET, what="lseek(memfd)")
         else:
             tmp = target.open(f.reg.name, f.reg.flags | os.O_CLOEXEC)
             if f.reg.pos and not f.reg.flags & os.O_PATH:
@@ -124,6 +138,8 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
     for r, w in ends.values():
         target.close(r)
         target.close(w)
+    for fd in objects.values():
+        target.close(fd)
     log.info("pid %d: %d fds reopened (%d files, %d pipes), %d given by the caller",
              target.pid, len(files.fds), len(files.files), len(ends), len(given))
 

@@ -83,7 +83,7 @@ from lazymig.proto.constants import (
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
-from lazymig.restore.shmem import memfd_names, restore_shared_objects
+from lazymig.restore.shmem import restore_shared_objects
 from lazymig.restore.task import (
     DumpedTask,
     FdInheritance,
@@ -213,6 +213,8 @@ class _Target:
         self.tracee = tracee
         self.pid = tracee.pid
         self.scratch = 0
+        self.objects: dict[int, int] = {}
+        """{memfd inode id: its fd here} (restore_shared_objects, for restore_files)."""
 
     def call(self, nr: int, *args: int, what: str) -> int:
         res = self.tracee.inject_syscall(nr, *args)
@@ -425,9 +427,8 @@ class Restorer:
                 raise RestoreError(f"{what} landed at {got:#x}")
             _madvise(target, v.start, v.end, v.madv)
         busy.append((scratch, scratch + _SCRATCH_SIZE))
-        shared = restore_shared_objects(
-            target, self.images, task.mm.vmas, memfd_names(task.extra.files),
-            lambda size: _free_gap(busy, size),
+        shared, target.objects = restore_shared_objects(
+            target, self.images, task.mm.vmas, task.memfds, lambda size: _free_gap(busy, size),
             lambda start, end, madv: _madvise(target, start, end, madv))
         return shared + self._write_pages(pid, task)
 
@@ -544,7 +545,7 @@ class Restorer:
             except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
                 log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
                             (rl.cur, rl.max), exc)
-        restore_files(target, task.files, task.given_fds)
+        restore_files(target, task.files, task.given_fds, target.objects)
         _set_session(target, task)
         _set_sched_and_timers(target, task)
         if thread.HasField("creds"):

@@ -5,12 +5,14 @@ Per object (tracer thread, injected syscalls), as CRIU's restorer does:
 1. it is created inside the process at a free address, the size of what its
    VMAs map: a shared anonymous one by ``mmap(MAP_SHARED | MAP_ANONYMOUS)``
    (so the kernel names it ``/dev/zero (deleted)`` again) and opened through
-   ``/proc/self/map_files``; a memfd by ``memfd_create`` with its name and
-   ``ftruncate``, then mapped there;
+   ``/proc/self/map_files``; a memfd (``memfd-inode.img``) by
+   ``memfd_create`` with its name and ``ftruncate``, then mapped there;
 2. its contents are written from ``shmem-pagemap-<shmid>.img`` and its pages
    image through ``/proc/PID/mem`` (eagerly: shared pages are never lazy);
 3. each of its VMAs is mapped from the object's fd at its address, offset,
-   protection and flags; the fd and the first mapping go.
+   protection and flags; the first mapping goes; a memfd gets its size and
+   seals back and its fd is kept for the fds it was open on
+   (:func:`~lazymig.restore.files.restore_files`); the others' fd goes.
 
 So every VMA that shared an object shares one again, with its contents.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
@@ -34,10 +36,10 @@ from lazymig.proto.constants import (
     PAGE_SIZE,
     VmaStatus,
 )
-from lazymig.proto.images import ImagesDir, PagemapReader, VmaEntry, lazymig_pb2
+from lazymig.proto.images import ImagesDir, MemfdInodeEntry, PagemapReader, VmaEntry
 from lazymig.restore.files import SyscallTarget
 
-__all__ = ["memfd_names", "restore_shared_objects", "shared_vmas"]
+__all__ = ["restore_shared_objects", "shared_vmas"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ _SYS_MUNMAP: Final = 11
 _SYS_CLOSE: Final = 3
 _SYS_FTRUNCATE: Final = 77
 _SYS_MEMFD_CREATE: Final = 319
+_SYS_FCNTL: Final = 72
+_F_ADD_SEALS: Final = 1033
+_F_SEAL_SEAL: Final = 1
+_MFD_ALLOW_SEALING: Final = 2
 _PROT_RW: Final = 0x3
 _MAP_FIXED_NOREPLACE: Final = 0x100000
 _MFD_CLOEXEC: Final = 1
@@ -62,35 +68,38 @@ def shared_vmas(vmas: Sequence[VmaEntry]) -> dict[int, list[VmaEntry]]:
     return out
 
 
-def memfd_names(files: Iterable[lazymig_pb2.lazymig_file_entry]) -> dict[int, str]:
-    """{inode (the shmid): name} of the memfds among the files ``lazymig-<pid>.img``
-    lists (their path is ``/memfd:NAME``). Pure."""
-    return {f.inode: f.path.removeprefix("/memfd:") for f in files
-            if f.path.startswith("/memfd:") and f.HasField("inode")}
-
-
 def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Sequence[VmaEntry],
-                           names: Mapping[int, str], free_at: Callable[[int], int],
-                           madvise: Callable[[int, int, int], None]) -> int:
-    """Rebuild and map every shared object of ``vmas`` (see the module docstring).
+                           memfds: Mapping[int, MemfdInodeEntry], free_at: Callable[[int], int],
+                           madvise: Callable[[int, int, int], None]) -> tuple[int, dict[int, int]]:
+    """Rebuild every shared object of ``vmas`` and every memfd of ``memfds``
+    (``memfd-inode.img`` by inode id) and map the VMAs (see the module docstring).
 
-    ``names`` are the memfds' names by shmid (:func:`memfd_names`);
     ``free_at(size)`` is a free address for a temporary mapping of ``size``
     bytes; ``madvise(start, end, madv)`` gives a VMA its advice. Returns the
-    number of pages written.
+    number of pages written and {inode id: its fd in the process} of the
+    memfds, left open for :func:`~lazymig.restore.files.restore_files`.
     """
     written = 0
-    for shmid, group in sorted(shared_vmas(vmas).items()):
-        size = max(v.pgoff + v.end - v.start for v in group)
+    kept: dict[int, int] = {}
+    objects = shared_vmas(vmas)
+    for inode in memfds:
+        objects.setdefault(inode, [])
+    for shmid, group in sorted(objects.items()):
+        memfd = memfds.get(shmid)
+        if memfd is None and any(v.status & VmaStatus.MEMFD for v in group):
+            raise ImageError(f"memfd-inode.img has no entry for the memfd mapped at "
+                             f"{group[0].start:#x} (shmid {shmid})")
+        size = max([v.pgoff + v.end - v.start for v in group]
+                   + ([memfd.size] if memfd is not None else []))
+        size = max(PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         at = free_at(size)
-        first = group[0]
-        if first.status & VmaStatus.MEMFD:
-            name = names.get(shmid, "")
-            fd = target.call(_SYS_MEMFD_CREATE, target.data(name.encode() + b"\0"),
-                             _MFD_CLOEXEC, what=f"memfd_create({name})")
-            target.call(_SYS_FTRUNCATE, fd, size, what=f"ftruncate(memfd {name})")
+        if memfd is not None:
+            sealing = _MFD_ALLOW_SEALING if memfd.seals & ~_F_SEAL_SEAL else 0
+            fd = target.call(_SYS_MEMFD_CREATE, target.data(memfd.name.encode() + b"\0"),
+                             _MFD_CLOEXEC | sealing, what=f"memfd_create({memfd.name})")
+            target.call(_SYS_FTRUNCATE, fd, size, what=f"ftruncate(memfd {memfd.name})")
             tmp = target.call(_SYS_MMAP, at, size, _PROT_RW, MAP_SHARED | _MAP_FIXED_NOREPLACE,
-                              fd, 0, what=f"mmap(memfd {name})")
+                              fd, 0, what=f"mmap(memfd {memfd.name})")
         else:
             tmp = target.call(_SYS_MMAP, at, size, _PROT_RW,
                               MAP_SHARED | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
@@ -107,12 +116,21 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
                 if got != v.start:
                     raise ImageError(f"{what} landed at {got:#x}")
                 madvise(v.start, v.end, v.madv)
-        finally:
-            target.call(_SYS_CLOSE, fd, what="close(shared object)")
             target.call(_SYS_MUNMAP, tmp, size, what="munmap(shared object)")
+            if memfd is not None:
+                if memfd.size != size:  # the mapped part went past its end
+                    target.call(_SYS_FTRUNCATE, fd, memfd.size, what="ftruncate(memfd)")
+                if sealing:  # last: seals stop what rebuilding it needed
+                    target.call(_SYS_FCNTL, fd, _F_ADD_SEALS, memfd.seals,
+                                what=f"fcntl(F_ADD_SEALS) on memfd {memfd.name}")
+                kept[shmid] = fd
+                fd = -1
+        finally:
+            if fd >= 0:
+                target.call(_SYS_CLOSE, fd, what="close(shared object)")
         log.debug("pid %d: shared object %d (%d bytes) mapped by %d VMAs", target.pid, shmid,
                   size, len(group))
-    return written
+    return written, kept
 
 
 def _fill(pid: int, images: ImagesDir, shmid: int, tmp: int, size: int) -> int:

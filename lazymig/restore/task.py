@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -35,6 +35,7 @@ from lazymig.proto.images import (
     FileEntry,
     ImageKind,
     ImagesDir,
+    MemfdInodeEntry,
     MmEntry,
     PagemapEntry,
     PageRange,
@@ -165,6 +166,8 @@ class DumpedTask:
     """Its threads but the leader (whose state is ``core``), in pstree order."""
     given_fds: dict[int, int] = dataclasses.field(default_factory=dict)
     """{fd: the helper's fd that takes its place} (:func:`plan_given_fds`)."""
+    memfds: dict[int, MemfdInodeEntry] = dataclasses.field(default_factory=dict)
+    """``memfd-inode.img`` by inode id (= shmid)."""
 
     @property
     def xstate(self) -> bytes:
@@ -247,7 +250,15 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
     files = read_files(images)
     files.external = {e.file_id: e.name for e in extra.external_files}
     given = plan_given_fds(pid, files, fds or FdInheritance())
-    check_files(pid, files, given)
+    memfds: dict[int, MemfdInodeEntry] = {}
+    if images.image_path(ImageKind.MEMFD_INODE).exists():
+        memfds = {e.inode_id: e for e in images.read_entries(ImageKind.MEMFD_INODE,
+                                                             MemfdInodeEntry)}
+    check_files(pid, files, given, memfds)
+    for inode in memfds:
+        if not shmem_pagemap_path(images, inode).exists():
+            raise ImageError(f"the memfd {memfds[inode].name!r} of process {pid} has no "
+                             f"shmem-pagemap-{inode}.img in {images.path}")
     pagemap = images.pagemap(pid)
     entries = tuple(pagemap.entries)
     if not lazy_pages:
@@ -259,7 +270,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
     lazy = tuple(images.lazy_ranges(pid)) if lazy_pages else ()
     return DumpedTask(pid=pid, pgid=tree[0].pgid, sid=tree[0].sid, core=core, mm=mm,
                       extra=extra, pages_id=pagemap.pages_id, entries=entries, lazy=lazy,
-                      files=files, threads=threads, given_fds=given)
+                      files=files, threads=threads, given_fds=given, memfds=memfds)
 
 
 def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
@@ -291,8 +302,8 @@ def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
                                    "since the dump (size or mtime differ)")
 
 
-def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, int] = ()
-                ) -> None:
+def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, int] = (),
+                memfds: Collection[int] = ()) -> None:
     """Refuse the open files :func:`~lazymig.restore.files.restore_files` could not
     reopen as they were (but those whose every fd is in ``given``).
 
@@ -313,6 +324,11 @@ def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, i
             continue  # the caller's fds take its place (external ones: planned already)
         fds = ", ".join(str(fd) for fd in numbers)
         if f.type == fdinfo_pb2.PIPE and f.HasField("pipe"):
+            continue
+        if f.type == fdinfo_pb2.MEMFD and f.HasField("memfd"):
+            if f.memfd.inode_id not in memfds:
+                raise ImageError(f"fd {fds} of process {pid} is a memfd (inode "
+                                 f"{f.memfd.inode_id}) that memfd-inode.img does not hold")
             continue
         if f.type != fdinfo_pb2.REG or not f.HasField("reg"):
             raise UnsupportedDumpError(f"fd {fds} of process {pid} is of kind "

@@ -9,22 +9,25 @@
 * ``shm``: a ``multiprocessing.shared_memory.SharedMemory`` of 1 MiB (a
   /dev/shm file mapped MAP_SHARED, its fds kept open);
 * ``memfd`` and ``memfd2``: one 2 MiB memfd mapped twice (two VMAs, one object),
-  its fd closed;
+  its fd kept open (``memfd_fd``);
+* a memfd only open on a fd (``sealed_fd``): 8196 bytes written, the offset
+  at 5000, sealed against shrinking and growing;
 * ``file``: FILE (64 KiB) mapped MAP_SHARED.
 
 Page 0 of each is the counter page; every other page holds a pattern. Every
-20 ms the process checks all of it (pattern pages (holes are not read: that
-would fault them in), the
-counter it wrote last, and that ``memfd2`` sees what it wrote through
-``memfd``), writes the next counter into every counter page and
-``n=N pid=PID`` at the start of FILE, and prints
-``CHECK n=N ok=0|1 pid=PID``. It prints ``READY`` first, with each region's
-``name=address:length`` and the shared memory's name.
+20 ms the process checks all of it (pattern pages, but not the holes: reading
+would fault them in; the counter it wrote last; that ``memfd2`` and
+``memfd_fd`` see what it wrote through ``memfd``; the sealed memfd's data,
+offset and seals), writes the next counter into every counter page and
+``n=N pid=PID`` at the start of FILE, and prints ``CHECK n=N ok=0|1
+pid=PID``. It prints ``READY`` first, with each region's
+``name=address:length``, the shared memory's name and the memfds' fds.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import sys
@@ -98,12 +101,17 @@ def main() -> None:
     want_shm = pattern(2, MIB)
     shm.buf[:] = want_shm
 
-    fd = os.memfd_create("lazymig-shmem", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 2 * MIB)
-    memfd_at, memfd2_at = shared_map(fd, 2 * MIB), shared_map(fd, 2 * MIB)
-    os.close(fd)
+    memfd = os.memfd_create("lazymig-shmem", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, 2 * MIB)
+    memfd_at, memfd2_at = shared_map(memfd, 2 * MIB), shared_map(memfd, 2 * MIB)
     want_memfd = pattern(3, 2 * MIB)
     view(memfd_at, 2 * MIB)[:] = want_memfd
+
+    sealed = os.memfd_create("lazymig-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    want_sealed = pattern(4, 3 * PAGE)[PAGE:] + b"tail"
+    os.write(sealed, want_sealed)
+    os.lseek(sealed, 5000, os.SEEK_SET)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     os.ftruncate(fd, 64 * 1024)
@@ -113,7 +121,7 @@ def main() -> None:
     regions = {"anon": (anon_at, 4 * MIB), "shm": (shm_at, MIB), "memfd": (memfd_at, 2 * MIB),
                "memfd2": (memfd2_at, 2 * MIB), "file": (file_at, 64 * 1024)}
     print("READY", *(f"{k}={a:#x}:{n:#x}" for k, (a, n) in regions.items()),
-          f"shm_name={shm.name}", flush=True)
+          f"shm_name={shm.name}", f"memfd_fd={memfd}", f"sealed_fd={sealed}", flush=True)
     wanted = [(anon_at, want_anon), (shm_at, want_shm), (memfd_at, want_memfd),
               (memfd2_at, want_memfd)]
     # (offset, length) of the pattern pages: holes are not read (reading faults them in)
@@ -128,6 +136,11 @@ def main() -> None:
         for a in (anon_at, shm_at, memfd_at):
             view(a, 8)[:] = counter
         ok = ok and bytes(view(memfd2_at, 8)) == counter  # one object behind both views
+        ok = ok and os.pread(memfd, 8, 0) == counter  # and behind its fd
+        ok = ok and os.pread(sealed, len(want_sealed) + 1, 0) == want_sealed
+        ok = ok and os.lseek(sealed, 0, os.SEEK_CUR) == 5000
+        ok = ok and fcntl.fcntl(sealed, fcntl.F_GET_SEALS) == \
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
         line = f"n={n} pid={os.getpid()}\n".encode()
         view(file_at, 64)[:] = line.ljust(64, b"\0")
         print(f"CHECK n={n} ok={int(ok)} pid={os.getpid()}", flush=True)

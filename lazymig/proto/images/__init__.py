@@ -25,6 +25,7 @@ from lazymig.proto.images import (
     fown_pb2,
     fs_pb2,
     inventory_pb2,
+    memfd_pb2,
     mm_pb2,
     pagemap_pb2,
     pipe_data_pb2,
@@ -77,6 +78,8 @@ FownEntry = fown_pb2.fown_entry
 RegFileEntry = regfile_pb2.reg_file_entry
 PipeEntry = pipe_pb2.pipe_entry
 PipeDataEntry = pipe_data_pb2.pipe_data_entry
+MemfdFileEntry = memfd_pb2.memfd_file_entry
+MemfdInodeEntry = memfd_pb2.memfd_inode_entry
 
 __all__ = [
     "CRTOOLS_IMAGES_V1_1",
@@ -95,6 +98,8 @@ __all__ = [
     "ImageWriter",
     "ImagesDir",
     "InventoryEntry",
+    "MemfdFileEntry",
+    "MemfdInodeEntry",
     "MmEntry",
     "PageIndex",
     "PageRange",
@@ -125,6 +130,7 @@ __all__ = [
     "fs_pb2",
     "inventory_pb2",
     "lazy_ranges",
+    "memfd_pb2",
     "mm_pb2",
     "pagemap_pb2",
     "pipe_data_pb2",
