@@ -191,10 +191,36 @@ async def test_stdio_that_stayed_behind_needs_the_caller_to_say(tmp_path: Path) 
             os.close(new_r)
             if new_w >= 0:
                 os.close(new_w)
+        await asyncio.to_thread(restore_with_cli_inherit_fd, images, name)
     finally:
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+
+
+def restore_with_cli_inherit_fd(images: Path, name: str) -> None:
+    """``lazymig restore`` refuses without an option, and with ``--inherit-fd``
+    the restored process writes into the fd given."""
+    refused = subprocess.run([sys.executable, "-m", "lazymig", "restore", "-D", str(images),
+                              "-d"], capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 1 and f"--inherit-fd fd[N]:{name}" in refused.stderr
+    r, w = os.pipe()
+    try:
+        restore = subprocess.run(
+            [sys.executable, "-m", "lazymig", "restore", "-D", str(images), "-d",
+             "--inherit-fd", f"fd[{w}]:{name}"], pass_fds=(w,), stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, timeout=60, check=True)
+        os.close(w)
+        w = -1
+        pid = int(restore.stdout)
+        try:
+            assert os.read(r, 100).split()[1] == str(pid).encode()
+        finally:
+            kill(pid)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 def test_inherit_fd_names_what_it_takes() -> None:
