@@ -4,8 +4,7 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
 
 1. A helper process is started (``sleep``, with the restorer's own fds 0, 1
    and 2, or ``stdio``, and the fds of ``inherit_fds``) and seized once it
-   sleeps. That helper becomes the
-   restored process: it gets a new pid.
+   sleeps. That helper becomes the restored process: it gets a new pid.
 2. Its rseq area is unregistered; a two-page scratch mapping holding a
    ``syscall`` instruction is made at an address free in both its map and the
    dumped one, and every later injected syscall runs there.

@@ -82,6 +82,12 @@ def shared_map(fd: int, length: int) -> int:
     return int(address)
 
 
+def say(*words: str) -> None:
+    """One line in one write(2): print() may write a line and its newline apart
+    (PYTHONUNBUFFERED), and a dump between them splits it."""
+    os.write(1, (" ".join(words) + "\n").encode())
+
+
 def main() -> None:
     path = sys.argv[1]
     anon = mmap.mmap(-1, 4 * MIB)
@@ -120,8 +126,8 @@ def main() -> None:
 
     regions = {"anon": (anon_at, 4 * MIB), "shm": (shm_at, MIB), "memfd": (memfd_at, 2 * MIB),
                "memfd2": (memfd2_at, 2 * MIB), "file": (file_at, 64 * 1024)}
-    print("READY", *(f"{k}={a:#x}:{n:#x}" for k, (a, n) in regions.items()),
-          f"shm_name={shm.name}", f"memfd_fd={memfd}", f"sealed_fd={sealed}", flush=True)
+    say("READY", *(f"{k}={a:#x}:{n:#x}" for k, (a, n) in regions.items()),
+        f"shm_name={shm.name}", f"memfd_fd={memfd}", f"sealed_fd={sealed}")
     wanted = [(anon_at, want_anon), (shm_at, want_shm), (memfd_at, want_memfd),
               (memfd2_at, want_memfd)]
     # (offset, length) of the pattern pages: holes are not read (reading faults them in)
@@ -143,7 +149,7 @@ def main() -> None:
             fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
         line = f"n={n} pid={os.getpid()}\n".encode()
         view(file_at, 64)[:] = line.ljust(64, b"\0")
-        print(f"CHECK n={n} ok={int(ok)} pid={os.getpid()}", flush=True)
+        say(f"CHECK n={n} ok={int(ok)} pid={os.getpid()}")
         time.sleep(0.02)
 
 
