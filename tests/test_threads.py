@@ -267,8 +267,9 @@ async def test_threads_migrated_with_the_three_clis_on_demand_only(
                 "lazy-pages", "--page-server", "--no-background", "--address",
                 hosts.source.address, "--port", port, "-D", images, host=hosts.destination,
                 uvloop=loop)
+            # --shell-job: its stdout (a pipe to the test) stays behind; write_fd instead
             restore = await lazymig_command("restore", "--lazy-pages", "-D", images, "-d",
-                                            host=hosts.destination, ready=False,
+                                            "--shell-job", host=hosts.destination, ready=False,
                                             stdout=write_fd, uvloop=loop)
             os.close(write_fd)
             write_fd = -1
