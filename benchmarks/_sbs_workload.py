@@ -1,6 +1,7 @@
 """The workload of criu_side_by_side.py: a C program with a known pattern, idle or busy.
 
     sbs_workload MIB idle|busy
+    sbs_workload MIB random TOUCHES
 
 It maps MIB MiB of private anonymous memory, fills page i with the 16-byte pair
 (PATTERN_MAGIC, i) repeated (criu_pattern's pattern, tag 0) and prints the two
@@ -19,6 +20,12 @@ the busy workload's first full pass over lazily restored memory (faults and
 background fetch together); sent to the idle one once every page is in, it
 times a pass over local memory (the baseline).
 
+* ``random``: as ``idle``, but SIGUSR1 makes it read TOUCHES random pages (a fixed
+  seed) and time each read that faults: a page its own /proc/self/pagemap shows
+  present already (the background fetch brought it) is skipped. It prints one
+  ``lat US`` line per timed read, then ``faults N skipped K``: the fault round
+  trip a program sees, whichever daemon serves it.
+
 Built statically with the host's gcc, so that it runs inside the CRIU chroot.
 """
 
@@ -32,6 +39,7 @@ from pathlib import Path
 SOURCE = r"""
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -90,14 +98,53 @@ static void report(const struct timespec *t0, size_t bad)
     say(line);
 }
 
+static void touch_random(const volatile uint64_t *mem, size_t pages, size_t touches)
+{
+    char line[96];
+    int pagemap = open("/proc/self/pagemap", O_RDONLY);
+    double *lat = malloc(touches * sizeof(double));
+    size_t n = 0, skipped = 0;
+    uint64_t x = 88172645463325252ULL;
+    struct timespec t0;
+
+    if (lat == NULL)
+        _exit(4);
+    for (size_t t = 0; t < touches; t++) {
+        uint64_t entry = 0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        size_t i = x % pages;
+        uintptr_t addr = (uintptr_t)(mem + i * (PAGE / 8));
+        if (pagemap >= 0 && pread(pagemap, &entry, 8, (off_t)(addr / PAGE * 8)) == 8 &&
+            (entry >> 63)) {
+            skipped++;
+            continue;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        (void)mem[i * (PAGE / 8)];
+        lat[n++] = since(&t0);
+    }
+    for (size_t k = 0; k < n; k++) {
+        snprintf(line, sizeof(line), "lat %.2f\n", lat[k] * 1e6);
+        say(line);
+    }
+    snprintf(line, sizeof(line), "faults %zu skipped %zu\n", n, skipped);
+    say(line);
+    free(lat);
+    if (pagemap >= 0)
+        close(pagemap);
+}
+
 int main(int argc, char **argv)
 {
     char line[160];
     struct timespec t0, next;
 
-    if (argc != 3)
+    if (argc != 3 && argc != 4)
         return 2;
     int busy = strcmp(argv[2], "busy") == 0;
+    size_t touches = strcmp(argv[2], "random") == 0 && argc == 4 ? strtoul(argv[3], NULL, 10) : 0;
     size_t pages = strtoul(argv[1], NULL, 10) * (1024 * 1024 / PAGE);
     uint64_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -138,7 +185,10 @@ int main(int argc, char **argv)
     }
     clock_gettime(CLOCK_MONOTONIC, &next);
     for (;;) {
-        if (signalled) {
+        if (signalled && touches) {
+            signalled = 0;
+            touch_random(mem, pages, touches);
+        } else if (signalled) {
             size_t bad = 0;
             signalled = 0;
             clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -154,6 +204,8 @@ int main(int argc, char **argv)
 }
 """
 
+_LAT = re.compile(r"^lat ([\d.]+)$", re.MULTILINE)
+_FAULTS = re.compile(r"^faults (\d+) skipped (\d+)$", re.MULTILINE)
 _PASS = re.compile(r"^pass ([\d.]+) bad (\d+)$", re.MULTILINE)
 
 
@@ -176,3 +228,16 @@ def passes(log: Path) -> list[tuple[float, int]]:
     except FileNotFoundError:
         return []
     return [(float(m[1]), int(m[2])) for m in _PASS.finditer(text)]
+
+
+def faults(log: Path) -> tuple[list[float], int] | None:
+    """What ``random`` wrote to ``log``: the fault round trips (us) and the skipped
+    touches (present already), or None before its ``faults`` line."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return None
+    done = _FAULTS.search(text)
+    if done is None:
+        return None
+    return [float(m[1]) for m in _LAT.finditer(text)], int(done[2])

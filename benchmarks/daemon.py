@@ -1,6 +1,17 @@
 """Benchmark of the lazy-pages daemon on loopback, beside the machine's own limits.
 
     .venv/bin/python benchmarks/daemon.py [--sizes 256,1024] [--touches 2000]
+    sudo .venv/bin/python benchmarks/daemon.py --criu [--size 512] [--touches 2000]
+        [--repeat 3]
+
+With --criu: CRIU's ``criu lazy-pages`` and lazymig's daemon in one run, each
+fed by the same page server (``criu dump --lazy-pages`` of a C workload in the
+CRIU chroot, benchmarks/_sbs_workload.py ``random``), restored by ``criu
+restore --lazy-pages``; the restored copy times its own reads of random pages
+that are not present yet (the fault round trip a program sees). Printed: p50 /
+p99 per daemon with the background on and (lazymig only: CRIU's cannot turn it
+off) off, lazymig's daemon fed by its own page server, each daemon's peak RSS
+and CPU, the ratio to CRIU's p50, the machine's limits and its load.
 
 For each region size it writes a lazy dump, serves it with lazymig's page
 server (its own process) and runs the daemon (its own process, so its peak RSS
@@ -31,11 +42,13 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import mmap
 import os
 import random
 import select
+import signal
 import socket
 import statistics
 import sys
@@ -46,9 +59,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import _sbs_workload
+import criu_side_by_side as sbs
 import machine
 import report
 from _fault_floor import fault_floor_us
+from criu_peer import (
+    ChrootDir,
+    Workload,
+    chroot_argv,
+    criu,
+    criu_root_ready,
+    free_port,
+    kill_pid,
+    lazymig_argv,
+    start_with_status_fd,
+)
 from lazydump import write_lazy_dump
 
 from lazymig.linux.procfs import read_stat
@@ -252,12 +278,180 @@ async def main(args: argparse.Namespace) -> None:
             print(f"  daemon peak RSS: {int(r['rss_kib']) / 1024:.1f} MiB")  # type: ignore[call-overload]
 
 
+# -- the fault round trip beside CRIU's daemon (--criu) ---------------------------------------
+
+FAULT_SETUPS = ("CRIU", "lazymig", "lazymig, background off",
+                "lazymig, background off, lazymig page server")
+"""Daemons measured by --criu: CRIU's ``criu lazy-pages`` and lazymig's, both fed by
+``criu dump --lazy-pages``; the last is fed by ``lazymig page-server`` over an ordinary
+dump. CRIU's daemon has no switch for its background fetch (it starts once the restore
+finished): its faults race it, as lazymig's do in the second set-up."""
+
+
+@dataclasses.dataclass
+class FaultRun:
+    """One restore whose restored copy timed its faults on random pages."""
+
+    setup: str
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    skipped: int = 0
+    daemon_rss_kib: int = 0
+    daemon_cpu_s: float = 0.0
+    error: str | None = None
+
+
+def _gnu_time(argv: list[str], out: str) -> list[str]:
+    """``argv`` under GNU time: user and system CPU seconds and peak RSS (KiB) to ``out``."""
+    return ["/usr/bin/time", "-f", "%U %S %M", "-o", out, *argv]
+
+
+def _read_gnu_time(path: Path) -> tuple[float, int]:
+    user, system, peak = path.read_text().split()[-3:]  # after "Command exited with ..."
+    return float(user) + float(system), int(peak)
+
+
+def fault_run(setup: str, binary: Path, mib: int, touches: int) -> FaultRun:
+    """Dump a ``random`` workload lazily, restore it through ``setup``, signal the
+    restored copy to time ``touches`` random reads, then end it and its daemon."""
+    run = FaultRun(setup)
+    procs = sbs.Procs()
+    restored = 0
+    with ChrootDir.temporary("flt-work-") as work, sbs.shm_dir("flt-images-") as d:
+        workload = Workload(work, binary, mib=mib, args=["random", str(touches)])
+        rss = d.host / "daemon.time"
+        try:
+            workload.start(timeout=60)
+            port, pid = str(free_port()), str(workload.pid)
+            if setup.endswith("lazymig page server"):
+                criu(d, "dump", "-t", pid, "-D", d.inner, log="dump.log", timeout=120,
+                     verbosity=sbs.CRIU_VERBOSITY)
+                with (d.host / "page-server.log").open("wb") as err:
+                    procs.add(start_with_status_fd(
+                        lazymig_argv("page-server", "--lazy-pages", "-D", str(d.host),
+                                     "--address", "127.0.0.1", "--port", port, "--wire", "v1",
+                                     loop=sbs.LOOP),
+                        what="lazymig page-server", stderr=err.fileno(), timeout=30))
+            else:
+                procs.add(start_with_status_fd(
+                    chroot_argv("criu", "dump", "-t", pid, "--lazy-pages", "--address",
+                                "127.0.0.1", "--port", port, "-D", d.inner),
+                    what="criu dump --lazy-pages", log="dump.log",
+                    verbosity=sbs.CRIU_VERBOSITY, timeout=120))
+            if setup == "CRIU":
+                daemon = procs.add(start_with_status_fd(
+                    chroot_argv(*_gnu_time(["criu", "lazy-pages", "--page-server", "--address",
+                                            "127.0.0.1", "--port", port, "-D", d.inner],
+                                           d.inside(rss.name))),
+                    what="criu lazy-pages", log="lazy-pages.log",
+                    verbosity=sbs.CRIU_VERBOSITY))
+            else:
+                options = ["--no-background"] if "background off" in setup else []
+                with (d.host / "lazymig-lazy-pages.log").open("wb") as err:
+                    daemon = procs.add(start_with_status_fd(
+                        _gnu_time(lazymig_argv("lazy-pages", "--page-server", "--address",
+                                               "127.0.0.1", "--port", port, "--wire", "v1",
+                                               *options, "-D", str(d.host), loop=sbs.LOOP),
+                                  str(rss)),
+                        what="lazymig lazy-pages", stderr=err.fileno(), timeout=30))
+            criu(d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+                 "--pidfile", d.inside("restored.pid"), log="restore.log", timeout=120,
+                 verbosity=sbs.CRIU_VERBOSITY)
+            restored = int((d.host / "restored.pid").read_text())
+            os.kill(restored, signal.SIGUSR1)  # at once: the background has just begun
+            run.latencies, run.skipped = sbs.wait_for(
+                lambda: _sbs_workload.faults(workload.log), 120, "faults line")
+            kill_pid(restored)  # the daemon ends with its last process
+            restored = 0
+            sbs.reap(daemon, 60, "the lazy-pages daemon")
+            run.daemon_cpu_s, run.daemon_rss_kib = _read_gnu_time(rss)
+        except Exception as exc:
+            run.error = f"{type(exc).__name__}: {exc}"
+            for log in sorted(d.host.glob("*.log")):
+                run.error += f"\n  --- {log.name}:\n  " + \
+                    log.read_text(errors="replace")[-1200:].replace("\n", "\n  ")
+        finally:
+            if restored:
+                kill_pid(restored)
+            procs.stop_all()
+            workload.kill()
+    return run
+
+
+def criu_faults(args: argparse.Namespace) -> None:
+    """CRIU's daemon and lazymig's in one run, set-ups interleaved (A/B/C/D, repeated)."""
+    if os.geteuid() != 0:
+        raise SystemExit("--criu needs root (CRIU, ptrace, userfaultfd, namespaces)")
+    print(f"machine: {machine.describe()}")
+    print(f"load average before: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    sbs.use_bytecode()
+    limits = {
+        "bare uffd fault round trip (p50)": f"{bare_fault_rtt_us():.1f} us",
+        "loopback 4 KiB request/reply (p50)": f"{machine.loopback_rtt_us():.1f} us",
+        "minimal uvloop fault + 4 KiB GET, free": f"{fault_floor_us(PAGE_SIZE):.1f} us",
+    }
+    for name, value in limits.items():
+        print(f"  limit  {name:50} {value}")
+    setups = [s for s in FAULT_SETUPS if not args.setups or s in args.setups.split(";")]
+    runs: list[FaultRun] = []
+    with criu_root_ready(), tempfile.TemporaryDirectory() as tmp:
+        binary = _sbs_workload.build(Path(tmp) / "sbs_workload")
+        for i in range(args.repeat):
+            for setup in setups if i % 2 == 0 else setups[::-1]:  # ABBA: drift hits all alike
+                machine.warm_memory(3 * args.size * 2**20)
+                run = fault_run(setup, binary, args.size, args.touches)
+                runs.append(run)
+                print(f"  {setup}: " + (f"FAILED {run.error}" if run.error else
+                      f"{len(run.latencies)} faults, p50 {pct_us(run.latencies, 0.5):.0f} us"),
+                      file=sys.stderr, flush=True)
+    print(f"load average after: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"\n{args.size} MiB region, {args.touches} random reads per restore "
+          f"(reads of pages already present skipped), {args.repeat} restores per set-up, "
+          f"interleaved; fault round trip as the restored copy times it, all restores pooled:")
+    criu_p50 = None
+    for setup in setups:
+        good = [r for r in runs if r.setup == setup and r.error is None]
+        if not good:
+            print(f"  {setup:46} FAILED")
+            continue
+        lat = [v for r in good for v in r.latencies]
+        p50 = pct_us(lat, 0.5)
+        per_run = ", ".join(f"{pct_us(r.latencies, 0.5):.0f}" for r in good)
+        if setup == "CRIU":
+            criu_p50 = p50
+        ratio = f"  {p50 / criu_p50:.2f}x CRIU's p50" if criu_p50 else ""
+        print(f"  {setup:46} p50 {p50:6.0f} us  p99 {pct_us(lat, 0.99):7.0f} us  "
+              f"({len(lat)} faults, {sum(r.skipped for r in good)} skipped; p50 per restore "
+              f"{per_run}){ratio}")
+        print(f"  {'':46} daemon peak RSS {max(r.daemon_rss_kib for r in good) / 1024:.1f} MiB, "
+              f"CPU {statistics.median(r.daemon_cpu_s for r in good):.2f} s per restore "
+              f"(start-up to exit)")
+    for run in runs:
+        if run.error:
+            print(f"\nFAILED {run.setup}: {run.error}")
+
+
+def pct_us(values_us: list[float], q: float) -> float:
+    ordered = sorted(values_us)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="256,1024", help="region sizes in MiB")
     parser.add_argument("--touches", type=int, default=2000)
     parser.add_argument("--channels", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--criu", action="store_true",
+                        help="instead: CRIU's daemon and lazymig's, restores of a CRIU dump "
+                             "whose restored copy times its faults (needs root)")
+    parser.add_argument("--size", type=int, default=512, help="--criu: region size in MiB")
+    parser.add_argument("--repeat", type=int, default=3, help="--criu: restores per set-up")
+    parser.add_argument("--setups", default="",
+                        help=f"--criu: ';'-separated, of: {'; '.join(FAULT_SETUPS)}")
     args = parser.parse_args()
+    if args.criu:
+        with report.recorded("daemon_vs_criu"):
+            criu_faults(args)
+        sys.exit(0)
     with report.recorded("daemon"):
         print(f"machine: {machine.describe()}")
         for name, value in machine_limits().items():
