@@ -125,6 +125,25 @@ def test_remap_keeps_the_dump_time_address() -> None:
     r.check()
 
 
+def test_complete_whole_is_complete_for_a_reply_inside_one_interval() -> None:
+    # The fault path's complete: adjacent requests merge in flight, so the second
+    # reply starts inside an interval; after a remap its pages go to the new address.
+    r = LazyRanges([(0x100000, 16)])
+    old, new = 0x100000, 0x900000
+    r.take_fault(old + P)
+    r.take_fault(old + 2 * P)
+    r.take_fault(old + 3 * P)
+    r.remap(old, new, 8 * P)
+    assert r.complete_whole(old + 2 * P, 1) == new + 2 * P
+    assert r.state(new + 2 * P) is PageState.COPIED and r.pages_copied == 1
+    assert r.complete_whole(old + 2 * P, 1) == -1  # not in flight any more: nothing changed
+    assert r.complete_whole(old + P, 3) == -1  # across a hole: complete() splits it
+    assert r.complete(old + P, 3) == [CopyRange(old + P, new + P, 1, 0),
+                                      CopyRange(old + 3 * P, new + 3 * P, 1, 2 * P)]
+    assert r.complete_whole(old + 1, 1) == -1  # unaligned
+    r.check()
+
+
 def test_pages_moved_back_stay_a_separate_segment() -> None:
     # mremap out and back: the kernel may or may not merge the VMAs again, so
     # a request must not span the old boundary.
@@ -353,6 +372,22 @@ class RangesMachine(RuleBasedStateMachine):
     @rule(vaddr=PAGE, n=COUNT)
     def complete_any(self, vaddr: int, n: int) -> None:
         self._complete(vaddr, n)
+
+    @rule(data=st.data(), whole=st.booleans())
+    def serve_request_on_the_fault_path(self, data: st.DataObject, whole: bool) -> None:
+        # The daemon's way: complete_whole, and complete only when it says -1.
+        if self.requests:
+            req = self.requests.pop(data.draw(st.integers(0, len(self.requests) - 1)))
+            vaddr, n = req.vaddr // P, req.nr_pages
+        else:
+            vaddr, n = data.draw(PAGE), data.draw(COUNT)
+        if not whole:  # a part of it only, or past it
+            n = data.draw(st.integers(1, n + 2))
+        dst = self.impl.complete_whole(vaddr * P, n)
+        if dst < 0:
+            self._complete(vaddr, n)
+        else:
+            assert self.model.complete(vaddr, n) == [(vaddr, dst // P, n, 0)]
 
     def _requeue(self, vaddr: int, n: int) -> None:
         assert self.impl.requeue(vaddr * P, n) == self.model.requeue(vaddr, n)

@@ -195,15 +195,27 @@ def copy(fd: int, dst: int, src: int, length: int, mode: int = 0, *,
     Raises:
         UffdError: nothing was copied.
     """
-    arg = bytearray(p.COPY_STRUCT.pack(dst, src, length, mode, 0))
+    return copy_into(bytearray(p.COPY_STRUCT.size), fd, dst, src, length, mode, pid=pid)
+
+
+def copy_into(arg: bytearray, fd: int, dst: int, src: int, length: int, mode: int = 0, *,
+              pid: int | None = None) -> int:
+    """:func:`copy` with the caller's ``struct uffdio_copy`` buffer (``arg``, 40 bytes,
+    reused): the fault path builds no argument per copy."""
+    _pack_copy(arg, 0, dst, src, length, mode, 0)
     try:
-        fcntl.ioctl(fd, p.UFFDIO_COPY, arg)
+        _raw_ioctl(fd, _UFFDIO_COPY, arg)
     except OSError as exc:
-        done = p.COPY_STRUCT.unpack(arg)[4]
+        done = int.from_bytes(arg[32:40], "little", signed=True)
         if done > 0:
-            return int(done)
+            return done
         raise UffdError(exc.errno or errno.EIO, "UFFDIO_COPY", pid=pid) from None
-    return int(p.COPY_STRUCT.unpack(arg)[4])
+    return int.from_bytes(arg[32:40], "little", signed=True)
+
+
+_UFFDIO_COPY = p.UFFDIO_COPY
+_pack_copy = p.COPY_STRUCT.pack_into
+_raw_ioctl = fcntl.ioctl
 
 
 def zeropage(fd: int, start: int, length: int, mode: int = 0, *,

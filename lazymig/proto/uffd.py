@@ -25,6 +25,7 @@ __all__ = [
     "MOVE_STRUCT",
     "MSG_SIZE",
     "NR_USERFAULTFD",
+    "PAGEFAULT_STRUCT",
     "RANGE_STRUCT",
     "REGISTER_STRUCT",
     "UFFDIO_API",
@@ -214,6 +215,9 @@ CONTINUE_STRUCT: Final = struct.Struct("=QQQq")  # start, len, mode, mapped
 MOVE_STRUCT: Final = struct.Struct("=QQQQq")  # dst, src, len, mode, move
 
 _PAGEFAULT: Final = struct.Struct("=B7xQQI4x")  # event, flags, address, ptid
+PAGEFAULT_STRUCT: Final = _PAGEFAULT
+"""A UFFD_EVENT_PAGEFAULT message (event, flags, address, ptid): the daemon's fault
+path unpacks it in place, without an event object."""
 _FORK: Final = struct.Struct("=B7xI20x")  # event, ufd
 _REMAP: Final = struct.Struct("=B7xQQQ")  # event, from, to, len
 _REMOVE: Final = struct.Struct("=B7xQQ8x")  # event, start, end (also UNMAP)

@@ -76,10 +76,19 @@ from lazymig.errors import LazyMigError, RemoteProtocolError
 from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE, DaemonGuardian
 from lazymig.linux.procfs import lowest_mappable, read_stat, registered_with_userfaultfd
 from lazymig.linux.uffd import UffdError, memory_alive
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.handover import RestoreFinished, ZombieTask
 from lazymig.proto.images import ImagesDir
-from lazymig.proto.uffd import Fork, Pagefault, Remap, Remove, Unmap
+from lazymig.proto.uffd import (
+    MSG_SIZE,
+    PAGEFAULT_STRUCT,
+    EventCode,
+    Fork,
+    Remap,
+    Remove,
+    Unmap,
+    decode_events,
+)
 from lazymig.uffd.handover import ReceivedTask, receive_record
 from lazymig.uffd.identify import Identified, identify
 from lazymig.uffd.latency import LatencyHistogram
@@ -93,6 +102,10 @@ __all__ = ["SOCKET_NAME", "TRANSITIONS", "DaemonReport", "LazyPagesDaemon", "Pro
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PAGEFAULT = EventCode.PAGEFAULT.value
+_PAGE_MASK = ~(PAGE_SIZE - 1)
+_unpack_pagefault = PAGEFAULT_STRUCT.unpack_from
+
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
 MAX_CHUNK_PAGES = (1 << 20) // PAGE_SIZE  # see the module docstring
 HOLD_RETRY = 1.0
@@ -598,23 +611,30 @@ class LazyPagesDaemon:
         """The loop's reader callback for one uffd: handle every queued event at once.
 
         A reader that stays registered, rather than a task awaiting each read:
-        on the fault path every loop round trip and epoll_ctl is latency."""
+        on the fault path every loop round trip and epoll_ctl is latency. Page
+        faults are unpacked in place (plain ints, no event object); the rarer
+        events go through the codec."""
         try:
-            for event in proc.uffd.read_events():
-                if isinstance(event, Pagefault):
+            data = proc.uffd.read_raw()
+            if len(data) % MSG_SIZE:
+                decode_events(data)  # raises: says what is wrong with it
+            for off in range(0, len(data), MSG_SIZE):
+                if data[off] == _PAGEFAULT:
                     # No wake-up of the background for it: its request holds the
                     # background back until the reply, whose callback wakes it.
-                    self._on_fault(proc, event)
+                    _, _, address, tid = _unpack_pagefault(data, off)
+                    self._on_fault(proc, address & _PAGE_MASK, tid)
                     continue
                 self._wakeup.set()  # a forked child to fill; the others, to be safe
-                if isinstance(event, Fork):
-                    self._on_fork(proc, event)
-                elif isinstance(event, Remap):
-                    proc.ranges.remap(event.from_, event.to, event.length)
-                elif isinstance(event, Remove):
-                    proc.ranges.remove(event.start, event.end)
-                elif isinstance(event, Unmap):
-                    proc.ranges.unmap(event.start, event.end)
+                for event in decode_events(data[off:off + MSG_SIZE]):
+                    if isinstance(event, Fork):
+                        self._on_fork(proc, event)
+                    elif isinstance(event, Remap):
+                        proc.ranges.remap(event.from_, event.to, event.length)
+                    elif isinstance(event, Remove):
+                        proc.ranges.remove(event.start, event.end)
+                    elif isinstance(event, Unmap):
+                        proc.ranges.unmap(event.start, event.end)
         except Exception as exc:  # a bug here must not leave the process running on holes
             log.exception("pid %d: handling its userfaultfd failed", proc.pid)
             self._fail(proc, f"internal error: {exc!r}")
@@ -650,9 +670,9 @@ class LazyPagesDaemon:
                 asyncio.get_running_loop().remove_reader(proc.uffd.fd)
             proc.uffd.close()
 
-    def _on_fault(self, proc: _Process, fault: Pagefault) -> None:
-        address = fault.address & ~(PAGE_SIZE - 1)
-        tid = fault.ptid
+    def _on_fault(self, proc: _Process, address: int, tid: int) -> None:
+        # ``address``: the faulting page. The request goes out first; what only
+        # reports need (the fault's start time) is noted after it.
         if tid and tid not in proc.threads and tid not in proc.readers \
                 and tid not in proc.learning:
             self._learn_thread(proc, tid, address)
@@ -662,13 +682,14 @@ class LazyPagesDaemon:
         proc.faults += 1
         request = proc.ranges.take_fault(address, self._prefetch(proc, address))
         if request is not None:
+            began = time.monotonic()
+            self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
             # Only a fault that must wait for a request of its own shrinks the background
             # chunks (those queued ahead of the next one); one on a page already coming
             # (a busy reader catching up with the background) leaves them growing.
             proc.chunk_pages = MIN_CHUNK_PAGES
             proc.cursor = request.dst + request.nr_pages * PAGE_SIZE
-            proc.fault_started[address] = time.monotonic()
-            self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
+            proc.fault_started[address] = began
         elif proc.ranges.in_flight(address):
             # Already coming (a background chunk or an earlier fault): the copy wakes it.
             proc.fault_started.setdefault(address, time.monotonic())
@@ -723,11 +744,12 @@ class LazyPagesDaemon:
             self._urgent_in_flight -= 1
         else:
             self._bg_in_flight -= 1
-        self._wakeup.set()
         if future.cancelled():
+            self._wakeup.set()
             return
         error = future.exception()
         if error is not None:
+            self._wakeup.set()
             self._source_failed(error)
             return
         chunk = future.result()
@@ -738,29 +760,43 @@ class LazyPagesDaemon:
             self._copy(proc, chunk, urgent=urgent)
             chunk.release()
         except Exception as exc:  # a bug here must not leave the process running on holes
+            self._wakeup.set()
             log.exception("pid %d: copying %#x failed", proc.pid, vaddr)
             self._fail(proc, f"internal error: {exc!r}")
             return
+        self._wakeup.set()  # after the copy: the faulting thread runs first
         if proc.active and proc.ranges.done:
             self._finish(proc, ProcessState.COMPLETE)
 
     def _copy(self, proc: _Process, chunk: PageChunk, *, urgent: bool) -> None:
-        for copy in proc.ranges.complete(chunk.vaddr, chunk.nr_pages):
+        ranges = proc.ranges
+        # The usual reply: its pages are one in-flight interval's, one UFFDIO_COPY.
+        dst = ranges.complete_whole(chunk.vaddr, chunk.nr_pages)
+        if dst >= 0:
+            if proc.active:
+                self._copy_run(proc, dst, chunk.vaddr, chunk.address,
+                               chunk.nr_pages << PAGE_SHIFT, urgent)
+            return
+        for copy in ranges.complete(chunk.vaddr, chunk.nr_pages):
             if not proc.active:
                 return
-            length = copy.nr_pages * PAGE_SIZE
-            try:
-                done = proc.uffd.copy(copy.dst, chunk.address + copy.offset, length)
-            except UffdError as exc:
-                self._uffd_error(proc, exc, copy.vaddr, copy.nr_pages)
-                continue
-            proc.pages_copied += done // PAGE_SIZE
-            if urgent:
-                proc.pages_on_demand += done // PAGE_SIZE
-            if done < length:  # the kernel stopped early (an event is queued): later
-                rest = copy.vaddr + done
-                proc.ranges.requeue(rest, (length - done) // PAGE_SIZE)
-            self._fault_served(proc, copy.dst, length)
+            self._copy_run(proc, copy.dst, copy.vaddr, chunk.address + copy.offset,
+                           copy.nr_pages << PAGE_SHIFT, urgent)
+
+    def _copy_run(self, proc: _Process, dst: int, vaddr: int, src: int, length: int,
+                  urgent: bool) -> None:
+        try:
+            done = proc.uffd.copy_pages(dst, src, length)
+        except UffdError as exc:
+            self._uffd_error(proc, exc, vaddr, length >> PAGE_SHIFT)
+            return
+        pages = done >> PAGE_SHIFT
+        proc.pages_copied += pages
+        if urgent:
+            proc.pages_on_demand += pages
+        if done < length:  # the kernel stopped early (an event is queued): later
+            proc.ranges.requeue(vaddr + done, (length - done) >> PAGE_SHIFT)
+        self._fault_served(proc, dst, length)
 
     def _fault_served(self, proc: _Process, dst: int, length: int) -> None:
         started = proc.fault_started

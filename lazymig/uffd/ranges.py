@@ -423,6 +423,31 @@ class LazyRanges:
                                  (src - lo) << PAGE_SHIFT))
         return out
 
+    def complete_whole(self, vaddr: int, nr_pages: int) -> int:
+        """:meth:`complete` for the usual reply, whose pages lie in one in-flight
+        interval: they become COPIED and their current address is returned (copy
+        ``nr_pages`` there, from the start of the reply). Returns -1, changing
+        nothing, for any other reply: call :meth:`complete` then. The fault path's
+        version: no list, no :class:`CopyRange`."""
+        if vaddr & _MASK or nr_pages <= 0:
+            return -1
+        lo = vaddr >> PAGE_SHIFT
+        by_src, by_dst = self._in_flight.by_src, self._in_flight.by_dst
+        i = by_src.find(lo)
+        if i < 0:
+            return -1
+        start, end, link, _ = by_src.items[i]
+        if lo + nr_pages > end:
+            return -1
+        dst = link + lo - start
+        j = by_dst.find(dst)
+        if j < 0 or dst + nr_pages > by_dst.items[j][1]:
+            return -1
+        by_src.cut_inside(i, lo, lo + nr_pages)
+        by_dst.cut_inside(j, dst, dst + nr_pages)
+        self.pages_copied += nr_pages
+        return dst << PAGE_SHIFT
+
     def requeue(self, vaddr: int, nr_pages: int) -> int:
         """Put dump-time pages ``[vaddr, +nr_pages)`` back to pending, if they are
         in flight (the GET failed) or copied (the UFFDIO_COPY failed). Pages in

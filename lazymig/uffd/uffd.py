@@ -30,6 +30,7 @@ from lazymig.linux import uffd as sys_uffd
 from lazymig.linux.uffd import UffdError, buffer_address
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.uffd import (
+    COPY_STRUCT,
     MSG_SIZE,
     UFFD_API,
     UFFD_USER_MODE_ONLY,
@@ -98,7 +99,7 @@ class Uffd:
     when the kernel refuses. Not thread-safe: use it from one event loop.
     """
 
-    __slots__ = ("__weakref__", "_fd", "_features", "_kernel_features", "_loop",
+    __slots__ = ("__weakref__", "_copy_arg", "_fd", "_features", "_kernel_features", "_loop",
                  "_non_blocking", "_pid", "_waiter")
 
     READ_BATCH: Final = 64
@@ -114,6 +115,7 @@ class Uffd:
         self._non_blocking = non_blocking
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._copy_arg = bytearray(COPY_STRUCT.size)  # reused by copy_pages()
 
     # ------------------------------------------------------------------ construction
 
@@ -268,6 +270,16 @@ class Uffd:
             _check_range("copy", dst, length)
             return sys_uffd.copy(fd, dst, address, length, mode, pid=self._pid)
 
+    def copy_pages(self, dst: int, src: int, length: int) -> int:
+        """:meth:`copy` for the fault path: from address ``src``, waking the waiters,
+        on this fd's reused ioctl argument and without checking the range (the
+        caller's ranges are page-aligned by construction: a kernel EINVAL still
+        raises). Returns the bytes copied (short like :meth:`copy`)."""
+        fd = self._fd
+        if fd < 0:
+            raise ClosedResourceError("the userfaultfd is closed")
+        return sys_uffd.copy_into(self._copy_arg, fd, dst, src, length, pid=self._pid)
+
     def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE: map the zero page over ``[start, start+length)``.
 
@@ -284,20 +296,26 @@ class Uffd:
 
     # ------------------------------------------------------------------ events
 
+    def read_raw(self) -> bytes:
+        """What one read() of every queued message returns (up to :attr:`READ_BATCH`),
+        undecoded: the daemon takes page faults out of it in place (see
+        :func:`~lazymig.proto.uffd.decode_events` for the rest). ``b""`` when
+        nothing is queued."""
+        fd = self._check()
+        try:
+            return os.read(fd, MSG_SIZE * self.READ_BATCH)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            raise UffdError(exc.errno or errno.EIO, "read", pid=self._pid) from None
+
     def read_events(self) -> list[Event]:
         """Read every queued message (up to :attr:`READ_BATCH`) in one read().
 
         Returns ``[]`` when nothing is queued (EAGAIN). On a blocking fd this
         waits for a message.
         """
-        fd = self._check()
-        try:
-            data = os.read(fd, MSG_SIZE * self.READ_BATCH)
-        except BlockingIOError:
-            return []
-        except OSError as exc:
-            raise UffdError(exc.errno or errno.EIO, "read", pid=self._pid) from None
-        return decode_events(data)
+        return decode_events(self.read_raw())
 
     async def wait_readable(self) -> None:
         """Wait until a message is queued (the fd is readable).
