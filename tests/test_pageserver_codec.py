@@ -355,3 +355,31 @@ def test_garbage_ends_in_a_protocol_error_or_need_data(role: Role, version: Wire
             pytest.fail("the codec never reached EOF")
     except RemoteProtocolError:
         assert conn.state is State.ERROR
+
+
+def _send_outcome(client: PageServerConnection, send: str, request: GetRequest
+                  ) -> tuple[str, object, State, int]:
+    try:
+        result: object = getattr(client, send)(request)
+    except LocalProtocolError as exc:
+        result = f"{type(exc).__name__}: {exc} ({exc.field})"
+    return send, result, client.state, client.unanswered
+
+
+@given(version=st.sampled_from(list(WireVersion)),
+       pid=st.sampled_from([0, 1, 4000, (1 << 31) - 1, 1 << 31]),
+       vaddr=st.sampled_from([0, 0x1000, 0x1800, (1 << 64) - 0x1000, 1 << 64]),
+       nr_pages=st.sampled_from([0, 1, 16, 1024, 1 << 20]),
+       in_flight=st.sampled_from([0, 1, 2]), closing=st.booleans())
+def test_send_get_is_send_of_a_get(version: WireVersion, pid: int, vaddr: int, nr_pages: int,
+                                   in_flight: int, closing: bool) -> None:
+    """The fault path's send_get: the same bytes, state and errors as send()."""
+    outcomes = []
+    for send in ("send", "send_get"):
+        client = PageServerConnection(Role.CLIENT, version, max_pages=1024, max_in_flight=2)
+        for i in range(in_flight):
+            client.send(GetRequest(1, i * PAGE_SIZE, 1))
+        if closing and in_flight < 2:  # a CLOSE awaits its reply too
+            client.send(CloseRequest())
+        outcomes.append(_send_outcome(client, send, GetRequest(pid, vaddr, nr_pages))[1:])
+    assert outcomes[0] == outcomes[1]

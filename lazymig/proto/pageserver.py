@@ -498,6 +498,19 @@ class PageServerConnection:
             self.state = State.ERROR
             raise
 
+    def send_get(self, request: GetRequest) -> bytes:
+        """:meth:`send` of a client's GET, for the fault path: the same checks, done
+        once inline; anything unusual goes through :meth:`send`, which says what."""
+        nr, vaddr, pid = request.nr_pages, request.vaddr, request.pid
+        bound = self._max_pages
+        if (self.state is State.OPEN and self.role is Role.CLIENT and not self._out_payload
+                and nr > 0 and (bound is None or nr <= bound) and not vaddr % PAGE_SIZE
+                and vaddr + nr * PAGE_SIZE <= _ADDRESS_LIMIT and 0 < pid <= MAX_PID
+                and len(self._unanswered) < self._max_in_flight):
+            self._unanswered.append(request)
+            return self._header(Cmd.GET, 0, nr, vaddr, pid)
+        return self.send(request)
+
     def payload_sent_directly(self, nbytes: int) -> None:
         """Account for ``nbytes`` of page data the caller sent itself (e.g. by splice)."""
         if nbytes > self._out_payload or nbytes < 0:

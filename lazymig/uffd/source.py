@@ -364,7 +364,9 @@ class _Channel(asyncio.BufferedProtocol):
         assert self.transport is not None
         if not self.waiters:
             self.last_progress = time.monotonic()  # the stall clock starts now
-        self.transport.write(self.codec.send(request.event))
+        event = request.event
+        self.transport.write(self.codec.send_get(event) if type(event) is GetRequest
+                             else self.codec.send(event))
         self.waiters.append(request)
 
     def stalled(self, stall_timeout: float) -> bool:
