@@ -1,7 +1,7 @@
 """Benchmark of the lazy-pages daemon on loopback, beside the machine's own limits.
 
     .venv/bin/python benchmarks/daemon.py [--sizes 256,1024] [--touches 2000]
-    sudo .venv/bin/python benchmarks/daemon.py --criu [--size 512] [--touches 2000]
+    sudo .venv/bin/python benchmarks/daemon.py --criu [--size 256] [--touches 2000]
         [--repeat 3]
 
 With --criu: CRIU's ``criu lazy-pages`` and lazymig's daemon in one run, each
@@ -443,7 +443,7 @@ if __name__ == "__main__":
     parser.add_argument("--criu", action="store_true",
                         help="instead: CRIU's daemon and lazymig's, restores of a CRIU dump "
                              "whose restored copy times its faults (needs root)")
-    parser.add_argument("--size", type=int, default=512, help="--criu: region size in MiB")
+    parser.add_argument("--size", type=int, default=256, help="--criu: region size in MiB")
     parser.add_argument("--repeat", type=int, default=3, help="--criu: restores per set-up")
     parser.add_argument("--setups", default="",
                         help=f"--criu: ';'-separated, of: {'; '.join(FAULT_SETUPS)}")
