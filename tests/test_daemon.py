@@ -30,13 +30,7 @@ from lazymig.dump.store import ImagesPageStore
 from lazymig.proto.images import ImagesDir
 from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
 from lazymig.uffd.handover import send_restore_finished, send_task
-from lazymig.uffd.source import (
-    LocalPageSource,
-    OnDone,
-    PageChunk,
-    PageSource,
-    RemotePageSource,
-)
+from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
 
 CHILD = Path(__file__).with_name("lazy_child.py")
@@ -194,40 +188,6 @@ async def test_background_fetch_fills_everything_without_faults(
     assert report.ok
     assert report.processes[0].faults == 0
     assert report.processes[0].pages_copied == PAGES
-
-
-@pytest.mark.asyncio
-async def test_background_pauses_while_a_random_reader_faults(tmp_path: Path) -> None:
-    """After a random fault the background sends nothing for ``random_fault_pause``
-    (an hour here): every request after the first fault's is a fault's own, so none
-    waits behind a background chunk. 16 MiB: the background cannot fetch it all before
-    the reader's first touch."""
-    nr = 4096
-    dump = {1000: [(BASE, nr)]}
-    store = ImagesPageStore(write_lazy_dump(tmp_path, dump))
-    sent_urgent: list[bool] = []  # each request's urgent flag, in order
-    async with asyncio.timeout(60), PageServer(store, address="127.0.0.1", port=0) as server:
-        serving = asyncio.create_task(server.serve())
-        source = await RemotePageSource.connect("127.0.0.1", server.port)
-        request = source.request
-
-        def recorded(pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
-                     on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
-            sent_urgent.append(urgent)
-            return request(pid, vaddr, nr_pages, urgent=urgent, on_done=on_done)
-
-        source.request = recorded  # type: ignore[method-assign]
-        daemon, running = await run_daemon(tmp_path, source, random_fault_pause=3600.0)
-        code, out = await finish(await spawn(daemon.socket_path, 1000, BASE, nr, "touch"))
-        assert code == 0, out
-        report = await running
-        await stop(serving)
-    store.close()
-    assert report.ok, report
-    assert True in sent_urgent, "no fault: the background fetched everything first"
-    after_first_fault = sent_urgent[sent_urgent.index(True):]
-    assert all(after_first_fault), f"{after_first_fault.count(False)} background requests"
-    assert report.processes[0].pages_copied == nr
 
 
 @pytest.mark.asyncio

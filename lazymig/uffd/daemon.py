@@ -106,10 +106,6 @@ _PAGEFAULT = EventCode.PAGEFAULT.value
 _PAGE_MASK = ~(PAGE_SIZE - 1)
 _unpack_pagefault = PAGEFAULT_STRUCT.unpack_from
 
-RANDOM_FAULT_PAUSE = 0.002
-"""Default seconds of :class:`LazyPagesDaemon`'s background pause after a random fault
-(a random reader faults every 0.1-0.3 ms here: while it does, the background waits)."""
-
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
 MAX_CHUNK_PAGES = (1 << 20) // PAGE_SIZE  # see the module docstring
 HOLD_RETRY = 1.0
@@ -300,11 +296,6 @@ class LazyPagesDaemon:
         fault_prefetch: pages a fault asks for (the aligned block around it) when
             it follows the previous fault closely: one round trip then covers a
             sequential reader's next faults. An isolated fault asks for its page.
-        random_fault_pause: seconds the background sends nothing after an
-            isolated (random) fault: a random reader's next fault then finds no
-            background chunk ahead of it on the connection (CRIU's daemon sends
-            background requests only when no event is waiting). A sequential
-            reader's faults (prefetched) do not pause it. 0: never pause.
         expect_tasks: finish only once this many tasks (zombies included) were
             handed over; CRIU's daemon expects every task of pstree.img. None:
             finish as soon as the processes handed over so far are complete.
@@ -323,7 +314,6 @@ class LazyPagesDaemon:
                  *, socket_path: str | os.PathLike[str] = SOCKET_NAME,
                  serve_forever: bool = False, background: bool = True,
                  background_in_flight: int = 2, fault_prefetch: int = 16,
-                 random_fault_pause: float = RANDOM_FAULT_PAUSE,
                  expect_tasks: int | None = None,
                  allowed_uids: Iterable[int] | None = None,
                  listener: socket.socket | None = None) -> None:
@@ -335,8 +325,6 @@ class LazyPagesDaemon:
         self.background_in_flight = background_in_flight
         self.expect_tasks = expect_tasks
         self.fault_prefetch = fault_prefetch
-        self.random_fault_pause = random_fault_pause
-        self._random_fault_at = -random_fault_pause  # time.monotonic() of the last one
         self.allowed_uids = frozenset(allowed_uids if allowed_uids is not None
                                       else (0, os.geteuid()))
         self._tasks_received = 0
@@ -692,13 +680,10 @@ class LazyPagesDaemon:
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
         proc.faults += 1
-        prefetch = self._prefetch(proc, address)
-        request = proc.ranges.take_fault(address, prefetch)
+        request = proc.ranges.take_fault(address, self._prefetch(proc, address))
         if request is not None:
             began = time.monotonic()
             self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
-            if prefetch == 1:
-                self._random_fault_at = began
             # Only a fault that must wait for a request of its own shrinks the background
             # chunks (those queued ahead of the next one); one on a page already coming
             # (a busy reader catching up with the background) leaves them growing.
@@ -845,10 +830,6 @@ class LazyPagesDaemon:
         turn = 0
         while True:
             self._wakeup.clear()
-            pause = self._random_fault_at + self.random_fault_pause - time.monotonic()
-            if pause > 0 and not self._failed:  # a random reader's faults go first
-                await asyncio.sleep(pause)
-                continue
             started = False
             candidates = [p for p in self._processes if p.active and p.background]
             for i in range(len(candidates)):
