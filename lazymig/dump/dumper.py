@@ -58,6 +58,7 @@ from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import PipePageStore
+from lazymig.dump.tree import dump_tree
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
@@ -394,14 +395,24 @@ class LazyDump:
 
 
 async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
-               pipe_size: int | None = None, fsync: bool = False) -> DumpResult:
+               pipe_size: int | None = None, fsync: bool = False,
+               tree: bool = False) -> DumpResult:
     """A plain dump (``criu dump``): every page of ``pid`` into ``pages-1.img``.
 
     Then the process is killed, or resumed with ``leave_running``. On failure
-    it is resumed unchanged and the images written are removed.
+    it is resumed unchanged and the images written are removed. With ``tree``,
+    ``pid`` and all its descendants (``criu dump -t``, see
+    :mod:`lazymig.dump.tree`; lazymig does not restore such a dump yet).
     """
     images = ImagesDir(images_dir, fsync=fsync)
     _check_images_dir(images)
+    if tree:
+        written, frozen_for = await dump_tree(pid, images, leave_running=leave_running,
+                                              pipe_size=pipe_size)
+        return DumpResult(pid=pid, images_dir=images.path, nonlazy_pages=written.nonlazy_pages,
+                          lazy_pages=0, pages_sent=0, frozen_seconds=frozen_for,
+                          transfer_seconds=0.0, source=SourceFate.RUNNING if leave_running
+                          else SourceFate.KILLED)
     started = time.monotonic()
     fp, written, pipes = await _freeze_and_write(pid, images, lazy=False, pipe_size=pipe_size)
     pipes.close()

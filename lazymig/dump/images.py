@@ -259,9 +259,10 @@ def _uptime_us() -> int:
     return int(float(text.split()[0]) * 1_000_000)
 
 
-def _ids() -> TaskKobjIdsEntry:
-    # One process: every kernel object is its own; CRIU numbers them from 1.
-    return TaskKobjIdsEntry(vm_id=1, files_id=1, fs_id=1, sighand_id=1)
+def _ids(index: int = 1) -> TaskKobjIdsEntry:
+    # Every kernel object of a process is its own; CRIU numbers them from 1, the
+    # processes of a tree in pstree order (fdinfo-<files_id>.img is each one's).
+    return TaskKobjIdsEntry(vm_id=index, files_id=index, fs_id=index, sighand_id=index)
 
 
 def _inventory() -> InventoryEntry:
@@ -290,7 +291,7 @@ def _signal_queue(signals: Sequence[bytes]) -> siginfo_pb2.signal_queue_entry:
         signals=[siginfo_pb2.siginfo_entry(siginfo=raw) for raw in signals])
 
 
-def _core(state: ProcessState, thread: ThreadState) -> CoreEntry:
+def _core(state: ProcessState, thread: ThreadState, index: int = 1) -> CoreEntry:
     info, tinfo = state, thread
     thread_core = ThreadCoreEntry(
         futex_rla=tinfo.robust_list[0], futex_rla_len=tinfo.robust_list[1],
@@ -340,7 +341,7 @@ def _core(state: ProcessState, thread: ThreadState) -> CoreEntry:
         if info.oom_score_adj is not None:
             tc.oom_score_adj = info.oom_score_adj
         core.tc.CopyFrom(tc)
-        core.ids.CopyFrom(_ids())
+        core.ids.CopyFrom(_ids(index))
     return core
 
 
@@ -486,8 +487,15 @@ class DumpImages:
 
 def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
                  pipes: PagePipes, *, lazy_pages: bool,
-                 open_files: DumpedFiles | None = None) -> DumpImages:
+                 open_files: DumpedFiles | None = None, index: int = 1,
+                 in_tree: bool = False) -> DumpImages:
     """Write every image of the frozen process; drains the non-lazy page pipes.
+
+    ``index`` numbers the process in its dumped tree (1 for the root): its
+    ``pages-<index>.img``, kernel object ids and ``fdinfo-<index>.img``. With
+    ``in_tree`` only the process's own images are written; the tree's dump
+    (:mod:`lazymig.dump.tree`) writes ``files.img``, ``pstree.img`` and the
+    inventory once for all its processes.
 
     With ``lazy_pages`` the lazy pipes are left untouched (the page server's);
     without it, ``pipes`` must hold every page of ``scan`` as non-lazy (collect
@@ -499,7 +507,7 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
     """
     out = DumpImages(images)
     try:
-        with images.open_pages_writer(PAGES_ID) as pages:
+        with images.open_pages_writer(index) as pages:
             written = pipes.drain_nonlazy(pages)
         out.paths.append(pages.path)
         if lazy_pages:
@@ -509,20 +517,27 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
         else:
             entries = _plain_entries(scan.runs, written)
         out.nonlazy_pages = sum(r.nr_pages for r in written)
-        out.paths.append(images.write_pagemap(state.pid, PAGES_ID, entries))
+        out.paths.append(images.write_pagemap(state.pid, index, entries))
         files, exe_id, file_ids = _file_table(state.pid, state.mm.exe, scan.vmas)
         for thread in state.threads:
-            out.paths.append(images.write_core(thread.tid, _core(state, thread)))
+            out.paths.append(images.write_core(thread.tid, _core(state, thread, index)))
         out.paths.append(images.write_mm(state.pid, _mm(state, scan.vmas, exe_id, file_ids)))
-        out.paths += write_files(images, open_files or DumpedFiles())
-        out.paths += write_shmem(images, state.pid, scan.vmas,
-                                 (open_files or DumpedFiles()).memfds, PAGES_ID + 1)
-        out.paths.append(images.write_pstree([_pstree(state)]))
+        own_files = open_files or DumpedFiles()
+        if in_tree:
+            out.paths.append(images.write_entries(ImageKind.FDINFO, own_files.fds, index))
+        else:
+            out.paths += write_files(images, own_files)
+        # In a tree each process's shared objects get pages ids of their own.
+        out.paths += write_shmem(images, state.pid, scan.vmas, own_files.memfds,
+                                 (index << 16) + 1 if in_tree else PAGES_ID + 1)
+        if not in_tree:
+            out.paths.append(images.write_pstree([_pstree(state)]))
         extra = _lazymig_entry(state, files, lazy_pages)
-        for file_id, name in sorted((open_files or DumpedFiles()).external.items()):
+        for file_id, name in sorted(own_files.external.items()):
             extra.external_files.add(file_id=file_id, name=name)
         out.paths.append(images.write_entries(ImageKind.LAZYMIG, [extra], state.pid))
-        out.paths.append(images.write_inventory(_inventory()))
+        if not in_tree:
+            out.paths.append(images.write_inventory(_inventory()))
     except BaseException:
         out.remove()
         raise

@@ -1,0 +1,267 @@
+"""Process trees: a process and all its descendants, dumped as ``criu dump -t PID``.
+
+:meth:`FrozenTree.freeze` freezes the root (:class:`~lazymig.dump.freeze.FrozenProcess`),
+then lists the children of each frozen process and freezes them in turn,
+breadth first. A frozen process forks no more, so the children listed once it
+is frozen are all it will ever have until it is released: a child forked while
+the tree was being frozen is caught, and the set is stable when every listed
+child is frozen. A child that already exited but was not reaped (a zombie) is
+recorded, not frozen: CRIU writes only a core image for it, with task state
+``TASK_DEAD`` and its exit status (``/proc/PID/stat`` field 52, a wait status).
+
+:func:`dump_tree` writes the tree as CRIU does: one ``pstree.img`` entry per
+process (pid, ppid, pgid, sid, threads; parents before their children), and
+each live process its own ``core-<tid>``, ``mm-<pid>``, ``pagemap-<pid>``,
+``pages-<n>`` (n its rank in the tree) and ``fdinfo-<n>`` images; ``files.img``
+holds the open files of every process (their ids made unique per process) and
+``pipes-data.img`` each pipe's contents once.
+
+Not done yet: lazymig's restorer rebuilds one process (it refuses a dump of a
+tree before creating anything), and a lazy dump (:class:`~lazymig.dump.dumper.LazyDump`)
+of a tree. Such a dump is restored by nothing yet; ``dump(..., tree=True)`` is
+there so that the dump side can be checked (``crit``) on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+from lazymig.dump.files import DumpedFiles, collect_files, inspect_files
+from lazymig.dump.freeze import FrozenProcess, inspect_target
+from lazymig.dump.images import DumpImages, _inventory, write_images
+from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.errors import LazyMigError
+from lazymig.linux.procfs import children, read_stat, read_status
+from lazymig.linux.ptrace import TargetGoneError
+from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
+
+__all__ = ["TASK_DEAD", "FrozenTree", "Zombie", "dump_tree", "zombie_core"]
+
+log = logging.getLogger(__name__)
+
+TASK_DEAD = 2
+"""CRIU's task state of a zombie (``core.tc.task_state``)."""
+
+#: A process's file ids in files.img are its own ids plus rank * this (ranks from 0).
+_FILE_ID_STRIDE = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Zombie:
+    """A child that exited and was not reaped yet: only its pstree entry and a core."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    exit_code: int
+    """The wait status its parent will get (``/proc/PID/stat`` field 52)."""
+    comm: str
+
+
+class FrozenTree:
+    """Every process of a tree held in ptrace-stops (see the module docstring).
+
+    ``processes`` lists the frozen ones, the root first and each parent before
+    its children; ``order`` lists every pid of the tree (zombies too) in the
+    order of ``pstree.img``; ``ppids`` maps each pid to its parent's (0 for
+    the root).
+    """
+
+    def __init__(self, root: int, processes: list[FrozenProcess], zombies: list[Zombie],
+                 order: list[int], ppids: dict[int, int]) -> None:
+        self.root = root
+        self.processes = processes
+        self.zombies = zombies
+        self.order = order
+        self.ppids = ppids
+
+    @classmethod
+    async def freeze(cls, pid: int, *, stop_timeout: float = 10.0) -> FrozenTree:
+        """Freeze ``pid`` and all its descendants; on any error every process
+        frozen so far is resumed and the error propagates."""
+        frozen: dict[int, FrozenProcess] = {}
+        zombies: dict[int, Zombie] = {}
+        order = [pid]
+        ppids = {pid: 0}
+        try:
+            frozen[pid] = await FrozenProcess.freeze(pid, stop_timeout=stop_timeout)
+            queue = [pid]
+            while queue:
+                parent = queue.pop(0)
+                try:
+                    kids = await asyncio.to_thread(children, parent)
+                except FileNotFoundError as exc:
+                    raise TargetGoneError(parent, f"process {parent} exited") from exc
+                for kid in kids:
+                    if kid in ppids:
+                        continue
+                    ppids[kid] = parent
+                    order.append(kid)
+                    zombie = await asyncio.to_thread(_zombie, kid, parent)
+                    if zombie is not None:
+                        zombies[kid] = zombie
+                        continue
+                    try:
+                        await asyncio.to_thread(_inspect_child, kid)
+                        frozen[kid] = await FrozenProcess.freeze(kid, stop_timeout=stop_timeout)
+                    except TargetGoneError:
+                        # It exited between the listing and the seize; its frozen
+                        # parent cannot have reaped it: it is a zombie now.
+                        zombie = await asyncio.to_thread(_zombie, kid, parent)
+                        if zombie is None:
+                            raise
+                        zombies[kid] = zombie
+                        continue
+                    queue.append(kid)
+        except BaseException:
+            for fp in reversed(list(frozen.values())):
+                await fp.resume()
+            raise
+        log.info("tree of %d frozen: %d processes, %d zombies", pid, len(frozen), len(zombies))
+        return cls(pid, [frozen[p] for p in order if p in frozen],
+                   [zombies[p] for p in order if p in zombies], order, ppids)
+
+    def pstree(self) -> list[PstreeEntry]:
+        """One entry per process, in :attr:`order` (the root's ppid is 0, as CRIU)."""
+        by_pid = {fp.pid: fp for fp in self.processes}
+        zombies = {z.pid: z for z in self.zombies}
+        out = []
+        for pid in self.order:
+            if pid in zombies:
+                z = zombies[pid]
+                out.append(PstreeEntry(pid=pid, ppid=z.ppid, pgid=z.pgid, sid=z.sid,
+                                       threads=[pid]))
+            else:
+                s = by_pid[pid].state
+                out.append(PstreeEntry(pid=pid, ppid=self.ppids[pid], pgid=s.pgid, sid=s.sid,
+                                       threads=[t.tid for t in s.threads]))
+        return out
+
+    async def release(self, *, kill: bool) -> None:
+        """:meth:`FrozenProcess.release` for each process, the children first."""
+        errors: list[BaseException] = []
+        for fp in reversed(self.processes):
+            try:
+                await fp.release(kill=kill)
+            except LazyMigError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    async def resume(self) -> None:
+        """Let every process run on as if nothing happened."""
+        await self.release(kill=False)
+
+
+def _inspect_child(pid: int) -> None:
+    inspect_target(pid)
+    inspect_files(pid)
+
+
+def _zombie(pid: int, ppid: int) -> Zombie | None:
+    """``pid`` as a :class:`Zombie` if it is one, else None (gone too: its parent
+    is frozen and cannot have reaped it, so None then means alive)."""
+    try:
+        state, fields = read_stat(pid)
+        name = read_status(pid).get("Name", "")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if state not in ("Z", "X"):
+        return None
+    return Zombie(pid=pid, ppid=ppid, pgid=fields[5], sid=fields[6],
+                  exit_code=fields.get(52, 0), comm=name)
+
+
+def zombie_core(z: Zombie) -> CoreEntry:
+    """CRIU's core image of a zombie: its task state and exit status, nothing else."""
+    return CoreEntry(mtype=CoreEntry.X86_64, tc=TaskCoreEntry(
+        task_state=TASK_DEAD, exit_code=z.exit_code, personality=0, flags=0, blk_sigset=0,
+        comm=z.comm))
+
+
+def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
+    """``files`` with ids unique in the tree's ``files.img``."""
+    shift = rank * _FILE_ID_STRIDE
+    out = DumpedFiles(pipe_data=list(files.pipe_data))
+    for e in files.fds:
+        e2 = type(e)()
+        e2.CopyFrom(e)
+        e2.id = e.id + shift
+        out.fds.append(e2)
+    for f in files.files:
+        f2 = type(f)()
+        f2.CopyFrom(f)
+        f2.id = f.id + shift
+        for sub in ("reg", "pipe"):
+            if f2.HasField(sub) and hasattr(getattr(f2, sub), "id"):
+                getattr(f2, sub).id = getattr(f, sub).id + shift
+        out.files.append(f2)
+    return out
+
+
+def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[DumpedFiles],
+                       written: DumpImages) -> None:
+    """What the tree has once: zombies' cores, files.img, pipes-data.img, pstree.img,
+    and the inventory last (its presence marks a complete dump)."""
+    for z in tree.zombies:
+        written.paths.append(images.write_core(z.pid, zombie_core(z)))
+    merged = [f for per in files for f in per.files]
+    written.paths.append(images.write_entries(ImageKind.FILES, merged))
+    seen: set[int] = set()
+    with images.open_writer(ImageKind.PIPES_DATA) as writer:
+        for per in files:
+            for entry, data in per.pipe_data:
+                if entry.pipe_id in seen:  # a pipe open in several processes
+                    continue
+                seen.add(entry.pipe_id)
+                writer.write(entry)
+                writer.write_extra(data)
+    written.paths.append(writer.path)
+    written.paths.append(images.write_pstree(tree.pstree()))
+    written.paths.append(images.write_inventory(_inventory()))
+
+
+async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
+                    pipe_size: int | None = None) -> tuple[DumpImages, float]:
+    """A plain dump of ``pid`` and its descendants: every page of each process in
+    its ``pages-<n>.img``. Then the tree is killed, or resumed with
+    ``leave_running``; on failure it is resumed unchanged and the images
+    written are removed. Returns the images and the seconds it was frozen."""
+    await asyncio.to_thread(_inspect_child, pid)
+    started = time.monotonic()
+    tree = await FrozenTree.freeze(pid)
+    total = DumpImages(images)
+    try:
+        files: list[DumpedFiles] = []
+        for rank, fp in enumerate(tree.processes):
+            own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
+            files.append(own)
+            scan = await fp.scan()
+            plain = MemoryScan(scan.pid, scan.vmas,
+                               tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
+            pipes = await fp.collect_pages(plain, pipe_size=pipe_size)
+            try:
+                state = fp.state
+                one = await asyncio.to_thread(
+                    write_images, images, state, scan, pipes, lazy_pages=False,
+                    open_files=own, index=rank + 1, in_tree=True)
+            finally:
+                pipes.close()
+            total.paths += one.paths
+            total.nonlazy_pages += one.nonlazy_pages
+        await asyncio.to_thread(_write_tree_images, images, tree, files, total)
+    except BaseException:
+        total.remove()
+        await tree.resume()
+        raise
+    frozen = time.monotonic() - started
+    await tree.release(kill=not leave_running)
+    log.info("tree of %d dumped into %s in %.3f s: %d processes, %d zombies, %d pages; %s",
+             pid, images.path, frozen, len(tree.processes), len(tree.zombies),
+             total.nonlazy_pages, "left running" if leave_running else "killed")
+    return total, frozen

@@ -1,0 +1,170 @@
+"""Process trees dumped by lazymig (``dump(pid, tree=True)``, ``criu dump -t PID``).
+
+tests/workloads/tree.py is a parent with a child in its own process group, a
+child in its own session with a grandchild, and a zombie (exit status 7):
+
+* a plain tree dump, the tree left running: one pstree entry per process,
+  parents before children, with the right ppid, pgid, sid and threads; each
+  live process has its own core, mm, pagemap, fdinfo and ``pages-<n>`` images,
+  and its pages hold its own memory; the zombie has only a core image, task
+  state TASK_DEAD and its exit status; released, the tree runs on and the
+  parent reaps its zombie by pid with status 7;
+* without ``leave_running`` every process of the tree is killed;
+* ``crit`` decodes the tree's pstree and the zombie's core;
+* the restorer refuses a dump of a tree before creating anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lazymig.dump import dump
+from lazymig.dump.tree import TASK_DEAD
+from lazymig.linux.ptrace import process_alive
+from lazymig.proto.images import ImageKind, ImagesDir
+from lazymig.restore import Restorer
+from lazymig.restore.task import UnsupportedDumpError
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace needs root"),
+]
+
+TREE = Path(__file__).parent / "workloads" / "tree.py"
+ZOMBIE_STATUS = 7 << 8
+
+
+class Tree:
+    """tests/workloads/tree.py running; ``pids`` by name (parent too)."""
+
+    def __init__(self, proc: subprocess.Popen[str], pids: dict[str, int]) -> None:
+        self.proc = proc
+        self.pids = pids
+
+    def say(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline() if line != "end" else ""
+
+
+@contextlib.contextmanager
+def tree_workload() -> Iterator[Tree]:
+    proc = subprocess.Popen([sys.executable, str(TREE)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    pids: dict[str, int] = {}
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), line
+        pids = {k: int(v) for k, v in (f.split("=") for f in line.split()[1:])}
+        pids["parent"] = proc.pid
+        yield Tree(proc, pids)
+    finally:
+        for name in ("group", "session", "grandchild"):
+            with contextlib.suppress(ProcessLookupError, KeyError):
+                os.kill(pids[name], signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def marker_in_pages(images: ImagesDir, rank: int, name: str) -> bool:
+    data = images.pages_path(rank).read_bytes()
+    return f"tree-{name}-tree-{name}-".encode() in data
+
+
+@pytest.mark.asyncio
+async def test_a_tree_is_dumped_with_its_zombie_groups_and_sessions(tmp_path: Path) -> None:
+    with tree_workload() as t:
+        p = t.pids
+        await dump(p["parent"], tmp_path, leave_running=True, tree=True)
+        images = ImagesDir(tmp_path)
+        entries = {e.pid: e for e in images.pstree()}
+        order = [e.pid for e in images.pstree()]
+        assert set(entries) == set(p.values())
+        assert order[0] == p["parent"] and entries[p["parent"]].ppid == 0
+        for e in entries.values():  # every parent before its children
+            assert e.ppid == 0 or order.index(e.ppid) < order.index(e.pid)
+        parent_sid = os.getsid(p["parent"])
+        expect = {  # name: (ppid, pgid, sid)
+            "group": (p["parent"], p["group"], parent_sid),
+            "session": (p["parent"], p["session"], p["session"]),
+            "grandchild": (p["session"], p["session"], p["session"]),
+            "zombie": (p["parent"], os.getpgid(p["parent"]), parent_sid),
+        }
+        for name, (ppid, pgid, sid) in expect.items():
+            e = entries[p[name]]
+            assert (e.ppid, e.pgid, e.sid) == (ppid, pgid, sid), name
+            assert list(e.threads) == [p[name]]
+        live = [pid for pid in order if pid != p["zombie"]]
+        for rank, pid in enumerate(live, start=1):
+            name = next(k for k, v in p.items() if v == pid)
+            core = images.core(pid)
+            assert core.ids.files_id == rank and core.tc.task_state != TASK_DEAD
+            assert images.pagemap(pid).pages_id == rank
+            assert images.mm(pid).vmas
+            assert images.image_path(ImageKind.FDINFO, rank).exists()
+            assert marker_in_pages(images, rank, name), name
+            for other in ("group", "session", "grandchild"):
+                if other != name:
+                    assert not marker_in_pages(images, rank, other), (name, other)
+        zombie = images.core(p["zombie"])
+        assert zombie.tc.task_state == TASK_DEAD and zombie.tc.exit_code == ZOMBIE_STATUS
+        assert not zombie.HasField("thread_info")
+        assert not images.image_path(ImageKind.MM, p["zombie"]).exists()
+        # Released, the tree runs on: the parent reaps its zombie by pid.
+        assert all(process_alive(p[n]) for n in ("parent", "group", "session", "grandchild"))
+        reaped = await asyncio.to_thread(t.say, "reap")
+        assert reaped.strip() == f"REAPED status={ZOMBIE_STATUS}"
+        # lazymig's restorer rebuilds one process: it refuses the tree up front.
+        with pytest.raises(UnsupportedDumpError, match="5 processes"):
+            await Restorer(tmp_path).run()
+        t.say("end")
+        assert await asyncio.to_thread(t.proc.wait, 10) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_dumped_tree_is_killed_whole(tmp_path: Path) -> None:
+    with tree_workload() as t:
+        await dump(t.pids["parent"], tmp_path, tree=True)
+        # (The dumper, the parent's parent here, reaped it as its tracer: no status.)
+        for name in ("parent", "group", "session", "grandchild"):
+            assert not process_alive(t.pids[name]), name
+
+
+@pytest.mark.crit
+@pytest.mark.skipif(shutil.which("crit") is None, reason="crit is not installed")
+@pytest.mark.asyncio
+async def test_crit_decodes_the_tree(tmp_path: Path) -> None:
+    with tree_workload() as t:
+        p = t.pids
+        await dump(p["parent"], tmp_path, leave_running=True, tree=True)
+
+    def decode(name: str) -> list[dict[str, object]]:
+        out = subprocess.run(["crit", "decode", "-i", str(tmp_path / name)], check=True,
+                             capture_output=True, timeout=60).stdout
+        entries: list[dict[str, object]] = json.loads(out)["entries"]
+        return entries
+
+    tree = await asyncio.to_thread(decode, "pstree.img")
+    assert {e["pid"] for e in tree} == set(p.values())
+    by_pid = {e["pid"]: e for e in tree}
+    assert by_pid[p["grandchild"]]["ppid"] == p["session"]
+    assert by_pid[p["session"]]["sid"] == p["session"]
+    (zombie,) = await asyncio.to_thread(decode, f"core-{p['zombie']}.img")
+    tc = zombie["tc"]
+    assert isinstance(tc, dict) and tc["task_state"] == TASK_DEAD
+    assert tc["exit_code"] == ZOMBIE_STATUS
+    for name in ("files.img", "fdinfo-2.img", f"pagemap-{p['grandchild']}.img"):
+        await asyncio.to_thread(decode, name)
