@@ -11,7 +11,12 @@ child in its own session with a grandchild, and a zombie (exit status 7):
   parent reaps its zombie by pid with status 7;
 * without ``leave_running`` every process of the tree is killed;
 * ``crit`` decodes the tree's pstree and the zombie's core;
-* the restorer refuses a dump of a tree before creating anything.
+* a plain tree dump restored by ``Restorer``: every process comes back forked
+  by its restored parent, zombie included, each in its group and session as
+  dumped (the root, in the test's, in the restorer's); the restored parent
+  reaps its zombie (status 7; by pid: once init reaped the killed source,
+  the children get their pids back, clone3 with set_tid) and reaps its
+  killed children.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +40,6 @@ from lazymig.dump.tree import TASK_DEAD
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.images import ImageKind, ImagesDir
 from lazymig.restore import Restorer
-from lazymig.restore.task import UnsupportedDumpError
 
 pytestmark = [
     pytest.mark.root,
@@ -126,10 +131,7 @@ async def test_a_tree_is_dumped_with_its_zombie_groups_and_sessions(tmp_path: Pa
         # Released, the tree runs on: the parent reaps its zombie by pid.
         assert all(process_alive(p[n]) for n in ("parent", "group", "session", "grandchild"))
         reaped = await asyncio.to_thread(t.say, "reap")
-        assert reaped.strip() == f"REAPED status={ZOMBIE_STATUS}"
-        # lazymig's restorer rebuilds one process: it refuses the tree up front.
-        with pytest.raises(UnsupportedDumpError, match="5 processes"):
-            await Restorer(tmp_path).run()
+        assert reaped.strip() == f"REAPED status={ZOMBIE_STATUS} by=pid"
         t.say("end")
         assert await asyncio.to_thread(t.proc.wait, 10) == 0
 
@@ -168,3 +170,69 @@ async def test_crit_decodes_the_tree(tmp_path: Path) -> None:
     assert tc["exit_code"] == ZOMBIE_STATUS
     for name in ("files.img", "fdinfo-2.img", f"pagemap-{p['grandchild']}.img"):
         await asyncio.to_thread(decode, name)
+
+
+CHILDREN = ("group", "session", "zombie", "grandchild")
+
+
+def pids_freed(pids: list[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def stat_of(pid: int) -> tuple[str, int, int, int]:
+    """State, ppid, pgid, sid from /proc/PID/stat."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    f = raw[raw.rfind(")") + 2:].split()
+    return f[0], int(f[1]), int(f[2]), int(f[3])
+
+
+@pytest.mark.asyncio
+async def test_a_dumped_tree_is_restored_with_its_zombie_groups_and_sessions(
+        tmp_path: Path) -> None:
+    with tree_workload() as t:
+        old = t.pids
+        await dump(old["parent"], tmp_path, tree=True)
+    # The killed source's processes are reaped by init, which may take a while
+    # here; once their pids are free the restored children get them back.
+    freed = await asyncio.to_thread(pids_freed, [old[n] for n in CHILDREN])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    restorer = Restorer(tmp_path, stdio=(in_r, out_w, 2))
+    try:
+        result = await restorer.run()
+        os.close(in_r)
+        os.close(out_w)
+        new = {name: restorer.tree_pids[pid] for name, pid in old.items()}
+        assert result.pid == new["parent"] and result.image_pid == old["parent"]
+        me = os.getpid()
+        assert stat_of(new["parent"])[1:] == (me, os.getpgid(0), os.getsid(0))
+        assert stat_of(new["group"])[1:] == (new["parent"], new["group"], os.getsid(0))
+        assert stat_of(new["session"])[1:] == (new["parent"], new["session"], new["session"])
+        assert stat_of(new["grandchild"])[1:] == (new["session"], new["session"],
+                                                  new["session"])
+        assert stat_of(new["zombie"])[:2] == ("Z", new["parent"])
+        same = all(new[n] == old[n] for n in CHILDREN)
+        assert same == freed
+        with os.fdopen(in_w, "w") as cmd, os.fdopen(out_r) as out:
+            cmd.write("reap\n")
+            cmd.flush()
+            line = await asyncio.to_thread(out.readline)
+            assert line.strip() == (f"REAPED status={ZOMBIE_STATUS} by="
+                                    + ("pid" if same else "any"))
+            for name in ("grandchild", "session", "group"):
+                os.kill(new[name], signal.SIGKILL)
+            cmd.write("quit\n")
+            cmd.flush()
+            line = await asyncio.to_thread(out.readline)
+            assert line.strip() == "QUIT reaped=2"
+        assert await asyncio.to_thread(restorer.wait) == 0
+    finally:
+        restorer.kill()
+        for pid in restorer.tree_pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

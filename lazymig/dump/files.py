@@ -391,12 +391,13 @@ def write_files(images: ImagesDir, files: DumpedFiles) -> list[Path]:
     return paths
 
 
-def read_files(images: ImagesDir) -> DumpedFiles:
-    """Read what :func:`write_files` wrote (nothing for a dump without ``fdinfo-1.img``)."""
+def read_files(images: ImagesDir, files_id: int = FILES_ID) -> DumpedFiles:
+    """Read what :func:`write_files` wrote (nothing for a dump without
+    ``fdinfo-<files_id>.img``; a process of a tree has its own ``files_id``)."""
     out = DumpedFiles()
-    if not images.image_path(ImageKind.FDINFO, FILES_ID).exists():
+    if not images.image_path(ImageKind.FDINFO, files_id).exists():
         return out
-    out.fds = images.read_entries(ImageKind.FDINFO, FdinfoEntry, FILES_ID)
+    out.fds = images.read_entries(ImageKind.FDINFO, FdinfoEntry, files_id)
     out.files = images.read_entries(ImageKind.FILES, FileEntry)
     with images.open_reader(ImageKind.PIPES_DATA) as reader:
         while (entry := reader.read(PipeDataEntry)) is not None:

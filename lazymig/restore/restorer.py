@@ -91,6 +91,7 @@ from lazymig.restore.task import (
     load_task,
 )
 from lazymig.restore.threads import create_threads, finish_thread, set_thread_state
+from lazymig.restore.tree import is_tree, restore_tree
 from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.uffd import DEFAULT_FEATURES, kernel_features
 
@@ -214,6 +215,8 @@ class _Target:
         self.scratch = 0
         self.objects: dict[int, int] = {}
         """{memfd inode id: its fd here} (restore_shared_objects, for restore_files)."""
+        self.in_tree = False
+        """A process of a tree: its session and group were made as it was forked."""
 
     def call(self, nr: int, *args: int, what: str) -> int:
         res = self.tracee.inject_syscall(nr, *args)
@@ -272,6 +275,8 @@ class Restorer:
         self.process: subprocess.Popen[bytes] | None = None
         self.guardian: subprocess.Popen[bytes] | None = None
         """With lazy pages, the process guarding the restored one (lazymig.guardian)."""
+        self.tree_pids: dict[int, int] = {}
+        """A restored tree's pids: {image pid: pid here} (lazymig.restore.tree)."""
 
     async def run(self) -> RestoreResult:
         """Restore; returns once the process runs (detached from the restorer's ptrace).
@@ -281,6 +286,8 @@ class Restorer:
             RestoreError, LazyMigOSError, BrokenResourceError: the restore failed;
                 the half-built process was killed.
         """
+        if await asyncio.to_thread(is_tree, self.images):
+            return await restore_tree(self)
         task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
                                        fds=self.fds)
         sock: socket.socket | None = None
@@ -545,7 +552,8 @@ class Restorer:
                 log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
                             (rl.cur, rl.max), exc)
         restore_files(target, task.files, task.given_fds, target.objects)
-        _set_session(target, task)
+        if not target.in_tree:
+            _set_session(target, task)
         _set_sched_and_timers(target, task)
         if thread.HasField("creds"):
             _set_creds(target, task)

@@ -183,11 +183,12 @@ class DumpedTask:
 
 
 def load_task(images: ImagesDir, *, lazy_pages: bool,
-              fds: FdInheritance | None = None) -> DumpedTask:
+              fds: FdInheritance | None = None, pid: int | None = None) -> DumpedTask:
     """Read and check the dump in ``images``.
 
     Args:
         images: the images directory.
+        pid: the process of a tree to load (default: the dump must hold one).
         lazy_pages: the restore hands the lazy pages to a lazy-pages daemon
             (``restore --lazy-pages``); without it every page must have data.
         fds: what the caller hands the restored process in place of dumped
@@ -201,9 +202,11 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
         tree = images.pstree()
     except FileNotFoundError as exc:
         raise ImageError(f"no pstree.img in {images.path}: not a dump directory") from exc
-    if len(tree) != 1:
-        raise UnsupportedDumpError(f"the dump holds {len(tree)} processes; lazymig restores "
-                                   "one process (no process trees yet)")
+    if pid is not None:  # one process of a tree (lazymig.restore.tree)
+        tree = [e for e in tree if e.pid == pid]
+    elif len(tree) != 1:
+        raise UnsupportedDumpError(f"the dump holds {len(tree)} processes: restore it with "
+                                   "lazymig.restore.tree.TreeRestorer")
     pid = tree[0].pid
     if not tree[0].threads or tree[0].threads[0] != pid:
         raise ImageError(f"pstree.img lists threads {list(tree[0].threads)} for process {pid}, "
@@ -247,7 +250,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
             _check_file(pid, extra, v.shmid, where,
                         changed_ok=bool(v.status & VmaStatus.FILE_SHARED
                                         and (v.prot & _PROT_WRITE or v.fdflags)))
-    files = read_files(images)
+    files = read_files(images, core.ids.files_id if core.HasField("ids") else 1)
     files.external = {e.file_id: e.name for e in extra.external_files}
     given = plan_given_fds(pid, files, fds or FdInheritance())
     memfds: dict[int, MemfdInodeEntry] = {}

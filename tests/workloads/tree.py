@@ -15,6 +15,7 @@ waits for each by pid and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -83,8 +84,21 @@ def main() -> None:
     for line in sys.stdin:
         memory[0] = memory[0]
         if line.strip() == "reap":
-            _, status = os.waitpid(pids["zombie"], 0)
-            print(f"REAPED status={status}", flush=True)
+            try:  # by pid: it works where the restored tree got its pids back
+                _, status = os.waitpid(pids["zombie"], 0)
+                how = "pid"
+            except ChildProcessError:
+                _, status = os.waitpid(-1, 0)
+                how = "any"
+            print(f"REAPED status={status} by={how}", flush=True)
+        elif line.strip() == "quit":
+            reaped = 0
+            with contextlib.suppress(ChildProcessError):
+                while True:
+                    os.waitpid(-1, 0)
+                    reaped += 1
+            print(f"QUIT reaped={reaped}", flush=True)
+            return
         elif line.strip() == "end":
             for name in ("group", "session"):
                 os.kill(pids[name], signal.SIGKILL)
