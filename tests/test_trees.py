@@ -16,7 +16,11 @@ child in its own session with a grandchild, and a zombie (exit status 7):
   dumped (the root, in the test's, in the restorer's); the restored parent
   reaps its zombie (status 7; by pid: once init reaped the killed source,
   the children get their pids back, clone3 with set_tid) and reaps its
-  killed children.
+  killed children;
+* ``lazymig.migrate`` of the tree (lazy): each process's lazy pages come from
+  the page server by its pid, each restored process holds its own memory, the
+  tree has its links, groups and sessions; the source held the pids meanwhile,
+  so the parent reaps its zombie with ``waitpid(-1)``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from pathlib import Path
 
 import pytest
 
+import lazymig
 from lazymig.dump import dump
 from lazymig.dump.tree import TASK_DEAD
+from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.images import ImageKind, ImagesDir
 from lazymig.restore import Restorer
@@ -234,5 +240,79 @@ async def test_a_dumped_tree_is_restored_with_its_zombie_groups_and_sessions(
     finally:
         restorer.kill()
         for pid in restorer.tree_pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def holds_marker(pid: int, name: str) -> bool:
+    """True if a private writable mapping of ``pid`` holds ``name``'s marker pages."""
+    marker = f"tree-{name}-".encode() * 300
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if fields[1] != "rw-p":
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            with contextlib.suppress(OSError):
+                mem.seek(start)
+                if marker in mem.read(end - start):
+                    return True
+    return False
+
+
+def tree_of(pid: int) -> dict[str, int]:
+    """The restored workload's pids by name, found from its root by the group and
+    session each child leads."""
+    kids = children(pid)
+    found = {"parent": pid}
+    for kid in kids:
+        state, _, pgid, sid = stat_of(kid)
+        if state == "Z":
+            found["zombie"] = kid
+        elif sid == kid:
+            found["session"] = kid
+            (found["grandchild"],) = children(kid)
+        elif pgid == kid:
+            found["group"] = kid
+    assert len(found) == 5, found
+    return found
+
+
+@pytest.mark.asyncio
+async def test_a_tree_migrated_lazily(tmp_path: Path) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    new: dict[str, int] = {}
+    try:
+        with tree_workload() as t:
+            async with asyncio.timeout(60), \
+                    lazymig.migrate(t.pids["parent"], stdio=(in_r, out_w, 2)) as migration:
+                os.close(in_r)
+                os.close(out_w)
+                in_r = out_w = -1
+                new = await asyncio.to_thread(tree_of, migration.process.pid)
+                assert stat_of(new["grandchild"])[1:] == (new["session"], new["session"],
+                                                          new["session"])
+            result = await migration.done
+        assert result.dump.lazy_pages > 0
+        for name in ("parent", "group", "session", "grandchild"):
+            assert await asyncio.to_thread(holds_marker, new[name], name), name
+        with os.fdopen(in_w, "w") as cmd, os.fdopen(out_r) as out:
+            in_w = out_r = -1
+            cmd.write("reap\n")
+            cmd.flush()
+            line = await asyncio.to_thread(out.readline)
+            # The source still held the pids while the tree was restored: new ones.
+            assert line.strip() == f"REAPED status={ZOMBIE_STATUS} by=any"
+            for name in ("grandchild", "session", "group"):
+                os.kill(new[name], signal.SIGKILL)
+            cmd.write("quit\n")
+            cmd.flush()
+            assert (await asyncio.to_thread(out.readline)).strip() == "QUIT reaped=2"
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+        for pid in new.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -42,13 +42,14 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from lazymig.dump.files import collect_files, external_stdio, inspect_files
 from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
@@ -57,8 +58,8 @@ from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
-from lazymig.dump.store import PipePageStore
-from lazymig.dump.tree import dump_tree
+from lazymig.dump.store import LazyPageStore, PipePageStore
+from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
@@ -161,9 +162,9 @@ class LazyDump:
         self._state = _State.NEW
         self._ready: asyncio.Future[int] | None = None
         self._start_error: BaseException | None = None
-        self._fp: FrozenProcess | None = None
+        self._fp: FrozenProcess | FrozenTree | None = None
         self._written: DumpImages | None = None
-        self._store: PipePageStore | None = None
+        self._store: LazyPageStore | None = None
         self._server: PageServer | None = None
         self._filling: asyncio.Task[None] | None = None
         self._frozen_at = 0.0
@@ -224,19 +225,31 @@ class LazyDump:
             _check_images_dir(self.images)
             _check_port(self.address, self.port)
             started = time.monotonic()
-            fp, written, pipes = await _freeze_and_write(self.pid, self.images, lazy=True,
-                                                         pipe_size=self.pipe_size)
-            store: PipePageStore | None = None
-            late_fill = LateFill(pipes)
+            fp: FrozenProcess | FrozenTree
+            store: LazyPageStore | None = None
+            if await asyncio.to_thread(has_children, self.pid):  # lazymig.dump.tree
+                lazy_tree = await start_lazy_tree(self.pid, self.images,
+                                                  pipe_size=self.pipe_size)
+                fp, written, store = lazy_tree.tree, lazy_tree.written, lazy_tree.store
+                fill: Callable[[], Coroutine[Any, Any, None]] = lazy_tree.fill
+                pipes: PagePipes | None = None
+            else:
+                fp, written, pipes = await _freeze_and_write(self.pid, self.images, lazy=True,
+                                                             pipe_size=self.pipe_size)
+                late_fill = LateFill(pipes)
+                fill = functools.partial(self._fill, late_fill, fp)
             try:
-                store = PipePageStore(self.pid, pipes, late_fill)
+                if pipes is not None:
+                    store = PipePageStore(self.pid, pipes, late_fill)
+                assert store is not None
                 server = PageServer(store, address=self.address, port=self.port, wire=self.wire,
                                     tls=self.tls)
                 server.listen()
             except BaseException:
                 if store is not None:
                     store.close()
-                pipes.close()
+                if pipes is not None:
+                    pipes.close()
                 written.remove()
                 await fp.resume()
                 raise
@@ -250,7 +263,7 @@ class LazyDump:
         self._frozen_seconds = time.monotonic() - started
         self.port = server.port
         self._state = _State.LISTENING
-        self._filling = asyncio.create_task(self._fill(late_fill, fp))
+        self._filling = asyncio.create_task(fill())
         self._settle_ready()
         log.info("pid %d frozen and dumped into %s in %.3f s: %d pages in pages-%d.img, %d lazy "
                  "pages served on %s:%d", self.pid, self.images.path, self._frozen_seconds,
@@ -396,16 +409,18 @@ class LazyDump:
 
 async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
                pipe_size: int | None = None, fsync: bool = False,
-               tree: bool = False) -> DumpResult:
+               tree: bool | None = None) -> DumpResult:
     """A plain dump (``criu dump``): every page of ``pid`` into ``pages-1.img``.
 
     Then the process is killed, or resumed with ``leave_running``. On failure
-    it is resumed unchanged and the images written are removed. With ``tree``,
-    ``pid`` and all its descendants (``criu dump -t``, see
-    :mod:`lazymig.dump.tree`; lazymig does not restore such a dump yet).
+    it is resumed unchanged and the images written are removed. A process with
+    children is dumped with all its descendants (``criu dump -t``, see
+    :mod:`lazymig.dump.tree`); ``tree`` forces the one way or the other.
     """
     images = ImagesDir(images_dir, fsync=fsync)
     _check_images_dir(images)
+    if tree is None:
+        tree = await asyncio.to_thread(has_children, pid)
     if tree:
         written, frozen_for = await dump_tree(pid, images, leave_running=leave_running,
                                               pipe_size=pipe_size)

@@ -16,10 +16,10 @@ each live process its own ``core-<tid>``, ``mm-<pid>``, ``pagemap-<pid>``,
 holds the open files of every process (their ids made unique per process) and
 ``pipes-data.img`` each pipe's contents once.
 
-Not done yet: lazymig's restorer rebuilds one process (it refuses a dump of a
-tree before creating anything), and a lazy dump (:class:`~lazymig.dump.dumper.LazyDump`)
-of a tree. Such a dump is restored by nothing yet; ``dump(..., tree=True)`` is
-there so that the dump side can be checked (``crit``) on its own.
+:func:`start_lazy_tree` does the same for a lazy dump: each process's lazy
+pages stay in its own page pipes, a :class:`TreePageStore` serves them by the
+pid each GET names, and each process's pipes are filled on its own tracer
+thread. :mod:`lazymig.restore.tree` restores such a dump.
 """
 
 from __future__ import annotations
@@ -28,18 +28,21 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 
 from lazymig.dump.files import DumpedFiles, collect_files, inspect_files
 from lazymig.dump.freeze import FrozenProcess, inspect_target
 from lazymig.dump.images import DumpImages, _inventory, write_images
+from lazymig.dump.late_fill import LateFill
 from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.dump.store import PageSegment, PipePageStore
 from lazymig.errors import LazyMigError
 from lazymig.linux.procfs import children, read_stat, read_status
 from lazymig.linux.ptrace import TargetGoneError
 from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
 
-__all__ = ["TASK_DEAD", "FrozenTree", "Zombie", "dump_tree", "zombie_core"]
+__all__ = ["TASK_DEAD", "FrozenTree", "LazyTreeDump", "TreePageStore", "Zombie", "dump_tree",
+           "has_children", "start_lazy_tree", "zombie_core"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,19 @@ class FrozenTree:
         """Let every process run on as if nothing happened."""
         await self.release(kill=False)
 
+    async def leave_stopped(self) -> None:
+        """:meth:`FrozenProcess.leave_stopped` for each process (an aborted transfer)."""
+        for fp in reversed(self.processes):
+            await fp.leave_stopped()
+
+
+def has_children(pid: int) -> bool:
+    """True if ``pid`` has child processes (its dump is then a tree's)."""
+    try:
+        return bool(children(pid))
+    except FileNotFoundError as exc:
+        raise TargetGoneError(pid, f"process {pid} does not exist") from exc
+
 
 def _inspect_child(pid: int) -> None:
     inspect_target(pid)
@@ -265,3 +281,86 @@ async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
              pid, images.path, frozen, len(tree.processes), len(tree.zombies),
              total.nonlazy_pages, "left running" if leave_running else "killed")
     return total, frozen
+
+
+class TreePageStore:
+    """The lazy pages of every process of a tree: a
+    :class:`~lazymig.dump.store.PipePageStore` per image pid (a GET names its pid)."""
+
+    def __init__(self, stores: dict[int, PipePageStore]) -> None:
+        self._stores = stores
+
+    def pids(self) -> Iterable[int]:
+        return tuple(self._stores)
+
+    def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
+        store = self._stores.get(pid)
+        return store.lazy_ranges(pid) if store is not None else []
+
+    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+        store = self._stores.get(pid)
+        return store.available(pid, vaddr, nr_pages) if store is not None else 0
+
+    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
+        store = self._stores.get(pid)
+        return store.pending(pid, vaddr, nr_pages) if store is not None else None
+
+    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
+        return self._stores[pid].segment(pid, vaddr, nr_pages)
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+
+
+@dataclasses.dataclass(slots=True)
+class LazyTreeDump:
+    """A tree frozen, its images written (lazy pages only listed), its lazy pages in
+    a :class:`TreePageStore` (what :class:`~lazymig.dump.dumper.LazyDump` serves)."""
+
+    tree: FrozenTree
+    written: DumpImages
+    store: TreePageStore
+    fills: list[tuple[LateFill, FrozenProcess]]
+
+    async def fill(self) -> None:
+        """Fill every process's lazy page pipes (each on its own tracer thread)."""
+        async with asyncio.TaskGroup() as tg:
+            for late_fill, fp in self.fills:
+                tg.create_task(late_fill.run(fp))
+
+
+async def start_lazy_tree(pid: int, images: ImagesDir, *,
+                          pipe_size: int | None = None) -> LazyTreeDump:
+    """Freeze the tree of ``pid`` and write its images for a lazy dump; on failure
+    the tree is resumed and the images are removed."""
+    await asyncio.to_thread(_inspect_child, pid)
+    tree = await FrozenTree.freeze(pid)
+    total = DumpImages(images)
+    stores: dict[int, PipePageStore] = {}
+    fills: list[tuple[LateFill, FrozenProcess]] = []
+    try:
+        files: list[DumpedFiles] = []
+        for rank, fp in enumerate(tree.processes):
+            own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
+            files.append(own)
+            scan = await fp.scan()
+            pipes = await fp.collect_pages(scan, pipe_size=pipe_size, defer_lazy=True)
+            late_fill = LateFill(pipes)
+            stores[fp.pid] = PipePageStore(fp.pid, pipes, late_fill)
+            fills.append((late_fill, fp))
+            state = fp.state
+            one = await asyncio.to_thread(
+                write_images, images, state, scan, pipes, lazy_pages=True, open_files=own,
+                index=rank + 1, in_tree=True)
+            total.paths += one.paths
+            total.nonlazy_pages += one.nonlazy_pages
+            total.lazy_pages += one.lazy_pages
+        await asyncio.to_thread(_write_tree_images, images, tree, files, total)
+    except BaseException:
+        for store in stores.values():
+            store.close()
+        total.remove()
+        await tree.resume()
+        raise
+    return LazyTreeDump(tree, total, TreePageStore(stores), fills)
