@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_restore import free_port, on_uvloop
 
 import lazymig
 from lazymig.dump import dump
@@ -46,6 +47,9 @@ from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.images import ImageKind, ImagesDir
 from lazymig.restore import Restorer
+from lazymig.testing import HostPair
+from lazymig.testing.plugin import StartCommand
+from lazymig.testing.workload import OutputLines
 
 pytestmark = [
     pytest.mark.root,
@@ -316,3 +320,53 @@ async def test_a_tree_migrated_lazily(tmp_path: Path) -> None:
         for pid in new.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.asyncio
+async def test_a_tree_migrated_with_the_three_clis(
+        lazymig_hosts: HostPair, lazymig_command: StartCommand, tmp_path: Path) -> None:
+    hosts = lazymig_hosts
+    loop = on_uvloop()
+    source_images, images = tmp_path / "source", tmp_path / "destination"
+    source_images.mkdir()
+    port = "27" if hosts.kind == "netns" else str(free_port())
+    read_fd, write_fd = os.pipe()
+    lines = OutputLines(read_fd)
+    new: dict[str, int] = {}
+    try:
+        with tree_workload() as t:
+            dumper = await lazymig_command("dump", "-t", str(t.pids["parent"]), "--lazy-pages",
+                                           "--address", hosts.source.address, "--port", port,
+                                           "-D", source_images, host=hosts.source, uvloop=loop)
+            await asyncio.to_thread(shutil.copytree, source_images, images)
+            daemon = await lazymig_command(
+                "lazy-pages", "--page-server", "--address", hosts.source.address, "--port",
+                port, "-D", images, host=hosts.destination, uvloop=loop)
+            restore = await lazymig_command("restore", "--lazy-pages", "-D", images, "-d",
+                                            host=hosts.destination, ready=False,
+                                            stdout=write_fd, uvloop=loop)
+            os.close(write_fd)
+            write_fd = -1
+            async with asyncio.timeout(60):
+                assert await restore.wait() == 0, restore.log()
+                pid = int(await asyncio.to_thread(lines.next, 10.0))
+                assert hosts.destination.owns(pid)
+                new = await asyncio.to_thread(tree_of, pid)
+                assert await dumper.wait() == 0, dumper.log()  # every page served
+                await daemon.wait()
+        for name in ("parent", "group", "session", "grandchild"):
+            assert await asyncio.to_thread(holds_marker, new[name], name), name
+        os.kill(new["parent"], signal.SIGUSR1)
+        reaped = await asyncio.to_thread(lines.next, 10.0)
+        assert reaped == f"REAPED status={ZOMBIE_STATUS} by=any"
+        for name in ("grandchild", "session", "group"):
+            os.kill(new[name], signal.SIGKILL)
+        os.kill(new["parent"], signal.SIGUSR2)
+        assert await asyncio.to_thread(lines.next, 10.0) == "QUIT reaped=2"
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        for pid in new.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        lines.close()

@@ -80,31 +80,40 @@ def main() -> None:
     memory = fill("parent")
     while os.waitid(os.P_PID, pids["zombie"], os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
         time.sleep(0.01)  # a zombie already, not reaped
+    def reap(*_: object) -> None:
+        try:  # by pid: it works where the restored tree got its pids back
+            _, status = os.waitpid(pids["zombie"], 0)
+            how = "pid"
+        except ChildProcessError:
+            _, status = os.waitpid(-1, 0)
+            how = "any"
+        print(f"REAPED status={status} by={how}", flush=True)
+
+    def quit_(*_: object) -> None:
+        reaped = 0
+        with contextlib.suppress(ChildProcessError):
+            while True:
+                os.waitpid(-1, 0)
+                reaped += 1
+        print(f"QUIT reaped={reaped}", flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGUSR1, reap)
+    signal.signal(signal.SIGUSR2, quit_)
     print("READY " + " ".join(f"{k}={v}" for k, v in pids.items()), flush=True)
     for line in sys.stdin:
         memory[0] = memory[0]
         if line.strip() == "reap":
-            try:  # by pid: it works where the restored tree got its pids back
-                _, status = os.waitpid(pids["zombie"], 0)
-                how = "pid"
-            except ChildProcessError:
-                _, status = os.waitpid(-1, 0)
-                how = "any"
-            print(f"REAPED status={status} by={how}", flush=True)
+            reap()
         elif line.strip() == "quit":
-            reaped = 0
-            with contextlib.suppress(ChildProcessError):
-                while True:
-                    os.waitpid(-1, 0)
-                    reaped += 1
-            print(f"QUIT reaped={reaped}", flush=True)
-            return
+            quit_()
         elif line.strip() == "end":
             for name in ("group", "session"):
                 os.kill(pids[name], signal.SIGKILL)
                 os.waitpid(pids[name], 0)
             return
-
+    while True:  # no stdin (a restore's own): signals only
+        signal.pause()
 
 if __name__ == "__main__":
     main()
