@@ -171,6 +171,12 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
         lazy_pages=sum(r.nr_pages for t in tree.tasks.values() for r in t.lazy),
         seconds=time.monotonic() - started)
     same = sum(1 for old, new in restorer.tree_pids.items() if old == new)
+    moved = {old: new for old, new in restorer.tree_pids.items() if old not in (new, root)}
+    if moved:
+        log.warning("tree of %d: %d processes restored under new pids (%s): their dumped pids "
+                    "are taken here (on one machine, by the frozen source); a parent that "
+                    "waits for or signals a child by its old pid gets ECHILD or ESRCH",
+                    root, len(moved), ", ".join(f"{o}->{n}" for o, n in moved.items()))
     log.info("tree of %d restored in %.3f s: %d processes and %d zombies, %d under their "
              "dumped pids (%s)", root, result.seconds, len(tree.tasks), len(tree.zombies), same,
              ", ".join(f"{old}->{new}" for old, new in restorer.tree_pids.items()))

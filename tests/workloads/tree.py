@@ -80,7 +80,7 @@ def main() -> None:
     memory = fill("parent")
     while os.waitid(os.P_PID, pids["zombie"], os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
         time.sleep(0.01)  # a zombie already, not reaped
-    def reap(*_: object) -> None:
+    def reap(*_args: object) -> None:
         try:  # by pid: it works where the restored tree got its pids back
             _, status = os.waitpid(pids["zombie"], 0)
             how = "pid"
@@ -89,7 +89,7 @@ def main() -> None:
             how = "any"
         print(f"REAPED status={status} by={how}", flush=True)
 
-    def quit_(*_: object) -> None:
+    def quit_(*_args: object) -> None:
         reaped = 0
         with contextlib.suppress(ChildProcessError):
             while True:
