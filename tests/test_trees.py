@@ -370,3 +370,56 @@ async def test_a_tree_migrated_with_the_three_clis(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         lines.close()
+
+
+FORKER = """
+import os, sys, time
+print("READY", flush=True)
+while True:
+    if os.fork() == 0:
+        time.sleep(0.003)
+        os._exit(3)
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    time.sleep(0.001)
+"""
+
+
+@contextlib.contextmanager
+def forker() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", FORKER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "READY\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_children_forked_and_exiting_while_freezing_are_caught(tmp_path: Path) -> None:
+    """A parent forking a short-lived child every few ms: each freeze holds every
+    child it has then, live (with its images) or already a zombie (a core only)."""
+    with forker() as proc:
+        kinds: set[str] = set()
+        for i in range(6):
+            images = ImagesDir(tmp_path / str(i))
+            images.path.mkdir()
+            await dump(proc.pid, images.path, leave_running=True, tree=True)
+            entries = images.pstree()
+            assert entries[0].pid == proc.pid
+            for e in entries[1:]:
+                assert e.ppid == proc.pid
+                core = images.core(e.pid)
+                if core.tc.task_state == TASK_DEAD:
+                    assert core.tc.exit_code == 3 << 8
+                    kinds.add("zombie")
+                else:
+                    assert images.mm(e.pid).vmas
+                    kinds.add("live")
+            assert process_alive(proc.pid)
+        assert kinds  # children were caught (most runs catch one, live or dead)
