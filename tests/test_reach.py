@@ -4,8 +4,7 @@
   executable to switch to is the helper's own (it was refused with EBUSY).
 * Refusals before the target is touched, each cause named with what to do
   (``criu restore`` with lazymig's daemon), the source running on unchanged:
-  a TCP socket, and a process with children (process trees are not
-  migrated yet: its children would be left behind).
+  a TCP socket, of the process or of one of its children.
 """
 
 from __future__ import annotations
@@ -122,8 +121,12 @@ import os, socket, subprocess, sys, time
 kind = sys.argv[1]
 if kind == "tcp":
     held = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
-else:
-    held = subprocess.Popen(["sleep", "300"])
+else:  # a child holding a TCP connection
+    held = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; "
+                             "s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
+                             "print(flush=True); time.sleep(300)", sys.argv[2]],
+                            stdout=subprocess.PIPE)
+    held.stdout.readline()
 print("READY", held.pid if kind == "child" else held.fileno(), flush=True)
 n = 0
 while True:
@@ -193,13 +196,16 @@ def test_a_tcp_socket_is_refused_by_the_cli(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_process_with_children_is_refused(tmp_path: Path) -> None:
-    with ticker("child") as (proc, child):
+async def test_a_child_holding_a_tcp_socket_is_refused(tmp_path: Path) -> None:
+    """A process with children is migrated with its tree (tests/test_trees.py): what
+    a child holds is checked as the process's own, and the refusal names the child."""
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            ticker("child", str(server.getsockname()[1])) as (proc, child):
         try:
             with pytest.raises(UnsupportedTargetError) as info:
                 await lazymig.migrate(proc.pid)
-            assert f"it has child process {child}: process trees are not migrated yet" in \
-                str(info.value)
+            assert f"its child process {child}: fd " in str(info.value)
+            assert "is a socket (socket:[" in str(info.value)
             assert "criu dump --lazy-pages" in str(info.value)
             await asyncio.to_thread(assert_runs_on, proc)
             assert state(child) == "S"

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,19 @@ pytestmark = [
 
 TREE = Path(__file__).parent / "workloads" / "tree.py"
 ZOMBIE_STATUS = 7 << 8
+
+
+def check_shared(say: Callable[[str], str]) -> None:
+    """The parent and its ``group`` child still share their MAP_SHARED page: the
+    child's counter moves for the parent, the parent's word reaches the child."""
+    first = [int(w) for w in say("shared 1001").split()[1:]]
+    deadline = time.monotonic() + 10
+    while True:
+        now = [int(w) for w in say("shared 1002").split()[1:]]
+        if now[0] > first[0] and now[2] in (1001, 1002):
+            return
+        assert time.monotonic() < deadline, (first, now)
+        time.sleep(0.05)
 
 
 class Tree:
@@ -140,6 +153,7 @@ async def test_a_tree_is_dumped_with_its_zombie_groups_and_sessions(tmp_path: Pa
         assert not images.image_path(ImageKind.MM, p["zombie"]).exists()
         # Released, the tree runs on: the parent reaps its zombie by pid.
         assert all(process_alive(p[n]) for n in ("parent", "group", "session", "grandchild"))
+        await asyncio.to_thread(check_shared, t.say)
         reaped = await asyncio.to_thread(t.say, "reap")
         assert reaped.strip() == f"REAPED status={ZOMBIE_STATUS} by=pid"
         t.say("end")
@@ -229,6 +243,12 @@ async def test_a_dumped_tree_is_restored_with_its_zombie_groups_and_sessions(
         same = all(new[n] == old[n] for n in CHILDREN)
         assert same == freed
         with os.fdopen(in_w, "w") as cmd, os.fdopen(out_r) as out:
+            def say(line: str) -> str:
+                cmd.write(line + "\n")
+                cmd.flush()
+                return out.readline()
+
+            await asyncio.to_thread(check_shared, say)
             cmd.write("reap\n")
             cmd.flush()
             line = await asyncio.to_thread(out.readline)
@@ -303,6 +323,12 @@ async def test_a_tree_migrated_lazily(tmp_path: Path) -> None:
             assert await asyncio.to_thread(holds_marker, new[name], name), name
         with os.fdopen(in_w, "w") as cmd, os.fdopen(out_r) as out:
             in_w = out_r = -1
+            def say(line: str) -> str:
+                cmd.write(line + "\n")
+                cmd.flush()
+                return out.readline()
+
+            await asyncio.to_thread(check_shared, say)
             cmd.write("reap\n")
             cmd.flush()
             line = await asyncio.to_thread(out.readline)
@@ -342,9 +368,11 @@ async def test_a_tree_migrated_with_the_three_clis(
             daemon = await lazymig_command(
                 "lazy-pages", "--page-server", "--address", hosts.source.address, "--port",
                 port, "-D", images, host=hosts.destination, uvloop=loop)
+            # --shell-job: the parent's stdin and stdout, pipes to the test, stay
+            # behind; the restorer's take their place.
             restore = await lazymig_command("restore", "--lazy-pages", "-D", images, "-d",
-                                            host=hosts.destination, ready=False,
-                                            stdout=write_fd, uvloop=loop)
+                                            "--shell-job", host=hosts.destination,
+                                            ready=False, stdout=write_fd, uvloop=loop)
             os.close(write_fd)
             write_fd = -1
             async with asyncio.timeout(60):

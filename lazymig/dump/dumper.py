@@ -62,7 +62,7 @@ from lazymig.dump.store import LazyPageStore, PipePageStore
 from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children
-from lazymig.linux.ptrace import process_alive
+from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
@@ -488,12 +488,13 @@ STDIO_HINT: Final = ("Pass stdio=(in, out, err), fds of this process for the res
 
 
 def check_target(pid: int, *, stdio_given: bool = True) -> None:
-    """Refuse an unsupported target (its threads, mappings, open files, children;
+    """Refuse an unsupported target (its threads, mappings, open files, those of its
+    descendants;
     without ``stdio_given``, fds 0-2 that would stay on the source host too) from
     /proc alone, before it is touched: one UnsupportedTargetError naming every
     cause and what to do."""
     reasons: list[str] = []
-    for check in (inspect_target, inspect_files, _inspect_children):
+    for check in (inspect_target, inspect_files, _inspect_descendants):
         try:
             check(pid)
         except UnsupportedTargetError as exc:
@@ -512,14 +513,37 @@ def _inspect(pid: int) -> None:
     check_target(pid)
 
 
+def _inspect_descendants(pid: int) -> None:
+    """The checks of :func:`check_target` (but stdio: a child's is its parent's) for
+    every live descendant of ``pid``: a process with children is dumped with its
+    tree (:mod:`lazymig.dump.tree`)."""
+    reasons: list[str] = []
+    todo = list(children(pid))
+    while todo:
+        kid = todo.pop(0)
+        if not process_alive(kid):
+            continue  # a zombie: only its exit status is dumped
+        for check in (inspect_target, inspect_files):
+            try:
+                check(kid)
+            except UnsupportedTargetError as exc:
+                reasons += [f"its child process {kid}: {r}" for r in exc.reasons]
+            except TargetGoneError:
+                pass  # it exited meanwhile: a zombie at the freeze
+        todo += children(kid)
+    if reasons:
+        raise UnsupportedTargetError(pid, reasons)
+
+
 def _inspect_children(pid: int) -> None:
-    """Refuse a process with children: they would be left behind (no trees yet)."""
+    """Refuse a process with children where it is dumped alone (``tree=False``, or
+    a child forked between the check for children and the freeze)."""
     kids = sorted(children(pid))
     if kids:
         raise UnsupportedTargetError(pid, [
             f"it has child process{'es' if len(kids) > 1 else ''} "
-            f"{', '.join(map(str, kids))}: process trees are not migrated yet, and the "
-            "children would be left behind"])
+            f"{', '.join(map(str, kids))}, forked while it was being frozen alone: dump it "
+            "again (a process with children is dumped with its tree)"])
 
 
 def _refused_frozen(pid: int) -> None:

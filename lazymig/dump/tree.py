@@ -31,14 +31,15 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 
 from lazymig.dump.files import DumpedFiles, collect_files, inspect_files
-from lazymig.dump.freeze import FrozenProcess, inspect_target
+from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
 from lazymig.dump.images import DumpImages, _inventory, write_images
 from lazymig.dump.late_fill import LateFill
-from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.dump.scan import MemoryScan, PageRun, Vma
 from lazymig.dump.store import PageSegment, PipePageStore
 from lazymig.errors import LazyMigError
 from lazymig.linux.procfs import children, read_stat, read_status
 from lazymig.linux.ptrace import TargetGoneError
+from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
 
 __all__ = ["TASK_DEAD", "FrozenTree", "LazyTreeDump", "TreePageStore", "Zombie", "dump_tree",
@@ -203,7 +204,8 @@ def zombie_core(z: Zombie) -> CoreEntry:
 def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
     """``files`` with ids unique in the tree's ``files.img``."""
     shift = rank * _FILE_ID_STRIDE
-    out = DumpedFiles(pipe_data=list(files.pipe_data))
+    out = DumpedFiles(pipe_data=list(files.pipe_data), memfds=dict(files.memfds),
+                      external={i + shift: name for i, name in files.external.items()})
     for e in files.fds:
         e2 = type(e)()
         e2.CopyFrom(e)
@@ -218,6 +220,15 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
                 getattr(f2, sub).id = getattr(f, sub).id + shift
         out.files.append(f2)
     return out
+
+
+def _refuse_memfds(tree: FrozenTree, pid: int, vmas: Sequence[Vma], files: DumpedFiles) -> None:
+    """A memfd in a tree of several processes is refused: ``memfd-inode.img`` is
+    one image per dump, written per process (shared anonymous memory is fine)."""
+    if len(tree.processes) > 1 and (files.memfds or any(v.status & VmaStatus.MEMFD
+                                                          for v in vmas)):
+        raise UnsupportedTargetError(pid, [
+            "it has a memfd, and memfds in a tree of processes are not migrated yet"])
 
 
 def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[DumpedFiles],
@@ -258,6 +269,7 @@ async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
             own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
             files.append(own)
             scan = await fp.scan()
+            _refuse_memfds(tree, fp.pid, scan.vmas, own)
             plain = MemoryScan(scan.pid, scan.vmas,
                                tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
             pipes = await fp.collect_pages(plain, pipe_size=pipe_size)
@@ -345,6 +357,7 @@ async def start_lazy_tree(pid: int, images: ImagesDir, *,
             own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
             files.append(own)
             scan = await fp.scan()
+            _refuse_memfds(tree, fp.pid, scan.vmas, own)
             pipes = await fp.collect_pages(scan, pipe_size=pipe_size, defer_lazy=True)
             late_fill = LateFill(pipes)
             stores[fp.pid] = PipePageStore(fp.pid, pipes, late_fill)

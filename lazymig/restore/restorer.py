@@ -217,6 +217,8 @@ class _Target:
         """{memfd inode id: its fd here} (restore_shared_objects, for restore_files)."""
         self.in_tree = False
         """A process of a tree: its session and group were made as it was forked."""
+        self.shared_from: dict[int, str] = {}
+        """{shmid: path} of shared objects another process of its tree rebuilt already."""
 
     def call(self, nr: int, *args: int, what: str) -> int:
         res = self.tracee.inject_syscall(nr, *args)
@@ -435,7 +437,7 @@ class Restorer:
         busy.append((scratch, scratch + _SCRATCH_SIZE))
         shared, target.objects = restore_shared_objects(
             target, self.images, task.mm.vmas, task.memfds, lambda size: _free_gap(busy, size),
-            lambda start, end, madv: _madvise(target, start, end, madv))
+            lambda start, end, madv: _madvise(target, start, end, madv), target.shared_from)
         return shared + self._write_pages(pid, task)
 
     def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],

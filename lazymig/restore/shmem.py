@@ -70,12 +70,17 @@ def shared_vmas(vmas: Sequence[VmaEntry]) -> dict[int, list[VmaEntry]]:
 
 def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Sequence[VmaEntry],
                            memfds: Mapping[int, MemfdInodeEntry], free_at: Callable[[int], int],
-                           madvise: Callable[[int, int, int], None]) -> tuple[int, dict[int, int]]:
+                           madvise: Callable[[int, int, int], None],
+                           existing: Mapping[int, str] | None = None
+                           ) -> tuple[int, dict[int, int]]:
     """Rebuild every shared object of ``vmas`` and every memfd of ``memfds``
     (``memfd-inode.img`` by inode id) and map the VMAs (see the module docstring).
 
     ``free_at(size)`` is a free address for a temporary mapping of ``size``
-    bytes; ``madvise(start, end, madv)`` gives a VMA its advice. Returns the
+    bytes; ``madvise(start, end, madv)`` gives a VMA its advice. ``existing``:
+    {shmid: path} of objects another process of the tree rebuilt already
+    (``/proc/PID/map_files/...``): they are opened from there, not made again,
+    so the processes share them as they did. Returns the
     number of pages written and {inode id: its fd in the process} of the
     memfds, left open for :func:`~lazymig.restore.files.restore_files`.
     """
@@ -93,7 +98,10 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
                    + ([memfd.size] if memfd is not None else []))
         size = max(PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         at = free_at(size)
-        if memfd is not None:
+        tmp = -1
+        if existing and shmid in existing:  # another process of the tree made it
+            fd = target.open(existing[shmid], os.O_RDWR | os.O_CLOEXEC)
+        elif memfd is not None:
             sealing = _MFD_ALLOW_SEALING if memfd.seals & ~_F_SEAL_SEAL else 0
             fd = target.call(_SYS_MEMFD_CREATE, target.data(memfd.name.encode() + b"\0"),
                              _MFD_CLOEXEC | sealing, what=f"memfd_create({memfd.name})")
@@ -107,7 +115,8 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
             fd = target.open(f"/proc/self/map_files/{tmp:x}-{tmp + size:x}",
                              os.O_RDWR | os.O_CLOEXEC)
         try:
-            written += _fill(target.pid, images, shmid, tmp, size)
+            if tmp >= 0:
+                written += _fill(target.pid, images, shmid, tmp, size)
             for v in group:
                 what = f"mmap({v.start:#x}-{v.end:#x} of shared object {shmid})"
                 got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
@@ -116,7 +125,8 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
                 if got != v.start:
                     raise ImageError(f"{what} landed at {got:#x}")
                 madvise(v.start, v.end, v.madv)
-            target.call(_SYS_MUNMAP, tmp, size, what="munmap(shared object)")
+            if tmp >= 0:
+                target.call(_SYS_MUNMAP, tmp, size, what="munmap(shared object)")
             if memfd is not None:
                 if memfd.size != size:  # the mapped part went past its end
                     target.call(_SYS_FTRUNCATE, fd, memfd.size, what="ftruncate(memfd)")

@@ -51,7 +51,8 @@ from lazymig.linux.ptrace import PTRACE_O_TRACEFORK, TargetGoneError, Tracee, Tr
 from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PstreeEntry
-from lazymig.restore.task import DumpedTask, load_task
+from lazymig.restore.shmem import shared_vmas
+from lazymig.restore.task import DumpedTask, FdInheritance, load_task
 from lazymig.uffd.handover import send_restore_finished, send_task, send_zombie
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class _Tree:
     """Image pid: wait status, of each zombie."""
 
 
-def _load(images: ImagesDir, lazy_pages: bool) -> _Tree:
+def _load(images: ImagesDir, lazy_pages: bool, fds: FdInheritance) -> _Tree:
     entries = images.pstree()
     tasks: dict[int, DumpedTask] = {}
     zombies: dict[int, int] = {}
@@ -103,7 +104,7 @@ def _load(images: ImagesDir, lazy_pages: bool) -> _Tree:
         if core.HasField("tc") and core.tc.task_state == TASK_DEAD:
             zombies[e.pid] = core.tc.exit_code
         else:
-            tasks[e.pid] = load_task(images, lazy_pages=lazy_pages, pid=e.pid)
+            tasks[e.pid] = load_task(images, lazy_pages=lazy_pages, fds=fds, pid=e.pid)
     return _Tree(entries, tasks, zombies)
 
 
@@ -113,7 +114,7 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
     restored ones. On failure every process created is killed."""
     from lazymig.restore.restorer import RestoreError, RestoreResult, _Target  # noqa: PLC0415
 
-    tree = await asyncio.to_thread(_load, restorer.images, restorer.lazy_pages)
+    tree = await asyncio.to_thread(_load, restorer.images, restorer.lazy_pages, restorer.fds)
     root = tree.entries[0].pid
     lazy = [pid for pid, t in tree.tasks.items() if t.lazy]
     sock: socket.socket | None = None
@@ -130,8 +131,14 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
             targets[pid] = _Target(tracee)
             targets[pid].in_tree = True
         nonlazy = 0
+        shared: dict[int, str] = {}
         for pid, target in targets.items():
+            target.shared_from = shared
             nonlazy += await tracer.run(restorer._build, target, tree.tasks[pid])
+            # Shared memory this process rebuilt: the next ones open it from here.
+            for shmid, vmas in shared_vmas(tree.tasks[pid].mm.vmas).items():
+                v = vmas[0]
+                shared.setdefault(shmid, f"/proc/{target.pid}/map_files/{v.start:x}-{v.end:x}")
         for pid in lazy:
             uffds[pid] = await tracer.run(restorer._userfaultfd, targets[pid], tree.tasks[pid])
         if sock is not None:

@@ -6,6 +6,10 @@ Usage: ``tree.py``. The parent forks:
 * ``session``: its own session (``setsid``), which forks ``grandchild`` in it;
 * ``zombie``: exits at once with status 7, and is not reaped until asked.
 
+The parent and ``group`` share a ``MAP_SHARED`` anonymous page: ``group``
+counts in its word 0 and copies word 1 into word 2; ``shared N`` makes the
+parent write N into word 1 and print ``SHARED w0 w1 w2``.
+
 Every process fills 64 pages with its marker (``tree-<name>-`` repeated) and
 rewrites one of them now and then. The parent prints ``READY name=pid ...``
 once all of them run, then reads lines from stdin: ``reap`` waits for the
@@ -16,8 +20,10 @@ waits for each by pid and exits 0.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import signal
+import struct
 import sys
 import time
 
@@ -39,6 +45,11 @@ def detach_fds(ready_r: int) -> None:
     os.close(null)
 
 
+SHARED = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS, before any fork
+"""Shared with the ``group`` child: it counts in word 0 and copies the parent's
+word 1 into word 2 (so each side sees the other's writes)."""
+
+
 def busy(name: str, ready_w: int) -> None:
     memory = fill(name)
     os.write(ready_w, b"x")
@@ -46,6 +57,9 @@ def busy(name: str, ready_w: int) -> None:
     i = 0
     while True:
         memory[(i % PAGES) * 4096] = memory[(i % PAGES) * 4096]  # dirty a page, same bytes
+        if name == "group":
+            SHARED[0:8] = struct.pack("<Q", i)
+            SHARED[16:24] = SHARED[8:16]
         i += 1
         time.sleep(0.01)
 
@@ -107,6 +121,10 @@ def main() -> None:
             reap()
         elif line.strip() == "quit":
             quit_()
+        elif line.startswith("shared "):  # write N into word 1, print the three words
+            SHARED[8:16] = struct.pack("<Q", int(line.split()[1]))
+            print("SHARED " + " ".join(str(w) for w in struct.unpack("<3Q", SHARED[0:24])),
+                  flush=True)
         elif line.strip() == "end":
             for name in ("group", "session"):
                 os.kill(pids[name], signal.SIGKILL)
