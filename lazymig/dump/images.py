@@ -101,31 +101,7 @@ TASK_ALIVE: Final = 1
 TASK_STOPPED: Final = 3
 """A job-control stopped task (it is restored stopped)."""
 
-_U64: Final = (1 << 64) - 1
 _USER32_CS: Final = 0x23  # the code segment of 32-bit (compat) user mode
-_RLIM_NLIMITS: Final = 16
-
-# x86_64 syscall numbers and prctl options used by the injected calls.
-_SYS_MMAP: Final = 9
-_SYS_MUNMAP: Final = 11
-_SYS_GETITIMER: Final = 36
-_SYS_SIGALTSTACK: Final = 131
-_SYS_PRCTL: Final = 157
-_SYS_GET_ROBUST_LIST: Final = 274
-_PR_GET_PDEATHSIG: Final = 2
-_PR_GET_DUMPABLE: Final = 3
-_PR_GET_SECUREBITS: Final = 27
-_PR_GET_CHILD_SUBREAPER: Final = 37
-_PR_GET_TID_ADDRESS: Final = 40
-_PR_GET_THP_DISABLE: Final = 42
-
-# Layout of the scratch page the injected calls write into.
-_SCRATCH_TID_ADDRESS: Final = 0      # u64
-_SCRATCH_ALTSTACK: Final = 8         # stack_t: void *ss_sp; int ss_flags; size_t ss_size
-_SCRATCH_PDEATHSIG: Final = 32       # int
-_SCRATCH_SUBREAPER: Final = 36       # int
-_SCRATCH_ITIMERS: Final = 40         # 3 x struct itimerval (4 x i64 each)
-_SCRATCH_SIZE: Final = _SCRATCH_ITIMERS + 3 * 32
 
 _SECCOMP_MODES: Final = {0: core_pb2.disabled, 1: core_pb2.strict, 2: core_pb2.filter}
 

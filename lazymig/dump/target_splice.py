@@ -171,7 +171,6 @@ _AREA_LEN: Final = _AT_XSTATE + _XSTATE_ROOM
 # uc_sigmask; then a siginfo (128 bytes). rt_sigreturn reads it at rsp - 8.
 _SIGFRAME_HEAD: Final = struct.Struct("<QQQ24s")
 _SIGCONTEXT: Final = struct.Struct("<18Q4H4QQ64x")
-_SIGFRAME_LEN: Final = _SIGFRAME_HEAD.size + _SIGCONTEXT.size + 8 + 128
 _SIGCONTEXT_REGS: Final = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi",
                            "rbp", "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags")
 _UC_FLAGS: Final = 0x1 | 0x2 | 0x4  # UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
