@@ -178,29 +178,52 @@ _ioctl.restype = ctypes.c_int
 
 
 def pagemap_scan(fd: int, start: int, end: int, *, inverted: int = 0, required: int = 0,
-                 anyof: int = 0) -> list[tuple[int, int]]:
+                 anyof: int = 0, vec_len: int = _SCAN_VEC) -> list[tuple[int, int]]:
     """PAGEMAP_SCAN on an open /proc/PID/pagemap: the address ranges in [start, end)
     whose pages have every ``required`` category (each flipped first if it is in
-    ``inverted``) and at least one of ``anyof``. The kernel walks the page tables
-    and returns ranges, not one 8-byte entry per page. ENOTTY before Linux 6.7.
+    ``inverted``) and at least one of ``anyof``, sorted, neighbours joined. The
+    kernel walks the page tables and returns ranges, not one 8-byte entry per page.
+    ``vec_len`` is the size of the output vector (ranges per ioctl). ENOTTY before
+    Linux 6.7.
+
+    How far a call got is read from what it returned, not from ``walk_end`` alone
+    (fs/proc/task_mmu.c, ``do_pagemap_scan``): the kernel fills our vector through
+    a bounce buffer of at most 512 regions, one page-table walk per buffer, and
+    sets ``walk_end`` only when a walk stops early (the buffer full). A later walk
+    of the same call that reaches ``end`` leaves it where the earlier one stopped,
+    behind the ranges it returned. So: a vector not filled means the walk reached
+    ``end``; a full one resumes at the later of ``walk_end`` and the end of the
+    last range returned (a range cut there is joined again below).
     """
-    vec = (_PageRegion * _SCAN_VEC)()
+    if vec_len < 1:
+        raise ValueError(f"vec_len must be at least 1, not {vec_len}")
+    vec = (_PageRegion * vec_len)()
     arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end,
-                     vec=ctypes.addressof(vec), vec_len=_SCAN_VEC, category_inverted=inverted,
+                     vec=ctypes.addressof(vec), vec_len=vec_len, category_inverted=inverted,
                      category_mask=required, category_anyof_mask=anyof,
                      return_mask=required | anyof)
     out: list[tuple[int, int]] = []
     while True:
         n = check(_ioctl(fd, _PAGEMAP_SCAN, ctypes.addressof(arg)),
-                  f"PAGEMAP_SCAN({start:#x}-{end:#x})")
+                  f"PAGEMAP_SCAN({arg.start:#x}-{end:#x})")
         for region in vec[:n]:
+            if out and region.start < out[-1][1]:
+                raise LazyMigOSError(errno.EIO, f"PAGEMAP_SCAN returned {region.start:#x}-"
+                                     f"{region.end:#x} behind {out[-1][1]:#x}")
             if out and out[-1][1] == region.start:
                 out[-1] = (out[-1][0], region.end)
             else:
                 out.append((region.start, region.end))
-        if arg.walk_end >= end or n == 0:
+        if n < vec_len:
             return out
-        arg.start = arg.walk_end
+        resume = max(arg.walk_end, out[-1][1])
+        if resume >= end:
+            return out
+        if resume <= arg.start:  # no progress: never loop on a kernel that misreports
+            raise LazyMigOSError(errno.EIO, f"PAGEMAP_SCAN made no progress at {resume:#x}")
+        arg.start = resume
+        arg.vec_len = vec_len
+        arg.walk_end = 0
 
 
 def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
