@@ -128,8 +128,9 @@ class ImagesPageStore:
 
     Serves what CRIU's ``page-server --lazy-pages`` serves: the PE_LAZY pages
     of every task in pstree.img whose data is in the pages image (CRIU writes
-    lazy-capable pages as PE_LAZY|PE_PRESENT in an ordinary dump). Pages go to
-    the socket straight from the pages file.
+    lazy-capable pages as PE_LAZY|PE_PRESENT in an ordinary dump). A zombie
+    has no memory images (core-N.img alone): it has no lazy pages either.
+    Pages go to the socket straight from the pages file.
     """
 
     def __init__(self, images: ImagesDir) -> None:
@@ -138,7 +139,8 @@ class ImagesPageStore:
         self._fds: list[int] = []
         try:
             for entry in images.pstree():
-                self._add(images, entry.pid)
+                if images.has_memory(entry.pid):
+                    self._add(images, entry.pid)
         except BaseException:
             self.close()
             raise

@@ -30,6 +30,10 @@ from lazymig.proto.images._pagemap import PageIndex, PagemapEntry, PageRange, la
 
 __all__ = ["ImagesDir", "Pagemap", "PagemapReader", "PagemapWriter"]
 
+_TASKS_WITH_MEMORY = frozenset((1, 3))
+"""CRIU's core ``tc.task_state`` of a task with a memory image: TASK_ALIVE, TASK_STOPPED
+(not TASK_DEAD 2, a zombie, nor TASK_HELPER 7)."""
+
 M = TypeVar("M", bound=Message)
 
 
@@ -244,6 +248,18 @@ class ImagesDir:
     def write_core(self, tid: int, core: core_pb2.core_entry) -> Path:
         """Write ``core-<tid>.img``."""
         return self.write_entries(ImageKind.CORE, [core], tid)
+
+    def has_memory(self, pid: int) -> bool:
+        """Whether process *pid* of pstree.img has a memory to restore (``mm-<pid>.img``,
+        pagemap and pages), as CRIU reads a dump: only a task alive or stopped when
+        dumped has one. A zombie (``tc.task_state`` 2, TASK_DEAD) or one of CRIU's
+        helper tasks has ``core-<pid>.img`` alone. A task without a core image, or
+        with a core without ``tc``, counts as alive (its memory images are read, and
+        their absence is then the error)."""
+        if not self.image_path(ImageKind.CORE, pid).exists():
+            return True
+        core = self.core(pid)
+        return not core.HasField("tc") or core.tc.task_state in _TASKS_WITH_MEMORY
 
     def mm(self, pid: int) -> mm_pb2.mm_entry:
         """Read ``mm-<pid>.img``, whose ``vmas`` list the process's VMAs."""
