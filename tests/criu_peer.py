@@ -682,7 +682,7 @@ class WireTap:
     def _client_to_server(self, client: socket.socket, server: socket.socket) -> None:
         buf = b""
         closed = False
-        while data := client.recv(65536):
+        while data := _recv_or_reset(client):
             if closed:
                 self.log.trailing_client_bytes += len(data)
             else:
@@ -747,6 +747,15 @@ class WireTap:
     def join(self, timeout: float = 10) -> WireLog:
         self._thread.join(timeout)
         return self.log
+
+
+def _recv_or_reset(sock: socket.socket) -> bytes:
+    """Up to 64 KiB from ``sock``; a reset ends the stream as EOF does (criu lazy-pages
+    may close with a reply left unread: the server must still see its end)."""
+    try:
+        return sock.recv(65536)
+    except ConnectionResetError:
+        return b""
 
 
 # -- lazymig lazy-pages in place of criu lazy-pages --------------------------------------------

@@ -1,19 +1,29 @@
 """``lazymig page-server --lazy-pages -D DIR``: serve the lazy pages of a dump on disk.
 
 It stands in for ``criu page-server --lazy-pages``: the images may come from
-``criu dump`` or from lazymig.
+``criu dump`` or from lazymig. Like CRIU's, it ends with its client's session
+(CLOSE, or the connection's end once it asked for pages), whether or not every
+page was fetched: a restored process that exits early never asks for the rest.
+``--keep-serving`` serves one restore after another from the same dump
+instead, until it is stopped (and lets a lazymig daemon whose link broke
+reconnect).
 
-As ``lazymig lazy-pages``, it listens and says so on ``--status-fd`` before it
-imports the server and reads the images: a daemon that connects meanwhile is
-queued by the kernel, and its first request waits until the server reads it.
-Should the start-up then fail, daemons already connected are held, unanswered
-(see :func:`~lazymig.cli._common.hold_after_failed_start`).
+It listens first, then imports the server and reads the images, and only then
+says ready on ``--status-fd``: a daemon that connects meanwhile is queued by
+the kernel and served once the images are read. Should the start-up fail,
+daemons already connected are reset at once, so that their restores fail now
+instead of waiting for pages that will never come. An orchestrator that waits
+for ``--status-fd`` before it starts a restore never meets that case (a
+restore that already runs when its daemon is reset would read its missing
+pages as zeros under CRIU's daemon).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
+import struct
 
 from lazymig.cli._common import (
     accept_queued,
@@ -21,28 +31,37 @@ from lazymig.cli._common import (
     add_server_address_options,
     add_tls_options,
     add_wire_option,
-    hold_after_failed_start,
     run_async,
     signal_ready,
     tls_config,
 )
 from lazymig.errors import ConfigurationError
 
+log = logging.getLogger("lazymig")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends a reset (the peer sees an error, not an end)."""
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "page-server", help="serve the lazy pages of a dump on disk over TCP",
         description="Serve the lazy pages of an images directory (CRIU's "
-                    "`page-server --lazy-pages`) until a client has them all.")
+                    "`page-server --lazy-pages`) until the client closes its session.")
     parser.add_argument("--lazy-pages", action="store_true",
                         help="serve lazy pages (the only mode lazymig's page server has)")
     add_images_dir_option(parser)
     add_server_address_options(parser, default_address="0.0.0.0")
     add_wire_option(parser)
     add_tls_options(parser)
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="serve on after a client's session ended, for the next restore "
+                             "of the same dump or a lazymig daemon that reconnects, until "
+                             "stopped (SIGTERM); by default the server ends with the first "
+                             "session, as CRIU's does")
     parser.add_argument("--status-fd", type=int, metavar="FD",
-                        help="write a zero byte to FD once listening (at once: the images are "
-                             "read afterwards; clients wait in the backlog)")
+                        help="write a zero byte to FD once ready to serve (the images read; "
+                             "clients that connect earlier wait in the backlog)")
     parser.set_defaults(func=page_server)
 
 
@@ -52,32 +71,47 @@ def page_server(args: argparse.Namespace) -> int:
     if not args.lazy_pages:
         raise ConfigurationError("lazymig's page server only serves lazy pages: add --lazy-pages")
     listener = listen_tcp(args.address, args.port)
-    signal_ready(args.status_fd)
     try:
-        return 0 if run_async(args, _serve(args, listener)) else 1
+        run_async(args, _serve(args, listener))
+        return 0
     finally:
         listener.close()  # the server's, once it took it; idempotent
 
 
-async def _serve(args: argparse.Namespace, listener: socket.socket) -> bool:
+async def _serve(args: argparse.Namespace, listener: socket.socket) -> None:
     try:
-        from lazymig.dump.server import PageServer
+        from lazymig.dump.server import PageServer, ServeUntil
         from lazymig.dump.store import ImagesPageStore
         from lazymig.proto.images import ImagesDir
 
         store = ImagesPageStore(ImagesDir(args.images_dir))
         try:  # certificates are loaded here
             server = PageServer(store, address=args.address, port=args.port, wire=args.wire,
-                                tls=tls_config(args), listener=listener)
+                                tls=tls_config(args), listener=listener,
+                                until=ServeUntil.STOPPED if args.keep_serving
+                                else ServeUntil.SESSION)
         except BaseException:
             store.close()
             raise
     except BaseException as exc:
-        await hold_after_failed_start(accept_queued(listener), exc,
-                                      "lazy-pages daemon(s) connected")
+        _reset_queued(listener, exc)
         raise
     try:
         async with server:
-            return await server.serve()
+            signal_ready(args.status_fd)
+            await server.serve()
     finally:
         store.close()
+
+
+def _reset_queued(listener: socket.socket, error: BaseException) -> None:
+    """The start-up failed with ``error``: reset the daemons that connected meanwhile
+    (their restores fail at once) and close the listener (later ones are refused)."""
+    queued = accept_queued(listener)
+    for conn in queued:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        conn.close()
+    if queued:
+        log.error("%d lazy-pages daemon(s) had connected before the start-up failed (%s): "
+                  "their connections were reset, so that their restores fail now",
+                  len(queued), error)

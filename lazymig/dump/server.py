@@ -12,10 +12,14 @@ Per connection: requests are handled in order; a malformed request or a GET
 outside the dumped lazy ranges ends *that* connection with a logged reason, and
 so does a client that leaves its replies unread for ``stall_timeout`` seconds.
 Connections beyond ``max_connections`` are closed as soon as they are accepted.
-The server keeps accepting connections (a daemon that reconnects, a second
-restore of the same dump) until the transfer is complete: every lazy page has
-been served at least once *and* a client closed the session cleanly (CLOSE,
-then EOF). Only then may the frozen source be released.
+When the server ends is :class:`ServeUntil`'s choice. For a live dump
+(``COMPLETE``) it keeps accepting connections (a daemon that reconnects, a
+second restore of the same dump) until the transfer is complete: every lazy
+page has been served at least once *and* a client closed the session cleanly
+(CLOSE, then EOF). Only then may the frozen source be released. For a dump on
+disk there is no source to protect: it ends when a client closed its session
+cleanly (``SESSION``, as CRIU's ``page-server --lazy-pages``), or serves one
+restore after another until it is stopped (``STOPPED``).
 
 With TLS (:mod:`lazymig.tls`) every connection starts with a handshake in
 which both ends show certificates; a client refused there is logged with the
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import enum
 import functools
 import ipaddress
 import logging
@@ -64,7 +69,7 @@ from lazymig.proto.pageserver import (
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import ServerTls, TlsOption, TlsSocket
 
-__all__ = ["PageServer", "PageServerStats"]
+__all__ = ["PageServer", "PageServerStats", "ServeUntil"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,23 @@ _REPLY_CHUNK = 1 << 20
 """Page bytes read and sent per sendmsg (to a peer on this host)."""
 _TLS_CHUNK = 256 * 1024
 """Page bytes read and encrypted per TLS send (16 records of 16 KiB)."""
+_END_GRACE = 5.0
+"""Seconds the other connections get to end by themselves once a session's end ends the
+server (a lazymig daemon closes its two channels one after the other)."""
+
+
+class ServeUntil(enum.Enum):
+    """When :meth:`PageServer.serve` returns."""
+
+    COMPLETE = "complete"
+    """Every lazy page was served and a client closed its session cleanly (a live dump:
+    its frozen source may go only then)."""
+    SESSION = "session"
+    """A client closed its session cleanly, whatever it left unserved (a dump on disk, as
+    CRIU's ``page-server --lazy-pages``: the restored processes exited or dropped the
+    rest)."""
+    STOPPED = "stopped"
+    """Never by itself: one restore after another from one dump on disk, until cancelled."""
 
 
 @dataclass(slots=True)
@@ -153,6 +175,8 @@ class PageServer:
         listener: a socket already listening at ``address``/``port``
             (:func:`lazymig._listen.listen_tcp`), which the server then owns;
             clients that connected before :meth:`serve` are served then.
+        until: when :meth:`serve` returns (:class:`ServeUntil`; by default once the
+            transfer is complete).
 
     Example::
 
@@ -166,8 +190,10 @@ class PageServer:
                  tls: TlsOption | ServerTls | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-                 listener: socket.socket | None = None) -> None:
+                 listener: socket.socket | None = None,
+                 until: ServeUntil = ServeUntil.COMPLETE) -> None:
         self.store = store
+        self.until = until
         self.address = address
         self.port = port
         self.wire = wire
@@ -181,6 +207,7 @@ class PageServer:
         self.stats = PageServerStats(lazy_pages=self._unserved.remaining,
                                      pages_unserved=self._unserved.remaining)
         self._complete: asyncio.Event | None = None
+        self._ended_by: object = None  # the peer whose clean close ended the server
         self._connections: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
@@ -202,10 +229,13 @@ class PageServer:
     @property
     def complete(self) -> bool:
         """Every lazy page was served and a client closed the session cleanly."""
-        return self._complete is not None and self._complete.is_set()
+        return (self._complete is not None and self._complete.is_set()
+                and self._unserved.remaining == 0)
 
     async def serve(self) -> bool:
-        """Accept connections until the transfer is complete; return True then.
+        """Accept connections until :attr:`until` says the server is done; return
+        :attr:`complete` then (False: a session ended with pages never served, which
+        only ``ServeUntil.SESSION`` accepts).
 
         Cancelling it stops the server; the store stays intact (nothing is lost).
         """
@@ -217,13 +247,25 @@ class PageServer:
             accepting = tg.create_task(self._accept_loop(loop, tg))
             await self._complete.wait()
             accepting.cancel()
+            others = [t for t in self._connections if t is not asyncio.current_task()]
+            if others and self.until is ServeUntil.SESSION:
+                # A daemon's other channel is closing too: let it finish its CLOSE.
+                await asyncio.wait(others, timeout=_END_GRACE)
             # Other connections are stale (a client that reconnected after its link died
             # leaves one behind that may never see a reset): they must not hold us here.
             for task in list(self._connections):
                 task.cancel()
-        log.info("lazy pages transfer complete: %d pages served (%d sent), %.1f MB/s",
-                 self.stats.lazy_pages, self.stats.pages_sent, self.stats.throughput() / 1e6)
-        return True
+        if self.complete:
+            log.info("lazy pages transfer complete: %d pages served (%d sent), %.1f MB/s",
+                     self.stats.lazy_pages, self.stats.pages_sent,
+                     self.stats.throughput() / 1e6)
+        else:
+            log.info("page client %s ended the session with %d of %d lazy pages never "
+                     "served (its processes exited or dropped them): the page server for "
+                     "this dump on disk ends, as CRIU's does (--keep-serving serves the next "
+                     "restore)", self._ended_by, self._unserved.remaining,
+                     self.stats.lazy_pages)
+        return self.complete
 
     async def _accept_loop(self, loop: asyncio.AbstractEventLoop, tg: asyncio.TaskGroup) -> None:
         assert self._listener is not None
@@ -269,34 +311,67 @@ class PageServer:
                      "sent from a buffer" if copy else "spliced")
             tls: TlsSocket | None = None
             clean = False
+            session = _Session()
             try:
                 if self.tls is not None:
                     tls = await TlsSocket.accept(sock, self.tls)  # takes the socket over
                 link = (_PlainLink(sock, self.stall_timeout, copy=copy) if tls is None
                         else _TlsLink(tls, self.stall_timeout))
-                clean = await self._handle(link)
+                clean = await self._handle(link, session)
             except AuthenticationError as exc:
                 self.stats.refused_connections += 1
                 log.error("page client %s refused: %s", peer, exc)
                 return
             except (LazyMigError, OSError) as exc:
+                if self._ends_session(session):
+                    log.info("page client %s: connection ended: %s", peer, exc)
+                    self._session_closed(peer)
+                    return
                 self.stats.refused_connections += 1
                 log.error("page client %s: connection closed: %s", peer, exc)
                 return
             finally:
                 if tls is not None:
                     tls.close(clean=clean)
-            if clean and self._unserved.remaining == 0:
-                assert self._complete is not None
-                self._complete.set()
-            elif clean:
-                log.warning("page client %s closed the session with %d lazy pages never "
-                            "served; keeping the source and waiting for another client",
-                            peer, self._unserved.remaining)
+            if clean:
+                self._session_closed(peer)
+            elif self._ends_session(session):
+                log.info("page client %s ended its session without CLOSE", peer)
+                self._session_closed(peer)
             else:
                 log.warning("page client %s disconnected without CLOSE", peer)
 
-    async def _handle(self, link: _Link) -> bool:
+    def _ends_session(self, session: _Session) -> bool:
+        """Whether a connection that ended without CLOSE + EOF still ends its session.
+
+        For a dump on disk, as for CRIU's page server, any end of a connection that
+        asked for pages does (criu lazy-pages resets the connection when its process
+        exits with a GET in flight: its CLOSE may never arrive). A live dump needs the
+        clean end before it lets its source go.
+        """
+        if self.until is ServeUntil.SESSION:
+            return session.close_answered or session.requests > 0
+        return self.until is ServeUntil.STOPPED and session.close_answered
+
+    def _session_closed(self, peer: object) -> None:
+        """A client ended its session with CLOSE, then EOF: end the server if
+        :attr:`until` says so."""
+        assert self._complete is not None
+        left = self._unserved.remaining
+        if self.until is ServeUntil.STOPPED:
+            log.info("page client %s closed the session (%d of %d lazy pages never served "
+                     "so far); serving on for the next restore", peer, left,
+                     self.stats.lazy_pages)
+        elif left == 0 or self.until is ServeUntil.SESSION:
+            if not self._complete.is_set():
+                self._ended_by = peer
+                self._complete.set()
+        else:
+            log.warning("page client %s closed the session with %d lazy pages never "
+                        "served; keeping the source and waiting for another client",
+                        peer, left)
+
+    async def _handle(self, link: _Link, session: _Session) -> bool:
         """Serve requests until EOF; True when the session ended with CLOSE + EOF."""
         codec = PageServerConnection(Role.SERVER, self.wire, max_pages=self.max_pages)
         buf = bytearray(_RECV_SIZE)
@@ -307,10 +382,11 @@ class PageServer:
                 n = await link.recv_into(buf)
                 codec.receive_data(memoryview(buf)[:n])
             elif isinstance(event, GetRequest):
+                session.requests += 1
                 await self._answer_get(link, codec, event)
             elif isinstance(event, CloseRequest):
                 await link.sendall(codec.send(CloseReply(0)))
-                closed_cleanly = True
+                closed_cleanly = session.close_answered = True
             elif isinstance(event, ConnectionClosed):
                 return closed_cleanly
             else:
@@ -337,6 +413,16 @@ class PageServer:
         self._unserved.mark(get.pid, get.vaddr, nr_pages)
         self.stats.pages_sent += nr_pages
         self.stats.pages_unserved = self._unserved.remaining
+
+
+@dataclass(slots=True)
+class _Session:
+    """What one connection's client has done so far."""
+
+    requests: int = 0
+    """GETs it sent."""
+    close_answered: bool = False
+    """It sent CLOSE and got the status."""
 
 
 class _Link(Protocol):
