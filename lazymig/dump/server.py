@@ -83,6 +83,9 @@ _REPLY_CHUNK = 1 << 20
 """Page bytes read and sent per sendmsg (to a peer on this host)."""
 _TLS_CHUNK = 256 * 1024
 """Page bytes read and encrypted per TLS send (16 records of 16 KiB)."""
+_KEEPALIVE = ((socket.TCP_KEEPIDLE, 5), (socket.TCP_KEEPINTVL, 2), (socket.TCP_KEEPCNT, 3))
+"""A client silent for 5 s is probed every 2 s; 3 probes unanswered (its host or link is
+gone: a live daemon's kernel answers them however idle it is) end the connection."""
 _END_GRACE = 5.0
 """Seconds the other connections get to end by themselves once a session's end ends the
 server (a lazymig daemon closes its two channels one after the other)."""
@@ -306,6 +309,7 @@ class PageServer:
         with sock:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(sock)
             copy = self.tls is not None or _on_this_host(peer)
             log.info("page client %s connected (pages %s)", peer,
                      "sent from a buffer" if copy else "spliced")
@@ -570,6 +574,14 @@ async def _splice_all(segment: PageSegment, sock_fd: int, stall_timeout: float) 
         remaining -= moved
         if offset is not None:
             offset += moved
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive: a client whose host died or whose link is cut turns into a
+    connection error within seconds instead of a connection that waits for ever."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in _KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _on_this_host(peer: object) -> bool:
