@@ -1,9 +1,9 @@
-"""CRIU 4.1.1 and lazymig side by side: the same workloads through three set-ups, in one run.
+"""CRIU 4.1.1 and lazymig side by side: the same workloads through each set-up, in one run.
 
     sudo .venv/bin/python benchmarks/criu_side_by_side.py [--sizes 64,1024] [--repeat 3]
         [--setups ...] [--workloads idle,busy] [--out benchmarks/results/criu_side_by_side.txt]
 
-About 2 minutes with the defaults (36 runs) on a 2-vCPU VM.
+About 3 minutes with the defaults (60 runs) on a 2-vCPU VM.
 
 Set-ups (loopback; images on tmpfs; CRIU from the chroot of scripts/criu-peer.sh,
 installed and mounted first if needed):
@@ -18,7 +18,10 @@ installed and mounted first if needed):
   ``criu dump`` listens, so its start-up is off the downtime;
 * ``lazymig page server``: an ordinary ``criu dump`` (every page on disk, source
   killed) + ``lazymig page-server --lazy-pages --wire v1`` + ``criu lazy-pages`` +
-  ``criu restore --lazy-pages``.
+  ``criu restore --lazy-pages``;
+* ``CRIU page server``: the same with CRIU's own ``criu page-server --lazy-pages``,
+  the baseline of the row above (the same job: compare it with that row, not with
+  ``CRIU``'s live lazy dump, whose downtime has no dump to disk in it).
 
 Workloads (benchmarks/_sbs_workload.py): 64 MiB and 1 GiB of a known pattern,
 ``idle`` (asleep) or ``busy`` (checks its whole memory non-stop; the restored
@@ -31,11 +34,13 @@ Columns:
   for an ordinary dump, until every page is on disk), starting the servers
   (the lazy-pages daemon; and lazymig's page server: until each said ready on
   ``--status-fd``), the restore;
-* serving: lazymig's commands say ready as soon as their socket listens and load
+* serving: ``lazymig lazy-pages`` says ready as soon as its socket listens and loads
   the rest afterwards (a peer that connects meanwhile waits in the backlog), so
   "start" is short and the restore may wait for the daemon's first replies (CRIU's
-  restore faults on a couple of lazy pages): this column is from exec until the
-  lazymig command's loop serves (its "listening on" log line), the whole start-up;
+  restore faults on a couple of lazy pages); ``lazymig page-server`` says ready
+  once it read the images (as CRIU's, whose start-up is all in "start"): this
+  column is from exec until the lazymig command's loop serves (its "listening on"
+  log line), the whole start-up;
 * all in: from starting the restore until every lazy page is present in the
   restored process (watched from outside: its RssAnon, then its
   /proc/PID/pagemap over the lazy ranges, every millisecond);
@@ -116,7 +121,9 @@ from lazymig.proto.images import ImagesDir  # noqa: E402
 
 MIB = 1 << 20
 PRESTARTED = "lazymig daemon pre-started"
-SETUPS = ("CRIU", "lazymig daemon", PRESTARTED, "lazymig page server")
+ON_DISK = ("lazymig page server", "CRIU page server")
+"""The set-ups that serve an ordinary dump on disk."""
+SETUPS = ("CRIU", "lazymig daemon", PRESTARTED, *ON_DISK)
 CRIU_VERBOSITY = 2
 LOOP = "uvloop"
 
@@ -315,20 +322,29 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
                 wait_for(lambda: "waiting up to" in daemon_log.read_text(), 30,
                          "the pre-started daemon's wait for its page server")
             started = time.monotonic()
-            if setup == "lazymig page server":
+            if setup in ON_DISK:
                 logs.append(d.host / "dump.log")
                 criu(d, "dump", "-t", pid, "-D", d.inner, log="dump.log", timeout=120,
                      verbosity=CRIU_VERBOSITY)
                 dumped = time.monotonic()
-                server_log = d.host / "lazymig-page-server.log"
-                logs.append(server_log)
-                lazymig_log, spawned = server_log, time.time()
-                with server_log.open("wb") as err:
+                if setup == "CRIU page server":
+                    logs.append(d.host / "page-server.log")
                     server = procs.add(start_with_status_fd(
-                        timed(lazymig_argv("page-server", "--lazy-pages", "-D", str(d.host),
-                                           "--address", "127.0.0.1", "--port", port,
-                                           "--wire", "v1", loop=LOOP), str(server_rss)),
-                        what="lazymig page-server", stderr=err.fileno(), timeout=30))
+                        chroot_argv(*timed(["criu", "page-server", "--lazy-pages", "-D",
+                                            d.inner, "--address", "127.0.0.1", "--port", port],
+                                           d.inside(server_rss.name))),
+                        what="criu page-server --lazy-pages", log="page-server.log",
+                        verbosity=CRIU_VERBOSITY, timeout=30))
+                else:
+                    server_log = d.host / "lazymig-page-server.log"
+                    logs.append(server_log)
+                    lazymig_log, spawned = server_log, time.time()
+                    with server_log.open("wb") as err:
+                        server = procs.add(start_with_status_fd(
+                            timed(lazymig_argv("page-server", "--lazy-pages", "-D", str(d.host),
+                                               "--address", "127.0.0.1", "--port", port,
+                                               "--wire", "v1", loop=LOOP), str(server_rss)),
+                            what="lazymig page-server", stderr=err.fileno(), timeout=30))
             else:
                 logs.append(d.host / "dump.log")
                 server = procs.add(start_with_status_fd(
@@ -340,7 +356,7 @@ def run_once(setup: str, binary: Path, mib: int, busy: bool) -> Run:
                 dumped = time.monotonic()
             images = ImagesDir(d.host)
             ranges = [(r.vaddr, r.nr_pages) for e in images.pstree()
-                      for r in images.lazy_ranges(e.pid)]
+                      if images.has_memory(e.pid) for r in images.lazy_ranges(e.pid)]
             run.lazy_bytes = PAGE_SIZE * sum(n for _, n in ranges)
             if setup == "lazymig daemon":
                 logs.append(daemon_log)
@@ -518,12 +534,13 @@ LEGEND = """\
 downtime: dump start until criu restore -d returned; its parts: the dump (until the page
   server listens; for an ordinary dump, until every page is on disk), starting the
   lazy-pages daemon (and lazymig's page server) until each said ready, the restore.
-serving: exec of the lazymig command until its loop serves. lazymig says ready once its
-  socket listens and loads the rest afterwards (peers wait in the backlog), so the restore
-  may wait for the daemon (criu restore faults on a couple of lazy pages); compare the
+serving: exec of the lazymig command until its loop serves. lazymig lazy-pages says ready
+  once its socket listens and loads the rest afterwards (peers wait in the backlog), so the
+  restore may wait for the daemon (criu restore faults on a couple of lazy pages); lazymig
+  page-server says ready once it read the images, as CRIU's page server does; compare the
   floors above (a bare interpreter, asyncio, asyncio + uvloop + protobuf). Pre-started:
   the daemon started before the dump (--wait-for-page-server), its start-up off the
-  downtime.
+  downtime. CRIU page server: the baseline of lazymig page server (the same dump on disk).
 all in: restore start until every lazy page was present in the restored process (its
   pagemap, polled every ms). daemon exit: restore start until the lazy-pages daemon exited,
   after its CLOSE exchange (where CRIU's corked sockets can wait 200 ms per end).
@@ -533,8 +550,9 @@ pass: busy, the restored copy's first full pass over its memory, begun as soon a
   restore returned; idle, one pass once every page is in (local memory: the baseline).
   bad: pages of that pass that differ from the pattern.
 fault p50 / p99: inside lazymig's daemon (its summary line; CRIU reports none).
-RSS: peak resident set (GNU time %M) of the page server (criu dump --lazy-pages or lazymig
-  page-server) and of the lazy-pages daemon (criu lazy-pages or lazymig lazy-pages).
+RSS: peak resident set (GNU time %M) of the page server (criu dump --lazy-pages, criu
+  page-server or lazymig page-server) and of the lazy-pages daemon (criu lazy-pages or
+  lazymig lazy-pages).
 CRIU logs at -v2; lazymig at -v (INFO) on uvloop, from bytecode. Images on tmpfs,
 loopback TCP."""
 
