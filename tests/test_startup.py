@@ -188,7 +188,7 @@ async def test_a_daemon_that_connected_before_the_page_server_loaded_its_images_
     pstree = gate(images)
     port = free_port()
     async with asyncio.timeout(60), page_server_command(tmp_path, images, port) as server:
-        reader, writer = await connect_when_listening(port)
+        _, writer = await connect_when_listening(port)
         writer.close()  # it listens: now a daemon's connection
         source = await RemotePageSource.connect("127.0.0.1", port)
         request = asyncio.ensure_future(source.get(PID, VADDR, NR_PAGES))
