@@ -34,6 +34,7 @@ import asyncio
 import bisect
 import contextlib
 import enum
+import errno
 import functools
 import ipaddress
 import logging
@@ -86,6 +87,10 @@ _TLS_CHUNK = 256 * 1024
 _KEEPALIVE = ((socket.TCP_KEEPIDLE, 5), (socket.TCP_KEEPINTVL, 2), (socket.TCP_KEEPCNT, 3))
 """A client silent for 5 s is probed every 2 s; 3 probes unanswered (its host or link is
 gone: a live daemon's kernel answers them however idle it is) end the connection."""
+_ACCEPT_SHORTAGES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+"""accept() errors that say "not now" rather than "never": the server tries again."""
+_ACCEPT_RETRY = 0.5
+"""Seconds between those tries."""
 _END_GRACE = 5.0
 """Seconds the other connections get to end by themselves once a session's end ends the
 server (a lazymig daemon closes its two channels one after the other)."""
@@ -273,7 +278,18 @@ class PageServer:
     async def _accept_loop(self, loop: asyncio.AbstractEventLoop, tg: asyncio.TaskGroup) -> None:
         assert self._listener is not None
         while True:
-            conn, peer = await loop.sock_accept(self._listener)
+            try:
+                conn, peer = await loop.sock_accept(self._listener)
+            except ConnectionAbortedError:  # the client gave up before we took it
+                continue
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_SHORTAGES:
+                    raise
+                # Out of fds or memory for now: the client waits in the backlog.
+                log.error("page server cannot accept a client now (%s); trying again in "
+                          "%g s", exc, _ACCEPT_RETRY)
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
             self.stats.connections += 1
             if len(self._connections) >= self.max_connections:
                 self.stats.refused_connections += 1
