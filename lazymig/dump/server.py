@@ -366,12 +366,13 @@ class PageServer:
 
         For a dump on disk, as for CRIU's page server, any end of a connection that
         asked for pages does (criu lazy-pages resets the connection when its process
-        exits with a GET in flight: its CLOSE may never arrive). A live dump needs the
-        clean end before it lets its source go.
+        exits with a GET in flight: its CLOSE may never arrive); with
+        ``ServeUntil.STOPPED`` that only gets it logged. A live dump needs the clean end
+        before it lets its source go.
         """
-        if self.until is ServeUntil.SESSION:
-            return session.close_answered or session.requests > 0
-        return self.until is ServeUntil.STOPPED and session.close_answered
+        if self.until is ServeUntil.COMPLETE:
+            return False
+        return session.close_answered or session.requests > 0
 
     def _session_closed(self, peer: object) -> None:
         """A client ended its session with CLOSE, then EOF: end the server if
@@ -379,7 +380,7 @@ class PageServer:
         assert self._complete is not None
         left = self._unserved.remaining
         if self.until is ServeUntil.STOPPED:
-            log.info("page client %s closed the session (%d of %d lazy pages never served "
+            log.info("page client %s ended the session (%d of %d lazy pages never served "
                      "so far); serving on for the next restore", peer, left,
                      self.stats.lazy_pages)
         elif left == 0 or self.until is ServeUntil.SESSION:
