@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 __all__ = ["lazy_exports"]
@@ -33,6 +34,14 @@ def lazy_exports(package: str, exports: Mapping[str, Sequence[str]]
         return value
 
     def __dir__() -> list[str]:
-        return sorted({*vars(sys.modules[package]), *module_of})
+        # What the package offers: not the helpers its own code imported
+        # (TYPE_CHECKING, annotations, lazy_exports), which are no API.
+        namespace = vars(sys.modules[package])
+        public = set(namespace.get("__all__", ()))
+        submodules = {name for name, value in namespace.items()
+                      if isinstance(value, ModuleType) and not name.startswith("_")
+                      and value.__name__ == f"{package}.{name}"}
+        dunders = {name for name in namespace if name.startswith("__")}
+        return sorted(public | submodules | dunders | set(module_of))
 
     return __getattr__, __dir__

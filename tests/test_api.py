@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -90,6 +91,23 @@ def test_every_exported_name_resolves() -> None:
     assert set(dir(lazymig)) >= set(lazymig.__all__)
     with pytest.raises(AttributeError):
         lazymig.no_such_name  # noqa: B018
+
+
+def test_dir_lists_the_api_not_the_packages_own_imports() -> None:
+    names = dir(lazymig)
+    assert not {"TYPE_CHECKING", "annotations", "lazy_exports"} & set(names)
+    assert "Outcome" in names and lazymig.Outcome is lazymig.orchestrate.Outcome
+
+
+def test_the_types_a_user_meets_are_public() -> None:
+    """``done``'s type comes from lazymig itself, and a migration's downtime, known
+    once the block is entered, is typed as a float there."""
+    migration = lazymig.migrate(os.getpid())
+    assert isinstance(migration.done, lazymig.Outcome)
+    assert inspect.get_annotations(type(migration).downtime.fget, eval_str=True)[
+        "return"] is float
+    with pytest.raises(lazymig.ClosedResourceError):
+        migration.downtime  # noqa: B018
 
 
 @pytest.mark.asyncio
@@ -273,8 +291,8 @@ async def test_cancellation_kills_the_restored_process_and_keeps_the_source(
 
 
 @pytest.mark.asyncio
-async def test_a_source_lost_mid_transfer_raises_transfer_error(c_workload: Path,
-                                                                 tmp_path: Path) -> None:
+async def test_a_source_lost_mid_transfer_raises_transfer_error(
+        c_workload: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The page server goes away before the restored process touches its memory (faults
     only): the daemon kills it, and TransferError says so with the page source's error
     as its cause."""
@@ -301,6 +319,8 @@ async def test_a_source_lost_mid_transfer_raises_transfer_error(c_workload: Path
         assert isinstance(caught.value.__cause__, lazymig.BrokenResourceError)
         assert [p.state for p in caught.value.report.processes] == ["killed"]
         assert process_state(w.pid) == "T"
+    # The log names the restored copy by its pid on this host, not only the source's.
+    assert f"restored copy of pid {w.pid} killed (pid {process.pid} here" in caplog.text
 
 
 def test_run_uses_uvloop_when_installed_unless_told_not_to() -> None:

@@ -2,7 +2,7 @@
 
 Every handle is an async context manager that owns its fds, processes and
 tasks and cleans them up on an exception or a cancellation; awaiting a handle
-directly runs it to its end. Each has ``done`` (its outcome, awaitable by
+directly runs it to its end. Each has ``done`` (its :class:`Outcome`, awaitable by
 any number of tasks) and, where a transfer runs, ``progress()`` (an async
 iterator of frozen snapshots). Errors are lazymig's own
 (:class:`~lazymig.errors.LazyMigError`), with their cause chained. There is
@@ -46,6 +46,7 @@ Example, the whole seed workflow on one machine::
 
 from __future__ import annotations
 
+from lazymig.orchestrate._handle import Outcome
 from lazymig.orchestrate.destination import (
     Destination,
     LazyPages,
@@ -76,6 +77,7 @@ __all__ = [
     "LazyPages",
     "Migration",
     "MigrationResult",
+    "Outcome",
     "PageServing",
     "RestoredProcess",
     "ServeProgress",

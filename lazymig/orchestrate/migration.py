@@ -74,8 +74,12 @@ class Migration(Handle[MigrationResult]):
         self._make_destination = make_destination
         self._source: Source | None = None
         self._destination: Destination | None = None
-        self.downtime: float | None = None
-        """Seconds from the freeze until the restored process ran (once entered)."""
+        self._downtime: float | None = None
+
+    @property
+    def downtime(self) -> float:
+        """Seconds from the freeze until the restored process ran (known once entered)."""
+        return entered(self._downtime, "the migration's downtime")
 
     @property
     def source(self) -> Source:
@@ -104,9 +108,9 @@ class Migration(Handle[MigrationResult]):
         destination = await stack.enter_async_context(self._make_destination(copy,
                                                                              source.address))
         self._destination = destination
-        self.downtime = time.monotonic() - started
+        self._downtime = time.monotonic() - started
         tasks = await self._task_group()
-        tasks.create_task(self._produce(self._collect(source, destination, self.downtime)))
+        tasks.create_task(self._produce(self._collect(source, destination, self._downtime)))
 
     @staticmethod
     async def _collect(source: Source, destination: Destination,
