@@ -72,6 +72,10 @@ async def test_a_changed_page_is_named(kind: str, lazymig_workload: StartWorkloa
         with pytest.raises(AssertionError, match=f"2 of 512 pages; first differing page "
                                                  f"{page:#x}, at offset 0x18"):
             await assert_memory_equal(w.pid, reference)
+    # Each message says what the memory was compared with.
+    assert "differs from the workload's pattern (seed" in str(compare_memory(w.pid, expected))
+    assert f"differs from the snapshot of pid {w.pid} in" in str(compare_memory(w.pid,
+                                                                               snapshot))
 
 
 @pytest.mark.parametrize(("address", "pages"), [

@@ -159,6 +159,8 @@ class MemoryDifference:
     """Pages that differ (or could not be read) in all."""
     compared: int
     """Pages compared in all."""
+    against: str = "what was expected"
+    """What the memory was compared with (the pattern, a snapshot of the source)."""
 
     def __str__(self) -> str:
         if not self.actual:
@@ -166,7 +168,7 @@ class MemoryDifference:
         else:
             first = (f"first differing page {self.page:#x}, at offset {self.offset:#x}: "
                      f"expected {self.expected.hex(' ')}, got {self.actual.hex(' ')}")
-        return (f"memory of pid {self.pid} differs from the source's in {self.pages} of "
+        return (f"memory of pid {self.pid} differs from {self.against} in {self.pages} of "
                 f"{self.compared} pages; {first}")
 
 
@@ -244,7 +246,17 @@ def compare_memory(pid: int, expected: ExpectedMemory) -> MemoryDifference | Non
                                          page_got[at:at + _SHOWN], 0, 0)
     if first is None:
         return None
-    return dataclasses.replace(first, pages=differing, compared=compared)
+    return dataclasses.replace(first, pages=differing, compared=compared,
+                               against=_described(expected))
+
+
+def _described(expected: ExpectedMemory) -> str:
+    """What a failure message calls ``expected``."""
+    if isinstance(expected, Pattern):
+        return f"the workload's pattern (seed {expected.seed:#x})"
+    if isinstance(expected, MemorySnapshot):
+        return f"the snapshot of pid {expected.pid}"
+    return "what was expected"
 
 
 async def assert_memory_equal(pid: int, expected: ExpectedMemory) -> None:
