@@ -357,3 +357,22 @@ def test_a_killed_dumper_does_not_take_the_source_with_it(tmp_path: Path,
     after = workload.next_check()
     assert (after.sum, after.bad) == (before.sum, 0)
     assert proc_state(workload.pid) in (("S", 0), ("R", 0))
+
+
+def test_a_ctrl_c_that_reached_the_source_too_is_named(tmp_path: Path,
+                                                        workload: Workload) -> None:
+    """A terminal's Ctrl-C goes to its whole foreground process group: a frozen source
+    that shares the dumper's gets it too, and dies of it once detached. The error says
+    why, and what to do."""
+    cli = DumpCli(workload.pid, tmp_path, "--lazy-pages", "--address", "127.0.0.1",
+                  "--port", str(free_port()))
+    try:
+        cli.wait_ready()
+        os.kill(workload.pid, signal.SIGINT)  # as the group's signal reaches it
+        cli.proc.send_signal(signal.SIGINT)
+        assert cli.wait() == 128 + signal.SIGINT
+        err = cli.stderr()
+    finally:
+        cli.kill()
+    assert "it died of the SIGINT it got while frozen" in err, err
+    assert "a session of its own, `setsid`" in err

@@ -45,6 +45,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -61,7 +62,7 @@ from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import LazyPageStore, PipePageStore
 from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import children
+from lazymig.linux.procfs import children, read_status
 from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
@@ -376,6 +377,7 @@ class LazyDump:
         await self._stop_filling()
         self._close_server()
         assert self._fp is not None
+        fatal = _pending_fatal(self.pid)  # while frozen: detached, it takes them
         try:
             await self._fp.leave_stopped()
         finally:
@@ -383,6 +385,12 @@ class LazyDump:
                 log.warning("transfer of pid %d aborted (%s): pid %d left stopped with its "
                             "memory intact: `kill -CONT %d` to resume it, or dump again",
                             self.pid, why, self.pid, self.pid)
+            elif fatal:
+                log.error("transfer of pid %d aborted (%s), and the process is gone: it "
+                          "died of the %s it got while frozen (a terminal's Ctrl-C reaches "
+                          "its whole foreground process group: start a workload to migrate "
+                          "in a session of its own, `setsid`)", self.pid, why,
+                          " and ".join(fatal))
             else:
                 log.error("transfer of pid %d aborted (%s), and the process is gone",
                           self.pid, why)
@@ -572,6 +580,22 @@ async def _run_blocking(fn: Callable[[], T], *, cleanup: Callable[[T], None], wh
         raise
     except OSError as exc:
         raise LazyMigOSError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+
+
+def _pending_fatal(pid: int) -> list[str]:
+    """The signals pending for ``pid`` that would kill it (neither caught nor ignored)."""
+    try:
+        status = read_status(pid)
+        pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+        handled = int(status["SigCgt"], 16) | int(status["SigIgn"], 16)
+    except (OSError, KeyError, ValueError):
+        return []
+    return [signal.Signals(n).name for n in _FATAL_BY_DEFAULT
+            if pending >> (n - 1) & 1 and not handled >> (n - 1) & 1]
+
+
+_FATAL_BY_DEFAULT = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM)
 
 
 def _check_images_dir(images: ImagesDir) -> None:
