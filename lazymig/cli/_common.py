@@ -38,8 +38,19 @@ def add_server_address_options(parser: argparse.ArgumentParser, *, default_addre
     """CRIU's ``--address`` and ``--port``."""
     parser.add_argument("--address", default=default_address,
                         help=f"page server address (default {default_address})")
-    parser.add_argument("--port", type=int, default=27,
+    parser.add_argument("--port", type=tcp_port, default=27,
                         help="page server TCP port (CRIU's default is 27)")
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port number, 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port number (0 to 65535)")
+    return port
 
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:

@@ -45,6 +45,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -519,6 +520,7 @@ def check_target(pid: int, *, stdio_given: bool = True) -> None:
 
 def _inspect(pid: int) -> None:
     check_target(pid)
+    _check_rlimits_readable(pid)
 
 
 def _inspect_descendants(pid: int) -> None:
@@ -562,6 +564,21 @@ def _refused_frozen(pid: int) -> None:
         raise UnsupportedTargetError(pid, exc.reasons, REFUSAL_HINT) from None
 
 
+def _check_rlimits_readable(pid: int) -> None:
+    """The dump records the target's rlimits (prlimit): refuse, before the freeze, a
+    target whose limits this process may not read (another user's, without
+    ``CAP_SYS_RESOURCE``)."""
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    except PermissionError as exc:
+        raise LazyMigOSError(
+            errno.EPERM, f"dumping pid {pid}: reading its resource limits (prlimit) was "
+            "refused: it runs as another user, and reading another user's limits needs "
+            "CAP_SYS_RESOURCE (run lazymig as root with its capabilities)", pid=pid) from exc
+    except ProcessLookupError as exc:
+        raise TargetGoneError(pid, "prlimit") from exc
+
+
 async def _run_blocking(fn: Callable[[], T], *, cleanup: Callable[[T], None], what: str) -> T:
     """Run ``fn`` in a worker thread. If cancelled, wait for it to end anyway
     (it uses fds the caller will close), ``cleanup`` its result, re-raise.
@@ -599,6 +616,9 @@ _FATAL_BY_DEFAULT = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTER
 
 
 def _check_images_dir(images: ImagesDir) -> None:
+    if images.path.exists() and not images.path.is_dir():
+        raise ConfigurationError(f"images directory {images.path} is not a directory: give "
+                                 "an existing directory to write the images into")
     if not images.path.is_dir():
         raise ConfigurationError(f"images directory {images.path} does not exist")
     if not os.access(images.path, os.W_OK | os.X_OK):

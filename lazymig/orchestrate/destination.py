@@ -28,6 +28,7 @@ from typing import Any
 
 from lazymig._aio import wait_fd
 from lazymig.errors import BrokenResourceError, ConfigurationError
+from lazymig.orchestrate._checks import PageServerAddress, check_images_dir, page_server_address
 from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.progress import TransferProgress, poll
 from lazymig.proto.images import ImagesDir
@@ -134,6 +135,7 @@ def restore_process(images_dir: StrPath, *, lazy_pages: bool = True,
         async with lazymig.restore_process("/tmp/1", socket_path=daemon.socket_path) as p:
             print("restored as", p.pid)
     """
+    check_images_dir(images_dir, "lazymig.restore_process")
     return RestoredProcess(Restorer(images_dir, lazy_pages=lazy_pages, socket_path=socket_path,
                                     stdio=stdio))
 
@@ -200,7 +202,7 @@ class LazyPages(Handle[DaemonReport]):
         return f"<lazymig.LazyPages {self.socket_path}>"
 
 
-def lazy_pages(images_dir: StrPath, *, page_server: tuple[str, int] | None = None,
+def lazy_pages(images_dir: StrPath, *, page_server: PageServerAddress | None = None,
                wire: WireVersion = WireVersion.V2, channels: int = 1,
                socket_path: StrPath | None = None, background: bool = True,
                keep_running: bool = False, fault_prefetch: int = 16,
@@ -217,8 +219,9 @@ def lazy_pages(images_dir: StrPath, *, page_server: tuple[str, int] | None = Non
 
     Args:
         images_dir: the dump (its pagemaps say which pages are lazy).
-        page_server: ``(host, port)`` of the page server (e.g. ``source.address``);
-            None takes the lazy pages from the images themselves (local mode).
+        page_server: ``(host, port)`` of the page server (e.g. ``source.address``),
+            or ``"host:port"``; None takes the lazy pages from the images
+            themselves (local mode).
         wire: the header layout (``WireVersion.V1`` for CRIU up to 4.1).
         channels: 2 puts faults on a connection of their own (lazymig's page
             server only).
@@ -237,11 +240,14 @@ def lazy_pages(images_dir: StrPath, *, page_server: tuple[str, int] | None = Non
     """
     if channels not in (1, 2):
         raise ConfigurationError(f"channels must be 1 or 2, not {channels}")
+    check_images_dir(images_dir, "lazymig.lazy_pages")
+    server = None if page_server is None else page_server_address(page_server,
+                                                                  "lazymig.lazy_pages")
 
     async def connect() -> PageSource:
-        if page_server is None:
+        if server is None:
             return LocalPageSource(ImagesDir(images_dir))
-        host, port = page_server
+        host, port = server
         return await RemotePageSource.connect(host, port, wire=wire, channels=channels)
 
     options: dict[str, Any] = {"serve_forever": keep_running, "background": background,
@@ -280,13 +286,14 @@ class Destination(Handle[DaemonReport]):
         return f"<lazymig.Destination {self.daemon!r} {self._process!r}>"
 
 
-def receive(images_dir: StrPath, *, page_server: tuple[str, int],
+def receive(images_dir: StrPath, *, page_server: PageServerAddress,
             wire: WireVersion = WireVersion.V2, channels: int = 1,
             socket_path: StrPath | None = None, stdio: Stdio | None = None) -> Destination:
     """The destination half of a migration: a daemon, and the dump restored through it.
 
     ``images_dir`` is the destination's copy of the source's images dir;
-    ``page_server`` is the source's :attr:`~lazymig.orchestrate.source.PageServing.address`.
+    ``page_server`` is the source's :attr:`~lazymig.orchestrate.source.PageServing.address`
+    (or ``"host:port"``).
     Entering returns once the process runs (:attr:`Destination.process`);
     leaving normally waits until all its memory has arrived (``done``), an
     exception or cancellation kills it (see :func:`lazy_pages`). The restored
@@ -298,5 +305,7 @@ def receive(images_dir: StrPath, *, page_server: tuple[str, int],
             print("running again as pid", dst.process.pid)
         print((await dst.done).bytes_copied, "bytes arrived lazily")
     """
+    check_images_dir(images_dir, "lazymig.receive")
+    page_server = page_server_address(page_server, "lazymig.receive")
     return Destination(lazy_pages(images_dir, page_server=page_server, wire=wire,
                                   channels=channels, socket_path=socket_path), stdio)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazymig.dump.dumper import DumpResult, check_target
+from lazymig.orchestrate._checks import check_images_dir, check_port
 from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio, receive
 from lazymig.orchestrate.progress import TransferProgress
@@ -161,6 +162,10 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         result = await lazymig.migrate(pid)
         print(f"pid {pid} is now {result.restored.pid}, down {result.downtime:.3f} s")
     """
+    if images_dir is not None:
+        check_images_dir(images_dir, "lazymig.migrate")
+    check_port(port, "lazymig.migrate")
+
     def make_source(images: Path) -> Source:
         if stdio is None:  # fds 0-2 staying behind: refused before the freeze, not after
             check_target(pid, stdio_given=False)

@@ -27,6 +27,7 @@ from typing import NamedTuple, TypeVar
 from lazymig.dump.dumper import DumpResult, LazyDump
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import ImagesPageStore, LazyPageStore
+from lazymig.orchestrate._checks import check_images_dir, check_port
 from lazymig.orchestrate._handle import Handle, Outcome, entered
 from lazymig.orchestrate.progress import ServeProgress, poll
 from lazymig.proto.images import ImagesDir
@@ -163,6 +164,8 @@ def serve(pid: int, images_dir: StrPath, *, address: str = "127.0.0.1", port: in
             print("page server at", src.address)
         # here every lazy page was served and the source is gone
     """
+    check_images_dir(images_dir, "lazymig.serve")
+    check_port(port, "lazymig.serve")
     return Source(LazyDump(pid, images_dir, address=address, port=port, wire=wire,
                            leave_running=leave_running, pipe_size=pipe_size, fsync=fsync,
                            progress_interval=None))
@@ -214,5 +217,7 @@ def serve_images(images_dir: StrPath, *, address: str = "127.0.0.1", port: int =
             async with lazymig.lazy_pages("/srv/snapshot", page_server=server.address):
                 ...
     """
+    check_images_dir(images_dir, "lazymig.serve_images")
+    check_port(port, "lazymig.serve_images")
     return ImagesServer(images_dir, functools.partial(PageServer, address=address, port=port,
                                                       wire=wire))
