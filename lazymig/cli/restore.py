@@ -15,6 +15,11 @@ refusal names it); without them such a restore is refused. With ``-d`` the
 restorer prints the new pid on stdout and exits once the process runs;
 otherwise it waits for the process and exits with its status (128 + the
 signal number if it was killed).
+``--pidfile FILE`` (CRIU's) writes the new pid to FILE once the process runs.
+A restored process that writes to fds the restorer gave it (``--shell-job``)
+goes on writing there after ``-d`` exits: ``PID=$(lazymig restore -d ...)``
+would wait for it too, as it holds that stdout pipe; redirect the output and
+read the pid file instead.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser = commands.add_parser(
         "restore", help="restore a process dumped by `lazymig dump` (destination side)",
         description="Rebuild a dumped process, its threads too, in a new process and let it run; "
-                    "with --lazy-pages its lazy memory comes through a lazy-pages daemon.")
+                    "with --lazy-pages its lazy memory comes through a lazy-pages daemon. "
+                    "Its fds come back as they were; fds 0-2 that stayed on the source host "
+                    "(a terminal, a pipe) become this command's with --shell-job: its "
+                    "output then goes where this command's goes, after -d exits too.")
     add_images_dir_option(parser)
     parser.add_argument("--lazy-pages", action="store_true",
                         help="hand the lazy pages to the lazy-pages daemon")
@@ -48,6 +56,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                              "(pipe:[INO], socket:[INO] or a path; repeatable)")
     parser.add_argument("-d", "--restore-detached", dest="detach", action="store_true",
                         help="print the restored pid and exit once it runs")
+    parser.add_argument("--pidfile", metavar="FILE",
+                        help="write the restored pid to FILE once it runs (the restored "
+                             "process's fds 0-2 are this command's: with -d it goes on "
+                             "writing to this stdout, so `$(lazymig restore -d)` would wait "
+                             "for it; redirect the output and read FILE instead)")
     parser.set_defaults(func=restore)
 
 
@@ -61,6 +74,8 @@ def restore(args: argparse.Namespace) -> int:
     restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path,
                         inherit_fds=inherit, shell_job=args.shell_job)
     result = run_async(args, restorer.run())
+    if args.pidfile:
+        write_pidfile(args.pidfile, result.pid)
     if args.detach:
         # One write(2): the restored process shares this stdout and already runs, and
         # print() may write the pid and its newline apart (PYTHONUNBUFFERED).
@@ -69,3 +84,14 @@ def restore(args: argparse.Namespace) -> int:
         return 0
     status = restorer.wait()
     return 128 - status if status < 0 else status
+
+
+def write_pidfile(path: str, pid: int) -> None:
+    """``pid`` and a newline into ``path``, whole or not at all (a reader that polls for
+    the file never sees it empty)."""
+    partial = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(f"{pid}\n")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
