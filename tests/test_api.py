@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -104,8 +104,8 @@ def test_the_types_a_user_meets_are_public() -> None:
     once the block is entered, is typed as a float there."""
     migration = lazymig.migrate(os.getpid())
     assert isinstance(migration.done, lazymig.Outcome)
-    assert inspect.get_annotations(type(migration).downtime.fget, eval_str=True)[
-        "return"] is float
+    downtime = vars(lazymig.Migration)["downtime"]
+    assert inspect.get_annotations(downtime.fget, eval_str=True)["return"] is float
     with pytest.raises(lazymig.ClosedResourceError):
         migration.downtime  # noqa: B018
 
@@ -397,3 +397,49 @@ async def attach_and_read(socket_path: Path, pid: int, address: int, size: int) 
         capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
     return int(done.stdout)
+
+
+def remove_the_executable(exe: Path, images: Path) -> None:
+    """The destination lacks a mapped file: refused before any process is made."""
+    exe.unlink()  # the running source keeps its inode
+
+
+def cut_the_pages_image(exe: Path, images: Path) -> None:
+    """pages-1.img loses its end: found while the half-built process fills its memory."""
+    pages = images / "pages-1.img"
+    os.truncate(pages, pages.stat().st_size - 4096)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("damage", [remove_the_executable, cut_the_pages_image])
+@pytest.mark.parametrize("keep_stopped", [False, True])
+async def test_a_restore_that_fails_before_the_copy_ran_resumes_the_source(
+        c_workload: Path, tmp_path: Path, keep_stopped: bool,
+        damage: Callable[[Path, Path], None]) -> None:
+    """The copy step damages what the destination gets: the restore fails before the
+    restored process runs, so nothing can have diverged and the source is resumed,
+    the error says so; keep_stopped=True leaves it stopped."""
+    exe = tmp_path / "pattern"
+    shutil.copy(c_workload, exe)
+    (tmp_path / "images").mkdir()
+
+    async def damaging_copy(images: Path) -> Path:
+        damage(exe, images)
+        return images
+
+    with Workload([str(exe), "--mib", "4", "--interval-ms", "50"]) as w:
+        before = w.next_check()
+        async with asyncio.timeout(60):
+            with pytest.raises(lazymig.LazyMigError) as caught:
+                await lazymig.migrate(w.pid, images_dir=tmp_path / "images",
+                                      copy_images=damaging_copy, keep_stopped=keep_stopped,
+                                      stdio=(0, 2, 2))
+        notes = "\n".join(getattr(caught.value, "__notes__", []))
+        if keep_stopped:
+            assert f"the source, pid {w.pid}, is left stopped (keep_stopped)" in notes
+            assert process_state(w.pid) == "T"
+            os.kill(w.pid, signal.SIGCONT)
+        else:
+            assert f"the source, pid {w.pid}, was resumed: the restored copy never ran" in notes
+        w.drain()
+        assert same_memory(w.next_check(), before)  # it runs on, memory intact

@@ -161,6 +161,9 @@ class LazyDump:
         self.leave_running = leave_running
         self.pipe_size = pipe_size
         self.progress_interval = progress_interval
+        self.abort_resumes = False
+        """Set when no restored copy can have run (its restore failed before it ran):
+        an abort then resumes the source instead of leaving it stopped."""
         self._state = _State.NEW
         self._ready: asyncio.Future[int] | None = None
         self._start_error: BaseException | None = None
@@ -379,6 +382,11 @@ class LazyDump:
         self._close_server()
         assert self._fp is not None
         fatal = _pending_fatal(self.pid)  # while frozen: detached, it takes them
+        if self.abort_resumes:
+            await self._fp.release(kill=False)
+            log.warning("transfer of pid %d aborted (%s): pid %d resumed, since no restored "
+                        "copy ran", self.pid, why, self.pid)
+            return
         try:
             await self._fp.leave_stopped()
         finally:

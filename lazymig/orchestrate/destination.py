@@ -70,6 +70,9 @@ class RestoredProcess:
     def __init__(self, restorer: Restorer) -> None:
         self._restorer = restorer
         self._result: RestoreResult | None = None
+        self.failed_before_running = False
+        """The restore failed (an error, not a cancellation) before the process ran:
+        the half-built process was killed without running an instruction of its own."""
 
     @property
     def result(self) -> RestoreResult:
@@ -81,7 +84,11 @@ class RestoredProcess:
         return self.result.pid
 
     async def __aenter__(self) -> RestoredProcess:
-        self._result = await self._restorer.run()
+        try:
+            self._result = await self._restorer.run()
+        except Exception:  # the restorer's errors all come before it lets the process go
+            self.failed_before_running = True
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -267,6 +274,7 @@ class Destination(Handle[DaemonReport]):
         self.daemon = daemon
         self.done = daemon.done
         self._stdio = stdio
+        self._restoring: RestoredProcess | None = None
         self._process: RestoredProcess | None = None
 
     @property
@@ -274,13 +282,25 @@ class Destination(Handle[DaemonReport]):
         """The restored process (running once the handle is entered)."""
         return entered(self._process, "the restored process")
 
+    @property
+    def never_ran(self) -> bool:
+        """After entering failed: True if the restored process never ran (the daemon
+        failed before the restore, or the restore failed before letting it go), so
+        the source may be resumed (:meth:`Source.resume_on_abort
+        <lazymig.orchestrate.source.Source.resume_on_abort>`). False once it runs,
+        and after a cancellation, which may have come after it ran."""
+        if self._process is not None:
+            return False
+        return self._restoring is None or self._restoring.failed_before_running
+
     def progress(self, interval: float = 0.25) -> AsyncIterator[TransferProgress]:
         """The daemon's progress (see :meth:`LazyPages.progress`)."""
         return self.daemon.progress(interval)
 
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(self.daemon)
-        self._process = await stack.enter_async_context(self.daemon.restore(stdio=self._stdio))
+        self._restoring = self.daemon.restore(stdio=self._stdio)
+        self._process = await stack.enter_async_context(self._restoring)
 
     def __repr__(self) -> str:
         return f"<lazymig.Destination {self.daemon!r} {self._process!r}>"

@@ -67,8 +67,10 @@ class Migration(Handle[MigrationResult]):
 
     def __init__(self, images_dir: StrPath | None, make_source: Callable[[Path], Source],
                  copy_images: CopyImages | None,
-                 make_destination: Callable[[Path, Address], Destination]) -> None:
+                 make_destination: Callable[[Path, Address], Destination], *,
+                 keep_stopped: bool = False) -> None:
         super().__init__()
+        self._keep_stopped = keep_stopped
         self._images_dir = None if images_dir is None else Path(images_dir)
         self._make_source = make_source
         self._copy_images = copy_images
@@ -105,9 +107,24 @@ class Migration(Handle[MigrationResult]):
         started = time.monotonic()
         source = await stack.enter_async_context(self._make_source(images))
         self._source = source
-        copy = images if self._copy_images is None else Path(await self._copy_images(images))
-        destination = await stack.enter_async_context(self._make_destination(copy,
-                                                                             source.address))
+        destination: Destination | None = None
+        try:
+            copy = images if self._copy_images is None else Path(
+                await self._copy_images(images))
+            destination = self._make_destination(copy, source.address)
+            await stack.enter_async_context(destination)
+        except Exception as exc:
+            if destination is None or destination.never_ran:  # nothing can have diverged
+                if self._keep_stopped:
+                    exc.add_note(f"lazymig: the source, pid {source.pid}, is left stopped "
+                                 "(keep_stopped): the restored copy never ran, so `kill -CONT "
+                                 f"{source.pid}` resumes it safely")
+                else:
+                    source.resume_on_abort()
+                    exc.add_note(f"lazymig: the source, pid {source.pid}, was resumed: the "
+                                 "restored copy never ran (keep_stopped=True keeps it "
+                                 "stopped)")
+            raise
         self._destination = destination
         self._downtime = time.monotonic() - started
         tasks = await self._task_group()
@@ -129,7 +146,8 @@ class Migration(Handle[MigrationResult]):
 def migrate(pid: int, *, images_dir: StrPath | None = None,
             copy_images: CopyImages | None = None, address: str = "127.0.0.1",
             port: int = 0, wire: WireVersion = WireVersion.V2, channels: int = 1,
-            leave_running: bool = False, stdio: Stdio | None = None) -> Migration:
+            leave_running: bool = False, keep_stopped: bool = False,
+            stdio: Stdio | None = None) -> Migration:
     """Migrate process ``pid`` lazily: dump and serve it, restore it, fill its memory.
 
     ``await lazymig.migrate(pid)`` runs the whole migration and returns a
@@ -141,7 +159,11 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
     The source is killed once every page was served (resumed instead with
     ``leave_running``). On a failure or a cancellation the restored process
     is killed and the source is kept, stopped, with its memory intact (see
-    :func:`~lazymig.orchestrate.source.serve`); the error is raised.
+    :func:`~lazymig.orchestrate.source.serve`); the error is raised. Except
+    when the destination failed before the restored process ever ran (the
+    daemon could not start, or the restore failed before letting the process
+    go): nothing can have diverged then, so the source is resumed, and a note
+    on the error says so (``keep_stopped=True`` keeps it stopped instead).
 
     Args:
         pid: a process of this machine (all its threads).
@@ -153,6 +175,7 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         wire: the page-server header layout.
         channels: 2 puts faults on a connection of their own.
         leave_running: resume the source after a complete transfer.
+        keep_stopped: leave the source stopped even when the restored copy never ran.
         stdio: fds of this process that become fds 0, 1, 2 of the restored one
             (default: the dumped ones; a restore is refused where those stayed
             on the source host, a pipe to another process or a terminal).
@@ -176,4 +199,5 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         return receive(images, page_server=page_server, wire=wire, channels=channels,
                        stdio=stdio)
 
-    return Migration(images_dir, make_source, copy_images, make_destination)
+    return Migration(images_dir, make_source, copy_images, make_destination,
+                     keep_stopped=keep_stopped)

@@ -113,6 +113,14 @@ class Source(PageServing[DumpResult]):
         """From the freeze until the images were written and the server listened."""
         return self._dump.frozen_seconds
 
+    def resume_on_abort(self) -> None:
+        """Should the transfer be aborted, resume the source instead of leaving it
+        stopped. Call it only when no restored copy can have run (its restore failed
+        before the process ran, as :attr:`Destination.never_ran
+        <lazymig.orchestrate.destination.Destination.never_ran>` says): then nothing
+        can have diverged, and the source may go on. :func:`~lazymig.migrate` does."""
+        self._dump.abort_resumes = True
+
     def _stats(self) -> PageServerStats | None:
         return self._dump.stats
 
