@@ -62,6 +62,7 @@ from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import LazyPageStore, PipePageStore
 from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
+from lazymig.dump.waiters import check_not_waited_for
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children, read_status
 from lazymig.linux.ptrace import TargetGoneError, process_alive
@@ -229,6 +230,7 @@ class LazyDump:
         try:
             _check_images_dir(self.images)
             _check_port(self.address, self.port)
+            check_not_waited_for(self.pid)
             started = time.monotonic()
             fp: FrozenProcess | FrozenTree
             store: LazyPageStore | None = None
@@ -436,6 +438,7 @@ async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
     """
     images = ImagesDir(images_dir, fsync=fsync)
     _check_images_dir(images)
+    check_not_waited_for(pid)
     if tree is None:
         tree = await asyncio.to_thread(has_children, pid)
     if tree:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = [
+    "blocked_syscalls",
     "children",
     "descendants",
     "lowest_mappable",
@@ -12,6 +14,7 @@ __all__ = [
     "processes",
     "read_stat",
     "read_status",
+    "read_syscall",
     "registered_with_userfaultfd",
     "userfaultfd_vmas",
 ]
@@ -141,3 +144,32 @@ def lowest_mappable() -> int:
     with open("/proc/sys/vm/mmap_min_addr") as f:
         lowest = int(f.read())
     return max(4096, (lowest + 4095) & ~4095)
+
+
+def blocked_syscalls(pid: int) -> dict[int, tuple[int, list[int]]]:
+    """Thread id -> (the system call it is blocked in, its six arguments), from
+    ``/proc/PID/task/TID/syscall``, for every thread of ``pid`` blocked in one (a
+    running thread, the caller among them, is left out)."""
+    try:
+        tids = [int(entry.name) for entry in os.scandir(f"/proc/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    out = {}
+    for tid in tids:
+        call = read_syscall(pid, tid)
+        if call is not None:
+            out[tid] = call
+    return out
+
+
+def read_syscall(pid: int, tid: int) -> tuple[int, list[int]] | None:
+    """The system call thread ``tid`` of ``pid`` is blocked in, and its arguments, from
+    ``/proc/PID/task/TID/syscall``; None if it runs (or is gone, or not in a call)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            fields = f.read().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if not fields or not fields[0].lstrip("-").isdigit() or int(fields[0]) < 0:
+        return None  # "running", or -1: blocked outside a system call
+    return int(fields[0]), [int(a, 16) for a in fields[1:7]]
