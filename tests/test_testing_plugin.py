@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,8 +34,17 @@ from test_restore import free_port
 
 import lazymig
 from lazymig.linux.vm import write_memory
-from lazymig.testing import HostPair, MemorySnapshot, Pattern, assert_memory_equal, compare_memory
-from lazymig.testing.plugin import StartCommand, StartWorkload
+from lazymig.testing import (
+    HostPair,
+    MemorySnapshot,
+    Pattern,
+    StartCommand,
+    StartProxy,
+    StartWorkload,
+    assert_memory_equal,
+    compare_memory,
+    plugin,
+)
 from lazymig.testing.workload import (
     PAGE,
     CompilerMissingError,
@@ -296,3 +306,44 @@ def test_fixtures_clean_up_after_a_failure(pytester: pytest.Pytester) -> None:
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                                 check=True).stdout
     assert not [ns for ns in started["netns"] if ns in namespaces]
+
+
+def test_the_fixture_types_come_from_lazymig_testing_without_pytest() -> None:
+    assert (plugin.StartWorkload, plugin.StartCommand, plugin.StartProxy) == (
+        StartWorkload, StartCommand, StartProxy)
+    code = "import sys, lazymig.testing; print('pytest' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_fresh_project_gets_no_loop_scope_warning(pytester: pytest.Pytester) -> None:
+    """No pytest configuration at all: the plugin sets pytest-asyncio's fixture loop
+    scope (to "function"), so its deprecation warning does not appear."""
+    pytester.makepyfile(test_fresh="""
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_nothing():
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*asyncio_default_fixture_loop_scope=function*"])
+    assert "PytestDeprecationWarning" not in result.stdout.str() + result.stderr.str()
+
+
+def test_a_projects_own_loop_scope_wins(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = module\n")
+    pytester.makepyfile(test_own="def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*asyncio_default_fixture_loop_scope=module*"])
+
+
+def test_the_testing_docs_examples_pass(pytester: pytest.Pytester) -> None:
+    """Every python example of docs/testing.md, run as a user's test suite."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) >= 5
+    result = run_user_suite(pytester, "\n\n".join(blocks))
+    result.assert_outcomes(passed=6, skipped=1)  # lazymig_hosts: the link, on loopback

@@ -11,7 +11,9 @@
 * :mod:`~lazymig.testing.proxy`: :class:`FaultProxy`, a TCP proxy that cuts,
   delays and refuses connections on demand.
 * :mod:`~lazymig.testing.plugin`: the pytest plugin (loaded by pytest through
-  its entry point) whose fixtures put these together.
+  its entry point) whose fixtures put these together; their types
+  (:class:`StartWorkload`, :class:`StartCommand`, :data:`StartProxy`) are here,
+  and docs/testing.md shows every fixture with its type and an example.
 
 Example, a test of one's own migration code::
 
@@ -32,6 +34,7 @@ This package imports no pytest: its tools work in any test runner.
 from __future__ import annotations
 
 from lazymig.testing.cli import LazymigCommand
+from lazymig.testing.fixture_types import StartCommand, StartProxy, StartWorkload
 from lazymig.testing.memory import (
     MemoryDifference,
     MemorySnapshot,
@@ -62,6 +65,9 @@ __all__ = [
     "OutputLines",
     "Pattern",
     "Ready",
+    "StartCommand",
+    "StartProxy",
+    "StartWorkload",
     "Workload",
     "assert_memory_equal",
     "build_c_workload",

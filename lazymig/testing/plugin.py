@@ -43,16 +43,16 @@ between two namespaces: no reset reaches either end).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 import pytest_asyncio
 
 from lazymig.errors import ConfigurationError
 from lazymig.testing.cli import LazymigCommand
+from lazymig.testing.fixture_types import StartCommand, StartProxy, StartWorkload
 from lazymig.testing.netns import Host, HostPair, NamespaceError, two_namespaces
 from lazymig.testing.proxy import FaultProxy
 from lazymig.testing.workload import (
@@ -74,23 +74,14 @@ __all__ = [
 ]
 
 
-class StartWorkload(Protocol):
-    """The ``lazymig_workload`` fixture's value."""
-
-    def __call__(self, kind: str = "c", *, mib: int = 4, interval_ms: int = 50,
-                 args: Sequence[str] = ()) -> Workload: ...
-
-
-class StartCommand(Protocol):
-    """The ``lazymig_command`` fixture's value."""
-
-    def __call__(self, *args: str | os.PathLike[str], host: Host | None = None,
-                 ready: bool = True, uvloop: bool = True,
-                 stdout: int | None = None) -> Awaitable[LazymigCommand]: ...
-
-
-StartProxy = Callable[[tuple[str, int]], Awaitable[FaultProxy]]
-"""The ``lazymig_fault_proxy`` fixture's value."""
+@pytest.hookimpl(trylast=True)  # after pytest-asyncio registered the option
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """A project that leaves ``asyncio_default_fixture_loop_scope`` unset gets
+    ``function`` (pytest-asyncio's announced default) instead of its deprecation
+    warning; a value in the project's configuration still wins."""
+    parser.addini("asyncio_default_fixture_loop_scope", type="string", default="function",
+                  help="default scope of the asyncio event loop used to execute async "
+                       "fixtures (lazymig's plugin: 'function' when unset)")
 
 
 @pytest.fixture(scope="session")
