@@ -2,7 +2,7 @@
 # Install everything lazymig and its tests need on a fresh Debian machine (run as root):
 # Debian's criu package (for crit, which checks our images), gcc and iproute2 (test
 # workloads and network namespaces), and a virtualenv in .venv with lazymig installed
-# in editable mode with its test extras. Idempotent.
+# in editable mode (visible to type checkers) with its test extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +17,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# editable_mode=compat: a plain path entry (a .pth) instead of setuptools' import
+# hook, which type checkers cannot follow (mypy: "Cannot find implementation or
+# library stub for module named lazymig").
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
+	--config-settings editable_mode=compat

@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, ParamSpec, TypeVar
 
-from ptrace.binding import func as _pt
-from ptrace.error import PtraceError
+from ptrace.binding import func as _pt  # type: ignore[import-untyped]
+from ptrace.error import PtraceError  # type: ignore[import-untyped]
 
 from lazymig.errors import BrokenResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux._libc import check, libc

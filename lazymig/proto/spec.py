@@ -14,7 +14,7 @@ costs a running daemon 20 ms of start-up and 3 MiB of memory for nothing.
 
 from __future__ import annotations
 
-from construct import (
+from construct import (  # type: ignore[import-untyped]
     Bytes,
     Int8un,
     Int16un,
