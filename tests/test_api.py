@@ -253,6 +253,7 @@ async def test_a_failure_raises_a_lazymig_error_and_keeps_the_source(
             with pytest.raises(lazymig.BrokenResourceError):
                 await source.done
         assert process_state(w.pid) == "T"  # stopped, memory intact
+        w.drain()  # lines printed before the freeze
         assert w.quiet_for(0.3)
         os.kill(w.pid, signal.SIGCONT)  # and it can go on where it was
         assert same_memory(w.next_check(), w.next_check())

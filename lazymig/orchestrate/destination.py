@@ -276,6 +276,7 @@ class Destination(Handle[DaemonReport]):
         self._stdio = stdio
         self._restoring: RestoredProcess | None = None
         self._process: RestoredProcess | None = None
+        self._entry_failed = False
 
     @property
     def process(self) -> RestoredProcess:
@@ -284,12 +285,12 @@ class Destination(Handle[DaemonReport]):
 
     @property
     def never_ran(self) -> bool:
-        """After entering failed: True if the restored process never ran (the daemon
-        failed before the restore, or the restore failed before letting it go), so
+        """True if entering failed with an error before the restored process ran (the
+        daemon failed before the restore, or the restore before letting it go), so
         the source may be resumed (:meth:`Source.resume_on_abort
         <lazymig.orchestrate.source.Source.resume_on_abort>`). False once it runs,
         and after a cancellation, which may have come after it ran."""
-        if self._process is not None:
+        if not self._entry_failed or self._process is not None:
             return False
         return self._restoring is None or self._restoring.failed_before_running
 
@@ -298,9 +299,13 @@ class Destination(Handle[DaemonReport]):
         return self.daemon.progress(interval)
 
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
-        await stack.enter_async_context(self.daemon)
-        self._restoring = self.daemon.restore(stdio=self._stdio)
-        self._process = await stack.enter_async_context(self._restoring)
+        try:
+            await stack.enter_async_context(self.daemon)
+            self._restoring = self.daemon.restore(stdio=self._stdio)
+            self._process = await stack.enter_async_context(self._restoring)
+        except Exception:  # an error, not a cancellation (which may come after it ran)
+            self._entry_failed = True
+            raise
 
     def __repr__(self) -> str:
         return f"<lazymig.Destination {self.daemon!r} {self._process!r}>"
