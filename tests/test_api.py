@@ -321,7 +321,7 @@ async def test_a_source_lost_mid_transfer_raises_transfer_error(
         assert [p.state for p in caught.value.report.processes] == ["killed"]
         assert process_state(w.pid) == "T"
     # The log names the restored copy by its pid on this host, not only the source's.
-    assert f"restored copy of pid {w.pid} killed (pid {process.pid} here" in caplog.text
+    assert f"process {process.pid} (image pid {w.pid}) killed" in caplog.text
 
 
 def test_run_uses_uvloop_when_installed_unless_told_not_to() -> None:

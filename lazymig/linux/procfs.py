@@ -164,11 +164,12 @@ def blocked_syscalls(pid: int) -> dict[int, tuple[int, list[int]]]:
 
 def read_syscall(pid: int, tid: int) -> tuple[int, list[int]] | None:
     """The system call thread ``tid`` of ``pid`` is blocked in, and its arguments, from
-    ``/proc/PID/task/TID/syscall``; None if it runs (or is gone, or not in a call)."""
+    ``/proc/PID/task/TID/syscall``; None if it runs (or is gone, not in a call, or
+    not this process's to read: that needs ptrace access)."""
     try:
         with open(f"/proc/{pid}/task/{tid}/syscall") as f:
             fields = f.read().split()
-    except (FileNotFoundError, ProcessLookupError):
+    except (FileNotFoundError, ProcessLookupError, PermissionError):  # gone, or not ours
         return None
     if not fields or not fields[0].lstrip("-").isdigit() or int(fields[0]) < 0:
         return None  # "running", or -1: blocked outside a system call
