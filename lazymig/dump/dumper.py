@@ -384,7 +384,7 @@ class LazyDump:
         self._close_server()
         assert self._fp is not None
         fatal = _pending_fatal(self.pid)  # while frozen: detached, it takes them
-        if self.abort_resumes:
+        if self.abort_resumes and not fatal:
             await self._fp.release(kill=False)
             log.warning("transfer of pid %d aborted (%s): pid %d resumed, since no restored "
                         "copy ran", self.pid, why, self.pid)
@@ -394,14 +394,13 @@ class LazyDump:
         finally:
             if process_alive(self.pid):
                 log.warning("transfer of pid %d aborted (%s): pid %d left stopped with its "
-                            "memory intact: `kill -CONT %d` to resume it, or dump again",
-                            self.pid, why, self.pid, self.pid)
+                            "memory intact: `kill -CONT %d` to resume it, or dump again%s",
+                            self.pid, why, self.pid, self.pid,
+                            _pending_hint(_pending_fatal(self.pid) or fatal))
             elif fatal:
                 log.error("transfer of pid %d aborted (%s), and the process is gone: it "
-                          "died of the %s it got while frozen (a terminal's Ctrl-C reaches "
-                          "its whole foreground process group: start a workload to migrate "
-                          "in a session of its own, `setsid`)", self.pid, why,
-                          " and ".join(fatal))
+                          "died of the %s it got while frozen (%s)", self.pid, why,
+                          " and ".join(fatal), _SAME_GROUP)
             else:
                 log.error("transfer of pid %d aborted (%s), and the process is gone",
                           self.pid, why)
@@ -621,6 +620,18 @@ def _pending_fatal(pid: int) -> list[str]:
     return [signal.Signals(n).name for n in _FATAL_BY_DEFAULT
             if pending >> (n - 1) & 1 and not handled >> (n - 1) & 1]
 
+
+def _pending_hint(fatal: list[str]) -> str:
+    """What the stop hint adds for signals pending that would kill the source."""
+    if not fatal:
+        return ""
+    return (f". But {' and '.join(fatal)} is pending for it, and would kill it as soon as it "
+            f"runs again (a debugger attached to it can discard the signal): {_SAME_GROUP}")
+
+
+_SAME_GROUP = ("a terminal's Ctrl-C or hang-up reaches its whole foreground process group, "
+               "the source too when it shares the dumper's: start a workload to migrate in a "
+               "session of its own, `setsid`")
 
 _FATAL_BY_DEFAULT = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM)
