@@ -460,6 +460,12 @@ class DumpImages:
                 path.unlink()
         self.paths.clear()
 
+    def add(self, other: DumpImages) -> None:
+        """Count ``other``'s images and pages in these (a tree's processes into its dump)."""
+        self.paths += other.paths
+        self.nonlazy_pages += other.nonlazy_pages
+        self.lazy_pages += other.lazy_pages
+
 
 def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
                  pipes: PagePipes, *, lazy_pages: bool,

@@ -253,6 +253,16 @@ def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[Dump
     written.paths.append(images.write_inventory(_inventory()))
 
 
+async def _files_and_scan(tree: FrozenTree, fp: FrozenProcess,
+                          rank: int) -> tuple[DumpedFiles, MemoryScan]:
+    """One frozen process's open files (renumbered for its rank in the tree) and
+    memory scan; a memfd it shares in the tree is refused."""
+    own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
+    scan = await fp.scan()
+    _refuse_memfds(tree, fp.pid, scan.vmas, own)
+    return own, scan
+
+
 async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
                     pipe_size: int | None = None) -> tuple[DumpImages, float]:
     """A plain dump of ``pid`` and its descendants: every page of each process in
@@ -266,10 +276,8 @@ async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
     try:
         files: list[DumpedFiles] = []
         for rank, fp in enumerate(tree.processes):
-            own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
+            own, scan = await _files_and_scan(tree, fp, rank)
             files.append(own)
-            scan = await fp.scan()
-            _refuse_memfds(tree, fp.pid, scan.vmas, own)
             plain = MemoryScan(scan.pid, scan.vmas,
                                tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
             pipes = await fp.collect_pages(plain, pipe_size=pipe_size)
@@ -280,8 +288,7 @@ async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
                     open_files=own, index=rank + 1, in_tree=True)
             finally:
                 pipes.close()
-            total.paths += one.paths
-            total.nonlazy_pages += one.nonlazy_pages
+            total.add(one)
         await asyncio.to_thread(_write_tree_images, images, tree, files, total)
     except BaseException:
         total.remove()
@@ -354,10 +361,8 @@ async def start_lazy_tree(pid: int, images: ImagesDir, *,
     try:
         files: list[DumpedFiles] = []
         for rank, fp in enumerate(tree.processes):
-            own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
+            own, scan = await _files_and_scan(tree, fp, rank)
             files.append(own)
-            scan = await fp.scan()
-            _refuse_memfds(tree, fp.pid, scan.vmas, own)
             pipes = await fp.collect_pages(scan, pipe_size=pipe_size, defer_lazy=True)
             late_fill = LateFill(pipes)
             stores[fp.pid] = PipePageStore(fp.pid, pipes, late_fill)
@@ -366,9 +371,7 @@ async def start_lazy_tree(pid: int, images: ImagesDir, *,
             one = await asyncio.to_thread(
                 write_images, images, state, scan, pipes, lazy_pages=True, open_files=own,
                 index=rank + 1, in_tree=True)
-            total.paths += one.paths
-            total.nonlazy_pages += one.nonlazy_pages
-            total.lazy_pages += one.lazy_pages
+            total.add(one)
         await asyncio.to_thread(_write_tree_images, images, tree, files, total)
     except BaseException:
         for store in stores.values():
