@@ -46,6 +46,15 @@ from lazymig.linux.ptrace import (
     park,
     robust_list,
 )
+from lazymig.linux.syscalls import (
+    SYS_BRK,
+    SYS_GETITIMER,
+    SYS_MMAP,
+    SYS_MUNMAP,
+    SYS_PRCTL,
+    SYS_RT_SIGACTION,
+    SYS_SIGALTSTACK,
+)
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE
 
@@ -64,14 +73,7 @@ _SIGMAX: Final = 64
 _RLIM_NLIMITS: Final = 16
 _KSIGACTION: Final = struct.Struct("<QQQQ")  # handler, flags, restorer, mask
 
-# x86_64 syscall numbers and prctl options of the injected calls.
-_SYS_MMAP: Final = 9
-_SYS_MUNMAP: Final = 11
-_SYS_BRK: Final = 12
-_SYS_RT_SIGACTION: Final = 13
-_SYS_GETITIMER: Final = 36
-_SYS_SIGALTSTACK: Final = 131
-_SYS_PRCTL: Final = 157
+# prctl options of the injected calls.
 _PR_GET_PDEATHSIG: Final = 2
 _PR_GET_DUMPABLE: Final = 3
 _PR_GET_SECUREBITS: Final = 27
@@ -276,27 +278,27 @@ def _inject(main: Tracee, tracees: Sequence[Tracee]) -> tuple[_Leader, dict[int,
             def call(nr: int, *args: int) -> int:
                 return session.syscall(nr, *args)
 
-            brk = call(_SYS_BRK, 0)
+            brk = call(SYS_BRK, 0)
             if brk < 0:
                 raise LazyMigOSError(-brk, "injected brk(0)", pid=pid)
             leader.brk = brk
-            if (res := call(_SYS_PRCTL, _PR_GET_DUMPABLE, 0, 0, 0, 0)) >= 0:
+            if (res := call(SYS_PRCTL, _PR_GET_DUMPABLE, 0, 0, 0, 0)) >= 0:
                 leader.dumpable = res
-            if (res := call(_SYS_PRCTL, _PR_GET_THP_DISABLE, 0, 0, 0, 0)) >= 0:
+            if (res := call(SYS_PRCTL, _PR_GET_THP_DISABLE, 0, 0, 0, 0)) >= 0:
                 leader.thp_disabled = res
-            if (res := call(_SYS_PRCTL, _PR_GET_SECUREBITS, 0, 0, 0, 0)) >= 0:
+            if (res := call(SYS_PRCTL, _PR_GET_SECUREBITS, 0, 0, 0, 0)) >= 0:
                 leader.secbits = res
-            scratch = call(_SYS_MMAP, 0, size, 0x3, 0x22, -1, 0)
+            scratch = call(SYS_MMAP, 0, size, 0x3, 0x22, -1, 0)
             if scratch < 0:
                 raise LazyMigOSError(-scratch, "injected mmap for a scratch area", pid=pid)
             for i, sig in enumerate(sigs):
-                res = call(_SYS_RT_SIGACTION, sig, 0, scratch + _AT_SIGACTIONS
+                res = call(SYS_RT_SIGACTION, sig, 0, scratch + _AT_SIGACTIONS
                            + i * _KSIGACTION.size, 8)
                 if res < 0:
                     raise LazyMigOSError(-res, f"injected rt_sigaction({sig})", pid=pid)
-            subreaper_ok = call(_SYS_PRCTL, _PR_GET_CHILD_SUBREAPER,
+            subreaper_ok = call(SYS_PRCTL, _PR_GET_CHILD_SUBREAPER,
                                 scratch + _AT_SUBREAPER, 0, 0, 0) == 0
-            timers_ok = all(call(_SYS_GETITIMER, which, scratch + _AT_ITIMERS + 32 * which) == 0
+            timers_ok = all(call(SYS_GETITIMER, which, scratch + _AT_ITIMERS + 32 * which) == 0
                             for which in range(3))
             oks = {main.tid: _own_queries(call, scratch + _AT_THREADS)}
         park(main)
@@ -313,7 +315,7 @@ def _inject(main: Tracee, tracees: Sequence[Tracee]) -> tuple[_Leader, dict[int,
         if main.stopped:
             try:
                 if scratch > 0:
-                    main.inject_syscall(_SYS_MUNMAP, scratch, size)
+                    main.inject_syscall(SYS_MUNMAP, scratch, size)
             finally:
                 with contextlib.suppress(LazyMigError):
                     park(main)
@@ -332,9 +334,9 @@ def _inject(main: Tracee, tracees: Sequence[Tracee]) -> tuple[_Leader, dict[int,
 
 def _own_queries(call: Callable[..., int], slot: int) -> tuple[bool, bool, bool]:
     """The per-thread queries, in the thread ``call`` injects into; which succeeded."""
-    return (call(_SYS_PRCTL, _PR_GET_TID_ADDRESS, slot + _SLOT_TID_ADDRESS, 0, 0, 0) == 0,
-            call(_SYS_SIGALTSTACK, 0, slot + _SLOT_ALTSTACK) == 0,
-            call(_SYS_PRCTL, _PR_GET_PDEATHSIG, slot + _SLOT_PDEATHSIG, 0, 0, 0) == 0)
+    return (call(SYS_PRCTL, _PR_GET_TID_ADDRESS, slot + _SLOT_TID_ADDRESS, 0, 0, 0) == 0,
+            call(SYS_SIGALTSTACK, 0, slot + _SLOT_ALTSTACK) == 0,
+            call(SYS_PRCTL, _PR_GET_PDEATHSIG, slot + _SLOT_PDEATHSIG, 0, 0, 0) == 0)
 
 
 def _own_answers(raw: bytes, slot: int, oks: tuple[bool, bool, bool]) -> _Own:

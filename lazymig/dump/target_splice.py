@@ -60,6 +60,15 @@ from typing import Final
 from lazymig.errors import BrokenResourceError, LazyMigOSError
 from lazymig.linux.procfs import read_status
 from lazymig.linux.ptrace import InjectionSession, UserRegs, process_alive
+from lazymig.linux.syscalls import (
+    SYS_CLOSE,
+    SYS_CLOSE_RANGE,
+    SYS_MMAP,
+    SYS_MUNMAP,
+    SYS_RECVMSG,
+    SYS_SIGALTSTACK,
+    SYS_SOCKETPAIR,
+)
 from lazymig.linux.vm import pidfd_getfd, process_vm_writev, read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
 
@@ -73,14 +82,6 @@ SCM_MAX_FD: Final = 253
 UIO_MAXIOV: Final = 1024
 """Most iovecs one vmsplice takes."""
 
-SYS_CLOSE: Final = 3
-SYS_MMAP: Final = 9
-SYS_MUNMAP: Final = 11
-SYS_RECVMSG: Final = 47
-SYS_SOCKETPAIR: Final = 53
-SYS_SIGALTSTACK: Final = 131
-SYS_VMSPLICE: Final = 278
-SYS_CLOSE_RANGE: Final = 436
 
 _PROT_RW: Final = 0x3
 _PROT_RX: Final = 0x5

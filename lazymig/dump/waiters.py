@@ -16,6 +16,10 @@ import os
 
 from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.linux.procfs import blocked_syscalls, read_stat
+from lazymig.linux.syscalls import (
+    SYS_WAIT4,
+    SYS_WAITID,
+)
 
 __all__ = ["HOW_TO_START", "check_not_waited_for"]
 
@@ -26,8 +30,6 @@ HOW_TO_START = (
     "asyncio.create_subprocess_exec (see \"Starting a workload to migrate\" in "
     "docs/operating.md)")
 
-_SYS_WAIT4 = 61
-_SYS_WAITID = 247
 _P_ALL, _P_PID, _P_PGID = 0, 1, 2
 
 
@@ -75,10 +77,10 @@ def _blocked_waiters(pid: int, *, pgid: int) -> list[str]:
     """Threads of this process blocked in a wait that ``pid``'s stops would end."""
     found = []
     for tid, (nr, args) in blocked_syscalls(os.getpid()).items():
-        if nr == _SYS_WAIT4:
+        if nr == SYS_WAIT4:
             who = args[0] - (1 << 64) if args[0] >= 1 << 63 else args[0]
             hit = who in (pid, -1, -pgid) or (who == 0 and pgid == os.getpgrp())
-        elif nr == _SYS_WAITID:
+        elif nr == SYS_WAITID:
             hit = (args[0] == _P_ALL or (args[0] == _P_PID and args[1] == pid)
                    or (args[0] == _P_PGID and (args[1] == pgid or (
                        args[1] == 0 and pgid == os.getpgrp()))))
@@ -86,6 +88,6 @@ def _blocked_waiters(pid: int, *, pgid: int) -> list[str]:
             continue
         if hit:
             found.append(f"thread {tid} of this process, blocked in "
-                         f"{'wait4' if nr == _SYS_WAIT4 else 'waitid'} (Popen.wait, "
+                         f"{'wait4' if nr == SYS_WAIT4 else 'waitid'} (Popen.wait, "
                          "os.waitpid)")
     return found

@@ -6,10 +6,10 @@ import ctypes
 from typing import Final
 
 from lazymig.linux._libc import check, libc
+from lazymig.linux.syscalls import SYS_KCMP
 
 __all__ = ["same_file"]
 
-_SYS_KCMP: Final = 312
 _KCMP_FILE: Final = 0
 
 _syscall = libc.syscall
@@ -22,7 +22,7 @@ def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
 
     Needs PTRACE_MODE_READ access to both processes.
     """
-    res = check(int(_syscall(ctypes.c_long(_SYS_KCMP), ctypes.c_long(pid1), ctypes.c_long(pid2),
+    res = check(int(_syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid1), ctypes.c_long(pid2),
                              ctypes.c_long(_KCMP_FILE), ctypes.c_ulong(fd1),
                              ctypes.c_ulong(fd2))), f"kcmp(fd {fd1}, fd {fd2})", pid=pid1)
     return res == 0

@@ -40,6 +40,10 @@ from ptrace.error import PtraceError  # type: ignore[import-untyped]
 
 from lazymig.errors import BrokenResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux._libc import check, libc
+from lazymig.linux.syscalls import (
+    SYS_GET_ROBUST_LIST,
+    SYS_GETPID,
+)
 from lazymig.linux.vm import read_memory
 
 __all__ = [
@@ -99,7 +103,6 @@ _EFLAGS_TF: Final = 1 << 8
 _EFLAGS_DF: Final = 1 << 10
 
 _U64: Final = (1 << 64) - 1
-_SYS_GETPID: Final = 39
 _TOLD_POLL: Final = 1e-3  # s between checks for a ptrace-stop while code runs
 _SYSCALL_INSN: Final = b"\x0f\x05"
 
@@ -108,7 +111,6 @@ _SYSCALL_INSN: Final = b"\x0f\x05"
 _XSTATE_BUF: Final = 64 * 1024
 SIGINFO_SIZE: Final = 128  # sizeof(siginfo_t)
 _PEEK_BATCH: Final = 32
-_SYS_GET_ROBUST_LIST: Final = 274
 
 _ptrace = libc.ptrace
 _ptrace.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -613,7 +615,7 @@ class Tracee:
             at = self._syscall_ip if self._syscall_ip is not None else self._find_syscall_ip()
         saved = self.get_regs()
         saved_mask = self.get_sigmask()
-        base = dataclasses.replace(saved, orig_rax=_U64, rip=at, rax=_SYS_GETPID,
+        base = dataclasses.replace(saved, orig_rax=_U64, rip=at, rax=SYS_GETPID,
                                    eflags=saved.eflags & ~(_EFLAGS_TF | _EFLAGS_DF))
         try:
             self.set_regs(base)
@@ -854,7 +856,7 @@ def robust_list(pid: int, tid: int) -> tuple[int, int]:
     fn = libc.syscall
     fn.restype = ctypes.c_long
     try:
-        check(fn(ctypes.c_long(_SYS_GET_ROBUST_LIST), ctypes.c_long(tid), ctypes.byref(head),
+        check(fn(ctypes.c_long(SYS_GET_ROBUST_LIST), ctypes.c_long(tid), ctypes.byref(head),
                  ctypes.byref(length)), "get_robust_list", pid=pid)
     except LazyMigOSError as exc:
         if exc.errno == errno.ESRCH:

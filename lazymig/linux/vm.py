@@ -25,6 +25,7 @@ import os
 
 from lazymig.errors import LazyMigOSError
 from lazymig.linux._libc import check, libc
+from lazymig.linux.syscalls import SYS_PIDFD_GETFD
 
 __all__ = [
     "F_GETPIPE_SZ",
@@ -140,13 +141,10 @@ def vmsplice(fd: int, address: int, length: int, flags: int = 0) -> int:
     return check(_vmsplice(fd, ctypes.byref(iov), 1, flags), f"vmsplice(fd {fd}, {length})")
 
 
-_SYS_PIDFD_GETFD = 438
-
-
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     """pidfd_getfd(2): a close-on-exec copy of fd ``target_fd`` of the process behind
     ``pidfd`` (needs ptrace-attach rights over it)."""
-    return check(libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+    return check(libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
                               ctypes.c_int(target_fd), ctypes.c_uint(0)),
                  f"pidfd_getfd(fd {target_fd})")
 

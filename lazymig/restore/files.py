@@ -38,6 +38,12 @@ from typing import Final, Protocol
 
 from lazymig.dump.files import FD_CLOEXEC, STDIO_FDS, DumpedFiles
 from lazymig.errors import ImageError, LazyMigOSError
+from lazymig.linux.syscalls import (
+    SYS_DUP3,
+    SYS_FCNTL,
+    SYS_LSEEK,
+    SYS_PIPE2,
+)
 from lazymig.linux.vm import read_memory, set_pipe_size
 from lazymig.proto.images import fdinfo_pb2
 
@@ -45,11 +51,9 @@ __all__ = ["SyscallTarget", "restore_files"]
 
 log = logging.getLogger(__name__)
 
-_SYS_LSEEK: Final = 8
-_SYS_FCNTL: Final = 72
-_SYS_DUP3: Final = 292
-_SYS_PIPE2: Final = 293
 _SETFL_MASK: Final = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME
+
+
 class SyscallTarget(Protocol):
     """The process being restored, as the restorer drives it (tracer thread)."""
 
@@ -84,13 +88,13 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
     objects = dict(memfds or {})
     top = max([*dumped, *given.values(), *objects.values(), STDIO_FDS]) + 1
     for inode, fd in sorted(objects.items()):  # out of the way of the dumped fd numbers
-        objects[inode] = target.call(_SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top,
+        objects[inode] = target.call(SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top,
                                      what=f"fcntl(F_DUPFD) of memfd {inode}")
         top = objects[inode] + 1
         target.close(fd)
     staged: dict[int, int] = {}  # the helper's fd -> where it waits meanwhile
     for hfd in sorted(set(given.values())):
-        staged[hfd] = target.call(_SYS_FCNTL, hfd, fcntl.F_DUPFD_CLOEXEC, top,
+        staged[hfd] = target.call(SYS_FCNTL, hfd, fcntl.F_DUPFD_CLOEXEC, top,
                                   what=f"fcntl(F_DUPFD) of the given fd {hfd}")
         top = staged[hfd] + 1
     for hfd in sorted(set(range(STDIO_FDS)) | set(given.values())):
@@ -101,7 +105,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
             cloexec = next(c for n, c in files.fds_of(_file_of(files, fd)) if n == fd)
         else:
             cloexec = False  # given by stdio= where the process had no fd
-        target.call(_SYS_DUP3, staged[hfd], fd, os.O_CLOEXEC if cloexec else 0,
+        target.call(SYS_DUP3, staged[hfd], fd, os.O_CLOEXEC if cloexec else 0,
                     what=f"dup3 of the given fd {hfd} to fd {fd}")
     for at in staged.values():
         target.close(at)
@@ -120,18 +124,18 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
             tmp = target.open(f"/proc/self/fd/{objects[f.memfd.inode_id]}",
                               f.memfd.flags | os.O_CLOEXEC)
             if f.memfd.pos:
-                target.call(_SYS_LSEEK, tmp, f.memfd.pos, os.SEEK_SET, what="lseek(memfd)")
+                target.call(SYS_LSEEK, tmp, f.memfd.pos, os.SEEK_SET, what="lseek(memfd)")
         else:
             tmp = target.open(f.reg.name, f.reg.flags | os.O_CLOEXEC)
             if f.reg.pos and not f.reg.flags & os.O_PATH:
-                target.call(_SYS_LSEEK, tmp, f.reg.pos, os.SEEK_SET,
+                target.call(SYS_LSEEK, tmp, f.reg.pos, os.SEEK_SET,
                             what=f"lseek({f.reg.name})")
         for fd, cloexec in fds:
             if fd == tmp:
-                target.call(_SYS_FCNTL, fd, fcntl.F_SETFD, FD_CLOEXEC if cloexec else 0,
+                target.call(SYS_FCNTL, fd, fcntl.F_SETFD, FD_CLOEXEC if cloexec else 0,
                             what=f"fcntl(F_SETFD) on fd {fd}")
             else:
-                target.call(_SYS_DUP3, tmp, fd, os.O_CLOEXEC if cloexec else 0,
+                target.call(SYS_DUP3, tmp, fd, os.O_CLOEXEC if cloexec else 0,
                             what=f"dup3 to fd {fd}")
         if tmp not in used and tmp not in (fd for fd, _ in fds):
             target.close(tmp)
@@ -170,7 +174,7 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
     end = ends[pipe_id][1 if flags & os.O_ACCMODE == os.O_WRONLY else 0]
     if end not in used:
         used.add(end)
-        target.call(_SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
+        target.call(SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
         return end
     return target.open(f"/proc/self/fd/{end}", flags | os.O_CLOEXEC)
 
@@ -178,11 +182,11 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
 def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:
     """A pipe in ``target`` holding ``data``, its ends at fds >= ``top``: (read, write)."""
     at = target.data(b"\0" * 8)
-    target.call(_SYS_PIPE2, at, os.O_CLOEXEC, what="pipe2")
+    target.call(SYS_PIPE2, at, os.O_CLOEXEC, what="pipe2")
     low = struct.unpack("<2i", read_memory(target.pid, at, 8))
     ends = []
     for fd in low:
-        ends.append(target.call(_SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top, what="fcntl(F_DUPFD)"))
+        ends.append(target.call(SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top, what="fcntl(F_DUPFD)"))
         target.close(fd)
     r, w = ends
     try:

@@ -67,6 +67,33 @@ from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux._libc import libc
 from lazymig.linux.ptrace import Tracee, TracerThread
+from lazymig.linux.syscalls import (
+    SYS_CHDIR,
+    SYS_CLOSE,
+    SYS_IOCTL,
+    SYS_MADVISE,
+    SYS_MMAP,
+    SYS_MREMAP,
+    SYS_MUNMAP,
+    SYS_OPENAT,
+    SYS_PERSONALITY,
+    SYS_PIDFD_GETFD,
+    SYS_PRCTL,
+    SYS_RSEQ,
+    SYS_RT_SIGACTION,
+    SYS_SCHED_SETSCHEDULER,
+    SYS_SETFSGID,
+    SYS_SETFSUID,
+    SYS_SETGROUPS,
+    SYS_SETITIMER,
+    SYS_SETPGID,
+    SYS_SETPRIORITY,
+    SYS_SETRESGID,
+    SYS_SETRESUID,
+    SYS_SETSID,
+    SYS_UMASK,
+    SYS_USERFAULTFD,
+)
 from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
@@ -100,33 +127,6 @@ __all__ = ["RestoreError", "RestoreResult", "Restorer", "restore"]
 log = logging.getLogger(__name__)
 
 _U64: Final = (1 << 64) - 1
-
-# x86_64 syscall numbers.
-_SYS_CLOSE: Final = 3
-_SYS_MMAP: Final = 9
-_SYS_MUNMAP: Final = 11
-_SYS_RT_SIGACTION: Final = 13
-_SYS_IOCTL: Final = 16
-_SYS_MADVISE: Final = 28
-_SYS_SETITIMER: Final = 38
-_SYS_MREMAP: Final = 25
-_SYS_UMASK: Final = 95
-_SYS_SETPGID: Final = 109
-_SYS_SETSID: Final = 112
-_SYS_SETRESUID: Final = 117
-_SYS_SETRESGID: Final = 119
-_SYS_SETGROUPS: Final = 116
-_SYS_SETFSUID: Final = 122
-_SYS_SETFSGID: Final = 123
-_SYS_PERSONALITY: Final = 135
-_SYS_SETPRIORITY: Final = 141
-_SYS_SCHED_SETSCHEDULER: Final = 144
-_SYS_PRCTL: Final = 157
-_SYS_OPENAT: Final = 257
-_SYS_CHDIR: Final = 80
-_SYS_USERFAULTFD: Final = 323
-_SYS_RSEQ: Final = 334
-_SYS_PIDFD_GETFD: Final = 438
 
 _AT_FDCWD: Final = -100
 _O_RDONLY: Final = 0
@@ -237,11 +237,11 @@ class _Target:
     def open(self, path: str, flags: int = _O_RDONLY | _O_CLOEXEC) -> int:
         """openat(AT_FDCWD, path, flags) in the process; its fd."""
         address = self.data(os.fsencode(path) + b"\0")
-        return self.call(_SYS_OPENAT, _AT_FDCWD, address, flags, 0, what=f"open({path})")
+        return self.call(SYS_OPENAT, _AT_FDCWD, address, flags, 0, what=f"open({path})")
 
     def close(self, fd: int) -> None:
         """close(fd) in the process."""
-        self.call(_SYS_CLOSE, fd, what=f"close({fd})")
+        self.call(SYS_CLOSE, fd, what=f"close({fd})")
 
 
 class Restorer:
@@ -388,13 +388,13 @@ class Restorer:
         tracee, pid = target.tracee, target.pid
         conf = tracee.get_rseq_configuration()
         if conf is not None and conf.rseq_abi_pointer:
-            target.call(_SYS_RSEQ, conf.rseq_abi_pointer, conf.rseq_abi_size,
+            target.call(SYS_RSEQ, conf.rseq_abi_pointer, conf.rseq_abi_size,
                         _RSEQ_FLAG_UNREGISTER, conf.signature, what="rseq(unregister)")
         maps = _read_maps(pid)
         dumped = [(v.start, v.end) for v in task.mm.vmas]
         busy = [(m.start, m.end) for m in maps] + dumped
         scratch = _free_gap(busy, _SCRATCH_SIZE)
-        got = target.call(_SYS_MMAP, scratch, _SCRATCH_SIZE, _PROT_RWX,
+        got = target.call(SYS_MMAP, scratch, _SCRATCH_SIZE, _PROT_RWX,
                           MAP_PRIVATE | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
                           what="mmap(scratch)")
         if got != scratch:
@@ -405,7 +405,7 @@ class Restorer:
 
         for m in maps:
             if m.name not in _SPECIAL:
-                target.call(_SYS_MUNMAP, m.start, m.end - m.start, what=f"munmap({m.start:#x})")
+                target.call(SYS_MUNMAP, m.start, m.end - m.start, what=f"munmap({m.start:#x})")
         self._move_vdso(target, task, maps, [*busy, (scratch, scratch + _SCRATCH_SIZE)])
         # Before the dumped VMAs: the kernel refuses to switch the exe while the old
         # one is mapped, and the old one (the helper's) may be the dumped exe too.
@@ -424,12 +424,12 @@ class Restorer:
                     mode = v.fdflags & os.O_ACCMODE
                 fd = target.open(task.file_path(v.shmid), mode | _O_CLOEXEC)
                 try:
-                    got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
+                    got = target.call(SYS_MMAP, v.start, v.end - v.start, v.prot,
                                       flags & ~MAP_ANONYMOUS, fd, v.pgoff, what=what)
                 finally:
-                    target.call(_SYS_CLOSE, fd, what="close")
+                    target.call(SYS_CLOSE, fd, what="close")
             else:
-                got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
+                got = target.call(SYS_MMAP, v.start, v.end - v.start, v.prot,
                                   flags | MAP_ANONYMOUS, -1, 0, what=what)
             if got != v.start:
                 raise RestoreError(f"{what} landed at {got:#x}")
@@ -447,7 +447,7 @@ class Restorer:
         theirs = [v for v in task.mm.vmas if v.status & (VmaStatus.VDSO | VmaStatus.VVAR)]
         if not theirs:
             for m in mine:  # the dumped process had none: neither will the restored one
-                target.call(_SYS_MUNMAP, m.start, m.end - m.start, what="munmap(vdso)")
+                target.call(SYS_MUNMAP, m.start, m.end - m.start, what="munmap(vdso)")
             return
         shape_mine = [(m.start - mine[0].start, m.end - m.start) for m in mine]
         shape_theirs = [(v.start - theirs[0].start, v.end - v.start) for v in theirs]
@@ -464,7 +464,7 @@ class Restorer:
             steps.insert(0, _free_gap([*busy, (src, src + size)], size))
         for to in steps:
             for off, length in shape_mine:
-                target.call(_SYS_MREMAP, src + off, length, length,
+                target.call(SYS_MREMAP, src + off, length, length,
                             _MREMAP_MAYMOVE | _MREMAP_FIXED, to + off, what="mremap(vdso)")
             src = to
 
@@ -479,10 +479,10 @@ class Restorer:
                 mm.mm_start_brk, mm.mm_brk, mm.mm_start_stack, mm.mm_arg_start, mm.mm_arg_end,
                 mm.mm_env_start, mm.mm_env_end, auxv_at, len(auxv), exe_fd)
             at = target.data(mm_map)
-            target.call(_SYS_PRCTL, _PR_SET_MM, _PR_SET_MM_MAP, at, len(mm_map), 0,
+            target.call(SYS_PRCTL, _PR_SET_MM, _PR_SET_MM_MAP, at, len(mm_map), 0,
                         what="prctl(PR_SET_MM_MAP)")
         finally:
-            target.call(_SYS_CLOSE, exe_fd, what="close")
+            target.call(SYS_CLOSE, exe_fd, what="close")
 
     def _write_pages(self, pid: int, task: DumpedTask) -> int:
         skip = [(v.start, v.end) for v in task.mm.vmas
@@ -508,26 +508,26 @@ class Restorer:
 
     def _userfaultfd(self, target: _Target, task: DumpedTask) -> int:
         """Create and register the uffd in the target; returns the restorer's copy."""
-        fd = target.call(_SYS_USERFAULTFD, _O_CLOEXEC | _O_NONBLOCK, what="userfaultfd")
+        fd = target.call(SYS_USERFAULTFD, _O_CLOEXEC | _O_NONBLOCK, what="userfaultfd")
         try:
             features = int(DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID))
             at = target.data(struct.pack("<QQQ", UFFD_API, features, 0))
-            target.call(_SYS_IOCTL, fd, _UFFDIO_API, at, what="ioctl(UFFDIO_API)")
+            target.call(SYS_IOCTL, fd, _UFFDIO_API, at, what="ioctl(UFFDIO_API)")
             for r in _merged(task.lazy):
                 at = target.data(struct.pack("<QQQQ", r[0], r[1] - r[0],
                                              _UFFDIO_REGISTER_MODE_MISSING, 0))
-                target.call(_SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
+                target.call(SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
                             what=f"ioctl(UFFDIO_REGISTER {r[0]:#x}-{r[1]:#x})")
             pidfd = os.pidfd_open(target.pid)
             try:
-                mine = _syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+                mine = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
                 if mine < 0:
                     err = ctypes.get_errno()
                     raise LazyMigOSError(err, "pidfd_getfd(uffd)", pid=target.pid)
             finally:
                 os.close(pidfd)
         finally:
-            target.call(_SYS_CLOSE, fd, what="close(uffd)")
+            target.call(SYS_CLOSE, fd, what="close(uffd)")
         return int(mine)
 
     def _finish(self, target: _Target, task: DumpedTask) -> None:
@@ -538,15 +538,15 @@ class Restorer:
         sigs = [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]
         for sig, sa in zip(sigs, tc.sigactions, strict=False):
             at = target.data(struct.pack("<QQQQ", sa.sigaction, sa.flags, sa.restorer, sa.mask))
-            target.call(_SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
+            target.call(SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
         set_thread_state(target, tracee, core)
         comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
-        target.call(_SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
+        target.call(SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
         if task.extra.HasField("cwd"):
-            target.call(_SYS_CHDIR, target.data(os.fsencode(task.extra.cwd) + b"\0"),
+            target.call(SYS_CHDIR, target.data(os.fsencode(task.extra.cwd) + b"\0"),
                         what=f"chdir({task.extra.cwd})")
         if task.extra.HasField("umask"):
-            tracee.inject_syscall(_SYS_UMASK, task.extra.umask)
+            tracee.inject_syscall(SYS_UMASK, task.extra.umask)
         for which, rl in enumerate(tc.rlimits.rlimits):
             try:
                 resource.prlimit(pid, which, (_rlim(rl.cur), _rlim(rl.max)))
@@ -560,7 +560,7 @@ class Restorer:
         if thread.HasField("creds"):
             _set_creds(target, task)
         if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
-            target.call(_SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
+            target.call(SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
         # After the creds (a clone inherits them; a raw setresuid sets only the caller's).
         others = create_threads(target, task.threads)
         if thread.pdeath_sig:
@@ -576,7 +576,7 @@ class Restorer:
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
         for t in (tracee, *others):
             t.set_syscall_ip(None)
-        target.call(_SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
+        target.call(SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
         for t, dumped in zip(others, task.threads, strict=True):
             finish_thread(t, dumped.core, dumped.xstate)
         finish_thread(tracee, core, task.xstate, shared_signals=True)
@@ -591,7 +591,7 @@ def _madvise(target: _Target, start: int, end: int, madv: int) -> None:
     the advice is a hint, and KSM or THP may be off here)."""
     for advice in range(64):
         if madv >> advice & 1:
-            res = target.tracee.inject_syscall(_SYS_MADVISE, start, end - start, advice)
+            res = target.tracee.inject_syscall(SYS_MADVISE, start, end - start, advice)
             if res < 0:
                 log.warning("pid %d: madvise(%#x-%#x, %d) failed: %s", target.pid, start, end,
                             advice, os.strerror(-res))
@@ -611,40 +611,40 @@ def _set_session(target: _Target, task: DumpedTask) -> None:
       nothing here.
     """
     if task.sid == task.pid:
-        target.call(_SYS_SETSID, what="setsid")
+        target.call(SYS_SETSID, what="setsid")
     elif task.pgid == task.pid:
-        target.call(_SYS_SETPGID, 0, 0, what="setpgid(0, 0)")
+        target.call(SYS_SETPGID, 0, 0, what="setpgid(0, 0)")
 
 
 def _set_sched_and_timers(target: _Target, task: DumpedTask) -> None:
     """Personality, scheduling policy and nice, THP-disable, itimers."""
     tc, thread = task.core.tc, task.core.thread_core
-    target.call(_SYS_PERSONALITY, tc.personality, what="personality")
+    target.call(SYS_PERSONALITY, tc.personality, what="personality")
     if thread.HasField("sched_policy"):
         at = target.data(struct.pack("<i", thread.sched_prio))
-        target.call(_SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at,
+        target.call(SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at,
                     what="sched_setscheduler")
     if thread.HasField("sched_nice"):
-        target.call(_SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice, what="setpriority")
+        target.call(SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice, what="setpriority")
     if task.mm.thp_disabled:
-        target.call(_SYS_PRCTL, _PR_SET_THP_DISABLE, 1, 0, 0, 0, what="PR_SET_THP_DISABLE")
+        target.call(SYS_PRCTL, _PR_SET_THP_DISABLE, 1, 0, 0, 0, what="PR_SET_THP_DISABLE")
     if tc.HasField("timers"):
         for which, t in enumerate((tc.timers.real, tc.timers.virt, tc.timers.prof)):
             if t.isec or t.iusec or t.vsec or t.vusec:
                 at = target.data(struct.pack("<4q", t.isec, t.iusec, t.vsec, t.vusec))
-                target.call(_SYS_SETITIMER, which, at, 0, what=f"setitimer({which})")
+                target.call(SYS_SETITIMER, which, at, 0, what=f"setitimer({which})")
 
 
 def _set_creds(target: _Target, task: DumpedTask) -> None:
     """Groups, gids, then uids (last: dropping root drops the right to change them)."""
     c = task.core.thread_core.creds
     groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-    target.call(_SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0,
+    target.call(SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0,
                 what="setgroups")
-    target.call(_SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
-    target.tracee.inject_syscall(_SYS_SETFSGID, c.fsgid)  # returns the old fsgid
-    target.call(_SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
-    target.tracee.inject_syscall(_SYS_SETFSUID, c.fsuid)
+    target.call(SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
+    target.tracee.inject_syscall(SYS_SETFSGID, c.fsgid)  # returns the old fsgid
+    target.call(SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
+    target.tracee.inject_syscall(SYS_SETFSUID, c.fsuid)
 
 
 def _rlim(value: int) -> int:

@@ -26,6 +26,14 @@ from typing import Final
 
 from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
 from lazymig.errors import ImageError
+from lazymig.linux.syscalls import (
+    SYS_CLOSE,
+    SYS_FCNTL,
+    SYS_FTRUNCATE,
+    SYS_MEMFD_CREATE,
+    SYS_MMAP,
+    SYS_MUNMAP,
+)
 from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
@@ -43,12 +51,6 @@ __all__ = ["restore_shared_objects", "shared_vmas"]
 
 log = logging.getLogger(__name__)
 
-_SYS_MMAP: Final = 9
-_SYS_MUNMAP: Final = 11
-_SYS_CLOSE: Final = 3
-_SYS_FTRUNCATE: Final = 77
-_SYS_MEMFD_CREATE: Final = 319
-_SYS_FCNTL: Final = 72
 _F_ADD_SEALS: Final = 1033
 _F_SEAL_SEAL: Final = 1
 _MFD_ALLOW_SEALING: Final = 2
@@ -103,13 +105,13 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
             fd = target.open(existing[shmid], os.O_RDWR | os.O_CLOEXEC)
         elif memfd is not None:
             sealing = _MFD_ALLOW_SEALING if memfd.seals & ~_F_SEAL_SEAL else 0
-            fd = target.call(_SYS_MEMFD_CREATE, target.data(memfd.name.encode() + b"\0"),
+            fd = target.call(SYS_MEMFD_CREATE, target.data(memfd.name.encode() + b"\0"),
                              _MFD_CLOEXEC | sealing, what=f"memfd_create({memfd.name})")
-            target.call(_SYS_FTRUNCATE, fd, size, what=f"ftruncate(memfd {memfd.name})")
-            tmp = target.call(_SYS_MMAP, at, size, _PROT_RW, MAP_SHARED | _MAP_FIXED_NOREPLACE,
+            target.call(SYS_FTRUNCATE, fd, size, what=f"ftruncate(memfd {memfd.name})")
+            tmp = target.call(SYS_MMAP, at, size, _PROT_RW, MAP_SHARED | _MAP_FIXED_NOREPLACE,
                               fd, 0, what=f"mmap(memfd {memfd.name})")
         else:
-            tmp = target.call(_SYS_MMAP, at, size, _PROT_RW,
+            tmp = target.call(SYS_MMAP, at, size, _PROT_RW,
                               MAP_SHARED | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
                               what="mmap(shared anonymous)")
             fd = target.open(f"/proc/self/map_files/{tmp:x}-{tmp + size:x}",
@@ -119,25 +121,25 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
                 written += _fill(target.pid, images, shmid, tmp, size)
             for v in group:
                 what = f"mmap({v.start:#x}-{v.end:#x} of shared object {shmid})"
-                got = target.call(_SYS_MMAP, v.start, v.end - v.start, v.prot,
+                got = target.call(SYS_MMAP, v.start, v.end - v.start, v.prot,
                                   MAP_SHARED | MAP_FIXED | (v.flags & _MAP_KEPT), fd, v.pgoff,
                                   what=what)
                 if got != v.start:
                     raise ImageError(f"{what} landed at {got:#x}")
                 madvise(v.start, v.end, v.madv)
             if tmp >= 0:
-                target.call(_SYS_MUNMAP, tmp, size, what="munmap(shared object)")
+                target.call(SYS_MUNMAP, tmp, size, what="munmap(shared object)")
             if memfd is not None:
                 if memfd.size != size:  # the mapped part went past its end
-                    target.call(_SYS_FTRUNCATE, fd, memfd.size, what="ftruncate(memfd)")
+                    target.call(SYS_FTRUNCATE, fd, memfd.size, what="ftruncate(memfd)")
                 if sealing:  # last: seals stop what rebuilding it needed
-                    target.call(_SYS_FCNTL, fd, _F_ADD_SEALS, memfd.seals,
+                    target.call(SYS_FCNTL, fd, _F_ADD_SEALS, memfd.seals,
                                 what=f"fcntl(F_ADD_SEALS) on memfd {memfd.name}")
                 kept[shmid] = fd
                 fd = -1
         finally:
             if fd >= 0:
-                target.call(_SYS_CLOSE, fd, what="close(shared object)")
+                target.call(SYS_CLOSE, fd, what="close(shared object)")
         log.debug("pid %d: shared object %d (%d bytes) mapped by %d VMAs", target.pid, shmid,
                   size, len(group))
     return written, kept

@@ -37,6 +37,21 @@ from typing import Final, Protocol
 
 from lazymig.errors import LazyMigOSError
 from lazymig.linux.ptrace import PTRACE_O_TRACECLONE, Tracee, UserRegs
+from lazymig.linux.syscalls import (
+    SYS_CLONE,
+    SYS_CLONE3,
+    SYS_MMAP,
+    SYS_MUNMAP,
+    SYS_PRCTL,
+    SYS_RSEQ,
+    SYS_RT_SIGQUEUEINFO,
+    SYS_RT_TGSIGQUEUEINFO,
+    SYS_SCHED_SETSCHEDULER,
+    SYS_SET_ROBUST_LIST,
+    SYS_SET_TID_ADDRESS,
+    SYS_SETPRIORITY,
+    SYS_SIGALTSTACK,
+)
 from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import CoreEntry
@@ -47,20 +62,6 @@ __all__ = ["DumpedThread", "ThreadTarget", "create_threads", "finish_thread",
 log = logging.getLogger(__name__)
 
 _U64: Final = (1 << 64) - 1
-
-_SYS_MMAP: Final = 9
-_SYS_MUNMAP: Final = 11
-_SYS_CLONE: Final = 56
-_SYS_RT_SIGQUEUEINFO: Final = 129
-_SYS_SIGALTSTACK: Final = 131
-_SYS_SETPRIORITY: Final = 141
-_SYS_SCHED_SETSCHEDULER: Final = 144
-_SYS_PRCTL: Final = 157
-_SYS_SET_TID_ADDRESS: Final = 218
-_SYS_SET_ROBUST_LIST: Final = 273
-_SYS_RT_TGSIGQUEUEINFO: Final = 297
-_SYS_RSEQ: Final = 334
-_SYS_CLONE3: Final = 435
 
 _PR_SET_NAME: Final = 15
 _PRIO_PROCESS: Final = 0
@@ -141,12 +142,12 @@ def _clone(target: ThreadTarget, tid: int) -> int:
     leader = target.tracee
     wanted = target.data(struct.pack("<i", tid), _CLONE_ARGS.size)
     args = target.data(_CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, wanted, 1))
-    res = leader.inject_syscall(_SYS_CLONE3, args, _CLONE_ARGS.size)
+    res = leader.inject_syscall(SYS_CLONE3, args, _CLONE_ARGS.size)
     if res >= 0:
         return res
     log.debug("pid %d: thread %d gets a new tid (clone3 with set_tid: %s)", target.pid, tid,
               os.strerror(-res))
-    return _call(leader, _SYS_CLONE, CLONE_THREAD_FLAGS, 0, 0, 0, 0, what="clone")
+    return _call(leader, SYS_CLONE, CLONE_THREAD_FLAGS, 0, 0, 0, 0, what="clone")
 
 
 def set_thread_state(target: ThreadTarget, tracee: Tracee, core: CoreEntry) -> None:
@@ -156,10 +157,10 @@ def set_thread_state(target: ThreadTarget, tracee: Tracee, core: CoreEntry) -> N
     if thread.HasField("sas") and thread.sas.ss_size:
         at = target.data(struct.pack("<QiiQ", thread.sas.ss_sp, thread.sas.ss_flags, 0,
                                      thread.sas.ss_size))
-        _call(tracee, _SYS_SIGALTSTACK, at, 0, what="sigaltstack")
-    tracee.inject_syscall(_SYS_SET_TID_ADDRESS, core.thread_info.clear_tid_addr)
+        _call(tracee, SYS_SIGALTSTACK, at, 0, what="sigaltstack")
+    tracee.inject_syscall(SYS_SET_TID_ADDRESS, core.thread_info.clear_tid_addr)
     if thread.futex_rla:
-        _call(tracee, _SYS_SET_ROBUST_LIST, thread.futex_rla, thread.futex_rla_len,
+        _call(tracee, SYS_SET_ROBUST_LIST, thread.futex_rla, thread.futex_rla_len,
               what="set_robust_list")
 
 
@@ -169,15 +170,15 @@ def _set_name_and_sched(target: ThreadTarget, tracee: Tracee, core: CoreEntry) -
     thread = core.thread_core
     if thread.comm:
         name = target.data(thread.comm.encode()[:15] + b"\0")
-        _call(tracee, _SYS_PRCTL, _PR_SET_NAME, name, what="prctl(PR_SET_NAME)")
+        _call(tracee, SYS_PRCTL, _PR_SET_NAME, name, what="prctl(PR_SET_NAME)")
     if thread.HasField("sched_policy"):
         at = target.data(struct.pack("<i", thread.sched_prio))
-        res = tracee.inject_syscall(_SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at)
+        res = tracee.inject_syscall(SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at)
         if res < 0:
             log.warning("pid %d: thread %d keeps its scheduling policy: %s", target.pid,
                         tracee.tid, LazyMigOSError(-res, "sched_setscheduler"))
     if thread.HasField("sched_nice"):
-        res = tracee.inject_syscall(_SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice)
+        res = tracee.inject_syscall(SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice)
         if res < 0:
             log.warning("pid %d: thread %d keeps its nice value: %s", target.pid, tracee.tid,
                         LazyMigOSError(-res, "setpriority"))
@@ -198,7 +199,7 @@ def finish_thread(tracee: Tracee, core: CoreEntry, xstate: bytes, *,
     thread = core.thread_core
     if thread.HasField("rseq_entry") and thread.rseq_entry.rseq_abi_pointer:
         r = thread.rseq_entry
-        _call(tracee, _SYS_RSEQ, r.rseq_abi_pointer, r.rseq_abi_size, 0, r.signature,
+        _call(tracee, SYS_RSEQ, r.rseq_abi_pointer, r.rseq_abi_size, 0, r.signature,
               what="rseq")
     tracee.set_sigmask(thread.blk_sigset)
     queued = [(True, s.siginfo) for s in thread.signals_p.signals]
@@ -222,7 +223,7 @@ def _queue_signals(tracee: Tracee, queued: Sequence[tuple[bool, bytes]]) -> None
     mapping is gone by now). The kernel takes any si_code from a process queueing
     to itself, as CRIU's restorer does."""
     with tracee.syscalls() as session:
-        page = session.syscall(_SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
+        page = session.syscall(SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
         if page < 0:
             raise LazyMigOSError(-page, "injected mmap for the queued signals", pid=tracee.pid)
         try:
@@ -230,12 +231,12 @@ def _queue_signals(tracee: Tracee, queued: Sequence[tuple[bool, bytes]]) -> None
                 write_memory(tracee.pid, page, raw)
                 (signo,) = struct.unpack_from("<i", raw)
                 if own:
-                    res = session.syscall(_SYS_RT_TGSIGQUEUEINFO, tracee.pid, tracee.tid, signo,
+                    res = session.syscall(SYS_RT_TGSIGQUEUEINFO, tracee.pid, tracee.tid, signo,
                                           page)
                 else:
-                    res = session.syscall(_SYS_RT_SIGQUEUEINFO, tracee.pid, signo, page)
+                    res = session.syscall(SYS_RT_SIGQUEUEINFO, tracee.pid, signo, page)
                 if res < 0:
                     raise LazyMigOSError(-res, f"injected sigqueueinfo({signo})",
                                          pid=tracee.pid)
         finally:
-            session.syscall(_SYS_MUNMAP, page, PAGE_SIZE)
+            session.syscall(SYS_MUNMAP, page, PAGE_SIZE)

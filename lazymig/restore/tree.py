@@ -48,6 +48,15 @@ from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux.procfs import read_stat
 from lazymig.linux.ptrace import PTRACE_O_TRACEFORK, TargetGoneError, Tracee, TracerThread
+from lazymig.linux.syscalls import (
+    SYS_CLONE3,
+    SYS_EXIT_GROUP,
+    SYS_FORK,
+    SYS_MMAP,
+    SYS_MUNMAP,
+    SYS_SETPGID,
+    SYS_SETSID,
+)
 from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PstreeEntry
@@ -65,13 +74,6 @@ log = logging.getLogger(__name__)
 TASK_DEAD: Final = 2
 """CRIU's task state of a zombie (``core.tc.task_state``)."""
 
-_SYS_MMAP: Final = 9
-_SYS_MUNMAP: Final = 11
-_SYS_FORK: Final = 57
-_SYS_EXIT_GROUP: Final = 231
-_SYS_SETPGID: Final = 109
-_SYS_SETSID: Final = 112
-_SYS_CLONE3: Final = 435
 _SIGCHLD: Final = 17
 #: struct clone_args up to set_tid_size: flags, pidfd, child_tid, parent_tid,
 #: exit_signal, stack, stack_size, tls, set_tid, set_tid_size.
@@ -215,7 +217,7 @@ def _skeleton(root: Tracee, tree: _Tree, pids: dict[int, int]) -> dict[int, Trac
     for e in tree.entries[1:]:  # members of a group led by another process of the tree
         if e.pid in tracees and e.pgid != e.pid and e.pgid in tracees \
                 and os.getpgid(pids[e.pid]) != pids[e.pgid]:
-            res = tracees[e.pid].inject_syscall(_SYS_SETPGID, 0, pids[e.pgid])
+            res = tracees[e.pid].inject_syscall(SYS_SETPGID, 0, pids[e.pgid])
             if res < 0:
                 raise LazyMigOSError(-res, f"restoring: setpgid(0, {pids[e.pgid]})",
                                      pid=pids[e.pid])
@@ -227,9 +229,9 @@ def _own_session(tracee: Tracee, e: PstreeEntry) -> None:
     (:func:`lazymig.restore.restorer._set_session`'s rule, at fork time)."""
     args: tuple[int, ...] = ()
     if e.sid == e.pid:
-        nr, what = _SYS_SETSID, "setsid"
+        nr, what = SYS_SETSID, "setsid"
     elif e.pgid == e.pid:
-        nr, args, what = _SYS_SETPGID, (0, 0), "setpgid(0, 0)"
+        nr, args, what = SYS_SETPGID, (0, 0), "setpgid(0, 0)"
     else:
         return
     res = tracee.inject_syscall(nr, *args)
@@ -243,23 +245,23 @@ def _fork(parent: Tracee, pid: int) -> Tracee:
     parent.set_options(PTRACE_O_TRACEFORK)
     try:
         with parent.syscalls() as session:
-            page = session.syscall(_SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
+            page = session.syscall(SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
             if page < 0:
                 raise LazyMigOSError(-page, "restoring: injected mmap", pid=parent.pid)
             try:
                 write_memory(parent.pid, page, _CLONE_ARGS.pack(
                     0, 0, 0, 0, _SIGCHLD, 0, 0, 0, page + _CLONE_ARGS.size, 1)
                     + struct.pack("<i", pid))
-                child = session.syscall(_SYS_CLONE3, page, _CLONE_ARGS.size)
+                child = session.syscall(SYS_CLONE3, page, _CLONE_ARGS.size)
                 if child < 0:
                     log.debug("process %d gets a new pid (clone3 with set_tid: %s)", pid,
                               os.strerror(-child))
-                    child = session.syscall(_SYS_FORK)
+                    child = session.syscall(SYS_FORK)
                 if child < 0:
                     raise LazyMigOSError(-child, f"restoring: fork for process {pid}",
                                          pid=parent.pid)
             finally:
-                session.syscall(_SYS_MUNMAP, page, PAGE_SIZE)
+                session.syscall(SYS_MUNMAP, page, PAGE_SIZE)
     finally:
         parent.set_options(0)
     tracee = Tracee.adopt(child, stopped=False)
@@ -276,7 +278,7 @@ def _exit_as_zombie(child: Tracee, status: int) -> None:
         child.detach()
     else:
         with contextlib.suppress(TargetGoneError, LazyMigError):
-            child.inject_syscall(_SYS_EXIT_GROUP, status >> 8 & 0xFF)
+            child.inject_syscall(SYS_EXIT_GROUP, status >> 8 & 0xFF)
         with contextlib.suppress(LazyMigError):
             child.detach()
     deadline = time.monotonic() + 5.0
