@@ -60,8 +60,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
+
+from lazymig.linux.procfs import descendants, lowest_mappable, pidfd_pid
 
 __all__ = [
     "FORKED",
@@ -130,26 +131,9 @@ def spawn_guardian(connection: socket.socket, uffd: int, pid: int) -> subprocess
         os.close(pidfd)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc/*/stat parent links)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _kill(pidfd: int, pid: int, reason: str) -> None:
     # Descendants first, collected while they are still linked to the process.
-    doomed = _descendants(pid) if pid > 0 else []
+    doomed = descendants(pid) if pid > 0 else []
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     for child in doomed:
@@ -165,8 +149,7 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
 
     Returns 0 when the process got every page (or exited), 1 when it was killed.
     """
-    pid = int(next(line.split()[1] for line in Path(f"/proc/self/fdinfo/{pidfd}")
-                   .read_text().splitlines() if line.startswith("Pid:")))
+    pid = pidfd_pid(pidfd)
     connection = socket.socket(fileno=connection_fd)
     poller = select.poll()
     poller.register(connection_fd, select.POLLIN)
@@ -318,11 +301,6 @@ class _Ward:
         self.pidfd = None
 
 
-def _pidfd_pid(pidfd: int) -> int:
-    return int(next(line.split()[1] for line in Path(f"/proc/self/fdinfo/{pidfd}")
-                    .read_text().splitlines() if line.startswith("Pid:")))
-
-
 def guard_daemon(connection_fd: int) -> int:
     """The daemon's own guardian (see :class:`DaemonGuardian`): 0 when the daemon said
     every process was settled, 1 when it went away first (what it held is killed)."""
@@ -372,8 +350,7 @@ def _daemon_gone(wards: dict[int, _Ward]) -> int:
     """The daemon died before every process was settled: kill those it named (a
     forked child dies as a descendant of its parent), name the others if possible
     and kill them, and hold the uffds of those that cannot be named until they exit."""
-    from lazymig.linux.procfs import lowest_mappable  # noqa: PLC0415 (only on this path)
-    from lazymig.linux.uffd import memory_alive  # noqa: PLC0415
+    from lazymig.linux.uffd import memory_alive  # noqa: PLC0415 (only on this path)
     from lazymig.uffd.identify import Identified, identify  # noqa: PLC0415
 
     reason = "the lazy-pages daemon went away before every page arrived"
@@ -388,7 +365,7 @@ def _daemon_gone(wards: dict[int, _Ward]) -> int:
                 found = identify(ward.pid, ward.ranges, ward.restorer, ())
                 if isinstance(found, Identified):
                     ward.pidfd = found.pidfd
-            if ward.pidfd is not None and (pid := _pidfd_pid(ward.pidfd)) > 0:
+            if ward.pidfd is not None and (pid := pidfd_pid(ward.pidfd)) > 0:
                 _kill(ward.pidfd, pid, reason)
             elif ward.parent not in done and any(memory_alive(fd, probe) for fd in ward.uffds):
                 continue  # still there, unnamed: held

@@ -138,6 +138,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def pidfd_pid(pidfd: int) -> int:
+    """The pid of the process behind this process's ``pidfd`` (its fdinfo's ``Pid:``)."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Pid:")))
+
+
 def lowest_mappable() -> int:
     """The lowest page address mmap allows (``vm.mmap_min_addr``, at least one page in):
     no process maps it in practice, so a probe there touches nothing."""
