@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import mmap
 import os
 import signal
 import threading
@@ -43,8 +44,11 @@ from lazymig.linux._libc import check, libc
 from lazymig.linux.syscalls import (
     SYS_GET_ROBUST_LIST,
     SYS_GETPID,
+    SYS_MMAP,
+    SYS_MUNMAP,
 )
 from lazymig.linux.vm import read_memory
+from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE
 
 __all__ = [
     "NT_PRSTATUS",
@@ -797,6 +801,19 @@ class InjectionSession:
     def tracee(self) -> Tracee:
         """The thread this session runs in."""
         return self._tracee
+
+    @contextlib.contextmanager
+    def scratch_page(self, what: str) -> Iterator[int]:
+        """A private read-write page mapped in the tracee's process for the block
+        (arguments the injected calls read); LazyMigOSError ``what`` if mmap fails."""
+        page = self.syscall(SYS_MMAP, 0, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if page < 0:
+            raise LazyMigOSError(-page, what, pid=self._tracee.pid)
+        try:
+            yield page
+        finally:
+            self.syscall(SYS_MUNMAP, page, PAGE_SIZE)
 
     def syscall(self, nr: int, *args: int) -> int:
         """Run syscall ``nr(*args)``; returns rax, signed (``-errno`` on failure)."""

@@ -40,8 +40,6 @@ from lazymig.linux.ptrace import PTRACE_O_TRACECLONE, Tracee, UserRegs
 from lazymig.linux.syscalls import (
     SYS_CLONE,
     SYS_CLONE3,
-    SYS_MMAP,
-    SYS_MUNMAP,
     SYS_PRCTL,
     SYS_RSEQ,
     SYS_RT_SIGQUEUEINFO,
@@ -53,7 +51,6 @@ from lazymig.linux.syscalls import (
     SYS_SIGALTSTACK,
 )
 from lazymig.linux.vm import write_memory
-from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import CoreEntry
 
 __all__ = ["DumpedThread", "ThreadTarget", "create_threads", "finish_thread",
@@ -222,21 +219,14 @@ def _queue_signals(tracee: Tracee, queued: Sequence[tuple[bool, bytes]]) -> None
     each raw siginfo, in order, from a page mapped for the purpose (the scratch
     mapping is gone by now). The kernel takes any si_code from a process queueing
     to itself, as CRIU's restorer does."""
-    with tracee.syscalls() as session:
-        page = session.syscall(SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
-        if page < 0:
-            raise LazyMigOSError(-page, "injected mmap for the queued signals", pid=tracee.pid)
-        try:
-            for own, raw in queued:
-                write_memory(tracee.pid, page, raw)
-                (signo,) = struct.unpack_from("<i", raw)
-                if own:
-                    res = session.syscall(SYS_RT_TGSIGQUEUEINFO, tracee.pid, tracee.tid, signo,
-                                          page)
-                else:
-                    res = session.syscall(SYS_RT_SIGQUEUEINFO, tracee.pid, signo, page)
-                if res < 0:
-                    raise LazyMigOSError(-res, f"injected sigqueueinfo({signo})",
-                                         pid=tracee.pid)
-        finally:
-            session.syscall(SYS_MUNMAP, page, PAGE_SIZE)
+    with tracee.syscalls() as session, \
+            session.scratch_page("injected mmap for the queued signals") as page:
+        for own, raw in queued:
+            write_memory(tracee.pid, page, raw)
+            (signo,) = struct.unpack_from("<i", raw)
+            if own:
+                res = session.syscall(SYS_RT_TGSIGQUEUEINFO, tracee.pid, tracee.tid, signo, page)
+            else:
+                res = session.syscall(SYS_RT_SIGQUEUEINFO, tracee.pid, signo, page)
+            if res < 0:
+                raise LazyMigOSError(-res, f"injected sigqueueinfo({signo})", pid=tracee.pid)

@@ -52,13 +52,10 @@ from lazymig.linux.syscalls import (
     SYS_CLONE3,
     SYS_EXIT_GROUP,
     SYS_FORK,
-    SYS_MMAP,
-    SYS_MUNMAP,
     SYS_SETPGID,
     SYS_SETSID,
 )
 from lazymig.linux.vm import write_memory
-from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PstreeEntry
 from lazymig.restore.shmem import shared_vmas
 from lazymig.restore.task import DumpedTask, FdInheritance, load_task
@@ -244,24 +241,19 @@ def _fork(parent: Tracee, pid: int) -> Tracee:
     new pid (fork); seized and stopped before it ran."""
     parent.set_options(PTRACE_O_TRACEFORK)
     try:
-        with parent.syscalls() as session:
-            page = session.syscall(SYS_MMAP, 0, PAGE_SIZE, 0x3, 0x22, -1, 0)
-            if page < 0:
-                raise LazyMigOSError(-page, "restoring: injected mmap", pid=parent.pid)
-            try:
-                write_memory(parent.pid, page, _CLONE_ARGS.pack(
-                    0, 0, 0, 0, _SIGCHLD, 0, 0, 0, page + _CLONE_ARGS.size, 1)
-                    + struct.pack("<i", pid))
-                child = session.syscall(SYS_CLONE3, page, _CLONE_ARGS.size)
-                if child < 0:
-                    log.debug("process %d gets a new pid (clone3 with set_tid: %s)", pid,
-                              os.strerror(-child))
-                    child = session.syscall(SYS_FORK)
-                if child < 0:
-                    raise LazyMigOSError(-child, f"restoring: fork for process {pid}",
-                                         pid=parent.pid)
-            finally:
-                session.syscall(SYS_MUNMAP, page, PAGE_SIZE)
+        with parent.syscalls() as session, \
+                session.scratch_page("restoring: injected mmap") as page:
+            write_memory(parent.pid, page, _CLONE_ARGS.pack(
+                0, 0, 0, 0, _SIGCHLD, 0, 0, 0, page + _CLONE_ARGS.size, 1)
+                + struct.pack("<i", pid))
+            child = session.syscall(SYS_CLONE3, page, _CLONE_ARGS.size)
+            if child < 0:
+                log.debug("process %d gets a new pid (clone3 with set_tid: %s)", pid,
+                          os.strerror(-child))
+                child = session.syscall(SYS_FORK)
+            if child < 0:
+                raise LazyMigOSError(-child, f"restoring: fork for process {pid}",
+                                     pid=parent.pid)
     finally:
         parent.set_options(0)
     tracee = Tracee.adopt(child, stopped=False)
