@@ -68,6 +68,18 @@ def writer(log: Path, *, stdout: int | None = None) -> Iterator[subprocess.Popen
         proc.wait(timeout=10)
 
 
+def newest_count(fd: int, pending: bytearray) -> int:
+    """The counter of the newest whole line the WRITER has sent down pipe ``fd``, read
+    at least once more; ``pending`` keeps a line half read for the next call (a read
+    may end anywhere in a line)."""
+    while True:
+        pending += os.read(fd, 65536)
+        *whole, rest = bytes(pending).split(b"\n")
+        pending[:] = rest
+        if whole:
+            return int(whole[-1].split()[0])
+
+
 def lines_of(log: Path) -> list[tuple[int, int]]:
     data = log.read_bytes()
     assert b"\0" not in data, "a hole: the restored process wrote at a later offset"
@@ -237,16 +249,17 @@ async def test_migrate_refuses_stdio_that_would_stay_behind_before_the_freeze(
     try:
         with writer(tmp_path / "err.log", stdout=write_fd) as proc:
             ino = os.fstat(write_fd).st_ino
-            os.read(read_fd, 1)
+            pending = bytearray()
+            newest_count(read_fd, pending)  # it runs
             with pytest.raises(UnsupportedTargetError,
                                match=rf"fd 1 is pipe:\[{ino}\], which would stay on this host"
                                      r".*not touched. Pass stdio="):
                 await lazymig.migrate(proc.pid)
             with open(f"/proc/{proc.pid}/status") as f:  # noqa: ASYNC230 - procfs
                 assert "TracerPid:\t0\n" in f.read()
-            before = os.read(read_fd, 65536)  # it writes on
+            before = newest_count(read_fd, pending)  # it writes on
             await asyncio.sleep(0.1)
-            assert int(os.read(read_fd, 65536).split()[-2]) > int(before.split()[-2])
+            assert newest_count(read_fd, pending) > before
     finally:
         os.close(read_fd)
         os.close(write_fd)
