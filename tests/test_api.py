@@ -13,6 +13,7 @@ import inspect
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import zlib
@@ -444,3 +445,43 @@ async def test_a_restore_that_fails_before_the_copy_ran_resumes_the_source(
             assert f"the source, pid {w.pid}, was resumed: the restored copy never ran" in notes
         w.drain()
         assert same_memory(w.next_check(), before)  # it runs on, memory intact
+
+
+class _StopServing(Exception):
+    pass
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("keep_serving", [False, True])
+async def test_serve_images_ends_with_its_clients_session(tmp_path: Path,
+                                                          keep_serving: bool) -> None:
+    """A dump on disk has no source to keep: as CRIU's ``page-server --lazy-pages``, the
+    server ends when a client that took some pages closes its session (its restored
+    process exited), unless it was asked to keep serving one restore after another."""
+    address, pages = 0x6D0000000000, 8
+    await lazymig.write_snapshot(tmp_path, [(address, bytes(pages * 4096))], pid=7)
+    layout = struct.Struct("=I4xQQQ")  # wire v2: cmd, nr_pages, vaddr, dst_id
+
+    async def one_page_then_close(server: lazymig.ImagesServer) -> None:
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(layout.pack(7, 1, address, 7))  # PS_IOV_GET of one page
+        await reader.readexactly(layout.size + 4096)
+        writer.write(layout.pack(0x1023, 0, 0, 0))  # PS_IOV_CLOSE
+        assert struct.unpack("=i", await reader.readexactly(4)) == (0,)
+        writer.close()
+        await writer.wait_closed()
+
+    async with asyncio.timeout(30):
+        if not keep_serving:
+            async with lazymig.serve_images(tmp_path) as server:
+                await one_page_then_close(server)
+                served = await server.done
+            assert (served.pages_served, served.pages_total) == (1, pages)
+            return
+        with pytest.raises(_StopServing):
+            async with lazymig.serve_images(tmp_path, keep_serving=True) as server:
+                for _ in range(2):
+                    await one_page_then_close(server)
+                await asyncio.sleep(0.2)
+                assert not server.done.done()
+                raise _StopServing

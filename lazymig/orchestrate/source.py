@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from lazymig.dump.dumper import DumpResult, LazyDump
-from lazymig.dump.server import PageServer, PageServerStats
+from lazymig.dump.server import PageServer, PageServerStats, ServeUntil
 from lazymig.dump.store import ImagesPageStore, LazyPageStore
 from lazymig.orchestrate._checks import check_images_dir, check_port
 from lazymig.orchestrate._handle import Handle, Outcome, entered
@@ -211,13 +211,18 @@ class ImagesServer(PageServing[ServeProgress]):
 
 
 def serve_images(images_dir: StrPath, *, address: str = "127.0.0.1", port: int = 0,
-                 wire: WireVersion = WireVersion.V2) -> ImagesServer:
-    """Serve the lazy pages of a dump on disk until a client has them all.
+                 wire: WireVersion = WireVersion.V2, keep_serving: bool = False) -> ImagesServer:
+    """Serve the lazy pages of a dump on disk until its client's session ends.
 
     The images may come from ``criu dump``, ``lazymig dump`` or
-    :func:`~lazymig.orchestrate.snapshot.write_snapshot`. ``done`` resolves to
-    the last :class:`ServeProgress`; leaving the block normally waits for it,
-    an exception or cancellation stops serving (the images stay as they are).
+    :func:`~lazymig.orchestrate.snapshot.write_snapshot`. As CRIU's ``page-server
+    --lazy-pages``, the server ends when a client that asked for pages closes its
+    session (or its connection), whether or not it took every page: a restored
+    process that exited needs no more, and a dump on disk has no source to keep.
+    With ``keep_serving`` it serves one restore after another until cancelled.
+    ``done`` resolves to the last :class:`ServeProgress`; leaving the block normally
+    waits for it, an exception or cancellation stops serving (the images stay as
+    they are).
 
     Example::
 
@@ -227,5 +232,6 @@ def serve_images(images_dir: StrPath, *, address: str = "127.0.0.1", port: int =
     """
     check_images_dir(images_dir, "lazymig.serve_images")
     check_port(port, "lazymig.serve_images")
+    until = ServeUntil.STOPPED if keep_serving else ServeUntil.SESSION
     return ImagesServer(images_dir, functools.partial(PageServer, address=address, port=port,
-                                                      wire=wire))
+                                                      wire=wire, until=until))
