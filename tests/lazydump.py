@@ -1,10 +1,15 @@
-"""Test helper: a small CRIU-format dump on disk whose lazy pages hold a known pattern."""
+"""Test helpers: a small CRIU-format dump on disk whose lazy pages hold a known
+pattern, and page pipes read back the way the page server serves them."""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
+from types import TracebackType
 
+from lazymig.dump.pagepipe import PagePipes, PagesNotFoundError
+from lazymig.dump.store import PipePageStore
 from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PE, VmaStatus
 from lazymig.proto.images import ImagesDir, MmEntry, PagemapEntry, PstreeEntry, VmaEntry
 
@@ -39,3 +44,35 @@ def write_lazy_dump(directory: Path, layout: dict[int, list[tuple[int, int]]]) -
                 for i in range(nr):
                     pages.write(page_pattern(pid, vaddr + i * PAGE_SIZE))
     return images
+
+
+class PipeServer:
+    """Lazy pages of page pipes as the page server gets them (a
+    :class:`PipePageStore`); leaving the block closes the store and the pipes."""
+
+    def __init__(self, pipes: PagePipes) -> None:
+        self._pid = os.getpid()  # any pid: the store serves what it was given under it
+        self._store = PipePageStore(self._pid, pipes)
+
+    def serve(self, vaddr: int, nr_pages: int) -> tuple[int, bytes]:
+        """Up to ``nr_pages`` lazy pages from ``vaddr``: how many, and their bytes."""
+        n = self._store.available(self._pid, vaddr, nr_pages)
+        if not n:
+            raise PagesNotFoundError(f"no lazy pages at {vaddr:#x}")
+        segment = self._store.segment(self._pid, vaddr, n)
+        out = bytearray()
+        try:
+            while len(out) < segment.length:
+                chunk = os.read(segment.fd, segment.length - len(out))
+                assert chunk, "the scratch pipe ended early"
+                out += chunk
+        finally:
+            segment.close(drained=len(out) == segment.length)
+        return n, bytes(out)
+
+    def __enter__(self) -> PipeServer:
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType] | None
+                 ) -> None:
+        self._store.close()

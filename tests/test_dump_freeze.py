@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lazydump import PipeServer
 
 from lazymig.dump.freeze import (
     AlreadyTracedError,
@@ -26,11 +26,10 @@ from lazymig.dump.freeze import (
     _read_status,
     inspect_target_frozen,
 )
-from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.errors import ClosedResourceError, LazyMigOSError
 from lazymig.linux.ptrace import Tracee, TracerThread
-from lazymig.linux.vm import F_SETPIPE_SZ, read_memory
+from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import MAP_LOCKED, PAGE_SIZE, VmaStatus
 from lazymig.testing.workload import (
     Workload,
@@ -101,49 +100,26 @@ def assert_runs_unchanged(w: Workload, reference_sum: int) -> None:
     assert proc_state(w.pid).endswith("tracer=0")
 
 
-class PipeReader:
-    """A 1 MiB pipe to serve pages into and read them back from."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe()
-        fcntl.fcntl(self.w, F_SETPIPE_SZ, MiB)
-
-    def serve(self, pipes: PagePipes, vaddr: int, nr_pages: int) -> tuple[int, bytes]:
-        n = pipes.write_pages(vaddr, nr_pages, self.w)
-        want, out = n * PAGE_SIZE, bytearray()
-        while len(out) < want:
-            out += os.read(self.r, want - len(out))
-        return n, bytes(out)
-
-    def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
-
-
-def serve_all_lazy(pipes: PagePipes, scan: MemoryScan, pid: int, *, seed: int,
+def serve_all_lazy(reader: PipeServer, scan: MemoryScan, pid: int, *, seed: int,
                    region: tuple[int, int]) -> int:
     """Serve every lazy page (twice for the first chunk of each run); pattern pages
     must match the formula, others the frozen target's memory. Returns pages seen."""
-    reader = PipeReader()
     seen = 0
-    try:
-        for run in (r for r in scan.runs if r.lazy):
-            vaddr, first = run.vaddr, True
-            while vaddr < run.end:
-                n, data = reader.serve(pipes, vaddr, (run.end - vaddr) // PAGE_SIZE)
-                assert n >= 1
-                if first:  # served again: the same bytes, the pipe was not consumed
-                    assert reader.serve(pipes, vaddr, n) == (n, data)
-                    first = False
-                if region[0] <= vaddr < region[1]:
-                    assert data == b"".join(expected_page(vaddr + i * PAGE_SIZE, seed)
-                                            for i in range(n))
-                else:
-                    assert data == read_memory(pid, vaddr, n * PAGE_SIZE)
-                vaddr += n * PAGE_SIZE
-                seen += n
-    finally:
-        reader.close()
+    for run in (r for r in scan.runs if r.lazy):
+        vaddr, first = run.vaddr, True
+        while vaddr < run.end:
+            n, data = reader.serve(vaddr, (run.end - vaddr) // PAGE_SIZE)
+            assert n >= 1
+            if first:  # served again: the same bytes, the pipe was not consumed
+                assert reader.serve(vaddr, n) == (n, data)
+                first = False
+            if region[0] <= vaddr < region[1]:
+                assert data == b"".join(expected_page(vaddr + i * PAGE_SIZE, seed)
+                                        for i in range(n))
+            else:
+                assert data == read_memory(pid, vaddr, n * PAGE_SIZE)
+            vaddr += n * PAGE_SIZE
+            seen += n
     return seen
 
 
@@ -219,8 +195,8 @@ async def test_freeze_scan_pipes_and_resume(workload: Workload, c_workload: Path
         sp_page = thread.regs.rsp & ~(PAGE_SIZE - 1)
         assert any(not r.lazy and r.vaddr <= sp_page < r.end for r in scan.runs)
 
-        with await fp.collect_pages(scan, pipe_size=MiB) as pipes:
-            seen = serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+        with await fp.collect_pages(scan, pipe_size=MiB) as pipes, PipeServer(pipes) as reader:
+            seen = serve_all_lazy(reader, scan, workload.pid, seed=ready.seed, region=region)
             assert seen == scan.lazy_pages
             with tempfile.TemporaryFile() as f:
                 written = pipes.drain_nonlazy(f.fileno())
@@ -249,9 +225,10 @@ async def test_python_workload(tmp_path: Path) -> None:
         async with await FrozenProcess.freeze(w.pid) as fp:
             assert fp.state.mm.exe == real_python()
             scan = await fp.scan()
-            with await fp.collect_pages(scan, pipe_size=MiB) as pipes:
+            with await fp.collect_pages(scan, pipe_size=MiB) as pipes, \
+                    PipeServer(pipes) as reader:
                 region = (w.ready.addr, w.ready.addr + w.ready.size)
-                serve_all_lazy(pipes, scan, w.pid, seed=w.ready.seed, region=region)
+                serve_all_lazy(reader, scan, w.pid, seed=w.ready.seed, region=region)
         assert_runs_unchanged(w, before.sum)
 
 
@@ -412,14 +389,10 @@ async def test_256_mib_with_one_fd_per_mib(c_workload: Path) -> None:
                 total_mib = (scan.lazy_pages + scan.nonlazy_pages) * PAGE_SIZE / MiB
                 assert held == pipes.nr_fds <= total_mib + 8
                 # Spot-check pages across the region.
-                reader = PipeReader()
-                try:
+                with PipeServer(pipes) as reader:
                     for i in range(0, w.ready.size // PAGE_SIZE, 4099):
                         vaddr = w.ready.addr + i * PAGE_SIZE
-                        assert reader.serve(pipes, vaddr, 1) == (1, expected_page(
-                            vaddr, w.ready.seed))
-                finally:
-                    reader.close()
+                        assert reader.serve(vaddr, 1) == (1, expected_page(vaddr, w.ready.seed))
             await fp.release(kill=True)
 
 

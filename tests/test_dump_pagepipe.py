@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import subprocess
 import sys
@@ -14,13 +13,13 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
+from lazydump import PipeServer
 
 from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
 from lazymig.dump.scan import PageRun
 from lazymig.dump.store import PipePageStore
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigOSError
 from lazymig.linux.vm import (
-    F_SETPIPE_SZ,
     AnonMapping,
     pipe_max_size,
     pipe_size_unlimited,
@@ -48,12 +47,6 @@ def open_fds() -> int:
     return sum(1 for _ in os.scandir("/proc/self/fd"))
 
 
-def big_pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
-    return r, w
-
-
 def read_exact(fd: int, n: int) -> bytes:
     out = b""
     while len(out) < n:
@@ -69,9 +62,10 @@ def layout(base: int) -> list[PageRun]:
             PageRun(base + 23 * p, 30, True), PageRun(base + 60 * p, 4, False)]
 
 
-def test_find_stage_and_serve_twice(memory: AnonMapping) -> None:
+def test_find_and_serve_twice(memory: AnonMapping) -> None:
     base = memory.address
-    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp:
+    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp, \
+            PipeServer(pp) as server:
         assert all(b.sealed for b in pp.buffers)  # every write end closed
         lazy = [b for b in pp.buffers if b.lazy]
         assert [b.nr_pages for b in lazy] == [16, 16, 16, 2]
@@ -86,34 +80,18 @@ def test_find_stage_and_serve_twice(memory: AnonMapping) -> None:
         with pytest.raises(ConfigurationError):
             pp.find(base + 1)
 
-        r, w = big_pipe()
-        try:
-            for page in (0, 15, 16, 19, 23, 40, 52):
-                vaddr = base + page * PAGE_SIZE
-                for _ in range(2):  # the same page can be served again and again
-                    assert pp.write_pages(vaddr, 1, w) == 1
-                    assert read_exact(r, PAGE_SIZE) == expected_page(vaddr, SEED)
-            # A request is clamped to the end of the iovec holding its first page.
-            assert pp.write_pages(base + 18 * PAGE_SIZE, 100, w) == 2
-            assert read_exact(r, 2 * PAGE_SIZE) == (expected_page(base + 18 * PAGE_SIZE, SEED)
-                                                    + expected_page(base + 19 * PAGE_SIZE, SEED))
-            # stage + splice_staged: the non-blocking building blocks.
-            n = pp.stage(base + 24 * PAGE_SIZE, 5)
-            assert n == 5 and pp.staged_bytes == 5 * PAGE_SIZE
-            while pp.staged_bytes:
-                pp.splice_staged(w)
-            got = read_exact(r, 5 * PAGE_SIZE)
-            assert got == b"".join(expected_page(base + (24 + i) * PAGE_SIZE, SEED)
-                                   for i in range(5))
-            # Abandoned staging is discarded by the next request.
-            pp.stage(base + 30 * PAGE_SIZE, 2)
-            assert pp.write_pages(base + 31 * PAGE_SIZE, 1, w) == 1
-            assert read_exact(r, PAGE_SIZE) == expected_page(base + 31 * PAGE_SIZE, SEED)
-            with pytest.raises(PagesNotFoundError):
-                pp.write_pages(base + 21 * PAGE_SIZE, 1, w)
-        finally:
-            os.close(r)
-            os.close(w)
+        for page in (0, 15, 16, 19, 23, 40, 52):
+            vaddr = base + page * PAGE_SIZE
+            for _ in range(2):  # the same page can be served again and again
+                assert server.serve(vaddr, 1) == (1, expected_page(vaddr, SEED))
+        # A request runs on to the end of its run (into the next pipe when that one
+        # starts with the next page), not past it.
+        assert server.serve(base + 18 * PAGE_SIZE, 100) == (
+            2, b"".join(expected_page(base + i * PAGE_SIZE, SEED) for i in (18, 19)))
+        assert server.serve(base + 14 * PAGE_SIZE, 4) == (
+            4, b"".join(expected_page(base + i * PAGE_SIZE, SEED) for i in range(14, 18)))
+        with pytest.raises(PagesNotFoundError):
+            server.serve(base + 21 * PAGE_SIZE, 1)
         assert [r.vaddr for r in pp.lazy_runs()] == sorted(r.vaddr for r in pp.lazy_runs())
         assert sum(r.nr_pages for r in pp.lazy_runs()) == 50
 
@@ -138,16 +116,11 @@ def test_drain_nonlazy_to_file(memory: AnonMapping) -> None:
 def test_pages_are_a_snapshot(memory: AnonMapping) -> None:
     """After collection, changing the source does not change what is served."""
     base = memory.address
-    with PagePipes.collect(os.getpid(), [PageRun(base, 4, True)]) as pp:
+    with PagePipes.collect(os.getpid(), [PageRun(base, 4, True)]) as pp, \
+            PipeServer(pp) as server:
         with memory.view() as v:
             v[0:PAGE_SIZE] = b"\xff" * PAGE_SIZE
-        r, w = big_pipe()
-        try:
-            pp.write_pages(base, 1, w)
-            assert read_exact(r, PAGE_SIZE) == expected_page(base, SEED)
-        finally:
-            os.close(r)
-            os.close(w)
+        assert server.serve(base, 1) == (1, expected_page(base, SEED))
 
 
 def test_unreadable_pages_fall_back_to_proc_mem(memory: AnonMapping) -> None:
@@ -157,14 +130,10 @@ def test_unreadable_pages_fall_back_to_proc_mem(memory: AnonMapping) -> None:
     base = memory.address
     assert libc.mprotect(base + 4 * PAGE_SIZE, 2 * PAGE_SIZE, 0) == 0
     try:
-        with PagePipes.collect(os.getpid(), [PageRun(base, 8, True)]) as pp:
-            r, w = big_pipe()
-            try:
-                assert pp.write_pages(base, 8, w) == 8
-                got = read_exact(r, 8 * PAGE_SIZE)
-            finally:
-                os.close(r)
-                os.close(w)
+        with PagePipes.collect(os.getpid(), [PageRun(base, 8, True)]) as pp, \
+                PipeServer(pp) as server:
+            n, got = server.serve(base, 8)
+            assert n == 8
     finally:
         libc.mprotect(base + 4 * PAGE_SIZE, 2 * PAGE_SIZE, 3)
     assert got == b"".join(expected_page(base + i * PAGE_SIZE, SEED) for i in range(8))
@@ -173,13 +142,13 @@ def test_unreadable_pages_fall_back_to_proc_mem(memory: AnonMapping) -> None:
 def test_close_is_idempotent_and_frees_every_fd(memory: AnonMapping) -> None:
     before = open_fds()
     pp = PagePipes.collect(os.getpid(), layout(memory.address), pipe_size=SMALL_PIPE)
-    assert pp.nr_fds == len(pp.buffers) + 3  # read ends + scratch pipe + /dev/null
+    assert pp.nr_fds == len(pp.buffers)  # one read end each
     assert open_fds() == before + pp.nr_fds
     pp.close()
     pp.close()
     assert pp.closed and pp.nr_fds == 0 and open_fds() == before
     with pytest.raises(ClosedResourceError):
-        pp.stage(memory.address, 1)
+        pp.find(memory.address)
 
 
 def test_one_fd_per_full_pipe() -> None:
@@ -189,15 +158,12 @@ def test_one_fd_per_full_pipe() -> None:
         with PagePipes.collect(os.getpid(), [PageRun(m.address, pages, True)],
                                pipe_size=SMALL_PIPE) as pp:
             assert len(pp.buffers) == 256
-            assert open_fds() - before == 256 + 3
+            assert open_fds() - before == 256
 
 
-def test_bad_arguments(memory: AnonMapping) -> None:
+def test_bad_arguments() -> None:
     with pytest.raises(ConfigurationError):
         PagePipes(pipe_size=100)
-    with PagePipes.collect(os.getpid(), [PageRun(memory.address, 2, True)]) as pp, \
-            pytest.raises(ConfigurationError):
-        pp.stage(memory.address, 0)
 
 
 RLIMIT_SCRIPT = textwrap.dedent("""

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_dump_freeze import PipeReader, assert_runs_unchanged, serve_all_lazy
+from lazydump import PipeServer
+from test_dump_freeze import assert_runs_unchanged, serve_all_lazy
 
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.dump.scan import MemoryScan, PageRun
@@ -65,23 +66,20 @@ async def test_target_splices_its_own_pages_and_is_left_as_it_was(workload: Work
         mask = await fp.run(fp.main_thread.get_sigmask)
         scan = await fp.scan()
         region = (ready.addr, ready.addr + ready.size)
-        with await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
+        with await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes, \
+                PipeServer(pipes) as reader:
             assert target_view(workload.pid) == view  # no fd, no mapping left behind
             assert await fp.run(fp.main_thread.get_regs) == regs
             assert await fp.run(fp.main_thread.get_sigmask) == mask
-            assert pipes.nr_fds == len(pipes.buffers) + 3  # read ends, scratch pipe, null
+            assert pipes.nr_fds == len(pipes.buffers)  # one read end each
             assert len(pipes.buffers) > 2 * SCM_MAX_FD  # several SCM_RIGHTS batches
-            seen = serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+            seen = serve_all_lazy(reader, scan, workload.pid, seed=ready.seed, region=region)
             assert seen == scan.lazy_pages
             # The pipes reference the target's pages: a write into the frozen target
             # shows in them. That is why they are closed before it may run again.
             original = read_memory(workload.pid, ready.addr, PAGE_SIZE)
             write_memory(workload.pid, ready.addr, b"\xab" * PAGE_SIZE)
-            reader = PipeReader()
-            try:
-                assert reader.serve(pipes, ready.addr, 1) == (1, b"\xab" * PAGE_SIZE)
-            finally:
-                reader.close()
+            assert reader.serve(ready.addr, 1) == (1, b"\xab" * PAGE_SIZE)
             write_memory(workload.pid, ready.addr, original)
     assert_runs_unchanged(workload, before.sum)
 
@@ -98,9 +96,10 @@ async def test_pages_the_target_cannot_vmsplice_are_copied(
         try:
             scan = await fp.scan()
             with caplog.at_level(logging.INFO, logger="lazymig.dump.pagepipe"), \
-                    await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
+                    await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes, \
+                    PipeServer(pipes) as reader:
                 region = (ready.addr, ready.addr + ready.size)
-                serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+                serve_all_lazy(reader, scan, workload.pid, seed=ready.seed, region=region)
         finally:
             assert await fp.inject_syscall(SYS_MPROTECT, hidden, PAGE_SIZE, PROT_RW) == 0
     assert f"could not vmsplice the page at {hidden:#x} (" in caplog.text
@@ -119,15 +118,17 @@ async def test_a_target_short_of_fds_takes_smaller_batches_or_none(
     resource.prlimit(workload.pid, resource.RLIMIT_NOFILE, (in_use + 12, hard))
     async with await FrozenProcess.freeze(workload.pid) as fp:
         scan = await fp.scan()
-        with await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
-            serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+        with await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes, \
+                PipeServer(pipes) as reader:
+            serve_all_lazy(reader, scan, workload.pid, seed=ready.seed, region=region)
     # No free fd at all: the pages are copied, with a warning.
     resource.prlimit(workload.pid, resource.RLIMIT_NOFILE, (in_use, hard))
     async with await FrozenProcess.freeze(workload.pid) as fp:
         scan = await fp.scan()
         with caplog.at_level(logging.WARNING, logger="lazymig.dump.freeze"), \
-                await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes:
-            serve_all_lazy(pipes, scan, workload.pid, seed=ready.seed, region=region)
+                await fp.collect_pages(scan, pipe_size=SMALL_PIPE) as pipes, \
+                PipeServer(pipes) as reader:
+            serve_all_lazy(reader, scan, workload.pid, seed=ready.seed, region=region)
     assert "copying its pages into the page pipes" in caplog.text
     assert_runs_unchanged(workload, before.sum)
 

@@ -3,8 +3,9 @@
 Each :class:`PipeBuffer` is one pipe plus the iovecs (address ranges) whose
 pages it holds, in order, and a lazy flag. Lazy pages are served to the
 lazy-pages daemon on request, any number of times, without ever leaving the
-pipe (tee into a scratch pipe, drop the prefix into /dev/null, splice the rest
-out: CRIU ``page_pipe_read`` and ``page_server_get_pages``). Non-lazy pages are
+pipe (:class:`~lazymig.dump.store.PipePageStore` tees them into a scratch pipe,
+drops the prefix and splices the rest out: CRIU ``page_pipe_read`` and
+``page_server_get_pages``). Non-lazy pages are
 drained once into pages-N.img (or anything else with an fd) by splice.
 
 **How pages get in.** A frozen target vmsplices its own pages into the pipes
@@ -51,7 +52,6 @@ from lazymig.errors import (
 )
 from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.linux.vm import (
-    SPLICE_F_NONBLOCK,
     AnonMapping,
     get_pipe_size,
     pipe_max_size,
@@ -59,7 +59,6 @@ from lazymig.linux.vm import (
     process_vm_readv,
     read_memory_into,
     set_pipe_size,
-    tee,
     vmsplice,
 )
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
@@ -172,10 +171,10 @@ class PipeBuffer:
 class PagePipes:
     """The page pipes of one dumped process.
 
-    Build it with :meth:`collect` while the target is frozen. Serve lazy pages
-    with :meth:`find` + :meth:`stage` + :meth:`splice_staged` (non-blocking
-    friendly) or :meth:`write_pages` (blocking). Drain non-lazy pages with
-    :meth:`drain_nonlazy`. :meth:`close` frees every fd; it is idempotent.
+    Build it with :meth:`collect` while the target is frozen. :meth:`find` locates a
+    lazy page in its pipe (:class:`~lazymig.dump.store.PipePageStore` serves them
+    from there). Drain non-lazy pages with :meth:`drain_nonlazy`. :meth:`close`
+    frees every fd; it is idempotent.
 
     Not thread-safe: one user at a time (the page server's task).
     """
@@ -190,16 +189,8 @@ class PagePipes:
         self._index_starts: list[int] = []
         self._index: list[tuple[int, int, PipeBuffer, int]] = []
         self._index_dirty = False
-        self._staged = 0
         self._closed = False
-        self._scratch_r = self._scratch_w = self._devnull = -1
-        try:
-            self._scratch_r, self._scratch_w = os.pipe2(os.O_CLOEXEC)
-            self._scratch_pages = self._size_pipe(self._scratch_w) >> PAGE_SHIFT
-            self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        except BaseException:
-            self.close()
-            raise
+        self._capacity = max(1, min(self._want, _grantable_pipe_size(self._want)) >> PAGE_SHIFT)
 
     # -- building ------------------------------------------------------------------
 
@@ -378,21 +369,13 @@ class PagePipes:
         buf._seal()
 
     def _capacity_pages(self) -> int:
-        return max(1, min(self._want >> PAGE_SHIFT, self._scratch_pages))
+        return self._capacity
 
     @property
     def pipe_size(self) -> int:
         """Bytes a page pipe holds at most (a scratch pipe that serves one must hold as
         much)."""
         return self._capacity_pages() << PAGE_SHIFT
-
-    def _size_pipe(self, fd: int) -> int:
-        try:
-            return set_pipe_size(fd, self._want)
-        except LazyMigOSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EBUSY, errno.EINVAL):
-                raise
-            return get_pipe_size(fd)
 
     def _new_buffer(self, lazy: bool) -> PipeBuffer:
         buf = PipeBuffer(lazy, self._capacity_pages())
@@ -407,8 +390,8 @@ class PagePipes:
         except OSError as exc:
             raise LazyMigOSError(exc.errno or errno.EMFILE, "creating a page pipe") from exc
         try:
-            size = self._size_pipe(wfd)
-            if size >> PAGE_SHIFT < buf.nr_pages:  # the scratch pipe got more: a user limit
+            size = _size_pipe(wfd, self._want)
+            if size >> PAGE_SHIFT < buf.nr_pages:  # the probe got more: a user limit
                 raise LazyMigOSError(
                     errno.EPERM, f"a page pipe could be sized to {size} bytes only, not the "
                     f"{buf.nr_pages << PAGE_SHIFT} it must hold (fs.pipe-user-pages-soft?)")
@@ -451,6 +434,7 @@ class PagePipes:
         Like CRIU's ``page_pipe_read(..., PPB_LAZY)``, non-lazy buffers are not
         searched. ``vaddr`` must be page-aligned.
         """
+        self._check_open()
         if vaddr & (PAGE_SIZE - 1):
             raise ConfigurationError(f"address {vaddr:#x} is not page-aligned")
         if self._index_dirty:
@@ -474,88 +458,6 @@ class PagePipes:
         self._index = entries
         self._index_starts = [e[0] for e in entries]
         self._index_dirty = False
-
-    def stage(self, vaddr: int, nr_pages: int) -> int:
-        """Put up to ``nr_pages`` lazy pages from ``vaddr`` at the head of the scratch
-        pipe, leaving the page pipe intact; returns how many pages were staged.
-
-        The count is clamped to the end of the iovec holding ``vaddr``, as the
-        page server clamps a GET (the reply says how many it sends). Anything still
-        staged from an earlier call is discarded first. Then move the bytes out with
-        :meth:`splice_staged` until :attr:`staged_bytes` is 0.
-        """
-        self._check_open()
-        if nr_pages <= 0:
-            raise ConfigurationError(f"nr_pages must be positive, got {nr_pages}")
-        hit = self.find(vaddr)
-        if hit is None:
-            raise PagesNotFoundError(f"no lazy pages at {vaddr:#x}")
-        buf, first, avail = hit
-        if buf.read_fd < 0:
-            raise PagesNotFoundError(f"the lazy pages at {vaddr:#x} are not filled in yet")
-        n = min(nr_pages, avail)
-        self.discard_staged()
-        need = (first + n) << PAGE_SHIFT
-        got = tee(buf.read_fd, self._scratch_w, need, SPLICE_F_NONBLOCK)
-        if got != need:
-            self._staged = got
-            self.discard_staged()
-            raise BrokenResourceError(f"tee gave {got} of {need} bytes for {vaddr:#x}")
-        self._staged = need
-        skip = first << PAGE_SHIFT
-        while skip:
-            moved = os.splice(self._scratch_r, self._devnull, skip)
-            skip -= moved
-            self._staged -= moved
-        return n
-
-    @property
-    def staged_bytes(self) -> int:
-        """Bytes staged by :meth:`stage` and not yet spliced out."""
-        return self._staged
-
-    @property
-    def staged_fd(self) -> int:
-        """Read end of the scratch pipe holding the staged pages."""
-        return self._scratch_r
-
-    def splice_staged(self, dst_fd: int, *, flags: int = 0) -> int:
-        """One ``splice`` of staged bytes into ``dst_fd``; returns bytes moved.
-
-        With a non-blocking ``dst_fd`` it raises ``BlockingIOError`` when the
-        destination is full: wait for it to be writable and call again.
-        """
-        self._check_open()
-        if not self._staged:
-            return 0
-        moved = os.splice(self._scratch_r, dst_fd, self._staged, flags=flags)
-        if moved == 0:
-            raise BrokenResourceError(f"splice to fd {dst_fd} moved nothing")
-        self._staged -= moved
-        return moved
-
-    def discard_staged(self) -> None:
-        """Drop whatever is still staged (e.g. after a failed send)."""
-        while self._staged:
-            self._staged -= os.splice(self._scratch_r, self._devnull, self._staged)
-
-    def write_pages(self, vaddr: int, nr_pages: int, dst_fd: int) -> int:
-        """Write up to ``nr_pages`` lazy pages from ``vaddr`` into ``dst_fd`` without
-        consuming them; returns the page count (clamped like :meth:`stage`).
-
-        Blocks until done, polling ``dst_fd`` if it is non-blocking and full.
-        """
-        n = self.stage(vaddr, nr_pages)
-        try:
-            while self._staged:
-                try:
-                    self.splice_staged(dst_fd)
-                except BlockingIOError:
-                    _wait_writable(dst_fd)
-        except BaseException:
-            self.discard_staged()
-            raise
-        return n
 
     # -- non-lazy pages ----------------------------------------------------------------
 
@@ -610,10 +512,8 @@ class PagePipes:
 
     @property
     def nr_fds(self) -> int:
-        """File descriptors currently held (pipes, scratch pipe, /dev/null)."""
-        fds = [self._scratch_r, self._scratch_w, self._devnull]
-        fds += [fd for b in self._buffers for fd in (b._rfd, b._wfd)]
-        return sum(1 for fd in fds if fd >= 0)
+        """File descriptors currently held (the pipes' ends)."""
+        return sum(1 for b in self._buffers for fd in (b._rfd, b._wfd) if fd >= 0)
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -623,16 +523,10 @@ class PagePipes:
         return self._closed
 
     def close(self) -> None:
-        """Close every pipe and the scratch fds (idempotent)."""
+        """Close every pipe (idempotent)."""
         self._closed = True
-        self._staged = 0
         for buf in self._buffers:
             buf._close()
-        for name in ("_scratch_r", "_scratch_w", "_devnull"):
-            fd = getattr(self, name, -1)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -654,6 +548,27 @@ class PagePipes:
         other = sum(b.nr_pages for b in self._buffers if not b.lazy)
         return (f"<PagePipes {len(self._buffers)} pipes, {lazy} lazy + {other} non-lazy pages"
                 f"{' closed' if self._closed else ''}>")
+
+
+def _size_pipe(fd: int, want: int) -> int:
+    """Ask for ``want`` bytes of pipe; the size it got (fs.pipe-max-size and the
+    user's pipe quota may cap it)."""
+    try:
+        return set_pipe_size(fd, want)
+    except LazyMigOSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EBUSY, errno.EINVAL):
+            raise
+        return get_pipe_size(fd)
+
+
+def _grantable_pipe_size(want: int) -> int:
+    """The size a new pipe gets when ``want`` bytes are asked."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        return _size_pipe(write_fd, want)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def _address_at(iovs: list[tuple[int, int]], offset: int) -> int:
