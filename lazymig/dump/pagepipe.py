@@ -30,9 +30,7 @@ if needed, and fails with the count if even that is too low.
 
 from __future__ import annotations
 
-import bisect
 import errno
-import itertools
 import logging
 import os
 import resource
@@ -62,6 +60,7 @@ from lazymig.linux.vm import (
     vmsplice,
 )
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
+from lazymig.proto.runs import PageRuns
 
 __all__ = ["LARGE_PIPE", "FdSink", "PagePipes", "PagesNotFoundError", "PipeBuffer",
            "default_pipe_size"]
@@ -186,8 +185,8 @@ class PagePipes:
         self._want = size & ~(PAGE_SIZE - 1)
         self._buffers: list[PipeBuffer] = []
         self._current: dict[bool, PipeBuffer | None] = {True: None, False: None}
-        self._index_starts: list[int] = []
-        self._index: list[tuple[int, int, PipeBuffer, int]] = []
+        self._index = PageRuns(())  # the lazy iovecs, and where each one's pages are:
+        self._index_at: list[tuple[PipeBuffer, int]] = []  # (its pipe, first page in it)
         self._index_dirty = False
         self._closed = False
         self._capacity = max(1, min(self._want, _grantable_pipe_size(self._want)) >> PAGE_SHIFT)
@@ -439,24 +438,18 @@ class PagePipes:
             raise ConfigurationError(f"address {vaddr:#x} is not page-aligned")
         if self._index_dirty:
             self._build_index()
-        i = bisect.bisect_right(self._index_starts, vaddr) - 1
-        if i < 0:
+        i = self._index.find(vaddr)
+        if i < 0 or (buf := self._index_at[i][0]).closed:
             return None
-        start, nr, buf, first = self._index[i]
-        skip = (vaddr - start) >> PAGE_SHIFT
-        if skip >= nr or buf.closed:
-            return None
-        return buf, first + skip, nr - skip
+        skip = (vaddr - self._index.start(i)) >> PAGE_SHIFT
+        return buf, self._index_at[i][1] + skip, (self._index.end(i) - vaddr) >> PAGE_SHIFT
 
     def _build_index(self) -> None:
         entries = sorted(
             ((v, n, buf, off) for buf in self._buffers if buf.lazy for v, n, off in buf._iovs),
             key=lambda e: e[0])
-        for a, b in itertools.pairwise(entries):
-            if a[0] + (a[1] << PAGE_SHIFT) > b[0]:
-                raise ConfigurationError(f"lazy page runs overlap at {b[0]:#x}")
-        self._index = entries
-        self._index_starts = [e[0] for e in entries]
+        self._index = PageRuns((v, n) for v, n, _, _ in entries)
+        self._index_at = [(buf, off) for _, _, buf, off in entries]
         self._index_dirty = False
 
     # -- non-lazy pages ----------------------------------------------------------------
@@ -503,7 +496,7 @@ class PagePipes:
         """The lazy address ranges, sorted by address (for pagemap entries and pushing)."""
         if self._index_dirty:
             self._build_index()
-        return [PageRun(v, n, True) for v, n, _, _ in self._index]
+        return [PageRun(v, n, True) for v, n in self._index]
 
     def nonlazy_runs(self) -> list[PageRun]:
         """The non-lazy ranges still held, in pipe order."""

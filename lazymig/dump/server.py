@@ -31,7 +31,6 @@ into one reused buffer per connection.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import enum
 import errno
@@ -67,6 +66,7 @@ from lazymig.proto.pageserver import (
     PageServerConnection,
     Role,
 )
+from lazymig.proto.runs import PageRuns
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import ServerTls, TlsOption, TlsSocket
 
@@ -137,32 +137,28 @@ class PageServerStats:
 
 
 class _Unserved:
-    """Which lazy pages have never been served, per pid: one bitmap per range, the
-    range holding an address found by bisection (a GET touches only its own ranges)."""
+    """Which lazy pages have never been served, per pid: one bitmap per range (a GET
+    touches only the ranges it overlaps)."""
 
     def __init__(self, store: LazyPageStore) -> None:
-        self._ranges: dict[int, tuple[list[int], list[tuple[int, int, bytearray]]]] = {}
+        self._ranges: dict[int, tuple[PageRuns, list[bytearray]]] = {}
         self.remaining = 0
         for pid in store.pids():
-            ranges = [(vaddr, nr, bytearray(b"\1") * nr) for vaddr, nr in store.lazy_ranges(pid)]
-            self._ranges[pid] = ([vaddr for vaddr, _, _ in ranges], ranges)
-            self.remaining += sum(nr for _, nr, _ in ranges)
+            runs = PageRuns(store.lazy_ranges(pid))
+            self._ranges[pid] = (runs, [bytearray(b"\1") * nr for _, nr in runs])
+            self.remaining += runs.pages
 
     def mark(self, pid: int, vaddr: int, nr_pages: int) -> None:
         if self.remaining == 0 or pid not in self._ranges:
             return
-        starts, ranges = self._ranges[pid]
+        runs, bitmaps = self._ranges[pid]
         end = vaddr + nr_pages * PAGE_SIZE
-        i = max(bisect.bisect_right(starts, vaddr) - 1, 0)
-        while i < len(ranges) and ranges[i][0] < end:
-            start, nr, bits = ranges[i]
-            lo = max(start, vaddr)
-            hi = min(start + nr * PAGE_SIZE, end)
-            if lo < hi:
-                first, last = (lo - start) // PAGE_SIZE, (hi - start) // PAGE_SIZE
-                self.remaining -= bits.count(1, first, last)
-                bits[first:last] = bytes(last - first)
-            i += 1
+        for i in runs.overlapping(vaddr, end):
+            start, bits = runs.start(i), bitmaps[i]
+            first = (max(start, vaddr) - start) // PAGE_SIZE
+            last = (min(runs.end(i), end) - start) // PAGE_SIZE
+            self.remaining -= bits.count(1, first, last)
+            bits[first:last] = bytes(last - first)
 
 
 class PageServer:

@@ -8,7 +8,6 @@ Two stores implement :class:`LazyPageStore`: the page pipes of a live dump
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from lazymig.errors import BrokenResourceError, ImageError
 from lazymig.linux.vm import set_pipe_size, tee
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.images import ImagesDir, PageIndex
+from lazymig.proto.runs import PageRuns
 
 if TYPE_CHECKING:  # the restore side imports this module: no ptrace machinery for it
     from lazymig.dump.late_fill import LateFill
@@ -94,35 +94,6 @@ class LazyPageStore(Protocol):
         ...
 
 
-class _Ranges:
-    """Sorted lazy ranges of one pid, looked up by address in O(log n)."""
-
-    def __init__(self, ranges: list[tuple[int, int]]) -> None:
-        self.ranges = sorted(ranges)
-        self.starts = [vaddr for vaddr, _ in self.ranges]
-
-    def pages_from(self, vaddr: int) -> int:
-        """Pages from ``vaddr`` to the end of the range holding it (0 if none does)."""
-        i = bisect.bisect_right(self.starts, vaddr) - 1
-        if i < 0 or vaddr % PAGE_SIZE:
-            return 0
-        start, nr_pages = self.ranges[i]
-        return max(0, nr_pages - (vaddr - start) // PAGE_SIZE)
-
-
-def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted (vaddr, nr_pages) ranges with neighbours joined: a region split over
-    many page pipes is one range to whoever walks the list (the page server's
-    bookkeeping of what was never served does, on every GET)."""
-    out: list[tuple[int, int]] = []
-    for vaddr, nr in ranges:
-        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == vaddr:
-            out[-1] = (out[-1][0], out[-1][1] + nr)
-        else:
-            out.append((vaddr, nr))
-    return out
-
-
 class ImagesPageStore:
     """The lazy pages of a dump on disk (``lazymig page-server --lazy-pages -D DIR``).
 
@@ -134,7 +105,7 @@ class ImagesPageStore:
     """
 
     def __init__(self, images: ImagesDir) -> None:
-        self._ranges: dict[int, _Ranges] = {}
+        self._ranges: dict[int, PageRuns] = {}
         self._index: dict[int, tuple[int, PageIndex]] = {}
         self._fds: list[int] = []
         try:
@@ -162,13 +133,13 @@ class ImagesPageStore:
             raise ImageError(f"{os.fstat(fd).st_size} bytes where the pagemap of pid {pid} "
                              f"says {index.size}", path=path)
         self._index[pid] = (fd, index)
-        self._ranges[pid] = _Ranges([(r.vaddr, r.nr_pages) for r in ranges])
+        self._ranges[pid] = PageRuns((r.vaddr, r.nr_pages) for r in ranges)
 
     def pids(self) -> Iterable[int]:
         return self._ranges.keys()
 
     def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
-        return self._ranges[pid].ranges
+        return list(self._ranges[pid])
 
     def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
         ranges = self._ranges.get(pid)
@@ -214,7 +185,7 @@ class PipePageStore:
         self._pid = pid
         self._pipes = pipes
         self._late_fill = late_fill
-        self._ranges = _Ranges(_merged((r.vaddr, r.nr_pages) for r in pipes.lazy_runs()))
+        self._ranges = PageRuns.merged((r.vaddr, r.nr_pages) for r in pipes.lazy_runs())
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._pipe_size = pipes.pipe_size  # a scratch pipe holds up to a whole page pipe
         self._spare: list[tuple[int, int]] = []  # empty scratch pipes (read fd, write fd)
@@ -223,7 +194,7 @@ class PipePageStore:
         return (self._pid,)
 
     def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
-        return self._ranges.ranges if pid == self._pid else []
+        return list(self._ranges) if pid == self._pid else []
 
     def _pieces(self, pid: int, vaddr: int, nr_pages: int) -> list[tuple[PipeBuffer, int, int]]:
         """(page pipe, first page in it, pages) holding up to ``nr_pages`` lazy pages

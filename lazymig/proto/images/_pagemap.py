@@ -14,7 +14,6 @@ of every entry that has PE_PRESENT and not PE_PARENT.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +22,7 @@ from typing import NamedTuple
 from lazymig.errors import ConfigurationError
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import pagemap_pb2
+from lazymig.proto.runs import PageRuns
 
 __all__ = [
     "PageIndex",
@@ -170,14 +170,13 @@ class PageIndex:
         ConfigurationError: the entries are not sorted or overlap.
     """
 
-    __slots__ = ("_ends", "_entries", "_offsets", "_starts", "size")
+    __slots__ = ("_entries", "_offsets", "_runs", "size")
 
     def __init__(self, entries: Iterable[PagemapEntry]) -> None:
         data = [e for e in entries if e.has_data]
         check_sorted(data)
         self._entries = data
-        self._starts = [e.vaddr for e in data]
-        self._ends = [e.end for e in data]
+        self._runs = PageRuns((e.vaddr, e.nr_pages) for e in data)
         self._offsets: list[int] = []
         offset = 0
         for e in data:
@@ -210,13 +209,7 @@ class PageIndex:
         """
         if vaddr < 0 or vaddr % PAGE_SIZE or nr_pages < 1:
             raise ConfigurationError(f"bad page run {vaddr:#x} x {nr_pages}")
-        i = bisect.bisect_right(self._starts, vaddr) - 1
-        if i < 0 or vaddr >= self._ends[i]:
+        i = self._runs.find(vaddr)
+        if i < 0 or not self._runs.contiguous_from(i, vaddr + nr_pages * PAGE_SIZE):
             return None
-        end = vaddr + nr_pages * PAGE_SIZE
-        j = i
-        while self._ends[j] < end:
-            if j + 1 == len(self._starts) or self._starts[j + 1] != self._ends[j]:
-                return None
-            j += 1
-        return self._offsets[i] + (vaddr - self._starts[i])
+        return self._offsets[i] + (vaddr - self._runs.start(i))
