@@ -1,0 +1,152 @@
+"""Programs nobody here wrote, migrated by lazymig alone as a user would.
+
+Each is started as a user starts a service (its own session, its output to a
+log file, stdin from /dev/null), migrated with ``lazymig.migrate(pid)`` on
+loopback once it has printed a few lines, and must then go on exactly where it
+was: every line it prints is ``tick N VALUE``, N counting up by one with no
+line lost or repeated across the migration, VALUE what its memory (a big
+array, summed on every tick) gives when it is intact. A program missing on
+this machine is skipped, saying which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import lazymig
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root"),
+]
+
+JAVA = """
+public class Loop {
+  public static void main(String[] a) throws Exception {
+    long[] big = new long[2_000_000];
+    for (int i = 0; i < big.length; i++) big[i] = i;
+    Thread worker = new Thread(() -> { while (true) { try { Thread.sleep(5); }
+                                                    catch (InterruptedException e) { } } });
+    worker.setDaemon(true);
+    worker.start();
+    for (int t = 1;; t++) {
+      long s = 0; for (long v : big) s += v;
+      System.out.println("tick " + t + " " + s);
+      Thread.sleep(100);
+    }
+  }
+}
+"""
+
+PERL = r'$|=1; my @a=(0..199999); for (my $n=1;;$n++) { my $s=0; $s+=$_ for @a; ' \
+       r'print "tick $n $s\n"; select(undef,undef,undef,0.05); }'
+
+AWK = 'BEGIN { for (i = 0; i < 20000; i++) a[i] = i; ' \
+      'for (n = 1;; n++) { s = 0; for (i = 0; i < 20000; i++) s += a[i]; ' \
+      'printf "tick %d %d\\n", n, s; fflush(); system("sleep 0.05") } }'
+
+PYTHON_THREADS = """
+import concurrent.futures, hashlib, itertools, time
+big = list(range(200000))
+pool = concurrent.futures.ThreadPoolExecutor(4)
+for n in itertools.count(1):
+    digests = set(pool.map(lambda i: hashlib.sha256(str(big[i]).encode()).digest(), range(8)))
+    assert len(digests) == 8
+    print("tick", n, sum(big), flush=True)
+    time.sleep(0.05)
+"""
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    tool: str
+    value: int
+    """What every tick's VALUE must be."""
+
+    def argv(self, tmp_path: Path) -> list[str]:
+        if self.name == "java":
+            # Compiled first: the single-file source launcher keeps a socket open.
+            (tmp_path / "Loop.java").write_text(JAVA)
+            javac = Path(shutil.which(self.tool) or self.tool).resolve().with_name("javac")
+            subprocess.run([str(javac), "-d", str(tmp_path), str(tmp_path / "Loop.java")],
+                           check=True, timeout=120)
+            return [self.tool, "-Xmx128m", "-cp", str(tmp_path), "Loop"]
+        if self.name == "perl":
+            return [self.tool, "-e", PERL]
+        if self.name == "awk":
+            return [self.tool, AWK]
+        return [self.tool, "-c", PYTHON_THREADS]
+
+
+PROGRAMS = [
+    Program("java", "java", sum(range(2_000_000))),
+    Program("perl", "perl", sum(range(200_000))),
+    Program("awk", "awk", sum(range(20_000))),  # mawk's %d stops at 2**31
+    Program("python-threads", sys.executable, sum(range(200_000))),
+]
+
+
+def ticks(log: Path) -> list[tuple[int, int]]:
+    out = []
+    for line in log.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "tick":
+            out.append((int(parts[1]), int(parts[2])))
+    return out
+
+
+def wait_ticks(log: Path, count: int, timeout: float) -> list[tuple[int, int]]:
+    deadline = time.monotonic() + timeout
+    while len(seen := ticks(log)) < count:
+        assert time.monotonic() < deadline, f"{count} ticks not seen in {timeout} s: {seen}"
+        time.sleep(0.05)
+    return seen
+
+
+@contextlib.contextmanager
+def started(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                close_fds=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.name)
+async def test_a_real_program_goes_on_where_it_was(program: Program, tmp_path: Path) -> None:
+    if shutil.which(program.tool) is None:
+        pytest.skip(f"{program.tool} is not installed on this machine")
+    log = tmp_path / "out.log"
+    with started(program.argv(tmp_path), log) as source:
+        before = await asyncio.to_thread(wait_ticks, log, 3, 60)
+        result = await asyncio.wait_for(lazymig.migrate(source.pid), 120)
+        restored = result.restored.pid
+        try:
+            assert result.transfer.ok
+            after = await asyncio.to_thread(wait_ticks, log, len(before) + 8, 30)
+            os.kill(restored, 0)  # still there
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(restored, signal.SIGKILL)
+    numbers = [n for n, _ in after]
+    assert numbers == list(range(1, len(numbers) + 1)), "a tick was lost or repeated"
+    assert {value for _, value in after} == {program.value}, "the program's memory changed"
