@@ -78,20 +78,46 @@ async def pull(port: int, nr_pages: int, cut_every: int | None) -> tuple[float, 
         asks = [(VADDR + i * PAGE_SIZE, min(GET_PAGES, nr_pages - i))
                 for i in range(0, nr_pages, GET_PAGES)]
         started = time.perf_counter()
-        pending = [source.request(PID, *ask) for ask in asks[:2]]
-        for ask in [*asks[2:], None, None]:
-            chunk = await pending.pop(0)
-            now = time.perf_counter()
-            if len(cut_at) > len(pauses):  # the first reply since the last cut
-                pauses.append(now - cut_at[len(pauses)])
-            chunk.release()
-            if ask is not None:
-                pending.append(source.request(PID, *ask))
+        sink = _Pull(source, asks, cut_at, pauses)
+        await sink.done
         elapsed = time.perf_counter() - started
         if cutting is not None:
             cutting.cancel()
         await source.aclose()
         return nr_pages * PAGE_SIZE / elapsed / 1e9, pauses
+
+
+class _Pull:
+    """A page sink that keeps two of ``asks`` in flight (the daemon's background) and
+    notes, after each cut, when the first reply came."""
+
+    def __init__(self, source: RemotePageSource, asks: list[tuple[int, int]],
+                 cut_at: list[float], pauses: list[float]) -> None:
+        self.source, self.asks, self.cut_at, self.pauses = source, asks[::-1], cut_at, pauses
+        self.in_flight = 0
+        self.done = asyncio.get_running_loop().create_future()
+        for _ in range(2):
+            self._next()
+
+    def _next(self) -> None:
+        if self.asks:
+            self.in_flight += 1
+            self.source.fetch(PID, *self.asks.pop(), self)
+        elif not self.in_flight and not self.done.done():
+            self.done.set_result(None)
+
+    def pages_arrived(self, vaddr: int, nr_pages: int, got: int, address: int,
+                      urgent: bool) -> None:
+        now = time.perf_counter()
+        if len(self.cut_at) > len(self.pauses):  # the first reply since the last cut
+            self.pauses.append(now - self.cut_at[len(self.pauses)])
+        self.in_flight -= 1
+        self._next()
+
+    def pages_failed(self, vaddr: int, nr_pages: int, urgent: bool,
+                     error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
 
 
 def run(loop: str, main: Coroutine[Any, Any, tuple[float, list[float]]]

@@ -127,20 +127,45 @@ def start_page_server(images: Path, port: int, pki: Pki | None) -> subprocess.Po
     return server
 
 
+class _Pull:
+    """A page sink that keeps two of ``asks`` in flight, as the daemon's background does."""
+
+    def __init__(self, source: RemotePageSource, pid: int, asks: list[tuple[int, int]]) -> None:
+        self.source, self.pid, self.asks = source, pid, asks[::-1]
+        self.got = 0
+        self.in_flight = 0
+        self.done = asyncio.get_running_loop().create_future()
+        for _ in range(2):
+            self._next()
+
+    def _next(self) -> None:
+        if self.asks:
+            self.in_flight += 1
+            self.source.fetch(self.pid, *self.asks.pop(), self)
+        elif not self.in_flight and not self.done.done():
+            self.done.set_result(None)
+
+    def pages_arrived(self, vaddr: int, nr_pages: int, got: int, address: int,
+                      urgent: bool) -> None:
+        self.in_flight -= 1
+        self.got += got
+        self._next()
+
+    def pages_failed(self, vaddr: int, nr_pages: int, urgent: bool,
+                     error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
 async def pull(port: int, pid: int, vaddr: int, nr_pages: int, pki: Pki | None) -> float:
     """GB/s of RemotePageSource fetching every page (4 MiB GETs, two in flight)."""
     source = await RemotePageSource.connect(
         "127.0.0.1", port, tls=pki.config(pki.client) if pki else None)
     started = time.perf_counter()
     asks = [(vaddr + i * PAGE_SIZE, min(1024, nr_pages - i)) for i in range(0, nr_pages, 1024)]
-    pending = [source.request(pid, *ask) for ask in asks[:2]]
-    got = 0
-    for ask in [*asks[2:], None, None]:
-        chunk = await pending.pop(0)
-        got += chunk.nr_pages
-        chunk.release()
-        if ask is not None:
-            pending.append(source.request(pid, *ask))
+    sink = _Pull(source, pid, asks)
+    await sink.done
+    got = sink.got
     elapsed = time.perf_counter() - started
     await source.aclose()
     assert got == nr_pages  # one VMA, one segment: no reply is short

@@ -15,6 +15,7 @@ import ctypes
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctype
                         ctypes.c_void_p]
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
 def check(pid: int, vaddr: int, at: int | None = None) -> bool:
@@ -108,6 +110,17 @@ def main() -> None:
         bad = [i for i in order if not check(pid, base + i * PAGE, at=new + i * PAGE)]
         print(f"remapped: {nr - len(bad)}/{nr} pages match", flush=True)
         sys.exit(1 if bad else 0)
+    elif scenario == "eagain":  # a fault served while a REMOVE event is unread
+        page = ctypes.create_string_buffer(PAGE)
+        # memcpy through ctypes releases the GIL while the thread waits for its page.
+        reader = threading.Thread(target=libc.memcpy, args=(page, base, PAGE))
+        reader.start()
+        sys.stdin.readline()
+        libc.madvise(base + (nr - 1) * PAGE, PAGE, MADV_DONTNEED)  # blocks until read
+        reader.join()
+        same = page.raw == page_pattern(pid, base)
+        print(f"faulted page: {'matches' if same else 'MISMATCH'}", flush=True)
+        sys.exit(0 if same else 1)
     elif scenario == "exit-early":
         verify(pid, base, order[:2], "touched two")
         os._exit(0)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import select
 import signal
 import socket
 import stat
@@ -27,10 +28,11 @@ from test_uffd_kernel import Child
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
+from lazymig.linux.uffd import buffer_address
 from lazymig.proto.images import ImagesDir
 from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
 from lazymig.uffd.handover import send_restore_finished, send_task
-from lazymig.uffd.source import LocalPageSource, PageSource, RemotePageSource
+from lazymig.uffd.source import LocalPageSource, PageChunk, PageSink, PageSource, RemotePageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
 
 CHILD = Path(__file__).with_name("lazy_child.py")
@@ -424,3 +426,70 @@ async def test_a_stopped_daemon_holds_a_process_it_cannot_name_until_it_exits(
         finally:
             await child.stop()
     assert [p.state for p in daemon.report.processes] == ["exited"]
+
+
+class HeldSource:
+    """A page source the test answers by hand, with the dump's pattern: the test picks
+    the moment each reply's UFFDIO_COPY happens."""
+
+    def __init__(self) -> None:
+        self.asked: asyncio.Queue[tuple[int, int, int, PageSink, bool]] = asyncio.Queue()
+
+    def fetch(self, pid: int, vaddr: int, nr_pages: int, sink: PageSink, *,
+              urgent: bool = False) -> None:
+        self.asked.put_nowait((pid, vaddr, nr_pages, sink, urgent))
+
+    @staticmethod
+    def answer(pid: int, vaddr: int, nr_pages: int, sink: PageSink, urgent: bool) -> None:
+        data = bytearray(b"".join(page_pattern(pid, vaddr + i * 4096) for i in range(nr_pages)))
+        with buffer_address(data) as (address, _):
+            sink.pages_arrived(vaddr, nr_pages, nr_pages, address, urgent)
+
+    async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
+                  ) -> PageChunk:
+        raise AssertionError("the daemon fetches")
+
+    async def aclose(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_copy_refused_while_the_map_changes_is_fetched_again(tmp_path: Path) -> None:
+    """With the background off, a fault whose UFFDIO_COPY fails with EAGAIN (a REMOVE
+    event is unread) is not left waiting: its thread is woken, faults again, and that
+    fault fetches the page again."""
+    dump = layout(1, 16)
+    write_lazy_dump(tmp_path, dump)
+    source = HeldSource()
+    async with asyncio.timeout(30):
+        daemon, running = await run_daemon(tmp_path, source, fault_prefetch=1,
+                                           background=False)
+        (pid, [(vaddr, nr)]), = dump.items()
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, "eagain")
+        first = await source.asked.get()  # the child's thread faulted on its first page
+        assert first[1] == vaddr
+        proc = daemon._processes[0]
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")  # its main thread then raises a REMOVE event
+        await child.stdin.drain()
+        # Blocking the loop on purpose: the daemon must not read the event before the copy.
+        readable, _, _ = select.select([proc.uffd.fd], [], [], 10)
+        assert readable, "no REMOVE event came"
+        HeldSource.answer(*first)
+        assert proc.pages_copied == 0  # EAGAIN: the copy was refused, the page requeued
+
+        async def answer_the_rest() -> None:
+            while True:
+                HeldSource.answer(*await source.asked.get())
+
+        answering = asyncio.create_task(answer_the_rest())
+        code, out = await finish(child)
+        await stop(answering)
+        report = await running
+    assert code == 0, out
+    assert "faulted page: matches" in out
+    assert report.ok, report
+    assert report.processes[0].pages_copied >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lazymig.errors import BrokenResourceError, ClosedResourceError
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.pageserver import GetReply, GetRequest, PageData, PageServerConnection, Role
 from lazymig.proto.wire import WireVersion
-from lazymig.uffd.source import NO_RECONNECT, LocalPageSource, PageChunk, RemotePageSource
+from lazymig.uffd.source import NO_RECONNECT, LocalPageSource, RemotePageSource
 
 PID = 321
 DUMP = {PID: [(0x10000000, 64), (0x20000000, 5)]}
@@ -98,9 +99,10 @@ async def test_local_source_reads_the_images(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("ending", ["abort", "fail"])
 async def test_a_reply_callback_that_ends_the_source_mid_batch(ending: str) -> None:
-    """Three replies arrive in one segment; the first one's on_done ends the session
-    (the daemon's callbacks may: a failed process, a cancelled daemon). The replies
-    behind it in the same receive find no waiter: they are dropped, not an error."""
+    """Three replies arrive in one segment; the first one's sink ends the session
+    (the daemon's may: a failed process, a cancelled daemon). The replies behind it
+    in the same receive find no waiter: they are dropped, not an error; their sinks
+    hear of the failure later, from the loop."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -109,18 +111,29 @@ async def test_a_reply_callback_that_ends_the_source_mid_batch(ending: str) -> N
             "127.0.0.1", listener.getsockname()[1], reconnect=NO_RECONNECT))
         conn, _ = await loop.sock_accept(listener)
         source = await connecting
-        seen: list[asyncio.Future[PageChunk]] = []
+        arrived: list[tuple[int, bytes]] = []
+        failed: list[int] = []
+        both_failed = asyncio.Event()
 
-        def end_the_source(future: asyncio.Future[PageChunk]) -> None:
-            seen.append(future)
-            if ending == "abort":
-                source.abort()
-            else:  # the lane gives up on every waiting request, the connection stays
-                source._lanes[0].fail(BrokenResourceError("given up"))
+        class Sink:
+            def pages_arrived(self, vaddr: int, nr_pages: int, got: int, address: int,
+                              urgent: bool) -> None:
+                arrived.append((vaddr, ctypes.string_at(address, got * PAGE_SIZE)))
+                if ending == "abort":
+                    source.abort()
+                else:  # the lane gives up on every waiting request, the connection stays
+                    source._lanes[0].fail(BrokenResourceError("given up"))
+
+            def pages_failed(self, vaddr: int, nr_pages: int, urgent: bool,
+                             error: BaseException) -> None:
+                assert isinstance(error, ClosedResourceError | BrokenResourceError)
+                failed.append(vaddr)
+                if len(failed) == 2:
+                    both_failed.set()
 
         vaddrs = [0x1000 * (i + 1) for i in range(3)]
-        futures = [source.request(PID, vaddrs[0], 1, on_done=end_the_source)]
-        futures += [source.request(PID, vaddr, 1) for vaddr in vaddrs[1:]]
+        for vaddr in vaddrs:
+            source.fetch(PID, vaddr, 1, Sink())
         server = PageServerConnection(Role.SERVER, WireVersion.V2)
         received = b""
         while len(received) < 3 * 32:
@@ -132,12 +145,9 @@ async def test_a_reply_callback_that_ends_the_source_mid_batch(ending: str) -> N
             replies += server.send(GetReply(PID, vaddr, 1)) + server.send(
                 PageData(bytes([vaddr >> 12]) * PAGE_SIZE, last=True))
         await loop.sock_sendall(conn, replies)  # one segment: the client reads them at once
-        for future in futures[1:]:
-            with pytest.raises((ClosedResourceError, BrokenResourceError)):
-                await future
-        assert seen == [futures[0]]
-        chunk = futures[0].result()
-        assert (chunk.vaddr, bytes(chunk.data)) == (vaddrs[0], b"\x01" * PAGE_SIZE)
+        await both_failed.wait()
+        assert arrived == [(vaddrs[0], b"\x01" * PAGE_SIZE)]
+        assert failed == vaddrs[1:]
         source.abort()
         conn.close()
     listener.close()

@@ -55,6 +55,7 @@ from lazymig.proto.wire import (
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_PAGES",
+    "GET_CMD",
     "NEED_DATA",
     "AddPages",
     "CloseReply",
@@ -71,6 +72,8 @@ __all__ = [
     "ParentRequest",
     "Role",
     "State",
+    "check_get",
+    "get_reply_error",
 ]
 
 DEFAULT_MAX_PAGES: Final = (4 << 20) // PAGE_SIZE
@@ -84,6 +87,8 @@ flight; a peer that piles up more is refused rather than queued without bound.
 """
 
 MAX_PID: Final = (1 << 31) - 1
+GET_CMD: Final = int(Cmd.GET)
+"""``cmd`` of a GET header (no flags): for an I/O layer packing GETs itself (see check_get)."""
 _ADDRESS_LIMIT: Final = 1 << 64
 _INT32 = struct.Struct("=i")
 
@@ -448,24 +453,16 @@ class PageServerConnection:
             raise RemoteProtocolError("data received while no request is outstanding")
         request = self._unanswered[0]
         if isinstance(request, GetRequest):
-            # Every reply of a lazy-pages session comes here: decoded in place, no copy.
             header = self._header_struct
             if not self._has(header.size):
                 return NEED_DATA
             _, nr_pages, vaddr, dst_id = header.unpack_from(self._buf, self._pos)
             self._pos += header.size
             self._unanswered.popleft()
-            if dst_id != request.pid:
-                raise RemoteProtocolError(
-                    f"reply for pid {dst_id} while pid {request.pid} was asked (out of order)",
-                    field="dst_id")
-            if vaddr != request.vaddr:
-                raise RemoteProtocolError(
-                    f"reply for {vaddr:#x} while {request.vaddr:#x} was asked", field="vaddr")
-            if not 0 < nr_pages <= request.nr_pages:
-                raise RemoteProtocolError(
-                    f"reply carries {nr_pages} pages for a request of {request.nr_pages}",
-                    field="nr_pages")
+            error = get_reply_error(request.pid, request.vaddr, request.nr_pages, dst_id, vaddr,
+                                    nr_pages)
+            if error is not None:
+                raise error
             self._in_payload = nr_pages * PAGE_SIZE
             return GetReply(dst_id, vaddr, nr_pages)
         if isinstance(request, OpenRequest):
@@ -497,19 +494,6 @@ class PageServerConnection:
         except ProtocolError:
             self.state = State.ERROR
             raise
-
-    def send_get(self, request: GetRequest) -> bytes:
-        """:meth:`send` of a client's GET, for the fault path: the same checks, done
-        once inline; anything unusual goes through :meth:`send`, which says what."""
-        nr, vaddr, pid = request.nr_pages, request.vaddr, request.pid
-        bound = self._max_pages
-        if (self.state is State.OPEN and self.role is Role.CLIENT and not self._out_payload
-                and nr > 0 and (bound is None or nr <= bound) and not vaddr % PAGE_SIZE
-                and vaddr + nr * PAGE_SIZE <= _ADDRESS_LIMIT and 0 < pid <= MAX_PID
-                and len(self._unanswered) < self._max_in_flight):
-            self._unanswered.append(request)
-            return self._header(Cmd.GET, 0, nr, vaddr, pid)
-        return self.send(request)
 
     def payload_sent_directly(self, nbytes: int) -> None:
         """Account for ``nbytes`` of page data the caller sent itself (e.g. by splice)."""
@@ -548,9 +532,7 @@ class PageServerConnection:
 
     def _send_request(self, event: Event) -> bytes:
         if isinstance(event, GetRequest):
-            _check_pages(event.nr_pages, event.vaddr, self._max_pages, remote=False)
-            if not 0 < event.pid <= MAX_PID:
-                raise LocalProtocolError(f"invalid pid {event.pid}", field="dst_id")
+            check_get(event.pid, event.vaddr, event.nr_pages, self._max_pages)
             self._await_reply(event, remote=False)
             return self._header(Cmd.GET, 0, event.nr_pages, event.vaddr, event.pid)
         if isinstance(event, CloseRequest):
@@ -598,6 +580,37 @@ class PageServerConnection:
             return _INT32.pack(1 if event.has_parent else 0)
         assert isinstance(event, CloseReply)
         return _INT32.pack(event.status)
+
+
+def check_get(pid: int, vaddr: int, nr_pages: int, max_pages: int) -> None:
+    """Raise LocalProtocolError unless a client may send a GET of ``nr_pages`` pages at
+    ``vaddr`` of ``pid`` (``max_pages``: the connection's bound). The one check of a
+    GET, whether the codec sends it or an I/O layer packs it itself with
+    :attr:`~lazymig.proto.wire.WireVersion.header_struct` (``cmd`` = :data:`GET_CMD`)."""
+    if 0 < nr_pages <= max_pages and not vaddr % PAGE_SIZE and \
+            vaddr + nr_pages * PAGE_SIZE <= _ADDRESS_LIMIT and 0 < pid <= MAX_PID:
+        return
+    _check_pages(nr_pages, vaddr, max_pages, remote=False)
+    raise LocalProtocolError(f"invalid pid {pid}", field="dst_id")
+
+
+def get_reply_error(pid: int, vaddr: int, nr_pages: int, reply_pid: int, reply_vaddr: int,
+                    reply_nr_pages: int) -> RemoteProtocolError | None:
+    """What is wrong with a GET reply header (``reply_*``, its ``cmd`` ignored as CRIU
+    does) for the request of ``nr_pages`` at ``vaddr`` of ``pid``, or None: it must
+    echo both and carry 1 to ``nr_pages`` pages, whose bytes follow it."""
+    if reply_pid != pid:
+        return RemoteProtocolError(
+            f"reply for pid {reply_pid} while pid {pid} was asked (out of order)",
+            field="dst_id")
+    if reply_vaddr != vaddr:
+        return RemoteProtocolError(f"reply for {reply_vaddr:#x} while {vaddr:#x} was asked",
+                                   field="vaddr")
+    if not 0 < reply_nr_pages <= nr_pages:
+        return RemoteProtocolError(
+            f"reply carries {reply_nr_pages} pages for a request of {nr_pages}",
+            field="nr_pages")
+    return None
 
 
 def _error(remote: bool, message: str, field: str) -> ProtocolError:

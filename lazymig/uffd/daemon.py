@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import functools
 import logging
 import os
@@ -93,7 +94,7 @@ from lazymig.uffd.handover import ReceivedTask, receive_record
 from lazymig.uffd.identify import Identified, identify
 from lazymig.uffd.latency import LatencyHistogram
 from lazymig.uffd.ranges import LazyRanges
-from lazymig.uffd.source import PageChunk, PageSource, RemotePageSource
+from lazymig.uffd.source import PageSource, RemotePageSource
 from lazymig.uffd.uffd import Uffd
 
 __all__ = ["SOCKET_NAME", "TRANSITIONS", "DaemonReport", "LazyPagesDaemon", "ProcessReport",
@@ -211,10 +212,13 @@ class DaemonReport:
 
 
 class _Process:
-    """One restored process the daemon fills: its uffd, its ranges, its counters."""
+    """One restored process the daemon fills: its uffd, its ranges, its counters. It is
+    the :class:`~lazymig.uffd.source.PageSink` of its requests."""
 
-    def __init__(self, key: int, pid: int, uffd: Uffd, ranges: LazyRanges,
-                 image_ranges: list[tuple[int, int]], restorer: int) -> None:
+    def __init__(self, daemon: LazyPagesDaemon, key: int, pid: int, uffd: Uffd,
+                 ranges: LazyRanges, image_ranges: list[tuple[int, int]],
+                 restorer: int) -> None:
+        self.daemon = daemon
         self.key = key  # its number for the daemon's guardian
         self.pid = pid
         self.uffd = uffd
@@ -251,6 +255,14 @@ class _Process:
     @property
     def active(self) -> bool:
         return self.state is ProcessState.RUNNING
+
+    def pages_arrived(self, vaddr: int, nr_pages: int, got: int, address: int,
+                      urgent: bool) -> None:
+        self.daemon._arrived(self, vaddr, nr_pages, got, address, urgent)
+
+    def pages_failed(self, vaddr: int, nr_pages: int, urgent: bool,
+                     error: BaseException) -> None:
+        self.daemon._fetch_failed(urgent, error)
 
     def to(self, state: ProcessState, reason: str | None) -> None:
         """Move to ``state`` (only along :data:`TRANSITIONS`)."""
@@ -531,7 +543,8 @@ class LazyPagesDaemon:
     def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges,
                image_ranges: list[tuple[int, int]], restorer: int, *,
                parent: _Process | None = None) -> _Process:
-        proc = _Process(len(self._processes) + 1, pid, uffd, ranges, image_ranges, restorer)
+        proc = _Process(self, len(self._processes) + 1, pid, uffd, ranges, image_ranges,
+                        restorer)
         self._processes.append(proc)
         asyncio.get_running_loop().add_reader(uffd.fd, self._on_uffd_readable, proc)
         log.info("pid %d handed over: %d lazy pages", pid, proc.pages_total)
@@ -680,17 +693,20 @@ class LazyPagesDaemon:
             self._kill(proc, f"faulted on {address:#x} after the page source failed")
             return
         proc.faults += 1
-        request = proc.ranges.take_fault(address, self._prefetch(proc, address))
-        if request is not None:
+        ranges = proc.ranges
+        nr_pages = ranges.claim_fault(address, self._prefetch(proc, address))
+        if nr_pages:
             began = time.monotonic()
-            self._fetch(proc, request.vaddr, request.nr_pages, urgent=True)
+            self._urgent_in_flight += 1
+            self.source.fetch(proc.pid, ranges.claimed_vaddr, nr_pages, proc, urgent=True)
             # Only a fault that must wait for a request of its own shrinks the background
             # chunks (those queued ahead of the next one); one on a page already coming
             # (a busy reader catching up with the background) leaves them growing.
             proc.chunk_pages = MIN_CHUNK_PAGES
-            proc.cursor = request.dst + request.nr_pages * PAGE_SIZE
-            proc.fault_started[address] = began
-        elif proc.ranges.in_flight(address):
+            proc.cursor = ranges.claimed_dst + (nr_pages << PAGE_SHIFT)
+            # A fault woken to retry (see _wake) keeps the time it first came.
+            proc.fault_started.setdefault(address, began)
+        elif ranges.in_flight(address):
             # Already coming (a background chunk or an earlier fault): the copy wakes it.
             proc.fault_started.setdefault(address, time.monotonic())
         else:
@@ -699,7 +715,7 @@ class LazyPagesDaemon:
                 proc.uffd.zeropage(address, PAGE_SIZE)
                 proc.zero_pages += 1
             except UffdError as exc:
-                self._uffd_error(proc, exc, address, 1)
+                self._uffd_error(proc, exc, address, 1, address)
 
     def _prefetch(self, proc: _Process, address: int) -> int:
         """Pages the fault at ``address`` fetches: its whole block when it follows the
@@ -730,65 +746,54 @@ class LazyPagesDaemon:
 
     # ------------------------------------------------------------------ fetching
 
-    def _fetch(self, proc: _Process, vaddr: int, nr_pages: int, *, urgent: bool) -> None:
-        # The request goes out now; the reply is handled by a callback the source calls
-        # as it receives it, not a task: on the fault path every loop round trip is latency.
-        if urgent:
-            self._urgent_in_flight += 1
-        self.source.request(proc.pid, vaddr, nr_pages, urgent=urgent, on_done=functools.partial(
-            self._fetched, proc, vaddr, nr_pages, urgent))
-
-    def _fetched(self, proc: _Process, vaddr: int, nr_pages: int, urgent: bool,
-                 future: asyncio.Future[PageChunk]) -> None:
+    def _arrived(self, proc: _Process, vaddr: int, nr_pages: int, got: int, src: int,
+                 urgent: bool) -> None:
+        """``got`` of the ``nr_pages`` pages asked for at ``vaddr`` are at address ``src``
+        (the source's reply buffer, until this returns): the fault path's other half.
+        UFFDIO_COPY first (it wakes the faulting thread); counters, latency and the
+        background after."""
         if urgent:
             self._urgent_in_flight -= 1
         else:
             self._bg_in_flight -= 1
-        if future.cancelled():
-            self._wakeup.set()
-            return
-        error = future.exception()
-        if error is not None:
-            self._wakeup.set()
-            self._source_failed(error)
-            return
-        chunk = future.result()
+        ranges = proc.ranges
         try:
-            if chunk.nr_pages < nr_pages:  # a short reply: the rest is still owed
-                proc.ranges.requeue(vaddr + chunk.nr_pages * PAGE_SIZE,
-                                    nr_pages - chunk.nr_pages)
-            self._copy(proc, chunk, urgent=urgent)
-            chunk.release()
+            if got < nr_pages:  # a short reply: the rest is still owed
+                ranges.requeue(vaddr + got * PAGE_SIZE, nr_pages - got)
+            # The usual reply: its pages are one in-flight interval's, one UFFDIO_COPY.
+            dst = ranges.complete_whole(vaddr, got)
+            if dst >= 0:
+                if proc.active:
+                    self._copy_run(proc, dst, vaddr, src, got << PAGE_SHIFT, urgent)
+            else:
+                for copy in ranges.complete(vaddr, got):
+                    if not proc.active:
+                        break
+                    self._copy_run(proc, copy.dst, copy.vaddr, src + copy.offset,
+                                   copy.nr_pages << PAGE_SHIFT, urgent)
         except Exception as exc:  # a bug here must not leave the process running on holes
             self._wakeup.set()
             log.exception("pid %d: copying %#x failed", proc.pid, vaddr)
             self._fail(proc, f"internal error: {exc!r}")
             return
         self._wakeup.set()  # after the copy: the faulting thread runs first
-        if proc.active and proc.ranges.done:
+        if proc.active and ranges.done:
             self._finish(proc, ProcessState.COMPLETE)
 
-    def _copy(self, proc: _Process, chunk: PageChunk, *, urgent: bool) -> None:
-        ranges = proc.ranges
-        # The usual reply: its pages are one in-flight interval's, one UFFDIO_COPY.
-        dst = ranges.complete_whole(chunk.vaddr, chunk.nr_pages)
-        if dst >= 0:
-            if proc.active:
-                self._copy_run(proc, dst, chunk.vaddr, chunk.address,
-                               chunk.nr_pages << PAGE_SHIFT, urgent)
-            return
-        for copy in ranges.complete(chunk.vaddr, chunk.nr_pages):
-            if not proc.active:
-                return
-            self._copy_run(proc, copy.dst, copy.vaddr, chunk.address + copy.offset,
-                           copy.nr_pages << PAGE_SHIFT, urgent)
+    def _fetch_failed(self, urgent: bool, error: BaseException) -> None:
+        if urgent:
+            self._urgent_in_flight -= 1
+        else:
+            self._bg_in_flight -= 1
+        self._wakeup.set()
+        self._source_failed(error)
 
     def _copy_run(self, proc: _Process, dst: int, vaddr: int, src: int, length: int,
                   urgent: bool) -> None:
         try:
             done = proc.uffd.copy_pages(dst, src, length)
         except UffdError as exc:
-            self._uffd_error(proc, exc, vaddr, length >> PAGE_SHIFT)
+            self._uffd_error(proc, exc, vaddr, length >> PAGE_SHIFT, dst)
             return
         pages = done >> PAGE_SHIFT
         proc.pages_copied += pages
@@ -796,7 +801,8 @@ class LazyPagesDaemon:
             proc.pages_on_demand += pages
         if done < length:  # the kernel stopped early (an event is queued): later
             proc.ranges.requeue(vaddr + done, (length - done) >> PAGE_SHIFT)
-        self._fault_served(proc, dst, length)
+            self._wake_later(proc, dst + done, length - done)
+        self._fault_served(proc, dst, done)
 
     def _fault_served(self, proc: _Process, dst: int, length: int) -> None:
         started = proc.fault_started
@@ -810,18 +816,42 @@ class LazyPagesDaemon:
         for address in [a for a in started if dst <= a < dst + length]:
             proc.fault_latency.add(now - started.pop(address))
 
-    def _uffd_error(self, proc: _Process, exc: UffdError, vaddr: int, nr_pages: int) -> None:
+    def _uffd_error(self, proc: _Process, exc: UffdError, vaddr: int, nr_pages: int,
+                    dst: int | None = None) -> None:
         if exc.process_gone:
             self._finish(proc, ProcessState.EXITED, f"the process went away ({exc})")
         elif exc.recoverable:
             # EEXIST: already there; ENOENT/EAGAIN: the layout is changing. The
-            # pages go back to pending and the background fetch tries again.
-            if exc.errno != 17:
+            # pages go back to pending; the threads waiting there fault again.
+            if exc.errno != errno.EEXIST:
                 proc.ranges.requeue(vaddr, nr_pages)
+                if dst is not None:
+                    self._wake_later(proc, dst, nr_pages << PAGE_SHIFT)
             self._wakeup.set()
         else:
             log.error("pid %d: %s", proc.pid, exc)
             self._fail(proc, str(exc))
+
+    def _wake_later(self, proc: _Process, dst: int, length: int) -> None:
+        """A copy into ``[dst, +length)`` failed (EAGAIN, ENOENT) or stopped short, its
+        pages back to pending: nothing would fetch them for the threads waiting there
+        (with the background off, nothing at all). Once the loop has read the event
+        that is changing the memory map, wake them: they fault again, and their new
+        faults fetch the pages (or get the zero page if the event dropped them). The
+        faults keep their first start time."""
+        asyncio.get_running_loop().call_soon(self._wake, proc, dst, length)
+
+    def _wake(self, proc: _Process, dst: int, length: int) -> None:
+        if not proc.active or proc.uffd.closed:
+            return
+        try:
+            proc.uffd.wake(dst, length)
+        except UffdError as exc:
+            if exc.process_gone:
+                self._finish(proc, ProcessState.EXITED, f"the process went away ({exc})")
+            else:
+                log.warning("pid %d: waking the threads waiting at %#x: %s", proc.pid, dst,
+                            exc)
 
     # ------------------------------------------------------------------ background
 
@@ -844,7 +874,7 @@ class LazyPagesDaemon:
                 proc.cursor = request.dst + request.nr_pages * PAGE_SIZE
                 proc.chunk_pages = min(MAX_CHUNK_PAGES, proc.chunk_pages + MIN_CHUNK_PAGES)
                 self._bg_in_flight += 1
-                self._fetch(proc, request.vaddr, request.nr_pages, urgent=False)
+                self.source.fetch(proc.pid, request.vaddr, request.nr_pages, proc)
                 started = True
             turn += 1
             if not started:

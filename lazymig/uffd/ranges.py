@@ -277,8 +277,8 @@ class LazyRanges:
     Addresses are bytes; everything is O(log n) in the number of intervals.
     """
 
-    __slots__ = ("_in_flight", "_known", "_next_seg", "_pending", "pages_copied",
-                 "pages_dropped", "pages_total", "prefetch")
+    __slots__ = ("_in_flight", "_known", "_next_seg", "_pending", "claimed_dst", "claimed_vaddr",
+                 "pages_copied", "pages_dropped", "pages_total", "prefetch")
 
     def __init__(self, ranges: Iterable[tuple[int, int]], *, prefetch: int = 1) -> None:
         if prefetch < 1:
@@ -303,6 +303,10 @@ class LazyRanges:
         """Pages handed out by :meth:`complete` for copying, less those requeued."""
         self.pages_dropped = 0
         """Pending or in-flight pages forgotten because of REMOVE, UNMAP or a remap."""
+        self.claimed_vaddr = 0
+        """The dump-time address of what the last :meth:`claim_fault` marked in flight."""
+        self.claimed_dst = 0
+        """Its current address."""
 
     # ------------------------------------------------------------------ queries
 
@@ -370,14 +374,29 @@ class LazyRanges:
             What to fetch, or None when the page is already in flight or not lazy
             (tell the two apart with :meth:`is_lazy`).
         """
+        nr_pages = self.claim_fault(addr, self.prefetch if prefetch is None else prefetch)
+        return Request(self.claimed_vaddr, self.claimed_dst, nr_pages) if nr_pages else None
+
+    def claim_fault(self, addr: int, prefetch: int) -> int:
+        """:meth:`take_fault` for the fault path, with no :class:`Request`: returns how
+        many pages it marked in flight (0 where take_fault returns None) and leaves
+        their addresses in :attr:`claimed_vaddr` (dump-time, for the GET) and
+        :attr:`claimed_dst` (current, for the UFFDIO_COPY)."""
         page = addr >> PAGE_SHIFT
-        i = self._pending.find(page)
+        pending = self._pending
+        i = bisect_right(pending.starts, page) - 1
         if i < 0:
-            return None
-        start, end, _, _ = self._pending.items[i]
-        size = self.prefetch if prefetch is None else prefetch
-        block = page - page % size
-        return self._take(i, max(start, block), min(end, block + size))
+            return 0
+        start, end, link, seg = pending.items[i]
+        if page >= end:
+            return 0
+        block = page - page % prefetch
+        lo, hi = max(start, block), min(end, block + prefetch)
+        pending.cut_inside(i, lo, hi)
+        src = link + lo - start
+        self._in_flight.add(lo, hi, src, seg)
+        self.claimed_vaddr, self.claimed_dst = src << PAGE_SHIFT, lo << PAGE_SHIFT
+        return hi - lo
 
     def take_background(self, max_pages: int, near: int | None = None) -> Request | None:
         """The next background chunk: up to ``max_pages`` pending pages, never across

@@ -40,7 +40,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from lazymig.errors import (
@@ -55,14 +55,15 @@ from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.pageserver import (
     DEFAULT_MAX_PAGES,
+    GET_CMD,
     NEED_DATA,
     CloseReply,
     CloseRequest,
     ConnectionClosed,
-    GetReply,
-    GetRequest,
     PageServerConnection,
     Role,
+    check_get,
+    get_reply_error,
 )
 from lazymig.proto.wire import WireVersion
 
@@ -73,6 +74,7 @@ __all__ = [
     "NO_RECONNECT",
     "LocalPageSource",
     "PageChunk",
+    "PageSink",
     "PageSource",
     "ReconnectPolicy",
     "RemotePageSource",
@@ -87,58 +89,62 @@ _LINGER_OFF = struct.pack("ii", 0, 0)
 
 @dataclass(frozen=True, slots=True)
 class PageChunk:
-    """Pages as received: ``nr_pages`` pages at dump-time address ``vaddr``.
-
-    ``data`` may live in a buffer the source reuses: call :meth:`release` once
-    the pages are copied (the daemon does), and do not touch ``data`` after.
-    """
+    """Pages as received: ``nr_pages`` pages at dump-time address ``vaddr``, the answer
+    to :meth:`PageSource.get` (the daemon's own requests go to a :class:`PageSink`)."""
 
     vaddr: int
     nr_pages: int
     data: memoryview
     address: int
-    """Where ``data`` starts in this process's memory (valid while ``data`` lives): the
-    daemon's UFFDIO_COPY takes it as is, without pinning the buffer for each copy."""
-    _pool: list[_Buffer] | None = field(default=None, repr=False, compare=False)
+    """Where ``data`` starts in this process's memory (valid while ``data`` lives): a
+    UFFDIO_COPY takes it as is."""
 
     def release(self) -> None:
-        """Give the buffer back to the source for a later reply."""
-        if self._pool is not None and len(self._pool) < _POOL_SIZE:
-            self._pool.append((self.data.obj, self.address))  # type: ignore[arg-type]
+        """Done with the pages (kept for callers that released pooled buffers)."""
 
 
-_Buffer = tuple[mmap.mmap, int]
-"""A reply buffer and its address (an mmap is never moved: its address holds)."""
+def _chunk(vaddr: int, nr_pages: int, data: bytearray | memoryview) -> PageChunk:
+    """A :class:`PageChunk` of ``data``: a bytearray as is, anything else copied."""
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    with buffer_address(buffer) as (address, _):  # a bytearray that is never resized
+        return PageChunk(vaddr, nr_pages, memoryview(buffer), address)
 
 
-def _address(buffer: mmap.mmap | bytearray) -> int:
-    with buffer_address(buffer) as (address, _):
-        return address
+class PageSink(Protocol):
+    """Who gets the pages of a :meth:`PageSource.fetch` (the daemon, per process).
 
+    Called straight from the loop callback that completed the reply, once per request,
+    with the source in a consistent state (the request already answered): the fault
+    path's whole round trip, with no future and no loop iteration in between. The
+    call may send requests, or end the source."""
 
-_POOL_SIZE = 4
-"""Reply buffers kept per connection (each as big as the largest reply)."""
+    def pages_arrived(self, vaddr: int, nr_pages: int, got: int, address: int,
+                      urgent: bool) -> None:
+        """``got`` (1 to ``nr_pages``) pages asked for at ``vaddr`` are at ``address`` in
+        this process's memory, until this returns (copy them now: the buffer is reused)."""
+        ...
 
-OnDone = Callable[[asyncio.Future[PageChunk]], None]
-"""A callback given the future of a request once it is done (see :meth:`PageSource.request`)."""
+    def pages_failed(self, vaddr: int, nr_pages: int, urgent: bool,
+                     error: BaseException) -> None:
+        """The request will never be answered: the source failed for good (``error``).
+        Called later from the loop, not from the call that failed the source."""
+        ...
 
 
 class PageSource(Protocol):
     """Lazy pages by image pid and dump-time address."""
 
-    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
-                on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
-        """Ask for up to ``nr_pages`` pages at ``vaddr``; the future gets them (maybe
-        fewer, never zero) or the error that broke the source. Never blocks.
-
-        ``on_done`` is called with the future once it is done, as a done callback
-        would be, but a source may call it at once from the loop callback that
-        received the reply, sparing the fault path a loop iteration."""
+    def fetch(self, pid: int, vaddr: int, nr_pages: int, sink: PageSink, *,
+              urgent: bool = False) -> None:
+        """Ask for up to ``nr_pages`` pages at ``vaddr``; ``sink`` gets them (maybe fewer,
+        never zero) or the error that broke the source. Never blocks. The daemon's way:
+        no future, the reply copied as it completes (see :class:`PageSink`)."""
         ...
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
-        """``await request(...)``."""
+        """The pages at ``vaddr`` (maybe fewer than ``nr_pages``, never zero), in a buffer
+        of their own."""
         ...
 
     async def aclose(self) -> None:
@@ -186,24 +192,41 @@ NO_RECONNECT = ReconnectPolicy(attempts=0, stall_timeout=None)
 """Fail every waiting request as soon as the connection is lost."""
 
 
-@dataclass(slots=True)
-class _Request:
-    """A request and the future of its reply; it outlives the connection it was sent on."""
+class _Get:
+    """A GET and who waits for it (a sink, or a future); it outlives the connection it
+    was sent on (sent again after a reconnection)."""
 
-    event: GetRequest | CloseRequest
-    future: asyncio.Future[Any]
-    on_done: OnDone | None = None
-    """Called at once when a reply resolves ``future`` (else as its done callback)."""
+    __slots__ = ("future", "nr_pages", "pid", "sink", "urgent", "vaddr")
+
+    def __init__(self, pid: int, vaddr: int, nr_pages: int, sink: PageSink | None,
+                 urgent: bool, future: asyncio.Future[PageChunk] | None) -> None:
+        self.pid, self.vaddr, self.nr_pages = pid, vaddr, nr_pages
+        self.sink, self.urgent, self.future = sink, urgent, future
+
+
+class _Close:
+    """A CLOSE and the future of its status."""
+
+    __slots__ = ("event", "future")
+
+    def __init__(self, event: CloseRequest, future: asyncio.Future[CloseReply]) -> None:
+        self.event, self.future = event, future
+
+
+_Request = _Get | _Close
 
 
 class _Channel(asyncio.BufferedProtocol):
     """One TCP connection to a page server, with pipelined GETs.
 
     A ``BufferedProtocol``: the loop calls us back with data, no task or future
-    per read. While a reply's page data arrives, :meth:`get_buffer` hands the
-    loop the caller's page buffer itself, so the kernel writes pages straight
-    where the daemon will UFFDIO_COPY them from. Its unanswered requests go
-    back to its :class:`_Lane` when the connection ends.
+    per read. GET replies are the hot path and skip the codec: while a GET waits
+    at the head, :meth:`get_buffer` hands the loop this connection's reply buffer,
+    no further than that reply can reach, so the kernel writes the header and the
+    pages where the sink UFFDIO_COPYs them from; the header is checked once
+    (:func:`~lazymig.proto.pageserver.get_reply_error`). Any other reply (CLOSE's
+    status) goes through the codec (:mod:`lazymig.proto.pageserver`, the spec).
+    Its unanswered requests go back to its :class:`_Lane` when the connection ends.
     """
 
     def __init__(self, lane: _Lane, wire: WireVersion, max_pages: int) -> None:
@@ -215,18 +238,20 @@ class _Channel(asyncio.BufferedProtocol):
         self.fatal = False  # a protocol violation: reconnecting would not help
         self.stalled_out = False  # ended by the lane's stall watchdog, not by the peer
         self.last_progress = time.monotonic()
-        self._scratch = memoryview(bytearray(64 * 1024))
-        self._reply: GetReply | None = None  # the GET reply whose pages are arriving
-        self._data = memoryview(bytearray())
-        self._address = 0
-        # Reused reply buffers: a fresh multi-MiB buffer costs a page fault per 4 KiB
-        # on its first fill, as much as the copy itself. Anonymous maps, not bytearrays
-        # (which zero all their bytes at once): only the pages replies used are resident.
-        self._pool: list[_Buffer] = []
-        self._buffer_size = max_pages * PAGE_SIZE
-        self._filled = 0
-        self._direct = False  # the last get_buffer() handed out the page buffer
-        self._eof = False
+        self._header = wire.header_struct
+        self._pack = self._header.pack
+        self._unpack = self._header.unpack_from
+        self._hsize = self._header.size
+        # The reply buffer: an anonymous map (only the pages replies used are resident),
+        # a header and the largest reply. [_start, _end) is received and not yet handled.
+        self._buffer = mmap.mmap(-1, self._hsize + max_pages * PAGE_SIZE)
+        self._view = memoryview(self._buffer)
+        with buffer_address(self._buffer) as (self._base, _):
+            pass  # an mmap never moves: its address holds while it lives
+        self._start = 0
+        self._end = 0
+        self._scratch = memoryview(bytearray(4096))  # what the codec reads (CLOSE's status)
+        self._to_codec = False  # the last get_buffer() handed out the scratch buffer
         self.lost = asyncio.get_running_loop().create_future()
 
     @property
@@ -246,31 +271,38 @@ class _Channel(asyncio.BufferedProtocol):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._reply is not None and self.codec.buffered == 0:
-            self._direct = True
-            return self._data[self._filled:]
-        self._direct = False
+        waiters = self.waiters
+        if waiters and type(head := waiters[0]) is _Get and not self.codec.buffered:
+            self._to_codec = False
+            # Up to the end of the head's reply at most: what follows is the next reply's,
+            # which belongs at the start of the buffer.
+            return self._view[self._end:self._start + self._hsize + head.nr_pages * PAGE_SIZE]
+        self._to_codec = True
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_progress = time.monotonic()
         self.lane.source.answered = True
         try:
-            if self._direct:
-                self.codec.payload_received_directly(nbytes)
-                self._filled += nbytes
-                self._deliver_if_complete()
-            else:
+            if self._to_codec:
                 self.codec.receive_data(self._scratch[:nbytes])
                 self._process()
+            else:
+                self._end += nbytes
+                self._replies()
         except BrokenResourceError as exc:  # the server closed the session on us
             self.end(exc)
         except LazyMigError as exc:
             self.end(exc, fatal=True)
 
     def eof_received(self) -> bool:
-        self._eof = True
         try:
+            if self.waiters and type(self.waiters[0]) is _Get:
+                raise BrokenResourceError(
+                    f"page server closed the connection ({self.lane.name}) with "
+                    f"{len(self.waiters)} requests unanswered" + (
+                        f" ({self._end - self._start} bytes of a reply received)"
+                        if self._end > self._start else ""))
             self.codec.receive_data(b"")
             self._process()
         except LazyMigError as exc:  # EOF, possibly mid-reply: the connection is lost
@@ -301,72 +333,85 @@ class _Channel(asyncio.BufferedProtocol):
 
     # -- replies
 
+    def _replies(self) -> None:
+        """Hand every complete GET reply in the buffer to its waiter, in order.
+
+        The fault path: the header checked once, the pages left where they arrived.
+        A waiter's sink may end this connection or fail its lane (clearing the
+        waiters): what is left in the buffer then goes unread."""
+        waiters, hsize = self.waiters, self._hsize
+        while self.error is None and waiters:
+            head = waiters[0]
+            start = self._start
+            if type(head) is not _Get:  # CLOSE's status: the codec's, with what follows
+                if self._end > start:
+                    self.codec.receive_data(self._view[start:self._end])
+                self._start = self._end = 0
+                self._process()
+                return
+            if self._end - start < hsize:
+                break
+            _, got, vaddr, pid = self._unpack(self._buffer, start)
+            if pid != head.pid or vaddr != head.vaddr or not 0 < got <= head.nr_pages:
+                error = get_reply_error(head.pid, head.vaddr, head.nr_pages, pid, vaddr, got)
+                assert error is not None
+                raise error
+            end = start + hsize + got * PAGE_SIZE
+            if self._end < end:
+                break
+            waiters.popleft()
+            self._start = end
+            self.lane.progress()
+            sink = head.sink
+            if sink is not None:
+                sink.pages_arrived(vaddr, head.nr_pages, got, self._base + start + hsize,
+                                   head.urgent)
+            else:
+                self._resolve(head.future, _chunk(vaddr, got, self._view[start + hsize:end]))
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start:  # the beginning of the next reply (after a short one): to the front
+            rest = self._end - self._start
+            self._view[:rest] = self._view[self._start:self._end]
+            self._start, self._end = 0, rest
+
     def _process(self) -> None:
+        """What the codec has: CLOSE's status, or what breaks the protocol."""
         codec = self.codec
-        # A reply's on_done may end this connection or fail its lane (clearing our
-        # waiters): what is left in the buffer then goes unread (see _resolve).
         while self.error is None:
-            if self._reply is not None:
-                # The pages straight into the reply buffer: no PageData events.
-                moved = codec.receive_payload_into(self._data[self._filled:])
-                if not moved:
-                    return
-                self._filled += moved
-                self._deliver_if_complete()
-                continue
-            if not codec.buffered and not self._eof:
-                return  # the usual end of a receive: spare the codec's NEED_DATA
             event = codec.next_event()
             if event is NEED_DATA:
                 return
-            if isinstance(event, GetReply):
-                self._reply = event
-                if self._pool:
-                    buffer, self._address = self._pool.pop()
-                else:
-                    buffer = mmap.mmap(-1, self._buffer_size)
-                    self._address = _address(buffer)
-                self._data = memoryview(buffer)[:event.nr_pages * PAGE_SIZE]
-                self._filled = 0
-            elif isinstance(event, CloseReply):
-                self._resolve(event)
+            if isinstance(event, CloseReply):
+                if not self.waiters:  # its lane failed every request meanwhile
+                    return
+                request = self.waiters.popleft()
+                self.lane.progress()
+                self._resolve(request.future, event)
             elif isinstance(event, ConnectionClosed):
                 raise BrokenResourceError(
                     f"page server closed the connection ({self.lane.name}) with "
-                    f"{event.unanswered} requests unanswered" if event.unanswered
+                    f"{len(self.waiters)} requests unanswered" if self.waiters
                     else f"page server closed the connection ({self.lane.name})")
+            else:  # the codec expects no other reply: it raised already
+                raise AssertionError(f"lazymig bug: {event} on a page-server client")
 
-    def _deliver_if_complete(self) -> None:
-        reply = self._reply
-        if reply is None or self._filled < len(self._data):
-            return
-        self._reply = None
-        self._resolve(PageChunk(reply.vaddr, reply.nr_pages, self._data, self._address,
-                                self._pool))
-
-    def _resolve(self, result: PageChunk | CloseReply) -> None:
-        if not self.waiters:  # its lane failed every request meanwhile: nobody waits
-            if isinstance(result, PageChunk):
-                result.release()
-            return
-        request = self.waiters.popleft()
-        self.lane.progress()
-        future = request.future
-        if future.done():
-            return
-        future.set_result(result)
-        if request.on_done is not None:
-            request.on_done(future)
+    @staticmethod
+    def _resolve(future: asyncio.Future[Any] | None, result: object) -> None:
+        if future is not None and not future.done():
+            future.set_result(result)
 
     # -- requests
 
     def submit(self, request: _Request) -> None:
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         if not self.waiters:
             self.last_progress = time.monotonic()  # the stall clock starts now
-        event = request.event
-        self.transport.write(self.codec.send_get(event) if type(event) is GetRequest
-                             else self.codec.send(event))
+        if isinstance(request, _Get):
+            transport.write(self._pack(GET_CMD, request.nr_pages, request.vaddr, request.pid))
+        else:
+            transport.write(self.codec.send(request.event))
         self.waiters.append(request)
 
     def stalled(self, stall_timeout: float) -> bool:
@@ -393,25 +438,20 @@ class _Lane:
         self._episode_start: float | None = None  # when the connection was lost
         self._episode_attempts = 0  # connections since then that brought no reply
 
-    def send(self, event: GetRequest | CloseRequest, on_done: OnDone | None = None
-             ) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def send(self, request: _Request) -> None:
+        """Send ``request`` now, or once connected again; if the lane failed, it fails."""
         if self.failed is not None:
-            future.set_exception(self.failed)
-            if on_done is not None:
-                future.add_done_callback(on_done)
-            return future
-        request = _Request(event, future, on_done)
-        if self.channel is not None and self.channel.usable:
+            self.queued.append(request)
+            self._fail_queued()
+        elif self.channel is not None and self.channel.usable:
             self.channel.submit(request)
         else:
             self.queued.append(request)  # sent once connected again
-        return future
 
     def attach(self, channel: _Channel) -> None:
         """Make ``channel`` the current connection and send it every waiting request."""
         self.channel = channel
-        waiting = [r for r in self.queued if not r.future.done()]
+        waiting = [r for r in self.queued if r.future is None or not r.future.done()]
         self.queued.clear()
         for request in waiting:
             channel.submit(request)
@@ -534,17 +574,28 @@ class _Lane:
                 if self.source.on_failure is not None:  # even with no request waiting
                     self.source.on_failure(self.failed)
         self._stop_timers()
+        if self.channel is not None:
+            self.queued.extend(self.channel.waiters)
+            self.channel.waiters.clear()
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Every queued request gets the lane's error: a future at once, a sink later
+        (from the loop, not in the middle of whatever failed the lane)."""
+        error = self.failed
+        assert error is not None
         requests = list(self.queued)
         self.queued.clear()
-        if self.channel is not None:
-            requests += self.channel.waiters
-            self.channel.waiters.clear()
         for request in requests:
-            if not request.future.done():
-                request.future.set_exception(self.failed)
-                request.future.exception()  # retrieved: the owner learns it from its own waiter
-                if request.on_done is not None:  # later, not in the middle of this loop
-                    request.future.add_done_callback(request.on_done)
+            future = request.future
+            if future is not None:
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # retrieved: the owner learns it from its own waiter
+            elif type(request) is _Get and request.sink is not None:
+                asyncio.get_running_loop().call_soon(
+                    request.sink.pages_failed, request.vaddr, request.nr_pages,
+                    request.urgent, error)
 
     def _stop_timers(self) -> None:
         if self._watchdog is not None:
@@ -649,15 +700,21 @@ class RemotePageSource:
                 "`criu dump --lazy-pages` listening there?)") from exc
         return channel
 
-    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
-                on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
-        lane = self._lanes[-1] if urgent else self._lanes[0]
+    def fetch(self, pid: int, vaddr: int, nr_pages: int, sink: PageSink, *,
+              urgent: bool = False) -> None:
+        check_get(pid, vaddr, nr_pages, self.max_pages)
         self.requests += 1
-        return lane.send(GetRequest(pid, vaddr, nr_pages), on_done)
+        (self._lanes[-1] if urgent else self._lanes[0]).send(
+            _Get(pid, vaddr, nr_pages, sink, urgent, None))
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
-        return await self.request(pid, vaddr, nr_pages, urgent=urgent)
+        check_get(pid, vaddr, nr_pages, self.max_pages)
+        self.requests += 1
+        future: asyncio.Future[PageChunk] = asyncio.get_running_loop().create_future()
+        (self._lanes[-1] if urgent else self._lanes[0]).send(
+            _Get(pid, vaddr, nr_pages, None, urgent, future))
+        return await future
 
     async def aclose(self) -> None:
         """Send CLOSE on every channel, wait for the statuses, then close the sockets.
@@ -668,8 +725,10 @@ class RemotePageSource:
         try:
             for lane in self._lanes:
                 while True:
-                    reply = await lane.send(CloseRequest())
-                    assert isinstance(reply, CloseReply)
+                    future: asyncio.Future[CloseReply] = \
+                        asyncio.get_running_loop().create_future()
+                    lane.send(_Close(CloseRequest(), future))
+                    reply = await future
                     channel = lane.channel
                     if channel is not None and channel.usable:
                         break
@@ -712,12 +771,20 @@ class LocalPageSource:
         from lazymig.dump.store import ImagesPageStore  # noqa: PLC0415 (start-up: local mode only)
         self._store = ImagesPageStore(images)
 
-    def request(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False,
-                on_done: OnDone | None = None) -> asyncio.Future[PageChunk]:
-        future = asyncio.ensure_future(self.get(pid, vaddr, nr_pages, urgent=urgent))
-        if on_done is not None:
-            future.add_done_callback(on_done)
-        return future
+    def fetch(self, pid: int, vaddr: int, nr_pages: int, sink: PageSink, *,
+              urgent: bool = False) -> None:
+        def done(future: asyncio.Future[PageChunk]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                sink.pages_failed(vaddr, nr_pages, urgent, error)
+                return
+            chunk = future.result()
+            sink.pages_arrived(vaddr, nr_pages, chunk.nr_pages, chunk.address, urgent)
+
+        asyncio.ensure_future(self.get(pid, vaddr, nr_pages, urgent=urgent)).add_done_callback(
+            done)
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
@@ -731,7 +798,7 @@ class LocalPageSource:
         got = await loop.run_in_executor(None, os.preadv, segment.fd, [data], segment.offset)
         if got != len(data):
             raise LazyMigError(f"pages image ends early (pid {pid}, {vaddr:#x})")
-        return PageChunk(vaddr, available, memoryview(data), _address(data))
+        return _chunk(vaddr, available, data)
 
     async def aclose(self) -> None:
         self.abort()
