@@ -12,12 +12,14 @@ userfaultfd. The daemon then:
   reader: its next faults are covered; readahead as the kernel's); a fault
   outside every lazy range gets the zero page;
 * once that restorer said "restore finished", pulls every page still lazy in
-  the background, in chunks that grow from 64 KiB to 1 MiB, at most two in
-  flight, and none started while a fault waits: a fault never queues behind
-  more than two chunks of at most a millisecond each, and it starts past the
-  last fault (spatial locality). A fault that needs a request of its own
-  shrinks the chunks back to 64 KiB (CRIU: every fault); one on a page already
-  coming (a busy reader catching up with the background) leaves them growing.
+  the background, in chunks that grow from 64 KiB to 1 MiB, and none started
+  while a fault waits; it starts past the last fault (spatial locality). A
+  fault that needs a request of its own shrinks the chunks back to 64 KiB
+  (CRIU: every fault) and, until they have grown back to 1 MiB, only one is in
+  flight (CRIU: always): a fault then queues behind one small chunk at most
+  (on one connection to a page server, replies come in order). Two are in
+  flight at full size. A fault on a page already coming (a busy reader
+  catching up with the background) leaves the chunks growing.
   (CRIU grows to 4 MiB; measured here, 1 MiB chunks gave the same background
   throughput and a third of the fault p99.);
 * follows the processes: FORK (the child gets the parent's pending ranges and
@@ -868,6 +870,11 @@ class LazyPagesDaemon:
                         or self._urgent_in_flight):
                     break
                 proc = candidates[(turn + i) % len(candidates)]
+                if self._bg_in_flight and proc.chunk_pages < MAX_CHUNK_PAGES:
+                    # It faulted lately (its chunks grow back after each fault): one
+                    # chunk at a time, as CRIU, so its next fault waits behind one small
+                    # chunk at most; two only once it has not faulted for 15 chunks.
+                    continue
                 request = proc.ranges.take_background(proc.chunk_pages, near=proc.cursor)
                 if request is None:
                     continue
