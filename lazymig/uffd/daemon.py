@@ -15,11 +15,12 @@ userfaultfd. The daemon then:
   the background, in chunks that grow from 64 KiB to 1 MiB, and none started
   while a fault waits; it starts past the last fault (spatial locality). A
   fault that needs a request of its own shrinks the chunks back to 64 KiB
-  (CRIU: every fault) and, until they have grown back to 1 MiB, only one is in
-  flight (CRIU: always): a fault then queues behind one small chunk at most
-  (on one connection to a page server, replies come in order). Two are in
-  flight at full size. A fault on a page already coming (a busy reader
-  catching up with the background) leaves the chunks growing.
+  (CRIU: every fault) and, for a random reader, until they have grown back to
+  1 MiB, only one is in flight (CRIU: always): its next fault then queues
+  behind one small chunk at most (on one connection to a page server, replies
+  come in order). Otherwise two are in flight. A fault on a page already
+  coming (a busy reader catching up with the background) leaves the chunks
+  growing.
   (CRIU grows to 4 MiB; measured here, 1 MiB chunks gave the same background
   throughput and a third of the fault p99.);
 * follows the processes: FORK (the child gets the parent's pending ranges and
@@ -243,6 +244,7 @@ class _Process:
         self.unidentified: str | None = None  # why it could not be identified
         self.background = False  # its restorer said "restore finished"
         self.chunk_pages = MIN_CHUNK_PAGES
+        self.random_reader = False  # its last fault that needed a request was an isolated one
         self.cursor: int | None = None  # where the background goes next (after a fault)
         self.last_fault: int | None = None  # the address of its last fault (readahead)
         self.fault_started: dict[int, float] = {}  # page address -> when its fault came
@@ -696,7 +698,8 @@ class LazyPagesDaemon:
             return
         proc.faults += 1
         ranges = proc.ranges
-        nr_pages = ranges.claim_fault(address, self._prefetch(proc, address))
+        prefetch = self._prefetch(proc, address)
+        nr_pages = ranges.claim_fault(address, prefetch)
         if nr_pages:
             began = time.monotonic()
             self._urgent_in_flight += 1
@@ -705,6 +708,7 @@ class LazyPagesDaemon:
             # chunks (those queued ahead of the next one); one on a page already coming
             # (a busy reader catching up with the background) leaves them growing.
             proc.chunk_pages = MIN_CHUNK_PAGES
+            proc.random_reader = prefetch == 1
             proc.cursor = ranges.claimed_dst + (nr_pages << PAGE_SHIFT)
             # A fault woken to retry (see _wake) keeps the time it first came.
             proc.fault_started.setdefault(address, began)
@@ -870,10 +874,12 @@ class LazyPagesDaemon:
                         or self._urgent_in_flight):
                     break
                 proc = candidates[(turn + i) % len(candidates)]
-                if self._bg_in_flight and proc.chunk_pages < MAX_CHUNK_PAGES:
-                    # It faulted lately (its chunks grow back after each fault): one
-                    # chunk at a time, as CRIU, so its next fault waits behind one small
-                    # chunk at most; two only once it has not faulted for 15 chunks.
+                if self._bg_in_flight and proc.random_reader and \
+                        proc.chunk_pages < MAX_CHUNK_PAGES:
+                    # A random reader that faulted lately (its chunks grow back after
+                    # each fault): one chunk at a time, as CRIU, so its next fault waits
+                    # behind one small chunk at most; two once it has not faulted for 15
+                    # chunks. A sequential reader's chunks run ahead of it: not held back.
                     continue
                 request = proc.ranges.take_background(proc.chunk_pages, near=proc.cursor)
                 if request is None:
