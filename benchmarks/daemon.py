@@ -1,6 +1,6 @@
 """Benchmark of the lazy-pages daemon on loopback, beside the machine's own limits.
 
-    .venv/bin/python benchmarks/daemon.py [--sizes 256,1024] [--touches 2000]
+    .venv/bin/python benchmarks/daemon.py [--sizes 256,1024] [--touches 2000] [--no-limits]
     sudo .venv/bin/python benchmarks/daemon.py --criu [--size 256] [--touches 2000]
         [--repeat 3]
 
@@ -440,6 +440,8 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="256,1024", help="region sizes in MiB")
     parser.add_argument("--touches", type=int, default=2000)
     parser.add_argument("--channels", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--no-limits", action="store_true",
+                        help="skip the machine's limits (for A/B pairs of the daemon alone)")
     parser.add_argument("--criu", action="store_true",
                         help="instead: CRIU's daemon and lazymig's, restores of a CRIU dump "
                              "whose restored copy times its faults (needs root)")
@@ -454,6 +456,6 @@ if __name__ == "__main__":
         sys.exit(0)
     with report.recorded("daemon"):
         print(f"machine: {machine.describe()}")
-        for name, value in machine_limits().items():
+        for name, value in ({} if args.no_limits else machine_limits()).items():
             print(f"  limit  {name:50} {value}")
         asyncio.run(main(args))
