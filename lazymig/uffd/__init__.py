@@ -21,7 +21,13 @@ if TYPE_CHECKING:
         ProcessState,
     )
     from lazymig.uffd.ranges import CopyRange, LazyRanges, PageState, Request
-    from lazymig.uffd.source import LocalPageSource, PageChunk, PageSource, RemotePageSource
+    from lazymig.uffd.source import (
+        LocalPageSource,
+        PageChunk,
+        PageSink,
+        PageSource,
+        RemotePageSource,
+    )
     from lazymig.uffd.uffd import DEFAULT_FEATURES, FeatureUnavailableError, Uffd, kernel_features
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "LazyRanges",
     "LocalPageSource",
     "PageChunk",
+    "PageSink",
     "PageSource",
     "PageState",
     "ProcessReport",
@@ -51,7 +58,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "lazymig.uffd.daemon": ["SOCKET_NAME", "DaemonReport", "LazyPagesDaemon", "ProcessReport",
                             "ProcessState"],
     "lazymig.uffd.ranges": ["CopyRange", "LazyRanges", "PageState", "Request"],
-    "lazymig.uffd.source": ["LocalPageSource", "PageChunk", "PageSource", "RemotePageSource"],
+    "lazymig.uffd.source": ["LocalPageSource", "PageChunk", "PageSink", "PageSource",
+                            "RemotePageSource"],
     "lazymig.uffd.uffd": ["DEFAULT_FEATURES", "FeatureUnavailableError", "Uffd",
                           "kernel_features"],
 })
