@@ -41,7 +41,9 @@ import pytest
 from test_restore import free_port, on_uvloop
 
 import lazymig
+import lazymig.dump.dumper
 from lazymig.dump import dump
+from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.dump.tree import TASK_DEAD
 from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
@@ -451,3 +453,43 @@ async def test_children_forked_and_exiting_while_freezing_are_caught(tmp_path: P
                     kinds.add("live")
             assert process_alive(proc.pid)
         assert kinds  # children were caught (most runs catch one, live or dead)
+
+
+PARENT_OF_ONE = ("import subprocess, sys, time\n"
+                 "child = subprocess.Popen(['sleep', '300'])\n"
+                 "print('READY', flush=True)\n"
+                 "time.sleep(300)\n")
+
+
+@contextlib.contextmanager
+def parent_of_one() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", PARENT_OF_ONE], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "READY\n"
+        yield proc
+    finally:
+        for kid in children(proc.pid):
+            os.kill(kid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("tree", [None, False])
+async def test_a_child_forked_after_the_choice_to_dump_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree: bool | None) -> None:
+    """The choice between one process and a tree is made before the freeze; a child
+    forked in between (awk's ``system()``, a shell's commands) is found once the
+    process is frozen. Left to choose, the dump resumes it untouched and dumps the
+    tree; told ``tree=False``, it refuses."""
+    monkeypatch.setattr(lazymig.dump.dumper, "has_children", lambda pid: False)  # stale
+    with parent_of_one() as proc:
+        if tree is False:
+            with pytest.raises(UnsupportedTargetError, match="while it was being frozen alone"):
+                await dump(proc.pid, tmp_path, leave_running=True, tree=tree)
+        else:
+            await dump(proc.pid, tmp_path, leave_running=True, tree=tree)
+            entries = ImagesDir(tmp_path).pstree()
+            assert [e.pid for e in entries] == [proc.pid, *children(proc.pid)]
+        assert process_alive(proc.pid)

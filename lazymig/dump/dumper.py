@@ -234,17 +234,22 @@ class LazyDump:
             started = time.monotonic()
             fp: FrozenProcess | FrozenTree
             store: LazyPageStore | None = None
-            if await asyncio.to_thread(has_children, self.pid):  # lazymig.dump.tree
+            pipes: PagePipes | None = None
+            fill: Callable[[], Coroutine[Any, Any, None]]
+            if not await asyncio.to_thread(has_children, self.pid):  # lazymig.dump.tree
+                try:
+                    alone, written, pipes = await _freeze_and_write(
+                        self.pid, self.images, lazy=True, pipe_size=self.pipe_size)
+                except _ForkedWhileFrozen as forked:
+                    log.info("%s: dumping it with its tree", forked)
+                else:
+                    fp, late_fill = alone, LateFill(pipes)
+                    fill = functools.partial(self._fill, late_fill, alone)
+            if pipes is None:
                 lazy_tree = await start_lazy_tree(self.pid, self.images,
                                                   pipe_size=self.pipe_size)
                 fp, written, store = lazy_tree.tree, lazy_tree.written, lazy_tree.store
-                fill: Callable[[], Coroutine[Any, Any, None]] = lazy_tree.fill
-                pipes: PagePipes | None = None
-            else:
-                fp, written, pipes = await _freeze_and_write(self.pid, self.images, lazy=True,
-                                                             pipe_size=self.pipe_size)
-                late_fill = LateFill(pipes)
-                fill = functools.partial(self._fill, late_fill, fp)
+                fill = lazy_tree.fill
             try:
                 if pipes is not None:
                     store = PipePageStore(self.pid, pipes, late_fill)
@@ -438,8 +443,20 @@ async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
     images = ImagesDir(images_dir, fsync=fsync)
     _check_images_dir(images)
     check_not_waited_for(pid)
+    chosen = tree is None
     if tree is None:
         tree = await asyncio.to_thread(has_children, pid)
+    if not tree:
+        started = time.monotonic()
+        try:
+            fp, written, pipes = await _freeze_and_write(pid, images, lazy=False,
+                                                         pipe_size=pipe_size)
+        except _ForkedWhileFrozen as forked:
+            if not chosen:  # tree=False: its children are not to be dumped
+                raise UnsupportedTargetError(pid, [f"{forked} (tree=False)"],
+                                             REFUSAL_HINT) from None
+            log.info("%s: dumping it with its tree", forked)
+            tree = True
     if tree:
         written, frozen_for = await dump_tree(pid, images, leave_running=leave_running,
                                               pipe_size=pipe_size)
@@ -447,8 +464,6 @@ async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
                           lazy_pages=0, pages_sent=0, frozen_seconds=frozen_for,
                           transfer_seconds=0.0, source=SourceFate.RUNNING if leave_running
                           else SourceFate.KILLED)
-    started = time.monotonic()
-    fp, written, pipes = await _freeze_and_write(pid, images, lazy=False, pipe_size=pipe_size)
     pipes.close()
     frozen = time.monotonic() - started
     await fp.release(kill=not leave_running)
@@ -475,7 +490,7 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     fp = await FrozenProcess.freeze(pid)
     pipes: PagePipes | None = None
     try:
-        await asyncio.to_thread(_refused_frozen, pid)
+        await asyncio.to_thread(_check_no_children, pid)
         files = await asyncio.to_thread(collect_files, pid)
         scan = await fp.scan()
         collect = scan if lazy else MemoryScan(
@@ -555,23 +570,15 @@ def _inspect_descendants(pid: int) -> None:
         raise UnsupportedTargetError(pid, reasons)
 
 
-def _inspect_children(pid: int) -> None:
-    """Refuse a process with children where it is dumped alone (``tree=False``, or
-    a child forked between the check for children and the freeze)."""
-    kids = sorted(children(pid))
-    if kids:
-        raise UnsupportedTargetError(pid, [
-            f"it has child process{'es' if len(kids) > 1 else ''} "
-            f"{', '.join(map(str, kids))}, forked while it was being frozen alone: dump it "
-            "again (a process with children is dumped with its tree)"])
+class _ForkedWhileFrozen(Exception):
+    """A process frozen alone had forked a child meanwhile (it had none when its way
+    of dumping was chosen): it was resumed untouched, to be dumped with its tree."""
 
 
-def _refused_frozen(pid: int) -> None:
-    """A child forked between :func:`_inspect` and the freeze is refused too."""
-    try:
-        _inspect_children(pid)
-    except UnsupportedTargetError as exc:
-        raise UnsupportedTargetError(pid, exc.reasons, REFUSAL_HINT) from None
+def _check_no_children(pid: int) -> None:
+    if kids := sorted(children(pid)):
+        raise _ForkedWhileFrozen(f"pid {pid} forked {', '.join(map(str, kids))} while it "
+                                 "was being frozen alone")
 
 
 def _check_rlimits_readable(pid: int) -> None:

@@ -50,7 +50,7 @@ from lazymig.dump.state import (
 )
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import read_status
+from lazymig.linux.procfs import read_stat, read_status
 from lazymig.linux.ptrace import (
     PTRACE_O_SUSPEND_SECCOMP,
     AlreadyTracedError,
@@ -77,6 +77,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_PF_KTHREAD: Final = 0x00200000
+"""A kernel thread, in ``/proc/PID/stat``'s flags (field 9)."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -171,7 +174,11 @@ def _inspect(pid: int) -> _Layout:
     reasons = []
     layout = _Layout.read(pid, status)
     if not layout.vmas:
-        reasons.append("it has no memory map (a kernel thread?)")
+        if not read_stat(pid)[1][9] & _PF_KTHREAD:
+            # Released its memory in exit(), a zombie the next moment (a child that
+            # ran a moment, as a shell's `sleep`): dumped as one then.
+            raise TargetGoneError(pid, f"process {pid} is exiting")
+        reasons.append("it is a kernel thread")
     reasons += unsupported_mappings(layout.vmas)
     if reasons:
         raise UnsupportedTargetError(pid, reasons)

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
+from typing import Final
 
 from lazymig.dump.files import DumpedFiles, collect_files, inspect_files
 from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
@@ -115,8 +116,8 @@ class FrozenTree:
                         frozen[kid] = await FrozenProcess.freeze(kid, stop_timeout=stop_timeout)
                     except TargetGoneError:
                         # It exited between the listing and the seize; its frozen
-                        # parent cannot have reaped it: it is a zombie now.
-                        zombie = await asyncio.to_thread(_zombie, kid, parent)
+                        # parent cannot have reaped it: a zombie now, or in a moment.
+                        zombie = await _exited(kid, parent)
                         if zombie is None:
                             raise
                         zombies[kid] = zombie
@@ -192,6 +193,21 @@ def _zombie(pid: int, ppid: int) -> Zombie | None:
         return None
     return Zombie(pid=pid, ppid=ppid, pgid=fields[5], sid=fields[6],
                   exit_code=fields.get(52, 0), comm=name)
+
+
+_EXIT_WAIT: Final = 2.0
+"""Seconds a process found exiting may take to be a zombie."""
+
+
+async def _exited(pid: int, ppid: int) -> Zombie | None:
+    """``pid``, which was found exiting, once it is a zombie (None if it is not one
+    within :data:`_EXIT_WAIT`: it was alive after all)."""
+    deadline = time.monotonic() + _EXIT_WAIT
+    while (zombie := await asyncio.to_thread(_zombie, pid, ppid)) is None:
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.001)
+    return zombie
 
 
 def zombie_core(z: Zombie) -> CoreEntry:
