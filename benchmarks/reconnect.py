@@ -141,7 +141,9 @@ def main() -> None:
         for loop in ("asyncio", "uvloop"):
             for cut_every in (None, cut_mib << 20):
                 port = free_port()
-                server = start_page_server(Path(scratch), port, None)
+                # A cut connection ends a dump-on-disk server's session (as CRIU's):
+                # this one must wait for the daemon's reconnection.
+                server = start_page_server(Path(scratch), port, None, keep_serving=True)
                 try:
                     gbps, pauses = run(loop, pull(port, nr_pages, cut_every))
                 finally:

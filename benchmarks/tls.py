@@ -109,10 +109,13 @@ async def serve_once(binary: Path, mib: int, pki: Pki | None) -> tuple[float, fl
         workload.stop()
 
 
-def start_page_server(images: Path, port: int, pki: Pki | None) -> subprocess.Popen[bytes]:
-    """``lazymig page-server`` on ``images`` (TLS with the server's certificate if ``pki``)."""
+def start_page_server(images: Path, port: int, pki: Pki | None, *,
+                      keep_serving: bool = False) -> subprocess.Popen[bytes]:
+    """``lazymig page-server`` on ``images`` (TLS with the server's certificate if ``pki``;
+    with ``keep_serving``, on after a client's connection ends)."""
     tls = (["--tls", "--tls-cacert", str(pki.ca), "--tls-cert", str(pki.server.cert),
             "--tls-key", str(pki.server.key)] if pki else [])
+    tls += ["--keep-serving"] if keep_serving else []
     r, w = os.pipe()
     server = subprocess.Popen(
         [sys.executable, "-m", "lazymig", "page-server", "--lazy-pages", "-D", str(images),
