@@ -30,9 +30,9 @@ def fill_pattern(address: int, pages: int) -> None:
         ctypes.memmove(address + i * PAGE, struct.pack("<QQ", i, address) * (PAGE // 16), PAGE)
 
 
-def region_crc32(address: int, pages: int, chunk_pages: int = 256) -> int:
-    """CRC-32 of the region, read in order (on a lazily filled region: faults)."""
-    crc = 0
+def region_crc32(address: int, pages: int, chunk_pages: int = 256, *, crc: int = 0) -> int:
+    """CRC-32 of the region, read in order (on a lazily filled region: faults),
+    continuing from ``crc``."""
     for first in range(0, pages, chunk_pages):
         n = min(chunk_pages, pages - first)
         crc = zlib.crc32(ctypes.string_at(address + first * PAGE, n * PAGE), crc)

@@ -3,10 +3,13 @@
     python -m lazymig.demo.workload ADDRESS PAGES
 
 Maps PAGES pages at ADDRESS, fills page ``i`` with a pattern derived from
-``i``, prints ``READY <crc32>``, then every half second reads the whole region
-and prints ``CHECK <crc32>`` (sleeping to absolute deadlines, so a freeze does
-not shift its schedule). Migrated, it keeps printing the same CRC from its new
-pid: its memory arrived intact.
+``i``, prints ``READY <crc32>``, then prints ``TICK`` every 2 ms (sleeping to
+absolute deadlines, so a freeze does not shift its schedule), each time after
+adding 1 MiB more of the region to a running CRC-32, and ``CHECK <crc32>`` once
+a pass over the whole region is done. Migrated, it keeps printing the same
+CRC from its new pid (its memory arrived intact), and its first ``TICK`` after
+the restore says when it ran again (so a freeze mid-pass delays it by one
+1 MiB step at most).
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 import sys
 import time
 
-from lazymig.demo.region import fill_pattern, map_region, region_crc32
+from lazymig.demo.region import PAGE, fill_pattern, map_region, region_crc32
+
+TICK_SECONDS = 0.002
+STEP_PAGES = (1 << 20) // PAGE
 
 
 def main() -> None:
@@ -23,10 +29,17 @@ def main() -> None:
     fill_pattern(address, pages)
     print(f"READY {region_crc32(address, pages):08x}", flush=True)
     deadline = time.monotonic()
+    crc, done = 0, 0
     while True:
-        deadline += 0.5
+        deadline = max(deadline + TICK_SECONDS, time.monotonic())
         time.sleep(max(0.0, deadline - time.monotonic()))
-        print(f"CHECK {region_crc32(address, pages):08x}", flush=True)
+        print("TICK", flush=True)
+        step = min(STEP_PAGES, pages - done)
+        crc = region_crc32(address + done * PAGE, step, crc=crc)
+        done += step
+        if done == pages:
+            print(f"CHECK {crc:08x}", flush=True)
+            crc, done = 0, 0
 
 
 if __name__ == "__main__":
