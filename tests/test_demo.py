@@ -9,10 +9,10 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("loop", ["--uvloop", "--no-uvloop"])
-def test_demo_migrates_and_the_checksums_match(loop: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "lazymig", loop, "demo", "--size", "16"],
-                          capture_output=True, text=True, timeout=120, check=False)
+@pytest.mark.parametrize(("loop", "memory"), [("--uvloop", []), ("--no-uvloop", ["--cold"])])
+def test_demo_migrates_and_the_checksums_match(loop: str, memory: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "lazymig", loop, "demo", "--size", "16",
+                           *memory], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     source = next(line.split()[-1] for line in lines if "source checksum" in line)
@@ -27,7 +27,9 @@ def test_demo_migrates_and_the_checksums_match(loop: str) -> None:
     assert served is not None and split is not None
     assert int(split[1]) + int(split[2]) == int(served[1])
     assert re.search(r"round trip p50 (\d+ us|-), p99 (\d+ us|-)", done.stdout)
-    assert re.search(r"downtime \d+\.\d+ s", done.stdout)
+    assert re.search(r"downtime \d+\.\d+ s, from the dump's start", done.stdout)
+    touched = "not touched first (--cold)" if memory else "touched first (48 MiB)"
+    assert f"guest memory {touched}" in done.stdout
     # stderr is not a terminal: the progress bar's final state, and nothing else
     assert done.stderr.startswith("[" + "#" * 30 + "] 100%"), done.stderr
     assert "WARNING" not in done.stderr and "ERROR" not in done.stderr, done.stderr

@@ -21,6 +21,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     "the same checksum, and print the numbers.")
     parser.add_argument("--size", type=int, default=256, metavar="MIB",
                         help="size of the process's data region (default 256 MiB)")
+    parser.add_argument("--cold", action="store_true",
+                        help="do not touch guest memory first, as the benchmarks do (on a VM "
+                             "the host's first touch of each page is then measured too)")
     add_wire_option(parser)
     parser.set_defaults(func=demo)
 
@@ -37,7 +40,8 @@ def demo(args: argparse.Namespace) -> int:
         if live:
             print(f"\r{progress_line(snapshot)}", end="", file=sys.stderr, flush=True)
 
-    result = run_async(args, run_demo(args.size, wire=args.wire, on_progress=show))
+    result = run_async(args, run_demo(args.size, wire=args.wire, warm=not args.cold,
+                                       on_progress=show))
     if live:
         print(file=sys.stderr)  # keep the bar's last state on its line
     elif last:  # not a terminal: the bar's final state only

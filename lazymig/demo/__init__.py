@@ -57,6 +57,8 @@ class DemoResult:
     migration: MigrationResult
     downtime: float
     """Seconds from the dump's start until the restored process's first output."""
+    warmed: bool
+    """Guest memory was touched first (:func:`warm_memory`)."""
 
     @property
     def ok(self) -> bool:
@@ -103,14 +105,18 @@ def warm_memory(size: int) -> None:
 
 
 async def run_demo(size_mib: int = 256, *, wire: WireVersion = WireVersion.V2,
-                   workdir: str | None = None,
+                   workdir: str | None = None, warm: bool = True,
                    on_progress: Callable[[TransferProgress], None] | None = None) -> DemoResult:
     """Run the demo once and return its measurements (see the module docstring).
 
     ``on_progress`` gets a snapshot of the transfer every 50 ms and a last one.
+    ``warm=False`` leaves guest memory as it is: on a VM whose host has not backed
+    it yet (a fresh one; or one that reports free pages back), the demo then also
+    measures the host's first touch of every page it allocates.
     """
     pages = size_mib * (1 << 20) // PAGE
-    await asyncio.to_thread(warm_memory, 3 * pages * PAGE)
+    if warm:
+        await asyncio.to_thread(warm_memory, 3 * pages * PAGE)
     with tempfile.TemporaryDirectory(prefix="lazymig-demo-", dir=workdir) as tmp:
         # Not an asyncio subprocess: the loop's child watcher would reap the ptrace
         # stops the freezer waits for.
@@ -154,7 +160,7 @@ async def run_demo(size_mib: int = 256, *, wire: WireVersion = WireVersion.V2,
             source.kill()
             source.wait()
     return DemoResult(size_mib, source_crc, output.checks[-1], result,
-                      downtime=output.first_at - started)
+                      downtime=output.first_at - started, warmed=warm)
 
 
 def format_result(result: DemoResult) -> str:
@@ -184,7 +190,8 @@ def format_result(result: DemoResult) -> str:
         f"{progress.pages_background} in the background; "
         f"{progress.bytes_per_second / 1e9:.2f} GB/s",
         f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (numbers move with "
-        f"it); guest memory touched first ({3 * result.size_mib} MiB), as the benchmarks do",
+        "it); " + (f"guest memory touched first ({3 * result.size_mib} MiB), as the benchmarks "
+                   "do" if result.warmed else "guest memory not touched first (--cold)"),
     ]
     return "\n".join(lines)
 
