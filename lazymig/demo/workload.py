@@ -4,12 +4,12 @@
 
 Maps PAGES pages at ADDRESS, fills page ``i`` with a pattern derived from
 ``i``, prints ``READY <crc32>``, then prints ``TICK`` every 2 ms (sleeping to
-absolute deadlines, so a freeze does not shift its schedule), each time after
-adding 1 MiB more of the region to a running CRC-32, and ``CHECK <crc32>`` once
-a pass over the whole region is done. Migrated, it keeps printing the same
-CRC from its new pid (its memory arrived intact), and its first ``TICK`` after
-the restore says when it ran again (so a freeze mid-pass delays it by one
-1 MiB step at most).
+absolute deadlines, so a freeze does not shift its schedule) and adds 1 MiB
+more of the region to a running CRC-32 after each, printing ``CHECK <crc32>``
+once a pass over the whole region is done. Migrated, it keeps printing the
+same CRC from its new pid (its memory arrived intact), and its first ``TICK``
+after the restore says when it ran again (a freeze in the middle of a 1 MiB
+step delays that tick by the rest of the step).
 """
 
 from __future__ import annotations
