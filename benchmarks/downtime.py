@@ -47,7 +47,7 @@ Columns: downtime, from spawning the dump until that first tick, and its parts:
 the dump (until ready: its page server listens; for an ordinary dump, until it
 exited), the start-ups of the destination's servers (spawned until ready), the
 restore (spawned until the first tick); "frozen": the process's own gap, from
-its last tick before the dump to its first one after; "all in": the restore's
+its last tick before the freeze to its first one after; "all in": the restore's
 start until the lazy-pages daemon exited (every page in). Medians, and min.
 
 Besides the CLI rows, ``lazymig demo`` (``--demo-size`` MiB, its own Python
@@ -432,7 +432,7 @@ downtime: from spawning the dump until the restored process's first tick (it wri
   (spawned until the first
   tick). Every command is a fresh process.
 vs CRIU: this row's median downtime over CRIU's, same workload, same run.
-frozen: the process's own gap, its last tick before the restore to its first after.
+frozen: the process's own gap, its last tick before the freeze to its first after.
 all in: from the restore's start until the lazy-pages daemon exited (every page in).
 prepared: the daemon started with the dump (lazy-pages --wait-for-page-server), its
   start-up beside the dump's (both on these 2 vCPUs): spawned until it logged that it
