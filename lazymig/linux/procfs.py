@@ -12,6 +12,7 @@ __all__ = [
     "lowest_mappable",
     "ns_pids",
     "processes",
+    "read_fdinfo",
     "read_stat",
     "read_status",
     "read_syscall",
@@ -33,6 +34,18 @@ def read_stat(pid: int) -> tuple[str, dict[int, int]]:
         raw = f.read()
     rest = raw[raw.rfind(b")") + 2:].split()
     return rest[0].decode(), {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
+
+
+def read_fdinfo(pid: int, fd: int) -> list[tuple[str, str]]:
+    """The lines of ``/proc/PID/fdinfo/FD`` as (key, value stripped), in order (an
+    epoll's ``tfd`` lines repeat their key).
+
+    Raises:
+        FileNotFoundError: the process is gone or the fd closed.
+    """
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return [(key.strip(), value.strip()) for key, _, value in
+                (line.partition(":") for line in f)]
 
 
 def read_status(pid: int, tid: int | None = None) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Final
 
+SYS_WRITE: Final = 1
 SYS_CLOSE: Final = 3
 SYS_LSEEK: Final = 8
 SYS_MMAP: Final = 9
@@ -41,11 +42,17 @@ SYS_SCHED_SETSCHEDULER: Final = 144
 SYS_PRCTL: Final = 157
 SYS_SET_TID_ADDRESS: Final = 218
 SYS_EXIT_GROUP: Final = 231
+SYS_EPOLL_CTL: Final = 233
 SYS_WAITID: Final = 247
 SYS_OPENAT: Final = 257
 SYS_SET_ROBUST_LIST: Final = 273
 SYS_GET_ROBUST_LIST: Final = 274
 SYS_VMSPLICE: Final = 278
+SYS_TIMERFD_CREATE: Final = 283
+SYS_TIMERFD_SETTIME: Final = 286
+SYS_SIGNALFD4: Final = 289
+SYS_EVENTFD2: Final = 290
+SYS_EPOLL_CREATE1: Final = 291
 SYS_DUP3: Final = 292
 SYS_PIPE2: Final = 293
 SYS_RT_TGSIGQUEUEINFO: Final = 297

@@ -21,6 +21,8 @@ from lazymig.proto.images import (
     core_pb2,
     core_x86_pb2,
     creds_pb2,
+    eventfd_pb2,
+    eventpoll_pb2,
     fdinfo_pb2,
     fown_pb2,
     fs_pb2,
@@ -36,7 +38,12 @@ from lazymig.proto.images import (
     rseq_pb2,
     sa_pb2,
     siginfo_pb2,
+    signalfd_pb2,
+    sk_opts_pb2,
+    sk_packet_pb2,
+    sk_unix_pb2,
     timer_pb2,
+    timerfd_pb2,
     vma_pb2,
 )
 from lazymig.proto.images._dir import ImagesDir, Pagemap, PagemapReader, PagemapWriter
@@ -80,6 +87,14 @@ PipeEntry = pipe_pb2.pipe_entry
 PipeDataEntry = pipe_data_pb2.pipe_data_entry
 MemfdFileEntry = memfd_pb2.memfd_file_entry
 MemfdInodeEntry = memfd_pb2.memfd_inode_entry
+EventfdFileEntry = eventfd_pb2.eventfd_file_entry
+EventpollFileEntry = eventpoll_pb2.eventpoll_file_entry
+EventpollTfdEntry = eventpoll_pb2.eventpoll_tfd_entry
+TimerfdEntry = timerfd_pb2.timerfd_entry
+SignalfdEntry = signalfd_pb2.signalfd_entry
+UnixSkEntry = sk_unix_pb2.unix_sk_entry
+SkOptsEntry = sk_opts_pb2.sk_opts_entry
+SkPacketEntry = sk_packet_pb2.sk_packet_entry
 
 __all__ = [
     "CRTOOLS_IMAGES_V1_1",
@@ -89,6 +104,9 @@ __all__ = [
     "RAW_IMAGE_MAGIC",
     "CoreEntry",
     "CredsEntry",
+    "EventfdFileEntry",
+    "EventpollFileEntry",
+    "EventpollTfdEntry",
     "FdinfoEntry",
     "FileEntry",
     "FownEntry",
@@ -114,10 +132,15 @@ __all__ = [
     "PstreeEntry",
     "RegFileEntry",
     "SaEntry",
+    "SignalfdEntry",
+    "SkOptsEntry",
+    "SkPacketEntry",
     "TaskCoreEntry",
     "TaskKobjIdsEntry",
     "ThreadCoreEntry",
     "ThreadInfoX86",
+    "TimerfdEntry",
+    "UnixSkEntry",
     "UserX86FpregsEntry",
     "UserX86RegsEntry",
     "UserX86XsaveEntry",
@@ -125,6 +148,8 @@ __all__ = [
     "core_pb2",
     "core_x86_pb2",
     "creds_pb2",
+    "eventfd_pb2",
+    "eventpoll_pb2",
     "fdinfo_pb2",
     "fown_pb2",
     "fs_pb2",
@@ -141,6 +166,11 @@ __all__ = [
     "rseq_pb2",
     "sa_pb2",
     "siginfo_pb2",
+    "signalfd_pb2",
+    "sk_opts_pb2",
+    "sk_packet_pb2",
+    "sk_unix_pb2",
     "timer_pb2",
+    "timerfd_pb2",
     "vma_pb2",
 ]

@@ -58,6 +58,7 @@ class ImageKind(enum.Enum):
     FDINFO = 0x56213732
     FILES = 0x56303138
     PIPES_DATA = 0x56453709
+    SK_QUEUES = 0x56264026
     MEMFD_INODE = 0x48453499
     REG_FILES = 0x50363636
     RLIMIT = 0x57113925
@@ -137,6 +138,7 @@ _TEMPLATES: dict[ImageKind, str] = {
     ImageKind.FDINFO: "fdinfo-{}.img",
     ImageKind.FILES: "files.img",
     ImageKind.PIPES_DATA: "pipes-data.img",
+    ImageKind.SK_QUEUES: "sk-queues.img",
     ImageKind.MEMFD_INODE: "memfd-inode.img",
     ImageKind.REG_FILES: "reg-files.img",
     ImageKind.RLIMIT: "rlimit-{}.img",
