@@ -10,7 +10,7 @@
   EOF on the orphan read end, a working dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
-* A socket, eventfd, epoll, deleted file, named FIFO, file lock, a
+* A socket, inotify, an epoll watching a closed fd, deleted file, named FIFO, file lock, a
   pipe open in another process too, or a terminal is refused before the
   target is touched, the fd named (API and CLI); a file that changed (but a
   write-only append log) or is gone since the dump is refused at restore,
@@ -26,6 +26,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -238,8 +239,10 @@ def untouched(pid: int) -> bool:
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("extra", "what"), [
     ("socket", r"is a socket \(socket:\[\d+\]\)"),
-    ("eventfd", r"is an eventfd \(anon_inode:\[eventfd\]\)"),
-    ("epoll", r"is an epoll instance"),
+    ("inotify", r"is an inotify instance \(anon_inode:inotify\)"),
+    ("stale-epoll", r"is an epoll instance watching a file registered as fd \d+, which is "
+                    r"(closed|now another file) \(the file stays registered while a dup of it "
+                    r"is open\)"),
     ("deleted", r"is a deleted file \(.*/doomed\)"),
     ("fifo", r"is a named FIFO \(.*/fifo\)"),
     ("lock", r"\(.*/data\) holds a file lock: file locks are not migrated"),
@@ -256,18 +259,28 @@ async def test_unsupported_fds_are_refused_before_the_target_is_touched(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("kind", ["pipe", "terminal"])
+@pytest.mark.parametrize("kind", ["pipe", "terminal", "eventfd", "socketpair"])
 async def test_an_fd_tied_to_this_host_is_refused(kind: str, tmp_path: Path,
                                                    fds_c: Path) -> None:
     """A pipe whose other end this process holds; a pty slave (this process holds
-    the master): the workload inherits the fd."""
+    the master); an eventfd this process holds too; a socketpair's end whose peer
+    this process holds: the workload inherits the fd."""
     files, images = prepare(tmp_path)
-    mine, theirs = os.pipe() if kind == "pipe" else os.openpty()
     if kind == "pipe":
+        mine, theirs = os.pipe()
         ino = os.fstat(mine).st_ino
         what = (f"fd {theirs} is a pipe (pipe:[{ino}]) also open in process {os.getpid()}: "
                 "the other end would stay behind")
+    elif kind == "eventfd":
+        mine = os.eventfd(0, os.EFD_CLOEXEC)
+        theirs = os.dup(mine)
+        what = (f"fd {theirs} (anon_inode:[eventfd]) is also open in process {os.getpid()}: "
+                "that process would keep it on the source host")
+    elif kind == "socketpair":
+        mine, theirs = (s.detach() for s in socket.socketpair())
+        what = f"fd {theirs} is a socket (socket:[{os.fstat(theirs).st_ino}])"
     else:
+        mine, theirs = os.openpty()
         what = (f"fd {theirs} is a terminal ({os.ttyname(theirs)}): a terminal does not move "
                 "to another host")
     try:

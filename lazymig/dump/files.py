@@ -31,14 +31,17 @@ is injected into the target):
   ``file_entry`` and so share their offset again after a restore (kcmp).
 
 * memfds, as a MEMFD ``file_entry`` at its offset, with its flags (its
-  contents and name: :mod:`lazymig.dump.shmem`).
+  contents and name: :mod:`lazymig.dump.shmem`);
+* the files of an event loop, :mod:`lazymig.dump.anon_files`'s: eventfds,
+  epoll instances, timerfds, signalfds and the unix socketpairs whose both
+  ends the process holds (with the data queued on them).
 
-Everything else is refused with the fd and its kind named: sockets,
-eventfds, epoll, signalfd, timerfd, inotify, pidfds and other anonymous-inode
-files, deleted files, named FIFOs, other devices, and terminals beyond
-fds 0-2. A terminal is never reopened by name because nothing identifies it
-across a move: /dev/pts/3 on the destination (if it exists) is somebody
-else's terminal (CRIU too needs the whole pty pair, or
+Everything else is refused with the fd and its kind named: other sockets,
+inotify, fanotify, pidfds and other anonymous-inode files, deleted files,
+named FIFOs, other devices, and terminals beyond fds 0-2. A terminal is
+never reopened by name because nothing identifies it across a move:
+/dev/pts/3 on the destination (if it exists) is somebody else's terminal
+(CRIU too needs the whole pty pair, or
 ``--inherit-fd``/``--shell-job``, for a terminal). :func:`inspect_files`
 refuses from /proc alone, before the target is frozen; :func:`collect_files`
 checks again once it is frozen.
@@ -46,8 +49,10 @@ F_SETOWN/F_SETSIG owners are not dumped (``fown`` is written as zeros).
 
 Images (CRIU's layout, decodable by ``crit``): ``fdinfo-<files_id>.img``
 (``fdinfo_entry`` per fd), ``files.img`` (``file_entry`` per open file
-description, with a ``reg_file_entry`` or ``pipe_entry``) and
-``pipes-data.img`` (``pipe_data_entry`` then the queued bytes, per pipe);
+description, with a ``reg_file_entry``, ``pipe_entry``, ``memfd_file_entry``
+or an event-loop file's entry), ``pipes-data.img`` (``pipe_data_entry`` then
+the queued bytes, per pipe) and, if a socket has data queued,
+``sk-queues.img`` (``sk_packet_entry`` then the bytes, per message);
 an external file is a ``file_entry`` of type EXT, an external pipe a PIPE
 one (no data: it is its other end's too).
 """
@@ -65,6 +70,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
+from lazymig.dump.anon_files import AnonFds, inspect_anon
 from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.errors import LazyMigOSError
 from lazymig.linux.kcmp import same_file
@@ -80,6 +86,7 @@ from lazymig.proto.images import (
     PipeDataEntry,
     PipeEntry,
     RegFileEntry,
+    SkPacketEntry,
     fdinfo_pb2,
 )
 
@@ -129,6 +136,8 @@ class DumpedFiles:
     """{file id: name} of the descriptions that stay behind (``external_files``)."""
     memfds: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """{inode: fds} of the memfds open on fds (their contents: dump/shmem.py)."""
+    sk_queues: list[tuple[SkPacketEntry, bytes]] = dataclasses.field(default_factory=list)
+    """The data queued on unix sockets (``sk-queues.img``; dump/anon_files.py)."""
 
     def file(self, file_id: int) -> FileEntry:
         """The ``file_entry`` with id ``file_id``."""
@@ -254,13 +263,16 @@ def _pipe_holders(pid: int, inodes: Iterable[int]) -> dict[int, int]:
     return found
 
 
-def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str]]:
-    """The fds to dump and {fd: name} of the external ones among them; raises
-    UnsupportedTargetError naming every fd that cannot be dumped (unless not
-    ``strict``)."""
+def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str], AnonFds]:
+    """The fds to dump, {fd: name} of the external ones among them and the
+    event-loop files (dump/anon_files.py); raises UnsupportedTargetError naming
+    every fd that cannot be dumped (unless not ``strict``)."""
     fds = _list_fds(pid)
-    external = {f.fd: name for f in fds if (name := _external(f)) is not None}
-    reasons = [r for f in fds if f.fd not in external and (r := _refusal(f)) is not None]
+    anon = inspect_anon(pid, [(f.fd, f.link, f.st) for f in fds])
+    external = {f.fd: name for f in fds
+                if f.fd not in anon.kinds and (name := _external(f)) is not None}
+    reasons = [r for f in fds if f.fd not in external and f.fd not in anon.kinds
+               and (r := _refusal(f)) is not None] + anon.reasons
     pipes: dict[int, list[_Fd]] = {}
     for f in fds:
         if stat.S_ISFIFO(f.st.st_mode):
@@ -274,7 +286,7 @@ def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str]]
             external.update((f.fd, f"pipe:[{ino}]") for f in pipes[ino])
     if reasons and strict:
         raise UnsupportedTargetError(pid, reasons)
-    return fds, external
+    return fds, external, anon
 
 
 def external_stdio(pid: int) -> dict[int, str]:
@@ -299,7 +311,7 @@ def collect_files(pid: int) -> DumpedFiles:
     Raises :class:`~lazymig.dump.freeze.UnsupportedTargetError` or
     :class:`~lazymig.errors.LazyMigOSError`.
     """
-    fds, external = _check(pid)
+    fds, external, anon = _check(pid)
     out = DumpedFiles()
     owners: list[_Fd] = []  # the first fd of each open file description
     zero = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
@@ -314,6 +326,8 @@ def collect_files(pid: int) -> DumpedFiles:
                 out.external[file_id] = external[f.fd]
             if f.fd in external and not stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.EXT, id=file_id)
+            elif f.fd in anon.kinds:
+                entry = anon.file_entry(f.fd, file_id, flags)
             elif f.link.startswith("/memfd:"):
                 entry = FileEntry(type=fdinfo_pb2.MEMFD, id=file_id, memfd=MemfdFileEntry(
                     id=file_id, flags=flags, pos=f.pos, fown=zero, inode_id=f.st.st_ino))
@@ -336,6 +350,7 @@ def collect_files(pid: int) -> DumpedFiles:
             out.memfds.setdefault(f.st.st_ino, []).append(f.fd)
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
+    out.sk_queues = anon.socket_queues({e.fd: e.id for e in out.fds})
     pipes = {f.st.st_ino: f.fd for f in fds
              if stat.S_ISFIFO(f.st.st_mode) and f.fd not in external}
     for ino, fd in sorted(pipes.items()):
@@ -380,7 +395,8 @@ def _pipe_contents(pid: int, fd: int) -> tuple[int, bytes]:
 
 
 def write_files(images: ImagesDir, files: DumpedFiles) -> list[Path]:
-    """Write ``fdinfo-1.img``, ``files.img`` and ``pipes-data.img``; returns their paths."""
+    """Write ``fdinfo-1.img``, ``files.img``, ``pipes-data.img`` (and ``sk-queues.img``
+    if a socket has data queued); returns their paths."""
     paths = [images.write_entries(ImageKind.FDINFO, files.fds, FILES_ID),
              images.write_entries(ImageKind.FILES, files.files)]
     with images.open_writer(ImageKind.PIPES_DATA) as writer:
@@ -388,7 +404,18 @@ def write_files(images: ImagesDir, files: DumpedFiles) -> list[Path]:
             writer.write(entry)
             writer.write_extra(data)
     paths.append(writer.path)
+    if files.sk_queues:
+        paths.append(write_sk_queues(images, files.sk_queues))
     return paths
+
+
+def write_sk_queues(images: ImagesDir, queues: Iterable[tuple[SkPacketEntry, bytes]]) -> Path:
+    """Write ``sk-queues.img`` (``sk_packet_entry`` then the bytes, per message)."""
+    with images.open_writer(ImageKind.SK_QUEUES) as writer:
+        for entry, data in queues:
+            writer.write(entry)
+            writer.write_extra(data)
+    return writer.path
 
 
 def read_files(images: ImagesDir, files_id: int = FILES_ID) -> DumpedFiles:
@@ -402,4 +429,8 @@ def read_files(images: ImagesDir, files_id: int = FILES_ID) -> DumpedFiles:
     with images.open_reader(ImageKind.PIPES_DATA) as reader:
         while (entry := reader.read(PipeDataEntry)) is not None:
             out.pipe_data.append((entry, reader.read_extra(entry.bytes)))
+    if images.image_path(ImageKind.SK_QUEUES).exists():
+        with images.open_reader(ImageKind.SK_QUEUES) as reader:
+            while (packet := reader.read(SkPacketEntry)) is not None:
+                out.sk_queues.append((packet, reader.read_extra(packet.length)))
     return out

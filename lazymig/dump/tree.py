@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Final
 
-from lazymig.dump.files import DumpedFiles, collect_files, inspect_files
+from lazymig.dump.files import DumpedFiles, collect_files, inspect_files, write_sk_queues
 from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
 from lazymig.dump.images import DumpImages, _inventory, write_images
 from lazymig.dump.late_fill import LateFill
@@ -222,6 +222,9 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
     shift = rank * _FILE_ID_STRIDE
     out = DumpedFiles(pipe_data=list(files.pipe_data), memfds=dict(files.memfds),
                       external={i + shift: name for i, name in files.external.items()})
+    for packet, data in files.sk_queues:
+        out.sk_queues.append((type(packet)(id_for=packet.id_for + shift, length=packet.length),
+                              data))
     for e in files.fds:
         e2 = type(e)()
         e2.CopyFrom(e)
@@ -231,9 +234,11 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
         f2 = type(f)()
         f2.CopyFrom(f)
         f2.id = f.id + shift
-        for sub in ("reg", "pipe"):
+        for sub in ("reg", "pipe", "efd", "epfd", "tfd", "sgfd", "usk"):
             if f2.HasField(sub) and hasattr(getattr(f2, sub), "id"):
                 getattr(f2, sub).id = getattr(f, sub).id + shift
+        for t in f2.epfd.tfd:
+            t.id += shift
         out.files.append(f2)
     return out
 
@@ -265,6 +270,8 @@ def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[Dump
                 writer.write(entry)
                 writer.write_extra(data)
     written.paths.append(writer.path)
+    if queues := [q for per in files for q in per.sk_queues]:
+        written.paths.append(write_sk_queues(images, queues))
     written.paths.append(images.write_pstree(tree.pstree()))
     written.paths.append(images.write_inventory(_inventory()))
 

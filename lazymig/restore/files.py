@@ -5,15 +5,19 @@
 
 1. per pipe: ``pipe2`` inside the process, both ends moved above every dumped
    fd number; the restorer opens the write end through /proc/PID/fd, sets the
-   capacity and writes the queued data back;
+   capacity and writes the queued data back; per unix socketpair the same
+   (:class:`~lazymig.restore.anon_files.AnonFiles`);
 2. per open file description: ``openat`` of its path (of a memfd, the one
    :mod:`lazymig.restore.shmem` rebuilt, through /proc/self/fd) with the
    dumped status flags and ``lseek`` to the dumped offset, or for a pipe end the end pipe2
-   made with its status flags set (see :func:`_pipe_end`); then ``dup3`` onto
+   made with its status flags set (see :func:`_pipe_end`), or an event-loop
+   file made again (eventfd, epoll, timerfd, signalfd, a socketpair's end:
+   :mod:`lazymig.restore.anon_files`); then ``dup3`` onto
    each of its fd numbers with its close-on-exec flag: fds that shared a
    description share it again;
 3. the staging pipe ends are closed: a pipe end the process had not kept (a
-   read end whose writers were closed) is closed again.
+   read end whose writers were closed) is closed again;
+4. once every fd is in place, each epoll's registrations are added again.
 
 fds 0, 1 and 2 are restored as the others. The caller may hand the restored
 process fds of its own instead (:class:`~lazymig.restore.task.FdInheritance`, planned by
@@ -46,6 +50,7 @@ from lazymig.linux.syscalls import (
 )
 from lazymig.linux.vm import read_memory, set_pipe_size
 from lazymig.proto.images import fdinfo_pb2
+from lazymig.restore.anon_files import ANON_TYPES, AnonFiles
 
 __all__ = ["SyscallTarget", "restore_files"]
 
@@ -114,12 +119,15 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
     for entry, data in files.pipe_data:
         ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
         top += 2
+    anon = AnonFiles(target, files, top)
     for f in files.files:
         fds = [(fd, c) for fd, c in files.fds_of(f.id) if fd not in given]
         if not fds:
             continue
         if f.type == fdinfo_pb2.PIPE:
             tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
+        elif f.type in ANON_TYPES:
+            tmp = anon.open(f)
         elif f.type == fdinfo_pb2.MEMFD:  # a new description of the memfd rebuilt already
             tmp = target.open(f"/proc/self/fd/{objects[f.memfd.inode_id]}",
                               f.memfd.flags | os.O_CLOEXEC)
@@ -144,6 +152,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
         target.close(w)
     for fd in objects.values():
         target.close(fd)
+    anon.finish()
     log.info("pid %d: %d fds reopened (%d files, %d pipes), %d given by the caller",
              target.pid, len(files.fds), len(files.files), len(ends), len(given))
 

@@ -43,6 +43,7 @@ from lazymig.proto.images import (
     fdinfo_pb2,
     lazymig_pb2,
 )
+from lazymig.restore.anon_files import ANON_TYPES, anon_refusal
 from lazymig.restore.threads import DumpedThread
 
 __all__ = ["DumpedTask", "FdInheritance", "InheritFd", "UnsupportedDumpError", "check_files",
@@ -327,6 +328,10 @@ def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, i
             continue  # the caller's fds take its place (external ones: planned already)
         fds = ", ".join(str(fd) for fd in numbers)
         if f.type == fdinfo_pb2.PIPE and f.HasField("pipe"):
+            continue
+        if f.type in ANON_TYPES:
+            if (why := anon_refusal(files, f)) is not None:
+                raise UnsupportedDumpError(f"fd {fds} of process {pid}: {why}")
             continue
         if f.type == fdinfo_pb2.MEMFD and f.HasField("memfd"):
             if f.memfd.inode_id not in memfds:

@@ -11,8 +11,8 @@ and ``data`` (made by the test). The process opens:
 * the read end of a second pipe holding ``tail`` whose write end is closed;
 * ``DIR`` itself, O_PATH (a dirfd for openat);
 * with ``--extra KIND``, one more fd of a kind lazymig refuses (socket,
-  eventfd, epoll, memfd, deleted, fifo: a named FIFO, lock: a file it holds a
-  flock on).
+  inotify, stale-epoll: an epoll watching a file under a fd number closed since,
+  memfd, deleted, fifo: a named FIFO, lock: a file it holds a flock on).
 
 It prints ``READY key=value ...``: its pid, pgid, sid, each fd's offset, status
 flags and close-on-exec flag, and the fd numbers; then polls getpid() every
@@ -41,10 +41,14 @@ PR_SET_PDEATHSIG = 1
 def extra_fd(kind: str, directory: str) -> int:
     if kind == "socket":
         return socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
-    if kind == "eventfd":
-        return os.eventfd(0)
-    if kind == "epoll":
+    if kind == "inotify":
+        return int(ctypes.CDLL(None).inotify_init1(os.O_CLOEXEC))
+    if kind == "stale-epoll":  # watches an eventfd registered as a fd closed since
+        efd = os.eventfd(0)
         with select.epoll() as ep:
+            ep.register(efd, select.EPOLLIN)
+            os.dup(efd)
+            os.close(efd)
             return os.dup(ep.fileno())
     if kind == "memfd":
         return os.memfd_create("lazymig-test")
