@@ -102,8 +102,11 @@ class AnonFds:
     reasons: list[str] = dataclasses.field(default_factory=list)
     """Refusals (each names its fd)."""
     info: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
+    """{fd: its fdinfo fields} of the anonymous-inode files."""
     epolls: dict[int, list[_Registration]] = dataclasses.field(default_factory=dict)
+    """{epoll fd: its registrations, in fdinfo's order}."""
     sockets: dict[int, UnixSocket] = dataclasses.field(default_factory=dict)
+    """{fd: what sock_diag tells} of the socketpairs' ends."""
 
     def file_entry(self, fd: int, file_id: int, flags: int) -> FileEntry:
         """The ``file_entry`` of the open file description on ``fd`` (status
