@@ -26,7 +26,7 @@ from lazymig.proto.images import fown_pb2 as lazymig_dot_proto_dot_images_dot_fo
 from lazymig.proto.images import sk_opts_pb2 as lazymig_dot_proto_dot_images_dot_sk__opts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lazymig/proto/images/sk-unix.proto\x12\x0clazymig.criu\x1a\x1flazymig/proto/images/fown.proto\x1a\"lazymig/proto/images/sk-opts.proto\":\n\x10\x66ile_perms_entry\x12\x0c\n\x04mode\x18\x01 \x02(\r\x12\x0b\n\x03uid\x18\x02 \x02(\r\x12\x0b\n\x03gid\x18\x03 \x02(\r\"\x87\x03\n\runix_sk_entry\x12\n\n\x02id\x18\x01 \x02(\r\x12\x0b\n\x03ino\x18\x02 \x02(\r\x12\x0c\n\x04type\x18\x03 \x02(\r\x12\r\n\x05state\x18\x04 \x02(\r\x12\r\n\x05\x66lags\x18\x05 \x02(\r\x12\x0e\n\x06uflags\x18\x06 \x02(\r\x12\x0f\n\x07\x62\x61\x63klog\x18\x07 \x02(\r\x12\x0c\n\x04peer\x18\x08 \x02(\r\x12&\n\x04\x66own\x18\t \x02(\x0b\x32\x18.lazymig.criu.fown_entry\x12)\n\x04opts\x18\n \x02(\x0b\x32\x1b.lazymig.criu.sk_opts_entry\x12\x0c\n\x04name\x18\x0b \x02(\x0c\x12+\n\x08shutdown\x18\x0c \x01(\x0e\x32\x19.lazymig.criu.sk_shutdown\x12\x32\n\nfile_perms\x18\r \x01(\x0b\x32\x1e.lazymig.criu.file_perms_entry\x12\x10\n\x08name_dir\x18\x0e \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x0f \x01(\x08\x12\r\n\x05ns_id\x18\x10 \x01(\r\x12\x0e\n\x06mnt_id\x18\x11 \x01(\x11')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lazymig/proto/images/sk-unix.proto\x12\x0clazymig.criu\x1a\x1flazymig/proto/images/fown.proto\x1a\"lazymig/proto/images/sk-opts.proto\":\n\x10\x66ile_perms_entry\x12\x0c\n\x04mode\x18\x01 \x02(\r\x12\x0b\n\x03uid\x18\x02 \x02(\r\x12\x0b\n\x03gid\x18\x03 \x02(\r\"\x8b\x03\n\runix_sk_entry\x12\n\n\x02id\x18\x01 \x02(\r\x12\x0b\n\x03ino\x18\x02 \x02(\r\x12\x0c\n\x04type\x18\x03 \x02(\r\x12\r\n\x05state\x18\x04 \x02(\r\x12\r\n\x05\x66lags\x18\x05 \x02(\r\x12\x0e\n\x06uflags\x18\x06 \x02(\r\x12\x0f\n\x07\x62\x61\x63klog\x18\x07 \x02(\r\x12\x0c\n\x04peer\x18\x08 \x02(\r\x12&\n\x04\x66own\x18\t \x02(\x0b\x32\x18.lazymig.criu.fown_entry\x12)\n\x04opts\x18\n \x02(\x0b\x32\x1b.lazymig.criu.sk_opts_entry\x12\x0c\n\x04name\x18\x0b \x02(\x0c\x12+\n\x08shutdown\x18\x0c \x01(\x0e\x32\x19.lazymig.criu.sk_shutdown\x12\x32\n\nfile_perms\x18\r \x01(\x0b\x32\x1e.lazymig.criu.file_perms_entry\x12\x10\n\x08name_dir\x18\x0e \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x0f \x01(\x08\x12\r\n\x05ns_id\x18\x10 \x01(\r\x12\x12\n\x06mnt_id\x18\x11 \x01(\x11:\x02-1')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILE_PERMS_ENTRY']._serialized_start=121
   _globals['_FILE_PERMS_ENTRY']._serialized_end=179
   _globals['_UNIX_SK_ENTRY']._serialized_start=182
-  _globals['_UNIX_SK_ENTRY']._serialized_end=573
+  _globals['_UNIX_SK_ENTRY']._serialized_end=577
 # @@protoc_insertion_point(module_scope)
