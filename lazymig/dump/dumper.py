@@ -49,7 +49,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -64,7 +64,7 @@ from lazymig.dump.store import LazyPageStore, PipePageStore
 from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
 from lazymig.dump.waiters import check_not_waited_for
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import children, read_status
+from lazymig.linux.procfs import children, descendants, read_status
 from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImagesDir
@@ -528,7 +528,9 @@ def check_target(pid: int, *, stdio_given: bool = True) -> None:
     /proc alone, before it is touched: one UnsupportedTargetError naming every
     cause and what to do."""
     reasons: list[str] = []
-    for check in (inspect_target, inspect_files, _inspect_descendants):
+    tree = {pid, *descendants(pid)}  # pipes shared within it are dumped with it
+    for check in (inspect_target, lambda p: inspect_files(p, tree),
+                  lambda p: _inspect_descendants(p, tree)):
         try:
             check(pid)
         except UnsupportedTargetError as exc:
@@ -536,7 +538,7 @@ def check_target(pid: int, *, stdio_given: bool = True) -> None:
     stdio: list[str] = []
     if not stdio_given:
         stdio = [f"fd {fd} is {name}, which would stay on this host"
-                 for fd, name in external_stdio(pid).items()]
+                 for fd, name in external_stdio(pid, tree).items()]
     if reasons or stdio:
         hint = REFUSAL_HINT if reasons else "The process was not touched"
         raise UnsupportedTargetError(pid, reasons + stdio,
@@ -548,17 +550,17 @@ def _inspect(pid: int) -> None:
     _check_rlimits_readable(pid)
 
 
-def _inspect_descendants(pid: int) -> None:
+def _inspect_descendants(pid: int, tree: Collection[int]) -> None:
     """The checks of :func:`check_target` (but stdio: a child's is its parent's) for
     every live descendant of ``pid``: a process with children is dumped with its
-    tree (:mod:`lazymig.dump.tree`)."""
+    tree (:mod:`lazymig.dump.tree`, its pids ``tree``)."""
     reasons: list[str] = []
     todo = list(children(pid))
     while todo:
         kid = todo.pop(0)
         if not process_alive(kid):
             continue  # a zombie: only its exit status is dumped
-        for check in (inspect_target, inspect_files):
+        for check in (inspect_target, lambda p: inspect_files(p, tree)):
             try:
                 check(kid)
             except UnsupportedTargetError as exc:

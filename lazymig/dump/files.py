@@ -4,7 +4,7 @@ Every fd of a process is dumped, fds 0, 1 and 2 as any other (as CRIU does):
 a log file on fd 1 is reopened at its offset, /dev/null is /dev/null again,
 a pipe to itself is a pipe again. What on fds 0-2 stays behind on the source
 host, what would be refused on another fd (a terminal, a socket, a deleted
-file...) or a pipe whose other end another process holds, is recorded as
+file...) or a pipe that a process outside the dumped tree holds, is recorded as
 *external* (``lazymig_task_entry.external_files``, with the name
 ``--inherit-fd`` gives it: ``pipe:[INO]``, ``socket:[INO]``, the path); the
 restorer puts a fd of its caller in its place (``--inherit-fd``,
@@ -21,17 +21,17 @@ is injected into the target):
   cookie of the filesystem that holds it;
 * the harmless memory character devices (/dev/null, /dev/zero, /dev/full,
   /dev/random, /dev/urandom), recorded as regular files as CRIU does;
-* pipes that no other process holds: both ends (or the one end the process
-  kept: a read end whose writers are all closed still yields its data, then
-  EOF), the data queued in them (read with tee(2) through a reader opened on
-  /proc/PID/fd/N, so the pipe keeps it) and their capacity. A pipe end whose
-  other end is open in another process is refused: after the migration that
-  process would stay on the source host, cut off;
+* pipes that only processes of the dumped tree hold: both ends (or the one
+  end the process kept: a read end whose writers are all closed still yields
+  its data, then EOF), the data queued in them (read with tee(2) through a
+  reader opened on /proc/PID/fd/N, so the pipe keeps it) and their capacity.
+  A pipe end open in a process outside the tree is refused: after the
+  migration that process would stay on the source host, cut off;
 * fds that share an open file description (dup'd, inherited) share one
-  ``file_entry`` and so share their offset again after a restore (kcmp).
-
-* memfds, as a MEMFD ``file_entry`` at its offset, with its flags (its
-  contents and name: :mod:`lazymig.dump.shmem`);
+  ``file_entry`` and so share their offset again after a restore (kcmp); in
+  a tree, across processes too (:func:`share_files`);
+* memfds and deleted files of a tmpfs, as a MEMFD ``file_entry`` at its
+  offset, with its flags (its contents and name: :mod:`lazymig.dump.shmem`);
 * the files of an event loop, :mod:`lazymig.dump.anon_files`'s: eventfds,
   epoll instances, timerfds, signalfds and the unix socketpairs whose both
   ends the process holds (with the data queued on them).
@@ -66,14 +66,16 @@ import os
 import re
 import stat
 import termios
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
 from lazymig.dump.anon_files import AnonFds, inspect_anon
 from lazymig.dump.freeze import UnsupportedTargetError
+from lazymig.dump.shmem import DELETED
 from lazymig.errors import LazyMigOSError
 from lazymig.linux.kcmp import same_file
+from lazymig.linux.procfs import tmpfs_devices
 from lazymig.linux.ptrace import TargetGoneError
 from lazymig.linux.vm import SPLICE_F_NONBLOCK, get_pipe_size, set_pipe_size, tee
 from lazymig.proto.images import (
@@ -100,6 +102,7 @@ __all__ = [
     "external_stdio",
     "inspect_files",
     "read_files",
+    "share_files",
     "write_files",
 ]
 
@@ -138,6 +141,8 @@ class DumpedFiles:
     """{inode: fds} of the memfds open on fds (their contents: dump/shmem.py)."""
     sk_queues: list[tuple[SkPacketEntry, bytes]] = dataclasses.field(default_factory=list)
     """The data queued on unix sockets (``sk-queues.img``; dump/anon_files.py)."""
+    origins: dict[int, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    """{file id: (an fd on it, st_dev, st_ino)}, at dump time only (see :func:`share_files`)."""
 
     def file(self, file_id: int) -> FileEntry:
         """The ``file_entry`` with id ``file_id``."""
@@ -160,6 +165,9 @@ class _Fd:
     """Status flags from fdinfo (O_CLOEXEC included when the fd has it)."""
     pos: int
     locked: bool
+    shmem: bool
+    """A memfd, or a deleted file of a tmpfs: a shmem object dumped with its
+    contents (dump/shmem.py)."""
 
 
 def _fdinfo(pid: int, fd: int) -> tuple[int, int, bool]:
@@ -184,15 +192,21 @@ def _list_fds(pid: int) -> list[_Fd]:
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, f"process {pid} exited") from exc
     out = []
+    tmpfs: frozenset[tuple[int, int]] | None = None
     for fd in numbers:
         where = Path(f"/proc/{pid}/fd/{fd}")
         try:
             link = str(where.readlink())
             st = where.stat()
             flags, pos, locked = _fdinfo(pid, fd)
+            shmem = link.startswith("/memfd:")
+            if not shmem and link.endswith(DELETED) and stat.S_ISREG(st.st_mode):
+                if tmpfs is None:
+                    tmpfs = tmpfs_devices(pid)
+                shmem = (os.major(st.st_dev), os.minor(st.st_dev)) in tmpfs
         except FileNotFoundError:
             continue  # closed meanwhile (only possible before the freeze)
-        out.append(_Fd(fd, link, st, flags, pos, locked))
+        out.append(_Fd(fd, link, st, flags, pos, locked, shmem))
     return out
 
 
@@ -213,7 +227,7 @@ def _refusal(f: _Fd) -> str | None:
     if link.startswith("anon_inode:"):
         kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
         return f"fd {f.fd} is {kind} ({link})"
-    if link.startswith("/memfd:"):
+    if f.shmem:
         return None  # its contents are dumped with the shared objects (dump/shmem.py)
     if stat.S_ISFIFO(mode):
         return None if _PIPE_LINK.fullmatch(link) else f"fd {f.fd} is a named FIFO ({link})"
@@ -245,14 +259,15 @@ def _refusal(f: _Fd) -> str | None:
     return None
 
 
-def _pipe_holders(pid: int, inodes: Iterable[int]) -> dict[int, int]:
-    """{pipe inode: another process that has it open} for the pipes of ``inodes``."""
+def _pipe_holders(pid: int, inodes: Iterable[int], tree: Collection[int]) -> dict[int, int]:
+    """{pipe inode: another process, not of ``tree``, that has it open} for the
+    pipes of ``inodes``."""
     wanted = {f"pipe:[{ino}]": ino for ino in inodes}
     found: dict[int, int] = {}
     if not wanted:
         return found
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == pid:
+        if not entry.name.isdigit() or int(entry.name) == pid or int(entry.name) in tree:
             continue
         with contextlib.suppress(OSError):  # gone, or a kernel thread
             for fd in os.scandir(f"/proc/{entry.name}/fd"):
@@ -263,10 +278,12 @@ def _pipe_holders(pid: int, inodes: Iterable[int]) -> dict[int, int]:
     return found
 
 
-def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str], AnonFds]:
+def _check(pid: int, *, strict: bool = True, tree: Collection[int] = ()
+           ) -> tuple[list[_Fd], dict[int, str], AnonFds]:
     """The fds to dump, {fd: name} of the external ones among them and the
     event-loop files (dump/anon_files.py); raises UnsupportedTargetError naming
-    every fd that cannot be dumped (unless not ``strict``)."""
+    every fd that cannot be dumped (unless not ``strict``). A pipe the processes
+    of ``tree`` hold is theirs, not external."""
     fds = _list_fds(pid)
     anon = inspect_anon(pid, [(f.fd, f.link, f.st) for f in fds])
     external = {f.fd: name for f in fds
@@ -277,7 +294,7 @@ def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str],
     for f in fds:
         if stat.S_ISFIFO(f.st.st_mode):
             pipes.setdefault(f.st.st_ino, []).append(f)
-    for ino, other in sorted(_pipe_holders(pid, pipes).items()):
+    for ino, other in sorted(_pipe_holders(pid, pipes, tree).items()):
         inner = [f.fd for f in pipes[ino] if f.fd >= STDIO_FDS]
         if inner:
             reasons.append(f"fd {inner[0]} is a pipe (pipe:[{ino}]) also open in process "
@@ -289,29 +306,33 @@ def _check(pid: int, *, strict: bool = True) -> tuple[list[_Fd], dict[int, str],
     return fds, external, anon
 
 
-def external_stdio(pid: int) -> dict[int, str]:
+def external_stdio(pid: int, tree: Collection[int] = ()) -> dict[int, str]:
     """{fd: name} of what on fds 0-2 of ``pid`` would stay on the source host
-    (see the module docstring), reading only /proc."""
-    return {fd: name for fd, name in _check(pid, strict=False)[1].items() if fd < STDIO_FDS}
+    (see the module docstring; ``tree``: the processes dumped with it), reading
+    only /proc."""
+    return {fd: name for fd, name in _check(pid, strict=False, tree=tree)[1].items()
+            if fd < STDIO_FDS}
 
 
-def inspect_files(pid: int) -> None:
+def inspect_files(pid: int, tree: Collection[int] = ()) -> None:
     """Refuse the fds that cannot be migrated, reading only /proc (the target is not
-    touched). Raises :class:`~lazymig.dump.freeze.UnsupportedTargetError`."""
-    _check(pid)
+    touched); ``tree``: the other processes dumped with it. Raises
+    :class:`~lazymig.dump.freeze.UnsupportedTargetError`."""
+    _check(pid, tree=tree)
 
 
 # -- the frozen process --------------------------------------------------------------
 
 
-def collect_files(pid: int) -> DumpedFiles:
-    """Read the open files of the frozen process ``pid`` (checking them again).
+def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
+    """Read the open files of the frozen process ``pid`` (checking them again);
+    ``tree``: the other processes dumped with it, which may share its pipes.
 
     Blocking (it reads /proc and the pipes' data): run it off the event loop.
     Raises :class:`~lazymig.dump.freeze.UnsupportedTargetError` or
     :class:`~lazymig.errors.LazyMigOSError`.
     """
-    fds, external, anon = _check(pid)
+    fds, external, anon = _check(pid, tree=tree)
     out = DumpedFiles()
     owners: list[_Fd] = []  # the first fd of each open file description
     zero = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
@@ -321,6 +342,7 @@ def collect_files(pid: int) -> DumpedFiles:
         if owner is None:
             owners.append(f)
             file_id = len(owners)
+            out.origins[file_id] = (f.fd, f.st.st_dev, f.st.st_ino)
             flags = f.flags & ~os.O_CLOEXEC
             if f.fd in external:
                 out.external[file_id] = external[f.fd]
@@ -328,7 +350,7 @@ def collect_files(pid: int) -> DumpedFiles:
                 entry = FileEntry(type=fdinfo_pb2.EXT, id=file_id)
             elif f.fd in anon.kinds:
                 entry = anon.file_entry(f.fd, file_id, flags)
-            elif f.link.startswith("/memfd:"):
+            elif f.shmem:
                 entry = FileEntry(type=fdinfo_pb2.MEMFD, id=file_id, memfd=MemfdFileEntry(
                     id=file_id, flags=flags, pos=f.pos, fown=zero, inode_id=f.st.st_ino))
             elif stat.S_ISFIFO(f.st.st_mode):
@@ -346,7 +368,7 @@ def collect_files(pid: int) -> DumpedFiles:
             out.files.append(entry)
         else:
             file_id = owners.index(owner) + 1
-        if f.link.startswith("/memfd:"):
+        if f.shmem:
             out.memfds.setdefault(f.st.st_ino, []).append(f.fd)
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
@@ -357,6 +379,32 @@ def collect_files(pid: int) -> DumpedFiles:
         size, data = _pipe_contents(pid, fd)
         out.pipe_data.append((PipeDataEntry(pipe_id=ino, bytes=len(data), size=size), data))
     return out
+
+
+def share_files(pid: int, files: DumpedFiles, earlier: Sequence[tuple[int, DumpedFiles]]
+                ) -> DumpedFiles:
+    """``files`` of the frozen process ``pid`` with each open file description it
+    shares with a process of ``earlier`` (inherited across a fork: kcmp(2) says
+    so) under that process's file id, its own ``file_entry`` dropped: files.img
+    holds it once, and the restore gives it back to every process that had it
+    as one description (one offset; one end of one pipe). The ids must be unique
+    in the tree already. Blocking."""
+    renamed: dict[int, int] = {}
+    for file_id, (fd, dev, ino) in files.origins.items():
+        same = next((other_id for other_pid, other in earlier
+                     for other_id, (other_fd, *key) in other.origins.items()
+                     if key == [dev, ino] and same_file(pid, fd, other_pid, other_fd)), None)
+        if same is not None:
+            renamed[file_id] = same
+    if not renamed:
+        return files
+    for e in files.fds:
+        e.id = renamed.get(e.id, e.id)
+    return DumpedFiles(
+        fds=files.fds, files=[f for f in files.files if f.id not in renamed],
+        pipe_data=files.pipe_data, memfds=files.memfds,
+        external={renamed.get(i, i): name for i, name in files.external.items()},
+        origins={i: o for i, o in files.origins.items() if i not in renamed})
 
 
 def _pipe_contents(pid: int, fd: int) -> tuple[int, bytes]:

@@ -40,6 +40,7 @@ from lazymig.dump.scan import (
     scan_process,
     unsupported_mappings,
 )
+from lazymig.dump.shmem import DELETED, mark_tmpfs_files
 from lazymig.dump.state import (
     MmState,
     ProcessState,
@@ -50,7 +51,7 @@ from lazymig.dump.state import (
 )
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import read_stat, read_status
+from lazymig.linux.procfs import read_stat, read_status, tmpfs_devices
 from lazymig.linux.ptrace import (
     PTRACE_O_SUSPEND_SECCOMP,
     AlreadyTracedError,
@@ -60,6 +61,7 @@ from lazymig.linux.ptrace import (
     park,
     process_alive,
 )
+from lazymig.proto.constants import VmaStatus
 
 __all__ = [
     "AlreadyTracedError",
@@ -131,7 +133,13 @@ class _Layout:
     @classmethod
     def read(cls, pid: int, status: dict[str, str]) -> _Layout:
         text = _read_proc(pid, "smaps")
-        return cls(parse_smaps(text), maps_lines(text), status.get("VmLck", ""))
+        vmas = parse_smaps(text)
+        if any(v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED) for v in vmas):
+            try:
+                vmas = mark_tmpfs_files(vmas, tmpfs_devices(pid))
+            except (FileNotFoundError, ProcessLookupError) as exc:
+                raise TargetGoneError(pid, f"process {pid} does not exist") from exc
+        return cls(vmas, maps_lines(text), status.get("VmLck", ""))
 
     def unchanged(self, pid: int, status: dict[str, str]) -> bool:
         """True if /proc/PID/maps and VmLck are what they were. Neither walks the

@@ -48,7 +48,7 @@ from lazymig._version import __version__
 from lazymig.dump.files import DumpedFiles, write_files
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun, Vma
-from lazymig.dump.shmem import is_shared_object, write_shmem
+from lazymig.dump.shmem import ShmemDump, is_shared_object, write_shmem
 from lazymig.dump.state import ProcessState, ThreadState
 from lazymig.errors import ImageError
 from lazymig.linux.cpuid import xstate_layout
@@ -470,14 +470,15 @@ class DumpImages:
 def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
                  pipes: PagePipes, *, lazy_pages: bool,
                  open_files: DumpedFiles | None = None, index: int = 1,
-                 in_tree: bool = False) -> DumpImages:
+                 in_tree: bool = False, shmem: ShmemDump | None = None) -> DumpImages:
     """Write every image of the frozen process; drains the non-lazy page pipes.
 
     ``index`` numbers the process in its dumped tree (1 for the root): its
     ``pages-<index>.img``, kernel object ids and ``fdinfo-<index>.img``. With
     ``in_tree`` only the process's own images are written; the tree's dump
-    (:mod:`lazymig.dump.tree`) writes ``files.img``, ``pstree.img`` and the
-    inventory once for all its processes.
+    (:mod:`lazymig.dump.tree`) writes ``files.img``, ``pstree.img``, the
+    inventory and (``shmem``, which writes each shared object once)
+    ``memfd-inode.img`` once for all its processes.
 
     With ``lazy_pages`` the lazy pipes are left untouched (the page server's);
     without it, ``pipes`` must hold every page of ``scan`` as non-lazy (collect
@@ -509,9 +510,12 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
             out.paths.append(images.write_entries(ImageKind.FDINFO, own_files.fds, index))
         else:
             out.paths += write_files(images, own_files)
-        # In a tree each process's shared objects get pages ids of their own.
-        out.paths += write_shmem(images, state.pid, scan.vmas, own_files.memfds,
-                                 (index << 16) + 1 if in_tree else PAGES_ID + 1)
+        if shmem is not None:  # a tree's: each process's objects get pages ids of their own
+            out.paths += shmem.write(images, state.pid, scan.vmas, own_files.memfds,
+                                     (index << 16) + 1)
+        else:
+            out.paths += write_shmem(images, state.pid, scan.vmas, own_files.memfds,
+                                     PAGES_ID + 1)
         if not in_tree:
             out.paths.append(images.write_pstree([_pstree(state)]))
         extra = _lazymig_entry(state, files, lazy_pages)

@@ -2,14 +2,17 @@
 
 Shared anonymous memory (``/dev/zero (deleted)``: ``mmap(-1, n)``,
 ``MAP_SHARED | MAP_ANONYMOUS``) and memfds (mapped ``MAP_SHARED``, open on
-fds, or both) are one object each however many VMAs map it
-(``vma_entry.shmid`` is the object's inode number; ``pgoff`` the VMA's offset
-in it). A memfd also gets a ``memfd_inode_entry`` in ``memfd-inode.img``
-(name, size, seals; CRIU's), which a MEMFD ``file_entry`` of an fd names. Each object's
-contents go into ``shmem-pagemap-<shmid>.img`` (a ``pagemap_head`` naming its
+fds, or both) are one object each however many VMAs (of however many processes
+of a tree) map it (``vma_entry.shmid`` is the object's inode number; ``pgoff``
+the VMA's offset in it). A deleted file of a tmpfs (``/dev/shm/sem.NAME
+(deleted)``, a POSIX semaphore) is an unnamed shmem object too: it is dumped
+as a memfd named after its path (:func:`mark_tmpfs_files`). A memfd also gets
+a ``memfd_inode_entry`` in ``memfd-inode.img`` (name, size, seals; CRIU's),
+which a MEMFD ``file_entry`` of an fd names. Each object's contents go into
+``shmem-pagemap-<shmid>.img`` (a ``pagemap_head`` naming its
 ``pages-<id>.img``, then ``pagemap_entry``s whose ``vaddr`` is the offset in
-the object, as CRIU writes them) and that pages image. Only the parts some
-VMA maps (all of a memfd) are dumped, and of those only what holds data
+the object, as CRIU writes them) and that pages image. Only the parts some VMA
+maps (all of a memfd) are dumped, and of those only what holds data
 (``SEEK_DATA`` on the object: holes stay holes). The object is read through
 ``/proc/PID/map_files`` or ``/proc/PID/fd``, so nothing is faulted in the
 target.
@@ -25,7 +28,7 @@ import dataclasses
 import errno
 import fcntl
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -41,13 +44,25 @@ from lazymig.proto.images import (
     PagesWriter,
 )
 
-__all__ = ["SHMEM_PAGEMAP", "is_shared_object", "shared_objects", "shmem_pagemap_path",
-           "write_shmem"]
+__all__ = ["DELETED", "SHMEM_PAGEMAP", "ShmemDump", "is_shared_object", "mark_tmpfs_files",
+           "shared_objects", "shmem_pagemap_path", "write_shmem"]
 
 SHMEM_PAGEMAP: Final = "shmem-pagemap-{}.img"
 """CRIU's file name of an object's pagemap (its magic is PAGEMAP's)."""
 _CHUNK: Final = 4 << 20
 _F_GET_SEALS: Final = 1034
+DELETED: Final = " (deleted)"
+"""The suffix the kernel gives the name of an unlinked file."""
+
+
+def mark_tmpfs_files(vmas: Sequence[Vma], tmpfs: Collection[tuple[int, int]]) -> list[Vma]:
+    """``vmas`` with each shared mapping of a deleted file on a tmpfs (``tmpfs``:
+    its devices) marked MEMFD: such a file is an unnamed shmem object with
+    contents only the processes hold, as a memfd is (POSIX semaphores of
+    ``multiprocessing``, ``/dev/shm/sem.NAME (deleted)``, are). Pure."""
+    return [dataclasses.replace(v, status=v.status | VmaStatus.MEMFD)
+            if v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED)
+            and v.dev in tmpfs else v for v in vmas]
 
 
 def is_shared_object(status: int) -> bool:
@@ -183,27 +198,61 @@ def _seals(fd: int) -> int:
         return 0
 
 
+@dataclasses.dataclass(slots=True)
+class ShmemDump:
+    """The shared objects of one dump: each written once, however many processes
+    of a tree map it or have it open (they are frozen: it holds the same data
+    for each), and ``memfd-inode.img`` once for all of them."""
+
+    done: set[int] = dataclasses.field(default_factory=set)
+    """The shmids written."""
+    inodes: list[MemfdInodeEntry] = dataclasses.field(default_factory=list)
+
+    def write(self, images: ImagesDir, pid: int, vmas: Sequence[Vma],
+              memfd_fds: Mapping[int, Sequence[int]] | None, first_pages_id: int) -> list[Path]:
+        """Dump the shared objects of the frozen process ``pid`` not written yet:
+        its mapped shared memory and the memfds open on its fds (``memfd_fds``:
+        {inode: fds}); ``pages-<id>.img`` ids are handed out from
+        ``first_pages_id``. Returns the paths written (removed again on failure).
+        Blocking."""
+        paths: list[Path] = []
+        try:
+            for n, obj in enumerate(shared_objects(vmas, memfd_fds)):
+                if obj.shmid in self.done:
+                    continue
+                written, inode = _write_object(images, pid, obj, first_pages_id + n)
+                paths += written
+                self.done.add(obj.shmid)
+                if inode is not None:
+                    self.inodes.append(inode)
+        except BaseException:
+            _remove(paths)
+            raise
+        return paths
+
+    def write_inodes(self, images: ImagesDir) -> list[Path]:
+        """``memfd-inode.img``, if there are memfds."""
+        if not self.inodes:
+            return []
+        return [images.write_entries(ImageKind.MEMFD_INODE, self.inodes)]
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 def write_shmem(images: ImagesDir, pid: int, vmas: Sequence[Vma],
                 memfd_fds: Mapping[int, Sequence[int]] | None, first_pages_id: int
                 ) -> list[Path]:
     """Dump every shared object of the frozen process ``pid`` (see the module
-    docstring): its mapped shared memory and the memfds open on its fds
-    (``memfd_fds``: {inode: fds}), and ``memfd-inode.img`` if there are memfds;
-    ``pages-<id>.img`` ids are handed out from ``first_pages_id``. Returns the
-    paths written. Blocking."""
-    paths: list[Path] = []
-    inodes: list[MemfdInodeEntry] = []
+    docstring and :meth:`ShmemDump.write`) and ``memfd-inode.img`` if there are
+    memfds. Returns the paths written. Blocking."""
+    one = ShmemDump()
+    paths = one.write(images, pid, vmas, memfd_fds, first_pages_id)
     try:
-        for n, obj in enumerate(shared_objects(vmas, memfd_fds)):
-            written, inode = _write_object(images, pid, obj, first_pages_id + n)
-            paths += written
-            if inode is not None:
-                inodes.append(inode)
-        if inodes:
-            paths.append(images.write_entries(ImageKind.MEMFD_INODE, inodes))
+        return paths + one.write_inodes(images)
     except BaseException:
-        for p in paths:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        _remove(paths)
         raise
-    return paths

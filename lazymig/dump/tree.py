@@ -13,8 +13,13 @@ recorded, not frozen: CRIU writes only a core image for it, with task state
 process (pid, ppid, pgid, sid, threads; parents before their children), and
 each live process its own ``core-<tid>``, ``mm-<pid>``, ``pagemap-<pid>``,
 ``pages-<n>`` (n its rank in the tree) and ``fdinfo-<n>`` images; ``files.img``
-holds the open files of every process (their ids made unique per process) and
-``pipes-data.img`` each pipe's contents once.
+holds the open file descriptions of every process (their ids made unique per
+process), each once: one that processes share (inherited across a fork, a pipe
+end or a log file) under the id of the first that has it, which the ``fdinfo``
+of each names (:func:`~lazymig.dump.files.share_files`).
+``pipes-data.img`` holds each pipe's contents once, and each shared object
+(shared anonymous memory, memfds, deleted tmpfs files) is dumped once, by the
+first process that maps it or has it open (:class:`~lazymig.dump.shmem.ShmemDump`).
 
 :func:`start_lazy_tree` does the same for a lazy dump: each process's lazy
 pages stay in its own page pipes, a :class:`TreePageStore` serves them by the
@@ -31,16 +36,22 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Final
 
-from lazymig.dump.files import DumpedFiles, collect_files, inspect_files, write_sk_queues
-from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
+from lazymig.dump.files import (
+    DumpedFiles,
+    collect_files,
+    inspect_files,
+    share_files,
+    write_sk_queues,
+)
+from lazymig.dump.freeze import FrozenProcess, inspect_target
 from lazymig.dump.images import DumpImages, _inventory, write_images
 from lazymig.dump.late_fill import LateFill
-from lazymig.dump.scan import MemoryScan, PageRun, Vma
+from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.dump.shmem import ShmemDump
 from lazymig.dump.store import PageSegment, PipePageStore
 from lazymig.errors import LazyMigError
-from lazymig.linux.procfs import children, read_stat, read_status
+from lazymig.linux.procfs import children, descendants, read_stat, read_status
 from lazymig.linux.ptrace import TargetGoneError
-from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
 
 __all__ = ["TASK_DEAD", "FrozenTree", "LazyTreeDump", "TreePageStore", "Zombie", "dump_tree",
@@ -112,7 +123,7 @@ class FrozenTree:
                         zombies[kid] = zombie
                         continue
                     try:
-                        await asyncio.to_thread(_inspect_child, kid)
+                        await asyncio.to_thread(_inspect_child, kid, pid)
                         frozen[kid] = await FrozenProcess.freeze(kid, stop_timeout=stop_timeout)
                     except TargetGoneError:
                         # It exited between the listing and the seize; its frozen
@@ -176,9 +187,11 @@ def has_children(pid: int) -> bool:
         raise TargetGoneError(pid, f"process {pid} does not exist") from exc
 
 
-def _inspect_child(pid: int) -> None:
+def _inspect_child(pid: int, root: int) -> None:
+    """Refuse ``pid`` of the tree of ``root`` from /proc (a pipe it shares with
+    another process of the tree is fine)."""
     inspect_target(pid)
-    inspect_files(pid)
+    inspect_files(pid, {root, *descendants(root)})
 
 
 def _zombie(pid: int, ppid: int) -> Zombie | None:
@@ -221,7 +234,8 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
     """``files`` with ids unique in the tree's ``files.img``."""
     shift = rank * _FILE_ID_STRIDE
     out = DumpedFiles(pipe_data=list(files.pipe_data), memfds=dict(files.memfds),
-                      external={i + shift: name for i, name in files.external.items()})
+                      external={i + shift: name for i, name in files.external.items()},
+                      origins={i + shift: o for i, o in files.origins.items()})
     for packet, data in files.sk_queues:
         out.sk_queues.append((type(packet)(id_for=packet.id_for + shift, length=packet.length),
                               data))
@@ -243,19 +257,12 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
     return out
 
 
-def _refuse_memfds(tree: FrozenTree, pid: int, vmas: Sequence[Vma], files: DumpedFiles) -> None:
-    """A memfd in a tree of several processes is refused: ``memfd-inode.img`` is
-    one image per dump, written per process (shared anonymous memory is fine)."""
-    if len(tree.processes) > 1 and (files.memfds or any(v.status & VmaStatus.MEMFD
-                                                          for v in vmas)):
-        raise UnsupportedTargetError(pid, [
-            "it has a memfd, and memfds in a tree of processes are not migrated yet"])
-
-
 def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[DumpedFiles],
-                       written: DumpImages) -> None:
-    """What the tree has once: zombies' cores, files.img, pipes-data.img, pstree.img,
-    and the inventory last (its presence marks a complete dump)."""
+                       shmem: ShmemDump, written: DumpImages) -> None:
+    """What the tree has once: zombies' cores, files.img, pipes-data.img,
+    memfd-inode.img, pstree.img, and the inventory last (its presence marks a
+    complete dump)."""
+    written.paths += shmem.write_inodes(images)
     for z in tree.zombies:
         written.paths.append(images.write_core(z.pid, zombie_core(z)))
     merged = [f for per in files for f in per.files]
@@ -276,14 +283,18 @@ def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[Dump
     written.paths.append(images.write_inventory(_inventory()))
 
 
-async def _files_and_scan(tree: FrozenTree, fp: FrozenProcess,
-                          rank: int) -> tuple[DumpedFiles, MemoryScan]:
-    """One frozen process's open files (renumbered for its rank in the tree) and
-    memory scan; a memfd it shares in the tree is refused."""
-    own = _renumbered(await asyncio.to_thread(collect_files, fp.pid), rank)
-    scan = await fp.scan()
-    _refuse_memfds(tree, fp.pid, scan.vmas, own)
-    return own, scan
+async def _files_and_scan(tree: FrozenTree, rank: int, files: list[DumpedFiles]
+                          ) -> MemoryScan:
+    """The open files of the process of ``rank`` in the tree, added to ``files``
+    (renumbered for its rank; a description it shares with a process before it
+    is that process's, :func:`~lazymig.dump.files.share_files`), and its memory scan."""
+    fp = tree.processes[rank]
+    own = _renumbered(await asyncio.to_thread(collect_files, fp.pid, tree.order), rank)
+    own = await asyncio.to_thread(share_files, fp.pid, own,
+                                  [(p.pid, f) for p, f in zip(tree.processes[:rank], files,
+                                                              strict=True)])
+    files.append(own)
+    return await fp.scan()
 
 
 async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
@@ -292,15 +303,15 @@ async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
     its ``pages-<n>.img``. Then the tree is killed, or resumed with
     ``leave_running``; on failure it is resumed unchanged and the images
     written are removed. Returns the images and the seconds it was frozen."""
-    await asyncio.to_thread(_inspect_child, pid)
+    await asyncio.to_thread(_inspect_child, pid, pid)
     started = time.monotonic()
     tree = await FrozenTree.freeze(pid)
     total = DumpImages(images)
+    shmem = ShmemDump()
     try:
         files: list[DumpedFiles] = []
         for rank, fp in enumerate(tree.processes):
-            own, scan = await _files_and_scan(tree, fp, rank)
-            files.append(own)
+            scan = await _files_and_scan(tree, rank, files)
             plain = MemoryScan(scan.pid, scan.vmas,
                                tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
             pipes = await fp.collect_pages(plain, pipe_size=pipe_size)
@@ -308,11 +319,11 @@ async def dump_tree(pid: int, images: ImagesDir, *, leave_running: bool = False,
                 state = fp.state
                 one = await asyncio.to_thread(
                     write_images, images, state, scan, pipes, lazy_pages=False,
-                    open_files=own, index=rank + 1, in_tree=True)
+                    open_files=files[rank], index=rank + 1, in_tree=True, shmem=shmem)
             finally:
                 pipes.close()
             total.add(one)
-        await asyncio.to_thread(_write_tree_images, images, tree, files, total)
+        await asyncio.to_thread(_write_tree_images, images, tree, files, shmem, total)
     except BaseException:
         total.remove()
         await tree.resume()
@@ -376,26 +387,26 @@ async def start_lazy_tree(pid: int, images: ImagesDir, *,
                           pipe_size: int | None = None) -> LazyTreeDump:
     """Freeze the tree of ``pid`` and write its images for a lazy dump; on failure
     the tree is resumed and the images are removed."""
-    await asyncio.to_thread(_inspect_child, pid)
+    await asyncio.to_thread(_inspect_child, pid, pid)
     tree = await FrozenTree.freeze(pid)
     total = DumpImages(images)
+    shmem = ShmemDump()
     stores: dict[int, PipePageStore] = {}
     fills: list[tuple[LateFill, FrozenProcess]] = []
     try:
         files: list[DumpedFiles] = []
         for rank, fp in enumerate(tree.processes):
-            own, scan = await _files_and_scan(tree, fp, rank)
-            files.append(own)
+            scan = await _files_and_scan(tree, rank, files)
             pipes = await fp.collect_pages(scan, pipe_size=pipe_size, defer_lazy=True)
             late_fill = LateFill(pipes)
             stores[fp.pid] = PipePageStore(fp.pid, pipes, late_fill)
             fills.append((late_fill, fp))
             state = fp.state
             one = await asyncio.to_thread(
-                write_images, images, state, scan, pipes, lazy_pages=True, open_files=own,
-                index=rank + 1, in_tree=True)
+                write_images, images, state, scan, pipes, lazy_pages=True,
+                open_files=files[rank], index=rank + 1, in_tree=True, shmem=shmem)
             total.add(one)
-        await asyncio.to_thread(_write_tree_images, images, tree, files, total)
+        await asyncio.to_thread(_write_tree_images, images, tree, files, shmem, total)
     except BaseException:
         for store in stores.values():
             store.close()

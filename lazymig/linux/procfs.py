@@ -17,6 +17,7 @@ __all__ = [
     "read_status",
     "read_syscall",
     "registered_with_userfaultfd",
+    "tmpfs_devices",
     "userfaultfd_vmas",
 ]
 
@@ -116,6 +117,24 @@ def ns_pids(pid: int) -> tuple[int, ...]:
         FileNotFoundError, ProcessLookupError: the process is gone.
     """
     return tuple(int(x) for x in read_status(pid).get("NSpid", str(pid)).split())
+
+
+def tmpfs_devices(pid: int) -> frozenset[tuple[int, int]]:
+    """(major, minor) of every tmpfs mounted in the mount namespace of ``pid``
+    (``/proc/PID/mountinfo``): files there are shared memory, like memfds.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    found = set()
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype == "tmpfs":
+                major, minor = fields[2].split(":")
+                found.add((int(major), int(minor)))
+    return frozenset(found)
 
 
 def processes() -> list[int]:

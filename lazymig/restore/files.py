@@ -19,6 +19,13 @@
    read end whose writers were closed) is closed again;
 4. once every fd is in place, each epoll's registrations are added again.
 
+In a tree every process gets its files before any runs
+(:mod:`lazymig.restore.tree`), and what processes shared they share again
+(:class:`TreeFiles`): a description another process restored already is taken
+from it with ``pidfd_getfd`` (injected), and an end of a pipe another process
+made is opened through that process's /proc fd link, so each pipe is made
+once, with its data, wherever it was.
+
 fds 0, 1 and 2 are restored as the others. The caller may hand the restored
 process fds of its own instead (:class:`~lazymig.restore.task.FdInheritance`, planned by
 :func:`~lazymig.restore.task.plan_given_fds`): ``stdio`` replaces fds 0, 1 and 2, ``--inherit-fd
@@ -32,6 +39,7 @@ is closed.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -42,17 +50,20 @@ from typing import Final, Protocol
 
 from lazymig.dump.files import FD_CLOEXEC, STDIO_FDS, DumpedFiles
 from lazymig.errors import ImageError, LazyMigOSError
+from lazymig.linux.procfs import ns_pids
 from lazymig.linux.syscalls import (
     SYS_DUP3,
     SYS_FCNTL,
     SYS_LSEEK,
+    SYS_PIDFD_GETFD,
+    SYS_PIDFD_OPEN,
     SYS_PIPE2,
 )
 from lazymig.linux.vm import read_memory, set_pipe_size
 from lazymig.proto.images import fdinfo_pb2
 from lazymig.restore.anon_files import ANON_TYPES, AnonFiles
 
-__all__ = ["SyscallTarget", "restore_files"]
+__all__ = ["SyscallTarget", "TreeFiles", "restore_files"]
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +92,31 @@ class SyscallTarget(Protocol):
         ...
 
 
+@dataclasses.dataclass(slots=True)
+class TreeFiles:
+    """What the processes of a tree restored so far hold, for the next ones to
+    share (every process of the tree stays stopped until all have their files)."""
+
+    descriptions: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    """{file id: (pid, fd)}: a fd on each open file description restored."""
+    pipes: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    """{pipe id: (pid, fd)}: a fd on either end of each pipe restored."""
+
+
 def restore_files(target: SyscallTarget, files: DumpedFiles,
                   given: Mapping[int, int] | None = None,
-                  memfds: Mapping[int, int] | None = None) -> None:
+                  memfds: Mapping[int, int] | None = None,
+                  tree: TreeFiles | None = None) -> None:
     """Rebuild ``files`` in ``target`` (see the module docstring), with the helper's
     fds in ``given`` (``DumpedTask.given_fds``) in place of the dumped ones, and
-    the memfds rebuilt already (``memfds``: {inode id: fd}; closed here). Run it
-    on the tracer thread, after :func:`~lazymig.restore.task.check_files`."""
+    the memfds rebuilt already (``memfds``: {inode id: fd}; closed here). In a
+    tree (``tree``), a description another process restored already is taken
+    from it (``pidfd_getfd``: one description again), an end of a pipe it made
+    is opened through its /proc fd (one pipe again), and what this one restores
+    is added. Run it on the tracer thread, after
+    :func:`~lazymig.restore.task.check_files`."""
     given = dict(given or {})
+    tree = tree if tree is not None else TreeFiles()
     dumped = {e.fd for e in files.fds}
     objects = dict(memfds or {})
     top = max([*dumped, *given.values(), *objects.values(), STDIO_FDS]) + 1
@@ -114,23 +142,31 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
                     what=f"dup3 of the given fd {hfd} to fd {fd}")
     for at in staged.values():
         target.close(at)
+    mine = [(f, fds) for f in files.files
+            if (fds := [(fd, c) for fd, c in files.fds_of(f.id) if fd not in given])]
+    wanted = {f.pipe.pipe_id for f, _ in mine
+              if f.type == fdinfo_pb2.PIPE and f.id not in tree.descriptions}
     ends: dict[int, tuple[int, int]] = {}
     used: set[int] = set()  # staging pipe ends handed out as some description
     for entry, data in files.pipe_data:
-        ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
-        top += 2
+        if entry.pipe_id in wanted and entry.pipe_id not in tree.pipes:
+            ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
+            top += 2
     anon = AnonFiles(target, files, top)
-    for f in files.files:
-        fds = [(fd, c) for fd, c in files.fds_of(f.id) if fd not in given]
-        if not fds:
-            continue
-        if f.type == fdinfo_pb2.PIPE:
+    for f, fds in mine:
+        if f.id in tree.descriptions:  # another process of the tree has it: the same one
+            tmp = _take_fd(target, *tree.descriptions[f.id])
+        elif f.type == fdinfo_pb2.PIPE and f.pipe.pipe_id not in ends \
+                and f.pipe.pipe_id in tree.pipes:  # made by another process of the tree
+            pid, fd = tree.pipes[f.pipe.pipe_id]
+            tmp = target.open(f"/proc/{pid}/fd/{fd}", _via_proc(f.pipe.flags))
+        elif f.type == fdinfo_pb2.PIPE:
             tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
         elif f.type in ANON_TYPES:
             tmp = anon.open(f)
         elif f.type == fdinfo_pb2.MEMFD:  # a new description of the memfd rebuilt already
             tmp = target.open(f"/proc/self/fd/{objects[f.memfd.inode_id]}",
-                              f.memfd.flags | os.O_CLOEXEC)
+                              _via_proc(f.memfd.flags))
             if f.memfd.pos:
                 target.call(SYS_LSEEK, tmp, f.memfd.pos, os.SEEK_SET, what="lseek(memfd)")
         else:
@@ -147,6 +183,9 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
                             what=f"dup3 to fd {fd}")
         if tmp not in used and tmp not in (fd for fd, _ in fds):
             target.close(tmp)
+        tree.descriptions.setdefault(f.id, (target.pid, fds[0][0]))
+        if f.type == fdinfo_pb2.PIPE:
+            tree.pipes.setdefault(f.pipe.pipe_id, (target.pid, fds[0][0]))
     for r, w in ends.values():
         target.close(r)
         target.close(w)
@@ -155,6 +194,24 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
     anon.finish()
     log.info("pid %d: %d fds reopened (%d files, %d pipes), %d given by the caller",
              target.pid, len(files.fds), len(files.files), len(ends), len(given))
+
+
+def _take_fd(target: SyscallTarget, pid: int, fd: int) -> int:
+    """A fd in ``target`` on the open file description of fd ``fd`` of process
+    ``pid`` (``pidfd_getfd``, injected: the new fd is close-on-exec)."""
+    here = ns_pids(pid)[-1]  # as the target sees it, in the tree's pid namespace
+    pidfd = target.call(SYS_PIDFD_OPEN, here, 0, what=f"pidfd_open({here})")
+    try:
+        return target.call(SYS_PIDFD_GETFD, pidfd, fd, 0,
+                           what=f"pidfd_getfd(fd {fd} of process {here})")
+    finally:
+        target.close(pidfd)
+
+
+def _via_proc(flags: int) -> int:
+    """Dumped status flags to reopen a file through its /proc fd link with: without
+    O_NOFOLLOW (the link is one; ``tempfile.mkstemp`` files have it)."""
+    return (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC
 
 
 def _file_of(files: DumpedFiles, fd: int) -> int:
@@ -185,7 +242,7 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
         used.add(end)
         target.call(SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
         return end
-    return target.open(f"/proc/self/fd/{end}", flags | os.O_CLOEXEC)
+    return target.open(f"/proc/self/fd/{end}", _via_proc(flags))
 
 
 def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:

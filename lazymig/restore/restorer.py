@@ -553,8 +553,8 @@ class Restorer:
             except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
                 log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
                             (rl.cur, rl.max), exc)
-        restore_files(target, task.files, task.given_fds, target.objects)
-        if not target.in_tree:
+        if not target.in_tree:  # a tree's processes got theirs together (restore/tree.py)
+            restore_files(target, task.files, task.given_fds, target.objects)
             _set_session(target, task)
         _set_sched_and_timers(target, task)
         if thread.HasField("creds"):

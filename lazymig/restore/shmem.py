@@ -14,7 +14,9 @@ Per object (tracer thread, injected syscalls), as CRIU's restorer does:
    seals back and its fd is kept for the fds it was open on
    (:func:`~lazymig.restore.files.restore_files`); the others' fd goes.
 
-So every VMA that shared an object shares one again, with its contents.
+So every VMA that shared an object shares one again, with its contents. In a
+tree, an object another process rebuilt already is opened from it
+(``existing``: its /proc map_files or fd link), not made again.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
         size = max(PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         at = free_at(size)
         tmp = -1
+        sealing = 0
         if existing and shmid in existing:  # another process of the tree made it
             fd = target.open(existing[shmid], os.O_RDWR | os.O_CLOEXEC)
         elif memfd is not None:
@@ -130,7 +133,7 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
             if tmp >= 0:
                 target.call(SYS_MUNMAP, tmp, size, what="munmap(shared object)")
             if memfd is not None:
-                if memfd.size != size:  # the mapped part went past its end
+                if tmp >= 0 and memfd.size != size:  # the mapped part went past its end
                     target.call(SYS_FTRUNCATE, fd, memfd.size, what="ftruncate(memfd)")
                 if sealing:  # last: seals stop what rebuilding it needed
                     target.call(SYS_FCNTL, fd, _F_ADD_SEALS, memfd.seals,

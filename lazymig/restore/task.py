@@ -256,8 +256,12 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
     given = plan_given_fds(pid, files, fds or FdInheritance())
     memfds: dict[int, MemfdInodeEntry] = {}
     if images.image_path(ImageKind.MEMFD_INODE).exists():
+        # Those of this process (in a tree the image holds every process's).
+        used = {v.shmid for v in mm.vmas if v.status & VmaStatus.MEMFD} | {
+            f.memfd.inode_id for f in files.files if f.HasField("memfd") and files.fds_of(f.id)}
         memfds = {e.inode_id: e for e in images.read_entries(ImageKind.MEMFD_INODE,
-                                                             MemfdInodeEntry)}
+                                                             MemfdInodeEntry)
+                  if e.inode_id in used}
     check_files(pid, files, given, memfds)
     for inode in memfds:
         if not shmem_pagemap_path(images, inode).exists():

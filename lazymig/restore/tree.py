@@ -23,7 +23,10 @@ for how one process is rebuilt):
 3. Every live process is then rebuilt like a single one (memory, uffd, mm,
    files, threads, registers), its uffd handed to the daemon under its image
    pid (zombies are announced as such), one guardian covering the root and its
-   descendants, and each is detached, the children first.
+   descendants, and each is detached, the children first. The files of every
+   process come before any is detached: the descriptions, pipes and shared
+   objects processes shared are taken from the one that restored them
+   (:class:`~lazymig.restore.files.TreeFiles`).
 
 On one host the frozen source still holds the dumped pids, so the restored
 tree gets new ones: a parent waiting for a child by its old pid
@@ -38,6 +41,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -57,6 +61,7 @@ from lazymig.linux.syscalls import (
 )
 from lazymig.linux.vm import write_memory
 from lazymig.proto.images import ImagesDir, PstreeEntry
+from lazymig.restore.files import TreeFiles, restore_files
 from lazymig.restore.shmem import shared_vmas
 from lazymig.restore.task import DumpedTask, FdInheritance, load_task
 from lazymig.uffd.handover import send_restore_finished, send_task, send_zombie
@@ -138,6 +143,8 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
             for shmid, vmas in shared_vmas(tree.tasks[pid].mm.vmas).items():
                 v = vmas[0]
                 shared.setdefault(shmid, f"/proc/{target.pid}/map_files/{v.start:x}-{v.end:x}")
+            for inode, fd in target.objects.items():  # memfds, mapped or not
+                shared.setdefault(inode, f"/proc/{target.pid}/fd/{fd}")
         for pid in lazy:
             uffds[pid] = await tracer.run(restorer._userfaultfd, targets[pid], tree.tasks[pid])
         if sock is not None:
@@ -155,6 +162,11 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
         for fd in uffds.values():
             os.close(fd)
         uffds.clear()
+        # Every process's files before any runs: those they share are taken from
+        # the process that restored them first (see restore_files).
+        files = TreeFiles()
+        for pid, target in targets.items():
+            await tracer.run(_restore_files, target, tree.tasks[pid], files)
         for pid in reversed(list(targets)):  # children first
             await tracer.run(restorer._finish, targets[pid], tree.tasks[pid])
     except BaseException as exc:
@@ -219,6 +231,14 @@ def _skeleton(root: Tracee, tree: _Tree, pids: dict[int, int]) -> dict[int, Trac
                 raise LazyMigOSError(-res, f"restoring: setpgid(0, {pids[e.pgid]})",
                                      pid=pids[e.pid])
     return tracees
+
+
+def _restore_files(target: _Target, task: DumpedTask, files: TreeFiles) -> None:
+    """The process's open files (its rlimits come later: until then it may have
+    as many fds as its hard limit allows)."""
+    _, hard = resource.prlimit(target.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(target.pid, resource.RLIMIT_NOFILE, (hard, hard))
+    restore_files(target, task.files, task.given_fds, target.objects, files)
 
 
 def _own_session(tracee: Tracee, e: PstreeEntry) -> None:

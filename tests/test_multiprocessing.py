@@ -1,0 +1,172 @@
+"""CPython ``multiprocessing`` migrates with lazymig alone (issue 13): a Pool of
+2 workers, a Queue, shared memory of three kinds and a pipe with bytes waiting
+in it (tests/workloads/mp_pool.py), migrated lazily on loopback through
+``lazymig.migrate``. Then:
+
+* its own checks go on passing: every round's results come back through the
+  queue, right (the digests of the shared anonymous region, the round number
+  the parent wrote into the ``shared_memory`` segment) and counted by the
+  workers in a ``multiprocessing.Value`` under its lock (a deleted /dev/shm
+  file and a POSIX semaphore, ``/dev/shm/sem.* (deleted)``);
+* the 16 KiB a child wrote into a pipe that nobody had read at dump time are
+  read whole after the restore;
+* every line the processes wrote to their shared stdout (a file opened
+  without O_APPEND) is whole: they share its offset again;
+* the region equals the source's page by page in every process that maps it,
+  and each semaphore is one object mapped at its address in every process.
+
+On one machine the frozen source holds the dumped pids, so the tree comes
+back under new ones; nothing here depends on them (a Pool polls its workers
+by pid, and gets ECHILD: it takes them for alive, as they are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_images_crit import CRIT, crit_decode
+from workloads import WORKLOAD_DIR
+
+import lazymig
+from lazymig.linux.procfs import descendants
+from lazymig.testing import MemorySnapshot, assert_memory_equal
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root"),
+]
+
+LINE = re.compile(r"READY .*|W \d+|ROUND (\d+) ok=1 count=(\d+)|PIPE bytes=\d+ sha=[0-9a-f]+")
+TASKS = 8  # per round (mp_pool.py)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def wait_for(path: Path, found: Callable[[list[str]], bool], what: str,
+             timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not found(now := lines(path)):
+        assert time.monotonic() < deadline, f"no {what} in {path}: ...{now[-5:]}"
+        time.sleep(0.05)
+    return now
+
+
+def last_round(out: list[str]) -> int:
+    return max((int(m[1]) for line in out if (m := LINE.fullmatch(line)) and m[1]), default=0)
+
+
+def check_lines(out: list[str]) -> None:
+    """Every line whole and right, counts adding up."""
+    for line in out:
+        m = LINE.fullmatch(line)
+        assert m is not None, f"a bad or torn line: {line!r}"
+        if m[1]:
+            assert int(m[2]) == TASKS * int(m[1]), line
+
+
+@contextlib.contextmanager
+def mp_pool(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "wb") as o, open(err, "wb") as e:  # "wb": no O_APPEND
+        proc = subprocess.Popen([sys.executable, str(WORKLOAD_DIR / "mp_pool.py")], stdout=o,
+                                stderr=e, stdin=subprocess.DEVNULL, start_new_session=True)
+    ready: dict[str, str] = {}
+    try:
+        first = wait_for(out, lambda now: last_round(now) >= 3, "rounds")[0]
+        ready = dict(f.split("=") for f in first.split()[1:])
+        yield proc, ready, out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        if ready:
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"/dev/shm/{ready['shm']}").unlink()
+
+
+def maps(pid: int) -> dict[int, str]:
+    """{start: path} of the shared mappings of ``pid``."""
+    out = {}
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if fields[1][3] == "s":
+            out[int(fields[0].split("-")[0], 16)] = line
+    return out
+
+
+def object_at(pid: int, line: str) -> tuple[int, int]:
+    st = Path(f"/proc/{pid}/map_files/{line.split(maxsplit=1)[0]}").stat()
+    return st.st_dev, st.st_ino
+
+
+def check_images(images: Path) -> None:
+    """``crit`` shows one ``file_entry`` per open file description, the fdinfo of
+    each process that had it naming its id, and the pipe's waiting bytes."""
+    files = crit_decode(images / "files.img")["entries"]
+    ids = [f["id"] for f in files]
+    assert len(ids) == len(set(ids))
+    holders: dict[int, int] = {}
+    for fdinfo in sorted(images.glob("fdinfo-*.img")):
+        for file_id in {e["id"] for e in crit_decode(fdinfo)["entries"]}:
+            holders[file_id] = holders.get(file_id, 0) + 1
+    pipes = {f["id"] for f in files if f["type"] == "PIPE"}
+    assert pipes and all(file_id in ids for file_id in holders)
+    assert any(holders.get(file_id, 0) >= 2 for file_id in pipes)  # one end, two processes
+    data = crit_decode(images / "pipes-data.img")["entries"]
+    assert any(e["bytes"] == 16 * 1024 for e in data), data
+
+
+@pytest.mark.asyncio
+async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
+    with mp_pool(tmp_path) as (proc, ready, out):
+        region, size = int(ready["region"], 16), int(ready["size"])
+        restored: list[int] = []
+        try:
+            # Written once before the Pool started: the region the workers only read.
+            before = await asyncio.to_thread(MemorySnapshot.take, proc.pid, [(region, size)])
+            images = tmp_path / "images"
+            images.mkdir()
+            async with asyncio.timeout(90), \
+                    lazymig.migrate(proc.pid, images_dir=images) as migration:
+                dumped = last_round(lines(out))
+                root = migration.process.pid
+            restored = [root, *descendants(root)]
+            assert len(restored) == 5  # the Pool's 2 workers, the pipe's writer, the tracker
+            now = await asyncio.to_thread(wait_for, out, lambda n: last_round(n) >= dumped + 5,
+                                          "rounds after the migration")
+            check_lines(now)
+            os.kill(root, signal.SIGUSR1)
+            now = await asyncio.to_thread(
+                wait_for, out, lambda n: any(line.startswith("PIPE") for line in n), "PIPE")
+            assert f"PIPE bytes={16 * 1024} sha={ready['sha']}" in now
+            check_lines(now)
+            holders = [pid for pid in restored if region in maps(pid)]
+            assert root in holders and len(holders) == 4, holders  # not the exec'd tracker
+            for pid in holders:
+                await assert_memory_equal(pid, before)
+            sems = {a: line for a, line in maps(root).items() if "/dev/shm/sem." in line}
+            assert len(sems) >= 3, maps(root)  # the Value's lock, the Queue's two
+            for pid in holders:  # (the pipe's writer was forked before the Pool's queues)
+                theirs = maps(pid)
+                common = [a for a in sems if a in theirs and "/dev/shm/sem." in theirs[a]]
+                assert common, theirs
+                for address in common:
+                    assert object_at(pid, theirs[address]) == object_at(root, sems[address])
+            if CRIT is not None:
+                await asyncio.to_thread(check_images, images)
+        finally:
+            for pid in reversed(restored):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
