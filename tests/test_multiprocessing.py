@@ -111,6 +111,22 @@ def object_at(pid: int, line: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def check_objects(root: int, holders: list[int], segment: Path) -> None:
+    """The segment made again is what the root maps; each semaphore is one object,
+    mapped at its address in every process that had it."""
+    mine = maps(root)
+    assert [object_at(root, line) for line in mine.values() if str(segment) in line] \
+        == [(segment.stat().st_dev, segment.stat().st_ino)]
+    sems = {a: line for a, line in mine.items() if "/dev/shm/sem." in line}
+    assert len(sems) >= 3, mine  # the Value's lock, the Queue's two
+    for pid in holders:  # (the pipe's writer was forked before the Pool's queues)
+        theirs = maps(pid)
+        common = [a for a in sems if a in theirs and "/dev/shm/sem." in theirs[a]]
+        assert common, theirs
+        for address in common:
+            assert object_at(pid, theirs[address]) == object_at(root, sems[address])
+
+
 def check_images(images: Path) -> None:
     """``crit`` shows one ``file_entry`` per open file description, the fdinfo of
     each process that had it naming its id, and the pipe's waiting bytes."""
@@ -138,8 +154,15 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
             before = await asyncio.to_thread(MemorySnapshot.take, proc.pid, [(region, size)])
             images = tmp_path / "images"
             images.mkdir()
-            async with asyncio.timeout(90), \
-                    lazymig.migrate(proc.pid, images_dir=images) as migration:
+            segment = Path(f"/dev/shm/{ready['shm']}")
+
+            async def as_to_another_host(dumped: Path) -> Path:
+                # Where it goes there is no such segment: the restore makes it again.
+                await asyncio.to_thread(segment.unlink)
+                return dumped
+
+            async with asyncio.timeout(90), lazymig.migrate(
+                    proc.pid, images_dir=images, copy_images=as_to_another_host) as migration:
                 dumped = last_round(lines(out))
                 root = migration.process.pid
             restored = [root, *descendants(root)]
@@ -156,14 +179,7 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
             assert root in holders and len(holders) == 4, holders  # not the exec'd tracker
             for pid in holders:
                 await assert_memory_equal(pid, before)
-            sems = {a: line for a, line in maps(root).items() if "/dev/shm/sem." in line}
-            assert len(sems) >= 3, maps(root)  # the Value's lock, the Queue's two
-            for pid in holders:  # (the pipe's writer was forked before the Pool's queues)
-                theirs = maps(pid)
-                common = [a for a in sems if a in theirs and "/dev/shm/sem." in theirs[a]]
-                assert common, theirs
-                for address in common:
-                    assert object_at(pid, theirs[address]) == object_at(root, sems[address])
+            await asyncio.to_thread(check_objects, root, holders, segment)
             if CRIT is not None:
                 await asyncio.to_thread(check_images, images)
         finally:

@@ -34,6 +34,7 @@ from typing import Final
 
 from lazymig.dump.scan import Vma
 from lazymig.errors import LazyMigOSError
+from lazymig.linux.procfs import tmpfs_devices
 from lazymig.proto.constants import PAGE_SIZE, PE, VmaStatus
 from lazymig.proto.images import (
     ImageKind,
@@ -81,6 +82,9 @@ class SharedObject:
     fds: tuple[int, ...] = ()
     """For a memfd: the fds of the process it is open on."""
     memfd: bool = False
+    file: bool = False
+    """A file of a tmpfs (a /dev/shm segment), mapped again from its path; dumped
+    whole so that a destination without it gets it back."""
 
     def spans(self, size: int | None = None) -> list[tuple[int, int]]:
         """The [start, end) offsets some VMA maps (and all of a memfd's ``size``), merged."""
@@ -118,6 +122,22 @@ def shared_objects(vmas: Iterable[Vma], memfd_fds: Mapping[int, Sequence[int]] |
         by_id.setdefault(inode, [])
     return [SharedObject(shmid, tuple(group), tuple((memfd_fds or {}).get(shmid, ())),
                          shmid in memfds) for shmid, group in sorted(by_id.items())]
+
+
+def tmpfs_file_objects(pid: int, vmas: Sequence[Vma]) -> list[SharedObject]:
+    """The files of a tmpfs that ``vmas`` of process ``pid`` map shared, by inode
+    (not deleted: those are memfds, :func:`mark_tmpfs_files`)."""
+    files = [v for v in vmas if v.status & VmaStatus.FILE_SHARED
+             and not v.status & VmaStatus.MEMFD]
+    if not files:
+        return []
+    tmpfs = tmpfs_devices(pid)
+    by_inode: dict[int, list[Vma]] = {}
+    for v in files:
+        if v.dev in tmpfs:
+            by_inode.setdefault(v.inode, []).append(v)
+    return [SharedObject(inode, tuple(group), file=True)
+            for inode, group in sorted(by_inode.items())]
 
 
 def shmem_pagemap_path(images: ImagesDir, shmid: int) -> Path:
@@ -160,9 +180,10 @@ def _write_object(images: ImagesDir, pid: int, obj: SharedObject, pages_id: int
     inode: MemfdInodeEntry | None = None
     try:
         size = None
-        if obj.memfd:
-            st = os.fstat(fd)
+        st = os.fstat(fd)
+        if obj.memfd or obj.file:
             size = st.st_size
+        if obj.memfd:
             path = str(Path(where).readlink()) if obj.fds else obj.vmas[0].path
             name = path.removeprefix("/memfd:").removesuffix(" (deleted)")
             inode = MemfdInodeEntry(name=name, uid=st.st_uid, gid=st.st_gid, size=size,
@@ -211,13 +232,16 @@ class ShmemDump:
     def write(self, images: ImagesDir, pid: int, vmas: Sequence[Vma],
               memfd_fds: Mapping[int, Sequence[int]] | None, first_pages_id: int) -> list[Path]:
         """Dump the shared objects of the frozen process ``pid`` not written yet:
-        its mapped shared memory and the memfds open on its fds (``memfd_fds``:
-        {inode: fds}); ``pages-<id>.img`` ids are handed out from
+        its mapped shared memory, the memfds open on its fds (``memfd_fds``:
+        {inode: fds}) and the tmpfs files it maps shared (whole, so that
+        :func:`lazymig.restore.shmem.recreate_tmpfs_files` can make them again
+        where they are missing); ``pages-<id>.img`` ids are handed out from
         ``first_pages_id``. Returns the paths written (removed again on failure).
         Blocking."""
         paths: list[Path] = []
         try:
-            for n, obj in enumerate(shared_objects(vmas, memfd_fds)):
+            objects = shared_objects(vmas, memfd_fds) + tmpfs_file_objects(pid, vmas)
+            for n, obj in enumerate(objects):
                 if obj.shmid in self.done:
                     continue
                 written, inode = _write_object(images, pid, obj, first_pages_id + n)

@@ -109,7 +109,7 @@ from lazymig.proto.constants import (
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
-from lazymig.restore.shmem import restore_shared_objects
+from lazymig.restore.shmem import recreate_tmpfs_files, restore_shared_objects
 from lazymig.restore.task import (
     DumpedTask,
     FdInheritance,
@@ -411,6 +411,7 @@ class Restorer:
         # one is mapped, and the old one (the helper's) may be the dumped exe too.
         self._set_mm(target, task)
 
+        recreate_tmpfs_files(self.images, task.mm.vmas, task.extra.files)
         for v in task.mm.vmas:
             if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL) \
                     or is_shared_object(v.status):  # see restore_shared_objects below

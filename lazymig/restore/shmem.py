@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Final
 
 from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
@@ -46,10 +47,16 @@ from lazymig.proto.constants import (
     PAGE_SIZE,
     VmaStatus,
 )
-from lazymig.proto.images import ImagesDir, MemfdInodeEntry, PagemapReader, VmaEntry
+from lazymig.proto.images import (
+    ImagesDir,
+    MemfdInodeEntry,
+    PagemapReader,
+    VmaEntry,
+    lazymig_pb2,
+)
 from lazymig.restore.files import SyscallTarget
 
-__all__ = ["restore_shared_objects", "shared_vmas"]
+__all__ = ["recreate_tmpfs_files", "restore_shared_objects", "shared_vmas"]
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +157,19 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
 
 def _fill(pid: int, images: ImagesDir, shmid: int, tmp: int, size: int) -> int:
     """Write the dumped contents of object ``shmid`` into its mapping at ``tmp``."""
+    written = 0
+    for offset, data in _contents(images, shmid, size):
+        write_memory(pid, tmp + offset, data)
+        written += len(data) // PAGE_SIZE
+    return written
+
+
+def _contents(images: ImagesDir, shmid: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of the dumped contents of object ``shmid`` of ``size`` bytes."""
     path = shmem_pagemap_path(images, shmid)
     if not path.exists():
         raise ImageError(f"{path.name} is missing: the contents of shared object {shmid}",
                          path=path)
-    written = 0
     with PagemapReader(path) as reader, \
             open(images.pages_path(reader.pages_id), "rb", buffering=0) as pages:
         for e in reader:
@@ -167,6 +182,37 @@ def _fill(pid: int, images: ImagesDir, shmid: int, tmp: int, size: int) -> int:
                 if len(data) != min(_CHUNK, length - off):
                     raise ImageError(f"{pages.name} ends before the pages of shared object "
                                      f"{shmid} at offset {e.vaddr + off:#x}", path=path)
-                write_memory(pid, tmp + e.vaddr + off, data)
-            written += e.nr_pages
-    return written
+                yield e.vaddr + off, data
+
+
+def recreate_tmpfs_files(images: ImagesDir, vmas: Sequence[VmaEntry],
+                         files: Sequence[lazymig_pb2.lazymig_file_entry]) -> list[str]:
+    """Make again, with their dumped contents and size, the files that ``vmas``
+    map shared, that are missing here and whose contents were dumped (the
+    files of a tmpfs: a /dev/shm segment of ``multiprocessing.shared_memory``
+    on another host); returns their paths. Blocking (the restorer's own I/O:
+    it shares the restored process's mount namespace)."""
+    made: list[str] = []
+    ids = {v.shmid for v in vmas if v.status & VmaStatus.FILE_SHARED
+           and not is_shared_object(v.status)}
+    for f in files:
+        if f.id not in ids or f.deleted or not f.HasField("inode") \
+                or not shmem_pagemap_path(images, f.inode).exists():
+            continue
+        try:
+            fd = os.open(f.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue  # here already (on the source's host: the same file)
+        try:
+            os.ftruncate(fd, f.size)
+            padded = (f.size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)  # as it was dumped
+            for offset, data in _contents(images, f.inode, padded):
+                os.pwrite(fd, data[:max(0, f.size - offset)], offset)
+        except BaseException:
+            Path(f.path).unlink()
+            raise
+        finally:
+            os.close(fd)
+        made.append(f.path)
+        log.info("%s was missing: made again from the dump (%d bytes)", f.path, f.size)
+    return made

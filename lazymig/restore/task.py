@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -250,7 +250,8 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
             # A file mapped shared and writable may have changed: others write it too.
             _check_file(pid, extra, v.shmid, where,
                         changed_ok=bool(v.status & VmaStatus.FILE_SHARED
-                                        and (v.prot & _PROT_WRITE or v.fdflags)))
+                                        and (v.prot & _PROT_WRITE or v.fdflags)),
+                        dumped=lambda inode: shmem_pagemap_path(images, inode).exists())
     files = read_files(images, core.ids.files_id if core.HasField("ids") else 1)
     files.external = {e.file_id: e.name for e in extra.external_files}
     given = plan_given_fds(pid, files, fds or FdInheritance())
@@ -262,7 +263,10 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
         memfds = {e.inode_id: e for e in images.read_entries(ImageKind.MEMFD_INODE,
                                                              MemfdInodeEntry)
                   if e.inode_id in used}
-    check_files(pid, files, given, memfds)
+    # Missing tmpfs files whose contents were dumped are made again (restore/shmem.py).
+    again = {f.path for f in extra.files if f.HasField("inode") and not f.deleted
+             and shmem_pagemap_path(images, f.inode).exists()}
+    check_files(pid, files, given, memfds, again)
     for inode in memfds:
         if not shmem_pagemap_path(images, inode).exists():
             raise ImageError(f"the memfd {memfds[inode].name!r} of process {pid} has no "
@@ -292,7 +296,10 @@ def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
 
 
 def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
-                where: str, *, changed_ok: bool = False) -> None:
+                where: str, *, changed_ok: bool = False,
+                dumped: Callable[[int], bool] = lambda inode: False) -> None:
+    """Refuse a mapped file that is not here as it was; but one missing whose
+    contents were dumped (``dumped(inode)``: a tmpfs file) is made again."""
     entry = next((f for f in extra.files if f.id == file_id), None)
     if entry is None:
         raise ImageError(f"the file mapping at {where} of process {pid} names file id "
@@ -301,6 +308,11 @@ def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
         raise UnsupportedDumpError(f"process {pid} maps the deleted file {entry.path} at {where}")
     try:
         st = Path(entry.path).stat()
+    except FileNotFoundError:
+        if entry.HasField("inode") and dumped(entry.inode):
+            return  # recreate_tmpfs_files makes it again
+        raise UnsupportedDumpError(f"process {pid} maps {entry.path} at {where}, which does "
+                                   "not exist here") from None
     except OSError as exc:
         raise UnsupportedDumpError(f"process {pid} maps {entry.path} at {where}, which cannot "
                                    f"be opened here: {exc.strerror}") from exc
@@ -311,9 +323,11 @@ def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
 
 
 def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, int] = (),
-                memfds: Collection[int] = ()) -> None:
+                memfds: Collection[int] = (), again: Collection[str] = ()) -> None:
     """Refuse the open files :func:`~lazymig.restore.files.restore_files` could not
-    reopen as they were (but those whose every fd is in ``given``).
+    reopen as they were (but those whose every fd is in ``given``, and those of
+    ``again`` missing here: the restore makes them again, see
+    :func:`~lazymig.restore.shmem.recreate_tmpfs_files`).
 
     Raises:
         UnsupportedDumpError: a file that is gone, of another kind, or whose size
@@ -346,7 +360,8 @@ def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, i
             raise UnsupportedDumpError(f"fd {fds} of process {pid} is of kind "
                                        f"{fdinfo_pb2.fd_types.Name(f.type)}, which lazymig "
                                        "does not restore")
-        _check_reg(pid, fds, f)
+        if f.reg.name not in again or Path(f.reg.name).exists():
+            _check_reg(pid, fds, f)
 
 
 def _check_reg(pid: int, fds: str, f: FileEntry) -> None:
