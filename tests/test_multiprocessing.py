@@ -1,25 +1,32 @@
 """CPython ``multiprocessing`` migrates with lazymig alone (issue 13): a Pool of
 2 workers, a Queue, shared memory of three kinds and a pipe with bytes waiting
-in it (tests/workloads/mp_pool.py), migrated lazily on loopback through
-``lazymig.migrate``. Then:
+in it (tests/workloads/mp_pool.py).
 
-* its own checks go on passing: every round's results come back through the
+Migrated lazily on loopback through ``lazymig.migrate``, with its
+``shared_memory`` segment removed once dumped (as on a host that lacks it), and
+restored by ``Restorer`` from a plain dump once the source tree is gone, the
+tree then:
+
+* goes on passing its own checks: every round's results come back through the
   queue, right (the digests of the shared anonymous region, the round number
-  the parent wrote into the ``shared_memory`` segment) and counted by the
-  workers in a ``multiprocessing.Value`` under its lock (a deleted /dev/shm
-  file and a POSIX semaphore, ``/dev/shm/sem.* (deleted)``);
-* the 16 KiB a child wrote into a pipe that nobody had read at dump time are
-  read whole after the restore;
-* every line the processes wrote to their shared stdout (a file opened
-  without O_APPEND) is whole: they share its offset again;
-* the region equals the source's page by page in every process that maps it,
-  and each semaphore is one object mapped at its address in every process.
+  the parent wrote into the segment) and counted by the workers in a
+  ``multiprocessing.Value`` under its lock (a deleted /dev/shm file and a
+  POSIX semaphore, ``/dev/shm/sem.* (deleted)``);
+* reads whole the 16 KiB a child wrote into a pipe that nobody had read at
+  dump time;
+* writes whole lines to its shared stdout (a file opened without O_APPEND):
+  its processes share its offset again;
+* holds the region as the source did, page by page, in every process that maps
+  it; each semaphore is one object mapped at its address in every process, and
+  the segment made again is the one they map;
+* ``crit`` shows each open file description once in files.img, named by the
+  fdinfo of every process that had it, and the pipe's bytes in pipes-data.img.
 
-On one machine the frozen source holds the dumped pids, so the tree comes
-back under new ones; nothing here depends on them (a Pool polls its workers
-by pid, and gets ECHILD: it takes them for alive, as they are).
+On one machine the frozen source holds the dumped pids during a lazy
+migration, so the tree comes back under new ones; nothing here depends on
+them (a Pool polls its workers by pid, gets ECHILD and takes them for alive, as
+they are). Restored once the source is gone, the workers get their pids back.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +45,9 @@ from test_images_crit import CRIT, crit_decode
 from workloads import WORKLOAD_DIR
 
 import lazymig
+from lazymig.dump import dump
 from lazymig.linux.procfs import descendants
+from lazymig.restore import Restorer
 from lazymig.testing import MemorySnapshot, assert_memory_equal
 
 pytestmark = [
@@ -65,6 +74,13 @@ def wait_for(path: Path, found: Callable[[list[str]], bool], what: str,
 
 def last_round(out: list[str]) -> int:
     return max((int(m[1]) for line in out if (m := LINE.fullmatch(line)) and m[1]), default=0)
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, f"{pids} still there"
+        time.sleep(0.02)
 
 
 def check_lines(out: list[str]) -> None:
@@ -144,6 +160,28 @@ def check_images(images: Path) -> None:
     assert any(e["bytes"] == 16 * 1024 for e in data), data
 
 
+async def check_restored(root: int, ready: dict[str, str], out: Path, before: MemorySnapshot,
+                         dumped: int) -> list[int]:
+    """The restored tree of ``root`` works on and holds the region as it was
+    (see the module docstring); returns the processes that map it."""
+    restored = [root, *descendants(root)]
+    assert len(restored) == 5  # the Pool's 2 workers, the pipe's writer, the tracker
+    now = await asyncio.to_thread(wait_for, out, lambda n: last_round(n) >= dumped + 5,
+                                  "rounds after the restore")
+    check_lines(now)
+    os.kill(root, signal.SIGUSR1)
+    now = await asyncio.to_thread(
+        wait_for, out, lambda n: any(line.startswith("PIPE") for line in n), "PIPE")
+    assert f"PIPE bytes={16 * 1024} sha={ready['sha']}" in now
+    check_lines(now)
+    region = int(ready["region"], 16)
+    holders = [pid for pid in restored if region in maps(pid)]
+    assert root in holders and len(holders) == 4, holders  # not the exec'd tracker
+    for pid in holders:
+        await assert_memory_equal(pid, before)
+    return holders
+
+
 @pytest.mark.asyncio
 async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
     with mp_pool(tmp_path) as (proc, ready, out):
@@ -166,19 +204,7 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
                 dumped = last_round(lines(out))
                 root = migration.process.pid
             restored = [root, *descendants(root)]
-            assert len(restored) == 5  # the Pool's 2 workers, the pipe's writer, the tracker
-            now = await asyncio.to_thread(wait_for, out, lambda n: last_round(n) >= dumped + 5,
-                                          "rounds after the migration")
-            check_lines(now)
-            os.kill(root, signal.SIGUSR1)
-            now = await asyncio.to_thread(
-                wait_for, out, lambda n: any(line.startswith("PIPE") for line in n), "PIPE")
-            assert f"PIPE bytes={16 * 1024} sha={ready['sha']}" in now
-            check_lines(now)
-            holders = [pid for pid in restored if region in maps(pid)]
-            assert root in holders and len(holders) == 4, holders  # not the exec'd tracker
-            for pid in holders:
-                await assert_memory_equal(pid, before)
+            holders = await check_restored(root, ready, out, before, dumped)
             await asyncio.to_thread(check_objects, root, holders, segment)
             if CRIT is not None:
                 await asyncio.to_thread(check_images, images)
@@ -186,3 +212,33 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
             for pid in reversed(restored):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.asyncio
+async def test_a_multiprocessing_pool_restored_once_its_source_is_gone(tmp_path: Path) -> None:
+    """A plain dump (the tree killed), restored once its pids are free: the
+    workers come back under their own pids, those the Pool waits for."""
+    with mp_pool(tmp_path) as (proc, ready, out):
+        region, size = int(ready["region"], 16), int(ready["size"])
+        restorer: Restorer | None = None
+        restored: list[int] = []
+        try:
+            before = await asyncio.to_thread(MemorySnapshot.take, proc.pid, [(region, size)])
+            old = await asyncio.to_thread(descendants, proc.pid)
+            images = tmp_path / "images"
+            images.mkdir()
+            await dump(proc.pid, images)
+            dumped = last_round(lines(out))
+            await asyncio.to_thread(proc.wait, 10)
+            await asyncio.to_thread(wait_gone, old)  # reaped by init once orphaned
+            restorer = Restorer(images)
+            root = (await asyncio.wait_for(restorer.run(), 60)).pid
+            restored = [root, *descendants(root)]
+            assert sorted(restored[1:]) == sorted(old)
+            await check_restored(root, ready, out, before, dumped)
+        finally:
+            for pid in reversed(restored):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if restorer is not None:
+                restorer.kill()
