@@ -36,8 +36,8 @@ def fill(name: str) -> bytearray:
 
 
 def detach_fds(ready_r: int) -> None:
-    """A child shares no pipe with its parent but the ready one's write end (lazymig
-    refuses a pipe open in two processes, even of one tree)."""
+    """A child shares no pipe with its parent but the ready one's write end (the
+    tests talk to the parent alone on its stdin and stdout)."""
     os.close(ready_r)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
