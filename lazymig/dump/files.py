@@ -37,7 +37,7 @@ is injected into the target):
   ends the process holds (with the data queued on them).
 
 Everything else is refused with the fd and its kind named: other sockets,
-inotify, fanotify, pidfds and other anonymous-inode files, deleted files,
+inotify, fanotify, pidfds and other anonymous-inode files, other deleted files,
 named FIFOs, other devices, and terminals beyond fds 0-2. A terminal is
 never reopened by name because nothing identifies it across a move:
 /dev/pts/3 on the destination (if it exists) is somebody else's terminal
