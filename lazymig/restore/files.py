@@ -193,7 +193,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
         target.close(fd)
     anon.finish()
     log.info("pid %d: %d fds reopened (%d files, %d pipes), %d given by the caller",
-             target.pid, len(files.fds), len(files.files), len(ends), len(given))
+             target.pid, len(files.fds), len(mine), len(ends), len(given))
 
 
 def _take_fd(target: SyscallTarget, pid: int, fd: int) -> int:

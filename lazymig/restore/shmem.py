@@ -186,13 +186,12 @@ def _contents(images: ImagesDir, shmid: int, size: int) -> Iterator[tuple[int, b
 
 
 def recreate_tmpfs_files(images: ImagesDir, vmas: Sequence[VmaEntry],
-                         files: Sequence[lazymig_pb2.lazymig_file_entry]) -> list[str]:
+                         files: Sequence[lazymig_pb2.lazymig_file_entry]) -> None:
     """Make again, with their dumped contents and size, the files that ``vmas``
     map shared, that are missing here and whose contents were dumped (the
     files of a tmpfs: a /dev/shm segment of ``multiprocessing.shared_memory``
-    on another host); returns their paths. Blocking (the restorer's own I/O:
-    it shares the restored process's mount namespace)."""
-    made: list[str] = []
+    on another host). Blocking (the restorer's own I/O: it shares the restored
+    process's mount namespace)."""
     ids = {v.shmid for v in vmas if v.status & VmaStatus.FILE_SHARED
            and not is_shared_object(v.status)}
     for f in files:
@@ -213,6 +212,4 @@ def recreate_tmpfs_files(images: ImagesDir, vmas: Sequence[VmaEntry],
             raise
         finally:
             os.close(fd)
-        made.append(f.path)
         log.info("%s was missing: made again from the dump (%d bytes)", f.path, f.size)
-    return made
