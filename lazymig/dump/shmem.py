@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,13 +46,18 @@ from lazymig.proto.images import (
     PagesWriter,
 )
 
-__all__ = ["DELETED", "SHMEM_PAGEMAP", "ShmemDump", "is_shared_object", "mark_tmpfs_files",
-           "shared_objects", "shmem_pagemap_path", "write_shmem"]
+__all__ = ["DELETED", "SHMEM_PAGEMAP", "TMPFS_FILE_LIMIT", "ShmemDump", "is_shared_object",
+           "mark_tmpfs_files", "shared_objects", "shmem_pagemap_path", "write_shmem"]
+
+log = logging.getLogger(__name__)
 
 SHMEM_PAGEMAP: Final = "shmem-pagemap-{}.img"
 """CRIU's file name of an object's pagemap (its magic is PAGEMAP's)."""
 _CHUNK: Final = 4 << 20
 _F_GET_SEALS: Final = 1034
+TMPFS_FILE_LIMIT: Final = 64 << 20
+"""The largest tmpfs file mapped shared whose contents are dumped (they are
+copied while the process is frozen, as CRIU's ghost files, whose limit is 1 MiB)."""
 DELETED: Final = " (deleted)"
 """The suffix the kernel gives the name of an unlinked file."""
 
@@ -126,7 +132,8 @@ def shared_objects(vmas: Iterable[Vma], memfd_fds: Mapping[int, Sequence[int]] |
 
 def tmpfs_file_objects(pid: int, vmas: Sequence[Vma]) -> list[SharedObject]:
     """The files of a tmpfs that ``vmas`` of process ``pid`` map shared, by inode
-    (not deleted: those are memfds, :func:`mark_tmpfs_files`)."""
+    (not deleted: those are memfds, :func:`mark_tmpfs_files`), up to
+    :data:`TMPFS_FILE_LIMIT` bytes each."""
     files = [v for v in vmas if v.status & VmaStatus.FILE_SHARED
              and not v.status & VmaStatus.MEMFD]
     if not files:
@@ -137,7 +144,15 @@ def tmpfs_file_objects(pid: int, vmas: Sequence[Vma]) -> list[SharedObject]:
         if v.dev in tmpfs:
             by_inode.setdefault(v.inode, []).append(v)
     return [SharedObject(inode, tuple(group), file=True)
-            for inode, group in sorted(by_inode.items())]
+            for inode, group in sorted(by_inode.items()) if _small(pid, group[0])]
+
+
+def _small(pid: int, v: Vma) -> bool:
+    size = Path(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}").stat().st_size
+    if size > TMPFS_FILE_LIMIT:
+        log.info("pid %d: %s (%d bytes) is not dumped: the destination must have it", pid,
+                 v.path, size)
+    return size <= TMPFS_FILE_LIMIT
 
 
 def shmem_pagemap_path(images: ImagesDir, shmid: int) -> Path:
