@@ -2,10 +2,10 @@
 2 workers, a Queue, shared memory of three kinds and a pipe with bytes waiting
 in it (tests/workloads/mp_pool.py).
 
-Migrated lazily on loopback through ``lazymig.migrate``, with its
-``shared_memory`` segment removed once dumped (as on a host that lacks it), and
-restored by ``Restorer`` from a plain dump once the source tree is gone, the
-tree then:
+Migrated lazily on loopback through ``lazymig.migrate`` and from one network
+namespace to another through the three CLIs, with its ``shared_memory``
+segment removed once dumped (as on a host that lacks it), and restored by
+``Restorer`` from a plain dump once the source tree is gone, the tree then:
 
 * goes on passing its own checks: every round's results come back through the
   queue, right (the digests of the shared anonymous region, the round number
@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,13 +43,16 @@ from pathlib import Path
 
 import pytest
 from test_images_crit import CRIT, crit_decode
+from test_restore import on_uvloop
 from workloads import WORKLOAD_DIR
 
 import lazymig
 from lazymig.dump import dump
 from lazymig.linux.procfs import descendants
 from lazymig.restore import Restorer
-from lazymig.testing import MemorySnapshot, assert_memory_equal
+from lazymig.testing import HostPair, MemorySnapshot, assert_memory_equal
+from lazymig.testing.plugin import StartCommand
+from lazymig.testing.workload import OutputLines
 
 pytestmark = [
     pytest.mark.root,
@@ -242,3 +246,49 @@ async def test_a_multiprocessing_pool_restored_once_its_source_is_gone(tmp_path:
                     os.kill(pid, signal.SIGKILL)
             if restorer is not None:
                 restorer.kill()
+
+
+@pytest.mark.parametrize("lazymig_hosts", ["netns"], indirect=True)
+@pytest.mark.asyncio
+async def test_a_multiprocessing_pool_migrated_with_the_three_clis(
+        lazymig_hosts: HostPair, lazymig_command: StartCommand, tmp_path: Path) -> None:
+    """``lazymig dump -t``, ``lazymig lazy-pages`` and ``lazymig restore``, from one
+    network namespace to another, the segment removed in between."""
+    hosts, loop = lazymig_hosts, on_uvloop()
+    source_images, images = tmp_path / "source", tmp_path / "destination"
+    source_images.mkdir()
+    read_fd, write_fd = os.pipe()
+    said = OutputLines(read_fd)
+    restored: list[int] = []
+    try:
+        with mp_pool(tmp_path) as (proc, ready, out):
+            region, size = int(ready["region"], 16), int(ready["size"])
+            before = await asyncio.to_thread(MemorySnapshot.take, proc.pid, [(region, size)])
+            dumper = await lazymig_command("dump", "-t", str(proc.pid), "--lazy-pages",
+                                           "--address", hosts.source.address, "--port", "27",
+                                           "-D", source_images, host=hosts.source, uvloop=loop)
+            dumped = last_round(lines(out))
+            await asyncio.to_thread(shutil.copytree, source_images, images)
+            await asyncio.to_thread(Path(f"/dev/shm/{ready['shm']}").unlink)
+            daemon = await lazymig_command(
+                "lazy-pages", "--page-server", "--address", hosts.source.address, "--port", "27",
+                "-D", images, host=hosts.destination, uvloop=loop)
+            restore = await lazymig_command("restore", "--lazy-pages", "-D", images, "-d",
+                                            host=hosts.destination, ready=False,
+                                            stdout=write_fd, uvloop=loop)
+            os.close(write_fd)
+            write_fd = -1
+            async with asyncio.timeout(60):
+                assert await restore.wait() == 0, restore.log()
+                root = int(await asyncio.to_thread(said.next, 10.0))
+                restored = [root, *descendants(root)]
+                assert await dumper.wait() == 0, dumper.log()  # every page served
+                await daemon.wait()
+            await check_restored(root, ready, out, before, dumped)
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        for pid in reversed(restored):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        said.close()
