@@ -117,7 +117,7 @@ def mp_pool(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str,
 
 
 def maps(pid: int) -> dict[int, str]:
-    """{start: path} of the shared mappings of ``pid``."""
+    """{start: its maps line} of the shared mappings of ``pid``."""
     out = {}
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         fields = line.split(maxsplit=5)
