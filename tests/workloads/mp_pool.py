@@ -45,10 +45,9 @@ from typing import Any
 PAGE = 4096
 PAGES = 64
 TASKS = 8
-BLOB = bytes(random.Random(7).randbytes(16 * 1024))
+BLOB = random.Random(7).randbytes(16 * 1024)
 
 REGION = mmap.mmap(-1, PAGES * PAGE)
-
 
 WORKER: dict[str, Any] = {}
 """What a Pool worker got from its initializer."""
