@@ -207,7 +207,7 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
                     proc.pid, images_dir=images, copy_images=as_to_another_host) as migration:
                 dumped = last_round(lines(out))
                 root = migration.process.pid
-            restored = [root, *descendants(root)]
+                restored = [root, *descendants(root)]  # killed at the end, whatever happens
             holders = await check_restored(root, ready, out, before, dumped)
             await asyncio.to_thread(check_objects, root, holders, segment)
             if CRIT is not None:
