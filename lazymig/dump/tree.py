@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
@@ -49,7 +50,7 @@ from lazymig.dump.late_fill import LateFill
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.shmem import ShmemDump
 from lazymig.dump.store import PageSegment, PipePageStore
-from lazymig.errors import LazyMigError
+from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children, descendants, read_stat, read_status
 from lazymig.linux.ptrace import TargetGoneError
 from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
@@ -125,9 +126,12 @@ class FrozenTree:
                     try:
                         await asyncio.to_thread(_inspect_child, kid, pid)
                         frozen[kid] = await FrozenProcess.freeze(kid, stop_timeout=stop_timeout)
-                    except TargetGoneError:
-                        # It exited between the listing and the seize; its frozen
+                    except LazyMigOSError as exc:
+                        # It exited between the listing and the seize, or was exiting then
+                        # (past the point where PTRACE_SEIZE takes it: EPERM); its frozen
                         # parent cannot have reaped it: a zombie now, or in a moment.
+                        if not isinstance(exc, TargetGoneError) and exc.errno != errno.EPERM:
+                            raise
                         zombie = await _exited(kid, parent)
                         if zombie is None:
                             raise
