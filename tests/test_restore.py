@@ -1,7 +1,7 @@
 """``lazymig restore``: real processes dumped, then rebuilt in a new process.
 
 * A plain ``dump()`` of pattern.c restored through the API: the new process
-  (new pid, source gone) keeps printing the source's checksum with bad=0, its
+  (its pid back, source gone) keeps printing the source's checksum with bad=0, its
   VMAs sit at the dumped addresses, exe/comm/signal mask/handler are back.
 * The seed workflow with the three CLIs, for pattern.c and for pattern.py
   (CPython: dynamic libraries, a read-only shared gconv cache mapping):
@@ -93,7 +93,7 @@ async def test_plain_dump_restored_through_the_api(tmp_path: Path, c_workload: P
             os.close(devnull)
         lines = OutputLines(read_fd)
         try:
-            assert result.pid != w.pid and result.image_pid == w.pid
+            assert result.pid == result.image_pid == w.pid  # the source's pid is free
             assert result.lazy_pages == 0 and result.nonlazy_pages >= 16 * 256
             for _ in range(3):
                 check = await asyncio.to_thread(lines.next_check)
@@ -162,12 +162,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def restore_with_output(images: Path, *, lazy_pages: bool = False
+async def restore_with_output(images: Path, *, lazy_pages: bool = False,
+                              new_pids: bool = False
                               ) -> tuple[Restorer, RestoreResult, OutputLines]:
     """Restore with the restored process's stdout on a pipe read by ``OutputLines``; the
     caller kills the restorer and closes the lines."""
     read_fd, write_fd = os.pipe()
-    restorer = Restorer(images, lazy_pages=lazy_pages, stdio=(0, write_fd, 2))
+    restorer = Restorer(images, lazy_pages=lazy_pages, stdio=(0, write_fd, 2),
+                        new_pids=new_pids)
     try:
         result = await restorer.run()
     except BaseException:

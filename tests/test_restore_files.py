@@ -124,8 +124,10 @@ async def restore_and_report(images: Path, *, lazy_pages: bool = False,
                              daemon: subprocess.Popen[str] | None = None
                              ) -> tuple[RestoreResult, dict[str, str]]:
     """Restore; the restored process's RESTORED line, once it exited 0 (told to
-    with SIGUSR1 once ``daemon``, if any, has sent every page and exited 0)."""
-    restorer, result, lines = await restore_with_output(images, lazy_pages=lazy_pages)
+    with SIGUSR1 once ``daemon``, if any, has sent every page and exited 0). Under
+    a new pid: the workload tells it was restored by its pid changing."""
+    restorer, result, lines = await restore_with_output(images, lazy_pages=lazy_pages,
+                                                        new_pids=True)
     try:
         line = await asyncio.to_thread(lines.next, 10.0)
         assert line.startswith("RESTORED"), line

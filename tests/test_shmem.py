@@ -134,10 +134,11 @@ def holes_of(pid: int, start: int, length: int) -> list[tuple[int, int]]:
 
 
 def check_restored(p: ShmemProcess, pid: int, last: int, file: Path) -> None:
-    """The restored process checks itself; its objects are as they were."""
+    """The restored process checks itself, under its dumped pid (the source held it: in
+    a pid namespace of its own, ``pid`` its pid here); its objects are as they were."""
     for _ in range(3):
         check = p.check()
-        assert check["pid"] == pid and check["ok"] == 1 and check["n"] > last, check
+        assert check["pid"] == p.pid and check["ok"] == 1 and check["n"] > last, check
     maps = maps_of(pid)
     anon, _ = p.regions["anon"]
     assert maps[anon][0] == 0 and maps[anon + MIB][0] == MIB
@@ -156,7 +157,7 @@ def check_restored(p: ShmemProcess, pid: int, last: int, file: Path) -> None:
     holes = holes_of(pid, anon, 4 * MIB)
     assert holes[:2] == [(2 * PAGE, 3 * PAGE), (5 * PAGE, 6 * PAGE)] and len(holes) == 341
     deadline = time.monotonic() + 10
-    while f"pid={pid}\n".encode() not in file.read_bytes()[:64]:  # written through the map
+    while f"pid={p.pid}\n".encode() not in file.read_bytes()[:64]:  # written through the map
         assert time.monotonic() < deadline, file.read_bytes()[:64]
         time.sleep(0.02)
 

@@ -39,12 +39,14 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root"),
 ]
 
+# Each line: its number, the writer's pid as this host numbers it (/proc/self: a
+# restored writer has its dumped pid, in a pid namespace of its own on one machine).
 WRITER = """
 import os, sys, time
 n = 0
 while True:
     n += 1
-    os.write(1, b"%d %d\\n" % (n, os.getpid()))
+    os.write(1, b"%d %s\\n" % (n, os.readlink("/proc/self").encode()))
     time.sleep(0.01)
 """
 

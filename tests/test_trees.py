@@ -13,14 +13,15 @@ child in its own session with a grandchild, and a zombie (exit status 7):
 * ``crit`` decodes the tree's pstree and the zombie's core;
 * a plain tree dump restored by ``Restorer``: every process comes back forked
   by its restored parent, zombie included, each in its group and session as
-  dumped (the root, in the test's, in the restorer's); the restored parent
-  reaps its zombie (status 7; by pid: once init reaped the killed source,
-  the children get their pids back, clone3 with set_tid) and reaps its
-  killed children;
+  dumped (the root, in the test's, in the restorer's), under its dumped pid
+  (here once init reaped the killed source, else in a pid namespace of the
+  tree's own); the restored parent reaps its zombie by pid (status 7) and
+  reaps its killed children;
 * ``lazymig.migrate`` of the tree (lazy): each process's lazy pages come from
   the page server by its pid, each restored process holds its own memory, the
   tree has its links, groups and sessions; the source held the pids meanwhile,
-  so the parent reaps its zombie with ``waitpid(-1)``.
+  so the tree is in a pid namespace of its own, and the parent reaps its
+  zombie by pid.
 """
 
 from __future__ import annotations
@@ -224,8 +225,9 @@ async def test_a_dumped_tree_is_restored_with_its_zombie_groups_and_sessions(
         old = t.pids
         await dump(old["parent"], tmp_path, tree=True)
     # The killed source's processes are reaped by init, which may take a while
-    # here; once their pids are free the restored children get them back.
-    freed = await asyncio.to_thread(pids_freed, [old[n] for n in CHILDREN])
+    # here; once their pids are free the tree gets them back here, else in a pid
+    # namespace of its own.
+    await asyncio.to_thread(pids_freed, [old[n] for n in CHILDREN])
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     restorer = Restorer(tmp_path, stdio=(in_r, out_w, 2))
@@ -242,8 +244,8 @@ async def test_a_dumped_tree_is_restored_with_its_zombie_groups_and_sessions(
         assert stat_of(new["grandchild"])[1:] == (new["session"], new["session"],
                                                   new["session"])
         assert stat_of(new["zombie"])[:2] == ("Z", new["parent"])
-        same = all(new[n] == old[n] for n in CHILDREN)
-        assert same == freed
+        same = all(new[n] == old[n] for n in old)
+        assert same == (result.pid_namespace is None)
         with os.fdopen(in_w, "w") as cmd, os.fdopen(out_r) as out:
             def say(line: str) -> str:
                 cmd.write(line + "\n")
@@ -254,8 +256,7 @@ async def test_a_dumped_tree_is_restored_with_its_zombie_groups_and_sessions(
             cmd.write("reap\n")
             cmd.flush()
             line = await asyncio.to_thread(out.readline)
-            assert line.strip() == (f"REAPED status={ZOMBIE_STATUS} by="
-                                    + ("pid" if same else "any"))
+            assert line.strip() == f"REAPED status={ZOMBIE_STATUS} by=pid"
             for name in ("grandchild", "session", "group"):
                 os.kill(new[name], signal.SIGKILL)
             cmd.write("quit\n")
@@ -334,8 +335,9 @@ async def test_a_tree_migrated_lazily(tmp_path: Path) -> None:
             cmd.write("reap\n")
             cmd.flush()
             line = await asyncio.to_thread(out.readline)
-            # The source still held the pids while the tree was restored: new ones.
-            assert line.strip() == f"REAPED status={ZOMBIE_STATUS} by=any"
+            # The source held the pids: the tree has them in a namespace of its own.
+            assert migration.process.result.pid_namespace is not None
+            assert line.strip() == f"REAPED status={ZOMBIE_STATUS} by=pid"
             for name in ("grandchild", "session", "group"):
                 os.kill(new[name], signal.SIGKILL)
             cmd.write("quit\n")
@@ -388,7 +390,7 @@ async def test_a_tree_migrated_with_the_three_clis(
             assert await asyncio.to_thread(holds_marker, new[name], name), name
         os.kill(new["parent"], signal.SIGUSR1)
         reaped = await asyncio.to_thread(lines.next, 10.0)
-        assert reaped == f"REAPED status={ZOMBIE_STATUS} by=any"
+        assert reaped == f"REAPED status={ZOMBIE_STATUS} by=pid"
         for name in ("grandchild", "session", "group"):
             os.kill(new[name], signal.SIGKILL)
         os.kill(new["parent"], signal.SIGUSR2)

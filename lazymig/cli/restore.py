@@ -6,16 +6,20 @@ With ``--lazy-pages`` the pages the dump left on its page server are handed to
 the lazy-pages daemon listening on ``DIR/lazy-pages.socket`` (``-W`` or
 ``--socket`` to look elsewhere); start ``lazymig lazy-pages`` first.
 
-The restored process gets a new pid and its fds back, 0, 1 and 2 included (a
-log file at its offset, /dev/null...). Where fds 0-2 were something that
-stayed on the source host (a terminal, a socket, a pipe to another process),
-``--shell-job`` gives it the restorer's own fds 0-2 there, and ``--inherit-fd
-fd[N]:NAME`` this restorer's fd N in place of the dumped file NAME (the
-refusal names it); without them such a restore is refused. With ``-d`` the
-restorer prints the new pid on stdout and exits once the process runs;
+The restored process gets its dumped pid back, its threads and children
+theirs: where those are taken here (on the machine of a stopped source) in a
+new pid namespace of the restored tree's own, where they see their dumped pids
+and this host others; ``--new-pids`` gives new pids instead. It gets its fds
+back, 0, 1 and 2 included (a log file at its offset, /dev/null...). Where fds
+0-2 were something that stayed on the source host (a terminal, a socket, a
+pipe to another process), ``--shell-job`` gives it the restorer's own fds 0-2
+there, and ``--inherit-fd fd[N]:NAME`` this restorer's fd N in place of the
+dumped file NAME (the refusal names it); without them such a restore is
+refused. With ``-d`` the restorer prints the restored pid (as this host sees
+it) on stdout and exits once the process runs;
 otherwise it waits for the process and exits with its status (128 + the
 signal number if it was killed).
-``--pidfile FILE`` (CRIU's) writes the new pid to FILE once the process runs.
+``--pidfile FILE`` (CRIU's) writes that pid to FILE once the process runs.
 A restored process that writes to fds the restorer gave it (``--shell-job``)
 goes on writing there after ``-d`` exits: ``PID=$(lazymig restore -d ...)``
 would wait for it too, as it holds that stdout pipe; redirect the output and
@@ -54,6 +58,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--inherit-fd", action="append", default=[], metavar="fd[N]:NAME",
                         help="this restorer's fd N takes the place of the dumped file NAME "
                              "(pipe:[INO], socket:[INO] or a path; repeatable)")
+    parser.add_argument("--new-pids", action="store_true",
+                        help="restore under new pids (default: the dumped ones, in a new pid "
+                             "namespace of the tree's own where they are taken here)")
     parser.add_argument("-d", "--restore-detached", dest="detach", action="store_true",
                         help="print the restored pid and exit once it runs")
     parser.add_argument("--pidfile", metavar="FILE",
@@ -72,7 +79,7 @@ def restore(args: argparse.Namespace) -> int:
         Path(args.work_dir or images_dir) / SOCKET_NAME
     inherit = [InheritFd.parse(text) for text in args.inherit_fd]
     restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path,
-                        inherit_fds=inherit, shell_job=args.shell_job)
+                        inherit_fds=inherit, shell_job=args.shell_job, new_pids=args.new_pids)
     result = run_async(args, restorer.run())
     if args.pidfile:
         write_pidfile(args.pidfile, result.pid)

@@ -11,12 +11,14 @@ __all__ = [
     "descendants",
     "lowest_mappable",
     "ns_pids",
+    "pid_in_use",
     "processes",
     "read_fdinfo",
     "read_stat",
     "read_status",
     "read_syscall",
     "registered_with_userfaultfd",
+    "threads",
     "tmpfs_devices",
     "userfaultfd_vmas",
 ]
@@ -135,6 +137,20 @@ def tmpfs_devices(pid: int) -> frozenset[tuple[int, int]]:
                 major, minor = fields[2].split(":")
                 found.add((int(major), int(minor)))
     return frozenset(found)
+
+
+def pid_in_use(pid: int) -> bool:
+    """True if a process or thread has ``pid`` here, a zombie too (the /proc entry a
+    thread has beside its process's, unlisted but there)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def threads(pid: int) -> list[int]:
+    """The tids of process ``pid``'s threads, in /proc's order; empty if it is gone."""
+    try:
+        return [int(entry.name) for entry in os.scandir(f"/proc/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def processes() -> list[int]:

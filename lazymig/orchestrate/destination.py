@@ -60,7 +60,8 @@ class TransferError(BrokenResourceError):
 
 
 class RestoredProcess:
-    """A process rebuilt from a dump, running under a new pid.
+    """A process rebuilt from a dump, running under its dumped pid (in a pid namespace
+    of its own where that is taken here; see :mod:`lazymig.restore.pids`).
 
     An async context manager: leaving it by an exception or a cancellation kills
     and reaps the process (it may be running on memory that is still arriving);
@@ -125,7 +126,7 @@ class RestoredProcess:
 
 def restore_process(images_dir: StrPath, *, lazy_pages: bool = True,
                     socket_path: StrPath | None = None,
-                    stdio: Stdio | None = None) -> RestoredProcess:
+                    stdio: Stdio | None = None, new_pids: bool = False) -> RestoredProcess:
     """Restore the process dumped in ``images_dir`` (``lazymig restore``).
 
     Args:
@@ -135,6 +136,8 @@ def restore_process(images_dir: StrPath, *, lazy_pages: bool = True,
         stdio: fds of this process that become fds 0, 1, 2 of the restored one
             (default: the dumped ones; a restore is refused where those stayed
             on the source host, a pipe to another process or a terminal).
+        new_pids: restore under new pids (default: the dumped ones, in a pid
+            namespace of the restored tree's own where they are taken here).
 
     A failed restore kills the half-built process and leaves the images as they
     were. Example::
@@ -144,7 +147,7 @@ def restore_process(images_dir: StrPath, *, lazy_pages: bool = True,
     """
     check_images_dir(images_dir, "lazymig.restore_process")
     return RestoredProcess(Restorer(images_dir, lazy_pages=lazy_pages, socket_path=socket_path,
-                                    stdio=stdio))
+                                    stdio=stdio, new_pids=new_pids))
 
 
 class LazyPages(Handle[DaemonReport]):
@@ -178,11 +181,12 @@ class LazyPages(Handle[DaemonReport]):
         now = time.monotonic()
         return TransferProgress.of(DaemonReport([], started=now, finished=now))
 
-    def restore(self, images_dir: StrPath | None = None, *,
-                stdio: Stdio | None = None) -> RestoredProcess:
-        """Restore a process whose lazy pages this daemon fills (its own images by default)."""
+    def restore(self, images_dir: StrPath | None = None, *, stdio: Stdio | None = None,
+                new_pids: bool = False) -> RestoredProcess:
+        """Restore a process whose lazy pages this daemon fills (its own images by default;
+        see :func:`restore_process`)."""
         return restore_process(images_dir if images_dir is not None else self.images_dir,
-                               socket_path=self.socket_path, stdio=stdio)
+                               socket_path=self.socket_path, stdio=stdio, new_pids=new_pids)
 
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         source = await self._connect()
@@ -269,11 +273,12 @@ def lazy_pages(images_dir: StrPath, *, page_server: PageServerAddress | None = N
 class Destination(Handle[DaemonReport]):
     """A daemon and the process it fills; see :func:`receive`."""
 
-    def __init__(self, daemon: LazyPages, stdio: Stdio | None) -> None:
+    def __init__(self, daemon: LazyPages, stdio: Stdio | None, new_pids: bool = False) -> None:
         super().__init__()
         self.daemon = daemon
         self.done = daemon.done
         self._stdio = stdio
+        self._new_pids = new_pids
         self._restoring: RestoredProcess | None = None
         self._process: RestoredProcess | None = None
         self._entry_failed = False
@@ -301,7 +306,7 @@ class Destination(Handle[DaemonReport]):
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         try:
             await stack.enter_async_context(self.daemon)
-            self._restoring = self.daemon.restore(stdio=self._stdio)
+            self._restoring = self.daemon.restore(stdio=self._stdio, new_pids=self._new_pids)
             self._process = await stack.enter_async_context(self._restoring)
         except Exception:  # an error, not a cancellation (which may come after it ran)
             self._entry_failed = True
@@ -313,7 +318,8 @@ class Destination(Handle[DaemonReport]):
 
 def receive(images_dir: StrPath, *, page_server: PageServerAddress,
             wire: WireVersion = WireVersion.V2, channels: int = 1,
-            socket_path: StrPath | None = None, stdio: Stdio | None = None) -> Destination:
+            socket_path: StrPath | None = None, stdio: Stdio | None = None,
+            new_pids: bool = False) -> Destination:
     """The destination half of a migration: a daemon, and the dump restored through it.
 
     ``images_dir`` is the destination's copy of the source's images dir;
@@ -322,7 +328,8 @@ def receive(images_dir: StrPath, *, page_server: PageServerAddress,
     Entering returns once the process runs (:attr:`Destination.process`);
     leaving normally waits until all its memory has arrived (``done``), an
     exception or cancellation kills it (see :func:`lazy_pages`). The restored
-    process outlives a normal exit: it is the migrated workload.
+    process outlives a normal exit: it is the migrated workload. ``stdio`` and
+    ``new_pids`` are :func:`restore_process`'s.
 
     Example::
 
@@ -333,4 +340,4 @@ def receive(images_dir: StrPath, *, page_server: PageServerAddress,
     check_images_dir(images_dir, "lazymig.receive")
     page_server = page_server_address(page_server, "lazymig.receive")
     return Destination(lazy_pages(images_dir, page_server=page_server, wire=wire,
-                                  channels=channels, socket_path=socket_path), stdio)
+                                  channels=channels, socket_path=socket_path), stdio, new_pids)

@@ -147,7 +147,7 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
             copy_images: CopyImages | None = None, address: str = "127.0.0.1",
             port: int = 0, wire: WireVersion = WireVersion.V2, channels: int = 1,
             leave_running: bool = False, keep_stopped: bool = False,
-            stdio: Stdio | None = None) -> Migration:
+            stdio: Stdio | None = None, new_pids: bool = False) -> Migration:
     """Migrate process ``pid`` lazily: dump and serve it, restore it, fill its memory.
 
     ``await lazymig.migrate(pid)`` runs the whole migration and returns a
@@ -179,6 +179,11 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         stdio: fds of this process that become fds 0, 1, 2 of the restored one
             (default: the dumped ones; a restore is refused where those stayed
             on the source host, a pipe to another process or a terminal).
+        new_pids: restore under new pids. By default every process and thread
+            gets its dumped pid back: on one machine, where the stopped source
+            still holds them, in a new pid namespace of the restored tree's own
+            (``result.restored.pid`` is then its pid here, ``pid_namespace`` the
+            namespace's init; see :mod:`lazymig.restore.pids`).
 
     Example::
 
@@ -197,7 +202,7 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
 
     def make_destination(images: Path, page_server: Address) -> Destination:
         return receive(images, page_server=page_server, wire=wire, channels=channels,
-                       stdio=stdio)
+                       stdio=stdio, new_pids=new_pids)
 
     return Migration(images_dir, make_source, copy_images, make_destination,
                      keep_stopped=keep_stopped)

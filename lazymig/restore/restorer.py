@@ -4,7 +4,10 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
 
 1. A helper process is started (``sleep``, with the restorer's own fds 0, 1
    and 2, or ``stdio``, and the fds of ``inherit_fds``) and seized once it
-   sleeps. That helper becomes the restored process: it gets a new pid.
+   sleeps. It forks the restored process under its dumped pid, as the
+   restorer's child, in a pid namespace of its own where that pid is taken
+   here (:mod:`lazymig.restore.pids`), and is killed; with ``new_pids`` it
+   becomes the restored process itself, under its new pid.
 2. Its rseq area is unregistered; a two-page scratch mapping holding a
    ``syscall`` instruction is made at an address free in both its map and the
    dumped one, and every later injected syscall runs there.
@@ -106,9 +109,10 @@ from lazymig.proto.constants import (
     PAGE_SIZE,
     VmaStatus,
 )
-from lazymig.proto.images import ImagesDir
+from lazymig.proto.images import CredsEntry, ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
+from lazymig.restore.pids import ChildProcess, PidMode, choose, pstree_ids, spawn_root
 from lazymig.restore.shmem import recreate_tmpfs_files, restore_shared_objects
 from lazymig.restore.task import (
     DumpedTask,
@@ -168,13 +172,18 @@ class RestoreResult:
     """A restored process."""
 
     pid: int
-    """The restored process's pid (new)."""
+    """The restored process's pid here: its dumped one, unless it was restored in a
+    pid namespace of its own (where it has its dumped one) or with ``new_pids``."""
     image_pid: int
     """Its pid at dump time."""
     nonlazy_pages: int
     lazy_pages: int
     seconds: float
     """From starting the helper to detaching the restored process."""
+    pid_namespace: int | None = None
+    """The pid here of the init (pid 1) of the pid namespace the process was restored
+    in, when its dumped pids were taken here (:mod:`lazymig.restore.pids`); None
+    when it was restored in the restorer's."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -261,12 +270,16 @@ class Restorer:
             (a terminal, a socket, a pipe to another process) become the
             restorer's own (or ``stdio``'s) fds 0-2. Without it, nor ``stdio``
             or ``inherit_fds`` for them, the restore is refused.
+        new_pids: restore under new pids; by default every process and thread
+            gets its dumped pid back, in a new pid namespace of the restored
+            tree's own where those are taken here (:mod:`lazymig.restore.pids`).
     """
 
     def __init__(self, images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
                  socket_path: str | os.PathLike[str] | None = None,
                  stdio: tuple[int, int, int] | None = None,
-                 inherit_fds: Sequence[InheritFd] = (), shell_job: bool = False) -> None:
+                 inherit_fds: Sequence[InheritFd] = (), shell_job: bool = False,
+                 new_pids: bool = False) -> None:
         self.images = ImagesDir(images_dir)
         self.lazy_pages = lazy_pages
         self.socket_path = Path(socket_path) if socket_path is not None else \
@@ -274,7 +287,10 @@ class Restorer:
         self.stdio = stdio
         self.fds = FdInheritance(stdio=stdio is not None, inherit=tuple(inherit_fds),
                                  shell_job=shell_job)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.new_pids = new_pids
+        self.process: subprocess.Popen[bytes] | ChildProcess | None = None
+        self.pid_namespace: subprocess.Popen[bytes] | None = None
+        """The init of the restored processes' own pid namespace, if they have one."""
         self.guardian: subprocess.Popen[bytes] | None = None
         """With lazy pages, the process guarding the restored one (lazymig.guardian)."""
         self.tree_pids: dict[int, int] = {}
@@ -310,8 +326,7 @@ class Restorer:
                     await send_restore_finished(sock)
                     # Before it runs: should the daemon die, the guardian kills it
                     # rather than let it run on pages that never came.
-                    assert self.process is not None
-                    self.guardian = spawn_guardian(sock, uffd, self.process.pid)
+                    self.guardian = spawn_guardian(sock, uffd, self._guarded_pid())
             finally:
                 if uffd >= 0:
                     os.close(uffd)
@@ -330,7 +345,8 @@ class Restorer:
         assert self.process is not None
         lazy = sum(r.nr_pages for r in task.lazy)
         result = RestoreResult(pid=self.process.pid, image_pid=task.pid, nonlazy_pages=nonlazy,
-                               lazy_pages=lazy, seconds=time.monotonic() - started)
+                               lazy_pages=lazy, seconds=time.monotonic() - started,
+                               pid_namespace=self._init_pid())
         log.info("process %d restored as %d in %.3f s (%d pages written, %d lazy)", task.pid,
                  result.pid, result.seconds, nonlazy, lazy)
         return result
@@ -343,12 +359,24 @@ class Restorer:
         return self.process.wait()
 
     def kill(self) -> None:
-        """Kill and reap the restored (or half-restored) process, if any."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
+        """Kill and reap the restored (or half-restored) process, if any, and the
+        init of its pid namespace (which kills every process in it)."""
+        for process in (self.process, self.pid_namespace):
+            if process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+
+    def _guarded_pid(self) -> int:
+        """What the guardian kills should the daemon die: the pid namespace's init
+        (and so all in it), else the restored process (and its descendants)."""
+        process = self.pid_namespace or self.process
+        assert process is not None
+        return process.pid
+
+    def _init_pid(self) -> int | None:
+        return None if self.pid_namespace is None else self.pid_namespace.pid
 
     async def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -365,6 +393,10 @@ class Restorer:
     # -- tracer thread -----------------------------------------------------------------
 
     def _spawn_and_seize(self) -> Tracee:
+        entries = self.images.pstree()
+        root = entries[0].pid
+        mode = choose(pstree_ids(entries), new_pids=self.new_pids,
+                      what=f"{'tree of ' if len(entries) > 1 else 'process '}{root}")
         sleep = shutil.which("sleep")
         if sleep is None:
             raise RestoreError("no `sleep` executable on PATH to start the restored process from")
@@ -381,7 +413,11 @@ class Restorer:
             if time.monotonic() > deadline:
                 raise RestoreError(f"the helper process {pid} never went to sleep")
             time.sleep(0.001)
-        return Tracee.seize(pid)
+        tracee = Tracee.seize(pid)
+        if mode is PidMode.NEW:
+            return tracee
+        self.process, tracee, self.pid_namespace = spawn_root(self.process, tracee, root, mode)
+        return tracee
 
     def _build(self, target: _Target, task: DumpedTask) -> int:
         """Steps 2-5 but the uffd; returns the number of pages written."""
@@ -558,12 +594,15 @@ class Restorer:
             restore_files(target, task.files, task.given_fds, target.objects)
             _set_session(target, task)
         _set_sched_and_timers(target, task)
-        if thread.HasField("creds"):
-            _set_creds(target, task)
+        # Before the creds: asking for a tid (clone3 set_tid) needs the privilege they drop.
+        others = create_threads(target, task.threads, new_tids=self.new_pids)
+        if thread.HasField("creds"):  # each thread's (a raw setresuid sets the caller's only)
+            cores = [core, *(d.core for d in task.threads)]
+            for t, c in zip((tracee, *others), cores, strict=True):
+                own = c.thread_core
+                _set_creds(target, t, own.creds if own.HasField("creds") else thread.creds)
         if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
             target.call(SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
-        # After the creds (a clone inherits them; a raw setresuid sets only the caller's).
-        others = create_threads(target, task.threads)
         if thread.pdeath_sig:
             # Recorded (core's pdeath_sig) but not restored, on purpose. It asks for
             # a signal when the *original* parent dies; that parent stays on the
@@ -636,16 +675,21 @@ def _set_sched_and_timers(target: _Target, task: DumpedTask) -> None:
                 target.call(SYS_SETITIMER, which, at, 0, what=f"setitimer({which})")
 
 
-def _set_creds(target: _Target, task: DumpedTask) -> None:
-    """Groups, gids, then uids (last: dropping root drops the right to change them)."""
-    c = task.core.thread_core.creds
+def _set_creds(target: _Target, tracee: Tracee, c: CredsEntry) -> None:
+    """Groups, gids, then uids of thread ``tracee`` (last: dropping root drops the
+    right to change them)."""
+    def call(nr: int, *args: int, what: str) -> None:
+        res = tracee.inject_syscall(nr, *args)
+        if res < 0:
+            raise LazyMigOSError(-res, f"restoring thread {tracee.tid}: injected {what}",
+                                 pid=target.pid)
+
     groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-    target.call(SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0,
-                what="setgroups")
-    target.call(SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
-    target.tracee.inject_syscall(SYS_SETFSGID, c.fsgid)  # returns the old fsgid
-    target.call(SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
-    target.tracee.inject_syscall(SYS_SETFSUID, c.fsuid)
+    call(SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0, what="setgroups")
+    call(SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
+    tracee.inject_syscall(SYS_SETFSGID, c.fsgid)  # returns the old fsgid
+    call(SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
+    tracee.inject_syscall(SYS_SETFSUID, c.fsuid)
 
 
 def _rlim(value: int) -> int:
@@ -667,8 +711,9 @@ def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 async def restore(images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
                   socket_path: str | os.PathLike[str] | None = None,
                   stdio: tuple[int, int, int] | None = None,
-                  inherit_fds: Sequence[InheritFd] = (), shell_job: bool = False
-                  ) -> RestoreResult:
+                  inherit_fds: Sequence[InheritFd] = (), shell_job: bool = False,
+                  new_pids: bool = False) -> RestoreResult:
     """Restore the process dumped in ``images_dir``; see :class:`Restorer`."""
     return await Restorer(images_dir, lazy_pages=lazy_pages, socket_path=socket_path,
-                          stdio=stdio, inherit_fds=inherit_fds, shell_job=shell_job).run()
+                          stdio=stdio, inherit_fds=inherit_fds, shell_job=shell_job,
+                          new_pids=new_pids).run()

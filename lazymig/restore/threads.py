@@ -17,10 +17,10 @@ into it (they only act on the calling thread) and by ptrace
 address, robust futex list, name, scheduling, rseq registration, then its
 blocked-signal mask, the signals that were queued for it, xstate and
 registers (fs_base and gs_base, its TLS, among them). A thread gets its
-dumped tid back where that tid is free (``clone3`` with ``set_tid``: across
-hosts, or once the source is gone), else a new one (a source frozen on this
-host still holds its tids); the leader has the new pid of the helper it is
-built from.
+dumped tid back (``clone3`` with ``set_tid``), in the pid namespace the
+process was restored in (:mod:`lazymig.restore.pids`: the restorer's, or the
+tree's own where the dumped pids are taken here), unless the restore gives
+new pids (a plain ``clone``); the leader's pid is the process's.
 
 The process has one userfaultfd, created before the threads: it covers the
 memory every thread faults on.
@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import struct
 from collections.abc import Sequence
 from typing import Final, Protocol
 
 from lazymig.errors import LazyMigOSError
+from lazymig.linux.pidns import pid_here
+from lazymig.linux.procfs import ns_pids
+from lazymig.linux.procfs import threads as tids_of
 from lazymig.linux.ptrace import PTRACE_O_TRACECLONE, Tracee, UserRegs
 from lazymig.linux.syscalls import (
     SYS_CLONE,
@@ -52,6 +54,7 @@ from lazymig.linux.syscalls import (
 )
 from lazymig.linux.vm import write_memory
 from lazymig.proto.images import CoreEntry
+from lazymig.restore.pids import CLONE_ARGS, clone_args, set_tid_error
 
 __all__ = ["DumpedThread", "ThreadTarget", "create_threads", "finish_thread",
            "set_thread_state"]
@@ -72,9 +75,6 @@ _CLONE_SYSVSEM: Final = 0x40000
 CLONE_THREAD_FLAGS: Final = (_CLONE_VM | _CLONE_FS | _CLONE_FILES | _CLONE_SIGHAND
                              | _CLONE_THREAD | _CLONE_SYSVSEM)
 """What glibc's pthread_create passes, less the tid and TLS pointers we set otherwise."""
-#: struct clone_args up to set_tid_size (CLONE_ARGS_SIZE_VER1): flags, pidfd,
-#: child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size.
-_CLONE_ARGS: Final = struct.Struct("<10Q")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,11 +107,12 @@ def _call(tracee: Tracee, nr: int, *args: int, what: str) -> int:
     return res
 
 
-def create_threads(target: ThreadTarget, threads: Sequence[DumpedThread]) -> list[Tracee]:
+def create_threads(target: ThreadTarget, threads: Sequence[DumpedThread], *,
+                   new_tids: bool = False) -> list[Tracee]:
     """Clone one thread per entry of ``threads`` (the non-leader ones) from the
-    leader and give each its :func:`set_thread_state`. Returns their tracees,
-    stopped, in the order of ``threads``. Run it on the tracer thread, while the
-    scratch mapping is in place."""
+    leader, each under its dumped tid (``new_tids``: a new one), and give each its
+    :func:`set_thread_state`. Returns their tracees, stopped, in the order of
+    ``threads``. Run it on the tracer thread, while the scratch mapping is in place."""
     if not threads:
         return []
     leader = target.tracee
@@ -119,7 +120,7 @@ def create_threads(target: ThreadTarget, threads: Sequence[DumpedThread]) -> lis
     leader.set_options(PTRACE_O_TRACECLONE)
     try:
         for dumped in threads:
-            tid = _clone(target, dumped.tid)
+            tid = _clone(target, None if new_tids else dumped.tid)
             tracee = Tracee.adopt(tid, pid=target.pid, stopped=False)
             out.append(tracee)
             tracee.wait_interrupt_stop(timeout=5.0)  # the stop of an auto-attached thread
@@ -132,19 +133,19 @@ def create_threads(target: ThreadTarget, threads: Sequence[DumpedThread]) -> lis
     return out
 
 
-def _clone(target: ThreadTarget, tid: int) -> int:
-    """A new thread of the process, under ``tid`` if that is free (clone3 with
-    ``set_tid``, Linux 5.5, which needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN),
-    else under a new tid (clone). Returns its tid."""
+def _clone(target: ThreadTarget, tid: int | None) -> int:
+    """A new thread of the process, under ``tid`` (clone3 with ``set_tid``) or, with
+    None, a new tid (clone). Returns its tid here."""
     leader = target.tracee
-    wanted = target.data(struct.pack("<i", tid), _CLONE_ARGS.size)
-    args = target.data(_CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, wanted, 1))
-    res = leader.inject_syscall(SYS_CLONE3, args, _CLONE_ARGS.size)
-    if res >= 0:
-        return res
-    log.debug("pid %d: thread %d gets a new tid (clone3 with set_tid: %s)", target.pid, tid,
-              os.strerror(-res))
-    return _call(leader, SYS_CLONE, CLONE_THREAD_FLAGS, 0, 0, 0, 0, what="clone")
+    if tid is None:
+        seen = _call(leader, SYS_CLONE, CLONE_THREAD_FLAGS, 0, 0, 0, 0, what="clone")
+    else:
+        wanted = target.data(struct.pack("<i", tid), CLONE_ARGS.size)
+        args = target.data(clone_args(CLONE_THREAD_FLAGS, 0, wanted))
+        seen = leader.inject_syscall(SYS_CLONE3, args, CLONE_ARGS.size)
+        if seen < 0:
+            raise set_tid_error(-seen, tid)
+    return pid_here(target.pid, seen, lambda: tids_of(target.pid))
 
 
 def set_thread_state(target: ThreadTarget, tracee: Tracee, core: CoreEntry) -> None:
@@ -219,14 +220,16 @@ def _queue_signals(tracee: Tracee, queued: Sequence[tuple[bool, bytes]]) -> None
     each raw siginfo, in order, from a page mapped for the purpose (the scratch
     mapping is gone by now). The kernel takes any si_code from a process queueing
     to itself, as CRIU's restorer does."""
+    # The ids the thread has in its own pid namespace (the tree's own, maybe).
+    pid, tid = ns_pids(tracee.pid)[-1], ns_pids(tracee.tid)[-1]
     with tracee.syscalls() as session, \
             session.scratch_page("injected mmap for the queued signals") as page:
         for own, raw in queued:
             write_memory(tracee.pid, page, raw)
             (signo,) = struct.unpack_from("<i", raw)
             if own:
-                res = session.syscall(SYS_RT_TGSIGQUEUEINFO, tracee.pid, tracee.tid, signo, page)
+                res = session.syscall(SYS_RT_TGSIGQUEUEINFO, pid, tid, signo, page)
             else:
-                res = session.syscall(SYS_RT_SIGQUEUEINFO, tracee.pid, signo, page)
+                res = session.syscall(SYS_RT_SIGQUEUEINFO, pid, signo, page)
             if res < 0:
                 raise LazyMigOSError(-res, f"injected sigqueueinfo({signo})", pid=tracee.pid)

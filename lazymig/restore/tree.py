@@ -4,34 +4,38 @@ How (every ptrace request on one tracer thread; see :mod:`lazymig.restore.restor
 for how one process is rebuilt):
 
 1. **The skeleton.** The root's helper is started and seized as for one
-   process. Then, in ``pstree.img`` order (parents before children), each
-   process is forked by its parent's helper, before anything of the parent is
-   rebuilt: a ``clone3`` injected into the parent, with ``set_tid`` asking for
-   the dumped pid (free across hosts, or once the source is gone: it then
-   comes back under it; else ``fork`` gives it a new one). The parent is
-   traced with ``PTRACE_O_TRACEFORK``, so the child arrives seized and stopped
-   before it runs one instruction: a copy of the helper, ready to be rebuilt.
-   Sessions and groups are made as they are forked: a session leader calls
-   ``setsid`` (before it forks the members of its session), a group leader
+   process, under its dumped pid (:mod:`lazymig.restore.pids`). Then, in
+   ``pstree.img`` order (parents before children), each process is forked by
+   its parent's helper, before anything of the parent is rebuilt: a
+   ``clone3`` injected into the parent, with ``set_tid`` asking for the dumped
+   pid (a plain new pid with ``new_pids``). The parent is traced with
+   ``PTRACE_O_TRACEFORK``, so the child arrives seized and stopped before it
+   runs one instruction: a copy of the helper, ready to be rebuilt. Sessions
+   and groups are made as they are forked: a session leader calls ``setsid``
+   (before it forks the members of its session), a group leader
    ``setpgid(0, 0)``; once every process exists, the others join their group
-   (``setpgid(0, pgid)``, the group leader's pid here). A process whose
-   session or group was outside the dumped tree is in the restorer's, as for
-   one process.
+   (``setpgid(0, pgid)``). A process whose session or group was outside the
+   dumped tree is in the restorer's, as for one process.
 2. **Zombies** are forked the same way and exit at once with their dumped
    status (``exit_group`` injected into them, or the signal that killed
    them): their parent finds them as it left them, not reaped.
 3. Every live process is then rebuilt like a single one (memory, uffd, mm,
    files, threads, registers), its uffd handed to the daemon under its image
    pid (zombies are announced as such), one guardian covering the root and its
-   descendants, and each is detached, the children first. The files of every
-   process come before any is detached: the descriptions, pipes and shared
-   objects processes shared are taken from the one that restored them
-   (:class:`~lazymig.restore.files.TreeFiles`).
+   descendants (or the whole pid namespace), and each is detached, the
+   children first. The files of every process come before any is detached:
+   the descriptions, pipes and shared objects processes shared are taken from
+   the one that restored them (:class:`~lazymig.restore.files.TreeFiles`).
 
-On one host the frozen source still holds the dumped pids, so the restored
-tree gets new ones: a parent waiting for a child by its old pid
-(``waitpid(pid)``) gets ECHILD there; ``waitpid(-1)`` works. The root always
-gets a new pid (its helper is started by the restorer).
+**Pids.** Every process and thread gets its dumped pid back, so a parent that
+waits for a child by pid (``waitpid(pid)``: a shell waiting for its
+foreground job), or signals it by pid, goes on as it was. Where they are free
+here (across hosts, or once the source is gone) they are taken in the
+restorer's pid namespace; where some are taken (on one machine, by the frozen
+source) the tree is restored in a new pid namespace of its own, with a small
+init as its pid 1: its processes see their dumped pids, this host sees others
+(``Restorer.tree_pids``). With ``new_pids`` every process gets a new pid, and
+such a parent gets ECHILD or ESRCH (``waitpid(-1)`` works).
 """
 
 from __future__ import annotations
@@ -44,24 +48,17 @@ import os
 import resource
 import signal
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING, Final
 
 from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux.procfs import read_stat
-from lazymig.linux.ptrace import PTRACE_O_TRACEFORK, TargetGoneError, Tracee, TracerThread
-from lazymig.linux.syscalls import (
-    SYS_CLONE3,
-    SYS_EXIT_GROUP,
-    SYS_FORK,
-    SYS_SETPGID,
-    SYS_SETSID,
-)
-from lazymig.linux.vm import write_memory
+from lazymig.linux.ptrace import TargetGoneError, Tracee, TracerThread
+from lazymig.linux.syscalls import SYS_EXIT_GROUP, SYS_SETPGID, SYS_SETSID
 from lazymig.proto.images import ImagesDir, PstreeEntry
 from lazymig.restore.files import TreeFiles, restore_files
+from lazymig.restore.pids import fork
 from lazymig.restore.shmem import shared_vmas
 from lazymig.restore.task import DumpedTask, FdInheritance, load_task
 from lazymig.uffd.handover import send_restore_finished, send_task, send_zombie
@@ -75,11 +72,6 @@ log = logging.getLogger(__name__)
 
 TASK_DEAD: Final = 2
 """CRIU's task state of a zombie (``core.tc.task_state``)."""
-
-_SIGCHLD: Final = 17
-#: struct clone_args up to set_tid_size: flags, pidfd, child_tid, parent_tid,
-#: exit_signal, stack, stack_size, tls, set_tid, set_tid_size.
-_CLONE_ARGS: Final = struct.Struct("<10Q")
 
 
 def is_tree(images: ImagesDir) -> bool:
@@ -130,7 +122,8 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
     uffds: dict[int, int] = {}
     try:
         root_tracee = await tracer.run(restorer._spawn_and_seize)
-        tracees = await tracer.run(_skeleton, root_tracee, tree, restorer.tree_pids)
+        tracees = await tracer.run(_skeleton, root_tracee, tree, restorer.tree_pids,
+                                   restorer.new_pids)
         for pid, tracee in tracees.items():
             targets[pid] = _Target(tracee)
             targets[pid].in_tree = True
@@ -154,11 +147,10 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
                 elif e.pid in tree.zombies:
                     await send_zombie(sock, e.pid)
             await send_restore_finished(sock)
-            assert restorer.process is not None
             # One guardian: should the daemon die it kills the root and every
-            # descendant (its uffd stands for all of theirs).
+            # descendant, or the whole pid namespace (its uffd stands for all of theirs).
             restorer.guardian = spawn_guardian(sock, next(iter(uffds.values())),
-                                               restorer.process.pid)
+                                               restorer._guarded_pid())
         for fd in uffds.values():
             os.close(fd)
         uffds.clear()
@@ -187,24 +179,18 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
     result = RestoreResult(
         pid=restorer.process.pid, image_pid=root, nonlazy_pages=nonlazy,
         lazy_pages=sum(r.nr_pages for t in tree.tasks.values() for r in t.lazy),
-        seconds=time.monotonic() - started)
-    same = sum(1 for old, new in restorer.tree_pids.items() if old == new)
-    moved = {old: new for old, new in restorer.tree_pids.items() if old not in (new, root)}
-    if moved:
-        log.warning("tree of %d: %d processes restored under new pids (%s): their dumped pids "
-                    "are taken here (on one machine, by the frozen source); a parent that "
-                    "waits for or signals a child by its old pid gets ECHILD or ESRCH",
-                    root, len(moved), ", ".join(f"{o}->{n}" for o, n in moved.items()))
-    log.info("tree of %d restored in %.3f s: %d processes and %d zombies, %d under their "
-             "dumped pids (%s)", root, result.seconds, len(tree.tasks), len(tree.zombies), same,
-             ", ".join(f"{old}->{new}" for old, new in restorer.tree_pids.items()))
+        seconds=time.monotonic() - started, pid_namespace=restorer._init_pid())
+    log.info("tree of %d restored in %.3f s: %d processes and %d zombies (dumped pid: pid "
+             "here %s)", root, result.seconds, len(tree.tasks), len(tree.zombies),
+             ", ".join(f"{old}:{new}" for old, new in restorer.tree_pids.items()))
     return result
 
 
 # -- tracer thread ------------------------------------------------------------------
 
 
-def _skeleton(root: Tracee, tree: _Tree, pids: dict[int, int]) -> dict[int, Tracee]:
+def _skeleton(root: Tracee, tree: _Tree, pids: dict[int, int],
+              new_pids: bool) -> dict[int, Tracee]:
     """Step 1 and 2: every process forked by its parent's helper; returns the live
     ones' tracees by image pid (the root first, parents before children) and
     fills ``pids`` (image pid: pid here)."""
@@ -216,7 +202,7 @@ def _skeleton(root: Tracee, tree: _Tree, pids: dict[int, int]) -> dict[int, Trac
         parent = tracees.get(e.ppid)
         if parent is None:
             raise LazyMigError(f"pstree.img lists process {e.pid} before its parent {e.ppid}")
-        child = _fork(parent, e.pid)
+        child = fork(parent, None if new_pids else e.pid)
         pids[e.pid] = child.pid
         if e.pid in tree.zombies:
             _exit_as_zombie(child, tree.zombies[e.pid])
@@ -226,10 +212,10 @@ def _skeleton(root: Tracee, tree: _Tree, pids: dict[int, int]) -> dict[int, Trac
     for e in tree.entries[1:]:  # members of a group led by another process of the tree
         if e.pid in tracees and e.pgid != e.pid and e.pgid in tracees \
                 and os.getpgid(pids[e.pid]) != pids[e.pgid]:
-            res = tracees[e.pid].inject_syscall(SYS_SETPGID, 0, pids[e.pgid])
+            pgid = pids[e.pgid] if new_pids else e.pgid  # as the process sees it
+            res = tracees[e.pid].inject_syscall(SYS_SETPGID, 0, pgid)
             if res < 0:
-                raise LazyMigOSError(-res, f"restoring: setpgid(0, {pids[e.pgid]})",
-                                     pid=pids[e.pid])
+                raise LazyMigOSError(-res, f"restoring: setpgid(0, {pgid})", pid=pids[e.pid])
     return tracees
 
 
@@ -254,31 +240,6 @@ def _own_session(tracee: Tracee, e: PstreeEntry) -> None:
     res = tracee.inject_syscall(nr, *args)
     if res < 0:
         raise LazyMigOSError(-res, f"restoring: injected {what}", pid=tracee.pid)
-
-
-def _fork(parent: Tracee, pid: int) -> Tracee:
-    """A child of ``parent`` under ``pid`` if free (clone3 with set_tid), else a
-    new pid (fork); seized and stopped before it ran."""
-    parent.set_options(PTRACE_O_TRACEFORK)
-    try:
-        with parent.syscalls() as session, \
-                session.scratch_page("restoring: injected mmap") as page:
-            write_memory(parent.pid, page, _CLONE_ARGS.pack(
-                0, 0, 0, 0, _SIGCHLD, 0, 0, 0, page + _CLONE_ARGS.size, 1)
-                + struct.pack("<i", pid))
-            child = session.syscall(SYS_CLONE3, page, _CLONE_ARGS.size)
-            if child < 0:
-                log.debug("process %d gets a new pid (clone3 with set_tid: %s)", pid,
-                          os.strerror(-child))
-                child = session.syscall(SYS_FORK)
-            if child < 0:
-                raise LazyMigOSError(-child, f"restoring: fork for process {pid}",
-                                     pid=parent.pid)
-    finally:
-        parent.set_options(0)
-    tracee = Tracee.adopt(child, stopped=False)
-    tracee.wait_interrupt_stop(timeout=5.0)  # the stop of an auto-attached child
-    return tracee
 
 
 def _exit_as_zombie(child: Tracee, status: int) -> None:
