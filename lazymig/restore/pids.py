@@ -112,9 +112,9 @@ def choose(ids: Collection[int], *, new_pids: bool, what: str) -> PidMode:
                  what, len(ids))
         return PidMode.ORIGINAL
     if 1 in ids:
-        raise UnsupportedDumpError(f"{what} holds pid 1 (it was a pid namespace's init), which is "
-                           "taken here and by the init of any new pid namespace: restore it "
-                           "with new_pids=True (--new-pids)")
+        raise UnsupportedDumpError(
+            f"{what} holds pid 1 (it was a pid namespace's init), which is taken here and by "
+            "the init of any new pid namespace: restore it with new_pids=True (--new-pids)")
     shown = ", ".join(map(str, taken[:8])) + (", ..." if len(taken) > 8 else "")
     log.info("%s: restored under its dumped pids in a new pid namespace of its own: pids %s "
              "are taken here (on one machine, by the frozen source); its processes see their "

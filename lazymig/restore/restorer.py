@@ -172,8 +172,9 @@ class RestoreResult:
     """A restored process."""
 
     pid: int
-    """The restored process's pid here: its dumped one, unless it was restored in a
-    pid namespace of its own (where it has its dumped one) or with ``new_pids``."""
+    """The restored process's pid as this host sees it: the dumped one, unless the
+    restore made it a pid namespace of its own (in which it has the dumped one) or
+    gave new pids (``new_pids``)."""
     image_pid: int
     """Its pid at dump time."""
     nonlazy_pages: int
