@@ -6,9 +6,10 @@ It starts a workload (a Python process holding MIB MiB of data, printing the
 data's CRC-32 every half second), then migrates it on this machine with
 ``lazymig.migrate``: the workload is frozen and dumped, its lazy pages are
 served over 127.0.0.1, a lazy-pages daemon fills them into the restored
-process (a new pid) on demand and in the background. The transfer's progress
-is printed as it goes, then the numbers; the restored process must print the
-workload's CRC. Needs root (ptrace, userfaultfd). Exits 0 when it does.
+process (under its pid, in a pid namespace of its own) on demand and in the
+background. The transfer's progress is printed as it goes, then the numbers;
+the restored process must print the workload's CRC. Needs root (ptrace,
+userfaultfd). Exits 0 when it does.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ On the destination host, with the copy::
 
     python examples/two_hosts.py destination --images-dir /srv/dump --page-server 10.0.0.1:PORT
 
-restores the process (it runs at once, under a new pid, with this command's
+restores the process (it runs at once, under its pid, with this command's
 stdout) and exits once all its memory has arrived, leaving it running.
 
 Without arguments, it plays both hosts on this machine: it starts a small

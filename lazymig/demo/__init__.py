@@ -8,8 +8,9 @@
    on 127.0.0.1 (``lazymig dump --lazy-pages``), runs a lazy-pages daemon
    connected to that page server (``lazymig lazy-pages --page-server``) and
    restores the process from the images (``lazymig restore --lazy-pages``): it
-   runs at once under a new pid while its memory arrives on demand and in the
-   background, shown as a progress bar.
+   runs at once (under its pid, in a pid namespace of its own: the source holds
+   it meanwhile) while its memory arrives on demand and in the background,
+   shown as a progress bar.
 3. The restored process must print the source's CRC; once every page is in,
    the page server's transfer is complete and the source is killed.
 

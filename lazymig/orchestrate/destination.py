@@ -113,11 +113,12 @@ class RestoredProcess:
         return status
 
     async def kill(self) -> int:
-        """SIGKILL the process (unless it has ended) and wait for it; its status."""
-        process = self._restorer.process
-        if process is not None and process.poll() is None:  # not reaped: still its pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
+        """SIGKILL the process (unless it has ended), and every process of its pid
+        namespace if it has one of its own; wait for it; its status."""
+        for process in (self._restorer.process, self._restorer.pid_namespace):
+            if process is not None and process.poll() is None:  # not reaped: still its pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
         return await self.wait()
 
     def __repr__(self) -> str:

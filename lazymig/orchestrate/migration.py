@@ -53,7 +53,7 @@ class MigrationResult:
     dump: DumpResult
     """The source side: pages written and served, what became of the source."""
     restored: RestoreResult
-    """The destination side: the new pid, pages restored from the images."""
+    """The destination side: its pid, pages restored from the images."""
     transfer: DaemonReport
     """The lazy-pages daemon's report."""
     progress: TransferProgress
