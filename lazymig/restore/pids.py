@@ -15,18 +15,17 @@ CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN). Where it is restored
   where they are all free. Its pid 1 is a small init
   (:mod:`lazymig.restore.pidns_init`) that reaps the orphans and lives as long
   as any process of the namespace does (its exit would kill them all). Inside,
-  ``getpid()``, ``gettid()``, ``getppid()`` of the tree's own processes,
-  ``waitpid(pid)``, ``kill(pid)``, process groups and sessions use the dumped
-  pids; outside (this host, its ``/proc``, ``RestoreResult.pid``,
-  ``Restorer.tree_pids``) every process has another pid, its pid here. The
-  tree keeps this host's ``/proc`` mount (no mount namespace is made): a
-  process that reads ``/proc/<its pid>`` or ``/proc/self`` symlinks by number
-  there sees the host's numbering, as in any pid namespace without its own
-  ``/proc``; ``/proc/self`` and ``/proc/thread-self`` themselves resolve to
-  the host pids and so still name the process itself.
+  ``getpid()``, ``gettid()``, ``getppid()`` (but the root's: 0, its parent is
+  outside), ``waitpid(pid)``, ``kill(pid)``, process groups and sessions use
+  the dumped pids; outside (this host, its ``/proc``, ``RestoreResult.pid``,
+  ``Restorer.tree_pids``) each process has another pid, its pid here. The
+  tree keeps this host's ``/proc`` (no mount namespace is made):
+  ``/proc/self`` and ``/proc/thread-self`` resolve to the host's pids and so
+  still name the process itself, but a path made from ``getpid()``
+  (``/proc/<pid>/...``) names another process here, or none.
 * :attr:`PidMode.NEW` (``new_pids=True``, ``--new-pids``): the kernel's new
-  pids, no namespace: the behaviour of ``criu restore`` has no equivalent of
-  (CRIU always restores the dumped pids).
+  pids, no namespace (CRIU has no such mode: it always restores the dumped
+  pids).
 
 The root is the restorer's child in every mode, so that it waits for it and
 gets its exit status as for any child: a helper (the restorer's ``sleep``) forks
