@@ -14,6 +14,7 @@ __all__ = [
     "pid_in_use",
     "processes",
     "read_fdinfo",
+    "read_maps",
     "read_stat",
     "read_status",
     "read_syscall",
@@ -22,6 +23,16 @@ __all__ = [
     "tmpfs_devices",
     "userfaultfd_vmas",
 ]
+
+
+def read_maps(pid: int) -> str:
+    """The text of ``/proc/PID/maps`` (no page-table walk, unlike smaps).
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
 
 
 def read_stat(pid: int) -> tuple[str, dict[int, int]]:
@@ -91,9 +102,10 @@ def registered_with_userfaultfd(pid: int, address: int) -> bool:
     return False
 
 
-def userfaultfd_vmas(pid: int) -> list[tuple[int, int]]:
+def userfaultfd_vmas(pid: int, modes: tuple[bytes, ...] = (b"um",)) -> list[tuple[int, int]]:
     """The ``(start, end)`` of every mapping of ``pid`` registered with a userfaultfd
-    for missing pages (``um`` in its smaps VmFlags), in address order.
+    in one of ``modes`` (smaps VmFlags: ``um`` missing pages, ``uw`` write-protect,
+    ``ui`` minor faults), in address order.
 
     Raises:
         FileNotFoundError, ProcessLookupError: the process is gone.
@@ -106,7 +118,7 @@ def userfaultfd_vmas(pid: int) -> list[tuple[int, int]]:
             if not key.endswith(b":"):  # a mapping's header: START-END perms ...
                 start, end = (int(x, 16) for x in key.split(b"-"))
                 span = (start, end)
-            elif key == b"VmFlags:" and b" um" in line:
+            elif key == b"VmFlags:" and any(m in line.split() for m in modes):
                 found.append(span)
     return found
 

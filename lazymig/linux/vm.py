@@ -34,6 +34,9 @@ __all__ = [
     "PAGE_IS_PFNZERO",
     "PAGE_IS_PRESENT",
     "PAGE_IS_SWAPPED",
+    "PAGE_IS_WRITTEN",
+    "PM_SCAN_CHECK_WPASYNC",
+    "PM_SCAN_WP_MATCHING",
     "SPLICE_F_GIFT",
     "SPLICE_F_MORE",
     "SPLICE_F_MOVE",
@@ -150,10 +153,15 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
 
 
 # PAGEMAP_SCAN (Linux 6.7+, include/uapi/linux/fs.h): page categories.
+PAGE_IS_WRITTEN = 1 << 1  # not write-protected by a WP_ASYNC userfaultfd since the last scan
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
 PAGE_IS_PFNZERO = 1 << 5
+# ... and flags: write-protect the pages reported (atomically with the report), and
+# fail with EPERM on a VMA not registered for async write-protect (never skip it).
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
 
 
 class _PmScanArg(ctypes.Structure):
@@ -176,12 +184,15 @@ _ioctl.restype = ctypes.c_int
 
 
 def pagemap_scan(fd: int, start: int, end: int, *, inverted: int = 0, required: int = 0,
-                 anyof: int = 0, vec_len: int = _SCAN_VEC) -> list[tuple[int, int]]:
+                 anyof: int = 0, vec_len: int = _SCAN_VEC,
+                 flags: int = 0) -> list[tuple[int, int]]:
     """PAGEMAP_SCAN on an open /proc/PID/pagemap: the address ranges in [start, end)
     whose pages have every ``required`` category (each flipped first if it is in
     ``inverted``) and at least one of ``anyof``, sorted, neighbours joined. The
     kernel walks the page tables and returns ranges, not one 8-byte entry per page.
-    ``vec_len`` is the size of the output vector (ranges per ioctl). ENOTTY before
+    ``vec_len`` is the size of the output vector (ranges per ioctl). ``flags``:
+    ``PM_SCAN_WP_MATCHING`` (and ``PM_SCAN_CHECK_WPASYNC``) write-protect what is
+    returned, for dirty tracking (:mod:`lazymig.dump.track`). ENOTTY before
     Linux 6.7.
 
     How far a call got is read from what it returned, not from ``walk_end`` alone
@@ -196,7 +207,7 @@ def pagemap_scan(fd: int, start: int, end: int, *, inverted: int = 0, required: 
     if vec_len < 1:
         raise ValueError(f"vec_len must be at least 1, not {vec_len}")
     vec = (_PageRegion * vec_len)()
-    arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end,
+    arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), flags=flags, start=start, end=end,
                      vec=ctypes.addressof(vec), vec_len=vec_len, category_inverted=inverted,
                      category_mask=required, category_anyof_mask=anyof,
                      return_mask=required | anyof)
