@@ -58,6 +58,7 @@ from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_t
 from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
+from lazymig.dump.precopy import PreCopy, link_parent, split_scan
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import LazyPageStore, PipePageStore
@@ -66,7 +67,7 @@ from lazymig.dump.waiters import check_not_waited_for
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children, descendants, read_status
 from lazymig.linux.ptrace import TargetGoneError, process_alive
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import ServerTls, TlsOption
@@ -142,6 +143,9 @@ class LazyDump:
         fsync: fsync the images.
         progress_interval: seconds between progress log lines (INFO) while
             serving; None for none.
+        precopy: pre-copy rounds already done (:class:`~lazymig.dump.precopy.PreCopy`):
+            the images are a child of its last round, with the pages it holds
+            current as PE_PARENT entries (a single process only).
 
     Use it as an async context manager (:meth:`start` on entry; an exit
     without a complete :meth:`serve` aborts), or call :meth:`run`.
@@ -151,8 +155,10 @@ class LazyDump:
                  port: int = 27, wire: WireVersion = WireVersion.V2,
                  tls: TlsOption | None = None,
                  leave_running: bool = False, pipe_size: int | None = None,
-                 fsync: bool = False, progress_interval: float | None = 5.0) -> None:
+                 fsync: bool = False, progress_interval: float | None = 5.0,
+                 precopy: PreCopy | None = None) -> None:
         self.pid = pid
+        self.precopy = precopy
         self.images = ImagesDir(images_dir, fsync=fsync)
         self.address = address
         self.port = port
@@ -236,11 +242,19 @@ class LazyDump:
             store: LazyPageStore | None = None
             pipes: PagePipes | None = None
             fill: Callable[[], Coroutine[Any, Any, None]]
-            if not await asyncio.to_thread(has_children, self.pid):  # lazymig.dump.tree
+            tree = await asyncio.to_thread(has_children, self.pid)
+            if tree and self.precopy is not None:
+                raise ConfigurationError(f"process {self.pid} has children: pre-copy of a "
+                                         "process tree is not implemented")
+            if not tree:  # else lazymig.dump.tree
                 try:
                     alone, written, pipes = await _freeze_and_write(
-                        self.pid, self.images, lazy=True, pipe_size=self.pipe_size)
+                        self.pid, self.images, lazy=True, pipe_size=self.pipe_size,
+                        precopy=self.precopy)
                 except _ForkedWhileFrozen as forked:
+                    if self.precopy is not None:
+                        raise ConfigurationError(f"{forked}: pre-copy of a process tree is "
+                                                 "not implemented") from None
                     log.info("%s: dumping it with its tree", forked)
                 else:
                     fp, late_fill = alone, LateFill(pipes)
@@ -432,13 +446,15 @@ class LazyDump:
 
 async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
                pipe_size: int | None = None, fsync: bool = False,
-               tree: bool | None = None) -> DumpResult:
+               tree: bool | None = None, precopy: PreCopy | None = None) -> DumpResult:
     """A plain dump (``criu dump``): every page of ``pid`` into ``pages-1.img``.
 
     Then the process is killed, or resumed with ``leave_running``. On failure
     it is resumed unchanged and the images written are removed. A process with
     children is dumped with all its descendants (``criu dump -t``, see
     :mod:`lazymig.dump.tree`); ``tree`` forces the one way or the other.
+    After ``precopy``'s rounds the images are a child of its last round (see
+    :class:`LazyDump`).
     """
     images = ImagesDir(images_dir, fsync=fsync)
     _check_images_dir(images)
@@ -446,15 +462,21 @@ async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
     chosen = tree is None
     if tree is None:
         tree = await asyncio.to_thread(has_children, pid)
+    if tree and precopy is not None:
+        raise ConfigurationError(f"process {pid} has children: pre-copy of a process tree "
+                                 "is not implemented")
     if not tree:
         started = time.monotonic()
         try:
             fp, written, pipes = await _freeze_and_write(pid, images, lazy=False,
-                                                         pipe_size=pipe_size)
+                                                         pipe_size=pipe_size, precopy=precopy)
         except _ForkedWhileFrozen as forked:
             if not chosen:  # tree=False: its children are not to be dumped
                 raise UnsupportedTargetError(pid, [f"{forked} (tree=False)"],
                                              REFUSAL_HINT) from None
+            if precopy is not None:
+                raise ConfigurationError(f"{forked}: pre-copy of a process tree is not "
+                                         "implemented") from None
             log.info("%s: dumping it with its tree", forked)
             tree = True
     if tree:
@@ -479,28 +501,38 @@ async def dump(pid: int, images_dir: StrPath, *, leave_running: bool = False,
 
 
 async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
-                            pipe_size: int | None) -> tuple[FrozenProcess, DumpImages, PagePipes]:
+                            pipe_size: int | None, precopy: PreCopy | None = None,
+                            ) -> tuple[FrozenProcess, DumpImages, PagePipes]:
     """Freeze, read, scan, collect the pages and write the images.
 
     Returns the frozen process, the images written and the page pipes (the
     lazy pages, for ``lazy``: planned, not filled yet). On failure or
-    cancellation: pipes closed, images removed, process resumed.
+    cancellation: pipes closed, images removed, process resumed. After
+    ``precopy``'s rounds, the pages its chain holds current are PE_PARENT
+    entries, and ``images/parent`` links to its last round.
     """
     await asyncio.to_thread(_inspect, pid)
     fp = await FrozenProcess.freeze(pid)
     pipes: PagePipes | None = None
     try:
         await asyncio.to_thread(_check_no_children, pid)
+        current = None if precopy is None else await precopy.finish()
         files = await asyncio.to_thread(collect_files, pid)
         scan = await fp.scan()
+        in_parent: list[PageRun] = []
+        if precopy is not None and current is not None:
+            scan, in_parent = split_scan(scan, current, lazy=lazy and precopy.options.lazy)
         collect = scan if lazy else MemoryScan(
             scan.pid, scan.vmas, tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
         pipes = await fp.collect_pages(collect, pipe_size=pipe_size, defer_lazy=lazy)
-        state, frozen_pipes = fp.state, pipes
+        state, frozen_pipes, final = fp.state, pipes, scan
         written = await _run_blocking(
-            lambda: write_images(images, state, scan, frozen_pipes, lazy_pages=lazy,
-                                 open_files=files),
+            lambda: write_images(images, state, final, frozen_pipes, lazy_pages=lazy,
+                                 open_files=files, in_parent=in_parent),
             cleanup=DumpImages.remove, what=f"writing images into {images.path}")
+        if precopy is not None and precopy.last_dir is not None:
+            link_parent(images.path, precopy.last_dir)
+            written.paths.append(images.path / PARENT_LINK)
     except BaseException:
         if pipes is not None:
             pipes.close()

@@ -470,7 +470,8 @@ class DumpImages:
 def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
                  pipes: PagePipes, *, lazy_pages: bool,
                  open_files: DumpedFiles | None = None, index: int = 1,
-                 in_tree: bool = False, shmem: ShmemDump | None = None) -> DumpImages:
+                 in_tree: bool = False, shmem: ShmemDump | None = None,
+                 in_parent: Sequence[PageRun] = ()) -> DumpImages:
     """Write every image of the frozen process; drains the non-lazy page pipes.
 
     ``index`` numbers the process in its dumped tree (1 for the root): its
@@ -478,7 +479,9 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
     ``in_tree`` only the process's own images are written; the tree's dump
     (:mod:`lazymig.dump.tree`) writes ``files.img``, ``pstree.img``, the
     inventory and (``shmem``, which writes each shared object once)
-    ``memfd-inode.img`` once for all its processes.
+    ``memfd-inode.img`` once for all its processes. ``in_parent``: pages left
+    out of ``scan`` because the parent images hold them (pre-copy), PE_PARENT
+    entries.
 
     With ``lazy_pages`` the lazy pipes are left untouched (the page server's);
     without it, ``pipes`` must hold every page of ``scan`` as non-lazy (collect
@@ -500,6 +503,9 @@ def write_images(images: ImagesDir, state: ProcessState, scan: MemoryScan,
         else:
             entries = _plain_entries(scan.runs, written)
         out.nonlazy_pages = sum(r.nr_pages for r in written)
+        if in_parent:
+            entries = sorted(entries + [PagemapEntry(r.vaddr, r.nr_pages, PE.PARENT)
+                                        for r in in_parent], key=lambda e: e.vaddr)
         out.paths.append(images.write_pagemap(state.pid, index, entries))
         files, exe_id, file_ids = _file_table(state.pid, state.mm.exe, scan.vmas)
         for thread in state.threads:

@@ -58,6 +58,8 @@ from lazymig.linux.procfs import read_maps, userfaultfd_vmas
 from lazymig.linux.ptrace import Tracee, TracerThread
 from lazymig.linux.syscalls import SYS_CLOSE, SYS_USERFAULTFD
 from lazymig.linux.vm import (
+    PAGE_IS_FILE,
+    PAGE_IS_PFNZERO,
     PAGE_IS_WRITTEN,
     PM_SCAN_CHECK_WPASYNC,
     PM_SCAN_WP_MATCHING,
@@ -79,6 +81,12 @@ _UFFD_USER_MODE_ONLY: Final = 1
 _UFFD_FLAGS: Final = os.O_CLOEXEC | os.O_NONBLOCK
 _SPECIAL: Final = VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL
 _RESCANS: Final = 8
+# Written, and neither the file's own page (a private file mapping not written yet)
+# nor the zero page: what a dump copies. Pages left out are left unprotected: a
+# write to one makes a new page, not protected, which the next scan reports.
+_NOT_DUMPED: Final = PAGE_IS_FILE | PAGE_IS_PFNZERO
+_WRITTEN: Final = PAGE_IS_WRITTEN | _NOT_DUMPED
+_WP_SCAN: Final = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
 _HINT: Final = "migrate it without pre-copy (all its memory is then copied after the freeze)"
 
 Range = tuple[int, int]
@@ -188,7 +196,10 @@ class DirtyTracker:
 
     async def collect(self) -> DirtyRound:
         """One round: the pages written since the last one (every page present,
-        the first time), protected again. The process runs on meanwhile."""
+        the first time), protected again. The process runs on meanwhile.
+
+        Only the pages a dump copies count: a private file mapping's pages
+        that are still the file's, and the zero page, do not."""
         self._check()
         return await asyncio.to_thread(self._collect)
 
@@ -200,8 +211,8 @@ class DirtyTracker:
             retry = False
             for start, end in _joined(self.registered):
                 try:
-                    out += pagemap_scan(self._pagemap, start, end, required=PAGE_IS_WRITTEN,
-                                        flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+                    out += pagemap_scan(self._pagemap, start, end, required=_WRITTEN,
+                                        inverted=_NOT_DUMPED, flags=_WP_SCAN)
                 except LazyMigOSError as exc:
                     if exc.errno != errno.EPERM:
                         raise

@@ -21,6 +21,7 @@ is those two halves on one machine, with ``copy_images`` as the copy step.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazymig.dump.dumper import DumpResult, check_target
+from lazymig.dump.precopy import OnRound, PreCopy, PreCopyOptions, RoundReport
 from lazymig.orchestrate._checks import check_images_dir, check_port
 from lazymig.orchestrate._handle import Handle, entered
 from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio, receive
@@ -60,16 +62,22 @@ class MigrationResult:
     """The transfer's last snapshot: on-demand vs background pages, rate, fault latency."""
     downtime: float
     """Seconds from the freeze until the restored process ran."""
+    precopy: tuple[RoundReport, ...] = ()
+    """The pre-copy rounds done before the freeze (none without ``precopy``)."""
 
 
 class Migration(Handle[MigrationResult]):
     """A migration in progress; see :func:`migrate`."""
 
-    def __init__(self, images_dir: StrPath | None, make_source: Callable[[Path], Source],
+    def __init__(self, images_dir: StrPath | None,
+                 make_source: Callable[[Path, PreCopy | None], Source],
                  copy_images: CopyImages | None,
                  make_destination: Callable[[Path, Address], Destination], *,
-                 keep_stopped: bool = False) -> None:
+                 keep_stopped: bool = False,
+                 start_precopy: Callable[[Path], Awaitable[PreCopy]] | None = None) -> None:
         super().__init__()
+        self._start_precopy = start_precopy
+        self._precopy: PreCopy | None = None
         self._keep_stopped = keep_stopped
         self._images_dir = None if images_dir is None else Path(images_dir)
         self._make_source = make_source
@@ -101,11 +109,20 @@ class Migration(Handle[MigrationResult]):
         """The transfer's progress, as the destination's daemon sees it."""
         return self.destination.progress(interval)
 
+    @property
+    def precopy(self) -> tuple[RoundReport, ...]:
+        """The pre-copy rounds done so far (each logged at INFO as it ends)."""
+        return () if self._precopy is None else tuple(self._precopy.rounds)
+
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         images = self._images_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="lazymig-")))
+        if self._start_precopy is not None:
+            self._precopy = await self._start_precopy(images)
+            stack.push_async_callback(self._precopy.aclose)  # a no-op once the dump froze it
+            await self._precopy.run()
         started = time.monotonic()
-        source = await stack.enter_async_context(self._make_source(images))
+        source = await stack.enter_async_context(self._make_source(images, self._precopy))
         self._source = source
         destination: Destination | None = None
         try:
@@ -130,14 +147,13 @@ class Migration(Handle[MigrationResult]):
         tasks = await self._task_group()
         tasks.create_task(self._produce(self._collect(source, destination, self._downtime)))
 
-    @staticmethod
-    async def _collect(source: Source, destination: Destination,
+    async def _collect(self, source: Source, destination: Destination,
                        downtime: float) -> MigrationResult:
         dumped = await source.done
         report = await destination.done
         return MigrationResult(dump=dumped, restored=destination.process.result,
                                transfer=report, progress=TransferProgress.of(report),
-                               downtime=downtime)
+                               downtime=downtime, precopy=self.precopy)
 
     def __repr__(self) -> str:
         return f"<lazymig.Migration {self._source!r} -> {self._destination!r}>"
@@ -147,7 +163,9 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
             copy_images: CopyImages | None = None, address: str = "127.0.0.1",
             port: int = 0, wire: WireVersion = WireVersion.V2, channels: int = 1,
             leave_running: bool = False, keep_stopped: bool = False,
-            stdio: Stdio | None = None, new_pids: bool = False) -> Migration:
+            stdio: Stdio | None = None, new_pids: bool = False,
+            precopy: PreCopyOptions | bool = False,
+            on_round: OnRound | None = None) -> Migration:
     """Migrate process ``pid`` lazily: dump and serve it, restore it, fill its memory.
 
     ``await lazymig.migrate(pid)`` runs the whole migration and returns a
@@ -184,6 +202,13 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
             still holds them, in a new pid namespace of the restored tree's own
             (``result.restored.pid`` is then its pid here, ``pid_namespace`` the
             namespace's init; see :mod:`lazymig.restore.pids`).
+        precopy: copy its memory in rounds while it runs before the freeze
+            (True, or :class:`~lazymig.dump.precopy.PreCopyOptions` for the
+            limits and for eager or lazy after the freeze); the rounds go into
+            ``images_dir/precopy/N``, the dump's parents. The downtime is then
+            counted from the freeze.
+        on_round: called with each round's :class:`~lazymig.dump.precopy.RoundReport`
+            (pages copied, pages written meanwhile, rate), awaited if a coroutine.
 
     Example::
 
@@ -194,15 +219,23 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         check_images_dir(images_dir, "lazymig.migrate")
     check_port(port, "lazymig.migrate")
 
-    def make_source(images: Path) -> Source:
+    options = PreCopyOptions() if precopy is True else precopy or None
+
+    async def start_precopy(images: Path) -> PreCopy:
+        if stdio is None:  # refused before any round, as before the freeze
+            await asyncio.to_thread(check_target, pid, stdio_given=False)
+        return await PreCopy.start(pid, images / "precopy", options=options, on_round=on_round)
+
+    def make_source(images: Path, rounds: PreCopy | None) -> Source:
         if stdio is None:  # fds 0-2 staying behind: refused before the freeze, not after
             check_target(pid, stdio_given=False)
         return serve(pid, images, address=address, port=port, wire=wire,
-                     leave_running=leave_running)
+                     leave_running=leave_running, precopy=rounds)
 
     def make_destination(images: Path, page_server: Address) -> Destination:
         return receive(images, page_server=page_server, wire=wire, channels=channels,
                        stdio=stdio, new_pids=new_pids)
 
     return Migration(images_dir, make_source, copy_images, make_destination,
-                     keep_stopped=keep_stopped)
+                     keep_stopped=keep_stopped,
+                     start_precopy=start_precopy if options is not None else None)

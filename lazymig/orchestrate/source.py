@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from lazymig.dump.dumper import DumpResult, LazyDump
+from lazymig.dump.precopy import PreCopy
 from lazymig.dump.server import PageServer, PageServerStats, ServeUntil
 from lazymig.dump.store import ImagesPageStore, LazyPageStore
 from lazymig.orchestrate._checks import check_images_dir, check_port
@@ -138,7 +139,8 @@ class Source(PageServing[DumpResult]):
 
 def serve(pid: int, images_dir: StrPath, *, address: str = "127.0.0.1", port: int = 0,
           wire: WireVersion = WireVersion.V2, leave_running: bool = False,
-          pipe_size: int | None = None, fsync: bool = False) -> Source:
+          pipe_size: int | None = None, fsync: bool = False,
+          precopy: PreCopy | None = None) -> Source:
     """Freeze process ``pid``, dump it into ``images_dir`` and serve its lazy pages.
 
     Entering the handle freezes the process, writes its images (the non-lazy
@@ -165,6 +167,9 @@ def serve(pid: int, images_dir: StrPath, *, address: str = "127.0.0.1", port: in
         leave_running: resume the source after a complete transfer.
         pipe_size: page pipe size in bytes (default: fs.pipe-max-size).
         fsync: fsync the images.
+        precopy: pre-copy rounds done while it ran (``await PreCopy.start(pid, dir)``,
+            then ``await precopy.run()``): the dump is a child of the last round,
+            only what was written since it was copied has data or stays lazy.
 
     Example::
 
@@ -176,7 +181,7 @@ def serve(pid: int, images_dir: StrPath, *, address: str = "127.0.0.1", port: in
     check_port(port, "lazymig.serve")
     return Source(LazyDump(pid, images_dir, address=address, port=port, wire=wire,
                            leave_running=leave_running, pipe_size=pipe_size, fsync=fsync,
-                           progress_interval=None))
+                           progress_interval=None, precopy=precopy))
 
 
 class ImagesServer(PageServing[ServeProgress]):

@@ -13,6 +13,10 @@ from pathlib import Path
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
+PARENT_LINK = "parent"
+"""The link from an images dir to its parent dump (``criu dump --prev-images-dir``),
+whose pages the PE_PARENT pagemap entries refer to."""
+
 
 class PE(enum.IntFlag):
     """Pagemap entry flags (also the flags in a page-server cmd's high 16 bits)."""

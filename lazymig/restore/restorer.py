@@ -112,6 +112,7 @@ from lazymig.proto.constants import (
 from lazymig.proto.images import CredsEntry, ImagesDir
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
+from lazymig.restore.parent import write_parent_pages
 from lazymig.restore.pids import ChildProcess, PidMode, choose, pstree_ids, spawn_root
 from lazymig.restore.shmem import recreate_tmpfs_files, restore_shared_objects
 from lazymig.restore.task import (
@@ -542,7 +543,7 @@ class Restorer:
                                            f"{e.vaddr + off:#x}")
                     write_memory(pid, e.vaddr + off, data)
                 written += e.nr_pages
-        return written
+        return written + write_parent_pages(pid, self.images, task.pid, task.entries)
 
     def _userfaultfd(self, target: _Target, task: DumpedTask) -> int:
         """Create and register the uffd in the target; returns the restorer's copy."""

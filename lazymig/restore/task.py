@@ -274,7 +274,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
     pagemap = images.pagemap(pid)
     entries = tuple(pagemap.entries)
     if not lazy_pages:
-        missing = next((e for e in entries if not e.has_data), None)
+        missing = next((e for e in entries if e.is_lazy and not e.has_data), None)
         if missing is not None:
             raise UnsupportedDumpError(
                 f"pages at {missing.vaddr:#x} were left on the source's page server (a "

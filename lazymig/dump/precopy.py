@@ -1,0 +1,278 @@
+"""Pre-copy: a running process's memory copied in rounds before the freeze, each
+round only what was written since the one before (:mod:`lazymig.dump.track`).
+
+Each round is a CRIU pre-dump images dir: ``pagemap-PID.img`` and
+``pages-1.img``, the pages copied in that round with data (PE_PRESENT), the ones
+copied by an earlier round and not written since as PE_PARENT entries, and a
+``parent`` symlink to the round before (``criu pre-dump --prev-images-dir``), so
+``crit`` reads the chain. The final dump, made while the process is frozen,
+is a child of the last round: pages not written since they were copied are
+PE_PARENT entries there too, and only the last dirty set has data (or stays
+lazy on the page server). A restore reads PE_PARENT pages through the chain
+(:mod:`lazymig.restore.parent`).
+
+Pages are read while the process runs: a page written during the read was
+written after the scan that reported it, so the next scan reports it again;
+the copy that counts is the last one.
+
+Which rounds: the first copies every page present; then one round after the
+other until one of :class:`PreCopyOptions`' limits (the dirty set stops
+shrinking, falls under a threshold, the time or the round count is spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+from lazymig.dump.scan import MemoryScan, PageRun
+from lazymig.dump.track import DirtyRound, DirtyTracker
+from lazymig.errors import ConfigurationError, LazyMigOSError
+from lazymig.linux.vm import AnonMapping, process_vm_readv
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE, PARENT_LINK, PE
+from lazymig.proto.images import ImagesDir, PagemapEntry
+
+__all__ = ["PreCopy", "PreCopyOptions", "RoundReport", "link_parent", "runs_of",
+           "split_scan"]
+
+log = logging.getLogger(__name__)
+
+_PAGES_ID: Final = 1
+_CHUNK: Final = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreCopyOptions:
+    """When pre-copy rounds stop, and what happens after the freeze."""
+
+    max_rounds: int = 8
+    """Rounds at most, the first (every page) included."""
+    min_dirty_pages: int = 256
+    """Stop once a round finds fewer pages written than this (1 MiB)."""
+    min_shrink: float = 0.8
+    """Stop once a round's dirty set is more than this fraction of the round
+    before's: more rounds would not shrink it (the process writes as fast as we copy)."""
+    max_seconds: float = 60.0
+    """Start no round after this many seconds."""
+    lazy: bool = True
+    """After the freeze, leave the last dirty set to the page server (hybrid:
+    the shortest stop); False copies it before the restored process runs."""
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ConfigurationError(f"max_rounds must be at least 1, not {self.max_rounds}")
+        if not 0 < self.min_shrink <= 1:
+            raise ConfigurationError(f"min_shrink must be in (0, 1], not {self.min_shrink}")
+        if self.min_dirty_pages < 0 or self.max_seconds < 0:
+            raise ConfigurationError("min_dirty_pages and max_seconds must not be negative")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoundReport:
+    """One pre-copy round, for progress reports."""
+
+    number: int
+    """1 for the first round (every page present)."""
+    images_dir: Path
+    pages_dirtied: int
+    """Pages the scan found written since the round before (present, the first time)."""
+    pages_sent: int
+    """Pages copied into the round's images (fewer when some went away meanwhile)."""
+    seconds: float
+    """The round's duration, scan and copy."""
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Copy rate of the round."""
+        return self.pages_sent * PAGE_SIZE / self.seconds if self.seconds > 0 else 0.0
+
+
+OnRound = Callable[[RoundReport], Awaitable[None] | None]
+
+
+class PreCopy:
+    """Pre-copy rounds of running process ``pid``, as a chain of pre-dump dirs.
+
+    ``await PreCopy.start(pid, base)`` starts tracking its writes; each
+    :meth:`round` writes one pre-dump dir under ``base`` (``1``, ``2``...);
+    :meth:`run` does rounds until a limit of ``options``. Then freeze the
+    process and call :meth:`finish` (the pages to write as PE_PARENT in the
+    final dump); :meth:`aclose` stops tracking (any time: the process is left
+    as it was; the dirs written stay, remove them if unwanted).
+
+    Args:
+        on_round: called (awaited if a coroutine function) after each round,
+            e.g. to copy the round's dir to the destination while the next runs.
+    """
+
+    def __init__(self, tracker: DirtyTracker, base: Path, options: PreCopyOptions,
+                 on_round: OnRound | None) -> None:
+        self.pid = tracker.pid
+        self.base = base
+        self.options = options
+        self.rounds: list[RoundReport] = []
+        self._tracker = tracker
+        self._on_round = on_round
+        self._valid: set[int] = set()  # page numbers whose last copy is current
+
+    @classmethod
+    async def start(cls, pid: int, base: str | os.PathLike[str], *,
+                    options: PreCopyOptions | None = None,
+                    on_round: OnRound | None = None) -> PreCopy:
+        """Start tracking ``pid``'s writes (see :class:`~lazymig.dump.track.DirtyTracker`).
+        The rounds' dirs are made in ``base`` (made if missing)."""
+        tracker = await DirtyTracker.start(pid)
+        return cls(tracker, Path(base), options or PreCopyOptions(), on_round)
+
+    @property
+    def last_dir(self) -> Path | None:
+        """The last round's images dir (the final dump's parent)."""
+        return self.rounds[-1].images_dir if self.rounds else None
+
+    @property
+    def pages_sent(self) -> int:
+        """Pages copied by every round so far."""
+        return sum(r.pages_sent for r in self.rounds)
+
+    async def round(self) -> RoundReport:
+        """One round: the pages written since the last one (all, the first time)
+        into a new pre-dump dir."""
+        began = time.monotonic()
+        dirty = await self._tracker.collect()
+        number = len(self.rounds) + 1
+        images = self.base / str(number)
+        parent = self.last_dir
+        sent = await asyncio.to_thread(self._write_round, images, dirty, parent)
+        report = RoundReport(number, images, dirty.pages, sent, time.monotonic() - began)
+        self.rounds.append(report)
+        log.info("pid %d pre-copy round %d: %d pages written since the last, %d copied in "
+                 "%.3f s (%.1f MB/s)", self.pid, number, report.pages_dirtied, sent,
+                 report.seconds, report.bytes_per_second / 1e6)
+        if self._on_round is not None:
+            res = self._on_round(report)
+            if inspect.isawaitable(res):
+                await res
+        return report
+
+    async def run(self) -> list[RoundReport]:
+        """Rounds until one of the options' limits; returns them all."""
+        began = time.monotonic()
+        opts = self.options
+        while len(self.rounds) < opts.max_rounds:
+            before = self.rounds[-1].pages_dirtied if len(self.rounds) > 1 else None
+            report = await self.round()
+            if report.number == 1:
+                pass
+            elif report.pages_dirtied < opts.min_dirty_pages:
+                log.info("pid %d pre-copy: %d pages dirty, under %d: freeze now", self.pid,
+                         report.pages_dirtied, opts.min_dirty_pages)
+                break
+            elif before is not None and report.pages_dirtied > before * opts.min_shrink:
+                log.info("pid %d pre-copy: the dirty set stopped shrinking (%d after %d): "
+                         "freeze now", self.pid, report.pages_dirtied, before)
+                break
+            if time.monotonic() - began >= opts.max_seconds:
+                log.info("pid %d pre-copy: %.0f s spent: freeze now", self.pid, opts.max_seconds)
+                break
+        return list(self.rounds)
+
+    async def finish(self) -> set[int]:
+        """Call with the process frozen: the last scan, then tracking stops.
+        Returns the page numbers whose copy in the chain is current (not written
+        since it was made): the final dump's PE_PARENT pages."""
+        last = await self._tracker.collect()
+        await self._tracker.close()
+        self._valid.difference_update(_pages(last.ranges))
+        return set(self._valid)
+
+    async def aclose(self) -> None:
+        """Stop tracking; the process is as it was before :meth:`start` (idempotent)."""
+        await self._tracker.close()
+
+    async def __aenter__(self) -> PreCopy:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- writing a round (in a worker thread) -------------------------------------------
+
+    def _write_round(self, path: Path, dirty: DirtyRound, parent: Path | None) -> int:
+        path.mkdir(parents=True)
+        images = ImagesDir(path)
+        dirty_pages = _pages(dirty.ranges)
+        self._valid.difference_update(dirty_pages)
+        copied: list[int] = []
+        with images.open_pages_writer(_PAGES_ID) as pages, AnonMapping(_CHUNK) as buf:
+            view = buf.view()
+            for start, end in dirty.ranges:
+                at = start
+                while at < end:
+                    want = min(end - at, _CHUNK)
+                    try:
+                        got = process_vm_readv(self.pid, buf.address, at, want)
+                    except LazyMigOSError as exc:  # EFAULT: the first page went away
+                        log.debug("pid %d: page %#x not copied: %s", self.pid, at, exc)
+                        got = 0
+                    got -= got % PAGE_SIZE
+                    if got:
+                        pages.write(view[:got])
+                        copied += range(at >> PAGE_SHIFT, (at + got) >> PAGE_SHIFT)
+                    at += got or PAGE_SIZE  # skip a page that cannot be read
+        self._valid.update(copied)
+        entries = [PagemapEntry(r.vaddr, r.nr_pages, PE.PRESENT) for r in runs_of(copied)]
+        if parent is not None:
+            older = sorted(self._valid.difference(copied))
+            entries += [PagemapEntry(r.vaddr, r.nr_pages, PE.PARENT) for r in runs_of(older)]
+            link_parent(path, parent)
+        images.write_pagemap(self.pid, _PAGES_ID, sorted(entries, key=lambda e: e.vaddr))
+        images.write_inventory()
+        return len(copied)
+
+
+def split_scan(scan: MemoryScan, current: set[int], *,
+               lazy: bool) -> tuple[MemoryScan, list[PageRun]]:
+    """Cut the final dump's ``scan`` in two: the runs still to copy (lazy ones
+    kept lazy only with ``lazy``) and the pages whose copy in the parent chain is
+    ``current`` (page numbers), for PE_PARENT entries."""
+    todo: list[PageRun] = []
+    parent: list[int] = []
+    for run in scan.runs:
+        first = run.vaddr >> PAGE_SHIFT
+        fresh = [p for p in range(first, first + run.nr_pages) if p not in current]
+        if len(fresh) < run.nr_pages:
+            parent += (p for p in range(first, first + run.nr_pages) if p in current)
+        todo += (PageRun(r.vaddr, r.nr_pages, run.lazy and lazy) for r in runs_of(fresh))
+    return MemoryScan(scan.pid, scan.vmas, tuple(todo)), runs_of(parent)
+
+
+def link_parent(images_dir: Path, parent: Path) -> None:
+    """Make ``images_dir/parent`` point to ``parent``, relative as CRIU makes it."""
+    target = os.path.relpath(parent.resolve(), images_dir.resolve())
+    (images_dir / PARENT_LINK).symlink_to(target)
+
+
+def runs_of(pages: Iterable[int]) -> list[PageRun]:
+    """Sorted page numbers as runs of consecutive pages (not lazy)."""
+    out: list[PageRun] = []
+    start = prev = -2
+    for p in pages:
+        if p != prev + 1:
+            if start >= 0:
+                out.append(PageRun(start << PAGE_SHIFT, prev - start + 1, False))
+            start = p
+        prev = p
+    if start >= 0:
+        out.append(PageRun(start << PAGE_SHIFT, prev - start + 1, False))
+    return out
+
+
+def _pages(ranges: Sequence[tuple[int, int]]) -> set[int]:
+    return {p for s, e in ranges for p in range(s >> PAGE_SHIFT, e >> PAGE_SHIFT)}

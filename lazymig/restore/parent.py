@@ -1,0 +1,123 @@
+"""Pages a dump holds in its parent: PE_PARENT pagemap entries, read through the
+chain of ``parent`` links (pre-copy rounds, ``criu pre-dump`` dirs), as CRIU's
+page-read follows them (criu/pagemap.c, ``open_page_read_at`` with a parent).
+
+An entry with PE_PARENT says: these pages are as in the parent dump. The
+parent's pagemap has them with data (in its ``pages-N.img``) or as PE_PARENT
+again, one level further. The nearest level that has data wins.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+from lazymig.errors import ImageError
+from lazymig.linux.vm import write_memory
+from lazymig.proto.constants import PARENT_LINK, PE
+from lazymig.proto.images import ImagesDir, PageIndex, PagemapEntry
+
+__all__ = ["ParentChain", "write_parent_pages"]
+
+_CHUNK: Final = 4 << 20
+
+
+class _Level:
+    """One dump of the chain: its entries and where each page with data is."""
+
+    def __init__(self, images: ImagesDir, pid: int) -> None:
+        pagemap = images.pagemap(pid)
+        self.path = images.path
+        self.entries = pagemap.entries
+        self.starts = [e.vaddr for e in self.entries]
+        self.pages = images.pages_path(pagemap.pages_id)
+        self.offsets = {e.vaddr: off for e, off in PageIndex(self.entries)}
+
+
+class ParentChain:
+    """The parents of the dump in ``images`` (nearest first), read for process ``pid``.
+
+    Raises:
+        ImageError: a dump with PE_PARENT entries has no ``parent`` link, or a
+            parent lacks the pagemap of ``pid``.
+    """
+
+    def __init__(self, images: ImagesDir, pid: int) -> None:
+        self.pid = pid
+        self._child = images.path
+        self._levels: list[_Level] = []
+
+    def _level(self, depth: int) -> _Level:
+        while len(self._levels) <= depth:
+            below = self._levels[-1].path if self._levels else self._child
+            link = below / PARENT_LINK
+            if not link.exists():
+                raise ImageError(f"{below} has pages in its parent but no working {PARENT_LINK} "
+                                 "link (the pre-dump dirs must be copied along)", path=link)
+            try:
+                self._levels.append(_Level(ImagesDir(link.resolve()), self.pid))
+            except FileNotFoundError as exc:
+                raise ImageError(f"the parent dump {link.resolve()} has no pagemap of process "
+                                 f"{self.pid}", path=link) from exc
+        return self._levels[depth]
+
+    def locate(self, start: int, end: int, depth: int = 0) -> Iterator[tuple[int, int, Path, int]]:
+        """Where the pages of ``[start, end)`` are: ``(vaddr, length, pages image,
+        offset)`` pieces in address order.
+
+        Raises:
+            ImageError: no level of the chain has some of them.
+        """
+        level = self._level(depth)
+        at = start
+        i = max(bisect.bisect_right(level.starts, start) - 1, 0)
+        while at < end:
+            entry = level.entries[i] if i < len(level.entries) else None
+            if entry is None or entry.vaddr > at or entry.end <= at:
+                if entry is not None and entry.end <= at:
+                    i += 1
+                    continue
+                raise ImageError(f"page {at:#x} is in the parent of {self._child} but "
+                                 f"{level.path} does not have it", path=level.path)
+            stop = min(end, entry.end)
+            if entry.has_data:
+                yield at, stop - at, level.pages, level.offsets[entry.vaddr] + at - entry.vaddr
+            elif PE.PARENT in entry.flags:
+                yield from self.locate(at, stop, depth + 1)
+            else:
+                raise ImageError(f"page {at:#x} is in the parent of {self._child} but is lazy "
+                                 f"in {level.path}", path=level.path)
+            at = stop
+            i += 1
+
+
+def write_parent_pages(pid: int, images: ImagesDir, image_pid: int,
+                       entries: Sequence[PagemapEntry]) -> int:
+    """Write the PE_PARENT pages of ``entries`` (the pagemap of ``image_pid`` in
+    ``images``) into process ``pid``'s memory from the parent chain; returns the
+    pages written (0, reading nothing, if there is none)."""
+    todo = [e for e in entries if PE.PARENT in e.flags]
+    if not todo:
+        return 0
+    chain = ParentChain(images, image_pid)
+    files: dict[Path, int] = {}
+    try:
+        for e in todo:
+            for vaddr, length, pages, offset in chain.locate(e.vaddr, e.end):
+                fd = files.get(pages)
+                if fd is None:
+                    fd = files[pages] = os.open(pages, os.O_RDONLY | os.O_CLOEXEC)
+                for off in range(0, length, _CHUNK):
+                    n = min(_CHUNK, length - off)
+                    data = os.pread(fd, n, offset + off)
+                    if len(data) != n:
+                        raise ImageError(f"{pages} ends before the pages of {vaddr + off:#x}",
+                                         path=pages)
+                    write_memory(pid, vaddr + off, data)
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    return sum(e.nr_pages for e in todo)

@@ -1,0 +1,228 @@
+"""Pre-copy (issue 17): rounds copied while a real process writes its memory
+non-stop (tests/workloads/precopy_writer.c), then the freeze, then a restore
+whose every page the process itself checks (a stale, lost or zero page
+disagrees with its version table); pre-dump dirs that crit reads as a chain;
+and an abort during the rounds that leaves the source as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import lazymig
+from lazymig.dump.dumper import dump
+from lazymig.dump.precopy import PreCopy, PreCopyOptions, RoundReport
+from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK, PE
+from lazymig.proto.images import ImagesDir
+from lazymig.restore.restorer import Restorer
+from lazymig.testing.workload import OutputLines
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of arbitrary processes needs root"),
+]
+
+WRITER_C = Path(__file__).resolve().parent / "workloads" / "precopy_writer.c"
+PAGES = 4096
+HOT = 512
+CRIT = shutil.which("crit")
+
+
+@pytest.fixture(scope="module")
+def writer_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler (gcc) for tests/workloads/precopy_writer.c")
+    out = tmp_path_factory.mktemp("writer") / "precopy_writer"
+    subprocess.run([gcc, "-O2", "-Wall", "-o", str(out), str(WRITER_C)], check=True,
+                   capture_output=True, timeout=120)
+    return out
+
+
+class Writer:
+    def __init__(self, exe: Path) -> None:
+        self.proc = subprocess.Popen([str(exe), "--pages", str(PAGES), "--hot", str(HOT)],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     text=True)
+        assert self.proc.stdout is not None
+        self.lines = OutputLines(self.proc.stdout)
+        ready = self.lines.next()
+        assert ready.startswith("READY"), ready
+        self.addr = int(re.search(r"addr=(0x[0-9a-f]+)", ready)[1], 16)  # type: ignore[index]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.lines.close()
+
+
+@pytest.fixture
+def writer(writer_exe: Path) -> Iterator[Writer]:
+    w = Writer(writer_exe)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+class Output:
+    """A pipe for the restored process's stdout."""
+
+    def __init__(self) -> None:
+        read_fd, self.fd = os.pipe()
+        self.lines = OutputLines(read_fd)
+
+    def stdio(self) -> tuple[int, int, int]:
+        return (0, self.fd, 2)
+
+    def handed_over(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    async def check(self, pid: int) -> tuple[int, int]:
+        """Ask the process to check every page; (pages that disagree, writes so far)."""
+        os.kill(pid, signal.SIGUSR1)
+        line = await asyncio.to_thread(self.lines.next, 30.0)
+        m = re.fullmatch(r"CHECK bad=(\d+) writes=(\d+)", line)
+        assert m, line
+        return int(m[1]), int(m[2])
+
+
+@pytest.fixture
+def output() -> Iterator[Output]:
+    out = Output()
+    try:
+        yield out
+    finally:
+        out.handed_over()
+        out.lines.close()
+
+
+def fd_names(pid: int) -> list[str]:
+    return sorted(p.name for p in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def run_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def crit_decode(path: Path) -> list[dict[str, int]]:
+    assert CRIT is not None
+    out = subprocess.run([CRIT, "decode", "-i", str(path)], check=True, capture_output=True,
+                         timeout=60).stdout
+    entries: list[dict[str, int]] = json.loads(out)["entries"]
+    return entries
+
+
+def uffd_state(pid: int) -> tuple[list[str], list[str]]:
+    """(the fds that are userfaultfds, the smaps VmFlags lines with a uffd mode)."""
+    fds = Path(f"/proc/{pid}/fd")
+    uffds = [str(fd.readlink()) for fd in fds.iterdir() if "userfaultfd" in str(fd.readlink())]
+    with open(f"/proc/{pid}/smaps") as f:
+        flagged = [line for line in f if line.startswith("VmFlags:")
+                   and {"um", "uw", "ui"} & set(line.split())]
+    return uffds, flagged
+
+
+async def test_rounds_then_a_plain_dump_restore_every_page(
+        writer: Writer, output: Output, tmp_path: Path) -> None:
+    options = PreCopyOptions(max_rounds=4, min_dirty_pages=0, min_shrink=1.0)
+    precopy = await PreCopy.start(writer.pid, tmp_path / "pre", options=options)
+    try:
+        rounds = await precopy.run()
+        assert len(rounds) == 4
+        assert rounds[0].pages_sent >= PAGES + PAGES * 8 // PAGE_SIZE
+        # After the first, a round copies what was written since: at most the hot
+        # pages, the table and whatever the C runtime touched; not the cold pages.
+        assert all(r.pages_sent < HOT + 64 for r in rounds[1:])
+        images = tmp_path / "dump"
+        images.mkdir()
+        result = await dump(writer.pid, images, precopy=precopy)
+    finally:
+        await precopy.aclose()
+    writer.proc.wait(timeout=10)
+    # The dump holds only what was written since the last round; the rest is in the chain.
+    entries = ImagesDir(images).pagemap(writer.pid).entries
+    in_parent = sum(e.nr_pages for e in entries if PE.PARENT in e.flags)
+    assert in_parent >= PAGES - HOT
+    assert result.nonlazy_pages < HOT + 64
+    assert (images / PARENT_LINK).resolve() == (tmp_path / "pre" / "4").resolve()
+
+    restorer = Restorer(images, stdio=output.stdio())
+    try:
+        restored = await restorer.run()
+        output.handed_over()
+        assert restored.nonlazy_pages >= in_parent
+        bad, writes = await output.check(restored.pid)
+        assert bad == 0
+        bad, after = await output.check(restored.pid)
+        assert bad == 0 and after > writes  # it writes on, on its restored memory
+    finally:
+        restorer.kill()
+
+
+@pytest.mark.skipif(CRIT is None, reason="crit is not installed (Debian package criu)")
+async def test_crit_reads_the_pre_dump_chain(writer: Writer, tmp_path: Path) -> None:
+    async with await PreCopy.start(writer.pid, tmp_path,
+                                   options=PreCopyOptions(max_rounds=2)) as precopy:
+        await precopy.round()
+        await precopy.round()
+    second = tmp_path / "2"
+    assert str(await asyncio.to_thread((second / PARENT_LINK).readlink)) == "../1"
+    head, *entries = await asyncio.to_thread(crit_decode, second / f"pagemap-{writer.pid}.img")
+    assert head["pages_id"] == 1
+    data = [e for e in entries if e.get("flags") == PE.PRESENT]
+    parent = [e for e in entries if e.get("flags") == PE.PARENT]
+    assert data and parent  # what was written again, and what the first round holds
+    size = (await asyncio.to_thread((second / "pages-1.img").stat)).st_size
+    assert size == PAGE_SIZE * sum(e["nr_pages"] for e in data)
+
+
+async def test_an_abort_during_the_rounds_leaves_the_source_as_it_was(
+        writer: Writer, output: Output) -> None:
+    fds_before = fd_names(writer.pid)
+
+    def fail(report: RoundReport) -> None:
+        if report.number == 2:
+            raise RuntimeError("abort in round 2")
+
+    with pytest.raises(RuntimeError, match="abort in round 2"):
+        await lazymig.migrate(writer.pid, precopy=True, on_round=fail, stdio=output.stdio())
+    assert writer.proc.poll() is None
+    assert uffd_state(writer.pid) == ([], [])
+    assert fd_names(writer.pid) == fds_before
+    assert run_state(writer.pid) in "RS"  # running, not stopped
+
+
+async def test_migrate_with_pre_copy_then_lazy(writer: Writer, output: Output) -> None:
+    rounds: list[RoundReport] = []
+    result = await asyncio.wait_for(lazymig.migrate(
+        writer.pid, precopy=PreCopyOptions(max_rounds=3, lazy=True), on_round=rounds.append,
+        stdio=output.stdio()), 120)
+    output.handed_over()
+    try:
+        assert rounds and tuple(rounds) == result.precopy
+        assert rounds[0].pages_dirtied >= PAGES
+        # Only what was written after the last round stays lazy.
+        assert result.dump.lazy_pages < HOT + 64
+        bad, _ = await output.check(result.restored.pid)
+        assert bad == 0
+    finally:
+        os.kill(result.restored.pid, signal.SIGKILL)
