@@ -22,6 +22,7 @@ from lazymig._version import __version__
 
 if TYPE_CHECKING:
     from lazymig.dump.dumper import DumpResult, SourceFate
+    from lazymig.dump.precopy import PreCopy, PreCopyOptions, RoundReport
     from lazymig.errors import (
         BrokenResourceError,
         BusyResourceError,
@@ -74,6 +75,7 @@ _LAZY = {
                             "lazy_pages", "migrate", "receive", "restore_process", "run",
                             "serve", "serve_images", "write_snapshot"],
     "lazymig.dump.dumper": ["DumpResult", "SourceFate"],
+    "lazymig.dump.precopy": ["PreCopy", "PreCopyOptions", "RoundReport"],
     "lazymig.restore.restorer": ["RestoreResult"],
     "lazymig.uffd.attach": ["attach"],
     "lazymig.uffd.daemon": ["DaemonReport", "ProcessReport"],
@@ -100,11 +102,14 @@ __all__ = [
     "MigrationResult",
     "Outcome",
     "PageServing",
+    "PreCopy",
+    "PreCopyOptions",
     "ProcessReport",
     "ProtocolError",
     "RemoteProtocolError",
     "RestoreResult",
     "RestoredProcess",
+    "RoundReport",
     "ServeProgress",
     "Source",
     "SourceFate",
