@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import pytest
 
 import lazymig
 from lazymig.dump.dumper import dump
+from lazymig.dump.keeper import KeeperRecord
 from lazymig.dump.precopy import PreCopy, PreCopyOptions, RoundReport
+from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK, PE
 from lazymig.proto.images import ImagesDir
 from lazymig.restore.restorer import Restorer
@@ -147,7 +150,7 @@ async def test_rounds_then_a_plain_dump_restore_every_page(
     precopy = await PreCopy.start(writer.pid, tmp_path / "pre", options=options)
     try:
         rounds = await precopy.run()
-        assert len(rounds) == 4
+        assert 2 <= len(rounds) <= 4  # fewer when a round found more written than the last
         assert rounds[0].pages_sent >= PAGES + PAGES * 8 // PAGE_SIZE
         # After the first, a round copies what was written since: at most the hot
         # pages, the table and whatever the C runtime touched; not the cold pages.
@@ -163,7 +166,7 @@ async def test_rounds_then_a_plain_dump_restore_every_page(
     in_parent = sum(e.nr_pages for e in entries if PE.PARENT in e.flags)
     assert in_parent >= PAGES - HOT
     assert result.nonlazy_pages < HOT + 64
-    assert (images / PARENT_LINK).resolve() == (tmp_path / "pre" / "4").resolve()
+    assert (images / PARENT_LINK).resolve() == rounds[-1].images_dir.resolve()
 
     restorer = Restorer(images, stdio=output.stdio())
     try:
@@ -226,3 +229,52 @@ async def test_migrate_with_pre_copy_then_lazy(writer: Writer, output: Output) -
         assert bad == 0
     finally:
         os.kill(result.restored.pid, signal.SIGKILL)
+
+
+def lazymig_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "lazymig", *args], check=True, timeout=120,
+                   stdin=subprocess.DEVNULL)
+
+
+async def test_the_cli_chain_pre_dump_pre_dump_dump(
+        writer: Writer, output: Output, tmp_path: Path) -> None:
+    pid = str(writer.pid)
+    for name in ("1", "2", "3"):
+        (tmp_path / name).mkdir()
+    await asyncio.to_thread(lazymig_cli, "pre-dump", "-t", pid, "-D", str(tmp_path / "1"),
+                            "--track-mem")
+    record = KeeperRecord.read(tmp_path / "1")
+    assert uffd_state(writer.pid)[1]  # still tracked, by the keeper, between commands
+    await asyncio.to_thread(lazymig_cli, "pre-dump", "-t", pid, "-D", str(tmp_path / "2"),
+                            "--track-mem", "--prev-images-dir", "../1")
+    assert KeeperRecord.read(tmp_path / "2") == record
+    await asyncio.to_thread(lazymig_cli, "dump", "-t", pid, "-D", str(tmp_path / "3"),
+                            "--track-mem", "--prev-images-dir", "../2")
+    writer.proc.wait(timeout=10)
+    assert not process_alive(record.keeper)
+    entries = ImagesDir(tmp_path / "3").pagemap(writer.pid).entries
+    assert sum(e.nr_pages for e in entries if PE.PARENT in e.flags) >= PAGES - HOT
+
+    restorer = Restorer(tmp_path / "3", stdio=output.stdio())
+    try:
+        restored = await restorer.run()
+        output.handed_over()
+        bad, _ = await output.check(restored.pid)
+        assert bad == 0
+    finally:
+        restorer.kill()
+
+
+async def test_killing_the_keeper_ends_an_abandoned_chain(writer: Writer,
+                                                          tmp_path: Path) -> None:
+    fds_before = fd_names(writer.pid)
+    await asyncio.to_thread(lazymig_cli, "pre-dump", "-t", str(writer.pid), "-D",
+                            str(tmp_path), "--track-mem")
+    record = KeeperRecord.read(tmp_path)
+    os.kill(record.keeper, signal.SIGTERM)
+    for _ in range(500):
+        if uffd_state(writer.pid) == ([], []):
+            break
+        await asyncio.sleep(0.01)
+    assert uffd_state(writer.pid) == ([], [])
+    assert fd_names(writer.pid) == fds_before and run_state(writer.pid) in "RS"

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lazymig._version import __version__
-from lazymig.cli import demo, dump, lazy_pages, page_server, restore
+from lazymig.cli import demo, dump, lazy_pages, page_server, pre_dump, restore
 from lazymig.errors import LazyMigError
 
 __all__ = ["main"]
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = [demo.register, dump.register, lazy_pages.register, page_server.register,
-             restore.register]
+             pre_dump.register, restore.register]
 """Each subcommand module has register(subparsers), which sets func=<command>.
 
 A subcommand imports its machinery only when it runs: `lazymig lazy-pages` must

@@ -2,6 +2,11 @@
 
     lazymig dump -t 1234 -D /srv/dump --lazy-pages --port 9876 [--address A] [--wire v1]
     lazymig dump -t 1234 -D /srv/dump [--leave-running]      # plain: every page on disk
+    lazymig dump -t 1234 -D /srv/3 --track-mem --prev-images-dir ../2 [--lazy-pages ...]
+
+After ``lazymig pre-dump`` (``--prev-images-dir``, relative to -D as with CRIU)
+only the pages written since that pre-dump have data or stay lazy; the others
+are PE_PARENT entries, read by the restore through the ``parent`` links.
 
 With ``--lazy-pages`` the lazy pages stay in the frozen source and a page
 server hands them out until a client has them all and says CLOSE; then the
@@ -14,6 +19,7 @@ its memory intact, and the exit status is 128 + the signal number.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lazymig.cli._common import (
     add_images_dir_option,
@@ -25,6 +31,7 @@ from lazymig.cli._common import (
     signal_ready,
     tls_config,
 )
+from lazymig.cli.pre_dump import add_track_options, parent_dir
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,32 +53,39 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                              "--lazy-pages, the page server listens)")
     parser.add_argument("-R", "--leave-running", action="store_true",
                         help="resume the process after the dump instead of killing it")
+    add_track_options(parser)
     parser.set_defaults(func=dump_command)
 
 
 def dump_command(args: argparse.Namespace) -> int:
-    return run_async(args, _dump(args))
+    return run_async(args, _dump(args, parent_dir(args)))
 
 
-async def _dump(args: argparse.Namespace) -> int:
+async def _dump(args: argparse.Namespace, parent: Path | None) -> int:
     """The command on the event loop; a stop signal cancels it (the source is kept)."""
     import asyncio
 
     from lazymig.dump.dumper import LazyDump, dump
+    from lazymig.dump.precopy import PreCopy
 
     with cancelled_by_signals("the dump") as received:
+        precopy = None if parent is None else await PreCopy.resume(args.tree, parent)
         try:
             if args.lazy_pages:
                 async with LazyDump(args.tree, args.images_dir, address=args.address,
                                     port=args.port, wire=args.wire, tls=tls_config(args),
-                                    leave_running=args.leave_running) as lazy:
+                                    leave_running=args.leave_running, precopy=precopy) as lazy:
                     signal_ready(args.status_fd)
                     await lazy.serve()
             else:
-                await dump(args.tree, args.images_dir, leave_running=args.leave_running)
+                await dump(args.tree, args.images_dir, leave_running=args.leave_running,
+                           precopy=precopy)
                 signal_ready(args.status_fd)
         except asyncio.CancelledError:
             if received:
                 return 128 + received[0]
             raise
+        finally:
+            if precopy is not None:  # a no-op once the dump ended the tracking
+                await precopy.aclose()
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import inspect
 import logging
 import os
@@ -32,6 +33,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
+from lazymig.dump import keeper
+from lazymig.dump.keeper import KeeperRecord
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.track import DirtyRound, DirtyTracker
 from lazymig.errors import ConfigurationError, LazyMigOSError
@@ -121,6 +124,8 @@ class PreCopy:
         self._tracker = tracker
         self._on_round = on_round
         self._valid: set[int] = set()  # page numbers whose last copy is current
+        self._parent: Path | None = None  # the last round of an earlier command
+        self._keeper: KeeperRecord | None = None
 
     @classmethod
     async def start(cls, pid: int, base: str | os.PathLike[str], *,
@@ -131,23 +136,45 @@ class PreCopy:
         tracker = await DirtyTracker.start(pid)
         return cls(tracker, Path(base), options or PreCopyOptions(), on_round)
 
+    @classmethod
+    async def resume(cls, pid: int, parent: Path, *, options: PreCopyOptions | None = None,
+                     on_round: OnRound | None = None) -> PreCopy:
+        """Carry on the tracking a ``pre-dump --track-mem`` left in ``parent``
+        (:mod:`lazymig.dump.keeper`): the next round, or the dump, is its child.
+
+        Raises:
+            ConfigurationError: ``parent`` has no tracking of ``pid``, or it ended.
+        """
+        try:
+            record, valid = await asyncio.to_thread(_read_parent, parent, pid)
+            fd = await asyncio.to_thread(keeper.take, record)
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise ConfigurationError(
+                f"{parent} holds no memory tracking of process {pid} ({exc}): make it with "
+                "`lazymig pre-dump --track-mem`, and dump the process it names") from exc
+        self = cls(DirtyTracker(pid, fd), parent.parent, options or PreCopyOptions(),
+                   on_round)
+        self._parent, self._keeper, self._valid = parent, record, valid
+        return self
+
     @property
     def last_dir(self) -> Path | None:
         """The last round's images dir (the final dump's parent)."""
-        return self.rounds[-1].images_dir if self.rounds else None
+        return self.rounds[-1].images_dir if self.rounds else self._parent
 
     @property
     def pages_sent(self) -> int:
         """Pages copied by every round so far."""
         return sum(r.pages_sent for r in self.rounds)
 
-    async def round(self) -> RoundReport:
+    async def round(self, images_dir: Path | None = None) -> RoundReport:
         """One round: the pages written since the last one (all, the first time)
-        into a new pre-dump dir."""
+        into a new pre-dump dir (``images_dir``, an empty dir; default: a new
+        ``base/N``)."""
         began = time.monotonic()
         dirty = await self._tracker.collect()
         number = len(self.rounds) + 1
-        images = self.base / str(number)
+        images = images_dir or self.base / str(number)
         parent = self.last_dir
         sent = await asyncio.to_thread(self._write_round, images, dirty, parent)
         report = RoundReport(number, images, dirty.pages, sent, time.monotonic() - began)
@@ -188,13 +215,32 @@ class PreCopy:
         Returns the page numbers whose copy in the chain is current (not written
         since it was made): the final dump's PE_PARENT pages."""
         last = await self._tracker.collect()
-        await self._tracker.close()
+        await self.aclose()
         self._valid.difference_update(_pages(last.ranges))
         return set(self._valid)
 
+    async def park(self) -> KeeperRecord:
+        """End this command but not the tracking: a keeper process holds it on
+        (:mod:`lazymig.dump.keeper`), named in the last round's dir, for the next
+        ``pre-dump`` or ``dump --prev-images-dir``."""
+        last = self.last_dir
+        if last is None:
+            raise ConfigurationError("park() before any round: nothing to carry on")
+        if self._keeper is None:
+            self._keeper = await asyncio.to_thread(keeper.spawn, self.pid, self._tracker.fd)
+        await asyncio.to_thread(self._keeper.write, last)
+        await self._tracker.detach()
+        log.info("pid %d: its memory tracking is held by keeper process %d until the next "
+                 "`lazymig pre-dump` or `lazymig dump --track-mem --prev-images-dir %s` (or "
+                 "`kill %d`)", self.pid, self._keeper.keeper, last, self._keeper.keeper)
+        return self._keeper
+
     async def aclose(self) -> None:
-        """Stop tracking; the process is as it was before :meth:`start` (idempotent)."""
+        """Stop tracking; the process is as it was before :meth:`start` (idempotent;
+        a keeper is stopped too)."""
         await self._tracker.close()
+        if self._keeper is not None:
+            await asyncio.to_thread(keeper.stop, self._keeper)
 
     async def __aenter__(self) -> PreCopy:
         return self
@@ -205,7 +251,7 @@ class PreCopy:
     # -- writing a round (in a worker thread) -------------------------------------------
 
     def _write_round(self, path: Path, dirty: DirtyRound, parent: Path | None) -> int:
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
         images = ImagesDir(path)
         dirty_pages = _pages(dirty.ranges)
         self._valid.difference_update(dirty_pages)
@@ -251,6 +297,16 @@ def split_scan(scan: MemoryScan, current: set[int], *,
             parent += (p for p in range(first, first + run.nr_pages) if p in current)
         todo += (PageRun(r.vaddr, r.nr_pages, run.lazy and lazy) for r in runs_of(fresh))
     return MemoryScan(scan.pid, scan.vmas, tuple(todo)), runs_of(parent)
+
+
+def _read_parent(parent: Path, pid: int) -> tuple[KeeperRecord, set[int]]:
+    """The keeper record of ``parent`` and the pages its pagemap holds."""
+    record = KeeperRecord.read(parent)
+    if record.pid != pid:
+        raise ProcessLookupError(errno.ESRCH, f"it tracks process {record.pid}")
+    entries = ImagesDir(parent).pagemap(pid).entries
+    return record, {p for e in entries
+                    for p in range(e.vaddr >> PAGE_SHIFT, e.end >> PAGE_SHIFT)}
 
 
 def link_parent(images_dir: Path, parent: Path) -> None:

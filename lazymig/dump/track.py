@@ -274,6 +274,19 @@ class DirtyTracker:
         if self._fd >= 0:
             await asyncio.to_thread(self._close)
 
+    async def detach(self) -> None:
+        """Close our fds but leave every range registered, for a copy of the uffd
+        held elsewhere (:mod:`lazymig.dump.keeper`) to carry the tracking on."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+            os.close(self._pagemap)
+
+    @property
+    def fd(self) -> int:
+        """The userfaultfd (-1 once closed)."""
+        return self._fd
+
     def _close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd < 0:
