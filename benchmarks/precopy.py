@@ -1,0 +1,225 @@
+"""Pre-copy against pure lazy and pure full migration (issue 17), lazymig alone.
+
+    sudo .venv/bin/python benchmarks/precopy.py [--mib 1024] [--out benchmarks/results/precopy.txt]
+
+Three workloads (benchmarks/_precopy_workload.c), each --mib of private memory:
+idle; read-mostly (reads everything over and over, writes 5% of its pages per
+second); write-heavy (writes 30% per second). Each is migrated over loopback,
+images on /dev/shm, four ways:
+
+* ``lazy``: ``lazymig.migrate(pid)``;
+* ``full``: ``lazymig.dump.dump(pid)`` (every page on disk), then a restore;
+* ``pre+eager``: pre-copy rounds while it runs, then the dump (the last dirty set
+  on disk), then a restore;
+* ``pre+lazy``: ``lazymig.migrate(pid, precopy=...)``: the last dirty set stays lazy.
+
+Columns: downtime (from the freeze until the restored copy runs); faults after
+the restore (lazy pages a fault asked for); bytes sent (pre-copy rounds, pages on
+disk after the freeze, lazy pages served); to all pages (from the freeze until
+every page is in the restored process); its first full pass over its memory
+(asked the moment it runs; bad = pages that disagree with its version table);
+the rounds. And CRIU's own pre-dump on this kernel, as a row with its error.
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lazymig
+from lazymig.dump.dumper import dump
+from lazymig.dump.precopy import PreCopy, PreCopyOptions
+from lazymig.proto.constants import PAGE_SIZE
+from lazymig.restore.restorer import Restorer
+from lazymig.testing.workload import OutputLines
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = {"idle": ("idle", 0.0), "read-mostly": ("read", 5.0), "write-heavy": ("write", 30.0)}
+MODES = ("lazy", "full", "pre+eager", "pre+lazy")
+CRIU_ROOT = Path(os.environ.get("CRIU_ROOT", "/opt/criu-root"))
+
+
+@dataclass
+class Row:
+    workload: str
+    mode: str
+    downtime: float
+    faults: int
+    bytes_sent: int
+    to_all: float
+    first_pass: float
+    bad: int
+    rounds: str
+
+
+def build(out: Path) -> Path:
+    exe = out / "_precopy_workload"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "_precopy_workload.c")],
+                   check=True)
+    return exe
+
+
+class Restored:
+    """A pipe for the restored copy's stdout, and its PASS line."""
+
+    def __init__(self) -> None:
+        read_fd, self.fd = os.pipe()
+        self.lines = OutputLines(read_fd)
+
+    def stdio(self) -> tuple[int, int, int]:
+        return (0, self.fd, 2)
+
+    def handed_over(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    async def first_pass(self, pid: int) -> tuple[float, int]:
+        os.kill(pid, signal.SIGUSR1)
+        line = await asyncio.to_thread(self.lines.next, 120.0)
+        m = re.fullmatch(r"PASS seconds=([\d.]+) bad=(\d+)", line)
+        assert m, line
+        return float(m[1]), int(m[2])
+
+
+async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) -> Row:
+    kind, pct = WORKLOADS[workload]
+    proc = subprocess.Popen([str(exe), "--mib", str(mib), "--mode", kind, "--pct", str(pct)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    lines = OutputLines(proc.stdout)
+    out = Restored()
+    images = Path(tempfile.mkdtemp(prefix="precopy-", dir=shm))
+    restored_pid = -1
+    try:
+        await asyncio.to_thread(lines.next, 60.0)  # READY, memory filled
+        await asyncio.sleep(1.0)  # it runs its pattern for a while
+        rounds = ""
+        pages_sent = 0
+        faults = 0
+        if mode in ("lazy", "pre+lazy"):
+            reports: list[lazymig.RoundReport] = []
+            began = time.monotonic()
+            result = await lazymig.migrate(
+                proc.pid, images_dir=images, stdio=out.stdio(), on_round=reports.append,
+                precopy=PreCopyOptions(lazy=True) if mode == "pre+lazy" else False)
+            out.handed_over()
+            restored_pid = result.restored.pid
+            downtime = result.downtime
+            to_all = time.monotonic() - began - sum(r.seconds for r in reports)
+            faults = result.progress.faults
+            pages_sent = sum(r.pages_sent for r in reports) + result.dump.nonlazy_pages \
+                + result.dump.pages_sent
+            rounds = " ".join(f"{r.pages_sent}" for r in reports)
+        else:
+            precopy = None
+            if mode == "pre+eager":
+                precopy = await PreCopy.start(proc.pid, images / "precopy")
+                await precopy.run()
+                rounds = " ".join(f"{r.pages_sent}" for r in precopy.rounds)
+                pages_sent = precopy.pages_sent
+            final = images / "dump"
+            final.mkdir()
+            began = time.monotonic()
+            try:
+                dumped = await dump(proc.pid, final, precopy=precopy)
+            finally:
+                if precopy is not None:
+                    await precopy.aclose()
+            restorer = Restorer(final, stdio=out.stdio())
+            restored = await restorer.run()
+            out.handed_over()
+            restored_pid = restored.pid
+            downtime = to_all = time.monotonic() - began
+            pages_sent += dumped.nonlazy_pages
+        first_pass, bad = await out.first_pass(restored_pid)
+        return Row(workload, mode, downtime, faults, pages_sent * PAGE_SIZE, to_all,
+                   first_pass, bad, rounds)
+    finally:
+        for pid in (restored_pid, proc.pid):
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        out.handed_over()
+        out.lines.close()
+        lines.close()
+        shutil.rmtree(images, ignore_errors=True)
+
+
+def criu_pre_dump_error() -> str:
+    """What CRIU 4.1.1's ``pre-dump --track-mem`` says on this kernel (its chroot)."""
+    criu = CRIU_ROOT / "usr/sbin/criu"
+    if not criu.exists():
+        return f"(no CRIU at {CRIU_ROOT})"
+    sleeper = subprocess.Popen(["chroot", str(CRIU_ROOT), "setsid", "sleep", "60"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        with tempfile.TemporaryDirectory(dir=CRIU_ROOT / "tmp") as d:
+            inside = "/" + str(Path(d).relative_to(CRIU_ROOT))
+            res = subprocess.run(["chroot", str(CRIU_ROOT), "criu", "pre-dump", "-t",
+                                  str(sleeper.pid), "-D", inside, "--track-mem"],
+                                 capture_output=True, text=True, timeout=60)
+        return f"exit {res.returncode}: " + " ".join(res.stderr.strip().splitlines()[-1:])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def table(rows: list[Row]) -> list[str]:
+    out = ["| workload | mode | downtime | faults after restore | bytes sent | to all pages "
+           "| first pass (bad) | rounds (pages copied) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r.workload} | {r.mode} | {r.downtime:.3f} s | {r.faults} | "
+                   f"{r.bytes_sent / (1 << 20):.0f} MiB | {r.to_all:.3f} s | "
+                   f"{r.first_pass:.3f} s ({r.bad}) | {r.rounds or '-'} |")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build(Path(tmp))
+        rows = []
+        for workload in args.workloads.split(","):
+            for mode in args.modes.split(","):
+                rows.append(asyncio.run(migrate_one(exe, workload, mode, args.mib, shm)))
+                print(table(rows[-1:])[-1], flush=True)
+    load = os.getloadavg()
+    text = [f"# lazymig: pre-copy vs lazy vs full, "
+            f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}", "",
+            f"machine: Linux {os.uname().release}, {os.cpu_count()} CPUs, Python "
+            f"{sys.version.split()[0]}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+            " (a shared machine: noisy)",
+            f"{args.mib} MiB per workload, one run per case, loopback, images on /dev/shm:", "",
+            *table(rows), "",
+            f"CRIU 4.1.1 `pre-dump --track-mem` here: {criu_pre_dump_error()}", ""]
+    print("\n".join(text))
+    if args.out:
+        args.out.write_text("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
