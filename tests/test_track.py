@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lazymig.dump.freeze import UnsupportedTargetError
-from lazymig.dump.track import DirtyTracker
+from lazymig.dump.track import DirtyRound, DirtyTracker
 from lazymig.proto.constants import PAGE_SIZE
 
 pytestmark = [
@@ -203,3 +203,63 @@ async def test_memory_registered_by_the_source_itself_is_refused() -> None:
         assert len(uffd_flags(w.pid)) == 1  # its own registration, untouched
     finally:
         w.close()
+
+
+# Maps a region, writes it, and, told so (a line on stdin), replaces its first
+# half by a new mapping at the same address and maps a second region, writing a
+# page of each; then prints "done".
+REMAPPER = textwrap.dedent("""
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    def mmap(at, size, fixed=0):
+        return libc.mmap(at, size, 3, 0x22 | fixed, -1, 0)
+    size = 64 * 4096
+    base = mmap(None, size)
+    ctypes.memset(base, 1, size)
+    print(base, flush=True)
+    sys.stdin.readline()
+    mmap(base, size // 2, 0x10)  # MAP_FIXED: a new mapping, not registered
+    ctypes.memset(base + 4096, 2, 1)
+    other = mmap(None, size)
+    ctypes.memset(other + 3 * 4096, 3, 1)
+    print(other, flush=True)
+    sys.stdin.readline()
+""")
+
+
+def remapper() -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", REMAPPER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+async def test_replaced_and_new_mappings_are_tracked_too() -> None:
+    proc = remapper()
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        base = int(await asyncio.to_thread(proc.stdout.readline))
+        async with await DirtyTracker.start(proc.pid) as tracker:
+            await tracker.collect()
+            assert not pages_of(await tracker.collect(), base, 64)  # nothing written
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            other = int(await asyncio.to_thread(proc.stdout.readline))
+            rnd = await tracker.collect()
+            # The replaced half: its page written (its other pages are not there);
+            # the new region: its page written.
+            assert pages_of(rnd, base, 64) == {1}
+            assert pages_of(rnd, other, 64) == {3}
+            assert not pages_of(await tracker.collect(), base, 64)
+        assert uffd_flags(proc.pid) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def pages_of(rnd: DirtyRound, base: int, pages: int) -> set[int]:
+    """The pages of ``[base, base + pages)`` in a round, as indexes."""
+    end = base + pages * PAGE_SIZE
+    return {(a - base) // PAGE_SIZE for s, e in rnd.ranges
+            for a in range(max(s, base), min(e, end), PAGE_SIZE)}

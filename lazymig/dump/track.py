@@ -60,6 +60,8 @@ from lazymig.linux.syscalls import SYS_CLOSE, SYS_USERFAULTFD
 from lazymig.linux.vm import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
     PAGE_IS_WRITTEN,
     PM_SCAN_CHECK_WPASYNC,
     PM_SCAN_WP_MATCHING,
@@ -86,6 +88,9 @@ _RESCANS: Final = 8
 # write to one makes a new page, not protected, which the next scan reports.
 _NOT_DUMPED: Final = PAGE_IS_FILE | PAGE_IS_PFNZERO
 _WRITTEN: Final = PAGE_IS_WRITTEN | _NOT_DUMPED
+# And there: the kernel reports the empty entries of a page table in a mapping
+# registered since the last scan as written too (seen on 6.18).
+_THERE: Final = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
 _WP_SCAN: Final = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
 _HINT: Final = "migrate it without pre-copy (all its memory is then copied after the freeze)"
 
@@ -212,7 +217,7 @@ class DirtyTracker:
             for start, end in _joined(self.registered):
                 try:
                     out += pagemap_scan(self._pagemap, start, end, required=_WRITTEN,
-                                        inverted=_NOT_DUMPED, flags=_WP_SCAN)
+                                        inverted=_NOT_DUMPED, anyof=_THERE, flags=_WP_SCAN)
                 except LazyMigOSError as exc:
                     if exc.errno != errno.EPERM:
                         raise
