@@ -86,6 +86,6 @@ async def _dump(args: argparse.Namespace, parent: Path | None) -> int:
                 return 128 + received[0]
             raise
         finally:
-            if precopy is not None:  # a no-op once the dump ended the tracking
+            if precopy is not None:  # the tracking ends (the keeper with it)
                 await precopy.aclose()
     return 0

@@ -145,7 +145,8 @@ class LazyDump:
             serving; None for none.
         precopy: pre-copy rounds already done (:class:`~lazymig.dump.precopy.PreCopy`):
             the images are a child of its last round, with the pages it holds
-            current as PE_PARENT entries (a single process only).
+            current as PE_PARENT entries (a single process only). Its owner
+            closes it after the dump (the tracking ends then).
 
     Use it as an async context manager (:meth:`start` on entry; an exit
     without a complete :meth:`serve` aborts), or call :meth:`run`.

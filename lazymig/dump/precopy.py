@@ -211,11 +211,11 @@ class PreCopy:
         return list(self.rounds)
 
     async def finish(self) -> set[int]:
-        """Call with the process frozen: the last scan, then tracking stops.
-        Returns the page numbers whose copy in the chain is current (not written
-        since it was made): the final dump's PE_PARENT pages."""
+        """Call with the process frozen: the last scan. Returns the page numbers
+        whose copy in the chain is current (not written since it was made): the
+        final dump's PE_PARENT pages. The tracking ends with :meth:`aclose`,
+        after the downtime (unregistering 1 GiB takes ~40 ms)."""
         last = await self._tracker.collect()
-        await self.aclose()
         self._valid.difference_update(_pages(last.ranges))
         return set(self._valid)
 
@@ -289,14 +289,19 @@ def split_scan(scan: MemoryScan, current: set[int], *,
     kept lazy only with ``lazy``) and the pages whose copy in the parent chain is
     ``current`` (page numbers), for PE_PARENT entries."""
     todo: list[PageRun] = []
-    parent: list[int] = []
+    parent: list[PageRun] = []
     for run in scan.runs:
-        first = run.vaddr >> PAGE_SHIFT
-        fresh = [p for p in range(first, first + run.nr_pages) if p not in current]
-        if len(fresh) < run.nr_pages:
-            parent += (p for p in range(first, first + run.nr_pages) if p in current)
-        todo += (PageRun(r.vaddr, r.nr_pages, run.lazy and lazy) for r in runs_of(fresh))
-    return MemoryScan(scan.pid, scan.vmas, tuple(todo)), runs_of(parent)
+        pages = range(run.vaddr >> PAGE_SHIFT, (run.vaddr >> PAGE_SHIFT) + run.nr_pages)
+        if current.issuperset(pages):  # the common cases, without a loop in Python
+            parent.append(PageRun(run.vaddr, run.nr_pages, False))
+            continue
+        if current.isdisjoint(pages):
+            todo.append(PageRun(run.vaddr, run.nr_pages, run.lazy and lazy))
+            continue
+        parent += runs_of(p for p in pages if p in current)
+        todo += (PageRun(r.vaddr, r.nr_pages, run.lazy and lazy)
+                 for r in runs_of(p for p in pages if p not in current))
+    return MemoryScan(scan.pid, scan.vmas, tuple(todo)), parent
 
 
 def _read_parent(parent: Path, pid: int) -> tuple[KeeperRecord, set[int]]:

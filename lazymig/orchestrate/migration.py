@@ -119,7 +119,7 @@ class Migration(Handle[MigrationResult]):
             stack.enter_context(tempfile.TemporaryDirectory(prefix="lazymig-")))
         if self._start_precopy is not None:
             self._precopy = await self._start_precopy(images)
-            stack.push_async_callback(self._precopy.aclose)  # a no-op once the dump froze it
+            stack.push_async_callback(self._precopy.aclose)  # the tracking ends with it
             await self._precopy.run()
         started = time.monotonic()
         source = await stack.enter_async_context(self._make_source(images, self._precopy))

