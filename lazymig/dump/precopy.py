@@ -191,24 +191,25 @@ class PreCopy:
     async def run(self) -> list[RoundReport]:
         """Rounds until one of the options' limits; returns them all."""
         began = time.monotonic()
-        opts = self.options
-        while len(self.rounds) < opts.max_rounds:
-            before = self.rounds[-1].pages_dirtied if len(self.rounds) > 1 else None
+        while len(self.rounds) < self.options.max_rounds:
+            before = self.rounds[-1].pages_dirtied if self.rounds else None
             report = await self.round()
-            if report.number == 1:
-                pass
-            elif report.pages_dirtied < opts.min_dirty_pages:
-                log.info("pid %d pre-copy: %d pages dirty, under %d: freeze now", self.pid,
-                         report.pages_dirtied, opts.min_dirty_pages)
-                break
-            elif before is not None and report.pages_dirtied > before * opts.min_shrink:
-                log.info("pid %d pre-copy: the dirty set stopped shrinking (%d after %d): "
-                         "freeze now", self.pid, report.pages_dirtied, before)
-                break
-            if time.monotonic() - began >= opts.max_seconds:
-                log.info("pid %d pre-copy: %.0f s spent: freeze now", self.pid, opts.max_seconds)
+            why = self._enough(report.pages_dirtied, before, time.monotonic() - began)
+            if why:
+                log.info("pid %d pre-copy: %s: freeze now", self.pid, why)
                 break
         return list(self.rounds)
+
+    def _enough(self, dirty: int, before: int | None, spent: float) -> str:
+        """Why no round should follow (an empty string: go on)."""
+        opts = self.options
+        if before is not None and dirty < opts.min_dirty_pages:
+            return f"{dirty} pages written, under {opts.min_dirty_pages}"
+        if before is not None and len(self.rounds) > 2 and dirty > before * opts.min_shrink:
+            return f"the dirty set stopped shrinking ({dirty} pages after {before})"
+        if spent >= opts.max_seconds:
+            return f"{spent:.0f} s spent"
+        return ""
 
     async def finish(self) -> set[int]:
         """Call with the process frozen: the last scan. Returns the page numbers
