@@ -1,6 +1,7 @@
 """Pre-copy against pure lazy and pure full migration (issue 17), lazymig alone.
 
     sudo .venv/bin/python benchmarks/precopy.py [--mib 1024] [--out benchmarks/results/precopy.txt]
+        [--workloads idle,read-mostly,write-heavy] [--modes lazy,full,pre+eager,pre+lazy]
 
 Three workloads (benchmarks/_precopy_workload.c), each --mib of private memory:
 idle; read-mostly (reads everything over and over, writes 5% of its pages per
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import os
 import re
 import shutil
@@ -95,10 +97,14 @@ class Restored:
         return float(m[1]), int(m[2])
 
 
-async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) -> Row:
+def spawn(exe: Path, workload: str, mib: int) -> subprocess.Popen[str]:
     kind, pct = WORKLOADS[workload]
-    proc = subprocess.Popen([str(exe), "--mib", str(mib), "--mode", kind, "--pct", str(pct)],
+    return subprocess.Popen([str(exe), "--mib", str(mib), "--mode", kind, "--pct", str(pct)],
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+
+async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) -> Row:
+    proc = spawn(exe, workload, mib)
     assert proc.stdout is not None
     lines = OutputLines(proc.stdout)
     out = Restored()
@@ -161,10 +167,17 @@ async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) 
 
 
 def criu_pre_dump_error() -> str:
-    """What CRIU 4.1.1's ``pre-dump --track-mem`` says on this kernel (its chroot)."""
+    """What CRIU 4.1.1's ``pre-dump --track-mem`` says on this kernel (its chroot,
+    shared: taken under /tmp/lazymig-criu.lock)."""
     criu = CRIU_ROOT / "usr/sbin/criu"
     if not criu.exists():
         return f"(no CRIU at {CRIU_ROOT})"
+    with open("/tmp/lazymig-criu.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _criu_pre_dump()
+
+
+def _criu_pre_dump() -> str:
     sleeper = subprocess.Popen(["chroot", str(CRIU_ROOT), "setsid", "sleep", "60"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
@@ -173,7 +186,7 @@ def criu_pre_dump_error() -> str:
             inside = "/" + str(Path(d).relative_to(CRIU_ROOT))
             res = subprocess.run(["chroot", str(CRIU_ROOT), "criu", "pre-dump", "-t",
                                   str(sleeper.pid), "-D", inside, "--track-mem"],
-                                 capture_output=True, text=True, timeout=60)
+                                 check=False, capture_output=True, text=True, timeout=60)
         return f"exit {res.returncode}: " + " ".join(res.stderr.strip().splitlines()[-1:])
     finally:
         sleeper.kill()
