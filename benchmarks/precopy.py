@@ -226,8 +226,10 @@ def main() -> int:
             f"{sys.version.split()[0]}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
             " (a shared machine: noisy)",
             f"{args.mib} MiB per workload, one run per case, loopback, images on /dev/shm:", "",
-            *table(rows), "",
-            f"CRIU 4.1.1 `pre-dump --track-mem` here: {criu_pre_dump_error()}", ""]
+            *table(rows), ""]
+    if args.out:  # before CRIU's row, which waits for the shared chroot
+        args.out.write_text("\n".join(text))
+    text.append(f"CRIU 4.1.1 `pre-dump --track-mem` here: {criu_pre_dump_error()}\n")
     print("\n".join(text))
     if args.out:
         args.out.write_text("\n".join(text))
