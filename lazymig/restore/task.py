@@ -169,6 +169,7 @@ class DumpedTask:
     """{fd: the helper's fd that takes its place} (:func:`plan_given_fds`)."""
     memfds: dict[int, MemfdInodeEntry] = dataclasses.field(default_factory=dict)
     """``memfd-inode.img`` by inode id (= shmid)."""
+    _paths: dict[int, str] = dataclasses.field(init=False, repr=False, compare=False)
 
     @property
     def xstate(self) -> bytes:
@@ -177,10 +178,13 @@ class DumpedTask:
 
     def file_path(self, file_id: int) -> str:
         """The path of lazymig file ``file_id``."""
-        for f in self.extra.files:
-            if f.id == file_id:
-                return f.path
-        raise ImageError(f"lazymig-{self.pid}.img has no file with id {file_id}")
+        try:
+            return self._paths[file_id]
+        except KeyError:
+            raise ImageError(f"lazymig-{self.pid}.img has no file with id {file_id}") from None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_paths", {f.id: f.path for f in self.extra.files})
 
 
 def load_task(images: ImagesDir, *, lazy_pages: bool,
@@ -232,6 +236,8 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
         raise UnsupportedDumpError(f"process {pid} runs as uid {creds.uid} with capabilities: "
                                    "restoring them is not implemented")
     _check_xstate(pid, extra)
+    mapped = {f.id: f for f in extra.files}
+    checked: set[tuple[int, bool]] = set()
     for v in mm.vmas:
         where = f"{v.start:#x}-{v.end:#x}"
         for bit, what in _UNSUPPORTED_STATUS:
@@ -248,10 +254,12 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
             raise UnsupportedDumpError(f"process {pid} has a shared mapping at {where}")
         elif v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
             # A file mapped shared and writable may have changed: others write it too.
-            _check_file(pid, extra, v.shmid, where,
-                        changed_ok=bool(v.status & VmaStatus.FILE_SHARED
-                                        and (v.prot & _PROT_WRITE or v.fdflags)),
-                        dumped=lambda inode: shmem_pagemap_path(images, inode).exists())
+            changed_ok = bool(v.status & VmaStatus.FILE_SHARED
+                              and (v.prot & _PROT_WRITE or v.fdflags))
+            if (v.shmid, changed_ok) not in checked:  # once per file, not per VMA
+                _check_file(pid, mapped.get(v.shmid), v.shmid, where, changed_ok=changed_ok,
+                            dumped=lambda inode: shmem_pagemap_path(images, inode).exists())
+                checked.add((v.shmid, changed_ok))
     files = read_files(images, core.ids.files_id if core.HasField("ids") else 1)
     files.external = {e.file_id: e.name for e in extra.external_files}
     given = plan_given_fds(pid, files, fds or FdInheritance())
@@ -295,12 +303,11 @@ def _check_xstate(pid: int, extra: lazymig_pb2.lazymig_task_entry) -> None:
                 f"{layout}, here it is at {here.get(feature)}: FPU state cannot be restored")
 
 
-def _check_file(pid: int, extra: lazymig_pb2.lazymig_task_entry, file_id: int,
+def _check_file(pid: int, entry: lazymig_pb2.lazymig_file_entry | None, file_id: int,
                 where: str, *, changed_ok: bool = False,
                 dumped: Callable[[int], bool] = lambda inode: False) -> None:
     """Refuse a mapped file that is not here as it was; but one missing whose
     contents were dumped (``dumped(inode)``: a tmpfs file) is made again."""
-    entry = next((f for f in extra.files if f.id == file_id), None)
     if entry is None:
         raise ImageError(f"the file mapping at {where} of process {pid} names file id "
                          f"{file_id}, which lazymig-{pid}.img does not hold")
