@@ -30,6 +30,7 @@ import functools
 import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -47,7 +48,7 @@ from lazymig.linux.syscalls import (
     SYS_MMAP,
     SYS_MUNMAP,
 )
-from lazymig.linux.vm import read_memory
+from lazymig.linux.vm import read_memory, write_memory
 from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE
 
 __all__ = [
@@ -59,8 +60,10 @@ __all__ = [
     "PTRACE_O_TRACECLONE",
     "SIGINFO_SIZE",
     "AlreadyTracedError",
+    "BatchedCall",
     "InjectionSession",
     "RseqConfiguration",
+    "SyscallBatch",
     "TargetGoneError",
     "Tracee",
     "TracerThread",
@@ -115,6 +118,27 @@ _SYSCALL_INSN: Final = b"\x0f\x05"
 _XSTATE_BUF: Final = 64 * 1024
 SIGINFO_SIZE: Final = 128  # sizeof(siginfo_t)
 _PEEK_BATCH: Final = 32
+
+# SyscallBatch's loop (rdi = table, rsi = entries; 64-byte entries: nr with bit 63
+# set if it may fail, six arguments, result), assembled from:
+#     mov r12, rdi; mov r13, rsi
+#   next: test r13, r13; jz done
+#     mov rax, [r12]; btr rax, 63
+#     mov rdi, [r12+8]; mov rsi, [r12+16]; mov rdx, [r12+24]
+#     mov r10, [r12+32]; mov r8, [r12+40]; mov r9, [r12+48]
+#     syscall; mov [r12+56], rax
+#     cmp rax, -4095; jb ok                      # unsigned: not -errno
+#     bt qword [r12], 63; jnc done              # failed, and may not
+#   ok: add r12, 64; dec r13; jmp next
+#   done: int3                                  # r13 = calls not done
+_SYSCALL_LOOP: Final = bytes.fromhex(
+    "4989fc4989f54d85ed7447498b0424480fbaf03f498b7c2408498b742410498b5424184d8b542420"
+    "4d8b4424284d8b4c24300f054989442438483d01f0ffff7208490fba24243f73094983c44049ffcd"
+    "ebb4cc")
+_BATCH_CODE: Final = 128  # bytes kept for the loop at the start of the area
+_BATCH_CALL: Final = struct.Struct("<8Q")
+_BATCH_ENTRY: Final = _BATCH_CALL.size
+_MAY_FAIL: Final = 1 << 63
 
 _ptrace = libc.ptrace
 _ptrace.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -630,13 +654,17 @@ class Tracee:
                 self.set_sigmask(saved_mask)
                 self.set_regs(saved)
 
-    def _run_until_trap(self, what: str, expect_ip: int, timeout: float) -> int:
-        """Single-step until the SIGTRAP that ends ``what``;
-        check that ``rip`` is ``expect_ip`` then and return ``rax`` (signed).
+    def _run_until_trap(self, what: str, expect_ip: int, timeout: float, *,
+                        step: bool = True) -> UserRegs:
+        """Single-step (``step``) or continue until the SIGTRAP that ends ``what``;
+        check that ``rip`` is ``expect_ip`` then and return the registers.
         Other signals met on the way are deferred (re-sent on detach)."""
         deadline = time.monotonic() + timeout
         for _ in range(16):
-            self.singlestep()
+            if step:
+                self.singlestep()
+            else:
+                self.cont(0)
             try:
                 status = self.wait(timeout=max(deadline - time.monotonic(), 0.0))
             except LazyMigOSError as exc:
@@ -655,7 +683,7 @@ class Tracee:
         if after.rip != expect_ip:
             raise BrokenResourceError(f"{what} in thread {self.tid} stopped at {after.rip:#x}, "
                                       f"expected {expect_ip:#x}")
-        return _signed(after.rax)
+        return after
 
     def _run_until_told(self, what: str, told: Callable[[float], bool],
                         stops_within: tuple[int, int], timeout: float) -> None:
@@ -824,8 +852,35 @@ class InjectionSession:
         self._tracee.set_regs(dataclasses.replace(
             self._base, rax=nr, rdi=argv[0], rsi=argv[1], rdx=argv[2], r10=argv[3], r8=argv[4],
             r9=argv[5]))
-        return self._tracee._run_until_trap(f"injected syscall {nr}",
-                                            ip + len(_SYSCALL_INSN), self._timeout)
+        return _signed(self._tracee._run_until_trap(f"injected syscall {nr}",
+                                                    ip + len(_SYSCALL_INSN), self._timeout).rax)
+
+    def run_batch(self, batch: SyscallBatch) -> list[int]:
+        """Run every syscall of ``batch`` in the tracee, with one PTRACE_CONT
+        (see :class:`SyscallBatch`); returns their results (signed), and empties
+        the batch.
+
+        Raises:
+            LazyMigOSError: a call not marked ``may_fail`` failed (named by its
+                ``what``); the calls after it did not run.
+        """
+        if not batch:
+            return []
+        table, image = batch.image()
+        write_memory(self._tracee.pid, batch.area, image)
+        self._tracee.set_regs(dataclasses.replace(
+            self._base, rip=batch.area, rdi=table, rsi=len(batch)))
+        after = self._tracee._run_until_trap(
+            f"{len(batch)} batched syscalls", batch.area + len(_SYSCALL_LOOP), self._timeout,
+            step=False)
+        calls = batch.take()
+        done = len(calls) - after.r13  # r13: the calls left when the loop stopped
+        raw = read_memory(self._tracee.pid, table, _BATCH_ENTRY * len(calls))
+        results = [_signed(v) for v in struct.unpack(f"<{8 * len(calls)}Q", raw)[7::8]]
+        if done < len(calls):
+            failed = calls[done]
+            raise LazyMigOSError(-results[done], failed.what, pid=self._tracee.pid)
+        return results
 
     def run_code(self, entry: int, regs: Mapping[str, int], told: Callable[[float], bool],
                  stops_within: tuple[int, int]) -> None:
@@ -841,6 +896,82 @@ class InjectionSession:
         values = {name: value & _U64 for name, value in regs.items()}
         self._tracee.set_regs(dataclasses.replace(self._base, rip=entry, **values))
         self._tracee._run_until_told(f"code at {entry:#x}", told, stops_within, self._timeout)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchedCall:
+    """One syscall of a :class:`SyscallBatch`."""
+
+    nr: int
+    args: tuple[int, ...]
+    what: str
+    """What it does, for the error that names it (``"injected mmap(0x7f..)"``)."""
+    may_fail: bool = False
+    """Its failure does not stop the batch (its result says it)."""
+
+
+class SyscallBatch:
+    """Syscalls a stopped thread runs one after the other, in a loop of code
+    placed in its own memory, with one PTRACE_CONT for them all
+    (:meth:`InjectionSession.run_batch`): a syscall injected alone costs a
+    single-step round trip (four ptrace requests and a wait, ~0.1 ms), so
+    thousands of mmaps cost seconds that way. CRIU's restorer blob does the same.
+
+    The caller owns ``area``: ``size`` bytes of the target, readable, writable
+    and executable. It gets the loop's code, then the bytes the calls point to
+    (:meth:`data`), then the table of calls (64 bytes each: number, six
+    arguments, result). The loop stops at the first call that fails (a result
+    in -4095..-1) unless it ``may_fail``, and ends in ``int3``. It touches no
+    stack; every signal but SIGTRAP stays blocked (the session's mask).
+    """
+
+    def __init__(self, area: int, size: int) -> None:
+        self.area = area
+        self.size = size
+        self._calls: list[BatchedCall] = []
+        self._data = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def fits(self, calls: int = 1, data: int = 0) -> bool:
+        """Whether ``calls`` more calls and ``data`` more bytes fit in the area."""
+        used = _BATCH_CODE + len(self._data) + data + 8 + _BATCH_ENTRY * (len(self._calls) + calls)
+        return used <= self.size
+
+    def data(self, payload: bytes) -> int:
+        """Put ``payload`` in the area (written when the batch runs); its address there."""
+        if not self.fits(0, len(payload)):
+            raise ConfigurationError(f"{len(payload)} bytes more do not fit in the batch area "
+                                     f"of {self.size} bytes: run the batch first")
+        at = self.area + _BATCH_CODE + len(self._data)
+        self._data += payload
+        return at
+
+    def add(self, nr: int, *args: int, what: str, may_fail: bool = False) -> None:
+        """Queue syscall ``nr(*args)`` (at most six arguments)."""
+        if len(args) > 6:
+            raise ConfigurationError(f"a syscall takes at most 6 arguments, got {len(args)}")
+        if not self.fits():
+            raise ConfigurationError(f"the batch area of {self.size} bytes is full: run the "
+                                     "batch first")
+        self._calls.append(BatchedCall(nr, args, what, may_fail))
+
+    def image(self) -> tuple[int, bytes]:
+        """The table's address and the bytes of the whole area to write."""
+        table_at = -(-(_BATCH_CODE + len(self._data)) // 8) * 8
+        table = bytearray()
+        for c in self._calls:
+            argv = [a & _U64 for a in c.args] + [0] * (6 - len(c.args))
+            table += _BATCH_CALL.pack(c.nr | (_MAY_FAIL if c.may_fail else 0), *argv, 0)
+        head = _SYSCALL_LOOP.ljust(_BATCH_CODE, b"\xcc") + self._data
+        return self.area + table_at, bytes(head.ljust(table_at, b"\0") + table)
+
+    def take(self) -> list[BatchedCall]:
+        """The queued calls; the batch is empty afterwards."""
+        calls, self._calls = self._calls, []
+        self._data = bytearray()
+        return calls
 
 
 def park(tracee: Tracee) -> None:

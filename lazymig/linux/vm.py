@@ -42,6 +42,7 @@ __all__ = [
     "SPLICE_F_MOVE",
     "SPLICE_F_NONBLOCK",
     "AnonMapping",
+    "MemoryWriter",
     "get_pipe_size",
     "mmap_anonymous",
     "munmap",
@@ -357,22 +358,45 @@ def read_memory_into(pid: int, address: int, view: memoryview) -> None:
 
 def write_memory(pid: int, address: int, data: bytes) -> None:
     """Write ``data`` into another process's memory through ``/proc/PID/mem``."""
-    fd = _open_mem(pid, os.O_WRONLY)
-    try:
+    with MemoryWriter(pid) as mem:
+        mem.write(address, data)
+
+
+class MemoryWriter:
+    """``/proc/PID/mem`` opened once for many writes (:func:`write_memory` opens it
+    for each). Writes go through page protections, as a debugger's do."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = _open_mem(pid, os.O_WRONLY)
+
+    def write(self, address: int, data: bytes | memoryview) -> None:
+        """Write all of ``data`` at ``address``."""
         done = 0
         view = memoryview(data)
-        while done < len(data):
+        while done < len(view):
             where = address + done
             try:
-                n = os.pwrite(fd, view[done:], where)
+                n = os.pwrite(self._fd, view[done:], where)
             except OSError as exc:
                 raise LazyMigOSError(exc.errno or errno.EIO, f"write memory at {where:#x}",
-                                     pid=pid) from exc
+                                     pid=self.pid) from exc
             if n == 0:
-                raise LazyMigOSError(errno.EIO, f"short write of memory at {where:#x}", pid=pid)
+                raise LazyMigOSError(errno.EIO, f"short write of memory at {where:#x}",
+                                     pid=self.pid)
             done += n
-    finally:
-        os.close(fd)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> MemoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _open_mem(pid: int, flags: int) -> int:

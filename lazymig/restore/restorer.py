@@ -61,7 +61,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -69,7 +69,7 @@ from lazymig.dump.shmem import is_shared_object
 from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux._libc import libc
-from lazymig.linux.ptrace import Tracee, TracerThread
+from lazymig.linux.ptrace import InjectionSession, SyscallBatch, Tracee, TracerThread
 from lazymig.linux.syscalls import (
     SYS_CHDIR,
     SYS_CLOSE,
@@ -97,7 +97,7 @@ from lazymig.linux.syscalls import (
     SYS_UMASK,
     SYS_USERFAULTFD,
 )
-from lazymig.linux.vm import write_memory
+from lazymig.linux.vm import MemoryWriter, write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -109,7 +109,7 @@ from lazymig.proto.constants import (
     PAGE_SIZE,
     VmaStatus,
 )
-from lazymig.proto.images import CredsEntry, ImagesDir
+from lazymig.proto.images import CredsEntry, ImagesDir, VmaEntry
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
 from lazymig.restore.parent import write_parent_pages
@@ -153,10 +153,14 @@ _UFFDIO_REGISTER: Final = 0xC020AA00
 _UFFDIO_REGISTER_MODE_MISSING: Final = 1
 _SIGMAX: Final = 64
 
-_SCRATCH_SIZE: Final = 2 * PAGE_SIZE
-_DATA: Final = 64  # offset of the data area in the scratch mapping (code at 0)
+# The scratch mapping: a syscall instruction at 0, the data area of single calls
+# from _DATA, and the area of batched calls (their code, data and table) from _BATCH_AT.
+_DATA: Final = 64
+_BATCH_AT: Final = 2 * PAGE_SIZE
+_SCRATCH_SIZE: Final = _BATCH_AT + (1 << 20)
 _MAP_FLAGS_KEPT: Final = MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_NORESERVE | MAP_LOCKED
 _SPECIAL: Final = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+_NOT_MAPPED_HERE: Final = VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL
 _WRITE_CHUNK: Final = 4 << 20
 _PRCTL_MM_MAP: Final = struct.Struct("<11QQII")  # struct prctl_mm_map
 
@@ -218,7 +222,14 @@ def _free_gap(busy: Sequence[tuple[int, int]], size: int, *, floor: int = 1 << 3
 
 
 class _Target:
-    """The helper being turned into the restored process (tracer thread only)."""
+    """The helper being turned into the restored process (tracer thread only).
+
+    Syscalls run in it one at a time (:meth:`call`) or queued and run together
+    in a batch (:meth:`queue`, :meth:`run_queued`): one PTRACE_CONT for up to
+    thousands of calls, which is what keeps a process of many mappings quick
+    to restore. Inside :meth:`injecting` every call shares one injection
+    session (registers and signal mask saved once).
+    """
 
     def __init__(self, tracee: Tracee) -> None:
         self.tracee = tracee
@@ -230,16 +241,82 @@ class _Target:
         """A process of a tree: its session and group were made as it was forked."""
         self.shared_from: dict[int, str] = {}
         """{shmid: path} of shared objects another process of its tree rebuilt already."""
+        self._session: InjectionSession | None = None
+        self._batch: SyscallBatch | None = None
+        self._queued: list[tuple[str, int | None, bool]] = []
+        """(what, result it must give, only a hint) of each queued call, in order."""
+        self._results: list[int] = []
+
+    @contextlib.contextmanager
+    def injecting(self) -> Iterator[None]:
+        """One injection session over the block, through the scratch mapping's
+        ``syscall`` (it must be in place), with a batch area in that mapping."""
+        with self.tracee.syscalls(at=self.scratch) as session:
+            self._session = session
+            self._batch = SyscallBatch(self.scratch + _BATCH_AT, _SCRATCH_SIZE - _BATCH_AT)
+            try:
+                yield
+            finally:
+                self._session = self._batch = None
+                self._queued.clear()
+                self._results.clear()
+
+    def raw(self, nr: int, *args: int) -> int:
+        """Syscall ``nr(*args)`` in the process; its result (``-errno`` on failure)."""
+        if self._session is not None:
+            return self._session.syscall(nr, *args)
+        return self.tracee.inject_syscall(nr, *args)
 
     def call(self, nr: int, *args: int, what: str) -> int:
-        res = self.tracee.inject_syscall(nr, *args)
+        res = self.raw(nr, *args)
         if res < 0:
             raise LazyMigOSError(-res, f"restoring: injected {what}", pid=self.pid)
         return res
 
+    def queue(self, nr: int, *args: int, what: str, expect: int | None = None,
+              hint: bool = False) -> None:
+        """Queue syscall ``nr(*args)`` for the next batch (inside :meth:`injecting`):
+        ``expect`` is the result it must give; a failure of a ``hint`` (madvise)
+        is only logged. A full batch is run first."""
+        assert self._batch is not None, "queue() outside injecting()"
+        if not self._batch.fits():
+            self._run_batch()
+        self._batch.add(nr, *args, what=f"restoring: injected {what}", may_fail=hint)
+        self._queued.append((what, expect, hint))
+
+    def queue_data(self, payload: bytes) -> int:
+        """Put ``payload`` in the batch area for the next queued call; its address."""
+        assert self._batch is not None, "queue_data() outside injecting()"
+        if not self._batch.fits(1, len(payload)):
+            self._run_batch()
+        return self._batch.data(payload)
+
+    def run_queued(self) -> list[int]:
+        """Run what is queued; the results of every call queued since the last
+        :meth:`run_queued` (a full batch may have run earlier), in order.
+
+        Raises:
+            LazyMigOSError: a call failed (the ones after it did not run).
+            RestoreError: a call gave another result than it should.
+        """
+        self._run_batch()
+        results, self._results = self._results, []
+        return results
+
+    def _run_batch(self) -> None:
+        assert self._session is not None and self._batch is not None
+        queued, self._queued = self._queued, []
+        results = self._session.run_batch(self._batch)
+        for res, (name, expect, hint) in zip(results, queued, strict=True):
+            if hint and res < 0:
+                log.warning("pid %d: %s failed: %s", self.pid, name, os.strerror(-res))
+            elif expect is not None and res != expect:
+                raise RestoreError(f"{name} gave {res:#x}, not {expect:#x}")
+        self._results += results
+
     def data(self, payload: bytes, offset: int = 0) -> int:
         """Write ``payload`` into the scratch data area; returns its address."""
-        if _DATA + offset + len(payload) > _SCRATCH_SIZE:
+        if _DATA + offset + len(payload) > _BATCH_AT:
             raise LazyMigOSError(errno.E2BIG, "restoring: scratch area too small", pid=self.pid)
         address = self.scratch + _DATA + offset
         write_memory(self.pid, address, payload)
@@ -441,42 +518,23 @@ class Restorer:
         tracee.set_syscall_ip(scratch)
         target.scratch = scratch
 
-        for m in maps:
-            if m.name not in _SPECIAL:
-                target.call(SYS_MUNMAP, m.start, m.end - m.start, what=f"munmap({m.start:#x})")
-        self._move_vdso(target, task, maps, [*busy, (scratch, scratch + _SCRATCH_SIZE)])
-        # Before the dumped VMAs: the kernel refuses to switch the exe while the old
-        # one is mapped, and the old one (the helper's) may be the dumped exe too.
-        self._set_mm(target, task)
-
-        recreate_tmpfs_files(self.images, task.mm.vmas, task.extra.files)
-        for v in task.mm.vmas:
-            if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL) \
-                    or is_shared_object(v.status):  # see restore_shared_objects below
-                continue
-            flags = (v.flags & _MAP_FLAGS_KEPT) | MAP_FIXED
-            what = f"mmap({v.start:#x}-{v.end:#x})"
-            if v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
-                mode = _O_RDONLY
-                if v.status & VmaStatus.FILE_SHARED:  # the same file: writes reach it
-                    flags = (flags & ~MAP_PRIVATE) | MAP_SHARED
-                    mode = v.fdflags & os.O_ACCMODE
-                fd = target.open(task.file_path(v.shmid), mode | _O_CLOEXEC)
-                try:
-                    got = target.call(SYS_MMAP, v.start, v.end - v.start, v.prot,
-                                      flags & ~MAP_ANONYMOUS, fd, v.pgoff, what=what)
-                finally:
-                    target.call(SYS_CLOSE, fd, what="close")
-            else:
-                got = target.call(SYS_MMAP, v.start, v.end - v.start, v.prot,
-                                  flags | MAP_ANONYMOUS, -1, 0, what=what)
-            if got != v.start:
-                raise RestoreError(f"{what} landed at {got:#x}")
-            _madvise(target, v.start, v.end, v.madv)
-        busy.append((scratch, scratch + _SCRATCH_SIZE))
-        shared, target.objects = restore_shared_objects(
-            target, self.images, task.mm.vmas, task.memfds, lambda size: _free_gap(busy, size),
-            lambda start, end, madv: _madvise(target, start, end, madv), target.shared_from)
+        with target.injecting():
+            for m in maps:
+                if m.name not in _SPECIAL:
+                    target.queue(SYS_MUNMAP, m.start, m.end - m.start,
+                                 what=f"munmap({m.start:#x})")
+            target.run_queued()
+            self._move_vdso(target, task, maps, [*busy, (scratch, scratch + _SCRATCH_SIZE)])
+            # Before the dumped VMAs: the kernel refuses to switch the exe while the old
+            # one is mapped, and the old one (the helper's) may be the dumped exe too.
+            self._set_mm(target, task)
+            recreate_tmpfs_files(self.images, task.mm.vmas, task.extra.files)
+            _map_vmas(target, task)
+            busy.append((scratch, scratch + _SCRATCH_SIZE))
+            shared, target.objects = restore_shared_objects(
+                target, self.images, task.mm.vmas, task.memfds,
+                lambda size: _free_gap(busy, size),
+                lambda start, end, madv: _madvise(target, start, end, madv), target.shared_from)
         return shared + self._write_pages(pid, task)
 
     def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],
@@ -524,10 +582,11 @@ class Restorer:
             target.call(SYS_CLOSE, exe_fd, what="close")
 
     def _write_pages(self, pid: int, task: DumpedTask) -> int:
-        skip = [(v.start, v.end) for v in task.mm.vmas
-                if v.status & (VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL)]
+        skip = [(v.start, v.end) for v in task.mm.vmas if v.status & _NOT_MAPPED_HERE]
         written = 0
-        with open(self.images.pages_path(task.pages_id), "rb", buffering=0) as pages:
+        # Buffered: thousands of small entries cost a copy each, not a read.
+        with open(self.images.pages_path(task.pages_id), "rb", buffering=_WRITE_CHUNK) as pages, \
+                MemoryWriter(pid) as memory:
             for e in task.entries:
                 if not e.has_data:
                     continue
@@ -541,7 +600,7 @@ class Restorer:
                     if len(data) != min(_WRITE_CHUNK, length - off):
                         raise RestoreError(f"{pages.name} ends before the pages of "
                                            f"{e.vaddr + off:#x}")
-                    write_memory(pid, e.vaddr + off, data)
+                    memory.write(e.vaddr + off, data)
                 written += e.nr_pages
         return written + write_parent_pages(pid, self.images, task.pid, task.entries)
 
@@ -552,11 +611,13 @@ class Restorer:
             features = int(DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID))
             at = target.data(struct.pack("<QQQ", UFFD_API, features, 0))
             target.call(SYS_IOCTL, fd, _UFFDIO_API, at, what="ioctl(UFFDIO_API)")
-            for r in _merged(task.lazy):
-                at = target.data(struct.pack("<QQQQ", r[0], r[1] - r[0],
-                                             _UFFDIO_REGISTER_MODE_MISSING, 0))
-                target.call(SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
-                            what=f"ioctl(UFFDIO_REGISTER {r[0]:#x}-{r[1]:#x})")
+            with target.injecting():
+                for r in _merged(task.lazy):
+                    at = target.queue_data(struct.pack("<QQQQ", r[0], r[1] - r[0],
+                                                       _UFFDIO_REGISTER_MODE_MISSING, 0))
+                    target.queue(SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
+                                 what=f"ioctl(UFFDIO_REGISTER {r[0]:#x}-{r[1]:#x})")
+                target.run_queued()
             pidfd = os.pidfd_open(target.pid)
             try:
                 mine = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
@@ -575,36 +636,41 @@ class Restorer:
         core, tc = task.core, task.core.tc
         thread = core.thread_core
         sigs = [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]
-        for sig, sa in zip(sigs, tc.sigactions, strict=False):
-            at = target.data(struct.pack("<QQQQ", sa.sigaction, sa.flags, sa.restorer, sa.mask))
-            target.call(SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
-        set_thread_state(target, tracee, core)
-        comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
-        target.call(SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
-        if task.extra.HasField("cwd"):
-            target.call(SYS_CHDIR, target.data(os.fsencode(task.extra.cwd) + b"\0"),
-                        what=f"chdir({task.extra.cwd})")
-        if task.extra.HasField("umask"):
-            tracee.inject_syscall(SYS_UMASK, task.extra.umask)
-        for which, rl in enumerate(tc.rlimits.rlimits):
-            try:
-                resource.prlimit(pid, which, (_rlim(rl.cur), _rlim(rl.max)))
-            except (OSError, ValueError) as exc:  # raising a hard limit needs CAP_SYS_RESOURCE
-                log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
-                            (rl.cur, rl.max), exc)
-        if not target.in_tree:  # a tree's processes got theirs together (restore/tree.py)
-            restore_files(target, task.files, task.given_fds, target.objects)
-            _set_session(target, task)
-        _set_sched_and_timers(target, task)
-        # Before the creds: asking for a tid (clone3 set_tid) needs the privilege they drop.
-        others = create_threads(target, task.threads, new_tids=self.new_pids)
-        if thread.HasField("creds"):  # each thread's (a raw setresuid sets the caller's only)
-            cores = [core, *(d.core for d in task.threads)]
-            for t, c in zip((tracee, *others), cores, strict=True):
-                own = c.thread_core
-                _set_creds(target, t, own.creds if own.HasField("creds") else thread.creds)
-        if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
-            target.call(SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable, what="PR_SET_DUMPABLE")
+        with target.injecting():
+            for sig, sa in zip(sigs, tc.sigactions, strict=False):
+                at = target.queue_data(struct.pack("<QQQQ", sa.sigaction, sa.flags,
+                                                   sa.restorer, sa.mask))
+                target.queue(SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
+            target.run_queued()
+            set_thread_state(target, tracee, core)
+            comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
+            target.call(SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
+            if task.extra.HasField("cwd"):
+                target.call(SYS_CHDIR, target.data(os.fsencode(task.extra.cwd) + b"\0"),
+                            what=f"chdir({task.extra.cwd})")
+            if task.extra.HasField("umask"):
+                target.raw(SYS_UMASK, task.extra.umask)
+            for which, rl in enumerate(tc.rlimits.rlimits):
+                try:
+                    resource.prlimit(pid, which, (_rlim(rl.cur), _rlim(rl.max)))
+                except (OSError, ValueError) as exc:  # raising a hard limit: CAP_SYS_RESOURCE
+                    log.warning("pid %d: rlimit %d not restored to %s: %s", pid, which,
+                                (rl.cur, rl.max), exc)
+            if not target.in_tree:  # a tree's processes got theirs together (restore/tree.py)
+                restore_files(target, task.files, task.given_fds, target.objects)
+                _set_session(target, task)
+            _set_sched_and_timers(target, task)
+            # Before the creds: asking for a tid (clone3 set_tid) needs the privilege they
+            # drop.
+            others = create_threads(target, task.threads, new_tids=self.new_pids)
+            if thread.HasField("creds"):  # each thread's (a raw setresuid sets the caller's)
+                cores = [core, *(d.core for d in task.threads)]
+                for t, c in zip((tracee, *others), cores, strict=True):
+                    own = c.thread_core
+                    _set_creds(target, t, own.creds if own.HasField("creds") else thread.creds)
+            if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
+                target.call(SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable,
+                            what="PR_SET_DUMPABLE")
         if thread.pdeath_sig:
             # Recorded (core's pdeath_sig) but not restored, on purpose. It asks for
             # a signal when the *original* parent dies; that parent stays on the
@@ -628,15 +694,84 @@ class Restorer:
             t.detach()
 
 
+def _map_vmas(target: _Target, task: DumpedTask) -> None:
+    """Step 4 but the shared objects, in batches: private anonymous VMAs
+    anonymous, file ones (private or shared) from their file, opened once for
+    its VMAs (at most ``_files_per_batch()`` files open at a time).
+
+    Two VMAs of one file that touch get two opens of it: the kernel merges
+    adjacent mappings of the same open file, and they were two VMAs when dumped.
+    """
+    files: dict[tuple[str, int, int], list[VmaEntry]] = {}
+    anonymous: list[VmaEntry] = []
+    prev: tuple[int, tuple[str, int, int]] | None = None  # (end, key) of the last file VMA
+    for v in task.mm.vmas:
+        if v.status & _NOT_MAPPED_HERE or is_shared_object(v.status):
+            continue  # see _move_vdso and restore_shared_objects
+        if not v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
+            anonymous.append(v)
+            continue
+        # Shared: the same file, opened as it was (writes reach it).
+        mode = v.fdflags & os.O_ACCMODE if v.status & VmaStatus.FILE_SHARED else _O_RDONLY
+        key = (task.file_path(v.shmid), mode, 0)
+        if prev is not None and prev[0] == v.start and prev[1][:2] == key[:2]:
+            key = (*key[:2], 1 - prev[1][2])
+        files.setdefault(key, []).append(v)
+        prev = (v.end, key)
+    for v in anonymous:
+        _queue_mmap(target, v, -1)
+    opened = list(files.items())
+    step = _files_per_batch()
+    for i in range(0, len(opened), step):
+        chunk = opened[i:i + step]
+        for (path, mode, _), _ in chunk:
+            target.queue(SYS_OPENAT, _AT_FDCWD, target.queue_data(os.fsencode(path) + b"\0"),
+                         mode | _O_CLOEXEC, 0, what=f"open({path})")
+        fds = target.run_queued()[-len(chunk):]
+        for fd, (_, vmas) in zip(fds, chunk, strict=True):
+            for v in vmas:
+                _queue_mmap(target, v, fd)
+        for fd in fds:
+            target.queue(SYS_CLOSE, fd, what=f"close({fd})")
+    target.run_queued()
+
+
+def _queue_mmap(target: _Target, v: VmaEntry, fd: int) -> None:
+    """Queue the mmap of ``v`` (from ``fd``, or anonymous if -1) and its madvise."""
+    flags = (v.flags & _MAP_FLAGS_KEPT) | MAP_FIXED
+    if fd < 0:
+        target.queue(SYS_MMAP, v.start, v.end - v.start, v.prot, flags | MAP_ANONYMOUS, -1, 0,
+                     what=f"mmap({v.start:#x}-{v.end:#x})", expect=v.start)
+    else:
+        if v.status & VmaStatus.FILE_SHARED:
+            flags = (flags & ~MAP_PRIVATE) | MAP_SHARED
+        target.queue(SYS_MMAP, v.start, v.end - v.start, v.prot, flags & ~MAP_ANONYMOUS, fd,
+                     v.pgoff, what=f"mmap({v.start:#x}-{v.end:#x})", expect=v.start)
+    for advice in _advice(v.madv):
+        target.queue(SYS_MADVISE, v.start, v.end - v.start, advice,
+                     what=f"madvise({v.start:#x}-{v.end:#x}, {advice})", hint=True)
+
+
+def _files_per_batch() -> int:
+    """Files opened at a time while mapping: well below the fd limit the helper
+    inherited from us."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, min(256, soft // 2))
+
+
+def _advice(madv: int) -> list[int]:
+    """The madvise advice numbers whose bits are set in ``vma_entry.madv``."""
+    return [advice for advice in range(64) if madv >> advice & 1]
+
+
 def _madvise(target: _Target, start: int, end: int, madv: int) -> None:
     """madvise each advice whose bit is set in ``vma_entry.madv`` (a failure is logged:
     the advice is a hint, and KSM or THP may be off here)."""
-    for advice in range(64):
-        if madv >> advice & 1:
-            res = target.tracee.inject_syscall(SYS_MADVISE, start, end - start, advice)
-            if res < 0:
-                log.warning("pid %d: madvise(%#x-%#x, %d) failed: %s", target.pid, start, end,
-                            advice, os.strerror(-res))
+    for advice in _advice(madv):
+        res = target.raw(SYS_MADVISE, start, end - start, advice)
+        if res < 0:
+            log.warning("pid %d: madvise(%#x-%#x, %d) failed: %s", target.pid, start, end,
+                        advice, os.strerror(-res))
 
 
 def _set_session(target: _Target, task: DumpedTask) -> None:

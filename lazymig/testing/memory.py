@@ -21,6 +21,7 @@ fault the daemon must serve, taken by the reading thread of this process.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
 import dataclasses
 import errno
@@ -137,10 +138,18 @@ class MemorySnapshot:
 
     def content(self, address: int, length: int) -> bytes:
         """The bytes the snapshot holds at ``address``."""
-        for start, data in self.data.items():
-            if start <= address and address + length <= start + len(data):
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0:
+            start = self._starts[i]
+            data = self.data[start]
+            if address + length <= start + len(data):
                 return data[address - start:address - start + length]
         raise KeyError(f"{address:#x}+{length} is outside the snapshot's regions")
+
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        """The regions' starts, sorted (a snapshot may hold thousands of regions)."""
+        return sorted(self.data)
 
 
 @dataclasses.dataclass(frozen=True)

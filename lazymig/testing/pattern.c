@@ -15,6 +15,15 @@
  *   --threads T       total threads (default 1; extras just sleep)
  *   --locked-kib K    also a mlock-ed region (MAP_LOCKED, not lazy) with the pattern
  *   --shared-kib K    also a MAP_SHARED anonymous region (not migratable)
+ *   --maps N          also N small mappings, one page each with a page of
+ *                     address space between them (so none merge): a quarter
+ *                     of N files each mapped once, a quarter of one file
+ *                     mapped page by page (private and shared in turn), half
+ *                     anonymous, read-write, read-only and read-exec in turn;
+ *                     the written ones hold the pattern (files in --maps-dir)
+ *   --maps-dir DIR    where --maps makes its files (default: the cwd)
+ *   --runs R          also R one-page runs: a region of 2R pages with the
+ *                     pattern on every other page (R runs to dump, one VMA)
  *
  * It also installs a SIGUSR1 handler (SA_RESTART, sa_mask = {SIGUSR2}), blocks
  * SIGUSR2, and keeps a malloc-ed block on the heap, so tests can check that
@@ -23,6 +32,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -66,9 +76,69 @@ static void check(const uint64_t *p, size_t size, uint64_t seed, uint64_t *sum, 
 	}
 }
 
+/* A file of `pages` pages at dir/name whose page p holds byte (p * 7 + salt) & 0xff. */
+static int make_file(const char *dir, const char *name, size_t pages, int salt)
+{
+	char path[4096], page[4096];
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) { perror(path); exit(1); }
+	for (size_t p = 0; p < pages; p++) {
+		memset(page, (int)((p * 7 + salt) & 0xff), sizeof(page));
+		if (write(fd, page, sizeof(page)) != (ssize_t)sizeof(page)) { perror(path); exit(1); }
+	}
+	return fd;
+}
+
+static void *map_at(char *at, int prot, int flags, int fd, off_t offset)
+{
+	void *p = mmap(at, 4096, prot, flags | MAP_FIXED_NOREPLACE, fd, offset);
+
+	if (p != at) { perror("mmap --maps"); exit(1); }
+	return p;
+}
+
+/* --maps: n one-page mappings, each followed by an unmapped page (see the header). */
+static void make_maps(size_t n, const char *dir, uint64_t seed)
+{
+	const size_t page = 4096, files = n / 4, one = n / 4;
+	char *base = mmap(NULL, 2 * n * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	size_t k = 0;
+	char name[64];
+	int fd;
+
+	if (base == MAP_FAILED) { perror("mmap --maps"); exit(1); }
+	munmap(base, 2 * n * page);
+	for (size_t i = 0; i < files; i++, k++) {
+		snprintf(name, sizeof(name), "map-%zu", i);
+		fd = make_file(dir, name, 1, (int)i);
+		map_at(base + 2 * k * page, PROT_READ, MAP_PRIVATE, fd, 0);
+		close(fd);
+	}
+	fd = make_file(dir, "map-one", one, 3);
+	for (size_t i = 0; i < one; i++, k++) {
+		int shared = i % 2, written = !shared && i % 4 == 0;
+		char *p = map_at(base + 2 * k * page, PROT_READ | (written ? PROT_WRITE : 0),
+				 shared ? MAP_SHARED : MAP_PRIVATE, fd, (off_t)(i * page));
+		if (written)  /* a private copy of the file page */
+			fill((uint64_t *)p, page, seed);
+	}
+	close(fd);
+	for (size_t i = 0; k < n; i++, k++) {
+		static const int prots[] = {PROT_READ | PROT_WRITE, PROT_READ, PROT_READ | PROT_EXEC};
+		char *p = map_at(base + 2 * k * page, PROT_READ | PROT_WRITE,
+				 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		fill((uint64_t *)p, page, seed);
+		if (mprotect(p, page, prots[i % 3])) { perror("mprotect --maps"); exit(1); }
+	}
+}
+
 int main(int argc, char **argv)
 {
-	size_t mib = 4, locked_kib = 0, shared_kib = 0;
+	size_t mib = 4, locked_kib = 0, shared_kib = 0, maps = 0, runs = 0;
+	const char *maps_dir = ".";
 	uint64_t seed = 0x5eed5eed5eed5eedULL;
 	long interval_ms = 100;
 	int threads = 1;
@@ -79,6 +149,9 @@ int main(int argc, char **argv)
 		{"threads", required_argument, NULL, 't'},
 		{"locked-kib", required_argument, NULL, 'l'},
 		{"shared-kib", required_argument, NULL, 'S'},
+		{"maps", required_argument, NULL, 'M'},
+		{"maps-dir", required_argument, NULL, 'D'},
+		{"runs", required_argument, NULL, 'R'},
 		{NULL, 0, NULL, 0},
 	};
 	int c;
@@ -91,6 +164,9 @@ int main(int argc, char **argv)
 		case 't': threads = atoi(optarg); break;
 		case 'l': locked_kib = strtoull(optarg, NULL, 0); break;
 		case 'S': shared_kib = strtoull(optarg, NULL, 0); break;
+		case 'M': maps = strtoull(optarg, NULL, 0); break;
+		case 'D': maps_dir = optarg; break;
+		case 'R': runs = strtoull(optarg, NULL, 0); break;
 		default: fprintf(stderr, "bad option\n"); return 2;
 		}
 	}
@@ -129,6 +205,16 @@ int main(int argc, char **argv)
 				    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 		if (shared == MAP_FAILED) { perror("mmap shared"); return 1; }
 		memset(shared, 1, shared_kib << 10);
+	}
+	if (maps)
+		make_maps(maps, maps_dir, seed);
+	if (runs) {
+		char *r = mmap(NULL, 2 * runs * 4096, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (r == MAP_FAILED) { perror("mmap --runs"); return 1; }
+		madvise(r, 2 * runs * 4096, MADV_NOHUGEPAGE);  /* a THP would fill the holes */
+		for (size_t i = 0; i < runs; i++)
+			fill((uint64_t *)(r + 2 * i * 4096), 4096, seed);
 	}
 	for (int i = 1; i < threads; i++) {
 		pthread_t t;
