@@ -27,6 +27,7 @@ after it handed the uffd over).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 from collections.abc import Collection, Iterable, Sequence
@@ -63,9 +64,14 @@ def _covers(pid: int, ranges: Sequence[tuple[int, int]]) -> bool:
         spans = _merged(userfaultfd_vmas(pid))
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    return bool(spans) and all(
-        any(start <= vaddr and vaddr + nr * PAGE_SIZE <= end for start, end in spans)
-        for vaddr, nr in ranges)
+    if not spans:
+        return False
+    starts = [start for start, _ in spans]
+    for vaddr, nr in ranges:  # the span that starts last at or below vaddr must hold it
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i < 0 or vaddr + nr * PAGE_SIZE > spans[i][1]:
+            return False
+    return True
 
 
 def _inner_pid(pid: int) -> int | None:
