@@ -106,6 +106,8 @@ _MADV_BITS: Final = {
 }
 _FLAG_BITS: Final = {"gd": MAP_GROWSDOWN, "lo": MAP_LOCKED, "nr": MAP_NORESERVE,
                      "ht": MAP_HUGETLB}
+_KNOWN_FLAGS: Final = frozenset(_MADV_BITS) | frozenset(_FLAG_BITS)
+_DEVICE_FLAGS: Final = frozenset({"io", "pf"})
 
 _RANGE_RE: Final = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 _RUN_RE: Final = re.compile(rb"\x01+")
@@ -219,11 +221,11 @@ def _classify(start: int, end: int, perms: str, pgoff: int, dev: tuple[int, int]
     flags = MAP_SHARED if perms[3] == "s" else MAP_PRIVATE
     madv = 0
     status = 0
-    for tok in vm_flags:
-        flags |= _FLAG_BITS.get(tok, 0)
-        bit = _MADV_BITS.get(tok)
-        if bit is not None:
-            madv |= 1 << bit
+    for tok in vm_flags & _KNOWN_FLAGS:  # the few that matter, out of a dozen or so
+        if tok in _FLAG_BITS:
+            flags |= _FLAG_BITS[tok]
+        else:
+            madv |= 1 << _MADV_BITS[tok]
     fdflags = _O_RDWR if "sh" in vm_flags and "mw" in vm_flags else 0
 
     if path.startswith("/[aio]"):
@@ -245,7 +247,7 @@ def _classify(start: int, end: int, perms: str, pgoff: int, dev: tuple[int, int]
     else:
         status = VmaStatus.REGULAR
 
-    if not status & VmaStatus.VVAR and vm_flags & {"io", "pf"}:
+    if not status & VmaStatus.VVAR and not _DEVICE_FLAGS.isdisjoint(vm_flags):
         # vmsplice cannot take VM_IO / VM_PFNMAP pages (CRIU parse_vmflags).
         status |= VmaStatus.UNSUPP
 
@@ -271,48 +273,68 @@ def _classify(start: int, end: int, perms: str, pgoff: int, dev: tuple[int, int]
                madv=madv, fdflags=fdflags, dev=dev, inode=inode, path=path, vm_flags=vm_flags)
 
 
+def _vma_lines(text: str) -> list[tuple[str, str]]:
+    """(header line, VmFlags value or "") of each VMA of /proc/PID/smaps or maps text.
+
+    smaps ends each VMA's lines with its VmFlags line, so splitting there finds
+    every header right after one: ~10 ms for 5,000 VMAs, where walking the
+    125,000 lines of their smaps took 0.1-0.3 s. Text that is not laid out
+    so (maps text, a kernel that adds lines after VmFlags) is walked line by line.
+    """
+    blocks = text.split("\nVmFlags:")
+    if len(blocks) > 1:
+        out = []
+        header = blocks[0].partition("\n")[0]
+        for block in blocks[1:]:
+            if not _RANGE_RE.match(header):
+                break
+            flags, _, rest = block.partition("\n")
+            out.append((header, flags))
+            header = rest.partition("\n")[0]
+        else:
+            if not header:
+                return out
+    out = []
+    pending: str | None = None
+    for line in text.splitlines():
+        if _RANGE_RE.match(line):
+            if pending is not None:
+                out.append((pending, ""))
+            pending = line
+        elif line.startswith("VmFlags:") and pending is not None:
+            out.append((pending, line[8:]))
+            pending = None
+    if pending is not None:
+        out.append((pending, ""))
+    return out
+
+
 def parse_smaps(text: str) -> list[Vma]:
     """Parse the text of /proc/PID/smaps (or /proc/PID/maps: no VmFlags then) into VMAs.
 
     Pure: no file is opened. Raises ``ValueError`` on a malformed header line.
     """
     vmas: list[Vma] = []
-    header: tuple[int, int, str, int, tuple[int, int], int, str] | None = None
-    vm_flags: frozenset[str] = frozenset()
     prev_end = 0
-
-    def flush() -> None:
-        nonlocal prev_end
-        if header is None:
-            return
-        start, end, perms, pgoff, dev, inode, path = header
-        vma = _classify(start, end, perms, pgoff, dev, inode, path, vm_flags)
+    for line, flags in _vma_lines(text):
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5:
+            raise ValueError(f"malformed maps line: {line!r}")
+        lo, hi = fields[0].split("-")
+        major, minor = fields[3].split(":")
+        vma = _classify(int(lo, 16), int(hi, 16), fields[1], int(fields[2], 16),
+                        (int(major, 16), int(minor, 16)), int(fields[4]),
+                        fields[5].strip() if len(fields) > 5 else "", frozenset(flags.split()))
         if vma.flags & MAP_GROWSDOWN and prev_end < vma.start:
             vma = dataclasses.replace(vma, start=vma.start - PAGE_SIZE)  # the guard page
         prev_end = vma.end
         vmas.append(vma)
-
-    for line in text.splitlines():
-        if _RANGE_RE.match(line):
-            flush()
-            fields = line.split(maxsplit=5)
-            if len(fields) < 5:
-                raise ValueError(f"malformed maps line: {line!r}")
-            lo, hi = fields[0].split("-")
-            major, minor = fields[3].split(":")
-            header = (int(lo, 16), int(hi, 16), fields[1], int(fields[2], 16),
-                      (int(major, 16), int(minor, 16)), int(fields[4]),
-                      fields[5].strip() if len(fields) > 5 else "")
-            vm_flags = frozenset()
-        elif line.startswith("VmFlags:"):
-            vm_flags = frozenset(line[8:].split())
-    flush()
     return vmas
 
 
 def maps_lines(text: str) -> list[str]:
     """The VMA lines of /proc/PID/smaps or /proc/PID/maps text (the same in both). Pure."""
-    return [line for line in text.splitlines() if _RANGE_RE.match(line)]
+    return [line for line, _ in _vma_lines(text)]
 
 
 def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
