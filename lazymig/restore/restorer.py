@@ -158,7 +158,7 @@ _SIGMAX: Final = 64
 # from _DATA, and the area of batched calls (their code, data and table) from _BATCH_AT.
 _DATA: Final = 64
 _BATCH_AT: Final = 2 * PAGE_SIZE
-_SCRATCH_SIZE: Final = _BATCH_AT + (1 << 20)
+_SCRATCH_SIZE: Final = _BATCH_AT + (256 << 10)  # ~4,000 calls a batch
 _MAP_FLAGS_KEPT: Final = MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_NORESERVE | MAP_LOCKED
 _SPECIAL: Final = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 _NOT_MAPPED_HERE: Final = VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL
