@@ -21,7 +21,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
+from collections.abc import Sequence
+from typing import Any
 
 from lazymig.errors import LazyMigOSError
 from lazymig.linux._libc import check, libc
@@ -69,6 +72,7 @@ F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 
 _PROT_READ = 0x1
+_UIO_MAXIOV = 1024  # most iovecs one process_vm_writev takes
 _PROT_WRITE = 0x2
 _MAP_PRIVATE = 0x02
 _MAP_ANONYMOUS = 0x20
@@ -80,10 +84,17 @@ class _IoVec(ctypes.Structure):
     _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
 
 
+_IoVecP = ctypes.POINTER(_IoVec)
+
+
+def _iov_at(iovs: ctypes.Array[_IoVec], i: int) -> Any:
+    """A pointer to ``iovs[i]`` (what process_vm_writev takes for its tail)."""
+    return ctypes.cast(ctypes.addressof(iovs) + i * ctypes.sizeof(_IoVec), _IoVecP)
+
+
 _process_vm_readv = libc.process_vm_readv
 _process_vm_readv.argtypes = (
-    ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
-    ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong,
+    ctypes.c_int, _IoVecP, ctypes.c_ulong, _IoVecP, ctypes.c_ulong, ctypes.c_ulong,
 )
 _process_vm_readv.restype = ctypes.c_ssize_t
 
@@ -370,7 +381,7 @@ class MemoryWriter:
         self.pid = pid
         self._fd = _open_mem(pid, os.O_WRONLY)
 
-    def write(self, address: int, data: bytes | memoryview) -> None:
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``address``."""
         done = 0
         view = memoryview(data)
@@ -385,6 +396,39 @@ class MemoryWriter:
                 raise LazyMigOSError(errno.EIO, f"short write of memory at {where:#x}",
                                      pid=self.pid)
             done += n
+
+    def write_pieces(self, buffer: bytearray | mmap.mmap,
+                     pieces: Sequence[tuple[int, int, int]]) -> None:
+        """For each ``(address, offset, length)`` of ``pieces``, write ``length`` bytes
+        of ``buffer`` from ``offset`` to ``address``: with ``process_vm_writev``, up to
+        1,024 pieces a call, and through the file for a piece it refuses (a page
+        without write permission). Thousands of small pieces cost a syscall each
+        through the file alone. No view of ``buffer`` outlives the call (an mmap
+        can be closed after it, whatever it raised)."""
+        if not pieces:
+            return
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        local = (_IoVec * len(pieces))(*(_IoVec(base + off, n) for _, off, n in pieces))
+        remote = (_IoVec * len(pieces))(*(_IoVec(address, n) for address, _, n in pieces))
+        i = 0
+        while i < len(pieces):
+            count = min(_UIO_MAXIOV, len(pieces) - i)
+            done = _process_vm_writev(self.pid, _iov_at(local, i), count, _iov_at(remote, i),
+                                      count, 0)
+            if done < 0:
+                err = ctypes.get_errno()
+                if err != errno.EFAULT:
+                    raise LazyMigOSError(err, f"process_vm_writev({pieces[i][0]:#x}, ...)",
+                                         pid=self.pid)
+                done = 0
+            end = i + count
+            while i < end and done >= pieces[i][2]:  # skip what it wrote
+                done -= pieces[i][2]
+                i += 1
+            if i < end:  # it stopped in piece i: the rest of it through the file
+                address, off, n = pieces[i]
+                self.write(address + done, buffer[off + done:off + n])
+                i += 1
 
     def close(self) -> None:
         """Close the file (idempotent)."""

@@ -54,6 +54,7 @@ import ctypes
 import dataclasses
 import errno
 import logging
+import mmap
 import os
 import resource
 import shutil
@@ -162,7 +163,6 @@ _SCRATCH_SIZE: Final = _BATCH_AT + (256 << 10)  # ~4,000 calls a batch
 _MAP_FLAGS_KEPT: Final = MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_NORESERVE | MAP_LOCKED
 _SPECIAL: Final = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 _NOT_MAPPED_HERE: Final = VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL
-_WRITE_CHUNK: Final = 4 << 20
 _PRCTL_MM_MAP: Final = struct.Struct("<11QQII")  # struct prctl_mm_map
 
 _syscall = libc.syscall
@@ -583,26 +583,31 @@ class Restorer:
             target.call(SYS_CLOSE, exe_fd, what="close")
 
     def _write_pages(self, pid: int, task: DumpedTask) -> int:
+        """Write the pages with data in the pages image (but the lazy ones, with
+        ``lazy_pages``); returns how many. The image is mapped and handed to
+        ``process_vm_writev`` as it is: one copy, and no syscall per entry."""
         skip = [(v.start, v.end) for v in task.mm.vmas if v.status & _NOT_MAPPED_HERE]
-        written = 0
-        # Buffered: thousands of small entries cost a copy each, not a read.
-        with open(self.images.pages_path(task.pages_id), "rb", buffering=_WRITE_CHUNK) as pages, \
-                MemoryWriter(pid) as memory:
-            for e in task.entries:
-                if not e.has_data:
-                    continue
-                length = e.nr_pages * PAGE_SIZE
-                if (self.lazy_pages and e.is_lazy) or \
-                        any(s <= e.vaddr < end for s, end in skip):
-                    pages.seek(length, os.SEEK_CUR)
-                    continue
-                for off in range(0, length, _WRITE_CHUNK):
-                    data = pages.read(min(_WRITE_CHUNK, length - off))
-                    if len(data) != min(_WRITE_CHUNK, length - off):
-                        raise RestoreError(f"{pages.name} ends before the pages of "
-                                           f"{e.vaddr + off:#x}")
-                    memory.write(e.vaddr + off, data)
-                written += e.nr_pages
+        pieces: list[tuple[int, int, int]] = []  # (address, offset in the image, length)
+        offset = 0
+        for e in task.entries:
+            if not e.has_data:
+                continue
+            length = e.nr_pages * PAGE_SIZE
+            if not ((self.lazy_pages and e.is_lazy) or any(s <= e.vaddr < end for s, end in skip)):
+                pieces.append((e.vaddr, offset, length))
+            offset += length
+        if pieces:
+            path = self.images.pages_path(task.pages_id)
+            with open(path, "rb") as pages:
+                size = os.fstat(pages.fileno()).st_size
+                if size < offset:
+                    raise RestoreError(f"{path} holds {size} bytes; the pagemap needs {offset}")
+                # ACCESS_COPY: writable to us (ctypes takes only writable buffers), never
+                # written.
+                with mmap.mmap(pages.fileno(), size, access=mmap.ACCESS_COPY) as image, \
+                        MemoryWriter(pid) as memory:
+                    memory.write_pieces(image, pieces)
+        written = sum(n for _, _, n in pieces) // PAGE_SIZE
         return written + write_parent_pages(pid, self.images, task.pid, task.entries)
 
     def _userfaultfd(self, target: _Target, task: DumpedTask) -> int:
