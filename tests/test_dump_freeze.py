@@ -22,7 +22,7 @@ from lazymig.dump.freeze import (
     AlreadyTracedError,
     FrozenProcess,
     TargetGoneError,
-    _Layout,
+    TargetLayout,
     _read_status,
     inspect_target_frozen,
 )
@@ -435,7 +435,7 @@ def test_the_vmas_read_before_the_seize_are_reused_only_if_nothing_changed() -> 
     try:
         assert child.stdout.readline().strip() == "ready"
         pid = child.pid
-        layout = _Layout.read(pid, _read_status(pid))
+        layout = TargetLayout.read(pid, _read_status(pid))
         assert layout.unchanged(pid, _read_status(pid))
         assert inspect_target_frozen(pid, 1, layout) is layout.vmas
         for change in ("lock", "map"):  # VmLck changes; then a VMA appears
@@ -444,8 +444,9 @@ def test_the_vmas_read_before_the_seize_are_reused_only_if_nothing_changed() -> 
             assert child.stdout.readline().strip() == "done"
             assert not layout.unchanged(pid, _read_status(pid))
             fresh = inspect_target_frozen(pid, 1, layout)
-            assert fresh is not layout.vmas and fresh == _Layout.read(pid, _read_status(pid)).vmas
-            layout = _Layout.read(pid, _read_status(pid))
+            assert fresh is not layout.vmas
+            layout = TargetLayout.read(pid, _read_status(pid))
+            assert fresh == layout.vmas
         assert any(v.flags & MAP_LOCKED for v in layout.vmas)
     finally:
         child.kill()

@@ -54,7 +54,12 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from lazymig.dump.files import collect_files, external_stdio, inspect_files
-from lazymig.dump.freeze import FrozenProcess, UnsupportedTargetError, inspect_target
+from lazymig.dump.freeze import (
+    FrozenProcess,
+    TargetLayout,
+    UnsupportedTargetError,
+    inspect_target,
+)
 from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
@@ -512,8 +517,8 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
     ``precopy``'s rounds, the pages its chain holds current are PE_PARENT
     entries, and ``images/parent`` links to its last round.
     """
-    await asyncio.to_thread(_inspect, pid)
-    fp = await FrozenProcess.freeze(pid)
+    layout = await asyncio.to_thread(_inspect, pid)
+    fp = await FrozenProcess.freeze(pid, layout=layout)
     pipes: PagePipes | None = None
     try:
         await asyncio.to_thread(_check_no_children, pid)
@@ -554,16 +559,23 @@ STDIO_HINT: Final = ("Pass stdio=(in, out, err), fds of this process for the res
                      "(--inherit-fd or --shell-job to `lazymig restore`)")
 
 
-def check_target(pid: int, *, stdio_given: bool = True) -> None:
+def check_target(pid: int, *, stdio_given: bool = True) -> TargetLayout:
     """Refuse an unsupported target (its threads, mappings, open files, those of its
     descendants;
     without ``stdio_given``, fds 0-2 that would stay on the source host too) from
     /proc alone, before it is touched: one UnsupportedTargetError naming every
-    cause and what to do."""
+    cause and what to do. Returns the VMAs read, for
+    :meth:`~lazymig.dump.freeze.FrozenProcess.freeze`."""
     reasons: list[str] = []
     tree = {pid, *descendants(pid)}  # pipes shared within it are dumped with it
-    for check in (inspect_target, lambda p: inspect_files(p, tree),
-                  lambda p: _inspect_descendants(p, tree)):
+    layout: TargetLayout | None = None
+    try:
+        layout = inspect_target(pid)
+    except UnsupportedTargetError as exc:
+        reasons += exc.reasons
+    checks: tuple[Callable[[int], object], ...] = (
+        lambda p: inspect_files(p, tree), lambda p: _inspect_descendants(p, tree))
+    for check in checks:
         try:
             check(pid)
         except UnsupportedTargetError as exc:
@@ -576,11 +588,14 @@ def check_target(pid: int, *, stdio_given: bool = True) -> None:
         hint = REFUSAL_HINT if reasons else "The process was not touched"
         raise UnsupportedTargetError(pid, reasons + stdio,
                                      f"{hint}. {STDIO_HINT}" if stdio else hint)
+    assert layout is not None  # else inspect_target gave reasons, raised just above
+    return layout
 
 
-def _inspect(pid: int) -> None:
-    check_target(pid)
+def _inspect(pid: int) -> TargetLayout:
+    layout = check_target(pid)
     _check_rlimits_readable(pid)
+    return layout
 
 
 def _inspect_descendants(pid: int, tree: Collection[int]) -> None:
