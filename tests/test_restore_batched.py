@@ -8,9 +8,9 @@
   anonymous ones read-write, read-only and read-exec) dumped and restored
   (its mmaps take two batches): the restored process's /proc/PID/maps equals
   the source's mapping by mapping, and its memory the source's page by page.
-* 4,096 one-page lazy runs in one VMA, migrated lazily: their uffd
-  registrations take two batches; the memory arrives equal, the holes between
-  the runs included.
+* 4,096 one-page lazy runs in one VMA, migrated lazily (the VMA is registered
+  whole, not run by run): the memory arrives equal, the holes between the
+  runs included.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    old one is mapped, and the old one, the helper's, may be the dumped one.
 5. Pages with data in ``pages-1.img`` are written through ``/proc/PID/mem``.
    With ``lazy_pages``, PE_LAZY pages are not: a userfaultfd is created
-   inside the process, the lazy ranges are registered on it (in batches), the restorer
+   inside the process, the VMAs holding lazy pages are registered on it, the restorer
    takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
    (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``);
    a guardian (:mod:`lazymig.guardian`) keeps a duplicate of the uffd and
@@ -48,6 +48,7 @@ written to.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ctypes
 import dataclasses
@@ -617,7 +618,7 @@ class Restorer:
             at = target.data(struct.pack("<QQQ", UFFD_API, features, 0))
             target.call(SYS_IOCTL, fd, _UFFDIO_API, at, what="ioctl(UFFDIO_API)")
             with target.injecting():
-                for r in _merged(task.lazy):
+                for r in _lazy_vmas(task):
                     at = target.queue_data(struct.pack("<QQQQ", r[0], r[1] - r[0],
                                                        _UFFDIO_REGISTER_MODE_MISSING, 0))
                     target.queue(SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
@@ -838,16 +839,18 @@ def _rlim(value: int) -> int:
     return resource.RLIM_INFINITY if value >= _U64 else value
 
 
-def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(vaddr, nr_pages) ranges as merged [start, end) spans."""
-    out: list[tuple[int, int]] = []
-    for vaddr, nr in sorted(ranges):
-        end = vaddr + nr * PAGE_SIZE
-        if out and out[-1][1] == vaddr:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((vaddr, end))
-    return out
+def _lazy_vmas(task: DumpedTask) -> list[tuple[int, int]]:
+    """The ``[start, end)`` of every VMA holding lazy pages: registered whole, as
+    CRIU's restorer does. Registering each lazy run would split a VMA at every
+    run (16,384 one-page runs: 32,767 VMAs, close to the kernel's default
+    ``vm.max_map_count``); a page of it that was never dumped faults to the
+    daemon, which gives it the zero page, until the transfer ends."""
+    starts = [v.start for v in task.mm.vmas]
+    spans: dict[int, int] = {}
+    for vaddr, _ in task.lazy:
+        v = task.mm.vmas[bisect.bisect_right(starts, vaddr) - 1]
+        spans[v.start] = v.end
+    return sorted(spans.items())
 
 
 async def restore(images_dir: str | os.PathLike[str], *, lazy_pages: bool = False,
