@@ -46,6 +46,8 @@ from lazymig.proto.images import (
     pagemap_pb2,
     pstree_pb2,
 )
+from lazymig.proto.images._dir import _vma_bounds
+from lazymig.proto.images._wire import fields as wire_fields
 
 FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -467,7 +469,51 @@ def pe_pb(**kw: int | bool) -> pagemap_pb2.pagemap_entry:
 ])
 def test_pagemap_entry_compat_rules(fields: dict[str, int | bool], nr_pages: int,
                                     flags: PE) -> None:
-    assert PagemapEntry.from_pb(pe_pb(**fields)) == PagemapEntry(0x10000, nr_pages, flags)
+    assert PagemapEntry.from_fields(wire_fields(pe_pb(**fields).SerializeToString())) == \
+        PagemapEntry(0x10000, nr_pages, flags)
+
+
+U64 = st.integers(0, 2**64 - 1)
+
+
+@FAST
+@given(pids=st.lists(st.integers(0, 2**32 - 1), max_size=5),
+       vmas=st.lists(st.tuples(U64, U64), max_size=20), state=st.none() | st.integers(0, 9))
+def test_fields_read_without_protobuf_agree_with_protobuf(
+        tmp_path: Path, pids: list[int], vmas: list[tuple[int, int]], state: int | None) -> None:
+    """What a daemon reads without protobuf's runtime (pstree pids, a task's state, VMA
+    bounds; pagemap entries above) is what protobuf reads."""
+    d = ImagesDir(tmp_path)
+    d.write_pstree([PstreeEntry(pid=p, ppid=0, pgid=p, sid=p) for p in pids])
+    d.write_mm(1, mm_entry([vma(a, b) for a, b in vmas]))
+    core = x86_core()
+    if state is None:
+        core.ClearField("tc")
+    else:
+        core.tc.task_state = state
+    d.write_core(1, core)
+    assert d.pstree_pids() == [e.pid for e in d.pstree()]
+    assert d._read_one_fields(ImageKind.MM, 1, "mm_entry", _vma_bounds) == vmas
+    assert d.has_memory(1) == (state is None or state in (1, 3))
+
+
+@pytest.mark.parametrize(("payload", "what"), [
+    (b"\x08", "truncated varint"),
+    (b"\x08" + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
+    (b"\x12\x05ab", "runs past the end"),
+    (b"\x0b", "wire type 3"),
+    (b"\x10\x01", "required field pid is missing"),
+    (b"\x0a\x01a", "pid is not an integer"),
+])
+def test_fields_read_without_protobuf_refuse_damage(tmp_path: Path, payload: bytes,
+                                                     what: str) -> None:
+    d = ImagesDir(tmp_path)
+    offsets = write_raw(d.image_path(ImageKind.PSTREE), ImageKind.PSTREE,
+                        [pstree_pb2.pstree_entry(pid=1, ppid=0, pgid=1, sid=1)
+                         .SerializeToString(), payload])
+    with pytest.raises(ImageError, match=what) as info:
+        d.pstree_pids()
+    assert info.value.offset == offsets[1]
 
 
 def test_pagemap_entry_to_pb_fills_both_counts() -> None:

@@ -109,9 +109,9 @@ class ImagesPageStore:
         self._index: dict[int, tuple[int, PageIndex]] = {}
         self._fds: list[int] = []
         try:
-            for entry in images.pstree():
-                if images.has_memory(entry.pid):
-                    self._add(images, entry.pid)
+            for pid in images.pstree_pids():
+                if images.has_memory(pid):
+                    self._add(images, pid)
         except BaseException:
             self.close()
             raise

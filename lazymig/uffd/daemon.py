@@ -373,7 +373,7 @@ class LazyPagesDaemon:
         """
         images = ImagesDir(images_dir)
         options.setdefault("socket_path", Path(images_dir) / SOCKET_NAME)
-        options.setdefault("expect_tasks", len(images.pstree()))
+        options.setdefault("expect_tasks", len(images.pstree_pids()))
         return cls(source, lambda pid: [(r.vaddr, r.nr_pages) for r in images.lazy_ranges(pid)],
                    **options)  # type: ignore[arg-type]
 

@@ -17,35 +17,9 @@ nothing of sockets or asyncio.
 
 from __future__ import annotations
 
-from lazymig.proto.images import (
-    core_pb2,
-    core_x86_pb2,
-    creds_pb2,
-    eventfd_pb2,
-    eventpoll_pb2,
-    fdinfo_pb2,
-    fown_pb2,
-    fs_pb2,
-    inventory_pb2,
-    memfd_pb2,
-    mm_pb2,
-    pagemap_pb2,
-    pipe_data_pb2,
-    pipe_pb2,
-    pstree_pb2,
-    regfile_pb2,
-    rlimit_pb2,
-    rseq_pb2,
-    sa_pb2,
-    siginfo_pb2,
-    signalfd_pb2,
-    sk_opts_pb2,
-    sk_packet_pb2,
-    sk_unix_pb2,
-    timer_pb2,
-    timerfd_pb2,
-    vma_pb2,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lazymig.proto.images._dir import ImagesDir, Pagemap, PagemapReader, PagemapWriter
 from lazymig.proto.images._framing import (
     DEFAULT_MAX_ENTRY_SIZE,
@@ -62,39 +36,105 @@ from lazymig.proto.images._magic import (
 )
 from lazymig.proto.images._pagemap import PageIndex, PagemapEntry, PageRange, lazy_ranges
 
-# CamelCase names for the generated message classes (CRIU's C names).
-InventoryEntry = inventory_pb2.inventory_entry
-PstreeEntry = pstree_pb2.pstree_entry
-CoreEntry = core_pb2.core_entry
-TaskCoreEntry = core_pb2.task_core_entry
-TaskKobjIdsEntry = core_pb2.task_kobj_ids_entry
-ThreadCoreEntry = core_pb2.thread_core_entry
-ThreadInfoX86 = core_x86_pb2.thread_info_x86
-UserX86RegsEntry = core_x86_pb2.user_x86_regs_entry
-UserX86FpregsEntry = core_x86_pb2.user_x86_fpregs_entry
-UserX86XsaveEntry = core_x86_pb2.user_x86_xsave_entry
-MmEntry = mm_pb2.mm_entry
-VmaEntry = vma_pb2.vma_entry
-PagemapHead = pagemap_pb2.pagemap_head
-SaEntry = sa_pb2.sa_entry
-FsEntry = fs_pb2.fs_entry
-CredsEntry = creds_pb2.creds_entry
-FdinfoEntry = fdinfo_pb2.fdinfo_entry
-FileEntry = fdinfo_pb2.file_entry
-FownEntry = fown_pb2.fown_entry
-RegFileEntry = regfile_pb2.reg_file_entry
-PipeEntry = pipe_pb2.pipe_entry
-PipeDataEntry = pipe_data_pb2.pipe_data_entry
-MemfdFileEntry = memfd_pb2.memfd_file_entry
-MemfdInodeEntry = memfd_pb2.memfd_inode_entry
-EventfdFileEntry = eventfd_pb2.eventfd_file_entry
-EventpollFileEntry = eventpoll_pb2.eventpoll_file_entry
-EventpollTfdEntry = eventpoll_pb2.eventpoll_tfd_entry
-TimerfdEntry = timerfd_pb2.timerfd_entry
-SignalfdEntry = signalfd_pb2.signalfd_entry
-UnixSkEntry = sk_unix_pb2.unix_sk_entry
-SkOptsEntry = sk_opts_pb2.sk_opts_entry
-SkPacketEntry = sk_packet_pb2.sk_packet_entry
+if TYPE_CHECKING:
+    from lazymig.proto.images import (
+        core_pb2,
+        core_x86_pb2,
+        creds_pb2,
+        eventfd_pb2,
+        eventpoll_pb2,
+        fdinfo_pb2,
+        fown_pb2,
+        fs_pb2,
+        inventory_pb2,
+        memfd_pb2,
+        mm_pb2,
+        pagemap_pb2,
+        pipe_data_pb2,
+        pipe_pb2,
+        pstree_pb2,
+        regfile_pb2,
+        rlimit_pb2,
+        rseq_pb2,
+        sa_pb2,
+        siginfo_pb2,
+        signalfd_pb2,
+        sk_opts_pb2,
+        sk_packet_pb2,
+        sk_unix_pb2,
+        timer_pb2,
+        timerfd_pb2,
+        vma_pb2,
+    )
+
+    InventoryEntry = inventory_pb2.inventory_entry
+    PstreeEntry = pstree_pb2.pstree_entry
+    CoreEntry = core_pb2.core_entry
+    TaskCoreEntry = core_pb2.task_core_entry
+    TaskKobjIdsEntry = core_pb2.task_kobj_ids_entry
+    ThreadCoreEntry = core_pb2.thread_core_entry
+    ThreadInfoX86 = core_x86_pb2.thread_info_x86
+    UserX86RegsEntry = core_x86_pb2.user_x86_regs_entry
+    UserX86FpregsEntry = core_x86_pb2.user_x86_fpregs_entry
+    UserX86XsaveEntry = core_x86_pb2.user_x86_xsave_entry
+    MmEntry = mm_pb2.mm_entry
+    VmaEntry = vma_pb2.vma_entry
+    PagemapHead = pagemap_pb2.pagemap_head
+    SaEntry = sa_pb2.sa_entry
+    FsEntry = fs_pb2.fs_entry
+    CredsEntry = creds_pb2.creds_entry
+    FdinfoEntry = fdinfo_pb2.fdinfo_entry
+    FileEntry = fdinfo_pb2.file_entry
+    FownEntry = fown_pb2.fown_entry
+    RegFileEntry = regfile_pb2.reg_file_entry
+    PipeEntry = pipe_pb2.pipe_entry
+    PipeDataEntry = pipe_data_pb2.pipe_data_entry
+    MemfdFileEntry = memfd_pb2.memfd_file_entry
+    MemfdInodeEntry = memfd_pb2.memfd_inode_entry
+    EventfdFileEntry = eventfd_pb2.eventfd_file_entry
+    EventpollFileEntry = eventpoll_pb2.eventpoll_file_entry
+    EventpollTfdEntry = eventpoll_pb2.eventpoll_tfd_entry
+    TimerfdEntry = timerfd_pb2.timerfd_entry
+    SignalfdEntry = signalfd_pb2.signalfd_entry
+    UnixSkEntry = sk_unix_pb2.unix_sk_entry
+    SkOptsEntry = sk_opts_pb2.sk_opts_entry
+    SkPacketEntry = sk_packet_pb2.sk_packet_entry
+
+_ALIASES = {
+    "InventoryEntry": ("inventory_pb2", "inventory_entry"),
+    "PstreeEntry": ("pstree_pb2", "pstree_entry"),
+    "CoreEntry": ("core_pb2", "core_entry"),
+    "TaskCoreEntry": ("core_pb2", "task_core_entry"),
+    "TaskKobjIdsEntry": ("core_pb2", "task_kobj_ids_entry"),
+    "ThreadCoreEntry": ("core_pb2", "thread_core_entry"),
+    "ThreadInfoX86": ("core_x86_pb2", "thread_info_x86"),
+    "UserX86RegsEntry": ("core_x86_pb2", "user_x86_regs_entry"),
+    "UserX86FpregsEntry": ("core_x86_pb2", "user_x86_fpregs_entry"),
+    "UserX86XsaveEntry": ("core_x86_pb2", "user_x86_xsave_entry"),
+    "MmEntry": ("mm_pb2", "mm_entry"),
+    "VmaEntry": ("vma_pb2", "vma_entry"),
+    "PagemapHead": ("pagemap_pb2", "pagemap_head"),
+    "SaEntry": ("sa_pb2", "sa_entry"),
+    "FsEntry": ("fs_pb2", "fs_entry"),
+    "CredsEntry": ("creds_pb2", "creds_entry"),
+    "FdinfoEntry": ("fdinfo_pb2", "fdinfo_entry"),
+    "FileEntry": ("fdinfo_pb2", "file_entry"),
+    "FownEntry": ("fown_pb2", "fown_entry"),
+    "RegFileEntry": ("regfile_pb2", "reg_file_entry"),
+    "PipeEntry": ("pipe_pb2", "pipe_entry"),
+    "PipeDataEntry": ("pipe_data_pb2", "pipe_data_entry"),
+    "MemfdFileEntry": ("memfd_pb2", "memfd_file_entry"),
+    "MemfdInodeEntry": ("memfd_pb2", "memfd_inode_entry"),
+    "EventfdFileEntry": ("eventfd_pb2", "eventfd_file_entry"),
+    "EventpollFileEntry": ("eventpoll_pb2", "eventpoll_file_entry"),
+    "EventpollTfdEntry": ("eventpoll_pb2", "eventpoll_tfd_entry"),
+    "TimerfdEntry": ("timerfd_pb2", "timerfd_entry"),
+    "SignalfdEntry": ("signalfd_pb2", "signalfd_entry"),
+    "UnixSkEntry": ("sk_unix_pb2", "unix_sk_entry"),
+    "SkOptsEntry": ("sk_opts_pb2", "sk_opts_entry"),
+    "SkPacketEntry": ("sk_packet_pb2", "sk_packet_entry"),
+}
+"""CamelCase names for the generated message classes (CRIU's C names)."""
 
 __all__ = [
     "CRTOOLS_IMAGES_V1_1",
@@ -174,3 +214,17 @@ __all__ = [
     "timerfd_pb2",
     "vma_pb2",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The generated modules and their messages are imported on first use: protobuf's
+    # runtime costs a daemon 4 MiB and 15 ms of start-up, and it reads its few fields
+    # without it (_wire).
+    module, attr = _ALIASES.get(name, (name, None))
+    if not module.endswith("_pb2"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = importlib.import_module(f"{__name__}.{module}")
+    if attr is not None:
+        value = getattr(value, attr)
+        globals()[name] = value
+    return value

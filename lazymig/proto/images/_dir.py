@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple, Self, TypeVar
-
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 from lazymig.errors import ConfigurationError, ImageError
-from lazymig.proto.images import (
-    core_pb2,
-    inventory_pb2,
-    mm_pb2,
-    pagemap_pb2,
-    pstree_pb2,
-)
 from lazymig.proto.images._framing import (
     DEFAULT_MAX_ENTRY_SIZE,
     ImageReader,
@@ -27,6 +18,12 @@ from lazymig.proto.images._framing import (
 )
 from lazymig.proto.images._magic import CRTOOLS_IMAGES_V1_1, ImageKind
 from lazymig.proto.images._pagemap import PageIndex, PagemapEntry, PageRange, lazy_ranges
+from lazymig.proto.images._wire import Fields, fields, scalar
+
+if TYPE_CHECKING:  # protobuf's runtime is loaded by the readers and writers that need it
+    from google.protobuf.message import Message
+
+    from lazymig.proto.images import core_pb2, inventory_pb2, mm_pb2, pstree_pb2
 
 __all__ = ["ImagesDir", "Pagemap", "PagemapReader", "PagemapWriter"]
 
@@ -34,7 +31,8 @@ _TASKS_WITH_MEMORY = frozenset((1, 3))
 """CRIU's core ``tc.task_state`` of a task with a memory image: TASK_ALIVE, TASK_STOPPED
 (not TASK_DEAD 2, a zombie, nor TASK_HELPER 7)."""
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound="Message")
+T = TypeVar("T")
 
 
 class Pagemap(NamedTuple):
@@ -57,13 +55,14 @@ class PagemapReader:
     def __init__(self, path: StrPath, *, max_entry_size: int = DEFAULT_MAX_ENTRY_SIZE) -> None:
         self._reader = ImageReader(path, ImageKind.PAGEMAP, max_entry_size=max_entry_size)
         try:
-            head = self._reader.read(pagemap_pb2.pagemap_head)
-            if head is None:
+            pages_id = self._reader.read_fields("pagemap_head",
+                                                lambda head: scalar(head, 1, "pages_id"))
+            if pages_id is None:
                 raise ImageError("no pagemap_head", path=path, offset=self._reader.offset)
         except BaseException:
             self._reader.close()
             raise
-        self.pages_id: int = head.pages_id
+        self.pages_id: int = pages_id
         """The N of the ``pages-N.img`` holding this pagemap's pages."""
 
     @property
@@ -73,12 +72,9 @@ class PagemapReader:
 
     def __iter__(self) -> Iterator[PagemapEntry]:
         prev_end = 0
-        for pb in self._reader.entries(pagemap_pb2.pagemap_entry):
+        while (entry := self._reader.read_fields("pagemap_entry", PagemapEntry.from_fields)
+               ) is not None:
             offset = self._reader.entry_offset
-            try:
-                entry = PagemapEntry.from_pb(pb)
-            except ConfigurationError as exc:
-                raise ImageError(str(exc), path=self.path, offset=offset) from exc
             if entry.vaddr < prev_end:
                 raise ImageError(f"pagemap entry at {entry.vaddr:#x} is out of order or "
                                  "overlaps the previous one", path=self.path, offset=offset)
@@ -107,6 +103,8 @@ class PagemapWriter:
     def __init__(self, path: StrPath, pages_id: int, *, fsync: bool = False) -> None:
         self._writer = ImageWriter(path, ImageKind.PAGEMAP, fsync=fsync)
         self._prev_end = 0
+        from lazymig.proto.images import pagemap_pb2
+
         try:
             self._writer.write(pagemap_pb2.pagemap_head(pages_id=pages_id))
         except BaseException:
@@ -195,6 +193,17 @@ class ImagesDir:
         with self.open_reader(kind, ident) as reader:
             return reader.read_one(entry_type)
 
+    def _read_one_fields(self, kind: ImageKind, ident: int, name: str,
+                         extract: Callable[[Fields], T]) -> T:
+        """:meth:`read_entry` without protobuf's runtime: ``extract`` of the fields of
+        the image's only entry (see :meth:`ImageReader.read_fields`)."""
+        with self.open_reader(kind, ident) as reader:
+            found = reader.read_fields(name, lambda entry: (extract(entry),))
+            if found is None:
+                raise ImageError(f"no {name} entry", path=reader.path, offset=reader.offset)
+            reader.expect_end()
+            return found[0]
+
     def write_entries(self, kind: ImageKind, entries: Iterable[Message],
                       ident: int | str | None = None) -> Path:
         """Write an image holding *entries*; return its path."""
@@ -212,6 +221,8 @@ class ImagesDir:
             ImageError: damaged, or an ``img_version`` other than 2 (v1.1), the
                 only layout lazymig reads.
         """
+        from lazymig.proto.images import inventory_pb2
+
         inv = self.read_entry(ImageKind.INVENTORY, inventory_pb2.inventory_entry)
         if inv.img_version != CRTOOLS_IMAGES_V1_1:
             raise ImageError(f"unsupported images version {inv.img_version} "
@@ -225,6 +236,8 @@ class ImagesDir:
         Raises:
             ConfigurationError: *entry* has an ``img_version`` other than 2.
         """
+        from lazymig.proto.images import inventory_pb2
+
         if entry is None:
             entry = inventory_pb2.inventory_entry(img_version=CRTOOLS_IMAGES_V1_1,
                                                   fdinfo_per_id=True)
@@ -235,7 +248,19 @@ class ImagesDir:
 
     def pstree(self) -> list[pstree_pb2.pstree_entry]:
         """Read ``pstree.img``: one entry per process, the root first."""
+        from lazymig.proto.images import pstree_pb2
+
         return self.read_entries(ImageKind.PSTREE, pstree_pb2.pstree_entry)
+
+    def pstree_pids(self) -> list[int]:
+        """The pid of each process of ``pstree.img``, the root first (read without
+        protobuf's runtime, as :meth:`has_memory` and :meth:`lazy_ranges`: a daemon
+        or a page server needs no more)."""
+        pids = []
+        with self.open_reader(ImageKind.PSTREE) as reader:
+            while (pid := reader.read_fields("pstree_entry", _pid)) is not None:
+                pids.append(pid)
+        return pids
 
     def write_pstree(self, entries: Iterable[pstree_pb2.pstree_entry]) -> Path:
         """Write ``pstree.img``."""
@@ -243,6 +268,8 @@ class ImagesDir:
 
     def core(self, tid: int) -> core_pb2.core_entry:
         """Read ``core-<tid>.img`` (one per thread)."""
+        from lazymig.proto.images import core_pb2
+
         return self.read_entry(ImageKind.CORE, core_pb2.core_entry, tid)
 
     def write_core(self, tid: int, core: core_pb2.core_entry) -> Path:
@@ -258,11 +285,13 @@ class ImagesDir:
         their absence is then the error)."""
         if not self.image_path(ImageKind.CORE, pid).exists():
             return True
-        core = self.core(pid)
-        return not core.HasField("tc") or core.tc.task_state in _TASKS_WITH_MEMORY
+        state = self._read_one_fields(ImageKind.CORE, pid, "core_entry", _task_state)
+        return state is None or state in _TASKS_WITH_MEMORY
 
     def mm(self, pid: int) -> mm_pb2.mm_entry:
         """Read ``mm-<pid>.img``, whose ``vmas`` list the process's VMAs."""
+        from lazymig.proto.images import mm_pb2
+
         return self.read_entry(ImageKind.MM, mm_pb2.mm_entry, pid)
 
     def write_mm(self, pid: int, mm: mm_pb2.mm_entry) -> Path:
@@ -308,10 +337,10 @@ class ImagesDir:
         overlaps; pages outside every VMA are dropped (``UFFDIO_COPY`` cannot
         cross a VMA).
         """
-        mm = self.mm(pid)
+        vmas = self._read_one_fields(ImageKind.MM, pid, "mm_entry", _vma_bounds)
         entries = self.pagemap(pid).entries
         try:
-            return lazy_ranges(entries, [(v.start, v.end) for v in mm.vmas])
+            return lazy_ranges(entries, vmas)
         except ConfigurationError as exc:
             raise ImageError(str(exc), path=self.image_path(ImageKind.MM, pid)) from exc
 
@@ -333,3 +362,30 @@ class ImagesDir:
         path, index = self.page_index(pid)
         offset = index.offset(vaddr, nr_pages)
         return None if offset is None else (path, offset)
+
+
+# -- the fields a daemon reads, without protobuf's runtime (see _wire) --------------------
+
+
+def _pid(entry: Fields) -> int:
+    """pstree_entry.pid"""
+    return scalar(entry, 1, "pid")
+
+
+def _task_state(core: Fields) -> int | None:
+    """core_entry.tc.task_state; None without tc."""
+    tc = core.get(3)
+    if not tc or not isinstance(tc[-1], bytes):
+        return None
+    return scalar(fields(tc[-1]), 1, "task_state")
+
+
+def _vma_bounds(mm: Fields) -> list[tuple[int, int]]:
+    """(start, end) of each of mm_entry.vmas."""
+    bounds = []
+    for vma in mm.get(14, []):
+        if not isinstance(vma, bytes):
+            raise ValueError("vmas is not a message")
+        entry = fields(vma)
+        bounds.append((scalar(entry, 1, "start"), scalar(entry, 2, "end")))
+    return bounds

@@ -24,12 +24,10 @@ import errno
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Self, TypeVar
-
-from google.protobuf.message import DecodeError, EncodeError, Message
+from typing import TYPE_CHECKING, BinaryIO, Self, TypeVar
 
 from lazymig.errors import ClosedResourceError, ConfigurationError, ImageError
 from lazymig.proto.constants import PAGE_SIZE
@@ -38,6 +36,7 @@ from lazymig.proto.images._magic import (
     IMG_SERVICE_MAGIC,
     ImageKind,
 )
+from lazymig.proto.images._wire import Fields, fields
 
 __all__ = [
     "DEFAULT_MAX_ENTRY_SIZE",
@@ -46,7 +45,11 @@ __all__ = [
     "PagesWriter",
 ]
 
-M = TypeVar("M", bound=Message)
+if TYPE_CHECKING:  # protobuf's runtime only where a message is built: not in the daemon
+    from google.protobuf.message import Message
+
+M = TypeVar("M", bound="Message")
+T = TypeVar("T")
 
 StrPath = str | os.PathLike[str]
 
@@ -84,7 +87,7 @@ class _AtomicFile:
     def __init__(self, path: StrPath, *, fsync: bool) -> None:
         self.path = Path(path)
         self._fsync = fsync
-        import tempfile  # noqa: PLC0415 (only writers need it: 1 MiB a reader need not load)
+        import tempfile  # only writers need it: 1 MiB a reader need not load
 
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
                                    suffix=".tmp")
@@ -217,6 +220,8 @@ class ImageWriter(_AtomicWriterBase):
             ImageError: the entry lacks required fields (CRIU would reject it).
             ClosedResourceError: the writer is closed.
         """
+        from google.protobuf.message import EncodeError
+
         self._check_open()
         try:
             payload = entry.SerializeToString()
@@ -460,6 +465,8 @@ class ImageReader:
 
     def decode(self, payload: bytes, entry_type: type[M], offset: int) -> M:
         """Decode *payload* (found at *offset*) as *entry_type*, or raise ImageError."""
+        from google.protobuf.message import DecodeError
+
         entry = entry_type()
         try:
             entry.ParseFromString(payload)
@@ -469,6 +476,21 @@ class ImageReader:
             raise self._error(f"{entry_type.DESCRIPTOR.name} lacks required fields: "
                               f"{_missing_fields(entry)}", offset)
         return entry
+
+    def read_fields(self, name: str, extract: Callable[[Fields], T]) -> T | None:
+        """The next entry read without protobuf's runtime (:mod:`._wire`): ``extract``
+        of its fields (it raises ValueError if they are not a ``name``), or None at
+        end of file. For the few fields a daemon reads; everything else uses
+        :meth:`read`."""
+        payload = self.read_payload()
+        if payload is None:
+            return None
+        try:
+            return extract(fields(payload))
+        except ConfigurationError as exc:
+            raise self._error(str(exc), self._entry_offset) from exc
+        except ValueError as exc:
+            raise self._error(f"undecodable {name}: {exc}", self._entry_offset) from exc
 
     def read(self, entry_type: type[M]) -> M | None:
         """Return the next entry decoded as *entry_type*, or None at end of file."""

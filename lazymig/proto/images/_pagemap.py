@@ -17,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from lazymig.errors import ConfigurationError
 from lazymig.proto.constants import PAGE_SIZE, PE
-from lazymig.proto.images import pagemap_pb2
+from lazymig.proto.images._wire import Fields, scalar
 from lazymig.proto.runs import PageRuns
+
+if TYPE_CHECKING:
+    from lazymig.proto.images import pagemap_pb2
 
 __all__ = [
     "PageIndex",
@@ -75,19 +78,29 @@ class PagemapEntry:
         return PE.LAZY in self.flags
 
     @classmethod
-    def from_pb(cls, pe: pagemap_pb2.pagemap_entry) -> PagemapEntry:
-        """Convert a decoded ``pagemap_entry``, applying CRIU's compatibility rules."""
-        nr_pages = pe.nr_pages if pe.HasField("nr_pages") and pe.nr_pages else pe.compat_nr_pages
-        if pe.HasField("flags"):
-            flags = PE(pe.flags)
-            if pe.in_parent:
+    def from_fields(cls, pe: Fields) -> PagemapEntry:
+        """One ``pagemap_entry`` from its wire fields (:mod:`._wire`), by CRIU's
+        compatibility rules.
+
+        Raises:
+            ValueError: not a pagemap_entry (ConfigurationError: an impossible one).
+        """
+        vaddr = scalar(pe, 1, "vaddr")
+        compat_nr_pages = scalar(pe, 2, "compat_nr_pages")
+        nr_pages = scalar(pe, 5, "nr_pages", 0) or compat_nr_pages
+        in_parent = bool(scalar(pe, 3, "in_parent", 0))
+        if 4 in pe:
+            flags = PE(scalar(pe, 4, "flags"))
+            if in_parent:
                 flags |= PE.PARENT
         else:
-            flags = PE.PARENT if pe.in_parent else PE.PRESENT
-        return cls(pe.vaddr, nr_pages, flags)
+            flags = PE.PARENT if in_parent else PE.PRESENT
+        return cls(vaddr, nr_pages, flags)
 
     def to_pb(self) -> pagemap_pb2.pagemap_entry:
         """Build the ``pagemap_entry`` lazymig writes (count in fields 2 and 5, flags set)."""
+        from lazymig.proto.images import pagemap_pb2
+
         return pagemap_pb2.pagemap_entry(
             vaddr=self.vaddr,
             compat_nr_pages=self.nr_pages if self.nr_pages <= _U32_MAX else 0,
