@@ -112,3 +112,19 @@ class LazyMigOSError(LazyMigError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class UnsupportedTargetError(LazyMigError):
+    """The target has something lazymig cannot migrate; ``reasons`` lists what.
+
+    Raised before the target is touched (or, if it changed in between, right
+    after seizing it, and then it is released again).
+    """
+
+    def __init__(self, pid: int, reasons: list[str], hint: str = "") -> None:
+        super().__init__(f"cannot migrate process {pid}: " + "; ".join(reasons)
+                         + (f". {hint}" if hint else ""))
+        self.pid = pid
+        self.reasons = reasons
+        self.hint = hint
+        """What to do instead ("" if nothing to say)."""

@@ -45,8 +45,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-from lazymig.dump.freeze import UnsupportedTargetError
-from lazymig.errors import LazyMigOSError
+from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_epoll_target, same_file
 from lazymig.linux.procfs import processes, read_fdinfo
 from lazymig.linux.sockdiag import UnixSocket, unix_socket

@@ -71,9 +71,8 @@ from pathlib import Path
 from typing import Final
 
 from lazymig.dump.anon_files import AnonFds, inspect_anon
-from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.dump.shmem import DELETED
-from lazymig.errors import LazyMigOSError
+from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_file
 from lazymig.linux.procfs import tmpfs_devices
 from lazymig.linux.ptrace import TargetGoneError

@@ -50,7 +50,13 @@ from lazymig.dump.state import (
     read_state,
 )
 from lazymig.dump.target_splice import TargetSplicer, free_fd_slots
-from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
+from lazymig.errors import (
+    ClosedResourceError,
+    ConfigurationError,
+    LazyMigError,
+    LazyMigOSError,
+    UnsupportedTargetError,
+)
 from lazymig.linux.procfs import read_stat, read_status, tmpfs_devices
 from lazymig.linux.ptrace import (
     PTRACE_O_SUSPEND_SECCOMP,
@@ -86,22 +92,6 @@ _PF_KTHREAD: Final = 0x00200000
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class UnsupportedTargetError(LazyMigError):
-    """The target has something lazymig cannot migrate; ``reasons`` lists what.
-
-    Raised before the target is touched (or, if it changed in between, right
-    after seizing it, and then it is released again).
-    """
-
-    def __init__(self, pid: int, reasons: list[str], hint: str = "") -> None:
-        super().__init__(f"cannot migrate process {pid}: " + "; ".join(reasons)
-                         + (f". {hint}" if hint else ""))
-        self.pid = pid
-        self.reasons = reasons
-        self.hint = hint
-        """What to do instead ("" if nothing to say)."""
 
 
 # -- checks that do not touch the target ------------------------------------------

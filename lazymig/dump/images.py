@@ -42,14 +42,11 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from lazymig._version import __version__
 from lazymig.dump.files import DumpedFiles, write_files
-from lazymig.dump.pagepipe import PagePipes
-from lazymig.dump.scan import MemoryScan, PageRun, Vma
-from lazymig.dump.shmem import ShmemDump, is_shared_object, write_shmem
-from lazymig.dump.state import ProcessState, ThreadState
+from lazymig.dump.shmem import is_shared_object, write_shmem
 from lazymig.errors import ImageError
 from lazymig.linux.cpuid import xstate_layout
 from lazymig.proto.constants import PAGE_SHIFT, PE
@@ -80,6 +77,12 @@ from lazymig.proto.images import (
     siginfo_pb2,
     timer_pb2,
 )
+
+if TYPE_CHECKING:  # the restore side reads lazymig-N.img here: no dump machinery for it
+    from lazymig.dump.pagepipe import PagePipes
+    from lazymig.dump.scan import MemoryScan, PageRun, Vma
+    from lazymig.dump.shmem import ShmemDump
+    from lazymig.dump.state import ProcessState, ThreadState
 
 __all__ = [
     "PAGES_ID",

@@ -31,9 +31,8 @@ import logging
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from lazymig.dump.scan import Vma
 from lazymig.errors import LazyMigOSError
 from lazymig.linux.procfs import tmpfs_devices
 from lazymig.proto.constants import PAGE_SIZE, PE, VmaStatus
@@ -45,6 +44,9 @@ from lazymig.proto.images import (
     PagemapWriter,
     PagesWriter,
 )
+
+if TYPE_CHECKING:  # the restore side imports this module: no scanning machinery for it
+    from lazymig.dump.scan import Vma
 
 __all__ = ["DELETED", "SHMEM_PAGEMAP", "TMPFS_FILE_LIMIT", "ShmemDump", "is_shared_object",
            "mark_tmpfs_files", "shared_objects", "shmem_pagemap_path", "write_shmem"]
