@@ -15,11 +15,10 @@ use (the CLI's start-up is part of a migration's downtime).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lazymig._lazy import lazy_exports
 from lazymig._version import __version__
 
+TYPE_CHECKING = False  # typing is not imported either (mypy reads this block)
 if TYPE_CHECKING:
     from lazymig.dump.dumper import DumpResult, SourceFate
     from lazymig.dump.precopy import PreCopy, PreCopyOptions, RoundReport

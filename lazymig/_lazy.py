@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported: `lazymig --help` loads little more than argparse
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any
 
 __all__ = ["lazy_exports"]
 

@@ -39,11 +39,12 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar, cast
 
 from lazymig._aio import wait_fd
 from lazymig.errors import AuthenticationError, ConfigurationError
-from lazymig.proto.constants import DEFAULT_CACERT, DEFAULT_CACRL, DEFAULT_CERT, DEFAULT_KEY
+from lazymig.proto import constants
 
 __all__ = [
     "DEFAULT_CACERT",
@@ -58,6 +59,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CACERT = Path(constants.DEFAULT_CACERT)
+DEFAULT_CACRL = Path(constants.DEFAULT_CACRL)
+DEFAULT_CERT = Path(constants.DEFAULT_CERT)
+DEFAULT_KEY = Path(constants.DEFAULT_KEY)
+"""CRIU's default TLS files (criu/tls.c)."""
 
 _T = TypeVar("_T")
 StrPath = str | os.PathLike[str]

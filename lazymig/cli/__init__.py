@@ -10,24 +10,21 @@ CRIU 4.2 and later, the default).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable, Sequence
 
 from lazymig._version import __version__
 from lazymig.cli import demo, dump, lazy_pages, page_server, pre_dump, restore
-from lazymig.errors import LazyMigError
+from lazymig.cli._common import Parser
+
+TYPE_CHECKING = False  # --help and --version load no typing (nor logging)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
 
-log = logging.getLogger("lazymig")
-
-Command = Callable[[argparse.Namespace], int]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="lazymig",
         description="Post-copy (lazy pages) process migration, compatible with CRIU.")
     parser.add_argument("--version", action="version", version=f"lazymig {__version__}")
@@ -35,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more log output (-v info, -vv debug)")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True,
                         help="run on uvloop (the default) or on asyncio's own loop")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for register in _COMMANDS:
         register(commands)
     for sub in commands.choices.values():  # `lazymig dump -v ...` works too, as with criu
@@ -53,6 +50,8 @@ start fast, since criu restore waits for it (it is part of the downtime)."""
 
 
 def setup_logging(verbosity: int) -> None:
+    import logging
+
     level = logging.WARNING - 10 * min(verbosity, 2)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -61,16 +60,20 @@ def setup_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lazymig`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and --version exit here, having loaded little
     setup_logging(args.verbose)
-    func: Command | None = getattr(args, "func", None)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
+    import logging
+
+    from lazymig.errors import LazyMigError
+
     try:
         return func(args)
     except (LazyMigError, OSError) as exc:  # OSError: e.g. an image that is not there
-        log.error("%s", exc)
+        logging.getLogger("lazymig").error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,37 +1,69 @@
 """Options and helpers shared by the subcommands.
 
 Every subcommand module imports this one to build the parser, so it loads
-nothing heavy (no asyncio, uvloop, ssl or construct): ``lazymig lazy-pages``
-binds its socket before any of them (see :mod:`lazymig._listen`).
+nothing a command does not need before its work: no asyncio, uvloop, ssl or
+construct (``lazymig lazy-pages`` binds its socket before any of them, see
+:mod:`lazymig._listen`), nor logging, typing or dataclasses (``--help`` and
+``--version`` load little more than argparse). tests/test_imports.py checks it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
-import signal
-import socket
-from collections.abc import Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+import sys
 
 from lazymig.proto.constants import DEFAULT_CACERT, DEFAULT_CACRL, DEFAULT_CERT, DEFAULT_KEY
-from lazymig.proto.wire import WireVersion
 
+TYPE_CHECKING = False  # typing itself is not imported: see above
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Coroutine, Iterator
+    from typing import Any, TypeVar
+
+    from lazymig.proto.wire import WireVersion
     from lazymig.tls import TlsConfig
 
-_T = TypeVar("_T")
+    _T = TypeVar("_T")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, told the terminal's width: argparse would ask ``shutil``, whose
+    import loads bz2 and lzma (0.6 MiB that a daemon would keep) as each argument is
+    added."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(sys.stdout.fileno()).columns
+            except (AttributeError, ValueError, OSError):  # not a terminal, or no stdout
+                columns = 80
+        super().__init__(prog, width=columns - 2)
+
+
+class Parser(argparse.ArgumentParser):
+    """The command line's parsers: argparse's, with :class:`HelpFormatter`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
 
 
 def add_wire_option(parser: argparse.ArgumentParser) -> None:
     """``--wire v1|v2``: the page-server header layout."""
     parser.add_argument(
-        "--wire", type=WireVersion, choices=list(WireVersion), default=WireVersion.V2,
-        metavar="{v1,v2}",
+        "--wire", choices=["v1", "v2"], default="v2",
         help="page-server header layout: v1 = CRIU <= 4.1 (24 bytes), "
              "v2 = CRIU >= 4.2 (32 bytes, default)")
+
+
+def wire_version(args: argparse.Namespace) -> WireVersion:
+    """The ``--wire`` given."""
+    from lazymig.proto.wire import WireVersion
+
+    return WireVersion(args.wire)
 
 
 def add_server_address_options(parser: argparse.ArgumentParser, *, default_address: str) -> None:
@@ -116,15 +148,14 @@ def signal_ready(status_fd: int | None) -> None:
             os.close(null)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 @contextlib.contextmanager
 def cancelled_by_signals(what: str) -> Iterator[list[int]]:
     """Turn SIGINT/SIGTERM/SIGHUP into a cancellation of the current task, so that
     its clean-up runs (a dying process would drop fds that others depend on).
     Yields the list of signals received: exit with 128 + the first one."""
     import asyncio  # loaded already: a loop is running
+    import logging
+    import signal
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -137,12 +168,13 @@ def cancelled_by_signals(what: str) -> Iterator[list[int]]:
             task.cancel()
         received.append(signo)
 
-    for signo in STOP_SIGNALS:
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signo in stop_signals:
         loop.add_signal_handler(signo, on_signal, signo)
     try:
         yield received
     finally:
-        for signo in STOP_SIGNALS:
+        for signo in stop_signals:
             loop.remove_signal_handler(signo)
 
 
@@ -169,6 +201,7 @@ async def hold_after_failed_start(held: list[socket.socket], error: BaseExceptio
     and to CRIU's lazy-pages daemon, which exits when its page server goes away).
     """
     import asyncio  # loaded already: a loop is running
+    import logging
 
     if not held:
         return

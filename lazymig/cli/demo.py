@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
-from lazymig.cli._common import add_wire_option, run_async
+from lazymig.cli._common import Parser, add_wire_option, run_async, wire_version
 
+TYPE_CHECKING = False  # --help and --version load no typing
 if TYPE_CHECKING:
     from lazymig.orchestrate import TransferProgress
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
         "demo", help="migrate a live process lazily over 127.0.0.1 (needs root)",
         description="Start a process whose data region has a known checksum, dump it "
@@ -40,7 +40,7 @@ def demo(args: argparse.Namespace) -> int:
         if live:
             print(f"\r{progress_line(snapshot)}", end="", file=sys.stderr, flush=True)
 
-    result = run_async(args, run_demo(args.size, wire=args.wire, warm=not args.cold,
+    result = run_async(args, run_demo(args.size, wire=wire_version(args), warm=not args.cold,
                                        on_progress=show))
     if live:
         print(file=sys.stderr)  # keep the bar's last state on its line

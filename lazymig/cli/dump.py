@@ -19,9 +19,9 @@ its memory intact, and the exit status is 128 + the signal number.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lazymig.cli._common import (
+    Parser,
     add_images_dir_option,
     add_server_address_options,
     add_tls_options,
@@ -30,11 +30,16 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
     tls_config,
+    wire_version,
 )
 from lazymig.cli.pre_dump import add_track_options, parent_dir
 
+TYPE_CHECKING = False  # --help loads no typing (nor pathlib)
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
         "dump", help="freeze a process and dump it (lazily with --lazy-pages)",
         description="Dump a process into an images directory, like `criu dump`. With "
@@ -73,7 +78,7 @@ async def _dump(args: argparse.Namespace, parent: Path | None) -> int:
         try:
             if args.lazy_pages:
                 async with LazyDump(args.tree, args.images_dir, address=args.address,
-                                    port=args.port, wire=args.wire, tls=tls_config(args),
+                                    port=args.port, wire=wire_version(args), tls=tls_config(args),
                                     leave_running=args.leave_running, precopy=precopy) as lazy:
                     signal_ready(args.status_fd)
                     await lazy.serve()

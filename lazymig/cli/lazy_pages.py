@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-import socket
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lazymig.cli._common import (
+    Parser,
     accept_queued,
     add_images_dir_option,
     add_server_address_options,
@@ -37,16 +34,19 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
     tls_config,
+    wire_version,
 )
 
+TYPE_CHECKING = False  # typing is not imported before the socket listens
 if TYPE_CHECKING:
+    import socket
+    from pathlib import Path
+
     from lazymig.uffd.daemon import LazyPagesDaemon
     from lazymig.uffd.source import ReconnectPolicy, RemotePageSource
 
-log = logging.getLogger(__name__)
 
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
         "lazy-pages", help="fill restored processes' memory on demand (restore side)",
         description="Receive userfaultfds from restorers over a UNIX socket and fill them "
@@ -96,6 +96,8 @@ def add_reconnect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def lazy_pages(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from lazymig._listen import SOCKET_NAME, listen_unix
 
     images_dir = Path(args.images_dir)
@@ -159,6 +161,7 @@ async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> Remo
     :data:`_WAIT_RETRY` until ``--wait-for-page-server`` seconds have passed (a TLS
     refusal is final)."""
     import asyncio
+    import logging
 
     from lazymig.errors import BrokenResourceError
     from lazymig.uffd.source import RemotePageSource
@@ -169,15 +172,16 @@ async def _connect(args: argparse.Namespace, reconnect: ReconnectPolicy) -> Remo
     while True:
         try:
             return await RemotePageSource.connect(
-                args.address, args.port, wire=args.wire, channels=args.channels,
+                args.address, args.port, wire=wire_version(args), channels=args.channels,
                 tls=tls_config(args), reconnect=reconnect)
         except BrokenResourceError as exc:
             if loop.time() + _WAIT_RETRY > give_up:
                 raise
             if not told:
                 told = True
-                log.info("waiting up to %g s for the page server at %s:%d (%s)",
-                         args.wait_for_page_server, args.address, args.port, exc.__cause__)
+                logging.getLogger(__name__).info(
+                    "waiting up to %g s for the page server at %s:%d (%s)",
+                    args.wait_for_page_server, args.address, args.port, exc.__cause__)
         await asyncio.sleep(_WAIT_RETRY)
 
 

@@ -21,11 +21,10 @@ pages as zeros under CRIU's daemon).
 from __future__ import annotations
 
 import argparse
-import logging
-import socket
 import struct
 
 from lazymig.cli._common import (
+    Parser,
     accept_queued,
     add_images_dir_option,
     add_server_address_options,
@@ -34,16 +33,19 @@ from lazymig.cli._common import (
     run_async,
     signal_ready,
     tls_config,
+    wire_version,
 )
 from lazymig.errors import ConfigurationError
 
-log = logging.getLogger("lazymig")
+TYPE_CHECKING = False  # typing is not imported before the socket listens
+if TYPE_CHECKING:
+    import socket
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() sends a reset (the peer sees an error, not an end)."""
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
         "page-server", help="serve the lazy pages of a dump on disk over TCP",
         description="Serve the lazy pages of an images directory (CRIU's "
@@ -86,8 +88,8 @@ async def _serve(args: argparse.Namespace, listener: socket.socket) -> None:
 
         store = ImagesPageStore(ImagesDir(args.images_dir))
         try:  # certificates are loaded here
-            server = PageServer(store, address=args.address, port=args.port, wire=args.wire,
-                                tls=tls_config(args), listener=listener,
+            server = PageServer(store, address=args.address, port=args.port,
+                                wire=wire_version(args), tls=tls_config(args), listener=listener,
                                 until=ServeUntil.STOPPED if args.keep_serving
                                 else ServeUntil.SESSION)
         except BaseException:
@@ -107,11 +109,14 @@ async def _serve(args: argparse.Namespace, listener: socket.socket) -> None:
 def _reset_queued(listener: socket.socket, error: BaseException) -> None:
     """The start-up failed with ``error``: reset the daemons that connected meanwhile
     (their restores fail at once) and close the listener (later ones are refused)."""
+    import logging
+    import socket
+
     queued = accept_queued(listener)
     for conn in queued:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         conn.close()
     if queued:
-        log.error("%d lazy-pages daemon(s) had connected before the start-up failed (%s): "
-                  "their connections were reset, so that their restores fail now",
-                  len(queued), error)
+        logging.getLogger("lazymig").error(
+            "%d lazy-pages daemon(s) had connected before the start-up failed (%s): their "
+            "connections were reset, so that their restores fail now", len(queued), error)

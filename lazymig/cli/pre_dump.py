@@ -16,12 +16,15 @@ writes are tracked with a userfaultfd in async write-protect mode
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lazymig.cli._common import add_images_dir_option, run_async
+from lazymig.cli._common import Parser, add_images_dir_option, run_async
+
+TYPE_CHECKING = False  # --help loads no typing (nor pathlib)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
         "pre-dump", help="copy a running process's memory, or what it wrote since the last "
                          "pre-dump",
@@ -47,6 +50,8 @@ def add_track_options(parser: argparse.ArgumentParser) -> None:
 
 def parent_dir(args: argparse.Namespace) -> Path | None:
     """The previous pre-dump's dir, after checking the options go together."""
+    from pathlib import Path
+
     from lazymig.errors import ConfigurationError
 
     if args.prev_images_dir is not None and not args.track_mem:
@@ -67,6 +72,8 @@ def pre_dump_command(args: argparse.Namespace) -> int:
 
 
 async def _pre_dump(args: argparse.Namespace, parent: Path | None) -> int:
+    from pathlib import Path
+
     from lazymig.dump.precopy import PreCopy
 
     images = Path(args.images_dir)

@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from lazymig._listen import SOCKET_NAME
-from lazymig.cli._common import add_images_dir_option, run_async
+from lazymig.cli._common import Parser, add_images_dir_option, run_async
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
         "restore", help="restore a process dumped by `lazymig dump` (destination side)",
         description="Rebuild a dumped process, its threads too, in a new process and let it run; "
@@ -72,6 +70,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lazymig._listen import SOCKET_NAME
     from lazymig.restore import InheritFd, Restorer  # the machinery only when it runs
 
     images_dir = Path(args.images_dir)
@@ -96,6 +97,8 @@ def restore(args: argparse.Namespace) -> int:
 def write_pidfile(path: str, pid: int) -> None:
     """``pid`` and a newline into ``path``, whole or not at all (a reader that polls for
     the file never sees it empty)."""
+    from pathlib import Path
+
     partial = Path(f"{path}.{os.getpid()}.tmp")
     try:
         partial.write_text(f"{pid}\n")

@@ -8,8 +8,10 @@ images, the wire and the options stay compatible.
 from __future__ import annotations
 
 import enum
-from pathlib import Path
-from typing import Final
+
+TYPE_CHECKING = False  # the CLI's --help loads no typing
+if TYPE_CHECKING:
+    from typing import Final
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -74,8 +76,8 @@ def vma_can_be_lazy(flags: int, status: int) -> bool:
 
 
 # CRIU's default TLS files (criu/tls.c), here so that the command line can show
-# them without importing ssl (lazymig.tls re-exports them).
-DEFAULT_CACERT = Path("/etc/pki/CA/cacert.pem")
-DEFAULT_CACRL = Path("/etc/pki/CA/cacrl.pem")
-DEFAULT_CERT = Path("/etc/pki/criu/cert.pem")
-DEFAULT_KEY = Path("/etc/pki/criu/private/key.pem")
+# them without importing ssl, nor pathlib (lazymig.tls re-exports them as Paths).
+DEFAULT_CACERT = "/etc/pki/CA/cacert.pem"
+DEFAULT_CACRL = "/etc/pki/CA/cacrl.pem"
+DEFAULT_CERT = "/etc/pki/criu/cert.pem"
+DEFAULT_KEY = "/etc/pki/criu/private/key.pem"
