@@ -52,7 +52,6 @@ import contextlib
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -60,6 +59,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from lazymig.linux.procfs import descendants, lowest_mappable, pidfd_pid
@@ -217,6 +217,16 @@ class _Words:
 # -- the daemon's own guardian ---------------------------------------------------------------
 
 
+def _which(name: str) -> str | None:
+    """``shutil.which`` for a plain name: shutil would load bz2 and lzma (0.6 MiB) into
+    the daemon that starts us."""
+    for directory in os.get_exec_path():
+        path = Path(directory) / name
+        if os.access(path, os.X_OK) and not path.is_dir():
+            return str(path)
+    return None
+
+
 class DaemonGuardian:
     """The daemon's end of its own guardian (see the module docstring): every process
     the daemon holds stays held, or is killed, should the daemon die.
@@ -231,7 +241,7 @@ class DaemonGuardian:
                 str(os.getpriority(os.PRIO_PROCESS, 0))]
         # It starts as the first pages go out: its interpreter's start-up (~40 ms of CPU)
         # must not take a vCPU from them. Once up it takes the daemon's priority back.
-        if (nice := shutil.which("nice")) is not None:
+        if (nice := _which("nice")) is not None:
             argv = [nice, "-n", "19", *argv]
         try:
             self.process = subprocess.Popen(
