@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import machine  # noqa: E402
+import report  # noqa: E402
 from criu_peer import free_port  # noqa: E402
 from lazydump import write_lazy_dump  # noqa: E402
 
@@ -172,6 +173,7 @@ def main() -> int:
                         help="a second source tree, run in turn with this one (the before)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out.resolve() if args.out else None  # the runs chdir away
     trees = {"this tree": HERE.parent, **({"--vs tree": args.vs.resolve()} if args.vs else {})}
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     for tree in trees.values():
@@ -270,10 +272,12 @@ def main() -> int:
             feeder.kill()
             feeder.wait()
     say(f"load average after: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+    if out:
+        out.write_text("\n".join(lines) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report.recorded("startup"):
+        status = main()
+    sys.exit(status)

@@ -9,10 +9,11 @@ and fills them until every process is complete.
 
 Start-up is part of a migration's downtime (``criu restore`` waits for the
 daemon), so the command listens first and says so on ``--status-fd`` at once,
-about 55 ms after exec; only then does it import the daemon, read the images
-and connect to the page server (its loop serves about 0.12 s after exec). A
-restorer that connects meanwhile waits in the socket's backlog with its uffd;
-a fault of its process waits in the kernel until the daemon reads it. Should the start-up then fail,
+having loaded little more than argparse; only then does it import the daemon,
+read the images (without protobuf's runtime) and connect to the page server
+(docs/operating.md has the figures). A restorer that connects meanwhile waits
+in the socket's backlog with its uffd; a fault of its process waits in the
+kernel until the daemon reads it. Should the start-up then fail,
 restorers already queued are not dropped (their processes would read missing
 pages as zeros): see :func:`~lazymig.cli._common.hold_after_failed_start`.
 """
