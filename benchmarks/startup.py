@@ -252,7 +252,8 @@ def main() -> int:
                     for command in commands:
                         command()
             say(f"exec until exit (or ready / serving), median of {args.runs} (min), "
-                "peak RSS" + (", and the ratio of the medians" if args.vs else "") + ":")
+                "peak RSS" + (", and the ratio of the medians" if args.vs else "")
+                + "; the first rows are the limits of any Python command here:")
             for label, by_tree in times.items():
                 row = [f"{fmt(values)}" + (f" {fmt(peaks[label][name], 'MiB')}"
                                            if label in peaks else "")

@@ -101,10 +101,10 @@ class PagemapWriter:
     """
 
     def __init__(self, path: StrPath, pages_id: int, *, fsync: bool = False) -> None:
-        self._writer = ImageWriter(path, ImageKind.PAGEMAP, fsync=fsync)
-        self._prev_end = 0
         from lazymig.proto.images import pagemap_pb2
 
+        self._writer = ImageWriter(path, ImageKind.PAGEMAP, fsync=fsync)
+        self._prev_end = 0
         try:
             self._writer.write(pagemap_pb2.pagemap_head(pages_id=pages_id))
         except BaseException:
@@ -198,6 +198,7 @@ class ImagesDir:
         """:meth:`read_entry` without protobuf's runtime: ``extract`` of the fields of
         the image's only entry (see :meth:`ImageReader.read_fields`)."""
         with self.open_reader(kind, ident) as reader:
+            # In a tuple: the value may be None, which read_fields returns at the end.
             found = reader.read_fields(name, lambda entry: (extract(entry),))
             if found is None:
                 raise ImageError(f"no {name} entry", path=reader.path, offset=reader.offset)
