@@ -221,9 +221,15 @@ def __getattr__(name: str) -> Any:
     # runtime costs a daemon 4 MiB and 15 ms of start-up, and it reads its few fields
     # without it (_wire).
     module, attr = _ALIASES.get(name, (name, None))
-    if not module.endswith("_pb2"):
+    path = f"{__name__}.{module}"
+    try:
+        value = importlib.import_module(path) if module.endswith("_pb2") else None
+    except ModuleNotFoundError as exc:
+        if exc.name != path:  # a generated module that is there lacks something
+            raise
+        value = None
+    if value is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = importlib.import_module(f"{__name__}.{module}")
     if attr is not None:
         value = getattr(value, attr)
         globals()[name] = value
