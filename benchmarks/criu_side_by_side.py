@@ -108,13 +108,13 @@ from criu_peer import (  # noqa: E402
     chroot_argv,
     criu,
     criu_root_ready,
-    free_port,
     kill_pid,
     lazymig_argv,
     log_errors,
     start_with_status_fd,
     stop,
 )
+from helpers import free_port  # noqa: E402
 
 from lazymig.proto.constants import PAGE_SIZE  # noqa: E402
 from lazymig.proto.images import ImagesDir  # noqa: E402

@@ -70,11 +70,11 @@ from criu_peer import (
     chroot_argv,
     criu,
     criu_root_ready,
-    free_port,
     kill_pid,
     lazymig_argv,
     start_with_status_fd,
 )
+from helpers import free_port
 from lazydump import write_lazy_dump
 
 from lazymig.linux.procfs import read_stat

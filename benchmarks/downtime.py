@@ -87,7 +87,6 @@ from criu_peer import (  # noqa: E402
     chroot_argv,
     criu,
     criu_root_ready,
-    free_port,
     kill_pid,
     lazymig_argv,
     log_errors,
@@ -102,6 +101,7 @@ from criu_side_by_side import (  # noqa: E402
     use_bytecode,
     wait_for,
 )
+from helpers import free_port  # noqa: E402
 
 MIB = 1 << 20
 LOCK = Path("/tmp/lazymig-criu.lock")

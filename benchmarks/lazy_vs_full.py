@@ -61,8 +61,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import _sbs_workload  # noqa: E402
 import machine  # noqa: E402
 import report  # noqa: E402
-from criu_peer import free_port  # noqa: E402
 from criu_side_by_side import wait_for  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 MIB = 1 << 20
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import machine  # noqa: E402
 import report  # noqa: E402
-from criu_peer import free_port  # noqa: E402
+from helpers import free_port  # noqa: E402
 from lazydump import write_lazy_dump  # noqa: E402
 
 MIB = 1 << 20

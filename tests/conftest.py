@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,3 +48,9 @@ def _no_unhandled_loop_errors() -> Any:
     errors = list(_UNHANDLED)
     _UNHANDLED.clear()
     assert not errors, f"the event loop's exception handler was called: {errors}"
+
+
+@pytest.fixture(scope="session")
+def c_workload(lazymig_c_workload: Path) -> Path:
+    """The C pattern workload, built once for the whole run (lazymig's own fixture)."""
+    return lazymig_c_workload

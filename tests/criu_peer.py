@@ -366,12 +366,6 @@ def _users_of(directory: Path) -> list[int]:
     return users
 
 
-def free_port() -> int:
-    """A TCP port that nothing on 127.0.0.1 listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # -- criu ----------------------------------------------------------------------------------
 

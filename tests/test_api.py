@@ -26,12 +26,7 @@ import lazymig
 from lazymig.linux.ptrace import process_alive
 from lazymig.testing import Pattern, assert_memory_equal
 from lazymig.testing.plugin import StartWorkload
-from lazymig.testing.workload import Check, OutputLines, Workload, build_c_workload
-
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
+from lazymig.testing.workload import Check, OutputLines, Workload
 
 
 class Output:

@@ -16,7 +16,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from test_docs import code_blocks
 
 from lazymig.linux.ptrace import process_alive
@@ -110,11 +110,6 @@ def on_host(command: str, host: str, tmp_path: Path, pid: int, port: int) -> str
     return command.replace("<pid>", str(pid)).replace("<src>", "127.0.0.1").replace(
         "9876", str(port))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def last_check(path: Path, timeout: float = 10.0) -> Check:

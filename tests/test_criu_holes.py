@@ -24,12 +24,12 @@ from criu_peer import (
     Workload,
     chroot_argv,
     criu,
-    free_port,
     lazymig_argv,
     process_state,
     start_with_status_fd,
     stop,
 )
+from helpers import free_port
 from test_criu_interop import (
     LOOPS,
     chroot_dir,

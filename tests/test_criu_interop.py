@@ -52,7 +52,6 @@ from criu_peer import (
     chroot_argv,
     criu,
     criu_root_ready,
-    free_port,
     kill_pid,
     lazymig_argv,
     log_errors,
@@ -66,6 +65,7 @@ from criu_peer import (
 )
 from google.protobuf import unknown_fields as protobuf_unknown
 from google.protobuf.message import Message
+from helpers import free_port
 from test_images_crit import plain
 
 from lazymig.proto.constants import PAGE_SIZE, PE

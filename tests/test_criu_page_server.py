@@ -33,13 +33,13 @@ from criu_peer import (
     chroot_argv,
     criu,
     criu_root_ready,
-    free_port,
     kill_pid,
     lazymig_argv,
     log_errors,
     start_with_status_fd,
     stop,
 )
+from helpers import free_port
 from test_criu_interop import check_restored_ticks, dump_workload
 
 from lazymig.proto.constants import PAGE_SIZE

@@ -26,11 +26,11 @@ from criu_peer import (
     CriuError,
     Workload,
     chroot_argv,
-    free_port,
     log_errors,
     start_with_status_fd,
     stop,
 )
+from helpers import free_port
 from test_criu_interop import (
     LOOPS,
     check_restored_ticks,

@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import on_uvloop
 from lazydump import write_lazy_dump
 from reliability import Recorder
 from test_daemon import finish, layout, spawn, stop
-from test_restore import on_uvloop
 
 from lazymig._listen import SOCKET_NAME
 from lazymig.dump.server import PageServer

@@ -16,7 +16,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
+from helpers import free_port, on_uvloop
 from test_page_server import MiniClient
 
 from lazymig.dump.images import read_lazymig_entry
@@ -33,7 +32,7 @@ from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry
 from lazymig.proto.wire import WireVersion
-from lazymig.testing.workload import Workload, build_c_workload, expected_page, python_workload_argv
+from lazymig.testing.workload import Workload, expected_page, python_workload_argv
 
 pytestmark = [
     pytest.mark.root,
@@ -44,10 +43,6 @@ CRIT = shutil.which("crit")
 SA_RESTART = 0x10000000
 
 
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
-
 
 @pytest.fixture
 def workload(c_workload: Path) -> Iterator[Workload]:
@@ -55,11 +50,6 @@ def workload(c_workload: Path) -> Iterator[Workload]:
                    "--interval-ms", "50"]) as w:
         yield w
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_state(pid: int) -> tuple[str, int]:
@@ -123,9 +113,6 @@ class DumpCli:
             self.proc.kill()
         self.stderr()
 
-
-def on_uvloop() -> bool:
-    return isinstance(asyncio.get_running_loop(), uvloop.Loop)
 
 
 def split_pagemap(images: ImagesDir, pid: int) -> tuple[list[PagemapEntry], list[PagemapEntry]]:

@@ -33,7 +33,6 @@ from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import MAP_LOCKED, PAGE_SIZE, VmaStatus
 from lazymig.testing.workload import (
     Workload,
-    build_c_workload,
     expected_page,
     python_workload_argv,
 )
@@ -47,10 +46,6 @@ MiB = 1 << 20
 SA_RESTART = 0x10000000
 SYS_GETPID = 39
 
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry
 from lazymig.proto.wire import WireVersion
-from lazymig.testing.workload import Workload, build_c_workload, expected_page
+from lazymig.testing.workload import Workload, expected_page
 
 MiB = 1 << 20
 SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)
@@ -50,10 +50,6 @@ GPREGS = ["r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax"
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="ptrace of arbitrary processes needs root")
 
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
 
 
 @pytest.fixture

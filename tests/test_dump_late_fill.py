@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_dump_cli import DumpCli, free_port
-from test_dump_images import c_workload, proc_state, runs_unchanged
+from helpers import free_port
+from test_dump_cli import DumpCli
+from test_dump_images import proc_state, runs_unchanged
 from test_page_server import MiniClient
 
 from lazymig.dump import LazyDump
@@ -42,7 +43,6 @@ MiB = 1 << 20
 
 log = logging.getLogger(__name__)
 
-__all__ = ["c_workload"]  # the fixture, shared with test_dump_images
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(
     os.geteuid() != 0, reason="ptrace of arbitrary processes needs root")]

@@ -25,7 +25,7 @@ from lazymig.errors import LazyMigOSError
 from lazymig.linux.ptrace import Tracee, UserRegs
 from lazymig.linux.vm import read_memory, write_memory
 from lazymig.proto.constants import PAGE_SIZE
-from lazymig.testing.workload import Workload, build_c_workload, expected_page
+from lazymig.testing.workload import Workload, expected_page
 
 pytestmark = [
     pytest.mark.root,
@@ -36,10 +36,6 @@ SMALL_PIPE = 4 * PAGE_SIZE  # 8 MiB in pipes of 4 pages: 512 pipes, three batche
 SYS_MPROTECT = 10
 PROT_NONE, PROT_RW = 0, 3
 
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
 
 
 @pytest.fixture

@@ -42,8 +42,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import on_uvloop
 from test_images_crit import CRIT, crit_decode
-from test_restore import on_uvloop
 from workloads import WORKLOAD_DIR
 
 import lazymig

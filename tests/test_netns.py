@@ -27,7 +27,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_restore import free_port, on_uvloop, restore_and_check
+from helpers import free_port, on_uvloop
+from test_restore import restore_and_check
 
 import lazymig
 from lazymig.testing import HostPair, Pattern, assert_memory_equal

@@ -31,7 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import cli, on_uvloop
+from helpers import on_uvloop
+from test_restore import cli
 
 import lazymig
 from lazymig._aio import wait_fd

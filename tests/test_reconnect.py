@@ -31,17 +31,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from helpers import free_port, on_uvloop
 from lazydump import page_pattern, write_lazy_dump
 from reliability import Recorder
 from test_daemon import finish, layout, run_daemon, spawn, stop
-from test_restore import (
-    _wait_ready,
-    c_workload,
-    cli,
-    free_port,
-    on_uvloop,
-    restore_with_output,
-)
+from test_restore import _wait_ready, cli, restore_with_output
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
@@ -51,8 +45,6 @@ from lazymig.testing.memory import Pattern, assert_memory_equal
 from lazymig.testing.proxy import Direction, FaultProxy
 from lazymig.testing.workload import Check, Ready, Workload
 from lazymig.uffd.source import ReconnectPolicy, RemotePageSource
-
-__all__ = ["c_workload"]  # the fixture, shared with test_restore
 
 PID = 777
 BASE = 0x10000000

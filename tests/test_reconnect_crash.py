@@ -22,11 +22,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port, on_uvloop
 from lazydump import write_lazy_dump
 from reliability import Recorder
 from test_daemon import run_daemon, stop
 from test_reconnect import restore_and_compare
-from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_with_output
+from test_restore import _wait_ready, cli, restore_with_output
 from test_uffd_kernel import Child
 
 from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, DaemonGuardian, spawn_guardian
@@ -36,8 +37,6 @@ from lazymig.testing.workload import Check, Workload
 from lazymig.uffd.handover import send_restore_finished, send_task
 from lazymig.uffd.source import LocalPageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
-
-__all__ = ["c_workload"]  # the fixture, shared with test_restore
 
 pytestmark = [
     pytest.mark.root,

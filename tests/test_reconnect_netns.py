@@ -23,10 +23,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from helpers import on_uvloop
 from reliability import Recorder
 from test_netns import PORT
 from test_reconnect import restore_and_compare
-from test_restore import on_uvloop
 
 from lazymig.testing import HostPair
 from lazymig.testing.plugin import StartCommand, StartWorkload

@@ -26,7 +26,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
+from helpers import free_port, on_uvloop
 
 from lazymig.dump import dump
 from lazymig.errors import BrokenResourceError
@@ -46,7 +45,6 @@ from lazymig.testing.workload import (
     Check,
     OutputLines,
     Workload,
-    build_c_workload,
     parse_check,
     python_workload_argv,
 )
@@ -62,18 +60,11 @@ NOBODY = 65534
 MADV_DONTDUMP = 16
 
 
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
-
 
 def status_line(pid: int, key: str) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key + ":"))
 
-
-def on_uvloop() -> bool:
-    return isinstance(asyncio.get_running_loop(), uvloop.Loop)
 
 
 @pytest.mark.asyncio
@@ -155,11 +146,6 @@ def cli(*args: str, status: bool = True, uvloop: bool = True,
             proc.kill()
         proc.communicate(timeout=10)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def restore_with_output(images: Path, *, lazy_pages: bool = False,

@@ -32,7 +32,7 @@ from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.restore import Restorer
-from lazymig.testing import MemorySnapshot, Workload, assert_memory_equal, build_c_workload
+from lazymig.testing import MemorySnapshot, Workload, assert_memory_equal
 
 pytestmark = [
     pytest.mark.root,
@@ -43,10 +43,6 @@ MAPS = 5000
 RUNS = 4096
 _UNREADABLE = ("[vvar]", "[vvar_vclock]", "[vsyscall]")  # process_vm_readv cannot read them
 
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
 
 
 @pytest.fixture

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import on_uvloop
 from test_images_crit import crit_decode, plain
-from test_restore import _wait_ready, cli, on_uvloop, restore_with_output, status_line
+from test_restore import _wait_ready, cli, restore_with_output, status_line
 from workloads import WORKLOAD_DIR
 
 from lazymig.dump import LazyDump, dump

@@ -34,8 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port, on_uvloop
 from test_images_crit import crit_decode
-from test_restore import _wait_ready, cli, free_port, on_uvloop
+from test_restore import _wait_ready, cli
 from workloads import WORKLOAD_DIR
 from workloads import shmem as shmem_workload
 

@@ -11,13 +11,13 @@ services must not grow: fds and threads exactly, memory within a stated slack.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers import free_port
 from lazydump import write_lazy_dump
 from reliability import Recorder
 from test_daemon import layout
@@ -66,11 +66,6 @@ def start(args: list[str]) -> subprocess.Popen[bytes]:
         os.close(ready_r)
     return proc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def settled(pid: int) -> Usage:

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, on_uvloop
 from lazydump import page_pattern, write_lazy_dump
 from test_daemon import finish, layout, spawn, stop
 from test_limits import until
-from test_restore import free_port, on_uvloop
 
 from lazymig._listen import SOCKET_NAME
 from lazymig.dump.server import PageServer

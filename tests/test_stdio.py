@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import _wait_ready, cli, free_port, on_uvloop
+from helpers import free_port, on_uvloop
+from test_restore import _wait_ready, cli
 
 import lazymig
 from lazymig.dump import dump

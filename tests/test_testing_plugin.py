@@ -29,8 +29,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from test_api import process_state
-from test_restore import free_port
 
 import lazymig
 from lazymig.linux.vm import write_memory

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import free_port, on_uvloop
+from helpers import free_port, on_uvloop
 
 import lazymig
 from lazymig.dump import dump

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import free_port, on_uvloop
 from lazydump import page_pattern, write_lazy_dump
 from test_daemon import finish, layout, run_daemon, spawn, stop
-from test_restore import _wait_ready, c_workload, cli, free_port, on_uvloop, restore_and_check
+from test_restore import _wait_ready, cli, restore_and_check
 from tls_pki import OPENSSL, Pki, make_pki
 
 from lazymig.dump import LazyDump, SourceFate
@@ -34,8 +35,6 @@ from lazymig.proto.pageserver import DEFAULT_MAX_PAGES
 from lazymig.testing.workload import Workload, expected_page
 from lazymig.tls import ServerTls, TlsConfig, name_matches
 from lazymig.uffd.source import RemotePageSource
-
-__all__ = ["c_workload"]  # the fixture, shared with test_restore
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="no openssl command to make certificates")
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import free_port, on_uvloop
+from helpers import free_port, on_uvloop
 
 import lazymig
 import lazymig.dump.dumper

@@ -19,17 +19,12 @@ import lazymig
 from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.linux.procfs import read_syscall
 from lazymig.linux.ptrace import process_alive
-from lazymig.testing.workload import build_c_workload
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="ptrace needs root"),
 ]
 
-
-@pytest.fixture(scope="module")
-def c_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_c_workload(tmp_path_factory.mktemp("workload"))
 
 
 def state(pid: int) -> str:
