@@ -49,7 +49,7 @@ from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_epoll_target, same_file
 from lazymig.linux.procfs import processes, read_fdinfo
 from lazymig.linux.sockdiag import UnixSocket, unix_socket
-from lazymig.linux.vm import pidfd_getfd
+from lazymig.linux.vm import copy_fd
 from lazymig.proto.images import (
     EventfdFileEntry,
     EventpollFileEntry,
@@ -179,12 +179,7 @@ def _pair(value: str) -> tuple[int, int]:
 def _borrowed(pid: int, fd: int) -> Iterator[socket.socket]:
     """A socket object on this process's own copy of fd ``fd`` of ``pid``
     (pidfd_getfd: the same open file description)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        mine = pidfd_getfd(pidfd, fd)
-    finally:
-        os.close(pidfd)
-    sock = socket.socket(fileno=mine)
+    sock = socket.socket(fileno=copy_fd(pid, fd))
     try:
         yield sock
     finally:

@@ -65,8 +65,8 @@ from lazymig.linux.vm import (
     PAGE_IS_WRITTEN,
     PM_SCAN_CHECK_WPASYNC,
     PM_SCAN_WP_MATCHING,
+    copy_fd,
     pagemap_scan,
-    pidfd_getfd,
 )
 from lazymig.proto.constants import MAP_SHARED, PAGE_SHIFT, VmaStatus
 from lazymig.proto.uffd import Feature, RegisterMode
@@ -342,11 +342,7 @@ def _take_uffd(pid: int, timeout: float) -> int:
             if fd < 0:
                 raise LazyMigOSError(-fd, "userfaultfd() run by the process", pid=pid)
             try:
-                pidfd = os.pidfd_open(pid)
-                try:
-                    return pidfd_getfd(pidfd, fd)
-                finally:
-                    os.close(pidfd)
+                return copy_fd(pid, fd)
             finally:
                 session.syscall(SYS_CLOSE, fd)
     finally:

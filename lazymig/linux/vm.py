@@ -164,6 +164,16 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
                  f"pidfd_getfd(fd {target_fd})")
 
 
+def copy_fd(pid: int, fd: int) -> int:
+    """A close-on-exec copy of fd ``fd`` of process ``pid`` here (the same open file
+    description; needs ptrace-attach rights over it)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
+
 # PAGEMAP_SCAN (Linux 6.7+, include/uapi/linux/fs.h): page categories.
 PAGE_IS_WRITTEN = 1 << 1  # not write-protected by a WP_ASYNC userfaultfd since the last scan
 PAGE_IS_FILE = 1 << 2

@@ -45,7 +45,7 @@ from lazymig.linux.syscalls import (
     SYS_TIMERFD_SETTIME,
     SYS_WRITE,
 )
-from lazymig.linux.vm import pidfd_getfd, read_memory
+from lazymig.linux.vm import copy_fd, read_memory
 from lazymig.proto.images import FileEntry, fdinfo_pb2
 
 if TYPE_CHECKING:
@@ -135,12 +135,7 @@ class AnonFiles:
     @contextmanager
     def _borrowed(self, f: FileEntry) -> Iterator[socket.socket]:
         """A socket object on the restorer's own copy of the staged end of ``f``."""
-        pidfd = os.pidfd_open(self._target.pid)
-        try:
-            mine = pidfd_getfd(pidfd, self._staged[f.usk.ino])
-        finally:
-            os.close(pidfd)
-        sock = socket.socket(fileno=mine)
+        sock = socket.socket(fileno=copy_fd(self._target.pid, self._staged[f.usk.ino]))
         try:
             yield sock
         finally:

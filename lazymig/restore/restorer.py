@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import logging
@@ -70,7 +69,6 @@ from typing import Final
 from lazymig.dump.shmem import is_shared_object
 from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
-from lazymig.linux._libc import libc
 from lazymig.linux.ptrace import InjectionSession, SyscallBatch, Tracee, TracerThread
 from lazymig.linux.syscalls import (
     SYS_CHDIR,
@@ -82,7 +80,6 @@ from lazymig.linux.syscalls import (
     SYS_MUNMAP,
     SYS_OPENAT,
     SYS_PERSONALITY,
-    SYS_PIDFD_GETFD,
     SYS_PRCTL,
     SYS_RSEQ,
     SYS_RT_SIGACTION,
@@ -99,7 +96,7 @@ from lazymig.linux.syscalls import (
     SYS_UMASK,
     SYS_USERFAULTFD,
 )
-from lazymig.linux.vm import MemoryWriter, write_memory
+from lazymig.linux.vm import MemoryWriter, copy_fd, write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -164,9 +161,6 @@ _MAP_FLAGS_KEPT: Final = MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_NORES
 _SPECIAL: Final = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 _NOT_MAPPED_HERE: Final = VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL
 _PRCTL_MM_MAP: Final = struct.Struct("<11QQII")  # struct prctl_mm_map
-
-_syscall = libc.syscall
-_syscall.restype = ctypes.c_long
 
 
 class RestoreError(LazyMigError):
@@ -624,14 +618,7 @@ class Restorer:
                     target.queue(SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
                                  what=f"ioctl(UFFDIO_REGISTER {r[0]:#x}-{r[1]:#x})")
                 target.run_queued()
-            pidfd = os.pidfd_open(target.pid)
-            try:
-                mine = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-                if mine < 0:
-                    err = ctypes.get_errno()
-                    raise LazyMigOSError(err, "pidfd_getfd(uffd)", pid=target.pid)
-            finally:
-                os.close(pidfd)
+            mine = copy_fd(target.pid, fd)
         finally:
             target.call(SYS_CLOSE, fd, what="close(uffd)")
         return int(mine)
