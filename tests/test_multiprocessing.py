@@ -191,6 +191,7 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
     with mp_pool(tmp_path) as (proc, ready, out):
         region, size = int(ready["region"], 16), int(ready["size"])
         restored: list[int] = []
+        process: lazymig.RestoredProcess | None = None
         try:
             # Written once before the Pool started: the region the workers only read.
             before = await asyncio.to_thread(MemorySnapshot.take, proc.pid, [(region, size)])
@@ -206,7 +207,7 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
             async with asyncio.timeout(90), lazymig.migrate(
                     proc.pid, images_dir=images, copy_images=as_to_another_host) as migration:
                 dumped = last_round(lines(out))
-                root = migration.process.pid
+                process, root = migration.process, migration.process.pid
                 restored = [root, *descendants(root)]  # killed at the end, whatever happens
             holders = await check_restored(root, ready, out, before, dumped)
             await asyncio.to_thread(check_objects, root, holders, segment)
@@ -216,6 +217,8 @@ async def test_a_multiprocessing_pool_migrates(tmp_path: Path) -> None:
             for pid in reversed(restored):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            if process is not None:  # and its pid namespace: workers forked since go too
+                await process.kill()
 
 
 @pytest.mark.asyncio
