@@ -49,6 +49,10 @@ from lazymig.restore.restorer import Restorer
 from lazymig.testing.workload import OutputLines
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import helpers  # noqa: E402
+
 WORKLOADS = {"idle": ("idle", 0.0), "read-mostly": ("read", 5.0), "write-heavy": ("write", 30.0)}
 MODES = ("lazy", "full", "pre+eager", "pre+lazy")
 CRIU_ROOT = Path(os.environ.get("CRIU_ROOT", "/opt/criu-root"))
@@ -74,20 +78,8 @@ def build(out: Path) -> Path:
     return exe
 
 
-class Restored:
+class Restored(helpers.Output):
     """A pipe for the restored copy's stdout, and its PASS line."""
-
-    def __init__(self) -> None:
-        read_fd, self.fd = os.pipe()
-        self.lines = OutputLines(read_fd)
-
-    def stdio(self) -> tuple[int, int, int]:
-        return (0, self.fd, 2)
-
-    def handed_over(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     async def first_pass(self, pid: int) -> tuple[float, int]:
         os.kill(pid, signal.SIGUSR1)
@@ -120,7 +112,7 @@ async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) 
             reports: list[lazymig.RoundReport] = []
             began = time.monotonic()
             result = await lazymig.migrate(
-                proc.pid, images_dir=images, stdio=out.stdio(), on_round=reports.append,
+                proc.pid, images_dir=images, stdio=out.stdio, on_round=reports.append,
                 precopy=PreCopyOptions(lazy=True) if mode == "pre+lazy" else False)
             out.handed_over()
             restored_pid = result.restored.pid
@@ -145,7 +137,7 @@ async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) 
             finally:
                 if precopy is not None:
                     await precopy.aclose()
-            restorer = Restorer(final, stdio=out.stdio())
+            restorer = Restorer(final, stdio=out.stdio)
             restored = await restorer.run()
             out.handed_over()
             restored_pid = restored.pid

@@ -17,44 +17,17 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import output_pipe
 
 import lazymig
 from lazymig.linux.ptrace import process_alive
 from lazymig.testing import Pattern, assert_memory_equal
 from lazymig.testing.plugin import StartWorkload
-from lazymig.testing.workload import Check, OutputLines, Workload
-
-
-class Output:
-    """A pipe for a restored process's stdout: ``fd`` to give it, ``lines`` to read."""
-
-    def __init__(self) -> None:
-        read_fd, self.fd = os.pipe()
-        self.lines = OutputLines(read_fd)
-
-    def handed_over(self) -> None:
-        """The restored process has its copy: close ours (once: fd numbers are reused)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    @property
-    def stdio(self) -> tuple[int, int, int]:
-        return (0, self.fd, 2)
-
-
-@contextlib.contextmanager
-def output_pipe() -> Iterator[Output]:
-    output = Output()
-    try:
-        yield output
-    finally:
-        output.handed_over()
-        output.lines.close()
+from lazymig.testing.workload import Check, Workload
 
 
 def same_memory(check: Check, before: Check) -> bool:

@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_api import kill, output_pipe
+from helpers import output_pipe
+from test_api import kill
 from test_images_crit import crit_decode
 from test_restore import restore_with_output
 from test_restore_files import parse

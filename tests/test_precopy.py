@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import helpers
 import pytest
 
 import lazymig
@@ -83,20 +84,8 @@ def writer(writer_exe: Path) -> Iterator[Writer]:
         w.close()
 
 
-class Output:
-    """A pipe for the restored process's stdout."""
-
-    def __init__(self) -> None:
-        read_fd, self.fd = os.pipe()
-        self.lines = OutputLines(read_fd)
-
-    def stdio(self) -> tuple[int, int, int]:
-        return (0, self.fd, 2)
-
-    def handed_over(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+class Output(helpers.Output):
+    """A pipe for the restored process's stdout, and its CHECK answers."""
 
     async def check(self, pid: int) -> tuple[int, int]:
         """Ask the process to check every page; (pages that disagree, writes so far)."""
@@ -168,7 +157,7 @@ async def test_rounds_then_a_plain_dump_restore_every_page(
     assert result.nonlazy_pages < HOT + 64
     assert (images / PARENT_LINK).resolve() == rounds[-1].images_dir.resolve()
 
-    restorer = Restorer(images, stdio=output.stdio())
+    restorer = Restorer(images, stdio=output.stdio)
     try:
         restored = await restorer.run()
         output.handed_over()
@@ -207,7 +196,7 @@ async def test_an_abort_during_the_rounds_leaves_the_source_as_it_was(
             raise RuntimeError("abort in round 2")
 
     with pytest.raises(RuntimeError, match="abort in round 2"):
-        await lazymig.migrate(writer.pid, precopy=True, on_round=fail, stdio=output.stdio())
+        await lazymig.migrate(writer.pid, precopy=True, on_round=fail, stdio=output.stdio)
     assert writer.proc.poll() is None
     assert uffd_state(writer.pid) == ([], [])
     assert fd_names(writer.pid) == fds_before
@@ -218,7 +207,7 @@ async def test_migrate_with_pre_copy_then_lazy(writer: Writer, output: Output) -
     rounds: list[RoundReport] = []
     result = await asyncio.wait_for(lazymig.migrate(
         writer.pid, precopy=PreCopyOptions(max_rounds=3, lazy=True), on_round=rounds.append,
-        stdio=output.stdio()), 120)
+        stdio=output.stdio), 120)
     output.handed_over()
     try:
         assert rounds and tuple(rounds) == result.precopy
@@ -255,7 +244,7 @@ async def test_the_cli_chain_pre_dump_pre_dump_dump(
     entries = ImagesDir(tmp_path / "3").pagemap(writer.pid).entries
     assert sum(e.nr_pages for e in entries if PE.PARENT in e.flags) >= PAGES - HOT
 
-    restorer = Restorer(tmp_path / "3", stdio=output.stdio())
+    restorer = Restorer(tmp_path / "3", stdio=output.stdio)
     try:
         restored = await restorer.run()
         output.handed_over()
