@@ -175,7 +175,9 @@ async def test_a_tcp_socket_is_refused_and_the_source_runs_on(tmp_path: Path) ->
         with pytest.raises(UnsupportedTargetError) as info:
             await lazymig.migrate(proc.pid)
         message = str(info.value)
-        assert f"fd {fd} is a socket (socket:[" in message
+        port = server.getsockname()[1]
+        assert f"fd {fd} is a TCP socket connected to 127.0.0.1:{port} from 127.0.0.1:" in message
+        assert "(socket:[" in message
         assert "criu dump --lazy-pages" in message and "lazymig lazy-pages" in message
         assert info.value.hint.startswith(REFUSAL_HINT)
         assert "fd 1 is pipe:[" in message and "Pass stdio=" in message  # its stdout too
@@ -190,7 +192,8 @@ def test_a_tcp_socket_is_refused_by_the_cli(tmp_path: Path) -> None:
                               "-D", str(tmp_path)], capture_output=True, text=True, timeout=60,
                              check=False)
         assert out.returncode != 0
-        assert f"fd {fd} is a socket" in out.stderr and "criu restore" in out.stderr
+        assert f"fd {fd} is a TCP socket connected to 127.0.0.1:" in out.stderr
+        assert "criu restore" in out.stderr
         assert list(tmp_path.iterdir()) == []
         assert_runs_on(proc)
 
@@ -205,7 +208,7 @@ async def test_a_child_holding_a_tcp_socket_is_refused(tmp_path: Path) -> None:
             with pytest.raises(UnsupportedTargetError) as info:
                 await lazymig.migrate(proc.pid)
             assert f"its child process {child}: fd " in str(info.value)
-            assert "is a socket (socket:[" in str(info.value)
+            assert "is a TCP socket connected to 127.0.0.1:" in str(info.value)
             assert "criu dump --lazy-pages" in str(info.value)
             await asyncio.to_thread(assert_runs_on, proc)
             assert state(child) == "S"

@@ -241,7 +241,8 @@ def untouched(pid: int) -> bool:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("extra", "what"), [
-    ("socket", r"is a socket \(socket:\[\d+\]\)"),
+    ("socket", r"is a TCP socket \(socket:\[\d+\]\): lazymig migrates only the unix "
+               r"socketpairs"),
     ("inotify", r"is an inotify instance \(anon_inode:inotify\)"),
     ("stale-epoll", r"is an epoll instance watching a file registered as fd \d+, which is "
                     r"(closed|now another file) \(the file stays registered while a dup of it "
@@ -281,7 +282,7 @@ async def test_an_fd_tied_to_this_host_is_refused(kind: str, tmp_path: Path,
                 "that process would keep it on the source host")
     elif kind == "socketpair":
         mine, theirs = (s.detach() for s in socket.socketpair())
-        what = f"fd {theirs} is a socket (socket:[{os.fstat(theirs).st_ino}])"
+        what = f"fd {theirs} is a unix stream socket (socket:[{os.fstat(theirs).st_ino}])"
     else:
         mine, theirs = os.openpty()
         what = (f"fd {theirs} is a terminal ({os.ttyname(theirs)}): a terminal does not move "

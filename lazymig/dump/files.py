@@ -76,6 +76,7 @@ from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_file
 from lazymig.linux.procfs import tmpfs_devices
 from lazymig.linux.ptrace import TargetGoneError
+from lazymig.linux.sockdiag import describe_socket
 from lazymig.linux.vm import SPLICE_F_NONBLOCK, get_pipe_size, set_pipe_size, tee
 from lazymig.proto.images import (
     FdinfoEntry,
@@ -209,20 +210,22 @@ def _list_fds(pid: int) -> list[_Fd]:
     return out
 
 
-def _external(f: _Fd) -> str | None:
+def _external(pid: int, f: _Fd) -> str | None:
     """The name of fd ``f`` if it is on fds 0-2 and could not be dumped on another
     fd (a terminal, a socket, a deleted file...: it stays behind), else None
     (pipes are told by their other holders, see :func:`_check`)."""
-    if f.fd >= STDIO_FDS or _refusal(f) is None:
+    if f.fd >= STDIO_FDS or _refusal(pid, f) is None:
         return None
     return f.link
 
 
-def _refusal(f: _Fd) -> str | None:
-    """Why fd ``f`` cannot be migrated, or None (on fds 0-2: see :func:`_external`)."""
+def _refusal(pid: int, f: _Fd) -> str | None:
+    """Why fd ``f`` of ``pid`` cannot be migrated, or None (on fds 0-2: see
+    :func:`_external`)."""
     mode, link = f.st.st_mode, f.link
     if stat.S_ISSOCK(mode):
-        return f"fd {f.fd} is a socket ({link})"
+        return (f"fd {f.fd} is {describe_socket(pid, f.fd)} ({link}): lazymig migrates "
+                "only the unix socketpairs a process holds both ends of")
     if link.startswith("anon_inode:"):
         kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
         return f"fd {f.fd} is {kind} ({link})"
@@ -286,9 +289,9 @@ def _check(pid: int, *, strict: bool = True, tree: Collection[int] = ()
     fds = _list_fds(pid)
     anon = inspect_anon(pid, [(f.fd, f.link, f.st) for f in fds])
     external = {f.fd: name for f in fds
-                if f.fd not in anon.kinds and (name := _external(f)) is not None}
+                if f.fd not in anon.kinds and (name := _external(pid, f)) is not None}
     reasons = [r for f in fds if f.fd not in external and f.fd not in anon.kinds
-               and (r := _refusal(f)) is not None] + anon.reasons
+               and (r := _refusal(pid, f)) is not None] + anon.reasons
     pipes: dict[int, list[_Fd]] = {}
     for f in fds:
         if stat.S_ISFIFO(f.st.st_mode):

@@ -12,11 +12,13 @@ import dataclasses
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from lazymig.errors import LazyMigOSError
+from lazymig.linux.vm import copy_fd
 
-__all__ = ["UnixSocket", "unix_socket"]
+__all__ = ["UnixSocket", "describe_socket", "unix_socket"]
 
 _NETLINK_SOCK_DIAG: Final = 4
 _SOCK_DIAG_BY_FAMILY: Final = 20
@@ -86,3 +88,50 @@ def unix_socket(ino: int) -> UnixSocket | None:
             shutdown = value[0]
         at += (size + 3) & ~3
     return UnixSocket(got, sk_type, state, peer, name, shutdown)
+
+
+_FAMILIES: Final = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6", socket.AF_UNIX: "unix",
+                    socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet"}
+_KINDS: Final = {(socket.SOCK_STREAM, socket.IPPROTO_TCP): "TCP",
+                 (socket.SOCK_DGRAM, socket.IPPROTO_UDP): "UDP",
+                 socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
+                 socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_RAW: "raw"}
+
+
+def describe_socket(pid: int, fd: int) -> str:
+    """What socket fd ``fd`` of ``pid`` is, for an error message: "a TCP socket
+    listening on 127.0.0.1:8000", "a unix stream socket connected to
+    /run/x.sock"... ("a socket" when it cannot be asked)."""
+    try:
+        sock = socket.socket(fileno=copy_fd(pid, fd))
+    except OSError:
+        return "a socket"
+    with sock:
+        family = _FAMILIES.get(sock.family, f"family {int(sock.family)}")
+        kind = _KINDS.get((sock.type, sock.proto)) or _KINDS.get(sock.type, "")
+        what = f"a {kind} socket" if family in ("IPv4", "IPv6") and kind in ("TCP", "UDP") \
+            else f"a {family} {kind} socket".replace("  ", " ")
+        local = _address(sock.getsockname)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return f"{what} listening on {local}"
+        peer = _address(sock.getpeername)
+        if peer:
+            return f"{what} connected to {peer}" + (f" from {local}" if local else "")
+        return f"{what} bound to {local}" if local else what
+
+
+def _address(get: Callable[[], object]) -> str:
+    """An address as people write it ("" for none): host:port, [v6]:port, a path."""
+    try:
+        addr = get()
+    except OSError:
+        return ""
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        if not port and host in ("0.0.0.0", "::"):
+            return ""  # not bound
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(addr, bytes):
+        return "@" + addr[1:].decode(errors="replace") if addr[:1] == b"\0" else \
+            addr.decode(errors="replace")
+    return str(addr) if addr else ""
