@@ -27,7 +27,7 @@ from lazymig.dump.scan import (
     unsupported_mappings,
     zero_page_pfn,
 )
-from lazymig.dump.shmem import is_shared_object, mark_tmpfs_files
+from lazymig.dump.shmem import is_shared_object, mark_deleted_files
 from lazymig.linux.vm import AnonMapping
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
@@ -142,13 +142,13 @@ def test_unsupported_mappings_name_each_cause() -> None:
     assert "VM_IO" in unsupported_mappings(io)[0]
 
 
-def test_deleted_files_of_a_tmpfs_mapped_shared_are_shmem_objects() -> None:
+def test_deleted_files_carried_and_mapped_shared_are_shmem_objects() -> None:
     vmas = parse_smaps(
         "7f0000000000-7f0000001000 rw-s 00000000 00:1b 81 /dev/shm/sem.a (deleted)\n"
         "7f0000001000-7f0000002000 rw-s 00000000 fe:00 82 /tmp/gone (deleted)\n"
         "7f0000002000-7f0000003000 rw-s 00000000 00:1b 83 /dev/shm/psm_b\n"
         "7f0000003000-7f0000004000 rw-p 00000000 00:1b 84 /dev/shm/priv (deleted)\n")
-    marked = mark_tmpfs_files(vmas, {(0, 0x1B)})
+    marked = mark_deleted_files(vmas, {((0, 0x1B), 81), ((0, 0x1B), 84)})
     assert [bool(v.status & VmaStatus.MEMFD) for v in marked] == [True, False, False, False]
     assert [is_shared_object(v.status) for v in marked] == [True, False, False, False]
     assert unsupported_mappings(marked) == [

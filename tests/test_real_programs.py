@@ -68,6 +68,26 @@ for n in itertools.count(1):
     time.sleep(0.05)
 """
 
+# A temporary file (O_TMPFILE: deleted from the start) on a disk filesystem,
+# written through its fd and through a shared mapping; each tick checks that
+# both still reach one file holding every line written before.
+PYTHON_TEMPFILE = """
+import itertools, mmap, os, sys, tempfile, time
+big = list(range(200000))
+f = tempfile.TemporaryFile(dir=sys.argv[1])
+f.write(bytes(4096)); f.flush()
+m = mmap.mmap(f.fileno(), 4096)
+for n in itertools.count(1):
+    f.seek(0, 2); f.write(b"%d\\n" % n); f.flush()
+    ok = int.from_bytes(m[:8], "little") == n - 1
+    m[:8] = n.to_bytes(8, "little")
+    ok = ok and int.from_bytes(os.pread(f.fileno(), 8, 0), "little") == n
+    f.seek(4096)
+    ok = ok and f.read().split() == [b"%d" % i for i in range(1, n + 1)]
+    print("tick", n, sum(big) if ok else -1, flush=True)
+    time.sleep(0.05)
+"""
+
 
 @dataclass(frozen=True)
 class Program:
@@ -88,6 +108,8 @@ class Program:
             return [self.tool, "-e", PERL]
         if self.name == "awk":
             return [self.tool, AWK]
+        if self.name == "python-tempfile":
+            return [self.tool, "-c", PYTHON_TEMPFILE, str(tmp_path)]
         return [self.tool, "-c", PYTHON_THREADS]
 
 
@@ -96,6 +118,7 @@ PROGRAMS = [
     Program("perl", "perl", sum(range(200_000))),
     Program("awk", "awk", sum(range(20_000))),  # mawk's %d stops at 2**31
     Program("python-threads", sys.executable, sum(range(200_000))),
+    Program("python-tempfile", sys.executable, sum(range(200_000))),
 ]
 
 

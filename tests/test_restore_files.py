@@ -10,8 +10,8 @@
   EOF on the orphan read end, a working dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
-* A socket, inotify, an epoll watching a closed fd, deleted file, named FIFO, file lock, a
-  pipe open in another process too, or a terminal is refused before the
+* A socket, inotify, an epoll watching a closed fd, a deleted file over 64 MiB,
+  a named FIFO, a file lock, a pipe open in another process too, or a terminal is refused before the
   target is touched, the fd named (API and CLI); a file that changed (but a
   write-only append log) or is gone since the dump is refused at restore,
   before any process exists.
@@ -247,7 +247,8 @@ def untouched(pid: int) -> bool:
     ("stale-epoll", r"is an epoll instance watching a file registered as fd \d+, which is "
                     r"(closed|now another file) \(the file stays registered while a dup of it "
                     r"is open\)"),
-    ("deleted", r"is a deleted file \(.*/doomed\)"),
+    ("deleted", r"is a deleted file of 67112960 bytes \(.*/doomed\): lazymig carries deleted "
+                r"files of up to 64 MiB"),
     ("fifo", r"is a named FIFO \(.*/fifo\)"),
     ("lock", r"\(.*/data\) holds a file lock: file locks are not migrated"),
 ])

@@ -30,14 +30,16 @@ is injected into the target):
 * fds that share an open file description (dup'd, inherited) share one
   ``file_entry`` and so share their offset again after a restore (kcmp); in
   a tree, across processes too (:func:`share_files`);
-* memfds and deleted files of a tmpfs, as a MEMFD ``file_entry`` at its
+* memfds, deleted files of a tmpfs and deleted files of other filesystems up
+  to 64 MiB (``tempfile.TemporaryFile()``), as a MEMFD ``file_entry`` at its
   offset, with its flags (its contents and name: :mod:`lazymig.dump.shmem`);
+  the destination gets a memfd, not a file on a disk;
 * the files of an event loop, :mod:`lazymig.dump.anon_files`'s: eventfds,
   epoll instances, timerfds, signalfds and the unix socketpairs whose both
   ends the process holds (with the data queued on them).
 
 Everything else is refused with the fd and its kind named: other sockets,
-inotify, fanotify, pidfds and other anonymous-inode files, other deleted files,
+inotify, fanotify, pidfds and other anonymous-inode files, larger deleted files,
 named FIFOs, other devices, and terminals beyond fds 0-2. A terminal is
 never reopened by name because nothing identifies it across a move:
 /dev/pts/3 on the destination (if it exists) is somebody else's terminal
@@ -71,7 +73,7 @@ from pathlib import Path
 from typing import Final
 
 from lazymig.dump.anon_files import AnonFds, inspect_anon
-from lazymig.dump.shmem import DELETED
+from lazymig.dump.shmem import DELETED, DELETED_FILE_LIMIT
 from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_file
 from lazymig.linux.procfs import tmpfs_devices
@@ -166,8 +168,8 @@ class _Fd:
     pos: int
     locked: bool
     shmem: bool
-    """A memfd, or a deleted file of a tmpfs: a shmem object dumped with its
-    contents (dump/shmem.py)."""
+    """A memfd, a deleted file of a tmpfs, or a deleted file of another filesystem
+    up to DELETED_FILE_LIMIT: a shmem object dumped with its contents (dump/shmem.py)."""
 
 
 def _fdinfo(pid: int, fd: int) -> tuple[int, int, bool]:
@@ -203,7 +205,10 @@ def _list_fds(pid: int) -> list[_Fd]:
             if not shmem and link.endswith(DELETED) and stat.S_ISREG(st.st_mode):
                 if tmpfs is None:
                     tmpfs = tmpfs_devices(pid)
-                shmem = (os.major(st.st_dev), os.minor(st.st_dev)) in tmpfs
+                # On fds 0-2 a deleted file of a disk (output captured by the
+                # caller) stays behind as before: the caller gives another.
+                shmem = ((os.major(st.st_dev), os.minor(st.st_dev)) in tmpfs
+                         or (fd >= STDIO_FDS and st.st_size <= DELETED_FILE_LIMIT))
         except FileNotFoundError:
             continue  # closed meanwhile (only possible before the freeze)
         out.append(_Fd(fd, link, st, flags, pos, locked, shmem))
@@ -248,7 +253,9 @@ def _refusal(pid: int, f: _Fd) -> str | None:
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         return f"fd {f.fd} is an unsupported kind of file ({link}, mode {mode:o})"
     if link.endswith(" (deleted)") or f.st.st_nlink == 0:
-        return f"fd {f.fd} is a deleted file ({link.removesuffix(' (deleted)')})"
+        return (f"fd {f.fd} is a deleted file of {f.st.st_size} bytes "
+                f"({link.removesuffix(' (deleted)')}): lazymig carries deleted files "
+                f"of up to {DELETED_FILE_LIMIT >> 20} MiB")
     try:
         named = Path(link).stat()
     except OSError:
@@ -346,6 +353,8 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
             file_id = len(owners)
             out.origins[file_id] = (f.fd, f.st.st_dev, f.st.st_ino)
             flags = f.flags & ~os.O_CLOEXEC
+            if not stat.S_ISDIR(f.st.st_mode):  # O_TMPFILE's O_DIRECTORY: reopened, ENOTDIR
+                flags &= ~os.O_TMPFILE
             if f.fd in external:
                 out.external[file_id] = external[f.fd]
             if f.fd in external and not stat.S_ISFIFO(f.st.st_mode):

@@ -40,7 +40,7 @@ from lazymig.dump.scan import (
     scan_process,
     unsupported_mappings,
 )
-from lazymig.dump.shmem import DELETED, mark_tmpfs_files
+from lazymig.dump.shmem import DELETED, carried_deleted_files, mark_deleted_files
 from lazymig.dump.state import (
     MmState,
     ProcessState,
@@ -57,7 +57,7 @@ from lazymig.errors import (
     LazyMigOSError,
     UnsupportedTargetError,
 )
-from lazymig.linux.procfs import read_stat, read_status, tmpfs_devices
+from lazymig.linux.procfs import read_stat, read_status
 from lazymig.linux.ptrace import (
     PTRACE_O_SUSPEND_SECCOMP,
     AlreadyTracedError,
@@ -128,7 +128,7 @@ class TargetLayout:
         vmas = parse_smaps(text)
         if any(v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED) for v in vmas):
             try:
-                vmas = mark_tmpfs_files(vmas, tmpfs_devices(pid))
+                vmas = mark_deleted_files(vmas, carried_deleted_files(pid, vmas))
             except (FileNotFoundError, ProcessLookupError) as exc:
                 raise TargetGoneError(pid, f"process {pid} does not exist") from exc
         return cls(vmas, maps_lines(text), status.get("VmLck", ""))

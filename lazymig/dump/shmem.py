@@ -6,7 +6,9 @@ fds, or both) are one object each however many VMAs (of however many processes
 of a tree) map it (``vma_entry.shmid`` is the object's inode number; ``pgoff``
 the VMA's offset in it). A deleted file of a tmpfs (``/dev/shm/sem.NAME
 (deleted)``, a POSIX semaphore) is an unnamed shmem object too: it is dumped
-as a memfd named after its path (:func:`mark_tmpfs_files`). A memfd also gets
+as a memfd named after its path (:func:`mark_deleted_files`), and so is a
+deleted file of a disk filesystem up to :data:`DELETED_FILE_LIMIT` bytes
+(``tempfile.TemporaryFile()``: CRIU carries such a file as a ghost file). A memfd also gets
 a ``memfd_inode_entry`` in ``memfd-inode.img`` (name, size, seals; CRIU's),
 which a MEMFD ``file_entry`` of an fd names. Each object's contents go into
 ``shmem-pagemap-<shmid>.img`` (a ``pagemap_head`` naming its
@@ -48,8 +50,19 @@ from lazymig.proto.images import (
 if TYPE_CHECKING:  # the restore side imports this module: no scanning machinery for it
     from lazymig.dump.scan import Vma
 
-__all__ = ["DELETED", "SHMEM_PAGEMAP", "TMPFS_FILE_LIMIT", "ShmemDump", "is_shared_object",
-           "mark_tmpfs_files", "shared_objects", "shmem_pagemap_path", "write_shmem"]
+__all__ = [
+    "DELETED",
+    "DELETED_FILE_LIMIT",
+    "SHMEM_PAGEMAP",
+    "TMPFS_FILE_LIMIT",
+    "ShmemDump",
+    "carried_deleted_files",
+    "is_shared_object",
+    "mark_deleted_files",
+    "shared_objects",
+    "shmem_pagemap_path",
+    "write_shmem",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +71,36 @@ SHMEM_PAGEMAP: Final = "shmem-pagemap-{}.img"
 _CHUNK: Final = 4 << 20
 _F_GET_SEALS: Final = 1034
 TMPFS_FILE_LIMIT: Final = 64 << 20
+DELETED_FILE_LIMIT: Final = TMPFS_FILE_LIMIT
+"""The largest deleted file of a disk filesystem dumped (as a memfd) with its contents."""
 """The largest tmpfs file mapped shared whose contents are dumped (they are
 copied while the process is frozen, as CRIU's ghost files, whose limit is 1 MiB)."""
 DELETED: Final = " (deleted)"
 """The suffix the kernel gives the name of an unlinked file."""
 
 
-def mark_tmpfs_files(vmas: Sequence[Vma], tmpfs: Collection[tuple[int, int]]) -> list[Vma]:
-    """``vmas`` with each shared mapping of a deleted file on a tmpfs (``tmpfs``:
-    its devices) marked MEMFD: such a file is an unnamed shmem object with
-    contents only the processes hold, as a memfd is (POSIX semaphores of
-    ``multiprocessing``, ``/dev/shm/sem.NAME (deleted)``, are). Pure."""
+def mark_deleted_files(vmas: Sequence[Vma], carried: Collection[tuple[tuple[int, int], int]]
+                       ) -> list[Vma]:
+    """``vmas`` with each shared mapping of a deleted file in ``carried`` (its
+    ``(dev, inode)``, see :func:`carried_deleted_files`) marked MEMFD: such a file
+    is an unnamed object with contents only the processes hold, as a memfd is
+    (POSIX semaphores of ``multiprocessing``, ``/dev/shm/sem.NAME (deleted)``, are;
+    ``tempfile.TemporaryFile()`` in /tmp is). Pure."""
     return [dataclasses.replace(v, status=v.status | VmaStatus.MEMFD)
             if v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED)
-            and v.dev in tmpfs else v for v in vmas]
+            and (v.dev, v.inode) in carried else v for v in vmas]
+
+
+def carried_deleted_files(pid: int, vmas: Sequence[Vma]) -> set[tuple[tuple[int, int], int]]:
+    """The ``(dev, inode)`` of the deleted files ``vmas`` of ``pid`` map shared that
+    are dumped with their contents: every one of a tmpfs, and one of another
+    filesystem up to :data:`DELETED_FILE_LIMIT` bytes (CRIU's ghost files, whose
+    limit is 1 MiB)."""
+    deleted = [v for v in vmas if v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED)]
+    if not deleted:
+        return set()
+    tmpfs = tmpfs_devices(pid)
+    return {(v.dev, v.inode) for v in deleted if v.dev in tmpfs or _small(pid, v)}
 
 
 def is_shared_object(status: int) -> bool:
@@ -134,7 +163,7 @@ def shared_objects(vmas: Iterable[Vma], memfd_fds: Mapping[int, Sequence[int]] |
 
 def tmpfs_file_objects(pid: int, vmas: Sequence[Vma]) -> list[SharedObject]:
     """The files of a tmpfs that ``vmas`` of process ``pid`` map shared, by inode
-    (not deleted: those are memfds, :func:`mark_tmpfs_files`), up to
+    (not deleted: those are memfds, :func:`mark_deleted_files`), up to
     :data:`TMPFS_FILE_LIMIT` bytes each."""
     files = [v for v in vmas if v.status & VmaStatus.FILE_SHARED
              and not v.status & VmaStatus.MEMFD]

@@ -63,6 +63,7 @@ def extra_fd(kind: str, directory: str) -> int:
     if kind == "deleted":
         path = Path(directory) / "doomed"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, (64 << 20) + 4096)  # past what lazymig carries (sparse)
         path.unlink()
         return fd
     raise SystemExit(f"unknown --extra kind {kind}")
