@@ -10,11 +10,11 @@
   EOF on the orphan read end, a working dirfd; the log holds what both wrote.
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
-* A socket, inotify, an epoll watching a closed fd, a deleted file over 64 MiB,
-  a named FIFO, a file lock, a pipe open in another process too, or a terminal is refused before the
-  target is touched, the fd named (API and CLI); a file that changed (but a
-  write-only append log) or is gone since the dump is refused at restore,
-  before any process exists.
+* A socket, fanotify, an epoll watching a closed fd, a deleted file over
+  64 MiB, a named FIFO, a file lock, a pipe open in another process too, or a
+  terminal is refused before the target is touched, the fd named (API and
+  CLI); a file that changed (but a write-only append log) or is gone since the
+  dump is refused at restore, before any process exists.
 * crit decodes fdinfo-1.img, files.img and pipes-data.img.
 """
 
@@ -243,7 +243,7 @@ def untouched(pid: int) -> bool:
 @pytest.mark.parametrize(("extra", "what"), [
     ("socket", r"is a TCP socket \(socket:\[\d+\]\): lazymig migrates only the unix "
                r"socketpairs"),
-    ("inotify", r"is an inotify instance \(anon_inode:inotify\)"),
+    ("fanotify", r"is a fanotify instance \(anon_inode:\[fanotify\]\)"),
     ("stale-epoll", r"is an epoll instance watching a file registered as fd \d+, which is "
                     r"(closed|now another file) \(the file stays registered while a dup of it "
                     r"is open\)"),

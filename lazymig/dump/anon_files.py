@@ -18,6 +18,12 @@ All is read from /proc/PID/fdinfo, kcmp(2) and sock_diag, nothing is injected:
 * a timerfd: clock, flags, the time left and the interval, and the
   expirations not read yet (TIMERFD);
 * a signalfd: its signal mask (SIGNALFD);
+* an inotify instance (``tail -f``, file watchers): each watch
+  (``inotify wd: N ino: ... sdev: ... mask: ... f_handle: ...``) with its
+  number, mask and the path its file handle opens now (INOTIFY, an
+  ``inotify_wd_entry`` each, the path in ``f_handle.path`` as CRIU's irmap
+  puts it). A watch on a file that has no path any more is refused. Events
+  queued and not read yet are not kept (CRIU drops them too);
 * a unix socket whose peer is another fd of the same process, unnamed and
   connected (``socket.socketpair()``: stream, datagram or seqpacket): type,
   state, peer, shutdown state, buffer sizes and timeouts (UNIXSK), and the
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Final
 
 from lazymig.errors import LazyMigOSError, UnsupportedTargetError
+from lazymig.linux.fhandle import handle_path, kernel_dev
 from lazymig.linux.kcmp import same_epoll_target, same_file
 from lazymig.linux.procfs import processes, read_fdinfo
 from lazymig.linux.sockdiag import UnixSocket, unix_socket
@@ -53,8 +60,11 @@ from lazymig.linux.vm import copy_fd
 from lazymig.proto.images import (
     EventfdFileEntry,
     EventpollFileEntry,
+    FhEntry,
     FileEntry,
     FownEntry,
+    InotifyFileEntry,
+    InotifyWdEntry,
     SignalfdEntry,
     SkOptsEntry,
     SkPacketEntry,
@@ -73,6 +83,7 @@ _KINDS: Final = {
     "anon_inode:[eventpoll]": fdinfo_pb2.EVENTPOLL,
     "anon_inode:[timerfd]": fdinfo_pb2.TIMERFD,
     "anon_inode:[signalfd]": fdinfo_pb2.SIGNALFD,
+    "anon_inode:inotify": fdinfo_pb2.INOTIFY,
 }
 _SOCKET_TYPES: Final = {socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET}
 _ESTABLISHED: Final = 1
@@ -81,6 +92,7 @@ _PAIR: Final = re.compile(r"\(\s*(\d+),\s*(\d+)\)")
 _ZERO_FOWN: Final = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
 _TIMEVAL: Final = struct.Struct("@qq")
 _STREAM_CHUNK: Final = 1 << 18
+_FH_WORDS: Final = struct.Struct("<16Q")  # fh_entry.handle: MAX_HANDLE_SZ bytes, as CRIU
 _SO_PEEK_OFF: Final = 42  # asm-generic/socket.h (not in Python's socket module)
 
 
@@ -89,6 +101,39 @@ class _Registration:
     tfd: int
     events: int
     data: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Watch:
+    """One inotify watch, as fdinfo shows it, and the path its handle opens."""
+
+    wd: int
+    ino: int
+    s_dev: int
+    mask: int
+    ignored_mask: int
+    handle_type: int
+    handle: bytes
+    path: str | None
+
+    @classmethod
+    def parse(cls, pid: int, value: str) -> _Watch:
+        """From the value of an ``inotify wd`` fdinfo line (``1 ino:290a07 ...``)."""
+        wd, _, rest = value.partition(" ")
+        f = dict(item.split(":", 1) for item in rest.split())
+        handle = bytes.fromhex(f["f_handle"])
+        s_dev, handle_type = int(f["sdev"], 16), int(f["fhandle-type"], 16)
+        return cls(int(wd), int(f["ino"], 16), s_dev, int(f["mask"], 16),
+                   int(f["ignored_mask"], 16), handle_type, handle,
+                   handle_path(pid, s_dev, handle_type, handle))
+
+    def entry(self, file_id: int) -> InotifyWdEntry:
+        words = _FH_WORDS.unpack(self.handle.ljust(_FH_WORDS.size, b"\0"))
+        return InotifyWdEntry(
+            id=file_id, i_ino=self.ino, mask=self.mask, ignored_mask=self.ignored_mask,
+            s_dev=self.s_dev, wd=self.wd,
+            f_handle=FhEntry(bytes=len(self.handle), type=self.handle_type, handle=words,
+                             path=self.path))
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,6 +149,8 @@ class AnonFds:
     """{fd: its fdinfo fields} of the anonymous-inode files."""
     epolls: dict[int, list[_Registration]] = dataclasses.field(default_factory=dict)
     """{epoll fd: its registrations, in fdinfo's order}."""
+    watches: dict[int, list[_Watch]] = dataclasses.field(default_factory=dict)
+    """{inotify fd: its watches}."""
     sockets: dict[int, UnixSocket] = dataclasses.field(default_factory=dict)
     """{fd: what sock_diag tells} of the socketpairs' ends."""
 
@@ -130,6 +177,10 @@ class AnonFds:
         elif kind == fdinfo_pb2.SIGNALFD:
             entry.sgfd.CopyFrom(SignalfdEntry(id=file_id, flags=flags, fown=_ZERO_FOWN,
                                               sigmask=int(info["sigmask"], 16)))
+        elif kind == fdinfo_pb2.INOTIFY:
+            entry.ify.CopyFrom(InotifyFileEntry(
+                id=file_id, flags=flags, fown=_ZERO_FOWN,
+                wd=[w.entry(file_id) for w in self.watches[fd]]))
         else:
             sk = self.sockets[fd]
             entry.usk.CopyFrom(UnixSkEntry(
@@ -247,6 +298,12 @@ def inspect_anon(pid: int, fds: Sequence[tuple[int, str, os.stat_result]]) -> An
             if kind == fdinfo_pb2.EVENTPOLL:
                 out.epolls[fd] = [_Registration(int(m[1]), int(m[2], 16), int(m[3], 16))
                                   for k, v in lines if k == "tfd" and (m := _TFD_LINE.match(v))]
+            elif kind == fdinfo_pb2.INOTIFY:
+                out.watches[fd] = [_Watch.parse(pid, v) for k, v in lines if k == "inotify wd"]
+                out.reasons += [f"fd {fd} is an inotify instance watching inode {w.ino:#x} of "
+                                f"device {':'.join(map(str, kernel_dev(w.s_dev)))}, which has "
+                                "no path any more: its watch cannot be made again"
+                                for w in out.watches[fd] if w.path is None]
         elif stat.S_ISSOCK(st.st_mode):
             with contextlib.suppress(LazyMigOSError):  # no sock_diag: files.py refuses it
                 sk = unix_socket(st.st_ino)

@@ -10,6 +10,7 @@ __all__ = [
     "children",
     "descendants",
     "lowest_mappable",
+    "mount_point",
     "ns_pids",
     "pid_in_use",
     "processes",
@@ -149,6 +150,25 @@ def tmpfs_devices(pid: int) -> frozenset[tuple[int, int]]:
                 major, minor = fields[2].split(":")
                 found.add((int(major), int(minor)))
     return frozenset(found)
+
+
+def mount_point(pid: int, dev: tuple[int, int]) -> str | None:
+    """Where the filesystem of device ``dev`` (major, minor) is mounted in the
+    mount namespace of ``pid``, its root mount first (``/proc/PID/mountinfo``);
+    None if it is not.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    found = None
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == f"{dev[0]}:{dev[1]}":
+                if fields[3] == "/":
+                    return fields[4]
+                found = found or fields[4]
+    return found
 
 
 def pid_in_use(pid: int) -> bool:

@@ -47,6 +47,7 @@ from lazymig.linux.syscalls import (
     SYS_GETPID,
     SYS_MMAP,
     SYS_MUNMAP,
+    SYS_POLL,
 )
 from lazymig.linux.vm import read_memory, write_memory
 from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE
@@ -247,13 +248,17 @@ class UserRegs:
         kernel's restart logic never sees it; CRIU therefore applies it when
         dumping (compel ``get_task_regs``): ``-ERESTART{SYS,NOINTR,NOHAND}``
         re-executes the syscall (``rip -= 2``, ``rax = orig_rax``), and
-        ``-ERESTART_RESTARTBLOCK`` becomes ``-EINTR``. Registers of a thread not in
-        a syscall (``orig_rax`` negative) are returned unchanged.
+        ``-ERESTART_RESTARTBLOCK`` becomes ``-EINTR``. But poll(2) with a timeout:
+        it is re-executed with its whole timeout, for a program with no signal
+        handler never sees EINTR from it and may treat it as fatal (``tail -f``
+        exits: "error waiting for inotify and output events"). Registers of a
+        thread not in a syscall (``orig_rax`` negative) are returned unchanged.
         """
         if _signed(self.orig_rax) < 0:
             return self
         ret = _signed(self.rax)
-        if ret in (-_ERESTARTSYS, -_ERESTARTNOINTR, -_ERESTARTNOHAND):
+        if ret in (-_ERESTARTSYS, -_ERESTARTNOINTR, -_ERESTARTNOHAND) \
+                or (ret == -_ERESTART_RESTARTBLOCK and self.orig_rax == SYS_POLL):
             return dataclasses.replace(self, rax=self.orig_rax, rip=(self.rip - 2) & _U64)
         if ret == -_ERESTART_RESTARTBLOCK:
             return dataclasses.replace(self, rax=(-errno.EINTR) & _U64)

@@ -1,6 +1,6 @@
 """Rebuilding event-loop files inside the process being restored: eventfds, epoll
-instances, timerfds, signalfds and unix socketpairs (dumped by
-:mod:`lazymig.dump.anon_files`).
+instances, timerfds, signalfds, inotify instances and unix socketpairs (dumped
+by :mod:`lazymig.dump.anon_files`).
 
 :func:`~lazymig.restore.files.restore_files` drives an :class:`AnonFiles`:
 
@@ -13,7 +13,10 @@ instances, timerfds, signalfds and unix socketpairs (dumped by
    and a ``write`` of the counter, ``epoll_create1``, ``timerfd_create`` and
    ``timerfd_settime`` with the time that was left (the frozen time does not
    count, as with CRIU) and the unread expirations (TFD_IOC_SET_TICKS),
-   ``signalfd4``, or a dup of the socket's staged end;
+   ``signalfd4``, ``inotify_init1`` and each watch again under its number (a
+   watch's number is the kernel's next one: watches are added and removed
+   until it is the dumped one, as CRIU does), or a dup of the socket's staged
+   end;
 3. :meth:`AnonFiles.finish`, once every fd is in place, closes the staged
    ends and adds each epoll's registrations (``epoll_ctl(EPOLL_CTL_ADD)``
    under the fd number it was registered under, with its events and data),
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import socket
 import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from lazymig.dump.anon_files import EFD_SEMAPHORE
@@ -38,6 +43,9 @@ from lazymig.linux.syscalls import (
     SYS_EPOLL_CTL,
     SYS_EVENTFD2,
     SYS_FCNTL,
+    SYS_INOTIFY_ADD_WATCH,
+    SYS_INOTIFY_INIT1,
+    SYS_INOTIFY_RM_WATCH,
     SYS_IOCTL,
     SYS_SIGNALFD4,
     SYS_SOCKETPAIR,
@@ -55,11 +63,13 @@ if TYPE_CHECKING:
 __all__ = ["ANON_TYPES", "AnonFiles", "anon_refusal"]
 
 ANON_TYPES: Final = frozenset({fdinfo_pb2.EVENTFD, fdinfo_pb2.EVENTPOLL, fdinfo_pb2.TIMERFD,
-                               fdinfo_pb2.SIGNALFD, fdinfo_pb2.UNIXSK})
+                               fdinfo_pb2.SIGNALFD, fdinfo_pb2.INOTIFY, fdinfo_pb2.UNIXSK})
 """The ``file_entry`` types this module restores."""
 _FIELD: Final = {fdinfo_pb2.EVENTFD: "efd", fdinfo_pb2.EVENTPOLL: "epfd",
                  fdinfo_pb2.TIMERFD: "tfd", fdinfo_pb2.SIGNALFD: "sgfd",
-                 fdinfo_pb2.UNIXSK: "usk"}
+                 fdinfo_pb2.INOTIFY: "ify", fdinfo_pb2.UNIXSK: "usk"}
+_MAX_WD: Final = 1 << 16
+"""The highest watch number made again (each one below it costs two syscalls)."""
 _EPOLL_CTL_ADD: Final = 1
 _EPOLL_EVENT: Final = struct.Struct("<IQ")  # struct epoll_event is packed on x86_64
 _TFD_TIMER_ABSTIME: Final = 1
@@ -79,6 +89,13 @@ def anon_refusal(files: DumpedFiles, f: FileEntry) -> str | None:
         if peer is None or not files.fds_of(peer.id):
             return (f"it is a unix socket whose peer (socket:[{f.usk.peer}]) was not open in "
                     "the same process")
+    if f.type == fdinfo_pb2.INOTIFY:
+        for w in f.ify.wd:
+            if w.wd > _MAX_WD:
+                return f"it is an inotify instance with a watch numbered {w.wd}"
+            if not w.f_handle.path or not Path(w.f_handle.path).exists():
+                return (f"it is an inotify instance watching {w.f_handle.path or 'a file'}, "
+                        "which is not on this host")
     if f.type == fdinfo_pb2.EVENTPOLL:
         mine = {e.fd for e in files.fds}
         lost = sorted({t.tfd for t in f.epfd.tfd} - mine)
@@ -172,6 +189,8 @@ class AnonFiles:
             return fd
         if f.type == fdinfo_pb2.TIMERFD:
             return self._timerfd(f)
+        if f.type == fdinfo_pb2.INOTIFY:
+            return self._inotify(f)
         if f.type == fdinfo_pb2.SIGNALFD:
             return target.call(SYS_SIGNALFD4, -1, target.data(struct.pack("<Q", f.sgfd.sigmask)),
                                8, os.O_CLOEXEC | (f.sgfd.flags & nonblock), what="signalfd4")
@@ -202,6 +221,30 @@ class AnonFiles:
         if t.ticks:
             target.call(SYS_IOCTL, fd, _TFD_IOC_SET_TICKS, target.data(struct.pack("<Q", t.ticks)),
                         what="ioctl(TFD_IOC_SET_TICKS)")
+        return fd
+
+    def _inotify(self, f: FileEntry) -> int:
+        target = self._target
+        fd = target.call(SYS_INOTIFY_INIT1, os.O_CLOEXEC | (f.ify.flags & os.O_NONBLOCK),
+                         what="inotify_init1")
+        removed = False
+        for w in sorted(f.ify.wd, key=lambda w: w.wd):
+            path = target.data(os.fsencode(w.f_handle.path) + b"\0")
+            while (got := target.call(SYS_INOTIFY_ADD_WATCH, fd, path, w.mask,
+                                      what=f"inotify_add_watch({w.f_handle.path})")) < w.wd:
+                target.call(SYS_INOTIFY_RM_WATCH, fd, got, what="inotify_rm_watch")
+                removed = True
+            if got != w.wd:
+                raise LazyMigOSError(0, f"restoring inotify watch {w.wd} on {w.f_handle.path}: "
+                                        f"the kernel gave it number {got}",
+                                     pid=target.pid)
+        if removed:  # each removal queued an IN_IGNORED the process never caused
+            ours = copy_fd(target.pid, fd)
+            try:
+                while select.select([ours], [], [], 0)[0]:
+                    os.read(ours, 1 << 16)
+            finally:
+                os.close(ours)
         return fd
 
     def finish(self) -> None:

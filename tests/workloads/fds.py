@@ -11,7 +11,7 @@ and ``data`` (made by the test). The process opens:
 * the read end of a second pipe holding ``tail`` whose write end is closed;
 * ``DIR`` itself, O_PATH (a dirfd for openat);
 * with ``--extra KIND``, one more fd of a kind lazymig refuses (socket,
-  inotify, stale-epoll: an epoll watching a file under a fd number closed since,
+  fanotify, stale-epoll: an epoll watching a file under a fd number closed since,
   memfd, deleted, fifo: a named FIFO, lock: a file it holds a flock on).
 
 It prints ``READY key=value ...``: its pid, pgid, sid, each fd's offset, status
@@ -41,8 +41,8 @@ PR_SET_PDEATHSIG = 1
 def extra_fd(kind: str, directory: str) -> int:
     if kind == "socket":
         return socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
-    if kind == "inotify":
-        return int(ctypes.CDLL(None).inotify_init1(os.O_CLOEXEC))
+    if kind == "fanotify":  # FAN_CLASS_NOTIF, FAN_CLOEXEC; O_RDONLY events
+        return int(ctypes.CDLL(None).fanotify_init(0x1, os.O_RDONLY))
     if kind == "stale-epoll":  # watches an eventfd registered as a fd closed since
         efd = os.eventfd(0)
         with select.epoll() as ep:

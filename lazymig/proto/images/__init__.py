@@ -44,8 +44,10 @@ if TYPE_CHECKING:
         eventfd_pb2,
         eventpoll_pb2,
         fdinfo_pb2,
+        fh_pb2,
         fown_pb2,
         fs_pb2,
+        fsnotify_pb2,
         inventory_pb2,
         memfd_pb2,
         mm_pb2,
@@ -96,6 +98,9 @@ if TYPE_CHECKING:
     EventpollTfdEntry = eventpoll_pb2.eventpoll_tfd_entry
     TimerfdEntry = timerfd_pb2.timerfd_entry
     SignalfdEntry = signalfd_pb2.signalfd_entry
+    InotifyFileEntry = fsnotify_pb2.inotify_file_entry
+    InotifyWdEntry = fsnotify_pb2.inotify_wd_entry
+    FhEntry = fh_pb2.fh_entry
     UnixSkEntry = sk_unix_pb2.unix_sk_entry
     SkOptsEntry = sk_opts_pb2.sk_opts_entry
     SkPacketEntry = sk_packet_pb2.sk_packet_entry
@@ -130,6 +135,9 @@ _ALIASES = {
     "EventpollTfdEntry": ("eventpoll_pb2", "eventpoll_tfd_entry"),
     "TimerfdEntry": ("timerfd_pb2", "timerfd_entry"),
     "SignalfdEntry": ("signalfd_pb2", "signalfd_entry"),
+    "InotifyFileEntry": ("fsnotify_pb2", "inotify_file_entry"),
+    "InotifyWdEntry": ("fsnotify_pb2", "inotify_wd_entry"),
+    "FhEntry": ("fh_pb2", "fh_entry"),
     "UnixSkEntry": ("sk_unix_pb2", "unix_sk_entry"),
     "SkOptsEntry": ("sk_opts_pb2", "sk_opts_entry"),
     "SkPacketEntry": ("sk_packet_pb2", "sk_packet_entry"),
@@ -148,6 +156,7 @@ __all__ = [
     "EventpollFileEntry",
     "EventpollTfdEntry",
     "FdinfoEntry",
+    "FhEntry",
     "FileEntry",
     "FownEntry",
     "FsEntry",
@@ -155,6 +164,8 @@ __all__ = [
     "ImageReader",
     "ImageWriter",
     "ImagesDir",
+    "InotifyFileEntry",
+    "InotifyWdEntry",
     "InventoryEntry",
     "MemfdFileEntry",
     "MemfdInodeEntry",
@@ -191,8 +202,10 @@ __all__ = [
     "eventfd_pb2",
     "eventpoll_pb2",
     "fdinfo_pb2",
+    "fh_pb2",
     "fown_pb2",
     "fs_pb2",
+    "fsnotify_pb2",
     "inventory_pb2",
     "lazy_ranges",
     "memfd_pb2",
