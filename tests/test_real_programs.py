@@ -250,3 +250,34 @@ async def test_tail_follows_its_file_after_the_migration(tmp_path: Path) -> None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(result.restored.pid, signal.SIGKILL)
     assert log.read_text().splitlines() == ["before 1", "before 2", "after 1"]
+
+
+@pytest.mark.asyncio
+async def test_top_refreshes_after_the_migration(tmp_path: Path) -> None:
+    """``top -b`` (procps) keeps /proc open between refreshes, read to its end: the
+    directory's offset is a position in /proc's own listing, restored as it was."""
+    if shutil.which("top") is None:
+        pytest.skip("top is not installed on this machine")
+    log = tmp_path / "out.log"
+
+    def refreshes() -> int:
+        return log.read_text(errors="replace").count("\ntop - ")
+
+    def more_than(count: int) -> int:
+        deadline = time.monotonic() + 30
+        while (now := refreshes()) <= count:
+            assert time.monotonic() < deadline, f"top stopped at {now} refreshes"
+            time.sleep(0.05)
+        return now
+
+    with started(["top", "-b", "-d", "0.2"], log) as source:
+        await asyncio.to_thread(more_than, 2)
+        result = await asyncio.wait_for(lazymig.migrate(source.pid), 120)
+        try:
+            assert result.transfer.ok
+            seen = await asyncio.to_thread(more_than, await asyncio.to_thread(refreshes) + 3)
+            os.kill(result.restored.pid, 0)  # still refreshing
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(result.restored.pid, signal.SIGKILL)
+    assert seen > 5

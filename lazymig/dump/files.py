@@ -18,7 +18,8 @@ is injected into the target):
   shows for it (it follows renames) must still lead to it (not deleted, not
   hidden under a mount) and it must hold no lock. Directories too (dirfds
   for openat, O_PATH or not), unless read part-way: a directory offset is a
-  cookie of the filesystem that holds it;
+  cookie of the filesystem that holds it. But /proc, whose offset is a
+  position in its own listing (``top`` keeps /proc open between refreshes);
 * the harmless memory character devices (/dev/null, /dev/zero, /dev/full,
   /dev/random, /dev/urandom), recorded as regular files as CRIU does;
 * pipes that only processes of the dumped tree hold: both ends (or the one
@@ -247,7 +248,7 @@ def _refusal(pid: int, f: _Fd) -> str | None:
                     "host; only fds 0-2 may be terminals (`lazymig restore --shell-job` gives "
                     "the restored process the restorer's)")
         return f"fd {f.fd} is the character device {link} ({dev[0]}:{dev[1]})"
-    if stat.S_ISDIR(mode) and f.pos:
+    if stat.S_ISDIR(mode) and f.pos and link != "/proc":
         return (f"fd {f.fd} is a directory ({link}) read part-way: directory offsets do not "
                 "survive a move")
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
