@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import criu_peer
 import helpers
 import pytest
 
@@ -267,3 +268,145 @@ async def test_killing_the_keeper_ends_an_abandoned_chain(writer: Writer,
         await asyncio.sleep(0.01)
     assert uffd_state(writer.pid) == ([], [])
     assert fd_names(writer.pid) == fds_before and run_state(writer.pid) in "RS"
+
+
+# -- pages pushed to a receiving page server (lazymig's and CRIU's) ------------------------
+
+
+class Receiver:
+    """A receiving page server for one pre-dump: ``lazymig page-server -D DIR`` or real
+    ``criu page-server -D DIR`` (in its chroot, ``--wire v1``: CRIU 4.1.1's header)."""
+
+    def __init__(self, kind: str, images: Path, prev: str | None) -> None:
+        self.kind, self.images = kind, images
+        self.port = helpers.free_port()
+        self.log = images.parent / f"{images.name}-{kind}-page-server.log"
+        images.mkdir()
+        extra = ["--prev-images-dir", prev] if prev else []
+        if kind == "lazymig":
+            with self.log.open("wb") as err:
+                self.proc = criu_peer.start_with_status_fd(
+                    criu_peer.lazymig_argv("page-server", "-D", str(images), "--address",
+                                           "127.0.0.1", "--port", str(self.port), *extra,
+                                           loop="uvloop"),
+                    what="lazymig page-server", stderr=err.fileno())
+        else:
+            inner = "/" + str(images.relative_to(criu_peer.ROOT))
+            self.proc = criu_peer.start_with_status_fd(
+                criu_peer.chroot_argv("criu", "page-server", "-D", inner, "--address",
+                                      "127.0.0.1", "--port", str(self.port), *extra),
+                what="criu page-server", log=f"../{self.log.name}")
+
+    @property
+    def wire(self) -> str:
+        return "v2" if self.kind == "lazymig" else "v1"
+
+    def wait(self) -> None:
+        rc = self.proc.wait(timeout=60)
+        assert rc == 0, self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(params=["lazymig", "criu"])
+def receiver_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "criu":
+        if not criu_peer.CRIU.exists():
+            pytest.skip(f"no CRIU at {criu_peer.CRIU} (scripts/criu-peer.sh makes it)")
+        with criu_peer.criu_root_ready():
+            yield request.param
+    else:
+        yield request.param
+
+
+@pytest.fixture
+def dest_root(receiver_kind: str, tmp_path: Path) -> Iterator[Path]:
+    """Where the receiver writes: in CRIU's chroot for CRIU's."""
+    if receiver_kind == "lazymig":
+        yield tmp_path / "dest"
+        return
+    with criu_peer.ChrootDir.temporary("lazymig-push-") as d:
+        yield d.host
+
+
+def push_two_pre_dumps(pid: str, src: Path, dest_root: Path, kind: str) -> None:
+    """``pre-dump --page-server`` into src/1 and src/2, their pages into a receiver
+    of ``kind`` each, dest_root/1 and dest_root/2 (``--prev-images-dir ../1``)."""
+    dest_root.mkdir(exist_ok=True)
+    for n in ("1", "2", "3"):
+        (src / n).mkdir(parents=True)
+    for n, prev in (("1", None), ("2", "../1")):
+        rx = Receiver(kind, dest_root / n, prev)
+        try:
+            lazymig_cli("pre-dump", "-t", pid, "-D", str(src / n), "--track-mem",
+                        *(["--prev-images-dir", prev] if prev else []), "--page-server",
+                        "--address", "127.0.0.1", "--port", str(rx.port), "--wire", rx.wire)
+            rx.wait()
+        finally:
+            criu_peer.stop(rx.proc)
+        assert not list((src / n).glob("pages-*.img"))  # the pages went to the server
+
+
+def check_received_chain(second: Path, pid: str) -> None:
+    """What the receiver of the second pre-dump wrote, as crit reads it."""
+    assert str((second / PARENT_LINK).readlink()) == "../1"
+    if CRIT is None:
+        return
+    head, *entries = crit_decode(second / f"pagemap-{pid}.img")
+    data = [e for e in entries if e.get("flags") == PE.PRESENT]
+    parent = [e for e in entries if e.get("flags") == PE.PARENT]
+    assert data and parent
+    assert sum(e["nr_pages"] for e in parent) >= PAGES - HOT
+    size = (second / f"pages-{head['pages_id']}.img").stat().st_size
+    assert size == PAGE_SIZE * sum(e["nr_pages"] for e in data)
+
+
+def start_lazy_dump(pid: str, images: Path, prev: str, port: int) -> subprocess.Popen[bytes]:
+    """``lazymig dump --track-mem --prev-images-dir PREV --lazy-pages``, once it serves."""
+    r, w = os.pipe()
+    try:
+        dumper = subprocess.Popen(
+            [sys.executable, "-m", "lazymig", "dump", "-t", pid, "-D", str(images),
+             "--track-mem", "--prev-images-dir", prev, "--lazy-pages", "--address",
+             "127.0.0.1", "--port", str(port), "--status-fd", str(w)], pass_fds=(w,),
+            stdin=subprocess.DEVNULL)
+    finally:
+        os.close(w)
+    try:
+        criu_peer.wait_ready(r, 60, "lazymig dump", dumper)
+    except BaseException:
+        dumper.kill()
+        dumper.wait()
+        raise
+    return dumper
+
+
+async def test_pre_dumps_pushed_to_a_page_server_then_a_lazy_dump_restores(
+        writer: Writer, output: Output, tmp_path: Path, receiver_kind: str,
+        dest_root: Path) -> None:
+    """Two ``pre-dump --page-server`` into a receiver each (the second with
+    --prev-images-dir), crit reads what it wrote as a chain, then ``dump
+    --prev-images-dir --track-mem --lazy-pages`` on the source, its images copied
+    beside the received ones, and a lazy restore there: every page checked."""
+    pid = str(writer.pid)
+    src = tmp_path / "src"
+    await asyncio.to_thread(push_two_pre_dumps, pid, src, dest_root, receiver_kind)
+    await asyncio.to_thread(check_received_chain, dest_root / "2", pid)
+
+    port = helpers.free_port()
+    dumper = await asyncio.to_thread(start_lazy_dump, pid, src / "3", "../2", port)
+    try:
+        entries = ImagesDir(src / "3").pagemap(writer.pid).entries
+        assert sum(e.nr_pages for e in entries if PE.PARENT in e.flags) >= PAGES - HOT
+        # The destination: the final dump's images beside the received pre-dumps.
+        await asyncio.to_thread(shutil.copytree, src / "3", dest_root / "3", symlinks=True)
+        async with lazymig.receive(dest_root / "3", page_server=("127.0.0.1", port),
+                                   stdio=output.stdio) as dst:
+            output.handed_over()
+            restored = dst.process.pid
+            bad, _ = await output.check(restored)
+            assert bad == 0
+        os.kill(restored, signal.SIGKILL)
+        assert await asyncio.to_thread(dumper.wait, 30) == 0
+    finally:
+        if dumper.poll() is None:
+            dumper.kill()
+        await asyncio.to_thread(dumper.wait)

@@ -47,11 +47,18 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser = commands.add_parser(
-        "page-server", help="serve the lazy pages of a dump on disk over TCP",
-        description="Serve the lazy pages of an images directory (CRIU's "
-                    "`page-server --lazy-pages`) until the client closes its session.")
+        "page-server", help="serve the lazy pages of a dump on disk over TCP, or take the "
+                            "pages a pre-dump pushes",
+        description="With --lazy-pages, serve the lazy pages of an images directory (CRIU's "
+                    "`page-server --lazy-pages`) until the client closes its session. "
+                    "Without, take the pages one `pre-dump --page-server` pushes into the "
+                    "images directory (CRIU's `page-server`), then exit.")
     parser.add_argument("--lazy-pages", action="store_true",
-                        help="serve lazy pages (the only mode lazymig's page server has)")
+                        help="serve the lazy pages of the dump in -D (else: receive pushed "
+                             "pages into -D)")
+    parser.add_argument("--prev-images-dir", metavar="DIR",
+                        help="receiving: the dir that received the previous pre-dump, "
+                             "relative to -D (as CRIU): -D/parent links to it")
     add_images_dir_option(parser)
     add_server_address_options(parser, default_address="0.0.0.0")
     add_wire_option(parser)
@@ -71,13 +78,39 @@ def page_server(args: argparse.Namespace) -> int:
     from lazymig._listen import listen_tcp
 
     if not args.lazy_pages:
-        raise ConfigurationError("lazymig's page server only serves lazy pages: add --lazy-pages")
+        return _receive_command(args)
+    if args.prev_images_dir is not None:
+        raise ConfigurationError("--prev-images-dir is for receiving pushed pages (without "
+                                 "--lazy-pages)")
     listener = listen_tcp(args.address, args.port)
     try:
         run_async(args, _serve(args, listener))
         return 0
     finally:
         listener.close()  # the server's, once it took it; idempotent
+
+
+def _receive_command(args: argparse.Namespace) -> int:
+    """Receiving mode: one push session into -D (:mod:`lazymig.dump.receiver`)."""
+    from lazymig._listen import listen_tcp
+
+    if args.tls:
+        raise ConfigurationError("receiving pushed pages over TLS is not implemented: drop --tls "
+                                 "(or use `criu page-server --tls`)")
+    if args.keep_serving:
+        raise ConfigurationError("--keep-serving is for --lazy-pages: a receiving page server "
+                                 "takes one pre-dump and exits, as CRIU's does")
+    from lazymig.dump.receiver import link_prev_images, receive_pages
+
+    if args.prev_images_dir is not None:
+        link_prev_images(args.images_dir, args.prev_images_dir)
+    listener = listen_tcp(args.address, args.port)
+    try:
+        signal_ready(args.status_fd)
+        run_async(args, receive_pages(listener, args.images_dir, wire=wire_version(args)))
+        return 0
+    finally:
+        listener.close()
 
 
 async def _serve(args: argparse.Namespace, listener: socket.socket) -> None:

@@ -5,6 +5,11 @@
     lazymig pre-dump -t 1234 -D /srv/2 --track-mem --prev-images-dir ../1
     lazymig dump -t 1234 -D /srv/3 --track-mem --prev-images-dir ../2 [--lazy-pages ...]
 
+With ``--page-server --address A --port P`` the pages go to a page server on the
+destination instead (``lazymig page-server -D DIR --port P [--prev-images-dir
+../PREV]``, or ``criu page-server``: :mod:`lazymig.dump.push`); DIR keeps the
+tracking record and which pages the server holds, for the next pre-dump or the dump.
+
 The process runs on. The first pre-dump copies every page of it into DIR;
 each next one only the pages written since the one before (the others are
 PE_PARENT entries, and ``DIR/parent`` links to PREV, as CRIU writes them). Its
@@ -17,7 +22,14 @@ from __future__ import annotations
 
 import argparse
 
-from lazymig.cli._common import Parser, add_images_dir_option, run_async
+from lazymig.cli._common import (
+    Parser,
+    add_images_dir_option,
+    add_server_address_options,
+    add_wire_option,
+    run_async,
+    wire_version,
+)
 
 TYPE_CHECKING = False  # --help loads no typing (nor pathlib)
 if TYPE_CHECKING:
@@ -36,6 +48,11 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
                         help="the process (all its threads); it is not stopped")
     add_images_dir_option(parser)
     add_track_options(parser)
+    parser.add_argument("--page-server", action="store_true",
+                        help="push the pages to a page server (criu or lazymig page-server "
+                             "-D DIR --port P on the destination) instead of into -D")
+    add_server_address_options(parser, default_address="127.0.0.1")
+    add_wire_option(parser)
     parser.set_defaults(func=pre_dump_command)
 
 
@@ -75,14 +92,16 @@ async def _pre_dump(args: argparse.Namespace, parent: Path | None) -> int:
     from pathlib import Path
 
     from lazymig.dump.precopy import PreCopy
+    from lazymig.dump.push import PushTarget
 
     images = Path(args.images_dir)
+    push = PushTarget(args.address, args.port, wire_version(args)) if args.page_server else None
     if parent is None:
         precopy = await PreCopy.start(args.tree, images.parent)
     else:
         precopy = await PreCopy.resume(args.tree, parent)
     try:
-        await precopy.round(images)
+        await precopy.round(images, push=push)
         await precopy.park()
     except BaseException:
         await precopy.aclose()

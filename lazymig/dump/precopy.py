@@ -29,21 +29,22 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from lazymig.dump import keeper
 from lazymig.dump.keeper import KeeperRecord
+from lazymig.dump.push import PagePush, PushTarget
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.track import DirtyRound, DirtyTracker
 from lazymig.errors import ConfigurationError, LazyMigOSError
 from lazymig.linux.vm import AnonMapping, process_vm_readv
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE, PARENT_LINK, PE
-from lazymig.proto.images import ImagesDir, PagemapEntry
+from lazymig.proto.images import ImagesDir, PagemapEntry, PagemapReader, PagemapWriter
 
-__all__ = ["PreCopy", "PreCopyOptions", "RoundReport", "link_parent", "runs_of",
-           "split_scan"]
+__all__ = ["PreCopy", "PreCopyOptions", "RoundReport", "link_parent", "pushed_record",
+           "runs_of", "split_scan"]
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +168,19 @@ class PreCopy:
         """Pages copied by every round so far."""
         return sum(r.pages_sent for r in self.rounds)
 
-    async def round(self, images_dir: Path | None = None) -> RoundReport:
+    async def round(self, images_dir: Path | None = None, *,
+                    push: PushTarget | None = None) -> RoundReport:
         """One round: the pages written since the last one (all, the first time)
         into a new pre-dump dir (``images_dir``, an empty dir; default: a new
-        ``base/N``)."""
+        ``base/N``). With ``push`` the pages go to that page server instead
+        (:mod:`lazymig.dump.push`; one session, the server writes the pagemap and
+        the pages), and the dir keeps what the next round needs."""
         began = time.monotonic()
         dirty = await self._tracker.collect()
         number = len(self.rounds) + 1
         images = images_dir or self.base / str(number)
         parent = self.last_dir
-        sent = await asyncio.to_thread(self._write_round, images, dirty, parent)
+        sent = await asyncio.to_thread(self._write_round, images, dirty, parent, push)
         report = RoundReport(number, images, dirty.pages, sent, time.monotonic() - began)
         self.rounds.append(report)
         log.info("pid %d pre-copy round %d: %d pages written since the last, %d copied in "
@@ -251,15 +255,67 @@ class PreCopy:
 
     # -- writing a round (in a worker thread) -------------------------------------------
 
-    def _write_round(self, path: Path, dirty: DirtyRound, parent: Path | None) -> int:
+    def _write_round(self, path: Path, dirty: DirtyRound, parent: Path | None,
+                     push: PushTarget | None) -> int:
         path.mkdir(parents=True, exist_ok=True)
         images = ImagesDir(path)
-        dirty_pages = _pages(dirty.ranges)
-        self._valid.difference_update(dirty_pages)
+        self._valid.difference_update(_pages(dirty.ranges))
+        # Pages copied by an earlier round and not written since: PE_PARENT.
+        older = runs_of(sorted(self._valid)) if parent is not None else []
+        entries: list[PagemapEntry] = []
         copied: list[int] = []
-        with images.open_pages_writer(_PAGES_ID) as pages, AnonMapping(_CHUNK) as buf:
+
+        def record(vaddr: int, nr_pages: int, flags: PE) -> None:
+            last = entries[-1] if entries else None
+            if last is not None and last.flags == flags and last.end == vaddr:
+                entries[-1] = PagemapEntry(last.vaddr, last.nr_pages + nr_pages, flags)
+            else:
+                entries.append(PagemapEntry(vaddr, nr_pages, flags))
+
+        sink: _PagesSink
+        if push is None:
+            sink = _LocalPages(images)
+        else:
+            sink = PagePush(push, self.pid)
+            sink.open(needs_parent=bool(older))
+        try:
+            for vaddr, view, nr_pages in self._pieces(dirty.ranges, older):
+                if view is None:
+                    sink.parent(vaddr, nr_pages)
+                    record(vaddr, nr_pages, PE.PARENT)
+                else:
+                    sink.present(vaddr, view)
+                    record(vaddr, nr_pages, PE.PRESENT)
+                    copied += range(vaddr >> PAGE_SHIFT, (vaddr >> PAGE_SHIFT) + nr_pages)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        self._valid.update(copied)
+        if parent is not None:
+            link_parent(path, parent)
+        if push is None:
+            images.write_pagemap(self.pid, _PAGES_ID, entries)
+        else:  # the pages are on the page server; what it holds, for the next round
+            with PagemapWriter(path / pushed_record(self.pid), 0) as writer:
+                for entry in entries:
+                    writer.write(entry)
+        images.write_inventory()
+        return len(copied)
+
+    def _pieces(self, dirty: Sequence[tuple[int, int]], older: Sequence[PageRun],
+                ) -> Iterator[tuple[int, memoryview | None, int]]:
+        """The round in address order: ``(vaddr, pages read, nr_pages)`` for the
+        written pages (read now, a chunk at a time; a page that cannot be read is
+        skipped), ``(vaddr, None, nr_pages)`` for runs of ``older``."""
+        parents = iter(older)
+        nxt = next(parents, None)
+        with AnonMapping(_CHUNK) as buf:
             view = buf.view()
-            for start, end in dirty.ranges:
+            for start, end in dirty:
+                while nxt is not None and nxt.vaddr < start:
+                    yield nxt.vaddr, None, nxt.nr_pages
+                    nxt = next(parents, None)
                 at = start
                 while at < end:
                     want = min(end - at, _CHUNK)
@@ -270,18 +326,44 @@ class PreCopy:
                         got = 0
                     got -= got % PAGE_SIZE
                     if got:
-                        pages.write(view[:got])
-                        copied += range(at >> PAGE_SHIFT, (at + got) >> PAGE_SHIFT)
+                        yield at, view[:got], got >> PAGE_SHIFT
                     at += got or PAGE_SIZE  # skip a page that cannot be read
-        self._valid.update(copied)
-        entries = [PagemapEntry(r.vaddr, r.nr_pages, PE.PRESENT) for r in runs_of(copied)]
-        if parent is not None:
-            older = sorted(self._valid.difference(copied))
-            entries += [PagemapEntry(r.vaddr, r.nr_pages, PE.PARENT) for r in runs_of(older)]
-            link_parent(path, parent)
-        images.write_pagemap(self.pid, _PAGES_ID, sorted(entries, key=lambda e: e.vaddr))
-        images.write_inventory()
-        return len(copied)
+            while nxt is not None:
+                yield nxt.vaddr, None, nxt.nr_pages
+                nxt = next(parents, None)
+
+
+class _PagesSink(Protocol):
+    def present(self, vaddr: int, data: memoryview) -> None: ...
+    def parent(self, vaddr: int, nr_pages: int) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class _LocalPages:
+    """A round's pages into its own ``pages-1.img`` (the pagemap is written after)."""
+
+    def __init__(self, images: ImagesDir) -> None:
+        self._writer = images.open_pages_writer(_PAGES_ID)
+
+    def present(self, vaddr: int, data: memoryview) -> None:
+        self._writer.write(data)
+
+    def parent(self, vaddr: int, nr_pages: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def pushed_record(pid: int) -> str:
+    """The file a pre-dump that pushed its pages leaves in its own images dir:
+    the pagemap entries the page server received (pagemap format), so that the
+    next pre-dump or the dump knows which pages the chain holds."""
+    return f"lazymig-pushed-{pid}.img"
 
 
 def split_scan(scan: MemoryScan, current: set[int], *,
@@ -310,7 +392,13 @@ def _read_parent(parent: Path, pid: int) -> tuple[KeeperRecord, set[int]]:
     record = KeeperRecord.read(parent)
     if record.pid != pid:
         raise ProcessLookupError(errno.ESRCH, f"it tracks process {record.pid}")
-    entries = ImagesDir(parent).pagemap(pid).entries
+    images = ImagesDir(parent)
+    pushed = parent / pushed_record(pid)
+    if pushed.exists():  # its pages went to a page server
+        with PagemapReader(pushed) as reader:
+            entries = list(reader)
+    else:
+        entries = images.pagemap(pid).entries
     return record, {p for e in entries
                     for p in range(e.vaddr >> PAGE_SHIFT, e.end >> PAGE_SHIFT)}
 
