@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,11 +25,23 @@ import pytest
 
 import lazymig
 from lazymig.dump.dumper import dump
+from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.dump.keeper import KeeperRecord
 from lazymig.dump.precopy import PreCopy, PreCopyOptions, RoundReport
+from lazymig.dump.receiver import receive_session
+from lazymig.errors import RemoteProtocolError
+from lazymig.linux.procfs import children
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK, PE
 from lazymig.proto.images import ImagesDir
+from lazymig.proto.pageserver import (
+    AddPages,
+    CloseRequest,
+    OpenRequest,
+    PageServerConnection,
+    Role,
+)
+from lazymig.proto.wire import DstType, WireVersion
 from lazymig.restore.restorer import Restorer
 from lazymig.testing.workload import OutputLines
 
@@ -410,3 +424,127 @@ async def test_pre_dumps_pushed_to_a_page_server_then_a_lazy_dump_restores(
         if dumper.poll() is None:
             dumper.kill()
         await asyncio.to_thread(dumper.wait)
+
+
+def pre_dump_fails(*args: str) -> str:
+    """Run ``lazymig pre-dump ARGS``, which must fail; its stderr."""
+    res = subprocess.run([sys.executable, "-m", "lazymig", "pre-dump", *args], check=False,
+                         timeout=120, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert res.returncode != 0, res.stderr
+    return res.stderr
+
+
+def hang_up_mid_push(listener: socket.socket) -> None:
+    """A page server that answers OPEN2, takes a little of the pages, and hangs up."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.recv(32)  # the OPEN2 header (either layout)
+        conn.sendall(b"\0")  # no parent
+        got = 0
+        while got < (256 << 10):
+            data = conn.recv(65536)
+            if not data:
+                break
+            got += len(data)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_a_push_that_fails_leaves_the_source_as_it_was(
+        writer: Writer, tmp_path: Path) -> None:
+    """The page server hangs up in the middle of the first pre-dump; a second pre-dump
+    pushes to a server with no parent for it: each pre-dump fails naming the cause,
+    and the source runs on untracked, as before the chain."""
+    fds_before = fd_names(writer.pid)
+    pid = str(writer.pid)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        server = asyncio.create_task(asyncio.to_thread(hang_up_mid_push, listener))
+        (tmp_path / "1").mkdir()
+        err = await asyncio.to_thread(
+            pre_dump_fails, "-t", pid, "-D", str(tmp_path / "1"), "--track-mem",
+            "--page-server", "--address", "127.0.0.1", "--port", str(port))
+        await server
+    assert "127.0.0.1" in err and "push" in err, err
+    assert uffd_state(writer.pid) == ([], [])
+    assert fd_names(writer.pid) == fds_before and run_state(writer.pid) in "RS"
+
+    # A good first pre-dump, then a second one to a receiver without --prev-images-dir.
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for n, prev in (("2", None), ("3", "../2")):
+        rx = Receiver("lazymig", dest / n, None)
+        (tmp_path / n).mkdir()
+        try:
+            argv = ["-t", pid, "-D", str(tmp_path / n), "--track-mem", "--page-server",
+                    "--address", "127.0.0.1", "--port", str(rx.port),
+                    *(["--prev-images-dir", prev] if prev else [])]
+            if prev is None:
+                await asyncio.to_thread(lazymig_cli, "pre-dump", *argv)
+                await asyncio.to_thread(rx.wait)
+            else:
+                err = await asyncio.to_thread(pre_dump_fails, *argv)
+                assert "--prev-images-dir" in err, err
+        finally:
+            criu_peer.stop(rx.proc)
+    assert not list((dest / "3").glob("*.img"))  # the receiver kept nothing of it
+    assert uffd_state(writer.pid) == ([], [])  # the chain ended, its keeper with it
+    assert fd_names(writer.pid) == fds_before and run_state(writer.pid) in "RS"
+
+
+async def test_a_receiver_keeps_nothing_of_a_session_without_close(tmp_path: Path) -> None:
+    await asyncio.to_thread(receiver_sessions, tmp_path)
+
+
+def receiver_sessions(tmp_path: Path) -> None:
+    """A client that hangs up before CLOSE, one that sends pages out of address order,
+    and one that says PE_PARENT with no parent: an error naming it, and no image."""
+    pid, vaddr = 4242, 0x7F0000000000
+
+    def session(*requests: AddPages, close: bool = False) -> None:
+        client = PageServerConnection(Role.CLIENT, WireVersion.V2)
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(client.send(OpenRequest(DstType.PID, pid)))
+            for add in requests:
+                a.sendall(client.send(add))
+                if PE.PRESENT in add.flags:
+                    a.sendall(bytes(add.nr_pages * PAGE_SIZE))
+                    client.payload_sent_directly(add.nr_pages * PAGE_SIZE)
+            if close:
+                a.sendall(client.send(CloseRequest()))
+            a.shutdown(socket.SHUT_WR)
+            receive_session(b, tmp_path)
+
+    with pytest.raises(RemoteProtocolError, match="without CLOSE"):
+        session(AddPages(DstType.PID, pid, vaddr, 2, PE.PRESENT))
+    with pytest.raises(RemoteProtocolError, match="out of order"):
+        session(AddPages(DstType.PID, pid, vaddr, 2, PE.PRESENT),
+                AddPages(DstType.PID, pid, vaddr, 1, PE.PRESENT), close=True)
+    with pytest.raises(RemoteProtocolError, match="no parent"):
+        session(AddPages(DstType.PID, pid, vaddr, 2, PE.PARENT), close=True)
+    assert list(tmp_path.iterdir()) == []
+    session(AddPages(DstType.PID, pid, vaddr, 2, PE.PRESENT), close=True)
+    assert [e.nr_pages for e in ImagesDir(tmp_path).pagemap(pid).entries] == [2]
+
+
+async def test_pre_copy_of_a_process_with_children_is_refused_before_any_round(
+        tmp_path: Path) -> None:
+    # Not asyncio's subprocess: uvloop's leaves a pipe of its own open in the child.
+    parent = await asyncio.to_thread(
+        subprocess.Popen, ["sh", "-c", "sleep 60 & wait"], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            if await asyncio.to_thread(children, parent.pid):
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(UnsupportedTargetError, match=r"child process.*tree is not"):
+            await PreCopy.start(parent.pid, tmp_path)
+        with pytest.raises(UnsupportedTargetError, match=r"child process.*tree is not"):
+            await lazymig.migrate(parent.pid, precopy=True)
+        assert uffd_state(parent.pid) == ([], []) and run_state(parent.pid) in "RS"
+    finally:
+        for kid in children(parent.pid):
+            os.kill(kid, signal.SIGKILL)
+        parent.kill()
+        await asyncio.to_thread(parent.wait)

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from lazymig.dump import keeper
+from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.dump.keeper import KeeperRecord
 from lazymig.dump.push import PagePush, PushTarget
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.track import DirtyRound, DirtyTracker
 from lazymig.errors import ConfigurationError, LazyMigOSError
+from lazymig.linux.procfs import children
 from lazymig.linux.vm import AnonMapping, process_vm_readv
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE, PARENT_LINK, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry, PagemapReader, PagemapWriter
@@ -176,6 +178,12 @@ class PreCopy:
         (:mod:`lazymig.dump.push`; one session, the server writes the pagemap and
         the pages), and the dir keeps what the next round needs."""
         began = time.monotonic()
+        if kids := await asyncio.to_thread(children, self.pid):
+            raise UnsupportedTargetError(
+                self.pid, [f"it forked {len(kids)} child process(es) during pre-copy "
+                           f"({', '.join(map(str, kids[:4]))}): pre-copy of a process tree "
+                           "is not implemented"],
+                "migrate it without pre-copy (the tree is then dumped whole at the freeze)")
         dirty = await self._tracker.collect()
         number = len(self.rounds) + 1
         images = images_dir or self.base / str(number)

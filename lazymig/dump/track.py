@@ -54,7 +54,7 @@ from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.dump.scan import Vma, parse_smaps
 from lazymig.errors import ClosedResourceError, LazyMigOSError
 from lazymig.linux import uffd as sys_uffd
-from lazymig.linux.procfs import read_maps, userfaultfd_vmas
+from lazymig.linux.procfs import children, read_maps, userfaultfd_vmas
 from lazymig.linux.ptrace import Tracee, TracerThread
 from lazymig.linux.syscalls import SYS_CLOSE, SYS_USERFAULTFD
 from lazymig.linux.vm import (
@@ -138,6 +138,11 @@ def trackable(pid: int) -> None:
         missing = Feature(TRACK_FEATURES & ~supported)
         raise UnsupportedTargetError(pid, [f"this kernel has no userfaultfd {missing!r} "
                                            "(Linux 6.7+) to track its writes"], _HINT)
+    if kids := children(pid):
+        raise UnsupportedTargetError(
+            pid, [f"it has {len(kids)} child process(es) ({', '.join(map(str, kids[:4]))}): "
+                  "pre-copy tracks the writes of one process, and pre-copy of a process tree "
+                  "is not implemented"], _HINT)
     if own := _own_uffd(pid):
         spans = ", ".join(f"{s:#x}-{e:#x}" for s, e in own[:4])
         raise UnsupportedTargetError(
