@@ -14,7 +14,9 @@ images on /dev/shm, four ways:
   on disk), then a restore;
 * ``pre+lazy``: ``lazymig.migrate(pid, precopy=...)``: the last dirty set stays lazy.
 
-Columns: downtime (from the freeze until the restored copy runs); faults after
+Columns: downtime (from the freeze until the restored copy runs); of which the
+restore (with pre-copy it writes every pre-copied page into the new process
+before it runs: the new process's memory is allocated then); faults after
 the restore (lazy pages a fault asked for); bytes sent (pre-copy rounds, pages on
 disk after the freeze, lazy pages served); to all pages (from the freeze until
 every page is in the restored process); its first full pass over its memory
@@ -69,6 +71,8 @@ class Row:
     first_pass: float
     bad: int
     rounds: str
+    restore: float
+    """Of the downtime, the restore (pre-copied pages written into the new process)."""
 
 
 def build(out: Path) -> Path:
@@ -119,6 +123,7 @@ async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) 
             downtime = result.downtime
             to_all = time.monotonic() - began - sum(r.seconds for r in reports)
             faults = result.progress.faults
+            restore = result.restored.seconds
             pages_sent = sum(r.pages_sent for r in reports) + result.dump.nonlazy_pages \
                 + result.dump.pages_sent
             rounds = " ".join(f"{r.pages_sent}" for r in reports)
@@ -141,11 +146,12 @@ async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) 
             restored = await restorer.run()
             out.handed_over()
             restored_pid = restored.pid
+            restore = restored.seconds
             downtime = to_all = time.monotonic() - began
             pages_sent += dumped.nonlazy_pages
         first_pass, bad = await out.first_pass(restored_pid)
         return Row(workload, mode, downtime, faults, pages_sent * PAGE_SIZE, to_all,
-                   first_pass, bad, rounds)
+                   first_pass, bad, rounds, restore)
     finally:
         for pid in (restored_pid, proc.pid):
             if pid > 0:
@@ -186,11 +192,12 @@ def _criu_pre_dump() -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    out = ["| workload | mode | downtime | faults after restore | bytes sent | to all pages "
-           "| first pass (bad) | rounds (pages copied) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| workload | mode | downtime | of which restore | faults after restore | bytes sent "
+           "| to all pages | first pass (bad) | rounds (pages copied) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        out.append(f"| {r.workload} | {r.mode} | {r.downtime:.3f} s | {r.faults} | "
+        out.append(f"| {r.workload} | {r.mode} | {r.downtime:.3f} s | {r.restore:.3f} s | "
+                   f"{r.faults} | "
                    f"{r.bytes_sent / (1 << 20):.0f} MiB | {r.to_all:.3f} s | "
                    f"{r.first_pass:.3f} s ({r.bad}) | {r.rounds or '-'} |")
     return out
@@ -201,23 +208,38 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per case, the modes alternating within each repeat (a "
+                             "loaded machine: the median downtime's run is shown)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     shm = Path("/dev/shm")
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(Path(tmp))
         rows = []
         for workload in args.workloads.split(","):
-            for mode in args.modes.split(","):
-                rows.append(asyncio.run(migrate_one(exe, workload, mode, args.mib, shm)))
-                print(table(rows[-1:])[-1], flush=True)
+            runs: dict[str, list[Row]] = {m: [] for m in args.modes.split(",")}
+            for _ in range(args.repeat):
+                for mode, done in runs.items():
+                    done.append(asyncio.run(migrate_one(exe, workload, mode, args.mib, shm)))
+                    print(table(done[-1:])[-1], flush=True)
+                    loads.append(os.getloadavg()[0])
+            for done in runs.values():
+                median = sorted(done, key=lambda r: r.downtime)[len(done) // 2]
+                if len(done) > 1:
+                    median.rounds = (median.rounds or "-") + " (downtimes " + " ".join(
+                        f"{r.downtime:.3f}" for r in done) + ")"
+                rows.append(median)
     load = os.getloadavg()
     text = [f"# lazymig: pre-copy vs lazy vs full, "
             f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}", "",
             f"machine: Linux {os.uname().release}, {os.cpu_count()} CPUs, Python "
             f"{sys.version.split()[0]}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-            " (a shared machine: noisy)",
-            f"{args.mib} MiB per workload, one run per case, loopback, images on /dev/shm:", "",
+            f" (a shared machine: noisy; 1-minute load {min(loads):.1f} to {max(loads):.1f} "
+            "during the runs)",
+            f"{args.mib} MiB per workload, {args.repeat} run(s) per case, the modes alternating "
+            "(the run of median downtime shown), loopback, images on /dev/shm:", "",
             *table(rows), ""]
     if args.out:  # before CRIU's row, which waits for the shared chroot
         args.out.write_text("\n".join(text))
