@@ -280,13 +280,10 @@ class PreCopy:
             else:
                 entries.append(PagemapEntry(vaddr, nr_pages, flags))
 
-        sink: _PagesSink
-        if push is None:
-            sink = _LocalPages(images)
-        else:
-            sink = PagePush(push, self.pid)
-            sink.open(needs_parent=bool(older))
+        sink: _PagesSink = _LocalPages(images) if push is None else PagePush(push, self.pid)
         try:
+            if isinstance(sink, PagePush):
+                sink.open(needs_parent=bool(older))
             for vaddr, view, nr_pages in self._pieces(dirty.ranges, older):
                 if view is None:
                     sink.parent(vaddr, nr_pages)
