@@ -598,11 +598,15 @@ class LazyPagesDaemon:
         for proc, result in zip(todo, results, strict=True):
             if isinstance(result, str):
                 first, proc.unidentified = proc.unidentified is None, result
-                if first:  # a forked child that exits at once is common: no warning
-                    log.log(logging.INFO if proc.forked else logging.WARNING,
-                            "pid %d%s: its process could not be identified (%s); should its "
-                            "pages never arrive, it is held rather than killed", proc.pid,
-                            " (a forked child)" if proc.forked else "", result)
+                # A forked child that exits at once is common, and a small process
+                # has all its pages before it is looked for: no warning for those.
+                if first and (proc.forked or not proc.ranges.pages_pending):
+                    log.info("pid %d: its process could not be identified (%s), with %d "
+                             "pages missing", proc.pid, result, proc.ranges.pages_pending)
+                elif first:
+                    log.warning("pid %d: its process could not be identified (%s); should its "
+                                "pages never arrive, it is held rather than killed", proc.pid,
+                                result)
                 continue
             self._identified(proc, result)
 
