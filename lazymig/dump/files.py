@@ -65,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import os
 import re
 import stat
@@ -108,6 +109,8 @@ __all__ = [
     "share_files",
     "write_files",
 ]
+
+log = logging.getLogger(__name__)
 
 FILES_ID: Final = 1
 """The files id of the dumped process (``task_kobj_ids_entry.files_id``): ``fdinfo-1.img``."""
@@ -217,9 +220,12 @@ def _list_fds(pid: int) -> list[_Fd]:
 
 
 def _external(pid: int, f: _Fd) -> str | None:
-    """The name of fd ``f`` if it is on fds 0-2 and could not be dumped on another
-    fd (a terminal, a socket, a deleted file...: it stays behind), else None
+    """The name of fd ``f`` if it stays behind: a socket (the restore takes it over
+    on this host, or is given one: restore/sockets.py), or on fds 0-2 what could
+    not be dumped on another fd (a terminal, a deleted file...); else None
     (pipes are told by their other holders, see :func:`_check`)."""
+    if stat.S_ISSOCK(f.st.st_mode):
+        return f.link
     if f.fd >= STDIO_FDS or _refusal(pid, f) is None:
         return None
     return f.link
@@ -229,9 +235,6 @@ def _refusal(pid: int, f: _Fd) -> str | None:
     """Why fd ``f`` of ``pid`` cannot be migrated, or None (on fds 0-2: see
     :func:`_external`)."""
     mode, link = f.st.st_mode, f.link
-    if stat.S_ISSOCK(mode):
-        return (f"fd {f.fd} is {describe_socket(pid, f.fd)} ({link}): lazymig migrates "
-                "only the unix socketpairs a process holds both ends of")
     if link.startswith("anon_inode:"):
         kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
         return f"fd {f.fd} is {kind} ({link})"
@@ -358,6 +361,10 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
                 flags &= ~os.O_TMPFILE
             if f.fd in external:
                 out.external[file_id] = external[f.fd]
+                if stat.S_ISSOCK(f.st.st_mode):
+                    log.info("pid %d: fd %d is %s (%s): it stays on this host, for the "
+                             "restore to take over here or be given in its place", pid, f.fd,
+                             describe_socket(pid, f.fd), f.link)
             if f.fd in external and not stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.EXT, id=file_id)
             elif f.fd in anon.kinds:

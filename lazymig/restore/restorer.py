@@ -114,6 +114,7 @@ from lazymig.restore.files import restore_files
 from lazymig.restore.parent import write_parent_pages
 from lazymig.restore.pids import ChildProcess, PidMode, choose, pstree_ids, spawn_root
 from lazymig.restore.shmem import recreate_tmpfs_files, restore_shared_objects
+from lazymig.restore.sockets import take_over_sockets
 from lazymig.restore.task import (
     DumpedTask,
     FdInheritance,
@@ -369,6 +370,7 @@ class Restorer:
         """With lazy pages, the process guarding the restored one (lazymig.guardian)."""
         self.tree_pids: dict[int, int] = {}
         """A restored tree's pids: {image pid: pid here} (lazymig.restore.tree)."""
+        self._taken: list[int] = []  # sockets taken over from the source (restore/sockets.py)
 
     async def run(self) -> RestoreResult:
         """Restore; returns once the process runs (detached from the restorer's ptrace).
@@ -378,6 +380,8 @@ class Restorer:
             RestoreError, LazyMigOSError, BrokenResourceError: the restore failed;
                 the half-built process was killed.
         """
+        # On the source's host, its sockets are taken over (restore/sockets.py).
+        self.fds, self._taken = await asyncio.to_thread(take_over_sockets, self.images, self.fds)
         if await asyncio.to_thread(is_tree, self.images):
             return await restore_tree(self)
         task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
@@ -435,12 +439,18 @@ class Restorer:
     def kill(self) -> None:
         """Kill and reap the restored (or half-restored) process, if any, and the
         init of its pid namespace (which kills every process in it)."""
+        self._release_taken()
         for process in (self.process, self.pid_namespace):
             if process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)
+
+    def _release_taken(self) -> None:
+        for fd in self._taken:
+            os.close(fd)
+        self._taken = []
 
     def _guarded_pid(self) -> int:
         """What the guardian kills should the daemon die: the pid namespace's init
@@ -476,8 +486,11 @@ class Restorer:
             raise RestoreError("no `sleep` executable on PATH to start the restored process from")
         stdin, stdout, stderr = self.stdio if self.stdio is not None else (0, 1, 2)
         passed = sorted({i.fd for i in self.fds.inherit if i.fd > 2})
-        self.process = subprocess.Popen([sleep, "1000000"], stdin=stdin, stdout=stdout,
-                                        stderr=stderr, close_fds=True, pass_fds=passed)
+        try:
+            self.process = subprocess.Popen([sleep, "1000000"], stdin=stdin, stdout=stdout,
+                                            stderr=stderr, close_fds=True, pass_fds=passed)
+        finally:
+            self._release_taken()  # the helper has its own copies
         pid = self.process.pid
         deadline = time.monotonic() + 5.0
         while True:  # seize it once it sleeps: its loader is done with the address space

@@ -60,6 +60,9 @@ class InheritFd:
 
     fd: int
     name: str
+    optional: bool = False
+    """Found by the restorer itself (a socket taken over, restore/sockets.py): a
+    process of a tree that has no such file ignores it."""
 
     @classmethod
     def parse(cls, text: str) -> InheritFd:
@@ -107,6 +110,8 @@ def plan_given_fds(pid: int, files: DumpedFiles, how: FdInheritance) -> dict[int
     given: dict[int, int] = {}
     for inh in how.inherit:
         ids = [i for i, name in names.items() if name == inh.name]
+        if not ids and inh.optional:
+            continue
         if not ids:
             known = ", ".join(sorted(set(names.values()))) or "none"
             raise ConfigurationError(f"--inherit-fd fd[{inh.fd}]:{inh.name}: process {pid} had "

@@ -10,8 +10,8 @@ and ``data`` (made by the test). The process opens:
 * a pipe (non-blocking read end, 1 MiB capacity) holding ``in-flight``;
 * the read end of a second pipe holding ``tail`` whose write end is closed;
 * ``DIR`` itself, O_PATH (a dirfd for openat);
-* with ``--extra KIND``, one more fd of a kind lazymig refuses (socket,
-  fanotify, stale-epoll: an epoll watching a file under a fd number closed since,
+* with ``--extra KIND``, one more fd of a kind lazymig refuses (fanotify,
+  stale-epoll: an epoll watching a file under a fd number closed since,
   memfd, deleted, fifo: a named FIFO, lock: a file it holds a flock on).
 
 It prints ``READY key=value ...``: its pid, pgid, sid, each fd's offset, status
@@ -30,7 +30,6 @@ import fcntl
 import os
 import select
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -39,8 +38,6 @@ PR_SET_PDEATHSIG = 1
 
 
 def extra_fd(kind: str, directory: str) -> int:
-    if kind == "socket":
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
     if kind == "fanotify":  # FAN_CLASS_NOTIF, FAN_CLOEXEC; O_RDONLY events
         return int(ctypes.CDLL(None).fanotify_init(0x1, os.O_RDONLY))
     if kind == "stale-epoll":  # watches an eventfd registered as a fd closed since
