@@ -337,7 +337,8 @@ def images(data: bytes) -> None:
         for vaddr, nr_pages in lazy:
             # What the server may hand out stays inside the dumped lazy ranges.
             for probe in (vaddr - PAGE_SIZE, vaddr, vaddr + (nr_pages - 1) * PAGE_SIZE):
-                got = store.available(1, probe, MAX_PAGES) if probe >= 0 else 0
+                segment = store.lookup(1, probe, MAX_PAGES) if probe >= 0 else None
+                got = 0 if segment is None else segment.length // PAGE_SIZE
                 assert got == 0 or any(v <= probe and probe + got * PAGE_SIZE <= v + n * PAGE_SIZE
                                        for v, n in lazy)
     finally:

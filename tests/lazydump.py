@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 
 from lazymig.dump.pagepipe import PagePipes, PagesNotFoundError
-from lazymig.dump.store import PipePageStore
+from lazymig.dump.store import PageSegment, PipePageStore
 from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PE, VmaStatus
 from lazymig.proto.images import ImagesDir, MmEntry, PagemapEntry, PstreeEntry, VmaEntry
 
@@ -56,10 +56,11 @@ class PipeServer:
 
     def serve(self, vaddr: int, nr_pages: int) -> tuple[int, bytes]:
         """Up to ``nr_pages`` lazy pages from ``vaddr``: how many, and their bytes."""
-        n = self._store.available(self._pid, vaddr, nr_pages)
-        if not n:
+        segment = self._store.lookup(self._pid, vaddr, nr_pages)
+        if segment is None:
             raise PagesNotFoundError(f"no lazy pages at {vaddr:#x}")
-        segment = self._store.segment(self._pid, vaddr, n)
+        assert isinstance(segment, PageSegment), "every pipe is filled: nothing to wait for"
+        n = segment.length // PAGE_SIZE
         out = bytearray()
         try:
             while len(out) < segment.length:

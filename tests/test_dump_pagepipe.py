@@ -17,7 +17,7 @@ from lazydump import PipeServer
 
 from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
 from lazymig.dump.scan import PageRun
-from lazymig.dump.store import PipePageStore
+from lazymig.dump.store import PageSegment, PipePageStore
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigOSError
 from lazymig.linux.vm import (
     AnonMapping,
@@ -236,9 +236,9 @@ def test_the_store_sees_a_region_over_many_pipes_as_one_range(memory: AnonMappin
             # 25..34 (after a prefix in the second pipe) + 35..40 (16 in all).
             for page, served in ((10, 10), (25, 16), (50, 3)):
                 vaddr = base + page * PAGE_SIZE
-                assert store.available(os.getpid(), vaddr, 100) == served
-                assert store.pending(os.getpid(), vaddr, served) is None  # all filled
-                segment = store.segment(os.getpid(), vaddr, served)
+                segment = store.lookup(os.getpid(), vaddr, 100)
+                assert isinstance(segment, PageSegment)  # every pipe is filled: no wait
+                assert segment.length == served * PAGE_SIZE
                 try:
                     assert read_exact(segment.fd, served * PAGE_SIZE) == b"".join(
                         expected_page(vaddr + i * PAGE_SIZE, SEED) for i in range(served))

@@ -103,6 +103,22 @@ async def test_serves_every_lazy_page_then_completes(server: PageServer,
 
 
 @pytest.mark.asyncio
+async def test_a_dump_on_disk_sends_its_pages_from_the_file_even_on_this_host(
+        server: PageServer, wire: WireVersion, caplog: pytest.LogCaptureFixture) -> None:
+    """sendfile, not a copy through a buffer, for a reader on loopback too: the copy
+    costs the server more than the page-sized fragments cost the reader
+    (docs/benchmarks.md, "page server for a dump on disk")."""
+    caplog.set_level(logging.INFO, logger="lazymig.dump.server")
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(server.serve())
+        client = await MiniClient.connect(server.port, wire)
+        await all_pages(client)
+        assert await client.close() == 0
+    assert serving.result() is True
+    assert "(pages sent from their file)" in caplog.text, caplog.text
+
+
+@pytest.mark.asyncio
 async def test_close_before_everything_was_served_keeps_serving(
         server: PageServer, wire: WireVersion, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)

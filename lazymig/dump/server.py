@@ -4,9 +4,9 @@ It speaks CRIU's page-server protocol (:mod:`lazymig.proto.pageserver`) in the
 chosen wire layout, so ``criu lazy-pages --page-server`` can pull from it as
 well as lazymig's daemon. Sockets are used raw (no Transport). The store tees
 the pages of a reply out of its page pipe (or names them in a file), and the
-plain link splices them from there into the socket, so they never enter
-Python; to a reader on this host it sends them from a buffer instead (see
-:class:`_PlainLink`).
+plain link splices them from there (or sends the file) into the socket, so
+they never enter Python; to a reader on this host it sends a page pipe's pages
+from a buffer instead (see :class:`_PlainLink`).
 
 Per connection: requests are handled in order; a malformed request or a GET
 outside the dumped lazy ranges ends *that* connection with a logged reason, and
@@ -47,14 +47,14 @@ from typing import Protocol
 
 from lazymig._aio import retry_until_ready, wait_fd
 from lazymig._listen import listen_tcp
-from lazymig.dump.store import LazyPageStore, PageSegment
+from lazymig.dump.store import ImagesPageStore, LazyPageStore, PageSegment
 from lazymig.errors import (
     AuthenticationError,
     BrokenResourceError,
     LazyMigError,
     RemoteProtocolError,
 )
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
 from lazymig.proto.pageserver import (
     DEFAULT_MAX_PAGES,
     NEED_DATA,
@@ -197,6 +197,7 @@ class PageServer:
                  listener: socket.socket | None = None,
                  until: ServeUntil = ServeUntil.COMPLETE) -> None:
         self.store = store
+        self._files = isinstance(store, ImagesPageStore)
         self.until = until
         self.address = address
         self.port = port
@@ -322,9 +323,13 @@ class PageServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keep_alive(sock)
-            copy = self.tls is not None or _on_this_host(peer)
+            # Pages of a file go by sendfile to any reader: copied into a buffer, they
+            # would cost the server more than their 4 KiB fragments cost a reader on this
+            # host (benchmarks.md, "page server for a dump on disk").
+            copy = self.tls is not None or (_on_this_host(peer) and not self._files)
             log.info("page client %s connected (pages %s)", peer,
-                     "sent from a buffer" if copy else "spliced")
+                     "sent from a buffer" if copy else
+                     "sent from their file" if self._files else "spliced")
             tls: TlsSocket | None = None
             clean = False
             session = _Session()
@@ -413,14 +418,14 @@ class PageServer:
     async def _answer_get(self, link: _Link, codec: PageServerConnection,
                           get: GetRequest) -> None:
         self.stats.requests += 1
-        nr_pages = self.store.available(get.pid, get.vaddr, get.nr_pages)
-        if nr_pages == 0:
+        found = self.store.lookup(get.pid, get.vaddr, get.nr_pages)
+        if found is None:
             raise RemoteProtocolError(
                 f"GET of {get.nr_pages} pages at {get.vaddr:#x} for pid {get.pid}: "
                 "not a lazy page of this dump", field="vaddr")
-        if (filling := self.store.pending(get.pid, get.vaddr, nr_pages)) is not None:
-            await filling  # a live dump's page pipe that is not filled yet
-        segment = self.store.segment(get.pid, get.vaddr, nr_pages)
+        # A live dump's page pipe that is not filled yet gives an awaitable (rare).
+        segment = found if isinstance(found, PageSegment) else await found
+        nr_pages = segment.length >> PAGE_SHIFT
         try:
             await link.send_reply(codec.send(GetReply(get.pid, get.vaddr, nr_pages)), segment)
             codec.payload_sent_directly(segment.length)
@@ -460,10 +465,13 @@ class _Link(Protocol):
 class _PlainLink:
     """A raw socket. Across a network, pages are spliced into it from the store's
     pipe (or sent from its file): they never enter Python. To a reader on this
-    host (``copy``) they are read into one reused buffer and sent with their
-    header in one sendmsg instead: spliced, every page would reach that reader
-    as a 4 KiB fragment of its own, which doubles its receive cost (a reader
-    across a network receives its NIC's packets, whatever we send)."""
+    host (``copy``) a page pipe's pages are read into one reused buffer and sent
+    with their header in one sendmsg instead: spliced, every page would reach
+    that reader as a 4 KiB fragment of its own, which doubles its receive cost
+    (a reader across a network receives its NIC's packets, whatever we send).
+    A file's pages are never copied (the server chooses: see
+    :meth:`PageServer._serve_connection`): tee + read + send cost more than
+    sendfile, and the reader's extra cost is smaller than that saving."""
 
     def __init__(self, sock: socket.socket, stall_timeout: float, *, copy: bool) -> None:
         self._sock = sock

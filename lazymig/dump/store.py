@@ -7,21 +7,19 @@ Two stores implement :class:`LazyPageStore`: the page pipes of a live dump
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from lazymig.errors import BrokenResourceError, ImageError
-from lazymig.linux.vm import set_pipe_size, tee
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
-from lazymig.proto.images import ImagesDir, PageIndex
 from lazymig.proto.runs import PageRuns
 
 if TYPE_CHECKING:  # the restore side imports this module: no ptrace machinery for it
     from lazymig.dump.late_fill import LateFill
     from lazymig.dump.pagepipe import PagePipes, PipeBuffer
+    from lazymig.proto.images import ImagesDir
 
 __all__ = ["ImagesPageStore", "LazyPageStore", "PageSegment", "PipePageStore"]
 
@@ -64,26 +62,17 @@ class LazyPageStore(Protocol):
         """Every lazy range of ``pid`` as (vaddr, nr_pages), sorted."""
         ...
 
-    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
-        """How many of ``nr_pages`` from ``vaddr`` one reply can carry.
+    def lookup(self, pid: int, vaddr: int, nr_pages: int
+               ) -> PageSegment | Awaitable[PageSegment] | None:
+        """The bytes of up to ``nr_pages`` lazy pages from ``vaddr``, in one lookup.
 
-        The count is clamped at the end of the segment that holds ``vaddr``
-        (so it may be smaller than asked); 0 means ``vaddr`` is not a lazy page
-        of ``pid`` (or ``pid`` is unknown).
-        """
-        ...
-
-    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
-        """None if the ``nr_pages`` lazy pages at ``vaddr`` (as clamped by
-        :meth:`available`) can be read now (the usual case); else an awaitable
-        that ends once they can, and asks for them first (the page pipes of a
-        live dump are filled after the server starts listening). It raises if
-        they never will be."""
-        ...
-
-    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
-        """The bytes of ``nr_pages`` (as clamped by :meth:`available`) at ``vaddr``,
-        once :meth:`pending` is done with them.
+        The pages are clamped at the end of the segment that holds ``vaddr`` (so
+        the segment may hold fewer than asked: ``length // PAGE_SIZE`` of them).
+        Usually a :class:`PageSegment` ready to be read; an awaitable of it when
+        they cannot be read yet (the page pipes of a live dump are filled after
+        the server starts listening: it asks for them first, and raises if they
+        never come); None when ``vaddr`` is not a lazy page of ``pid`` (or
+        ``pid`` is unknown).
 
         Serving a page never consumes it: it can be served again.
         """
@@ -105,8 +94,8 @@ class ImagesPageStore:
     """
 
     def __init__(self, images: ImagesDir) -> None:
-        self._ranges: dict[int, PageRuns] = {}
-        self._index: dict[int, tuple[int, PageIndex]] = {}
+        self._lazy: dict[int, tuple[PageRuns, list[int], int]] = {}
+        """Per pid: its lazy ranges, each one's offset in its pages file, that file's fd."""
         self._fds: list[int] = []
         try:
             for pid in images.pstree_pids():
@@ -121,7 +110,8 @@ class ImagesPageStore:
         if not ranges:
             return
         path, index = images.page_index(pid)
-        missing = [r for r in ranges if index.offset(r.vaddr, r.nr_pages) is None]
+        offsets = [index.offset(r.vaddr, r.nr_pages) for r in ranges]
+        missing = [r for r, offset in zip(ranges, offsets, strict=True) if offset is None]
         if missing:
             raise ImageError(
                 f"{len(missing)} lazy ranges of pid {pid} (first at {missing[0].vaddr:#x}) "
@@ -132,34 +122,32 @@ class ImagesPageStore:
         if os.fstat(fd).st_size < index.size:  # its pagemap claims pages it does not hold
             raise ImageError(f"{os.fstat(fd).st_size} bytes where the pagemap of pid {pid} "
                              f"says {index.size}", path=path)
-        self._index[pid] = (fd, index)
-        self._ranges[pid] = PageRuns((r.vaddr, r.nr_pages) for r in ranges)
+        self._lazy[pid] = (PageRuns((r.vaddr, r.nr_pages) for r in ranges),
+                           [offset for offset in offsets if offset is not None], fd)
 
     def pids(self) -> Iterable[int]:
-        return self._ranges.keys()
+        return self._lazy.keys()
 
     def lazy_ranges(self, pid: int) -> list[tuple[int, int]]:
-        return list(self._ranges[pid])
+        return list(self._lazy[pid][0])
 
-    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
-        ranges = self._ranges.get(pid)
-        return 0 if ranges is None else min(nr_pages, ranges.pages_from(vaddr))
-
-    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
-        return None
-
-    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
-        fd, index = self._index[pid]
-        offset = index.offset(vaddr, nr_pages)
-        assert offset is not None, "available() vouched for these pages"
-        return PageSegment(fd, offset, nr_pages * PAGE_SIZE, owned=False)
+    def lookup(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment | None:
+        # On every GET: one dict lookup, one bisect, no object but the segment.
+        lazy = self._lazy.get(pid)
+        if lazy is None or vaddr % PAGE_SIZE:
+            return None
+        runs, offsets, fd = lazy
+        i = runs.find(vaddr)
+        if i < 0:
+            return None
+        length = min(nr_pages << PAGE_SHIFT, runs.end(i) - vaddr)
+        return PageSegment(fd, offsets[i] + vaddr - runs.start(i), length, owned=False)
 
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        self._index.clear()
-        self._ranges.clear()
+        self._lazy.clear()
 
 
 class PipePageStore:
@@ -182,6 +170,12 @@ class PipePageStore:
     _POOL = 8
 
     def __init__(self, pid: int, pipes: PagePipes, late_fill: LateFill | None = None) -> None:
+        # Here, not at the top: a page server for a dump on disk reads its images with
+        # this module before it says ready, and needs neither ctypes nor asyncio.
+        from lazymig.linux.vm import set_pipe_size, tee  # noqa: PLC0415
+
+        self._tee = tee
+        self._set_pipe_size = set_pipe_size
         self._pid = pid
         self._pipes = pipes
         self._late_fill = late_fill
@@ -217,25 +211,33 @@ class PipePageStore:
             vaddr += n << PAGE_SHIFT
         return out
 
-    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
-        return sum(n for _, _, n in self._pieces(pid, vaddr, nr_pages))
-
-    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
-        late = self._late_fill
-        if late is None or late.complete:  # on every GET: O(1) once every pipe is filled
-            return None
-        waits = [w for buf, _, _ in self._pieces(pid, vaddr, nr_pages)
-                 if (w := late.wait(buf)) is not None]
-        return asyncio.gather(*waits) if waits else None
-
-    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
+    def lookup(self, pid: int, vaddr: int, nr_pages: int
+               ) -> PageSegment | Awaitable[PageSegment] | None:
         pieces = self._pieces(pid, vaddr, nr_pages)
-        assert sum(n for _, _, n in pieces) == nr_pages, "available() vouched for these pages"
+        if not pieces:
+            return None
+        late = self._late_fill
+        if late is not None and not late.complete:  # O(1) once every pipe is filled
+            waits = [w for buf, _, _ in pieces if (w := late.wait(buf)) is not None]
+            if waits:
+                return self._when_filled(waits, pid, vaddr, nr_pages)
+        return self._segment(pieces, vaddr)
+
+    async def _when_filled(self, waits: Sequence[Awaitable[object]], pid: int, vaddr: int,
+                           nr_pages: int) -> PageSegment:
+        import asyncio  # noqa: PLC0415 (a dump on disk never waits: no asyncio before ready)
+
+        await asyncio.gather(*waits)
+        return self._segment(self._pieces(pid, vaddr, nr_pages), vaddr)
+
+    def _segment(self, pieces: list[tuple[PipeBuffer, int, int]], vaddr: int) -> PageSegment:
+        """A scratch pipe holding exactly the pages of ``pieces`` (tee'd, never consumed)."""
+        nr_pages = sum(n for _, _, n in pieces)
         read_fd, write_fd = self._spare.pop() if self._spare else self._new_pipe()
         try:
             for buf, first, n in pieces:
                 need = (first + n) << PAGE_SHIFT
-                got = tee(buf.read_fd, write_fd, need)
+                got = self._tee(buf.read_fd, write_fd, need)
                 if got != need:
                     raise BrokenResourceError(f"tee gave {got} of {need} bytes at {vaddr:#x}")
                 skip = first << PAGE_SHIFT  # only the first piece has one
@@ -258,7 +260,7 @@ class PipePageStore:
     def _new_pipe(self) -> tuple[int, int]:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
-            set_pipe_size(write_fd, self._pipe_size)
+            self._set_pipe_size(write_fd, self._pipe_size)
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)

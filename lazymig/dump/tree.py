@@ -354,16 +354,10 @@ class TreePageStore:
         store = self._stores.get(pid)
         return store.lazy_ranges(pid) if store is not None else []
 
-    def available(self, pid: int, vaddr: int, nr_pages: int) -> int:
+    def lookup(self, pid: int, vaddr: int, nr_pages: int
+               ) -> PageSegment | Awaitable[PageSegment] | None:
         store = self._stores.get(pid)
-        return store.available(pid, vaddr, nr_pages) if store is not None else 0
-
-    def pending(self, pid: int, vaddr: int, nr_pages: int) -> Awaitable[object] | None:
-        store = self._stores.get(pid)
-        return store.pending(pid, vaddr, nr_pages) if store is not None else None
-
-    def segment(self, pid: int, vaddr: int, nr_pages: int) -> PageSegment:
-        return self._stores[pid].segment(pid, vaddr, nr_pages)
+        return store.lookup(pid, vaddr, nr_pages) if store is not None else None
 
     def close(self) -> None:
         for store in self._stores.values():

@@ -788,10 +788,10 @@ class LocalPageSource:
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
-        available = self._store.available(pid, vaddr, nr_pages)
-        if available == 0:
+        segment = self._store.lookup(pid, vaddr, nr_pages)
+        if segment is None:
             raise LazyMigError(f"no lazy page of pid {pid} at {vaddr:#x} in the images")
-        segment = self._store.segment(pid, vaddr, available)
+        available = segment.length // PAGE_SIZE
         assert segment.offset is not None
         data = bytearray(segment.length)
         loop = asyncio.get_running_loop()
