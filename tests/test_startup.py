@@ -272,6 +272,40 @@ def test_the_lazy_pages_command_imports_only_what_it_needs(tmp_path: Path) -> No
     assert not leaked, leaked
 
 
+_READY_PROBE = """
+import os, sys
+import lazymig.cli.page_server as command
+
+def spy(status_fd):
+    print(" ".join(sorted(sys.modules)), flush=True)
+    os._exit(0)
+
+command.signal_ready = spy
+from lazymig.cli import main
+sys.exit(main())
+"""
+
+
+def test_the_page_server_says_ready_before_it_loads_its_event_loop(tmp_path: Path) -> None:
+    """`lazymig page-server` reads the images, then says ready, and only then loads
+    logging, asyncio and uvloop, most of its start-up (a daemon that connects meanwhile
+    waits in the backlog): what can fail on the dump fails before ready."""
+    script = tmp_path / "probe.py"
+    script.write_text(_READY_PROBE)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_lazy_dump(images, DUMP)
+    run = subprocess.run([sys.executable, str(script), "-v", "page-server", "--lazy-pages",
+                          "--address", "127.0.0.1", "--port", str(free_port()), "-D", str(images)],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    modules = set(run.stdout.split())
+    assert "lazymig.proto.images" in modules  # the images were read
+    early = sorted(m for m in ("asyncio", "uvloop", "logging", "ssl", "ctypes",
+                               "google.protobuf", "lazymig.dump.server") if m in modules)
+    assert early == [], early
+
+
 @pytest.mark.parametrize(("package", "not_yet"), [
     ("lazymig.uffd", ["lazymig.uffd.daemon", "lazymig.uffd.source", "lazymig.proto.images"]),
     ("lazymig.dump", ["lazymig.dump.dumper", "lazymig.linux.ptrace"]),

@@ -10,11 +10,10 @@ CRIU 4.2 and later, the default).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lazymig._version import __version__
 from lazymig.cli import demo, dump, lazy_pages, page_server, pre_dump, restore
-from lazymig.cli._common import Parser
+from lazymig.cli._common import Parser, setup_logging
 
 TYPE_CHECKING = False  # --help and --version load no typing (nor logging)
 if TYPE_CHECKING:
@@ -49,30 +48,24 @@ A subcommand imports its machinery only when it runs: `lazymig lazy-pages` must
 start fast, since criu restore waits for it (it is part of the downtime)."""
 
 
-def setup_logging(verbosity: int) -> None:
-    import logging
-
-    level = logging.WARNING - 10 * min(verbosity, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lazymig`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and --version exit here, having loaded little
-    setup_logging(args.verbose)
+    if not getattr(args, "defer_logging", False):  # else the command sets it up when ready
+        setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
-    import logging
-
     from lazymig.errors import LazyMigError
 
     try:
         return func(args)
     except (LazyMigError, OSError) as exc:  # OSError: e.g. an image that is not there
+        import logging
+
+        setup_logging(args.verbose)  # a command that defers it may fail before
         logging.getLogger("lazymig").error("%s", exc)
         return 1
     except KeyboardInterrupt:

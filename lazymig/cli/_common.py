@@ -120,6 +120,15 @@ def add_images_dir_option(parser: argparse.ArgumentParser, *, required: bool = T
                         help="directory of the images")
 
 
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr at WARNING, INFO (-v) or DEBUG (-vv); once (idempotent)."""
+    import logging
+
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
 def run_async(args: argparse.Namespace, main: Coroutine[Any, Any, _T]) -> _T:
     """Run a command's coroutine on uvloop (unless --no-uvloop) or asyncio's loop."""
     if args.uvloop:

@@ -8,14 +8,19 @@ page was fetched: a restored process that exits early never asks for the rest.
 instead, until it is stopped (and lets a lazymig daemon whose link broke
 reconnect).
 
-It listens first, then imports the server and reads the images, and only then
-says ready on ``--status-fd``: a daemon that connects meanwhile is queued by
-the kernel and served once the images are read. Should the start-up fail,
-daemons already connected are reset at once, so that their restores fail now
-instead of waiting for pages that will never come. An orchestrator that waits
-for ``--status-fd`` before it starts a restore never meets that case (a
-restore that already runs when its daemon is reset would read its missing
-pages as zeros under CRIU's daemon).
+Its start-up is part of a migration's downtime, and most of it is Python's:
+the event loop alone takes several times what CRIU's whole start-up does. So
+it listens first, reads the images (and loads the TLS certificates) with
+nothing but the interpreter and argparse loaded, says ready on
+``--status-fd``, and only then loads logging, asyncio, uvloop and the server:
+a daemon that connects meanwhile is queued by the kernel and served once the
+loop runs. Should the start-up fail (it can only fail before ready: on the
+images, the options or the certificates), daemons already connected are
+reset at once, so that their restores fail now instead of waiting for pages
+that will never come. An orchestrator that waits for ``--status-fd`` before
+it starts a restore never meets that case (a restore that already runs when
+its daemon is reset would read its missing pages as zeros under CRIU's
+daemon).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from lazymig.cli._common import (
     add_tls_options,
     add_wire_option,
     run_async,
+    setup_logging,
     signal_ready,
     tls_config,
     wire_version,
@@ -40,6 +46,9 @@ from lazymig.errors import ConfigurationError
 TYPE_CHECKING = False  # typing is not imported before the socket listens
 if TYPE_CHECKING:
     import socket
+
+    from lazymig.dump.store import ImagesPageStore
+    from lazymig.tls import ServerTls
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 s: close() sends a reset (the peer sees an error, not an end)."""
@@ -71,7 +80,7 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
     parser.add_argument("--status-fd", type=int, metavar="FD",
                         help="write a zero byte to FD once ready to serve (the images read; "
                              "clients that connect earlier wait in the backlog)")
-    parser.set_defaults(func=page_server)
+    parser.set_defaults(func=page_server, defer_logging=True)
 
 
 def page_server(args: argparse.Namespace) -> int:
@@ -84,7 +93,21 @@ def page_server(args: argparse.Namespace) -> int:
                                  "--lazy-pages)")
     listener = listen_tcp(args.address, args.port)
     try:
-        run_async(args, _serve(args, listener))
+        try:
+            store, tls = _read(args)
+        except BaseException as exc:
+            setup_logging(args.verbose)
+            _reset_queued(listener, exc)
+            raise
+        try:
+            # Ready: the images are read and the certificates loaded, so what is left of
+            # the start-up (the event loop, the server; most of it) cannot fail on the
+            # dump. A daemon that connects now waits in the backlog meanwhile.
+            signal_ready(args.status_fd)
+            setup_logging(args.verbose)
+            run_async(args, _serve(args, listener, store, tls))
+        finally:
+            store.close()
         return 0
     finally:
         listener.close()  # the server's, once it took it; idempotent
@@ -93,6 +116,8 @@ def page_server(args: argparse.Namespace) -> int:
 def _receive_command(args: argparse.Namespace) -> int:
     """Receiving mode: one push session into -D (:mod:`lazymig.dump.receiver`)."""
     from lazymig._listen import listen_tcp
+
+    setup_logging(args.verbose)
 
     if args.tls:
         raise ConfigurationError("receiving pushed pages over TLS is not implemented: drop --tls "
@@ -113,30 +138,34 @@ def _receive_command(args: argparse.Namespace) -> int:
         listener.close()
 
 
-async def _serve(args: argparse.Namespace, listener: socket.socket) -> None:
-    try:
-        from lazymig.dump.server import PageServer, ServeUntil
-        from lazymig.dump.store import ImagesPageStore
-        from lazymig.proto.images import ImagesDir
+def _read(args: argparse.Namespace) -> tuple[ImagesPageStore, ServerTls | None]:
+    """What may fail on the dump or the options, before ``--status-fd`` says ready:
+    the images (without asyncio, ctypes or protobuf) and the TLS certificates."""
+    from lazymig.dump.store import ImagesPageStore
+    from lazymig.proto.images import ImagesDir
 
-        store = ImagesPageStore(ImagesDir(args.images_dir))
-        try:  # certificates are loaded here
-            server = PageServer(store, address=args.address, port=args.port,
-                                wire=wire_version(args), tls=tls_config(args), listener=listener,
-                                until=ServeUntil.STOPPED if args.keep_serving
-                                else ServeUntil.SESSION)
-        except BaseException:
-            store.close()
-            raise
-    except BaseException as exc:
-        _reset_queued(listener, exc)
-        raise
+    store = ImagesPageStore(ImagesDir(args.images_dir))
     try:
-        async with server:
-            signal_ready(args.status_fd)
-            await server.serve()
-    finally:
+        config = tls_config(args)
+        if config is None:
+            return store, None
+        from lazymig.tls import ServerTls
+
+        return store, ServerTls.build(config, args.address)
+    except BaseException:
         store.close()
+        raise
+
+
+async def _serve(args: argparse.Namespace, listener: socket.socket, store: ImagesPageStore,
+                 tls: ServerTls | None) -> None:
+    from lazymig.dump.server import PageServer, ServeUntil
+
+    server = PageServer(store, address=args.address, port=args.port, wire=wire_version(args),
+                        tls=tls, listener=listener,
+                        until=ServeUntil.STOPPED if args.keep_serving else ServeUntil.SESSION)
+    async with server:
+        await server.serve()
 
 
 def _reset_queued(listener: socket.socket, error: BaseException) -> None:
