@@ -638,6 +638,63 @@ def test_failed_restore_leaves_the_source_to_criu_dump(
         workload.kill()
 
 
+def gone(pid: int) -> bool:
+    """Process ``pid`` exited (a zombie, or reaped)."""
+    return process_state(pid) in ("Z", "X", "")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_daemon_whose_page_server_never_came_fails_the_restore_it_holds(
+        chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
+    """``lazymig lazy-pages`` said ready at once, ``criu restore`` handed it its processes,
+    then its start-up failed: the page server never came. The restored processes must
+    neither run on pages that never arrived nor wait for them: the daemon kills them and
+    exits with the error within seconds, and the restore fails. (It held them until a
+    stop signal: criu restore hung on its first lazy page.)"""
+    d = chroot_dir
+    workload, _ = dump_workload(d, workload_binary, mib=8, children=1, measure=measure)
+    daemon_log = d.host / "lazymig-lazy-pages.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with daemon_log.open("wb") as err:
+            daemon = start_with_status_fd(  # no page server there, ever
+                lazymig_argv("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                             str(free_port()), "--wire", "v1", "--wait-for-page-server", "3",
+                             "-D", str(d.host), loop=loop),
+                what="lazymig lazy-pages", stderr=err.fileno())
+        procs.append(daemon)
+        started = time.monotonic()
+        restore = subprocess.Popen(
+            chroot_argv("criu", "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+                        "--pidfile", d.inside("restored.pid"), "-o", "restore.log", "-v4"),
+            cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        procs.append(restore)
+        rc = daemon.wait(30)
+        measure["daemon_exit_s"] = round(time.monotonic() - started, 3)
+        text = daemon_log.read_text()
+        assert rc == 1, text[-3000:]
+        assert "cannot connect to the page server" in text, text[-3000:]
+        assert "killed" in text, text[-3000:]
+        restore.wait(30)
+        measure["restore_exit_s"] = round(time.monotonic() - started, 3)
+        measure["restore_rc"] = restore.returncode
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            restored = int((d.host / "restored.pid").read_text())
+            deadline = time.monotonic() + 10
+            while not gone(restored):
+                assert time.monotonic() < deadline, f"restored process {restored} still runs"
+                time.sleep(0.05)
+        ticked = workload.output().ticks
+        assert all(t.bad_pages == 0 for t in ticked), "a restored process ran on holes"
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        kill_restored(d)
+
+
 # -- lazymig reads what criu dump writes ---------------------------------------------------
 
 NEWER_THAN_CRIT = {"dump_criu_run_id", "allow_uprobes"}

@@ -15,7 +15,10 @@ read the images (without protobuf's runtime) and connect to the page server
 in the socket's backlog with its uffd; a fault of its process waits in the
 kernel until the daemon reads it. Should the start-up then fail,
 restorers already queued are not dropped (their processes would read missing
-pages as zeros): see :func:`~lazymig.cli._common.hold_after_failed_start`.
+pages as zeros): a daemon whose source failed takes them and kills their
+processes, so that their restores fail now (:func:`_failed_daemon`); only if
+the images cannot be read either are they held, see
+:func:`~lazymig.cli._common.hold_after_failed_start`.
 """
 
 from __future__ import annotations
@@ -117,6 +120,14 @@ async def _serve(args: argparse.Namespace, images_dir: Path, socket_path: Path,
         try:
             try:
                 daemon = await _start(args, images_dir, socket_path, listener)
+            except Exception as exc:
+                failed = _failed_daemon(exc, images_dir, socket_path, listener)
+                if failed is None:
+                    await hold_after_failed_start(_take_restorers(listener, socket_path), exc,
+                                                  "restorer(s) handed processes over")
+                else:
+                    await failed.run()
+                raise
             except BaseException as exc:
                 await hold_after_failed_start(_take_restorers(listener, socket_path), exc,
                                               "restorer(s) handed processes over")
@@ -150,6 +161,44 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
     except BaseException:
         source.abort()
         raise
+
+
+def _failed_daemon(error: Exception, images_dir: Path, socket_path: Path,
+                   listener: socket.socket) -> LazyPagesDaemon | None:
+    """After a start-up that failed with ``error`` once the images are readable (the page
+    server unreachable, or gone during the start-up): a daemon on a source that failed,
+    for the restorers queued meanwhile. It takes their processes and kills each as soon
+    as it can name it (the restore then fails at once), as a running daemon does when
+    its source fails for good: none runs on pages that never arrived, none waits for
+    them. None if nobody is queued (the socket is unlinked first: nobody else comes) or
+    the images cannot be read (the processes could not be named: they are held, see
+    :func:`~lazymig.cli._common.hold_after_failed_start`)."""
+    import logging
+    import select
+
+    from lazymig.errors import ImageError, LazyMigError
+    from lazymig.proto.images import ImagesDir
+    from lazymig.uffd.daemon import LazyPagesDaemon
+    from lazymig.uffd.source import FailedPageSource
+
+    socket_path.unlink(missing_ok=True)
+    if isinstance(error, ImageError) or not select.select([listener], [], [], 0)[0]:
+        return None  # the images are what failed, or nobody is in the backlog
+    try:  # read now: a process must be named by its lazy ranges before it is killed
+        images = ImagesDir(images_dir)
+        ranges = {pid: [(r.vaddr, r.nr_pages) for r in images.lazy_ranges(pid)]
+                  for pid in images.pstree_pids() if images.has_memory(pid)}
+    except (LazyMigError, OSError) as exc:
+        logging.getLogger("lazymig").error("after the failed start-up, the images cannot be "
+                                           "read either: %s", exc)
+        return None
+    daemon = LazyPagesDaemon(
+        FailedPageSource(error), lambda pid: ranges.get(pid, []), socket_path=socket_path,
+        listener=listener, expect_tasks=None)
+    logging.getLogger("lazymig").error(
+        "the start-up failed (%s) after restorers connected: their processes are killed "
+        "as soon as they are named, so that their restores fail now", error)
+    return daemon
 
 
 _WAIT_RETRY = 0.02

@@ -97,7 +97,7 @@ from lazymig.uffd.handover import ReceivedTask, receive_record
 from lazymig.uffd.identify import Identified, identify
 from lazymig.uffd.latency import LatencyHistogram
 from lazymig.uffd.ranges import LazyRanges
-from lazymig.uffd.source import PageSource, RemotePageSource
+from lazymig.uffd.source import FailedPageSource, PageSource, RemotePageSource
 from lazymig.uffd.uffd import Uffd
 
 __all__ = ["SOCKET_NAME", "TRANSITIONS", "DaemonReport", "LazyPagesDaemon", "ProcessReport",
@@ -362,6 +362,8 @@ class LazyPagesDaemon:
             # Fetching on faults only, nothing else would tell: the processes must not
             # wait for a page that can no longer come (their next fault would find out).
             source.on_failure = self._source_failed
+        elif isinstance(source, FailedPageSource):
+            self._source_failed(source.error)  # every process handed over is failed at once
 
     @classmethod
     def from_images(cls, source: PageSource, images_dir: str | os.PathLike[str],
@@ -561,6 +563,8 @@ class LazyPagesDaemon:
                      "processes still missing pages", self._guardian.process.pid)
         self._guardian.hold(proc.key, pid, uffd.fd, restorer=restorer, ranges=image_ranges,
                             parent=parent.key if parent else 0)
+        if self._failed:  # handed over after the source failed: its pages will never come
+            self._fail(proc, f"page source failed: {self._outcome.source_error}")
         return proc
 
     # ------------------------------------------------------------------ identifying
@@ -698,7 +702,12 @@ class LazyPagesDaemon:
                 and tid not in proc.learning:
             self._learn_thread(proc, tid, address)
         if proc.state is ProcessState.FAILED:
-            self._kill(proc, f"faulted on {address:#x} after the page source failed")
+            if not self._kill(proc, f"faulted on {address:#x} after the page source failed") \
+                    and self._tg is not None:
+                # Not named yet (criu restore's uffds carry no thread ids, and its restore
+                # may fault before it says finished): name it now, so that it is killed
+                # rather than held on a fault that never ends.
+                self._tg.create_task(self._identify([proc]))
             return
         proc.faults += 1
         ranges = proc.ranges

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_RECONNECT",
+    "FailedPageSource",
     "LocalPageSource",
     "PageChunk",
     "PageSink",
@@ -805,3 +806,29 @@ class LocalPageSource:
 
     def abort(self) -> None:
         self._store.close()
+
+
+class FailedPageSource:
+    """A source that failed before it served anything (a daemon whose start-up failed:
+    the page server unreachable, its certificates refused): every request fails with
+    ``error``. A :class:`~lazymig.uffd.daemon.LazyPagesDaemon` given one kills the
+    processes handed over to it as soon as it can name them, rather than letting them
+    run on pages that will never come, or hang on them."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def fetch(self, pid: int, vaddr: int, nr_pages: int, sink: PageSink, *,
+              urgent: bool = False) -> None:
+        asyncio.get_running_loop().call_soon(sink.pages_failed, vaddr, nr_pages, urgent,
+                                             self.error)
+
+    async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
+                  ) -> PageChunk:
+        raise BrokenResourceError(f"no page source: {self.error}") from self.error
+
+    async def aclose(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
