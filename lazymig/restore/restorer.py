@@ -217,6 +217,22 @@ def _free_gap(busy: Sequence[tuple[int, int]], size: int, *, floor: int = 1 << 3
     return at
 
 
+class _Phases:
+    """How long each step of a restore took, for the debug log (where the time goes)."""
+
+    def __init__(self, started: float) -> None:
+        self._last = started
+        self._took: list[tuple[str, float]] = []
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self._took.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {took * 1e3:.1f} ms" for name, took in self._took)
+
+
 class _Target:
     """The helper being turned into the restored process (tracer thread only).
 
@@ -391,13 +407,17 @@ class Restorer:
             sock = await self._connect()
         tracer = TracerThread("lazymig-restore")
         started = time.monotonic()
+        phases = _Phases(started)
         try:
             tracee = await tracer.run(self._spawn_and_seize)
+            phases.done("spawn")
             target = _Target(tracee)
             nonlazy = await tracer.run(self._build, target, task)
+            phases.done("build")
             uffd = -1
             if task.lazy:
                 uffd = await tracer.run(self._userfaultfd, target, task)
+                phases.done("uffd")
             try:
                 if sock is not None:
                     await send_task(sock, task.pid, uffd)
@@ -408,7 +428,9 @@ class Restorer:
             finally:
                 if uffd >= 0:
                     os.close(uffd)
+            phases.done("handover")
             await tracer.run(self._finish, target, task)
+            phases.done("finish")
         except BaseException as exc:
             # SIGKILL while still traced: detached first, the half-built process
             # would run on (and die of SIGSEGV, or worse, run on holes).
@@ -427,6 +449,7 @@ class Restorer:
                                pid_namespace=self._init_pid())
         log.info("process %d restored as %d in %.3f s (%d pages written, %d lazy)", task.pid,
                  result.pid, result.seconds, nonlazy, lazy)
+        log.debug("process %d: restore phases %s", task.pid, phases)
         return result
 
     def wait(self) -> int:
