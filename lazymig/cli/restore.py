@@ -24,6 +24,16 @@ A restored process that writes to fds the restorer gave it (``--shell-job``)
 goes on writing there after ``-d`` exits: ``PID=$(lazymig restore -d ...)``
 would wait for it too, as it holds that stdout pipe; redirect the output and
 read the pid file instead.
+
+A prepared destination (``--wait-for-images SECONDS``, see
+:mod:`lazymig.restore.prepared`): started before the dump ends, the command
+loads everything, says so on ``--status-fd``, waits for the images to be
+complete (their ``inventory.img``, which a dump writes last) and restores at
+once, so that its start-up is not part of the downtime::
+
+    lazymig lazy-pages --page-server --wait-for-page-server 60 ... -D /tmp/1 &
+    lazymig restore --lazy-pages -D /tmp/1 -d --wait-for-images 60 &
+    # then, on the source: lazymig dump --lazy-pages ... (images to /tmp/1)
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import argparse
 import os
 import sys
 
-from lazymig.cli._common import Parser, add_images_dir_option, run_async
+from lazymig.cli._common import Parser, add_images_dir_option, run_async, signal_ready
 
 
 def register(commands: argparse._SubParsersAction[Parser]) -> None:
@@ -66,6 +76,14 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
                              "process's fds 0-2 are this command's: with -d it goes on "
                              "writing to this stdout, so `$(lazymig restore -d)` would wait "
                              "for it; redirect the output and read FILE instead)")
+    parser.add_argument("--wait-for-images", type=float, default=0.0, metavar="SECONDS",
+                        help="a prepared destination: start before the dump ends, load "
+                             "everything, then restore as soon as the images are complete "
+                             "(inventory.img, which a dump writes last, is in the images "
+                             "dir), waiting up to SECONDS for them")
+    parser.add_argument("--status-fd", type=int, metavar="FD",
+                        help="write one zero byte to FD once loaded and ready to restore "
+                             "(with --wait-for-images: waiting for the images), then close it")
     parser.set_defaults(func=restore)
 
 
@@ -81,6 +99,15 @@ def restore(args: argparse.Namespace) -> int:
     inherit = [InheritFd.parse(text) for text in args.inherit_fd]
     restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path,
                         inherit_fds=inherit, shell_job=args.shell_job, new_pids=args.new_pids)
+    if args.wait_for_images > 0:
+        from lazymig.restore.prepared import wait_for_images
+
+        if args.uvloop:
+            import uvloop  # noqa: F401  (now, not once the images are there: run_async's)
+        signal_ready(args.status_fd)  # loaded: what is left is the restore itself
+        wait_for_images(restorer.images, args.wait_for_images)
+    else:
+        signal_ready(args.status_fd)
     result = run_async(args, restorer.run())
     if args.pidfile:
         write_pidfile(args.pidfile, result.pid)
