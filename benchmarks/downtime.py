@@ -25,6 +25,11 @@ dump and restore around a lazymig daemon or page server):
 * ``lazymig``: ``lazymig dump --lazy-pages`` + ``lazymig lazy-pages
   --page-server`` + ``lazymig restore --lazy-pages -d``;
 * ``lazymig prepared``: the same, the daemon started with the dump;
+* ``lazymig restore prepared``: the whole destination prepared, as
+  docs/operating.md runs it: the daemon and ``lazymig restore --lazy-pages -d
+  --wait-for-images`` both started with the dump, the restore restoring as soon
+  as the dump's images are complete (its start-up in the column "prepared:
+  restore start-up": spawned until it logged that it waits for the images);
 * ``CRIU``: ``criu dump --lazy-pages`` + ``criu lazy-pages`` + ``criu restore
   --lazy-pages -d``;
 * ``CRIU + lazymig daemon``: ``lazymig lazy-pages --wire v1`` in place of
@@ -106,11 +111,14 @@ from helpers import free_port  # noqa: E402
 MIB = 1 << 20
 LOCK = Path("/tmp/lazymig-criu.lock")
 LAZYMIG, LAZYMIG_PREPARED = "lazymig", "lazymig prepared"
+LAZYMIG_RESTORE_PREPARED = "lazymig restore prepared"
 CRIU, MIXED, MIXED_PREPARED = "CRIU", "CRIU + lazymig daemon", "CRIU + lazymig daemon prepared"
 ON_DISK_LAZYMIG = "CRIU on disk + lazymig page server"
 ON_DISK_CRIU = "CRIU on disk + CRIU page server"
-SETUPS = (LAZYMIG, LAZYMIG_PREPARED, CRIU, MIXED, MIXED_PREPARED, ON_DISK_LAZYMIG, ON_DISK_CRIU)
-PREPARED = (LAZYMIG_PREPARED, MIXED_PREPARED)
+SETUPS = (LAZYMIG, LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED, CRIU, MIXED, MIXED_PREPARED,
+          ON_DISK_LAZYMIG, ON_DISK_CRIU)
+PREPARED = (LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED, MIXED_PREPARED)
+"""The set-ups whose daemon is started with the dump."""
 LOOP = "uvloop"
 CRIU_VERBOSITY = 2
 FLOORS_HERE = {**FLOORS, "import lazymig.cli, lazymig.restore":
@@ -160,6 +168,8 @@ class Run:
     frozen: float = 0.0
     all_in: float = 0.0
     prepared: float | None = None
+    restore_prepared: float | None = None
+    """A prepared restore's start-up (spawned until it waits for the images)."""
     error: str | None = None
 
 
@@ -244,7 +254,8 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
     restored = 0
     ticks = None
     daemon_ready = -1  # the prepared daemon's status pipe, until read
-    criu_side = setup not in (LAZYMIG, LAZYMIG_PREPARED)
+    restore_ready = -1  # the prepared restore's
+    criu_side = setup not in (LAZYMIG, LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED)
     wire = ["--wire", "v1"] if criu_side else []
     with ChrootDir.temporary("dt-work-") as work, shm_dir("dt-images-") as d:
         logs: list[Path] = []
@@ -266,6 +277,15 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
                 daemon, daemon_ready = spawn([*daemon_argv, "--wait-for-page-server", "120"],
                                              daemon_log)
                 procs.append(daemon)
+            restore_log = d.host / "lazymig-restore.log"
+            restore_argv = lazymig("restore", "--lazy-pages", "-D", str(d.host), "-d",
+                                   "--pidfile", str(d.host / "restored.pid"))
+            if setup == LAZYMIG_RESTORE_PREPARED:  # it restores once the images are complete
+                logs.append(restore_log)
+                restore_spawned = time.time()
+                prepared_restore, restore_ready = spawn(
+                    [*restore_argv, "--wait-for-images", "120"], restore_log)
+                procs.append(prepared_restore)
             if setup in (ON_DISK_LAZYMIG, ON_DISK_CRIU):
                 logs.append(d.host / "dump.log")
                 criu(d, "dump", "-t", pid, "-D", d.inner, log="dump.log", timeout=300,
@@ -315,14 +335,17 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
                 criu(d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
                      "--pidfile", d.inside("restored.pid"), log="restore.log", timeout=300,
                      verbosity=CRIU_VERBOSITY)
+            elif setup == LAZYMIG_RESTORE_PREPARED:
+                ready, restore_ready = restore_ready, -1
+                wait_ready(ready, 60, "lazymig restore (prepared)", prepared_restore)
+                if rc := prepared_restore.wait(300):
+                    raise RuntimeError(f"the prepared lazymig restore exited {rc}")
             else:
-                log = d.host / "lazymig-restore.log"
-                logs.append(log)
-                with log.open("wb") as err:
-                    subprocess.run(lazymig("restore", "--lazy-pages", "-D", str(d.host), "-d",
-                                           "--pidfile", str(d.host / "restored.pid")),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=err, check=True, timeout=300)
+                logs.append(restore_log)
+                with restore_log.open("wb") as err:
+                    subprocess.run(restore_argv, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=err, check=True,
+                                   timeout=300)
             restored = int((d.host / "restored.pid").read_text())
             first = wait_for(lambda: ticks.first_after(restore_started), 60,
                              "tick of the restored process")
@@ -339,6 +362,10 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
                 # Loaded: it waits for its page server, or (a dump ready first) is connected.
                 run.prepared = logged_at(daemon_log, "waiting up to",
                                          "connected to page server") - spawned
+            if setup == LAZYMIG_RESTORE_PREPARED:
+                # Loaded: it waits for the images, or (a dump complete first) restores.
+                run.restore_prepared = logged_at(restore_log, "for the images in",
+                                                 "is there already") - restore_spawned
             for proc in procs:
                 if rc := proc.wait(120):
                     raise RuntimeError(f"{proc.args!r} exited {rc}")
@@ -350,8 +377,9 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
                             else log.read_text(errors="replace")[-1500:])
                     run.error += f"\n  --- {log.name}:\n  " + tail.replace("\n", "\n  ")
         finally:
-            if daemon_ready >= 0:
-                os.close(daemon_ready)
+            for fd in (daemon_ready, restore_ready):
+                if fd >= 0:
+                    os.close(fd)
             if ticks is not None:
                 ticks.stop()
             if restored:
@@ -391,7 +419,8 @@ def fmt_s(values: list[float]) -> str:
 
 def table(runs: list[Run]) -> list[str]:
     head = ["set-up", "workload", "downtime, median (min)", "= dump + start-ups + restore",
-            "vs CRIU", "frozen", "all in", "prepared: daemon start-up"]
+            "vs CRIU", "frozen", "all in", "prepared: daemon start-up",
+            "prepared: restore start-up"]
     rows = [head, ["---"] * len(head)]
     groups: dict[tuple[str, Case], list[Run]] = {}
     for run in runs:
@@ -417,6 +446,8 @@ def table(runs: list[Run]) -> list[str]:
             fmt_s([r.all_in for r in parts]) + " s" if parts else "n/a",
             fmt_s([r.prepared for r in good if r.prepared is not None]) + " s"
             if good[0].prepared is not None else "",
+            fmt_s([r.restore_prepared for r in good if r.restore_prepared is not None]) + " s"
+            if good[0].restore_prepared is not None else "",
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
@@ -437,6 +468,10 @@ all in: from the restore's start until the lazy-pages daemon exited (every page 
 prepared: the daemon started with the dump (lazy-pages --wait-for-page-server), its
   start-up beside the dump's (both on these 2 vCPUs): spawned until it logged that it
   waits for its page server or, ready first, that it connected.
+prepared restore: `lazymig restore --wait-for-images` started with the dump too (after
+  the daemon); its start-up: spawned until it logged that it waits for the images. Its
+  restore starts as soon as the dump's images are complete, so the "restore" part
+  (from the moment the dump and the prepared daemon were ready) is what is left of it.
 lazymig rows run the workload on the host; CRIU and mixed rows inside the CRIU chroot
   (its own pid namespace and session, as CRIU needs). lazymig runs from bytecode on
   uvloop, logging at -v; CRIU logs at -v2. Images on tmpfs, loopback TCP.
