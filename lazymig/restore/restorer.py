@@ -396,18 +396,20 @@ class Restorer:
             RestoreError, LazyMigOSError, BrokenResourceError: the restore failed;
                 the half-built process was killed.
         """
+        phases = _Phases(time.monotonic())
         # On the source's host, its sockets are taken over (restore/sockets.py).
         self.fds, self._taken = await asyncio.to_thread(take_over_sockets, self.images, self.fds)
         if await asyncio.to_thread(is_tree, self.images):
             return await restore_tree(self)
         task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
                                        fds=self.fds)
+        phases.done("load")
         sock: socket.socket | None = None
         if self.lazy_pages and task.lazy:
             sock = await self._connect()
+            phases.done("connect")
         tracer = TracerThread("lazymig-restore")
         started = time.monotonic()
-        phases = _Phases(started)
         try:
             tracee = await tracer.run(self._spawn_and_seize)
             phases.done("spawn")
@@ -670,15 +672,18 @@ class Restorer:
                 at = target.queue_data(struct.pack("<QQQQ", sa.sigaction, sa.flags,
                                                    sa.restorer, sa.mask))
                 target.queue(SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
+            # With the sigactions, in one batch: each single injected call is a round
+            # trip to the tracee, and a busy machine makes each one slow.
+            comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
+            target.queue(SYS_PRCTL, _PR_SET_NAME, target.queue_data(comm),
+                         what="prctl(PR_SET_NAME)")
+            if task.extra.HasField("cwd"):
+                target.queue(SYS_CHDIR, target.queue_data(os.fsencode(task.extra.cwd) + b"\0"),
+                             what=f"chdir({task.extra.cwd})")
+            if task.extra.HasField("umask"):
+                target.queue(SYS_UMASK, task.extra.umask, what="umask")  # the old one: >= 0
             target.run_queued()
             set_thread_state(target, tracee, core)
-            comm = (tc.comm or thread.comm).encode()[:15] + b"\0"
-            target.call(SYS_PRCTL, _PR_SET_NAME, target.data(comm), what="prctl(PR_SET_NAME)")
-            if task.extra.HasField("cwd"):
-                target.call(SYS_CHDIR, target.data(os.fsencode(task.extra.cwd) + b"\0"),
-                            what=f"chdir({task.extra.cwd})")
-            if task.extra.HasField("umask"):
-                target.raw(SYS_UMASK, task.extra.umask)
             for which, rl in enumerate(tc.rlimits.rlimits):
                 try:
                     resource.prlimit(pid, which, (_rlim(rl.cur), _rlim(rl.max)))
@@ -689,17 +694,22 @@ class Restorer:
                 restore_files(target, task.files, task.given_fds, target.objects)
                 _set_session(target, task)
             _set_sched_and_timers(target, task)
+            target.run_queued()
             # Before the creds: asking for a tid (clone3 set_tid) needs the privilege they
             # drop.
             others = create_threads(target, task.threads, new_tids=self.new_pids)
             if thread.HasField("creds"):  # each thread's (a raw setresuid sets the caller's)
-                cores = [core, *(d.core for d in task.threads)]
-                for t, c in zip((tracee, *others), cores, strict=True):
-                    own = c.thread_core
-                    _set_creds(target, t, own.creds if own.HasField("creds") else thread.creds)
+                # The other threads' first: the leader's are batched with the dumpable
+                # flag, which must come after them all.
+                for t, dumped in zip(others, task.threads, strict=True):
+                    own = dumped.core.thread_core
+                    _set_thread_creds(target, t, own.creds if own.HasField("creds")
+                                      else thread.creds)
+                _queue_creds(target, thread.creds)
             if task.mm.HasField("dumpable"):  # after the creds: changing them resets it
-                target.call(SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable,
-                            what="PR_SET_DUMPABLE")
+                target.queue(SYS_PRCTL, _PR_SET_DUMPABLE, task.mm.dumpable,
+                             what="PR_SET_DUMPABLE")
+            target.run_queued()
         if thread.pdeath_sig:
             # Recorded (core's pdeath_sig) but not restored, on purpose. It asks for
             # a signal when the *original* parent dies; that parent stays on the
@@ -817,45 +827,60 @@ def _set_session(target: _Target, task: DumpedTask) -> None:
       nothing here.
     """
     if task.sid == task.pid:
-        target.call(SYS_SETSID, what="setsid")
+        target.queue(SYS_SETSID, what="setsid")
     elif task.pgid == task.pid:
-        target.call(SYS_SETPGID, 0, 0, what="setpgid(0, 0)")
+        target.queue(SYS_SETPGID, 0, 0, what="setpgid(0, 0)")
 
 
 def _set_sched_and_timers(target: _Target, task: DumpedTask) -> None:
-    """Personality, scheduling policy and nice, THP-disable, itimers."""
+    """Queue personality, scheduling policy and nice, THP-disable, itimers."""
     tc, thread = task.core.tc, task.core.thread_core
-    target.call(SYS_PERSONALITY, tc.personality, what="personality")
+    # personality() returns the old persona: any value but -1 (not an errno) is fine.
+    target.queue(SYS_PERSONALITY, tc.personality, what="personality")
     if thread.HasField("sched_policy"):
-        at = target.data(struct.pack("<i", thread.sched_prio))
-        target.call(SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at,
-                    what="sched_setscheduler")
+        at = target.queue_data(struct.pack("<i", thread.sched_prio))
+        target.queue(SYS_SCHED_SETSCHEDULER, 0, thread.sched_policy, at,
+                     what="sched_setscheduler")
     if thread.HasField("sched_nice"):
-        target.call(SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice, what="setpriority")
+        target.queue(SYS_SETPRIORITY, _PRIO_PROCESS, 0, thread.sched_nice, what="setpriority")
     if task.mm.thp_disabled:
-        target.call(SYS_PRCTL, _PR_SET_THP_DISABLE, 1, 0, 0, 0, what="PR_SET_THP_DISABLE")
+        target.queue(SYS_PRCTL, _PR_SET_THP_DISABLE, 1, 0, 0, 0, what="PR_SET_THP_DISABLE")
     if tc.HasField("timers"):
         for which, t in enumerate((tc.timers.real, tc.timers.virt, tc.timers.prof)):
             if t.isec or t.iusec or t.vsec or t.vusec:
-                at = target.data(struct.pack("<4q", t.isec, t.iusec, t.vsec, t.vusec))
-                target.call(SYS_SETITIMER, which, at, 0, what=f"setitimer({which})")
+                at = target.queue_data(struct.pack("<4q", t.isec, t.iusec, t.vsec, t.vusec))
+                target.queue(SYS_SETITIMER, which, at, 0, what=f"setitimer({which})")
 
 
-def _set_creds(target: _Target, tracee: Tracee, c: CredsEntry) -> None:
-    """Groups, gids, then uids of thread ``tracee`` (last: dropping root drops the
-    right to change them)."""
-    def call(nr: int, *args: int, what: str) -> None:
-        res = tracee.inject_syscall(nr, *args)
-        if res < 0:
-            raise LazyMigOSError(-res, f"restoring thread {tracee.tid}: injected {what}",
-                                 pid=target.pid)
-
+def _queue_creds(target: _Target, c: CredsEntry) -> None:
+    """Queue the leader's groups, gids, then uids (last: dropping root drops the right
+    to change them); setfsgid and setfsuid return the old id, never an errno."""
     groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-    call(SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0, what="setgroups")
-    call(SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
-    tracee.inject_syscall(SYS_SETFSGID, c.fsgid)  # returns the old fsgid
-    call(SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
-    tracee.inject_syscall(SYS_SETFSUID, c.fsuid)
+    target.queue(SYS_SETGROUPS, len(c.groups), target.queue_data(groups) if groups else 0,
+                 what="setgroups")
+    target.queue(SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
+    target.queue(SYS_SETFSGID, c.fsgid, what="setfsgid")
+    target.queue(SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
+    target.queue(SYS_SETFSUID, c.fsuid, what="setfsuid")
+
+
+def _set_thread_creds(target: _Target, tracee: Tracee, c: CredsEntry) -> None:
+    """The same for another thread ``tracee``, in one injection session of its own
+    (a raw setresuid sets the calling thread's creds only)."""
+    with tracee.syscalls(at=target.scratch) as session:
+        def call(nr: int, *args: int, what: str) -> None:
+            res = session.syscall(nr, *args)
+            if res < 0:
+                raise LazyMigOSError(-res, f"restoring thread {tracee.tid}: injected {what}",
+                                     pid=target.pid)
+
+        groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
+        call(SYS_SETGROUPS, len(c.groups), target.data(groups) if groups else 0,
+             what="setgroups")
+        call(SYS_SETRESGID, c.gid, c.egid, c.sgid, what="setresgid")
+        session.syscall(SYS_SETFSGID, c.fsgid)  # returns the old fsgid
+        call(SYS_SETRESUID, c.uid, c.euid, c.suid, what="setresuid")
+        session.syscall(SYS_SETFSUID, c.fsuid)
 
 
 def _rlim(value: int) -> int:
