@@ -96,7 +96,7 @@ from lazymig.linux.syscalls import (
     SYS_UMASK,
     SYS_USERFAULTFD,
 )
-from lazymig.linux.vm import MemoryWriter, copy_fd, write_memory
+from lazymig.linux.vm import MemoryWriter, copy_fd, read_memory, write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -721,8 +721,9 @@ class Restorer:
                         "the source host, and here it would fire when the restorer ends",
                         pid, thread.pdeath_sig)
         # The scratch mapping goes; the dumped vDSO (now in place) has a syscall insn.
+        vdso_ip = _vdso_syscall_ip(pid, task)
         for t in (tracee, *others):
-            t.set_syscall_ip(None)
+            t.set_syscall_ip(vdso_ip)
         target.call(SYS_MUNMAP, target.scratch, _SCRATCH_SIZE, what="munmap(scratch)")
         for t, dumped in zip(others, task.threads, strict=True):
             finish_thread(t, dumped.core, dumped.xstate)
@@ -731,6 +732,19 @@ class Restorer:
         tracee.detach(signal.SIGSTOP if task.extra.job_stopped else 0)
         for t in others:
             t.detach()
+
+
+def _vdso_syscall_ip(pid: int, task: DumpedTask) -> int | None:
+    """A ``syscall`` instruction in the dumped vDSO (moved into place by _move_vdso),
+    for the calls injected once the scratch mapping is gone; None if it has none (each
+    thread then searches its mappings, reading /proc/PID/maps: 5,000 lines for a
+    process of 5,000 mappings, once per thread)."""
+    for v in task.mm.vmas:
+        if v.status & VmaStatus.VDSO and v.prot & mmap.PROT_EXEC:
+            at = read_memory(pid, v.start, v.end - v.start).find(b"\x0f\x05")
+            if at >= 0:
+                return v.start + at
+    return None
 
 
 def _map_vmas(target: _Target, task: DumpedTask) -> None:

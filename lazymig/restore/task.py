@@ -41,6 +41,7 @@ from lazymig.proto.images import (
     PageRange,
     core_x86_pb2,
     fdinfo_pb2,
+    lazy_ranges,
     lazymig_pb2,
 )
 from lazymig.restore.anon_files import ANON_TYPES, anon_refusal
@@ -292,7 +293,14 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
             raise UnsupportedDumpError(
                 f"pages at {missing.vaddr:#x} were left on the source's page server (a "
                 "`dump --lazy-pages` dump): restore it with --lazy-pages and a lazy-pages daemon")
-    lazy = tuple(images.lazy_ranges(pid)) if lazy_pages else ()
+    lazy: tuple[PageRange, ...] = ()
+    if lazy_pages:
+        # From the VMAs parsed above: ImagesDir.lazy_ranges reads them again without
+        # protobuf (for the daemon), in Python: 25 ms for 5,000 VMAs.
+        try:
+            lazy = tuple(lazy_ranges(entries, [(v.start, v.end) for v in mm.vmas]))
+        except ConfigurationError as exc:
+            raise ImageError(str(exc), path=images.image_path(ImageKind.MM, pid)) from exc
     return DumpedTask(pid=pid, pgid=tree[0].pgid, sid=tree[0].sid, core=core, mm=mm,
                       extra=extra, pages_id=pagemap.pages_id, entries=entries, lazy=lazy,
                       files=files, threads=threads, given_fds=given, memfds=memfds)
