@@ -30,6 +30,11 @@ dump and restore around a lazymig daemon or page server):
   --wait-for-images`` both started with the dump, the restore restoring as soon
   as the dump's images are complete (its start-up in the column "prepared:
   restore start-up": spawned until it logged that it waits for the images);
+* ``lazymig destination ready first``: the same, in docs/operating.md's order:
+  both destination commands started and loaded (the restore's ``--status-fd``
+  byte, the daemon's "waiting up to" line) before the dump starts, as on two
+  hosts, where the destination's start-ups would not take the source's CPUs:
+  here they would (2 vCPUs), so the row above pays them beside the dump;
 * ``CRIU``: ``criu dump --lazy-pages`` + ``criu lazy-pages`` + ``criu restore
   --lazy-pages -d``;
 * ``CRIU + lazymig daemon``: ``lazymig lazy-pages --wire v1`` in place of
@@ -112,13 +117,16 @@ MIB = 1 << 20
 LOCK = Path("/tmp/lazymig-criu.lock")
 LAZYMIG, LAZYMIG_PREPARED = "lazymig", "lazymig prepared"
 LAZYMIG_RESTORE_PREPARED = "lazymig restore prepared"
+LAZYMIG_READY_FIRST = "lazymig destination ready first"
 CRIU, MIXED, MIXED_PREPARED = "CRIU", "CRIU + lazymig daemon", "CRIU + lazymig daemon prepared"
 ON_DISK_LAZYMIG = "CRIU on disk + lazymig page server"
 ON_DISK_CRIU = "CRIU on disk + CRIU page server"
-SETUPS = (LAZYMIG, LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED, CRIU, MIXED, MIXED_PREPARED,
-          ON_DISK_LAZYMIG, ON_DISK_CRIU)
-PREPARED = (LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED, MIXED_PREPARED)
-"""The set-ups whose daemon is started with the dump."""
+SETUPS = (LAZYMIG, LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED, LAZYMIG_READY_FIRST, CRIU, MIXED,
+          MIXED_PREPARED, ON_DISK_LAZYMIG, ON_DISK_CRIU)
+PREPARED = (LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED, LAZYMIG_READY_FIRST, MIXED_PREPARED)
+"""The set-ups whose daemon is started before the dump is ready."""
+RESTORE_PREPARED = (LAZYMIG_RESTORE_PREPARED, LAZYMIG_READY_FIRST)
+"""The set-ups whose restore is (lazymig restore --wait-for-images)."""
 LOOP = "uvloop"
 CRIU_VERBOSITY = 2
 FLOORS_HERE = {**FLOORS, "import lazymig.cli, lazymig.restore":
@@ -255,7 +263,7 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
     ticks = None
     daemon_ready = -1  # the prepared daemon's status pipe, until read
     restore_ready = -1  # the prepared restore's
-    criu_side = setup not in (LAZYMIG, LAZYMIG_PREPARED, LAZYMIG_RESTORE_PREPARED)
+    criu_side = setup not in (LAZYMIG, LAZYMIG_PREPARED, *RESTORE_PREPARED)
     wire = ["--wire", "v1"] if criu_side else []
     with ChrootDir.temporary("dt-work-") as work, shm_dir("dt-images-") as d:
         logs: list[Path] = []
@@ -270,16 +278,30 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
             daemon_log = d.host / "lazymig-lazy-pages.log"
             daemon_argv = lazymig("lazy-pages", "--page-server", "--address", "127.0.0.1",
                                   "--port", port, *wire, "-D", str(d.host))
+            restore_log = d.host / "lazymig-restore.log"
+            restore_argv = lazymig("restore", "--lazy-pages", "-D", str(d.host), "-d",
+                                   "--pidfile", str(d.host / "restored.pid"))
+            if setup == LAZYMIG_READY_FIRST:  # both loaded before the clock starts
+                logs += [daemon_log, restore_log]
+                spawned = time.time()
+                daemon, daemon_ready = spawn([*daemon_argv, "--wait-for-page-server", "120"],
+                                             daemon_log)
+                procs.append(daemon)
+                restore_spawned = time.time()
+                prepared_restore, restore_ready = spawn(
+                    [*restore_argv, "--wait-for-images", "120"], restore_log)
+                procs.append(prepared_restore)
+                ready, restore_ready = restore_ready, -1
+                wait_ready(ready, 60, "lazymig restore (prepared)", prepared_restore)
+                wait_for(lambda: "waiting up to" in daemon_log.read_text(errors="replace"),
+                         60, "the prepared daemon's load")
             started = time.monotonic()
-            if setup in PREPARED:  # with the dump, its start-up beside the dump's
+            if setup in PREPARED and setup != LAZYMIG_READY_FIRST:  # beside the dump
                 logs.append(daemon_log)
                 spawned = time.time()
                 daemon, daemon_ready = spawn([*daemon_argv, "--wait-for-page-server", "120"],
                                              daemon_log)
                 procs.append(daemon)
-            restore_log = d.host / "lazymig-restore.log"
-            restore_argv = lazymig("restore", "--lazy-pages", "-D", str(d.host), "-d",
-                                   "--pidfile", str(d.host / "restored.pid"))
             if setup == LAZYMIG_RESTORE_PREPARED:  # it restores once the images are complete
                 logs.append(restore_log)
                 restore_spawned = time.time()
@@ -335,9 +357,10 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
                 criu(d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
                      "--pidfile", d.inside("restored.pid"), log="restore.log", timeout=300,
                      verbosity=CRIU_VERBOSITY)
-            elif setup == LAZYMIG_RESTORE_PREPARED:
-                ready, restore_ready = restore_ready, -1
-                wait_ready(ready, 60, "lazymig restore (prepared)", prepared_restore)
+            elif setup in RESTORE_PREPARED:
+                if restore_ready >= 0:
+                    ready, restore_ready = restore_ready, -1
+                    wait_ready(ready, 60, "lazymig restore (prepared)", prepared_restore)
                 if rc := prepared_restore.wait(300):
                     raise RuntimeError(f"the prepared lazymig restore exited {rc}")
             else:
@@ -362,7 +385,7 @@ def run_once(setup: str, case: Case, binary: Path) -> Run:
                 # Loaded: it waits for its page server, or (a dump ready first) is connected.
                 run.prepared = logged_at(daemon_log, "waiting up to",
                                          "connected to page server") - spawned
-            if setup == LAZYMIG_RESTORE_PREPARED:
+            if setup in RESTORE_PREPARED:
                 # Loaded: it waits for the images, or (a dump complete first) restores.
                 run.restore_prepared = logged_at(restore_log, "for the images in",
                                                  "is there already") - restore_spawned
@@ -472,6 +495,8 @@ prepared restore: `lazymig restore --wait-for-images` started with the dump too 
   the daemon); its start-up: spawned until it logged that it waits for the images. Its
   restore starts as soon as the dump's images are complete, so the "restore" part
   (from the moment the dump and the prepared daemon were ready) is what is left of it.
+destination ready first: both prepared commands loaded before the dump starts (the
+  order docs/operating.md gives); their start-ups are in the prepared columns only.
 lazymig rows run the workload on the host; CRIU and mixed rows inside the CRIU chroot
   (its own pid namespace and session, as CRIU needs). lazymig runs from bytecode on
   uvloop, logging at -v; CRIU logs at -v2. Images on tmpfs, loopback TCP.
