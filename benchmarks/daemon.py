@@ -281,11 +281,14 @@ async def main(args: argparse.Namespace) -> None:
 # -- the fault round trip beside CRIU's daemon (--criu) ---------------------------------------
 
 FAULT_SETUPS = ("CRIU", "lazymig", "lazymig, background off",
-                "lazymig, background off, lazymig page server")
+                "lazymig, background off, lazymig page server", "lazymig, no spin",
+                "lazymig, background off, no spin")
 """Daemons measured by --criu: CRIU's ``criu lazy-pages`` and lazymig's, both fed by
-``criu dump --lazy-pages``; the last is fed by ``lazymig page-server`` over an ordinary
-dump. CRIU's daemon has no switch for its background fetch (it starts once the restore
-finished): its faults race it, as lazymig's do in the second set-up."""
+``criu dump --lazy-pages``, but "lazymig page server" is fed by ``lazymig page-server`` over
+an ordinary dump. CRIU's daemon has no switch for its background fetch (it starts once the
+restore finished): its faults race it, as lazymig's do in "lazymig". "no spin": lazymig's
+daemon with ``--fault-poll 0``, sleeping in epoll_wait while a fault's reply comes (what the
+spinning buys)."""
 
 
 @dataclasses.dataclass
@@ -346,6 +349,8 @@ def fault_run(setup: str, binary: Path, mib: int, touches: int) -> FaultRun:
                     verbosity=sbs.CRIU_VERBOSITY))
             else:
                 options = ["--no-background"] if "background off" in setup else []
+                if setup.endswith("no spin"):
+                    options += ["--fault-poll", "0"]
                 with (d.host / "lazymig-lazy-pages.log").open("wb") as err:
                     daemon = procs.add(start_with_status_fd(
                         _gnu_time(lazymig_argv("lazy-pages", "--page-server", "--address",

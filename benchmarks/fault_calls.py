@@ -8,7 +8,8 @@ Python function call and every call into C made in this process while it does
 (``sys.setprofile`` events, the daemon's other tasks included) is counted and
 divided by the faults the daemon served. Counting does not depend on the
 machine's load, unlike timing: it shows what a change of the fault path costs
-or saves in interpreted work.
+or saves in interpreted work. The daemon runs with ``fault_poll=0``: the reads of a
+spin for a reply are as many as the reply takes, which is timing again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ async def count(touches: int) -> tuple[int, int, collections.Counter[str]]:
         assert server.stdout is not None
         await server.stdout.readexactly(1)
         source = await RemotePageSource.connect("127.0.0.1", _listening_port(server.pid))
-        daemon = LazyPagesDaemon.from_images(source, images, background=False)
+        daemon = LazyPagesDaemon.from_images(source, images, background=False, fault_poll=0)
         running = asyncio.create_task(daemon.run())
         await daemon.ready.wait()
         toucher = await asyncio.create_subprocess_exec(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,74 @@ async def test_a_reply_callback_that_ends_the_source_mid_batch(ending: str) -> N
         source.abort()
         conn.close()
     listener.close()
+
+
+def _answer_in_a_thread(listener: socket.socket, requests: int) -> threading.Thread:
+    """A page server in a thread of its own (blocking sockets, the codec): it must answer
+    while the test's loop is held by ``poll``. Pages are filled with their page number."""
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            server = PageServerConnection(Role.SERVER, WireVersion.V2)
+            answered = 0
+            while answered < requests:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                server.receive_data(data)
+                while isinstance(event := server.next_event(), GetRequest):
+                    conn.sendall(server.send(GetReply(event.pid, event.vaddr, event.nr_pages))
+                                 + server.send(PageData(b"".join(
+                                     bytes([(event.vaddr >> 12) + i]) * PAGE_SIZE
+                                     for i in range(event.nr_pages)), last=True)))
+                    answered += 1
+            with contextlib.suppress(ConnectionResetError):  # the client's abort
+                conn.recv(1)  # until the client goes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.asyncio
+async def test_poll_hands_the_replies_over_without_the_loop() -> None:
+    """The daemon's fault path: ``poll`` reads the socket itself, so every reply sent for
+    is with its sink when it returns, with no await (no sleep in epoll_wait) in between,
+    in order: the background request ahead of the urgent one first."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    async with asyncio.timeout(10):
+        server = _answer_in_a_thread(listener, 2)
+        source = await RemotePageSource.connect("127.0.0.1", listener.getsockname()[1],
+                                                reconnect=NO_RECONNECT)
+        arrived: list[tuple[int, int, bool, bytes]] = []
+
+        class Sink:
+            def pages_arrived(self, vaddr: int, nr_pages: int, got: int, address: int,
+                              urgent: bool) -> None:
+                arrived.append((vaddr, got, urgent, ctypes.string_at(address, got * PAGE_SIZE)))
+
+            def pages_failed(self, vaddr: int, nr_pages: int, urgent: bool,
+                             error: BaseException) -> None:
+                raise AssertionError(f"{vaddr:#x}: {error}")
+
+        assert source.poll(1.0) is True  # nothing asked: nothing to wait for
+        source.fetch(PID, 0x10000, 4, Sink())
+        source.fetch(PID, 0x20000, 1, Sink(), urgent=True)
+        assert arrived == []
+        assert source.poll(5.0) is True
+        assert arrived == [
+            (0x10000, 4, False, b"".join(bytes([0x10 + i]) * PAGE_SIZE for i in range(4))),
+            (0x20000, 1, True, b"\x20" * PAGE_SIZE)]
+        source.abort()
+        await asyncio.to_thread(server.join, 5)
+        assert not server.is_alive()
+    listener.close()
+
+
+@pytest.mark.asyncio
+async def test_a_local_source_never_polls(tmp_path: Path) -> None:
+    """Its reads complete in a worker thread, through the loop: ``poll`` says so at once."""
+    source = LocalPageSource(write_lazy_dump(tmp_path, DUMP))
+    assert source.poll(10.0) is False
+    await source.aclose()

@@ -75,6 +75,10 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
     add_reconnect_options(parser)
     parser.add_argument("--no-background", dest="background", action="store_false",
                         help="fetch only what faults ask for")
+    parser.add_argument("--fault-poll", type=float, default=None, metavar="SECONDS",
+                        help="how long to spin for a fault's reply instead of sleeping "
+                             "(default 0.0005; 0: never spin, e.g. on a host whose CPUs are "
+                             "all busy)")
     parser.add_argument("--keep-running", action="store_true",
                         help="keep serving new restores after every process is complete")
     parser.add_argument("--status-fd", type=int, metavar="FD",
@@ -157,7 +161,8 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
     try:
         return LazyPagesDaemon.from_images(
             source, images_dir, socket_path=socket_path, serve_forever=args.keep_running,
-            background=args.background, listener=listener)
+            background=args.background, listener=listener,
+            **({} if args.fault_poll is None else {"fault_poll": args.fault_poll}))
     except BaseException:
         source.abort()
         raise

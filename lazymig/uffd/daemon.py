@@ -10,7 +10,12 @@ userfaultfd. The daemon then:
   wakes; the GET asks for the fault's own page, or for its whole 64 KiB block
   when the fault follows the process's previous one closely (a sequential
   reader: its next faults are covered; readahead as the kernel's); a fault
-  outside every lazy range gets the zero page;
+  outside every lazy range gets the zero page. The daemon does not sleep while
+  a fault waits: it spins on the page-server socket for the reply
+  (``fault_poll``), then, for a random reader whose background is not done, on
+  its uffd for its next fault, for up to 1 ms in a row (on a VM whose idle
+  vCPUs halt, a wake-up from epoll_wait costs more than the round trip; CRIU's
+  daemon polls epoll with timeout 0 throughout its background phase);
 * once that restorer said "restore finished", pulls every page still lazy in
   the background, in chunks that grow from 64 KiB to 1 MiB, and none started
   while a fault waits; it starts past the last fault (spatial locality). A
@@ -112,6 +117,16 @@ _unpack_pagefault = PAGEFAULT_STRUCT.unpack_from
 
 MIN_CHUNK_PAGES = (64 << 10) // PAGE_SIZE
 MAX_CHUNK_PAGES = (1 << 20) // PAGE_SIZE  # see the module docstring
+FAULT_POLL = 0.0005
+"""Default seconds the daemon spins for a fault's reply (``fault_poll``)."""
+NEXT_FAULT_SPIN = 0.0003
+"""Seconds it then spins for a random reader's next fault, while its background is not
+done: the next fault costs no wake-up, and finds no background chunk sent meanwhile ahead
+of its request (CRIU's daemon, polling with timeout 0, sends one only when no event
+waits; its background then barely moves while a reader faults)."""
+SPIN_LIMIT = 0.001
+"""Seconds of one process's faults served in a row before the loop gets its turn (other
+uffds, the background)."""
 HOLD_RETRY = 1.0
 """Seconds between tries to name a held process the daemon must kill before it stops."""
 
@@ -312,6 +327,12 @@ class LazyPagesDaemon:
         fault_prefetch: pages a fault asks for (the aligned block around it) when
             it follows the previous fault closely: one round trip then covers a
             sequential reader's next faults. An isolated fault asks for its page.
+        fault_poll: seconds the daemon spins (reads its page-server socket without
+            sleeping) for the reply to a fault's request, then for a random reader's
+            next fault (:data:`NEXT_FAULT_SPIN`), at most :data:`SPIN_LIMIT` in a row:
+            on a VM whose idle vCPUs halt, each sleep in epoll_wait costs a wake-up
+            dearer than the work (CRIU's daemon never sleeps once the background
+            began: epoll_wait with timeout 0). 0: never spin. Plain TCP sources only.
         expect_tasks: finish only once this many tasks (zombies included) were
             handed over; CRIU's daemon expects every task of pstree.img. None:
             finish as soon as the processes handed over so far are complete.
@@ -330,6 +351,7 @@ class LazyPagesDaemon:
                  *, socket_path: str | os.PathLike[str] = SOCKET_NAME,
                  serve_forever: bool = False, background: bool = True,
                  background_in_flight: int = 2, fault_prefetch: int = 16,
+                 fault_poll: float = FAULT_POLL,
                  expect_tasks: int | None = None,
                  allowed_uids: Iterable[int] | None = None,
                  listener: socket.socket | None = None) -> None:
@@ -341,6 +363,7 @@ class LazyPagesDaemon:
         self.background_in_flight = background_in_flight
         self.expect_tasks = expect_tasks
         self.fault_prefetch = fault_prefetch
+        self.fault_poll = fault_poll
         self.allowed_uids = frozenset(allowed_uids if allowed_uids is not None
                                       else (0, os.geteuid()))
         self._tasks_received = 0
@@ -357,6 +380,7 @@ class LazyPagesDaemon:
         self._restores_finished = 0
         self._failed = False
         self._done = asyncio.Event()
+        self._poll = source.poll if fault_poll > 0 else None
         self._guardians: set[socket.socket] = set()  # restorer connections a guardian holds
         if isinstance(source, RemotePageSource):
             # Fetching on faults only, nothing else would tell: the processes must not
@@ -638,28 +662,52 @@ class LazyPagesDaemon:
         A reader that stays registered, rather than a task awaiting each read:
         on the fault path every loop round trip and epoll_ctl is latency. Page
         faults are unpacked in place (plain ints, no event object); the rarer
-        events go through the codec."""
+        events go through the codec. With ``fault_poll``, a fault's reply is waited
+        for here, spinning on the source, and a random reader's next fault too
+        (:data:`NEXT_FAULT_SPIN`), up to :data:`SPIN_LIMIT` in a row."""
         try:
-            data = proc.uffd.read_raw()
-            if len(data) % MSG_SIZE:
-                decode_events(data)  # raises: says what is wrong with it
-            for off in range(0, len(data), MSG_SIZE):
-                if data[off] == _PAGEFAULT:
-                    # No wake-up of the background for it: its request holds the
-                    # background back until the reply, whose callback wakes it.
-                    _, _, address, tid = _unpack_pagefault(data, off)
-                    self._on_fault(proc, address & _PAGE_MASK, tid)
-                    continue
-                self._wakeup.set()  # a forked child to fill; the others, to be safe
-                for event in decode_events(data[off:off + MSG_SIZE]):
-                    if isinstance(event, Fork):
-                        self._on_fork(proc, event)
-                    elif isinstance(event, Remap):
-                        proc.ranges.remap(event.from_, event.to, event.length)
-                    elif isinstance(event, Remove):
-                        proc.ranges.remove(event.start, event.end)
-                    elif isinstance(event, Unmap):
-                        proc.ranges.unmap(event.start, event.end)
+            clock = time.perf_counter
+            poll = self._poll
+            uffd = proc.uffd
+            spin_until = 0.0
+            stop_at = clock() + SPIN_LIMIT
+            while not uffd.closed:
+                data = uffd.read_raw()
+                if not data:
+                    if clock() < spin_until:
+                        os.sched_yield()  # the reader itself may be waiting for this vCPU
+                        continue  # a random reader faults again soon: stay awake
+                    break
+                if len(data) % MSG_SIZE:
+                    decode_events(data)  # raises: says what is wrong with it
+                urgent = self._urgent_in_flight
+                for off in range(0, len(data), MSG_SIZE):
+                    if data[off] == _PAGEFAULT:
+                        # No wake-up of the background for it: its request holds the
+                        # background back until the reply, whose callback wakes it.
+                        _, _, address, tid = _unpack_pagefault(data, off)
+                        self._on_fault(proc, address & _PAGE_MASK, tid)
+                        continue
+                    self._wakeup.set()  # a forked child to fill; the others, to be safe
+                    for event in decode_events(data[off:off + MSG_SIZE]):
+                        if isinstance(event, Fork):
+                            self._on_fork(proc, event)
+                        elif isinstance(event, Remap):
+                            proc.ranges.remap(event.from_, event.to, event.length)
+                        elif isinstance(event, Remove):
+                            proc.ranges.remove(event.start, event.end)
+                        elif isinstance(event, Unmap):
+                            proc.ranges.unmap(event.start, event.end)
+                # Spin for the reply (served from here), then for a random reader's next
+                # fault; the loop's turn comes when either is late or SPIN_LIMIT passed.
+                if poll is None or self._urgent_in_flight == urgent or \
+                        not poll(self.fault_poll) or not proc.active:
+                    break
+                now = clock()
+                if now > stop_at or not (proc.random_reader and proc.background
+                                         and self.background and proc.ranges.pages_pending):
+                    break
+                spin_until = now + NEXT_FAULT_SPIN
         except Exception as exc:  # a bug here must not leave the process running on holes
             log.exception("pid %d: handling its userfaultfd failed", proc.pid)
             self._fail(proc, f"internal error: {exc!r}")

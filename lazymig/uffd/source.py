@@ -142,6 +142,14 @@ class PageSource(Protocol):
         no future, the reply copied as it completes (see :class:`PageSink`)."""
         ...
 
+    def poll(self, budget: float) -> bool:
+        """Wait for the replies to the urgent requests made so far without yielding to
+        the loop: spin for up to ``budget`` seconds, handing each reply to its sink from
+        here. True if they all arrived; False at once if this source cannot (the loop
+        delivers them then, as always). The fault path's way to skip the wake-up from
+        epoll_wait, which on a VM whose idle vCPUs halt costs more than the round trip."""
+        ...
+
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
         """The pages at ``vaddr`` (maybe fewer than ``nr_pages``, never zero), in a buffer
@@ -254,6 +262,8 @@ class _Channel(asyncio.BufferedProtocol):
         self._scratch = memoryview(bytearray(4096))  # what the codec reads (CLOSE's status)
         self._to_codec = False  # the last get_buffer() handed out the scratch buffer
         self.lost = asyncio.get_running_loop().create_future()
+        self.replies = 0  # replies handed to their waiters (see poll)
+        self._fd = -1  # the plain TCP socket's fd, for poll (-1: TLS, or not connected)
 
     @property
     def usable(self) -> bool:
@@ -270,6 +280,8 @@ class _Channel(asyncio.BufferedProtocol):
         # Until an orderly CLOSE, any close of this socket (abort, a crash, a kill)
         # must not read as a finished transfer: reset it (see the module doc).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        if transport.get_extra_info("sslcontext") is None:
+            self._fd = sock.fileno()  # TLS records are the transport's to read
 
     def get_buffer(self, sizehint: int) -> memoryview:
         waiters = self.waiters
@@ -361,6 +373,7 @@ class _Channel(asyncio.BufferedProtocol):
             if self._end < end:
                 break
             waiters.popleft()
+            self.replies += 1
             self._start = end
             self.lane.progress()
             sink = head.sink
@@ -387,6 +400,7 @@ class _Channel(asyncio.BufferedProtocol):
                 if not self.waiters:  # its lane failed every request meanwhile
                     return
                 request = self.waiters.popleft()
+                self.replies += 1
                 self.lane.progress()
                 self._resolve(request.future, event)
             elif isinstance(event, ConnectionClosed):
@@ -414,6 +428,31 @@ class _Channel(asyncio.BufferedProtocol):
         else:
             transport.write(self.codec.send(request.event))
         self.waiters.append(request)
+
+    def poll(self, budget: float) -> bool:
+        """Spin up to ``budget`` seconds for the replies to every request sent so far,
+        reading the socket here (see :meth:`RemotePageSource.poll`). True once they
+        all went to their waiters."""
+        fd = self._fd
+        if fd < 0 or self.transport is None or self.transport.is_closing():
+            return False
+        goal = self.replies + len(self.waiters)
+        deadline = time.perf_counter() + budget
+        readv, clock, yield_cpu = os.readv, time.perf_counter, os.sched_yield
+        while self.error is None and self.replies < goal:
+            try:
+                got = readv(fd, [self.get_buffer(-1)])
+            except BlockingIOError:
+                if clock() > deadline:
+                    return False
+                yield_cpu()  # the page server may be waiting for this vCPU
+                continue
+            except OSError:
+                return False  # the transport reads it again, and ends the connection
+            if not got:
+                return False  # EOF: the transport's to see
+            self.buffer_updated(got)
+        return True
 
     def stalled(self, stall_timeout: float) -> bool:
         return bool(self.waiters) and time.monotonic() - self.last_progress > stall_timeout
@@ -708,6 +747,15 @@ class RemotePageSource:
         (self._lanes[-1] if urgent else self._lanes[0]).send(
             _Get(pid, vaddr, nr_pages, sink, urgent, None))
 
+    def poll(self, budget: float) -> bool:
+        """See :meth:`PageSource.poll`: the urgent connection's socket is read here,
+        behind the loop's back (its transport finds nothing, or the end, next time).
+        Plain TCP only: TLS records are the transport's to decrypt."""
+        channel = self._lanes[-1].channel
+        if channel is None:
+            return False  # reconnecting: nothing comes by spinning
+        return channel.poll(budget) if channel.waiters else True
+
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
         check_get(pid, vaddr, nr_pages, self.max_pages)
@@ -786,6 +834,10 @@ class LocalPageSource:
 
         asyncio.ensure_future(self.get(pid, vaddr, nr_pages, urgent=urgent)).add_done_callback(
             done)
+
+    def poll(self, budget: float) -> bool:
+        """Never: a read in a worker thread completes through the loop."""
+        return False
 
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
