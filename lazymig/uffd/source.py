@@ -875,6 +875,10 @@ class FailedPageSource:
         asyncio.get_running_loop().call_soon(sink.pages_failed, vaddr, nr_pages, urgent,
                                              self.error)
 
+    def poll(self, budget: float) -> bool:
+        """Never: its failures come through the loop."""
+        return False
+
     async def get(self, pid: int, vaddr: int, nr_pages: int, *, urgent: bool = False
                   ) -> PageChunk:
         raise BrokenResourceError(f"no page source: {self.error}") from self.error
