@@ -496,3 +496,35 @@ async def test_a_copy_refused_while_the_map_changes_is_fetched_again(tmp_path: P
     assert "faulted page: matches" in out
     assert report.ok, report
     assert report.processes[0].pages_copied >= 1
+
+
+@pytest.mark.asyncio
+async def test_a_chunk_whose_first_page_is_there_already_is_copied_whole(
+        tmp_path: Path) -> None:
+    """A background chunk whose first page is present already (a forked child has its
+    parent's present pages; a fault's copy can win the race) fails UFFDIO_COPY with
+    EEXIST for the whole chunk: the pages after it must still be copied, never left
+    for the zero page."""
+    async with asyncio.timeout(60):
+        child = await Child.start(16, int(DEFAULT_FEATURES))
+        try:
+            pid = 4321
+            write_lazy_dump(tmp_path, {pid: [(child.addr, child.npages)]})
+            for i in (0, 8):  # present before the daemon has it: two chunks' first pages
+                child.uffd.copy(child.page(i), page_pattern(pid, child.page(i)))
+            daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
+                                               background=True)
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
+                await send_task(conn, pid, child.uffd.fd)
+                await send_restore_finished(conn)
+                child.uffd.close()
+                report = await running
+            assert report.ok, report
+            for i in range(child.npages):
+                read = await child.call(op="read", addr=child.page(i), n=1)
+                assert read["sha"] == [hashlib.sha256(page_pattern(pid, child.page(i)))
+                                       .hexdigest()], f"page {i} is not what was dumped"
+        finally:
+            await child.stop()

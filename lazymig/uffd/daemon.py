@@ -857,11 +857,18 @@ class LazyPagesDaemon:
 
     def _copy_run(self, proc: _Process, dst: int, vaddr: int, src: int, length: int,
                   urgent: bool) -> None:
-        try:
-            done = proc.uffd.copy_pages(dst, src, length)
-        except UffdError as exc:
-            self._uffd_error(proc, exc, vaddr, length >> PAGE_SHIFT, dst)
-            return
+        while True:
+            try:
+                done = proc.uffd.copy_pages(dst, src, length)
+                break
+            except UffdError as exc:
+                if exc.errno != errno.EEXIST or length == PAGE_SIZE:
+                    self._uffd_error(proc, exc, vaddr, length >> PAGE_SHIFT, dst)
+                    return
+                # EEXIST names the first page only (a forked child has its parent's
+                # present pages; a fault's copy may have won): the rest may be missing.
+                dst, src, vaddr, length = (dst + PAGE_SIZE, src + PAGE_SIZE,
+                                           vaddr + PAGE_SIZE, length - PAGE_SIZE)
         pages = done >> PAGE_SHIFT
         proc.pages_copied += pages
         if urgent:
