@@ -35,8 +35,7 @@ from lazymig.dump.pagepipe import PagePipes, PipeBuffer
 from lazymig.dump.scan import (
     MemoryScan,
     Vma,
-    maps_lines,
-    parse_smaps,
+    parse_smaps_and_lines,
     scan_process,
     unsupported_mappings,
 )
@@ -125,13 +124,13 @@ class TargetLayout:
     @classmethod
     def read(cls, pid: int, status: dict[str, str]) -> TargetLayout:
         text = _read_proc(pid, "smaps")
-        vmas = parse_smaps(text)
+        vmas, lines = parse_smaps_and_lines(text)
         if any(v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED) for v in vmas):
             try:
                 vmas = mark_deleted_files(vmas, carried_deleted_files(pid, vmas))
             except (FileNotFoundError, ProcessLookupError) as exc:
                 raise TargetGoneError(pid, f"process {pid} does not exist") from exc
-        return cls(vmas, maps_lines(text), status.get("VmLck", ""))
+        return cls(vmas, lines, status.get("VmLck", ""))
 
     def unchanged(self, pid: int, status: dict[str, str]) -> bool:
         """True if /proc/PID/maps and VmLck are what they were. Neither walks the
@@ -141,7 +140,7 @@ class TargetLayout:
         milliseconds between the two reads (MADV_DONTDUMP, MADV_HUGEPAGE...): it
         would be restored as it was just before."""
         return (status.get("VmLck", "") == self.locked
-                and maps_lines(_read_proc(pid, "maps")) == self.maps)
+                and _read_proc(pid, "maps").splitlines() == self.maps)
 
 
 def inspect_target(pid: int) -> TargetLayout:
@@ -172,6 +171,7 @@ def _inspect(pid: int, layout: TargetLayout | None = None) -> TargetLayout:
     if tracer:
         raise AlreadyTracedError(pid, tracer)
     reasons = []
+    checked = layout is not None  # by the inspect_target that read it
     if layout is None:
         layout = TargetLayout.read(pid, status)
     if not layout.vmas:
@@ -180,7 +180,8 @@ def _inspect(pid: int, layout: TargetLayout | None = None) -> TargetLayout:
             # ran a moment, as a shell's `sleep`): dumped as one then.
             raise TargetGoneError(pid, f"process {pid} is exiting")
         reasons.append("it is a kernel thread")
-    reasons += unsupported_mappings(layout.vmas)
+    if not checked:
+        reasons += unsupported_mappings(layout.vmas)
     if reasons:
         raise UnsupportedTargetError(pid, reasons)
     return layout
@@ -369,9 +370,8 @@ def inspect_target_frozen(pid: int, nr_threads: int,
     reasons = []
     status = _read_status(pid)
     if before is not None and before.unchanged(pid, status):
-        vmas = before.vmas
-    else:
-        vmas = TargetLayout.read(pid, status).vmas
+        return before.vmas  # checked when they were read
+    vmas = TargetLayout.read(pid, status).vmas
     reasons += unsupported_mappings(vmas)
     if reasons:
         raise UnsupportedTargetError(pid, reasons)

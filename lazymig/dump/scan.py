@@ -69,6 +69,7 @@ __all__ = [
     "Vma",
     "maps_lines",
     "parse_smaps",
+    "parse_smaps_and_lines",
     "plan_page_ranges",
     "plan_pages",
     "read_pagemap",
@@ -108,6 +109,8 @@ _FLAG_BITS: Final = {"gd": MAP_GROWSDOWN, "lo": MAP_LOCKED, "nr": MAP_NORESERVE,
                      "ht": MAP_HUGETLB}
 _KNOWN_FLAGS: Final = frozenset(_MADV_BITS) | frozenset(_FLAG_BITS)
 _DEVICE_FLAGS: Final = frozenset({"io", "pf"})
+
+_REFUSED_STATUS: Final = VmaStatus.SYSVIPC | VmaStatus.AIORING | VmaStatus.UNSUPP
 
 _RANGE_RE: Final = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 _RUN_RE: Final = re.compile(rb"\x01+")
@@ -314,17 +317,35 @@ def parse_smaps(text: str) -> list[Vma]:
 
     Pure: no file is opened. Raises ``ValueError`` on a malformed header line.
     """
+    return _parse_vma_lines(_vma_lines(text))
+
+
+def parse_smaps_and_lines(text: str) -> tuple[list[Vma], list[str]]:
+    """:func:`parse_smaps` and :func:`maps_lines` of the same text, split once. Pure."""
+    pairs = _vma_lines(text)
+    return _parse_vma_lines(pairs), [line for line, _ in pairs]
+
+
+def _parse_vma_lines(pairs: Iterable[tuple[str, str]]) -> list[Vma]:
     vmas: list[Vma] = []
     prev_end = 0
-    for line, flags in _vma_lines(text):
+    # Thousands of VMAs share a few VmFlags lines and devices: each parsed once.
+    flag_sets: dict[str, frozenset[str]] = {}
+    devs: dict[str, tuple[int, int]] = {}
+    for line, flags in pairs:
         fields = line.split(maxsplit=5)
         if len(fields) < 5:
             raise ValueError(f"malformed maps line: {line!r}")
         lo, hi = fields[0].split("-")
-        major, minor = fields[3].split(":")
-        vma = _classify(int(lo, 16), int(hi, 16), fields[1], int(fields[2], 16),
-                        (int(major, 16), int(minor, 16)), int(fields[4]),
-                        fields[5].strip() if len(fields) > 5 else "", frozenset(flags.split()))
+        vm_flags = flag_sets.get(flags)
+        if vm_flags is None:
+            vm_flags = flag_sets[flags] = frozenset(flags.split())
+        dev = devs.get(fields[3])
+        if dev is None:
+            major, minor = fields[3].split(":")
+            dev = devs[fields[3]] = (int(major, 16), int(minor, 16))
+        vma = _classify(int(lo, 16), int(hi, 16), fields[1], int(fields[2], 16), dev,
+                        int(fields[4]), fields[5].strip() if len(fields) > 5 else "", vm_flags)
         if vma.flags & MAP_GROWSDOWN and prev_end < vma.start:
             vma = dataclasses.replace(vma, start=vma.start - PAGE_SIZE)  # the guard page
         prev_end = vma.end
@@ -350,6 +371,10 @@ def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
     """
     reasons = []
     for v in vmas:
+        if not v.status & _REFUSED_STATUS and not v.flags & MAP_HUGETLB and not (
+                v.status & VmaStatus.MEMFD and v.flags & MAP_PRIVATE) and not (
+                v.status & VmaStatus.FILE_SHARED and v.path.endswith(" (deleted)")):
+            continue  # the common case, without a string made (5,000 VMAs: 10 ms)
         where = f"{v.start:#x}-{v.end:#x} {v.path or '[anon]'}"
         if v.status & VmaStatus.SYSVIPC:
             reasons.append(f"SysV shared memory at {where}")
@@ -531,8 +556,7 @@ def scan_process(pid: int, *, stack_pointers: Iterable[int] = (), use_zero_pfn: 
     wanted = [should_dump_vma(v) and not v.status & VmaStatus.VDSO for v in vmas]
     try:
         try:
-            ranges = [_scan_ranges(fd, v, use_zero_pfn) if want else [] for v, want in
-                      zip(vmas, wanted, strict=True)]
+            ranges = _scan_all_ranges(fd, vmas, wanted, use_zero_pfn)
         except LazyMigOSError as exc:
             if exc.errno not in (errno.ENOTTY, errno.EINVAL):
                 raise
@@ -547,10 +571,48 @@ def scan_process(pid: int, *, stack_pointers: Iterable[int] = (), use_zero_pfn: 
     return MemoryScan(pid=pid, vmas=tuple(vmas), runs=tuple(runs))
 
 
-def _scan_ranges(fd: int, vma: Vma, skip_zero: bool) -> list[tuple[int, int]]:
-    """Page index ranges of ``vma`` to dump, by PAGEMAP_SCAN: present or swapped,
-    not the file's own page (``_DUMP_FILE_PRIVATE``), not the zero page."""
+#: An unwanted VMA up to this size is walked with its wanted neighbours by one
+#: PAGEMAP_SCAN (what it finds there is dropped) rather than splitting the walk.
+_BRIDGE_BYTES: Final = 16 << 20
+
+
+def _scan_all_ranges(fd: int, vmas: Sequence[Vma], wanted: Sequence[bool],
+                     skip_zero: bool) -> list[list[tuple[int, int]]]:
+    """Page index ranges of each wanted VMA to dump (``[]`` for the others), by
+    PAGEMAP_SCAN: present or swapped, not the file's own page
+    (``_DUMP_FILE_PRIVATE``), not the zero page.
+
+    One ioctl covers a stretch of wanted VMAs and the small unwanted ones between
+    them, and its ranges are cut at the VMAs' bounds: one per VMA cost 25 ms for
+    5,000 mappings.
+    """
     skip = PAGE_IS_FILE | (PAGE_IS_PFNZERO if skip_zero else 0)
-    found = pagemap_scan(fd, vma.start, vma.end, inverted=skip, required=skip,
-                         anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
-    return [((a - vma.start) >> PAGE_SHIFT, (b - vma.start) >> PAGE_SHIFT) for a, b in found]
+    out: list[list[tuple[int, int]]] = [[] for _ in vmas]
+    i, n = 0, len(vmas)
+    while i < n:
+        if not wanted[i]:
+            i += 1
+            continue
+        last = k = i
+        while k + 1 < n and (wanted[k + 1] or vmas[k + 1].end - vmas[k + 1].start
+                             <= _BRIDGE_BYTES):
+            k += 1
+            if wanted[k]:
+                last = k
+        found = pagemap_scan(fd, vmas[i].start, vmas[last].end, inverted=skip,
+                             required=skip, anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+        r = 0
+        for idx in range(i, last + 1):
+            if not wanted[idx]:
+                continue
+            v = vmas[idx]
+            while r < len(found) and found[r][1] <= v.start:
+                r += 1
+            q = r
+            mine = out[idx]
+            while q < len(found) and found[q][0] < v.end:
+                a, b = max(found[q][0], v.start), min(found[q][1], v.end)
+                mine.append(((a - v.start) >> PAGE_SHIFT, (b - v.start) >> PAGE_SHIFT))
+                q += 1
+        i = last + 1
+    return out
