@@ -62,7 +62,6 @@ one (no data: it is its other end's too).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -279,15 +278,23 @@ def _pipe_holders(pid: int, inodes: Iterable[int], tree: Collection[int]) -> dic
     found: dict[int, int] = {}
     if not wanted:
         return found
+    # Every fd of every process on the host: os.readlink, no Path made (a loaded
+    # host has thousands of fds; this runs before the freeze and again after it).
+    readlink = os.readlink
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == pid or int(entry.name) in tree:
             continue
-        with contextlib.suppress(OSError):  # gone, or a kernel thread
-            for fd in os.scandir(f"/proc/{entry.name}/fd"):
-                with contextlib.suppress(OSError):
-                    ino = wanted.get(str(Path(fd.path).readlink()))
-                    if ino is not None:
-                        found.setdefault(ino, int(entry.name))
+        try:  # gone, or a kernel thread
+            fds = list(os.scandir(f"/proc/{entry.name}/fd"))
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                ino = wanted.get(readlink(fd.path))
+            except OSError:
+                continue
+            if ino is not None:
+                found.setdefault(ino, int(entry.name))
     return found
 
 

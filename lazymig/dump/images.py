@@ -67,7 +67,6 @@ from lazymig.proto.images import (
     UserX86FpregsEntry,
     UserX86RegsEntry,
     UserX86XsaveEntry,
-    VmaEntry,
     core_pb2,
     core_x86_pb2,
     inventory_pb2,
@@ -214,10 +213,17 @@ def _file_table(pid: int, exe: str, vmas: Sequence[Vma]) -> tuple[list[_File], i
 
     exe_id = add(exe, _stat(f"/proc/{pid}/exe"), ("exe", exe))
     by_vma = {}
+    # A file mapped many times (page by page) is the same file for each VMA whose
+    # maps line names the same device, inode and path: stat it once.
+    seen: dict[tuple[tuple[int, int], int, str], int] = {}
     for v in vmas:
         if v.is_file:
-            st = _stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
-            by_vma[v.start] = add(v.path, st, (v.dev, v.inode, v.path))
+            line = (v.dev, v.inode, v.path)
+            file_id = seen.get(line)
+            if file_id is None:
+                st = _stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+                file_id = seen[line] = add(v.path, st, line)
+            by_vma[v.start] = file_id
     return files, exe_id, by_vma
 
 
@@ -341,14 +347,16 @@ def _mm(state: ProcessState, vmas: Sequence[Vma], exe_id: int,
         mm.dumpable = info.dumpable
     if info.thp_disabled is not None:
         mm.thp_disabled = info.thp_disabled
+    add = mm.vmas.add  # made in place: append() would copy each entry (5,000 VMAs)
     for v in vmas:
         shmid = v.inode if is_shared_object(v.status) else file_ids.get(v.start, 0)
-        entry = VmaEntry(start=v.start, end=v.end, pgoff=v.pgoff, shmid=shmid,
-                         prot=v.prot, flags=v.flags, status=v.status & 0xFFFF_FFFF, fd=-1,
-                         madv=v.madv)
         if v.is_file:
-            entry.fdflags = v.fdflags
-        mm.vmas.append(entry)
+            add(start=v.start, end=v.end, pgoff=v.pgoff, shmid=shmid, prot=v.prot,
+                flags=v.flags, status=v.status & 0xFFFF_FFFF, fd=-1, madv=v.madv,
+                fdflags=v.fdflags)
+        else:
+            add(start=v.start, end=v.end, pgoff=v.pgoff, shmid=shmid, prot=v.prot,
+                flags=v.flags, status=v.status & 0xFFFF_FFFF, fd=-1, madv=v.madv)
     return mm
 
 
@@ -434,11 +442,15 @@ def _lazy_entries(runs: Sequence[PageRun], held: Sequence[PageRun]) -> list[Page
 def _pages_of(runs: Iterable[PageRun]) -> list[tuple[int, int]]:
     """Runs as merged (vaddr, nr_pages) spans, to compare orders."""
     out: list[tuple[int, int]] = []
+    start = end = -1  # the span being joined, in bytes
     for r in runs:
-        if out and out[-1][0] + (out[-1][1] << PAGE_SHIFT) == r.vaddr:
-            out[-1] = (out[-1][0], out[-1][1] + r.nr_pages)
-        else:
-            out.append((r.vaddr, r.nr_pages))
+        if r.vaddr != end:
+            if start >= 0:
+                out.append((start, (end - start) >> PAGE_SHIFT))
+            start = r.vaddr
+        end = r.vaddr + (r.nr_pages << PAGE_SHIFT)
+    if start >= 0:
+        out.append((start, (end - start) >> PAGE_SHIFT))
     return out
 
 
