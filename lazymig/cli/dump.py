@@ -36,6 +36,7 @@ from lazymig.cli.pre_dump import add_track_options, parent_dir
 
 TYPE_CHECKING = False  # --help loads no typing (nor pathlib)
 if TYPE_CHECKING:
+    import socket
     from pathlib import Path
 
 
@@ -63,23 +64,40 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
 
 
 def dump_command(args: argparse.Namespace) -> int:
-    return run_async(args, _dump(args, parent_dir(args)))
+    listener = None
+    if args.lazy_pages:
+        # Listening before anything heavy is imported: a lazy-pages daemon started
+        # beside the dump connects at once and waits in the backlog, served once the
+        # images are written (and ready reported), never earlier.
+        from lazymig._listen import listen_tcp
+
+        listener = listen_tcp(args.address, args.port)
+    try:
+        return run_async(args, _dump(args, parent_dir(args), listener))
+    finally:
+        if listener is not None:
+            listener.close()  # the page server's once it took it; idempotent
 
 
-async def _dump(args: argparse.Namespace, parent: Path | None) -> int:
+async def _dump(args: argparse.Namespace, parent: Path | None,
+                listener: socket.socket | None) -> int:
     """The command on the event loop; a stop signal cancels it (the source is kept)."""
     import asyncio
 
     from lazymig.dump.dumper import LazyDump, dump
-    from lazymig.dump.precopy import PreCopy
 
     with cancelled_by_signals("the dump") as received:
-        precopy = None if parent is None else await PreCopy.resume(args.tree, parent)
+        precopy = None
+        if parent is not None:  # pre-copy's machinery is loaded only after a pre-dump
+            from lazymig.dump.precopy import PreCopy
+
+            precopy = await PreCopy.resume(args.tree, parent)
         try:
             if args.lazy_pages:
                 async with LazyDump(args.tree, args.images_dir, address=args.address,
                                     port=args.port, wire=wire_version(args), tls=tls_config(args),
-                                    leave_running=args.leave_running, precopy=precopy) as lazy:
+                                    leave_running=args.leave_running, precopy=precopy,
+                                    listener=listener) as lazy:
                     signal_ready(args.status_fd)
                     await lazy.serve()
             else:

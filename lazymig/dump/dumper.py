@@ -51,7 +51,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from lazymig.dump.files import collect_files, external_stdio, inspect_files
 from lazymig.dump.freeze import (
@@ -63,7 +63,6 @@ from lazymig.dump.freeze import (
 from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
-from lazymig.dump.precopy import PreCopy, link_parent, split_scan
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import LazyPageStore, PipePageStore
@@ -76,6 +75,9 @@ from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import ServerTls, TlsOption
+
+if TYPE_CHECKING:  # pre-copy (its dirty tracking, a userfaultfd) is loaded when used
+    from lazymig.dump.precopy import PreCopy
 
 __all__ = ["DumpResult", "LazyDump", "SourceFate", "check_target", "dump"]
 
@@ -152,6 +154,11 @@ class LazyDump:
             the images are a child of its last round, with the pages it holds
             current as PE_PARENT entries (a single process only). Its owner
             closes it after the dump (the tracking ends then).
+        listener: a socket already listening at ``address``/``port``
+            (:func:`lazymig._listen.listen_tcp`), which the dump then owns: the
+            command line binds it before anything heavy is imported, so a client
+            may connect while the process is being dumped. It waits in the
+            backlog: nothing is served before the images are written.
 
     Use it as an async context manager (:meth:`start` on entry; an exit
     without a complete :meth:`serve` aborts), or call :meth:`run`.
@@ -162,13 +169,15 @@ class LazyDump:
                  tls: TlsOption | None = None,
                  leave_running: bool = False, pipe_size: int | None = None,
                  fsync: bool = False, progress_interval: float | None = 5.0,
-                 precopy: PreCopy | None = None) -> None:
+                 precopy: PreCopy | None = None,
+                 listener: socket.socket | None = None) -> None:
         self.pid = pid
         self.precopy = precopy
         self.images = ImagesDir(images_dir, fsync=fsync)
         self.address = address
-        self.port = port
+        self.port = port if listener is None else listener.getsockname()[1]
         """The page server's port (the real one once listening, when 0 was asked)."""
+        self._listener = listener
         self.wire = wire
         self.tls = None if tls is None else ServerTls.build(tls, address)
         self.leave_running = leave_running
@@ -241,7 +250,8 @@ class LazyDump:
         self._state = _State.STARTING
         try:
             _check_images_dir(self.images)
-            _check_port(self.address, self.port)
+            if self._listener is None:
+                _check_port(self.address, self.port)
             check_not_waited_for(self.pid)
             started = time.monotonic()
             fp: FrozenProcess | FrozenTree
@@ -275,7 +285,8 @@ class LazyDump:
                     store = PipePageStore(self.pid, pipes, late_fill)
                 assert store is not None
                 server = PageServer(store, address=self.address, port=self.port, wire=self.wire,
-                                    tls=self.tls)
+                                    tls=self.tls, listener=self._listener)
+                self._listener = None  # the server's now
                 server.listen()
             except BaseException:
                 if store is not None:
@@ -288,6 +299,9 @@ class LazyDump:
         except BaseException as exc:
             self._state = _State.FAILED
             self._start_error = exc
+            if self._listener is not None:  # clients queued meanwhile are refused
+                self._listener.close()
+                self._listener = None
             self._settle_ready()
             raise
         self._fp, self._written, self._store, self._server = fp, written, store, server
@@ -353,6 +367,9 @@ class LazyDump:
         """Abort an unfinished dump: the source is left stopped (see the module docstring).
 
         A no-op once the transfer is complete (or if it never started)."""
+        if self._listener is not None:  # never started: its clients are refused
+            self._listener.close()
+            self._listener = None
         if self._state in (_State.LISTENING, _State.SERVING):
             await self._abort("the dump was closed before the transfer was complete")
 
@@ -527,6 +544,8 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
         scan = await fp.scan()
         in_parent: list[PageRun] = []
         if precopy is not None and current is not None:
+            from lazymig.dump.precopy import split_scan  # noqa: PLC0415 (start-up: pre-copy only)
+
             scan, in_parent = split_scan(scan, current, lazy=lazy and precopy.options.lazy)
         collect = scan if lazy else MemoryScan(
             scan.pid, scan.vmas, tuple(PageRun(r.vaddr, r.nr_pages, False) for r in scan.runs))
@@ -537,6 +556,8 @@ async def _freeze_and_write(pid: int, images: ImagesDir, *, lazy: bool,
                                  open_files=files, in_parent=in_parent),
             cleanup=DumpImages.remove, what=f"writing images into {images.path}")
         if precopy is not None and precopy.last_dir is not None:
+            from lazymig.dump.precopy import link_parent  # noqa: PLC0415
+
             link_parent(images.path, precopy.last_dir)
             written.paths.append(images.path / PARENT_LINK)
     except BaseException:
