@@ -64,7 +64,6 @@ from lazymig.dump.images import DumpImages, write_images
 from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
-from lazymig.dump.server import PageServer, PageServerStats
 from lazymig.dump.store import LazyPageStore, PipePageStore
 from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
 from lazymig.dump.waiters import check_not_waited_for
@@ -74,10 +73,11 @@ from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.wire import WireVersion
-from lazymig.tls import ServerTls, TlsOption
 
 if TYPE_CHECKING:  # pre-copy (its dirty tracking, a userfaultfd) is loaded when used
     from lazymig.dump.precopy import PreCopy
+    from lazymig.dump.server import PageServer, PageServerStats
+    from lazymig.tls import ServerTls, TlsOption
 
 __all__ = ["DumpResult", "LazyDump", "SourceFate", "check_target", "dump"]
 
@@ -158,7 +158,10 @@ class LazyDump:
             (:func:`lazymig._listen.listen_tcp`), which the dump then owns: the
             command line binds it before anything heavy is imported, so a client
             may connect while the process is being dumped. It waits in the
-            backlog: nothing is served before the images are written.
+            backlog: nothing is served before the images are written. The page
+            server itself is then made (and its module loaded) by :meth:`serve`,
+            after :attr:`ready`, not on the way to it: :attr:`stats` is None
+            until then.
 
     Use it as an async context manager (:meth:`start` on entry; an exit
     without a complete :meth:`serve` aborts), or call :meth:`run`.
@@ -179,7 +182,11 @@ class LazyDump:
         """The page server's port (the real one once listening, when 0 was asked)."""
         self._listener = listener
         self.wire = wire
-        self.tls = None if tls is None else ServerTls.build(tls, address)
+        self.tls: ServerTls | None = None
+        if tls is not None:
+            from lazymig.tls import ServerTls  # noqa: PLC0415 (start-up: only with TLS)
+
+            self.tls = ServerTls.build(tls, address)
         self.leave_running = leave_running
         self.pipe_size = pipe_size
         self.progress_interval = progress_interval
@@ -219,12 +226,13 @@ class LazyDump:
             else:
                 fut.set_exception(self._start_error)
                 fut.exception()  # retrieved: nobody has to await it
-        elif self._server is not None:
+        elif self._state in (_State.LISTENING, _State.SERVING, _State.DONE, _State.ABORTED):
             fut.set_result(self.port)
 
     @property
     def stats(self) -> PageServerStats | None:
-        """The page server's counters (pages served, bytes/s), once it listens."""
+        """The page server's counters (pages served, bytes/s), once it listens (given a
+        ``listener``: once :meth:`serve` made it)."""
         return None if self._server is None else self._server.stats
 
     @property
@@ -284,10 +292,9 @@ class LazyDump:
                 if pipes is not None:
                     store = PipePageStore(self.pid, pipes, late_fill)
                 assert store is not None
-                server = PageServer(store, address=self.address, port=self.port, wire=self.wire,
-                                    tls=self.tls, listener=self._listener)
-                self._listener = None  # the server's now
-                server.listen()
+                # Given a listening socket, the page server is made by serve(), after
+                # ready: its clients wait in the backlog meanwhile.
+                server = None if self._listener is not None else self._make_server(store)
             except BaseException:
                 if store is not None:
                     store.close()
@@ -307,13 +314,14 @@ class LazyDump:
         self._fp, self._written, self._store, self._server = fp, written, store, server
         self._frozen_at = started
         self._frozen_seconds = time.monotonic() - started
-        self.port = server.port
+        if server is not None:
+            self.port = server.port
         self._state = _State.LISTENING
         self._filling = asyncio.create_task(fill())
         self._settle_ready()
         log.info("pid %d frozen and dumped into %s in %.3f s: %d pages in pages-%d.img, %d lazy "
                  "pages served on %s:%d", self.pid, self.images.path, self._frozen_seconds,
-                 written.nonlazy_pages, 1, written.lazy_pages, self.address, server.port)
+                 written.nonlazy_pages, 1, written.lazy_pages, self.address, self.port)
 
     async def serve(self) -> DumpResult:
         """Serve lazy pages until the transfer is complete, then end the source.
@@ -326,8 +334,14 @@ class LazyDump:
         if self._state is not _State.LISTENING:
             raise ClosedResourceError(f"dump of pid {self.pid} is {self._state.value}, not "
                                       "listening: start() it first, and serve() once")
-        assert self._server is not None and self._fp is not None and self._written is not None
+        assert self._fp is not None and self._written is not None and self._store is not None
         self._state = _State.SERVING
+        try:
+            if self._server is None:
+                self._server = self._make_server(self._store)
+        except BaseException as exc:
+            await self._abort(f"the page server could not start: {exc!r}")
+            raise
         server = self._server
         progress = None
         if self.progress_interval:
@@ -381,6 +395,16 @@ class LazyDump:
         await self.aclose()
 
     # -- internals
+
+    def _make_server(self, store: LazyPageStore) -> PageServer:
+        """The page server over ``store``, listening (on the socket given, if any)."""
+        from lazymig.dump.server import PageServer  # noqa: PLC0415 (start-up, see listener)
+
+        server = PageServer(store, address=self.address, port=self.port, wire=self.wire,
+                            tls=self.tls, listener=self._listener)
+        self._listener = None  # the server's now
+        server.listen()
+        return server
 
     async def _fill(self, late_fill: LateFill, fp: FrozenProcess) -> None:
         started = time.monotonic()
@@ -448,6 +472,9 @@ class LazyDump:
                           self.pid, why)
 
     def _close_server(self) -> None:
+        if self._listener is not None:  # the server was never made: its clients refused
+            self._listener.close()
+            self._listener = None
         if self._server is not None:
             self._server.close()
         if self._store is not None:
