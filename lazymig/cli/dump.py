@@ -12,8 +12,11 @@ With ``--lazy-pages`` the lazy pages stay in the frozen source and a page
 server hands them out until a client has them all and says CLOSE; then the
 source is killed (or resumed, ``--leave-running``) and the command exits 0.
 ``--status-fd`` gets a zero byte once the images are written and the server
-listens. SIGINT/SIGTERM abort the transfer: the source is left stopped with
-its memory intact, and the exit status is 128 + the signal number.
+listens. Its socket listens from the command's start, before anything heavy is
+imported: a daemon that connects early waits in the backlog, and nothing is
+served before the images are written. SIGINT/SIGTERM abort the transfer: the
+source is left stopped with its memory intact, and the exit status is 128 + the
+signal number.
 """
 
 from __future__ import annotations
