@@ -445,7 +445,9 @@ def _collect_checked(pid: int, main: Tracee, scan: MemoryScan, pipe_size: int | 
     pipes = PagePipes.plan(scan.runs, pipe_size=pipe_size)
     try:
         now = pipes.unfilled(lazy=False if defer_lazy else None)
-        if now:
+        if now and defer_lazy and scan.nonlazy_pages <= _COPY_NONLAZY_PAGES:
+            pipes.fill(pid, now, None)  # copied: no splicer set up and torn down for them
+        elif now:
             _fill_sync(pid, main, pipes, _Once(now))
         if not process_alive(pid):
             raise TargetGoneError(pid, f"process {pid} exited while its pages were collected")
@@ -476,6 +478,13 @@ def _fill_checked(pid: int, main: Tracee, pipes: PagePipes, schedule: FillSchedu
     if not process_alive(pid):
         raise TargetGoneError(pid, f"process {pid} exited while its pages were collected")
 
+
+#: Up to this many non-lazy pages (4 MiB) a lazy dump copies into their pipes before
+#: it is ready: setting the target's splicer up and tearing it down (single-stepped
+#: injected syscalls, each a round trip through the scheduler) costs more than the
+#: copy, and those pages are drained into pages-1.img once anyway. The lazy pages the
+#: late fill puts in its pipes afterwards are vmspliced by the target, never copied.
+_COPY_NONLAZY_PAGES: Final = 1024
 
 #: fds the target must have free to vmsplice its pages itself (a socketpair, one pipe).
 _TARGET_FDS_NEEDED: Final = 3
