@@ -2,7 +2,9 @@
 
 Every ctypes call in lazymig goes through :func:`check`, which turns a failed
 call (``-1`` with ``errno`` set) into :class:`~lazymig.errors.LazyMigOSError`
-immediately, so no caller ever reads a stale ``errno``.
+immediately, so no caller ever reads a stale ``errno``. A system call libc has
+no wrapper for goes through :func:`syscall`, the one place ``syscall(2)``'s
+return type is declared (``libc.syscall`` is one object shared by every module).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import ctypes
 
 from lazymig.errors import LazyMigOSError
 
-__all__ = ["check", "libc"]
+__all__ = ["check", "libc", "syscall"]
 
 libc = ctypes.CDLL(None, use_errno=True)
 """The process's own symbols, libc's among them (it is loaded already); not
@@ -23,3 +25,13 @@ def check(result: int, what: str, *, pid: int | None = None) -> int:
     if result == -1:
         raise LazyMigOSError(ctypes.get_errno(), what, pid=pid)
     return result
+
+
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def syscall(nr: int, *args: object, what: str, pid: int | None = None) -> int:
+    """syscall(2) number ``nr`` with ``args`` (ctypes values, or pointers by
+    ``ctypes.byref``); its result, or :class:`LazyMigOSError` naming ``what``."""
+    return check(int(_syscall(ctypes.c_long(nr), *args)), what, pid=pid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from typing import Final
 
-from lazymig.linux._libc import check, libc
+from lazymig.linux._libc import syscall
 from lazymig.linux.syscalls import SYS_KCMP
 
 __all__ = ["same_epoll_target", "same_file"]
@@ -13,19 +13,15 @@ __all__ = ["same_epoll_target", "same_file"]
 _KCMP_FILE: Final = 0
 _KCMP_EPOLL_TFD: Final = 7
 
-_syscall = libc.syscall
-_syscall.restype = ctypes.c_long
-
-
 def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     """True if fd ``fd1`` of ``pid1`` and fd ``fd2`` of ``pid2`` are one open file
     description (dup'd or inherited: they share offset and status flags).
 
     Needs PTRACE_MODE_READ access to both processes.
     """
-    res = check(int(_syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid1), ctypes.c_long(pid2),
-                             ctypes.c_long(_KCMP_FILE), ctypes.c_ulong(fd1),
-                             ctypes.c_ulong(fd2))), f"kcmp(fd {fd1}, fd {fd2})", pid=pid1)
+    res = syscall(SYS_KCMP, ctypes.c_long(pid1), ctypes.c_long(pid2), ctypes.c_long(_KCMP_FILE),
+                  ctypes.c_ulong(fd1), ctypes.c_ulong(fd2), what=f"kcmp(fd {fd1}, fd {fd2})",
+                  pid=pid1)
     return res == 0
 
 
@@ -44,8 +40,7 @@ def same_epoll_target(pid: int, fd: int, epfd: int, tfd: int, toff: int = 0) -> 
     Raises LazyMigOSError; ENOENT: ``epfd`` has no such registration.
     """
     slot = _EpollSlot(epfd, tfd, toff)
-    res = check(int(_syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid), ctypes.c_long(pid),
-                             ctypes.c_long(_KCMP_EPOLL_TFD), ctypes.c_ulong(fd),
-                             ctypes.c_void_p(ctypes.addressof(slot)))),
-                f"kcmp(fd {fd}, epoll fd {epfd} target {tfd})", pid=pid)
+    res = syscall(SYS_KCMP, ctypes.c_long(pid), ctypes.c_long(pid), ctypes.c_long(_KCMP_EPOLL_TFD),
+                  ctypes.c_ulong(fd), ctypes.c_void_p(ctypes.addressof(slot)),
+                  what=f"kcmp(fd {fd}, epoll fd {epfd} target {tfd})", pid=pid)
     return res == 0

@@ -41,7 +41,8 @@ from ptrace.binding import func as _pt  # type: ignore[import-untyped]
 from ptrace.error import PtraceError  # type: ignore[import-untyped]
 
 from lazymig.errors import BrokenResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux._libc import check, libc
+from lazymig.linux._libc import check, libc, syscall
+from lazymig.linux.procfs import read_maps, read_stat, read_status
 from lazymig.linux.syscalls import (
     SYS_GET_ROBUST_LIST,
     SYS_GETPID,
@@ -286,12 +287,10 @@ def _signed(value: int) -> int:
 def process_alive(pid: int) -> bool:
     """True if ``pid`` exists and is neither a zombie nor dead (per /proc/PID/stat)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        state = read_stat(pid)[0]
     except (FileNotFoundError, ProcessLookupError):
         return False
-    state = stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X", b"x")
+    return state not in ("Z", "X", "x")
 
 
 class TracerThread:
@@ -755,8 +754,7 @@ class Tracee:
     def _find_syscall_ip(self) -> int:
         """Address of a ``0f 05`` byte pair in an executable mapping (vDSO first)."""
         try:
-            with open(f"/proc/{self.pid}/maps") as f:
-                lines = f.read().splitlines()
+            lines = read_maps(self.pid).splitlines()
         except FileNotFoundError as exc:
             raise TargetGoneError(self.pid, "read maps") from exc
         candidates: list[tuple[int, int]] = []
@@ -1006,11 +1004,9 @@ def robust_list(pid: int, tid: int) -> tuple[int, int]:
     """``get_robust_list(tid)``: the thread's robust futex list (head, len);
     (0, 0) if the kernel will not say (EPERM)."""
     head, length = ctypes.c_uint64(), ctypes.c_size_t()
-    fn = libc.syscall
-    fn.restype = ctypes.c_long
     try:
-        check(fn(ctypes.c_long(SYS_GET_ROBUST_LIST), ctypes.c_long(tid), ctypes.byref(head),
-                 ctypes.byref(length)), "get_robust_list", pid=pid)
+        syscall(SYS_GET_ROBUST_LIST, ctypes.c_long(tid), ctypes.byref(head), ctypes.byref(length),
+                what="get_robust_list", pid=pid)
     except LazyMigOSError as exc:
         if exc.errno == errno.ESRCH:
             raise TargetGoneError(pid, f"thread {tid} is gone") from exc
@@ -1020,10 +1016,6 @@ def robust_list(pid: int, tid: int) -> tuple[int, int]:
 
 def _tracer_pid(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1]) or None
+        return int(read_status(pid).get("TracerPid", "0")) or None
     except OSError:
         return None
-    return None

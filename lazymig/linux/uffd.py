@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from lazymig.errors import LazyMigOSError
-from lazymig.linux._libc import check, libc
+from lazymig.linux._libc import syscall
 from lazymig.proto import uffd as p
 from lazymig.proto.constants import PAGE_SIZE
 
@@ -99,7 +99,7 @@ def userfaultfd(flags: int) -> int:
         err = errno.ENOSYS
     else:
         try:
-            return check(libc.syscall(ctypes.c_long(nr), ctypes.c_int(flags)), "userfaultfd")
+            return syscall(nr, ctypes.c_int(flags), what="userfaultfd")
         except LazyMigOSError as exc:
             err = exc.errno or errno.EIO
     if err not in (errno.EPERM, errno.ENOSYS):
