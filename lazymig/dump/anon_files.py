@@ -48,13 +48,12 @@ import socket
 import stat
 import struct
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Final
 
 from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.fhandle import handle_path, kernel_dev
 from lazymig.linux.kcmp import same_epoll_target, same_file
-from lazymig.linux.procfs import processes, read_fdinfo
+from lazymig.linux.procfs import fd_links, processes, read_fdinfo
 from lazymig.linux.sockdiag import UnixSocket, unix_socket
 from lazymig.linux.vm import copy_fd
 from lazymig.proto.images import (
@@ -357,16 +356,16 @@ def _shared(pid: int, anon: AnonFds, links: dict[int, str]) -> list[str]:
     for other in processes():
         if other == pid:
             continue
-        with contextlib.suppress(OSError):  # gone, a kernel thread, not ours to look at
-            for entry in os.scandir(f"/proc/{other}/fd"):
-                with contextlib.suppress(OSError):
-                    mine = wanted.get(str(Path(entry.path).readlink()))
-                    if not mine:
-                        continue
-                    for fd in mine:
-                        if fd not in reasons and (fd in anon.sockets or same_file(
-                                pid, fd, other, int(entry.name))):
-                            reasons[fd] = (f"fd {fd} ({links[fd]}) is also open in process "
-                                           f"{other}: that process would keep it on the source "
-                                           "host")
+        try:
+            theirs = fd_links(other)
+        except OSError:  # gone, a kernel thread, not ours to look at
+            continue
+        for their_fd, link in theirs:
+            with contextlib.suppress(OSError):  # gone meanwhile: kcmp fails
+                for fd in wanted.get(link, ()):
+                    if fd not in reasons and (fd in anon.sockets or same_file(
+                            pid, fd, other, their_fd)):
+                        reasons[fd] = (f"fd {fd} ({links[fd]}) is also open in process "
+                                       f"{other}: that process would keep it on the source "
+                                       "host")
     return [reasons[fd] for fd in sorted(reasons)]

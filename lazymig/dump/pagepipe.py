@@ -48,6 +48,7 @@ from lazymig.errors import (
     LazyMigError,
     LazyMigOSError,
 )
+from lazymig.linux.procfs import fds
 from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.linux.vm import (
     AnonMapping,
@@ -272,7 +273,7 @@ class PagePipes:
         """Make sure RLIMIT_NOFILE allows the pipes for ``runs``; raise the soft
         limit towards the hard one if needed, or fail naming the count."""
         needed = self.fds_needed(runs, batch=batch)
-        in_use = sum(1 for _ in os.scandir("/proc/self/fd"))
+        in_use = len(fds(os.getpid()))
         want = in_use + needed + FD_HEADROOM
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY or want <= soft:

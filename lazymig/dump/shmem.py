@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from lazymig.errors import LazyMigOSError
-from lazymig.linux.procfs import tmpfs_devices
+from lazymig.linux.procfs import fd_path, map_file_path, tmpfs_devices
 from lazymig.proto.constants import PAGE_SIZE, PE, VmaStatus
 from lazymig.proto.images import (
     ImageKind,
@@ -139,9 +139,9 @@ class SharedObject:
     def source(self, pid: int) -> str:
         """Where to open the object from outside the process."""
         if self.fds:
-            return f"/proc/{pid}/fd/{self.fds[0]}"
+            return fd_path(pid, self.fds[0])
         v = self.vmas[0]
-        return f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}"
+        return map_file_path(pid, v.start, v.end)
 
 
 def shared_objects(vmas: Iterable[Vma], memfd_fds: Mapping[int, Sequence[int]] | None = None
@@ -179,7 +179,7 @@ def tmpfs_file_objects(pid: int, vmas: Sequence[Vma]) -> list[SharedObject]:
 
 
 def _small(pid: int, v: Vma) -> bool:
-    size = Path(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}").stat().st_size
+    size = Path(map_file_path(pid, v.start, v.end)).stat().st_size
     if size > TMPFS_FILE_LIMIT:
         log.info("pid %d: %s (%d bytes) is not dumped: the destination must have it", pid,
                  v.path, size)

@@ -46,7 +46,6 @@ Killing the target does not free the pages: the pipes keep them alive.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -58,7 +57,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from lazymig.errors import BrokenResourceError, LazyMigOSError
-from lazymig.linux.procfs import read_status
+from lazymig.linux.procfs import fds, open_files_limit, read_status
 from lazymig.linux.ptrace import InjectionSession, UserRegs, process_alive
 from lazymig.linux.syscalls import (
     SYS_CLOSE,
@@ -69,7 +68,13 @@ from lazymig.linux.syscalls import (
     SYS_SIGALTSTACK,
     SYS_SOCKETPAIR,
 )
-from lazymig.linux.vm import pidfd_getfd, process_vm_writev, read_memory, write_memory
+from lazymig.linux.vm import (
+    buffer_address,
+    pidfd_getfd,
+    process_vm_writev,
+    read_memory,
+    write_memory,
+)
 from lazymig.proto.constants import PAGE_SIZE
 
 __all__ = ["IOVEC_ROOM", "SCM_MAX_FD", "UIO_MAXIOV", "TargetSplicer", "free_fd_slots",
@@ -189,13 +194,11 @@ _STACK_T_LEN: Final = 24
 def free_fd_slots(pid: int) -> int:
     """fd numbers process ``pid`` could still open below its RLIMIT_NOFILE soft limit."""
     try:
-        with open(f"/proc/{pid}/limits") as f:
-            line = next(ln for ln in f if ln.startswith("Max open files"))
-        soft = line.split()[3]
-        in_use = [int(e.name) for e in os.scandir(f"/proc/{pid}/fd")]
-    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        soft = open_files_limit(pid)
+        in_use = fds(pid)
+    except (FileNotFoundError, ProcessLookupError):
         return 0
-    limit = 1 << 30 if soft == "unlimited" else int(soft)
+    limit = 1 << 30 if soft is None else soft
     return limit - sum(1 for fd in in_use if fd < limit)
 
 
@@ -364,8 +367,7 @@ class TargetSplicer:
         self._write_frame()
 
     def _write(self, address: int, data: bytearray) -> None:
-        buf = (ctypes.c_char * len(data)).from_buffer(data)
-        done = process_vm_writev(self.pid, ctypes.addressof(buf), address, len(data))
+        done = process_vm_writev(self.pid, buffer_address(data), address, len(data))
         if done != len(data):
             raise BrokenResourceError(f"wrote {done} of {len(data)} bytes into the scratch "
                                       f"area of process {self.pid}")

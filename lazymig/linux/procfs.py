@@ -1,4 +1,8 @@
-"""Reading /proc/PID files whose layout only this module knows (stat, status, smaps)."""
+"""Reading /proc: every /proc file whose layout lazymig reads (stat, status, smaps,
+limits, the fd and map_files links, sysctls) and the paths into /proc it opens.
+
+``/proc/PID/mem`` is the exception: it is memory access, in :mod:`lazymig.linux.vm`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,15 @@ __all__ = [
     "blocked_syscalls",
     "children",
     "descendants",
+    "fd_links",
+    "fd_path",
+    "fds",
     "lowest_mappable",
+    "map_file_path",
     "mount_point",
+    "ns_inode",
     "ns_pids",
+    "open_files_limit",
     "pid_in_use",
     "processes",
     "read_fdinfo",
@@ -20,6 +30,7 @@ __all__ = [
     "read_status",
     "read_syscall",
     "registered_with_userfaultfd",
+    "sysctl_int",
     "threads",
     "tmpfs_devices",
     "userfaultfd_vmas",
@@ -227,8 +238,7 @@ def pidfd_pid(pidfd: int) -> int:
 def lowest_mappable() -> int:
     """The lowest page address mmap allows (``vm.mmap_min_addr``, at least one page in):
     no process maps it in practice, so a probe there touches nothing."""
-    with open("/proc/sys/vm/mmap_min_addr") as f:
-        lowest = int(f.read())
+    lowest = sysctl_int("vm.mmap_min_addr")
     return max(4096, (lowest + 4095) & ~4095)
 
 
@@ -260,3 +270,72 @@ def read_syscall(pid: int, tid: int) -> tuple[int, list[int]] | None:
     if not fields or not fields[0].lstrip("-").isdigit() or int(fields[0]) < 0:
         return None  # "running", or -1: blocked outside a system call
     return int(fields[0]), [int(a, 16) for a in fields[1:7]]
+
+
+def sysctl_int(name: str) -> int:
+    """The integer value of sysctl ``name`` (dotted, as ``sysctl`` spells it:
+    ``fs.pipe-max-size`` is ``/proc/sys/fs/pipe-max-size``)."""
+    with open("/proc/sys/" + name.replace(".", "/"), "rb") as f:
+        return int(f.read())
+
+
+def fd_path(pid: int, fd: int) -> str:
+    """``/proc/PID/fd/FD``: fd ``fd`` of process ``pid``, to open or stat from outside."""
+    return f"/proc/{pid}/fd/{fd}"
+
+
+def map_file_path(pid: int, start: int, end: int) -> str:
+    """``/proc/PID/map_files/START-END``: the file mapped at [start, end) of ``pid``,
+    to open or stat from outside (needs CAP_SYS_ADMIN or ptrace rights)."""
+    return f"/proc/{pid}/map_files/{start:x}-{end:x}"
+
+
+def fds(pid: int) -> list[int]:
+    """The fd numbers process ``pid`` has open, in /proc's order (a listing of this
+    process's own shows the directory fd the listing opens too).
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    return [int(entry.name) for entry in os.scandir(f"/proc/{pid}/fd")]
+
+
+def fd_links(pid: int) -> list[tuple[int, str]]:
+    """(fd, what its /proc link reads) of every fd of process ``pid``; an fd closed
+    while it is listed is left out.
+
+    Raises:
+        OSError: the process is gone, or not ours to look at.
+    """
+    out = []
+    for entry in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            out.append((int(entry.name), str(Path(entry.path).readlink())))
+        except OSError:  # closed meanwhile
+            continue
+    return out
+
+
+def open_files_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of process ``pid`` (``/proc/PID/limits``), None if
+    unlimited.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    with open(f"/proc/{pid}/limits") as f:
+        line = next((ln for ln in f if ln.startswith("Max open files")), None)
+    if line is None:
+        raise FileNotFoundError(f"/proc/{pid}/limits has no 'Max open files' line")
+    soft = line.split()[3]
+    return None if soft == "unlimited" else int(soft)
+
+
+def ns_inode(pid: int, kind: str) -> int:
+    """The inode of process ``pid``'s namespace ``kind`` (``net``, ``pid``, ...):
+    two processes share that namespace if it is the same.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    return Path(f"/proc/{pid}/ns/{kind}").stat().st_ino

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lazymig.errors import LazyMigOSError
-from lazymig.linux._libc import check, libc
+from lazymig.linux._libc import check, libc, syscall
+from lazymig.linux.procfs import read_status, sysctl_int
 from lazymig.linux.syscalls import SYS_PIDFD_GETFD
 
 __all__ = [
@@ -46,7 +47,9 @@ __all__ = [
     "SPLICE_F_NONBLOCK",
     "AnonMapping",
     "MemoryWriter",
+    "buffer_address",
     "get_pipe_size",
+    "local_view",
     "mmap_anonymous",
     "munmap",
     "pagemap_scan",
@@ -77,6 +80,7 @@ _PROT_WRITE = 0x2
 _MAP_PRIVATE = 0x02
 _MAP_ANONYMOUS = 0x20
 _MAP_POPULATE = 0x8000
+_MAP_FIXED_NOREPLACE = 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -159,9 +163,8 @@ def vmsplice(fd: int, address: int, length: int, flags: int = 0) -> int:
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     """pidfd_getfd(2): a close-on-exec copy of fd ``target_fd`` of the process behind
     ``pidfd`` (needs ptrace-attach rights over it)."""
-    return check(libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
-                              ctypes.c_int(target_fd), ctypes.c_uint(0)),
-                 f"pidfd_getfd(fd {target_fd})")
+    return syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd),
+                   ctypes.c_uint(0), what=f"pidfd_getfd(fd {target_fd})")
 
 
 def copy_fd(pid: int, fd: int) -> int:
@@ -263,13 +266,35 @@ def tee(fd_in: int, fd_out: int, length: int, flags: int = 0) -> int:
     return check(_tee(fd_in, fd_out, length, flags), f"tee(fd {fd_in} -> fd {fd_out}, {length})")
 
 
-def mmap_anonymous(length: int, *, populate: bool = False) -> int:
-    """Map ``length`` bytes of private anonymous read-write memory; returns its address."""
+def mmap_anonymous(length: int, *, populate: bool = False, at: int | None = None) -> int:
+    """Map ``length`` bytes of private anonymous read-write memory; returns its address.
+
+    ``at``: exactly there (``MAP_FIXED_NOREPLACE``: a mapping already there is an
+    error, never replaced).
+    """
     flags = _MAP_PRIVATE | _MAP_ANONYMOUS | (_MAP_POPULATE if populate else 0)
-    addr = _mmap(None, length, _PROT_READ | _PROT_WRITE, flags, -1, 0)
+    if at is not None:
+        flags |= _MAP_FIXED_NOREPLACE
+    addr = _mmap(at, length, _PROT_READ | _PROT_WRITE, flags, -1, 0)
     if addr is None or addr == _MAP_FAILED:
-        raise LazyMigOSError(ctypes.get_errno(), f"mmap({length})")
+        raise LazyMigOSError(ctypes.get_errno(), f"mmap({length})" if at is None
+                             else f"mmap({length} at {at:#x})")
+    if at is not None and addr != at:  # a kernel before 4.17 takes the flag as a hint
+        _munmap(addr, length)
+        raise LazyMigOSError(errno.EEXIST, f"mmap({length} at {at:#x}) got {addr:#x}")
     return int(addr)
+
+
+def local_view(address: int, length: int) -> memoryview:
+    """A writable byte view of ``length`` bytes of our own memory at ``address``
+    (a mapping the caller keeps alive longer than the view)."""
+    return memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+
+
+def buffer_address(buffer: bytearray | mmap.mmap) -> int:
+    """The address of a writable buffer's first byte, for a syscall that takes one
+    (the buffer must not be resized or closed while the address is in use)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def munmap(address: int, length: int) -> None:
@@ -296,7 +321,7 @@ class AnonMapping:
         """A writable memoryview over the mapping (valid until :meth:`close`)."""
         if self.address == 0:
             raise ValueError("mapping is closed")
-        return memoryview((ctypes.c_char * self.length).from_address(self.address)).cast("B")
+        return local_view(self.address, self.length)
 
     def close(self) -> None:
         """Unmap the memory; pages already vmspliced stay alive inside the pipe."""
@@ -313,8 +338,7 @@ class AnonMapping:
 
 def pipe_max_size() -> int:
     """``/proc/sys/fs/pipe-max-size``: the largest F_SETPIPE_SZ we may ask for."""
-    with open("/proc/sys/fs/pipe-max-size", "rb") as f:
-        return int(f.read())
+    return sysctl_int("fs.pipe-max-size")
 
 
 _CAP_SYS_RESOURCE = 24
@@ -323,11 +347,7 @@ _CAP_SYS_RESOURCE = 24
 def pipe_size_unlimited() -> bool:
     """True if this process has CAP_SYS_RESOURCE, so that F_SETPIPE_SZ may exceed
     fs.pipe-max-size (and the per-user pipe page limits do not apply)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
-    return False
+    return bool(int(read_status(os.getpid()).get("CapEff", "0"), 16) >> _CAP_SYS_RESOURCE & 1)
 
 
 def set_pipe_size(fd: int, size: int) -> int:
@@ -417,7 +437,7 @@ class MemoryWriter:
         can be closed after it, whatever it raised)."""
         if not pieces:
             return
-        base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        base = buffer_address(buffer)
         local = (_IoVec * len(pieces))(*(_IoVec(base + off, n) for _, off, n in pieces))
         remote = (_IoVec * len(pieces))(*(_IoVec(address, n) for address, _, n in pieces))
         i = 0

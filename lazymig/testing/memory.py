@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import ctypes
 import dataclasses
 import errno
 import functools
@@ -31,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from lazymig.errors import ConfigurationError, LazyMigOSError
-from lazymig.linux.vm import process_vm_readv
+from lazymig.linux.vm import buffer_address, process_vm_readv
 from lazymig.testing.workload import PAGE, Ready, pattern_bytes
 
 __all__ = [
@@ -188,20 +187,21 @@ def read_process_memory(pid: int, address: int, length: int) -> bytes:
         AssertionError: the process is gone, or a page could not be read (the
             message names it).
     """
-    buffer = ctypes.create_string_buffer(length)
+    buffer = bytearray(length)
     done = _read_into(pid, buffer, address, length)
     if done < length:
         raise AssertionError(f"page {(address + done) & ~(PAGE - 1):#x} of pid {pid} "
                              "cannot be read (unmapped or not readable)")
-    return buffer.raw
+    return bytes(buffer)
 
 
-def _read_into(pid: int, buffer: ctypes.Array[ctypes.c_char], address: int, length: int) -> int:
+def _read_into(pid: int, buffer: bytearray, address: int, length: int) -> int:
     """Bytes read into ``buffer`` (short at the first unreadable page)."""
+    base = buffer_address(buffer)
     done = 0
     while done < length:
         try:
-            n = process_vm_readv(pid, ctypes.addressof(buffer) + done, address + done,
+            n = process_vm_readv(pid, base + done, address + done,
                                  length - done)
         except LazyMigOSError as exc:
             if exc.errno == errno.EFAULT:
@@ -233,7 +233,7 @@ def compare_memory(pid: int, expected: ExpectedMemory) -> MemoryDifference | Non
     """
     first: MemoryDifference | None = None
     differing = compared = 0
-    buffer = ctypes.create_string_buffer(_CHUNK)
+    buffer = bytearray(_CHUNK)
     for start, length in _chunks(expected.regions):
         readable = _read_into(pid, buffer, start, length)
         want = expected.content(start, length)

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lazymig.errors import ConfigurationError, LazyMigError
+from lazymig.linux.procfs import ns_inode
 
 __all__ = ["Host", "HostPair", "NamespaceError", "two_namespaces"]
 
@@ -74,8 +75,9 @@ class Host:
 
     def owns(self, pid: int) -> bool:
         """True if process ``pid`` runs in this host's network namespace."""
-        mine = f"/run/netns/{self.netns}" if self.netns else "/proc/self/ns/net"
-        return Path(f"/proc/{pid}/ns/net").stat().st_ino == Path(mine).stat().st_ino
+        mine = (Path(f"/run/netns/{self.netns}").stat().st_ino if self.netns
+                else ns_inode(os.getpid(), "net"))
+        return ns_inode(pid, "net") == mine
 
 
 @dataclasses.dataclass(frozen=True)
