@@ -26,7 +26,6 @@ daemon).
 from __future__ import annotations
 
 import argparse
-import struct
 
 from lazymig.cli._common import (
     Parser,
@@ -42,6 +41,7 @@ from lazymig.cli._common import (
     wire_version,
 )
 from lazymig.errors import ConfigurationError
+from lazymig.proto.constants import LINGER_RESET
 
 TYPE_CHECKING = False  # typing is not imported before the socket listens
 if TYPE_CHECKING:
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from lazymig.dump.store import ImagesPageStore
     from lazymig.tls import ServerTls
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
-"""SO_LINGER on, 0 s: close() sends a reset (the peer sees an error, not an end)."""
 
 
 def register(commands: argparse._SubParsersAction[Parser]) -> None:
@@ -176,7 +174,7 @@ def _reset_queued(listener: socket.socket, error: BaseException) -> None:
 
     queued = accept_queued(listener)
     for conn in queued:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         conn.close()
     if queued:
         logging.getLogger("lazymig").error(

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
+LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+"""``struct linger`` {on 1, 0 s} for SO_LINGER: close() sends a reset (the peer sees
+an error, not an end)."""
+
+LINGER_OFF = bytes(8)
+"""``struct linger`` {off, 0 s}: close() ends the connection as usual."""
+
 PARENT_LINK = "parent"
 """The link from an images dir to its parent dump (``criu dump --prev-images-dir``),
 whose pages the PE_PARENT pagemap entries refer to."""

@@ -26,9 +26,10 @@ import dataclasses
 import enum
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from types import TracebackType
+
+from lazymig.proto.constants import LINGER_RESET
 
 __all__ = ["Direction", "FaultProxy", "ProxyStats"]
 
@@ -38,7 +39,6 @@ _CHUNK = 64 * 1024
 # Chunks held per direction before the proxy stops reading: back-pressure, and
 # the bound on what a delay keeps in memory.
 _QUEUED_CHUNKS = 64
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Direction(enum.StrEnum):
@@ -80,7 +80,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     writer.transport.abort()
 
 
