@@ -19,8 +19,9 @@ They differ once the process has mremap()ed the page (a REMAP event).
 
 Representation: each state is a sorted list of disjoint page intervals, each
 with a linear link to the other address space and a *segment* id; bisect
-finds an interval in O(log n) of the number of intervals, never per page, so
-a 1 GiB range is one interval. Intervals merge only when they are adjacent,
+(:class:`lazymig.proto.runs.Runs`, the lookup of every page-run table) finds
+an interval in O(log n) of the number of intervals, never per page, so a
+1 GiB range is one interval. Intervals merge only when they are adjacent,
 linked contiguously, and of the same segment. A segment is one lazy range given
 to the constructor (ranges are cut at VMA boundaries, and a UFFDIO_COPY must not
 cross a VMA), or one piece moved by a remap; requests never cross segments.
@@ -44,6 +45,7 @@ from typing import Final
 
 from lazymig.errors import ConfigurationError
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
+from lazymig.proto.runs import Runs
 
 __all__ = ["CopyRange", "LazyRanges", "PageState", "Request"]
 
@@ -94,36 +96,31 @@ class PageState(enum.Enum):
     COPIED = "copied"
 
 
-class _Spans:
+class _Spans(Runs[_Iv]):
     """Sorted disjoint page intervals ``[start, end)``, each linked linearly to
     another address space (``link`` is where ``start`` maps) and tagged with a
-    segment. Adjacent intervals that continue each other are kept merged."""
+    segment. Adjacent intervals that continue each other are kept merged.
 
-    __slots__ = ("items", "pages", "starts")
+    The lookup (``find``, ``overlapping``) is :class:`~lazymig.proto.runs.Runs`',
+    shared with the dump's fixed page tables; the edits are this class's own: a
+    fixed table is built once, these intervals are split, merged and moved on
+    every fault and uffd event, in place.
+    """
+
+    __slots__ = ("pages",)
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.items: list[_Iv] = []
+        super().__init__()
         self.pages = 0
 
-    def find(self, page: int) -> int:
-        """Index of the interval holding ``page``, or -1."""
-        i = bisect_right(self.starts, page) - 1
-        if i >= 0 and page < self.items[i][1]:
-            return i
-        return -1
-
-    def overlapping(self, lo: int, hi: int) -> list[_Iv]:
+    def clipped(self, lo: int, hi: int) -> list[_Iv]:
         """What lies in ``[lo, hi)``, clipped, in order (left in place)."""
         items = self.items
-        i = max(bisect_right(self.starts, lo) - 1, 0)
         out: list[_Iv] = []
-        while i < len(items) and items[i][0] < hi:
+        for i in self.overlapping(lo, hi):
             start, end, link, seg = items[i]
-            if end > lo:
-                a = max(start, lo)
-                out.append((a, min(end, hi), link + a - start, seg))
-            i += 1
+            a = max(start, lo)
+            out.append((a, min(end, hi), link + a - start, seg))
         return out
 
     def cut(self, lo: int, hi: int) -> list[_Iv]:
@@ -481,7 +478,7 @@ class LazyRanges:
         for src, end, dst, seg in self._in_flight.cut_src(lo, hi):
             self._pending.add(dst, dst + end - src, src, seg)
             count += end - src
-        for src, end, dst, seg in self._known.by_src.overlapping(lo, hi):
+        for src, end, dst, seg in self._known.by_src.clipped(lo, hi):
             for a, b in self._copied_runs(dst, dst + end - src):
                 self._pending.add(a, b, src + a - dst, seg)
                 count += b - a
@@ -491,8 +488,8 @@ class LazyRanges:
     def _copied_runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """The runs of known pages ``[lo, hi)`` (current addresses) that are neither
         pending nor in flight: copied."""
-        taken = sorted(self._pending.overlapping(lo, hi)
-                       + self._in_flight.by_dst.overlapping(lo, hi))
+        taken = sorted(self._pending.clipped(lo, hi)
+                       + self._in_flight.by_dst.clipped(lo, hi))
         runs, at = [], lo
         for start, end, _, _ in taken:
             if start > at:
@@ -570,7 +567,7 @@ class LazyRanges:
         self._known.check()
         assert self.pages_copied >= 0
         for start, end, link, _ in self._pending.items + self._in_flight.by_dst.items:
-            pieces = self._known.by_dst.overlapping(start, end)
+            pieces = self._known.by_dst.clipped(start, end)
             assert sum(b - a for a, b, _, _ in pieces) == end - start, "a lazy page is unknown"
             assert all(src == link + a - start for a, _, src, _ in pieces), "linked elsewhere"
 
