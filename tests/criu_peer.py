@@ -38,12 +38,15 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers import free_port, process_state
+
 from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.images import ImagesDir
 
 ROOT = Path(os.environ.get("CRIU_ROOT", "/opt/criu-root"))
 CRIU = ROOT / "usr/sbin/criu"
@@ -460,21 +463,12 @@ def kill_pid(pid: int, timeout: float = 5) -> None:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
+        state = process_state(pid)
+        if not state:
             return
         if state == "Z" and _parent(pid) != os.getpid():
             return  # its new parent (init or a subreaper) reaps it
         time.sleep(0.02)
-
-
-def process_state(pid: int) -> str:
-    """The state letter of /proc/PID/stat ("t": stopped by a tracer); "" once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
 
 
 def _parent(pid: int) -> int:
@@ -977,3 +971,182 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["stand-in-restorer"]:
         sys.exit(f"usage: {sys.argv[0]} stand-in-restorer")
     sys.exit(_stand_in_restorer())
+
+
+LOOPS = ["uvloop", "no-uvloop"]
+"""lazymig's --uvloop / --no-uvloop: every test that runs lazymig runs on both loops."""
+
+
+def start_lazy_dump(d: ChrootDir, workload: Workload, *extra: str,
+                    what: str = "criu dump --lazy-pages") -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``criu dump --lazy-pages`` of the running ``workload`` into ``d``, its page
+    server on a free port of 127.0.0.1 (``extra``: more criu options); return the dump
+    once it listens, and the port."""
+    port = free_port()
+    dump = start_with_status_fd(
+        chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
+                    "--address", "127.0.0.1", "--port", str(port), "-D", d.inner, *extra),
+        what=what, log="dump.log", timeout=30)
+    return dump, port
+
+
+def dump_workload(d: ChrootDir, binary: Path, *, mib: int, children: int,
+                  measure: dict[str, Any]) -> tuple[Workload, Output]:
+    """Run criu_pattern, let it tick, ``criu dump`` it (which kills it); return its output."""
+    workload = Workload(d, binary, mib=mib, children=children)
+    try:
+        workload.start()
+        before = workload.wait_ticks({}, 2, timeout=10)
+        measure["dump_s"] = round(criu(d, "dump", "-t", str(workload.pid), "-D", d.inner,
+                                       log="dump.log"), 3)
+        measure["source_exit"] = workload.wait_gone()  # criu dump kills it: it must be gone
+    finally:
+        workload.kill()
+    out = workload.output()
+    # It may tick again before the dump freezes it (a busy machine), never after.
+    assert out.ticks[:len(before.ticks)] == before.ticks
+    return workload, out
+
+
+def check_restored_ticks(workload: Workload, dumped: Output) -> None:
+    """The restored processes go on ticking (numbers continue after the dump) with the
+    checksums they had before and no page that differs from the pattern."""
+    last = {tag: tick.tick for tag in range(workload.processes)
+            if (tick := dumped.last(tag)) is not None}
+    after = workload.wait_ticks(last, 3, timeout=20)
+    for tag in range(workload.processes):
+        before = dumped.last(tag)
+        assert before is not None
+        new = after.after(tag, before.tick)
+        assert new[0].tick == before.tick + 1, "the restored process restarted its count"
+        assert {(t.checksum, t.bad_pages) for t in new} == {(before.checksum, 0)}, new
+
+
+@contextlib.contextmanager
+def restored_from_lazymig_page_server(
+        d: ChrootDir, loop: str, measure: dict[str, Any], *, server_args: Sequence[str] = (),
+        criu_args: Sequence[str] = (), tap: bool = True) -> Iterator[tuple[str, WireLog | None]]:
+    """Serve the criu dump in ``d`` with ``lazymig page-server --wire v1 SERVER_ARGS``; run
+    ``criu lazy-pages --page-server CRIU_ARGS`` (through a :class:`WireTap` unless ``tap``
+    is False) and ``criu restore --lazy-pages -d``; wait until the server reports a complete
+    transfer and both exit 0. Yields the server's log and the tap's; the restored tree is
+    killed on leaving, and a failure inside the block comes with the logs."""
+    port = free_port()
+    server_log = d.host / "lazymig-page-server.log"
+    restored_pid = 0
+    with server_log.open("wb") as server_err:
+        server = start_with_status_fd(
+            [sys.executable, "-m", "lazymig", "-v", f"--{loop}", "page-server", "--lazy-pages",
+             "-D", str(d.host), "--address", "127.0.0.1", "--port", str(port), "--wire", "v1",
+             *server_args],
+            what="lazymig page-server", stderr=server_err.fileno())
+    daemon: subprocess.Popen[bytes] | None = None
+    wire_tap = WireTap(port) if tap else None  # criu lazy-pages -> tap -> lazymig (v1)
+    try:
+        # criu lazy-pages must listen on lazy-pages.socket in the work dir (= -D) before
+        # restore connects to it.
+        daemon = start_with_status_fd(
+            chroot_argv("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1",
+                        "--port", str(wire_tap.port if wire_tap else port), "-D", d.inner,
+                        *criu_args),
+            what="criu lazy-pages", log="lazy-pages.log")
+        started = time.monotonic()
+        measure["restore_s"] = round(criu(
+            d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+            "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
+        restored_pid = int((d.host / "restored.pid").read_text())
+
+        rc = server.wait(60)
+        measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
+        assert rc == 0, f"lazymig page-server exited {rc}:\n{server_log.read_text()[-3000:]}"
+        assert daemon.wait(30) == 0, log_errors(d.host / "lazy-pages.log")
+        server_text = server_log.read_text()
+        assert "transfer complete" in server_text, server_text[-3000:]
+        yield server_text, wire_tap.join() if wire_tap else None
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
+                             f"\n--- lazymig page-server:\n{server_log.read_text()[-3000:]}"
+                             ) from exc
+    finally:
+        if restored_pid:
+            kill_pid(restored_pid)
+        if daemon is not None:
+            stop(daemon)
+        stop(server)
+
+
+def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: list[str], *,
+                                loop: str, measure: dict[str, Any],
+                                procs: list[subprocess.Popen[bytes]], forks: bool = False,
+                                after_restore: Callable[[int], None] | None = None) -> None:
+    """Start ``lazymig lazy-pages DAEMON_ARGS -D <host path>`` on the host, run ``criu restore
+    --lazy-pages -d`` in the chroot against it and wait until the daemon exits 0, having
+    reported every process of pstree.img complete. The restored tree's host pid is in
+    ``restored.pid`` (see :func:`kill_restored`).
+
+    ``after_restore`` runs with the restored tree's host pid as soon as criu restore
+    returns. ``forks``: the restored processes fork while pages are lazy; the daemon must
+    also have followed at least one child (UFFD_EVENT_FORK), which asks under its
+    parent's image pid and ends complete or exited.
+
+    The images dir is below the chroot: lazymig listens on its host path
+    (.../criu-root/tmp/X/lazy-pages.socket), the same file that criu restore, whose work
+    dir is -D, reaches as /tmp/X/lazy-pages.socket. Started processes go to ``procs``.
+    """
+    daemon_log = d.host / "lazymig-lazy-pages.log"
+    with daemon_log.open("wb") as err:
+        daemon = start_with_status_fd(
+            lazymig_argv("lazy-pages", *daemon_args, "-D", str(d.host), loop=loop),
+            what="lazymig lazy-pages", stderr=err.fileno())
+    procs.append(daemon)
+    assert (d.host / "lazy-pages.socket").is_socket()
+    started = time.monotonic()
+    measure["restore_s"] = round(criu(
+        d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
+        "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
+    if after_restore is not None:
+        after_restore(int((d.host / "restored.pid").read_text()))
+    rc = daemon.wait(60)
+    measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
+    text = daemon_log.read_text()
+    assert rc == 0, f"lazymig lazy-pages exited {rc}:\n{text[-3000:]}"
+
+    # Its report: every process of pstree.img (one uffd each) got all its lazy pages.
+    report = DaemonLogReport.parse(text)
+    assert report.complete is True, text[-3000:]
+    lazy = {e.pid: sum(r.nr_pages for r in images.lazy_ranges(e.pid)) for e in images.pstree()}
+    done = sorted((p.pid, p.state, p.copied, p.total) for p in report.processes)
+    restored = sorted((pid, "complete", n, n) for pid, n in lazy.items())
+    children = list(done)
+    for entry in restored:
+        assert entry in children, f"{entry} not in {done}:\n{text[-3000:]}"
+        children.remove(entry)
+    if forks:
+        assert children, f"no forked child was followed:\n{text[-3000:]}"
+        assert all(pid in lazy and state in ("complete", "exited") and copied <= total
+                   for pid, state, copied, total in children), children
+        measure["forked_children"] = {state: sum(1 for c in children if c[1] == state)
+                                      for state in ("complete", "exited")}
+    else:
+        assert not children, f"unexpected processes {children}"
+    assert report.summary["processes"] == len(done)
+    measure["lazymig"] = report.summary
+    assert not (d.host / "lazy-pages.socket").exists(), "the daemon left its socket behind"
+
+
+def kill_restored(d: ChrootDir) -> None:
+    """Kill the tree criu restore wrote to ``restored.pid`` (its root is the init of its
+    pid namespace: the kernel kills the rest), whatever check failed after the restore."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        kill_pid(int((d.host / "restored.pid").read_text()))
+
+
+def lazy_pages_in(images: ImagesDir) -> int:
+    return sum(r.nr_pages for e in images.pstree() for r in images.lazy_ranges(e.pid))
+
+
+def failure_context(d: ChrootDir) -> str:
+    daemon_log = d.host / "lazymig-lazy-pages.log"
+    return (f"--- restore.log:\n{log_errors(d.host / 'restore.log')}\n"
+            f"--- dump.log:\n{log_errors(d.host / 'dump.log')}\n--- lazymig lazy-pages:\n"
+            f"{daemon_log.read_text()[-3000:] if daemon_log.exists() else '(none)'}")

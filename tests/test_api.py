@@ -8,7 +8,6 @@ pattern) must be the source's after the migration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import os
 import shutil
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import output_pipe
+from helpers import attach_and_read, kill, output_pipe, process_state
 
 import lazymig
 from lazymig.linux.ptrace import process_alive
@@ -32,16 +31,6 @@ from lazymig.testing.workload import Check, Workload
 
 def same_memory(check: Check, before: Check) -> bool:
     return (check.sum, check.bad) == (before.sum, 0)
-
-
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def test_import_lazymig_loads_no_machinery() -> None:
@@ -351,22 +340,6 @@ async def test_a_daemon_in_local_mode_fills_from_the_images(tmp_path: Path) -> N
         crc = await attach_and_read(daemon.socket_path, 1, address, size)
     assert crc == zlib.crc32(memory)
     assert (await daemon.done).ok
-
-
-async def attach_and_read(socket_path: Path, pid: int, address: int, size: int) -> int:
-    """In a fresh process: map ``size`` bytes at ``address``, attach them to the daemon
-    under image pid ``pid``, read them all; their CRC-32."""
-    child = (
-        "import sys, zlib, ctypes, lazymig\n"
-        "from lazymig.demo.region import map_region\n"
-        f"map_region({address}, {size // 4096})\n"
-        f"lazymig.attach(sys.argv[1], {pid}, [({address}, {size})])\n"
-        f"print(zlib.crc32(ctypes.string_at({address}, {size})), flush=True)\n")
-    done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", child, str(socket_path)],
-        capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
 
 
 def remove_the_executable(exe: Path, images: Path) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_api import attach_and_read
+from helpers import attach_and_read
 
 import lazymig
 from lazymig.cli import main

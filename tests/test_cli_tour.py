@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
-from test_docs import code_blocks
+from helpers import code_blocks, free_port
 
 from lazymig.linux.ptrace import process_alive
 from lazymig.testing.workload import Check, Workload, build_c_workload, parse_check

@@ -18,28 +18,20 @@ from pathlib import Path
 
 import pytest
 from criu_peer import (
+    LOOPS,
     ChrootDir,
     CriuError,
     WireTap,
     Workload,
-    chroot_argv,
     criu,
+    failure_context,
+    kill_restored,
     lazymig_argv,
-    process_state,
+    start_lazy_dump,
     start_with_status_fd,
     stop,
 )
-from helpers import free_port
-from test_criu_interop import (
-    LOOPS,
-    chroot_dir,
-    criu_root,
-    failure_context,
-    kill_restored,
-    workload_binary,
-)
-
-__all__ = ["chroot_dir", "criu_root", "workload_binary"]  # fixtures, shared
+from helpers import process_state
 
 pytestmark = [
     pytest.mark.root,
@@ -81,11 +73,7 @@ def test_a_criu_restored_tree_dies_with_the_daemon_when_its_pages_cannot_come(
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
-        port = free_port()
-        dump = start_with_status_fd(
-            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
-                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
-            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        dump, port = start_lazy_dump(d, workload)
         procs.append(dump)
         dumped = workload.output()
         # ~8 s for both processes' 4 MiB: the page server dies with most still lazy.

@@ -28,45 +28,46 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from criu_peer import (
+    LOOPS,
     PS_IOV_CLOSE,
     PS_IOV_GET,
     ChrootDir,
     CriuError,
     DaemonLogReport,
-    Output,
     StandInRestorer,
     WireLog,
     WireTap,
     Workload,
     build_forker,
-    build_workload,
+    check_restored_ticks,
     child_ticks,
     chroot_argv,
     criu,
-    criu_root_ready,
-    kill_pid,
+    dump_workload,
+    failure_context,
+    kill_restored,
+    lazy_pages_in,
     lazymig_argv,
     log_errors,
     merge_regions,
     page_digest,
     page_pattern,
-    process_state,
+    restore_with_lazymig_daemon,
+    restored_from_lazymig_page_server,
     source_pages,
+    start_lazy_dump,
     start_with_status_fd,
     stop,
 )
 from google.protobuf import unknown_fields as protobuf_unknown
 from google.protobuf.message import Message
-from helpers import free_port
-from test_images_crit import plain
+from helpers import free_port, plain, process_state
 
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir
@@ -79,73 +80,11 @@ pytestmark = [
 
 CRIT = shutil.which("crit")
 ADD_F_PRESENT = PE.PRESENT << 16 | 6
-LOOPS = ["uvloop", "no-uvloop"]
-"""lazymig's --uvloop / --no-uvloop: every test that runs lazymig runs on both loops."""
-
-
-@pytest.fixture(scope="module")
-def criu_root() -> Iterator[None]:
-    """The CRIU 4.1.1 chroot, installed and mounted (runs scripts/criu-peer.sh if needed)."""
-    with criu_root_ready():
-        yield
-
-
-@pytest.fixture(scope="module")
-def workload_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_workload(tmp_path_factory.mktemp("criu-workload") / "criu_pattern")
 
 
 @pytest.fixture(scope="module")
 def forker_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_forker(tmp_path_factory.mktemp("criu-forker") / "criu_forker")
-
-
-@pytest.fixture
-def chroot_dir(criu_root: None) -> Iterator[ChrootDir]:
-    with ChrootDir.temporary("lazymig-criu-") as d:
-        yield d
-
-
-@pytest.fixture
-def measure(record_property: Any) -> Iterator[dict[str, Any]]:
-    """Numbers a test measured: recorded as properties and printed at the end."""
-    numbers: dict[str, Any] = {}
-    yield numbers
-    for key, value in numbers.items():
-        record_property(key, value)
-    print("measured:", json.dumps(numbers))
-
-
-def dump_workload(d: ChrootDir, binary: Path, *, mib: int, children: int,
-                  measure: dict[str, Any]) -> tuple[Workload, Output]:
-    """Run criu_pattern, let it tick, ``criu dump`` it (which kills it); return its output."""
-    workload = Workload(d, binary, mib=mib, children=children)
-    try:
-        workload.start()
-        before = workload.wait_ticks({}, 2, timeout=10)
-        measure["dump_s"] = round(criu(d, "dump", "-t", str(workload.pid), "-D", d.inner,
-                                       log="dump.log"), 3)
-        measure["source_exit"] = workload.wait_gone()  # criu dump kills it: it must be gone
-    finally:
-        workload.kill()
-    out = workload.output()
-    # It may tick again before the dump freezes it (a busy machine), never after.
-    assert out.ticks[:len(before.ticks)] == before.ticks
-    return workload, out
-
-
-def check_restored_ticks(workload: Workload, dumped: Output) -> None:
-    """The restored processes go on ticking (numbers continue after the dump) with the
-    checksums they had before and no page that differs from the pattern."""
-    last = {tag: tick.tick for tag in range(workload.processes)
-            if (tick := dumped.last(tag)) is not None}
-    after = workload.wait_ticks(last, 3, timeout=20)
-    for tag in range(workload.processes):
-        before = dumped.last(tag)
-        assert before is not None
-        new = after.after(tag, before.tick)
-        assert new[0].tick == before.tick + 1, "the restored process restarted its count"
-        assert {(t.checksum, t.bad_pages) for t in new} == {(before.checksum, 0)}, new
 
 
 # -- lazymig's page server in place of CRIU's -------------------------------------------------
@@ -184,60 +123,6 @@ def check_wire(wire: WireLog, images: ImagesDir, lazy_pages: int,
         "one_page_gets": sum(1 for _, n, _, _ in gets if n == 1),
         "short_replies": sum(1 for g, r in zip(gets, wire.replies, strict=True) if r[1] < g[1]),
     }
-
-
-
-@contextlib.contextmanager
-def restored_from_lazymig_page_server(
-        d: ChrootDir, loop: str, measure: dict[str, Any], *, server_args: Sequence[str] = (),
-        criu_args: Sequence[str] = (), tap: bool = True) -> Iterator[tuple[str, WireLog | None]]:
-    """Serve the criu dump in ``d`` with ``lazymig page-server --wire v1 SERVER_ARGS``; run
-    ``criu lazy-pages --page-server CRIU_ARGS`` (through a :class:`WireTap` unless ``tap``
-    is False) and ``criu restore --lazy-pages -d``; wait until the server reports a complete
-    transfer and both exit 0. Yields the server's log and the tap's; the restored tree is
-    killed on leaving, and a failure inside the block comes with the logs."""
-    port = free_port()
-    server_log = d.host / "lazymig-page-server.log"
-    restored_pid = 0
-    with server_log.open("wb") as server_err:
-        server = start_with_status_fd(
-            [sys.executable, "-m", "lazymig", "-v", f"--{loop}", "page-server", "--lazy-pages",
-             "-D", str(d.host), "--address", "127.0.0.1", "--port", str(port), "--wire", "v1",
-             *server_args],
-            what="lazymig page-server", stderr=server_err.fileno())
-    daemon: subprocess.Popen[bytes] | None = None
-    wire_tap = WireTap(port) if tap else None  # criu lazy-pages -> tap -> lazymig (v1)
-    try:
-        # criu lazy-pages must listen on lazy-pages.socket in the work dir (= -D) before
-        # restore connects to it.
-        daemon = start_with_status_fd(
-            chroot_argv("criu", "lazy-pages", "--page-server", "--address", "127.0.0.1",
-                        "--port", str(wire_tap.port if wire_tap else port), "-D", d.inner,
-                        *criu_args),
-            what="criu lazy-pages", log="lazy-pages.log")
-        started = time.monotonic()
-        measure["restore_s"] = round(criu(
-            d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
-            "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
-        restored_pid = int((d.host / "restored.pid").read_text())
-
-        rc = server.wait(60)
-        measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
-        assert rc == 0, f"lazymig page-server exited {rc}:\n{server_log.read_text()[-3000:]}"
-        assert daemon.wait(30) == 0, log_errors(d.host / "lazy-pages.log")
-        server_text = server_log.read_text()
-        assert "transfer complete" in server_text, server_text[-3000:]
-        yield server_text, wire_tap.join() if wire_tap else None
-    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
-        raise AssertionError(f"{exc}\n--- lazy-pages.log:\n{log_errors(d.host / 'lazy-pages.log')}"
-                             f"\n--- lazymig page-server:\n{server_log.read_text()[-3000:]}"
-                             ) from exc
-    finally:
-        if restored_pid:
-            kill_pid(restored_pid)
-        if daemon is not None:
-            stop(daemon)
-        stop(server)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -357,83 +242,6 @@ def test_criu_lazy_pages_pulls_from_lazymig_dump(
 # -- lazymig's lazy-pages daemon in place of CRIU's ---------------------------------------------
 
 
-def restore_with_lazymig_daemon(d: ChrootDir, images: ImagesDir, daemon_args: list[str], *,
-                                loop: str, measure: dict[str, Any],
-                                procs: list[subprocess.Popen[bytes]], forks: bool = False,
-                                after_restore: Callable[[int], None] | None = None) -> None:
-    """Start ``lazymig lazy-pages DAEMON_ARGS -D <host path>`` on the host, run ``criu restore
-    --lazy-pages -d`` in the chroot against it and wait until the daemon exits 0, having
-    reported every process of pstree.img complete. The restored tree's host pid is in
-    ``restored.pid`` (see :func:`kill_restored`).
-
-    ``after_restore`` runs with the restored tree's host pid as soon as criu restore
-    returns. ``forks``: the restored processes fork while pages are lazy; the daemon must
-    also have followed at least one child (UFFD_EVENT_FORK), which asks under its
-    parent's image pid and ends complete or exited.
-
-    The images dir is below the chroot: lazymig listens on its host path
-    (.../criu-root/tmp/X/lazy-pages.socket), the same file that criu restore, whose work
-    dir is -D, reaches as /tmp/X/lazy-pages.socket. Started processes go to ``procs``.
-    """
-    daemon_log = d.host / "lazymig-lazy-pages.log"
-    with daemon_log.open("wb") as err:
-        daemon = start_with_status_fd(
-            lazymig_argv("lazy-pages", *daemon_args, "-D", str(d.host), loop=loop),
-            what="lazymig lazy-pages", stderr=err.fileno())
-    procs.append(daemon)
-    assert (d.host / "lazy-pages.socket").is_socket()
-    started = time.monotonic()
-    measure["restore_s"] = round(criu(
-        d, "restore", "--lazy-pages", "-D", d.inner, "--restore-detached",
-        "--pidfile", d.inside("restored.pid"), log="restore.log"), 3)
-    if after_restore is not None:
-        after_restore(int((d.host / "restored.pid").read_text()))
-    rc = daemon.wait(60)
-    measure["all_pages_in_s"] = round(time.monotonic() - started, 3)
-    text = daemon_log.read_text()
-    assert rc == 0, f"lazymig lazy-pages exited {rc}:\n{text[-3000:]}"
-
-    # Its report: every process of pstree.img (one uffd each) got all its lazy pages.
-    report = DaemonLogReport.parse(text)
-    assert report.complete is True, text[-3000:]
-    lazy = {e.pid: sum(r.nr_pages for r in images.lazy_ranges(e.pid)) for e in images.pstree()}
-    done = sorted((p.pid, p.state, p.copied, p.total) for p in report.processes)
-    restored = sorted((pid, "complete", n, n) for pid, n in lazy.items())
-    children = list(done)
-    for entry in restored:
-        assert entry in children, f"{entry} not in {done}:\n{text[-3000:]}"
-        children.remove(entry)
-    if forks:
-        assert children, f"no forked child was followed:\n{text[-3000:]}"
-        assert all(pid in lazy and state in ("complete", "exited") and copied <= total
-                   for pid, state, copied, total in children), children
-        measure["forked_children"] = {state: sum(1 for c in children if c[1] == state)
-                                      for state in ("complete", "exited")}
-    else:
-        assert not children, f"unexpected processes {children}"
-    assert report.summary["processes"] == len(done)
-    measure["lazymig"] = report.summary
-    assert not (d.host / "lazy-pages.socket").exists(), "the daemon left its socket behind"
-
-
-def kill_restored(d: ChrootDir) -> None:
-    """Kill the tree criu restore wrote to ``restored.pid`` (its root is the init of its
-    pid namespace: the kernel kills the rest), whatever check failed after the restore."""
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        kill_pid(int((d.host / "restored.pid").read_text()))
-
-
-def lazy_pages_in(images: ImagesDir) -> int:
-    return sum(r.nr_pages for e in images.pstree() for r in images.lazy_ranges(e.pid))
-
-
-def failure_context(d: ChrootDir) -> str:
-    daemon_log = d.host / "lazymig-lazy-pages.log"
-    return (f"--- restore.log:\n{log_errors(d.host / 'restore.log')}\n"
-            f"--- dump.log:\n{log_errors(d.host / 'dump.log')}\n--- lazymig lazy-pages:\n"
-            f"{daemon_log.read_text()[-3000:] if daemon_log.exists() else '(none)'}")
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_lazymig_daemon_restores_from_criu_lazy_dump(
         chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
@@ -447,12 +255,8 @@ def test_lazymig_daemon_restores_from_criu_lazy_dump(
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
-        port = free_port()
         started = time.monotonic()
-        dump = start_with_status_fd(
-            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
-                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
-            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        dump, port = start_lazy_dump(d, workload)
         procs.append(dump)
         measure["dump_until_listening_s"] = round(time.monotonic() - started, 3)
         # The source stays alive but frozen while criu dump serves its pages: it
@@ -525,11 +329,7 @@ def test_lazymig_daemon_follows_forks_of_a_lazily_restored_process(
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
-        port = free_port()
-        dump = start_with_status_fd(
-            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
-                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
-            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        dump, port = start_lazy_dump(d, workload)
         procs.append(dump)
         dumped = workload.output()
         images = ImagesDir(d.host)
@@ -595,11 +395,7 @@ def test_failed_restore_leaves_the_source_to_criu_dump(
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
-        port = free_port()
-        dump = start_with_status_fd(
-            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
-                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner),
-            what="criu dump --lazy-pages", log="dump.log", timeout=30)
+        dump, port = start_lazy_dump(d, workload)
         procs.append(dump)
         dumped = workload.output()
         # No wire tap here: a proxy would turn lazymig's reset into a FIN.

@@ -29,10 +29,10 @@ from criu_peer import (
     CriuError,
     WireLog,
     WireTap,
-    build_workload,
+    check_restored_ticks,
     chroot_argv,
     criu,
-    criu_root_ready,
+    dump_workload,
     kill_pid,
     lazymig_argv,
     log_errors,
@@ -40,7 +40,6 @@ from criu_peer import (
     stop,
 )
 from helpers import free_port
-from test_criu_interop import check_restored_ticks, dump_workload
 
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images import ImageKind, ImagesDir
@@ -55,23 +54,6 @@ SERVERS = [("criu", None), ("lazymig", "uvloop"), ("lazymig", "no-uvloop")]
 """Which page server serves the dump on disk, and lazymig's loop: CRIU's is the baseline."""
 RATE = 8e6
 """Bytes/s the tap lets through to criu lazy-pages: 32 MiB of lazy pages take 4 s."""
-
-
-@pytest.fixture(scope="module")
-def criu_root() -> Iterator[None]:
-    with criu_root_ready():
-        yield
-
-
-@pytest.fixture(scope="module")
-def workload_binary(criu_root: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_workload(tmp_path_factory.mktemp("criu-workload") / "criu_pattern")
-
-
-@pytest.fixture
-def chroot_dir(criu_root: None) -> Iterator[ChrootDir]:
-    with ChrootDir.temporary("lazymig-ps-") as d:
-        yield d
 
 
 class Server:

@@ -22,34 +22,25 @@ from typing import Any
 import pytest
 from criu_peer import (
     CRIU,
+    LOOPS,
     ChrootDir,
     CriuError,
     Workload,
-    chroot_argv,
-    log_errors,
-    start_with_status_fd,
-    stop,
-)
-from helpers import free_port
-from test_criu_interop import (
-    LOOPS,
     check_restored_ticks,
-    chroot_dir,
-    criu_root,
+    chroot_argv,
     dump_workload,
     failure_context,
     kill_restored,
     lazy_pages_in,
-    measure,
+    log_errors,
     restore_with_lazymig_daemon,
     restored_from_lazymig_page_server,
-    workload_binary,
+    start_lazy_dump,
+    stop,
 )
 from tls_pki import OPENSSL, Identity, Pki, make_pki
 
 from lazymig.proto.images import ImagesDir
-
-__all__ = ["chroot_dir", "criu_root", "measure", "workload_binary"]  # fixtures used here
 
 pytestmark = [pytest.mark.root, pytest.mark.criu,
               pytest.mark.skipif(OPENSSL is None, reason="no openssl command to make certificates")]
@@ -121,12 +112,8 @@ def test_lazymig_daemon_over_tls_from_criu_lazy_dump(
     try:
         workload.start()
         workload.wait_ticks({}, 2, timeout=10)
-        port = free_port()
-        dump = start_with_status_fd(
-            chroot_argv("criu", "dump", "-t", str(workload.pid), "--lazy-pages",
-                        "--address", "127.0.0.1", "--port", str(port), "-D", d.inner,
-                        *criu_tls_args(d, pki, pki.server)),
-            what="criu dump --lazy-pages --tls", log="dump.log", timeout=30)
+        dump, port = start_lazy_dump(d, workload, *criu_tls_args(d, pki, pki.server),
+                                     what="criu dump --lazy-pages --tls")
         procs.append(dump)
         dumped = workload.output()
         images = ImagesDir(d.host)

@@ -8,7 +8,6 @@ to the daemon and checks every byte it reads against the dump's pattern.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import select
@@ -16,33 +15,21 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
+from helpers import PAGES, Child, finish, layout, run_daemon, spawn, stop
 from lazydump import page_pattern, write_lazy_dump
 from reliability import Recorder
-from test_uffd_kernel import Child
 
 from lazymig.dump.server import PageServer
-from lazymig.dump.store import ImagesPageStore
 from lazymig.linux.uffd import buffer_address
 from lazymig.proto.images import ImagesDir
 from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
 from lazymig.uffd.handover import send_restore_finished, send_task
-from lazymig.uffd.source import LocalPageSource, PageChunk, PageSink, PageSource, RemotePageSource
+from lazymig.uffd.source import LocalPageSource, PageChunk, PageSink, RemotePageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
-
-CHILD = Path(__file__).with_name("lazy_child.py")
-BASE = 0x6F0000000000
-PAGES = 256  # 1 MiB per process
-
-
-def layout(count: int, pages: int = PAGES) -> dict[int, list[tuple[int, int]]]:
-    """``count`` image pids, each with one lazy VMA at its own address."""
-    return {1000 + i: [(BASE + i * 2**30, pages)] for i in range(count)}
 
 
 @dataclass
@@ -51,46 +38,6 @@ class Setup:
     dump: dict[int, list[tuple[int, int]]]
     server: PageServer | None
     socket_path: Path
-
-
-@pytest_asyncio.fixture
-async def page_server(tmp_path: Path) -> AsyncIterator[tuple[Path, PageServer]]:
-    """A dump on disk of 32 processes, served by lazymig's page server on loopback."""
-    images_dir = tmp_path / "images"
-    images_dir.mkdir()
-    store = ImagesPageStore(write_lazy_dump(images_dir, layout(32)))
-    async with PageServer(store, address="127.0.0.1", port=0) as server:
-        yield images_dir, server
-    store.close()
-
-
-async def stop(task: asyncio.Task[object]) -> None:
-    """Cancel a background task (the page server) and wait until it is gone."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-async def spawn(socket_path: Path, pid: int, vaddr: int, nr_pages: int, scenario: str
-                ) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, str(CHILD), str(socket_path), str(pid), hex(vaddr), str(nr_pages),
-        scenario, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-
-
-async def finish(child: asyncio.subprocess.Process) -> tuple[int, str]:
-    out, _ = await child.communicate()
-    assert child.returncode is not None
-    return child.returncode, out.decode()
-
-
-async def run_daemon(images_dir: Path, source: PageSource, expect_tasks: int = 1,
-                     **options: object) -> tuple[LazyPagesDaemon, asyncio.Task[DaemonReport]]:
-    daemon = LazyPagesDaemon.from_images(source, images_dir, expect_tasks=expect_tasks,
-                                         socket_path=images_dir / "lazy.sock", **options)
-    task = asyncio.create_task(daemon.run())
-    await daemon.ready.wait()
-    return daemon, task
 
 
 @pytest.mark.asyncio

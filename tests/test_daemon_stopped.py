@@ -25,10 +25,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers import on_uvloop
+from helpers import finish, layout, on_uvloop, spawn, stop
 from lazydump import write_lazy_dump
 from reliability import Recorder
-from test_daemon import finish, layout, spawn, stop
 
 from lazymig._listen import SOCKET_NAME
 from lazymig.dump.server import PageServer

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import code_blocks
 
 from lazymig.cli import build_parser
 
@@ -50,12 +51,6 @@ def code_spans(text: str) -> list[str]:
     """Inline code of a Markdown page (fenced blocks left out)."""
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     return re.findall(r"`([^`\n]+)`", prose)
-
-
-def code_blocks(text: str, lang: str | None = None) -> list[str]:
-    """Fenced blocks of a Markdown page (of one language, if given)."""
-    return [body for info, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
-            if lang is None or info == lang]
 
 
 def resolve(dotted: str) -> object:

@@ -13,19 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, on_uvloop
-from test_page_server import MiniClient
+from helpers import DumpCli, MiniClient, free_port, on_uvloop, proc_state
 
 from lazymig.dump.images import read_lazymig_entry
 from lazymig.linux.vm import read_memory
@@ -43,7 +39,6 @@ CRIT = shutil.which("crit")
 SA_RESTART = 0x10000000
 
 
-
 @pytest.fixture
 def workload(c_workload: Path) -> Iterator[Workload]:
     with Workload([str(c_workload), "--mib", "4", "--locked-kib", "64",
@@ -51,68 +46,10 @@ def workload(c_workload: Path) -> Iterator[Workload]:
         yield w
 
 
-
-def proc_state(pid: int) -> tuple[str, int]:
-    """(State letter, TracerPid) of /proc/PID/status."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f.read().splitlines())
-    return fields["State"].strip()[0], int(fields["TracerPid"])
-
-
 def frozen_by(pid: int, tracer_pid: int) -> bool:
     """``pid`` is in a ptrace-stop, traced by a thread of process ``tracer_pid``."""
     state, tracer = proc_state(pid)
     return state == "t" and Path(f"/proc/{tracer_pid}/task/{tracer}").exists()
-
-
-class DumpCli:
-    """``lazymig dump`` in a subprocess, with --status-fd on a pipe of ours."""
-
-    def __init__(self, pid: int, images: Path, *extra: str, uvloop: bool = True) -> None:
-        self.status_r, status_w = os.pipe()
-        argv = [sys.executable, "-m", "lazymig", "-v", "--uvloop" if uvloop else "--no-uvloop",
-                "dump", "-t", str(pid), "-D", str(images), "--status-fd", str(status_w),
-                *extra]
-        self.proc = subprocess.Popen(argv, pass_fds=(status_w,), stderr=subprocess.PIPE,
-                                     text=True)
-        os.close(status_w)
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Until the zero byte on the status fd (failing with the CLI's stderr if it exits)."""
-        try:
-            readable, _, _ = select.select([self.status_r], [], [], timeout)
-            if not readable or os.read(self.status_r, 1) != b"\0":
-                self.proc.kill()
-                raise AssertionError(f"lazymig dump never got ready: {self.stderr()}")
-        finally:
-            os.close(self.status_r)
-
-    def wait_filled(self, timeout: float = 10.0) -> None:
-        """Until the CLI logs that the lazy pages are in its page pipes: until then
-        the source, frozen, runs the dump's injected vmsplice calls now and then
-        (see lazymig.dump.late_fill)."""
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while "lazy pages put into the page pipes" not in self.proc.stderr.readline():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("lazymig dump never filled its page pipes")
-
-    def wait(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stderr(self) -> str:
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.stderr()
-
 
 
 def split_pagemap(images: ImagesDir, pid: int) -> tuple[list[PagemapEntry], list[PagemapEntry]]:

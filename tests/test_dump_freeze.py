@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import proc_state, runs_unchanged, serve_all_lazy
 from lazydump import PipeServer
 
 from lazymig.dump.freeze import (
@@ -47,18 +48,11 @@ SA_RESTART = 0x10000000
 SYS_GETPID = 39
 
 
-
 @pytest.fixture
 def workload(c_workload: Path) -> Iterator[Workload]:
     with Workload([str(c_workload), "--mib", "8", "--locked-kib", "64",
                    "--interval-ms", "50"]) as w:
         yield w
-
-
-def proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f.read().splitlines())
-    return f"{fields['State'].strip()} tracer={fields['TracerPid'].strip()}"
 
 
 def real_python() -> str:
@@ -85,37 +79,6 @@ def wait_for_state(pid: int, states: str) -> None:
 def spawn_tracer(pid: int) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", TRACER, str(pid)], stdout=subprocess.PIPE,
                             text=True)
-
-
-def assert_runs_unchanged(w: Workload, reference_sum: int) -> None:
-    """The workload runs again, untraced, with its memory intact."""
-    w.drain()
-    check = w.next_check(timeout=5)
-    assert (check.sum, check.bad) == (reference_sum, 0)
-    assert proc_state(w.pid).endswith("tracer=0")
-
-
-def serve_all_lazy(reader: PipeServer, scan: MemoryScan, pid: int, *, seed: int,
-                   region: tuple[int, int]) -> int:
-    """Serve every lazy page (twice for the first chunk of each run); pattern pages
-    must match the formula, others the frozen target's memory. Returns pages seen."""
-    seen = 0
-    for run in (r for r in scan.runs if r.lazy):
-        vaddr, first = run.vaddr, True
-        while vaddr < run.end:
-            n, data = reader.serve(vaddr, (run.end - vaddr) // PAGE_SIZE)
-            assert n >= 1
-            if first:  # served again: the same bytes, the pipe was not consumed
-                assert reader.serve(vaddr, n) == (n, data)
-                first = False
-            if region[0] <= vaddr < region[1]:
-                assert data == b"".join(expected_page(vaddr + i * PAGE_SIZE, seed)
-                                        for i in range(n))
-            else:
-                assert data == read_memory(pid, vaddr, n * PAGE_SIZE)
-            vaddr += n * PAGE_SIZE
-            seen += n
-    return seen
 
 
 def current_syscall(pid: int) -> str:
@@ -148,7 +111,7 @@ async def test_freeze_scan_pipes_and_resume(workload: Workload, c_workload: Path
     before = workload.next_check()
     fp = await freeze_in_sleep(workload.pid)
     async with fp:
-        assert proc_state(workload.pid).startswith("t (tracing stop)")
+        assert proc_state(workload.pid)[0] == "t"
         assert workload.quiet_for(0.2)
         state = fp.state
         assert state.pid == workload.pid and state.comm == "pattern" and not state.was_stopped
@@ -208,7 +171,7 @@ async def test_freeze_scan_pipes_and_resume(workload: Workload, c_workload: Path
                 off += len(chunk)
         await fp.resume()
         assert fp.released
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
     with pytest.raises(ClosedResourceError):
         await fp.scan()
 
@@ -224,7 +187,7 @@ async def test_python_workload(tmp_path: Path) -> None:
                     PipeServer(pipes) as reader:
                 region = (w.ready.addr, w.ready.addr + w.ready.size)
                 serve_all_lazy(reader, scan, w.pid, seed=w.ready.seed, region=region)
-        assert_runs_unchanged(w, before.sum)
+        runs_unchanged(w, before.sum)
 
 
 @pytest.mark.asyncio
@@ -247,7 +210,7 @@ async def test_exception_inside_resumes_the_target(workload: Workload) -> None:
             bogus = MemoryScan(scan.pid, scan.vmas, (*scan.runs, PageRun(0x1000, 1, True)))
             await fp.collect_pages(bogus, pipe_size=MiB)
     assert sum(1 for _ in os.scandir("/proc/self/fd")) == fds  # every pipe closed
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio
@@ -282,9 +245,9 @@ async def test_a_stopped_target_stays_stopped(workload: Workload) -> None:
     wait_for_state(workload.pid, "T")
     async with await FrozenProcess.freeze(workload.pid) as fp:
         assert fp.state.was_stopped and len(fp.state.sigactions) == 62
-    assert workload.quiet_for(0.2) and proc_state(workload.pid).startswith("T (stopped)")
+    assert workload.quiet_for(0.2) and proc_state(workload.pid)[0] == "T"
     os.kill(workload.pid, signal.SIGCONT)
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio
@@ -318,7 +281,7 @@ async def test_freezes_every_thread(c_workload: Path) -> None:
                 assert t.regs.fs_base and t.clear_tid_addr and t.robust_list[0]
             assert len({t.regs.fs_base for t in threads}) == 3  # a TLS block each
             assert len({t.regs.rsp >> 12 for t in threads}) == 3
-        assert_runs_unchanged(w, before.sum)
+        runs_unchanged(w, before.sum)
 
 
 @pytest.mark.asyncio
@@ -329,8 +292,8 @@ async def test_shared_memory_is_frozen_not_refused(c_workload: Path) -> None:
         before = w.next_check()
         fp = await FrozenProcess.freeze(w.pid)
         await fp.resume()
-        assert proc_state(w.pid).endswith("tracer=0")
-        assert_runs_unchanged(w, before.sum)
+        assert proc_state(w.pid)[1] == 0
+        runs_unchanged(w, before.sum)
 
 
 TRACER = textwrap.dedent("""
@@ -362,7 +325,7 @@ async def test_refuses_an_already_traced_target(workload: Workload) -> None:
         tracer.wait()
         assert tracer.stdout is not None
         tracer.stdout.close()
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio
@@ -401,7 +364,7 @@ def test_tracee_refuses_calls_from_another_thread(workload: Workload) -> None:
         tracer.call(tracee.detach)
     finally:
         tracer.close()
-    assert proc_state(workload.pid).endswith("tracer=0")
+    assert proc_state(workload.pid)[1] == 0
 
 
 _LAYOUT_CHILD = textwrap.dedent("""

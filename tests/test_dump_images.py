@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_page_server import MiniClient
+from helpers import MiniClient, proc_state, runs_unchanged
 
 from lazymig.dump import DumpResult, LazyDump, SourceFate, dump
 from lazymig.dump.freeze import FrozenProcess
@@ -51,18 +51,11 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="ptrace of arbitrary processes needs root")
 
 
-
 @pytest.fixture
 def workload(c_workload: Path) -> Iterator[Workload]:
     with Workload([str(c_workload), "--mib", "4", "--locked-kib", "64",
                    "--interval-ms", "50"]) as w:
         yield w
-
-
-def proc_state(pid: int) -> tuple[str, int]:
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f.read().splitlines())
-    return fields["State"].strip()[0], int(fields["TracerPid"])
 
 
 def read_maps(pid: int) -> str:
@@ -86,14 +79,6 @@ def read_at(path: Path, offset: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(PAGE_SIZE)
-
-
-def runs_unchanged(w: Workload, reference_sum: int) -> None:
-    """The workload runs on, untraced, with the same memory."""
-    w.drain()
-    check = w.next_check()
-    assert (check.sum, check.bad) == (reference_sum, 0)
-    assert proc_state(w.pid)[1] == 0
 
 
 def pages_of(ranges: list[tuple[int, int]]) -> set[int]:

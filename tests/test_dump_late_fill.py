@@ -23,10 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
-from test_dump_cli import DumpCli
-from test_dump_images import proc_state, runs_unchanged
-from test_page_server import MiniClient
+from helpers import DumpCli, MiniClient, free_port, proc_state, runs_unchanged
 
 from lazymig.dump import LazyDump
 from lazymig.dump.freeze import FrozenProcess

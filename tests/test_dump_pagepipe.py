@@ -10,9 +10,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
 
 import pytest
+from helpers import SEED, pipe_layout
 from lazydump import PipeServer
 
 from lazymig.dump.pagepipe import LARGE_PIPE, PagePipes, PagesNotFoundError
@@ -28,19 +28,7 @@ from lazymig.linux.vm import (
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.testing.workload import expected_page
 
-SEED = 0x1234_5678_9ABC_DEF0
 SMALL_PIPE = 16 * PAGE_SIZE  # force many pipes and split iovecs
-
-
-@pytest.fixture
-def memory() -> Iterator[AnonMapping]:
-    """64 pages filled with the workload pattern."""
-    with AnonMapping(64 * PAGE_SIZE) as m:
-        with m.view() as v:
-            for i in range(64):
-                v[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = expected_page(m.address + i * PAGE_SIZE,
-                                                                     SEED)
-        yield m
 
 
 def open_fds() -> int:
@@ -56,15 +44,9 @@ def read_exact(fd: int, n: int) -> bytes:
     return out
 
 
-def layout(base: int) -> list[PageRun]:
-    p = PAGE_SIZE
-    return [PageRun(base, 20, True), PageRun(base + 20 * p, 3, False),
-            PageRun(base + 23 * p, 30, True), PageRun(base + 60 * p, 4, False)]
-
-
 def test_find_and_serve_twice(memory: AnonMapping) -> None:
     base = memory.address
-    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp, \
+    with PagePipes.collect(os.getpid(), pipe_layout(base), pipe_size=SMALL_PIPE) as pp, \
             PipeServer(pp) as server:
         assert all(b.sealed for b in pp.buffers)  # every write end closed
         lazy = [b for b in pp.buffers if b.lazy]
@@ -98,7 +80,7 @@ def test_find_and_serve_twice(memory: AnonMapping) -> None:
 
 def test_drain_nonlazy_to_file(memory: AnonMapping) -> None:
     base = memory.address
-    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp, \
+    with PagePipes.collect(os.getpid(), pipe_layout(base), pipe_size=SMALL_PIPE) as pp, \
             tempfile.TemporaryFile() as f:
         written = pp.drain_nonlazy(f.fileno())
         assert written == [PageRun(base + 20 * PAGE_SIZE, 3, False),
@@ -141,7 +123,7 @@ def test_unreadable_pages_fall_back_to_proc_mem(memory: AnonMapping) -> None:
 
 def test_close_is_idempotent_and_frees_every_fd(memory: AnonMapping) -> None:
     before = open_fds()
-    pp = PagePipes.collect(os.getpid(), layout(memory.address), pipe_size=SMALL_PIPE)
+    pp = PagePipes.collect(os.getpid(), pipe_layout(memory.address), pipe_size=SMALL_PIPE)
     assert pp.nr_fds == len(pp.buffers)  # one read end each
     assert open_fds() == before + pp.nr_fds
     pp.close()
@@ -227,7 +209,7 @@ def test_the_store_sees_a_region_over_many_pipes_as_one_range(memory: AnonMappin
     different pipes are joined. A GET runs on into the next pipe (a run's pages
     go on there) up to the end of the run or a scratch pipe's worth (16 pages)."""
     base = memory.address
-    with PagePipes.collect(os.getpid(), layout(base), pipe_size=SMALL_PIPE) as pp:
+    with PagePipes.collect(os.getpid(), pipe_layout(base), pipe_size=SMALL_PIPE) as pp:
         store = PipePageStore(os.getpid(), pp)
         try:
             assert len([b for b in pp.buffers if b.lazy]) == 4

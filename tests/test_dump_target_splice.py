@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import runs_unchanged, serve_all_lazy
 from lazydump import PipeServer
-from test_dump_freeze import assert_runs_unchanged, serve_all_lazy
 
 from lazymig.dump.freeze import FrozenProcess
 from lazymig.dump.scan import MemoryScan, PageRun
@@ -77,7 +77,7 @@ async def test_target_splices_its_own_pages_and_is_left_as_it_was(workload: Work
             write_memory(workload.pid, ready.addr, b"\xab" * PAGE_SIZE)
             assert reader.serve(ready.addr, 1) == (1, b"\xab" * PAGE_SIZE)
             write_memory(workload.pid, ready.addr, original)
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio
@@ -99,7 +99,7 @@ async def test_pages_the_target_cannot_vmsplice_are_copied(
         finally:
             assert await fp.inject_syscall(SYS_MPROTECT, hidden, PAGE_SIZE, PROT_RW) == 0
     assert f"could not vmsplice the page at {hidden:#x} (" in caplog.text
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio
@@ -126,7 +126,7 @@ async def test_a_target_short_of_fds_takes_smaller_batches_or_none(
                 PipeServer(pipes) as reader:
             serve_all_lazy(reader, scan, workload.pid, seed=ready.seed, region=region)
     assert "copying its pages into the page pipes" in caplog.text
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 @pytest.mark.asyncio
@@ -144,7 +144,7 @@ async def test_failure_half_way_leaves_no_trace_in_the_target(workload: Workload
             finally:
                 assert target_view(workload.pid) == view
     assert open_fds() == fds  # every pipe and the socket closed
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
     page = read_memory(workload.pid, workload.ready.addr, PAGE_SIZE)
     assert page == expected_page(workload.ready.addr, workload.ready.seed)
 
@@ -194,7 +194,7 @@ async def test_the_sigpipe_of_a_broken_page_pipe_is_drained(workload: Workload) 
         await fp.run(_splice_into_a_broken_pipe, workload.pid, fp.main_thread, ready.addr)
         assert _pending(workload.pid) == (False, True)
     # It runs on with SIGPIPE blocked and pending, as it was before the splice.
-    assert_runs_unchanged(workload, before.sum)
+    runs_unchanged(workload, before.sum)
 
 
 def test_sigreturn_frame_layout() -> None:

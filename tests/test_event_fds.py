@@ -28,11 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import output_pipe
-from test_api import kill
-from test_images_crit import crit_decode
-from test_restore import restore_with_output
-from test_restore_files import parse
+from helpers import crit_decode, kill, output_pipe, parse, restore_with_output
 from workloads import WORKLOAD_DIR
 
 import lazymig

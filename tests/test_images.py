@@ -11,36 +11,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import mm_entry, vma, x86_core
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lazymig.errors import ClosedResourceError, ConfigurationError, ImageError
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import (
-    CoreEntry,
-    CredsEntry,
     FsEntry,
     ImageKind,
     ImageReader,
     ImagesDir,
     ImageWriter,
     InventoryEntry,
-    MmEntry,
     PageIndex,
     PagemapEntry,
     PagemapReader,
     PageRange,
     PagesWriter,
     PstreeEntry,
-    SaEntry,
-    TaskCoreEntry,
     TaskKobjIdsEntry,
-    ThreadCoreEntry,
-    ThreadInfoX86,
-    UserX86FpregsEntry,
-    UserX86RegsEntry,
-    UserX86XsaveEntry,
-    VmaEntry,
     inventory_pb2,
     lazy_ranges,
     pagemap_pb2,
@@ -52,52 +42,9 @@ from lazymig.proto.images._wire import fields as wire_fields
 FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-MAP_PRIVATE_ANON = 0x22
-VMA_ANON_PRIVATE = 0x201
-
 
 def no_temp_files(directory: Path) -> bool:
     return not [p for p in directory.iterdir() if p.name.startswith(".")]
-
-
-def vma(start: int, end: int, **kw: int) -> VmaEntry:
-    fields = {"pgoff": 0, "shmid": 0, "prot": 3, "flags": MAP_PRIVATE_ANON,
-              "status": VMA_ANON_PRIVATE, "fd": -1} | kw
-    return VmaEntry(start=start, end=end, **fields)
-
-
-def mm_entry(vmas: list[VmaEntry]) -> MmEntry:
-    return MmEntry(mm_start_code=0x400000, mm_end_code=0x401000, mm_start_data=0x600000,
-                   mm_end_data=0x601000, mm_start_stack=0x7ffd0000, mm_start_brk=0x1000000,
-                   mm_brk=0x1021000, mm_arg_start=0x7ffd1000, mm_arg_end=0x7ffd1010,
-                   mm_env_start=0x7ffd1010, mm_env_end=0x7ffd1100, exe_file_id=7,
-                   mm_saved_auxv=[33, 0x7fff0000, 0, 0], vmas=vmas)
-
-
-REGS = ["r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx", "si",
-        "di", "orig_ax", "ip", "cs", "flags", "sp", "ss", "fs_base", "gs_base", "ds", "es", "fs",
-        "gs"]
-
-
-def x86_core(comm: str = "sleeper") -> CoreEntry:
-    regs = UserX86RegsEntry()
-    for i, name in enumerate(REGS, start=1):
-        setattr(regs, name, i)
-    regs.ip = 0x7F00_DEAD_BEEF
-    fpregs = UserX86FpregsEntry(cwd=0x37F, swd=0, twd=0, fop=0, rip=0, rdp=0, mxcsr=0x1F80,
-                                mxcsr_mask=0xFFFF, st_space=[0] * 32, xmm_space=[1] * 64,
-                                xsave=UserX86XsaveEntry(xstate_bv=7, ymmh_space=[2] * 64))
-    return CoreEntry(
-        mtype=CoreEntry.X86_64,
-        thread_info=ThreadInfoX86(clear_tid_addr=0x7F00_0000_1000, gpregs=regs, fpregs=fpregs),
-        tc=TaskCoreEntry(task_state=1, exit_code=0, personality=0, flags=0x400000,
-                         blk_sigset=0, comm=comm,
-                         sigactions=[SaEntry(sigaction=0, flags=0, restorer=0, mask=0)] * 2),
-        thread_core=ThreadCoreEntry(futex_rla=0, futex_rla_len=24, sched_nice=0,
-                                    creds=CredsEntry(uid=0, gid=0, euid=0, egid=0, suid=0,
-                                                     sgid=0, fsuid=0, fsgid=0, secbits=0,
-                                                     cap_eff=[0xFFFFFFFF, 0x1FF])),
-    )
 
 
 # -- magics and names ---------------------------------------------------------------------

@@ -7,9 +7,7 @@ is broken in 3.17 and not used.
 
 from __future__ import annotations
 
-import base64
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from lazymig.proto.constants import PE
@@ -32,44 +29,18 @@ from lazymig.proto.images import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_images import mm_entry, vma, x86_core
+from helpers import CRIT, crit_decode, mm_entry, plain, vma, x86_core
 
-CRIT = shutil.which("crit")
 pytestmark = [
     pytest.mark.crit,
     pytest.mark.skipif(CRIT is None, reason="crit is not installed (Debian package criu)"),
 ]
 
 
-def crit_decode(path: Path, *, pretty: bool = False) -> dict[str, Any]:
-    assert CRIT is not None
-    cmd = [CRIT, "decode", "-i", str(path)] + (["--pretty"] if pretty else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, timeout=60).stdout
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
 def crit_encode(image: dict[str, Any], path: Path) -> None:
     assert CRIT is not None
     subprocess.run([CRIT, "encode", "-o", str(path)], input=json.dumps(image).encode(),
                    check=True, capture_output=True, timeout=60)
-
-
-def plain(msg: Message) -> dict[str, Any]:
-    """The dict crit's non-pretty pb2dict makes of *msg*: ints, enum names, base64 bytes."""
-    out: dict[str, Any] = {}
-    for field, value in msg.ListFields():
-        def one(v: Any, field: FieldDescriptor = field) -> Any:
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                return plain(v)
-            if field.type == FieldDescriptor.TYPE_ENUM:
-                assert field.enum_type is not None
-                return field.enum_type.values_by_number[v].name
-            if field.type == FieldDescriptor.TYPE_BYTES:
-                return base64.encodebytes(v).decode()
-            return v
-        out[field.name] = [one(v) for v in value] if field.is_repeated else one(value)
-    return out
 
 
 # -- crit decodes what lazymig writes -----------------------------------------------------

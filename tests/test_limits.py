@@ -9,23 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from helpers import (
+    DUMP,
+    GET,
+    OTHER,
+    PID,
+    SEED,
+    MiniClient,
+    expected,
+    finish,
+    layout,
+    pipe_layout,
+    raw,
+    run_daemon,
+    spawn,
+    stop,
+    until,
+)
 from lazydump import write_lazy_dump
 from reliability import Recorder
-from test_daemon import finish, layout, page_server, run_daemon, spawn, stop
-from test_dump_pagepipe import SEED, memory
-from test_dump_pagepipe import layout as pipe_layout
-from test_page_server import DUMP, GET, OTHER, PID, MiniClient, expected, raw
-from test_tls import pki
 from tls_pki import Pki
 from workloads import expected_page
 
@@ -41,8 +52,6 @@ from lazymig.proto.wire import WireVersion
 from lazymig.tls import TlsConfig
 from lazymig.uffd.handover import send_task
 from lazymig.uffd.source import RemotePageSource
-
-__all__ = ["memory", "page_server", "pki"]  # fixtures borrowed from other tests
 
 WIRE = WireVersion.V2
 TOP = (1 << 64) - PAGE_SIZE
@@ -85,14 +94,6 @@ async def fetch_everything(port: int, rounds: int, tls: TlsConfig | None = None)
     finally:
         await source.aclose()
     return pages
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` (the caller's asyncio.timeout bounds the wait)."""
-    for _ in itertools.count():
-        if condition():
-            return
-        await asyncio.sleep(0.01)
 
 
 OUTSIDE = {

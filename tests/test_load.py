@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from helpers import finish, layout, run_daemon, spawn
 from lazydump import write_lazy_dump
 from reliability import Recorder
-from test_daemon import finish, layout, run_daemon, spawn
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore

@@ -42,8 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import on_uvloop
-from test_images_crit import CRIT, crit_decode
+from helpers import CRIT, crit_decode, on_uvloop
 from workloads import WORKLOAD_DIR
 
 import lazymig

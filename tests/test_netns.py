@@ -27,8 +27,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
-from test_restore import restore_and_check
+from helpers import PORT, free_port, on_uvloop, restore_and_check
 
 import lazymig
 from lazymig.testing import HostPair, Pattern, assert_memory_equal
@@ -38,8 +37,6 @@ pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and ptrace need root"),
 ]
-
-PORT = 27  # CRIU's default: free in a fresh namespace
 
 
 def page_server_port(hosts: HostPair) -> int:

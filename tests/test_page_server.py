@@ -8,58 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from lazydump import page_pattern, write_lazy_dump
+from helpers import ADD_F, DUMP, GET, OTHER, PID, MiniClient, expected, raw
+from lazydump import write_lazy_dump
 
 from lazymig.dump.server import PageServer, _on_this_host, _Unserved
 from lazymig.dump.store import ImagesPageStore
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.wire import WireVersion
-
-GET, ADD_F, CLOSE, PE_PRESENT = 7, 6, 0x1023, 4
-LAYOUTS = {WireVersion.V1: struct.Struct("=IIQQ"), WireVersion.V2: struct.Struct("=I4xQQQ")}
-PID, OTHER = 4242, 77
-DUMP = {PID: [(0x7F0000000000, 8), (0x7F0000100000, 3)], OTHER: [(0x500000, 2)]}
-
-
-class MiniClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 wire: WireVersion) -> None:
-        self.reader, self.writer, self.layout = reader, writer, LAYOUTS[wire]
-
-    @classmethod
-    async def connect(cls, port: int, wire: WireVersion) -> MiniClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer, wire)
-
-    def send(self, cmd: int, nr_pages: int, vaddr: int, dst_id: int) -> None:
-        self.writer.write(self.layout.pack(cmd, nr_pages, vaddr, dst_id))
-
-    async def get(self, pid: int, vaddr: int, nr_pages: int) -> tuple[int, bytes]:
-        self.send(GET, nr_pages, vaddr, pid)
-        cmd, got, reply_vaddr, dst_id = self.layout.unpack(
-            await self.reader.readexactly(self.layout.size))
-        assert (cmd, reply_vaddr, dst_id) == ((PE_PRESENT << 16) | ADD_F, vaddr, pid)
-        return got, await self.reader.readexactly(got * PAGE_SIZE)
-
-    async def close(self) -> int:
-        self.send(CLOSE, 0, 0, 0)
-        (status,) = struct.unpack("=i", await self.reader.readexactly(4))
-        self.writer.close()
-        await self.writer.wait_closed()
-        return int(status)
-
-    async def closed_by_server(self) -> bool:
-        return await self.reader.read(1) == b""
-
-
-def expected(pid: int, vaddr: int, nr_pages: int) -> bytes:
-    return b"".join(page_pattern(pid, vaddr + i * PAGE_SIZE) for i in range(nr_pages))
 
 
 @pytest.fixture(params=list(WireVersion))
@@ -134,10 +94,6 @@ async def test_close_before_everything_was_served_keeps_serving(
         assert await second.close() == 0
     assert server.complete
     assert "never served" in caplog.text
-
-
-def raw(wire: WireVersion, cmd: int, nr_pages: int, vaddr: int, dst_id: int) -> bytes:
-    return LAYOUTS[wire].pack(cmd, nr_pages, vaddr, dst_id)
 
 
 HOSTILE = {

@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import on_uvloop
+from helpers import layout, on_uvloop
 from lazydump import page_pattern, write_lazy_dump
-from test_daemon import layout
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore

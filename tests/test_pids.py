@@ -31,8 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import on_uvloop
-from test_restore import cli
+from helpers import cli, on_uvloop
 
 import lazymig
 from lazymig._aio import wait_fd

@@ -24,26 +24,32 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
-from helpers import free_port, on_uvloop
+from helpers import (
+    cli,
+    finish,
+    free_port,
+    layout,
+    on_uvloop,
+    restore_and_compare,
+    run_daemon,
+    spawn,
+    stop,
+    wait_ready,
+)
 from lazydump import page_pattern, write_lazy_dump
 from reliability import Recorder
-from test_daemon import finish, layout, run_daemon, spawn, stop
-from test_restore import _wait_ready, cli, restore_with_output
 
 from lazymig.dump.server import PageServer
 from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import BrokenResourceError
 from lazymig.proto.constants import PAGE_SIZE
-from lazymig.testing.memory import Pattern, assert_memory_equal
 from lazymig.testing.proxy import Direction, FaultProxy
-from lazymig.testing.workload import Check, Ready, Workload
+from lazymig.testing.workload import Workload
 from lazymig.uffd.source import ReconnectPolicy, RemotePageSource
 
 PID = 777
@@ -303,31 +309,6 @@ async def test_children_get_every_page_across_repeated_cuts(
 
 # -- lazymig dump -> lazymig lazy-pages -> restore, cut again and again ------------------
 
-async def restore_and_compare(images: Path, ready: Ready, before: Check,
-                              daemon: subprocess.Popen[Any], dumper: subprocess.Popen[Any],
-                              restored: asyncio.Event | None = None) -> None:
-    """Restore lazily (the restorer API), check the restored process's CHECK lines, wait
-    for the daemon and the dumper to finish, then compare the workload's region page by
-    page: the daemon is gone, so a page that never arrived would read as zeros.
-    ``restored`` is set once the restore is done (the process runs)."""
-    restorer, result, lines = await restore_with_output(images, lazy_pages=True)
-    if restored is not None:
-        restored.set()
-    try:
-        check = await asyncio.to_thread(lines.next_check, 60.0)
-        assert (check.sum, check.bad) == (before.sum, 0)
-        assert await asyncio.to_thread(daemon.wait, 120) == 0  # every page is in
-        assert await asyncio.to_thread(dumper.wait, 30) == 0  # and the source released
-        # The daemon said so to the guardian, which let go of the uffd and left.
-        assert restorer.guardian is not None
-        assert await asyncio.to_thread(restorer.guardian.wait, 10) == 0
-        await assert_memory_equal(result.pid, Pattern.of(ready))
-        check = await asyncio.to_thread(lines.next_check, 30.0)
-        assert (check.sum, check.bad) == (before.sum, 0)
-    finally:
-        restorer.kill()
-        lines.close()
-
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="ptrace and PR_SET_MM need root")
@@ -341,13 +322,13 @@ async def test_a_restored_process_gets_every_page_across_repeated_cuts(
         with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", str(port), "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
             assert dr is not None
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump")
             async with FaultProxy("127.0.0.1", port) as proxy:
                 with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
                          str(proxy.port), "--reconnect-attempts", "50", "--reconnect-timeout",
                          "60", "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
                     assert lr is not None
-                    await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                    await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
                     cutter = asyncio.create_task(
                         cut_repeatedly(proxy, lambda i: 150_000 + 77_777 * i))
                     try:

@@ -22,13 +22,19 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
+from helpers import (
+    Child,
+    cli,
+    free_port,
+    on_uvloop,
+    restore_and_compare,
+    restore_with_output,
+    run_daemon,
+    stop,
+    wait_ready,
+)
 from lazydump import write_lazy_dump
 from reliability import Recorder
-from test_daemon import run_daemon, stop
-from test_reconnect import restore_and_compare
-from test_restore import _wait_ready, cli, restore_with_output
-from test_uffd_kernel import Child
 
 from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, DaemonGuardian, spawn_guardian
 from lazymig.linux.ptrace import process_alive
@@ -55,12 +61,12 @@ async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_r
         with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", port, "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
             assert dr is not None
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump")
             daemon_args = ("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
                            port, "-D", str(tmp_path))
             with cli(*daemon_args, "--no-background", uvloop=loop) as (daemon, lr):
                 assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
                 restorer, _, lines = await restore_with_output(tmp_path, lazy_pages=True)
                 try:
                     daemon.send_signal(signal.SIGKILL)
@@ -81,7 +87,7 @@ async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_r
             assert dumper.poll() is None
             with cli(*daemon_args, uvloop=loop) as (daemon, lr):
                 assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
                 await restore_and_compare(tmp_path, w.ready, before, daemon, dumper)
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # released only now
     reliability.record(

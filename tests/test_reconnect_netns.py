@@ -23,10 +23,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import on_uvloop
+from helpers import PORT, on_uvloop, restore_and_compare
 from reliability import Recorder
-from test_netns import PORT
-from test_reconnect import restore_and_compare
 
 from lazymig.testing import HostPair
 from lazymig.testing.plugin import StartCommand, StartWorkload

@@ -23,29 +23,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import free_port, on_uvloop
+from helpers import (
+    cli,
+    free_port,
+    on_uvloop,
+    restore_and_check,
+    restore_with_output,
+    status_line,
+    wait_ready,
+)
 
 from lazymig.dump import dump
 from lazymig.errors import BrokenResourceError
 from lazymig.linux.ptrace import process_alive
 from lazymig.proto.constants import VmaStatus
 from lazymig.proto.images import ImagesDir
-from lazymig.restore import RestoreError, Restorer, RestoreResult, UnsupportedDumpError
+from lazymig.restore import RestoreError, Restorer, UnsupportedDumpError
 from lazymig.testing.workload import (
-    Check,
     OutputLines,
     Workload,
-    parse_check,
     python_workload_argv,
 )
 
@@ -58,13 +61,6 @@ SIGUSR1_BIT = 1 << (signal.SIGUSR1 - 1)
 SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)
 NOBODY = 65534
 MADV_DONTDUMP = 16
-
-
-
-def status_line(pid: int, key: str) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key + ":"))
-
 
 
 @pytest.mark.asyncio
@@ -114,109 +110,6 @@ async def test_plain_dump_restored_through_the_api(tmp_path: Path, c_workload: P
             lines.close()
 
 
-def _wait_ready(fd: int, proc: subprocess.Popen[str], what: str, timeout: float = 10.0) -> None:
-    try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        if not readable or os.read(fd, 1) != b"\0":
-            proc.kill()
-            raise AssertionError(f"{what} never got ready: {proc.communicate()[1]}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def cli(*args: str, status: bool = True, uvloop: bool = True,
-        stdout: int | None = None) -> Iterator[tuple[subprocess.Popen[str], int | None]]:
-    """``lazymig ARGS`` in a subprocess; yields it and the read end of its --status-fd."""
-    r = w = None
-    extra: list[str] = []
-    if status:
-        r, w = os.pipe()
-        extra = ["--status-fd", str(w)]
-    argv = [sys.executable, "-m", "lazymig", "-v", "--uvloop" if uvloop else "--no-uvloop",
-            *args, *extra]
-    proc = subprocess.Popen(argv, pass_fds=(w,) if w is not None else (), text=True,
-                            stderr=subprocess.PIPE, stdout=stdout)
-    if w is not None:
-        os.close(w)
-    try:
-        yield proc, r
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-
-
-
-async def restore_with_output(images: Path, *, lazy_pages: bool = False,
-                              new_pids: bool = False
-                              ) -> tuple[Restorer, RestoreResult, OutputLines]:
-    """Restore with the restored process's stdout on a pipe read by ``OutputLines``; the
-    caller kills the restorer and closes the lines."""
-    read_fd, write_fd = os.pipe()
-    restorer = Restorer(images, lazy_pages=lazy_pages, stdio=(0, write_fd, 2),
-                        new_pids=new_pids)
-    try:
-        result = await restorer.run()
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    return restorer, result, OutputLines(read_fd)
-
-
-async def restore_and_check(images: Path, before: Check, loop: bool,
-                            daemon: subprocess.Popen[Any], dumper: subprocess.Popen[Any], *,
-                            wrapper: Sequence[str] = (), log_dir: Path | None = None,
-                            check_pid: Callable[[int], None] | None = None) -> int:
-    """``lazymig restore --lazy-pages -d`` (run under ``wrapper``, e.g. ``ip netns exec
-    NS``), then the restored process's CHECK lines; returns its pid (killed again at
-    the end). ``check_pid`` may inspect the restored process before it is checked."""
-    read_fd, write_fd = os.pipe()
-    argv = [*wrapper, sys.executable, "-m", "lazymig", "--uvloop" if loop else "--no-uvloop",
-            "restore", "--lazy-pages", "-D", str(images), "-d", "--shell-job"]
-    # Not stderr=PIPE: the restored process inherits the restorer's fds 0-2, so a
-    # pipe would stay open as long as it runs.
-    with ((log_dir or images) / "restore.log").open("w+") as log:
-        try:
-            restore = await asyncio.to_thread(subprocess.run, argv, stdout=write_fd,
-                                              stderr=log, timeout=30)
-        finally:
-            os.close(write_fd)
-        log.seek(0)
-        errors = log.read()
-    lines = OutputLines(read_fd)
-    restored_pid = 0
-    try:
-        assert restore.returncode == 0, errors
-        # The restorer prints the pid, but the restored process already runs and
-        # shares its stdout: a CHECK line may come first.
-        early: list[Check] = []
-        while not restored_pid:
-            line = await asyncio.to_thread(lines.next)
-            if line.startswith("CHECK"):
-                early.append(parse_check(line))
-            elif line:  # the newline of a line split by a dump (see testing/pattern.py)
-                restored_pid = int(line)
-        assert all((c.sum, c.bad) == (before.sum, 0) for c in early), early
-        if check_pid is not None:
-            check_pid(restored_pid)
-        for _ in range(3):
-            check = await asyncio.to_thread(lines.next_check)
-            assert (check.sum, check.bad) == (before.sum, 0)
-        assert await asyncio.to_thread(daemon.wait, 20) == 0  # every page is in
-        assert await asyncio.to_thread(dumper.wait, 10) == 0
-        check = await asyncio.to_thread(lines.next_check)
-        assert (check.sum, check.bad) == (before.sum, 0)
-    finally:
-        if restored_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(restored_pid, signal.SIGKILL)
-        lines.close()
-    return restored_pid
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["c", "python"])
 async def test_lazy_migration_with_the_three_clis(kind: str, tmp_path: Path,
@@ -230,11 +123,11 @@ async def test_lazy_migration_with_the_three_clis(kind: str, tmp_path: Path,
         with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", port, "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
             assert dr is not None
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump")
             with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
                      "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
                 assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
                 restored_pid = await restore_and_check(tmp_path, before, loop, daemon, dumper)
         assert restored_pid != w.pid
         assert w.proc.wait(timeout=5) == -signal.SIGKILL  # the source is gone
@@ -434,11 +327,11 @@ async def test_a_page_server_lost_mid_transfer_kills_the_restored_process(
             cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
                 "--port", port, "-D", str(tmp_path), uvloop=loop) as (dumper, dr):
         assert dr is not None
-        await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+        await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump")
         with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
                  "--no-background", "-D", str(tmp_path), uvloop=loop) as (daemon, lr):
             assert lr is not None
-            await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+            await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
             restorer, result, lines = await restore_with_output(tmp_path, lazy_pages=True)
             dumper.kill()  # the source host is lost, the restored process still sleeps
             try:
@@ -469,7 +362,7 @@ async def test_a_plain_dump_restored_lazily_from_a_local_daemon(tmp_path: Path,
     assert orphan.process is None
     with cli("lazy-pages", "-D", str(tmp_path), uvloop=on_uvloop()) as (daemon, lr):
         assert lr is not None
-        await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+        await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
         restorer, result, lines = await restore_with_output(tmp_path, lazy_pages=True)
         try:
             assert result.lazy_pages >= 4 * 256

@@ -34,9 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import on_uvloop
-from test_images_crit import crit_decode, plain
-from test_restore import _wait_ready, cli, restore_with_output, status_line
+from helpers import (
+    cli,
+    crit_decode,
+    on_uvloop,
+    parse,
+    plain,
+    restore_with_output,
+    status_line,
+    wait_ready,
+)
 from workloads import WORKLOAD_DIR
 
 from lazymig.dump import LazyDump, dump
@@ -63,10 +70,6 @@ def fds_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([gcc, "-O2", "-Wall", "-o", str(out), str(WORKLOAD_DIR / "fds.c")],
                    check=True, capture_output=True)
     return out
-
-
-def parse(line: str) -> dict[str, str]:
-    return dict(tok.split("=", 1) for tok in line.split()[1:])
 
 
 class FdsProcess:
@@ -177,7 +180,7 @@ async def migrate_lazily(pid: int, images: Path) -> tuple[RestoreResult, dict[st
         with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
                  str(lazy.port), "-D", str(images), uvloop=on_uvloop()) as (daemon, lr):
             assert lr is not None
-            await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+            await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
             result, after = await restore_and_report(images, lazy_pages=True, daemon=daemon)
             assert result.lazy_pages > 0
         async with asyncio.timeout(20):

@@ -34,9 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
-from test_images_crit import crit_decode
-from test_restore import _wait_ready, cli
+from helpers import cli, crit_decode, free_port, on_uvloop, wait_ready
 from workloads import WORKLOAD_DIR
 from workloads import shmem as shmem_workload
 
@@ -223,12 +221,12 @@ async def test_shared_memory_migrates_through_the_clis(tmp_path: Path) -> None:
         with cli("dump", "-t", str(p.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", port, "-D", str(images), uvloop=loop) as (dumper, dr):
             assert dr is not None
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump")
             await asyncio.to_thread(check_images, images, p.pid)
             with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
                      "-D", str(images), uvloop=loop) as (daemon, lr):
                 assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
                 r, w = os.pipe()
                 # --shell-job: its stdout (a pipe to us) becomes the restorer's, w; and
                 # its stderr the restorer's (not a pipe: it would never see EOF).

@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import free_port
+from helpers import free_port, layout
 from lazydump import write_lazy_dump
 from reliability import Recorder
-from test_daemon import layout
 
 CHILD = Path(__file__).with_name("soak_child.py")
 MIGRATIONS = 200

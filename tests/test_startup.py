@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
+from helpers import finish, free_port, layout, on_uvloop, spawn, stop, until
 from lazydump import page_pattern, write_lazy_dump
-from test_daemon import finish, layout, spawn, stop
-from test_limits import until
 
 from lazymig._listen import SOCKET_NAME
 from lazymig.dump.server import PageServer

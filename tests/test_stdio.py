@@ -27,8 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
-from test_restore import _wait_ready, cli
+from helpers import cli, free_port, on_uvloop, wait_ready
 
 import lazymig
 from lazymig.dump import dump
@@ -143,11 +142,11 @@ async def test_a_log_on_stdout_continues_through_the_clis(tmp_path: Path) -> Non
         with cli("dump", "-t", str(proc.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", port, "-D", str(images), uvloop=loop) as (dumper, dr):
             assert dr is not None
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump")
+            await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump")
             with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
                      "-D", str(images), uvloop=loop) as (daemon, lr):
                 assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages")
+                await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages")
                 restore = await asyncio.to_thread(
                     subprocess.run, [sys.executable, "-m", "lazymig", "restore", "--lazy-pages",
                                      "-D", str(images), "-d"],

@@ -29,8 +29,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import free_port
-from test_api import process_state
+from helpers import free_port, process_state
 
 import lazymig
 from lazymig.linux.vm import write_memory

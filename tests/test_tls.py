@@ -19,11 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
+from helpers import (
+    cli,
+    finish,
+    free_port,
+    layout,
+    on_uvloop,
+    restore_and_check,
+    run_daemon,
+    spawn,
+    stop,
+    wait_ready,
+)
 from lazydump import page_pattern, write_lazy_dump
-from test_daemon import finish, layout, run_daemon, spawn, stop
-from test_restore import _wait_ready, cli, restore_and_check
-from tls_pki import OPENSSL, Pki, make_pki
+from tls_pki import OPENSSL, Pki
 
 from lazymig.dump import LazyDump, SourceFate
 from lazymig.dump.server import PageServer
@@ -39,11 +48,6 @@ from lazymig.uffd.source import RemotePageSource
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="no openssl command to make certificates")
 
 DUMP = layout(2, pages=64)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -130,11 +134,11 @@ async def test_lazy_migration_with_the_three_clis_over_tls(pki: Pki, tmp_path: P
         with cli("dump", "-t", str(w.pid), "--lazy-pages", "--address", "127.0.0.1",
                  "--port", port, "-D", str(tmp_path), *tls("server"), uvloop=loop) as (dumper, dr):
             assert dr is not None
-            await asyncio.to_thread(_wait_ready, dr, dumper, "lazymig dump --tls")
+            await asyncio.to_thread(wait_ready, dr, dumper, "lazymig dump --tls")
             with cli("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
                      "-D", str(tmp_path), *tls("client"), uvloop=loop) as (daemon, lr):
                 assert lr is not None
-                await asyncio.to_thread(_wait_ready, lr, daemon, "lazymig lazy-pages --tls")
+                await asyncio.to_thread(wait_ready, lr, daemon, "lazymig lazy-pages --tls")
                 restored_pid = await restore_and_check(tmp_path, before, loop, daemon, dumper)
             _, dump_log = dumper.communicate(timeout=10)
         assert restored_pid != w.pid

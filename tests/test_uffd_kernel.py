@@ -14,24 +14,17 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import mmap
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import TIMEOUT, Child
 
 from lazymig.proto.constants import PAGE_SIZE as P
 from lazymig.proto.uffd import Event, Feature, Fork, Ioctl, Pagefault, Remap, Remove, Unmap
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd, UffdError
 
-CHILD = Path(__file__).with_name("uffd_child.py")
-TIMEOUT = 15
 ZERO_SHA = hashlib.sha256(bytes(P)).hexdigest()
 
 
@@ -42,70 +35,6 @@ def pattern(addr: int) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class Child:
-    """A running tests/uffd_child.py and our end of its socket."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket,
-                 hello: dict[str, Any], uffd: Uffd) -> None:
-        self.proc, self.sock, self.uffd = proc, sock, uffd
-        self.addr: int = hello["addr"]
-        self.npages: int = hello["npages"]
-        self.pid: int = hello["pid"]
-        self.ioctls = Ioctl(hello["ioctls"])
-
-    @classmethod
-    async def start(cls, npages: int, features: int) -> Child:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, str(CHILD), str(theirs.fileno()), str(npages), str(features)]
-        proc = await asyncio.to_thread(subprocess.Popen, argv, pass_fds=[theirs.fileno()])
-        theirs.close()
-        ours.setblocking(False)
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(ours.fileno(), _resolve, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(ours.fileno())
-        msg, fds, _, _ = socket.recv_fds(ours, 4096, 1)
-        assert msg, "the child died before sending its uffd"
-        assert len(fds) == 1
-        hello = json.loads(msg)
-        return cls(proc, ours, hello, Uffd.from_fd(fds[0], pid=hello["pid"]))
-
-    def page(self, i: int) -> int:
-        return self.addr + i * P
-
-    async def send(self, **cmd: Any) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, json.dumps(cmd).encode())
-
-    async def recv(self) -> dict[str, Any]:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
-        assert data, "the child closed its socket"
-        reply: dict[str, Any] = json.loads(data)
-        assert "error" not in reply, reply["error"]
-        return reply
-
-    async def call(self, **cmd: Any) -> dict[str, Any]:
-        await self.send(**cmd)
-        return await self.recv()
-
-    async def exit(self) -> None:
-        await self.send(op="exit")
-        assert await asyncio.to_thread(self.proc.wait, TIMEOUT) == 0
-
-    async def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(self.proc.wait, TIMEOUT)
-        self.sock.close()
 
 
 Policy = Callable[[Uffd, Pagefault], None]
