@@ -27,6 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from lazydump import PipeServer, page_pattern
 
+from lazymig._aio import wait_fd
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.linux.procfs import read_status
 from lazymig.linux.vm import read_memory
@@ -45,7 +46,7 @@ from lazymig.proto.images import (
     UserX86XsaveEntry,
     VmaEntry,
 )
-from lazymig.proto.uffd import Ioctl
+from lazymig.proto.uffd import Event, Ioctl
 from lazymig.proto.wire import WireVersion
 from lazymig.restore import Restorer, RestoreResult
 from lazymig.testing import Pattern, assert_memory_equal
@@ -100,6 +101,7 @@ __all__ = [
     "spawn",
     "status_line",
     "stop",
+    "uffd_events",
     "until",
     "vma",
     "wait_ready",
@@ -661,3 +663,11 @@ class Child:
             self.proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(self.proc.wait, TIMEOUT)
         self.sock.close()
+
+
+async def uffd_events(uffd: Uffd) -> list[Event]:
+    """The next messages of non-blocking ``uffd``, at least one: read first, and wait
+    for the fd to be readable only when nothing is queued (as the daemon's reader)."""
+    while not (events := uffd.read_events()):
+        await wait_fd(uffd.fd)
+    return events

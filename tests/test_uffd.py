@@ -6,7 +6,6 @@ the fault paths are in test_uffd_kernel.py, with a child process.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import gc
 import os
@@ -14,7 +13,6 @@ import os
 import pytest
 
 from lazymig.errors import (
-    BusyResourceError,
     ClosedResourceError,
     ConfigurationError,
     LazyMigOSError,
@@ -175,86 +173,3 @@ def test_del_closes_with_resource_warning() -> None:
         gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _reuse_fd_number(fd: int) -> tuple[int, int]:
-    """A pipe whose read end has the (closed) number ``fd``."""
-    r, w = os.pipe()
-    if r != fd:
-        os.dup2(r, fd)
-        os.close(r)
-    return fd, w
-
-
-@pytest.mark.asyncio
-async def test_close_wakes_the_waiter_and_removes_the_reader() -> None:
-    async with asyncio.timeout(TIMEOUT):
-        loop = asyncio.get_running_loop()
-        uffd = Uffd.open()
-        fd = uffd.fd
-        waiting = asyncio.create_task(uffd.wait_readable())
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert not waiting.done()
-        uffd.close()
-        with pytest.raises(ClosedResourceError):
-            await waiting
-        uffd.close()
-        if not type(loop).__module__.startswith("uvloop"):
-            assert loop.remove_reader(fd) is False  # uvloop returns None either way
-        # The number is free again: whoever gets it can watch it on this loop
-        # (a stale registration would make add_reader fail or never fire).
-        r, w = _reuse_fd_number(fd)
-        try:
-            fired: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(r, _resolve, fired)
-            os.write(w, b"x")
-            await fired
-            loop.remove_reader(r)
-        finally:
-            os.close(r)
-            os.close(w)
-
-
-@pytest.mark.asyncio
-async def test_cancelled_wait_removes_the_reader() -> None:
-    async with asyncio.timeout(TIMEOUT):
-        loop = asyncio.get_running_loop()
-        with Uffd.open() as uffd:
-            waiting = asyncio.create_task(uffd.wait_readable())
-            await asyncio.sleep(0)
-            waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-            if not type(loop).__module__.startswith("uvloop"):
-                assert loop.remove_reader(uffd.fd) is False
-            # not busy any more: a new waiter is accepted (and cancelled again)
-            again = asyncio.create_task(uffd.wait_readable())
-            await asyncio.sleep(0)
-            again.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await again
-
-
-@pytest.mark.asyncio
-async def test_one_waiter_at_a_time() -> None:
-    async with asyncio.timeout(TIMEOUT):
-        with Uffd.open() as uffd:
-            first = asyncio.create_task(uffd.wait_readable())
-            await asyncio.sleep(0)
-            with pytest.raises(BusyResourceError):
-                await uffd.wait_readable()
-            first.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await first
-
-
-@pytest.mark.asyncio
-async def test_blocking_fd_cannot_be_awaited() -> None:
-    with Uffd.open(non_blocking=False) as uffd, pytest.raises(ConfigurationError):
-        await uffd.events()

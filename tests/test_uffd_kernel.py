@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from helpers import TIMEOUT, Child
+from helpers import TIMEOUT, Child, uffd_events
 
+from lazymig._aio import wait_fd
 from lazymig.proto.constants import PAGE_SIZE as P
 from lazymig.proto.uffd import Event, Feature, Fork, Ioctl, Pagefault, Remap, Remove, Unmap
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd, UffdError
@@ -63,7 +64,7 @@ class Server:
     async def _run(self, uffd: Uffd) -> None:
         try:
             while True:
-                for event in await uffd.events():
+                for event in await uffd_events(uffd):
                     if isinstance(event, Pagefault):
                         self.policy(uffd, event)
                     elif isinstance(event, Fork):
@@ -266,7 +267,7 @@ async def test_ioctls_say_eagain_while_an_event_is_unread() -> None:
     async with session(serve=False) as (child, _):
         uffd = child.uffd
         await child.send(op="madvise", addr=child.page(1), n=1)  # blocks until read
-        await uffd.wait_readable()
+        await wait_fd(uffd.fd)
         calls: list[Callable[[], object]] = [
             lambda: uffd.zeropage(child.page(0), P),
             lambda: uffd.copy(child.page(0), pattern(0)),
@@ -289,7 +290,7 @@ async def test_concurrent_faults_from_threads_with_thread_ids() -> None:
         await child.send(op="read_threads", addr=child.addr, n=n)
         faults: list[Pagefault] = []
         while len(faults) < n:  # all n threads wait at once: nothing is served yet
-            for event in await child.uffd.events():
+            for event in await uffd_events(child.uffd):
                 assert isinstance(event, Pagefault)
                 faults.append(event)
         assert sorted(f.address for f in faults) == [child.page(i) for i in range(n)]

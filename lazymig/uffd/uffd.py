@@ -1,9 +1,10 @@
-"""One userfaultfd, owned: the handshake, the ioctls, and asyncio readiness.
+"""One userfaultfd, owned: the handshake, the ioctls, and reading its messages.
 
 :class:`Uffd` owns exactly one fd (trio's ``_FdHolder`` rules): ``fd`` becomes
 -1 once closed, because a closed fd's number may be reused at once; ``close()``
-is idempotent and first removes the fd from the event loop it is registered
-with; ``__del__`` closes a forgotten fd and says so with a ResourceWarning.
+is idempotent; ``__del__`` closes a forgotten fd and says so with a
+ResourceWarning. Waiting for messages is its reader's: the daemon keeps a
+reader on ``fd`` (``loop.add_reader``) and removes it before it closes the fd.
 
 Kernel rules worth repeating (Documentation/admin-guide/mm/userfaultfd.rst):
 
@@ -19,13 +20,12 @@ Kernel rules worth repeating (Documentation/admin-guide/mm/userfaultfd.rst):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import warnings
 from typing import Final, Self
 
-from lazymig.errors import BusyResourceError, ClosedResourceError, ConfigurationError
+from lazymig.errors import ClosedResourceError, ConfigurationError
 from lazymig.linux import uffd as sys_uffd
 from lazymig.linux.uffd import UffdError, buffer_address
 from lazymig.proto.constants import PAGE_SIZE
@@ -99,22 +99,18 @@ class Uffd:
     when the kernel refuses. Not thread-safe: use it from one event loop.
     """
 
-    __slots__ = ("__weakref__", "_copy_arg", "_fd", "_features", "_kernel_features", "_loop",
-                 "_non_blocking", "_pid", "_waiter")
+    __slots__ = ("__weakref__", "_copy_arg", "_fd", "_features", "_kernel_features", "_pid")
 
     READ_BATCH: Final = 64
     """Messages asked for by one read() in :meth:`read_events`."""
 
     def __init__(self, fd: int, *, pid: int | None = None, features: Feature | None = None,
-                 kernel_features: Feature | None = None, non_blocking: bool = True) -> None:
+                 kernel_features: Feature | None = None) -> None:
         """Take ownership of ``fd`` as is. Prefer :meth:`open` or :meth:`from_fd`."""
         self._fd = fd
         self._pid = pid
         self._features = features
         self._kernel_features = kernel_features
-        self._non_blocking = non_blocking
-        self._waiter: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._copy_arg = bytearray(COPY_STRUCT.size)  # reused by copy_pages()
 
     # ------------------------------------------------------------------ construction
@@ -157,8 +153,7 @@ class Uffd:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, pid=pid, features=Feature(features), kernel_features=Feature(supported),
-                   non_blocking=non_blocking)
+        return cls(fd, pid=pid, features=Feature(features), kernel_features=Feature(supported))
 
     @classmethod
     def from_fd(cls, fd: int, pid: int | None = None, *, non_blocking: bool = True) -> Self:
@@ -172,7 +167,7 @@ class Uffd:
             raise ConfigurationError(f"not a file descriptor: {fd}")
         if non_blocking:
             os.set_blocking(fd, False)
-        return cls(fd, pid=pid, non_blocking=non_blocking)
+        return cls(fd, pid=pid)
 
     # ------------------------------------------------------------------ state
 
@@ -317,70 +312,15 @@ class Uffd:
         """
         return decode_events(self.read_raw())
 
-    async def wait_readable(self) -> None:
-        """Wait until a message is queued (the fd is readable).
-
-        Uses ``loop.add_reader``; the reader is removed before this returns, on
-        cancellation too. One waiter at a time.
-
-        Raises:
-            BusyResourceError: another task is already waiting.
-            ClosedResourceError: the fd is (or got) closed.
-            ConfigurationError: the fd is blocking.
-        """
-        fd = self._check()
-        if not self._non_blocking:
-            raise ConfigurationError("wait_readable() needs a non-blocking userfaultfd")
-        if self._waiter is not None:
-            raise BusyResourceError("another task is already waiting on this userfaultfd")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, self._on_readable, waiter)
-        self._waiter, self._loop = waiter, loop
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:  # else close() has already removed the reader
-                self._waiter = self._loop = None
-                loop.remove_reader(fd)
-
-    @staticmethod
-    def _on_readable(waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    async def events(self) -> list[Event]:
-        """Return the next batch of at least one event, waiting if none is queued.
-
-        Tries read() first and waits for readability only when it gives EAGAIN
-        (asyncio's ``sock_recv`` pattern), so a busy fd costs no loop round trip.
-        """
-        if not self._non_blocking:
-            raise ConfigurationError("events() needs a non-blocking userfaultfd")
-        while True:
-            events = self.read_events()
-            if events:
-                return events
-            await self.wait_readable()
-
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        """Close the fd: remove it from the event loop first, wake a waiting task
-        with ClosedResourceError, then ``os.close``. Idempotent."""
+        """``os.close`` the fd (whoever watches it on an event loop removes it
+        first). Idempotent."""
         fd = self._fd
         if fd < 0:
             return
         self._fd = -1
-        waiter, loop = self._waiter, self._loop
-        self._waiter = self._loop = None
-        if waiter is not None and loop is not None:
-            try:
-                loop.remove_reader(fd)
-            except RuntimeError:  # the loop is already closed
-                pass
-            if not waiter.done():
-                waiter.set_exception(ClosedResourceError("the userfaultfd was closed"))
         os.close(fd)
 
     def __enter__(self) -> Self:
