@@ -16,7 +16,7 @@ from typing import Final
 
 from lazymig.errors import LazyMigOSError
 from lazymig.linux._libc import check, libc
-from lazymig.linux.procfs import mount_point
+from lazymig.linux.procfs import fd_path, mount_point, root_path
 
 __all__ = ["handle_path", "kernel_dev"]
 
@@ -38,7 +38,7 @@ def handle_path(pid: int, s_dev: int, handle_type: int, handle: bytes) -> str | 
     if where is None:
         return None
     # Not O_PATH: open_by_handle_at takes its mount from a fd it can read (fdget).
-    mount_fd = os.open(f"/proc/{pid}/root{where}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    mount_fd = os.open(root_path(pid, where), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         buffer = ctypes.create_string_buffer(_FILE_HANDLE.pack(len(handle), handle_type) + handle)
         try:
@@ -51,7 +51,7 @@ def handle_path(pid: int, s_dev: int, handle_type: int, handle: bytes) -> str | 
     finally:
         os.close(mount_fd)
     try:
-        path = str(Path(f"/proc/self/fd/{fd}").readlink())
+        path = str(Path(fd_path(os.getpid(), fd)).readlink())
     finally:
         os.close(fd)
     return None if path.endswith(" (deleted)") else path

@@ -30,6 +30,7 @@ __all__ = [
     "read_status",
     "read_syscall",
     "registered_with_userfaultfd",
+    "root_path",
     "sysctl_int",
     "threads",
     "tmpfs_devices",
@@ -282,6 +283,12 @@ def sysctl_int(name: str) -> int:
 def fd_path(pid: int, fd: int) -> str:
     """``/proc/PID/fd/FD``: fd ``fd`` of process ``pid``, to open or stat from outside."""
     return f"/proc/{pid}/fd/{fd}"
+
+
+def root_path(pid: int, path: str) -> str:
+    """``/proc/PID/root/PATH``: absolute ``path`` as process ``pid`` sees it (its root
+    and mount namespace), to open from outside."""
+    return f"/proc/{pid}/root{path}"
 
 
 def map_file_path(pid: int, start: int, end: int) -> str:
