@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import socket
     from pathlib import Path
 
+    from lazymig.proto.images import ImagesDir
     from lazymig.uffd.daemon import LazyPagesDaemon
     from lazymig.uffd.source import ReconnectPolicy, RemotePageSource
 
@@ -146,7 +147,8 @@ async def _serve(args: argparse.Namespace, images_dir: Path, socket_path: Path,
 
 async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
                  listener: socket.socket) -> LazyPagesDaemon:
-    """Everything after the socket listens: imports, the page source, the images."""
+    """Everything after the socket listens: imports, the page source, the images (a
+    prepared daemon waits for them to be complete)."""
     from lazymig.proto.images import ImagesDir
     from lazymig.uffd.daemon import LazyPagesDaemon
     from lazymig.uffd.source import LocalPageSource, PageSource, ReconnectPolicy
@@ -156,6 +158,12 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
     source: PageSource
     if args.page_server:
         source = await _connect(args, reconnect)
+        if args.wait_for_page_server:
+            try:
+                await _images_complete(ImagesDir(images_dir), args.wait_for_page_server)
+            except BaseException:
+                source.abort()
+                raise
     else:
         source = LocalPageSource(ImagesDir(images_dir))
     try:
@@ -166,6 +174,28 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
     except BaseException:
         source.abort()
         raise
+
+
+async def _images_complete(images: ImagesDir, seconds: float) -> None:
+    """Return once ``images`` holds a complete dump (its ``inventory.img``, which a dump
+    writes last). A prepared daemon connects to ``lazymig dump``'s page server as soon
+    as it listens, which is from the dump's start (peers wait in its backlog), before
+    its images are written (lazymig/restore/prepared.py waits the same way)."""
+    import asyncio
+
+    from lazymig.errors import BrokenResourceError
+    from lazymig.proto.images import ImageKind
+
+    inventory = images.image_path(ImageKind.INVENTORY)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not inventory.exists():
+        if loop.time() > deadline:
+            raise BrokenResourceError(
+                f"the page server answered, but no complete dump came to {images.path} in "
+                f"{seconds:g} s ({inventory.name}, which a dump writes last): is the dump "
+                "writing there (or its images being copied there)?")
+        await asyncio.sleep(0.001)
 
 
 def _failed_daemon(error: Exception, images_dir: Path, socket_path: Path,
