@@ -20,7 +20,8 @@ def page_pattern(pid: int, vaddr: int) -> bytes:
 
 
 def write_lazy_dump(directory: Path, layout: dict[int, list[tuple[int, int]]]) -> ImagesDir:
-    """Write pstree, mm, pagemap and pages images for ``{pid: [(vaddr, nr_pages), ...]}``.
+    """Write pstree, mm, pagemap, pages and (last) inventory images for
+    ``{pid: [(vaddr, nr_pages), ...]}``.
 
     Each (vaddr, nr_pages) is one private anonymous VMA whose pages are all
     PE_LAZY|PE_PRESENT (an ordinary CRIU dump of lazy-capable memory).
@@ -43,6 +44,7 @@ def write_lazy_dump(directory: Path, layout: dict[int, list[tuple[int, int]]]) -
             for vaddr, nr in vmas:
                 for i in range(nr):
                     pages.write(page_pattern(pid, vaddr + i * PAGE_SIZE))
+    images.write_inventory()  # last, as a dump writes it: the dump is complete
     return images
 
 

@@ -89,7 +89,10 @@ class Writer:
         *lines, self._tail = self._tail.split(b"\n")
         for line in lines:
             if line == b"d":
-                self.batches[-1] = (self.batches[-1][0], True)
+                # A batch whose "b" went before: into forget(), or into the buffer of
+                # the readline() that read the address.
+                if self.batches:
+                    self.batches[-1] = (self.batches[-1][0], True)
             else:
                 self.batches.append(({int(x) for x in line.split()[1:]}, False))
         return {p for pages, done in self.batches if done for p in pages}
