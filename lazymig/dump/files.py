@@ -218,21 +218,20 @@ def _list_fds(pid: int) -> list[_Fd]:
     return out
 
 
-def _external(pid: int, f: _Fd) -> str | None:
+def _external(f: _Fd) -> str | None:
     """The name of fd ``f`` if it stays behind: a socket (the restore takes it over
     on this host, or is given one: restore/sockets.py), or on fds 0-2 what could
     not be dumped on another fd (a terminal, a deleted file...); else None
     (pipes are told by their other holders, see :func:`_check`)."""
     if stat.S_ISSOCK(f.st.st_mode):
         return f.link
-    if f.fd >= STDIO_FDS or _refusal(pid, f) is None:
+    if f.fd >= STDIO_FDS or _refusal(f) is None:
         return None
     return f.link
 
 
-def _refusal(pid: int, f: _Fd) -> str | None:
-    """Why fd ``f`` of ``pid`` cannot be migrated, or None (on fds 0-2: see
-    :func:`_external`)."""
+def _refusal(f: _Fd) -> str | None:
+    """Why fd ``f`` cannot be migrated, or None (on fds 0-2: see :func:`_external`)."""
     mode, link = f.st.st_mode, f.link
     if link.startswith("anon_inode:"):
         kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
@@ -307,9 +306,9 @@ def _check(pid: int, *, strict: bool = True, tree: Collection[int] = ()
     fds = _list_fds(pid)
     anon = inspect_anon(pid, [(f.fd, f.link, f.st) for f in fds])
     external = {f.fd: name for f in fds
-                if f.fd not in anon.kinds and (name := _external(pid, f)) is not None}
+                if f.fd not in anon.kinds and (name := _external(f)) is not None}
     reasons = [r for f in fds if f.fd not in external and f.fd not in anon.kinds
-               and (r := _refusal(pid, f)) is not None] + anon.reasons
+               and (r := _refusal(f)) is not None] + anon.reasons
     pipes: dict[int, list[_Fd]] = {}
     for f in fds:
         if stat.S_ISFIFO(f.st.st_mode):
