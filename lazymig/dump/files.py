@@ -77,7 +77,7 @@ from lazymig.dump.anon_files import AnonFds, inspect_anon
 from lazymig.dump.shmem import DELETED, DELETED_FILE_LIMIT
 from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_file
-from lazymig.linux.procfs import tmpfs_devices
+from lazymig.linux.procfs import fd_links, fd_path, fds, processes, read_fdinfo, tmpfs_devices
 from lazymig.linux.ptrace import TargetGoneError
 from lazymig.linux.sockdiag import describe_socket
 from lazymig.linux.vm import SPLICE_F_NONBLOCK, get_pipe_size, set_pipe_size, tee
@@ -179,27 +179,25 @@ def _fdinfo(pid: int, fd: int) -> tuple[int, int, bool]:
     """(flags, pos, holds a lock) from /proc/PID/fdinfo/FD."""
     flags = pos = 0
     locked = False
-    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "flags":
-                flags = int(value.strip(), 8)
-            elif key == "pos":
-                pos = int(value.strip())
-            elif key == "lock":
-                locked = True
+    for key, value in read_fdinfo(pid, fd):
+        if key == "flags":
+            flags = int(value, 8)
+        elif key == "pos":
+            pos = int(value)
+        elif key == "lock":
+            locked = True
     return flags, pos, locked
 
 
 def _list_fds(pid: int) -> list[_Fd]:
     try:
-        numbers = sorted(int(e.name) for e in os.scandir(f"/proc/{pid}/fd"))
+        numbers = sorted(fds(pid))
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, f"process {pid} exited") from exc
     out = []
     tmpfs: frozenset[tuple[int, int]] | None = None
     for fd in numbers:
-        where = Path(f"/proc/{pid}/fd/{fd}")
+        where = Path(fd_path(pid, fd))
         try:
             link = str(where.readlink())
             st = where.stat()
@@ -277,23 +275,19 @@ def _pipe_holders(pid: int, inodes: Iterable[int], tree: Collection[int]) -> dic
     found: dict[int, int] = {}
     if not wanted:
         return found
-    # Every fd of every process on the host: os.readlink, no Path made (a loaded
-    # host has thousands of fds; this runs before the freeze and again after it).
-    readlink = os.readlink
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == pid or int(entry.name) in tree:
+    # Every fd of every process on the host (a loaded host has thousands of fds;
+    # this runs before the freeze and again after it).
+    for other in processes():
+        if other == pid or other in tree:
             continue
         try:  # gone, or a kernel thread
-            fds = list(os.scandir(f"/proc/{entry.name}/fd"))
+            links = fd_links(other)
         except OSError:
             continue
-        for fd in fds:
-            try:
-                ino = wanted.get(readlink(fd.path))
-            except OSError:
-                continue
+        for _, link in links:
+            ino = wanted.get(link)
             if ino is not None:
-                found.setdefault(ino, int(entry.name))
+                found.setdefault(ino, other)
     return found
 
 
@@ -441,7 +435,7 @@ def _pipe_contents(pid: int, fd: int) -> tuple[int, bytes]:
     """
     what = f"reading the pipe on fd {fd}"
     try:
-        reader = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        reader = os.open(fd_path(pid, fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LazyMigOSError(exc.errno or 0, what, pid=pid) from exc
     try:

@@ -56,7 +56,8 @@ from lazymig.errors import (
     LazyMigOSError,
     UnsupportedTargetError,
 )
-from lazymig.linux.procfs import read_stat, read_status
+from lazymig.linux.procfs import read_maps, read_smaps, read_stat, read_status
+from lazymig.linux.procfs import threads as tids_of
 from lazymig.linux.ptrace import (
     PTRACE_O_SUSPEND_SECCOMP,
     AlreadyTracedError,
@@ -103,10 +104,9 @@ def _read_status(pid: int) -> dict[str, str]:
         raise TargetGoneError(pid, f"process {pid} does not exist") from exc
 
 
-def _read_proc(pid: int, name: str) -> str:
+def _read_proc(pid: int, read: Callable[[int], str]) -> str:
     try:
-        with open(f"/proc/{pid}/{name}") as f:
-            return f.read()
+        return read(pid)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise TargetGoneError(pid, f"process {pid} does not exist") from exc
 
@@ -123,7 +123,7 @@ class TargetLayout:
 
     @classmethod
     def read(cls, pid: int, status: dict[str, str]) -> TargetLayout:
-        text = _read_proc(pid, "smaps")
+        text = _read_proc(pid, read_smaps)
         vmas, lines = parse_smaps_and_lines(text)
         if any(v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED) for v in vmas):
             try:
@@ -140,7 +140,7 @@ class TargetLayout:
         milliseconds between the two reads (MADV_DONTDUMP, MADV_HUGEPAGE...): it
         would be restored as it was just before."""
         return (status.get("VmLck", "") == self.locked
-                and _read_proc(pid, "maps").splitlines() == self.maps)
+                and _read_proc(pid, read_maps).splitlines() == self.maps)
 
 
 def inspect_target(pid: int) -> TargetLayout:
@@ -379,10 +379,10 @@ def inspect_target_frozen(pid: int, nr_threads: int,
 
 
 def _list_threads(pid: int) -> list[int]:
-    try:
-        return sorted(int(entry.name) for entry in os.scandir(f"/proc/{pid}/task"))
-    except FileNotFoundError as exc:
-        raise TargetGoneError(pid, f"process {pid} exited") from exc
+    tids = tids_of(pid)
+    if not tids:  # a process, a zombie too, lists its leader at least
+        raise TargetGoneError(pid, f"process {pid} exited")
+    return sorted(tids)
 
 
 def _seize_all(pid: int, tracees: list[Tracee], options: int, timeout: float) -> None:
@@ -410,11 +410,9 @@ def _seize_all(pid: int, tracees: list[Tracee], options: int, timeout: float) ->
 def _thread_exited(pid: int, tid: int) -> bool:
     """True if thread ``tid`` of ``pid`` is gone or exiting (a zombie or dead)."""
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            raw = f.read()
+        return read_stat(pid, tid)[0] in ("Z", "X", "x")
     except (FileNotFoundError, ProcessLookupError):
         return True
-    return raw[raw.rfind(b")") + 2:][:1] in (b"Z", b"X", b"x")
 
 
 def _scan_checked(pid: int, sps: list[int], use_zero_pfn: bool, vmas: list[Vma]) -> MemoryScan:
@@ -549,11 +547,9 @@ def _leave_stopped_sync(pid: int, tracees: list[Tracee], timeout: float = 2.0) -
 def _stat_state(pid: int) -> str:
     """The state letter of /proc/PID/stat ("" if the process is gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        return read_stat(pid)[0]
     except (FileNotFoundError, ProcessLookupError):
         return ""
-    return raw[raw.rfind(b")") + 2:][:1].decode()
 
 
 def _release_sync(pid: int, tracees: list[Tracee], kill: bool) -> None:

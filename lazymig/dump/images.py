@@ -49,6 +49,7 @@ from lazymig.dump.files import DumpedFiles, write_files
 from lazymig.dump.shmem import is_shared_object, write_shmem
 from lazymig.errors import ImageError
 from lazymig.linux.cpuid import xstate_layout
+from lazymig.linux.procfs import link_path, map_file_path, uptime
 from lazymig.proto.constants import PAGE_SHIFT, PE
 from lazymig.proto.images import (
     CoreEntry,
@@ -211,7 +212,7 @@ def _file_table(pid: int, exe: str, vmas: Sequence[Vma]) -> tuple[list[_File], i
             files.append(_File(len(files) + 1, name, deleted, st))
         return ids[key]
 
-    exe_id = add(exe, _stat(f"/proc/{pid}/exe"), ("exe", exe))
+    exe_id = add(exe, _stat(link_path(pid, "exe")), ("exe", exe))
     by_vma = {}
     # A file mapped many times (page by page) is the same file for each VMA whose
     # maps line names the same device, inode and path: stat it once.
@@ -221,7 +222,7 @@ def _file_table(pid: int, exe: str, vmas: Sequence[Vma]) -> tuple[list[_File], i
             line = (v.dev, v.inode, v.path)
             file_id = seen.get(line)
             if file_id is None:
-                st = _stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+                st = _stat(map_file_path(pid, v.start, v.end))
                 file_id = seen[line] = add(v.path, st, line)
             by_vma[v.start] = file_id
     return files, exe_id, by_vma
@@ -238,10 +239,10 @@ def _lsmtype() -> int:
 
 def _uptime_us() -> int:
     try:
-        text = Path("/proc/uptime").read_text()
+        seconds = uptime()
     except OSError:
-        text = "0"
-    return int(float(text.split()[0]) * 1_000_000)
+        seconds = 0.0
+    return int(seconds * 1_000_000)
 
 
 def _ids(index: int = 1) -> TaskKobjIdsEntry:

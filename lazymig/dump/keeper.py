@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from lazymig.linux.procfs import read_stat
 from lazymig.linux.vm import pidfd_getfd
 
 __all__ = ["RECORD", "KeeperRecord", "spawn", "stop", "take"]
@@ -62,9 +63,7 @@ class KeeperRecord:
 
 
 def _start_time(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read()
-    return int(raw[raw.rfind(b")") + 2:].split()[19])
+    return read_stat(pid)[1][22]
 
 
 def spawn(pid: int, uffd: int) -> KeeperRecord:

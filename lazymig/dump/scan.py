@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from lazymig.errors import LazyMigOSError
+from lazymig.linux import procfs
 from lazymig.linux.vm import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -496,8 +497,7 @@ _PAGEMAP_CHUNK: Final = 1 << 20  # entries per pread (8 MiB): one pread for most
 def read_smaps(pid: int) -> list[Vma]:
     """Parse /proc/PID/smaps. A missing process raises ``LazyMigOSError(ESRCH)``."""
     try:
-        with open(f"/proc/{pid}/smaps") as f:
-            text = f.read()
+        text = procfs.read_smaps(pid)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise LazyMigOSError(errno.ESRCH, "read /proc/PID/smaps", pid=pid) from exc
     return parse_smaps(text)
@@ -528,7 +528,7 @@ def zero_page_pfn() -> int | None:
     addr = mmap_anonymous(PAGE_SIZE)
     try:
         ctypes.c_char.from_address(addr).value  # noqa: B018 - the read fault is the point
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        fd = procfs.open_pagemap("self")
         try:
             entry = int.from_bytes(os.pread(fd, 8, (addr >> PAGE_SHIFT) * 8), "little")
         finally:
@@ -550,7 +550,7 @@ def scan_process(pid: int, *, stack_pointers: Iterable[int] = (), use_zero_pfn: 
     """
     vmas = read_smaps(pid) if vmas is None else list(vmas)
     try:
-        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        fd = procfs.open_pagemap(pid)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise LazyMigOSError(errno.ESRCH, "open /proc/PID/pagemap", pid=pid) from exc
     wanted = [should_dump_vma(v) and not v.status & VmaStatus.VDSO for v in vmas]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pathlib
 import resource
 import signal
 import struct
@@ -37,7 +36,16 @@ from collections.abc import Sequence
 from typing import Final
 
 from lazymig.errors import LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import read_stat, read_status
+from lazymig.linux.procfs import (
+    ProcLink,
+    ProcNumber,
+    read_auxv,
+    read_comm,
+    read_int,
+    read_link,
+    read_stat,
+    read_status,
+)
 from lazymig.linux.ptrace import (
     RseqConfiguration,
     SyscallBatch,
@@ -257,14 +265,14 @@ def read_state(pid: int, tracees: Sequence[Tracee]) -> ProcessState:
         pid=pid, comm=_read_comm(pid), threads=threads, mm=mm, sigactions=leader.sigactions,
         was_stopped=any(t.group_stopped for t in tracees),
         ppid=stat[4], pgid=stat[5], sid=stat[6], task_flags=stat[9],
-        personality=_read_int(f"/proc/{pid}/personality", 16) or 0,
+        personality=_read_int(pid, "personality", 16) or 0,
         umask=int(status["Umask"], 8) if "Umask" in status else None,
-        loginuid=_read_int(f"/proc/{pid}/loginuid"),
-        oom_score_adj=_read_int(f"/proc/{pid}/oom_score_adj"),
+        loginuid=_read_int(pid, "loginuid"),
+        oom_score_adj=_read_int(pid, "oom_score_adj"),
         child_subreaper=bool(leader.subreaper), dumpable=leader.dumpable,
         thp_disabled=None if leader.thp_disabled is None else bool(leader.thp_disabled),
         itimers=leader.itimers, rlimits=tuple(_rlimit(pid, r) for r in range(_RLIM_NLIMITS)),
-        cwd=_readlink(f"/proc/{pid}/cwd"), root=_readlink(f"/proc/{pid}/root"),
+        cwd=_readlink(pid, "cwd"), root=_readlink(pid, "root"),
         shared_signals=tuple(main.pending_signals(shared=True)),
     )
 
@@ -389,7 +397,7 @@ def _thread_state(pid: int, t: Tracee, own: _Own, secbits: int) -> ThreadState:
         raise TargetGoneError(pid, f"thread {tid} is gone") from exc
     return ThreadState(
         tid=tid, regs=t.get_regs(), xstate=t.get_xstate(), sigmask=t.get_sigmask(), rseq=rseq,
-        comm=_read_text(f"/proc/{pid}/task/{tid}/comm") or "",
+        comm=_thread_comm(pid, tid),
         clear_tid_addr=own.tid_address, robust_list=robust_list(pid, tid),
         sigaltstack=own.altstack, pdeath_sig=own.pdeath_sig, sched=(nice, policy, prio),
         creds=_creds(status, secbits), seccomp_mode=int(status.get("Seccomp", "0") or 0),
@@ -434,55 +442,44 @@ def _proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
         raise TargetGoneError(pid, f"read /proc/{pid}{task}/status") from exc
 
 
-def _read_text(path: str) -> str | None:
+def _thread_comm(pid: int, tid: int) -> str:
     try:
-        with open(path) as f:
-            return f.read().rstrip("\n")
+        return read_comm(pid, tid)
     except OSError:
+        return ""
+
+
+def _read_int(pid: int, name: ProcNumber, base: int = 10) -> int | None:
+    try:
+        return read_int(pid, name, base)
+    except (OSError, ValueError):
         return None
 
 
-def _read_int(path: str, base: int = 10) -> int | None:
-    text = _read_text(path)
+def _readlink(pid: int, name: ProcLink) -> str | None:
     try:
-        return None if text is None else int(text, base)
-    except ValueError:
-        return None
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return str(pathlib.Path(path).readlink())
+        return read_link(pid, name)
     except OSError:
         return None
 
 
 def _read_auxv(pid: int) -> tuple[int, ...]:
     try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
-            raw = f.read()
+        return read_auxv(pid)
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, "read /proc/PID/auxv") from exc
-    words = [w for (w,) in struct.iter_unpack("<Q", raw[: len(raw) & ~7])]
-    out: list[int] = []
-    for i in range(0, len(words) - 1, 2):
-        out += words[i: i + 2]
-        if words[i] == 0:  # AT_NULL
-            break
-    return tuple(out)
 
 
 def _read_exe(pid: int) -> str:
     try:
-        return str(pathlib.Path(f"/proc/{pid}/exe").readlink())
+        return read_link(pid, "exe")
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, "read /proc/PID/exe") from exc
 
 
 def _read_comm(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().rstrip("\n")
+        return read_comm(pid)
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, "read /proc/PID/comm") from exc
 

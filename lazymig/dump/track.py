@@ -54,7 +54,7 @@ from lazymig.dump.freeze import UnsupportedTargetError
 from lazymig.dump.scan import Vma, parse_smaps
 from lazymig.errors import ClosedResourceError, LazyMigOSError
 from lazymig.linux import uffd as sys_uffd
-from lazymig.linux.procfs import children, read_maps, userfaultfd_vmas
+from lazymig.linux.procfs import children, open_pagemap, read_maps, userfaultfd_vmas
 from lazymig.linux.ptrace import Tracee, TracerThread
 from lazymig.linux.syscalls import SYS_CLOSE, SYS_USERFAULTFD
 from lazymig.linux.vm import (
@@ -165,7 +165,7 @@ class DirtyTracker:
         self._fd = fd
         self._registered: dict[Range, Vma] = {}
         self._untracked: tuple[Vma, ...] = ()
-        self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._pagemap = open_pagemap(pid)
 
     # -- starting ----------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
-"""Reading /proc: every /proc file whose layout lazymig reads (stat, status, smaps,
-limits, the fd and map_files links, sysctls) and the paths into /proc it opens.
+"""Reading /proc: every /proc file whose layout lazymig reads (stat, status, comm,
+auxv, maps, smaps, fdinfo, limits, mountinfo, the exe/cwd/root and fd links,
+sysctls), the pagemap it opens, and the paths into /proc it opens or hands to a
+process to open (fd, map_files, ns). Outside ``linux/``, nothing spells a /proc path.
 
 ``/proc/PID/mem`` is the exception: it is memory access, in :mod:`lazymig.linux.vm`.
 """
@@ -7,25 +9,49 @@ limits, the fd and map_files links, sysctls) and the paths into /proc it opens.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
+from typing import Literal
+
+ProcLink = Literal["exe", "cwd", "root"]
+"""The /proc/PID links lazymig reads: the executable, the working and the root directory."""
+
+ProcNumber = Literal["personality", "loginuid", "oom_score_adj"]
+"""The /proc/PID files lazymig reads that hold one number."""
+
+ProcSelf = Literal["self"]
+"""``/proc/self``: this process, for a path opened inside another one (an injected
+``open`` resolves it to that process)."""
 
 __all__ = [
+    "ProcLink",
+    "ProcNumber",
+    "ProcSelf",
     "blocked_syscalls",
     "children",
     "descendants",
     "fd_links",
     "fd_path",
     "fds",
+    "link_path",
     "lowest_mappable",
     "map_file_path",
     "mount_point",
     "ns_inode",
+    "ns_path",
     "ns_pids",
     "open_files_limit",
+    "open_pagemap",
     "pid_in_use",
+    "pidfd_pid",
     "processes",
+    "read_auxv",
+    "read_comm",
     "read_fdinfo",
+    "read_int",
+    "read_link",
     "read_maps",
+    "read_smaps",
     "read_stat",
     "read_status",
     "read_syscall",
@@ -34,6 +60,7 @@ __all__ = [
     "sysctl_int",
     "threads",
     "tmpfs_devices",
+    "uptime",
     "userfaultfd_vmas",
 ]
 
@@ -48,8 +75,19 @@ def read_maps(pid: int) -> str:
         return f.read()
 
 
-def read_stat(pid: int) -> tuple[str, dict[int, int]]:
-    """The state letter and the numeric fields of ``/proc/PID/stat``.
+def read_smaps(pid: int) -> str:
+    """The text of ``/proc/PID/smaps`` (walks the page tables: slow for a large process).
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    with open(f"/proc/{pid}/smaps") as f:
+        return f.read()
+
+
+def read_stat(pid: int, tid: int | None = None) -> tuple[str, dict[int, int]]:
+    """The state letter and the numeric fields of ``/proc/PID/stat`` (of thread
+    ``tid``'s own stat if given).
 
     Fields are keyed by their proc(5) number, from 4 (ppid) on; the command
     name (field 2, which may hold spaces and parentheses) is skipped.
@@ -57,7 +95,8 @@ def read_stat(pid: int) -> tuple[str, dict[int, int]]:
     Raises:
         FileNotFoundError: the process (or thread) is gone.
     """
-    with open(f"/proc/{pid}/stat", "rb") as f:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path, "rb") as f:
         raw = f.read()
     rest = raw[raw.rfind(b")") + 2:].split()
     return rest[0].decode(), {i + 3: int(v) for i, v in enumerate(rest) if i > 0}
@@ -90,6 +129,76 @@ def read_status(pid: int, tid: int | None = None) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
+
+
+def read_comm(pid: int, tid: int | None = None) -> str:
+    """The command name of ``/proc/PID/comm`` (of thread ``tid``'s own if given).
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process (or thread) is gone.
+    """
+    path = f"/proc/{pid}/comm" if tid is None else f"/proc/{pid}/task/{tid}/comm"
+    with open(path) as f:
+        return f.read().rstrip("\n")
+
+
+def read_int(pid: int, name: ProcNumber, base: int = 10) -> int:
+    """The one number of the file ``/proc/PID/NAME`` (``personality`` is in hex: base 16).
+
+    Raises:
+        OSError: the process is gone, or the file is not there (no audit: loginuid);
+        ValueError: it holds no number.
+    """
+    with open(f"/proc/{pid}/{name}") as f:
+        return int(f.read().rstrip("\n"), base)
+
+
+def read_link(pid: int, name: ProcLink) -> str:
+    """What the link ``/proc/PID/NAME`` reads (``exe``: the executable's path).
+
+    Raises:
+        OSError: the process is gone (FileNotFoundError), or not ours to look at.
+    """
+    return str(Path(link_path(pid, name)).readlink())
+
+
+def link_path(pid: int, name: ProcLink) -> str:
+    """``/proc/PID/NAME``: to stat what the link names (the file itself, a deleted one too)."""
+    return f"/proc/{pid}/{name}"
+
+
+def read_auxv(pid: int) -> tuple[int, ...]:
+    """The auxiliary vector of ``/proc/PID/auxv``: its flat (type, value) words up to and
+    with AT_NULL (x86-64: 8 bytes a word).
+
+    Raises:
+        FileNotFoundError: the process is gone.
+    """
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        raw = f.read()
+    words = [w for (w,) in struct.iter_unpack("<Q", raw[: len(raw) & ~7])]
+    out: list[int] = []
+    for i in range(0, len(words) - 1, 2):
+        out += words[i: i + 2]
+        if words[i] == 0:  # AT_NULL
+            break
+    return tuple(out)
+
+
+def uptime() -> float:
+    """Seconds since boot (``/proc/uptime``, the first number)."""
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def open_pagemap(pid: int | ProcSelf) -> int:
+    """A new fd (O_CLOEXEC, the caller's to close) on ``/proc/PID/pagemap``: 8 bytes a
+    page, read with ``pread`` at (address / page size) * 8.
+
+    Raises:
+        FileNotFoundError, ProcessLookupError: the process is gone.
+    """
+    return os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def registered_with_userfaultfd(pid: int, address: int) -> bool:
@@ -199,7 +308,7 @@ def threads(pid: int) -> list[int]:
 
 def processes() -> list[int]:
     """The pids of every process (thread-group leaders) in /proc."""
-    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
 
 
 def children(pid: int) -> list[int]:
@@ -280,8 +389,9 @@ def sysctl_int(name: str) -> int:
         return int(f.read())
 
 
-def fd_path(pid: int, fd: int) -> str:
-    """``/proc/PID/fd/FD``: fd ``fd`` of process ``pid``, to open or stat from outside."""
+def fd_path(pid: int | ProcSelf, fd: int) -> str:
+    """``/proc/PID/fd/FD``: fd ``fd`` of process ``pid``, to open or stat from outside
+    (``self``: to open in the process that opens it)."""
     return f"/proc/{pid}/fd/{fd}"
 
 
@@ -291,9 +401,10 @@ def root_path(pid: int, path: str) -> str:
     return f"/proc/{pid}/root{path}"
 
 
-def map_file_path(pid: int, start: int, end: int) -> str:
+def map_file_path(pid: int | ProcSelf, start: int, end: int) -> str:
     """``/proc/PID/map_files/START-END``: the file mapped at [start, end) of ``pid``,
-    to open or stat from outside (needs CAP_SYS_ADMIN or ptrace rights)."""
+    to open or stat from outside (needs CAP_SYS_ADMIN or ptrace rights; ``self``: in
+    the process that opens it)."""
     return f"/proc/{pid}/map_files/{start:x}-{end:x}"
 
 
@@ -309,7 +420,8 @@ def fds(pid: int) -> list[int]:
 
 def fd_links(pid: int) -> list[tuple[int, str]]:
     """(fd, what its /proc link reads) of every fd of process ``pid``; an fd closed
-    while it is listed is left out.
+    while it is listed is left out. Cheap enough to run over every process of a
+    loaded host (os.readlink, no Path made).
 
     Raises:
         OSError: the process is gone, or not ours to look at.
@@ -317,7 +429,7 @@ def fd_links(pid: int) -> list[tuple[int, str]]:
     out = []
     for entry in os.scandir(f"/proc/{pid}/fd"):
         try:
-            out.append((int(entry.name), str(Path(entry.path).readlink())))
+            out.append((int(entry.name), os.readlink(entry.path)))  # noqa: PTH115 - no Path made
         except OSError:  # closed meanwhile
             continue
     return out
@@ -345,4 +457,9 @@ def ns_inode(pid: int, kind: str) -> int:
     Raises:
         FileNotFoundError, ProcessLookupError: the process is gone.
     """
-    return Path(f"/proc/{pid}/ns/{kind}").stat().st_ino
+    return Path(ns_path(pid, kind)).stat().st_ino
+
+
+def ns_path(pid: int, kind: str) -> str:
+    """``/proc/PID/ns/KIND``: process ``pid``'s namespace ``kind``, to open for setns."""
+    return f"/proc/{pid}/ns/{kind}"

@@ -50,7 +50,7 @@ from typing import Final, Protocol
 
 from lazymig.dump.files import FD_CLOEXEC, STDIO_FDS, DumpedFiles
 from lazymig.errors import ImageError, LazyMigOSError
-from lazymig.linux.procfs import ns_pids
+from lazymig.linux.procfs import fd_path, ns_pids
 from lazymig.linux.syscalls import (
     SYS_DUP3,
     SYS_FCNTL,
@@ -159,13 +159,13 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
         elif f.type == fdinfo_pb2.PIPE and f.pipe.pipe_id not in ends \
                 and f.pipe.pipe_id in tree.pipes:  # made by another process of the tree
             pid, fd = tree.pipes[f.pipe.pipe_id]
-            tmp = target.open(f"/proc/{pid}/fd/{fd}", _via_proc(f.pipe.flags))
+            tmp = target.open(fd_path(pid, fd), _via_proc(f.pipe.flags))
         elif f.type == fdinfo_pb2.PIPE:
             tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
         elif f.type in ANON_TYPES:
             tmp = anon.open(f)
         elif f.type == fdinfo_pb2.MEMFD:  # a new description of the memfd rebuilt already
-            tmp = target.open(f"/proc/self/fd/{objects[f.memfd.inode_id]}",
+            tmp = target.open(fd_path("self", objects[f.memfd.inode_id]),
                               _via_proc(f.memfd.flags))
             if f.memfd.pos:
                 target.call(SYS_LSEEK, tmp, f.memfd.pos, os.SEEK_SET, what="lseek(memfd)")
@@ -242,7 +242,7 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
         used.add(end)
         target.call(SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
         return end
-    return target.open(f"/proc/self/fd/{end}", _via_proc(flags))
+    return target.open(fd_path("self", end), _via_proc(flags))
 
 
 def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:
@@ -256,7 +256,7 @@ def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple
         target.close(fd)
     r, w = ends
     try:
-        mine = os.open(f"/proc/{target.pid}/fd/{w}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        mine = os.open(fd_path(target.pid, w), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LazyMigOSError(exc.errno or 0, "opening a restored pipe", pid=target.pid) from exc
     try:

@@ -60,7 +60,7 @@ from typing import Final
 
 from lazymig.errors import LazyMigOSError
 from lazymig.linux.pidns import CLONE_NEWPID, children_in_new_pid_namespace, pid_here
-from lazymig.linux.procfs import children, pid_in_use
+from lazymig.linux.procfs import children, ns_path, pid_in_use
 from lazymig.linux.ptrace import PTRACE_O_TRACECLONE, PTRACE_O_TRACEFORK, Tracee
 from lazymig.linux.syscalls import SYS_CLONE3, SYS_CLOSE, SYS_OPENAT, SYS_SETNS
 from lazymig.linux.vm import write_memory
@@ -178,7 +178,7 @@ def fork(parent: Tracee, pid: int | None, *, sibling: bool = False,
         with parent.syscalls() as session, \
                 session.scratch_page("restoring: injected mmap") as page:
             if namespace_of is not None:
-                path = f"/proc/{namespace_of}/ns/pid"
+                path = ns_path(namespace_of, "pid")
                 write_memory(parent.pid, page, path.encode() + b"\0")
                 fd = session.syscall(SYS_OPENAT, _AT_FDCWD, page, _O_RDONLY_CLOEXEC)
                 if fd < 0:

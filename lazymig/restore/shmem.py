@@ -29,6 +29,7 @@ from typing import Final
 
 from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
 from lazymig.errors import ImageError
+from lazymig.linux.procfs import map_file_path
 from lazymig.linux.syscalls import (
     SYS_CLOSE,
     SYS_FCNTL,
@@ -124,7 +125,7 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
             tmp = target.call(SYS_MMAP, at, size, _PROT_RW,
                               MAP_SHARED | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
                               what="mmap(shared anonymous)")
-            fd = target.open(f"/proc/self/map_files/{tmp:x}-{tmp + size:x}",
+            fd = target.open(map_file_path("self", tmp, tmp + size),
                              os.O_RDWR | os.O_CLOEXEC)
         try:
             if tmp >= 0:

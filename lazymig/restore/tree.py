@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Final
 
 from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
-from lazymig.linux.procfs import read_stat
+from lazymig.linux.procfs import fd_path, map_file_path, read_stat
 from lazymig.linux.ptrace import TargetGoneError, Tracee, TracerThread
 from lazymig.linux.syscalls import SYS_EXIT_GROUP, SYS_SETPGID, SYS_SETSID
 from lazymig.proto.images import ImagesDir, PstreeEntry
@@ -135,9 +135,9 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
             # Shared memory this process rebuilt: the next ones open it from here.
             for shmid, vmas in shared_vmas(tree.tasks[pid].mm.vmas).items():
                 v = vmas[0]
-                shared.setdefault(shmid, f"/proc/{target.pid}/map_files/{v.start:x}-{v.end:x}")
+                shared.setdefault(shmid, map_file_path(target.pid, v.start, v.end))
             for inode, fd in target.objects.items():  # memfds, mapped or not
-                shared.setdefault(inode, f"/proc/{target.pid}/fd/{fd}")
+                shared.setdefault(inode, fd_path(target.pid, fd))
         for pid in lazy:
             uffds[pid] = await tracer.run(restorer._userfaultfd, targets[pid], tree.tasks[pid])
         if sock is not None:
