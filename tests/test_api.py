@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import attach_and_read, kill, output_pipe, process_state
+from helpers import LAYOUTS, attach_and_read, kill, output_pipe, process_state
 
 import lazymig
 from lazymig.linux.ptrace import process_alive
+from lazymig.proto.wire import WireVersion
 from lazymig.testing import Pattern, assert_memory_equal
 from lazymig.testing.plugin import StartWorkload
 from lazymig.testing.workload import Check, Workload
@@ -401,7 +402,7 @@ async def test_serve_images_ends_with_its_clients_session(tmp_path: Path,
     process exited), unless it was asked to keep serving one restore after another."""
     address, pages = 0x6D0000000000, 8
     await lazymig.write_snapshot(tmp_path, [(address, bytes(pages * 4096))], pid=7)
-    layout = struct.Struct("=I4xQQQ")  # wire v2: cmd, nr_pages, vaddr, dst_id
+    layout = LAYOUTS[WireVersion.V2]  # cmd, nr_pages, vaddr, dst_id
 
     async def one_page_then_close(server: lazymig.ImagesServer) -> None:
         reader, writer = await asyncio.open_connection(*server.address)

@@ -30,6 +30,7 @@ from lazymig.dump.freeze import (
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.errors import ClosedResourceError, LazyMigOSError
 from lazymig.linux.ptrace import Tracee, TracerThread
+from lazymig.linux.syscalls import SYS_GETPID
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import MAP_LOCKED, PAGE_SIZE, VmaStatus
 from lazymig.testing.workload import (
@@ -45,7 +46,6 @@ pytestmark = [
 
 MiB = 1 << 20
 SA_RESTART = 0x10000000
-SYS_GETPID = 39
 
 
 @pytest.fixture

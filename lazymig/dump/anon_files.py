@@ -56,6 +56,7 @@ from lazymig.linux.kcmp import same_epoll_target, same_file
 from lazymig.linux.procfs import fd_links, processes, read_fdinfo
 from lazymig.linux.sockdiag import UnixSocket, unix_socket
 from lazymig.linux.vm import copy_fd
+from lazymig.proto.constants import TIMEVAL
 from lazymig.proto.images import (
     EventfdFileEntry,
     EventpollFileEntry,
@@ -89,7 +90,6 @@ _ESTABLISHED: Final = 1
 _TFD_LINE: Final = re.compile(r"(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)")
 _PAIR: Final = re.compile(r"\(\s*(\d+),\s*(\d+)\)")
 _ZERO_FOWN: Final = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
-_TIMEVAL: Final = struct.Struct("@qq")
 _STREAM_CHUNK: Final = 1 << 18
 _FH_WORDS: Final = struct.Struct("<16Q")  # fh_entry.handle: MAX_HANDLE_SZ bytes, as CRIU
 _SO_PEEK_OFF: Final = 42  # asm-generic/socket.h (not in Python's socket module)
@@ -190,10 +190,11 @@ class AnonFds:
 
     def _socket_opts(self, fd: int) -> SkOptsEntry:
         with _borrowed(self.pid, fd) as sock:
-            snd = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                                  _TIMEVAL.size))
-            rcv = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                                  _TIMEVAL.size))
+            size = struct.calcsize(TIMEVAL)
+            snd = struct.unpack(TIMEVAL, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                                         size))
+            rcv = struct.unpack(TIMEVAL, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                                         size))
             return SkOptsEntry(
                 so_sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                 so_rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),

@@ -50,7 +50,7 @@ from lazymig.dump.shmem import is_shared_object, write_shmem
 from lazymig.errors import ImageError
 from lazymig.linux.cpuid import xstate_layout
 from lazymig.linux.procfs import link_path, map_file_path, uptime
-from lazymig.proto.constants import PAGE_SHIFT, PE
+from lazymig.proto.constants import PAGE_SHIFT, PE, TASK_ALIVE, TASK_STOPPED
 from lazymig.proto.images import (
     CoreEntry,
     CredsEntry,
@@ -97,12 +97,6 @@ __all__ = [
 
 PAGES_ID: Final = 1
 """The pages image id lazymig's dumps use (``pages-1.img``), like CRIU's first one."""
-
-# CRIU's core tc.task_state values (compel's COMPEL_TASK_*).
-TASK_ALIVE: Final = 1
-"""A running task."""
-TASK_STOPPED: Final = 3
-"""A job-control stopped task (it is restored stopped)."""
 
 _USER32_CS: Final = 0x23  # the code segment of 32-bit (compat) user mode
 

@@ -35,6 +35,7 @@ from typing import Final, Protocol
 
 from lazymig.dump import keeper
 from lazymig.dump.freeze import UnsupportedTargetError
+from lazymig.dump.images import PAGES_ID
 from lazymig.dump.keeper import KeeperRecord
 from lazymig.dump.push import PagePush, PushTarget
 from lazymig.dump.scan import MemoryScan, PageRun
@@ -50,7 +51,6 @@ __all__ = ["PreCopy", "PreCopyOptions", "RoundReport", "link_parent", "pushed_re
 
 log = logging.getLogger(__name__)
 
-_PAGES_ID: Final = 1
 _CHUNK: Final = 1 << 20
 
 
@@ -300,7 +300,7 @@ class PreCopy:
         if parent is not None:
             link_parent(path, parent)
         if push is None:
-            images.write_pagemap(self.pid, _PAGES_ID, entries)
+            images.write_pagemap(self.pid, PAGES_ID, entries)
         else:  # the pages are on the page server; what it holds, for the next round
             with PagemapWriter(path / pushed_record(self.pid), 0) as writer:
                 for entry in entries:
@@ -349,7 +349,7 @@ class _LocalPages:
     """A round's pages into its own ``pages-1.img`` (the pagemap is written after)."""
 
     def __init__(self, images: ImagesDir) -> None:
-        self._writer = images.open_pages_writer(_PAGES_ID)
+        self._writer = images.open_pages_writer(PAGES_ID)
 
     def present(self, vaddr: int, data: memoryview) -> None:
         self._writer.write(data)

@@ -54,6 +54,9 @@ from lazymig.proto.constants import (
     MAP_SHARED,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
     VmaStatus,
     vma_can_be_lazy,
 )
@@ -91,9 +94,6 @@ PM_PFN_MASK: Final = (1 << 55) - 1
 #: Only the vsyscall page lies above it.
 TASK_SIZE: Final = (1 << 56) - PAGE_SIZE
 
-_PROT_READ: Final = 0x1
-_PROT_WRITE: Final = 0x2
-_PROT_EXEC: Final = 0x4
 _O_RDWR: Final = 0o2
 
 # madvise(2) advice numbers, as bit positions of vma_entry.madv (CRIU parse_vmflags).
@@ -220,8 +220,8 @@ class MemoryScan:
 
 def _classify(start: int, end: int, perms: str, pgoff: int, dev: tuple[int, int], inode: int,
               path: str, vm_flags: frozenset[str]) -> Vma:
-    prot = ((_PROT_READ if perms[0] == "r" else 0) | (_PROT_WRITE if perms[1] == "w" else 0)
-            | (_PROT_EXEC if perms[2] == "x" else 0))
+    prot = ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
     flags = MAP_SHARED if perms[3] == "s" else MAP_PRIVATE
     madv = 0
     status = 0
@@ -238,11 +238,11 @@ def _classify(start: int, end: int, perms: str, pgoff: int, dev: tuple[int, int]
         status = VmaStatus.VSYSCALL
     elif path == "[vdso]":
         status = VmaStatus.REGULAR
-        if prot & (_PROT_READ | _PROT_EXEC) == _PROT_READ | _PROT_EXEC:
+        if prot & (PROT_READ | PROT_EXEC) == PROT_READ | PROT_EXEC:
             status |= VmaStatus.VDSO
     elif path in ("[vvar]", "[vvar_vclock]"):
         status = VmaStatus.REGULAR
-        if prot & _PROT_READ:
+        if prot & PROT_READ:
             status |= VmaStatus.VVAR
     elif path == "[heap]":
         status = VmaStatus.REGULAR | VmaStatus.HEAP

@@ -65,7 +65,14 @@ from lazymig.linux.syscalls import (
     SYS_SIGALTSTACK,
 )
 from lazymig.linux.vm import read_memory
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.constants import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+)
 
 __all__ = [
     "Creds",
@@ -97,7 +104,7 @@ _AT_SUBREAPER: Final = _AT_ITIMERS + 3 * 32    # int
 _AT_THREADS: Final = _AT_SUBREAPER + 16
 _SLOT: Final = 48
 _BATCH_SIZE: Final = 2 * PAGE_SIZE  # after the scratch area: the sigactions' batch
-_PROT_RWX: Final = 0x7
+_PROT_RWX: Final = PROT_READ | PROT_WRITE | PROT_EXEC
 _SLOT_TID_ADDRESS: Final = 0                   # u64
 _SLOT_ALTSTACK: Final = 8                      # stack_t: void *ss_sp; int ss_flags; size_t ss_size
 _SLOT_PDEATHSIG: Final = 32                    # int
@@ -289,7 +296,8 @@ def _inject(main: Tracee, tracees: Sequence[Tracee]) -> tuple[_Leader, dict[int,
     scratch = 0
     try:
         with main.syscalls() as session:
-            scratch = session.syscall(SYS_MMAP, 0, size + _BATCH_SIZE, _PROT_RWX, 0x22, -1, 0)
+            scratch = session.syscall(SYS_MMAP, 0, size + _BATCH_SIZE, _PROT_RWX,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             if scratch < 0:
                 raise LazyMigOSError(-scratch, "injected mmap for a scratch area", pid=pid)
             batch = SyscallBatch(scratch + size, _BATCH_SIZE)

@@ -69,13 +69,22 @@ from lazymig.linux.syscalls import (
     SYS_SOCKETPAIR,
 )
 from lazymig.linux.vm import (
+    UIO_MAXIOV,
     buffer_address,
     pidfd_getfd,
     process_vm_writev,
     read_memory,
     write_memory,
 )
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.constants import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+)
 
 __all__ = ["IOVEC_ROOM", "SCM_MAX_FD", "UIO_MAXIOV", "TargetSplicer", "free_fd_slots",
            "sigreturn_frame"]
@@ -84,14 +93,12 @@ log = logging.getLogger(__name__)
 
 SCM_MAX_FD: Final = 253
 """Most fds one SCM_RIGHTS message may carry (include/net/scm.h)."""
-UIO_MAXIOV: Final = 1024
-"""Most iovecs one vmsplice takes."""
 
 
-_PROT_RW: Final = 0x3
-_PROT_RX: Final = 0x5
-_MAP_SHARED_ANON: Final = 0x01 | 0x20
-_MAP_PRIVATE_ANON: Final = 0x02 | 0x20
+_PROT_RW: Final = PROT_READ | PROT_WRITE
+_PROT_RX: Final = PROT_READ | PROT_EXEC
+_MAP_SHARED_ANON: Final = MAP_SHARED | MAP_ANONYMOUS
+_MAP_PRIVATE_ANON: Final = MAP_PRIVATE | MAP_ANONYMOUS
 
 # The code page (assembled from the listing below; its last 8 bytes, at
 # _AT_AREA_PTR, hold the scratch area's address, read rip-relative). Two entries,

@@ -69,7 +69,7 @@ from lazymig.linux.vm import (
     pagemap_scan,
 )
 from lazymig.proto.constants import MAP_SHARED, PAGE_SHIFT, VmaStatus
-from lazymig.proto.uffd import Feature, RegisterMode
+from lazymig.proto.uffd import UFFD_USER_MODE_ONLY, Feature, RegisterMode
 
 __all__ = ["DirtyRound", "DirtyTracker", "trackable"]
 
@@ -79,7 +79,6 @@ log = logging.getLogger(__name__)
 #: WP_UNPOPULATED: PAGEMAP_SCAN protects anonymous memory only with it.
 TRACK_FEATURES: Final = Feature.WP_ASYNC | Feature.WP_UNPOPULATED
 
-_UFFD_USER_MODE_ONLY: Final = 1
 _UFFD_FLAGS: Final = os.O_CLOEXEC | os.O_NONBLOCK
 _SPECIAL: Final = VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL
 _RESCANS: Final = 8
@@ -129,7 +128,7 @@ def trackable(pid: int) -> None:
     """Refuse (:class:`~lazymig.dump.freeze.UnsupportedTargetError`, naming the
     cause) what dirty tracking cannot handle, reading only ``/proc`` and probing
     the kernel on a throwaway userfaultfd of ours."""
-    fd = sys_uffd.userfaultfd(_UFFD_FLAGS | _UFFD_USER_MODE_ONLY)
+    fd = sys_uffd.userfaultfd(_UFFD_FLAGS | UFFD_USER_MODE_ONLY)
     try:
         supported = Feature(sys_uffd.api(fd, 0)[1])
     finally:
@@ -343,7 +342,7 @@ def _take_uffd(pid: int, timeout: float) -> int:
             fd = session.syscall(SYS_USERFAULTFD, _UFFD_FLAGS)
             if fd == -errno.EPERM:  # vm.unprivileged_userfaultfd=0: user-mode faults only
                 # (async write-protect faults never reach the handler: nothing is lost).
-                fd = session.syscall(SYS_USERFAULTFD, _UFFD_FLAGS | _UFFD_USER_MODE_ONLY)
+                fd = session.syscall(SYS_USERFAULTFD, _UFFD_FLAGS | UFFD_USER_MODE_ONLY)
             if fd < 0:
                 raise LazyMigOSError(-fd, "userfaultfd() run by the process", pid=pid)
             try:

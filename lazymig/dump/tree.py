@@ -53,6 +53,7 @@ from lazymig.dump.store import PageSegment, PipePageStore
 from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children, descendants, read_stat, read_status
 from lazymig.linux.ptrace import TargetGoneError
+from lazymig.proto.constants import TASK_DEAD
 from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
 
 __all__ = ["TASK_DEAD", "FrozenTree", "LazyTreeDump", "TreePageStore", "Zombie", "dump_tree",
@@ -60,8 +61,6 @@ __all__ = ["TASK_DEAD", "FrozenTree", "LazyTreeDump", "TreePageStore", "Zombie",
 
 log = logging.getLogger(__name__)
 
-TASK_DEAD = 2
-"""CRIU's task state of a zombie (``core.tc.task_state``)."""
 
 #: A process's file ids in files.img are its own ids plus rank * this (ranks from 0).
 _FILE_ID_STRIDE = 1 << 20

@@ -30,6 +30,13 @@ from lazymig.errors import LazyMigOSError
 from lazymig.linux._libc import check, libc, syscall
 from lazymig.linux.procfs import read_status, sysctl_int
 from lazymig.linux.syscalls import SYS_PIDFD_GETFD
+from lazymig.proto.constants import (
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    PROT_READ,
+    PROT_WRITE,
+)
 
 __all__ = [
     "F_GETPIPE_SZ",
@@ -45,6 +52,7 @@ __all__ = [
     "SPLICE_F_MORE",
     "SPLICE_F_MOVE",
     "SPLICE_F_NONBLOCK",
+    "UIO_MAXIOV",
     "AnonMapping",
     "MemoryWriter",
     "buffer_address",
@@ -74,13 +82,9 @@ SPLICE_F_GIFT = 0x08
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 
-_PROT_READ = 0x1
-_UIO_MAXIOV = 1024  # most iovecs one process_vm_writev takes
-_PROT_WRITE = 0x2
-_MAP_PRIVATE = 0x02
-_MAP_ANONYMOUS = 0x20
+UIO_MAXIOV = 1024
+"""Most iovecs one process_vm_writev or vmsplice takes (UIO_MAXIOV, include/uapi/linux/uio.h)."""
 _MAP_POPULATE = 0x8000
-_MAP_FIXED_NOREPLACE = 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -272,10 +276,10 @@ def mmap_anonymous(length: int, *, populate: bool = False, at: int | None = None
     ``at``: exactly there (``MAP_FIXED_NOREPLACE``: a mapping already there is an
     error, never replaced).
     """
-    flags = _MAP_PRIVATE | _MAP_ANONYMOUS | (_MAP_POPULATE if populate else 0)
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | (_MAP_POPULATE if populate else 0)
     if at is not None:
-        flags |= _MAP_FIXED_NOREPLACE
-    addr = _mmap(at, length, _PROT_READ | _PROT_WRITE, flags, -1, 0)
+        flags |= MAP_FIXED_NOREPLACE
+    addr = _mmap(at, length, PROT_READ | PROT_WRITE, flags, -1, 0)
     if addr is None or addr == _MAP_FAILED:
         raise LazyMigOSError(ctypes.get_errno(), f"mmap({length})" if at is None
                              else f"mmap({length} at {at:#x})")
@@ -442,7 +446,7 @@ class MemoryWriter:
         remote = (_IoVec * len(pieces))(*(_IoVec(address, n) for address, _, n in pieces))
         i = 0
         while i < len(pieces):
-            count = min(_UIO_MAXIOV, len(pieces) - i)
+            count = min(UIO_MAXIOV, len(pieces) - i)
             done = _process_vm_writev(self.pid, _iov_at(local, i), count, _iov_at(remote, i),
                                       count, 0)
             if done < 0:

@@ -15,16 +15,21 @@ import os
 from collections.abc import Iterable, Sequence
 
 from lazymig.errors import ConfigurationError
-from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PE, VmaStatus
+from lazymig.proto.constants import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    PAGE_SIZE,
+    PE,
+    PROT_READ,
+    PROT_WRITE,
+    VmaStatus,
+)
 from lazymig.proto.images import ImagesDir, MmEntry, PagemapEntry, PstreeEntry, VmaEntry
 
 __all__ = ["Region", "write_snapshot"]
 
 Region = tuple[int, bytes | bytearray | memoryview]
 """``(address, contents)``: page-aligned address, a whole number of pages."""
-
-_PROT_READ_WRITE = 3
-
 
 async def write_snapshot(images_dir: str | os.PathLike[str], regions: Iterable[Region], *,
                          pid: int = 1) -> ImagesDir:
@@ -60,7 +65,7 @@ def _write(images: ImagesDir, regions: Sequence[Region], pid: int) -> None:
                  mm_env_start=0, mm_env_end=0, exe_file_id=0)
     for address, data in regions:
         mm.vmas.append(VmaEntry(start=address, end=address + len(data), pgoff=0, shmid=0,
-                                prot=_PROT_READ_WRITE, flags=MAP_PRIVATE | MAP_ANONYMOUS,
+                                prot=PROT_READ | PROT_WRITE, flags=MAP_PRIVATE | MAP_ANONYMOUS,
                                 status=VmaStatus.REGULAR | VmaStatus.ANON_PRIVATE, fd=-1))
     images.write_mm(pid, mm)
     images.write_pagemap(pid, 1, [PagemapEntry(address, len(data) // PAGE_SIZE,

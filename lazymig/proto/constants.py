@@ -1,7 +1,8 @@
 """Numbers shared by the wire protocol, the images and the memory scanner.
 
 Sources: CRIU criu/include/pagemap.h (PE_*), criu/include/image.h (VMA_*),
-mmap(2) (MAP_*), criu/tls.c (the default TLS files). Values are CRIU's, so
+mmap(2) (PROT_*, MAP_*: the one home of these numbers, for the images and for
+mmaps made here or injected), criu/tls.c (the default TLS files). Values are CRIU's, so
 images, the wire and the options stay compatible.
 """
 
@@ -22,6 +23,18 @@ an error, not an end)."""
 
 LINGER_OFF = bytes(8)
 """``struct linger`` {off, 0 s}: close() ends the connection as usual."""
+
+TIMEVAL = "@qq"
+"""``struct timeval`` {tv_sec, tv_usec} of SO_SNDTIMEO/SO_RCVTIMEO, as a ``struct``
+format (this module imports nothing, for the command line's start-up)."""
+
+# CRIU's core tc.task_state values (compel's COMPEL_TASK_*).
+TASK_ALIVE = 1
+"""A running task."""
+TASK_DEAD = 2
+"""A zombie: its exit status is restored, no memory."""
+TASK_STOPPED = 3
+"""A job-control stopped task (it is restored stopped)."""
 
 PARENT_LINK = "parent"
 """The link from an images dir to its parent dump (``criu dump --prev-images-dir``),
@@ -61,6 +74,10 @@ class VmaStatus:
     UNSUPP: Final = 1 << 31
 
 
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+PROT_EXEC = 0x4
+
 MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
 MAP_FIXED = 0x10
@@ -69,6 +86,7 @@ MAP_GROWSDOWN = 0x100
 MAP_LOCKED = 0x2000
 MAP_NORESERVE = 0x4000
 MAP_HUGETLB = 0x40000
+MAP_FIXED_NOREPLACE = 0x100000
 
 
 def vma_can_be_lazy(flags: int, status: int) -> bool:

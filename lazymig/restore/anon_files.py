@@ -54,6 +54,7 @@ from lazymig.linux.syscalls import (
     SYS_WRITE,
 )
 from lazymig.linux.vm import copy_fd, read_memory
+from lazymig.proto.constants import TIMEVAL
 from lazymig.proto.images import FileEntry, fdinfo_pb2
 
 if TYPE_CHECKING:
@@ -75,7 +76,6 @@ _EPOLL_EVENT: Final = struct.Struct("<IQ")  # struct epoll_event is packed on x8
 _TFD_TIMER_ABSTIME: Final = 1
 _TFD_IOC_SET_TICKS: Final = 0x40085400  # _IOW('T', 0, __u64)
 _SEND_SHUTDOWN: Final = 2
-_TIMEVAL: Final = struct.Struct("@qq")
 
 
 def anon_refusal(files: DumpedFiles, f: FileEntry) -> str | None:
@@ -275,8 +275,8 @@ def _set_opts(sock: socket.socket, f: FileEntry) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, opts.so_sndbuf // 2)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, opts.so_rcvbuf // 2)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                    _TIMEVAL.pack(opts.so_snd_tmo_sec, opts.so_snd_tmo_usec))
+                    struct.pack(TIMEVAL, opts.so_snd_tmo_sec, opts.so_snd_tmo_usec))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                    _TIMEVAL.pack(opts.so_rcv_tmo_sec, opts.so_rcv_tmo_usec))
+                    struct.pack(TIMEVAL, opts.so_rcv_tmo_sec, opts.so_rcv_tmo_usec))
     if opts.so_passcred:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)

@@ -42,10 +42,13 @@ from lazymig.linux.vm import write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
     MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
     MAP_LOCKED,
     MAP_NORESERVE,
     MAP_SHARED,
     PAGE_SIZE,
+    PROT_READ,
+    PROT_WRITE,
     VmaStatus,
 )
 from lazymig.proto.images import (
@@ -64,8 +67,7 @@ log = logging.getLogger(__name__)
 _F_ADD_SEALS: Final = 1033
 _F_SEAL_SEAL: Final = 1
 _MFD_ALLOW_SEALING: Final = 2
-_PROT_RW: Final = 0x3
-_MAP_FIXED_NOREPLACE: Final = 0x100000
+_PROT_RW: Final = PROT_READ | PROT_WRITE
 _MFD_CLOEXEC: Final = 1
 _MAP_KEPT: Final = MAP_NORESERVE | MAP_LOCKED
 _CHUNK: Final = 4 << 20
@@ -119,11 +121,11 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
             fd = target.call(SYS_MEMFD_CREATE, target.data(memfd.name.encode() + b"\0"),
                              _MFD_CLOEXEC | sealing, what=f"memfd_create({memfd.name})")
             target.call(SYS_FTRUNCATE, fd, size, what=f"ftruncate(memfd {memfd.name})")
-            tmp = target.call(SYS_MMAP, at, size, _PROT_RW, MAP_SHARED | _MAP_FIXED_NOREPLACE,
+            tmp = target.call(SYS_MMAP, at, size, _PROT_RW, MAP_SHARED | MAP_FIXED_NOREPLACE,
                               fd, 0, what=f"mmap(memfd {memfd.name})")
         else:
             tmp = target.call(SYS_MMAP, at, size, _PROT_RW,
-                              MAP_SHARED | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
+                              MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
                               what="mmap(shared anonymous)")
             fd = target.open(map_file_path("self", tmp, tmp + size),
                              os.O_RDWR | os.O_CLOEXEC)

@@ -29,7 +29,7 @@ from lazymig.dump.images import read_lazymig_entry
 from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
 from lazymig.errors import ConfigurationError, ImageError, LazyMigError
 from lazymig.linux.cpuid import xstate_layout
-from lazymig.proto.constants import MAP_PRIVATE, MAP_SHARED, VmaStatus
+from lazymig.proto.constants import MAP_PRIVATE, MAP_SHARED, PROT_WRITE, VmaStatus
 from lazymig.proto.images import (
     CoreEntry,
     FileEntry,
@@ -50,7 +50,6 @@ from lazymig.restore.threads import DumpedThread
 __all__ = ["DumpedTask", "FdInheritance", "InheritFd", "UnsupportedDumpError", "check_files",
            "load_task", "plan_given_fds"]
 
-_PROT_WRITE: Final = 0x2
 _INHERIT_RE: Final = re.compile(r"fd\[(\d+)\]:(.+)")
 
 
@@ -261,7 +260,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
         elif v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
             # A file mapped shared and writable may have changed: others write it too.
             changed_ok = bool(v.status & VmaStatus.FILE_SHARED
-                              and (v.prot & _PROT_WRITE or v.fdflags))
+                              and (v.prot & PROT_WRITE or v.fdflags))
             if (v.shmid, changed_ok) not in checked:  # once per file, not per VMA
                 _check_file(pid, mapped.get(v.shmid), v.shmid, where, changed_ok=changed_ok,
                             dumped=lambda inode: shmem_pagemap_path(images, inode).exists())

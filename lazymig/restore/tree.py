@@ -49,13 +49,14 @@ import resource
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux.procfs import fd_path, map_file_path, read_stat
 from lazymig.linux.ptrace import TargetGoneError, Tracee, TracerThread
 from lazymig.linux.syscalls import SYS_EXIT_GROUP, SYS_SETPGID, SYS_SETSID
+from lazymig.proto.constants import TASK_DEAD
 from lazymig.proto.images import ImagesDir, PstreeEntry
 from lazymig.restore.files import TreeFiles, restore_files
 from lazymig.restore.pids import fork
@@ -70,8 +71,6 @@ __all__ = ["TASK_DEAD", "is_tree", "restore_tree"]
 
 log = logging.getLogger(__name__)
 
-TASK_DEAD: Final = 2
-"""CRIU's task state of a zombie (``core.tc.task_state``)."""
 
 
 def is_tree(images: ImagesDir) -> bool:

@@ -36,7 +36,6 @@ import mmap
 import os
 import socket
 import ssl
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from lazymig.errors import (
     LazyMigError,
 )
 from lazymig.linux.uffd import buffer_address
-from lazymig.proto.constants import PAGE_SIZE
+from lazymig.proto.constants import LINGER_OFF, LINGER_RESET, PAGE_SIZE
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.pageserver import (
     DEFAULT_MAX_PAGES,
@@ -83,9 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
-"""struct linger {on, 0 s}: close() sends a reset (RST) instead of a FIN."""
-_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +275,7 @@ class _Channel(asyncio.BufferedProtocol):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Until an orderly CLOSE, any close of this socket (abort, a crash, a kill)
         # must not read as a finished transfer: reset it (see the module doc).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         if transport.get_extra_info("sslcontext") is None:
             self._fd = sock.fileno()  # TLS records are the transport's to read
 
@@ -789,7 +785,7 @@ class RemotePageSource:
                 # CLOSE was answered: now end with the EOF that CRIU waits for.
                 assert channel.transport is not None
                 sock = channel.transport.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
                 if channel.transport.can_write_eof():
                     channel.transport.write_eof()
                 # else TLS, which has no half-close: close() below ends with close_notify

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 from lazymig.errors import ConfigurationError, ImageError
+from lazymig.proto.constants import TASK_ALIVE, TASK_STOPPED
 from lazymig.proto.images._framing import (
     DEFAULT_MAX_ENTRY_SIZE,
     ImageReader,
@@ -27,9 +28,9 @@ if TYPE_CHECKING:  # protobuf's runtime is loaded by the readers and writers tha
 
 __all__ = ["ImagesDir", "Pagemap", "PagemapReader", "PagemapWriter"]
 
-_TASKS_WITH_MEMORY = frozenset((1, 3))
+_TASKS_WITH_MEMORY = frozenset((TASK_ALIVE, TASK_STOPPED))
 """CRIU's core ``tc.task_state`` of a task with a memory image: TASK_ALIVE, TASK_STOPPED
-(not TASK_DEAD 2, a zombie, nor TASK_HELPER 7)."""
+(not TASK_DEAD, a zombie, nor TASK_HELPER 7)."""
 
 M = TypeVar("M", bound="Message")
 T = TypeVar("T")

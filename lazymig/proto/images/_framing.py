@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import struct
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.images._magic import (
     IMG_COMMON_MAGIC,
     IMG_SERVICE_MAGIC,
+    U32,
     ImageKind,
 )
 from lazymig.proto.images._wire import Fields, fields
@@ -61,7 +61,6 @@ megabyte); a larger length means a corrupt image, and refusing it up front
 keeps a damaged file from making us allocate gigabytes.
 """
 
-_U32 = struct.Struct("<I")
 _WRITE_BUFFER = 256 << 10
 _COPY_CHUNK = 1 << 20
 
@@ -239,7 +238,7 @@ class ImageWriter(_AtomicWriterBase):
             raise ImageError(f"entry of {size} bytes is too large for an image",
                              path=self._file.path, offset=self._offset)
         start = self._offset
-        self._buf += _U32.pack(size)
+        self._buf += U32.pack(size)
         self._buf += payload
         self._offset += 4 + size
         if len(self._buf) >= _WRITE_BUFFER:
@@ -391,7 +390,7 @@ class ImageReader:
         if len(data) < 4:
             raise self._error(f"truncated {what}: {len(data)} of 4 bytes", start)
         self._offset += 4
-        return int(_U32.unpack(data)[0])
+        return int(U32.unpack(data)[0])
 
     def _read_magic(self, expected: ImageKind | None) -> ImageKind:
         first = self._read_u32("magic")
@@ -442,7 +441,7 @@ class ImageReader:
             return None
         if len(head) < 4:
             raise self._error(f"truncated entry length: {len(head)} of 4 bytes", start)
-        size = int(_U32.unpack(head)[0])
+        size = int(U32.unpack(head)[0])
         if size > self.max_entry_size:
             raise self._error(f"entry length {size} exceeds the limit of "
                               f"{self.max_entry_size} bytes (corrupt image?)", start)

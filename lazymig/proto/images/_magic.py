@@ -21,6 +21,7 @@ __all__ = [
     "IMG_COMMON_MAGIC",
     "IMG_SERVICE_MAGIC",
     "RAW_IMAGE_MAGIC",
+    "U32",
     "ImageKind",
 ]
 
@@ -33,7 +34,8 @@ IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
 RAW_IMAGE_MAGIC = 0x0
 
-_U32 = struct.Struct("<I")
+U32 = struct.Struct("<I")
+"""A little-endian u32: the magics and the size word before each protobuf entry."""
 
 
 class ImageKind(enum.Enum):
@@ -93,8 +95,8 @@ class ImageKind(enum.Enum):
         if self.is_raw:
             return b""
         lead = self.leading_magic
-        head = b"" if lead is None else _U32.pack(lead)
-        return head + _U32.pack(self.magic)
+        head = b"" if lead is None else U32.pack(lead)
+        return head + U32.pack(self.magic)
 
     @property
     def file_template(self) -> str:
