@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, on_uvloop
 
-from lazymig.proto.images import ImagesDir
+from lazymig.proto.images import ImagesDir, ImagesWait
 from lazymig.restore.prepared import ImagesNotCompleteError, wait_for_images
 from lazymig.testing.workload import OutputLines, Workload
 
@@ -146,3 +146,22 @@ def test_wait_for_images_returns_once_the_inventory_is_written(tmp_path: Path) -
     assert waited >= 0.1
     assert (tmp_path / "inventory.img").exists()
     assert wait_for_images(images, 0) == 0.0  # there already: at once
+
+
+@pytest.mark.asyncio
+async def test_images_wait_awaited_on_the_loop(tmp_path: Path) -> None:
+    """The daemon's way (``lazy-pages --wait-for-page-server``): the same wait, its
+    pauses awaited, so that the loop runs meanwhile (here: the writer of the images)."""
+    images = ImagesDir(tmp_path)
+    timed_out = ImagesWait(images, 0.05)
+    for pause in timed_out.pauses():
+        await asyncio.sleep(pause)
+    assert not timed_out.complete and timed_out.waited >= 0.05
+    wait = ImagesWait(images, 10)
+    asyncio.get_running_loop().call_later(0.1, images.write_inventory)
+    pauses = 0
+    for pause in wait.pauses():
+        pauses += 1
+        await asyncio.sleep(pause)
+    assert wait.complete and wait.waited >= 0.1 and pauses > 1
+    assert list(ImagesWait(images, 0).pauses()) == []  # there already: no pause

@@ -180,22 +180,21 @@ async def _images_complete(images: ImagesDir, seconds: float) -> None:
     """Return once ``images`` holds a complete dump (its ``inventory.img``, which a dump
     writes last). A prepared daemon connects to ``lazymig dump``'s page server as soon
     as it listens, which is from the dump's start (peers wait in its backlog), before
-    its images are written (lazymig/restore/prepared.py waits the same way)."""
+    its images are written (:class:`~lazymig.proto.images.ImagesWait`, as
+    lazymig/restore/prepared.py waits)."""
     import asyncio
 
     from lazymig.errors import BrokenResourceError
-    from lazymig.proto.images import ImageKind
+    from lazymig.proto.images import ImagesWait
 
-    inventory = images.image_path(ImageKind.INVENTORY)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not inventory.exists():
-        if loop.time() > deadline:
-            raise BrokenResourceError(
-                f"the page server answered, but no complete dump came to {images.path} in "
-                f"{seconds:g} s ({inventory.name}, which a dump writes last): is the dump "
-                "writing there (or its images being copied there)?")
-        await asyncio.sleep(0.001)
+    wait = ImagesWait(images, seconds)
+    for pause in wait.pauses():
+        await asyncio.sleep(pause)
+    if not wait.complete:
+        raise BrokenResourceError(
+            f"the page server answered, but no complete dump came to {images.path} in "
+            f"{seconds:g} s ({wait.inventory.name}, which a dump writes last): is the dump "
+            "writing there (or its images being copied there)?")
 
 
 def _failed_daemon(error: Exception, images_dir: Path, socket_path: Path,

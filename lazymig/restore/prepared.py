@@ -7,13 +7,10 @@ dump adds to the downtime), says so on ``--status-fd``, then waits for the
 images (:func:`wait_for_images`) and restores at once. ``criu restore`` has no
 such mode.
 
-How it knows the images are complete: ``inventory.img`` is there. A dump
-writes it last and atomically (a temporary file renamed into place, see
-:class:`~lazymig.proto.images.ImagesDir`), so its presence marks a complete
-dump (:func:`~lazymig.dump.images.write_images`, a tree's dump too); whoever
-copies the images to the destination copies it last. The images directory must
-therefore hold no ``inventory.img`` of an older dump when the wait starts: it
-would be restored at once (that is logged).
+How it knows the images are complete: ``inventory.img`` is there
+(:class:`~lazymig.proto.images.ImagesWait`, the one wait for it). The images
+directory must therefore hold no ``inventory.img`` of an older dump when the
+wait starts: it would be restored at once (that is logged).
 
 The wait polls for the file every :data:`POLL` seconds: one ``stat`` each time,
 a bound on the delay it adds, and it works on any filesystem the images come in
@@ -26,15 +23,12 @@ import logging
 import time
 
 from lazymig.errors import LazyMigError
-from lazymig.proto.images import ImageKind, ImagesDir
+from lazymig.proto.images import ImagesDir, ImagesWait
+from lazymig.proto.images._dir import POLL
 
 __all__ = ["POLL", "ImagesNotCompleteError", "wait_for_images"]
 
 log = logging.getLogger(__name__)
-
-POLL = 0.001
-"""Seconds between two looks for ``inventory.img``: at most this much is added to the
-downtime, for a ``stat`` a millisecond while waiting."""
 
 
 class ImagesNotCompleteError(LazyMigError, TimeoutError):
@@ -49,23 +43,21 @@ def wait_for_images(images: ImagesDir, timeout: float, *, poll: float = POLL) ->
     Raises:
         ImagesNotCompleteError: none after ``timeout`` seconds.
     """
-    inventory = images.image_path(ImageKind.INVENTORY)
-    started = time.monotonic()
-    if inventory.exists():
+    wait = ImagesWait(images, timeout, poll=poll)
+    if wait.complete:
         log.info("%s is there already: restoring at once (it marks a complete dump; one of an "
-                 "older dump would be restored too)", inventory)
+                 "older dump would be restored too)", wait.inventory)
         return 0.0
     log.info("waiting up to %g s for the images in %s (complete once %s is there)", timeout,
-             images.path, inventory.name)
-    deadline = started + timeout
-    while not inventory.exists():
-        if time.monotonic() >= deadline:
-            raise ImagesNotCompleteError(
-                f"no complete dump in {images.path} after {timeout:g} s ({inventory.name}, "
-                "which a dump writes last, never came): is the dump writing there (or the "
-                "copy of its images coming there)? Restore once it is, or wait longer "
-                "(--wait-for-images SECONDS)")
-        time.sleep(poll)
-    waited = time.monotonic() - started
+             images.path, wait.inventory.name)
+    for pause in wait.pauses():
+        time.sleep(pause)
+    if not wait.complete:
+        raise ImagesNotCompleteError(
+            f"no complete dump in {images.path} after {timeout:g} s ({wait.inventory.name}, "
+            "which a dump writes last, never came): is the dump writing there (or the "
+            "copy of its images coming there)? Restore once it is, or wait longer "
+            "(--wait-for-images SECONDS)")
+    waited = wait.waited
     log.info("images complete after %.3f s of waiting: restoring", waited)
     return waited

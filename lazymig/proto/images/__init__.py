@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lazymig.proto.images._dir import ImagesDir, Pagemap, PagemapReader, PagemapWriter
+from lazymig.proto.images._dir import ImagesDir, ImagesWait, Pagemap, PagemapReader, PagemapWriter
 from lazymig.proto.images._framing import (
     DEFAULT_MAX_ENTRY_SIZE,
     ImageReader,
@@ -164,6 +164,7 @@ __all__ = [
     "ImageReader",
     "ImageWriter",
     "ImagesDir",
+    "ImagesWait",
     "InotifyFileEntry",
     "InotifyWdEntry",
     "InventoryEntry",

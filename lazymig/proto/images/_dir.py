@@ -1,8 +1,26 @@
-"""Pagemap reader/writer and the :class:`ImagesDir` façade over a CRIU images directory."""
+"""Pagemap reader/writer, the :class:`ImagesDir` façade over a CRIU images directory,
+and :class:`ImagesWait`, for a dump's images to be complete.
+
+A dump's images are complete once its ``inventory.img`` is there. A dump writes
+``inventory.img`` last and atomically (a temporary file renamed into place, as
+every :class:`ImagesDir` writer does), so its presence marks a complete dump
+(:func:`~lazymig.dump.images.write_images`, a tree's dump too); whoever copies
+the images to the destination copies it last. An images directory that holds
+the ``inventory.img`` of an older dump looks complete at once.
+
+Waiting polls for the file every :data:`POLL` seconds: one ``stat`` each time, a
+bound on the delay it adds, and it works on any filesystem the images come in on
+(inotify would miss a file written by another host on NFS). The wait is written
+once, as the pauses between two looks (:meth:`ImagesWait.pauses`): a blocking
+caller sleeps them (``lazymig restore --wait-for-images``, before its event loop
+runs), an event loop awaits them (``lazymig lazy-pages --wait-for-page-server``),
+and each says in its own words what timed out.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +44,7 @@ if TYPE_CHECKING:  # protobuf's runtime is loaded by the readers and writers tha
 
     from lazymig.proto.images import core_pb2, inventory_pb2, mm_pb2, pstree_pb2
 
-__all__ = ["ImagesDir", "Pagemap", "PagemapReader", "PagemapWriter"]
+__all__ = ["POLL", "ImagesDir", "ImagesWait", "Pagemap", "PagemapReader", "PagemapWriter"]
 
 _TASKS_WITH_MEMORY = frozenset((TASK_ALIVE, TASK_STOPPED))
 """CRIU's core ``tc.task_state`` of a task with a memory image: TASK_ALIVE, TASK_STOPPED
@@ -364,6 +382,43 @@ class ImagesDir:
         path, index = self.page_index(pid)
         offset = index.offset(vaddr, nr_pages)
         return None if offset is None else (path, offset)
+
+
+POLL = 0.001
+"""Seconds between two looks for ``inventory.img``: at most this much is added to the
+downtime, for a ``stat`` a millisecond while waiting."""
+
+
+class ImagesWait:
+    """A wait of up to ``timeout`` seconds, from now, for ``images`` to be complete."""
+
+    def __init__(self, images: ImagesDir, timeout: float, *, poll: float = POLL) -> None:
+        self.images = images
+        self.inventory = images.image_path(ImageKind.INVENTORY)
+        """The file whose presence marks a complete dump."""
+        self.timeout = timeout
+        self.poll = poll
+        self._started = time.monotonic()
+
+    @property
+    def complete(self) -> bool:
+        """True once the images are complete (one ``stat``)."""
+        return self.inventory.exists()
+
+    @property
+    def waited(self) -> float:
+        """Seconds since this wait began."""
+        return time.monotonic() - self._started
+
+    def pauses(self) -> Iterator[float]:
+        """The pauses to sleep (or await) between two looks: they end once the images
+        are complete or ``timeout`` seconds after the wait began, whichever comes first
+        (:attr:`complete` then tells which)."""
+        deadline = self._started + self.timeout
+        while not self.complete:
+            if time.monotonic() >= deadline:
+                return
+            yield self.poll
 
 
 # -- the fields a daemon reads, without protobuf's runtime (see _wire) --------------------
