@@ -29,7 +29,14 @@ from lazymig.dump.images import read_lazymig_entry
 from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
 from lazymig.errors import ConfigurationError, ImageError, LazyMigError
 from lazymig.linux.cpuid import xstate_layout
-from lazymig.proto.constants import MAP_PRIVATE, MAP_SHARED, PROT_WRITE, VmaStatus
+from lazymig.proto.constants import (
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PROT_WRITE,
+    TASK_ALIVE,
+    TASK_STOPPED,
+    VmaStatus,
+)
 from lazymig.proto.images import (
     CoreEntry,
     FileEntry,
@@ -39,6 +46,7 @@ from lazymig.proto.images import (
     MmEntry,
     PagemapEntry,
     PageRange,
+    PstreeEntry,
     core_x86_pb2,
     fdinfo_pb2,
     lazy_ranges,
@@ -48,7 +56,7 @@ from lazymig.restore.anon_files import ANON_TYPES, anon_refusal
 from lazymig.restore.threads import DumpedThread
 
 __all__ = ["DumpedTask", "FdInheritance", "InheritFd", "UnsupportedDumpError", "check_files",
-           "load_task", "plan_given_fds"]
+           "load_process", "load_task", "plan_given_fds"]
 
 _INHERIT_RE: Final = re.compile(r"fd\[(\d+)\]:(.+)")
 
@@ -217,23 +225,33 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
     elif len(tree) != 1:
         raise UnsupportedDumpError(f"the dump holds {len(tree)} processes: restore it with "
                                    "lazymig.restore.tree.TreeRestorer")
-    pid = tree[0].pid
-    if not tree[0].threads or tree[0].threads[0] != pid:
-        raise ImageError(f"pstree.img lists threads {list(tree[0].threads)} for process {pid}, "
+    return load_process(images, tree[0], lazy_pages=lazy_pages, fds=fds)
+
+
+def load_process(images: ImagesDir, entry: PstreeEntry, *, lazy_pages: bool,
+                 fds: FdInheritance | None = None, core: CoreEntry | None = None
+                 ) -> DumpedTask:
+    """:func:`load_task` of the process of pstree entry ``entry``, for a caller that
+    has read ``pstree.img`` already (and its ``core``: a tree's loader reads each
+    process's to tell zombies apart), so that nothing is read twice."""
+    pid = entry.pid
+    if not entry.threads or entry.threads[0] != pid:
+        raise ImageError(f"pstree.img lists threads {list(entry.threads)} for process {pid}, "
                          "not its leader first")
     if not images.image_path(ImageKind.LAZYMIG, pid).exists():
         raise UnsupportedDumpError(f"no lazymig-{pid}.img in {images.path}: the dump was not "
                                    "written by `lazymig dump` (CRIU dumps need `criu restore`)")
     extra = read_lazymig_entry(images, pid)
-    core = images.core(pid)
+    if core is None:
+        core = images.core(pid)
     mm = images.mm(pid)
     xstates = {t.tid: t.xstate for t in extra.threads}
     threads = tuple(DumpedThread(tid, images.core(tid), xstates.get(tid, b""))
-                    for tid in tree[0].threads[1:])
+                    for tid in entry.threads[1:])
     if any(c.thread_info.gpregs.mode != core_x86_pb2.NATIVE
            for c in (core, *(t.core for t in threads))):
         raise UnsupportedDumpError(f"process {pid} is a 32-bit (compat) task")
-    if core.tc.task_state not in (1, 3):
+    if core.tc.task_state not in (TASK_ALIVE, TASK_STOPPED):
         raise UnsupportedDumpError(f"process {pid} was dumped in task state "
                                    f"{core.tc.task_state} (dead or zombie)")
     creds = core.thread_core.creds
@@ -300,7 +318,7 @@ def load_task(images: ImagesDir, *, lazy_pages: bool,
             lazy = tuple(lazy_ranges(entries, [(v.start, v.end) for v in mm.vmas]))
         except ConfigurationError as exc:
             raise ImageError(str(exc), path=images.image_path(ImageKind.MM, pid)) from exc
-    return DumpedTask(pid=pid, pgid=tree[0].pgid, sid=tree[0].sid, core=core, mm=mm,
+    return DumpedTask(pid=pid, pgid=entry.pgid, sid=entry.sid, core=core, mm=mm,
                       extra=extra, pages_id=pagemap.pages_id, entries=entries, lazy=lazy,
                       files=files, threads=threads, given_fds=given, memfds=memfds)
 

@@ -61,7 +61,7 @@ from lazymig.proto.images import ImagesDir, PstreeEntry
 from lazymig.restore.files import TreeFiles, restore_files
 from lazymig.restore.pids import fork
 from lazymig.restore.shmem import shared_vmas
-from lazymig.restore.task import DumpedTask, FdInheritance, load_task
+from lazymig.restore.task import DumpedTask, FdInheritance, load_process
 from lazymig.uffd.handover import send_restore_finished, send_task, send_zombie
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def _load(images: ImagesDir, lazy_pages: bool, fds: FdInheritance) -> _Tree:
         if core.HasField("tc") and core.tc.task_state == TASK_DEAD:
             zombies[e.pid] = core.tc.exit_code
         else:
-            tasks[e.pid] = load_task(images, lazy_pages=lazy_pages, fds=fds, pid=e.pid)
+            tasks[e.pid] = load_process(images, e, lazy_pages=lazy_pages, fds=fds, core=core)
     return _Tree(entries, tasks, zombies)
 
 
