@@ -47,10 +47,12 @@ import json
 import mmap
 import os
 import random
+import re
 import select
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -298,9 +300,15 @@ class FaultRun:
     setup: str
     latencies: list[float] = dataclasses.field(default_factory=list)
     skipped: int = 0
+    behind: int | None = None  # lazymig: faults sent behind background requests
     daemon_rss_kib: int = 0
     daemon_cpu_s: float = 0.0
     error: str | None = None
+
+
+_BEHIND = re.compile(r"(\d+) sent behind background requests")
+"""In lazymig's summary line (logged with -v, as lazymig_argv runs it): its faults whose
+request went out with background requests in flight."""
 
 
 def _gnu_time(argv: list[str], out: str) -> list[str]:
@@ -369,6 +377,9 @@ def fault_run(setup: str, binary: Path, mib: int, touches: int) -> FaultRun:
             restored = 0
             sbs.reap(daemon, 60, "the lazy-pages daemon")
             run.daemon_cpu_s, run.daemon_rss_kib = _read_gnu_time(rss)
+            summary = d.host / "lazymig-lazy-pages.log"
+            if summary.exists() and (m := _BEHIND.search(summary.read_text(errors="replace"))):
+                run.behind = int(m[1])
         except Exception as exc:
             run.error = f"{type(exc).__name__}: {exc}"
             for log in sorted(d.host.glob("*.log")):
@@ -393,6 +404,9 @@ def criu_faults(args: argparse.Namespace) -> None:
         "bare uffd fault round trip (p50)": f"{bare_fault_rtt_us():.1f} us",
         "loopback 4 KiB request/reply (p50)": f"{machine.loopback_rtt_us():.1f} us",
         "minimal uvloop fault + 4 KiB GET, free": f"{fault_floor_us(PAGE_SIZE):.1f} us",
+        "peak RSS, asyncio + uvloop imported": f"{import_rss_kib(_FLOOR_MODULES) / 1024:.1f} MiB",
+        "peak RSS, the daemon's modules imported":
+            f"{import_rss_kib(_DAEMON_MODULES) / 1024:.1f} MiB",
     }
     for name, value in limits.items():
         print(f"  limit  {name:50} {value}")
@@ -421,19 +435,37 @@ def criu_faults(args: argparse.Namespace) -> None:
         lat = [v for r in good for v in r.latencies]
         p50, p99 = pct_us(lat, 0.5), pct_us(lat, 0.99)
         per_run = ", ".join(f"{pct_us(r.latencies, 0.5):.0f}" for r in good)
+        behind = [r.behind for r in good if r.behind is not None]
+        queued = f"; {sum(behind)} sent behind background requests" if behind else ""
         if setup == "CRIU":
             criu_p50, criu_p99 = p50, p99
         ratio = f"  {p50 / criu_p50:.2f}x / {p99 / criu_p99:.2f}x CRIU's p50 / p99" \
             if criu_p50 and criu_p99 else ""
         print(f"  {setup:46} p50 {p50:6.0f} us  p99 {p99:7.0f} us  "
-              f"({len(lat)} faults, {sum(r.skipped for r in good)} skipped; p50 per restore "
-              f"{per_run}){ratio}")
+              f"({len(lat)} faults, {sum(r.skipped for r in good)} skipped{queued}; "
+              f"p50 per restore {per_run}){ratio}")
         print(f"  {'':46} daemon peak RSS {max(r.daemon_rss_kib for r in good) / 1024:.1f} MiB, "
               f"CPU {statistics.median(r.daemon_cpu_s for r in good):.2f} s per restore "
               f"(start-up to exit)")
     for run in runs:
         if run.error:
             print(f"\nFAILED {run.setup}: {run.error}")
+
+
+_FLOOR_MODULES = ("asyncio", "uvloop")
+_DAEMON_MODULES = (*_FLOOR_MODULES, "lazymig.cli", "lazymig.cli.lazy_pages",
+                   "lazymig.uffd.daemon", "lazymig.uffd.source", "lazymig.proto.images")
+"""What ``lazymig lazy-pages`` imports before it serves (beside what those import)."""
+
+
+def import_rss_kib(modules: tuple[str, ...]) -> int:
+    """Peak RSS (KiB) of a fresh interpreter once it imported ``modules``: the floor under a
+    daemon's (from bytecode, as use_bytecode left it)."""
+    # VmHWM, not ru_maxrss: exec keeps the forking parent's peak in ru_maxrss.
+    code = (f"import {', '.join(modules)}; print(next(line.split()[1] for line in "
+            "open('/proc/self/status') if line.startswith('VmHWM')))")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout)
 
 
 def pct_us(values_us: list[float], q: float) -> float:

@@ -87,6 +87,7 @@ async def test_faults_prefetch_only_for_a_sequential_reader(
     assert report.ok, report
     [proc] = report.processes
     assert proc.pages_on_demand == proc.pages_copied == nr  # every page came with a fault
+    assert proc.faults_behind_background == 0  # no background: nothing ahead of a fault
     if scenario == "sequential":
         # Page 0 alone (nothing before it), page 1 with the rest of block 0, then one
         # fault per block, each right behind the previous one.

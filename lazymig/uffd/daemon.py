@@ -180,6 +180,9 @@ class ProcessReport:
     prefetched_faults: int = 0
     """Faults close behind the previous one (a sequential reader), which fetched their
     whole ``fault_prefetch`` block; the others fetched their own page only."""
+    faults_behind_background: int = 0
+    """Faults whose request went out while background requests were in flight (on one
+    connection to a page server, their replies come first)."""
     zero_pages: int = 0
     state: ProcessState = ProcessState.RUNNING
     reason: str | None = None
@@ -250,6 +253,7 @@ class _Process:
         self.pages_on_demand = 0
         self.faults = 0
         self.prefetched_faults = 0
+        self.faults_behind_background = 0
         self.zero_pages = 0
         self.handed_over = time.monotonic()
         self.fault_latency = LatencyHistogram()
@@ -306,8 +310,8 @@ class _Process:
         latency.merge(self.fault_latency)
         return ProcessReport(
             self.pid, self.pages_total, self.pages_copied, self.pages_on_demand, self.faults,
-            self.prefetched_faults, self.zero_pages, self.state, self.reason,
-            self.handed_over, self.host_pid, latency)
+            self.prefetched_faults, self.faults_behind_background, self.zero_pages,
+            self.state, self.reason, self.handed_over, self.host_pid, latency)
 
 
 class LazyPagesDaemon:
@@ -763,6 +767,8 @@ class LazyPagesDaemon:
         nr_pages = ranges.claim_fault(address, prefetch)
         if nr_pages:
             began = time.monotonic()
+            if self._bg_in_flight:
+                proc.faults_behind_background += 1
             self._urgent_in_flight += 1
             self.source.fetch(proc.pid, ranges.claimed_vaddr, nr_pages, proc, urgent=True)
             # Only a fault that must wait for a request of its own shrinks the background
@@ -1167,9 +1173,10 @@ class LazyPagesDaemon:
         latency = r.fault_latency()
         p50, p99 = ((latency.percentile(q) or 0.0) * 1e6 for q in (0.5, 0.99))
         log.info("lazy pages %s: %d processes, %.1f MiB copied, %.1f MB/s, %d faults "
-                 "(p50 %.0f us, p99 %.0f us)", "complete" if r.ok else "FAILED",
-                 len(r.processes), r.bytes_copied / 2**20, r.throughput() / 1e6,
-                 len(latency), p50, p99)
+                 "(p50 %.0f us, p99 %.0f us), %d sent behind background requests",
+                 "complete" if r.ok else "FAILED", len(r.processes), r.bytes_copied / 2**20,
+                 r.throughput() / 1e6, len(latency), p50, p99,
+                 sum(p.faults_behind_background for p in r.processes))
 
 
 def _thread_facts(tid: int, address: int) -> tuple[bool, int | None]:
