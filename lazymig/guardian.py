@@ -361,7 +361,7 @@ def _daemon_gone(wards: dict[int, _Ward]) -> int:
     forked child dies as a descendant of its parent), name the others if possible
     and kill them, and hold the uffds of those that cannot be named until they exit."""
     from lazymig.linux.uffd import memory_alive  # noqa: PLC0415 (only on this path)
-    from lazymig.uffd.identify import Identified, identify  # noqa: PLC0415
+    from lazymig.uffd.identify import Identified, identify, identify_forked  # noqa: PLC0415
 
     reason = "the lazy-pages daemon went away before every page arrived"
     probe = lowest_mappable()
@@ -372,7 +372,12 @@ def _daemon_gone(wards: dict[int, _Ward]) -> int:
             if key in done:
                 continue
             if ward.pidfd is None and ward.parent not in done:
-                found = identify(ward.pid, ward.ranges, ward.restorer, ())
+                # A forked child asks under its parent's image pid: it is one of the
+                # children of its parent (its ``restorer``), never the process so named.
+                claimed = [pidfd_pid(w.pidfd) for w in wards.values() if w.pidfd is not None]
+                found = identify(ward.pid, ward.ranges, ward.restorer, claimed) \
+                    if not ward.parent else \
+                    identify_forked(ward.restorer, ward.ranges, claimed, {ward.pid})
                 if isinstance(found, Identified):
                     ward.pidfd = found.pidfd
             if ward.pidfd is not None and (pid := pidfd_pid(ward.pidfd)) > 0:

@@ -8,6 +8,7 @@ to the daemon and checks every byte it reads against the dump's pattern.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import select
@@ -475,4 +476,68 @@ async def test_a_chunk_whose_first_page_is_there_already_is_copied_whole(
                 assert read["sha"] == [hashlib.sha256(page_pattern(pid, child.page(i)))
                                        .hexdigest()], f"page {i} is not what was dumped"
         finally:
+            await child.stop()
+
+
+async def _named(daemon: LazyPagesDaemon, index: int) -> int | None:
+    """The host pid the daemon named its ``index``-th process by, once it tried (None: it
+    could not, or not within 5 s)."""
+    for _ in range(250):
+        processes = daemon.report.processes
+        if len(processes) > index and processes[index].host_pid is not None:
+            return processes[index].host_pid
+        await asyncio.sleep(0.02)
+    return None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("forks", ["one_by_one", "back_to_back"])
+async def test_forked_children_are_never_taken_for_another_process(
+        tmp_path: Path, forks: str) -> None:
+    """A process forks two children while its pages are lazy, before its restore
+    finished (so before the daemon named it), and exits; the children read their pages
+    after it. Each child's uffd must be taken for that child or for no one: never for
+    its parent, whose image pid it asks under (the daemon once did so, and the parent's
+    exit then closed the child's uffd: the child read zeros), nor for its sibling (two
+    searches that ran side by side once gave both uffds the older child)."""
+    async with asyncio.timeout(60):
+        child = await Child.start(16, int(DEFAULT_FEATURES))
+        orphans: list[int] = []
+        try:
+            pid = child.pid  # the image pid names the parent, as criu restore's do
+            write_lazy_dump(tmp_path, {pid: [(child.addr, child.npages)]})
+            daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
+                                               background=False, fault_prefetch=1)
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
+                await send_task(conn, pid, child.uffd.fd)
+                child.uffd.close()
+                for k in (1, 2):
+                    orphans.append((await child.call(op="fork_orphan", addr=child.addr,
+                                                      n=child.npages))["pid"])
+                    if forks == "one_by_one":  # the daemon has looked for it
+                        await _named(daemon, k)
+                await child.exit()  # the children go on without it
+                for _ in range(500):  # the daemon saw the parent go
+                    if daemon.report.processes[0].state != "running":
+                        break
+                    await asyncio.sleep(0.02)
+                dumped = [hashlib.sha256(page_pattern(pid, child.page(i))).hexdigest()
+                          for i in range(child.npages)]
+                for _ in orphans:  # each reads its pages once its parent is gone
+                    read = await child.recv()
+                    assert read["sha"] == dumped, f"forked child {read['pid']} read zeros"
+                await send_restore_finished(conn)
+                report = await running
+            assert report.ok, report
+            assert [p.state for p in report.processes] == ["exited", "complete", "complete"]
+            named = [p.host_pid for p in report.processes[1:]]
+            assert named == orphans if forks == "one_by_one" else \
+                all(name in (orphan, None) for name, orphan in zip(named, orphans, strict=True)), \
+                (named, orphans, pid)
+        finally:
+            for orphan in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(orphan, signal.SIGKILL)
             await child.stop()

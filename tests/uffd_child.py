@@ -26,6 +26,10 @@ answered by one JSON message (``{"error": ...}`` on failure):
 * ``{"op": "fork", "addr", "n"}``: fork; the grandchild reads n pages at addr,
   sends ``{"from": "grandchild", "sha": [...]}`` and exits; then the child
   answers ``{"from": "child", "pid": grandchild pid, "status": wait status}``.
+* ``{"op": "fork_orphan", "addr", "n"}``: fork; answers ``{"pid": grandchild pid}``.
+  The grandchild waits until this child has exited (a forked process that outlives
+  its parent), then reads n pages at addr, sends ``{"pid": its pid, "sha": [...]}``
+  and exits.
 * ``{"op": "exit"}``: ``os._exit(0)`` at once, no answer.
 
 It leaves with ``os._exit`` so that no interpreter clean-up ever unmaps
@@ -41,6 +45,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,19 +132,22 @@ def _serve(sock: socket.socket, cmd: dict[str, Any]) -> dict[str, Any]:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
         return {"from": "child", "pid": pid, "status": status}
+    if op == "fork_orphan":
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while os.getppid() == parent:
+                    time.sleep(0.01)
+                _send(sock, {"pid": os.getpid(), "sha": _shas(addr, n)})
+            finally:
+                os._exit(1)
+        return {"pid": pid}
     raise ValueError(f"unknown op {op!r}")
 
 
-def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    npages = int(sys.argv[2])
-    features = int(sys.argv[3]) if len(sys.argv) > 3 else int(DEFAULT_FEATURES)
-    addr = _mmap(npages, PROT_RW)
-    uffd = Uffd.open(features, pid=os.getpid())
-    ioctls = uffd.register(addr, npages * PAGE_SIZE)
-    hello = {"addr": addr, "npages": npages, "pid": os.getpid(), "ioctls": int(ioctls)}
-    socket.send_fds(sock, [json.dumps(hello).encode()], [uffd.fd])
-    uffd.close()
+def _obey(sock: socket.socket) -> None:
+    """Answer the commands on ``sock`` until told to exit (or the socket closes)."""
     while True:
         data = sock.recv(65536)
         if not data:
@@ -152,6 +160,19 @@ def main() -> None:
         except Exception as exc:
             reply = {"error": repr(exc)}
         _send(sock, reply)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    npages = int(sys.argv[2])
+    features = int(sys.argv[3]) if len(sys.argv) > 3 else int(DEFAULT_FEATURES)
+    addr = _mmap(npages, PROT_RW)
+    uffd = Uffd.open(features, pid=os.getpid())
+    ioctls = uffd.register(addr, npages * PAGE_SIZE)
+    hello = {"addr": addr, "npages": npages, "pid": os.getpid(), "ioctls": int(ioctls)}
+    socket.send_fds(sock, [json.dumps(hello).encode()], [uffd.fd])
+    uffd.close()
+    _obey(sock)
 
 
 if __name__ == "__main__":

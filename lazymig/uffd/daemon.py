@@ -68,6 +68,7 @@ import contextlib
 import enum
 import errno
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -99,7 +100,7 @@ from lazymig.proto.uffd import (
     decode_events,
 )
 from lazymig.uffd.handover import ReceivedTask, receive_record
-from lazymig.uffd.identify import Identified, identify
+from lazymig.uffd.identify import Identified, identify, identify_forked
 from lazymig.uffd.latency import LatencyHistogram
 from lazymig.uffd.ranges import LazyRanges
 from lazymig.uffd.source import FailedPageSource, PageSource, RemotePageSource
@@ -271,9 +272,10 @@ class _Process:
         self.readers: set[int] = set()  # tids of other processes that read its memory
         self.learning: set[int] = set()  # tids being told apart (see _learn_thread)
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once its state is final (see _check_done)."""
         self.guardian: socket.socket | None = None  # its restorer's connection
         self.forked = False  # a FORK event's child (its guardian lacks its uffd)
-        """Done once its state is final (see _check_done)."""
+        self.parent: _Process | None = None  # the process it forked from (FORK event)
 
     @property
     def active(self) -> bool:
@@ -386,6 +388,9 @@ class LazyPagesDaemon:
         self._done = asyncio.Event()
         self._poll = source.poll if fault_poll > 0 else None
         self._guardians: set[socket.socket] = set()  # restorer connections a guardian holds
+        self._naming = asyncio.Lock()  # one search for processes at a time (see _identify)
+        self._keys = itertools.count(1)  # the guardian's names for processes
+        self._probe = lowest_mappable()  # a page no process maps (memory_alive)
         if isinstance(source, RemotePageSource):
             # Fetching on faults only, nothing else would tell: the processes must not
             # wait for a page that can no longer come (their next fault would find out).
@@ -577,8 +582,8 @@ class LazyPagesDaemon:
     def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges,
                image_ranges: list[tuple[int, int]], restorer: int, *,
                parent: _Process | None = None) -> _Process:
-        proc = _Process(self, len(self._processes) + 1, pid, uffd, ranges, image_ranges,
-                        restorer)
+        proc = _Process(self, next(self._keys), pid, uffd, ranges, image_ranges, restorer)
+        proc.parent = parent
         self._processes.append(proc)
         asyncio.get_running_loop().add_reader(uffd.fd, self._on_uffd_readable, proc)
         log.info("pid %d handed over: %d lazy pages", pid, proc.pages_total)
@@ -600,25 +605,52 @@ class LazyPagesDaemon:
     async def _identify(self, procs: list[_Process], *, tries: int = 1) -> None:
         """Name the process each of ``procs`` serves (:mod:`lazymig.uffd.identify`), in
         a thread: it reads /proc. ``tries``: a forked child appears in /proc only once
-        its parent's fork returned, after the daemon read the FORK event."""
-        todo = [p for p in procs if p.host_pid is None and not p.identifying
+        its parent's fork returned, after the daemon read the FORK event.
+
+        One search at a time, in the order asked (FORK events' order), each seeing every
+        process named before it as claimed: two siblings forked moments apart look the
+        same, and a search that ran beside another once gave the younger child's uffd
+        its older sibling's process, whose exit then closed the uffd of a child still
+        missing pages (they read as zeros). A forked child is searched for among its
+        parent's children, its parent named first if it is not yet."""
+        async with self._naming:
+            await self._identify_now(procs, tries)
+
+    async def _identify_now(self, procs: list[_Process], tries: int) -> None:
+        wanted: list[_Process] = []
+        for proc in procs:
+            if proc.parent is not None and proc.parent.host_pid is None:
+                wanted.append(proc.parent)  # a forked child is found among its children
+            wanted.append(proc)
+        todo = [p for p in dict.fromkeys(wanted) if p.host_pid is None and not p.identifying
                 and p.state not in _FINAL]
         if not todo:
             return
         for proc in todo:
             proc.identifying = True
         claimed = {p.host_pid for p in self._processes if p.host_pid is not None}
+        restored = frozenset(p.pid for p in self._processes if p.parent is None)
+        known = {p.key: p.host_pid for p in self._processes if p.host_pid is not None}
+
+        def search(proc: _Process) -> Identified | str:
+            if proc.parent is None:
+                return identify(proc.pid, proc.image_ranges, proc.restorer, claimed)
+            parent = known.get(proc.parent.key)
+            if parent is None:
+                return f"its parent (pid {proc.parent.pid}) could not be identified"
+            return identify_forked(parent, proc.image_ranges, claimed, restored)
 
         def find() -> list[Identified | str]:
             found: list[Identified | str] = []
             for proc in todo:
                 for attempt in range(tries):
-                    result = identify(proc.pid, proc.image_ranges, proc.restorer, claimed)
+                    result = search(proc)
                     if isinstance(result, Identified) or attempt == tries - 1:
                         break
                     time.sleep(0.02)
                 if isinstance(result, Identified):
                     claimed.add(result.pid)
+                    known[proc.key] = result.pid
                 found.append(result)
             return found
 
@@ -656,7 +688,34 @@ class LazyPagesDaemon:
             self._kill(proc, proc.reason or "its pages will never arrive")
 
     def _on_exit(self, proc: _Process) -> None:
+        """Its pidfd turned readable: the process the daemon took it for exited. Its
+        uffd has the last word: should the memory it fills still be in use, the name was
+        wrong (or a /proc reader holds that memory a moment longer), and closing the uffd
+        would leave a running process reading zeros where pages are missing."""
+        if proc.state not in _FINAL and not proc.uffd.closed and \
+                memory_alive(proc.uffd.fd, self._probe):
+            self._unname(proc)
+            return
         self._finish(proc, ProcessState.EXITED, "the process exited", force=True)
+
+    def _unname(self, proc: _Process) -> None:
+        """Forget the process ``proc`` was taken for: its exit is watched through its uffd
+        (:meth:`_watch_exits`), and should its pages never come it is held, not killed.
+        The guardian, which let go of it when that process exited, holds it again."""
+        pidfd, proc.pidfd = proc.pidfd, None
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+        proc.unidentified = f"process {proc.host_pid}, taken for it, exited while its memory " \
+                            "is still in use"
+        log.warning("pid %d: %s; it is watched through its userfaultfd instead", proc.pid,
+                    proc.unidentified)
+        proc.host_pid = None
+        if self._guardian is not None:
+            proc.key = next(self._keys)
+            self._guardian.hold(proc.key, proc.pid, proc.uffd.fd, restorer=proc.restorer,
+                                ranges=proc.image_ranges,
+                                parent=proc.parent.key if proc.parent else 0)
 
     # ------------------------------------------------------------------ faults
 
@@ -976,7 +1035,7 @@ class LazyPagesDaemon:
         :meth:`_identified`); for the others, the thread ids that came with faults,
         or the uffd itself (:func:`~lazymig.linux.uffd.memory_alive`).
         """
-        probe = lowest_mappable()
+        probe = self._probe
         while True:
             await asyncio.sleep(period)
             for proc in self._processes:
@@ -1091,7 +1150,7 @@ class LazyPagesDaemon:
         holding its uffd, trying again every :data:`HOLD_RETRY` s, until it can be
         killed or the daemon is cancelled again (its guardian then holds it). The
         page-server session ends with a reset (the dump side keeps its source)."""
-        probe = lowest_mappable()
+        probe = self._probe
         told: set[int] = set()
         try:
             while unsettled := self._unsettled():

@@ -19,6 +19,16 @@ holds none (a restorer gone, its tree reparented) are all processes searched,
 and then only a unique match counts. The match is checked again after its
 pidfd is opened, so the pidfd names that process even if its pid is reused.
 
+A child forked during the lazy phase (UFFD_EVENT_FORK) asks under its parent's
+image pid, but it is never the process that pid names: it is one of its
+parent's own children (:func:`identify_forked`), the only one no other uffd
+serves that covers the ranges. Its siblings look the same (same mappings, same
+image pid), so the caller must name forked children one at a time, in the order
+of their FORK events, each search seeing every process named before it as
+claimed: a child searched for before it appears in /proc (its pid comes after
+the FORK event is read) must not be given an older sibling's process, whose
+exit would then close its uffd (its missing pages would read as zeros).
+
 This reads /proc (every process's stat, candidates' smaps): it blocks, so the
 daemon runs it in a thread (:func:`asyncio.to_thread`), once per process, when
 its restorer says the restore finished (CRIU's restorer registers the ranges
@@ -33,10 +43,10 @@ import os
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from lazymig.linux.procfs import descendants, ns_pids, processes, userfaultfd_vmas
+from lazymig.linux.procfs import children, descendants, ns_pids, processes, userfaultfd_vmas
 from lazymig.proto.constants import PAGE_SIZE
 
-__all__ = ["Identified", "identify"]
+__all__ = ["Identified", "identify", "identify_forked"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,38 @@ def identify(image_pid: int, ranges: Sequence[tuple[int, int]], restorer_pid: in
                     f"userfaultfd-registered mappings covering its lazy ranges")
         return (f"processes {sorted(fitting)} all have userfaultfd-registered mappings "
                 f"covering its lazy ranges")
+    return _pinned(pid, ranges)
+
+
+def identify_forked(parent_pid: int, ranges: Sequence[tuple[int, int]],
+                    claimed: Collection[int] = (), restored: Collection[int] = ()
+                    ) -> Identified | str:
+    """Find the child that a FORK event's uffd serves: a child of process ``parent_pid``
+    (the forking process, as the daemon's /proc names it) that is not ``claimed``
+    (served by another uffd), whose innermost pid is none of ``restored`` (the image
+    pids handed over: processes of the restored tree, which may map the same
+    addresses) and whose userfaultfd-registered mappings cover ``ranges`` (its
+    parent's lazy ranges). Only a unique match counts. Blocking (it reads /proc).
+
+    Returns:
+        the process, or why it could not be told (none fits yet: it appears in /proc
+        only once its parent's fork returned; or several do).
+    """
+    if not ranges:
+        return "it has no lazy range to recognise it by"
+    fitting = [p for p in children(parent_pid) if p not in claimed
+               and _inner_pid(p) not in restored and _covers(p, ranges)]
+    if not fitting:
+        return (f"no child of process {parent_pid} that another uffd does not serve has "
+                f"userfaultfd-registered mappings covering its lazy ranges")
+    if len(fitting) > 1:
+        return (f"children {sorted(fitting)} of process {parent_pid} all have "
+                f"userfaultfd-registered mappings covering its lazy ranges")
+    return _pinned(fitting[0], ranges)
+
+
+def _pinned(pid: int, ranges: Sequence[tuple[int, int]]) -> Identified | str:
+    """A pidfd of ``pid``, if it is still the process that fitted."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
