@@ -68,7 +68,6 @@ import contextlib
 import enum
 import errno
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -389,7 +388,6 @@ class LazyPagesDaemon:
         self._poll = source.poll if fault_poll > 0 else None
         self._guardians: set[socket.socket] = set()  # restorer connections a guardian holds
         self._naming = asyncio.Lock()  # one search for processes at a time (see _identify)
-        self._keys = itertools.count(1)  # the guardian's names for processes
         self._probe = lowest_mappable()  # a page no process maps (memory_alive)
         if isinstance(source, RemotePageSource):
             # Fetching on faults only, nothing else would tell: the processes must not
@@ -582,7 +580,8 @@ class LazyPagesDaemon:
     def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges,
                image_ranges: list[tuple[int, int]], restorer: int, *,
                parent: _Process | None = None) -> _Process:
-        proc = _Process(self, next(self._keys), pid, uffd, ranges, image_ranges, restorer)
+        proc = _Process(self, len(self._processes) + 1, pid, uffd, ranges, image_ranges,
+                        restorer)
         proc.parent = parent
         self._processes.append(proc)
         asyncio.get_running_loop().add_reader(uffd.fd, self._on_uffd_readable, proc)
@@ -701,7 +700,8 @@ class LazyPagesDaemon:
     def _unname(self, proc: _Process) -> None:
         """Forget the process ``proc`` was taken for: its exit is watched through its uffd
         (:meth:`_watch_exits`), and should its pages never come it is held, not killed.
-        The guardian, which let go of it when that process exited, holds it again."""
+        (The daemon's guardian let go of it when that process exited: should the daemon
+        die now, nothing holds its uffd.)"""
         pidfd, proc.pidfd = proc.pidfd, None
         if pidfd is not None:
             asyncio.get_running_loop().remove_reader(pidfd)
@@ -711,11 +711,6 @@ class LazyPagesDaemon:
         log.warning("pid %d: %s; it is watched through its userfaultfd instead", proc.pid,
                     proc.unidentified)
         proc.host_pid = None
-        if self._guardian is not None:
-            proc.key = next(self._keys)
-            self._guardian.hold(proc.key, proc.pid, proc.uffd.fd, restorer=proc.restorer,
-                                ranges=proc.image_ranges,
-                                parent=proc.parent.key if proc.parent else 0)
 
     # ------------------------------------------------------------------ faults
 
