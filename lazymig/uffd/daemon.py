@@ -611,7 +611,9 @@ class LazyPagesDaemon:
         same, and a search that ran beside another once gave the younger child's uffd
         its older sibling's process, whose exit then closed the uffd of a child still
         missing pages (they read as zeros). A forked child is searched for among its
-        parent's children, its parent named first if it is not yet."""
+        parent's children, its parent named first if it is not yet; siblings all there
+        at once are told apart by the order of their FORK events
+        (:func:`~lazymig.uffd.identify.identify_forked`)."""
         async with self._naming:
             await self._identify_now(procs, tries)
 
@@ -623,55 +625,59 @@ class LazyPagesDaemon:
             wanted.append(proc)
         todo = [p for p in dict.fromkeys(wanted) if p.host_pid is None and not p.identifying
                 and p.state not in _FINAL]
-        if not todo:
-            return
         for proc in todo:
             proc.identifying = True
-        claimed = {p.host_pid for p in self._processes if p.host_pid is not None}
-        restored = frozenset(p.pid for p in self._processes if p.parent is None)
-        known = {p.key: p.host_pid for p in self._processes if p.host_pid is not None}
-
-        def search(proc: _Process) -> Identified | str:
-            if proc.parent is None:
-                return identify(proc.pid, proc.image_ranges, proc.restorer, claimed)
-            parent = known.get(proc.parent.key)
-            if parent is None:
-                return f"its parent (pid {proc.parent.pid}) could not be identified"
-            return identify_forked(parent, proc.image_ranges, claimed, restored)
-
-        def find() -> list[Identified | str]:
-            found: list[Identified | str] = []
-            for proc in todo:
-                for attempt in range(tries):
-                    result = search(proc)
-                    if isinstance(result, Identified) or attempt == tries - 1:
-                        break
-                    time.sleep(0.02)
-                if isinstance(result, Identified):
-                    claimed.add(result.pid)
-                    known[proc.key] = result.pid
-                found.append(result)
-            return found
-
         try:
-            results = await asyncio.to_thread(find)
+            for proc in todo:
+                result = await self._search(proc, tries)
+                if isinstance(result, Identified):
+                    self._identified(proc, result)
+                elif result is not None:
+                    self._unidentified(proc, result)
         finally:
             for proc in todo:
                 proc.identifying = False
-        for proc, result in zip(todo, results, strict=True):
-            if isinstance(result, str):
-                first, proc.unidentified = proc.unidentified is None, result
-                # A forked child that exits at once is common, and a small process
-                # has all its pages before it is looked for: no warning for those.
-                if first and (proc.forked or not proc.ranges.pages_pending):
-                    log.info("pid %d: its process could not be identified (%s), with %d "
-                             "pages missing", proc.pid, result, proc.ranges.pages_pending)
-                elif first:
-                    log.warning("pid %d: its process could not be identified (%s); should its "
-                                "pages never arrive, it is held rather than killed", proc.pid,
-                                result)
-                continue
-            self._identified(proc, result)
+
+    async def _search(self, proc: _Process, tries: int) -> Identified | str | None:
+        """One search for ``proc``'s process, in a thread, tried again every 20 ms up to
+        ``tries`` times; each try sees the daemon as it is then (who is named, which of
+        a parent's forked children are not yet). None: it settled meanwhile."""
+        result: Identified | str | None = None
+        for attempt in range(tries):
+            if attempt:
+                await asyncio.sleep(0.02)
+            if proc.state in _FINAL:
+                return None
+            claimed = {p.host_pid for p in self._processes if p.host_pid is not None}
+            parent = proc.parent
+            if parent is None:
+                search = functools.partial(identify, proc.pid, proc.image_ranges,
+                                           proc.restorer, claimed)
+            elif parent.host_pid is None:
+                return f"its parent (pid {parent.pid}) could not be identified"
+            else:
+                restored = {p.pid for p in self._processes if p.parent is None}
+                # Its siblings not named yet, in the order of their FORK events.
+                siblings = [p.key for p in self._processes if p.parent is parent
+                            and p.host_pid is None and p.state not in _FINAL]
+                search = functools.partial(
+                    identify_forked, parent.host_pid, proc.image_ranges, claimed, restored,
+                    (siblings.index(proc.key), len(siblings)))
+            result = await asyncio.to_thread(search)
+            if isinstance(result, Identified):
+                return result
+        return result
+
+    def _unidentified(self, proc: _Process, reason: str) -> None:
+        first, proc.unidentified = proc.unidentified is None, reason
+        # A forked child that exits at once is common, and a small process has all its
+        # pages before it is looked for: no warning for those.
+        if first and (proc.forked or not proc.ranges.pages_pending):
+            log.info("pid %d: its process could not be identified (%s), with %d pages "
+                     "missing", proc.pid, reason, proc.ranges.pages_pending)
+        elif first:
+            log.warning("pid %d: its process could not be identified (%s); should its pages "
+                        "never arrive, it is held rather than killed", proc.pid, reason)
 
     def _identified(self, proc: _Process, found: Identified) -> None:
         if proc.state in _FINAL:  # settled meanwhile

@@ -39,11 +39,20 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import os
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from lazymig.linux.procfs import children, descendants, ns_pids, processes, userfaultfd_vmas
+from lazymig.linux.procfs import (
+    children,
+    descendants,
+    ns_pids,
+    processes,
+    read_stat,
+    threads,
+    userfaultfd_vmas,
+)
 from lazymig.proto.constants import PAGE_SIZE
 
 __all__ = ["Identified", "identify", "identify_forked"]
@@ -132,14 +141,22 @@ def identify(image_pid: int, ranges: Sequence[tuple[int, int]], restorer_pid: in
 
 
 def identify_forked(parent_pid: int, ranges: Sequence[tuple[int, int]],
-                    claimed: Collection[int] = (), restored: Collection[int] = ()
-                    ) -> Identified | str:
+                    claimed: Collection[int] = (), restored: Collection[int] = (),
+                    order: tuple[int, int] | None = None) -> Identified | str:
     """Find the child that a FORK event's uffd serves: a child of process ``parent_pid``
     (the forking process, as the daemon's /proc names it) that is not ``claimed``
     (served by another uffd), whose innermost pid is none of ``restored`` (the image
     pids handed over: processes of the restored tree, which may map the same
     addresses) and whose userfaultfd-registered mappings cover ``ranges`` (its
-    parent's lazy ranges). Only a unique match counts. Blocking (it reads /proc).
+    parent's lazy ranges). Blocking (it reads /proc).
+
+    A unique match counts. Several match when siblings forked moments apart are all
+    there before the older is named; ``order`` ``(i, n)`` then says that it is the
+    i-th (from 0), in the order of their FORK events, of the ``n`` children of this
+    parent the caller follows and has not named yet. A parent with one thread makes
+    its children one at a time, and a child's pid is given only after its FORK event
+    was read: the i-th of them by pid is it, if exactly ``n`` fit and their start
+    times rise with their pids (no pid wrapped round).
 
     Returns:
         the process, or why it could not be told (none fits yet: it appears in /proc
@@ -152,10 +169,33 @@ def identify_forked(parent_pid: int, ranges: Sequence[tuple[int, int]],
     if not fitting:
         return (f"no child of process {parent_pid} that another uffd does not serve has "
                 f"userfaultfd-registered mappings covering its lazy ranges")
-    if len(fitting) > 1:
-        return (f"children {sorted(fitting)} of process {parent_pid} all have "
-                f"userfaultfd-registered mappings covering its lazy ranges")
-    return _pinned(fitting[0], ranges)
+    if len(fitting) == 1:
+        return _pinned(fitting[0], ranges)
+    if order is not None and len(fitting) == order[1] and len(threads(parent_pid)) == 1:
+        ranked = _in_fork_order(fitting)
+        if ranked is not None:
+            return _pinned(ranked[order[0]], ranges)
+    return (f"children {sorted(fitting)} of process {parent_pid} all have "
+            f"userfaultfd-registered mappings covering its lazy ranges")
+
+
+def _in_fork_order(pids: Sequence[int]) -> list[int] | None:
+    """``pids`` in the order they were forked: by innermost pid, if their start times
+    agree (None if not, or if one is gone)."""
+    keyed = []
+    for pid in pids:
+        inner = _inner_pid(pid)
+        try:
+            _, fields = read_stat(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        if inner is None:
+            return None
+        keyed.append((inner, fields[22], pid))
+    keyed.sort()
+    if any(a[1] > b[1] for a, b in itertools.pairwise(keyed)):
+        return None
+    return [pid for _, _, pid in keyed]
 
 
 def _pinned(pid: int, ranges: Sequence[tuple[int, int]]) -> Identified | str:
