@@ -22,6 +22,7 @@ __all__ = [
     "API_STRUCT",
     "CONTINUE_STRUCT",
     "COPY_STRUCT",
+    "DEFAULT_FEATURES",
     "MOVE_STRUCT",
     "MSG_SIZE",
     "NR_USERFAULTFD",
@@ -127,6 +128,12 @@ class Feature(enum.IntFlag):
     POISON = 1 << 14
     WP_ASYNC = 1 << 15
     MOVE = 1 << 16
+
+
+DEFAULT_FEATURES: Final = (
+    Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
+)
+"""What CRIU's restorer asks for (criu/uffd.c ``uffd_open``)."""
 
 
 def feature_names(features: int) -> list[str]:

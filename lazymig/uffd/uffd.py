@@ -31,6 +31,7 @@ from lazymig.linux.uffd import UffdError, buffer_address
 from lazymig.proto.constants import PAGE_SIZE
 from lazymig.proto.uffd import (
     COPY_STRUCT,
+    DEFAULT_FEATURES,
     MSG_SIZE,
     UFFD_API,
     UFFD_USER_MODE_ONLY,
@@ -51,11 +52,6 @@ __all__ = [
     "UffdError",
     "kernel_features",
 ]
-
-DEFAULT_FEATURES: Final = (
-    Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
-)
-"""What CRIU's restorer asks for (criu/uffd.c ``uffd_open``)."""
 
 _REQUIRED_API_IOCTLS: Final = Ioctl.API | Ioctl.REGISTER | Ioctl.UNREGISTER
 
