@@ -30,7 +30,16 @@ from fuzz.targets import (
     write_small_dump,
 )
 from lazymig.proto.constants import PAGE_SIZE, PE
-from lazymig.proto.handover import encode_restore_finished, encode_task, encode_zombie
+from lazymig.proto.handover import (
+    Guarded,
+    GuardianPresent,
+    HandoverConnection,
+    RestoreFinished,
+    TaskHandover,
+    TransferComplete,
+    ZombieTask,
+)
+from lazymig.proto.handover import Role as HandoverRole
 from lazymig.proto.pageserver import (
     AddPages,
     CloseReply,
@@ -104,6 +113,18 @@ def _uffd_messages() -> bytes:
     ])
 
 
+def _handover_seeds() -> list[bytes]:
+    """Both directions as lazymig speaks them, each behind a byte saying how it is cut."""
+    restorer = HandoverConnection(HandoverRole.RESTORER)
+    daemon = HandoverConnection(HandoverRole.DAEMON)
+    said = [daemon.send(Guarded()), restorer.send(TaskHandover(1234, 0)),
+            restorer.send(ZombieTask(77)), restorer.send(RestoreFinished()),
+            restorer.send(GuardianPresent()), daemon.send(TransferComplete())]
+    restorer_words = b"".join(seg.data for segs in said[1:5] for seg in segs)
+    daemon_words = b"".join(seg.data for segs in (said[0], said[5]) for seg in segs)
+    return [bytes([cut]) + words for cut in (0, 3) for words in (restorer_words, daemon_words)]
+
+
 def _image_seeds(directory: Path) -> list[bytes]:
     seeds = []
     for index, kind in enumerate(IMAGE_KINDS):
@@ -136,9 +157,7 @@ def seeds() -> dict[str, list[bytes]]:
             body = _server_replies(version, spec)
             found["pageserver_client"].append(params_byte(version, cut) + struct.pack("<H", spec)
                                               + body[:4096])
-    found["handover"].append(encode_task(1234) + b"\0" + encode_zombie(77)
-                             + encode_restore_finished())
-    found["handover"].append(encode_zombie(1) + encode_restore_finished())
+    found["handover"] += _handover_seeds()
     found["uffd_events"].append(_uffd_messages())
     with tempfile.TemporaryDirectory() as tmp:
         found["images"] += _image_seeds(write_small_dump(Path(tmp) / "small").path)

@@ -20,16 +20,8 @@ from pathlib import Path
 
 from lazymig.dump.store import ImagesPageStore
 from lazymig.errors import ImageError, RemoteProtocolError
+from lazymig.proto import handover as ho
 from lazymig.proto.constants import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PE, VmaStatus
-from lazymig.proto.handover import (
-    RestoreFinished,
-    TaskHandover,
-    ZombieTask,
-    decode_word,
-    encode_restore_finished,
-    encode_task,
-    encode_zombie,
-)
 from lazymig.proto.images import (
     CoreEntry,
     ImageKind,
@@ -67,7 +59,7 @@ from lazymig.proto.wire import (
     pack_header,
     unpack_header,
 )
-from lazymig.uffd.handover import ReceivedTask, receive_record
+from lazymig.uffd.handover import HandoverSession
 
 __all__ = ["IMAGE_KINDS", "LAZY_BASE", "TARGETS", "VERSIONS", "params_byte",
            "request_pipeline", "write_small_dump"]
@@ -215,35 +207,39 @@ def wire_header(data: bytes) -> None:
 
 # ---------------------------------------------------------------- handover
 
-async def _receive_all(sock: socket.socket) -> None:
-    while (record := await receive_record(sock)) is not None:
-        if isinstance(record, ReceivedTask):
-            raise AssertionError(f"an fd arrived where none was sent: {record}")
+async def _receive_all(session: HandoverSession) -> None:
+    while not isinstance(event := await session.next_event(), ho.ConnectionClosed):
+        if isinstance(event, ho.TaskHandover | ho.Forked):
+            raise AssertionError(f"an fd arrived where none was sent: {event}")
 
 
 def handover(data: bytes) -> None:
-    """The restorer's stream, word by word, then through a real socket."""
-    for off in range(0, len(data) - len(data) % 4, 4):
-        word = data[off:off + 4]
+    """The restorer's stream as the daemon reads it, and the daemon's as a guardian does:
+    first through the codec alone (each byte of the first one says how the rest is cut
+    into reads), then through a real socket."""
+    cut = 1 + (data[0] % 7 if data else 0)
+    for role, finished in ((ho.Role.DAEMON, False), (ho.Role.RESTORER, True)):
+        connection = ho.HandoverConnection(role, finished=finished)
         try:
-            record = decode_word(word)
+            for off in range(1, len(data) + 1, cut):
+                connection.receive_data(data[off:off + cut] or b"")
+                while not isinstance(event := connection.next_event(), type(ho.NEED_DATA)):
+                    assert not isinstance(event, ho.TaskHandover | ho.Forked)  # no fd was sent
+                    if isinstance(event, ho.ConnectionClosed):
+                        break
         except RemoteProtocolError:
-            continue
-        if isinstance(record, TaskHandover):
-            assert encode_task(record.pid) == word
-        elif isinstance(record, ZombieTask):
-            assert encode_zombie(record.pid) == word
-        else:
-            assert isinstance(record, RestoreFinished) and encode_restore_finished() == word
+            pass
+        assert connection.take_unclaimed_fds() == []
     sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with sender, receiver:
         receiver.setblocking(False)
-        sender.sendall(data[:4096])
+        sender.sendall(data[1:4097])
         sender.shutdown(socket.SHUT_WR)
-        try:
-            _loop().run_until_complete(asyncio.wait_for(_receive_all(receiver), 5))
-        except RemoteProtocolError:
-            pass
+        with HandoverSession(receiver, ho.Role.DAEMON) as session:
+            try:
+                _loop().run_until_complete(asyncio.wait_for(_receive_all(session), 5))
+            except RemoteProtocolError:
+                pass
 
 
 # ---------------------------------------------------------------- uffd messages

@@ -12,20 +12,22 @@ process run:
 
 * a duplicate of the process's uffd: while the guardian lives, the ranges stay
   registered and a missing page stops the faulting thread (frozen, not zeroed);
-* its end of the restorer's UNIX connection to the daemon: lazymig's daemon
-  writes :data:`GUARDED` as it accepts the connection (the guardian answers
-  :data:`GUARDIAN`) and, after "restore finished", keeps it open; it sends the
-  uffd of every child the process forks (:data:`FORKED`, held too), and once
-  every process handed over on it, and their children, are complete it writes
-  :data:`TRANSFER_COMPLETE` and closes it. EOF after GUARDED without that
-  word means the daemon is gone (the kernel closed its end) or gave up: the
-  guardian kills the restored process and its descendants (SIGKILL), then
-  lets go of the uffds. EOF before GUARDED is a daemon that does not speak
-  this (CRIU's): the guardian stands aside with a warning (a reset then still
-  kills: a daemon killed before it read the handover);
+* its end of the restorer's UNIX connection to the daemon (the words are
+  :mod:`lazymig.proto.handover`'s, the I/O :class:`~lazymig.uffd.handover.HandoverSession`'s):
+  lazymig's daemon says GUARDED as it accepts the connection (the guardian
+  answers GUARDIAN) and, after "restore finished", keeps it open; it sends the
+  uffd of every child the process forks (FORKED, held too), and once every
+  process handed over on it, and their children, are complete it says
+  TRANSFER_COMPLETE and closes it. EOF after GUARDED without that word means
+  the daemon is gone (the kernel closed its end) or gave up: the guardian
+  kills the restored process and its descendants (SIGKILL), then lets go of
+  the uffds. So does a word the daemon would never say. EOF before GUARDED is
+  a daemon that does not speak this (CRIU's): the guardian stands aside with a
+  warning (a reset then still kills: a daemon killed before it read the
+  handover);
 * a pidfd of the restored process: if it exits first, the guardian just ends.
 
-After :data:`TRANSFER_COMPLETE` the guardian closes its duplicate at once (the
+After TRANSFER_COMPLETE the guardian closes its duplicate at once (the
 daemon closed its own), so later faults are ordinary page faults again. The
 dump side is not involved: the daemon's TCP connection closes with a reset when
 it dies, and the page server keeps its source for a retry.
@@ -37,13 +39,13 @@ a duplicate of each uffd as it adopts the process (:data:`HOLD`), the process's
 pidfd once it identified it (:data:`IDENTIFIED`, see
 :mod:`lazymig.uffd.identify`), and :data:`RELEASE` once it is settled
 (complete, exited, or killed by the daemon itself). If the daemon's end closes
-before :data:`TRANSFER_COMPLETE` (SIGKILL, OOM, a crash), the guardian kills
+before :data:`DAEMON_DONE` (SIGKILL, OOM, a crash), the guardian kills
 every process it still holds that it can name, with its descendants, and keeps
 holding the uffds of those it cannot (they stop at their next missing page)
 until it is killed itself.
 
-This module imports nothing heavy: the guardian starts in a fresh interpreter
-while the restorer finishes.
+This module imports nothing heavy (no asyncio): the guardian starts in a fresh
+interpreter while the restorer finishes.
 """
 
 from __future__ import annotations
@@ -60,39 +62,32 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
+from lazymig.errors import BrokenResourceError, RemoteProtocolError
 from lazymig.linux.procfs import descendants, lowest_mappable, pidfd_pid
+from lazymig.proto.handover import (
+    ConnectionClosed,
+    Forked,
+    Guarded,
+    GuardianPresent,
+    Role,
+    State,
+    TransferComplete,
+)
+from lazymig.uffd.handover import HandoverSession
 
 __all__ = [
-    "FORKED",
-    "GUARDED",
-    "GUARDIAN",
+    "DAEMON_DONE",
     "HOLD",
     "IDENTIFIED",
     "RELEASE",
-    "TRANSFER_COMPLETE",
     "DaemonGuardian",
     "guard",
     "spawn_guardian",
 ]
 
-_WORD: Final = 4
-
 log = logging.getLogger(__name__)
-
-GUARDED: Final = b"LZGD"
-"""Daemon → restorer, on accepting the connection: this daemon will say
-:data:`TRANSFER_COMPLETE` when it is (CRIU's daemon sends nothing)."""
-GUARDIAN: Final = b"LZHI"
-"""Guardian → daemon, in answer to :data:`GUARDED`: a guardian holds this connection
-(so forked children's uffds may come here)."""
-FORKED: Final = b"LZFK"
-"""Daemon → restorer, with a uffd as SCM_RIGHTS: a restored process forked; hold the
-child's uffd too (its ranges must keep trapping should the daemon die)."""
-TRANSFER_COMPLETE: Final = b"LZOK"
-"""Daemon → restorer, after :data:`GUARDED`: every process handed over on this
-connection got all its pages (or exited); the uffd may be released."""
 
 HOLD: Final = b"LZHD"
 """Daemon → its own guardian, with a uffd as SCM_RIGHTS: hold it for process KEY
@@ -102,6 +97,8 @@ IDENTIFIED: Final = b"LZID"
 """Daemon → its own guardian, with a pidfd as SCM_RIGHTS: process KEY is that one."""
 RELEASE: Final = b"LZRL"
 """Daemon → its own guardian: process KEY is settled; let go of its fds."""
+DAEMON_DONE: Final = b"LZOK"
+"""Daemon → its own guardian: every process is settled; the guardian ends."""
 _RECORD = struct.Struct("=4sIIII")
 """A record to the daemon's own guardian: word, key, image pid, parent key, restorer."""
 _RANGE = struct.Struct("=QQ")
@@ -111,11 +108,15 @@ _RETRY = 0.5
 """Seconds between the guardian's looks at processes it could not name yet."""
 
 
-def spawn_guardian(connection: socket.socket, uffd: int, pid: int) -> subprocess.Popen[bytes]:
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+def spawn_guardian(connection: _HasFileno, uffd: int, pid: int) -> subprocess.Popen[bytes]:
     """Start a guardian for restored process ``pid`` (see the module docstring).
 
-    ``connection`` is the restorer's socket to the daemon, after "restore
-    finished"; ``uffd`` a duplicate of the process's uffd. The guardian gets its
+    ``connection`` is the restorer's session (or socket) with the daemon, after
+    "restore finished"; ``uffd`` a duplicate of the process's uffd. The guardian gets its
     own copies of both (and a pidfd of ``pid``): the caller closes its own. It
     runs in a new session, with no stdin or stdout (it must not keep anyone's
     pipe open), and logs to the caller's stderr.
@@ -150,18 +151,18 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
     Returns 0 when the process got every page (or exited), 1 when it was killed.
     """
     pid = pidfd_pid(pidfd)
-    connection = socket.socket(fileno=connection_fd)
+    daemon = HandoverSession(socket.socket(fileno=connection_fd), Role.RESTORER,
+                             finished=True)
     poller = select.poll()
     poller.register(connection_fd, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
     held = [uffd]  # and the uffds of children it forked (FORKED)
-    words = _Words()
     try:
         while True:
             for fd, _ in poller.poll():
                 if fd == pidfd:
                     return 0  # the restored process exited: nothing left to protect
-                verdict = words.feed(connection, held)
+                verdict = _hear(daemon, held)
                 if verdict == "complete":
                     return 0  # every page is in: faults are ordinary again
                 if verdict == "foreign":
@@ -174,44 +175,37 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
                     _kill(pidfd, pid, verdict)
                     return 1
     finally:
+        daemon.close()
         for fd in held:
             os.close(fd)
 
 
-class _Words:
-    """The daemon's side of the connection, word by word: GUARDED, any number of
-    FORKED (each bringing a uffd), then TRANSFER_COMPLETE."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.guarded = False
-
-    def feed(self, connection: socket.socket, held: list[int]) -> str | None:
-        """Read what is there; None (go on), "complete", "foreign" or why to kill."""
-        try:
-            data, fds, _, _ = socket.recv_fds(connection, 64, 8)
-        except OSError as exc:  # a reset: a daemon killed before it even accepted us
-            return f"the daemon's connection broke ({exc})"
-        held.extend(fds)
-        if not data:
-            if not self.guarded and not self.buffer:
+def _hear(daemon: HandoverSession, held: list[int]) -> str | None:
+    """What the daemon said since the last look: None (go on), "complete", "foreign"
+    or why to kill. A forked child's uffd joins ``held``."""
+    try:
+        events = daemon.receive()
+    except OSError as exc:  # a reset: a daemon killed before it even accepted us
+        return f"the daemon's connection broke ({exc})"
+    except RemoteProtocolError as exc:
+        return f"the daemon broke the protocol ({exc}), which it never would"
+    for event in events:
+        if isinstance(event, Guarded):
+            try:
+                daemon.send_nowait(GuardianPresent())
+            except BrokenResourceError:
+                pass  # unanswered if the daemon is done already: what follows tells
+        elif isinstance(event, Forked):
+            held.append(event.fd)
+        elif isinstance(event, TransferComplete):
+            return "complete"
+        elif isinstance(event, ConnectionClosed):
+            # It answered GUARDED at once (GUARDING): a daemon that never said it is
+            # not lazymig's.
+            if daemon.connection.restorer_state is not State.GUARDING:
                 return "foreign"
             return "the lazy-pages daemon went away before every page arrived"
-        self.buffer += data
-        while len(self.buffer) >= _WORD:
-            word, self.buffer = self.buffer[:_WORD], self.buffer[_WORD:]
-            if word == GUARDED and not self.guarded:
-                self.guarded = True
-                # Unanswered if the daemon is done already: what follows tells.
-                with contextlib.suppress(OSError):
-                    connection.send(GUARDIAN)
-            elif word == FORKED and self.guarded:
-                continue
-            elif word == TRANSFER_COMPLETE and self.guarded:
-                return "complete"
-            else:
-                return f"the daemon sent {word!r}, which it never would"
-        return None
+    return None
 
 
 # -- the daemon's own guardian ---------------------------------------------------------------
@@ -283,7 +277,7 @@ class DaemonGuardian:
 
     def complete(self) -> None:
         """Every process is settled: the guardian ends (0)."""
-        self._send(TRANSFER_COMPLETE, 0)
+        self._send(DAEMON_DONE, 0)
         self.close()
 
     def close(self) -> None:
@@ -347,7 +341,7 @@ def guard_daemon(connection_fd: int) -> int:
                     by_pidfd.pop(ward.pidfd, None)
                     poller.unregister(ward.pidfd)
                 ward.close()
-            elif word == TRANSFER_COMPLETE:
+            elif word == DAEMON_DONE:
                 for ward in wards.values():
                     ward.close()
                 return 0

@@ -26,9 +26,10 @@ from reliability import Recorder
 
 from lazymig.dump.server import PageServer
 from lazymig.linux.uffd import buffer_address
+from lazymig.proto.handover import RestoreFinished, TaskHandover
 from lazymig.proto.images import ImagesDir
 from lazymig.uffd.daemon import DaemonReport, LazyPagesDaemon
-from lazymig.uffd.handover import send_restore_finished, send_task
+from lazymig.uffd.handover import HandoverSession
 from lazymig.uffd.source import LocalPageSource, PageChunk, PageSink, RemotePageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
 
@@ -288,10 +289,8 @@ async def test_a_failed_restore_ends_the_daemon_and_keeps_the_source(
         daemon, running = await run_daemon(images_dir, source)
         (pid, _), *_ = layout(1).items()
         # A restorer hands over one process, then dies before "restore finished".
-        with Uffd.open() as uffd, socket.socket(socket.AF_UNIX) as restorer:
-            restorer.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(restorer, str(daemon.socket_path))
-            await send_task(restorer, pid, uffd.fd)
+        with Uffd.open() as uffd, await HandoverSession.connect(daemon.socket_path) as restorer:
+            await restorer.send(TaskHandover(pid, uffd.fd))
         report = await running
         await asyncio.sleep(0.1)  # the page server sees the reset
         assert not serving.done()  # not a finished transfer: the source is kept
@@ -351,11 +350,9 @@ async def test_a_stopped_daemon_holds_a_process_it_cannot_name_until_it_exits(
             write_lazy_dump(tmp_path, {pid: [(0x10000000, 1), (child.addr, child.npages)]})
             daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
                                                background=False)
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
-                await send_task(conn, pid, child.uffd.fd)
-                await send_restore_finished(conn)
+            with await HandoverSession.connect(daemon.socket_path) as conn:
+                await conn.send(TaskHandover(pid, child.uffd.fd))
+                await conn.send(RestoreFinished())
                 child.uffd.close()
                 await child.call(op="read", addr=child.addr, n=1)  # the daemon serves
                 for _ in range(1000):  # named (or not) once the restore finished
@@ -463,11 +460,9 @@ async def test_a_chunk_whose_first_page_is_there_already_is_copied_whole(
                 child.uffd.copy(child.page(i), page_pattern(pid, child.page(i)))
             daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
                                                background=True)
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
-                await send_task(conn, pid, child.uffd.fd)
-                await send_restore_finished(conn)
+            with await HandoverSession.connect(daemon.socket_path) as conn:
+                await conn.send(TaskHandover(pid, child.uffd.fd))
+                await conn.send(RestoreFinished())
                 child.uffd.close()
                 report = await running
             assert report.ok, report
@@ -508,10 +503,8 @@ async def test_forked_children_are_never_taken_for_another_process(
             write_lazy_dump(tmp_path, {pid: [(child.addr, child.npages)]})
             daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
                                                background=False, fault_prefetch=1)
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
-                await send_task(conn, pid, child.uffd.fd)
+            with await HandoverSession.connect(daemon.socket_path) as conn:
+                await conn.send(TaskHandover(pid, child.uffd.fd))
                 child.uffd.close()
                 for k in (1, 2):
                     orphans.append((await child.call(op="fork_orphan", addr=child.addr,
@@ -530,7 +523,7 @@ async def test_forked_children_are_never_taken_for_another_process(
                 for _ in orphans:  # each reads its pages once its parent is gone
                     read = await child.recv()
                     assert read["sha"] == dumped, f"forked child {read['pid']} read zeros"
-                await send_restore_finished(conn)
+                await conn.send(RestoreFinished())
                 report = await running
             assert report.ok, report
             assert [p.state for p in report.processes] == ["exited", "complete", "complete"]

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -46,11 +47,13 @@ from lazymig.dump.store import ImagesPageStore, PipePageStore
 from lazymig.errors import ImageError, LocalProtocolError, RemoteProtocolError
 from lazymig.linux.vm import AnonMapping
 from lazymig.proto.constants import PAGE_SIZE, PE
+from lazymig.proto.handover import Role as HandoverRole
+from lazymig.proto.handover import TaskHandover
 from lazymig.proto.images import ImagesDir, PagemapEntry
 from lazymig.proto.pageserver import GetRequest, PageServerConnection, Role, State
 from lazymig.proto.wire import WireVersion
 from lazymig.tls import TlsConfig
-from lazymig.uffd.handover import send_task
+from lazymig.uffd.handover import HandoverSession
 from lazymig.uffd.source import RemotePageSource
 
 WIRE = WireVersion.V2
@@ -309,7 +312,9 @@ async def test_a_restorer_handing_over_something_else_is_refused(
             with socket.socket(socket.AF_UNIX) as hostile:
                 hostile.setblocking(False)
                 await loop.sock_connect(hostile, str(daemon.socket_path))
-                await send_task(hostile, other, read_end)  # a pipe where a uffd belongs
+                # A pipe where a uffd belongs (the session does not own the socket here).
+                session = HandoverSession(hostile, HandoverRole.RESTORER)
+                await session.send(TaskHandover(other, read_end))
                 while await loop.sock_recv(hostile, 64):  # what it says, until it hangs up
                     pass
         finally:
@@ -329,3 +334,48 @@ async def test_a_restorer_handing_over_something_else_is_refused(
         tried="a pipe fd sent with CRIU's handover while an attach() child restored its pages",
         held="refused (the fd is checked to be a userfaultfd), the failure reported; the "
              "child got every page intact")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("malformed", ["word", "fd"])
+async def test_malformed_handover_closes_that_connection_not_the_daemon(
+        page_server: tuple[Path, PageServer], malformed: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer breaking the handover protocol on one connection: that connection is closed
+    with a logged reason (and any fd it sent with it), while the daemon goes on serving
+    an attach() child that hands its process over properly. (After "restore finished":
+    tests/test_handover.py, test_a_guardian_breaking_the_protocol_is_closed.)"""
+    images_dir, server = page_server
+    async with asyncio.timeout(30):
+        serving = asyncio.create_task(server.serve())
+        source = await RemotePageSource.connect("127.0.0.1", server.port)
+        daemon, running = await run_daemon(images_dir, source, expect_tasks=1)
+        (pid, [(vaddr, nr)]), *_ = layout(1).items()
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX) as hostile:
+                hostile.setblocking(False)
+                await loop.sock_connect(hostile, str(daemon.socket_path))
+                if malformed == "word":
+                    await loop.sock_sendall(hostile, b"\xff\xff\xff\x7f")  # pid 2**31-1
+                else:
+                    # A zombie's word with an fd: no byte of it carries one.
+                    socket.send_fds(hostile, [struct.pack("=i", -7)], [read_end])
+                while await loop.sock_recv(hostile, 64):  # what it says, until it hangs up
+                    pass
+        finally:
+            os.close(read_end)
+        # The daemon closed its copy of the pipe's read end: the write end sees no reader.
+        with pytest.raises(BrokenPipeError):
+            os.write(write_end, b"x")
+        os.close(write_end)
+        child = await spawn(daemon.socket_path, pid, vaddr, nr, "touch")
+        code, out = await finish(child)
+        report = await running
+        await stop(serving)
+    assert code == 0, out
+    assert "MISMATCH" not in out
+    assert [(p.pid, p.state) for p in report.processes] == [(pid, "complete")]
+    assert report.restore_error is not None  # that restore failed; the other was served
+    assert "restorer connection dropped before restore finished" in caplog.text

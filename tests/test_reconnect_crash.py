@@ -36,11 +36,21 @@ from helpers import (
 from lazydump import write_lazy_dump
 from reliability import Recorder
 
-from lazymig.guardian import FORKED, GUARDED, TRANSFER_COMPLETE, DaemonGuardian, spawn_guardian
+from lazymig.guardian import DaemonGuardian, spawn_guardian
 from lazymig.linux.ptrace import process_alive
+from lazymig.proto.handover import (
+    ConnectionClosed,
+    Forked,
+    Guarded,
+    GuardianPresent,
+    RestoreFinished,
+    Role,
+    TaskHandover,
+    TransferComplete,
+)
 from lazymig.proto.images import ImagesDir
 from lazymig.testing.workload import Check, Workload
-from lazymig.uffd.handover import send_restore_finished, send_task
+from lazymig.uffd.handover import HandoverSession
 from lazymig.uffd.source import LocalPageSource
 from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd
 
@@ -101,15 +111,17 @@ async def test_a_killed_daemon_leaves_no_process_on_holes_and_the_source_for_a_r
 
 @contextlib.contextmanager
 def guarded_child(unread: bytes = b"") -> Iterator[tuple[
-        socket.socket, subprocess.Popen[bytes], subprocess.Popen[str], int]]:
+        HandoverSession, subprocess.Popen[bytes], subprocess.Popen[str], int]]:
     """A child (a shell whose own child sleeps) under a guardian; yields the daemon's end
-    of the connection (holding ``unread`` from the restorer), the guardian, the child
-    and the grandchild's pid."""
+    of the connection (holding ``unread`` from the restorer; blocking, with a timeout),
+    the guardian, the child and the grandchild's pid."""
     child = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
                              text=True)
     assert child.stdout is not None
     grandchild = int(child.stdout.readline())
-    daemon_end, restorer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemon_sock, restorer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemon_sock.settimeout(10)
+    daemon_end = HandoverSession(daemon_sock, Role.DAEMON, finished=True)  # after the handover
     try:
         with restorer_end, Uffd.open() as uffd:
             restorer_end.sendall(unread)
@@ -126,8 +138,8 @@ def guarded_child(unread: bytes = b"") -> Iterator[tuple[
 
 def test_the_guardian_lets_go_once_the_transfer_is_complete() -> None:
     with guarded_child() as (daemon_end, guardian, child, _):
-        daemon_end.sendall(GUARDED)
-        daemon_end.sendall(TRANSFER_COMPLETE)
+        daemon_end.send_nowait(Guarded())
+        daemon_end.send_nowait(TransferComplete())
         assert guardian.wait(timeout=10) == 0
         daemon_end.close()  # the daemon's exit changes nothing any more
         assert child.poll() is None
@@ -142,9 +154,12 @@ def test_the_guardian_kills_when_the_daemon_goes_away(then: str) -> None:
             # restorer's records unread resets the connection.
             daemon_end.close()
         elif then == "garbage":
-            daemon_end.sendall(GUARDED + b"OOPS")
+            daemon_end.send_nowait(Guarded())
+            daemon_sock = socket.socket(fileno=os.dup(daemon_end.fileno()))
+            with daemon_sock:
+                daemon_sock.sendall(b"OOPS")  # no word of the protocol
         else:
-            daemon_end.sendall(GUARDED)
+            daemon_end.send_nowait(Guarded())
             daemon_end.close()  # as the kernel does for a killed daemon
         assert guardian.wait(timeout=10) == 1
         assert child.wait(timeout=10) == -signal.SIGKILL
@@ -165,7 +180,7 @@ def test_the_guardian_stands_aside_for_a_daemon_that_never_said_guarded() -> Non
 
 def test_the_guardian_ends_with_its_process() -> None:
     with guarded_child() as (daemon_end, guardian, child, _):
-        daemon_end.sendall(GUARDED)
+        daemon_end.send_nowait(Guarded())
         child.kill()
         assert guardian.wait(timeout=10) == 0
 
@@ -195,10 +210,11 @@ def wait_for(what: Callable[[], bool]) -> bool:
 
 def test_the_guardian_holds_the_uffds_of_forked_children() -> None:
     with guarded_child() as (daemon_end, guardian, child, _), Uffd.open() as forked:
-        daemon_end.sendall(GUARDED)
-        socket.send_fds(daemon_end, [FORKED], [forked.fd])
+        daemon_end.send_nowait(Guarded())
+        assert daemon_end.receive() == [GuardianPresent()]  # then a forked child's uffd may go
+        daemon_end.send_nowait(Forked(forked.fd))
         assert wait_for(lambda: userfaultfds(guardian.pid) == 2)
-        daemon_end.sendall(TRANSFER_COMPLETE)
+        daemon_end.send_nowait(TransferComplete())
         assert guardian.wait(timeout=10) == 0
         assert child.poll() is None
 
@@ -220,11 +236,9 @@ async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(
             write_lazy_dump(tmp_path, {pid: [(child.addr, child.npages)]})
             daemon, running = await run_daemon(tmp_path, LocalPageSource(ImagesDir(tmp_path)),
                                                background=False)
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(conn, str(daemon.socket_path))
-                await send_task(conn, pid, child.uffd.fd)
-                await send_restore_finished(conn)
+            with await HandoverSession.connect(daemon.socket_path) as conn:
+                await conn.send(TaskHandover(pid, child.uffd.fd))
+                await conn.send(RestoreFinished())
                 if guarded:
                     guardian = spawn_guardian(conn, child.uffd.fd, child.pid)
                     conn.close()
@@ -241,8 +255,9 @@ async def test_the_daemon_hands_a_forked_childs_uffd_to_the_guardian(
                         wait_for, lambda: userfaultfds(guardian.pid) == 2)
                 await stop(running)  # the daemon goes away with pages still lazy
                 if guardian is None:
-                    data, fds, _, _ = socket.recv_fds(conn, 64, 4, socket.MSG_DONTWAIT)
-                    assert (data, fds) == (GUARDED, [])
+                    # GUARDED, then EOF: a FORKED (to no guardian) would break the protocol.
+                    heard = conn.receive() + conn.receive()
+                    assert heard in ([Guarded()], [Guarded(), ConnectionClosed()])
             if guardian is not None:
                 assert await asyncio.to_thread(guardian.wait, 10) == 1
                 assert await asyncio.to_thread(child.proc.wait, 10) == -signal.SIGKILL

@@ -274,11 +274,14 @@ def _take_restorers(listener: socket.socket, socket_path: Path) -> list[socket.s
     take those queued. Each is told GUARDED: when this command exits, lazymig's
     guardian then kills the processes (EOF without TRANSFER_COMPLETE); CRIU's restorer
     has none, so the log says to kill them."""
-    from lazymig.guardian import GUARDED
+    from lazymig.errors import BrokenResourceError
+    from lazymig.proto.handover import Guarded, Role
+    from lazymig.uffd.handover import HandoverSession
 
     socket_path.unlink(missing_ok=True)
     queued = accept_queued(listener)
     for conn in queued:
-        with contextlib.suppress(OSError):  # a restorer gone already
-            conn.send(GUARDED)  # 4 bytes into an empty buffer: never blocks
+        # 4 bytes into an empty buffer: never blocks. The socket stays the caller's.
+        with contextlib.suppress(BrokenResourceError):  # a restorer gone already
+            HandoverSession(conn, Role.DAEMON).send_nowait(Guarded())
     return queued

@@ -26,7 +26,7 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
    With ``lazy_pages``, PE_LAZY pages are not: a userfaultfd is created
    inside the process, the VMAs holding lazy pages are registered on it, the restorer
    takes it with ``pidfd_getfd`` and hands it to the lazy-pages daemon
-   (:func:`~lazymig.uffd.handover.send_task`, then ``restore finished``);
+   (:class:`~lazymig.uffd.handover.HandoverSession`, then ``restore finished``);
    a guardian (:mod:`lazymig.guardian`) keeps a duplicate of the uffd and
    that connection, and kills the process should the daemon die.
 6. Signal dispositions, the alternate stack, clear-tid address, robust futex
@@ -58,7 +58,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -67,7 +66,7 @@ from pathlib import Path
 from typing import Final
 
 from lazymig.dump.shmem import is_shared_object
-from lazymig.errors import BrokenResourceError, LazyMigError, LazyMigOSError
+from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
 from lazymig.linux.ptrace import InjectionSession, SyscallBatch, Tracee, TracerThread
 from lazymig.linux.syscalls import (
@@ -108,6 +107,7 @@ from lazymig.proto.constants import (
     PAGE_SIZE,
     VmaStatus,
 )
+from lazymig.proto.handover import RestoreFinished, TaskHandover
 from lazymig.proto.images import CredsEntry, ImagesDir, VmaEntry
 from lazymig.proto.uffd import UFFD_API, Feature
 from lazymig.restore.files import restore_files
@@ -124,7 +124,7 @@ from lazymig.restore.task import (
 )
 from lazymig.restore.threads import create_threads, finish_thread, set_thread_state
 from lazymig.restore.tree import is_tree, restore_tree
-from lazymig.uffd.handover import send_restore_finished, send_task
+from lazymig.uffd.handover import HandoverSession
 from lazymig.uffd.uffd import DEFAULT_FEATURES, kernel_features
 
 __all__ = ["RestoreError", "RestoreResult", "Restorer", "restore"]
@@ -404,9 +404,9 @@ class Restorer:
         task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
                                        fds=self.fds)
         phases.done("load")
-        sock: socket.socket | None = None
+        daemon: HandoverSession | None = None
         if self.lazy_pages and task.lazy:
-            sock = await self._connect()
+            daemon = await self._connect()
             phases.done("connect")
         tracer = TracerThread("lazymig-restore")
         started = time.monotonic()
@@ -421,12 +421,12 @@ class Restorer:
                 uffd = await tracer.run(self._userfaultfd, target, task)
                 phases.done("uffd")
             try:
-                if sock is not None:
-                    await send_task(sock, task.pid, uffd)
-                    await send_restore_finished(sock)
+                if daemon is not None:
+                    await daemon.send(TaskHandover(task.pid, uffd))
+                    await daemon.send(RestoreFinished())
                     # Before it runs: should the daemon die, the guardian kills it
                     # rather than let it run on pages that never came.
-                    self.guardian = spawn_guardian(sock, uffd, self._guarded_pid())
+                    self.guardian = spawn_guardian(daemon, uffd, self._guarded_pid())
             finally:
                 if uffd >= 0:
                     os.close(uffd)
@@ -442,8 +442,8 @@ class Restorer:
             raise
         finally:
             tracer.close()
-            if sock is not None:
-                sock.close()
+            if daemon is not None:
+                daemon.close()
         assert self.process is not None
         lazy = sum(r.nr_pages for r in task.lazy)
         result = RestoreResult(pid=self.process.pid, image_pid=task.pid, nonlazy_pages=nonlazy,
@@ -487,17 +487,10 @@ class Restorer:
     def _init_pid(self) -> int | None:
         return None if self.pid_namespace is None else self.pid_namespace.pid
 
-    async def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, os.fspath(self.socket_path))
-        except OSError as exc:
-            sock.close()
-            raise BrokenResourceError(
-                f"cannot reach the lazy-pages daemon at {self.socket_path}: {exc.strerror} "
-                "(start `lazymig lazy-pages` first)") from exc
-        return sock
+    async def _connect(self) -> HandoverSession:
+        """The handover session with the lazy-pages daemon (BrokenResourceError if none
+        listens)."""
+        return await HandoverSession.connect(self.socket_path)
 
     # -- tracer thread -----------------------------------------------------------------
 

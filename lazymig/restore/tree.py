@@ -47,7 +47,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -57,12 +56,13 @@ from lazymig.linux.procfs import fd_path, map_file_path, read_stat
 from lazymig.linux.ptrace import TargetGoneError, Tracee, TracerThread
 from lazymig.linux.syscalls import SYS_EXIT_GROUP, SYS_SETPGID, SYS_SETSID
 from lazymig.proto.constants import TASK_DEAD
+from lazymig.proto.handover import RestoreFinished, TaskHandover, ZombieTask
 from lazymig.proto.images import ImagesDir, PstreeEntry
 from lazymig.restore.files import TreeFiles, restore_files
 from lazymig.restore.pids import fork
 from lazymig.restore.shmem import shared_vmas
 from lazymig.restore.task import DumpedTask, FdInheritance, load_process
-from lazymig.uffd.handover import send_restore_finished, send_task, send_zombie
+from lazymig.uffd.handover import HandoverSession
 
 if TYPE_CHECKING:
     from lazymig.restore.restorer import Restorer, RestoreResult, _Target
@@ -112,9 +112,9 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
     tree = await asyncio.to_thread(_load, restorer.images, restorer.lazy_pages, restorer.fds)
     root = tree.entries[0].pid
     lazy = [pid for pid, t in tree.tasks.items() if t.lazy]
-    sock: socket.socket | None = None
+    daemon: HandoverSession | None = None
     if restorer.lazy_pages and lazy:
-        sock = await restorer._connect()
+        daemon = await restorer._connect()
     tracer = TracerThread("lazymig-restore-tree")
     started = time.monotonic()
     targets: dict[int, _Target] = {}
@@ -139,16 +139,16 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
                 shared.setdefault(inode, fd_path(target.pid, fd))
         for pid in lazy:
             uffds[pid] = await tracer.run(restorer._userfaultfd, targets[pid], tree.tasks[pid])
-        if sock is not None:
+        if daemon is not None:
             for e in tree.entries:
                 if e.pid in uffds:
-                    await send_task(sock, e.pid, uffds[e.pid])
+                    await daemon.send(TaskHandover(e.pid, uffds[e.pid]))
                 elif e.pid in tree.zombies:
-                    await send_zombie(sock, e.pid)
-            await send_restore_finished(sock)
+                    await daemon.send(ZombieTask(e.pid))
+            await daemon.send(RestoreFinished())
             # One guardian: should the daemon die it kills the root and every
             # descendant, or the whole pid namespace (its uffd stands for all of theirs).
-            restorer.guardian = spawn_guardian(sock, next(iter(uffds.values())),
+            restorer.guardian = spawn_guardian(daemon, next(iter(uffds.values())),
                                                restorer._guarded_pid())
         for fd in uffds.values():
             os.close(fd)
@@ -172,8 +172,8 @@ async def restore_tree(restorer: Restorer) -> RestoreResult:
         for fd in uffds.values():
             os.close(fd)
         tracer.close()
-        if sock is not None:
-            sock.close()
+        if daemon is not None:
+            daemon.close()
     assert restorer.process is not None
     result = RestoreResult(
         pid=restorer.process.pid, image_pid=root, nonlazy_pages=nonlazy,

@@ -14,16 +14,15 @@ process.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 from collections.abc import Iterable
 
 from lazymig.errors import BrokenResourceError, ConfigurationError
 from lazymig.proto.constants import PAGE_SIZE
-from lazymig.proto.handover import FD_CARRIER, encode_restore_finished, encode_task
-from lazymig.proto.uffd import Feature
-from lazymig.uffd.uffd import DEFAULT_FEATURES, Uffd, kernel_features
+from lazymig.proto.handover import RestoreFinished, Role, TaskHandover
+from lazymig.proto.uffd import DEFAULT_FEATURES, Feature
+from lazymig.uffd.handover import HandoverSession
 
 __all__ = ["ATTACH_FEATURES", "attach"]
 
@@ -57,22 +56,25 @@ def attach(socket_path: str | os.PathLike[str], pid: int,
         BrokenResourceError: the daemon is not there or went away.
         UffdError: the kernel refused the userfaultfd or a registration.
     """
+    # Here, not at the top: lazymig.uffd imports this module, and the guardian imports
+    # lazymig.uffd.handover without asyncio (which uffd.py loads).
+    from lazymig.uffd.uffd import Uffd, kernel_features  # noqa: PLC0415
+
     features = DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID if thread_ids else 0)
     with Uffd.open(features, non_blocking=True) as uffd:
         for address, length in regions:
             if address % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
                 raise ConfigurationError(f"region {address:#x}+{length:#x} is not page-aligned")
             uffd.register(address, length)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with HandoverSession(sock, Role.RESTORER) as daemon:
             sock.settimeout(timeout)
             try:
                 sock.connect(os.fspath(socket_path))
-                sock.sendall(encode_task(pid))
-                sock.sendmsg([FD_CARRIER], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                             array.array("i", [uffd.fd]).tobytes())])
+                daemon.send_nowait(TaskHandover(pid, uffd.fd))
                 if finish:
-                    sock.sendall(encode_restore_finished())
-            except OSError as exc:
+                    daemon.send_nowait(RestoreFinished())
+            except (OSError, BrokenResourceError) as exc:
                 raise BrokenResourceError(
                     f"cannot hand the userfaultfd to the lazy-pages daemon at {socket_path}: "
                     f"{exc} (is `lazymig lazy-pages` running with that socket?)") from exc

@@ -40,7 +40,10 @@ while faulting threads wait.
 Each restorer's connection stays open after "restore finished" until its
 processes are settled, for the restorer's guardian (:mod:`lazymig.guardian`):
 the daemon writes GUARDED on accept and TRANSFER_COMPLETE when they got every
-page; if the daemon dies without it, the guardian kills them.
+page; if the daemon dies without it, the guardian kills them. Those words, and
+the handover itself, are :class:`~lazymig.uffd.handover.RestorerConnection`'s:
+the daemon only hears of processes handed over, and tells it which it adopted
+and which settled.
 
 If the page source fails for good before a process is complete, that process
 must not run on pages that never arrived (they would read as zeros): the daemon
@@ -79,14 +82,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lazymig._aio import retry_until_ready
 from lazymig._listen import SOCKET_NAME, listen_unix
-from lazymig.errors import LazyMigError, RemoteProtocolError
-from lazymig.guardian import FORKED, GUARDED, GUARDIAN, TRANSFER_COMPLETE, DaemonGuardian
+from lazymig.errors import LazyMigError
+from lazymig.guardian import DaemonGuardian
 from lazymig.linux.procfs import lowest_mappable, read_stat, registered_with_userfaultfd
 from lazymig.linux.uffd import UffdError, memory_alive
 from lazymig.proto.constants import PAGE_SHIFT, PAGE_SIZE
-from lazymig.proto.handover import RestoreFinished, ZombieTask
+from lazymig.proto.handover import TaskHandover
 from lazymig.proto.images import ImagesDir
 from lazymig.proto.uffd import (
     MSG_SIZE,
@@ -98,7 +100,7 @@ from lazymig.proto.uffd import (
     Unmap,
     decode_events,
 )
-from lazymig.uffd.handover import ReceivedTask, receive_record
+from lazymig.uffd.handover import RestorerConnection
 from lazymig.uffd.identify import Identified, identify, identify_forked
 from lazymig.uffd.latency import LatencyHistogram
 from lazymig.uffd.ranges import LazyRanges
@@ -270,10 +272,8 @@ class _Process:
         self.threads: dict[int, int] = {}  # host tid seen faulting -> its start time
         self.readers: set[int] = set()  # tids of other processes that read its memory
         self.learning: set[int] = set()  # tids being told apart (see _learn_thread)
-        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        """Done once its state is final (see _check_done)."""
-        self.guardian: socket.socket | None = None  # its restorer's connection
-        self.forked = False  # a FORK event's child (its guardian lacks its uffd)
+        self.connection: RestorerConnection | None = None  # of the restorer it came from
+        self.forked = False  # a FORK event's child
         self.parent: _Process | None = None  # the process it forked from (FORK event)
 
     @property
@@ -386,7 +386,6 @@ class LazyPagesDaemon:
         self._failed = False
         self._done = asyncio.Event()
         self._poll = source.poll if fault_poll > 0 else None
-        self._guardians: set[socket.socket] = set()  # restorer connections a guardian holds
         self._naming = asyncio.Lock()  # one search for processes at a time (see _identify)
         self._probe = lowest_mappable()  # a page no process maps (memory_alive)
         if isinstance(source, RemotePageSource):
@@ -477,27 +476,18 @@ class LazyPagesDaemon:
 
     async def _restorer(self, conn: socket.socket, peer: int) -> None:
         """Take the processes one restorer hands over, until it says it is finished;
-        then hold the connection until they are settled (see :meth:`_tell_guardian`)."""
+        then serve its connection until they are settled (its guardian's words:
+        :class:`~lazymig.uffd.handover.RestorerConnection`)."""
         mine: list[_Process] = []
-        with conn:
-            conn.setblocking(False)
-            # At once: a guardian that reads EOF before this word takes the daemon
-            # for one that never reports completion (CRIU's) and stands aside.
-            self._say(conn, GUARDED)
+        with RestorerConnection(conn, peer) as connection:
             try:
-                while True:
-                    record = await receive_record(conn)
-                    if record is None:
-                        raise RemoteProtocolError(
-                            "restorer closed the connection before restore finished")
-                    if isinstance(record, RestoreFinished):
-                        break
-                    self._tasks_received += 1
-                    if isinstance(record, ZombieTask):
-                        log.info("pid %d is a zombie: nothing to fill", record.pid)
-                        continue
-                    mine.append(self._adopt(record, peer))
-                    mine[-1].guardian = conn
+                async with contextlib.aclosing(connection.handovers()) as handovers:
+                    async for task in handovers:
+                        self._tasks_received += 1
+                        if isinstance(task, TaskHandover):
+                            mine.append(self._adopt(task, peer, connection))
+                        else:
+                            log.info("pid %d is a zombie: nothing to fill", task.pid)
             except (LazyMigError, OSError) as exc:
                 # The restore failed (CRIU's restorer kills what it restored): its
                 # processes will never complete. Give up on them so that the daemon
@@ -517,73 +507,32 @@ class LazyPagesDaemon:
             self._check_done()
             # Only now are the ranges registered (criu restore hands the uffd over first).
             await self._identify(mine)
-            await self._tell_guardian(conn)
+            await connection.until_settled()
 
-    async def _tell_guardian(self, conn: socket.socket) -> None:
-        """Once every process of this restorer (and every child they forked) is
-        settled, write TRANSFER_COMPLETE if each got all its pages (or exited), then
-        close. The restorer's guardian (:mod:`lazymig.guardian`) holds the other end
-        and a duplicate of each uffd (forked children's come as FORKED): told GUARDED
-        on accept, then without that word (the daemon died, or gave up) it kills the
-        processes. CRIU's restorer has closed its end already: the words go nowhere."""
-        async with asyncio.TaskGroup() as tg:
-            hello = tg.create_task(self._await_guardian(conn))
-            while waiting := [p.settled for p in self._processes
-                              if p.guardian is conn and not p.settled.done()]:
-                await asyncio.wait(waiting)  # forks may add processes meanwhile
-            hello.cancel()
-        self._guardians.discard(conn)
-        if all(p.state in _SETTLED_OK for p in self._processes if p.guardian is conn):
-            self._say(conn, TRANSFER_COMPLETE)
-
-    async def _await_guardian(self, conn: socket.socket) -> None:
-        """A guardian answers GUARDED with GUARDIAN (CRIU's restorer never reads): only
-        then do forked children's uffds go there (an fd sent to a socket nobody reads
-        would keep the child's uffd, and its registered ranges, alive)."""
+    def _adopt(self, task: TaskHandover, restorer: int,
+               connection: RestorerConnection) -> _Process:
+        uffd = Uffd.from_fd(task.fd, pid=task.pid)
         try:
-            word = await retry_until_ready(conn.fileno(), functools.partial(
-                conn.recv, len(GUARDIAN)))
-        except OSError:
-            return
-        if word != GUARDIAN:
-            return
-        self._guardians.add(conn)
-        for proc in self._processes:
-            if proc.guardian is conn and proc.forked:
-                self._hand_to_guardian(proc)
-
-    def _hand_to_guardian(self, proc: _Process) -> None:
-        conn = proc.guardian
-        if conn is not None and conn in self._guardians and not proc.uffd.closed:
-            try:
-                socket.send_fds(conn, [FORKED], [proc.uffd.fd])
-            except OSError as exc:
-                log.debug("guardian connection: %s", exc)
-
-    @staticmethod
-    def _say(conn: socket.socket, word: bytes) -> None:
-        try:
-            conn.send(word)  # a few bytes into an empty socket buffer: never blocks
-        except OSError as exc:
-            log.debug("restorer connection: %s (no guardian there)", exc)
-
-    def _adopt(self, record: ReceivedTask, restorer: int) -> _Process:
-        uffd = Uffd.from_fd(record.fd, pid=record.pid)
-        try:
-            image_ranges = list(self._lazy_ranges(record.pid))
+            image_ranges = list(self._lazy_ranges(task.pid))
             ranges = LazyRanges(image_ranges, prefetch=self.fault_prefetch)
         except BaseException:
             uffd.close()
             raise
-        return self._start(record.pid, uffd, ranges, image_ranges, restorer)
+        return self._start(task.pid, uffd, ranges, image_ranges, restorer, connection)
 
     def _start(self, pid: int, uffd: Uffd, ranges: LazyRanges,
-               image_ranges: list[tuple[int, int]], restorer: int, *,
+               image_ranges: list[tuple[int, int]], restorer: int,
+               connection: RestorerConnection | None, *,
                parent: _Process | None = None) -> _Process:
         proc = _Process(self, len(self._processes) + 1, pid, uffd, ranges, image_ranges,
                         restorer)
         proc.parent = parent
         self._processes.append(proc)
+        proc.connection, proc.forked = connection, parent is not None
+        if connection is not None:
+            # A forked child's uffd goes to the restorer's guardian too: should we die,
+            # its holes trap.
+            connection.adopted(proc.key, uffd if parent is not None else None)
         asyncio.get_running_loop().add_reader(uffd.fd, self._on_uffd_readable, proc)
         log.info("pid %d handed over: %d lazy pages", pid, proc.pages_total)
         if ranges.done:
@@ -867,11 +816,8 @@ class LazyPagesDaemon:
         # The child is found among its parent's children (once the fork returned).
         child = self._start(parent.pid, child_uffd, parent.ranges.fork_copy(),
                             parent.image_ranges, parent.host_pid or parent.restorer,
-                            parent=parent)
+                            parent.connection, parent=parent)
         child.background = parent.background
-        child.guardian, child.forked = parent.guardian, True
-        # The guardian holds the child's uffd too: should we die, its holes trap.
-        self._hand_to_guardian(child)
         log.info("pid %d forked: the child asks for its pages under pid %d", parent.pid,
                  parent.pid)
         if self._tg is not None and child.state is ProcessState.RUNNING:
@@ -1072,6 +1018,8 @@ class LazyPagesDaemon:
             proc.pidfd = None
         if self._guardian is not None:
             self._guardian.release(proc.key)
+        if proc.connection is not None:
+            proc.connection.settled(proc.key, ok=proc.state in _SETTLED_OK)
         self._check_done()
 
     def _fail(self, proc: _Process, reason: str, *, hold: bool = True) -> None:
@@ -1130,9 +1078,6 @@ class LazyPagesDaemon:
             self._fail(proc, f"page source failed: {exc}")
 
     def _check_done(self) -> None:
-        for proc in self._processes:
-            if proc.state in _FINAL and not proc.settled.done():
-                proc.settled.set_result(None)
         if self.serve_forever or self._restores_finished == 0:
             return
         if self.expect_tasks is not None and self._tasks_received < self.expect_tasks:
