@@ -31,7 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
-from lazymig.errors import BrokenResourceError, ClosedResourceError, RemoteProtocolError
+from lazymig.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from lazymig.proto.handover import (
     ConnectionClosed,
     Event,
@@ -327,7 +332,7 @@ class RestorerConnection:
             return
         try:
             self.session.send_nowait(Forked(uffd.fd))
-        except BrokenResourceError as exc:
+        except (BrokenResourceError, LocalProtocolError) as exc:  # it went away meanwhile
             log.debug("restorer %d: its guardian's connection: %s", self.peer, exc)
 
     async def until_settled(self) -> None:
@@ -349,7 +354,7 @@ class RestorerConnection:
         if self._ok and not self.session.closed:
             try:
                 self.session.send_nowait(TransferComplete())
-            except BrokenResourceError as exc:
+            except (BrokenResourceError, LocalProtocolError) as exc:
                 log.debug("restorer %d: %s (no guardian there)", self.peer, exc)
 
     async def _listen(self) -> None:
