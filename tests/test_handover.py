@@ -482,3 +482,26 @@ async def test_eof_before_restore_finished_is_a_failed_restore(
     assert [t.pid for t in got] == [5]
     assert isinstance(got[0], TaskHandover)
     os.close(got[0].fd)
+
+
+@pytest.mark.asyncio
+async def test_a_fork_after_the_guardian_left_is_no_error(
+        daemon_pair: tuple[HandoverSession, RestorerConnection]) -> None:
+    """Its guardian ended (its process exited) while others of the tree go on forking:
+    their uffds go nowhere, and nothing raises into the daemon."""
+    restorer, daemon = daemon_pair
+    async with asyncio.timeout(5):
+        await restorer.send(RestoreFinished())
+        assert await handed_over(daemon) == []
+        daemon.adopted(1)
+        serving = asyncio.create_task(daemon.until_settled())
+        assert await restorer.next_event() == Guarded()
+        await restorer.send(GuardianPresent())
+        restorer.close()
+        with Uffd.open() as one, Uffd.open() as two:
+            daemon.adopted(2, forked=one)  # before the daemon's end read the EOF, or after
+            await asyncio.sleep(0.05)
+            daemon.adopted(3, forked=two)
+            for key in (1, 2, 3):
+                daemon.settled(key, ok=True)
+            await serving
