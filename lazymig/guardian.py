@@ -62,20 +62,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from lazymig.errors import BrokenResourceError, RemoteProtocolError
 from lazymig.linux.procfs import descendants, lowest_mappable, pidfd_pid
-from lazymig.proto.handover import (
-    ConnectionClosed,
-    Forked,
-    Guarded,
-    GuardianPresent,
-    Role,
-    State,
-    TransferComplete,
-)
-from lazymig.uffd.handover import HandoverSession
+
+if TYPE_CHECKING:
+    from lazymig.uffd.handover import HandoverSession
 
 __all__ = [
     "DAEMON_DONE",
@@ -150,6 +142,11 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
 
     Returns 0 when the process got every page (or exited), 1 when it was killed.
     """
+    # Here, not at the top: the daemon's own guardian (guard_daemon) needs none of it,
+    # and starts at once beside the daemon's first pages.
+    from lazymig.proto.handover import Role  # noqa: PLC0415
+    from lazymig.uffd.handover import HandoverSession  # noqa: PLC0415
+
     pid = pidfd_pid(pidfd)
     daemon = HandoverSession(socket.socket(fileno=connection_fd), Role.RESTORER,
                              finished=True)
@@ -183,6 +180,16 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
 def _hear(daemon: HandoverSession, held: list[int]) -> str | None:
     """What the daemon said since the last look: None (go on), "complete", "foreign"
     or why to kill. A forked child's uffd joins ``held``."""
+    from lazymig.errors import BrokenResourceError, RemoteProtocolError  # noqa: PLC0415
+    from lazymig.proto.handover import (  # noqa: PLC0415 (loaded by guard already)
+        ConnectionClosed,
+        Forked,
+        Guarded,
+        GuardianPresent,
+        State,
+        TransferComplete,
+    )
+
     try:
         events = daemon.receive()
     except OSError as exc:  # a reset: a daemon killed before it even accepted us
