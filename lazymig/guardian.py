@@ -156,21 +156,24 @@ def guard(connection_fd: int, uffd: int, pidfd: int) -> int:
     held = [uffd]  # and the uffds of children it forked (FORKED)
     try:
         while True:
-            for fd, _ in poller.poll():
-                if fd == pidfd:
-                    return 0  # the restored process exited: nothing left to protect
-                verdict = _hear(daemon, held)
-                if verdict == "complete":
-                    return 0  # every page is in: faults are ordinary again
-                if verdict == "foreign":
-                    # CRIU's daemon says nothing and closes when it exits, done or not:
-                    # nothing can be told apart, so stand aside rather than kill.
-                    log.warning("lazymig guardian: the lazy-pages daemon of process %d does "
-                                "not report completion (not lazymig's?): not guarding it", pid)
-                    return 0
-                if verdict is not None:
-                    _kill(pidfd, pid, verdict)
-                    return 1
+            ready = {fd for fd, _ in poller.poll()}
+            if connection_fd not in ready:
+                return 0  # the restored process exited: nothing left to protect
+            # The daemon's words first, to the last: a daemon that died and a process
+            # killed meanwhile (by the daemon's own guardian) are both ready at once,
+            # and that exit is no "exited" while the daemon's end says it went away.
+            verdict = _hear(daemon, held)
+            if verdict == "complete":
+                return 0  # every page is in: faults are ordinary again
+            if verdict == "foreign":
+                # CRIU's daemon says nothing and closes when it exits, done or not:
+                # nothing can be told apart, so stand aside rather than kill.
+                log.warning("lazymig guardian: the lazy-pages daemon of process %d does "
+                            "not report completion (not lazymig's?): not guarding it", pid)
+                return 0
+            if verdict is not None:
+                _kill(pidfd, pid, verdict)
+                return 1
     finally:
         daemon.close()
         for fd in held:
