@@ -506,7 +506,10 @@ class LazyPagesDaemon:
             self._wakeup.set()
             self._check_done()
             # Only now are the ranges registered (criu restore hands the uffd over first).
-            await self._identify(mine)
+            # Beside its guardian's answer, not before it: searches run one at a time,
+            # and a FORKED held back meanwhile would find its child settled already.
+            assert self._tg is not None
+            self._tg.create_task(self._identify(mine))
             await connection.until_settled()
 
     def _adopt(self, task: TaskHandover, restorer: int,
@@ -595,6 +598,8 @@ class LazyPagesDaemon:
         for attempt in range(tries):
             if attempt:
                 await asyncio.sleep(0.02)
+                if not proc.uffd.closed and not memory_alive(proc.uffd.fd, self._probe):
+                    return "it exited"  # a child that exits at once: no more tries
             if proc.state in _FINAL:
                 return None
             claimed = {p.host_pid for p in self._processes if p.host_pid is not None}
