@@ -506,10 +506,7 @@ class LazyPagesDaemon:
             self._wakeup.set()
             self._check_done()
             # Only now are the ranges registered (criu restore hands the uffd over first).
-            # Beside its guardian's answer, not before it: searches run one at a time,
-            # and a FORKED held back meanwhile would find its child settled already.
-            assert self._tg is not None
-            self._tg.create_task(self._identify(mine))
+            await self._identify(mine)
             await connection.until_settled()
 
     def _adopt(self, task: TaskHandover, restorer: int,
