@@ -5,7 +5,8 @@ lazy-pages --keep-running``, each its own process), and are measured from
 /proc: open fds, threads, resident memory. Children migrate the processes of a
 200-process dump in turn, each with a handover of its own (a new userfaultfd),
 faults, a background fill and every byte checked. After a warm-up the two
-services must not grow: fds and threads exactly, memory within a stated slack.
+services must not grow: fds exactly, threads within the bound of asyncio's
+executor, memory within a stated slack.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROUND = 40  # usage is sampled after each round
 PAGES = 16  # 64 KiB per process
 CHILDREN = 4  # at once, each migrating a batch in turn
 BATCH = 10
+EXECUTOR_MAX_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
 RSS_SLACK_KIB = {"daemon": 5 << 10, "page server": 1 << 10}
 """RSS growth allowed after the warm-up. The daemon: one more buffer in the page
 source's reply-buffer pool (up to 4 of 4 MiB are kept for reuse, source.py,
@@ -126,7 +128,10 @@ def test_200_migrations_through_one_daemon(tmp_path: Path, reliability: Recorder
         print(f"\n{name}: after {WARM_UP} migrations {warm[name]}; after {MIGRATIONS}: "
               f"{end[name]}; RSS every {ROUND} (KiB): {trend[name]}")
         assert end[name].fds == warm[name].fds, (name, warm[name], end[name])
-        assert end[name].threads == warm[name].threads, (name, warm[name], end[name])
+        # asyncio's default executor starts its threads as concurrent calls first need them,
+        # up to a bound: a pool still filling may add a few; a leak adds one per migration.
+        assert end[name].threads - warm[name].threads <= EXECUTOR_MAX_WORKERS, \
+            (name, warm[name], end[name])
         assert end[name].rss_kib - warm[name].rss_kib <= RSS_SLACK_KIB[name], \
             (name, warm[name], end[name])
     growth = "; ".join(
