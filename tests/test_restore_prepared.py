@@ -143,7 +143,7 @@ def test_wait_for_images_returns_once_the_inventory_is_written(tmp_path: Path) -
         waited = wait_for_images(images, 10)
     finally:
         writer.join()
-    assert waited >= 0.1
+    assert waited > 0  # it waited (the timer started before its clock: no lower bound)
     assert (tmp_path / "inventory.img").exists()
     assert wait_for_images(images, 0) == 0.0  # there already: at once
 
@@ -163,5 +163,5 @@ async def test_images_wait_awaited_on_the_loop(tmp_path: Path) -> None:
     for pause in wait.pauses():
         pauses += 1
         await asyncio.sleep(pause)
-    assert wait.complete and wait.waited >= 0.1 and pauses > 1
+    assert wait.complete and wait.waited > 0 and pauses > 1
     assert list(ImagesWait(images, 0).pauses()) == []  # there already: no pause
