@@ -109,7 +109,15 @@ from lazymig.proto.constants import (
 )
 from lazymig.proto.handover import RestoreFinished, TaskHandover
 from lazymig.proto.images import CredsEntry, ImagesDir, VmaEntry
-from lazymig.proto.uffd import UFFD_API, Feature
+from lazymig.proto.uffd import (
+    API_STRUCT,
+    REGISTER_STRUCT,
+    UFFD_API,
+    UFFDIO_API,
+    UFFDIO_REGISTER,
+    Feature,
+    RegisterMode,
+)
 from lazymig.restore.files import restore_files
 from lazymig.restore.parent import write_parent_pages
 from lazymig.restore.pids import ChildProcess, PidMode, choose, pstree_ids, spawn_root
@@ -148,9 +156,6 @@ _PR_SET_NAME: Final = 15
 _PR_SET_MM: Final = 35
 _PR_SET_MM_MAP: Final = 14
 _RSEQ_FLAG_UNREGISTER: Final = 1
-_UFFDIO_API: Final = 0xC018AA3F
-_UFFDIO_REGISTER: Final = 0xC020AA00
-_UFFDIO_REGISTER_MODE_MISSING: Final = 1
 _SIGMAX: Final = 64
 
 # The scratch mapping: a syscall instruction at 0, the data area of single calls
@@ -640,13 +645,13 @@ class Restorer:
         fd = target.call(SYS_USERFAULTFD, _O_CLOEXEC | _O_NONBLOCK, what="userfaultfd")
         try:
             features = int(DEFAULT_FEATURES | (kernel_features() & Feature.THREAD_ID))
-            at = target.data(struct.pack("<QQQ", UFFD_API, features, 0))
-            target.call(SYS_IOCTL, fd, _UFFDIO_API, at, what="ioctl(UFFDIO_API)")
+            at = target.data(API_STRUCT.pack(UFFD_API, features, 0))
+            target.call(SYS_IOCTL, fd, UFFDIO_API, at, what="ioctl(UFFDIO_API)")
             with target.injecting():
                 for r in _lazy_vmas(task):
-                    at = target.queue_data(struct.pack("<QQQQ", r[0], r[1] - r[0],
-                                                       _UFFDIO_REGISTER_MODE_MISSING, 0))
-                    target.queue(SYS_IOCTL, fd, _UFFDIO_REGISTER, at,
+                    at = target.queue_data(REGISTER_STRUCT.pack(r[0], r[1] - r[0],
+                                                                RegisterMode.MISSING, 0))
+                    target.queue(SYS_IOCTL, fd, UFFDIO_REGISTER, at,
                                  what=f"ioctl(UFFDIO_REGISTER {r[0]:#x}-{r[1]:#x})")
                 target.run_queued()
             mine = copy_fd(target.pid, fd)
