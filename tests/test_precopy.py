@@ -218,10 +218,26 @@ async def test_an_abort_during_the_rounds_leaves_the_source_as_it_was(
     assert run_state(writer.pid) in "RS"  # running, not stopped
 
 
+def mappings(pid: int) -> list[str]:
+    """``start-end perms`` of each line of /proc/PID/maps but the stack's (it grows as
+    the process runs on)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [" ".join(line.split()[:2]) for line in f if not line.endswith("[stack]\n")]
+
+
 async def test_migrate_with_pre_copy_then_lazy(writer: Writer, output: Output) -> None:
+    """The destination is prepared while the rounds run: the pre-copied pages are in
+    the process-to-be before the freeze and moved into place after it; the restored
+    process has the source's mappings exactly (no window of the preparation left)."""
     rounds: list[RoundReport] = []
+
+    def on_round(report: RoundReport) -> None:
+        rounds.append(report)
+        layout.append(mappings(writer.pid))
+
+    layout: list[list[str]] = []
     result = await asyncio.wait_for(lazymig.migrate(
-        writer.pid, precopy=PreCopyOptions(max_rounds=3, lazy=True), on_round=rounds.append,
+        writer.pid, precopy=PreCopyOptions(max_rounds=3, lazy=True), on_round=on_round,
         stdio=output.stdio), 120)
     output.handed_over()
     try:
@@ -229,10 +245,70 @@ async def test_migrate_with_pre_copy_then_lazy(writer: Writer, output: Output) -
         assert rounds[0].pages_dirtied >= PAGES
         # Only what was written after the last round stays lazy.
         assert result.dump.lazy_pages < HOT + 64
+        # The pages copied before and not written since were moved, not written.
+        assert result.restored.prepared_pages >= PAGES - HOT
         bad, _ = await output.check(result.restored.pid)
         assert bad == 0
+        assert mappings(result.restored.pid) == layout[-1]
     finally:
         os.kill(result.restored.pid, signal.SIGKILL)
+
+
+async def test_a_prepared_restore_moves_the_pre_copied_pages_into_place(
+        writer: Writer, output: Output, tmp_path: Path) -> None:
+    """Restorer.prepare() before the rounds, add_round() after each, then a plain dump
+    (the last dirty set on disk) and run(): every page checked by the process."""
+    images = tmp_path / "dump"
+    images.mkdir()
+    restorer = Restorer(images, stdio=output.stdio)
+    await restorer.prepare()
+    try:
+        precopy = await PreCopy.start(
+            writer.pid, tmp_path / "pre",
+            options=PreCopyOptions(max_rounds=4, min_dirty_pages=0, min_shrink=1.0),
+            on_round=lambda r: restorer.add_round(r.images_dir))
+        try:
+            await precopy.run()
+            layout = mappings(writer.pid)
+            await dump(writer.pid, images, precopy=precopy)
+        finally:
+            await precopy.aclose()
+        writer.proc.wait(timeout=10)
+        restored = await restorer.run()
+        output.handed_over()
+        assert restored.prepared_pages >= PAGES - HOT
+        assert mappings(restored.pid) == layout
+        bad, writes = await output.check(restored.pid)
+        assert bad == 0
+        bad, after = await output.check(restored.pid)
+        assert bad == 0 and after > writes
+    finally:
+        restorer.kill()
+
+
+async def test_pages_prepared_from_an_older_round_are_written_instead(
+        writer: Writer, output: Output, tmp_path: Path) -> None:
+    """The last round never reached the prepared restore: what it holds is not the
+    newest copy of every page, so nothing prepared is used, and the restore writes
+    the pages from the chain as without preparation."""
+    images = tmp_path / "dump"
+    images.mkdir()
+    restorer = Restorer(images, stdio=output.stdio)
+    await restorer.prepare()
+    try:
+        async with await PreCopy.start(writer.pid, tmp_path / "pre") as precopy:
+            await restorer.add_round((await precopy.round()).images_dir)
+            await precopy.round()
+            await dump(writer.pid, images, precopy=precopy)
+        writer.proc.wait(timeout=10)
+        restored = await restorer.run()
+        output.handed_over()
+        assert restored.prepared_pages == 0
+        assert restored.nonlazy_pages >= PAGES
+        bad, _ = await output.check(restored.pid)
+        assert bad == 0
+    finally:
+        restorer.kill()
 
 
 def lazymig_cli(*args: str) -> None:

@@ -274,9 +274,11 @@ def lazy_pages(images_dir: StrPath, *, page_server: PageServerAddress | None = N
 class Destination(Handle[DaemonReport]):
     """A daemon and the process it fills; see :func:`receive`."""
 
-    def __init__(self, daemon: LazyPages, stdio: Stdio | None, new_pids: bool = False) -> None:
+    def __init__(self, daemon: LazyPages, stdio: Stdio | None, new_pids: bool = False,
+                 prepared: Restorer | None = None) -> None:
         super().__init__()
         self.daemon = daemon
+        self._prepared = prepared
         self.done = daemon.done
         self._stdio = stdio
         self._new_pids = new_pids
@@ -307,7 +309,11 @@ class Destination(Handle[DaemonReport]):
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         try:
             await stack.enter_async_context(self.daemon)
-            self._restoring = self.daemon.restore(stdio=self._stdio, new_pids=self._new_pids)
+            if self._prepared is not None:
+                self._prepared.socket_path = self.daemon.socket_path
+                self._restoring = RestoredProcess(self._prepared)
+            else:
+                self._restoring = self.daemon.restore(stdio=self._stdio, new_pids=self._new_pids)
             self._process = await stack.enter_async_context(self._restoring)
         except Exception:  # an error, not a cancellation (which may come after it ran)
             self._entry_failed = True
@@ -320,7 +326,7 @@ class Destination(Handle[DaemonReport]):
 def receive(images_dir: StrPath, *, page_server: PageServerAddress,
             wire: WireVersion = WireVersion.V2, channels: int = 1,
             socket_path: StrPath | None = None, stdio: Stdio | None = None,
-            new_pids: bool = False) -> Destination:
+            new_pids: bool = False, prepared: Restorer | None = None) -> Destination:
     """The destination half of a migration: a daemon, and the dump restored through it.
 
     ``images_dir`` is the destination's copy of the source's images dir;
@@ -332,6 +338,16 @@ def receive(images_dir: StrPath, *, page_server: PageServerAddress,
     process outlives a normal exit: it is the migrated workload. ``stdio`` and
     ``new_pids`` are :func:`restore_process`'s.
 
+    ``prepared``: a pre-copy's prepared destination, a
+    :class:`~lazymig.restore.Restorer` of ``images_dir`` made with
+    ``lazy_pages=True`` (and the ``stdio`` and ``new_pids`` wanted), on which
+    :meth:`~lazymig.restore.Restorer.prepare` was called before the dump and
+    :meth:`~lazymig.restore.Restorer.add_round` with each pre-dump round as it
+    arrived: the pre-copied pages are in place already, and the restore only
+    moves them (:mod:`lazymig.restore.premap`). Its ``stdio`` and ``new_pids``
+    are used; :meth:`~lazymig.restore.Restorer.unprepare` it if this handle is
+    never entered.
+
     Example::
 
         async with lazymig.receive("/tmp/1", page_server=("10.0.0.1", 9876)) as dst:
@@ -341,4 +357,5 @@ def receive(images_dir: StrPath, *, page_server: PageServerAddress,
     check_images_dir(images_dir, "lazymig.receive")
     page_server = page_server_address(page_server, "lazymig.receive")
     return Destination(lazy_pages(images_dir, page_server=page_server, wire=wire,
-                                  channels=channels, socket_path=socket_path), stdio, new_pids)
+                                  channels=channels, socket_path=socket_path), stdio, new_pids,
+                       prepared)

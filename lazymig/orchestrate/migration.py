@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import os
 import tempfile
 import time
@@ -38,12 +40,15 @@ from lazymig.orchestrate.destination import Destination, RestoredProcess, Stdio,
 from lazymig.orchestrate.progress import TransferProgress
 from lazymig.orchestrate.source import Address, Source, serve
 from lazymig.proto.wire import WireVersion
-from lazymig.restore.restorer import RestoreResult
+from lazymig.restore.restorer import Restorer, RestoreResult
 from lazymig.uffd.daemon import DaemonReport
 
 __all__ = ["CopyImages", "Migration", "MigrationResult", "migrate"]
 
+log = logging.getLogger(__name__)
+
 StrPath = str | os.PathLike[str]
+AfterRound = Callable[[RoundReport], None]
 CopyImages = Callable[[Path], Awaitable[StrPath]]
 """Copies the source's images dir where the destination reads it; returns that path."""
 
@@ -72,11 +77,13 @@ class Migration(Handle[MigrationResult]):
     def __init__(self, images_dir: StrPath | None,
                  make_source: Callable[[Path, PreCopy | None], Source],
                  copy_images: CopyImages | None,
-                 make_destination: Callable[[Path, Address], Destination], *,
+                 make_destination: Callable[[Path, Address, Restorer | None], Destination], *,
                  keep_stopped: bool = False,
-                 start_precopy: Callable[[Path], Awaitable[PreCopy]] | None = None) -> None:
+                 start_precopy: Callable[[Path, AfterRound], Awaitable[PreCopy]] | None = None,
+                 make_prepared: Callable[[Path], Restorer] | None = None) -> None:
         super().__init__()
         self._start_precopy = start_precopy
+        self._make_prepared = make_prepared
         self._precopy: PreCopy | None = None
         self._keep_stopped = keep_stopped
         self._images_dir = None if images_dir is None else Path(images_dir)
@@ -117,10 +124,33 @@ class Migration(Handle[MigrationResult]):
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         images = self._images_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="lazymig-")))
+        prepared: Restorer | None = None
         if self._start_precopy is not None:
-            self._precopy = await self._start_precopy(images)
+            applying: list[asyncio.Future[int]] = []
+            if self._make_prepared is not None:
+                prepared = self._make_prepared(images)
+                await prepared.prepare()
+                stack.callback(prepared.unprepare)
+                stack.callback(_drop, applying)
+
+            def after_round(report: RoundReport) -> None:
+                if prepared is not None:  # each round applied after the one before
+                    applying.append(asyncio.ensure_future(
+                        _apply(prepared, report.images_dir, applying[-1] if applying else None)))
+
+            self._precopy = await self._start_precopy(images, after_round)
             stack.push_async_callback(self._precopy.aclose)  # the tracking ends with it
             await self._precopy.run()
+            if prepared is not None and applying:
+                # Before the freeze: the source runs on meanwhile, not the downtime.
+                try:
+                    await applying[-1]
+                except Exception as exc:  # any: the restore does without
+                    log.warning("pid %d: the pre-copied pages could not be prepared on the "
+                                "destination (%s): they are written during the restore",
+                                self._precopy.pid, exc)
+                    prepared.unprepare()
+                    prepared = None
         started = time.monotonic()
         source = await stack.enter_async_context(self._make_source(images, self._precopy))
         self._source = source
@@ -128,7 +158,7 @@ class Migration(Handle[MigrationResult]):
         try:
             copy = images if self._copy_images is None else Path(
                 await self._copy_images(images))
-            destination = self._make_destination(copy, source.address)
+            destination = self._make_destination(copy, source.address, prepared)
             await stack.enter_async_context(destination)
         except Exception as exc:
             if destination is None or destination.never_ran:  # nothing can have diverged
@@ -157,6 +187,22 @@ class Migration(Handle[MigrationResult]):
 
     def __repr__(self) -> str:
         return f"<lazymig.Migration {self._source!r} -> {self._destination!r}>"
+
+
+def _drop(applying: list[asyncio.Future[int]]) -> None:
+    """Cancel the rounds still being applied; read the errors of those that failed
+    (the migration failed first, or goes on without them)."""
+    for a in applying:
+        if a.done() and not a.cancelled():
+            a.exception()
+        else:
+            a.cancel()
+
+
+async def _apply(restorer: Restorer, round_dir: Path, after: asyncio.Future[int] | None) -> int:
+    if after is not None:
+        await after
+    return await restorer.add_round(round_dir)
 
 
 def migrate(pid: int, *, images_dir: StrPath | None = None,
@@ -221,10 +267,22 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
 
     options = PreCopyOptions() if precopy is True else precopy or None
 
-    async def start_precopy(images: Path) -> PreCopy:
+    async def start_precopy(images: Path, after_round: AfterRound) -> PreCopy:
         if stdio is None:  # refused before any round, as before the freeze
             await asyncio.to_thread(check_target, pid, stdio_given=False)
-        return await PreCopy.start(pid, images / "precopy", options=options, on_round=on_round)
+
+        async def each_round(report: RoundReport) -> None:
+            if on_round is not None:
+                res = on_round(report)
+                if inspect.isawaitable(res):
+                    await res
+            after_round(report)
+
+        return await PreCopy.start(pid, images / "precopy", options=options,
+                                   on_round=each_round)
+
+    def make_prepared(images: Path) -> Restorer:
+        return Restorer(images, lazy_pages=True, stdio=stdio, new_pids=new_pids)
 
     def make_source(images: Path, rounds: PreCopy | None) -> Source:
         if stdio is None:  # fds 0-2 staying behind: refused before the freeze, not after
@@ -232,10 +290,12 @@ def migrate(pid: int, *, images_dir: StrPath | None = None,
         return serve(pid, images, address=address, port=port, wire=wire,
                      leave_running=leave_running, precopy=rounds)
 
-    def make_destination(images: Path, page_server: Address) -> Destination:
+    def make_destination(images: Path, page_server: Address,
+                         prepared: Restorer | None) -> Destination:
         return receive(images, page_server=page_server, wire=wire, channels=channels,
-                       stdio=stdio, new_pids=new_pids)
+                       stdio=stdio, new_pids=new_pids, prepared=prepared)
 
     return Migration(images_dir, make_source, copy_images, make_destination,
                      keep_stopped=keep_stopped,
-                     start_precopy=start_precopy if options is not None else None)
+                     start_precopy=start_precopy if options is not None else None,
+                     make_prepared=make_prepared if copy_images is None else None)

@@ -71,6 +71,7 @@ __all__ = ["ChildProcess", "PidMode", "choose", "clone_args", "fork", "pstree_id
 
 log = logging.getLogger(__name__)
 
+CLONE_VM: Final = 0x100
 CLONE_PARENT: Final = 0x8000
 _SIGCHLD: Final = 17
 _AT_FDCWD: Final = -100
@@ -167,12 +168,16 @@ def start_init(root: int) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def fork(parent: Tracee, pid: int | None, *, sibling: bool = False,
-         namespace_of: int | None = None) -> Tracee:
+         namespace_of: int | None = None, share_memory: bool = False) -> Tracee:
     """A child of ``parent`` (with ``sibling``, of its parent: CLONE_PARENT) under
     ``pid`` in its own pid namespace (clone3 with ``set_tid``; None: a new pid),
     seized and stopped before it ran one instruction. With ``namespace_of``, the
     parent enters that process's pid namespace for its children first (setns).
-    Runs on the tracer thread of ``parent``, which is stopped."""
+    With ``share_memory`` the child shares the parent's address space (CLONE_VM)
+    instead of a copy of it: what was built there is the child's with no page
+    copied (a prepared restore, :mod:`lazymig.restore.premap`); the parent must
+    then die before the child runs. Runs on the tracer thread of ``parent``, which
+    is stopped."""
     parent.set_options(PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
     try:
         with parent.syscalls() as session, \
@@ -190,7 +195,8 @@ def fork(parent: Tracee, pid: int | None, *, sibling: bool = False,
             # clone3 refuses an exit signal with CLONE_PARENT: the child's is its parent's.
             wanted = page + CLONE_ARGS.size if pid is not None else 0
             write_memory(parent.pid, page, clone_args(
-                CLONE_PARENT if sibling else 0, 0 if sibling else _SIGCHLD, wanted)
+                (CLONE_PARENT if sibling else 0) | (CLONE_VM if share_memory else 0),
+                0 if sibling else _SIGCHLD, wanted)
                 + struct.pack("<i", pid or 0))
             seen = session.syscall(SYS_CLONE3, page, CLONE_ARGS.size)
     finally:
@@ -207,22 +213,25 @@ def fork(parent: Tracee, pid: int | None, *, sibling: bool = False,
 
 
 def spawn_root(launcher: subprocess.Popen[bytes], helper: Tracee, root: int,
-               mode: PidMode) -> tuple[ChildProcess, Tracee, subprocess.Popen[bytes] | None]:
+               mode: PidMode, *, share_memory: bool = False,
+               ) -> tuple[ChildProcess, Tracee, subprocess.Popen[bytes] | None]:
     """The root's helper under its dumped pid ``root``: forked by ``launcher`` (the
     restorer's ``sleep``, seized as ``helper``) as the restorer's own child, after
-    a new pid namespace and its init in :attr:`PidMode.NAMESPACE`. The launcher is
-    killed and reaped. Returns the root, its tracee and the init; on failure the
-    init is killed too."""
+    a new pid namespace and its init in :attr:`PidMode.NAMESPACE`; with
+    ``share_memory``, in the launcher's address space (see :func:`fork`). The
+    launcher is killed and reaped. Returns the root, its tracee and the init; on
+    failure the init is killed too."""
     init: subprocess.Popen[bytes] | None = None
     try:
         if mode is PidMode.NAMESPACE:
             init, ready = start_init(root)
             try:
-                tracee = fork(helper, root, sibling=True, namespace_of=init.pid)
+                tracee = fork(helper, root, sibling=True, namespace_of=init.pid,
+                              share_memory=share_memory)
             finally:
                 os.close(ready)  # the init looks for the root now (or ends, if it failed)
         else:
-            tracee = fork(helper, root, sibling=True)
+            tracee = fork(helper, root, sibling=True, share_memory=share_memory)
     except BaseException:
         if init is not None:
             init.kill()

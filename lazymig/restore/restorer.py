@@ -61,7 +61,7 @@ import signal
 import struct
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -108,7 +108,7 @@ from lazymig.proto.constants import (
     VmaStatus,
 )
 from lazymig.proto.handover import RestoreFinished, TaskHandover
-from lazymig.proto.images import CredsEntry, ImagesDir, VmaEntry
+from lazymig.proto.images import CredsEntry, ImagesDir, PagemapEntry, VmaEntry
 from lazymig.proto.uffd import (
     API_STRUCT,
     REGISTER_STRUCT,
@@ -121,6 +121,7 @@ from lazymig.proto.uffd import (
 from lazymig.restore.files import restore_files
 from lazymig.restore.parent import write_parent_pages
 from lazymig.restore.pids import ChildProcess, PidMode, choose, pstree_ids, spawn_root
+from lazymig.restore.premap import Move, PreparedMemory, subtract, written_elsewhere
 from lazymig.restore.shmem import recreate_tmpfs_files, restore_shared_objects
 from lazymig.restore.sockets import take_over_sockets
 from lazymig.restore.task import (
@@ -187,6 +188,9 @@ class RestoreResult:
     lazy_pages: int
     seconds: float
     """From starting the helper to detaching the restored process."""
+    prepared_pages: int = 0
+    """Of ``nonlazy_pages``, those a prepared restore had in place before the freeze
+    and moved there (:meth:`Restorer.prepare`)."""
     pid_namespace: int | None = None
     """The pid here of the init (pid 1) of the pid namespace the process was restored
     in, when its dumped pids were taken here (:mod:`lazymig.restore.pids`); None
@@ -392,6 +396,66 @@ class Restorer:
         self.tree_pids: dict[int, int] = {}
         """A restored tree's pids: {image pid: pid here} (lazymig.restore.tree)."""
         self._taken: list[int] = []  # sockets taken over from the source (restore/sockets.py)
+        # A prepared restore (prepare(), add_round()): the process-to-be, seized on
+        # its tracer thread, with the pre-copied memory built in it.
+        self._prepared: tuple[TracerThread, Tracee, PreparedMemory, list[int]] | None = None
+        self._moved = 0  # pages a prepared restore moved into place
+
+    async def prepare(self) -> None:
+        """Start the process-to-be now, before the dump ends (a pre-copy's prepared
+        destination): the helper that becomes the restored process is spawned and
+        seized, and each pre-dump round given to :meth:`add_round` is written into
+        it while the source runs. :meth:`run` then only moves those pages into
+        place (:mod:`lazymig.restore.premap`). :meth:`kill` ends it if no
+        :meth:`run` follows.
+
+        Raises:
+            RestoreError: it was prepared already, or the helper did not start.
+        """
+        if self._prepared is not None:
+            raise RestoreError("this restore is prepared already")
+        tracer = TracerThread("lazymig-restore")
+        try:
+            helper = await tracer.run(self._spawn_helper)
+        except BaseException:
+            tracer.close()
+            self.kill()
+            raise
+        self._prepared = (tracer, helper, PreparedMemory(), self._passed_fds())
+
+    async def add_round(self, round_dir: str | os.PathLike[str]) -> int:
+        """Write the pages of pre-dump round ``round_dir`` (a child of the round
+        added before it) into the prepared process-to-be; returns how many.
+
+        Raises:
+            RestoreError: not prepared.
+            ImageError: the round is not the next of the chain, or is damaged.
+        """
+        if self._prepared is None:
+            raise RestoreError("add_round() before prepare()")
+        tracer, helper, memory, _ = self._prepared
+        return await tracer.run(memory.apply, _Target(helper), Path(round_dir))
+
+    def unprepare(self) -> None:
+        """End the prepared process-to-be if :meth:`run` never took it (a migration
+        given up before its restore); a no-op otherwise."""
+        if self._prepared is not None:
+            self.kill()
+
+    def _take_prepared(self, why_not: str) -> tuple[TracerThread, Tracee, PreparedMemory] | None:
+        """The prepared process-to-be, or None (and it is killed) when ``why_not``
+        says why it cannot be used."""
+        if self._prepared is None:
+            return None
+        tracer, helper, memory, _ = self._prepared
+        self._prepared = None
+        if why_not:
+            log.warning("the prepared restore is not used (%s): restoring without it", why_not)
+            self.kill()
+            tracer.close()
+            self.process = None
+            return None
+        return tracer, helper, memory
 
     async def run(self) -> RestoreResult:
         """Restore; returns once the process runs (detached from the restorer's ptrace).
@@ -405,21 +469,39 @@ class Restorer:
         # On the source's host, its sockets are taken over (restore/sockets.py).
         self.fds, self._taken = await asyncio.to_thread(take_over_sockets, self.images, self.fds)
         if await asyncio.to_thread(is_tree, self.images):
+            self._take_prepared("the dump is of a process tree")
             return await restore_tree(self)
-        task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
-                                       fds=self.fds)
+        try:
+            task = await asyncio.to_thread(load_task, self.images, lazy_pages=self.lazy_pages,
+                                           fds=self.fds)
+        except BaseException:
+            self._take_prepared("the dump cannot be restored")
+            raise
         phases.done("load")
+        prepared = self._take_prepared(self._prepared_unfit(task))
+        if prepared is not None and (why := prepared[2].usable(self.images.path, task.pid)):
+            log.warning("the pages prepared for process %d are not used (%s): they are written "
+                        "from the pre-dump chain", task.pid, why)
+            prepared[2].forget()
         daemon: HandoverSession | None = None
-        if self.lazy_pages and task.lazy:
-            daemon = await self._connect()
-            phases.done("connect")
-        tracer = TracerThread("lazymig-restore")
+        try:
+            if self.lazy_pages and task.lazy:
+                daemon = await self._connect()
+                phases.done("connect")
+        except BaseException:
+            if prepared is not None:
+                self.kill()
+                prepared[0].close()
+            raise
+        tracer = prepared[0] if prepared is not None else TracerThread("lazymig-restore")
         started = time.monotonic()
         try:
-            tracee = await tracer.run(self._spawn_and_seize)
+            tracee = await tracer.run(self._spawn_and_seize,
+                                      prepared[1] if prepared is not None else None)
             phases.done("spawn")
             target = _Target(tracee)
-            nonlazy = await tracer.run(self._build, target, task)
+            nonlazy = await tracer.run(self._build, target, task,
+                                       prepared[2] if prepared is not None else None)
             phases.done("build")
             uffd = -1
             if task.lazy:
@@ -453,7 +535,7 @@ class Restorer:
         lazy = sum(r.nr_pages for r in task.lazy)
         result = RestoreResult(pid=self.process.pid, image_pid=task.pid, nonlazy_pages=nonlazy,
                                lazy_pages=lazy, seconds=time.monotonic() - started,
-                               pid_namespace=self._init_pid())
+                               prepared_pages=self._moved, pid_namespace=self._init_pid())
         log.info("process %d restored as %d in %.3f s (%d pages written, %d lazy)", task.pid,
                  result.pid, result.seconds, nonlazy, lazy)
         log.debug("process %d: restore phases %s", task.pid, phases)
@@ -468,8 +550,12 @@ class Restorer:
 
     def kill(self) -> None:
         """Kill and reap the restored (or half-restored) process, if any, and the
-        init of its pid namespace (which kills every process in it)."""
+        init of its pid namespace (which kills every process in it); a prepared
+        process-to-be that never ran too."""
         self._release_taken()
+        if self._prepared is not None:
+            tracer, self._prepared = self._prepared[0], None
+            tracer.close(wait=False)  # the kernel detaches the helper, killed below
         for process in (self.process, self.pid_namespace):
             if process is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -499,16 +585,41 @@ class Restorer:
 
     # -- tracer thread -----------------------------------------------------------------
 
-    def _spawn_and_seize(self) -> Tracee:
+    def _prepared_unfit(self, task: DumpedTask) -> str:
+        """Why the prepared process-to-be cannot become ``task`` (empty: it can)."""
+        if self._prepared is None:
+            return ""
+        if self._passed_fds() != self._prepared[3]:
+            return "the fds it must inherit changed since it was started"
+        return ""
+
+    def _passed_fds(self) -> list[int]:
+        """The caller's fds (above 2) the helper inherits."""
+        return sorted({i.fd for i in self.fds.inherit if i.fd > 2})
+
+    def _spawn_and_seize(self, prepared: Tracee | None = None) -> Tracee:
+        """The process-to-be, seized: the helper (``prepared``, or a new one) or the
+        root it forks under the dumped pid (in the helper's address space when it was
+        prepared: the memory built there is the root's)."""
         entries = self.images.pstree()
         root = entries[0].pid
         mode = choose(pstree_ids(entries), new_pids=self.new_pids,
                       what=f"{'tree of ' if len(entries) > 1 else 'process '}{root}")
+        tracee = prepared if prepared is not None else self._spawn_helper()
+        if mode is PidMode.NEW:
+            return tracee
+        assert isinstance(self.process, subprocess.Popen)
+        self.process, tracee, self.pid_namespace = spawn_root(
+            self.process, tracee, root, mode, share_memory=prepared is not None)
+        return tracee
+
+    def _spawn_helper(self) -> Tracee:
+        """Start the restorer's ``sleep`` helper and seize it once it sleeps."""
         sleep = shutil.which("sleep")
         if sleep is None:
             raise RestoreError("no `sleep` executable on PATH to start the restored process from")
         stdin, stdout, stderr = self.stdio if self.stdio is not None else (0, 1, 2)
-        passed = sorted({i.fd for i in self.fds.inherit if i.fd > 2})
+        passed = self._passed_fds()
         try:
             self.process = subprocess.Popen([sleep, "1000000"], stdin=stdin, stdout=stdout,
                                             stderr=stderr, close_fds=True, pass_fds=passed)
@@ -523,14 +634,12 @@ class Restorer:
             if time.monotonic() > deadline:
                 raise RestoreError(f"the helper process {pid} never went to sleep")
             time.sleep(0.001)
-        tracee = Tracee.seize(pid)
-        if mode is PidMode.NEW:
-            return tracee
-        self.process, tracee, self.pid_namespace = spawn_root(self.process, tracee, root, mode)
-        return tracee
+        return Tracee.seize(pid)
 
-    def _build(self, target: _Target, task: DumpedTask) -> int:
-        """Steps 2-5 but the uffd; returns the number of pages written."""
+    def _build(self, target: _Target, task: DumpedTask,
+               prepared: PreparedMemory | None = None) -> int:
+        """Steps 2-5 but the uffd; returns the number of pages written (or, from
+        ``prepared``, moved into place)."""
         tracee, pid = target.tracee, target.pid
         conf = tracee.get_rseq_configuration()
         if conf is not None and conf.rseq_abi_pointer:
@@ -539,6 +648,7 @@ class Restorer:
         maps = _read_maps(pid)
         dumped = [(v.start, v.end) for v in task.mm.vmas]
         busy = [(m.start, m.end) for m in maps] + dumped
+        windows = prepared.scratch_ranges() if prepared is not None else []
         scratch = _free_gap(busy, _SCRATCH_SIZE)
         got = target.call(SYS_MMAP, scratch, _SCRATCH_SIZE, _PROT_RWX,
                           MAP_PRIVATE | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
@@ -549,24 +659,44 @@ class Restorer:
         tracee.set_syscall_ip(scratch)
         target.scratch = scratch
 
+        moves: list[Move] = []
         with target.injecting():
             for m in maps:
                 if m.name not in _SPECIAL:
-                    target.queue(SYS_MUNMAP, m.start, m.end - m.start,
-                                 what=f"munmap({m.start:#x})")
+                    for lo, hi in subtract([(m.start, m.end)], windows):
+                        target.queue(SYS_MUNMAP, lo, hi - lo, what=f"munmap({lo:#x})")
             target.run_queued()
-            self._move_vdso(target, task, maps, [*busy, (scratch, scratch + _SCRATCH_SIZE)])
+            busy.append((scratch, scratch + _SCRATCH_SIZE))
+            if prepared is not None:  # out of the way of the dumped VMAs first
+                moves = prepared.arrange(target, task.mm.vmas, task.entries, busy)
+                busy += prepared.scratch_ranges()
+            self._move_vdso(target, task, maps, busy)
             # Before the dumped VMAs: the kernel refuses to switch the exe while the old
             # one is mapped, and the old one (the helper's) may be the dumped exe too.
             self._set_mm(target, task)
             recreate_tmpfs_files(self.images, task.mm.vmas, task.extra.files)
-            _map_vmas(target, task)
-            busy.append((scratch, scratch + _SCRATCH_SIZE))
+            _map_vmas(target, task, {move.vma.start for move in moves})
+            if prepared is not None:
+                prepared.queue_moves(target, moves)
+                for move in moves:
+                    v = move.vma
+                    for advice in _advice(v.madv):
+                        target.queue(SYS_MADVISE, v.start, v.end - v.start, advice,
+                                     what=f"madvise({v.start:#x}, {advice})", hint=True)
+                prepared.queue_unmap(target)
+                target.run_queued()
             shared, target.objects = restore_shared_objects(
                 target, self.images, task.mm.vmas, task.memfds,
                 lambda size: _free_gap(busy, size),
                 lambda start, end, madv: _madvise(target, start, end, madv), target.shared_from)
-        return shared + self._write_pages(pid, task)
+        if prepared is None:
+            return shared + self._write_pages(pid, task, task.entries)
+        kept = self._moved = sum(hi - lo for m in moves for lo, hi in m.keep) // PAGE_SIZE
+        log.info("process %d: %d pre-copied pages moved into place (%d VMAs), %d written "
+                 "from the pre-dump chain", task.pid, kept, len(moves),
+                 sum(e.nr_pages for e in written_elsewhere(task.entries, moves)))
+        return shared + kept + self._write_pages(pid, task, written_elsewhere(task.entries,
+                                                                              moves))
 
     def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],
                    busy: list[tuple[int, int]]) -> None:
@@ -612,10 +742,11 @@ class Restorer:
         finally:
             target.call(SYS_CLOSE, exe_fd, what="close")
 
-    def _write_pages(self, pid: int, task: DumpedTask) -> int:
+    def _write_pages(self, pid: int, task: DumpedTask, parent: Sequence[PagemapEntry]) -> int:
         """Write the pages with data in the pages image (but the lazy ones, with
-        ``lazy_pages``); returns how many. The image is mapped and handed to
-        ``process_vm_writev`` as it is: one copy, and no syscall per entry."""
+        ``lazy_pages``), and the in-parent ones of ``parent`` from the parent chain;
+        returns how many. The image is mapped and handed to ``process_vm_writev`` as
+        it is: one copy, and no syscall per entry."""
         skip = [(v.start, v.end) for v in task.mm.vmas if v.status & _NOT_MAPPED_HERE]
         pieces: list[tuple[int, int, int]] = []  # (address, offset in the image, length)
         offset = 0
@@ -638,7 +769,7 @@ class Restorer:
                         MemoryWriter(pid) as memory:
                     memory.write_pieces(image, pieces)
         written = sum(n for _, _, n in pieces) // PAGE_SIZE
-        return written + write_parent_pages(pid, self.images, task.pid, task.entries)
+        return written + write_parent_pages(pid, self.images, task.pid, parent)
 
     def _userfaultfd(self, target: _Target, task: DumpedTask) -> int:
         """Create and register the uffd in the target; returns the restorer's copy."""
@@ -745,9 +876,10 @@ def _vdso_syscall_ip(pid: int, task: DumpedTask) -> int | None:
     return None
 
 
-def _map_vmas(target: _Target, task: DumpedTask) -> None:
+def _map_vmas(target: _Target, task: DumpedTask, moved: Collection[int] = ()) -> None:
     """Step 4 but the shared objects, in batches: private anonymous VMAs
-    anonymous, file ones (private or shared) from their file, opened once for
+    anonymous (but those starting at ``moved``: a prepared restore moves them into
+    place), file ones (private or shared) from their file, opened once for
     its VMAs (at most ``_files_per_batch()`` files open at a time).
 
     Two VMAs of one file that touch get two opens of it: the kernel merges
@@ -760,7 +892,8 @@ def _map_vmas(target: _Target, task: DumpedTask) -> None:
         if v.status & _NOT_MAPPED_HERE or is_shared_object(v.status):
             continue  # see _move_vdso and restore_shared_objects
         if not v.status & (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED):
-            anonymous.append(v)
+            if v.start not in moved:
+                anonymous.append(v)
             continue
         # Shared: the same file, opened as it was (writes reach it).
         mode = v.fdflags & os.O_ACCMODE if v.status & VmaStatus.FILE_SHARED else _O_RDONLY
