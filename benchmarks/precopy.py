@@ -10,13 +10,19 @@ images on /dev/shm, four ways:
 
 * ``lazy``: ``lazymig.migrate(pid)``;
 * ``full``: ``lazymig.dump.dump(pid)`` (every page on disk), then a restore;
-* ``pre+eager``: pre-copy rounds while it runs, then the dump (the last dirty set
-  on disk), then a restore;
-* ``pre+lazy``: ``lazymig.migrate(pid, precopy=...)``: the last dirty set stays lazy.
+* ``pre+eager``: pre-copy rounds while it runs, each applied to a prepared restore
+  (``Restorer.prepare``, ``add_round``) meanwhile, then the dump (the last dirty
+  set on disk), then that restore;
+* ``pre+lazy``: ``lazymig.migrate(pid, precopy=...)``: the last dirty set stays
+  lazy, the destination prepared during the rounds;
+* ``pre+lazy-unprepared``: the same without the preparation (``copy_images`` given,
+  as an identity, turns it off): the restore writes every pre-copied page into the
+  new process after the freeze, as before the prepared restore.
 
 Columns: downtime (from the freeze until the restored copy runs); of which the
-restore (with pre-copy it writes every pre-copied page into the new process
-before it runs: the new process's memory is allocated then); faults after
+restore (a prepared one moves the pre-copied pages into place; an unprepared
+one writes them, allocating the new process's memory then); pages moved into
+place (prepared); faults after
 the restore (lazy pages a fault asked for); bytes sent (pre-copy rounds, pages on
 disk after the freeze, lazy pages served); to all pages (from the freeze until
 every page is in the restored process); its first full pass over its memory
@@ -56,7 +62,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import helpers  # noqa: E402
 
 WORKLOADS = {"idle": ("idle", 0.0), "read-mostly": ("read", 5.0), "write-heavy": ("write", 30.0)}
-MODES = ("lazy", "full", "pre+eager", "pre+lazy")
+MODES = ("lazy", "full", "pre+eager", "pre+lazy", "pre+lazy-unprepared")
 CRIU_ROOT = Path(os.environ.get("CRIU_ROOT", "/opt/criu-root"))
 
 
@@ -72,7 +78,9 @@ class Row:
     bad: int
     rounds: str
     restore: float
-    """Of the downtime, the restore (pre-copied pages written into the new process)."""
+    """Of the downtime, the restore."""
+    moved: int = 0
+    """Pre-copied pages a prepared restore moved into place."""
 
 
 def build(out: Path) -> Path:
@@ -112,46 +120,56 @@ async def migrate_one(exe: Path, workload: str, mode: str, mib: int, shm: Path) 
         rounds = ""
         pages_sent = 0
         faults = 0
-        if mode in ("lazy", "pre+lazy"):
+        moved = 0
+        if mode in ("lazy", "pre+lazy", "pre+lazy-unprepared"):
             reports: list[lazymig.RoundReport] = []
             began = time.monotonic()
+
+            async def in_place(path: Path) -> Path:
+                return path
+
             result = await lazymig.migrate(
                 proc.pid, images_dir=images, stdio=out.stdio, on_round=reports.append,
-                precopy=PreCopyOptions(lazy=True) if mode == "pre+lazy" else False)
+                precopy=PreCopyOptions(lazy=True) if mode != "lazy" else False,
+                copy_images=in_place if mode == "pre+lazy-unprepared" else None)
             out.handed_over()
             restored_pid = result.restored.pid
             downtime = result.downtime
             to_all = time.monotonic() - began - sum(r.seconds for r in reports)
             faults = result.progress.faults
             restore = result.restored.seconds
+            moved = result.restored.prepared_pages
             pages_sent = sum(r.pages_sent for r in reports) + result.dump.nonlazy_pages \
                 + result.dump.pages_sent
             rounds = " ".join(f"{r.pages_sent}" for r in reports)
         else:
             precopy = None
+            final = images / "dump"
+            final.mkdir()
+            restorer = Restorer(final, stdio=out.stdio)
             if mode == "pre+eager":
-                precopy = await PreCopy.start(proc.pid, images / "precopy")
+                await restorer.prepare()
+                precopy = await PreCopy.start(proc.pid, images / "precopy",
+                                              on_round=lambda r: restorer.add_round(r.images_dir))
                 await precopy.run()
                 rounds = " ".join(f"{r.pages_sent}" for r in precopy.rounds)
                 pages_sent = precopy.pages_sent
-            final = images / "dump"
-            final.mkdir()
             began = time.monotonic()
             try:
                 dumped = await dump(proc.pid, final, precopy=precopy)
             finally:
                 if precopy is not None:
                     await precopy.aclose()
-            restorer = Restorer(final, stdio=out.stdio)
             restored = await restorer.run()
             out.handed_over()
             restored_pid = restored.pid
             restore = restored.seconds
+            moved = restored.prepared_pages
             downtime = to_all = time.monotonic() - began
             pages_sent += dumped.nonlazy_pages
         first_pass, bad = await out.first_pass(restored_pid)
         return Row(workload, mode, downtime, faults, pages_sent * PAGE_SIZE, to_all,
-                   first_pass, bad, rounds, restore)
+                   first_pass, bad, rounds, restore, moved)
     finally:
         for pid in (restored_pid, proc.pid):
             if pid > 0:
@@ -192,12 +210,12 @@ def _criu_pre_dump() -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    out = ["| workload | mode | downtime | of which restore | faults after restore | bytes sent "
-           "| to all pages | first pass (bad) | rounds (pages copied) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| workload | mode | downtime | of which restore | pages moved | faults after restore "
+           "| bytes sent | to all pages | first pass (bad) | rounds (pages copied) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(f"| {r.workload} | {r.mode} | {r.downtime:.3f} s | {r.restore:.3f} s | "
-                   f"{r.faults} | "
+                   f"{r.moved} | {r.faults} | "
                    f"{r.bytes_sent / (1 << 20):.0f} MiB | {r.to_all:.3f} s | "
                    f"{r.first_pass:.3f} s ({r.bad}) | {r.rounds or '-'} |")
     return out

@@ -7,6 +7,7 @@ and an abort during the rounds that leaves the source as it was."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -500,6 +501,72 @@ async def test_pre_dumps_pushed_to_a_page_server_then_a_lazy_dump_restores(
         if dumper.poll() is None:
             dumper.kill()
         await asyncio.to_thread(dumper.wait)
+
+
+def copy_dump(src: Path, dst: Path) -> None:
+    """Copy a dump's images as a user must: inventory.img last (it marks the dump
+    complete for a prepared destination); symlinks (``parent``) as symlinks."""
+    dst.mkdir(exist_ok=True)
+    for path in sorted(src.iterdir(), key=lambda p: p.name == "inventory.img"):
+        if path.is_symlink():
+            (dst / path.name).symlink_to(path.readlink())
+        elif path.is_file():
+            shutil.copy2(path, dst / path.name)
+
+
+async def test_a_prepared_cli_destination_builds_the_memory_from_pushed_pre_dumps(
+        writer: Writer, output: Output, tmp_path: Path) -> None:
+    """The documented workflow with a prepared destination: ``lazymig lazy-pages
+    --wait-for-page-server`` and ``lazymig restore --wait-for-images --pre-dumps DEST``
+    started first; two ``pre-dump --page-server`` into receivers under DEST, whose
+    pages the waiting restore puts in place as each arrives; then ``dump --lazy-pages``
+    on the source, its images copied to DEST/3 (inventory.img last): the restore only
+    moves the pages, and the process checks every page."""
+    pid = str(writer.pid)
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    dest.mkdir()
+    (dest / "3").mkdir()
+    sock = str(tmp_path / "lazy-pages.socket")
+    port = helpers.free_port()
+    log = tmp_path / "restore.log"
+    pidfile = tmp_path / "restored.pid"
+    with log.open("wb") as err:
+        restore = subprocess.Popen(  # noqa: ASYNC220 (it only starts: nothing waits here)
+            criu_peer.lazymig_argv("restore", "--lazy-pages", "-D", str(dest / "3"), "--socket",
+                                   sock, "-d", "--shell-job", "--pidfile", str(pidfile),
+                                   "--wait-for-images", "120", "--pre-dumps", str(dest),
+                                   loop="uvloop" if helpers.on_uvloop() else "no-uvloop"),
+            stdin=subprocess.DEVNULL, stdout=output.stdio[1], stderr=err)
+    daemon = criu_peer.start_with_status_fd(
+        criu_peer.lazymig_argv("lazy-pages", "--page-server", "--address", "127.0.0.1",
+                               "--port", str(port), "-D", str(dest / "3"), "--socket", sock,
+                               "--wait-for-page-server", "120", loop="uvloop"),
+        what="lazymig lazy-pages")
+    dumper = None
+    restored = -1
+    try:
+        await asyncio.to_thread(push_two_pre_dumps, pid, src, dest, "lazymig")
+        dumper = await asyncio.to_thread(start_lazy_dump, pid, src / "3", "../2", port)
+        await asyncio.to_thread(copy_dump, src / "3", dest / "3")
+        assert await asyncio.to_thread(restore.wait, 120) == 0, log.read_text()[-3000:]
+        output.handed_over()
+        text = log.read_text()
+        assert "pre-dump" in text and "put in place" in text, text[-3000:]
+        moved = re.search(r"(\d+) pre-copied pages moved into place", text)
+        assert moved and int(moved[1]) >= PAGES - HOT, text[-3000:]
+        restored = int(pidfile.read_text())
+        # -d prints the pid on its stdout, the pipe the restored process writes to too.
+        assert await asyncio.to_thread(output.lines.next, 30) == str(restored)
+        bad, _ = await output.check(restored)
+        assert bad == 0
+        os.kill(restored, signal.SIGKILL)
+        assert await asyncio.to_thread(dumper.wait, 30) == 0
+    finally:
+        if restored > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(restored, signal.SIGKILL)
+        for proc in (restore, daemon, *([dumper] if dumper else [])):
+            criu_peer.stop(proc)
 
 
 def pre_dump_fails(*args: str) -> str:

@@ -34,6 +34,14 @@ once, so that its start-up is not part of the downtime::
     lazymig lazy-pages --page-server --wait-for-page-server 60 ... -D /tmp/1 &
     lazymig restore --lazy-pages -D /tmp/1 -d --wait-for-images 60 &
     # then, on the source: lazymig dump --lazy-pages ... (images to /tmp/1)
+
+After a pre-copy, ``--pre-dumps DIR`` (with ``--wait-for-images``) builds the
+process's memory from the pre-dump rounds while it waits: each one that comes
+to a subdirectory of DIR (a ``lazymig page-server -D DIR/N`` per ``pre-dump
+--page-server``) is written into the process-to-be as it arrives, and the
+restore only moves those pages into place (:mod:`lazymig.restore.premap`)::
+
+    lazymig restore --lazy-pages -D /dst/3 -d --wait-for-images 600 --pre-dumps /dst &
 """
 
 from __future__ import annotations
@@ -81,6 +89,11 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
                              "everything, then restore as soon as the images are complete "
                              "(inventory.img, which a dump writes last, is in the images "
                              "dir), waiting up to SECONDS for them")
+    parser.add_argument("--pre-dumps", metavar="DIR",
+                        help="with --wait-for-images, after a pre-copy: put the pages of each "
+                             "pre-dump round that comes to a subdirectory of DIR (a page "
+                             "server's -D DIR/N) in place while waiting, so that the restore "
+                             "only moves them")
     parser.add_argument("--status-fd", type=int, metavar="FD",
                         help="write one zero byte to FD once loaded and ready to restore "
                              "(with --wait-for-images: waiting for the images), then close it")
@@ -91,7 +104,7 @@ def restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lazymig._listen import SOCKET_NAME
-    from lazymig.restore import InheritFd, Restorer  # the machinery only when it runs
+    from lazymig.restore import InheritFd, Restorer, RestoreResult  # only when it runs
 
     images_dir = Path(args.images_dir)
     socket_path = Path(args.socket) if args.socket else \
@@ -99,16 +112,30 @@ def restore(args: argparse.Namespace) -> int:
     inherit = [InheritFd.parse(text) for text in args.inherit_fd]
     restorer = Restorer(images_dir, lazy_pages=args.lazy_pages, socket_path=socket_path,
                         inherit_fds=inherit, shell_job=args.shell_job, new_pids=args.new_pids)
-    if args.wait_for_images > 0:
-        from lazymig.restore.prepared import wait_for_images
+    if args.pre_dumps and args.wait_for_images <= 0:
+        print("lazymig restore: --pre-dumps needs --wait-for-images SECONDS (a prepared "
+              "destination, started before the pre-dumps)", file=sys.stderr)
+        return 2
+    if args.pre_dumps:
+        from lazymig.restore.prepared import follow_rounds
 
-        if args.uvloop:
-            import uvloop  # noqa: F401  (now, not once the images are there: run_async's)
-        signal_ready(args.status_fd)  # loaded: what is left is the restore itself
-        wait_for_images(restorer.images, args.wait_for_images)
-    else:
+        async def prepared() -> RestoreResult:
+            await follow_rounds(restorer, Path(args.pre_dumps), args.wait_for_images)
+            return await restorer.run()
+
         signal_ready(args.status_fd)
-    result = run_async(args, restorer.run())
+        result = run_async(args, prepared())
+    else:
+        if args.wait_for_images > 0:
+            from lazymig.restore.prepared import wait_for_images
+
+            if args.uvloop:
+                import uvloop  # noqa: F401  (now, not once the images are there: run_async's)
+            signal_ready(args.status_fd)  # loaded: what is left is the restore itself
+            wait_for_images(restorer.images, args.wait_for_images)
+        else:
+            signal_ready(args.status_fd)
+        result = run_async(args, restorer.run())
     if args.pidfile:
         write_pidfile(args.pidfile, result.pid)
     if args.detach:

@@ -100,7 +100,7 @@ class RoundReport:
         return self.pages_sent * PAGE_SIZE / self.seconds if self.seconds > 0 else 0.0
 
 
-OnRound = Callable[[RoundReport], Awaitable[None] | None]
+OnRound = Callable[[RoundReport], Awaitable[object] | None]
 
 
 class PreCopy:
@@ -228,7 +228,7 @@ class PreCopy:
         whose copy in the chain is current (not written since it was made): the
         final dump's PE_PARENT pages. The tracking ends with :meth:`aclose`,
         after the downtime (unregistering 1 GiB takes ~40 ms)."""
-        last = await self._tracker.collect()
+        last = await self._tracker.collect(protect=False)
         self._valid.difference_update(_pages(last.ranges))
         return set(self._valid)
 

@@ -91,6 +91,7 @@ _WRITTEN: Final = PAGE_IS_WRITTEN | _NOT_DUMPED
 # registered since the last scan as written too (seen on 6.18).
 _THERE: Final = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
 _WP_SCAN: Final = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+_CHECK_SCAN: Final = PM_SCAN_CHECK_WPASYNC
 _HINT: Final = "migrate it without pre-copy (all its memory is then copied after the freeze)"
 
 Range = tuple[int, int]
@@ -203,16 +204,18 @@ class DirtyTracker:
         """The ranges registered for write-protect, in address order."""
         return sorted(self._registered)
 
-    async def collect(self) -> DirtyRound:
+    async def collect(self, *, protect: bool = True) -> DirtyRound:
         """One round: the pages written since the last one (every page present,
-        the first time), protected again. The process runs on meanwhile.
+        the first time), protected again (not with ``protect=False``: the last
+        scan, of a frozen process, spares re-protecting what no later round reads).
+        The process runs on meanwhile.
 
         Only the pages a dump copies count: a private file mapping's pages
         that are still the file's, and the zero page, do not."""
         self._check()
-        return await asyncio.to_thread(self._collect)
+        return await asyncio.to_thread(self._collect, _WP_SCAN if protect else _CHECK_SCAN)
 
-    def _collect(self) -> DirtyRound:
+    def _collect(self, flags: int) -> DirtyRound:
         began = time.monotonic()
         out: list[Range] = []
         for _ in range(_RESCANS):
@@ -221,7 +224,7 @@ class DirtyTracker:
             for start, end in _joined(self.registered):
                 try:
                     out += pagemap_scan(self._pagemap, start, end, required=_WRITTEN,
-                                        inverted=_NOT_DUMPED, anyof=_THERE, flags=_WP_SCAN)
+                                        inverted=_NOT_DUMPED, anyof=_THERE, flags=flags)
                 except LazyMigOSError as exc:
                     if exc.errno != errno.EPERM:
                         raise

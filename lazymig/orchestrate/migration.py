@@ -144,7 +144,15 @@ class Migration(Handle[MigrationResult]):
             if prepared is not None and applying:
                 # Before the freeze: the source runs on meanwhile, not the downtime.
                 try:
+                    waited = time.monotonic()
                     await applying[-1]
+                    lag = time.monotonic() - waited
+                    if lag > self._precopy.rounds[-1].seconds and \
+                            len(self._precopy.rounds) < self._precopy.options.max_rounds:
+                        # What it wrote while the destination caught up would be dropped
+                        # there after the freeze and fetched lazily: one more round.
+                        await self._precopy.round()
+                        await applying[-1]
                 except Exception as exc:  # any: the restore does without
                     log.warning("pid %d: the pre-copied pages could not be prepared on the "
                                 "destination (%s): they are written during the restore",

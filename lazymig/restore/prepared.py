@@ -15,18 +15,34 @@ wait starts: it would be restored at once (that is logged).
 The wait polls for the file every :data:`POLL` seconds: one ``stat`` each time,
 a bound on the delay it adds, and it works on any filesystem the images come in
 on (inotify would miss a file written by another host on NFS).
+
+After a pre-copy, ``--pre-dumps DIR`` also builds the process's memory while it
+waits (:func:`follow_rounds`): each pre-dump round that arrives in a
+subdirectory of DIR (``lazymig page-server -D DIR/N`` writes one per ``pre-dump
+--page-server``; a copied ``pre-dump`` dir does too) is written into the
+prepared process-to-be as soon as it is complete (its ``pagemap-PID.img``,
+which both write last), in chain order (its ``parent`` link names the round
+before), and the restore then only moves those pages into place
+(:mod:`lazymig.restore.premap`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazymig.errors import LazyMigError
+from lazymig.proto.constants import PARENT_LINK
 from lazymig.proto.images import ImagesDir, ImagesWait
 from lazymig.proto.images._dir import POLL
 
-__all__ = ["POLL", "ImagesNotCompleteError", "wait_for_images"]
+if TYPE_CHECKING:
+    from lazymig.restore.restorer import Restorer
+
+__all__ = ["POLL", "ImagesNotCompleteError", "follow_rounds", "wait_for_images"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +77,68 @@ def wait_for_images(images: ImagesDir, timeout: float, *, poll: float = POLL) ->
     waited = wait.waited
     log.info("images complete after %.3f s of waiting: restoring", waited)
     return waited
+
+
+async def follow_rounds(restorer: Restorer, rounds_dir: Path, seconds: float, *,
+                        poll: float = POLL) -> int:
+    """Prepare ``restorer`` (:meth:`~lazymig.restore.Restorer.prepare`) and give it
+    each pre-dump round that arrives in a subdirectory of ``rounds_dir``, complete
+    and in chain order, until its images dir holds a complete dump; returns the
+    rounds applied. The prepared process-to-be is ended on any failure.
+
+    Raises:
+        ImagesNotCompleteError: no complete dump after ``seconds``.
+    """
+    wait = ImagesWait(restorer.images, seconds, poll=poll)
+    final = restorer.images.path.resolve()
+    await restorer.prepare()
+    try:
+        applied = 0
+        last: Path | None = None
+        pauses = wait.pauses()
+        while not wait.complete:
+            ready = await asyncio.to_thread(_next_round, rounds_dir, final, last)
+            if ready is not None:
+                pages = await restorer.add_round(ready)
+                log.info("pre-dump %s put in place (%d pages)", ready, pages)
+                last, applied = ready, applied + 1
+                continue
+            pause = next(pauses, None)
+            if pause is None:
+                break
+            await asyncio.sleep(pause)
+        if not wait.complete:
+            raise ImagesNotCompleteError(
+                f"no complete dump in {restorer.images.path} after {seconds:g} s "
+                f"({wait.inventory.name}, which a dump writes last, never came; {applied} "
+                f"pre-dump round(s) came to {rounds_dir})")
+    except BaseException:
+        restorer.unprepare()
+        raise
+    log.info("images complete after %d pre-dump round(s) put in place: restoring", applied)
+    return applied
+
+
+def _next_round(rounds_dir: Path, final: Path, last: Path | None) -> Path | None:
+    """The complete round of ``rounds_dir`` whose parent is ``last`` (none: the
+    first), other than the final dump ``final``; None if it has not come yet."""
+    try:
+        subdirs = sorted(rounds_dir.iterdir())
+    except FileNotFoundError:
+        return None
+    for entry in subdirs:
+        d = entry.resolve()
+        if d in (final, last) or not d.is_dir() or not _complete(d):
+            continue
+        link = d / PARENT_LINK
+        parent = link.resolve() if link.is_symlink() else None
+        if parent == last:
+            return d
+    return None
+
+
+def _complete(round_dir: Path) -> bool:
+    """A process's pagemap is there (written last, and whole: written under another
+    name, then renamed)."""
+    return any(p.name[len("pagemap-"):-len(".img")].isdigit()
+               for p in round_dir.glob("pagemap-*.img"))
