@@ -122,6 +122,17 @@ def output() -> Iterator[Output]:
         out.lines.close()
 
 
+def sleep_children() -> list[int]:
+    """This process's children that run ``sleep`` (a restorer's helper)."""
+    found = []
+    for kid in children(os.getpid()):
+        with contextlib.suppress(FileNotFoundError):
+            argv0 = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")[0]
+            if Path(os.fsdecode(argv0)).name == "sleep":
+                found.append(kid)
+    return found
+
+
 def fd_names(pid: int) -> list[str]:
     return sorted(p.name for p in Path(f"/proc/{pid}/fd").iterdir())
 
@@ -213,6 +224,12 @@ async def test_an_abort_during_the_rounds_leaves_the_source_as_it_was(
 
     with pytest.raises(RuntimeError, match="abort in round 2"):
         await lazymig.migrate(writer.pid, precopy=True, on_round=fail, stdio=output.stdio)
+    # The destination prepared meanwhile is gone too (the restorer's `sleep` helper).
+    for _ in range(100):  # killed and reaped by the migration's end; a look to be sure
+        if not await asyncio.to_thread(sleep_children):
+            break
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(sleep_children) == []
     assert writer.proc.poll() is None
     assert uffd_state(writer.pid) == ([], [])
     assert fd_names(writer.pid) == fds_before

@@ -43,6 +43,12 @@ How (all ptrace requests on one :class:`~lazymig.linux.ptrace.TracerThread`):
 
 If anything fails the half-built process is killed; the images are never
 written to.
+
+A prepared restore of a pre-copy (:meth:`Restorer.prepare`, :meth:`Restorer.add_round`)
+does step 1's helper before the dump, builds the pre-copied memory in it while
+the source runs, forks the root inside its address space (``CLONE_VM``), and in
+steps 4 and 5 moves those pages into place instead of writing them
+(:mod:`lazymig.restore.premap`).
 """
 
 from __future__ import annotations
