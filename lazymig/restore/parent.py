@@ -24,7 +24,7 @@ from lazymig.linux.vm import process_vm_writev, write_memory
 from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK, PE
 from lazymig.proto.images import ImagesDir, PageIndex, PagemapEntry
 
-__all__ = ["ParentChain", "write_parent_pages"]
+__all__ = ["ParentChain", "map_pages_image", "write_pages", "write_parent_pages"]
 
 _CHUNK: Final = 4 << 20
 
@@ -119,13 +119,13 @@ def write_parent_pages(pid: int, images: ImagesDir, image_pid: int,
             for vaddr, length, pages, offset in chain.locate(e.vaddr, e.end):
                 base = mapped.get(pages)
                 if base is None:
-                    base = mapped[pages] = stack.enter_context(_mapped(pages, total))
-                _write(pid, vaddr, base + offset, length)
+                    base = mapped[pages] = stack.enter_context(map_pages_image(pages, total))
+                write_pages(pid, vaddr, base + offset, length)
     return total // PAGE_SIZE
 
 
 @contextlib.contextmanager
-def _mapped(path: Path, wanted: int) -> Iterator[int]:
+def map_pages_image(path: Path, wanted: int) -> Iterator[int]:
     """The address of ``path`` mapped read-only for the block, to read at most
     ``wanted`` bytes of it."""
     with open(path, "rb") as f:
@@ -142,7 +142,9 @@ def _mapped(path: Path, wanted: int) -> Iterator[int]:
             yield address
 
 
-def _write(pid: int, vaddr: int, source: int, length: int) -> None:
+def write_pages(pid: int, vaddr: int, source: int, length: int) -> None:
+    """Copy ``length`` bytes at our address ``source`` to ``vaddr`` in process ``pid``
+    (``process_vm_writev``, 4 MiB a call; a forced write where it refuses)."""
     done = 0
     while done < length:
         n = min(_CHUNK, length - done)

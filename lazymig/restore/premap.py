@@ -37,8 +37,6 @@ import bisect
 import dataclasses
 import errno
 import logging
-import mmap
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final, Protocol
@@ -46,7 +44,6 @@ from typing import Final, Protocol
 from lazymig.errors import ImageError, LazyMigOSError
 from lazymig.linux.procfs import read_maps
 from lazymig.linux.syscalls import SYS_MADVISE, SYS_MMAP, SYS_MREMAP, SYS_MUNMAP
-from lazymig.linux.vm import MemoryWriter
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
     MAP_GROWSDOWN,
@@ -59,6 +56,7 @@ from lazymig.proto.constants import (
     VmaStatus,
 )
 from lazymig.proto.images import ImagesDir, PagemapEntry, VmaEntry
+from lazymig.restore.parent import map_pages_image, write_pages
 
 __all__ = ["Move", "PreparedMemory", "Window", "round_pid", "subtract", "written_elsewhere"]
 
@@ -188,13 +186,14 @@ class PreparedMemory:
             offset += e.end - e.vaddr
         if pieces:
             path = images.pages_path(pagemap.pages_id)
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < offset:
-                    raise ImageError(f"holds {size} bytes; its pagemap needs {offset}", path=path)
-                with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as image, \
-                        MemoryWriter(target.pid) as memory:
-                    memory.write_pieces(image, pieces)
+            size = path.stat().st_size
+            if size < offset:
+                raise ImageError(f"holds {size} bytes; its pagemap needs {offset}", path=path)
+            # Mapped populated and read-only: a round's image is read whole, and faulting
+            # it in a page at a time (or copying it first) costs more.
+            with map_pages_image(path, size) as base:
+                for address, at, length in pieces:
+                    write_pages(target.pid, address, base + at, length)
         self.have = _union(self.have, ranges)
         self.rounds.append(round_dir)
         self.image_pid = pid
