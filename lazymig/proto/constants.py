@@ -88,6 +88,11 @@ MAP_NORESERVE = 0x4000
 MAP_HUGETLB = 0x40000
 MAP_FIXED_NOREPLACE = 0x100000
 
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+
+MADV_DONTNEED = 4
+
 
 def vma_can_be_lazy(flags: int, status: int) -> bool:
     """CRIU's ``vma_entry_can_be_lazy``: private anonymous, not locked or hugetlb,

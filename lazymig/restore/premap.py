@@ -45,14 +45,20 @@ from lazymig.errors import ImageError, LazyMigOSError
 from lazymig.linux.procfs import read_maps
 from lazymig.linux.syscalls import SYS_MADVISE, SYS_MMAP, SYS_MREMAP, SYS_MUNMAP
 from lazymig.proto.constants import (
+    MADV_DONTNEED,
     MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
     MAP_GROWSDOWN,
     MAP_LOCKED,
     MAP_NORESERVE,
     MAP_PRIVATE,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PAGE_SIZE,
     PARENT_LINK,
     PE,
+    PROT_READ,
+    PROT_WRITE,
     VmaStatus,
 )
 from lazymig.proto.images import ImagesDir, PagemapEntry, VmaEntry
@@ -71,11 +77,7 @@ _CLUSTER_GAP: Final = 64 << 20
 """Pages of a round no further apart than this share a window (a gap costs address
 space only)."""
 _FLOOR: Final = 1 << 32
-_PROT_RW: Final = 0x3
-_MAP_FIXED_NOREPLACE: Final = 0x100000
-_MREMAP_MAYMOVE: Final = 1
-_MREMAP_FIXED: Final = 2
-_MADV_DONTNEED: Final = 4
+_PROT_RW: Final = PROT_READ | PROT_WRITE
 _MOVABLE_FLAGS: Final = MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_NORESERVE | MAP_LOCKED
 _NOT_ANON: Final = (VmaStatus.FILE_PRIVATE | VmaStatus.FILE_SHARED | VmaStatus.ANON_SHARED
                     | VmaStatus.VDSO | VmaStatus.VVAR | VmaStatus.VSYSCALL | VmaStatus.SYSVIPC
@@ -224,7 +226,7 @@ class PreparedMemory:
             busy = _maps(target.pid) + [(w.start, w.end) for w in self.windows] + [(lo, hi)]
             scratch = _free(busy, hi - lo, phase=lo)
             got = target.call(SYS_MMAP, scratch, hi - lo, _PROT_RW,
-                              MAP_PRIVATE | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
                               what=f"mmap(window {lo:#x}-{hi:#x})")
             if got != scratch:
                 raise LazyMigOSError(errno.EADDRINUSE, f"a window landed at {got:#x}, not "
@@ -285,7 +287,7 @@ class PreparedMemory:
                 continue
             others = [x.scratch_range for x in self.windows if x is not w]
             to = _free([*busy, *dumped, *others, (w.start, w.end)], hi - lo, phase=w.start)
-            target.call(SYS_MREMAP, lo, hi - lo, hi - lo, _MREMAP_MAYMOVE | _MREMAP_FIXED, to,
+            target.call(SYS_MREMAP, lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED, to,
                         what=f"mremap(window {lo:#x} away from the dumped VMAs)")
             w.scratch = to
         parent = _union([], [(e.vaddr, e.end) for e in entries if PE.PARENT in e.flags])
@@ -331,7 +333,7 @@ class PreparedMemory:
                     [(at, at + hi - lo)]:
                 return False
             got = target.call(SYS_MMAP, at, hi - lo, _PROT_RW,
-                              MAP_PRIVATE | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
                               what=f"mmap(window growth {lo:#x}-{hi:#x})")
             if got != at:
                 return False
@@ -347,10 +349,10 @@ class PreparedMemory:
         for m in moves:
             v, d = m.vma, m.window.delta
             for lo, hi in subtract([(v.start, v.end)], m.keep):
-                target.queue(SYS_MADVISE, lo + d, hi - lo, _MADV_DONTNEED,
+                target.queue(SYS_MADVISE, lo + d, hi - lo, MADV_DONTNEED,
                              what=f"madvise({lo + d:#x}, DONTNEED)")
             target.queue(SYS_MREMAP, v.start + d, v.end - v.start, v.end - v.start,
-                         _MREMAP_MAYMOVE | _MREMAP_FIXED, v.start,
+                         MREMAP_MAYMOVE | MREMAP_FIXED, v.start,
                          what=f"mremap({v.start + d:#x} -> {v.start:#x})", expect=v.start)
 
     def queue_unmap(self, target: Injector) -> None:

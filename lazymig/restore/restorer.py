@@ -105,11 +105,14 @@ from lazymig.linux.vm import MemoryWriter, copy_fd, read_memory, write_memory
 from lazymig.proto.constants import (
     MAP_ANONYMOUS,
     MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
     MAP_GROWSDOWN,
     MAP_LOCKED,
     MAP_NORESERVE,
     MAP_PRIVATE,
     MAP_SHARED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PAGE_SIZE,
     VmaStatus,
 )
@@ -152,9 +155,6 @@ _AT_FDCWD: Final = -100
 _O_RDONLY: Final = 0
 _O_CLOEXEC: Final = 0o2000000
 _O_NONBLOCK: Final = 0o4000
-_MAP_FIXED_NOREPLACE: Final = 0x100000
-_MREMAP_MAYMOVE: Final = 1
-_MREMAP_FIXED: Final = 2
 _PROT_RWX: Final = 7
 _PR_SET_DUMPABLE: Final = 4
 _PR_SET_THP_DISABLE: Final = 41
@@ -164,6 +164,7 @@ _PR_SET_MM: Final = 35
 _PR_SET_MM_MAP: Final = 14
 _RSEQ_FLAG_UNREGISTER: Final = 1
 _SIGMAX: Final = 64
+_WALL: Final = 0x40000000
 
 # The scratch mapping: a syscall instruction at 0, the data area of single calls
 # from _DATA, and the area of batched calls (their code, data and table) from _BATCH_AT.
@@ -559,13 +560,22 @@ class Restorer:
         init of its pid namespace (which kills every process in it); a prepared
         process-to-be that never ran too."""
         self._release_taken()
-        if self._prepared is not None:
-            tracer, self._prepared = self._prepared[0], None
-            tracer.close(wait=False)  # the kernel detaches the helper, killed below
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and self.process is not None:
+            # The prepared helper, still traced: Popen.kill() could take a ptrace stop it
+            # polls for its end, and then not kill it. It is our unreaped child (the
+            # tracer thread never waits without WNOHANG for it to exit).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+            prepared[0].close(wait=False)  # a round being written into it fails at once
+            _reap(self.process.pid)
+            self.process = None
         for process in (self.process, self.pid_namespace):
             if process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
+        for process in (self.process, self.pid_namespace):
+            if process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)
 
@@ -657,7 +667,7 @@ class Restorer:
         windows = prepared.scratch_ranges() if prepared is not None else []
         scratch = _free_gap(busy, _SCRATCH_SIZE)
         got = target.call(SYS_MMAP, scratch, _SCRATCH_SIZE, _PROT_RWX,
-                          MAP_PRIVATE | MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
                           what="mmap(scratch)")
         if got != scratch:
             raise RestoreError(f"scratch mapping landed at {got:#x}, not {scratch:#x}")
@@ -729,7 +739,7 @@ class Restorer:
         for to in steps:
             for off, length in shape_mine:
                 target.call(SYS_MREMAP, src + off, length, length,
-                            _MREMAP_MAYMOVE | _MREMAP_FIXED, to + off, what="mremap(vdso)")
+                            MREMAP_MAYMOVE | MREMAP_FIXED, to + off, what="mremap(vdso)")
             src = to
 
     def _set_mm(self, target: _Target, task: DumpedTask) -> None:
@@ -867,6 +877,22 @@ class Restorer:
         tracee.detach(signal.SIGSTOP if task.extra.job_stopped else 0)
         for t in others:
             t.detach()
+
+
+def _reap(pid: int, timeout: float = 5.0) -> None:
+    """Reap child ``pid``, killed and perhaps traced (its ptrace stops are not its end)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG | _WALL)
+        except ChildProcessError:
+            return
+        if got and not os.WIFSTOPPED(status):
+            return
+        if time.monotonic() > deadline:
+            log.warning("process %d not reaped %g s after SIGKILL", pid, timeout)
+            return
+        time.sleep(0.005)
 
 
 def _vdso_syscall_ip(pid: int, task: DumpedTask) -> int | None:
