@@ -454,14 +454,12 @@ class Restorer:
         says why it cannot be used."""
         if self._prepared is None:
             return None
-        tracer, helper, memory, _ = self._prepared
-        self._prepared = None
         if why_not:
             log.warning("the prepared restore is not used (%s): restoring without it", why_not)
-            self.kill()
-            tracer.close()
-            self.process = None
+            self.kill()  # the helper, and its tracer thread
             return None
+        tracer, helper, memory, _ = self._prepared
+        self._prepared = None
         return tracer, helper, memory
 
     async def run(self) -> RestoreResult:
@@ -497,8 +495,8 @@ class Restorer:
                 phases.done("connect")
         except BaseException:
             if prepared is not None:
+                self._prepared = (*prepared, [])  # kill() ends the traced helper so
                 self.kill()
-                prepared[0].close()
             raise
         tracer = prepared[0] if prepared is not None else TracerThread("lazymig-restore")
         started = time.monotonic()
