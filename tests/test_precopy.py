@@ -230,7 +230,8 @@ async def test_an_abort_during_the_rounds_leaves_the_source_as_it_was(
             break
         await asyncio.sleep(0.05)
     left = await asyncio.to_thread(sleep_children)
-    assert left == [], [Path(f"/proc/{k}/status").read_text() for k in left]
+    assert left == [], await asyncio.to_thread(
+        lambda: [Path(f"/proc/{k}/status").read_text() for k in left])
     assert writer.proc.poll() is None
     assert uffd_state(writer.pid) == ([], [])
     assert fd_names(writer.pid) == fds_before
