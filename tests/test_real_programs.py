@@ -124,6 +124,62 @@ for n in itertools.count(1):
     print("tick", n, sum(big) if ok else -1, events, flush=True)
 """
 
+# A process that forks all the time: a child every few ms, each inheriting a pipe
+# (both ends) and living 100 ms, reaped with its status checked. Its dump starts
+# while children come and go (a child forked during the checks holds the tree's
+# pipe: it is of the tree, not a process outside it), and restored, its children
+# are forked with the holes it still has, each a uffd of its own that faults at
+# once: the daemon must not spend itself naming them, nor let their faults hold
+# the background back until the transfer never ends.
+PYTHON_FORKS = """
+import os, time
+r, w = os.pipe()
+big = list(range(200000))
+kids = set()
+n, last = 0, time.monotonic()
+while True:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(0.1)
+        os._exit(7)
+    kids.add(pid)
+    while kids:
+        done, status = os.waitpid(-1, os.WNOHANG)
+        if not done:
+            break
+        kids.discard(done)
+        if os.waitstatus_to_exitcode(status) != 7:
+            big = [-1]
+    time.sleep(0.003)
+    if time.monotonic() - last > 0.05:
+        n, last = n + 1, time.monotonic()
+        print("tick", n, sum(big), len(kids), flush=True)
+"""
+
+# multiprocessing with the spawn and forkserver start methods: a Pool of 2 (its
+# workers started by the forkserver, not by the program) and a new Process each
+# tick, so children are being started while the tree is checked and frozen.
+PYTHON_MP = """
+import hashlib, itertools, multiprocessing as mp, os, sys, time
+
+def work(x):
+    return hashlib.sha256(str(x).encode()).hexdigest()[:8]
+
+if __name__ == "__main__":
+    mp.set_start_method(sys.argv[1])
+    big = list(range(200000))
+    want = [work(i) for i in range(8)]
+    with mp.Pool(2) as pool:
+        for n in itertools.count(1):
+            ok = pool.map(work, range(8)) == want
+            p = mp.Process(target=work, args=(n,))
+            p.start()
+            p.join()
+            ok = ok and p.exitcode == 0
+            print("tick", n, sum(big) if ok else -1, flush=True)
+            time.sleep(0.05)
+"""
+
 
 @dataclass(frozen=True)
 class Program:
@@ -148,6 +204,12 @@ class Program:
             return [self.tool, "-c", PYTHON_INOTIFY, str(tmp_path)]
         if self.name == "python-tempfile":
             return [self.tool, "-c", PYTHON_TEMPFILE, str(tmp_path)]
+        if self.name == "python-forks":
+            return [self.tool, "-c", PYTHON_FORKS]
+        if self.name.startswith("python-mp-"):
+            # A file: spawn's children import the main module by its path.
+            (tmp_path / "mp_ticks.py").write_text(PYTHON_MP)
+            return [self.tool, str(tmp_path / "mp_ticks.py"), self.name.removeprefix("python-mp-")]
         return [self.tool, "-c", PYTHON_THREADS]
 
 
@@ -158,6 +220,9 @@ PROGRAMS = [
     Program("python-threads", sys.executable, sum(range(200_000))),
     Program("python-tempfile", sys.executable, sum(range(200_000))),
     Program("python-inotify", sys.executable, sum(range(200_000))),
+    Program("python-forks", sys.executable, sum(range(200_000))),
+    Program("python-mp-spawn", sys.executable, sum(range(200_000))),
+    Program("python-mp-forkserver", sys.executable, sum(range(200_000))),
 ]
 
 

@@ -65,10 +65,10 @@ from lazymig.dump.late_fill import LateFill
 from lazymig.dump.pagepipe import PagePipes
 from lazymig.dump.scan import MemoryScan, PageRun
 from lazymig.dump.store import LazyPageStore, PipePageStore
-from lazymig.dump.tree import FrozenTree, dump_tree, has_children, start_lazy_tree
+from lazymig.dump.tree import FrozenTree, LiveTree, dump_tree, has_children, start_lazy_tree
 from lazymig.dump.waiters import check_not_waited_for
 from lazymig.errors import ClosedResourceError, ConfigurationError, LazyMigError, LazyMigOSError
-from lazymig.linux.procfs import children, descendants, read_status
+from lazymig.linux.procfs import children, read_status
 from lazymig.linux.ptrace import TargetGoneError, process_alive
 from lazymig.proto.constants import PAGE_SIZE, PARENT_LINK
 from lazymig.proto.images import ImagesDir
@@ -615,7 +615,7 @@ def check_target(pid: int, *, stdio_given: bool = True) -> TargetLayout:
     cause and what to do. Returns the VMAs read, for
     :meth:`~lazymig.dump.freeze.FrozenProcess.freeze`."""
     reasons: list[str] = []
-    tree = {pid, *descendants(pid)}  # pipes shared within it are dumped with it
+    tree = LiveTree(pid)  # pipes shared within it are dumped with it
     layout: TargetLayout | None = None
     try:
         layout = inspect_target(pid)

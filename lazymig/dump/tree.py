@@ -34,7 +34,7 @@ import dataclasses
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Iterator, Sequence
 from typing import Final
 
 from lazymig.dump.files import (
@@ -182,6 +182,39 @@ class FrozenTree:
             await fp.leave_stopped()
 
 
+class LiveTree(Collection[int]):
+    """The processes of ``root``'s tree while it runs: its descendants listed at the
+    start, and any process found later whose parents lead to ``root`` (a child forked
+    meanwhile: a Pool's worker or a ``spawn`` child made while the checks read /proc,
+    holding the tree's pipes; the freeze catches it too). A process gone by the time
+    it is asked about counts as in: it holds nothing any more."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.known = {root, *descendants(root)}
+
+    def __contains__(self, pid: object) -> bool:
+        if not isinstance(pid, int):
+            return False
+        chain: list[int] = []
+        while pid not in self.known:
+            if pid <= 1 or len(chain) > 4096:  # not below root (a loop: pids reused)
+                return False
+            chain.append(pid)
+            try:
+                pid = read_stat(pid)[1][4]  # its parent
+            except (FileNotFoundError, ProcessLookupError):
+                return True
+        self.known.update(chain)
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self.known))
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+
 def has_children(pid: int) -> bool:
     """True if ``pid`` has child processes (its dump is then a tree's)."""
     try:
@@ -192,9 +225,9 @@ def has_children(pid: int) -> bool:
 
 def _inspect_child(pid: int, root: int) -> None:
     """Refuse ``pid`` of the tree of ``root`` from /proc (a pipe it shares with
-    another process of the tree is fine)."""
+    another process of the tree is fine, one forked meanwhile too)."""
     inspect_target(pid)
-    inspect_files(pid, {root, *descendants(root)})
+    inspect_files(pid, LiveTree(root))
 
 
 def _zombie(pid: int, ppid: int) -> Zombie | None:
