@@ -714,12 +714,17 @@ class Restorer:
 
     def _move_vdso(self, target: _Target, task: DumpedTask, maps: Sequence[_Map],
                    busy: list[tuple[int, int]]) -> None:
-        """mremap the helper's vvar+vdso block to the dumped block's address."""
+        """mremap the helper's vvar+vdso block to the dumped block's address.
+
+        A dumped process may lack some of them (valgrind unmaps its vDSO, keeping the
+        vvar pages): the helper's are paired with the dumped ones by kind, in order,
+        and those the dumped process did not have are unmapped."""
         mine = [m for m in maps if m.name in ("[vdso]", "[vvar]", "[vvar_vclock]")]
         theirs = [v for v in task.mm.vmas if v.status & (VmaStatus.VDSO | VmaStatus.VVAR)]
+        if [m.name == "[vdso]" for m in mine] != [bool(v.status & VmaStatus.VDSO)
+                                                   for v in theirs]:
+            mine = self._drop_missing_vdso(target, mine, theirs)
         if not theirs:
-            for m in mine:  # the dumped process had none: neither will the restored one
-                target.call(SYS_MUNMAP, m.start, m.end - m.start, what="munmap(vdso)")
             return
         shape_mine = [(m.start - mine[0].start, m.end - m.start) for m in mine]
         shape_theirs = [(v.start - theirs[0].start, v.end - v.start) for v in theirs]
@@ -739,6 +744,26 @@ class Restorer:
                 target.call(SYS_MREMAP, src + off, length, length,
                             MREMAP_MAYMOVE | MREMAP_FIXED, to + off, what="mremap(vdso)")
             src = to
+
+    @staticmethod
+    def _drop_missing_vdso(target: _Target, mine: list[_Map], theirs: list[VmaEntry]
+                           ) -> list[_Map]:
+        """Unmap the helper's vDSO or vvar pages of kinds the dumped process did not
+        have (all of them if it had none); the rest, to be moved as one block."""
+        want_vdso = sum(1 for v in theirs if v.status & VmaStatus.VDSO)
+        want_vvar = len(theirs) - want_vdso
+        kept: list[_Map] = []
+        for m in mine:
+            vdso = m.name == "[vdso]"
+            if (want_vdso if vdso else want_vvar) > 0:
+                kept.append(m)
+                if vdso:
+                    want_vdso -= 1
+                else:
+                    want_vvar -= 1
+            else:  # the dumped process had none such: neither will the restored one
+                target.call(SYS_MUNMAP, m.start, m.end - m.start, what="munmap(vdso)")
+        return kept
 
     def _set_mm(self, target: _Target, task: DumpedTask) -> None:
         mm = task.mm
