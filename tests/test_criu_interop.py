@@ -288,6 +288,71 @@ def test_lazymig_daemon_restores_from_criu_lazy_dump(
         workload.kill()
 
 
+# node (one binary, its libraries the chroot's) printing criu_pattern's ticks: the sum of
+# the first word of every page of a buffer and of the strings of 100,000 objects on the
+# V8 heap, from a timer (libuv: epoll, eventfd, timerfd, threads of its own).
+NODE_TICKS = """
+const buf = Buffer.alloc(Number(process.argv[2]) << 20);
+for (let i = 0; i < buf.length; i += 4096) buf.writeUInt32LE((i / 4096) ^ 0x5a5a, i);
+const objs = [];
+for (let i = 0; i < 100000; i++) objs.push({ i, s: "x" + i });
+function sum() {
+  let s = 0;
+  for (let i = 0; i < buf.length; i += 4096) s = (s + buf.readUInt32LE(i)) >>> 0;
+  for (const o of objs) s = (s + o.s.length) >>> 0;
+  return s;
+}
+const want = sum();
+let tick = 0;
+setInterval(() => {
+  const s = sum();
+  console.log(`tick ${tick++} tag 0 sum 0x${s.toString(16)} bad ${s === want ? 0 : 1}`);
+}, 100);
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_lazymig_daemon_restores_node_from_criu_lazy_dump(
+        chroot_dir: ChrootDir, tmp_path: Path, measure: dict[str, Any], loop: str) -> None:
+    """A real runtime through CRIU: ``criu dump --lazy-pages`` of node (its V8 heap,
+    libuv's threads and event-loop fds), lazymig lazy-pages filling ``criu restore
+    --lazy-pages``'s tree from it; node goes on ticking with its memory intact."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed on this machine")
+    d = chroot_dir
+    # node is copied into the chroot dir (removed with it), started by a wrapper there.
+    shutil.copy(Path(node).resolve(), d.host / "node")
+    (d.host / "ticks.js").write_text(NODE_TICKS)
+    wrapper = tmp_path / "node_ticks"
+    wrapper.write_text('#!/bin/sh\nexec "${0%/*}/node" "${0%/*}/ticks.js" "$@"\n')
+    wrapper.chmod(0o755)
+    workload = Workload(d, wrapper, mib=32, args=[])
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        workload.start(timeout=30)
+        workload.wait_ticks({}, 2, timeout=20)
+        dump, port = start_lazy_dump(d, workload)
+        procs.append(dump)
+        dumped = workload.output()
+        images = ImagesDir(d.host)
+        measure["lazy_pages"] = lazy_pages = lazy_pages_in(images)
+        assert lazy_pages >= 32 * 256
+        restore_with_lazymig_daemon(
+            d, images, ["--page-server", "--address", "127.0.0.1", "--port", str(port),
+                        "--wire", "v1"], loop=loop, measure=measure, procs=procs)
+        assert dump.wait(30) == 0, log_errors(d.host / "dump.log")
+        measure["source_exit"] = workload.wait_gone()
+        check_restored_ticks(workload, dumped)
+    except (CriuError, subprocess.TimeoutExpired, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{failure_context(d)}") from exc
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        kill_restored(d)
+        workload.kill()
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_lazymig_daemon_local_mode_restores_criu_dump(
         chroot_dir: ChrootDir, workload_binary: Path, measure: dict[str, Any], loop: str) -> None:
