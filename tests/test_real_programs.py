@@ -186,6 +186,46 @@ if __name__ == "__main__":
 """
 
 
+# A std-only Rust program, built here with rustc: a heap of 20,000 blocks of 1 to 64
+# KiB with every third one freed (thousands of runs of present pages and holes), a
+# 64 MiB vector touched one page in sixteen, and 8 threads taking a mutex.
+RUST = """
+use std::sync::{Arc, Mutex, atomic::{AtomicU64, Ordering}};
+use std::{thread, time::Duration, io::Write};
+fn main() {
+    // A fragmented heap: 20,000 blocks of 1..64 KiB, every third one freed, and a
+    // big sparse vector touched one page in sixteen.
+    let mut blocks: Vec<Option<Vec<u64>>> = (0..20_000u64)
+        .map(|i| Some(vec![i; 128 * (1 + (i % 64) as usize)])).collect();
+    for (i, b) in blocks.iter_mut().enumerate() { if i % 3 == 0 { *b = None; } }
+    let mut sparse = vec![0u64; 64 << 20 >> 3];  // 64 MiB, untouched but every 16th page
+    for p in (0..sparse.len()).step_by(512 * 16) { sparse[p] = p as u64; }
+    let blocks = Arc::new(blocks);
+    let counter = Arc::new(AtomicU64::new(0));
+    let lock = Arc::new(Mutex::new(0u64));
+    for t in 0..8 {
+        let (c, l) = (counter.clone(), lock.clone());
+        thread::spawn(move || loop {
+            c.fetch_add(1, Ordering::Relaxed);
+            *l.lock().unwrap() += t;
+            thread::sleep(Duration::from_millis(3));
+        });
+    }
+    let want: u64 = blocks.iter().flatten().map(|b| b.iter().sum::<u64>()).sum();
+    let sparse_sum: u64 = (0..sparse.len()).step_by(512 * 16).map(|p| p as u64).sum();
+    let mut out = std::io::stdout();
+    for n in 1u64.. {
+        let got: u64 = blocks.iter().flatten().map(|b| b.iter().sum::<u64>()).sum();
+        let sp: u64 = sparse.iter().sum();
+        let ok = got == want && sp == sparse_sum;
+        writeln!(out, "tick {} {}", n, if ok { want } else { 0 }).unwrap();
+        out.flush().unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+"""
+
+
 @dataclass(frozen=True)
 class Program:
     name: str
@@ -203,6 +243,11 @@ class Program:
             return [self.tool, "-Xmx128m", "-cp", str(tmp_path), "Loop"]
         if self.name == "perl":
             return [self.tool, "-e", PERL]
+        if self.name == "rust":
+            (tmp_path / "frag.rs").write_text(RUST)
+            subprocess.run([self.tool, "-O", "-o", str(tmp_path / "frag"),
+                            str(tmp_path / "frag.rs")], check=True, timeout=120)
+            return [str(tmp_path / "frag")]
         if self.name == "valgrind":
             return [self.tool, "-q", "--vgdb=no", "perl", "-e", PERL_SMALL]
         if self.name == "awk":
@@ -224,6 +269,7 @@ PROGRAMS = [
     Program("java", "java", sum(range(2_000_000))),
     Program("perl", "perl", sum(range(200_000))),
     Program("valgrind", "valgrind", sum(range(20_000))),
+    Program("rust", "rustc", sum(i * 128 * (1 + i % 64) for i in range(20_000) if i % 3)),
     Program("awk", "awk", sum(range(20_000))),  # mawk's %d stops at 2**31
     Program("python-threads", sys.executable, sum(range(200_000))),
     Program("python-tempfile", sys.executable, sum(range(200_000))),
