@@ -263,11 +263,15 @@ class DumpCli:
         return self.proc.wait(timeout=timeout)
 
     def stderr(self) -> str:
+        """The rest of its log (what wait_filled read is gone); printed too, so that a
+        failed test shows it (pytest shows a failed test's output)."""
         try:
             _, err = self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate()
+        if err:
+            print(f"lazymig dump (pid {self.proc.pid}) logged:\n{err}")
         return err
 
     def kill(self) -> None:
