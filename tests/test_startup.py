@@ -157,6 +157,51 @@ async def test_a_daemon_started_before_its_page_server_waits_for_it(tmp_path: Pa
     store.close()
 
 
+_LISTENER = """
+import os, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+os.write(1, b"listening\\n")
+time.sleep(600)
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_prepared_daemon_whose_dump_dies_before_its_images_fails_at_once(
+        tmp_path: Path) -> None:
+    """--wait-for-page-server: the daemon connects to the dump's socket, which listens from
+    the dump's start, and waits for the images. A dump killed (or failed) before it wrote
+    them resets the connection queued in its backlog: the daemon must fail then, not when
+    its --wait-for-page-server seconds are spent. The dump is played by a process that
+    only listens (as `lazymig dump` does before its images are written), killed -9."""
+    images = tmp_path / "images"
+    images.mkdir()  # empty: the dump has not written anything yet
+    port = free_port()
+    dump = await asyncio.create_subprocess_exec(sys.executable, "-c", _LISTENER, str(port),
+                                                stdout=subprocess.PIPE)
+    try:
+        assert dump.stdout is not None
+        assert await dump.stdout.readline() == b"listening\n"
+        async with asyncio.timeout(90), LazymigCommand(
+                ["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
+                 "--wait-for-page-server", "600", "-D", images],
+                log_path=tmp_path / "daemon.log", uvloop=on_uvloop()) as daemon:
+            await until(lambda: "connected to page server" in daemon.log())
+            dump.kill()
+            await dump.wait()
+            async with asyncio.timeout(30):  # not the 600 s it would wait for the images
+                status = await daemon.wait()
+            assert status == 1, daemon.log()
+    finally:
+        if dump.returncode is None:
+            dump.kill()
+            await dump.wait()
+    assert "the page server went away before a complete dump came" in daemon.log()
+    assert not (images / SOCKET_NAME).exists()
+
+
 # -- lazymig page-server ------------------------------------------------------------------------
 
 

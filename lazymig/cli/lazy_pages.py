@@ -160,7 +160,8 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
         source = await _connect(args, reconnect)
         if args.wait_for_page_server:
             try:
-                await _images_complete(ImagesDir(images_dir), args.wait_for_page_server)
+                await _images_complete(ImagesDir(images_dir), args.wait_for_page_server,
+                                       source)
             except BaseException:
                 source.abort()
                 raise
@@ -176,12 +177,17 @@ async def _start(args: argparse.Namespace, images_dir: Path, socket_path: Path,
         raise
 
 
-async def _images_complete(images: ImagesDir, seconds: float) -> None:
+async def _images_complete(images: ImagesDir, seconds: float,
+                           source: RemotePageSource) -> None:
     """Return once ``images`` holds a complete dump (its ``inventory.img``, which a dump
     writes last). A prepared daemon connects to ``lazymig dump``'s page server as soon
     as it listens, which is from the dump's start (peers wait in its backlog), before
     its images are written (:class:`~lazymig.proto.images.ImagesWait`, as
-    lazymig/restore/prepared.py waits)."""
+    lazymig/restore/prepared.py waits).
+
+    Raises the source's error as soon as it failed: a dump that dies (or fails) before
+    its images are written resets the connection queued in its backlog, and no image
+    will come then."""
     import asyncio
 
     from lazymig.errors import BrokenResourceError
@@ -189,6 +195,10 @@ async def _images_complete(images: ImagesDir, seconds: float) -> None:
 
     wait = ImagesWait(images, seconds)
     for pause in wait.pauses():
+        if source.failure is not None:
+            raise BrokenResourceError(
+                f"the page server went away before a complete dump came to {images.path}: "
+                f"{source.failure}") from source.failure
         await asyncio.sleep(pause)
     if not wait.complete:
         raise BrokenResourceError(

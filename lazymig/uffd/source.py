@@ -678,6 +678,12 @@ class RemotePageSource:
         request waits that would tell: a daemon fetching only on faults learns it so."""
         self._lanes = [_Lane(self, "urgent" if i else "main") for i in range(channels)]
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the source failed for good (a connection lost and not recovered, or closed
+        by the server before it answered anything), else None."""
+        return next((lane.failed for lane in self._lanes if lane.failed is not None), None)
+
     @classmethod
     async def connect(cls, address: str, port: int, *, wire: WireVersion = WireVersion.V2,
                       channels: int = 1, max_pages: int = DEFAULT_MAX_PAGES,
