@@ -116,6 +116,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_LISTENER = """
+import os, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+os.write(1, b"listening\\n")
+time.sleep(600)
+"""
+
+
+async def listening_process(port: int) -> asyncio.subprocess.Process:
+    """A process that listens on 127.0.0.1:``port`` and never accepts: what a page-server
+    client meets while ``lazymig dump`` writes its images (it listens from its start).
+    Kill it, and the connections queued in its backlog are reset."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _LISTENER, str(port),
+                                                stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert await proc.stdout.readline() == b"listening\n"
+    return proc
+
+
 def on_uvloop() -> bool:
     """Whether the running loop is uvloop's (the conftest runs async tests on both)."""
     return isinstance(asyncio.get_running_loop(), uvloop.Loop)

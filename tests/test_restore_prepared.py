@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, on_uvloop
+from helpers import free_port, listening_process, on_uvloop, until
 
 from lazymig.proto.images import ImagesDir, ImagesWait
 from lazymig.restore.prepared import ImagesNotCompleteError, wait_for_images
@@ -120,6 +120,47 @@ async def test_a_prepared_restore_waits_for_the_dump_then_restores_it(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(restored, signal.SIGKILL)
             lines.close()
+
+
+@pytest.mark.asyncio
+async def test_a_prepared_destination_whose_dump_dies_before_its_images_fails_at_once(
+        tmp_path: Path) -> None:
+    """The dump dies (kill -9) before it wrote its images, its socket listening since its
+    start: the prepared daemon's connection, queued there, is reset, and the daemon fails
+    and unlinks its socket; the prepared restore sees that and fails too. Both within
+    seconds, not when their --wait-for-* SECONDS (600 here) are spent. The dump is
+    played by a process that only listens, as `lazymig dump` does before its images."""
+    port, loop = free_port(), on_uvloop()
+    images = tmp_path / "images"
+    images.mkdir()
+    dump = await listening_process(port)
+    try:
+        with command("lazy-pages", "--page-server", "--address", "127.0.0.1", "--port",
+                     str(port), "-D", str(images), "--wait-for-page-server", "600",
+                     uvloop=loop, log=tmp_path / "daemon.log") as (daemon, daemon_ready), \
+                command("restore", "--lazy-pages", "-D", str(images), "-d",
+                        "--wait-for-images", "600", uvloop=loop,
+                        log=tmp_path / "restore.log") as (restore, restore_ready):
+            await asyncio.to_thread(wait_ready, daemon_ready, daemon, tmp_path / "daemon.log")
+            await asyncio.to_thread(wait_ready, restore_ready, restore, tmp_path / "restore.log")
+            async with asyncio.timeout(60):
+                await until(lambda: "connected to page server" in
+                            (tmp_path / "daemon.log").read_text())
+                await until(lambda: "waiting up to 600 s" in (tmp_path / "restore.log").read_text())
+            dump.kill()
+            await dump.wait()
+            assert await asyncio.to_thread(daemon.wait, 30) == 1, \
+                (tmp_path / "daemon.log").read_text()
+            assert await asyncio.to_thread(restore.wait, 30) == 1, \
+                (tmp_path / "restore.log").read_text()
+    finally:
+        if dump.returncode is None:
+            dump.kill()
+            await dump.wait()
+    assert "the page server went away" in (tmp_path / "daemon.log").read_text()
+    log = (tmp_path / "restore.log").read_text()
+    assert "lazy-pages.socket went away while the restore waited for the images" in log, log
+    assert "Traceback" not in log
 
 
 def test_no_dump_comes_and_the_prepared_restore_gives_up(tmp_path: Path) -> None:

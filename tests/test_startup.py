@@ -20,7 +20,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import finish, free_port, layout, on_uvloop, spawn, stop, until
+from helpers import (
+    finish,
+    free_port,
+    layout,
+    listening_process,
+    on_uvloop,
+    spawn,
+    stop,
+    until,
+)
 from lazydump import page_pattern, write_lazy_dump
 
 from lazymig._listen import SOCKET_NAME
@@ -157,17 +166,6 @@ async def test_a_daemon_started_before_its_page_server_waits_for_it(tmp_path: Pa
     store.close()
 
 
-_LISTENER = """
-import os, socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(16)
-os.write(1, b"listening\\n")
-time.sleep(600)
-"""
-
-
 @pytest.mark.asyncio
 async def test_a_prepared_daemon_whose_dump_dies_before_its_images_fails_at_once(
         tmp_path: Path) -> None:
@@ -179,11 +177,8 @@ async def test_a_prepared_daemon_whose_dump_dies_before_its_images_fails_at_once
     images = tmp_path / "images"
     images.mkdir()  # empty: the dump has not written anything yet
     port = free_port()
-    dump = await asyncio.create_subprocess_exec(sys.executable, "-c", _LISTENER, str(port),
-                                                stdout=subprocess.PIPE)
+    dump = await listening_process(port)
     try:
-        assert dump.stdout is not None
-        assert await dump.stdout.readline() == b"listening\n"
         async with asyncio.timeout(90), LazymigCommand(
                 ["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", port,
                  "--wait-for-page-server", "600", "-D", images],

@@ -132,7 +132,8 @@ def restore(args: argparse.Namespace) -> int:
             if args.uvloop:
                 import uvloop  # noqa: F401  (now, not once the images are there: run_async's)
             signal_ready(args.status_fd)  # loaded: what is left is the restore itself
-            wait_for_images(restorer.images, args.wait_for_images)
+            wait_for_images(restorer.images, args.wait_for_images,
+                            daemon_socket=socket_path if args.lazy_pages else None)
         else:
             signal_ready(args.status_fd)
         result = run_async(args, restorer.run())

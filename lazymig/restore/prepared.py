@@ -24,6 +24,13 @@ prepared process-to-be as soon as it is complete (its ``pagemap-PID.img``,
 which both write last), in chain order (its ``parent`` link names the round
 before), and the restore then only moves those pages into place
 (:mod:`lazymig.restore.premap`).
+
+A lazy restore also watches its daemon's socket meanwhile: a daemon that fails
+(its page server went away before the images came, see ``lazymig lazy-pages
+--wait-for-page-server``) unlinks it, and the restore, which could only fail
+on it once the images come, fails at once instead (:class:`DaemonGoneError`).
+A daemon killed by SIGKILL leaves its socket file behind: that is noticed only
+when the restore connects.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazymig.errors import LazyMigError
+from lazymig.errors import BrokenResourceError, LazyMigError
 from lazymig.proto.constants import PARENT_LINK
 from lazymig.proto.images import ImagesDir, ImagesWait
 from lazymig.proto.images._dir import POLL
@@ -42,7 +49,8 @@ from lazymig.proto.images._dir import POLL
 if TYPE_CHECKING:
     from lazymig.restore.restorer import Restorer
 
-__all__ = ["POLL", "ImagesNotCompleteError", "follow_rounds", "wait_for_images"]
+__all__ = ["POLL", "DaemonGoneError", "ImagesNotCompleteError", "follow_rounds",
+           "wait_for_images"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +60,23 @@ class ImagesNotCompleteError(LazyMigError, TimeoutError):
     nothing was restored."""
 
 
-def wait_for_images(images: ImagesDir, timeout: float, *, poll: float = POLL) -> float:
+class DaemonGoneError(BrokenResourceError):
+    """The lazy-pages daemon's socket, there while the restore waited for the images, is
+    gone: the daemon failed or ended, and the restore would fail on it; nothing was
+    restored."""
+
+
+def wait_for_images(images: ImagesDir, timeout: float, *, poll: float = POLL,
+                    daemon_socket: Path | None = None) -> float:
     """Return once ``images`` holds a complete dump (its ``inventory.img``); the seconds
     waited. Blocking: called before the restore's loop runs (the CLI's), or off it.
 
+    ``daemon_socket``: the lazy-pages daemon's socket (a lazy restore); once seen, its
+    disappearance ends the wait.
+
     Raises:
         ImagesNotCompleteError: none after ``timeout`` seconds.
+        DaemonGoneError: the daemon's socket was there and is gone.
     """
     wait = ImagesWait(images, timeout, poll=poll)
     if wait.complete:
@@ -66,7 +85,16 @@ def wait_for_images(images: ImagesDir, timeout: float, *, poll: float = POLL) ->
         return 0.0
     log.info("waiting up to %g s for the images in %s (complete once %s is there)", timeout,
              images.path, wait.inventory.name)
+    daemon_seen = False
     for pause in wait.pauses():
+        if daemon_socket is not None:
+            if daemon_socket.exists():
+                daemon_seen = True
+            elif daemon_seen:
+                raise DaemonGoneError(
+                    f"the lazy-pages daemon's socket {daemon_socket} went away while the "
+                    f"restore waited for the images in {images.path}: the daemon failed or "
+                    "ended (see its log); nothing was restored")
         time.sleep(pause)
     if not wait.complete:
         raise ImagesNotCompleteError(
