@@ -232,6 +232,11 @@ def test_a_dumper_killed_mid_batch_leaves_the_source_running_intact(
                             else _in_tail(proc.pid, before)):
                         where = aim
                         break
+                if where is None:
+                    # No hit: not a kill at a random instant, which may land in the
+                    # fill's single-stepped set-up or tear-down (a known gap, see
+                    # docs/operating.md), but after the fill.
+                    cli.wait_filled(timeout=60.0)
                 cli.proc.kill()
                 assert cli.wait() == -signal.SIGKILL
             finally:
@@ -242,7 +247,7 @@ def test_a_dumper_killed_mid_batch_leaves_the_source_running_intact(
             assert all(b - a in (0, 1) for a, b in itertools.pairwise(rounds)), rounds
             status = _status(proc.pid)
             assert status["State"][0] in "RS" and status["TracerPid"] == "0"
-            assert status["SigBlk"] == mask
+            assert status["SigBlk"] == mask, f"killed with the source at {where} ({aim})"
             assert proc.poll() is None
             if where is not None:
                 seen.append(where)
