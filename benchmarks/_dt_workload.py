@@ -18,16 +18,16 @@ notes when each line comes.
   first, N pages) mapped privately and read-only, with a hole between any two
   so that none merge: N VMAs of file memory (:func:`maps_argv`).
 
-Built statically with the host's gcc, so that it runs inside the CRIU chroot.
+Built statically (tests/criu_peer.build_static), so that it runs inside the CRIU chroot.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
+
+from criu_peer import build_static  # tests/: the one compile of the chroot's workloads
 
 SOURCE = r"""
 #define _GNU_SOURCE
@@ -42,6 +42,8 @@ SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 
+#include "say.h"
+
 #define PAGE 4096UL
 #define TICK_NS 1000000LL
 
@@ -50,21 +52,6 @@ static long long now_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
-
-static void say(const char *line)
-{
-    size_t len = strlen(line);
-    while (len) {
-        ssize_t n = write(1, line, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            _exit(3);
-        }
-        line += n;
-        len -= (size_t)n;
-    }
 }
 
 static void tick(long long ns)
@@ -174,14 +161,7 @@ int main(int argc, char **argv)
 
 def build(dest: Path) -> Path:
     """Compile :data:`SOURCE` statically into ``dest`` (``dest``.c beside it)."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise RuntimeError("no C compiler on the host (gcc)")
-    source = dest.with_suffix(".c")
-    source.write_text(SOURCE)
-    subprocess.run([gcc, "-static", "-pthread", "-O2", "-Wall", "-o", str(dest), str(source)],
-                   check=True, capture_output=True, timeout=120)
-    return dest
+    return build_static(SOURCE, dest, "-pthread")
 
 
 def maps_argv(count: int, path: str) -> list[str]:

@@ -26,15 +26,15 @@ times a pass over local memory (the baseline).
   ``lat US`` line per timed read, then ``faults N skipped K``: the fault round
   trip a program sees, whichever daemon serves it.
 
-Built statically with the host's gcc, so that it runs inside the CRIU chroot.
+Built statically (tests/criu_peer.build_static), so that it runs inside the CRIU chroot.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
+
+from criu_peer import build_static  # tests/: the one compile of the chroot's workloads
 
 SOURCE = r"""
 #define _GNU_SOURCE
@@ -49,6 +49,8 @@ SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 
+#include "say.h"
+
 #define PAGE 4096UL
 #define PATTERN_MAGIC 0x6c617a796d696700ULL
 
@@ -58,21 +60,6 @@ static void on_usr1(int sig)
 {
     (void)sig;
     signalled = 1;
-}
-
-static void say(const char *line)
-{
-    size_t len = strlen(line);
-    while (len) {
-        ssize_t n = write(1, line, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            _exit(3);
-        }
-        line += n;
-        len -= (size_t)n;
-    }
 }
 
 static int page_bad(const uint64_t *mem, size_t i)
@@ -211,14 +198,7 @@ _PASS = re.compile(r"^pass ([\d.]+) bad (\d+)$", re.MULTILINE)
 
 def build(dest: Path) -> Path:
     """Compile :data:`SOURCE` statically into ``dest`` (``dest``.c beside it)."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise RuntimeError("no C compiler on the host (gcc)")
-    source = dest.with_suffix(".c")
-    source.write_text(SOURCE)
-    subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(dest), str(source)],
-                   check=True, capture_output=True, timeout=120)
-    return dest
+    return build_static(SOURCE, dest)
 
 
 def passes(log: Path) -> list[tuple[float, int]]:

@@ -107,6 +107,7 @@ from criu_peer import (  # noqa: E402
 from criu_side_by_side import (  # noqa: E402
     FLOORS,
     interpreter_floor,
+    limits,
     shm_dir,
     use_bytecode,
     wait_for,
@@ -561,9 +562,8 @@ def main(args: argparse.Namespace) -> int:
     say(f"machine: {machine.describe()}")
     use_bytecode()
     say("limits, measured in this run:")
-    say(f"  memcpy (4 MiB blocks)                  {machine.memcpy_gbps():.2f} GB/s")
-    say(f"  bare UFFDIO_COPY                       {machine.uffd_copy_gbps():.2f} GB/s")
-    say(f"  loopback TCP                           {machine.loopback_tcp_gbps():.2f} GB/s")
+    for line in limits():
+        say(line)
     say("floors of a Python process here (exec to exit, median of 5):")
     for label, code in FLOORS_HERE.items():
         say(f"  {label:<36}   {interpreter_floor(code)[0]:.3f} s")

@@ -144,14 +144,25 @@ def ensure_criu_root(timeout: float = 900) -> None:
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def build_workload(dest: Path) -> Path:
-    """Compile criu_pattern.c statically with the host's gcc into ``dest``."""
+def build_static(source: Path | str, dest: Path, *flags: str) -> Path:
+    """Compile C ``source`` (a path, or the program's text, written to ``dest``.c) with
+    the host's gcc into ``dest``, statically: so that it runs inside the CRIU chroot
+    too. The one compile of every C workload of the CRIU tests and benchmarks."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise RuntimeError("no C compiler on the host (gcc)")
-    subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(dest), str(WORKLOAD_SOURCE)],
-                   check=True, capture_output=True, timeout=120)
+    if isinstance(source, str):
+        path = dest.with_suffix(".c")
+        path.write_text(source)
+        source = path
+    subprocess.run([gcc, "-static", *flags, "-O2", "-Wall", "-I", str(WORKLOAD_SOURCE.parent),
+                    "-o", str(dest), str(source)], check=True, capture_output=True, timeout=120)
     return dest
+
+
+def build_workload(dest: Path) -> Path:
+    """Compile criu_pattern.c statically with the host's gcc into ``dest``."""
+    return build_static(WORKLOAD_SOURCE, dest)
 
 
 FORKER_SOURCE = r"""
@@ -176,6 +187,8 @@ FORKER_SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 
+#include "say.h"
+
 #define PAGE 4096UL
 #define PATTERN_MAGIC 0x6c617a796d696700ULL
 #define INTERVAL_NS 100000000L
@@ -184,21 +197,6 @@ static uint64_t *mem;
 static size_t pages;
 static volatile sig_atomic_t forking;
 static volatile unsigned long tick;
-
-static void say(const char *line)
-{
-    size_t len = strlen(line);
-    while (len) {
-        ssize_t n = write(1, line, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            _exit(3);
-        }
-        line += n;
-        len -= (size_t)n;
-    }
-}
 
 static uint64_t scan(size_t *bad)
 {
@@ -310,14 +308,7 @@ def child_ticks(log: Path) -> list[ChildTick]:
 
 def build_forker(dest: Path) -> Path:
     """Compile :data:`FORKER_SOURCE` statically into ``dest``."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise RuntimeError("no C compiler on the host (gcc)")
-    source = dest.with_suffix(".c")
-    source.write_text(FORKER_SOURCE)
-    subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(dest), str(source)],
-                   check=True, capture_output=True, timeout=120)
-    return dest
+    return build_static(FORKER_SOURCE, dest)
 
 
 @dataclass

@@ -29,6 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "say.h"
+
 #define PAGE 4096UL
 #define PATTERN_MAGIC 0x6c617a796d696700ULL /* "\0gimyzal": "lazymig\0" read LE */
 #define INTERVAL_NS 100000000L
@@ -41,21 +43,6 @@ static void fill(uint64_t *mem, size_t pages, uint64_t tag)
 			p[w] = PATTERN_MAGIC | tag;
 			p[w + 1] = i;
 		}
-	}
-}
-
-static void say(const char *line)
-{
-	size_t len = strlen(line);
-	while (len) {
-		ssize_t n = write(1, line, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			_exit(3);
-		}
-		line += n;
-		len -= (size_t)n;
 	}
 }
 
