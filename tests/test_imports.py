@@ -50,10 +50,12 @@ CASES: dict[str, tuple[str, set[str]]] = {
         "import uvloop, lazymig.cli, lazymig.cli.dump, lazymig.dump.dumper",
         {"lazymig.dump.precopy", "lazymig.dump.track", "lazymig.dump.keeper",
          "lazymig.proto.uffd", "lazymig.dump.server", "lazymig.proto.pageserver",
-         "lazymig.tls", "construct"}),
+         "lazymig.tls", "construct",
+         # a process without event-loop files or sockets (dump/files._inspect_anon)
+         "lazymig.dump.anon_files", "lazymig.linux.sockdiag"}),
     "lazymig restore": (
         "import lazymig.cli.restore, lazymig.restore",
-        DUMP_SIDE - {"ptrace"} | {"lazymig.uffd.daemon"}),
+        DUMP_SIDE - {"ptrace"} | {"lazymig.uffd.daemon", "lazymig.dump.anon_files"}),
 }
 
 

@@ -56,7 +56,7 @@ from lazymig.linux.kcmp import same_epoll_target, same_file
 from lazymig.linux.procfs import fd_links, processes, read_fdinfo
 from lazymig.linux.sockdiag import UnixSocket, unix_socket
 from lazymig.linux.vm import copy_fd
-from lazymig.proto.constants import TIMEVAL
+from lazymig.proto.constants import EFD_SEMAPHORE, TIMEVAL
 from lazymig.proto.images import (
     EventfdFileEntry,
     EventpollFileEntry,
@@ -74,10 +74,8 @@ from lazymig.proto.images import (
     sk_opts_pb2,
 )
 
-__all__ = ["EFD_SEMAPHORE", "AnonFds", "inspect_anon"]
+__all__ = ["AnonFds", "inspect_anon"]
 
-EFD_SEMAPHORE: Final = 1
-"""``eventfd_file_entry.flags`` bit for an eventfd in semaphore mode."""
 _KINDS: Final = {
     "anon_inode:[eventfd]": fdinfo_pb2.EVENTFD,
     "anon_inode:[eventpoll]": fdinfo_pb2.EVENTPOLL,

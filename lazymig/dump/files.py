@@ -71,15 +71,13 @@ import stat
 import termios
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from lazymig.dump.anon_files import AnonFds, inspect_anon
 from lazymig.dump.shmem import DELETED, DELETED_FILE_LIMIT
 from lazymig.errors import LazyMigOSError, UnsupportedTargetError
 from lazymig.linux.kcmp import same_file
 from lazymig.linux.procfs import fd_links, fd_path, fds, processes, read_fdinfo, tmpfs_devices
 from lazymig.linux.ptrace import TargetGoneError
-from lazymig.linux.sockdiag import describe_socket
 from lazymig.linux.vm import SPLICE_F_NONBLOCK, get_pipe_size, set_pipe_size, tee
 from lazymig.proto.images import (
     FdinfoEntry,
@@ -94,6 +92,9 @@ from lazymig.proto.images import (
     SkPacketEntry,
     fdinfo_pb2,
 )
+
+if TYPE_CHECKING:  # loaded only for a process that has such files (_inspect_anon)
+    from lazymig.dump.anon_files import AnonFds
 
 __all__ = [
     "FD_CLOEXEC",
@@ -291,18 +292,30 @@ def _pipe_holders(pid: int, inodes: Iterable[int], tree: Collection[int]) -> dic
     return found
 
 
+def _inspect_anon(pid: int, fds: Sequence[_Fd]) -> AnonFds | None:
+    """:func:`~lazymig.dump.anon_files.inspect_anon` of ``fds``; None where none is an
+    anonymous-inode file or a socket (most processes): that module, sock_diag and
+    their images are then not loaded, a part of every dump's start-up."""
+    if not any(f.link.startswith("anon_inode:") or stat.S_ISSOCK(f.st.st_mode) for f in fds):
+        return None
+    from lazymig.dump.anon_files import inspect_anon  # noqa: PLC0415 (start-up, above)
+
+    return inspect_anon(pid, [(f.fd, f.link, f.st) for f in fds])
+
+
 def _check(pid: int, *, strict: bool = True, tree: Collection[int] = ()
-           ) -> tuple[list[_Fd], dict[int, str], AnonFds]:
+           ) -> tuple[list[_Fd], dict[int, str], AnonFds | None]:
     """The fds to dump, {fd: name} of the external ones among them and the
     event-loop files (dump/anon_files.py); raises UnsupportedTargetError naming
     every fd that cannot be dumped (unless not ``strict``). A pipe the processes
     of ``tree`` hold is theirs, not external."""
     fds = _list_fds(pid)
-    anon = inspect_anon(pid, [(f.fd, f.link, f.st) for f in fds])
+    anon = _inspect_anon(pid, fds)
+    kinds = anon.kinds if anon is not None else {}
     external = {f.fd: name for f in fds
-                if f.fd not in anon.kinds and (name := _external(f)) is not None}
-    reasons = [r for f in fds if f.fd not in external and f.fd not in anon.kinds
-               and (r := _refusal(f)) is not None] + anon.reasons
+                if f.fd not in kinds and (name := _external(f)) is not None}
+    reasons = [r for f in fds if f.fd not in external and f.fd not in kinds
+               and (r := _refusal(f)) is not None] + (anon.reasons if anon is not None else [])
     pipes: dict[int, list[_Fd]] = {}
     for f in fds:
         if stat.S_ISFIFO(f.st.st_mode):
@@ -362,12 +375,14 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
             if f.fd in external:
                 out.external[file_id] = external[f.fd]
                 if stat.S_ISSOCK(f.st.st_mode):
+                    from lazymig.linux.sockdiag import describe_socket  # noqa: PLC0415
+
                     log.info("pid %d: fd %d is %s (%s): it stays on this host, for the "
                              "restore to take over here or be given in its place", pid, f.fd,
                              describe_socket(pid, f.fd), f.link)
             if f.fd in external and not stat.S_ISFIFO(f.st.st_mode):
                 entry = FileEntry(type=fdinfo_pb2.EXT, id=file_id)
-            elif f.fd in anon.kinds:
+            elif anon is not None and f.fd in anon.kinds:
                 entry = anon.file_entry(f.fd, file_id, flags)
             elif f.shmem:
                 entry = FileEntry(type=fdinfo_pb2.MEMFD, id=file_id, memfd=MemfdFileEntry(
@@ -391,7 +406,8 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
             out.memfds.setdefault(f.st.st_ino, []).append(f.fd)
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
-    out.sk_queues = anon.socket_queues({e.fd: e.id for e in out.fds})
+    if anon is not None:
+        out.sk_queues = anon.socket_queues({e.fd: e.id for e in out.fds})
     pipes = {f.st.st_ino: f.fd for f in fds
              if stat.S_ISFIFO(f.st.st_mode) and f.fd not in external}
     for ino, fd in sorted(pipes.items()):

@@ -93,6 +93,9 @@ MREMAP_FIXED = 2
 
 MADV_DONTNEED = 4
 
+EFD_SEMAPHORE = 1
+"""eventfd2's flag, kept in an eventfd entry's flags (dumped and restored)."""
+
 
 def vma_can_be_lazy(flags: int, status: int) -> bool:
     """CRIU's ``vma_entry_can_be_lazy``: private anonymous, not locked or hugetlb,

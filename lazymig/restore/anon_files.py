@@ -36,7 +36,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from lazymig.dump.anon_files import EFD_SEMAPHORE
 from lazymig.errors import ImageError, LazyMigOSError
 from lazymig.linux.syscalls import (
     SYS_EPOLL_CREATE1,
@@ -54,7 +53,7 @@ from lazymig.linux.syscalls import (
     SYS_WRITE,
 )
 from lazymig.linux.vm import copy_fd, read_memory
-from lazymig.proto.constants import TIMEVAL
+from lazymig.proto.constants import EFD_SEMAPHORE, TIMEVAL
 from lazymig.proto.images import FileEntry, fdinfo_pb2
 
 if TYPE_CHECKING:
