@@ -3,7 +3,7 @@
 A scratch project outside the repository imports lazymig and runs ``mypy --strict``
 on it: the editable install that scripts/setup.sh makes must be visible to it
 (setuptools' default import hook is not), and lazymig's own modules must not pass
-on their untyped dependency (construct) as errors of the user's.
+on their untyped dependencies (construct, python-ptrace) as errors of the user's.
 """
 
 from __future__ import annotations

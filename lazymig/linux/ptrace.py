@@ -7,10 +7,11 @@ attached it. :class:`Tracee` remembers that thread and refuses calls from any
 other. :class:`TracerThread` is a one-thread executor to keep all of them on
 (async code awaits :meth:`TracerThread.run`, never the default pool).
 
-Every request goes through libc's ``ptrace`` by ctypes (:mod:`lazymig.linux._libc`),
-its failure a :class:`~lazymig.errors.LazyMigOSError` at once. (python-ptrace,
-which served the classic ones, cost every dump and restore ~15 ms of start-up:
-it runs ldconfig to find libc, and loads shutil, tempfile, bz2 and lzma.)
+python-ptrace supplies the classic requests (GETREGS/SETREGS, SINGLESTEP, CONT,
+DETACH, PEEK/POKE, GETFPREGS); it is wrapped here so that its ``PtraceError``
+becomes :class:`~lazymig.errors.LazyMigOSError`. What it lacks (SEIZE,
+INTERRUPT, GETREGSET NT_X86_XSTATE, GET/SETSIGMASK, GET_RSEQ_CONFIGURATION) goes
+through ctypes and :mod:`lazymig.linux._libc`.
 
 **Waiting.** A ptrace-stop of a tracee is reported to *any* ``waitpid`` in the
 tracer's thread group that matches it, including ``waitpid(pid, 0)``. Do not
@@ -34,7 +35,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
+
+from ptrace.binding import func as _pt  # type: ignore[import-untyped]
+from ptrace.error import PtraceError  # type: ignore[import-untyped]
 
 from lazymig.errors import BrokenResourceError, ConfigurationError, LazyMigError, LazyMigOSError
 from lazymig.linux._libc import check, libc, syscall
@@ -74,13 +78,6 @@ __all__ = [
 P = ParamSpec("P")
 T = TypeVar("T")
 
-PTRACE_PEEKDATA: Final = 2
-PTRACE_POKEDATA: Final = 5
-PTRACE_CONT: Final = 7
-PTRACE_SINGLESTEP: Final = 9
-PTRACE_GETREGS: Final = 12
-PTRACE_SETREGS: Final = 13
-PTRACE_DETACH: Final = 17
 PTRACE_GETREGSET: Final = 0x4204
 PTRACE_SETREGSET: Final = 0x4205
 PTRACE_SEIZE: Final = 0x4206
@@ -198,12 +195,6 @@ _REG_NAMES: Final = (
 )
 
 
-class _UserRegsStruct(ctypes.Structure):
-    """x86_64 ``struct user_regs_struct``, as PTRACE_GETREGS and SETREGS take it."""
-
-    _fields_ = tuple((name, ctypes.c_uint64) for name in _REG_NAMES)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class UserRegs:
     """x86_64 ``struct user_regs_struct`` (what PTRACE_GETREGS and NT_PRSTATUS give).
@@ -241,11 +232,11 @@ class UserRegs:
     gs: int
 
     @classmethod
-    def _from_struct(cls, struct: _UserRegsStruct) -> UserRegs:
+    def _from_struct(cls, struct: Any) -> UserRegs:
         return cls(*(int(getattr(struct, name)) & _U64 for name in _REG_NAMES))
 
-    def _to_struct(self) -> _UserRegsStruct:
-        return _UserRegsStruct(*(getattr(self, name) & _U64 for name in _REG_NAMES))
+    def _to_struct(self) -> Any:
+        return _pt.ptrace_registers_t(*(getattr(self, name) for name in _REG_NAMES))
 
     def as_dict(self) -> dict[str, int]:
         """Field name to value, in kernel order."""
@@ -466,12 +457,15 @@ class Tracee:
     def cont(self, sig: int = 0) -> None:
         """PTRACE_CONT, delivering ``sig`` (0: none)."""
         self._check_thread()
-        self._raw(PTRACE_CONT, 0, sig, f"PTRACE_CONT(sig {sig})")
+        self._lib(f"PTRACE_CONT(sig {sig})", _pt.ptrace_cont, self.tid, sig)
         self.stopped = False
 
     def singlestep(self, sig: int = 0) -> None:
-        """PTRACE_SINGLESTEP, delivering ``sig`` (0: none)."""
-        self._raw(PTRACE_SINGLESTEP, 0, sig, f"PTRACE_SINGLESTEP(sig {sig})")
+        """PTRACE_SINGLESTEP (python-ptrace cannot pass a signal: ``sig`` must be 0)."""
+        self._check_thread()
+        if sig:
+            raise ConfigurationError("singlestep cannot deliver a signal")
+        self._lib("PTRACE_SINGLESTEP", _pt.ptrace_singlestep, self.tid)
         self.stopped = False
 
     def detach(self, sig: int = 0) -> None:
@@ -485,7 +479,7 @@ class Tracee:
             except ProcessLookupError:
                 pass
         self.deferred_signals.clear()
-        self._raw(PTRACE_DETACH, 0, sig, "PTRACE_DETACH")
+        self._lib("PTRACE_DETACH", _pt.ptrace_detach, self.tid, sig)
         self.attached = self.stopped = False
 
     def abandon(self) -> None:
@@ -509,14 +503,13 @@ class Tracee:
 
     def get_regs(self) -> UserRegs:
         """PTRACE_GETREGS (general registers, fs_base and gs_base included)."""
-        regs = _UserRegsStruct()
-        self._raw(PTRACE_GETREGS, 0, ctypes.addressof(regs), "PTRACE_GETREGS")
-        return UserRegs._from_struct(regs)
+        self._check_thread()
+        return UserRegs._from_struct(self._lib("PTRACE_GETREGS", _pt.ptrace_getregs, self.tid))
 
     def set_regs(self, regs: UserRegs) -> None:
         """PTRACE_SETREGS."""
-        raw = regs._to_struct()
-        self._raw(PTRACE_SETREGS, 0, ctypes.addressof(raw), "PTRACE_SETREGS")
+        self._check_thread()
+        self._lib("PTRACE_SETREGS", _pt.ptrace_setregs, self.tid, regs._to_struct())
 
     def get_xstate(self) -> bytes:
         """The raw NT_X86_XSTATE area (XSAVE layout: legacy FXSAVE 512 bytes, XSAVE
@@ -602,16 +595,14 @@ class Tracee:
     def peek(self, address: int) -> int:
         """PTRACE_PEEKDATA: one 8-byte word (unsigned) at an aligned address."""
         self._check_thread()
-        # The word is the result: -1 is a word like any other unless errno says otherwise.
-        ctypes.set_errno(0)
-        word = int(_ptrace(PTRACE_PEEKDATA, self.tid, address or None, None))
-        if word == -1 and (err := ctypes.get_errno()):
-            raise self._error(err, f"PTRACE_PEEKDATA({address:#x})")
-        return word & _U64
+        return int(self._lib(f"PTRACE_PEEKDATA({address:#x})", _pt.ptrace_peekdata, self.tid,
+                             address)) & _U64
 
     def poke(self, address: int, word: int) -> None:
         """PTRACE_POKEDATA: write one 8-byte word at an aligned address (forced access)."""
-        self._raw(PTRACE_POKEDATA, address, word & _U64, f"PTRACE_POKEDATA({address:#x})")
+        self._check_thread()
+        self._lib(f"PTRACE_POKEDATA({address:#x})", _pt.ptrace_pokedata, self.tid, address,
+                  word & _U64)
 
     # -- syscall injection -----------------------------------------------------
 
@@ -805,6 +796,12 @@ class Tracee:
             return check(_ptrace(request, self.tid, addr or None, data or None), what,
                          pid=self.pid)
         except LazyMigOSError as exc:
+            raise self._error(exc.errno or errno.EIO, what) from None
+
+    def _lib(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except PtraceError as exc:
             raise self._error(exc.errno or errno.EIO, what) from None
 
     def _error(self, err: int, what: str) -> LazyMigOSError:
