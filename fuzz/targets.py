@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import shutil
 import socket
 import tempfile
@@ -298,11 +299,13 @@ def _loop() -> asyncio.AbstractEventLoop:
 
 
 def _images_dir() -> Path:
-    """A scratch dir (in /dev/shm) holding the small dump under good/."""
+    """A scratch dir (in /dev/shm, or under ``$LAZYMIG_FUZZ_SCRATCH``) holding the small
+    dump under good/. libFuzzer ends the process without Python's atexit, so a caller
+    that runs targets under atheris names a dir it removes itself (tests/test_fuzz.py)."""
     if _Scratch.dump is None:
         shm = Path("/dev/shm")
-        _Scratch.dump = Path(tempfile.mkdtemp(prefix="lazymig-fuzz-",
-                                              dir=shm if shm.is_dir() else None))
+        parent = os.environ.get("LAZYMIG_FUZZ_SCRATCH") or (shm if shm.is_dir() else None)
+        _Scratch.dump = Path(tempfile.mkdtemp(prefix="lazymig-fuzz-", dir=parent))
         atexit.register(shutil.rmtree, _Scratch.dump, True)
         write_small_dump(_Scratch.dump / "good")
     return _Scratch.dump

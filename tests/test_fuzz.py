@@ -10,6 +10,7 @@ runs them longer by hand and minimises the corpus.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,14 @@ def test_target_survives_coverage_guided_fuzzing(target: str, tmp_path: Path,
                                                   reliability: Recorder) -> None:
     found = tmp_path / "found"  # new inputs go here, not into the repo's corpus
     found.mkdir()
+    scratch = tmp_path / "scratch"  # the targets' small dump, which libFuzzer's exit leaves
+    scratch.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "fuzz.run", target, f"-max_total_time={SECONDS}",
          *LIBFUZZER_LIMITS, f"-artifact_prefix={tmp_path}/", str(found), str(CORPUS / target)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-    crashes = sorted(p.name for p in tmp_path.iterdir() if p.name != "found")
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "LAZYMIG_FUZZ_SCRATCH": str(scratch)})
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("found", "scratch"))
     assert done.returncode == 0 and not crashes, done.stderr[-4000:]
     stats = parse_stats(done.stderr)
     assert stats["runs"] > 0, done.stderr[-2000:]
