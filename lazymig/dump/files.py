@@ -17,9 +17,14 @@ is injected into the target):
   O_APPEND, O_NONBLOCK, O_PATH, ...) and close-on-exec; the name the kernel
   shows for it (it follows renames) must still lead to it (not deleted, not
   hidden under a mount) and it must hold no lock. Directories too (dirfds
-  for openat, O_PATH or not), unless read part-way: a directory offset is a
-  cookie of the filesystem that holds it. But /proc, whose offset is a
-  position in its own listing (``top`` keeps /proc open between refreshes);
+  for openat, O_PATH or not), read part-way or not, at their offset as CRIU
+  does (``reg_file_entry.pos``, restored with lseek): a directory's offset is
+  a cookie of its filesystem (on ext4 a hash of the next name, which
+  ext4_dir_llseek takes back; on /proc a position in its listing, which
+  ``top`` keeps open) and so means the same on the same filesystem: a
+  walk (``find``, ``os.scandir``) goes on with the next name, none
+  repeated or lost. (On another host's copy of the tree the hashes differ:
+  CRIU has the same limit.);
 * the harmless memory character devices (/dev/null, /dev/zero, /dev/full,
   /dev/random, /dev/urandom), recorded as regular files as CRIU does;
 * pipes that only processes of the dumped tree hold: both ends (or the one
@@ -248,9 +253,6 @@ def _refusal(f: _Fd) -> str | None:
                     "host; only fds 0-2 may be terminals (`lazymig restore --shell-job` gives "
                     "the restored process the restorer's)")
         return f"fd {f.fd} is the character device {link} ({dev[0]}:{dev[1]})"
-    if stat.S_ISDIR(mode) and f.pos and link != "/proc":
-        return (f"fd {f.fd} is a directory ({link}) read part-way: directory offsets do not "
-                "survive a move")
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         return f"fd {f.fd} is an unsupported kind of file ({link}, mode {mode:o})"
     if link.endswith(" (deleted)") or f.st.st_nlink == 0:
