@@ -8,7 +8,10 @@ of the same program prints (a listing, an archive, a sorted file...):
   offset is a hash of the next name) goes on with the next name;
 * ``find`` over a tree, its output a pipe read slowly (it waits on a full pipe,
   directories open), prints the same listing; the pipe is given back as its
-  stdout (``stdio=``), the bytes queued in it kept.
+  stdout (``stdio=``), the bytes queued in it kept;
+* a process talking to itself through a named FIFO (both ends open, bytes
+  queued in it) keeps both ends and the bytes, once (on one host the source,
+  stopped, still holds the same pipe);
 
 A program missing on this machine is skipped, saying which.
 """
@@ -23,11 +26,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import CRIT, crit_decode
 
 import lazymig
+from lazymig.dump import dump
+from lazymig.proto.images import ImageKind, ImagesDir
 
 pytestmark = [
     pytest.mark.root,
@@ -46,6 +53,24 @@ with os.scandir(sys.argv[1]) as it:
 print("done", flush=True)
 """
 
+# Both ends of a named FIFO, always one 8-byte record queued in it: each tick
+# writes record N and reads back the one before ("q" first): a record lost or
+# doubled by the migration shows.
+FIFO = """
+import os, sys, time
+path = sys.argv[1]
+os.mkfifo(path)
+r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+w = os.open(path, os.O_WRONLY)
+os.write(w, b"q".ljust(8))
+n = 0
+while True:
+    n += 1
+    time.sleep(0.05)
+    os.write(w, str(n).encode().ljust(8))
+    print("tick", n, os.read(r, 8).decode().strip(), flush=True)
+"""
+
 
 def make_tree(root: Path, dirs: int, files: int) -> None:
     """``dirs`` directories of ``files`` empty files each (over one block each: an
@@ -55,6 +80,27 @@ def make_tree(root: Path, dirs: int, files: int) -> None:
         sub.mkdir(parents=True)
         for i in range(files):
             (sub / f"file-with-a-longish-name-{i:05d}").touch()
+
+
+@contextlib.contextmanager
+def started(argv: list[str], log: Path | None = None, *, stdin: int = subprocess.DEVNULL,
+            stdout: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``argv`` in a session of its own, its output to ``log`` (or ``stdout``);
+    killed and reaped on leaving."""
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("w")) if log is not None else stdout
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=out,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def open_files(pid: int) -> list[str]:
+    return [str(p.readlink()) for p in Path(f"/proc/{pid}/fd").iterdir()]
 
 
 def lines_of(log: Path) -> list[str]:
@@ -84,13 +130,9 @@ async def test_scandir_goes_on_with_the_next_name(tmp_path: Path) -> None:
     listing = tree / "dir-000"
     expected = [*(e.name for e in os.scandir(listing)), "done"]
     log = tmp_path / "out.log"
-    with log.open("w") as out:
-        source = subprocess.Popen([sys.executable, "-c", SCANDIR, str(listing)],
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                  start_new_session=True)
-    try:
+    with started([sys.executable, "-c", SCANDIR, str(listing)], log) as source:
         await asyncio.to_thread(wait_lines, log, 400, 60)
-        fds = {str(p.readlink()) for p in Path(f"/proc/{source.pid}/fd").iterdir()}
+        fds = await asyncio.to_thread(open_files, source.pid)
         assert str(listing) in fds, "the directory is open, read part-way"
         async with asyncio.timeout(240), lazymig.migrate(source.pid) as migration:
             try:
@@ -98,10 +140,6 @@ async def test_scandir_goes_on_with_the_next_name(tmp_path: Path) -> None:
             finally:
                 await migration.process.kill()
         assert (await migration.done).transfer.ok
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(source.pid, signal.SIGKILL)
-        source.wait(timeout=10)
     assert seen == expected, "a name was lost or repeated across the migration"
 
 
@@ -111,17 +149,16 @@ async def test_find_piped_slowly_lists_the_same_tree(tmp_path: Path) -> None:
         pytest.skip("find is not installed on this machine")
     tree = tmp_path / "tree"
     make_tree(tree, 20, 400)
-    expected = subprocess.run(["find", str(tree)], capture_output=True, check=True,
-                              timeout=60).stdout
+    expected = (await asyncio.to_thread(subprocess.run, ["find", str(tree)],
+                                        capture_output=True, check=True, timeout=60)).stdout
     r, w = os.pipe()
     null = os.open(os.devnull, os.O_RDONLY)
     try:
-        source = subprocess.Popen(["find", str(tree)], stdin=null, stdout=w, stderr=w,
-                                  start_new_session=True)
-        try:
-            first = os.read(r, 4096)  # started; the pipe (64 KiB) fills up and it waits
+        with started(["find", str(tree)], stdin=null, stdout=w) as source:
+            # Started; the pipe (64 KiB) fills up and it waits.
+            first = await asyncio.to_thread(os.read, r, 4096)
             await asyncio.sleep(0.5)
-            fds = [str(p.readlink()) for p in Path(f"/proc/{source.pid}/fd").iterdir()]
+            fds = await asyncio.to_thread(open_files, source.pid)
             assert any(f.startswith(str(tree)) for f in fds), f"no directory open: {fds}"
             async with asyncio.timeout(240), \
                     lazymig.migrate(source.pid, stdio=(null, w, w)) as migration:
@@ -133,10 +170,6 @@ async def test_find_piped_slowly_lists_the_same_tree(tmp_path: Path) -> None:
                 finally:
                     await migration.process.kill()
             assert (await migration.done).transfer.ok
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(source.pid, signal.SIGKILL)
-            source.wait(timeout=10)
     finally:
         for fd in (r, w, null):
             if fd >= 0:
@@ -151,3 +184,41 @@ def read_to_end(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["migrate", "dump-restore"])
+async def test_a_named_fifo_keeps_both_ends_and_its_bytes(how: str, tmp_path: Path) -> None:
+    """``migrate``: on one host the source, stopped, holds the same pipe still (its
+    bytes stay in it); ``dump-restore``: the source is gone with the pipe, the
+    bytes come back from fifo-data.img (which crit decodes)."""
+    log, images = tmp_path / "out.log", tmp_path / "images"
+    with started([sys.executable, "-c", FIFO, str(tmp_path / "fifo")], log) as source:
+        await asyncio.to_thread(wait_lines, log, 3, 60)
+        if how == "migrate":
+            async with asyncio.timeout(240), lazymig.migrate(source.pid) as migration:
+                try:
+                    seen = await asyncio.to_thread(wait_lines, log, len(lines_of(log)) + 5, 60)
+                finally:
+                    await migration.process.kill()
+            assert (await migration.done).transfer.ok
+        else:
+            images.mkdir()
+            await dump(source.pid, images)
+            source.wait(timeout=10)  # killed by the dump
+            if CRIT is not None:
+                d = ImagesDir(images)
+                files = crit_decode(d.image_path(ImageKind.FILES))["entries"]
+                fifo = next(f for f in files if f["type"] == "FIFO")["fifo"]
+                path = next(f for f in files if f["id"] == fifo["regf_id"])["reg"]["name"]
+                assert path == str(tmp_path / "fifo")
+                queued = crit_decode(d.image_path(ImageKind.FIFO_DATA))["entries"]
+                assert [e["pipe_id"] for e in queued] == [fifo["pipe_id"]]
+            async with asyncio.timeout(240), \
+                    lazymig.restore_process(images, lazy_pages=False) as restored:
+                try:
+                    seen = await asyncio.to_thread(wait_lines, log, len(lines_of(log)) + 5, 60)
+                finally:
+                    await restored.kill()
+    assert seen == [f"tick {n} {n - 1 or 'q'}" for n in range(1, len(seen) + 1)], \
+        "a record in the FIFO was lost or doubled across the migration"

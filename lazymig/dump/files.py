@@ -33,6 +33,10 @@ is injected into the target):
   reader opened on /proc/PID/fd/N, so the pipe keeps it) and their capacity.
   A pipe end open in a process outside the tree is refused: after the
   migration that process would stay on the source host, cut off;
+* named FIFOs as CRIU dumps them: a FIFO ``file_entry`` naming a REG one
+  (no fd of its own) with the path and the status flags, the queued data in
+  ``fifo-data.img``; refused, as a pipe, when a process outside the tree has
+  the FIFO open (reopened by its path on the destination, where it must exist);
 * fds that share an open file description (dup'd, inherited) share one
   ``file_entry`` and so share their offset again after a restore (kcmp); in
   a tree, across processes too (:func:`share_files`);
@@ -45,8 +49,8 @@ is injected into the target):
   ends the process holds (with the data queued on them).
 
 Everything else is refused with the fd and its kind named: other sockets,
-inotify, fanotify, pidfds and other anonymous-inode files, larger deleted files,
-named FIFOs, other devices, and terminals beyond fds 0-2. A terminal is
+fanotify, pidfds and other anonymous-inode files, larger deleted files,
+other devices, and terminals beyond fds 0-2. A terminal is
 never reopened by name because nothing identifies it across a move:
 /dev/pts/3 on the destination (if it exists) is somebody else's terminal
 (CRIU too needs the whole pty pair, or
@@ -57,9 +61,10 @@ F_SETOWN/F_SETSIG owners are not dumped (``fown`` is written as zeros).
 
 Images (CRIU's layout, decodable by ``crit``): ``fdinfo-<files_id>.img``
 (``fdinfo_entry`` per fd), ``files.img`` (``file_entry`` per open file
-description, with a ``reg_file_entry``, ``pipe_entry``, ``memfd_file_entry``
-or an event-loop file's entry), ``pipes-data.img`` (``pipe_data_entry`` then
-the queued bytes, per pipe) and, if a socket has data queued,
+description, with a ``reg_file_entry``, ``pipe_entry``, ``fifo_entry``,
+``memfd_file_entry`` or an event-loop file's entry), ``pipes-data.img``
+(``pipe_data_entry`` then the queued bytes, per pipe), ``fifo-data.img`` (the
+same, per named FIFO, if there is one) and, if a socket has data queued,
 ``sk-queues.img`` (``sk_packet_entry`` then the bytes, per message);
 an external file is a ``file_entry`` of type EXT, an external pipe a PIPE
 one (no data: it is its other end's too).
@@ -86,6 +91,7 @@ from lazymig.linux.ptrace import TargetGoneError
 from lazymig.linux.vm import SPLICE_F_NONBLOCK, get_pipe_size, set_pipe_size, tee
 from lazymig.proto.images import (
     FdinfoEntry,
+    FifoEntry,
     FileEntry,
     FownEntry,
     ImageKind,
@@ -113,6 +119,7 @@ __all__ = [
     "read_files",
     "share_files",
     "write_files",
+    "write_pipe_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,6 +153,8 @@ class DumpedFiles:
     fds: list[FdinfoEntry] = dataclasses.field(default_factory=list)
     files: list[FileEntry] = dataclasses.field(default_factory=list)
     pipe_data: list[tuple[PipeDataEntry, bytes]] = dataclasses.field(default_factory=list)
+    fifo_data: list[tuple[PipeDataEntry, bytes]] = dataclasses.field(default_factory=list)
+    """The data queued in named FIFOs (``fifo-data.img``; ``pipe_id``: the FIFO's inode)."""
     external: dict[int, str] = dataclasses.field(default_factory=dict)
     """{file id: name} of the descriptions that stay behind (``external_files``)."""
     memfds: dict[int, list[int]] = dataclasses.field(default_factory=dict)
@@ -242,8 +251,8 @@ def _refusal(f: _Fd) -> str | None:
         return f"fd {f.fd} is {kind} ({link})"
     if f.shmem:
         return None  # its contents are dumped with the shared objects (dump/shmem.py)
-    if stat.S_ISFIFO(mode):
-        return None if _PIPE_LINK.fullmatch(link) else f"fd {f.fd} is a named FIFO ({link})"
+    if stat.S_ISFIFO(mode):  # a pipe or a named FIFO (see _check for their other holders)
+        return None
     if stat.S_ISCHR(mode):
         dev = (os.major(f.st.st_rdev), os.minor(f.st.st_rdev))
         if dev in SAFE_CHAR_DEVICES:
@@ -271,11 +280,11 @@ def _refusal(f: _Fd) -> str | None:
     return None
 
 
-def _pipe_holders(pid: int, inodes: Iterable[int], tree: Collection[int]) -> dict[int, int]:
-    """{pipe inode: another process, not of ``tree``, that has it open} for the
-    pipes of ``inodes``."""
-    wanted = {f"pipe:[{ino}]": ino for ino in inodes}
-    found: dict[int, int] = {}
+def _pipe_holders(pid: int, links: Iterable[str], tree: Collection[int]) -> dict[str, int]:
+    """{link: another process, not of ``tree``, that has it open} for the pipes
+    and named FIFOs whose /proc fd links are ``links`` (``pipe:[INO]``, a path)."""
+    wanted = set(links)
+    found: dict[str, int] = {}
     if not wanted:
         return found
     # Every fd of every process on the host (a loaded host has thousands of fds;
@@ -288,9 +297,8 @@ def _pipe_holders(pid: int, inodes: Iterable[int], tree: Collection[int]) -> dic
         except OSError:
             continue
         for _, link in links:
-            ino = wanted.get(link)
-            if ino is not None:
-                found.setdefault(ino, other)
+            if link in wanted:
+                found.setdefault(link, other)
     return found
 
 
@@ -318,17 +326,18 @@ def _check(pid: int, *, strict: bool = True, tree: Collection[int] = ()
                 if f.fd not in kinds and (name := _external(f)) is not None}
     reasons = [r for f in fds if f.fd not in external and f.fd not in kinds
                and (r := _refusal(f)) is not None] + (anon.reasons if anon is not None else [])
-    pipes: dict[int, list[_Fd]] = {}
+    pipes: dict[str, list[_Fd]] = {}  # pipes and named FIFOs, by their /proc fd link
     for f in fds:
         if stat.S_ISFIFO(f.st.st_mode):
-            pipes.setdefault(f.st.st_ino, []).append(f)
-    for ino, other in sorted(_pipe_holders(pid, pipes, tree).items()):
-        inner = [f.fd for f in pipes[ino] if f.fd >= STDIO_FDS]
+            pipes.setdefault(f.link, []).append(f)
+    for link, other in sorted(_pipe_holders(pid, pipes, tree).items()):
+        inner = [f.fd for f in pipes[link] if f.fd >= STDIO_FDS]
+        kind = "a pipe" if _PIPE_LINK.fullmatch(link) else "a named FIFO"
         if inner:
-            reasons.append(f"fd {inner[0]} is a pipe (pipe:[{ino}]) also open in process "
+            reasons.append(f"fd {inner[0]} is {kind} ({link}) also open in process "
                            f"{other}: the other end would stay behind")
         else:  # only on stdio: the caller gives the restored process another
-            external.update((f.fd, f"pipe:[{ino}]") for f in pipes[ino])
+            external.update((f.fd, link) for f in pipes[link])
     if reasons and strict:
         raise UnsupportedTargetError(pid, reasons)
     return fds, external, anon
@@ -363,6 +372,7 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
     fds, external, anon = _check(pid, tree=tree)
     out = DumpedFiles()
     owners: list[_Fd] = []  # the first fd of each open file description
+    fifos: list[FileEntry] = []  # the REG entries holding named FIFOs' paths
     zero = FownEntry(uid=0, euid=0, signum=0, pid_type=0, pid=0)
     for f in fds:
         owner = next((o for o in owners if o.st.st_ino == f.st.st_ino
@@ -389,9 +399,16 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
             elif f.shmem:
                 entry = FileEntry(type=fdinfo_pb2.MEMFD, id=file_id, memfd=MemfdFileEntry(
                     id=file_id, flags=flags, pos=f.pos, fown=zero, inode_id=f.st.st_ino))
-            elif stat.S_ISFIFO(f.st.st_mode):
+            elif stat.S_ISFIFO(f.st.st_mode) and _PIPE_LINK.fullmatch(f.link):
                 entry = FileEntry(type=fdinfo_pb2.PIPE, id=file_id, pipe=PipeEntry(
                     id=file_id, pipe_id=f.st.st_ino, flags=flags, fown=zero))
+            elif stat.S_ISFIFO(f.st.st_mode):
+                # As CRIU: the path and flags in a REG entry of their own (no fd on
+                # it), which the FIFO entry names (regf_id; numbered after the rest).
+                fifos.append(FileEntry(type=fdinfo_pb2.REG, id=0, reg=RegFileEntry(
+                    id=0, flags=flags, pos=0, fown=zero, name=f.link, mode=f.st.st_mode)))
+                entry = FileEntry(type=fdinfo_pb2.FIFO, id=file_id, fifo=FifoEntry(
+                    id=file_id, pipe_id=f.st.st_ino))
             else:
                 name = f.link
                 if stat.S_ISCHR(f.st.st_mode):
@@ -408,13 +425,18 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
             out.memfds.setdefault(f.st.st_ino, []).append(f.fd)
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
                                    type=out.file(file_id).type, fd=f.fd))
+    for regf, fifo in zip(fifos, (e for e in out.files if e.type == fdinfo_pb2.FIFO),
+                          strict=True):
+        regf.id = regf.reg.id = fifo.fifo.regf_id = len(out.files) + 1
+        out.files.append(regf)
     if anon is not None:
         out.sk_queues = anon.socket_queues({e.fd: e.id for e in out.fds})
-    pipes = {f.st.st_ino: f.fd for f in fds
-             if stat.S_ISFIFO(f.st.st_mode) and f.fd not in external}
-    for ino, fd in sorted(pipes.items()):
+    queued = {(bool(_PIPE_LINK.fullmatch(f.link)), f.st.st_ino): f.fd for f in fds
+              if stat.S_ISFIFO(f.st.st_mode) and f.fd not in external}
+    for (anonymous, ino), fd in sorted(queued.items()):
         size, data = _pipe_contents(pid, fd)
-        out.pipe_data.append((PipeDataEntry(pipe_id=ino, bytes=len(data), size=size), data))
+        (out.pipe_data if anonymous else out.fifo_data).append(
+            (PipeDataEntry(pipe_id=ino, bytes=len(data), size=size), data))
     return out
 
 
@@ -437,9 +459,11 @@ def share_files(pid: int, files: DumpedFiles, earlier: Sequence[tuple[int, Dumpe
         return files
     for e in files.fds:
         e.id = renamed.get(e.id, e.id)
+    gone = set(renamed) | {f.fifo.regf_id for f in files.files
+                           if f.id in renamed and f.HasField("fifo")}
     return DumpedFiles(
-        fds=files.fds, files=[f for f in files.files if f.id not in renamed],
-        pipe_data=files.pipe_data, memfds=files.memfds,
+        fds=files.fds, files=[f for f in files.files if f.id not in gone],
+        pipe_data=files.pipe_data, fifo_data=files.fifo_data, memfds=files.memfds,
         external={renamed.get(i, i): name for i, name in files.external.items()},
         origins={i: o for i, o in files.origins.items() if i not in renamed})
 
@@ -480,18 +504,31 @@ def _pipe_contents(pid: int, fd: int) -> tuple[int, bytes]:
 
 
 def write_files(images: ImagesDir, files: DumpedFiles) -> list[Path]:
-    """Write ``fdinfo-1.img``, ``files.img``, ``pipes-data.img`` (and ``sk-queues.img``
-    if a socket has data queued); returns their paths."""
+    """Write ``fdinfo-1.img``, ``files.img``, ``pipes-data.img`` (and ``fifo-data.img``
+    if it holds a named FIFO, ``sk-queues.img`` if a socket has data queued);
+    returns their paths."""
     paths = [images.write_entries(ImageKind.FDINFO, files.fds, FILES_ID),
-             images.write_entries(ImageKind.FILES, files.files)]
-    with images.open_writer(ImageKind.PIPES_DATA) as writer:
-        for entry, data in files.pipe_data:
-            writer.write(entry)
-            writer.write_extra(data)
-    paths.append(writer.path)
+             images.write_entries(ImageKind.FILES, files.files),
+             write_pipe_data(images, ImageKind.PIPES_DATA, files.pipe_data)]
+    if any(f.type == fdinfo_pb2.FIFO for f in files.files):
+        paths.append(write_pipe_data(images, ImageKind.FIFO_DATA, files.fifo_data))
     if files.sk_queues:
         paths.append(write_sk_queues(images, files.sk_queues))
     return paths
+
+
+def write_pipe_data(images: ImagesDir, kind: ImageKind,
+                    queued: Iterable[tuple[PipeDataEntry, bytes]]) -> Path:
+    """Write ``pipes-data.img`` or ``fifo-data.img`` (``pipe_data_entry`` then the
+    bytes, per pipe; once per ``pipe_id``: a pipe open in several processes)."""
+    seen: set[int] = set()
+    with images.open_writer(kind) as writer:
+        for entry, data in queued:
+            if entry.pipe_id not in seen:
+                seen.add(entry.pipe_id)
+                writer.write(entry)
+                writer.write_extra(data)
+    return writer.path
 
 
 def write_sk_queues(images: ImagesDir, queues: Iterable[tuple[SkPacketEntry, bytes]]) -> Path:
@@ -511,9 +548,12 @@ def read_files(images: ImagesDir, files_id: int = FILES_ID) -> DumpedFiles:
         return out
     out.fds = images.read_entries(ImageKind.FDINFO, FdinfoEntry, files_id)
     out.files = images.read_entries(ImageKind.FILES, FileEntry)
-    with images.open_reader(ImageKind.PIPES_DATA) as reader:
-        while (entry := reader.read(PipeDataEntry)) is not None:
-            out.pipe_data.append((entry, reader.read_extra(entry.bytes)))
+    for kind, queued in ((ImageKind.PIPES_DATA, out.pipe_data),
+                         (ImageKind.FIFO_DATA, out.fifo_data)):
+        if kind is ImageKind.PIPES_DATA or images.image_path(kind).exists():
+            with images.open_reader(kind) as reader:
+                while (entry := reader.read(PipeDataEntry)) is not None:
+                    queued.append((entry, reader.read_extra(entry.bytes)))
     if images.image_path(ImageKind.SK_QUEUES).exists():
         with images.open_reader(ImageKind.SK_QUEUES) as reader:
             while (packet := reader.read(SkPacketEntry)) is not None:

@@ -42,6 +42,7 @@ from lazymig.dump.files import (
     collect_files,
     inspect_files,
     share_files,
+    write_pipe_data,
     write_sk_queues,
 )
 from lazymig.dump.freeze import FrozenProcess, inspect_target
@@ -54,7 +55,14 @@ from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.linux.procfs import children, descendants, read_stat, read_status
 from lazymig.linux.ptrace import TargetGoneError
 from lazymig.proto.constants import TASK_DEAD
-from lazymig.proto.images import CoreEntry, ImageKind, ImagesDir, PstreeEntry, TaskCoreEntry
+from lazymig.proto.images import (
+    CoreEntry,
+    ImageKind,
+    ImagesDir,
+    PstreeEntry,
+    TaskCoreEntry,
+    fdinfo_pb2,
+)
 
 __all__ = ["TASK_DEAD", "FrozenTree", "LazyTreeDump", "TreePageStore", "Zombie", "dump_tree",
            "has_children", "start_lazy_tree", "zombie_core"]
@@ -269,7 +277,8 @@ def zombie_core(z: Zombie) -> CoreEntry:
 def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
     """``files`` with ids unique in the tree's ``files.img``."""
     shift = rank * _FILE_ID_STRIDE
-    out = DumpedFiles(pipe_data=list(files.pipe_data), memfds=dict(files.memfds),
+    out = DumpedFiles(pipe_data=list(files.pipe_data), fifo_data=list(files.fifo_data),
+                      memfds=dict(files.memfds),
                       external={i + shift: name for i, name in files.external.items()},
                       origins={i + shift: o for i, o in files.origins.items()})
     for packet, data in files.sk_queues:
@@ -284,9 +293,11 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
         f2 = type(f)()
         f2.CopyFrom(f)
         f2.id = f.id + shift
-        for sub in ("reg", "pipe", "efd", "epfd", "tfd", "sgfd", "usk"):
+        for sub in ("reg", "pipe", "fifo", "efd", "epfd", "tfd", "sgfd", "usk"):
             if f2.HasField(sub) and hasattr(getattr(f2, sub), "id"):
                 getattr(f2, sub).id = getattr(f, sub).id + shift
+        if f2.HasField("fifo"):
+            f2.fifo.regf_id += shift
         for t in f2.epfd.tfd:
             t.id += shift
         out.files.append(f2)
@@ -303,16 +314,11 @@ def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[Dump
         written.paths.append(images.write_core(z.pid, zombie_core(z)))
     merged = [f for per in files for f in per.files]
     written.paths.append(images.write_entries(ImageKind.FILES, merged))
-    seen: set[int] = set()
-    with images.open_writer(ImageKind.PIPES_DATA) as writer:
-        for per in files:
-            for entry, data in per.pipe_data:
-                if entry.pipe_id in seen:  # a pipe open in several processes
-                    continue
-                seen.add(entry.pipe_id)
-                writer.write(entry)
-                writer.write_extra(data)
-    written.paths.append(writer.path)
+    written.paths.append(write_pipe_data(images, ImageKind.PIPES_DATA,
+                                         [q for per in files for q in per.pipe_data]))
+    if any(f.type == fdinfo_pb2.FIFO for f in merged):
+        written.paths.append(write_pipe_data(images, ImageKind.FIFO_DATA,
+                                             [q for per in files for q in per.fifo_data]))
     if queues := [q for per in files for q in per.sk_queues]:
         written.paths.append(write_sk_queues(images, queues))
     written.paths.append(images.write_pstree(tree.pstree()))

@@ -9,7 +9,8 @@
    (:class:`~lazymig.restore.anon_files.AnonFiles`);
 2. per open file description: ``openat`` of its path (of a memfd, the one
    :mod:`lazymig.restore.shmem` rebuilt, through /proc/self/fd) with the
-   dumped status flags and ``lseek`` to the dumped offset, or for a pipe end the end pipe2
+   dumped status flags and ``lseek`` to the dumped offset (of a named FIFO: see
+   :func:`_open_fifo`), or for a pipe end the end pipe2
    made with its status flags set (see :func:`_pipe_end`), or an event-loop
    file made again (eventfd, epoll, timerfd, signalfd, a socketpair's end:
    :mod:`lazymig.restore.anon_files`); then ``dup3`` onto
@@ -45,6 +46,7 @@ import fcntl
 import logging
 import os
 import struct
+import termios
 from collections.abc import Mapping
 from typing import Final, Protocol
 
@@ -60,7 +62,7 @@ from lazymig.linux.syscalls import (
     SYS_PIPE2,
 )
 from lazymig.linux.vm import read_memory, set_pipe_size
-from lazymig.proto.images import fdinfo_pb2
+from lazymig.proto.images import FileEntry, PipeDataEntry, fdinfo_pb2
 from lazymig.restore.anon_files import ANON_TYPES, AnonFiles
 
 __all__ = ["SyscallTarget", "TreeFiles", "restore_files"]
@@ -101,6 +103,8 @@ class TreeFiles:
     """{file id: (pid, fd)}: a fd on each open file description restored."""
     pipes: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
     """{pipe id: (pid, fd)}: a fd on either end of each pipe restored."""
+    fifos: set[int] = dataclasses.field(default_factory=set)
+    """The named FIFOs (inode ids) whose queued data is back."""
 
 
 def restore_files(target: SyscallTarget, files: DumpedFiles,
@@ -153,6 +157,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
             ends[entry.pipe_id] = _make_pipe(target, top, entry.size, data)
             top += 2
     anon = AnonFiles(target, files, top)
+    fifos: dict[int, int] = {}  # {FIFO inode id: a read-write fd holding it open meanwhile}
     for f, fds in mine:
         if f.id in tree.descriptions:  # another process of the tree has it: the same one
             tmp = _take_fd(target, *tree.descriptions[f.id])
@@ -164,6 +169,8 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
             tmp = _pipe_end(target, f.pipe.pipe_id, f.pipe.flags, ends, used)
         elif f.type in ANON_TYPES:
             tmp = anon.open(f)
+        elif f.type == fdinfo_pb2.FIFO:
+            tmp = _open_fifo(target, files, f, fifos, tree, top)
         elif f.type == fdinfo_pb2.MEMFD:  # a new description of the memfd rebuilt already
             tmp = target.open(fd_path("self", objects[f.memfd.inode_id]),
                               _via_proc(f.memfd.flags))
@@ -189,6 +196,8 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
     for r, w in ends.values():
         target.close(r)
         target.close(w)
+    for fd in fifos.values():
+        target.close(fd)
     for fd in objects.values():
         target.close(fd)
     anon.finish()
@@ -243,6 +252,55 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
         target.call(SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
         return end
     return target.open(fd_path("self", end), _via_proc(flags))
+
+
+def _open_fifo(target: SyscallTarget, files: DumpedFiles, f: FileEntry,
+               holding: dict[int, int], tree: TreeFiles, top: int) -> int:
+    """An fd in ``target`` on a new description of the named FIFO of ``f``, as CRIU
+    does it: the FIFO is first opened read-write (``holding``; no open of it
+    blocks then, whatever its mode; kept at a fd >= ``top``), its queued data
+    written back once per tree, then opened with the dumped flags.
+
+    The data is written only into an empty FIFO: one that holds data already is
+    the very pipe the dumped process holds still (a migration on one host, the
+    source stopped with it open), its data there."""
+    regf = files.file(f.fifo.regf_id).reg
+    pipe_id = f.fifo.pipe_id
+    if pipe_id not in holding:
+        fd = target.open(regf.name, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Out of the way of the dumped fd numbers (dup3'd onto later).
+        holding[pipe_id] = target.call(SYS_FCNTL, fd, fcntl.F_DUPFD_CLOEXEC, top,
+                                       what=f"fcntl(F_DUPFD) of the FIFO {regf.name}")
+        target.close(fd)
+        if pipe_id not in tree.fifos:
+            tree.fifos.add(pipe_id)
+            queued = next(((e, d) for e, d in files.fifo_data if e.pipe_id == pipe_id), None)
+            if queued is None:
+                raise ImageError(f"fifo-data.img has no entry for the FIFO {regf.name}")
+            _fill_fifo(target, holding[pipe_id], regf.name, *queued)
+    return target.open(regf.name, regf.flags | os.O_CLOEXEC)
+
+
+def _fill_fifo(target: SyscallTarget, fd: int, name: str, entry: PipeDataEntry,
+               data: bytes) -> None:
+    """Put ``data`` back in the FIFO open on ``fd`` of ``target`` (see :func:`_open_fifo`)."""
+    try:
+        mine = os.open(f"/proc/{target.pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LazyMigOSError(exc.errno or 0, f"opening the restored FIFO {name}",
+                             pid=target.pid) from exc
+    try:
+        if int.from_bytes(fcntl.ioctl(mine, termios.FIONREAD, b"\0" * 4), "little"):
+            log.info("pid %d: the FIFO %s holds data already: the dumped process's own "
+                     "pipe, kept open on this host", target.pid, name)
+            return
+        if entry.size:
+            set_pipe_size(mine, entry.size)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(mine, view):]
+    finally:
+        os.close(mine)
 
 
 def _make_pipe(target: SyscallTarget, top: int, size: int, data: bytes) -> tuple[int, int]:

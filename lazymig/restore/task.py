@@ -384,6 +384,9 @@ def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, i
         fds = ", ".join(str(fd) for fd in numbers)
         if f.type == fdinfo_pb2.PIPE and f.HasField("pipe"):
             continue
+        if f.type == fdinfo_pb2.FIFO and f.HasField("fifo"):
+            _check_fifo(pid, fds, files, f)
+            continue
         if f.type in ANON_TYPES:
             if (why := anon_refusal(files, f)) is not None:
                 raise UnsupportedDumpError(f"fd {fds} of process {pid}: {why}")
@@ -399,6 +402,22 @@ def check_files(pid: int, files: DumpedFiles, given: Sequence[int] | dict[int, i
                                        "does not restore")
         if f.reg.name not in again or Path(f.reg.name).exists():
             _check_reg(pid, fds, f)
+
+
+def _check_fifo(pid: int, fds: str, files: DumpedFiles, f: FileEntry) -> None:
+    regf = next((r for r in files.files if r.id == f.fifo.regf_id and r.HasField("reg")), None)
+    if regf is None:
+        raise ImageError(f"fd {fds} of process {pid} is a named FIFO whose path entry (file "
+                         f"id {f.fifo.regf_id}) files.img does not hold")
+    try:
+        st = Path(regf.reg.name).stat()
+    except OSError as exc:
+        raise UnsupportedDumpError(f"fd {fds} of process {pid} had the named FIFO "
+                                   f"{regf.reg.name} open, which cannot be opened here: "
+                                   f"{exc.strerror} (make it with mkfifo)") from exc
+    if not stat.S_ISFIFO(st.st_mode):
+        raise UnsupportedDumpError(f"fd {fds} of process {pid} had the named FIFO "
+                                   f"{regf.reg.name} open; here it is another kind of file")
 
 
 def _check_reg(pid: int, fds: str, f: FileEntry) -> None:

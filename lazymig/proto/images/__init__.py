@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         eventpoll_pb2,
         fdinfo_pb2,
         fh_pb2,
+        fifo_pb2,
         fown_pb2,
         fs_pb2,
         fsnotify_pb2,
@@ -90,6 +91,7 @@ if TYPE_CHECKING:
     FownEntry = fown_pb2.fown_entry
     RegFileEntry = regfile_pb2.reg_file_entry
     PipeEntry = pipe_pb2.pipe_entry
+    FifoEntry = fifo_pb2.fifo_entry
     PipeDataEntry = pipe_data_pb2.pipe_data_entry
     MemfdFileEntry = memfd_pb2.memfd_file_entry
     MemfdInodeEntry = memfd_pb2.memfd_inode_entry
@@ -127,6 +129,7 @@ _ALIASES = {
     "FownEntry": ("fown_pb2", "fown_entry"),
     "RegFileEntry": ("regfile_pb2", "reg_file_entry"),
     "PipeEntry": ("pipe_pb2", "pipe_entry"),
+    "FifoEntry": ("fifo_pb2", "fifo_entry"),
     "PipeDataEntry": ("pipe_data_pb2", "pipe_data_entry"),
     "MemfdFileEntry": ("memfd_pb2", "memfd_file_entry"),
     "MemfdInodeEntry": ("memfd_pb2", "memfd_inode_entry"),
@@ -157,6 +160,7 @@ __all__ = [
     "EventpollTfdEntry",
     "FdinfoEntry",
     "FhEntry",
+    "FifoEntry",
     "FileEntry",
     "FownEntry",
     "FsEntry",
@@ -204,6 +208,7 @@ __all__ = [
     "eventpoll_pb2",
     "fdinfo_pb2",
     "fh_pb2",
+    "fifo_pb2",
     "fown_pb2",
     "fs_pb2",
     "fsnotify_pb2",

@@ -60,6 +60,7 @@ class ImageKind(enum.Enum):
     FDINFO = 0x56213732
     FILES = 0x56303138
     PIPES_DATA = 0x56453709
+    FIFO_DATA = 0x59333054
     SK_QUEUES = 0x56264026
     MEMFD_INODE = 0x48453499
     REG_FILES = 0x50363636
@@ -140,6 +141,7 @@ _TEMPLATES: dict[ImageKind, str] = {
     ImageKind.FDINFO: "fdinfo-{}.img",
     ImageKind.FILES: "files.img",
     ImageKind.PIPES_DATA: "pipes-data.img",
+    ImageKind.FIFO_DATA: "fifo-data.img",
     ImageKind.SK_QUEUES: "sk-queues.img",
     ImageKind.MEMFD_INODE: "memfd-inode.img",
     ImageKind.REG_FILES: "reg-files.img",

@@ -24,6 +24,7 @@ _sym_db = _symbol_database.Default()
 
 from lazymig.proto.images import regfile_pb2 as lazymig_dot_proto_dot_images_dot_regfile__pb2
 from lazymig.proto.images import pipe_pb2 as lazymig_dot_proto_dot_images_dot_pipe__pb2
+from lazymig.proto.images import fifo_pb2 as lazymig_dot_proto_dot_images_dot_fifo__pb2
 from lazymig.proto.images import memfd_pb2 as lazymig_dot_proto_dot_images_dot_memfd__pb2
 from lazymig.proto.images import eventfd_pb2 as lazymig_dot_proto_dot_images_dot_eventfd__pb2
 from lazymig.proto.images import eventpoll_pb2 as lazymig_dot_proto_dot_images_dot_eventpoll__pb2
@@ -33,17 +34,17 @@ from lazymig.proto.images import sk_unix_pb2 as lazymig_dot_proto_dot_images_dot
 from lazymig.proto.images import fsnotify_pb2 as lazymig_dot_proto_dot_images_dot_fsnotify__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!lazymig/proto/images/fdinfo.proto\x12\x0clazymig.criu\x1a\"lazymig/proto/images/regfile.proto\x1a\x1flazymig/proto/images/pipe.proto\x1a lazymig/proto/images/memfd.proto\x1a\"lazymig/proto/images/eventfd.proto\x1a$lazymig/proto/images/eventpoll.proto\x1a#lazymig/proto/images/signalfd.proto\x1a\"lazymig/proto/images/timerfd.proto\x1a\"lazymig/proto/images/sk-unix.proto\x1a#lazymig/proto/images/fsnotify.proto\"{\n\x0c\x66\x64info_entry\x12\n\n\x02id\x18\x01 \x02(\r\x12\r\n\x05\x66lags\x18\x02 \x02(\r\x12$\n\x04type\x18\x03 \x02(\x0e\x32\x16.lazymig.criu.fd_types\x12\n\n\x02\x66\x64\x18\x04 \x02(\r\x12\x1e\n\x16xattr_security_selinux\x18\x05 \x01(\t\"\xd0\x03\n\nfile_entry\x12$\n\x04type\x18\x01 \x02(\x0e\x32\x16.lazymig.criu.fd_types\x12\n\n\x02id\x18\x02 \x02(\r\x12)\n\x03reg\x18\x03 \x01(\x0b\x32\x1c.lazymig.criu.reg_file_entry\x12-\n\x03\x65\x66\x64\x18\x08 \x01(\x0b\x32 .lazymig.criu.eventfd_file_entry\x12\x30\n\x04\x65pfd\x18\t \x01(\x0b\x32\".lazymig.criu.eventpoll_file_entry\x12*\n\x04sgfd\x18\n \x01(\x0b\x32\x1c.lazymig.criu.signalfd_entry\x12(\n\x03tfd\x18\x0c \x01(\x0b\x32\x1b.lazymig.criu.timerfd_entry\x12-\n\x03ify\x18\r \x01(\x0b\x32 .lazymig.criu.inotify_file_entry\x12(\n\x03usk\x18\x10 \x01(\x0b\x32\x1b.lazymig.criu.unix_sk_entry\x12&\n\x04pipe\x18\x12 \x01(\x0b\x32\x18.lazymig.criu.pipe_entry\x12-\n\x05memfd\x18\x14 \x01(\x0b\x32\x1e.lazymig.criu.memfd_file_entry*\x88\x02\n\x08\x66\x64_types\x12\x07\n\x03UND\x10\x00\x12\x07\n\x03REG\x10\x01\x12\x08\n\x04PIPE\x10\x02\x12\x08\n\x04\x46IFO\x10\x03\x12\n\n\x06INETSK\x10\x04\x12\n\n\x06UNIXSK\x10\x05\x12\x0b\n\x07\x45VENTFD\x10\x06\x12\r\n\tEVENTPOLL\x10\x07\x12\x0b\n\x07INOTIFY\x10\x08\x12\x0c\n\x08SIGNALFD\x10\t\x12\x0c\n\x08PACKETSK\x10\n\x12\x07\n\x03TTY\x10\x0b\x12\x0c\n\x08\x46\x41NOTIFY\x10\x0c\x12\r\n\tNETLINKSK\x10\r\x12\x06\n\x02NS\x10\x0e\x12\x08\n\x04TUNF\x10\x0f\x12\x07\n\x03\x45XT\x10\x10\x12\x0b\n\x07TIMERFD\x10\x11\x12\t\n\x05MEMFD\x10\x12\x12\r\n\x07\x43TL_TTY\x10\xfe\xff\x03\x12\x11\n\x0b\x41UTOFS_PIPE\x10\xff\xff\x03')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!lazymig/proto/images/fdinfo.proto\x12\x0clazymig.criu\x1a\"lazymig/proto/images/regfile.proto\x1a\x1flazymig/proto/images/pipe.proto\x1a\x1flazymig/proto/images/fifo.proto\x1a lazymig/proto/images/memfd.proto\x1a\"lazymig/proto/images/eventfd.proto\x1a$lazymig/proto/images/eventpoll.proto\x1a#lazymig/proto/images/signalfd.proto\x1a\"lazymig/proto/images/timerfd.proto\x1a\"lazymig/proto/images/sk-unix.proto\x1a#lazymig/proto/images/fsnotify.proto\"{\n\x0c\x66\x64info_entry\x12\n\n\x02id\x18\x01 \x02(\r\x12\r\n\x05\x66lags\x18\x02 \x02(\r\x12$\n\x04type\x18\x03 \x02(\x0e\x32\x16.lazymig.criu.fd_types\x12\n\n\x02\x66\x64\x18\x04 \x02(\r\x12\x1e\n\x16xattr_security_selinux\x18\x05 \x01(\t\"\xf8\x03\n\nfile_entry\x12$\n\x04type\x18\x01 \x02(\x0e\x32\x16.lazymig.criu.fd_types\x12\n\n\x02id\x18\x02 \x02(\r\x12)\n\x03reg\x18\x03 \x01(\x0b\x32\x1c.lazymig.criu.reg_file_entry\x12-\n\x03\x65\x66\x64\x18\x08 \x01(\x0b\x32 .lazymig.criu.eventfd_file_entry\x12\x30\n\x04\x65pfd\x18\t \x01(\x0b\x32\".lazymig.criu.eventpoll_file_entry\x12*\n\x04sgfd\x18\n \x01(\x0b\x32\x1c.lazymig.criu.signalfd_entry\x12(\n\x03tfd\x18\x0c \x01(\x0b\x32\x1b.lazymig.criu.timerfd_entry\x12-\n\x03ify\x18\r \x01(\x0b\x32 .lazymig.criu.inotify_file_entry\x12(\n\x03usk\x18\x10 \x01(\x0b\x32\x1b.lazymig.criu.unix_sk_entry\x12&\n\x04\x66ifo\x18\x11 \x01(\x0b\x32\x18.lazymig.criu.fifo_entry\x12&\n\x04pipe\x18\x12 \x01(\x0b\x32\x18.lazymig.criu.pipe_entry\x12-\n\x05memfd\x18\x14 \x01(\x0b\x32\x1e.lazymig.criu.memfd_file_entry*\x88\x02\n\x08\x66\x64_types\x12\x07\n\x03UND\x10\x00\x12\x07\n\x03REG\x10\x01\x12\x08\n\x04PIPE\x10\x02\x12\x08\n\x04\x46IFO\x10\x03\x12\n\n\x06INETSK\x10\x04\x12\n\n\x06UNIXSK\x10\x05\x12\x0b\n\x07\x45VENTFD\x10\x06\x12\r\n\tEVENTPOLL\x10\x07\x12\x0b\n\x07INOTIFY\x10\x08\x12\x0c\n\x08SIGNALFD\x10\t\x12\x0c\n\x08PACKETSK\x10\n\x12\x07\n\x03TTY\x10\x0b\x12\x0c\n\x08\x46\x41NOTIFY\x10\x0c\x12\r\n\tNETLINKSK\x10\r\x12\x06\n\x02NS\x10\x0e\x12\x08\n\x04TUNF\x10\x0f\x12\x07\n\x03\x45XT\x10\x10\x12\x0b\n\x07TIMERFD\x10\x11\x12\t\n\x05MEMFD\x10\x12\x12\r\n\x07\x43TL_TTY\x10\xfe\xff\x03\x12\x11\n\x0b\x41UTOFS_PIPE\x10\xff\xff\x03')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lazymig.proto.images.fdinfo_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FD_TYPES']._serialized_start=967
-  _globals['_FD_TYPES']._serialized_end=1231
-  _globals['_FDINFO_ENTRY']._serialized_start=374
-  _globals['_FDINFO_ENTRY']._serialized_end=497
-  _globals['_FILE_ENTRY']._serialized_start=500
-  _globals['_FILE_ENTRY']._serialized_end=964
+  _globals['_FD_TYPES']._serialized_start=1040
+  _globals['_FD_TYPES']._serialized_end=1304
+  _globals['_FDINFO_ENTRY']._serialized_start=407
+  _globals['_FDINFO_ENTRY']._serialized_end=530
+  _globals['_FILE_ENTRY']._serialized_start=533
+  _globals['_FILE_ENTRY']._serialized_end=1037
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 # schema names some fields like their enum type, e.g. `lsmtype lsmtype`.)
 from lazymig.proto.images import regfile_pb2 as _regfile_pb2
 from lazymig.proto.images import pipe_pb2 as _pipe_pb2
+from lazymig.proto.images import fifo_pb2 as _fifo_pb2
 from lazymig.proto.images import memfd_pb2 as _memfd_pb2
 from lazymig.proto.images import eventfd_pb2 as _eventfd_pb2
 from lazymig.proto.images import eventpoll_pb2 as _eventpoll_pb2
@@ -78,7 +79,7 @@ class fdinfo_entry(_message.Message):
     def __init__(self, id: _Optional[int] = ..., flags: _Optional[int] = ..., type: _Optional[_Union[fd_types, str]] = ..., fd: _Optional[int] = ..., xattr_security_selinux: _Optional[str] = ...) -> None: ...
 
 class file_entry(_message.Message):
-    __slots__ = ("type", "id", "reg", "efd", "epfd", "sgfd", "tfd", "ify", "usk", "pipe", "memfd")
+    __slots__ = ("type", "id", "reg", "efd", "epfd", "sgfd", "tfd", "ify", "usk", "fifo", "pipe", "memfd")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     REG_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +89,7 @@ class file_entry(_message.Message):
     TFD_FIELD_NUMBER: _ClassVar[int]
     IFY_FIELD_NUMBER: _ClassVar[int]
     USK_FIELD_NUMBER: _ClassVar[int]
+    FIFO_FIELD_NUMBER: _ClassVar[int]
     PIPE_FIELD_NUMBER: _ClassVar[int]
     MEMFD_FIELD_NUMBER: _ClassVar[int]
     type: fd_types
@@ -99,6 +101,7 @@ class file_entry(_message.Message):
     tfd: _timerfd_pb2.timerfd_entry
     ify: _fsnotify_pb2.inotify_file_entry
     usk: _sk_unix_pb2.unix_sk_entry
+    fifo: _fifo_pb2.fifo_entry
     pipe: _pipe_pb2.pipe_entry
     memfd: _memfd_pb2.memfd_file_entry
-    def __init__(self, type: _Optional[_Union[fd_types, str]] = ..., id: _Optional[int] = ..., reg: _Optional[_Union[_regfile_pb2.reg_file_entry, _Mapping]] = ..., efd: _Optional[_Union[_eventfd_pb2.eventfd_file_entry, _Mapping]] = ..., epfd: _Optional[_Union[_eventpoll_pb2.eventpoll_file_entry, _Mapping]] = ..., sgfd: _Optional[_Union[_signalfd_pb2.signalfd_entry, _Mapping]] = ..., tfd: _Optional[_Union[_timerfd_pb2.timerfd_entry, _Mapping]] = ..., ify: _Optional[_Union[_fsnotify_pb2.inotify_file_entry, _Mapping]] = ..., usk: _Optional[_Union[_sk_unix_pb2.unix_sk_entry, _Mapping]] = ..., pipe: _Optional[_Union[_pipe_pb2.pipe_entry, _Mapping]] = ..., memfd: _Optional[_Union[_memfd_pb2.memfd_file_entry, _Mapping]] = ...) -> None: ...
+    def __init__(self, type: _Optional[_Union[fd_types, str]] = ..., id: _Optional[int] = ..., reg: _Optional[_Union[_regfile_pb2.reg_file_entry, _Mapping]] = ..., efd: _Optional[_Union[_eventfd_pb2.eventfd_file_entry, _Mapping]] = ..., epfd: _Optional[_Union[_eventpoll_pb2.eventpoll_file_entry, _Mapping]] = ..., sgfd: _Optional[_Union[_signalfd_pb2.signalfd_entry, _Mapping]] = ..., tfd: _Optional[_Union[_timerfd_pb2.timerfd_entry, _Mapping]] = ..., ify: _Optional[_Union[_fsnotify_pb2.inotify_file_entry, _Mapping]] = ..., usk: _Optional[_Union[_sk_unix_pb2.unix_sk_entry, _Mapping]] = ..., fifo: _Optional[_Union[_fifo_pb2.fifo_entry, _Mapping]] = ..., pipe: _Optional[_Union[_pipe_pb2.pipe_entry, _Mapping]] = ..., memfd: _Optional[_Union[_memfd_pb2.memfd_file_entry, _Mapping]] = ...) -> None: ...
