@@ -135,24 +135,30 @@ def test_unsupported_mappings_name_each_cause() -> None:
     assert not any(w in r for r in reasons for w in ("/dev/zero", "/var/data", "memfd", "gconv"))
     more = parse_smaps("7f0000000000-7f0000001000 rw-p 00000000 00:01 80 /memfd:x (deleted)\n"
                        "7f0000001000-7f0000002000 rw-s 00000000 fe:00 81 /tmp/gone (deleted)\n")
+    more += parse_smaps("7f0000002000-7f0000003000 r--p 00000000 fe:00 82 /tmp/old.so (deleted)\n")
+    # A memfd mapped private is dumped; deleted files not carried (not marked MEMFD) are not.
     assert [r.split(" at ")[0] for r in unsupported_mappings(more)] == [
-        "private mapping of a memfd", "shared mapping of a deleted file"]
+        "shared mapping of a deleted file", "private mapping of a deleted file"]
     io = parse_smaps("7f0000000000-7f0000001000 rw-p 00000000 00:05 10 /dev/mem\n"
                      "VmFlags: rd wr io pf\n")
     assert "VM_IO" in unsupported_mappings(io)[0]
 
 
-def test_deleted_files_carried_and_mapped_shared_are_shmem_objects() -> None:
+def test_deleted_files_carried_are_shmem_objects() -> None:
     vmas = parse_smaps(
         "7f0000000000-7f0000001000 rw-s 00000000 00:1b 81 /dev/shm/sem.a (deleted)\n"
         "7f0000001000-7f0000002000 rw-s 00000000 fe:00 82 /tmp/gone (deleted)\n"
         "7f0000002000-7f0000003000 rw-s 00000000 00:1b 83 /dev/shm/psm_b\n"
-        "7f0000003000-7f0000004000 rw-p 00000000 00:1b 84 /dev/shm/priv (deleted)\n")
+        "7f0000003000-7f0000004000 rw-p 00000000 00:1b 84 /dev/shm/priv (deleted)\n"
+        "7f0000004000-7f0000005000 r--p 00000000 fe:00 85 /tmp/lib.so (deleted)\n")
     marked = mark_deleted_files(vmas, {((0, 0x1B), 81), ((0, 0x1B), 84)})
-    assert [bool(v.status & VmaStatus.MEMFD) for v in marked] == [True, False, False, False]
-    assert [is_shared_object(v.status) for v in marked] == [True, False, False, False]
+    assert [bool(v.status & VmaStatus.MEMFD) for v in marked] == [True, False, False, True,
+                                                                  False]
+    assert [is_shared_object(v.status) for v in marked] == [True, False, False, True, False]
     assert unsupported_mappings(marked) == [
-        "shared mapping of a deleted file at 0x7f0000001000-0x7f0000002000 /tmp/gone (deleted)"]
+        "shared mapping of a deleted file at 0x7f0000001000-0x7f0000002000 /tmp/gone (deleted)",
+        "private mapping of a deleted file at 0x7f0000004000-0x7f0000005000 /tmp/lib.so "
+        "(deleted)"]
 
 
 def test_should_dump_vma() -> None:

@@ -222,3 +222,90 @@ async def test_a_named_fifo_keeps_both_ends_and_its_bytes(how: str, tmp_path: Pa
                     await restored.kill()
     assert seen == [f"tick {n} {n - 1 or 'q'}" for n in range(1, len(seen) + 1)], \
         "a record in the FIFO was lost or doubled across the migration"
+
+
+# A file mapped private then deleted (as ld.so maps a library replaced on disk
+# since): each tick checks the file's bytes through the mapping, page 0 (written
+# by the process: its own copy) holds the tick count.
+DELETED_PRIVATE = """
+import mmap, os, sys, time
+path = sys.argv[1]
+data = bytes(8) + (bytes(range(256)) * 256)[8:]  # 64 KiB
+with open(path, "wb") as f:
+    f.write(data)
+fd = os.open(path, os.O_RDONLY)
+m = mmap.mmap(fd, 65536, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+os.close(fd)
+os.unlink(path)
+n = 0
+while True:
+    n += 1
+    ok = m[8:] == data[8:]
+    ok = ok and int.from_bytes(m[:8], "little") == n - 1
+    m[:8] = n.to_bytes(8, "little")
+    print("tick", n, "ok" if ok else "BAD", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def ticks_ok(lines: list[str]) -> bool:
+    return lines == [f"tick {n} ok" for n in range(1, len(lines) + 1)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["migrate", "dump-restore"])
+async def test_a_deleted_file_mapped_private_comes_back(how: str, tmp_path: Path) -> None:
+    """The file is carried as a memfd (a CRIU ghost file's contents) and mapped
+    private from it again; the page the process wrote is its own again."""
+    log, images = tmp_path / "out.log", tmp_path / "images"
+    argv = [sys.executable, "-c", DELETED_PRIVATE, str(tmp_path / "lib.so")]
+    with started(argv, log) as source:
+        await asyncio.to_thread(wait_lines, log, 3, 60)
+        maps = await asyncio.to_thread(Path(f"/proc/{source.pid}/maps").read_text)
+        assert f"{tmp_path}/lib.so (deleted)" in maps
+        if how == "migrate":
+            async with asyncio.timeout(240), lazymig.migrate(source.pid) as migration:
+                try:
+                    seen = await asyncio.to_thread(wait_lines, log, len(lines_of(log)) + 5, 60)
+                finally:
+                    await migration.process.kill()
+            assert (await migration.done).transfer.ok
+        else:
+            images.mkdir()
+            await dump(source.pid, images)
+            source.wait(timeout=10)  # killed by the dump
+            async with asyncio.timeout(240), \
+                    lazymig.restore_process(images, lazy_pages=False) as restored:
+                try:
+                    seen = await asyncio.to_thread(wait_lines, log, len(lines_of(log)) + 5, 60)
+                finally:
+                    await restored.kill()
+    assert ticks_ok(seen), seen
+
+
+@pytest.mark.asyncio
+async def test_a_program_deleted_while_it_runs_goes_on(tmp_path: Path) -> None:
+    """``perl`` run from a copy that is then deleted (a package upgrade replaces
+    the binary under a running program): its executable's mappings are private
+    mappings of a deleted file, carried; its ticks go on with its memory intact."""
+    perl = shutil.which("perl")
+    if perl is None:
+        pytest.skip("perl is not installed on this machine")
+    copy = tmp_path / "perl"
+    shutil.copy2(perl, copy)
+    script = (r'$|=1; my @a=(0..199999); for (my $n=1;;$n++) { my $s=0; $s+=$_ for @a; '
+              r'print "tick $n $s\n"; select(undef,undef,undef,0.05); }')
+    log = tmp_path / "out.log"
+    with started([str(copy), "-e", script], log) as source:
+        await asyncio.to_thread(wait_lines, log, 3, 60)
+        copy.unlink()
+        maps = await asyncio.to_thread(Path(f"/proc/{source.pid}/maps").read_text)
+        assert f"{copy} (deleted)" in maps
+        async with asyncio.timeout(240), lazymig.migrate(source.pid) as migration:
+            try:
+                seen = await asyncio.to_thread(wait_lines, log, len(lines_of(log)) + 5, 60)
+            finally:
+                await migration.process.kill()
+        assert (await migration.done).transfer.ok
+    total = sum(range(200_000))
+    assert seen == [f"tick {n} {total}" for n in range(1, len(seen) + 1)]

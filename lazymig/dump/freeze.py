@@ -125,7 +125,8 @@ class TargetLayout:
     def read(cls, pid: int, status: dict[str, str]) -> TargetLayout:
         text = _read_proc(pid, read_smaps)
         vmas, lines = parse_smaps_and_lines(text)
-        if any(v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED) for v in vmas):
+        if any(v.status & (VmaStatus.FILE_SHARED | VmaStatus.FILE_PRIVATE)
+               and v.path.endswith(DELETED) for v in vmas):
             try:
                 vmas = mark_deleted_files(vmas, carried_deleted_files(pid, vmas))
             except (FileNotFoundError, ProcessLookupError) as exc:

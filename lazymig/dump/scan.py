@@ -112,6 +112,7 @@ _KNOWN_FLAGS: Final = frozenset(_MADV_BITS) | frozenset(_FLAG_BITS)
 _DEVICE_FLAGS: Final = frozenset({"io", "pf"})
 
 _REFUSED_STATUS: Final = VmaStatus.SYSVIPC | VmaStatus.AIORING | VmaStatus.UNSUPP
+_FILE: Final = VmaStatus.FILE_SHARED | VmaStatus.FILE_PRIVATE
 
 _RANGE_RE: Final = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 _RUN_RE: Final = re.compile(rb"\x01+")
@@ -362,10 +363,12 @@ def maps_lines(text: str) -> list[str]:
 def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
     """Why these VMAs cannot be migrated (empty list: they can). Pure.
 
-    Refused: SysV shm, hugetlb, VM_IO/VM_PFNMAP device memory, AIO rings, a
-    private mapping of a memfd and a shared mapping of a deleted file.
+    Refused: SysV shm, hugetlb, VM_IO/VM_PFNMAP device memory, AIO rings and a
+    mapping of a deleted file not carried (see
+    :func:`~lazymig.dump.shmem.carried_deleted_files`: those are MEMFD).
     Allowed as CRIU does: shared anonymous memory (``/dev/zero (deleted)``)
-    and shared memfd mappings, whose contents are dumped (shmem images); a
+    and memfd mappings (shared or private), whose contents are dumped (shmem
+    images; a private mapping's own written pages as any private page's); a
     shared file mapping, which holds no data but the file's (the restorer maps
     the file again with its offset, protection and flags; writes reach the
     file). The vdso and vvar are private and fine.
@@ -373,8 +376,8 @@ def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
     reasons = []
     for v in vmas:
         if not v.status & _REFUSED_STATUS and not v.flags & MAP_HUGETLB and not (
-                v.status & VmaStatus.MEMFD and v.flags & MAP_PRIVATE) and not (
-                v.status & VmaStatus.FILE_SHARED and v.path.endswith(" (deleted)")):
+                v.status & _FILE and not v.status & VmaStatus.MEMFD
+                and v.path.endswith(" (deleted)")):
             continue  # the common case, without a string made (5,000 VMAs: 10 ms)
         where = f"{v.start:#x}-{v.end:#x} {v.path or '[anon]'}"
         if v.status & VmaStatus.SYSVIPC:
@@ -385,11 +388,10 @@ def unsupported_mappings(vmas: Iterable[Vma]) -> list[str]:
             reasons.append(f"hugetlb mapping at {where}")
         elif v.status & VmaStatus.UNSUPP:
             reasons.append(f"VM_IO/VM_PFNMAP mapping at {where}")
-        elif v.status & VmaStatus.MEMFD and v.flags & MAP_PRIVATE:
-            reasons.append(f"private mapping of a memfd at {where}")
-        elif v.status & VmaStatus.FILE_SHARED and not v.status & VmaStatus.MEMFD \
+        elif v.status & _FILE and not v.status & VmaStatus.MEMFD \
                 and v.path.endswith(" (deleted)"):
-            reasons.append(f"shared mapping of a deleted file at {where}")
+            kind = "shared" if v.status & VmaStatus.FILE_SHARED else "private"
+            reasons.append(f"{kind} mapping of a deleted file at {where}")
     return reasons
 
 

@@ -77,26 +77,30 @@ DELETED_FILE_LIMIT: Final = TMPFS_FILE_LIMIT
 copied while the process is frozen, as CRIU's ghost files, whose limit is 1 MiB)."""
 DELETED: Final = " (deleted)"
 """The suffix the kernel gives the name of an unlinked file."""
+_FILE: Final = VmaStatus.FILE_SHARED | VmaStatus.FILE_PRIVATE
 
 
 def mark_deleted_files(vmas: Sequence[Vma], carried: Collection[tuple[tuple[int, int], int]]
                        ) -> list[Vma]:
-    """``vmas`` with each shared mapping of a deleted file in ``carried`` (its
+    """``vmas`` with each mapping of a deleted file in ``carried`` (its
     ``(dev, inode)``, see :func:`carried_deleted_files`) marked MEMFD: such a file
     is an unnamed object with contents only the processes hold, as a memfd is
     (POSIX semaphores of ``multiprocessing``, ``/dev/shm/sem.NAME (deleted)``, are;
-    ``tempfile.TemporaryFile()`` in /tmp is). Pure."""
+    ``tempfile.TemporaryFile()`` in /tmp is; so is a library or program replaced
+    on disk while it runs, mapped private). A private mapping of it is mapped
+    private from the memfd again, its own written pages dumped as any private
+    page's. Pure."""
     return [dataclasses.replace(v, status=v.status | VmaStatus.MEMFD)
-            if v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED)
+            if v.status & _FILE and v.path.endswith(DELETED)
             and (v.dev, v.inode) in carried else v for v in vmas]
 
 
 def carried_deleted_files(pid: int, vmas: Sequence[Vma]) -> set[tuple[tuple[int, int], int]]:
-    """The ``(dev, inode)`` of the deleted files ``vmas`` of ``pid`` map shared that
-    are dumped with their contents: every one of a tmpfs, and one of another
-    filesystem up to :data:`DELETED_FILE_LIMIT` bytes (CRIU's ghost files, whose
-    limit is 1 MiB)."""
-    deleted = [v for v in vmas if v.status & VmaStatus.FILE_SHARED and v.path.endswith(DELETED)]
+    """The ``(dev, inode)`` of the deleted files ``vmas`` of ``pid`` map (shared or
+    private) that are dumped with their contents: every one of a tmpfs, and one of
+    another filesystem up to :data:`DELETED_FILE_LIMIT` bytes (CRIU's ghost files,
+    whose limit is 1 MiB)."""
+    deleted = [v for v in vmas if v.status & _FILE and v.path.endswith(DELETED)]
     if not deleted:
         return set()
     tmpfs = tmpfs_devices(pid)

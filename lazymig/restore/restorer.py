@@ -687,7 +687,11 @@ class Restorer:
             self._move_vdso(target, task, maps, busy)
             # Before the dumped VMAs: the kernel refuses to switch the exe while the old
             # one is mapped, and the old one (the helper's) may be the dumped exe too.
-            self._set_mm(target, task)
+            # But a deleted exe is the memfd it is carried as: once that is made.
+            exe = next((f for f in task.extra.files if f.id == task.mm.exe_file_id), None)
+            carried = exe is not None and exe.deleted and exe.inode in task.memfds
+            if not carried:
+                self._set_mm(target, task)
             recreate_tmpfs_files(self.images, task.mm.vmas, task.extra.files)
             _map_vmas(target, task, {move.vma.start for move in moves})
             if prepared is not None:
@@ -703,6 +707,9 @@ class Restorer:
                 target, self.images, task.mm.vmas, task.memfds,
                 lambda size: _free_gap(busy, size),
                 lambda start, end, madv: _madvise(target, start, end, madv), target.shared_from)
+            if carried:
+                assert exe is not None
+                self._set_mm(target, task, f"/proc/self/fd/{target.objects[exe.inode]}")
         if prepared is None:
             return shared + self._write_pages(pid, task, task.entries)
         kept = self._moved = sum(hi - lo for m in moves for lo, hi in m.keep) // PAGE_SIZE
@@ -765,9 +772,10 @@ class Restorer:
                 target.call(SYS_MUNMAP, m.start, m.end - m.start, what="munmap(vdso)")
         return kept
 
-    def _set_mm(self, target: _Target, task: DumpedTask) -> None:
+    def _set_mm(self, target: _Target, task: DumpedTask, exe: str | None = None) -> None:
+        """PR_SET_MM_MAP: the mm's fields, auxv and exe (its dumped path, or ``exe``)."""
         mm = task.mm
-        exe_fd = target.open(task.file_path(mm.exe_file_id))
+        exe_fd = target.open(exe or task.file_path(mm.exe_file_id))
         try:
             auxv = struct.pack(f"<{len(mm.mm_saved_auxv)}Q", *mm.mm_saved_auxv)
             auxv_at = target.data(auxv, 256)

@@ -45,6 +45,7 @@ from lazymig.proto.constants import (
     MAP_FIXED_NOREPLACE,
     MAP_LOCKED,
     MAP_NORESERVE,
+    MAP_PRIVATE,
     MAP_SHARED,
     PAGE_SIZE,
     PROT_READ,
@@ -134,8 +135,11 @@ def restore_shared_objects(target: SyscallTarget, images: ImagesDir, vmas: Seque
                 written += _fill(target.pid, images, shmid, tmp, size)
             for v in group:
                 what = f"mmap({v.start:#x}-{v.end:#x} of shared object {shmid})"
+                # A private mapping (of a memfd, of a deleted file) is private
+                # again: its own written pages are written over it afterwards.
+                shared = MAP_PRIVATE if v.flags & MAP_PRIVATE else MAP_SHARED
                 got = target.call(SYS_MMAP, v.start, v.end - v.start, v.prot,
-                                  MAP_SHARED | MAP_FIXED | (v.flags & _MAP_KEPT), fd, v.pgoff,
+                                  shared | MAP_FIXED | (v.flags & _MAP_KEPT), fd, v.pgoff,
                                   what=what)
                 if got != v.start:
                     raise ImageError(f"{what} landed at {got:#x}")

@@ -30,7 +30,6 @@ from lazymig.dump.shmem import is_shared_object, shmem_pagemap_path
 from lazymig.errors import ConfigurationError, ImageError, LazyMigError
 from lazymig.linux.cpuid import xstate_layout
 from lazymig.proto.constants import (
-    MAP_PRIVATE,
     MAP_SHARED,
     PROT_WRITE,
     TASK_ALIVE,
@@ -267,9 +266,6 @@ def load_process(images: ImagesDir, entry: PstreeEntry, *, lazy_pages: bool,
             if v.status & bit:
                 raise UnsupportedDumpError(f"process {pid} has {what} at {where}")
         if is_shared_object(v.status):
-            if v.flags & MAP_PRIVATE:
-                raise UnsupportedDumpError(f"process {pid} has a private memfd mapping at "
-                                           f"{where}")
             if not shmem_pagemap_path(images, v.shmid).exists():
                 raise ImageError(f"the shared memory at {where} of process {pid} has no "
                                  f"shmem-pagemap-{v.shmid}.img in {images.path}")
