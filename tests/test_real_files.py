@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -309,3 +310,118 @@ async def test_a_program_deleted_while_it_runs_goes_on(tmp_path: Path) -> None:
         assert (await migration.done).transfer.ok
     total = sum(range(200_000))
     assert seen == [f"tick {n} {total}" for n in range(1, len(seen) + 1)]
+
+
+# POSIX locks (two ranges, read and write), an OFD lock and a flock: what sqlite,
+# dpkg, git and most daemons' pid files hold.
+LOCKS = """
+import fcntl, os, struct, sys, time
+d = sys.argv[1]
+a = open(os.path.join(d, "a"), "w+"); a.write("x" * 100); a.flush()
+fcntl.lockf(a, fcntl.LOCK_EX, 10, 5)
+fcntl.lockf(a, fcntl.LOCK_SH, 0, 50)
+b = open(os.path.join(d, "b"), "w")
+fcntl.flock(b, fcntl.LOCK_EX)
+c = open(os.path.join(d, "c"), "w+")
+fcntl.fcntl(c, 37, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))  # F_OFD_SETLK
+n = 0
+while True:
+    n += 1
+    print("tick", n, flush=True)
+    time.sleep(0.05)
+"""
+
+
+def locks_of(pid: int) -> list[tuple[int, str]]:
+    """(fd, lock line without its number and pid) of every lock fdinfo shows."""
+    out = []
+    for fd in sorted(int(p.name) for p in Path(f"/proc/{pid}/fdinfo").iterdir()):
+        for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+            if line.startswith("lock:"):
+                fields = line.split()
+                out.append((fd, " ".join(fields[2:5] + fields[7:])))
+    return out
+
+
+def flock_refused(path: Path) -> bool:
+    with path.open("w") as other:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+@pytest.mark.asyncio
+async def test_file_locks_are_taken_again(tmp_path: Path) -> None:
+    """Dumped into filelocks.img (crit decodes it) and taken again through the same
+    fds once the source is gone: the same locks, and they still keep others out."""
+    log, images = tmp_path / "out.log", tmp_path / "images"
+    with started([sys.executable, "-c", LOCKS, str(tmp_path)], log) as source:
+        assert (await asyncio.to_thread(wait_lines, log, 2, 60))[:2] == ["tick 1", "tick 2"]
+        before = await asyncio.to_thread(locks_of, source.pid)
+        assert [kind for _, kind in before] == [
+            "POSIX ADVISORY WRITE 5 14", "POSIX ADVISORY READ 50 EOF",
+            "FLOCK ADVISORY WRITE 0 EOF", "OFDLCK ADVISORY READ 0 EOF"]
+        images.mkdir()
+        await dump(source.pid, images)
+        source.wait(timeout=10)  # killed by the dump
+    if CRIT is not None:
+        entries = crit_decode(ImagesDir(images).image_path(ImageKind.FILE_LOCKS))["entries"]
+        assert [(e["type"], e["flag"], e["start"], e["len"]) for e in entries] == [
+            (1, 1, 5, 10), (1, 0, 50, 0), (2, 1, 0, 0), (4, 0, 0, 0)]
+    async with asyncio.timeout(240), \
+            lazymig.restore_process(images, lazy_pages=False) as restored:
+        try:
+            await asyncio.to_thread(wait_lines, log, len(lines_of(log)) + 2, 60)
+            after = await asyncio.to_thread(locks_of, restored.pid)
+            assert await asyncio.to_thread(flock_refused, tmp_path / "b")
+        finally:
+            await restored.kill()
+    assert after == before
+
+
+SQL_BEFORE = [b"PRAGMA journal_mode=WAL;", b"CREATE TABLE t(i INTEGER, s TEXT);",
+              *(b"INSERT INTO t VALUES(%d, 'row %d');" % (i, i) for i in range(500)),
+              b"SELECT count(*), sum(i) FROM t;"]
+SQL_AFTER = [*(b"INSERT INTO t VALUES(%d, 'row %d');" % (i, i) for i in range(500, 800)),
+             b"DELETE FROM t WHERE i % 7 = 0;", b"SELECT count(*), sum(i) FROM t;",
+             b"PRAGMA integrity_check;"]
+
+
+@pytest.mark.asyncio
+async def test_sqlite_in_wal_mode_goes_on_with_its_database(tmp_path: Path) -> None:
+    """``sqlite3`` on a WAL database, fed SQL through a pipe, migrated while it waits
+    for more: its read locks on the database and on the -shm file (mapped shared)
+    are taken again, and what it prints is what an unmigrated session prints."""
+    if shutil.which("sqlite3") is None:
+        pytest.skip("sqlite3 is not installed on this machine (Debian package sqlite3)")
+    script = b"\n".join(SQL_BEFORE + SQL_AFTER) + b"\n"
+    expected = (await asyncio.to_thread(subprocess.run, ["sqlite3", str(tmp_path / "ref.db")],
+                                        input=script, capture_output=True, check=True,
+                                        timeout=60)).stdout
+    log = tmp_path / "out.log"
+    r, w = os.pipe()
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        with started(["sqlite3", str(tmp_path / "test.db")], stdin=r, stdout=out) as source:
+            await asyncio.to_thread(os.write, w, b"\n".join(SQL_BEFORE) + b"\n")
+            await asyncio.to_thread(wait_lines, log, 2, 60)  # "wal", then the count
+            await asyncio.sleep(0.2)
+            locks = await asyncio.to_thread(locks_of, source.pid)
+            assert [kind.split()[:3] for _, kind in locks] == [["POSIX", "ADVISORY", "READ"]] * 2
+            async with asyncio.timeout(240), \
+                    lazymig.migrate(source.pid, stdio=(r, out, out)) as migration:
+                try:
+                    await asyncio.to_thread(os.write, w, b"\n".join(SQL_AFTER) + b"\n")
+                    os.close(w)
+                    w = -1
+                    assert await migration.process.wait() == 0
+                finally:
+                    await migration.process.kill()
+            assert (await migration.done).transfer.ok
+    finally:
+        for fd in (r, w, out):
+            if fd >= 0:
+                os.close(fd)
+    assert log.read_bytes() == expected

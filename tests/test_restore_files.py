@@ -11,7 +11,7 @@
 * A session leader leads a new session; a group leader a new group.
 * A parent-death signal is recorded in the core image, not restored (logged).
 * fanotify, an epoll watching a closed fd, a deleted file over
-  64 MiB, a file lock, a pipe open in another process too, or a
+  64 MiB, a pipe open in another process too, or a
   terminal is refused before the target is touched, the fd named (API and
   CLI); a file that changed (but a write-only append log) or is gone since the
   dump is refused at restore, before any process exists.
@@ -249,7 +249,6 @@ def untouched(pid: int) -> bool:
                     r"is open\)"),
     ("deleted", r"is a deleted file of 67112960 bytes \(.*/doomed\): lazymig carries deleted "
                 r"files of up to 64 MiB"),
-    ("lock", r"\(.*/data\) holds a file lock: file locks are not migrated"),
 ])
 async def test_unsupported_fds_are_refused_before_the_target_is_touched(
         extra: str, what: str, tmp_path: Path, fds_c: Path) -> None:

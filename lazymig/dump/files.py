@@ -16,7 +16,7 @@ is injected into the target):
 * regular files, at their offset, with their status flags (access mode,
   O_APPEND, O_NONBLOCK, O_PATH, ...) and close-on-exec; the name the kernel
   shows for it (it follows renames) must still lead to it (not deleted, not
-  hidden under a mount) and it must hold no lock. Directories too (dirfds
+  hidden under a mount). Directories too (dirfds
   for openat, O_PATH or not), read part-way or not, at their offset as CRIU
   does (``reg_file_entry.pos``, restored with lseek): a directory's offset is
   a cookie of its filesystem (on ext4 a hash of the next name, which
@@ -44,6 +44,12 @@ is injected into the target):
   to 64 MiB (``tempfile.TemporaryFile()``), as a MEMFD ``file_entry`` at its
   offset, with its flags (its contents and name: :mod:`lazymig.dump.shmem`);
   the destination gets a memfd, not a file on a disk;
+* file locks, as CRIU dumps them into ``filelocks.img`` (``file_lock_entry``
+  per lock, read from the fdinfo ``lock:`` lines: the locks taken through
+  that open file description): POSIX (``fcntl``, ``lockf``: the process's),
+  OFD and ``flock`` locks (the description's), taken again at restore through
+  the same fd, without waiting (a conflicting lock held here fails the
+  restore: on one host, a write lock of the source until it is killed);
 * the files of an event loop, :mod:`lazymig.dump.anon_files`'s: eventfds,
   epoll instances, timerfds, signalfds and the unix socketpairs whose both
   ends the process holds (with the data queued on them).
@@ -93,6 +99,7 @@ from lazymig.proto.images import (
     FdinfoEntry,
     FifoEntry,
     FileEntry,
+    FileLockEntry,
     FownEntry,
     ImageKind,
     ImagesDir,
@@ -110,6 +117,9 @@ if TYPE_CHECKING:  # loaded only for a process that has such files (_inspect_ano
 __all__ = [
     "FD_CLOEXEC",
     "FILES_ID",
+    "FL_FLOCK",
+    "FL_OFD",
+    "FL_POSIX",
     "SAFE_CHAR_DEVICES",
     "STDIO_FDS",
     "DumpedFiles",
@@ -138,6 +148,12 @@ STDIO_FDS: Final = 3
 """fds below this may be external (see the module docstring)."""
 _TTY_MAJORS: Final = frozenset({4, 5, *range(136, 144)})
 _PIPE_LINK: Final = re.compile(r"pipe:\[\d+\]")
+FL_POSIX: Final = 1
+FL_FLOCK: Final = 2
+FL_OFD: Final = 4
+"""``file_lock_entry.type`` values (CRIU's file-lock.h)."""
+_LOCK_KINDS: Final = {"POSIX": FL_POSIX, "FLOCK": FL_FLOCK, "OFDLCK": FL_OFD}
+_LOCK_TYPES: Final = {"READ": fcntl.F_RDLCK, "WRITE": fcntl.F_WRLCK}
 _ANON_KINDS: Final = {
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance",
     "[signalfd]": "a signalfd", "[timerfd]": "a timerfd", "inotify": "an inotify instance",
@@ -159,6 +175,8 @@ class DumpedFiles:
     """{file id: name} of the descriptions that stay behind (``external_files``)."""
     memfds: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """{inode: fds} of the memfds open on fds (their contents: dump/shmem.py)."""
+    locks: list[FileLockEntry] = dataclasses.field(default_factory=list)
+    """The file locks the process holds (``filelocks.img``, every process's in a tree)."""
     sk_queues: list[tuple[SkPacketEntry, bytes]] = dataclasses.field(default_factory=list)
     """The data queued on unix sockets (``sk-queues.img``; dump/anon_files.py)."""
     origins: dict[int, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
@@ -184,24 +202,40 @@ class _Fd:
     flags: int
     """Status flags from fdinfo (O_CLOEXEC included when the fd has it)."""
     pos: int
-    locked: bool
+    locks: tuple[str, ...]
+    """The fdinfo ``lock:`` lines: the locks taken through this open file description."""
     shmem: bool
     """A memfd, a deleted file of a tmpfs, or a deleted file of another filesystem
     up to DELETED_FILE_LIMIT: a shmem object dumped with its contents (dump/shmem.py)."""
 
 
-def _fdinfo(pid: int, fd: int) -> tuple[int, int, bool]:
-    """(flags, pos, holds a lock) from /proc/PID/fdinfo/FD."""
+def _fdinfo(pid: int, fd: int) -> tuple[int, int, tuple[str, ...]]:
+    """(flags, pos, ``lock:`` lines) from /proc/PID/fdinfo/FD."""
     flags = pos = 0
-    locked = False
+    locks = []
     for key, value in read_fdinfo(pid, fd):
         if key == "flags":
             flags = int(value, 8)
         elif key == "pos":
             pos = int(value)
         elif key == "lock":
-            locked = True
-    return flags, pos, locked
+            locks.append(value.strip())
+    return flags, pos, tuple(locks)
+
+
+def _lock(pid: int, fd: int, line: str) -> FileLockEntry | str:
+    """The ``file_lock_entry`` of a fdinfo ``lock:`` line of fd ``fd`` (``1: POSIX
+    ADVISORY  WRITE 1868 fe:00:2842666 5 14``, as CRIU's parse_file_lock_buf
+    reads it), or why it cannot be migrated."""
+    fields = line.split()
+    kind = _LOCK_KINDS.get(fields[1]) if len(fields) >= 8 else None
+    kinds = "POSIX (fcntl, lockf), OFD and flock locks are migrated"
+    if kind is None or fields[2] != "ADVISORY" or fields[3] not in _LOCK_TYPES:
+        return f"fd {fd} holds a lock this kernel shows as {line!r}: {kinds}"
+    start = int(fields[6])
+    end = -1 if fields[7] == "EOF" else int(fields[7])
+    return FileLockEntry(type=kind, flag=_LOCK_TYPES[fields[3]], pid=pid, fd=fd, start=start,
+                         len=0 if end < 0 else end - start + 1)
 
 
 def _list_fds(pid: int) -> list[_Fd]:
@@ -216,7 +250,7 @@ def _list_fds(pid: int) -> list[_Fd]:
         try:
             link = str(where.readlink())
             st = where.stat()
-            flags, pos, locked = _fdinfo(pid, fd)
+            flags, pos, locks = _fdinfo(pid, fd)
             shmem = link.startswith("/memfd:")
             if not shmem and link.endswith(DELETED) and stat.S_ISREG(st.st_mode):
                 if tmpfs is None:
@@ -227,7 +261,7 @@ def _list_fds(pid: int) -> list[_Fd]:
                          or (fd >= STDIO_FDS and st.st_size <= DELETED_FILE_LIMIT))
         except FileNotFoundError:
             continue  # closed meanwhile (only possible before the freeze)
-        out.append(_Fd(fd, link, st, flags, pos, locked, shmem))
+        out.append(_Fd(fd, link, st, flags, pos, locks, shmem))
     return out
 
 
@@ -246,6 +280,9 @@ def _external(f: _Fd) -> str | None:
 def _refusal(f: _Fd) -> str | None:
     """Why fd ``f`` cannot be migrated, or None (on fds 0-2: see :func:`_external`)."""
     mode, link = f.st.st_mode, f.link
+    lock = next((why for line in f.locks if isinstance(why := _lock(0, f.fd, line), str)), None)
+    if lock is not None:
+        return lock
     if link.startswith("anon_inode:"):
         kind = _ANON_KINDS.get(link.removeprefix("anon_inode:"), "an anonymous-inode file")
         return f"fd {f.fd} is {kind} ({link})"
@@ -275,8 +312,6 @@ def _refusal(f: _Fd) -> str | None:
     if named is None or (named.st_dev, named.st_ino) != (f.st.st_dev, f.st.st_ino):
         return (f"fd {f.fd} is a file ({link}) its name no longer leads to (a mount or another "
                 "file is there now)")
-    if f.locked:
-        return f"fd {f.fd} ({link}) holds a file lock: file locks are not migrated"
     return None
 
 
@@ -421,6 +456,9 @@ def collect_files(pid: int, tree: Collection[int] = ()) -> DumpedFiles:
             out.files.append(entry)
         else:
             file_id = owners.index(owner) + 1
+        if owner is None and f.fd not in external:  # dups show the same locks
+            out.locks += [lock for line in f.locks
+                          if isinstance(lock := _lock(pid, f.fd, line), FileLockEntry)]
         if f.shmem:
             out.memfds.setdefault(f.st.st_ino, []).append(f.fd)
         out.fds.append(FdinfoEntry(id=file_id, flags=FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0,
@@ -464,6 +502,7 @@ def share_files(pid: int, files: DumpedFiles, earlier: Sequence[tuple[int, Dumpe
     return DumpedFiles(
         fds=files.fds, files=[f for f in files.files if f.id not in gone],
         pipe_data=files.pipe_data, fifo_data=files.fifo_data, memfds=files.memfds,
+        locks=files.locks,
         external={renamed.get(i, i): name for i, name in files.external.items()},
         origins={i: o for i, o in files.origins.items() if i not in renamed})
 
@@ -514,6 +553,8 @@ def write_files(images: ImagesDir, files: DumpedFiles) -> list[Path]:
         paths.append(write_pipe_data(images, ImageKind.FIFO_DATA, files.fifo_data))
     if files.sk_queues:
         paths.append(write_sk_queues(images, files.sk_queues))
+    if files.locks:
+        paths.append(images.write_entries(ImageKind.FILE_LOCKS, files.locks))
     return paths
 
 
@@ -554,6 +595,8 @@ def read_files(images: ImagesDir, files_id: int = FILES_ID) -> DumpedFiles:
             with images.open_reader(kind) as reader:
                 while (entry := reader.read(PipeDataEntry)) is not None:
                     queued.append((entry, reader.read_extra(entry.bytes)))
+    if images.image_path(ImageKind.FILE_LOCKS).exists():
+        out.locks = images.read_entries(ImageKind.FILE_LOCKS, FileLockEntry)
     if images.image_path(ImageKind.SK_QUEUES).exists():
         with images.open_reader(ImageKind.SK_QUEUES) as reader:
             while (packet := reader.read(SkPacketEntry)) is not None:

@@ -278,7 +278,7 @@ def _renumbered(files: DumpedFiles, rank: int) -> DumpedFiles:
     """``files`` with ids unique in the tree's ``files.img``."""
     shift = rank * _FILE_ID_STRIDE
     out = DumpedFiles(pipe_data=list(files.pipe_data), fifo_data=list(files.fifo_data),
-                      memfds=dict(files.memfds),
+                      memfds=dict(files.memfds), locks=list(files.locks),
                       external={i + shift: name for i, name in files.external.items()},
                       origins={i + shift: o for i, o in files.origins.items()})
     for packet, data in files.sk_queues:
@@ -319,6 +319,8 @@ def _write_tree_images(images: ImagesDir, tree: FrozenTree, files: Sequence[Dump
     if any(f.type == fdinfo_pb2.FIFO for f in merged):
         written.paths.append(write_pipe_data(images, ImageKind.FIFO_DATA,
                                              [q for per in files for q in per.fifo_data]))
+    if locks := [lock for per in files for lock in per.locks]:
+        written.paths.append(images.write_entries(ImageKind.FILE_LOCKS, locks))
     if queues := [q for per in files for q in per.sk_queues]:
         written.paths.append(write_sk_queues(images, queues))
     written.paths.append(images.write_pstree(tree.pstree()))

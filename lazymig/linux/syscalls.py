@@ -25,6 +25,7 @@ SYS_CLONE: Final = 56
 SYS_FORK: Final = 57
 SYS_WAIT4: Final = 61
 SYS_FCNTL: Final = 72
+SYS_FLOCK: Final = 73
 SYS_FTRUNCATE: Final = 77
 SYS_CHDIR: Final = 80
 SYS_UMASK: Final = 95

@@ -50,12 +50,13 @@ import termios
 from collections.abc import Mapping
 from typing import Final, Protocol
 
-from lazymig.dump.files import FD_CLOEXEC, STDIO_FDS, DumpedFiles
+from lazymig.dump.files import FD_CLOEXEC, FL_FLOCK, FL_OFD, FL_POSIX, STDIO_FDS, DumpedFiles
 from lazymig.errors import ImageError, LazyMigOSError
 from lazymig.linux.procfs import fd_path, ns_pids
 from lazymig.linux.syscalls import (
     SYS_DUP3,
     SYS_FCNTL,
+    SYS_FLOCK,
     SYS_LSEEK,
     SYS_PIDFD_GETFD,
     SYS_PIDFD_OPEN,
@@ -70,6 +71,10 @@ __all__ = ["SyscallTarget", "TreeFiles", "restore_files"]
 log = logging.getLogger(__name__)
 
 _SETFL_MASK: Final = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME
+_F_OFD_SETLK: Final = 37
+_LOCK_SH: Final = 1
+_LOCK_EX: Final = 2
+_LOCK_NB: Final = 4
 
 
 class SyscallTarget(Protocol):
@@ -158,6 +163,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
             top += 2
     anon = AnonFiles(target, files, top)
     fifos: dict[int, int] = {}  # {FIFO inode id: a read-write fd holding it open meanwhile}
+    taken = set(tree.descriptions)  # made by another process of the tree, locks and all
     for f, fds in mine:
         if f.id in tree.descriptions:  # another process of the tree has it: the same one
             tmp = _take_fd(target, *tree.descriptions[f.id])
@@ -200,6 +206,7 @@ def restore_files(target: SyscallTarget, files: DumpedFiles,
         target.close(fd)
     for fd in objects.values():
         target.close(fd)
+    _lock_files(target, files, taken, set(given))
     anon.finish()
     log.info("pid %d: %d fds reopened (%d files, %d pipes), %d given by the caller",
              target.pid, len(files.fds), len(mine), len(ends), len(given))
@@ -252,6 +259,44 @@ def _pipe_end(target: SyscallTarget, pipe_id: int, flags: int,
         target.call(SYS_FCNTL, end, fcntl.F_SETFL, flags & _SETFL_MASK, what="fcntl(F_SETFL)")
         return end
     return target.open(fd_path("self", end), _via_proc(flags))
+
+
+def _lock_files(target: SyscallTarget, files: DumpedFiles, taken: set[int],
+                given: set[int]) -> None:
+    """Take again, through the fds they were taken through, the file locks of
+    ``files.locks`` (CRIU's restore_file_lock, without waiting): POSIX locks
+    (the process's own), OFD and flock locks (the open file description's; not
+    again on those of ``taken``, whose locks came with them). Not on the fds
+    ``given`` by the caller in place of the dumped ones."""
+    for lock in files.locks:
+        file_id = next((e.id for e in files.fds if e.fd == lock.fd), None)
+        if file_id is None or file_id in taken or file_id in files.external or lock.fd in given:
+            continue
+        kind = {FL_POSIX: "POSIX", FL_OFD: "OFD", FL_FLOCK: "flock"}.get(lock.type)
+        mode = {fcntl.F_RDLCK: "read", fcntl.F_WRLCK: "write"}.get(lock.flag)
+        if kind is None or mode is None:
+            raise ImageError(f"filelocks.img: a lock of type {lock.type}, flag {lock.flag} "
+                             f"on fd {lock.fd}: lazymig restores POSIX, OFD and flock locks")
+        what = f"the {kind} {mode} lock on fd {lock.fd}"
+        try:
+            if lock.type == FL_FLOCK:
+                target.call(SYS_FLOCK, lock.fd, (_LOCK_SH if lock.flag == fcntl.F_RDLCK
+                                                 else _LOCK_EX) | _LOCK_NB, what=f"flock: {what}")
+            else:  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+                at = target.data(struct.pack("<hh4xqqi4x", lock.flag, os.SEEK_SET, lock.start,
+                                             lock.len, 0))
+                target.call(SYS_FCNTL, lock.fd,
+                            _F_OFD_SETLK if lock.type == FL_OFD else fcntl.F_SETLK, at,
+                            what=f"fcntl: {what}")
+        except LazyMigOSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LazyMigOSError(exc.errno, f"taking {what} again (bytes {lock.start}, "
+                                 f"{lock.len or 'to the end'}): another process holds a "
+                                 "conflicting lock on the file here (on one host, the source "
+                                 "until it is killed: a plain dump, then restore, frees it)",
+                                 pid=target.pid) from exc
+    log.debug("pid %d: %d file locks taken again", target.pid, len(files.locks))
 
 
 def _open_fifo(target: SyscallTarget, files: DumpedFiles, f: FileEntry,

@@ -281,6 +281,7 @@ def load_process(images: ImagesDir, entry: PstreeEntry, *, lazy_pages: bool,
                 checked.add((v.shmid, changed_ok))
     files = read_files(images, core.ids.files_id if core.HasField("ids") else 1)
     files.external = {e.file_id: e.name for e in extra.external_files}
+    files.locks = [lock for lock in files.locks if lock.pid == pid]  # a tree's image: its own
     given = plan_given_fds(pid, files, fds or FdInheritance())
     memfds: dict[int, MemfdInodeEntry] = {}
     if images.image_path(ImageKind.MEMFD_INODE).exists():

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         fdinfo_pb2,
         fh_pb2,
         fifo_pb2,
+        file_lock_pb2,
         fown_pb2,
         fs_pb2,
         fsnotify_pb2,
@@ -92,6 +93,7 @@ if TYPE_CHECKING:
     RegFileEntry = regfile_pb2.reg_file_entry
     PipeEntry = pipe_pb2.pipe_entry
     FifoEntry = fifo_pb2.fifo_entry
+    FileLockEntry = file_lock_pb2.file_lock_entry
     PipeDataEntry = pipe_data_pb2.pipe_data_entry
     MemfdFileEntry = memfd_pb2.memfd_file_entry
     MemfdInodeEntry = memfd_pb2.memfd_inode_entry
@@ -130,6 +132,7 @@ _ALIASES = {
     "RegFileEntry": ("regfile_pb2", "reg_file_entry"),
     "PipeEntry": ("pipe_pb2", "pipe_entry"),
     "FifoEntry": ("fifo_pb2", "fifo_entry"),
+    "FileLockEntry": ("file_lock_pb2", "file_lock_entry"),
     "PipeDataEntry": ("pipe_data_pb2", "pipe_data_entry"),
     "MemfdFileEntry": ("memfd_pb2", "memfd_file_entry"),
     "MemfdInodeEntry": ("memfd_pb2", "memfd_inode_entry"),
@@ -162,6 +165,7 @@ __all__ = [
     "FhEntry",
     "FifoEntry",
     "FileEntry",
+    "FileLockEntry",
     "FownEntry",
     "FsEntry",
     "ImageKind",
@@ -209,6 +213,7 @@ __all__ = [
     "fdinfo_pb2",
     "fh_pb2",
     "fifo_pb2",
+    "file_lock_pb2",
     "fown_pb2",
     "fs_pb2",
     "fsnotify_pb2",

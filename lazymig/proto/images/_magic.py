@@ -61,6 +61,7 @@ class ImageKind(enum.Enum):
     FILES = 0x56303138
     PIPES_DATA = 0x56453709
     FIFO_DATA = 0x59333054
+    FILE_LOCKS = 0x54323616
     SK_QUEUES = 0x56264026
     MEMFD_INODE = 0x48453499
     REG_FILES = 0x50363636
@@ -142,6 +143,7 @@ _TEMPLATES: dict[ImageKind, str] = {
     ImageKind.FILES: "files.img",
     ImageKind.PIPES_DATA: "pipes-data.img",
     ImageKind.FIFO_DATA: "fifo-data.img",
+    ImageKind.FILE_LOCKS: "filelocks.img",
     ImageKind.SK_QUEUES: "sk-queues.img",
     ImageKind.MEMFD_INODE: "memfd-inode.img",
     ImageKind.REG_FILES: "reg-files.img",
