@@ -328,10 +328,10 @@ def _pipe_holders(pid: int, links: Iterable[str], tree: Collection[int]) -> dict
         if other == pid or other in tree:
             continue
         try:  # gone, or a kernel thread
-            links = fd_links(other)
+            theirs = fd_links(other)
         except OSError:
             continue
-        for _, link in links:
+        for _, link in theirs:
             if link in wanted:
                 found.setdefault(link, other)
     return found
