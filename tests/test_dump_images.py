@@ -31,6 +31,7 @@ from lazymig.dump.images import (
 from lazymig.dump.scan import PageRun
 from lazymig.errors import ClosedResourceError, ConfigurationError, ImageError, LazyMigOSError
 from lazymig.linux.cpuid import _cpuid_by_code, _cpuid_by_device, xstate_layout
+from lazymig.linux.syscalls import SYS_CLOCK_NANOSLEEP
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import PAGE_SIZE, PE
 from lazymig.proto.images import ImagesDir, PagemapEntry
@@ -40,7 +41,6 @@ from lazymig.testing.workload import Workload, expected_page
 MiB = 1 << 20
 SIGUSR2_BIT = 1 << (signal.SIGUSR2 - 1)
 SS_DISABLE = 2
-SYS_CLOCK_NANOSLEEP = 230
 REGS = {"bp": "rbp", "bx": "rbx", "ax": "rax", "cx": "rcx", "dx": "rdx", "si": "rsi",
         "di": "rdi", "orig_ax": "orig_rax", "ip": "rip", "flags": "eflags", "sp": "rsp"}
 GPREGS = ["r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx",

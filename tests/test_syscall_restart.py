@@ -13,10 +13,10 @@ import errno
 import pytest
 
 from lazymig.linux.ptrace import UserRegs
-from lazymig.linux.syscalls import SYS_POLL
+from lazymig.linux.syscalls import SYS_CLOCK_NANOSLEEP, SYS_POLL
 
 U64 = (1 << 64) - 1
-SYS_CLOCK_NANOSLEEP, SYS_FUTEX, SYS_READ = 230, 202, 0
+SYS_FUTEX, SYS_READ = 202, 0
 ERESTARTSYS, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 514, 516
 
 

@@ -74,15 +74,18 @@ from typing import Final
 from lazymig.dump.shmem import is_shared_object
 from lazymig.errors import LazyMigError, LazyMigOSError
 from lazymig.guardian import spawn_guardian
+from lazymig.linux.procfs import fd_path, read_maps, read_syscall
 from lazymig.linux.ptrace import InjectionSession, SyscallBatch, Tracee, TracerThread
 from lazymig.linux.syscalls import (
     SYS_CHDIR,
+    SYS_CLOCK_NANOSLEEP,
     SYS_CLOSE,
     SYS_IOCTL,
     SYS_MADVISE,
     SYS_MMAP,
     SYS_MREMAP,
     SYS_MUNMAP,
+    SYS_NANOSLEEP,
     SYS_OPENAT,
     SYS_PERSONALITY,
     SYS_PRCTL,
@@ -213,11 +216,10 @@ class _Map:
 
 def _read_maps(pid: int) -> list[_Map]:
     out = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            out.append(_Map(start, end, fields[5].strip() if len(fields) > 5 else ""))
+    for line in read_maps(pid).splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        out.append(_Map(start, end, fields[5].strip() if len(fields) > 5 else ""))
     return out
 
 
@@ -642,9 +644,9 @@ class Restorer:
         pid = self.process.pid
         deadline = time.monotonic() + 5.0
         while True:  # seize it once it sleeps: its loader is done with the address space
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/syscall") as f:
-                if f.read().split()[0] in ("35", "230"):
-                    break
+            blocked = read_syscall(pid, pid)
+            if blocked is not None and blocked[0] in (SYS_NANOSLEEP, SYS_CLOCK_NANOSLEEP):
+                break
             if time.monotonic() > deadline:
                 raise RestoreError(f"the helper process {pid} never went to sleep")
             time.sleep(0.001)
@@ -709,7 +711,7 @@ class Restorer:
                 lambda start, end, madv: _madvise(target, start, end, madv), target.shared_from)
             if carried:
                 assert exe is not None
-                self._set_mm(target, task, f"/proc/self/fd/{target.objects[exe.inode]}")
+                self._set_mm(target, task, fd_path("self", target.objects[exe.inode]))
         if prepared is None:
             return shared + self._write_pages(pid, task, task.entries)
         kept = self._moved = sum(hi - lo for m in moves for lo, hi in m.keep) // PAGE_SIZE
