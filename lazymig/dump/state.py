@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import os
 import resource
-import signal
 import struct
 from collections.abc import Sequence
 from typing import Final
@@ -66,6 +65,8 @@ from lazymig.linux.syscalls import (
 )
 from lazymig.linux.vm import read_memory
 from lazymig.proto.constants import (
+    ACTION_SIGNALS,
+    KSIGACTION,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     PAGE_SIZE,
@@ -85,9 +86,8 @@ __all__ = [
 ]
 
 _U64: Final = (1 << 64) - 1
-_SIGMAX: Final = 64
 _RLIM_NLIMITS: Final = 16
-_KSIGACTION: Final = struct.Struct("<QQQQ")  # handler, flags, restorer, mask
+_KSIGACTION: Final = struct.Struct(KSIGACTION)
 
 # prctl options of the injected calls.
 _PR_GET_PDEATHSIG: Final = 2
@@ -291,7 +291,7 @@ def _inject(main: Tracee, tracees: Sequence[Tracee]) -> tuple[_Leader, dict[int,
     cost milliseconds of downtime, 13 for the leader and 3 for every other thread."""
     pid = main.pid
     leader = _Leader()
-    sigs = _signals()
+    sigs = ACTION_SIGNALS  # in core.sigactions order
     size = (_AT_THREADS + _SLOT * len(tracees) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     scratch = 0
     try:
@@ -491,6 +491,3 @@ def _read_comm(pid: int) -> str:
     except FileNotFoundError as exc:
         raise TargetGoneError(pid, "read /proc/PID/comm") from exc
 
-
-def _signals() -> list[int]:
-    return [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]

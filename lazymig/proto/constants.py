@@ -28,6 +28,14 @@ TIMEVAL = "@qq"
 """``struct timeval`` {tv_sec, tv_usec} of SO_SNDTIMEO/SO_RCVTIMEO, as a ``struct``
 format (this module imports nothing, for the command line's start-up)."""
 
+KSIGACTION = "<QQQQ"
+"""The kernel's ``struct sigaction`` {handler, flags, restorer, mask} of
+rt_sigaction(2), as a ``struct`` format."""
+
+ACTION_SIGNALS = tuple(sig for sig in range(1, 65) if sig not in (9, 19))
+"""The signals whose action a dump keeps (core's ``sigactions``, in this order):
+1 to SIGRTMAX (64) but SIGKILL and SIGSTOP, whose action cannot change."""
+
 # CRIU's core tc.task_state values (compel's COMPEL_TASK_*).
 TASK_ALIVE = 1
 """A running task."""

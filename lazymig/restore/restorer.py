@@ -106,6 +106,8 @@ from lazymig.linux.syscalls import (
 )
 from lazymig.linux.vm import MemoryWriter, copy_fd, read_memory, write_memory
 from lazymig.proto.constants import (
+    ACTION_SIGNALS,
+    KSIGACTION,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -166,7 +168,6 @@ _PR_SET_NAME: Final = 15
 _PR_SET_MM: Final = 35
 _PR_SET_MM_MAP: Final = 14
 _RSEQ_FLAG_UNREGISTER: Final = 1
-_SIGMAX: Final = 64
 _WALL: Final = 0x40000000
 
 # The scratch mapping: a syscall instruction at 0, the data area of single calls
@@ -844,10 +845,9 @@ class Restorer:
         tracee, pid = target.tracee, target.pid
         core, tc = task.core, task.core.tc
         thread = core.thread_core
-        sigs = [s for s in range(1, _SIGMAX + 1) if s not in (signal.SIGKILL, signal.SIGSTOP)]
         with target.injecting():
-            for sig, sa in zip(sigs, tc.sigactions, strict=False):
-                at = target.queue_data(struct.pack("<QQQQ", sa.sigaction, sa.flags,
+            for sig, sa in zip(ACTION_SIGNALS, tc.sigactions, strict=False):
+                at = target.queue_data(struct.pack(KSIGACTION, sa.sigaction, sa.flags,
                                                    sa.restorer, sa.mask))
                 target.queue(SYS_RT_SIGACTION, sig, at, 0, 8, what=f"rt_sigaction({sig})")
             # With the sigactions, in one batch: each single injected call is a round
