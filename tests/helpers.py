@@ -697,3 +697,20 @@ async def uffd_events(uffd: Uffd) -> list[Event]:
     while not (events := uffd.read_events()):
         await wait_fd(uffd.fd)
     return events
+
+
+@contextlib.contextmanager
+def started(argv: list[str], log: Path | None = None, *, stdin: int = subprocess.DEVNULL,
+            stdout: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``argv`` in a session of its own, its output to ``log`` (or ``stdout``);
+    killed and reaped on leaving."""
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("w")) if log is not None else stdout
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=out,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -19,19 +19,16 @@ A program missing on this machine is skipped, saying which.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CRIT, crit_decode
+from helpers import CRIT, crit_decode, started
 
 import lazymig
 from lazymig.dump import dump
@@ -81,23 +78,6 @@ def make_tree(root: Path, dirs: int, files: int) -> None:
         sub.mkdir(parents=True)
         for i in range(files):
             (sub / f"file-with-a-longish-name-{i:05d}").touch()
-
-
-@contextlib.contextmanager
-def started(argv: list[str], log: Path | None = None, *, stdin: int = subprocess.DEVNULL,
-            stdout: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``argv`` in a session of its own, its output to ``log`` (or ``stdout``);
-    killed and reaped on leaving."""
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(log.open("w")) if log is not None else stdout
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=out,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def open_files(pid: int) -> list[str]:
