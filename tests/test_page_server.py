@@ -96,6 +96,24 @@ async def test_close_before_everything_was_served_keeps_serving(
     assert "never served" in caplog.text
 
 
+@pytest.mark.asyncio
+async def test_close_once_one_process_got_every_page_ends_the_transfer(
+        server: PageServer, wire: WireVersion, caplog: pytest.LogCaptureFixture) -> None:
+    """A tree's restore whose root got every page while a short-lived child exited
+    before it asked for its own: a clean CLOSE ends the transfer (the source can go)."""
+    caplog.set_level(logging.INFO)
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+        serving = tg.create_task(server.serve())
+        client = await MiniClient.connect(server.port, wire)
+        for vaddr, nr in DUMP[PID]:
+            assert await client.get(PID, vaddr, nr) == (nr, expected(PID, vaddr, nr))
+        assert await client.close() == 0
+    assert serving.result() is True and server.complete
+    left = sum(nr for _, nr in DUMP[OTHER])
+    assert f"closed the session with {left} lazy pages never served, of processes that " \
+        "exited" in caplog.text
+
+
 HOSTILE = {
     "garbage": lambda w: b"\xff" * 64,
     "huge nr_pages": lambda w: raw(w, GET, 2**20, DUMP[PID][0][0], PID),

@@ -142,11 +142,18 @@ class _Unserved:
 
     def __init__(self, store: LazyPageStore) -> None:
         self._ranges: dict[int, tuple[PageRuns, list[bytearray]]] = {}
+        self._left: dict[int, int] = {}  # pid -> its pages never served
         self.remaining = 0
         for pid in store.pids():
             runs = PageRuns(store.lazy_ranges(pid))
             self._ranges[pid] = (runs, [bytearray(b"\1") * nr for _, nr in runs])
+            self._left[pid] = runs.pages
             self.remaining += runs.pages
+
+    def some_process_served(self) -> bool:
+        """Whether every lazy page of some process that had any was served."""
+        return any(left == 0 and self._ranges[pid][0].pages
+                   for pid, left in self._left.items())
 
     def mark(self, pid: int, vaddr: int, nr_pages: int) -> None:
         if self.remaining == 0 or pid not in self._ranges:
@@ -157,7 +164,9 @@ class _Unserved:
             start, bits = runs.start(i), bitmaps[i]
             first = (max(start, vaddr) - start) // PAGE_SIZE
             last = (min(runs.end(i), end) - start) // PAGE_SIZE
-            self.remaining -= bits.count(1, first, last)
+            served = bits.count(1, first, last)
+            self.remaining -= served
+            self._left[pid] -= served
             bits[first:last] = bytes(last - first)
 
 
@@ -209,6 +218,7 @@ class PageServer:
         self._listener: socket.socket | None = None
         self._given = listener
         self._unserved = _Unserved(store)
+        self._exited_unserved = False  # complete with pages of exited processes left
         self.stats = PageServerStats(lazy_pages=self._unserved.remaining,
                                      pages_unserved=self._unserved.remaining)
         self._complete: asyncio.Event | None = None
@@ -235,7 +245,7 @@ class PageServer:
     def complete(self) -> bool:
         """Every lazy page was served and a client closed the session cleanly."""
         return (self._complete is not None and self._complete.is_set()
-                and self._unserved.remaining == 0)
+                and (self._unserved.remaining == 0 or self._exited_unserved))
 
     async def serve(self) -> bool:
         """Accept connections until :attr:`until` says the server is done; return
@@ -262,7 +272,7 @@ class PageServer:
                 task.cancel()
         if self.complete:
             log.info("lazy pages transfer complete: %d pages served (%d sent), %.1f MB/s",
-                     self.stats.lazy_pages, self.stats.pages_sent,
+                     self.stats.lazy_pages - self._unserved.remaining, self.stats.pages_sent,
                      self.stats.throughput() / 1e6)
         else:
             log.info("page client %s ended the session with %d of %d lazy pages never "
@@ -387,6 +397,16 @@ class PageServer:
         elif left == 0 or self.until is ServeUntil.SESSION:
             if not self._complete.is_set():
                 self._ended_by = peer
+                self._complete.set()
+        elif self._unserved.some_process_served():
+            # A tree whose restore got every page of one process at least, the rest
+            # never asked for: a short-lived child that exited (its parent lives on).
+            log.info("page client %s closed the session with %d lazy pages never served, "
+                     "of processes that exited before they asked (another process got "
+                     "every page): the transfer is complete", peer, left)
+            if not self._complete.is_set():
+                self._ended_by = peer
+                self._exited_unserved = True
                 self._complete.set()
         else:
             log.warning("page client %s closed the session with %d lazy pages never "
