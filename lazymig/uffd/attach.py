@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterable
 
 from lazymig.errors import BrokenResourceError, ConfigurationError
@@ -70,7 +71,7 @@ def attach(socket_path: str | os.PathLike[str], pid: int,
         with HandoverSession(sock, Role.RESTORER) as daemon:
             sock.settimeout(timeout)
             try:
-                sock.connect(os.fspath(socket_path))
+                _connect(sock, os.fspath(socket_path), timeout)
                 daemon.send_nowait(TaskHandover(pid, uffd.fd))
                 if finish:
                     daemon.send_nowait(RestoreFinished())
@@ -79,3 +80,18 @@ def attach(socket_path: str | os.PathLike[str], pid: int,
                     f"cannot hand the userfaultfd to the lazy-pages daemon at {socket_path}: "
                     f"{exc} (is `lazymig lazy-pages` running with that socket?)") from exc
         # Closing our copy leaves the daemon's the only one, as CRIU's restorer does.
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect to the daemon's socket, waiting up to ``timeout`` seconds while its
+    backlog is full: a UNIX socket with a timeout fails at once with EAGAIN then
+    (many restorers at once, the daemon busy naming processes), it does not wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.002)
